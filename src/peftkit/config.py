@@ -1,0 +1,225 @@
+"""Configuration base class, validation helpers and the method registry.
+
+Every PEFT method is described by a dataclass derived from :class:`PeftConfig` and registered once
+with :func:`register_method`. The core (injection, saving, loading, the CLI's ``methods`` listing)
+only ever talks to the registry; it never branches on a method's name.
+
+The JSON written by :meth:`PeftConfig.to_dict` is HuggingFace PEFT's ``adapter_config.json``: the
+same field names and the same ``peft_type`` strings, so that files move both ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peftkit._version import __version__
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+FAMILIES = ("reparameterised", "additive", "selective", "hybrid", "quantisation", "multi-task")
+KINDS = ("wrap", "insert", "prompt", "select", "compose")
+
+# Fields that HF PEFT writes into every adapter_config.json and that carry no meaning for peftkit.
+_FOREIGN_HARMLESS = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "revision"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and what is valid."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class PeftConfig:
+    """Base class of every method's configuration (mirrors ``peft.PeftConfig``).
+
+    Args:
+        task_type: one of ``SEQ_CLS``, ``CAUSAL_LM``, ``SEQ_2_SEQ_LM``, ``TOKEN_CLS``, ``QUESTION_ANS``,
+            ``FEATURE_EXTRACTION`` or ``None`` (default). With ``SEQ_CLS`` the model's classification
+            head (``classifier`` or ``score``) is added to ``modules_to_save`` when injected, as in peft.
+        base_model_name_or_path: where the base model came from; written to the adapter file.
+        inference_mode: ``True`` freezes the adapter (set when loading with ``is_trainable=False``).
+
+    Raises:
+        ConfigError: on an unknown ``task_type``.
+    """
+
+    peft_type: ClassVar[str] = ""
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
+            check(self.task_type in TASK_TYPES,
+                  f"task_type={self.task_type!r} is not valid; expected one of {TASK_TYPES} or None")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the fields; subclasses extend this. Raises :class:`ConfigError`."""
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Whether the method changes inputs/attention rather than layers (peft's notion)."""
+        return get_method(self.peft_type).kind == "prompt"
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict written to ``adapter_config.json`` (sets become sorted lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, set):
+                value = sorted(value)
+            out[f.name] = value
+        out["peft_type"] = self.peft_type
+        out["peft_version"] = f"peftkit-{__version__}"
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        """Build the config registered for ``data["peft_type"]`` (or ``cls`` when called on a subclass).
+
+        Keys peftkit does not know are dropped; a warning names those with a non-empty value so that a
+        feature peftkit lacks is never ignored silently.
+
+        Raises:
+            ConfigError: unknown ``peft_type`` or an invalid field value.
+        """
+        data = dict(data)
+        peft_type = data.pop("peft_type", None)
+        target = cls
+        if cls is PeftConfig or (peft_type is not None and cls.peft_type != peft_type):
+            check(peft_type is not None, "adapter config has no 'peft_type' field")
+            target = get_method(peft_type).config_cls
+        names = {f.name for f in dataclasses.fields(target)}
+        unknown = {k: v for k, v in data.items() if k not in names}
+        ignored = sorted(k for k, v in unknown.items()
+                         if k not in _FOREIGN_HARMLESS and v not in (None, False, {}, [], "", 0))
+        if ignored:
+            warnings.warn(f"{target.__name__}: ignoring fields peftkit does not support: "
+                          + ", ".join(f"{k}={unknown[k]!r}" for k in ignored), stacklevel=2)
+        return target(**{k: v for k, v in data.items() if k in names})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` into ``directory`` atomically (temporary file, then rename)."""
+        from peftkit.formats.hf_peft import atomic_write_bytes
+
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> PeftConfig:
+        """Read ``adapter_config.json`` from ``directory``.
+
+        Raises:
+            FileNotFoundError: the folder or its ``adapter_config.json`` is missing.
+            ConfigError: the JSON is malformed or describes an invalid config.
+        """
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"adapter folder {os.fspath(directory)!r} does not exist")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}; an adapter folder holds "
+                                    f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        check(isinstance(data, dict), f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+# --- the method registry ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered PEFT method.
+
+    Args:
+        name: the CLI name (``lora``, ``ia3``, ...).
+        config_cls: its :class:`PeftConfig` subclass; ``config_cls.peft_type`` is the file-format id.
+        family: one of :data:`FAMILIES` (the survey's six families).
+        kind: how it changes the model, one of :data:`KINDS`.
+        mergeable: whether its weights can be folded into the base model exactly.
+        paper: title, year and arXiv id of the paper it implements.
+        tuner: callable ``tuner(model_wrapper, config, adapter_name)`` that injects the adapter.
+        cli_config: callable ``cli_config(args) -> config`` building a config from CLI options, or None.
+    """
+
+    name: str
+    config_cls: type[PeftConfig]
+    family: str
+    kind: str
+    mergeable: bool
+    paper: str
+    tuner: Any
+    cli_config: Callable[..., PeftConfig] | None = None
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def peft_type(self) -> str:
+        return self.config_cls.peft_type
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry under its name, aliases and ``peft_type``.
+
+    Raises:
+        ConfigError: the family or kind is unknown, or the name is taken by another method.
+    """
+    check(spec.family in FAMILIES, f"family={spec.family!r} must be one of {FAMILIES}")
+    check(spec.kind in KINDS, f"kind={spec.kind!r} must be one of {KINDS}")
+    for key in (spec.name, spec.peft_type, *spec.aliases):
+        other = _REGISTRY.get(key.lower())
+        check(other is None or other is spec or other.name == spec.name,
+              f"method name {key!r} is already registered by {other.name if other else ''!r}")
+        _REGISTRY[key.lower()] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look up a method by CLI name, alias or ``peft_type`` (case-insensitive).
+
+    Raises:
+        ConfigError: the name is not registered; the message lists the registered names.
+    """
+    _load_builtin_methods()
+    spec = _REGISTRY.get(str(name).lower())
+    if spec is None:
+        raise ConfigError(f"unknown PEFT method {name!r}; registered methods: {', '.join(method_names())}")
+    return spec
+
+
+def method_names() -> list[str]:
+    """The CLI names of all registered methods, in registration order."""
+    _load_builtin_methods()
+    seen: dict[str, None] = {}
+    for spec in _REGISTRY.values():
+        seen.setdefault(spec.name, None)
+    return list(seen)
+
+
+def all_methods() -> list[MethodSpec]:
+    """Every registered :class:`MethodSpec`, one per method, in registration order."""
+    return [get_method(n) for n in method_names()]
+
+
+def _load_builtin_methods() -> None:
+    import peftkit.methods  # noqa: F401  (importing registers the built-in methods)

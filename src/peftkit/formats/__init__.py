@@ -1,0 +1,1 @@
+"""Adapter file formats (HuggingFace PEFT's is the only one, and the default)."""

@@ -1,0 +1,144 @@
+"""HuggingFace PEFT's adapter file format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+On disk a tensor is keyed ``base_model.model.<module path>.<parameter path>`` with the adapter name
+stripped (``...query.lora_A.weight``), exactly as ``peft`` writes it, so adapters move both ways.
+Keys are built from the module tree (never by substring replacement), so a module or adapter whose
+name contains ``lora`` or ``default`` is handled like any other. Only safetensors and JSON are read;
+pickle files are refused. Every write goes to a temporary file in the same folder and is renamed
+into place, so an interrupted save never leaves a half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
+
+if TYPE_CHECKING:
+    from peftkit.model import PeftModel
+
+PREFIX = "base_model.model."
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file cannot be read, or its tensors do not fit the model (names or shapes)."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then rename.
+
+    Creates the parent folder if needed. A crash at any point leaves either the old file or the new
+    one at ``path``, never a partial file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The tensors of one adapter keyed as in the file (mirrors ``peft.get_peft_model_state_dict``).
+
+    Raises:
+        ConfigError: unknown adapter name.
+    """
+    host = model.base_model
+    out = {PREFIX + k: v for k, v in host.adapter_tensors(adapter_name).items()}
+    out.update(host.tuner(adapter_name).extra_tensors(host, adapter_name))
+    return out
+
+
+def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str = "default") -> None:
+    """Copy file-keyed tensors into adapter ``adapter_name`` (mirrors ``peft.set_peft_model_state_dict``).
+
+    Every expected tensor must be present with the right shape and no tensor may be left over; all
+    checks run before any value is copied. A key naming a base-model parameter (peft saves targeted
+    embedding matrices whole) is copied into that parameter.
+
+    Raises:
+        AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
+    """
+    expected = get_peft_model_state_dict(model, adapter_name)
+    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
+    # such keys name a base-model parameter and are loaded into it.
+    base_params = {PREFIX + k: v for k, v in model.base_model.model.named_parameters()}
+    for k in state_dict:
+        if k not in expected and k in base_params:
+            expected[k] = base_params[k]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es), e.g. " + "; ".join(mismatched[:3])
+                        + " (was the adapter trained with another r or on another base model?)")
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing from the file, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the file that the model has no place for, e.g. "
+                        f"{unexpected[:3]}")
+    if problems:
+        raise AdapterLoadError(f"adapter {adapter_name!r} does not fit the model: " + " | ".join(problems))
+    with torch.no_grad():
+        for k, dst in expected.items():
+            dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
+
+
+def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike) -> None:
+    """Write one adapter's weights then its config into ``directory`` (atomically, file by file)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in
+               get_peft_model_state_dict(model, adapter_name).items()}
+    os.makedirs(directory, exist_ok=True)
+    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
+    model.peft_config[adapter_name].save_pretrained(directory)
+
+
+def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None
+                       ) -> tuple[PeftConfig, dict[str, Tensor]]:
+    """Read and check an adapter folder before anything touches the model.
+
+    Returns:
+        ``(config, tensors)`` with file keys.
+
+    Raises:
+        FileNotFoundError: the folder, its config or its weights are missing.
+        AdapterLoadError: only a pickle checkpoint is present, or the safetensors file is corrupt.
+        ConfigError: the config JSON is invalid.
+    """
+    directory = os.fspath(directory)
+    if config is None:
+        config = PeftConfig.from_pretrained(directory)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+            raise AdapterLoadError(f"{directory!r} holds only adapter_model.bin (pickle); peftkit loads "
+                                   f"{WEIGHTS_NAME} only. Re-save it with peft's save_pretrained(safe_serialization=True)")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r} (found {CONFIG_NAME} only)")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterLoadError(f"{path} is not a readable safetensors file ({err}); the adapter was not loaded") from err
+    return config, tensors
+
+
+def load_adapter_into(model: PeftModel, adapter_name: str, tensors: dict[str, Tensor]) -> None:
+    """Copy file tensors into an injected adapter (see :func:`set_peft_model_state_dict`)."""
+    set_peft_model_state_dict(model, tensors, adapter_name)

@@ -1,0 +1,539 @@
+"""PeftModel: a pretrained model plus named adapters, with HF PEFT's public API.
+
+Paper context: the lifecycle (inject, train, save, load, merge) follows HF PEFT's design; the methods
+themselves cite their own papers in :mod:`peftkit.methods`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.config import ConfigError, PeftConfig, get_method
+from peftkit.layers import BASE_ROWS, AdaptedLayer, AdapterContext, ModulesToSaveWrapper, replace_module
+
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ROWS:
+        raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty string without '.' "
+                          f"other than {BASE_ROWS!r}")
+    return name
+
+
+class AdapterModel(nn.Module):
+    """Holds the user's model as ``.model`` and drives every adapter's lifecycle (peft's "tuner model").
+
+    Attributes:
+        model: the adapted model; wrapped layers live inside it.
+        peft_config: adapter name -> its config, in the order the adapters were added.
+        active_adapters: names of the adapters in use, in order.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapters: list[str] = []
+        self.ctx = AdapterContext()
+        self.disabled = False
+        self._extra: dict[str, list[str]] = {}
+
+    # --- structure ----------------------------------------------------------------------------------
+    def wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, wrapper)`` for every AdaptedLayer and ModulesToSaveWrapper in the model."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    def modules_to_save_names(self) -> list[str]:
+        return [n for n, m in self.wrappers() if isinstance(m, ModulesToSaveWrapper)]
+
+    def set_extra_trainable(self, adapter_name: str, names: list[str]) -> None:
+        """Record base-model parameters (by name) that ``adapter_name`` trains and saves."""
+        self._extra[adapter_name] = list(names)
+
+    def extra_trainable(self, adapter_name: str) -> list[str]:
+        return self._extra.get(adapter_name, [])
+
+    # --- adding and removing --------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Inject a new adapter (not yet active). On any error the model is left exactly as it was.
+
+        Raises:
+            ConfigError: invalid or duplicate name, no matching module, a value the model cannot take.
+        """
+        _check_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"adapter {adapter_name!r} already exists; existing: {list(self.peft_config)}")
+        if not isinstance(config, PeftConfig):
+            raise ConfigError(f"expected a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
+        spec = get_method(config.peft_type)
+        self.peft_config[adapter_name] = config
+        try:
+            self._wrap_modules_to_save(config, adapter_name)
+            spec.tuner.inject(self, config, adapter_name)
+        except BaseException:
+            self._remove_everywhere(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+        for _, w in self.wrappers():
+            w.set_active(self.active_adapters)
+
+    def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+        wanted = list(getattr(config, "modules_to_save", None) or [])
+        auto = [h for h in SEQ_CLS_HEADS if config.task_type == "SEQ_CLS" and h not in wanted]
+        if not wanted and not auto:
+            return
+        found: list[str] = []
+        for name, _ in list(_logical(self.model)):
+            if any(name == w or name.endswith("." + w) for w in wanted + auto):
+                found.append(name)
+        if wanted and not found:
+            raise ConfigError(f"modules_to_save={wanted!r} matched no module of the model")
+        for name in found:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(module)
+                wrapper._ctx = self.ctx
+                replace_module(self.model, name, wrapper)
+                module = wrapper
+            module.add(adapter_name)
+
+    def tuner(self, adapter_name: str) -> Any:
+        """The registered tuner of adapter ``adapter_name``'s method."""
+        return get_method(self.peft_config[adapter_name].peft_type).tuner
+
+    def _remove_everywhere(self, adapter_name: str) -> None:
+        if adapter_name in self.peft_config:
+            self.tuner(adapter_name).remove(self, adapter_name)
+        for name, module in list(self.wrappers()):
+            if isinstance(module, AdaptedLayer):
+                if adapter_name in module.adapters:
+                    module.remove(adapter_name)
+                if len(module.adapters) == 0:
+                    replace_module(self.model, name, module.base_layer)
+            else:
+                module.remove(adapter_name)
+                if len(module.modules_to_save) == 0:
+                    replace_module(self.model, name, module.original_module)
+        self._extra.pop(adapter_name, None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; layers left with no adapter get their base module back.
+
+        Raises:
+            ConfigError: unknown name.
+        """
+        self.check_known([adapter_name])
+        self._remove_everywhere(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config and self.active_adapters:
+            remaining = [next(iter(self.peft_config))]
+        self.set_adapter(remaining)
+
+    def check_known(self, names: Sequence[str]) -> None:
+        """Raise :class:`ConfigError` naming any of ``names`` that is not an adapter of this model."""
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}")
+
+    # --- activation and trainability ------------------------------------------------------------------
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Activate ``adapter_names`` (one or several, applied in order) and make them trainable unless
+        their config says ``inference_mode``. Other adapters are frozen and unused."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.check_known(names)
+        self.active_adapters = names
+        for _, w in self.wrappers():
+            w.set_active(names)
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params = dict(self.model.named_parameters())
+        for name in self.active_adapters:
+            if self.peft_config[name].inference_mode:
+                continue
+            for _, w in self.wrappers():
+                if isinstance(w, AdaptedLayer) and name in w.adapters:
+                    adapter = w.adapters[name]
+                    frozen = set(getattr(adapter, "frozen_parameters", ()))
+                    for pname, p in adapter.named_parameters():
+                        p.requires_grad_(pname not in frozen)
+                elif isinstance(w, ModulesToSaveWrapper) and name in w.modules_to_save:
+                    w.modules_to_save[name].requires_grad_(True)
+            for pname in self.extra_trainable(name):
+                params[pname].requires_grad_(True)
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        for _, w in self.wrappers():
+            w.disabled = disabled
+
+    # --- merging ------------------------------------------------------------------------------------
+    def merged_adapters(self) -> list[str]:
+        out: list[str] = []
+        for _, w in self.wrappers():
+            if isinstance(w, AdaptedLayer):
+                out += [n for n in w.merged_adapters if n not in out]
+        return out
+
+    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights.
+
+        Raises:
+            ConfigError: unknown name. ValueError: a method that cannot merge (checked before any
+            layer changes), or with ``safe_merge`` a merged weight that is not finite.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        self.check_known(names)
+        for n in names:
+            if not get_method(self.peft_config[n].peft_type).mergeable:
+                raise ValueError(f"adapter {n!r} uses {self.peft_config[n].peft_type}, which cannot be merged")
+        layers = [w for _, w in self.wrappers() if isinstance(w, AdaptedLayer)]
+        if safe_merge:
+            for w in layers:
+                for n in names:
+                    if n in w.adapters and n not in w.merged_adapters:
+                        weight, bias = w.weight.detach().float(), None if w.bias is None else w.bias.detach().float()
+                        new_w, _ = w.adapters[n].merge_into(w, weight, bias)
+                        if not torch.isfinite(new_w).all():
+                            raise ValueError(f"merging adapter {n!r} gives non-finite weights; nothing was merged")
+        counts: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        for w in layers:
+            w.merge(names, tied=counts.get(id(w.weight), 0) > 1)
+
+    def unmerge(self) -> None:
+        """Undo all merges, restoring the base weights to float tolerance."""
+        for _, w in self.wrappers():
+            if isinstance(w, AdaptedLayer):
+                w.unmerge()
+
+    def unload(self, merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Return the bare model: wrappers replaced by their base modules (merged first if ``merge``);
+        ``modules_to_save`` become the active adapter's trained copy when merging, else the original."""
+        if merge:
+            self.merge(adapter_names)
+        else:
+            self.unmerge()
+        keep = (list(adapter_names) if adapter_names is not None else self.active_adapters) if merge else []
+        for name, w in list(self.wrappers()):
+            if isinstance(w, AdaptedLayer):
+                replace_module(self.model, name, w.base_layer)
+            else:
+                copy = next((w.modules_to_save[a] for a in keep if a in w.modules_to_save), w.original_module)
+                replace_module(self.model, name, copy)
+        for name in list(self.peft_config):
+            self.tuner(name).remove(self, name)
+        self.peft_config.clear()
+        self.active_adapters = []
+        self._extra.clear()
+        return self.model
+
+    # --- state for saving ---------------------------------------------------------------------------
+    def adapter_tensors(self, adapter_name: str) -> dict[str, Tensor]:
+        """The tensors of one adapter keyed as on disk, relative to the model (no ``base_model.model.``):
+        ``<module path>.<parameter path inside the adapter>``; built from the module tree."""
+        self.check_known([adapter_name])
+        out: dict[str, Tensor] = {}
+        for name, w in self.wrappers():
+            if isinstance(w, AdaptedLayer) and adapter_name in w.adapters:
+                for k, t in w.adapters[adapter_name].state_dict().items():
+                    out[f"{name}.{k}"] = t
+            elif isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save:
+                for k, t in w.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{name}.{k}"] = t
+        params = dict(self.model.named_parameters())
+        for pname in self.extra_trainable(adapter_name):
+            out[pname] = params[pname]
+        return out
+
+
+def _logical(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from peftkit.targeting import iter_logical_modules
+
+    return iter_logical_modules(model)
+
+
+class PeftModel(nn.Module):
+    """A pretrained model with one or more named adapters (mirrors ``peft.PeftModel``).
+
+    Build one with :func:`get_peft_model` or :meth:`from_pretrained`. ``forward`` and ``generate``
+    pass through to the base model; ``adapter_names=[...]`` (one name per batch row, ``"__base__"``
+    for none) runs a mixed-adapter batch.
+
+    Args:
+        model: any ``torch.nn.Module`` (HF transformers models first).
+        peft_config: the first adapter's config.
+        adapter_name: its name (default ``"default"``).
+
+    Raises:
+        ConfigError: invalid config or name, or no module matches the config's targets.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = AdapterModel(model)
+        self.base_model.add_adapter(adapter_name, peft_config)
+        self.base_model.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    # --- adapters -----------------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter's name."""
+        return self.base_model.active_adapters[0]
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with wrapped layers inside)."""
+        return self.base_model.model
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Add a new adapter, inactive until :meth:`set_adapter`; on error the model is unchanged."""
+        self.base_model.add_adapter(adapter_name, peft_config)
+        self.base_model._set_trainable()
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter, or several at once (a list); only active adapters train."""
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; its layers return to the base modules when no other adapter uses them."""
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside it the model is the base model (merged adapters are unmerged for the
+        duration). The previous state, merges included, is restored on exit, even after an exception;
+        it nests."""
+        host = self.base_model
+        was_disabled = host.disabled
+        merged = host.merged_adapters()
+        if merged:
+            host.unmerge()
+        host.set_disabled(True)
+        try:
+            yield
+        finally:
+            host.set_disabled(was_disabled)
+            if merged:
+                host.merge(merged)
+
+    # --- merging ------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: active) into the base weights; outputs are unchanged to float tolerance."""
+        self.base_model.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Undo :meth:`merge_adapter`."""
+        self.base_model.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the adapters and return the plain base model with no wrapper left (zero overhead)."""
+        if safe_merge:
+            self.base_model.merge(adapter_names, safe_merge=True)
+        return self.base_model.unload(merge=True, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the base model without any adapter (nothing merged)."""
+        return self.base_model.unload(merge=False)
+
+    # --- parameters ---------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (total includes adapter parameters, as in peft)."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: N || all params: M || trainable%: P`` (peft's line)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable the base model's gradient checkpointing so that adapters still get gradients with a
+        frozen base (input embeddings are made to require grad for re-entrant checkpointing)."""
+        model = self.get_base_model()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # --- training hooks -----------------------------------------------------------------------------
+    def peft_regularization(self) -> Tensor | None:
+        """Sum of the active, trainable adapters' loss terms (e.g. AdaLoRA's orthogonality penalty), or
+        None when no method adds one. :class:`peftkit.train.Trainer` adds it to the loss."""
+        host, total = self.base_model, None
+        for name in host.active_adapters:
+            if not host.peft_config[name].inference_mode:
+                term = host.tuner(name).regularizer(host, name)
+                if term is not None:
+                    total = term if total is None else total + term
+        return total
+
+    def peft_step_end(self, step: int) -> None:
+        """Tell the active adapters' methods that optimiser step ``step`` (1-based) has been taken; call
+        it after ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA reads the gradients)."""
+        host = self.base_model
+        for name in host.active_adapters:
+            if not host.peft_config[name].inference_mode:
+                host.tuner(name).on_step_end(host, name, step)
+
+    # --- running ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _rows(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        names = list(adapter_names)
+        self.base_model.check_known([n for n in names if n != BASE_ROWS])
+        if batch_size is not None and len(names) != batch_size:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
+        device = next(self.parameters()).device
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n, []).append(i)
+        ctx = self.base_model.ctx
+        ctx.row_groups = [(n, torch.tensor(rows, device=device)) for n, rows in groups.items()]
+        try:
+            yield
+        finally:
+            ctx.row_groups = None
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row."""
+        with self._rows(adapter_names, _batch_size(args, kwargs)):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``)."""
+        with self._rows(adapter_names, _batch_size(args, kwargs)):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    # --- files --------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write each adapter in HF PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``
+        in ``save_directory`` for ``"default"`` and in ``save_directory/<name>`` for the others. Every
+        file is written to a temporary name and renamed, so a good adapter is never half-overwritten.
+
+        Raises:
+            ConfigError: unknown adapter name. ValueError: ``safe_serialization=False`` (pickle is refused).
+        """
+        from peftkit.formats.hf_peft import save_adapter
+
+        if not safe_serialization:
+            raise ValueError("peftkit writes safetensors only; safe_serialization=False (pickle) is not supported")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self.base_model.check_known(names)
+        if not is_main_process:
+            return
+        for name in names:
+            target = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            save_adapter(self, name, target)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> PeftModel:
+        """Load an adapter folder (HF PEFT format, saved by peftkit or by ``peft``) onto ``model``.
+
+        Args:
+            model: the base model the adapter was trained on.
+            model_id: a local adapter folder.
+            adapter_name: name to give the adapter.
+            is_trainable: False (default) loads it frozen for inference.
+            config: use this config instead of the folder's ``adapter_config.json``.
+
+        Raises:
+            FileNotFoundError: missing folder or files. AdapterLoadError: unreadable/corrupt weights, or
+            tensors whose names or shapes do not fit the model (the model is left unadapted).
+        """
+        from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
+
+        config, tensors = read_adapter_files(model_id, config)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        try:
+            load_adapter_into(peft_model, adapter_name, tensors)
+        except BaseException:
+            peft_model.unload()
+            raise
+        peft_model.base_model._set_trainable()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     **kwargs: Any) -> None:
+        """Load another adapter folder under ``adapter_name`` (not activated; see :meth:`set_adapter`).
+
+        Raises:
+            as :meth:`from_pretrained`; on error the model is left as it was.
+        """
+        from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
+
+        config, tensors = read_adapter_files(model_id, kwargs.get("config"))
+        config.inference_mode = not is_trainable
+        self.base_model.add_adapter(adapter_name, config)
+        try:
+            load_adapter_into(self, adapter_name, tensors)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        self.base_model._set_trainable()
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (mirrors ``peft.get_peft_model``).
+
+    The base model's parameters are frozen; only the adapter (and its ``modules_to_save``) train.
+
+    Raises:
+        ConfigError: invalid config, or no module of ``model`` matches its targets (the message lists
+            module names that exist). The model is left unchanged on error.
+    """
+    if kwargs.get("mixed"):
+        warnings.warn("peftkit models always allow several methods; 'mixed' is ignored", stacklevel=2)
+    if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
+        peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
+    return PeftModel(model, peft_config, adapter_name)

@@ -1,0 +1,155 @@
+"""Which modules of a model a method adapts.
+
+Matching rules (the same as HF PEFT's, on whole dotted segments, never on substrings):
+
+* ``target_modules`` as a list: a module matches when its full name equals an entry or ends with
+  ``"." + entry`` (``"query"`` matches ``bert.encoder.layer.0.attention.self.query``, not ``query_proj``).
+* ``target_modules`` as a string: a regular expression that must match the *whole* module name.
+* ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the model's output layer
+  (``get_output_embeddings()``, e.g. ``lm_head``).
+* ``exclude_modules`` takes the same forms and wins over ``target_modules``.
+* ``layers_to_transform`` keeps only modules inside the listed block indices, found after a segment
+  named by ``layers_pattern`` (default: any of ``layers``, ``layer``, ``h``, ``block``, ``blocks``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from peftkit.config import ConfigError
+
+ALL_LINEAR = "all-linear"
+DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "block", "blocks")
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """``nn.Linear`` and, when transformers is installed, its GPT-2 ``Conv1D``."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def matches(name: str, pattern: str | Sequence[str] | None) -> bool:
+    """Whether module ``name`` matches ``pattern`` (list of names/suffixes, or a full-match regex)."""
+    if pattern is None:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def pattern_key(name: str, patterns: dict[str, object]) -> str | None:
+    """The key of ``rank_pattern``/``alpha_pattern`` that applies to module ``name``, or None.
+
+    A key is a regular expression matched against the end of the name on a segment boundary
+    (HF PEFT's rule); the first key in insertion order that matches wins.
+    """
+    for key in patterns:
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return key
+    return None
+
+
+def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The block index in ``name`` after a segment named by ``layers_pattern``, or None."""
+    candidates = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or DEFAULT_LAYER_PATTERNS)
+    for pat in candidates:
+        found = re.match(rf"(?:.*\.)?{re.escape(pat)}\.(\d+)(?:\.|$)", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def iter_logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for the model as the user sees it.
+
+    A peftkit wrapper is reported under its own name with its *base* module, and its internals
+    (``base_layer``, adapter modules, saved copies) are hidden, so adding a second adapter targets
+    the same modules as the first did.
+    """
+    from peftkit.layers import unwrap
+
+    hidden: list[str] = []
+    for name, module in model.named_modules():
+        if hidden and any(name.startswith(h) for h in hidden):
+            continue
+        base = unwrap(module)
+        if base is not module:
+            hidden.append(name + ".")
+        yield name, base
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None,
+    *,
+    supported: tuple[type[nn.Module], ...],
+    exclude_modules: str | Sequence[str] | None = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+    method: str = "this method",
+) -> list[str]:
+    """Names of the modules to adapt, in model order.
+
+    Args:
+        model: the model to search (its own module names are used, without any prefix).
+        target_modules: list of names/suffixes, a full-match regex, or ``"all-linear"``.
+        supported: module types the method can wrap; a matched module of another type is an error.
+        exclude_modules: names/suffixes or regex removed from the match.
+        layers_to_transform: block index or indices to keep; None keeps all.
+        layers_pattern: segment name(s) preceding the block index.
+        skip: module names (and their subtrees) never targeted, e.g. ``modules_to_save``.
+        method: the method's name, for error messages.
+
+    Returns:
+        list of module names (at least one).
+
+    Raises:
+        ConfigError: nothing matches (the message lists module names that do exist), or a matched
+            module has a type the method cannot wrap.
+    """
+    if isinstance(layers_to_transform, int):
+        layers_to_transform = [layers_to_transform]
+    all_linear = target_modules == ALL_LINEAR
+    output_layer = None
+    if all_linear and hasattr(model, "get_output_embeddings"):
+        output_layer = model.get_output_embeddings()
+    lin = linear_types()
+    found: list[str] = []
+    candidates: list[str] = []
+    for name, module in iter_logical_modules(model):
+        if not name or any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip):
+            continue
+        if isinstance(module, supported):
+            candidates.append(name)
+        if all_linear:
+            hit = isinstance(module, lin) and module is not output_layer
+        else:
+            hit = matches(name, target_modules)
+        if not hit or matches(name, exclude_modules):
+            continue
+        if layers_to_transform is not None:
+            idx = layer_index(name, layers_pattern)
+            if idx is None or idx not in layers_to_transform:
+                continue
+        if not isinstance(module, supported):
+            raise ConfigError(
+                f"{method} cannot adapt module {name!r} of type {type(module).__name__}; "
+                f"supported types: {', '.join(t.__name__ for t in supported)}"
+            )
+        found.append(name)
+    if not found:
+        suffixes = sorted({c.rsplit(".", 1)[-1] for c in candidates})
+        raise ConfigError(
+            f"target_modules={target_modules!r} matched no module of the model"
+            + (f" within layers_to_transform={list(layers_to_transform)}" if layers_to_transform is not None else "")
+            + f". Modules {method} can adapt include: {', '.join(candidates[:5]) or 'none'}"
+            + (f"; their last name segments: {suffixes[:20]}" if suffixes else "")
+        )
+    return found

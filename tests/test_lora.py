@@ -1,0 +1,161 @@
+"""LoRA layers: exact merging on every supported layer type, parameter counts, training, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit import LoraConfig, get_peft_model
+from tests.conftest import perturb, tiny_bert_classifier, tiny_gpt2
+
+
+class Zoo(nn.Module):
+    """One of every layer type LoRA supports, each on a unit-scale input and all in the output."""
+
+    def __init__(self, groups: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lin = nn.Linear(8, 12)
+        self.square = Conv1D(12, 12)        # GPT-2 layout: weight (in=12, out=12)
+        self.wide = Conv1D(20, 12)          # weight (in=12, out=20)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1, groups=groups)
+        self.conv1 = nn.Conv1d(8, 6, 2, stride=2)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        parts = [self.emb(ids), self.lin(x[..., :8]), self.square(x), self.wide(x), self.conv2(img),
+                 self.conv1(img.flatten(2)[:, :, :8].repeat(1, 2, 1))]
+        return torch.cat([p.flatten(1) for p in parts], dim=1)
+
+
+TARGETS = ["emb", "lin", "square", "wide", "conv2", "conv1"]
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(0, 20, (3, 5), generator=g), torch.randn(3, 5, 12, generator=g),
+            torch.randn(3, 4, 6, 6, generator=g))
+
+
+def adapted(**kw) -> tuple[nn.Module, object]:
+    base = Zoo(groups=kw.pop("groups", 2))
+    model = get_peft_model(base, LoraConfig(target_modules=TARGETS, **kw))
+    perturb(model)
+    return base, model
+
+
+@pytest.mark.parametrize("kw", [
+    dict(r=4, lora_alpha=7),
+    dict(r=4, lora_alpha=3, use_rslora=True),
+    dict(r=2, lora_alpha=16, bias="lora_only"),
+    dict(r=4, lora_alpha=5, lora_bias=True),
+    dict(r=4, lora_alpha=8, fan_in_fan_out=True, groups=4),
+    dict(r=2, lora_alpha=2, init_lora_weights="gaussian", rank_pattern={"conv2": 4}, alpha_pattern={"lin": 9}),
+])
+def test_merge_and_unload_equals_unmerged(kw):
+    _, model = adapted(**kw)
+    x = inputs()
+    with torch.no_grad():
+        before = model(*x)
+        with model.disable_adapter():
+            base_out = model(*x)
+        assert (before - base_out).abs().max() > 1e-2  # the adapters really change the output
+        merged = model.merge_and_unload()
+        after = merged(*x)
+    assert not any("AdaptedLayer" in type(m).__name__ for m in merged.modules())
+    assert (before - after).abs().max().item() <= 1e-5
+
+
+def test_fifty_merge_cycles_restore_base_weights():
+    base, model = adapted(r=4, lora_alpha=11, lora_bias=True)
+    snapshot = {k: v.clone() for k, v in base.state_dict().items() if "base_layer" in k}
+    x = inputs()
+    with torch.no_grad():
+        unmerged = model(*x)
+        for _ in range(50):
+            model.merge_adapter()
+            model.unmerge_adapter()
+        merged_once = (model.merge_adapter(), model(*x))[1]
+        model.unmerge_adapter()
+    assert (merged_once - unmerged).abs().max() <= 1e-5
+    now = base.state_dict()
+    worst = max((now[k] - v).abs().max().item() for k, v in snapshot.items())
+    assert worst <= 1e-5
+
+
+@settings(max_examples=12, deadline=None)
+@given(r=st.sampled_from([2, 4, 6]), alpha=st.floats(0.5, 32), rslora=st.booleans(), dropout=st.sampled_from([0.0, 0.3]))
+def test_merge_property(r, alpha, rslora, dropout):
+    torch.manual_seed(r)
+    _, model = adapted(r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=dropout)
+    model.eval()  # dropout is off in eval, as for any nn.Dropout
+    x = inputs()
+    with torch.no_grad():
+        before = model(*x)
+        model.merge_adapter()
+        merged = model(*x)
+        model.unmerge_adapter()
+        again = model(*x)
+    assert (before - merged).abs().max() <= 1e-5 * max(1.0, before.abs().max().item())
+    assert (before - again).abs().max() <= 1e-5 * max(1.0, before.abs().max().item())
+
+
+def test_trainable_parameter_count_matches_formula():
+    r = 4
+    model = get_peft_model(Zoo(groups=2), LoraConfig(r=r, target_modules=TARGETS))
+    # Embedding: r*(num + dim); Linear/Conv1D: r*(in + out); Conv: r*(in/g)*k + out*(r/g)
+    expected = (r * (20 + 8) + r * (8 + 12) + r * (12 + 12) + r * (12 + 20)
+                + (r * (4 // 2) * 9 + 8 * (r // 2)) + (r * 8 * 2 + 6 * r))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert total == expected + sum(p.numel() for p in Zoo().parameters())
+
+
+def test_rslora_scaling():
+    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=16, lora_alpha=8, use_rslora=True,
+                                                                      target_modules=["0"]))
+    assert model.base_model.model[0].adapters["default"].scaling == pytest.approx(8 / 4)
+
+
+def test_grouped_conv_needs_divisible_rank():
+    from peftkit import ConfigError
+
+    base = Zoo(groups=4)
+    with pytest.raises(ConfigError, match="divisible by the convolution's groups=4"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["conv2"]))
+    assert isinstance(base.conv2, nn.Conv2d)
+
+
+def test_training_reduces_loss_and_only_adapter_gets_gradients():
+    model = tiny_bert_classifier()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    x = torch.randint(3, 64, (8, 10))
+    labels = torch.tensor([0, 1] * 4)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(40):
+        loss = peft_model(input_ids=x, labels=labels).loss
+        loss.backward()
+        for name, p in peft_model.named_parameters():
+            if p.grad is not None:
+                assert "adapters.default.lora_" in name or ".modules_to_save.default." in name, name
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gradient_checkpointing_with_frozen_base_gives_adapter_gradients():
+    model = tiny_gpt2()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn", "c_fc"]))
+    perturb(peft_model)  # B != 0, so A receives a gradient too
+    peft_model.gradient_checkpointing_enable()
+    peft_model.train()
+    x = torch.randint(3, 64, (2, 8))
+    peft_model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert model.transformer.h[0].attn.c_attn.base_layer.weight.grad is None

@@ -1,0 +1,200 @@
+"""PeftModel's lifecycle API: adapters, activation, disabling, merging, parameters, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit import ConfigError, LoraConfig, PeftModel, get_peft_model
+from peftkit.layers import AdaptedLayer, ModulesToSaveWrapper
+from tests.conftest import ids, perturb, tiny_bert_classifier
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_add_set_delete_adapters():
+    base = mlp()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        plain = base(x)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=3, target_modules=["2"], init_lora_weights=False))
+    assert model.active_adapters == ["default"] and list(model.peft_config) == ["default", "b"]
+    with torch.no_grad():
+        out_a = model(x)
+        model.set_adapter("b")
+        out_b = model(x)
+        model.set_adapter(["default", "b"])
+        out_ab = model(x)
+    assert model.active_adapter == "default"
+    assert not torch.allclose(out_a, out_b) and not torch.allclose(out_ab, out_a)
+    # only active adapters train
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".default." in n for n in trainable) and any(".b." in n for n in trainable)
+    model.set_adapter("b")
+    assert all(".b." in n for n, p in model.named_parameters() if p.requires_grad)
+    model.delete_adapter("b")
+    assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
+    assert isinstance(base[2], nn.Linear)  # unwrapped: no adapter left on it
+    model.delete_adapter("default")
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+    assert isinstance(base[0], nn.Linear)
+
+
+def test_unknown_adapter_names_raise():
+    model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0"]))
+    for call in (lambda: model.set_adapter("nope"), lambda: model.delete_adapter("nope"),
+                 lambda: model.merge_adapter(["nope"]), lambda: model.save_pretrained("/tmp/x", ["nope"])):
+        with pytest.raises(ConfigError, match="'nope'"):
+            call()
+    with pytest.raises(ConfigError, match="already exists"):
+        model.add_adapter("default", LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ConfigError, match="adapter_name"):
+        model.add_adapter("a.b", LoraConfig(r=2, target_modules=["0"]))
+
+
+def test_disable_adapter_nests_and_restores_after_exception():
+    model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        adapted = model(x)
+        with model.disable_adapter():
+            base = model(x)
+            with model.disable_adapter():
+                assert torch.equal(model(x), base)
+            assert torch.equal(model(x), base)
+        assert torch.equal(model(x), adapted)
+        with pytest.raises(RuntimeError), model.disable_adapter():
+            raise RuntimeError("boom")
+        assert torch.equal(model(x), adapted)
+        # merged state is restored too
+        model.merge_adapter()
+        with model.disable_adapter():
+            assert torch.allclose(model(x), base, atol=1e-6)
+        assert model.base_model.merged_adapters() == ["default"]
+        assert torch.allclose(model(x), adapted, atol=1e-5)
+
+
+def test_modules_to_save_is_trained_saved_and_bypassed_when_disabled(tmp_path):
+    base = tiny_bert_classifier()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    assert isinstance(base.classifier, ModulesToSaveWrapper)
+    assert all(p.requires_grad for p in base.classifier.modules_to_save["default"].parameters())
+    assert not any(p.requires_grad for p in base.classifier.original_module.parameters())
+    with torch.no_grad():
+        base.classifier.modules_to_save["default"].weight.add_(1.0)
+    x = ids()
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(input_ids=x).logits
+        on = model(input_ids=x).logits
+    assert (on - off).abs().max() > 0.1
+    from peftkit import get_peft_model_state_dict
+
+    keys = set(get_peft_model_state_dict(model))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+
+
+def test_seq_cls_task_type_saves_the_head():
+    base = tiny_bert_classifier()
+    get_peft_model(base, LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    assert isinstance(base.classifier, ModulesToSaveWrapper)
+
+
+def test_no_matching_target_lists_existing_modules_and_leaves_model_unchanged():
+    base = tiny_bert_classifier()
+    before = {n: type(m) for n, m in base.named_modules()}
+    with pytest.raises(ConfigError) as err:
+        get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["classifier"]))
+    msg = str(err.value)
+    assert "q_proj" in msg and "bert.encoder.layer.0.attention.self.query" in msg and "'value'" in msg
+    assert {n: type(m) for n, m in base.named_modules()} == before
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(r=0), "r=0"), (dict(r=-2), "r=-2"), (dict(r=2.5), "r=2.5"), (dict(lora_alpha=0), "lora_alpha=0"),
+    (dict(lora_dropout=1.0), "lora_dropout=1.0"), (dict(bias="some"), "bias='some'"),
+    (dict(init_lora_weights="pisa"), "init_lora_weights='pisa'"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
+    (dict(task_type="CLS"), "task_type='CLS'"), (dict(target_modules=None), "target_modules is required"),
+    (dict(layers_to_transform=[-1]), "layers_to_transform"),
+])
+def test_invalid_config_values_are_named(kw, fragment):
+    args = dict(target_modules=["query"]) | kw
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        LoraConfig(**args)
+
+
+def test_unsupported_module_type_is_an_error():
+    with pytest.raises(ConfigError, match="LayerNorm"):
+        get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["LayerNorm"]))
+
+
+def test_merge_and_unload_and_unload_return_plain_models():
+    base = tiny_bert_classifier()
+    reference = tiny_bert_classifier()
+    reference.load_state_dict(base.state_dict())
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        adapted = model(input_ids=x).logits
+        merged = model.merge_and_unload()
+        assert not any(isinstance(m, (AdaptedLayer, ModulesToSaveWrapper)) for m in merged.modules())
+        assert (merged(input_ids=x).logits - adapted).abs().max() <= 1e-5
+    model2 = get_peft_model(reference, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    perturb(model2)
+    with torch.no_grad():
+        plain = tiny_bert_classifier()
+        plain.load_state_dict(model2.unload().state_dict())
+        assert not any(isinstance(m, AdaptedLayer) for m in reference.modules())
+
+
+def test_print_trainable_parameters(capsys):
+    model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0"]))
+    model.print_trainable_parameters()
+    # r*(6+8) = 28 trainable; base 6*8+8 + 8*4+4 = 92
+    assert capsys.readouterr().out.strip() == "trainable params: 28 || all params: 120 || trainable%: 23.3333"
+    assert model.get_nb_trainable_parameters() == (28, 120)
+
+
+def test_layers_to_transform_and_exclude_and_regex_targets():
+    base = tiny_bert_classifier()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], layers_to_transform=[1],
+                                            exclude_modules=["value"]))
+    wrapped = [n for n, m in base.named_modules() if isinstance(m, AdaptedLayer)]
+    assert wrapped == ["bert.encoder.layer.1.attention.self.query"]
+    base2 = tiny_bert_classifier()
+    get_peft_model(base2, LoraConfig(r=2, target_modules=r".*layer\.0\..*\.(key|value)"))
+    wrapped = [n for n, m in base2.named_modules() if isinstance(m, AdaptedLayer)]
+    assert wrapped == ["bert.encoder.layer.0.attention.self.key", "bert.encoder.layer.0.attention.self.value"]
+    assert isinstance(model, PeftModel)
+
+
+def test_all_linear_skips_output_layer():
+    from tests.conftest import tiny_llama
+
+    base = tiny_llama()
+    get_peft_model(base, LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, AdaptedLayer)}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert isinstance(base.lm_head, nn.Linear)
+
+
+def test_tied_embedding_merge_keeps_output_layer_exact():
+    from tests.conftest import tiny_gpt2
+
+    base = tiny_gpt2()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["wte"]))
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        adapted = model(input_ids=x).logits
+        shared = base.lm_head.weight
+        model.merge_adapter()
+        assert (model(input_ids=x).logits - adapted).abs().max() <= 1e-5
+        model.unmerge_adapter()
+        assert base.transformer.wte.base_layer.weight is shared  # the tie is back
