@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.ops import Dropout
 from peftkit.targeting import linear_types, pattern_key
 from peftkit.tuners import WrapTuner
 
@@ -109,7 +110,16 @@ class LoraConfig(PeftConfig):
 
 
 def _dropout(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+    return Dropout(p) if p > 0 else nn.Identity()
+
+
+def _fresh_output(layer: AdaptedLayer) -> bool:
+    """Whether the base layer's output may be updated in place: true for ``nn.Linear`` and GPT-2
+    ``Conv1D``, whose backward does not read their output."""
+    return type(layer.base_layer) in _INPLACE_SAFE
+
+
+_INPLACE_SAFE = set(linear_types())
 
 
 class LoraLinear(Adapter):
@@ -141,11 +151,15 @@ class LoraLinear(Adapter):
             nn.init.zeros_(self.lora_B.bias)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
-        a = self.lora_A.weight
+        a, b = self.lora_A.weight, self.lora_B
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
-        z = self.lora_B(F.linear(self.lora_dropout(x), a))
-        return torch.add(y, z.to(y.dtype), alpha=self.scaling)
+        z = F.linear(self.lora_dropout(x), a)
+        if b.bias is None and y.dtype == z.dtype and y.is_contiguous() and _fresh_output(layer):
+            # one GEMM accumulating s * z @ B^T into the base output: no extra pass over y
+            y.view(-1, y.shape[-1]).addmm_(z.view(-1, self.r), b.weight.T, alpha=self.scaling)
+            return y
+        return torch.add(y, b(z).to(y.dtype), alpha=self.scaling)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
