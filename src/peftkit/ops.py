@@ -40,7 +40,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torc
     n = 1
     for s in shape:
         n *= s
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(generator=generator)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1, generator=generator)
     fields = bits.view(torch.int16)[:n].view(shape)
     drop_levels = round(p * _LEVELS)
     # int16 fields are uniform on [-32768, 32767]; keep the top (65536 - drop_levels) values
