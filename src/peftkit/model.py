@@ -370,6 +370,15 @@ class PeftModel(nn.Module):
         """Return the base model without any adapter (nothing merged)."""
         return self.base_model.unload(merge=False)
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """Add ``adapter_name`` combining LoRA ``adapters`` with ``weights`` (``cat``, ``svd``, ``linear``,
+        ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and their ``_svd`` forms); see
+        :func:`peftkit.merging.add_weighted_adapter` for the options and the definitions."""
+        from peftkit.merging import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
     # --- parameters ---------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts (total includes adapter parameters, as in peft)."""

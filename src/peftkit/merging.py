@@ -1,0 +1,249 @@
+"""Combining several LoRA adapters into a new one (``add_weighted_adapter``), as in HF PEFT.
+
+Task-vector merging rules, each on tensors ``t_i`` with weights ``w_i``:
+
+* task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", 2022, arXiv:2212.04089):
+  ``sum_i w_i t_i``.
+* magnitude pruning: keep the ``density`` fraction of each ``t_i`` with the largest ``|t|``, then
+  task arithmetic.
+* TIES (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", 2023,
+  arXiv:2306.01708): trim each ``t_i`` to its top-``density`` magnitudes, elect a sign per entry
+  (``total``: sign of ``sum_i t_i``; ``frequency``: sign of ``sum_i sign(t_i)``; ties go to +), then
+  average ``w_i t_i`` over the tensors that agree with the elected sign (disjoint mean).
+* DARE (Yu et al., "Language Models are Super Mario", 2023, arXiv:2311.03099): drop each entry with
+  probability ``1 - density`` and rescale the kept ones by ``1 / density``; then task arithmetic
+  (``dare_linear``) or the TIES sign election and disjoint mean (``dare_ties``). Seeded.
+
+For LoRA adapters (``delta_i = s_i B_i A_i``) the combination types are HF PEFT's:
+
+* ``cat`` (exact): ``A = [w_1 s_1 A_1; ...; w_n s_n A_n]``, ``B = [B_1 ... B_n]`` so that
+  ``B A = sum_i w_i s_i B_i A_i``; rank ``sum_i r_i``.
+* ``svd`` and ``*_svd``: combine the full deltas with the rule above, then keep the top ``svd_rank``
+  singular directions (``B = U S``, ``A = V^T``); exact when ``svd_rank`` reaches the combined rank.
+* ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: apply the rule to the A
+  matrices and to the B matrices separately with weights ``sign * sqrt(|w_i s_i|)`` on A and
+  ``sqrt(|w_i s_i|)`` on B (a cheap approximation; all ranks must be equal).
+
+The new adapter has scaling 1 (``lora_alpha = r``), so rsLoRA, ``alpha_pattern`` and any other
+scaling of the sources are folded into its matrices. Grouped convolutions are merged group by group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from peftkit.config import ConfigError, check
+from peftkit.layers import AdaptedLayer, ModulesToSaveWrapper
+
+if TYPE_CHECKING:
+    from peftkit.model import PeftModel
+
+FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATION_TYPES = ("cat", *SVD_TYPES, *FACTOR_TYPES)
+
+
+# --- rules on task tensors ---------------------------------------------------------------------------
+def magnitude_mask(t: Tensor, density: float) -> Tensor:
+    """Boolean mask keeping the ``int(density * numel)`` entries of largest magnitude (ties broken by
+    position)."""
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+    if k > 0:
+        mask[torch.topk(t.abs().flatten(), k, sorted=False).indices] = True
+    return mask.view(t.shape)
+
+
+def dare_drop(t: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
+    """Keep each entry with probability ``density`` and rescale kept entries by ``1 / density``."""
+    keep = torch.rand(t.shape, generator=generator, device=t.device) < density
+    return torch.where(keep, t / density, torch.zeros_like(t)) if density > 0 else torch.zeros_like(t)
+
+
+def elect_sign(stacked: Tensor, method: str = "total") -> Tensor:
+    """Per-entry elected sign (+1/-1) of ``stacked: (n, ...)``; ``total`` or ``frequency``; 0 goes to +1."""
+    check(method in ("total", "frequency"), f"majority_sign_method={method!r} must be 'total' or 'frequency'")
+    votes = stacked.sum(0) if method == "total" else stacked.sign().sum(0)
+    return torch.where(votes >= 0, 1.0, -1.0)
+
+
+def disjoint_mean(weighted: Tensor, trimmed: Tensor, sign: Tensor) -> Tensor:
+    """Mean over ``n`` of ``weighted (n, ...)`` restricted to entries whose ``trimmed`` sign agrees with
+    ``sign`` (a count of zero counts as one)."""
+    agree = (trimmed.sign() == sign) & (trimmed != 0)
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def combine(tensors: Sequence[Tensor], weights: Sequence[float], rule: str, density: float | None = None,
+            majority_sign_method: str = "total", generator: torch.Generator | None = None) -> Tensor:
+    """Combine same-shaped task tensors with one of the rules above.
+
+    Args:
+        tensors: ``n`` tensors of one shape.
+        weights: ``n`` floats (negative allowed).
+        rule: ``linear`` (task arithmetic), ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``.
+        density: fraction kept in (0, 1] for every rule but ``linear``.
+
+    Raises:
+        ConfigError: unknown rule or missing/invalid density.
+    """
+    w = torch.tensor(list(weights), dtype=tensors[0].dtype, device=tensors[0].device)
+    w = w.view(-1, *([1] * tensors[0].dim()))
+    stacked = torch.stack(list(tensors))
+    if rule == "linear":
+        return (stacked * w).sum(0)
+    check(density is not None and 0 < density <= 1, f"density={density!r} must lie in (0, 1] for {rule!r}")
+    if rule == "magnitude_prune":
+        return (torch.stack([t * magnitude_mask(t, density) for t in tensors]) * w).sum(0)
+    if rule == "dare_linear":
+        return (torch.stack([dare_drop(t, density, generator) for t in tensors]) * w).sum(0)
+    if rule in ("ties", "dare_ties"):
+        if rule == "ties":
+            trimmed = torch.stack([t * magnitude_mask(t, density) for t in tensors])
+        else:
+            trimmed = torch.stack([dare_drop(t, density, generator) for t in tensors])
+        return disjoint_mean(trimmed * w, trimmed, elect_sign(trimmed, majority_sign_method))
+    raise ConfigError(f"unknown combination rule {rule!r}")
+
+
+# --- LoRA factor views ---------------------------------------------------------------------------------
+def _views(adapter: Any) -> tuple[Tensor, Tensor, int]:
+    """``(A: (g, r/g, fan_in), B: (g, out/g, r/g), g)`` float32 copies of a LoRA adapter, scaling not applied."""
+    from peftkit.methods.lora import LoraConv, LoraEmbedding, LoraLinear
+
+    if isinstance(adapter, LoraEmbedding):
+        a, b, g = adapter.lora_embedding_A, adapter.lora_embedding_B, 1
+    elif isinstance(adapter, (LoraLinear, LoraConv)):
+        a, b = adapter.lora_A.weight, adapter.lora_B.weight
+        g = adapter.lora_A.groups if isinstance(adapter, LoraConv) else 1
+    else:
+        raise ConfigError(f"add_weighted_adapter combines LoRA adapters only, not {type(adapter).__name__}")
+    a, b = a.detach().float(), b.detach().float()
+    return a.reshape(g, a.shape[0] // g, -1), b.reshape(g, b.shape[0] // g, -1), g
+
+
+def _write(adapter: Any, a3: Tensor, b3: Tensor) -> None:
+    from peftkit.methods.lora import LoraEmbedding
+
+    a_dst, b_dst = ((adapter.lora_embedding_A, adapter.lora_embedding_B) if isinstance(adapter, LoraEmbedding)
+                    else (adapter.lora_A.weight, adapter.lora_B.weight))
+    with torch.no_grad():
+        a_dst.copy_(a3.reshape(a_dst.shape))
+        b_dst.copy_(b3.reshape(b_dst.shape))
+
+
+def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_rank: int | None,
+                   density: float | None, majority_sign_method: str, svd_clamp: float | None,
+                   full_matrices: bool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    views = [(_views(a), w * a.scaling) for a, w in parts]
+    g = views[0][0][2]
+    if combination_type == "cat":
+        a3 = torch.cat([va * ws for (va, _, _), ws in views], dim=1)
+        b3 = torch.cat([vb for (_, vb, _), _ in views], dim=2)
+        return a3, b3
+    if combination_type in SVD_TYPES:
+        rule = "linear" if combination_type == "svd" else combination_type[: -len("_svd")]
+        deltas = [torch.bmm(vb, va) for (va, vb, _), _ in views]
+        delta = combine(deltas, [ws for _, ws in views], rule, density, majority_sign_method, generator)
+        check(new_rank % g == 0, f"svd_rank={new_rank} must be divisible by the convolution's groups={g}")
+        k = new_rank // g
+        u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
+        if k > s.shape[-1]:  # pad with zero directions so every layer has the requested rank
+            pad = k - s.shape[-1]
+            u = torch.cat([u, u.new_zeros(*u.shape[:-1], pad)], -1)
+            s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], -1)
+            vh = torch.cat([vh, vh.new_zeros(*vh.shape[:-2], pad, vh.shape[-1])], -2)
+        b3, a3 = u[..., :k] * s[..., None, :k], vh[..., :k, :]
+        if svd_clamp is not None:
+            hi = torch.quantile(torch.cat([b3.flatten(), a3.flatten()]), svd_clamp)
+            b3, a3 = b3.clamp(-hi, hi), a3.clamp(-hi, hi)
+        return a3, b3
+    shapes = {tuple(va.shape) for (va, _, _), _ in views}
+    check(len(shapes) == 1, f"combination_type={combination_type!r} needs adapters of equal rank; "
+                            f"got A shapes {sorted(shapes)} (use 'cat' or 'svd')")
+    signs = [1.0 if ws >= 0 else -1.0 for _, ws in views]
+    root = [abs(ws) ** 0.5 for _, ws in views]
+    a3 = combine([va for (va, _, _), _ in views], [s * r for s, r in zip(signs, root)], combination_type, density,
+                 majority_sign_method, generator)
+    b3 = combine([vb for (_, vb, _), _ in views], root, combination_type, density, majority_sign_method, generator)
+    return a3, b3
+
+
+def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                         svd_full_matrices: bool = True, density: float | None = None,
+                         majority_sign_method: str = "total", seed: int | None = 0,
+                         modules_to_save_from: str | None = None) -> None:
+    """Add ``adapter_name``, a combination of the LoRA ``adapters`` with ``weights`` (see the module doc).
+
+    Args:
+        model: a :class:`~peftkit.PeftModel` holding the adapters.
+        adapters / weights: names and weights (negative weights subtract).
+        adapter_name: the new adapter's name (inactive until ``set_adapter``).
+        combination_type: one of :data:`COMBINATION_TYPES`. Default ``svd``.
+        svd_rank: rank of ``*svd`` results (default: the largest source rank).
+        svd_clamp: quantile in (0, 1] at which ``*svd`` factors are clamped; None (default) does not clamp.
+        density: kept fraction for ties/dare/magnitude rules.
+        seed: seeds DARE's random drops (None: the global generator).
+        modules_to_save_from: adapter whose ``modules_to_save`` copies (e.g. a classifier head) the new
+            adapter takes; required when the sources have such modules (there is no meaningful sum of heads).
+
+    Raises:
+        ConfigError: unknown names, an existing ``adapter_name``, non-LoRA adapters, mismatched lengths,
+            a bad ``combination_type``/``density``/``svd_rank``, or sources with ``modules_to_save`` and no
+            ``modules_to_save_from``. Nothing is added on error.
+    """
+    from peftkit.methods.lora import LoraConfig
+
+    host = model.base_model
+    adapters = list(adapters)
+    host.check_known(adapters + ([modules_to_save_from] if modules_to_save_from else []))
+    check(len(adapters) == len(weights) and adapters, f"got {len(adapters)} adapters and {len(weights)} weights; "
+                                                      "give one weight per adapter (at least one)")
+    check(adapter_name not in host.peft_config, f"adapter {adapter_name!r} already exists")
+    check(combination_type in COMBINATION_TYPES,
+          f"combination_type={combination_type!r} is not valid; expected one of {COMBINATION_TYPES}")
+    configs = [host.peft_config[a] for a in adapters]
+    for name, cfg in zip(adapters, configs):
+        check(type(cfg) is LoraConfig and not getattr(cfg, "use_dora", False) and not cfg.lora_bias,
+              f"adapter {name!r} is {cfg.peft_type}{' with lora_bias' if cfg.lora_bias else ''}; "
+              "add_weighted_adapter combines plain LoRA adapters")
+    heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
+             and any(a in w.modules_to_save for a in adapters)]
+    check(not heads or modules_to_save_from is not None,
+          f"the adapters train whole modules {heads} (modules_to_save); pass modules_to_save_from=<adapter> "
+          "to take them from one adapter")
+    if combination_type not in ("cat", *FACTOR_TYPES):
+        svd_rank = svd_rank or max(c.r for c in configs)
+        check(svd_rank > 0, f"svd_rank={svd_rank!r} must be > 0")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    plan: list[tuple[str, AdaptedLayer, Tensor, Tensor]] = []
+    for name, layer in host.wrappers():
+        if not isinstance(layer, AdaptedLayer):
+            continue
+        parts = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
+        if parts:
+            a3, b3 = _layer_factors(parts, combination_type, svd_rank, density, majority_sign_method, svd_clamp,
+                                    svd_full_matrices, generator)
+            plan.append((name, layer, a3, b3))
+    ranks = {name: a3.shape[0] * a3.shape[1] for name, _, a3, _ in plan}
+    top = max(ranks.values())
+    pattern = {re.escape(n): r for n, r in ranks.items() if r != top}
+    new = LoraConfig(r=top, lora_alpha=top, target_modules=[n for n, *_ in plan], rank_pattern=pattern,
+                     alpha_pattern=dict(pattern), init_lora_weights=False, lora_dropout=configs[0].lora_dropout,
+                     task_type=configs[0].task_type, base_model_name_or_path=configs[0].base_model_name_or_path,
+                     modules_to_save=[h.rsplit(".", 1)[-1] for h in heads] or None)
+    host.add_adapter(adapter_name, new)
+    for _, layer, a3, b3 in plan:
+        _write(layer.adapters[adapter_name], a3, b3)
+    for _, w in host.wrappers():
+        if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save and modules_to_save_from:
+            src = w.modules_to_save[modules_to_save_from] if modules_to_save_from in w.modules_to_save else None
+            if src is not None:
+                w.modules_to_save[adapter_name].load_state_dict(src.state_dict())
+    host._set_trainable()

@@ -1,0 +1,159 @@
+"""Adapter merging: exact concatenation, SVD, and the TIES / DARE / magnitude rules on hand-made tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit import ConfigError, LoraConfig, get_peft_model
+from peftkit.layers import AdaptedLayer
+from peftkit.merging import combine, elect_sign, magnitude_mask
+from tests.conftest import perturb, tiny_bert_classifier
+from tests.test_lora import TARGETS, Zoo, inputs
+
+T1 = torch.tensor([1.0, -2.0, 3.0, 0.5])
+T2 = torch.tensor([-1.0, -1.0, 2.0, 4.0])
+
+
+def test_magnitude_mask_keeps_the_largest_entries():
+    assert magnitude_mask(torch.tensor([0.1, -3.0, 2.0, -0.5]), 0.5).tolist() == [False, True, True, False]
+
+
+def test_ties_full_density_is_the_disjoint_mean():
+    # elected signs from the sum [0, -3, 5, 4.5] -> [+, -, +, +]; agreeing entries are averaged
+    out = combine([T1, T2], [1.0, 1.0], "ties", density=1.0)
+    assert out.tolist() == [1.0, -1.5, 2.5, 2.25]
+
+
+def test_ties_trims_before_electing():
+    # trimmed to half: [0, -2, 3, 0] and [0, 0, 2, 4]; signs of [0, -2, 5, 4] -> [+, -, +, +]
+    out = combine([T1, T2], [2.0, 1.0], "ties", density=0.5)
+    assert out.tolist() == [0.0, -4.0, (6.0 + 2.0) / 2, 4.0]
+
+
+def test_sign_election_methods():
+    stacked = torch.tensor([[1.0, -2.0], [-3.0, -1.0], [-0.5, 5.0]])
+    assert elect_sign(stacked, "total").tolist() == [-1.0, 1.0]
+    assert elect_sign(stacked, "frequency").tolist() == [-1.0, -1.0]
+
+
+def test_magnitude_prune_and_linear():
+    assert combine([T1, T2], [0.5, -1.0], "linear").tolist() == [1.5, 0.0, -0.5, -3.75]
+    # T1 keeps [_, -2, 3, _], T2 keeps [_, _, 2, 4]
+    assert combine([T1, T2], [1.0, 1.0], "magnitude_prune", density=0.5).tolist() == [0.0, -2.0, 5.0, 4.0]
+
+
+def test_dare_drops_and_rescales_with_a_seed():
+    big = torch.arange(1.0, 2001.0)
+    g = torch.Generator().manual_seed(7)
+    out = combine([big], [1.0], "dare_linear", density=0.25, generator=g)
+    keep = torch.rand(big.shape, generator=torch.Generator().manual_seed(7)) < 0.25
+    assert torch.equal(out, torch.where(keep, big * 4, torch.zeros_like(big)))
+    assert 0.2 < (out != 0).float().mean() < 0.3
+    again = combine([big], [1.0], "dare_linear", density=0.25, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out, again)
+
+
+def _three_adapters():
+    base = Zoo(groups=2)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS))
+    model.add_adapter("b", LoraConfig(r=4, lora_alpha=5, use_rslora=True, target_modules=TARGETS))
+    model.add_adapter("c", LoraConfig(r=2, lora_alpha=2, target_modules=["lin", "conv2", "emb"],
+                                      alpha_pattern={"lin": 7}))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adapters." in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def _delta_sum(model, names, weights):
+    out = {}
+    for lname, layer in model.base_model.wrappers():
+        if isinstance(layer, AdaptedLayer):
+            out[lname] = sum(w * layer.adapters[n].delta_weight(layer) for n, w in zip(names, weights)
+                             if n in layer.adapters)
+    return out
+
+
+@pytest.mark.parametrize("ctype, kw", [("cat", {}), ("svd", {"svd_rank": 8})])
+def test_cat_and_full_rank_svd_are_exact(ctype, kw):
+    model = _three_adapters()
+    names, weights = ["default", "b", "c"], [0.7, -1.3, 2.0]
+    expected = _delta_sum(model, names, weights)
+    model.add_weighted_adapter(names, weights, "mix", combination_type=ctype, **kw)
+    for lname, layer in model.base_model.wrappers():
+        if isinstance(layer, AdaptedLayer):
+            got = layer.adapters["mix"].delta_weight(layer)
+            assert (got - expected[lname]).abs().max() <= 1e-5, lname
+    # and the model output equals the sum of the weighted adapters' effects on a merged model
+    x = inputs()
+    with torch.no_grad():
+        model.set_adapter("mix")
+        out_mix = model(*x)
+        model.set_adapter(names)
+        for layer in (m for _, m in model.base_model.wrappers() if isinstance(m, AdaptedLayer)):
+            for n, w in zip(names, weights):
+                if n in layer.adapters:
+                    layer.adapters[n].scaling *= w
+        out_sum = model(*x)
+    assert (out_mix - out_sum).abs().max() <= 1e-4
+
+
+def test_low_rank_svd_is_the_best_approximation():
+    model = _three_adapters()
+    expected = _delta_sum(model, ["default", "b"], [1.0, 1.0])["lin"]
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "low", combination_type="svd", svd_rank=2)
+    layer = model.base_model.model.lin
+    got = layer.adapters["low"].delta_weight(layer)
+    u, s, vh = torch.linalg.svd(expected)
+    assert (got - (u[:, :2] * s[:2]) @ vh[:2]).abs().max() <= 1e-5
+    assert model.peft_config["low"].r == 2
+
+
+def test_linear_needs_equal_ranks_and_combines_factors():
+    model = _three_adapters()
+    with pytest.raises(ConfigError, match="equal rank"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="linear")
+    assert "x" not in model.peft_config
+    model.add_weighted_adapter(["default", "c"], [1.0, -0.5], "lin", combination_type="linear")
+    layer = model.base_model.model.lin
+    s1, s2 = layer.adapters["default"].scaling, layer.adapters["c"].scaling
+    a = s1 ** 0.5 * layer.adapters["default"].lora_A.weight - (0.5 * s2) ** 0.5 * layer.adapters["c"].lora_A.weight
+    assert torch.allclose(layer.adapters["lin"].lora_A.weight, a, atol=1e-6)
+
+
+def test_merging_errors():
+    model = _three_adapters()
+    cases = [
+        (dict(adapters=["default", "zzz"], weights=[1, 1]), "zzz"),
+        (dict(adapters=["default"], weights=[1, 1]), "one weight per adapter"),
+        (dict(adapters=["default", "b"], weights=[1, 1], combination_type="mean"), "combination_type='mean'"),
+        (dict(adapters=["default", "b"], weights=[1, 1], combination_type="ties"), "equal rank"),
+        (dict(adapters=["default", "c"], weights=[1, 1], combination_type="ties"), "density=None"),
+        (dict(adapters=["default", "b"], weights=[1, 1], adapter_name="c"), "already exists"),
+    ]
+    for kw, msg in cases:
+        kw.setdefault("adapter_name", "new")
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+            model.add_weighted_adapter(**kw)
+        assert "new" not in model.peft_config
+
+
+def test_heads_need_a_source():
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    perturb(model)
+    with pytest.raises(ConfigError, match="modules_to_save_from"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="cat")
+    model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="cat",
+                               modules_to_save_from="other")
+    head = model.base_model.model.classifier
+    assert torch.equal(head.modules_to_save["mix"].weight, head.modules_to_save["other"].weight)
+
+
+def test_non_lora_adapters_are_refused():
+    model = _three_adapters()
+    model.peft_config["b"] = type("Other", (LoraConfig,), {"peft_type": "OTHER"})(target_modules=["lin"])
+    with pytest.raises(ConfigError, match="plain LoRA"):
+        model.add_weighted_adapter(["default", "b"], [1, 1], "new", combination_type="cat")
