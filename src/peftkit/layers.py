@@ -26,12 +26,33 @@ BASE_ROWS = "__base__"
 class AdapterContext:
     """State shared by every wrapper of one model during a forward pass.
 
-    ``row_groups`` is None for an ordinary batch; for a mixed-adapter batch it is a list of
-    ``(adapter_name, row_index_tensor)`` computed once per forward by the model, never per layer.
+    ``row_names`` is None for an ordinary batch; for a mixed-adapter batch it holds one adapter name
+    per row. :meth:`groups` turns it into ``(adapter_name, row_index_tensor)`` pairs once per batch
+    size and device (not once per layer); a batch that is a whole multiple of the rows (beam search,
+    ``num_return_sequences``) repeats each row's name for its copies.
     """
 
     def __init__(self) -> None:
-        self.row_groups: list[tuple[str, Tensor]] | None = None
+        self.row_names: list[str] | None = None
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
+
+    def set_rows(self, names: list[str] | None) -> None:
+        self.row_names = names
+        self._groups = {}
+
+    def groups(self, batch: int, device: torch.device) -> list[tuple[str, Tensor]]:
+        """Row groups for a batch of ``batch`` rows (raises ValueError when it does not fit the names)."""
+        key = (batch, device)
+        if key not in self._groups:
+            names = self.row_names or []
+            if batch % len(names):
+                raise ValueError(f"adapter_names has {len(names)} entries but a layer saw {batch} rows")
+            copies = batch // len(names)
+            rows: dict[str, list[int]] = {}
+            for i in range(batch):
+                rows.setdefault(names[i // copies], []).append(i)
+            self._groups[key] = [(n, torch.tensor(ix, device=device)) for n, ix in rows.items()]
+        return self._groups[key]
 
 
 class Adapter(nn.Module):
@@ -147,8 +168,8 @@ class AdaptedLayer(nn.Module):
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         ctx = self._ctx
-        if ctx is not None and ctx.row_groups is not None and not self.disabled:
-            return self._mixed_forward(x, ctx.row_groups, args, kwargs)
+        if ctx is not None and ctx.row_names is not None and not self.disabled:
+            return self._mixed_forward(x, ctx.groups(x.shape[0], x.device), args, kwargs)
         plan = self._plan
         if self.disabled or not plan:
             return self.base_layer(x, *args, **kwargs)
@@ -164,10 +185,21 @@ class AdaptedLayer(nn.Module):
         return y
 
     def _mixed_forward(self, x: Tensor, groups: list[tuple[str, Tensor]], args: tuple, kwargs: dict) -> Tensor:
-        """Each group of rows gets its own adapter; the base output is computed once for all rows."""
+        """Each group of rows gets its own adapter; the base output is computed once for all rows.
+
+        When every adapter involved is of one class offering ``mixed_forward`` (LoRA does), that class
+        runs all groups at once; otherwise each group's side path runs on its own rows.
+        """
         own = [(self.adapters[n], idx) for n, idx in groups if n in self.adapters and n not in self.merged_adapters]
         if not own:
             return self.base_layer(x, *args, **kwargs)
+        kind = type(own[0][0])
+        if hasattr(kind, "mixed_forward") and all(type(a) is kind for a, _ in own):
+            y = self.base_layer(x, *args, **kwargs)
+            out = kind.mixed_forward(self, x, y, own)
+            if out is not None:
+                return out
+            return self._per_group(own, x, y)
         if any(a.transforms_input for a, _ in own):
             out = None
             for name, idx in groups:
@@ -176,7 +208,9 @@ class AdaptedLayer(nn.Module):
                 out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
                 out = out.index_copy(0, idx, part)
             return out
-        y = self.base_layer(x, *args, **kwargs)
+        return self._per_group(own, x, self.base_layer(x, *args, **kwargs))
+
+    def _per_group(self, own: list[tuple[Adapter, Tensor]], x: Tensor, y: Tensor) -> Tensor:
         for adapter, idx in own:
             part = adapter(self, x.index_select(0, idx), y.index_select(0, idx))
             y = y.index_copy(0, idx, part)
@@ -266,9 +300,9 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         ctx = self._ctx
-        if ctx is not None and ctx.row_groups is not None and not self.disabled:
+        if ctx is not None and ctx.row_names is not None and not self.disabled:
             out = None
-            for name, idx in ctx.row_groups:
+            for name, idx in ctx.groups(x.shape[0], x.device):
                 part = self._pick(name)(x.index_select(0, idx), *args, **kwargs)
                 out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
                 out = out.index_copy(0, idx, part)

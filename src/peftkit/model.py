@@ -433,16 +433,12 @@ class PeftModel(nn.Module):
         self.base_model.check_known([n for n in names if n != BASE_ROWS])
         if batch_size is not None and len(names) != batch_size:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
-        device = next(self.parameters()).device
-        groups: dict[str, list[int]] = {}
-        for i, n in enumerate(names):
-            groups.setdefault(n, []).append(i)
         ctx = self.base_model.ctx
-        ctx.row_groups = [(n, torch.tensor(rows, device=device)) for n, rows in groups.items()]
+        ctx.set_rows(names)
         try:
             yield
         finally:
-            ctx.row_groups = None
+            ctx.set_rows(None)
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row."""

@@ -165,6 +165,32 @@ class LoraLinear(Adapter):
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         return delta.T if self.transposed else delta
 
+    @staticmethod
+    def mixed_forward(layer: AdaptedLayer, x: Tensor, y: Tensor, parts: list[tuple[LoraLinear, Tensor]]
+                      ) -> Tensor | None:
+        """All adapters of a mixed batch in two GEMMs: ``z = x [A_1; ...; A_n]^T`` (rank ``R = sum r_i``),
+        ``z`` masked so each row keeps only its adapter's columns (times its scaling), then
+        ``y += z [B_1 ... B_n]^T``. No row gather or scatter. Returns None (use the per-group path)
+        with a ``lora_B`` bias, active dropout or mixed dtypes."""
+        adapters = [a for a, _ in parts]
+        if any(a.lora_B.bias is not None or (a.training and isinstance(a.lora_dropout, nn.Dropout))
+               for a in adapters):
+            return None
+        a_cat = torch.cat([a.lora_A.weight for a in adapters])
+        b_cat = torch.cat([a.lora_B.weight for a in adapters], dim=1)
+        if x.dtype != a_cat.dtype or y.dtype != a_cat.dtype:
+            return None
+        mask = x.new_zeros(x.shape[0], a_cat.shape[0])
+        start = 0
+        for a, idx in parts:
+            mask[idx, start:start + a.r] = a.scaling
+            start += a.r
+        z = F.linear(x, a_cat) * mask.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        if y.is_contiguous() and _fresh_output(layer):
+            y.view(-1, y.shape[-1]).addmm_(z.view(-1, z.shape[-1]), b_cat.T)
+            return y
+        return y + F.linear(z, b_cat)
+
     def delta_bias(self, layer: AdaptedLayer) -> Tensor | None:
         b = self.lora_B.bias
         return None if b is None else b.detach().float() * self.scaling

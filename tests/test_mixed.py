@@ -1,0 +1,104 @@
+"""Mixed-adapter batches: every row equals that row run alone with its adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit import ConfigError, LoraConfig, get_peft_model
+from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_llama
+
+
+def llama_with_adapters():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj",
+                                                                                        "embed_tokens"]))
+    model.add_adapter("b", LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules="all-linear"))
+    model.add_adapter("c", LoraConfig(r=3, lora_alpha=6, target_modules=["down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adapters." in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+ROWS = ["b", "default", "__base__", "c", "b", "default"]
+
+
+def test_each_row_equals_running_it_alone():
+    model = llama_with_adapters()
+    x = ids(batch=len(ROWS), seq=6)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=ROWS).logits
+        for i, name in enumerate(ROWS):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=x[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=x[i:i + 1]).logits
+            assert (mixed[i] - alone[0]).abs().max() <= 1e-6, (i, name)
+
+
+def test_mixed_heads_per_row():
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["value"], task_type="SEQ_CLS"))
+    perturb(model)
+    model.set_adapter("other")
+    perturb(model)
+    rows = ["other", "default", "other", "__base__"]
+    x = ids(batch=4)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=x[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=x[i:i + 1]).logits
+            assert (mixed[i] - alone[0]).abs().max() <= 1e-6
+
+
+def test_generate_with_adapter_names_and_beams():
+    model = llama_with_adapters()
+    x = ids(batch=3, seq=5)
+    rows = ["c", "b", "__base__"]
+    with torch.no_grad():
+        out = model.generate(input_ids=x, adapter_names=rows, max_new_tokens=4, do_sample=False, num_beams=2,
+                             pad_token_id=2)
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model.generate(input_ids=x[i:i + 1], max_new_tokens=4, do_sample=False, num_beams=2,
+                                           pad_token_id=2)
+            else:
+                model.set_adapter(name)
+                alone = model.generate(input_ids=x[i:i + 1], max_new_tokens=4, do_sample=False, num_beams=2,
+                                       pad_token_id=2)
+            assert torch.equal(out[i], alone[0]), (i, name)
+
+
+def test_unknown_name_and_wrong_length():
+    model = llama_with_adapters()
+    with pytest.raises(ConfigError, match="'nope'"):
+        model(input_ids=ids(batch=2), adapter_names=["b", "nope"])
+    with pytest.raises(ValueError, match="3 entries but the batch has 2 rows"):
+        model(input_ids=ids(batch=2), adapter_names=["b", "c", "b"])
+    assert model.base_model.ctx.row_names is None  # state restored after the error
+
+
+def test_lora_linear_layers_take_the_batched_path(monkeypatch):
+    from peftkit.layers import AdaptedLayer
+
+    calls = []
+    original = AdaptedLayer._per_group
+
+    def spy(self, own, x, y):
+        calls.append(type(own[0][0]).__name__)
+        return original(self, own, x, y)
+
+    monkeypatch.setattr(AdaptedLayer, "_per_group", spy)
+    model = llama_with_adapters()
+    with torch.no_grad():
+        model(input_ids=ids(batch=len(ROWS), seq=6), adapter_names=ROWS)
+    assert calls == ["LoraEmbedding"]  # only the embedding, which has no batched path, went row by row
