@@ -180,12 +180,18 @@ class LoraLinear(Adapter):
         b_cat = torch.cat([a.lora_B.weight for a in adapters], dim=1)
         if x.dtype != a_cat.dtype or y.dtype != a_cat.dtype:
             return None
-        mask = x.new_zeros(x.shape[0], a_cat.shape[0])
-        start = 0
-        for a, idx in parts:
-            mask[idx, start:start + a.r] = a.scaling
-            start += a.r
-        z = F.linear(x, a_cat) * mask.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        key = ("lora-rank-mask", x.shape[0], x.device, tuple((a.r, a.scaling, idx.data_ptr()) for a, idx in parts))
+        memo = layer._ctx.memo
+        mask = memo.get(key)
+        if mask is None:  # shared by every layer with the same adapters, ranks and scalings
+            mask = x.new_zeros(x.shape[0], a_cat.shape[0])
+            start = 0
+            for a, idx in parts:
+                mask[idx, start:start + a.r] = a.scaling
+                start += a.r
+            memo[key] = mask
+        z = F.linear(x, a_cat)
+        z.mul_(mask.view(x.shape[0], *([1] * (x.dim() - 2)), -1))
         if y.is_contiguous() and _fresh_output(layer):
             y.view(-1, y.shape[-1]).addmm_(z.view(-1, z.shape[-1]), b_cat.T)
             return y

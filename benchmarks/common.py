@@ -1,0 +1,69 @@
+"""Shared pieces of the benchmark scripts: the two reference models and an interleaved timer.
+
+Models (randomly initialised, the shapes the issues name):
+* ``llama20m``: a Llama-style decoder of about 20M parameters (hidden 512, FFN 1376, 5 layers,
+  8 heads, vocab 8192, tied embeddings), batch 8 x 128 tokens.
+* ``minilm``: the all-MiniLM-L6-v2 shape (BERT, hidden 384, 6 layers, 12 heads, FFN 1536,
+  vocab 30522), batch 32 x 64 tokens.
+
+Speed on these machines drifts by tens of percent between identical processes, so every
+comparison runs all contenders in one process, round-robin, and reports medians and ratios.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+BLOCK_LINEARS = {
+    "llama20m": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "minilm": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
+
+
+def make_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """A fresh randomly initialised reference model (see the module doc)."""
+    torch.manual_seed(seed)
+    if name == "llama20m":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=5,
+                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                          tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg)
+    if name == "minilm":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                         intermediate_size=1536, num_labels=2)
+        return BertForSequenceClassification(cfg)
+    raise ValueError(f"unknown model {name!r}; expected llama20m or minilm")
+
+
+def make_batch(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The benchmark batch of ``name``: token ids plus labels (LM labels or class labels)."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "llama20m":
+        x = torch.randint(0, 8192, (8, 128), generator=g)
+        return {"input_ids": x, "labels": x}
+    x = torch.randint(1000, 30000, (32, 64), generator=g)
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.randint(0, 2, (32,), generator=g)}
+
+
+def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, calling them round-robin ``reps`` times."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            gc.collect()
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
