@@ -52,3 +52,19 @@ def perturb(model: nn.Module, std: float = 0.3) -> None:
 
 def ids(batch: int = 3, seq: int = 7, vocab: int = 64) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, seq))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT classifier saved with the real MiniLM tokenizer (vocab 30522, hidden 16)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftkit.train.run import default_model_dir
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(folder)
+    return str(folder)

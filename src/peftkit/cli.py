@@ -1,4 +1,4 @@
-"""The ``peftkit`` command line: ``train``, ``eval``, ``methods``.
+"""The ``peftkit`` command line: ``train``, ``eval``, ``methods``, ``merge``, ``export``.
 
 ``peftkit train`` with no options fine-tunes the embedded all-MiniLM-L6-v2 with LoRA on SST-2 and
 prints a summary; see ``peftkit train --help``. Errors in options, data or files are reported in one
@@ -100,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda, ...")
 
     sub.add_parser("methods", help="list every registered PEFT method")
+
+    m = sub.add_parser("merge", help="combine saved LoRA adapters into a new adapter folder",
+                       description="Combine LoRA adapters (run folders or HF PEFT adapter folders) into a new "
+                                   "adapter: cat (exact), svd, linear, ties, dare_linear, dare_ties, "
+                                   "magnitude_prune and the *_svd forms, as in peft's add_weighted_adapter.")
+    m.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="two or more adapter folders")
+    m.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: all 1)")
+    m.add_argument("--combination", default="cat", help="combination type (default cat)")
+    m.add_argument("--output", required=True, help="new adapter folder (must not exist or be empty)")
+    m.add_argument("--model", help="base model folder (default: from the first adapter)")
+    m.add_argument("--svd-rank", type=_positive_int, help="rank of *svd results (default: largest source rank)")
+    m.add_argument("--density", type=float, help="kept fraction for ties/dare/magnitude_prune")
+    m.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="TIES sign election")
+    m.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+    m.add_argument("--heads-from", type=int, default=0, help="index of the adapter whose head is kept (default 0)")
+
+    x = sub.add_parser("export", help="write a plain transformers model with an adapter merged in")
+    x.add_argument("--adapter", required=True, metavar="DIR", help="run folder or adapter folder")
+    x.add_argument("--merge", action="store_true", help="merge the adapter into the weights (required)")
+    x.add_argument("--output", required=True, help="model folder to write")
+    x.add_argument("--model", help="base model folder (default: from the adapter)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return parser
 
 
@@ -160,7 +182,31 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "methods": _cmd_methods}
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from peftkit.artifacts import merge_adapter_folders
+
+    weights = args.weights or [1.0] * len(args.adapters)
+    extra = {"svd_rank": args.svd_rank, "density": args.density, "majority_sign_method": args.majority_sign,
+             "seed": args.seed}
+    info = merge_adapter_folders(args.adapters, weights, args.output, args.combination, model_dir=args.model,
+                                 heads_from=args.heads_from, **extra)
+    print(f"merged {len(args.adapters)} adapters ({args.combination}, weights {weights}) into {info['output_dir']}: "
+          f"rank {info['rank']}, {info['tensors']} tensors")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from peftkit.artifacts import export_merged
+
+    if not args.merge:
+        raise ConfigError("export writes merged models only: pass --merge")
+    out = export_merged(args.adapter, args.output, model_dir=args.model, overwrite=args.overwrite)
+    print(f"wrote a plain transformers model with the adapter merged in: {out}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "methods": _cmd_methods, "merge": _cmd_merge,
+            "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,87 @@
+"""`peftkit merge` and `peftkit export --merge` on saved adapters."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.cli import main
+from tests.conftest import ids, perturb, tiny_gpt2
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def train(model_dir, out, seed):
+    assert run("train", "--model", model_dir, "--max-steps", 4, "--max-train-samples", 64, "--max-eval-samples", 32,
+               "--seed", seed, "--lr", 0.05, "--target-modules", "query,value", "--output-dir", out,
+               "--no-progress") == 0
+
+
+def test_merge_two_runs_with_cat_is_exact_and_evaluable(tiny_model_dir, tmp_path, capsys):
+    train(tiny_model_dir, tmp_path / "r1", 1)
+    train(tiny_model_dir, tmp_path / "r2", 2)
+    assert run("merge", tmp_path / "r1", tmp_path / "r2", "--weights", 0.75, -0.5, "--output", tmp_path / "m") == 0
+    files = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("r1", "r2", "m")]
+    scales = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("r1", "r2", "m")]
+    key = "base_model.model.bert.encoder.layer.1.attention.self.value"
+    delta = [f[f"{key}.lora_B.weight"] @ f[f"{key}.lora_A.weight"] * c["lora_alpha"] / c["r"]
+             for f, c in zip(files, scales)]
+    assert scales[2]["r"] == 16
+    assert (delta[2] - (0.75 * delta[0] - 0.5 * delta[1])).abs().max() <= 1e-5
+    # the head comes from the first adapter
+    assert torch.equal(files[2]["base_model.model.classifier.weight"], files[0]["base_model.model.classifier.weight"])
+    capsys.readouterr()
+    assert run("eval", "--adapter", tmp_path / "m") == 0
+    assert "dev_accuracy" in capsys.readouterr().out
+
+
+def test_merge_argument_errors(tiny_model_dir, tmp_path, capsys):
+    train(tiny_model_dir, tmp_path / "r1", 1)
+    assert run("merge", tmp_path / "r1", "--output", tmp_path / "m") == 2
+    assert "at least two adapters" in capsys.readouterr().err
+    assert run("merge", tmp_path / "r1", tmp_path / "r1", "--weights", 1, "--output", tmp_path / "m") == 2
+    assert "2 adapters and 1 weights" in capsys.readouterr().err
+    assert run("merge", tmp_path / "r1", tmp_path / "r1", "--combination", "avg", "--output", tmp_path / "m") == 2
+    assert "combination_type='avg'" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "adapter_model.safetensors").exists()
+
+
+def test_export_merge_gives_a_plain_transformers_model(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    train(tiny_model_dir, tmp_path / "r1", 3)
+    assert run("export", "--adapter", tmp_path / "r1", "--merge", "--output", tmp_path / "exp") == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exp").eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "r1").eval()
+    x = torch.randint(1000, 5000, (3, 9))
+    with torch.no_grad():
+        assert (plain(input_ids=x).logits - adapted(input_ids=x).logits).abs().max() <= 1e-5
+    assert (tmp_path / "exp" / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert run("export", "--adapter", tmp_path / "r1", "--merge", "--output", tmp_path / "exp") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run("export", "--adapter", tmp_path / "r1", "--output", tmp_path / "exp2") == 2
+
+
+def test_export_untied_embedding_of_a_plain_adapter_folder(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["wte", "c_attn"], task_type="CAUSAL_LM"))
+    perturb(model)
+    model.save_pretrained(tmp_path / "adapter")
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    assert run("export", "--adapter", tmp_path / "adapter", "--model", tmp_path / "base", "--merge",
+               "--output", tmp_path / "exp") == 0
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path / "exp").eval()
+    with torch.no_grad():
+        assert (plain(input_ids=x).logits - expected).abs().max() <= 1e-5
