@@ -9,6 +9,7 @@ from peftkit._version import __version__
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get_method, register_method
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.moe_lora import MoeLoraConfig
 from peftkit.model import PeftModel, get_peft_model
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ConfigError",
     "LoraConfig",
     "MethodSpec",
+    "MoeLoraConfig",
     "PeftConfig",
     "PeftModel",
     "__version__",

@@ -1,0 +1,157 @@
+"""LoraHub: gradient-free search of the weights that compose existing LoRA adapters for a new task.
+
+Paper: Huang et al., "LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition",
+2023, arXiv:2307.13269.
+
+Composition (element-wise, as in the paper): ``A = sum_i w_i s_i^(1/2) A_i``, ``B = sum_i w_i s_i^(1/2) B_i``
+for adapters of equal rank ``r`` (``s_i`` their scalings, folded in so the new adapter has scaling 1).
+The weights minimise ``L(w) = mean few-shot loss + l1 * sum_i |w_i|`` with a gradient-free
+evolution strategy (the paper uses Shiwa from Nevergrad; here a (mu/mu, lambda)-ES with a
+success-based step size keeps peftkit free of that dependency): each iteration samples ``lambda``
+candidates around the mean, keeps the best ``mu``, moves the mean to their average, and widens
+the step when the best candidate improved on the incumbent, else narrows it. Weights stay in
+``[-bound, bound]``. Only forward passes are used; no gradient is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from peftkit.config import check
+from peftkit.layers import AdaptedLayer, ModulesToSaveWrapper
+
+if TYPE_CHECKING:
+    from peftkit.model import PeftModel
+
+
+@dataclass
+class LoraHubResult:
+    """What :func:`lorahub` found: ``weights`` (one per adapter), ``objective`` (loss + L1 at the
+    weights), ``loss`` (few-shot loss alone), ``evaluations`` (forward sweeps over the examples)."""
+
+    weights: list[float]
+    objective: float
+    loss: float
+    evaluations: int
+
+
+def _factors(model: PeftModel, adapters: Sequence[str]) -> list[tuple[AdaptedLayer, list[tuple[Tensor, Tensor]]]]:
+    from peftkit.methods.lora import LoraLinear
+
+    out = []
+    for _, layer in model.base_model.wrappers():
+        if not isinstance(layer, AdaptedLayer) or not any(a in layer.adapters for a in adapters):
+            continue
+        missing = [a for a in adapters if a not in layer.adapters]
+        check(not missing, f"adapters {missing} do not adapt a layer the others adapt; LoraHub composes "
+                           "adapters with the same targets")
+        parts = []
+        for a in adapters:
+            ad = layer.adapters[a]
+            check(type(ad) is LoraLinear and ad.lora_B.bias is None,
+                  f"adapter {a!r} is not a plain LoRA on a linear layer ({type(ad).__name__})")
+            root = ad.scaling ** 0.5
+            parts.append((ad.lora_A.weight.detach() * root, ad.lora_B.weight.detach() * root))
+        shapes = {tuple(p[0].shape) for p in parts}
+        check(len(shapes) == 1, f"LoraHub composes adapters of equal rank; got A shapes {sorted(shapes)}")
+        out.append((layer, parts))
+    check(bool(out), "none of the adapters adapts any layer")
+    return out
+
+
+def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[str, Tensor]],
+            adapter_name: str = "lorahub", steps: int = 40, l1: float = 0.05, seed: int = 0,
+            population: int = 8, bound: float = 1.5, loss_fn: Callable[[Any, dict[str, Tensor]], Tensor] | None = None,
+            modules_to_save_from: str | None = None) -> LoraHubResult:
+    """Compose ``adapters`` into a new LoRA adapter ``adapter_name`` for the task the ``batches`` show.
+
+    Args:
+        model: a PeftModel holding the (equal-rank, LoRA-on-linear) upstream adapters.
+        adapters: names of the adapters to compose (at least two).
+        batches: a few examples of the new task as model inputs (``labels`` included); the loss is
+            ``model(**batch).loss`` unless ``loss_fn(model, batch)`` is given.
+        adapter_name: name of the composed adapter; it is left active.
+        steps: ES iterations (each evaluates ``population`` candidates). Default 40.
+        l1: weight of the L1 penalty on the composition weights. Default 0.05.
+        seed: seeds the search. bound: weights are clipped to ``[-bound, bound]``. Default 1.5.
+        modules_to_save_from: adapter whose ``modules_to_save`` (e.g. head) the new adapter uses.
+
+    Returns:
+        :class:`LoraHubResult` with the best weights found (they are written into the new adapter).
+
+    Raises:
+        ConfigError: unknown names, fewer than two adapters, adapters of different ranks or targets,
+            non-LoRA adapters, an existing ``adapter_name``, no batches, bad search settings.
+    """
+    from peftkit.methods.lora import LoraConfig
+
+    host = model.base_model
+    host.check_known(list(adapters) + ([modules_to_save_from] if modules_to_save_from else []))
+    check(len(adapters) >= 2, f"LoraHub needs at least two adapters, got {list(adapters)}")
+    check(adapter_name not in host.peft_config, f"adapter {adapter_name!r} already exists")
+    check(len(batches) > 0, "LoraHub needs at least one batch of examples of the new task")
+    check(steps >= 1 and population >= 2 and bound > 0 and l1 >= 0,
+          f"need steps >= 1, population >= 2, bound > 0, l1 >= 0; got {steps}, {population}, {bound}, {l1}")
+    layers = _factors(model, adapters)
+    names = [n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and any(w is lay for lay, _ in layers)]
+    heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
+             and any(a in w.modules_to_save for a in adapters)]
+    check(not heads or modules_to_save_from is not None,
+          f"the adapters train whole modules {heads}; pass modules_to_save_from=<adapter>")
+    r = layers[0][1][0][0].shape[0]
+    first = host.peft_config[adapters[0]]
+    host.add_adapter(adapter_name, LoraConfig(r=r, lora_alpha=r, target_modules=names, init_lora_weights=False,
+                                              task_type=first.task_type,
+                                              modules_to_save=[h.rsplit(".", 1)[-1] for h in heads] or None))
+    for _, w in host.wrappers():
+        if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save and modules_to_save_from:
+            w.modules_to_save[adapter_name].load_state_dict(w.modules_to_save[modules_to_save_from].state_dict())
+    host.set_adapter(adapter_name)
+    was_training = model.training
+    model.eval()
+
+    def write(weights: np.ndarray) -> None:
+        with torch.no_grad():
+            for layer, parts in layers:
+                target = layer.adapters[adapter_name]
+                target.lora_A.weight.copy_(sum(float(w) * a for w, (a, _) in zip(weights, parts)))
+                target.lora_B.weight.copy_(sum(float(w) * b for w, (_, b) in zip(weights, parts)))
+
+    def loss_at(weights: np.ndarray) -> float:
+        write(weights)
+        with torch.no_grad():
+            values = [(loss_fn(model, b) if loss_fn else model(**b).loss).item() for b in batches]
+        return float(np.mean(values))
+
+    rng = np.random.default_rng(seed)
+    k = len(adapters)
+    mean, sigma = np.zeros(k), 0.5
+    best_w = mean.copy()
+    best_loss = loss_at(best_w)
+    best_obj = best_loss + l1 * np.abs(best_w).sum()
+    evaluations = 1
+    mu = max(1, population // 2)
+    for _ in range(steps):
+        cands = np.clip(mean + sigma * rng.standard_normal((population, k)), -bound, bound)
+        scored = []
+        for c in cands:
+            loss = loss_at(c)
+            scored.append((loss + l1 * np.abs(c).sum(), loss, c))
+        evaluations += population
+        scored.sort(key=lambda t: t[0])
+        if scored[0][0] < best_obj:
+            best_obj, best_loss, best_w = scored[0][0], scored[0][1], scored[0][2].copy()
+            sigma = min(sigma * 1.2, bound)
+        else:
+            sigma *= 0.85
+        mean = np.mean([c for _, _, c in scored[:mu]], axis=0)
+    write(best_w)
+    model.train(was_training)
+    return LoraHubResult(weights=[float(w) for w in best_w], objective=float(best_obj), loss=float(best_loss),
+                         evaluations=evaluations)

@@ -1,0 +1,153 @@
+"""MoE-LoRA: several LoRA experts per layer behind a learned top-k router.
+
+Paper: Zadouri et al., "Pushing Mixture of Experts to the Limit: Extremely Parameter Efficient MoE for
+Instruction Tuning" (MoLoRA), 2023, arXiv:2309.05444; top-k routing and the load-balancing loss as in
+Fedus et al., "Switch Transformers", 2021, arXiv:2101.03961.
+
+Equation, per token ``x``: ``p = softmax(W_r x)``, ``T = top_k(p)``,
+``h = W0 x + (alpha / r) * sum_{e in T} (p_e / sum_{j in T} p_j) B_e A_e x``.
+Trainable parameters per adapted ``(out, in)`` layer: ``E * r * (in + out) + E * in`` (E experts).
+
+All experts' ``A`` run as one ``(E*r, in)`` projection and all ``B`` as one ``(out, E*r)``
+projection; the router's gates zero the columns of unselected experts, so no token is gathered or
+scattered. The router depends on the input, so MoE-LoRA does not merge into the base weight.
+The auxiliary load-balancing loss ``coef * E * sum_e f_e * P_e`` (``f_e``: fraction of routing slots
+given to expert ``e``, ``P_e``: its mean router probability) is added to the training loss through
+the tuner's ``regularizer`` hook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftkit.config import MethodSpec, check, register_method
+from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.methods.lora import LoraConfig, _dropout
+from peftkit.targeting import linear_types
+from peftkit.tuners import WrapTuner
+
+PAPER = ("Pushing Mixture of Experts to the Limit: Extremely Parameter Efficient MoE for Instruction Tuning "
+         "(Zadouri et al., 2023, arXiv:2309.05444)")
+
+
+@dataclass
+class MoeLoraConfig(LoraConfig):
+    """MoE-LoRA configuration: :class:`~peftkit.LoraConfig`'s fields plus the experts.
+
+    Args:
+        num_experts: LoRA experts per adapted layer (E >= 2). Default 4.
+        top_k: experts used per token, 1 <= top_k <= num_experts. Default 2.
+        router_aux_loss_coef: weight of the load-balancing loss (>= 0). Default 0.01.
+
+    ``r`` is each expert's rank; ``use_dora``-style variants and ``lora_bias`` are not supported.
+
+    Raises:
+        ConfigError: as LoraConfig, or num_experts < 2, top_k outside [1, num_experts], coef < 0.
+    """
+
+    peft_type = "MOELORA"
+    num_experts: int = 4
+    top_k: int = 2
+    router_aux_loss_coef: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        check(isinstance(self.num_experts, int) and self.num_experts >= 2,
+              f"num_experts={self.num_experts!r} must be an integer >= 2")
+        check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+              f"top_k={self.top_k!r} must lie in [1, num_experts={self.num_experts}]")
+        check(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef={self.router_aux_loss_coef!r} must be >= 0")
+        check(not self.lora_bias, "MoE-LoRA does not support lora_bias=True")
+
+
+class MoeLoraLinear(Adapter):
+    """MoE-LoRA on ``nn.Linear`` / GPT-2 ``Conv1D``.
+
+    Shapes: ``x: (..., in) -> (..., out)``; ``lora_A.weight: (E*r, in)``, ``lora_B.weight: (out, E*r)``,
+    ``lora_router.weight: (E, in)``.
+    """
+
+    mergeable = False
+
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
+                 num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.r, self.scaling, self.num_experts, self.top_k = r, scaling, num_experts, top_k
+        self.lora_dropout = _dropout(dropout)
+        self.lora_A = nn.Linear(in_features, num_experts * r, bias=False)
+        self.lora_B = nn.Linear(num_experts * r, out_features, bias=False)
+        self.lora_router = nn.Linear(in_features, num_experts, bias=False)
+        self.last_aux: Tensor | None = None
+
+    def reset(self, init: bool | str) -> None:
+        """A Kaiming-uniform, B zero (identity at start) unless ``init`` is False; router small normal."""
+        nn.init.normal_(self.lora_router.weight, std=0.02)
+        if init is False:
+            return
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(gates, probs)``: per-token expert weights ``(..., E)`` (top-k renormalised, zero elsewhere)
+        and the full router probabilities."""
+        probs = F.softmax(self.lora_router(x).float(), dim=-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        return gates, probs
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        if x.dtype != self.lora_A.weight.dtype:
+            x = x.to(self.lora_A.weight.dtype)
+        gates, probs = self.gates(x)
+        if self.training:
+            flat_g, flat_p = gates.reshape(-1, self.num_experts), probs.reshape(-1, self.num_experts)
+            load = (flat_g > 0).float().mean(0) / self.top_k
+            self.last_aux = self.num_experts * (load * flat_p.mean(0)).sum()
+        z = self.lora_A(self.lora_dropout(x))
+        z = z * gates.to(z.dtype).repeat_interleave(self.r, dim=-1)
+        return torch.add(y, self.lora_B(z).to(y.dtype), alpha=self.scaling)
+
+
+class MoeLoraTuner(WrapTuner):
+    """Builds MoE-LoRA adapters; adds the routers' load-balancing loss while training."""
+
+    method = "MoE-LoRA"
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:
+        return linear_types()
+
+    def make_adapter(self, base: nn.Module, config: MoeLoraConfig, module_name: str) -> Adapter:
+        r, alpha = config.rank_and_alpha(module_name)
+        transposed = not isinstance(base, nn.Linear)
+        in_f, out_f = base.weight.shape if transposed else base.weight.shape[::-1]
+        adapter = MoeLoraLinear(in_f, out_f, r, config.scaling_for(r, alpha), config.lora_dropout,
+                                config.num_experts, config.top_k)
+        adapter.reset(config.init_lora_weights)
+        return adapter
+
+    def regularizer(self, host: Any, adapter_name: str) -> Tensor | None:
+        coef = host.peft_config[adapter_name].router_aux_loss_coef
+        terms = [layer.adapters[adapter_name].last_aux for _, layer in host.wrappers()
+                 if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters
+                 and layer.adapters[adapter_name].last_aux is not None]
+        if not coef or not terms:
+            return None
+        return coef * torch.stack(terms).mean()
+
+
+def moe_lora_from_cli(args: Any) -> MoeLoraConfig:
+    """MoE-LoRA from ``peftkit train`` options (4 experts, top-2 unless ``--option`` says otherwise)."""
+    return MoeLoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=args.target_modules or "all-linear", task_type=args.task_type)
+
+
+register_method(MethodSpec(
+    name="moe-lora", config_cls=MoeLoraConfig, family="multi-task", kind="wrap", mergeable=False, paper=PAPER,
+    tuner=MoeLoraTuner(), cli_config=moe_lora_from_cli,
+))

@@ -1,0 +1,80 @@
+"""MoE-LoRA: top-k routing, the dense-expert computation, training, saving, and refusal to merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit import ConfigError, MoeLoraConfig, PeftModel, get_peft_model
+from tests.conftest import ids, perturb, tiny_llama
+
+
+def adapted(**kw):
+    base = tiny_llama()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, MoeLoraConfig(r=2, lora_alpha=4, num_experts=3, top_k=2,
+                                               target_modules=["q_proj", "down_proj"], **kw))
+    perturb(model)
+    return model, state
+
+
+def test_gates_pick_top_k_and_sum_to_one():
+    model, _ = adapted()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    gates, probs = layer.adapters["default"].gates(torch.randn(4, 5, 16))
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert torch.allclose(gates.sum(-1), torch.ones(4, 5))
+    top2 = probs.topk(2, -1).indices
+    assert torch.equal(gates.gather(-1, top2) > 0, torch.ones_like(top2, dtype=torch.bool))
+
+
+def test_output_equals_the_explicit_sum_over_selected_experts():
+    model, _ = adapted()
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    moe = layer.adapters["default"]
+    x = torch.randn(2, 3, layer.base_layer.in_features)
+    with torch.no_grad():
+        got = layer(x)
+        gates, _ = moe.gates(x)
+        expected = layer.base_layer(x)
+        for e in range(3):
+            a = moe.lora_A.weight[e * 2:(e + 1) * 2]
+            b = moe.lora_B.weight[:, e * 2:(e + 1) * 2]
+            expected = expected + moe.scaling * gates[..., e:e + 1] * (x @ a.T @ b.T)
+    assert (got - expected).abs().max() <= 1e-6
+
+
+def test_trainable_count_training_aux_loss_and_save(tmp_path):
+    model, state = adapted()
+    # q_proj 16->16, down_proj 24->16, 2 layers: E*r*(in+out) + E*in
+    per = lambda i, o: 3 * 2 * (i + o) + 3 * i  # noqa: E731
+    assert model.get_nb_trainable_parameters()[0] == 2 * (per(16, 16) + per(24, 16))
+    model.train()
+    x = ids(batch=4, seq=8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(15):
+        out = model(input_ids=x, labels=x)
+        aux = model.peft_regularization()
+        assert aux is not None and aux.item() > 0
+        (out.loss + aux).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    model.save_pretrained(tmp_path)
+    base = tiny_llama()
+    base.load_state_dict(state)
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(num_experts=1), "num_experts=1"), (dict(top_k=5), "top_k=5"),
+                                     (dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1")])
+def test_bad_values(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        MoeLoraConfig(target_modules=["q_proj"], **kw)
