@@ -1,4 +1,4 @@
-"""The ``peftkit`` command line: ``train``, ``eval``, ``methods``, ``merge``, ``export``.
+"""The ``peftkit`` command line: ``train``, ``eval``, ``methods``, ``merge``, ``export``, ``bench``.
 
 ``peftkit train`` with no options fine-tunes the embedded all-MiniLM-L6-v2 with LoRA on SST-2 and
 prints a summary; see ``peftkit train --help``. Errors in options, data or files are reported in one
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from peftkit.bench.arena import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from peftkit.config import ConfigError, all_methods
 from peftkit.formats.hf_peft import AdapterLoadError
 
@@ -116,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
     m.add_argument("--heads-from", type=int, default=0, help="index of the adapter whose head is kept (default 0)")
 
+    b = sub.add_parser("bench", help="the method arena: methods x tasks x seeds, report.md and plots",
+                       description="Train every method on every task with several seeds (each cell a "
+                                   "`peftkit train` run in its own process), then write report.md, report.json "
+                                   "and PNG plots. Re-running resumes: finished cells are kept.")
+    b.add_argument("--methods", default=",".join(DEFAULT_BENCH_METHODS),
+                   help="comma-separated methods; full fine-tuning is always included")
+    b.add_argument("--tasks", default="sst2,rte,cola,stsb", help="comma-separated tasks (mrpc needs --data-dir)")
+    b.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    b.add_argument("--max-steps", type=_positive_int, default=300, help="steps per cell (default 300)")
+    b.add_argument("--batch-size", type=_positive_int, default=32)
+    b.add_argument("--max-length", type=_positive_int, help="tokens per row (default 64, 128 for sentence pairs)")
+    b.add_argument("--output-dir", default="bench", help="sweep folder (default bench)")
+    b.add_argument("--model", help="base model folder (default: embedded all-MiniLM-L6-v2)")
+    b.add_argument("--data-dir", help="folder with GLUE task folders (needed for mrpc)")
+    b.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
+    b.add_argument("--no-progress", action="store_true")
+
     x = sub.add_parser("export", help="write a plain transformers model with an adapter merged in")
     x.add_argument("--adapter", required=True, metavar="DIR", help="run folder or adapter folder")
     x.add_argument("--merge", action="store_true", help="merge the adapter into the weights (required)")
@@ -205,7 +223,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "methods": _cmd_methods, "merge": _cmd_merge,
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from peftkit.bench import BenchConfig, collect, run_sweep, write_report
+
+    def split(value: str) -> list[str]:
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    try:
+        seeds = [int(s) for s in split(args.seeds)]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+    cfg = BenchConfig(methods=split(args.methods), tasks=split(args.tasks), seeds=seeds, output_dir=args.output_dir,
+                      model=args.model, data_dir=args.data_dir, max_steps=args.max_steps, batch_size=args.batch_size,
+                      max_length=args.max_length)
+    records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress)
+    notes = (f"Base model: {args.model or 'all-MiniLM-L6-v2 (embedded)'}; {cfg.max_steps} steps of {cfg.batch_size} "
+             f"rows per cell; seeds {cfg.seeds}; each method at its `peftkit train` defaults.")
+    path = write_report(records, cfg.output_dir, notes=notes)
+    failed = sum("error" in r for r in records)
+    print(f"report: {path} ({len(records) - failed} cells finished, {failed} not)")
+    return 0 if not failed else 1
+
+
+COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "eval": _cmd_eval, "methods": _cmd_methods, "merge": _cmd_merge,
             "export": _cmd_export}
 
 

@@ -68,7 +68,8 @@ class RunConfig:
         data_dir: folder holding GLUE task folders (needed for MRPC, which is not shipped).
         r, lora_alpha, lora_dropout, target_modules: method options (target default ``all-linear``).
         method_options: extra config fields for the method, e.g. ``{"use_rslora": True}``.
-        lr: peak learning rate; None picks 1e-3 for adapters and 5e-5 for full fine-tuning.
+        lr: peak learning rate; None picks 5e-5 for full fine-tuning, else the method's default (1e-3
+            for LoRA).
         epochs / max_steps: training length; ``max_steps`` wins when set.
         batch_size, max_length: rows per step; tokens per row after truncation.
         max_train_samples / max_eval_samples: use only the first N examples (after a seeded shuffle
@@ -111,7 +112,12 @@ class RunConfig:
         return "CAUSAL_LM" if self.task == CAUSAL_LM else "SEQ_CLS"
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (5e-5 if self.full_finetune else 1e-3)
+        """``lr``, else 5e-5 for full fine-tuning, else the method's ``default_lr``, else 1e-3."""
+        if self.lr is not None:
+            return self.lr
+        if self.full_finetune:
+            return 5e-5
+        return get_method(self.method).default_lr or 1e-3
 
     def label(self) -> str:
         return "full" if self.full_finetune else self.method
@@ -135,8 +141,10 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     else:
         extra = {"problem_type": "regression"} if regression else {}
+        # a checkpoint whose head has another number of labels gets a fresh head of the right size
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
-                                                                   dtype=torch.float32, **extra)
+                                                                   dtype=torch.float32, ignore_mismatched_sizes=True,
+                                                                   **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,141 @@
+"""The arena's report: ``report.md`` (tables), ``report.json`` (every cell) and PNG plots.
+
+Quality is each task's GLUE headline metric x 100 (accuracy for SST-2/RTE, Matthews correlation for
+CoLA, Pearson for STS-B, F1 for MRPC) as mean ± sample standard deviation over seeds. Costs per
+method: trainable parameters (and % of the model), median train step time, peak memory (the
+largest over its cells, process RSS on CPU) and the size of what the run saved.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+METRIC_LABEL = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson", "f1": "F1"}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (method, task): metric mean/std/n; per method: params, step time, memory, size, average metric."""
+    by: dict[tuple[str, str], list[float]] = defaultdict(list)
+    methods: list[str] = []
+    tasks: list[str] = []
+    metric_of: dict[str, str] = {}
+    cost: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    failures = []
+    for r in records:
+        m, t = r["method"], r["task"]
+        methods += [m] if m not in methods else []
+        tasks += [t] if t not in tasks else []
+        if "error" in r:
+            failures.append(r)
+            continue
+        metric_of[t] = r["metric"]
+        by[(m, t)].append(100 * r[f"dev_{r['metric']}"])
+        for key in ("trainable_params", "total_params", "seconds_per_step", "peak_memory_mib", "adapter_bytes"):
+            cost[m][key].append(r[key])
+    cells = {}
+    for (m, t), values in by.items():
+        cells[(m, t)] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                         "n": len(values)}
+    per_method = {}
+    for m in methods:
+        c = cost.get(m)
+        if not c:
+            continue
+        means = [cells[(m, t)]["mean"] for t in tasks if (m, t) in cells]
+        per_method[m] = {
+            "trainable_params": max(c["trainable_params"]), "total_params": max(c["total_params"]),
+            "step_ms": 1000 * statistics.median(c["seconds_per_step"]), "peak_memory_mib": max(c["peak_memory_mib"]),
+            "adapter_bytes": statistics.median(c["adapter_bytes"]),
+            "average": statistics.fmean(means) if len(means) == len(tasks) else None,
+        }
+    return {"methods": methods, "tasks": tasks, "metric_of": metric_of, "cells": cells, "per_method": per_method,
+            "failures": failures}
+
+
+def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str = "peftkit method arena",
+                 notes: str = "") -> Path:
+    """Write ``report.md``, ``report.json`` and the plots into ``out_dir``; returns the report path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = summarise(records)
+    (out / "report.json").write_text(json.dumps({"cells": records}, indent=2, default=str) + "\n")
+    plots = _plots(s, out)
+    lines = [f"# {title}", ""]
+    if notes:
+        lines += [notes, ""]
+    head = "| method | " + " | ".join(f"{t} ({METRIC_LABEL.get(s['metric_of'].get(t, ''), '?')})" for t in s["tasks"])
+    lines += ["## Quality (dev set, x100, mean ± std over seeds)", "", head + " | average |",
+              "|---|" + "---:|" * (len(s["tasks"]) + 1)]
+    for m in s["methods"]:
+        row = []
+        for t in s["tasks"]:
+            c = s["cells"].get((m, t))
+            row.append("failed" if c is None else f"{c['mean']:.1f} ± {c['std']:.1f}")
+        avg = s["per_method"].get(m, {}).get("average")
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {'' if avg is None else f'{avg:.1f}'} |")
+    lines += ["", "## Cost", "", "| method | trainable params | % of model | train step (ms, median) | "
+              "peak memory (MiB) | saved size |", "|---|---:|---:|---:|---:|---:|"]
+    for m, c in s["per_method"].items():
+        lines.append(f"| {m} | {c['trainable_params']:,} | {100 * c['trainable_params'] / c['total_params']:.3f} | "
+                     f"{c['step_ms']:.0f} | {c['peak_memory_mib']:,.0f} | {_fmt_bytes(c['adapter_bytes'])} |")
+    if s["failures"]:
+        lines += ["", "## Cells that did not finish", ""]
+        lines += [f"- {r['method']} / {r['task']} / seed {r['seed']}: {r['error']}" for r in s["failures"]]
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _plots(s: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    pm = s["per_method"]
+    if not pm:
+        return names
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, c in pm.items():
+        means = [s["cells"][(m, t)]["mean"] for t in s["tasks"] if (m, t) in s["cells"]]
+        if not means:
+            continue
+        y = c["average"] if c["average"] is not None else statistics.fmean(means)
+        ax.scatter(c["trainable_params"], y, s=40)
+        ax.annotate(m, (c["trainable_params"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("average dev metric x100 over tasks")
+    ax.set_title("quality vs trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_params.png", dpi=110)
+    plt.close(fig)
+    names.append("metric_vs_params.png")
+    for key, label, fname in (("step_ms", "train step time (ms, median)", "step_time.png"),
+                              ("peak_memory_mib", "peak memory (MiB)", "memory.png")):
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(pm) + 1.2))
+        methods = list(pm)
+        ax.barh(methods, [pm[m][key] for m in methods], color="#4C72B0")
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        names.append(fname)
+    return names
