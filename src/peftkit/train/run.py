@@ -379,8 +379,13 @@ def _training_args(cfg: RunConfig, out_dir: Path) -> TrainingArguments:
 def _save(model: torch.nn.Module, tokenizer: Any, out_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:
     """Rank 0 writes; every rank takes part, as sharded (FSDP) tensors are gathered first."""
     if cfg.full_finetune:
-        model.save_pretrained(out_dir / "model", is_main_process=info.is_main)
+        state = None
+        if cfg.fsdp and info.enabled:  # gathered one tensor at a time into rank 0's CPU memory
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
+            model.save_pretrained(out_dir / "model", state_dict=state)
             tokenizer.save_pretrained(out_dir / "model")
     else:
         model.save_pretrained(out_dir, is_main_process=info.is_main)
