@@ -10,7 +10,8 @@ same global batch.
 Two ways to place the model:
 
 - :func:`wrap_ddp`: ``DistributedDataParallel``; every rank keeps a whole copy. Only parameters
-  that require grad (the adapters) are synchronised, so a frozen base costs no communication.
+  that require grad (the adapters) are synchronised, so a frozen base costs no communication;
+  every trainable parameter must take part in every forward (DDP's default contract).
 - :func:`shard_fsdp`: FSDP2's ``fully_shard`` (one group per transformer block, named by the HF
   model's ``_no_split_modules``, then the root), for models that do not fit one device. FSDP2 is
   chosen over FSDP1 because it shards each parameter on its own (as a ``DTensor``), so a frozen
