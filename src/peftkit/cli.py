@@ -1,7 +1,9 @@
 """The ``peftkit`` command line: ``train``, ``eval``, ``methods``, ``merge``, ``export``, ``bench``.
 
 ``peftkit train`` with no options fine-tunes the embedded all-MiniLM-L6-v2 with LoRA on SST-2 and
-prints a summary; see ``peftkit train --help``. Errors in options, data or files are reported in one
+prints a summary; see ``peftkit train --help``. ``torchrun --nproc-per-node N -m peftkit train ...``
+(or ``accelerate launch -m peftkit train ...``) trains on N processes, ``--resume RUN_DIR``
+continues an interrupted run. Errors in options, data or files are reported in one
 line (``peftkit: error: ...``) with exit status 2, before any training starts.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -94,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--full-finetune", action="store_true", help="train all parameters (the baseline)")
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--save-every", type=_positive_int, metavar="N",
+                   help="write a resumable checkpoint (safetensors + JSON) every N steps")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the interrupted run in RUN_DIR from its last checkpoint, with its own "
+                        "options (others given here are ignored, except --device and --no-progress)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun/accelerate launch: shard the model with FSDP2 instead of DDP")
 
     e = sub.add_parser("eval", help="reload a run folder and report its dev metrics again")
     e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="folder written by `peftkit train`")
@@ -144,8 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from peftkit.train.run import DEFAULT_MODEL_NAME, RunConfig, run_training
+    from peftkit.train.run import DEFAULT_MODEL_NAME, RunConfig, resume_run, run_training
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if args.resume:
+        if main_rank:
+            print(f"peftkit train: resuming {args.resume}", flush=True)
+        return _summary(resume_run(args.resume, progress=not args.no_progress, device=args.device), main_rank)
     max_steps = args.max_steps if args.max_steps or args.epochs else DEFAULT_STEPS
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"--lora-dropout {args.lora_dropout!r} must lie in [0, 1)")
@@ -157,11 +172,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs or 1.0, max_steps=max_steps, batch_size=args.batch_size, max_length=args.max_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
         output_dir=args.output_dir, full_finetune=args.full_finetune, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, save_every=args.save_every, fsdp=args.fsdp,
     )
     model_name = args.model or DEFAULT_MODEL_NAME
-    print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
-    r = run_training(cfg)
+    if main_rank:
+        print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
+    return _summary(run_training(cfg), main_rank)
+
+
+def _summary(r: dict[str, Any], show: bool) -> int:
+    if not show:
+        return 0
     minutes, seconds = divmod(r["wall_seconds"], 60)
     lines = ["", "peftkit train: done"]
     if r["metric"] == "perplexity":
@@ -174,7 +195,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"  trainable       {r['trainable_params']:,} of {r['total_params']:,} parameters "
         f"({100 * r['trainable_params'] / r['total_params']:.2f}%)",
         f"  wall time       {int(minutes)}m {seconds:04.1f}s (training {r['train_seconds']:.0f}s, "
-        f"{r['steps']} steps, {1000 * r['seconds_per_step']:.0f} ms/step)",
+        f"{r['steps']} steps, {1000 * r['seconds_per_step']:.0f} ms/step, {r['processes']} process(es))",
         f"  peak memory     {r['peak_memory_mib']:,.0f} MiB",
         f"  written to      {r['output_dir']}",
     ]

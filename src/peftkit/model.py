@@ -456,6 +456,8 @@ class PeftModel(nn.Module):
         """Write each adapter in HF PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``
         in ``save_directory`` for ``"default"`` and in ``save_directory/<name>`` for the others. Every
         file is written to a temporary name and renamed, so a good adapter is never half-overwritten.
+        In a process group every rank calls it (FSDP-sharded tensors are gathered); only the one with
+        ``is_main_process=True`` writes.
 
         Raises:
             ConfigError: unknown adapter name. ValueError: ``safe_serialization=False`` (pickle is refused).
@@ -466,11 +468,9 @@ class PeftModel(nn.Module):
             raise ValueError("peftkit writes safetensors only; safe_serialization=False (pickle) is not supported")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self.base_model.check_known(names)
-        if not is_main_process:
-            return
         for name in names:
             target = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            save_adapter(self, name, target)
+            save_adapter(self, name, target, write=is_main_process)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

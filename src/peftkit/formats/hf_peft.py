@@ -102,10 +102,16 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
 
 
-def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike) -> None:
-    """Write one adapter's weights then its config into ``directory`` (atomically, file by file)."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in
-               get_peft_model_state_dict(model, adapter_name).items()}
+def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True) -> None:
+    """Write one adapter's weights then its config into ``directory`` (atomically, file by file).
+
+    Sharded tensors (FSDP2 ``DTensor``) are gathered whole first, which is a collective: in a process
+    group every rank calls this, and only the one with ``write=True`` writes.
+    """
+    tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").contiguous().clone()
+               for k, v in get_peft_model_state_dict(model, adapter_name).items()}
+    if not write:
+        return
     os.makedirs(directory, exist_ok=True)
     atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
     model.peft_config[adapter_name].save_pretrained(directory)

@@ -2,8 +2,13 @@
 
 A run folder holds the adapter in HF PEFT format (``adapter_config.json``,
 ``adapter_model.safetensors``; for ``full_finetune`` a whole HF model in ``model/``), the resolved
-``run_config.json``, ``metrics.json`` and ``train.log``. :func:`evaluate_run` reloads it and gives the
-same metrics again.
+``run_config.json`` (written first, so an interrupted run can be resumed), ``metrics.json``,
+``train.log`` and, with ``save_every``, ``checkpoints/``. :func:`evaluate_run` reloads it and gives
+the same metrics again; :func:`resume_run` continues an interrupted run from its last checkpoint.
+
+Under ``torchrun``/``accelerate launch`` every process runs :func:`run_training`: the model is
+replicated (DDP) or sharded (``fsdp``), the global batch is split across ranks, evaluation is
+split and gathered, and only rank 0 writes files and logs.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,8 @@ import torch
 
 from peftkit.config import PeftConfig, check, get_method
 from peftkit.formats.hf_peft import atomic_write_bytes
+from peftkit.train import distributed as D
+from peftkit.train.checkpoint import latest_checkpoint
 from peftkit.train.data import (
     CausalLMDataset,
     DataError,
@@ -36,6 +44,8 @@ from peftkit.train.metrics import compute
 from peftkit.train.trainer import (
     Trainer,
     TrainingArguments,
+    count_rows,
+    count_target_tokens,
     peak_memory_mib,
     perplexity,
     predict,
@@ -77,6 +87,9 @@ class RunConfig:
         seed: seeds everything. output_dir: the run folder (default ``runs/<method>-<task>-<time>``).
         full_finetune: train every parameter (the baseline) instead of an adapter.
         device: ``cpu``/``cuda``/...; None picks CUDA when available.
+        progress: show a progress bar (rank 0 only).
+        save_every: write a resumable checkpoint every N steps (None: never).
+        fsdp: under a multi-process launcher, shard the model with FSDP2 instead of replicating it.
     """
 
     model: str | None = None
@@ -106,6 +119,8 @@ class RunConfig:
     full_finetune: bool = False
     device: str | None = None
     progress: bool = True
+    save_every: int | None = None
+    fsdp: bool = False
 
     @property
     def task_type(self) -> str:
@@ -197,83 +212,128 @@ def _metrics_for(task: Task, preds: list[float], gold: list[float]) -> dict[str,
     return compute([task.metric, *task.extra_metrics], preds, gold)
 
 
-def _summary_line(name: str, value: str) -> str:
-    return f"  {name:<16}{value}"
+@dataclass
+class _Job:
+    """The task-specific parts of a run: data, collation, how to count loss items and evaluate."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    train_ds: torch.utils.data.Dataset
+    dev_ds: torch.utils.data.Dataset
+    collate_fn: Callable
+    count_loss_items: Callable
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]
+    head: dict[str, Any]
+    config_extra: dict[str, Any]
 
 
-def run_training(cfg: RunConfig) -> dict[str, Any]:
-    """Train, evaluate and save one run; returns the metrics dict also written to ``metrics.json``.
-
-    Raises:
-        ConfigError, DataError, FileNotFoundError: bad options, data or model folder (before training).
-    """
-    wall = time.perf_counter()
-    seed_everything(cfg.seed)
-    out_dir = Path(cfg.output_dir or f"runs/{cfg.label()}-{cfg.task if not cfg.train_file else 'file'}-"
-                   f"{time.strftime('%Y%m%d-%H%M%S')}")
-    peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
-    if cfg.task == CAUSAL_LM:
-        return _run_causal_lm(cfg, peft_config, out_dir, wall)
+def _classification_job(cfg: RunConfig) -> _Job:
     task = load_classification_task(cfg)
     model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = _file_log(out_dir)
-    try:
-        train_ds = TokenizedDataset(task.train, tokenizer, cfg.max_length)
-        dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
-        coll = collate(tokenizer.pad_token_id, task.is_regression)
-        model = _adapt(model, peft_config, cfg)
-        trainable, total = _count(model)
-        log.info("run %s: %d train / %d dev examples, %s trainable of %s", out_dir, len(train_ds), len(dev_ds),
-                 f"{trainable:,}", f"{total:,}")
-        trainer = Trainer(model, train_ds, coll, _training_args(cfg))
-        stats = trainer.train()
-        preds, gold = predict(model, dev_ds, coll, cfg.eval_batch_size, task.is_regression)
-        metrics = _metrics_for(task, preds, gold)
-        _save(model, tokenizer, out_dir, cfg)
-        result = {"task": task.name, "metric": task.metric, **{f"dev_{k}": v for k, v in metrics.items()},
-                  "dev_examples": len(dev_ds), "train_examples": len(train_ds), "trainable_params": trainable,
-                  "total_params": total, **stats, "wall_seconds": time.perf_counter() - wall,
-                  "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
-        _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), "label_names": task.label_names,
-                                                  "num_labels": task.num_labels})
-        _write_json(out_dir / "metrics.json", result)
-        log.info("done: %s", json.dumps(result))
-    finally:
-        logging.getLogger("peftkit").removeHandler(handler)
-        handler.close()
-    return result
+    train_ds = TokenizedDataset(task.train, tokenizer, cfg.max_length)
+    dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
+    coll = collate(tokenizer.pad_token_id, task.is_regression)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        preds, gold = predict(m, dev_ds, coll, cfg.eval_batch_size, task.is_regression, distributed=True)
+        return {f"dev_{k}": v for k, v in _metrics_for(task, preds, gold).items()}
+
+    return _Job(model, tokenizer, train_ds, dev_ds, coll, count_rows, evaluate,
+                {"task": task.name, "metric": task.metric},
+                {"label_names": task.label_names, "num_labels": task.num_labels})
 
 
-def _run_causal_lm(cfg: RunConfig, peft_config: PeftConfig | None, out_dir: Path, wall: float) -> dict[str, Any]:
+def _causal_lm_job(cfg: RunConfig) -> _Job:
     if not cfg.train_file:
         raise DataError("--task causal-lm needs --train-file (plain .txt, or .jsonl with 'text' or "
                         "'prompt'/'response')")
     model, tokenizer = _load_model_and_tokenizer(cfg, None)
     train_records, eval_records = _lm_records(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = _file_log(out_dir)
+    train_ds = CausalLMDataset(train_records, tokenizer, cfg.max_length)
+    dev_ds = CausalLMDataset(eval_records, tokenizer, cfg.max_length)
+    coll = collate_causal(tokenizer.pad_token_id)
+    before = perplexity(model, dev_ds, coll, cfg.eval_batch_size, distributed=True)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        after = perplexity(m, dev_ds, coll, cfg.eval_batch_size, distributed=True)
+        return {"dev_perplexity_before": before["perplexity"], "dev_perplexity": after["perplexity"],
+                "dev_tokens": after["tokens"]}
+
+    return _Job(model, tokenizer, train_ds, dev_ds, coll, count_target_tokens, evaluate,
+                {"task": CAUSAL_LM, "metric": "perplexity"}, {})
+
+
+def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate and save one run; returns the metrics dict also written to ``metrics.json``.
+
+    Started by ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1), every process calls it and
+    joins the process group for the run; ``batch_size`` stays the global batch.
+
+    Args:
+        cfg: the run's options.
+        resume: continue the run in ``cfg.output_dir`` from its latest checkpoint (see :func:`resume_run`).
+
+    Raises:
+        ConfigError, DataError, FileNotFoundError: bad options, data or model folder, or (with
+            ``resume``) no checkpoint; all before training.
+    """
+    with D.process_group(cfg.device) as info:
+        return _run(cfg, resume, info)
+
+
+def _run(cfg: RunConfig, resume: bool, info: D.DistInfo) -> dict[str, Any]:
+    wall = time.perf_counter()
+    seed_everything(cfg.seed)
+    out_dir = Path(cfg.output_dir or D.broadcast(f"runs/{cfg.label()}-{cfg.task if not cfg.train_file else 'file'}-"
+                                                 f"{time.strftime('%Y%m%d-%H%M%S')}"))
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint in {str(out_dir / 'checkpoints')!r} to resume from; a run "
+                                "writes them when trained with --save-every N")
+    peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
+    job = _causal_lm_job(cfg) if cfg.task == CAUSAL_LM else _classification_job(cfg)
+    handler = None
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handler = _file_log(out_dir)
+        _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), **job.config_extra})
     try:
-        train_ds = CausalLMDataset(train_records, tokenizer, cfg.max_length)
-        dev_ds = CausalLMDataset(eval_records, tokenizer, cfg.max_length)
-        coll = collate_causal(tokenizer.pad_token_id)
-        before = perplexity(model, dev_ds, coll, cfg.eval_batch_size)
-        model = _adapt(model, peft_config, cfg)
+        model = _adapt(job.model, peft_config, cfg)
         trainable, total = _count(model)
-        stats = Trainer(model, train_ds, coll, _training_args(cfg)).train()
-        after = perplexity(model, dev_ds, coll, cfg.eval_batch_size)
-        _save(model, tokenizer, out_dir, cfg)
-        result = {"task": CAUSAL_LM, "metric": "perplexity", "dev_perplexity_before": before["perplexity"],
-                  "dev_perplexity": after["perplexity"], "dev_tokens": after["tokens"],
-                  "train_examples": len(train_ds), "dev_examples": len(dev_ds), "trainable_params": trainable,
-                  "total_params": total, **stats, "wall_seconds": time.perf_counter() - wall,
-                  "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
-        _write_json(out_dir / "run_config.json", dataclasses.asdict(cfg))
-        _write_json(out_dir / "metrics.json", result)
+        log.info("run %s: %d train / %d dev examples, %s trainable of %s, %d process(es)%s", out_dir,
+                 len(job.train_ds), len(job.dev_ds), f"{trainable:,}", f"{total:,}", info.world_size,
+                 f", resuming from {checkpoint}" if checkpoint else "")
+        trainer = Trainer(model, job.train_ds, job.collate_fn, _training_args(cfg, out_dir),
+                          count_loss_items=job.count_loss_items)
+        stats = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = job.evaluate(model)
+        _save(model, job.tokenizer, out_dir, cfg, info)
+        result = {**job.head, **metrics, "dev_examples": len(job.dev_ds), "train_examples": len(job.train_ds),
+                  "trainable_params": trainable, "total_params": total, **stats,
+                  "wall_seconds": time.perf_counter() - wall, "peak_memory_mib": max(D.all_gather(peak_memory_mib())),
+                  "processes": info.world_size, "method": cfg.label(), "output_dir": str(out_dir)}
+        if info.is_main:
+            _write_json(out_dir / "metrics.json", result)
+            log.info("done: %s", json.dumps(result))
     finally:
-        logging.getLogger("peftkit").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("peftkit").removeHandler(handler)
+            handler.close()
     return result
+
+
+def resume_run(run_dir: str | os.PathLike, progress: bool = True, device: str | None = None) -> dict[str, Any]:
+    """Continue the interrupted run in ``run_dir`` from its latest checkpoint with the run's own options
+    (``run_config.json``); the result equals that of an uninterrupted run. Under a multi-process
+    launcher it needs as many processes as the interrupted run had.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run folder, or holds no checkpoint.
+        ConfigError: the checkpoint does not fit (another number of processes, ...).
+    """
+    cfg = _read_run_config(Path(run_dir))
+    cfg.output_dir, cfg.progress, cfg.device = str(run_dir), progress, device or cfg.device
+    return run_training(cfg, resume=True)
 
 
 def _lm_records(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
@@ -317,18 +377,27 @@ def _count(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _training_args(cfg: RunConfig) -> TrainingArguments:
+def _training_args(cfg: RunConfig, out_dir: Path) -> TrainingArguments:
     return TrainingArguments(learning_rate=cfg.learning_rate(), num_epochs=cfg.epochs, max_steps=cfg.max_steps,
                              batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                             progress=cfg.progress)
+                             progress=cfg.progress, save_every=cfg.save_every, output_dir=str(out_dir),
+                             fsdp=cfg.fsdp)
 
 
-def _save(model: torch.nn.Module, tokenizer: Any, out_dir: Path, cfg: RunConfig) -> None:
+def _save(model: torch.nn.Module, tokenizer: Any, out_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:
+    """Rank 0 writes; every rank takes part, as sharded (FSDP) tensors are gathered first."""
     if cfg.full_finetune:
-        model.save_pretrained(out_dir / "model")
-        tokenizer.save_pretrained(out_dir / "model")
+        state = None
+        if cfg.fsdp and info.enabled:  # gathered one tensor at a time into rank 0's CPU memory
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if info.is_main:
+            model.save_pretrained(out_dir / "model", state_dict=state)
+            tokenizer.save_pretrained(out_dir / "model")
     else:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, is_main_process=info.is_main)
+    D.barrier()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -353,13 +422,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
         FileNotFoundError: no ``run_config.json`` in ``run_dir``. AdapterLoadError: corrupt adapter.
     """
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "run_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a peftkit run folder (no run_config.json); "
-                                "give the folder that `peftkit train` wrote")
-    raw = json.loads(cfg_path.read_text())
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    cfg = RunConfig(**{k: v for k, v in raw.items() if k in fields})
+    cfg = _read_run_config(run_dir)
     cfg.device = device or cfg.device
     if eval_file:
         cfg.eval_file = eval_file
@@ -380,6 +443,16 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     preds, gold = predict(model, dev_ds, collate(tokenizer.pad_token_id, task.is_regression), cfg.eval_batch_size,
                           task.is_regression)
     return {f"dev_{k}": v for k, v in _metrics_for(task, preds, gold).items()} | {"dev_examples": len(dev_ds)}
+
+
+def _read_run_config(run_dir: Path) -> RunConfig:
+    cfg_path = run_dir / "run_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a peftkit run folder (no run_config.json); "
+                                "give the folder that `peftkit train` wrote")
+    raw = json.loads(cfg_path.read_text())
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in raw.items() if k in fields})
 
 
 def _load_adapter(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:

@@ -1,25 +1,38 @@
-"""A small, explicit training loop: AdamW, linear warm-up and decay, gradient clipping, a progress bar.
+"""A small, explicit training loop: AdamW, linear warm-up and decay, gradient clipping, a progress bar,
+checkpoints that resume exactly, and several processes (DDP or FSDP2) under ``torchrun``.
 
 It trains any model whose forward returns an object with ``.loss`` when given a batch dict (HF
 transformers models, :class:`peftkit.PeftModel`), and only the parameters that require grad.
+
+Global batches: step ``k`` trains on rows ``order[(k-1)*B : k*B]`` of the current epoch's order
+(one ``randperm`` per epoch from a generator seeded with ``seed``; a last, shorter batch ends each
+epoch). With N processes every rank draws the same global batch and trains on its own contiguous
+slice; each rank's loss is weighted by its share of the batch's loss items (rows, or target tokens
+with ``count_loss_items``), so the averaged gradient is the one process's gradient of the whole
+batch, and N processes give one process's result.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from peftkit.config import check
+from peftkit.train import distributed as D
+from peftkit.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("peftkit")
 
@@ -32,14 +45,21 @@ class TrainingArguments:
         learning_rate: peak AdamW learning rate. Default 1e-3 (adapters); use ~5e-5 for full fine-tuning.
         num_epochs: passes over the data (fractions allowed) when ``max_steps`` is None. Default 1.
         max_steps: optimiser steps; overrides ``num_epochs`` when set.
-        batch_size: rows per step. Default 32.
+        batch_size: rows per step, over all processes together (the global batch). Default 32.
         eval_batch_size: rows per evaluation batch. Default 128.
         warmup_ratio: fraction of steps with linearly rising learning rate. Default 0.06.
         weight_decay: AdamW decay of matrices (never of biases or norms). Default 0.01.
         max_grad_norm: clip the global gradient norm (0 disables). Default 1.0.
-        seed: seeds torch, numpy, random and the data order. Default 0.
+        seed: seeds the data order and, at the start of training, torch, numpy and random (rank r of
+            several processes uses :func:`peftkit.train.distributed.rank_seed`). Default 0.
         log_every: steps between log lines. Default 50.
-        progress: show a progress bar (loss, speed). Default True.
+        progress: show a progress bar (loss, speed) on rank 0. Default True.
+        save_every: write a checkpoint every N steps into ``output_dir/checkpoints`` (None: never).
+        output_dir: the run folder checkpoints go to; required with ``save_every``.
+        fsdp: with several processes, shard the model with FSDP2 instead of replicating it (DDP).
+
+    Raises:
+        ConfigError: a value out of range (named in the message).
     """
 
     learning_rate: float = 1e-3
@@ -53,15 +73,19 @@ class TrainingArguments:
     seed: int = 0
     log_every: int = 50
     progress: bool = True
+    save_every: int | None = None
+    output_dir: str | None = None
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
-        from peftkit.config import check
-
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate!r} must be > 0")
         check(self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
         check(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps!r} must be >= 1")
         check(self.num_epochs > 0, f"num_epochs={self.num_epochs!r} must be > 0")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio!r} must lie in [0, 1)")
+        check(self.save_every is None or self.save_every >= 1, f"save_every={self.save_every!r} must be >= 1")
+        check(self.save_every is None or self.output_dir is not None,
+              f"save_every={self.save_every!r} needs output_dir (the folder checkpoints are written to)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +94,7 @@ class TrainingArguments:
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -92,33 +116,78 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             if g["params"]]
 
 
+def batch_order(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
+    """The global batches (lists of dataset indices) from step ``start_step + 1`` on, endlessly.
+
+    Each epoch is one ``torch.randperm(n)`` from a generator seeded with ``seed`` and is cut into
+    ``ceil(n / batch_size)`` batches (the last one shorter). Resuming at ``start_step`` replays the
+    earlier epochs' permutations, so the order is the same as in an uninterrupted run.
+    """
+    per_epoch = math.ceil(n / batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    epoch, position = divmod(start_step, per_epoch)
+    for _ in range(epoch):
+        torch.randperm(n, generator=generator)
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for i in range(position, per_epoch):
+            yield order[i * batch_size:(i + 1) * batch_size]
+        position = 0
+
+
+def count_rows(batch: dict[str, Any]) -> int:
+    """Loss items of a batch whose loss is a mean over rows (classification, regression)."""
+    return next(v for v in batch.values() if isinstance(v, Tensor)).shape[0]
+
+
+def count_target_tokens(batch: dict[str, Tensor]) -> int:
+    """Loss items of a causal-LM batch: tokens with a label (not -100) that a prediction targets
+    (the first token of a row is never one, as the labels are shifted left by one)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 class Trainer:
-    """Train ``model`` on ``dataset``.
+    """Train ``model`` on ``dataset``, on one process or on every rank of a ``torch.distributed`` group.
 
     Args:
-        model: returns ``.loss`` for ``model(**batch)``.
+        model: returns ``.loss`` for ``model(**batch)``; with FSDP it is sharded in place.
         dataset: a map-style dataset of items for ``collate_fn``.
-        collate_fn: items -> batch dict of tensors (including ``labels``).
+        collate_fn: items -> batch dict of tensors (including ``labels``), rows first.
         args: :class:`TrainingArguments`.
         optimizer: defaults to AdamW over the trainable parameters (see :func:`param_groups`).
         device: where batches go; defaults to the model's device.
+        count_loss_items: the number of items the model's loss averages over in a batch (default
+            :func:`count_rows`; :func:`count_target_tokens` for causal LMs); it weights each rank's
+            share of a global batch.
 
     Raises:
         ValueError: the model has no trainable parameter, or the dataset is empty.
+        ConfigError: fewer rows per step than processes, or FSDP with a ready-made optimizer.
     """
 
     def __init__(self, model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Callable,
                  args: TrainingArguments | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 count_loss_items: Callable[[dict[str, Any]], int] = count_rows) -> None:
         self.model, self.dataset, self.collate_fn = model, dataset, collate_fn
         self.args = args or TrainingArguments()
+        self.count_loss_items = count_loss_items
+        self.dist = D.current()
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty")
+        check(self.args.batch_size >= self.dist.world_size,
+              f"batch_size={self.args.batch_size} is the global batch and must be at least the number of "
+              f"processes ({self.dist.world_size})")
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        if self.args.fsdp and self.dist.enabled:
+            check(optimizer is None, "with fsdp=True the Trainer builds the optimizer (after sharding); "
+                                     "do not pass one")
+            D.shard_fsdp(model, self.device)
         groups = param_groups(model, self.args.weight_decay)
         if not groups:
             raise ValueError("the model has no trainable parameter (is every adapter in inference mode?)")
         self.optimizer = optimizer or torch.optim.AdamW(groups, lr=self.args.learning_rate)
-        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.wrapped = D.wrap_ddp(model, self.device) if self.dist.enabled and not self.args.fsdp else model
         steps_per_epoch = math.ceil(len(dataset) / self.args.batch_size)
         self.total_steps = self.args.max_steps or max(1, round(steps_per_epoch * self.args.num_epochs))
         warmup, total = int(self.total_steps * self.args.warmup_ratio), self.total_steps
@@ -128,87 +197,178 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.history: list[float] = []
+        self.samples = 0
+        self._seconds_before = 0.0
 
-    def _batches(self):
-        generator = torch.Generator().manual_seed(self.args.seed)
-        while True:  # epochs, each in a fresh seeded order
-            yield from torch.utils.data.DataLoader(self.dataset, batch_size=self.args.batch_size, shuffle=True,
-                                                   collate_fn=self.collate_fn, generator=generator)
+    # --- one step -------------------------------------------------------------------------------------
+    def _shard(self, indices: list[int]) -> tuple[dict[str, Any], float]:
+        """This rank's rows of the global batch and its share of the batch's loss items."""
+        batch = self.collate_fn([self.dataset[i] for i in indices])
+        if not self.dist.enabled:
+            return batch, 1.0
+        lo, hi = D.shard_rows(len(indices), self.dist)
+        share = 1.0
+        if hi == lo:  # a short last batch with fewer rows than ranks: run one row, weigh it 0
+            lo, hi, share = 0, 1, 0.0
+        local = {k: v[lo:hi] if isinstance(v, Tensor) and v.dim() else v for k, v in batch.items()}
+        if share:
+            share = self.count_loss_items(local) / max(1, self.count_loss_items(batch))
+        return local, share
 
-    def train(self) -> dict[str, float]:
-        """Run ``total_steps`` optimiser steps; returns ``steps``, ``train_loss`` (mean of the last 10%),
-        ``train_seconds``, ``seconds_per_step`` and ``samples_per_second``."""
-        args, model = self.args, self.model
-        model.train()
-        bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not args.progress,
-                   dynamic_ncols=True, leave=True)
+    def _step(self, indices: list[int], step: int) -> float:
+        """One optimiser step on a global batch; returns the batch's mean loss over all ranks."""
+        batch, share = self._shard(indices)
+        batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        module = D.unwrap(self.wrapped)
+        loss = self.wrapped(**batch).loss
+        objective = loss * (share * self.dist.world_size) if self.dist.enabled else loss
+        extra = module.peft_regularization() if hasattr(module, "peft_regularization") else None
+        (objective if extra is None else objective + extra).backward()
+        if self.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if hasattr(module, "peft_step_end"):
+            module.peft_step_end(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.dist.enabled:
+            return loss.item()
+        return D.all_reduce_sum([loss.item() * share])[0]
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, seconds: float) -> None:
+        """Write the checkpoint of step ``step`` to ``args.output_dir/checkpoints`` (every rank calls it)."""
+        state = {"total_steps": self.total_steps, "batch_size": self.args.batch_size, "seed": self.args.seed,
+                 "history": self.history, "samples": self.samples, "seconds": seconds,
+                 "scheduler": self.scheduler.state_dict()}
+        folder = save_checkpoint(self.args.output_dir, step, D.unwrap(self.wrapped), self.optimizer, state)
+        if self.dist.is_main:
+            log.info("checkpoint %s", folder)
+
+    def _resume(self, folder: str | os.PathLike) -> int:
+        state = load_checkpoint(folder, D.unwrap(self.wrapped), self.optimizer)
+        for key, value in (("total_steps", self.total_steps), ("batch_size", self.args.batch_size),
+                           ("seed", self.args.seed)):
+            check(state[key] == value, f"checkpoint {str(folder)!r} has {key}={state[key]!r} but this run has "
+                                       f"{value!r}; resume with the run's own options")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history, self.samples, self._seconds_before = list(state["history"]), state["samples"], state["seconds"]
+        return int(state["step"])
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> dict[str, float]:
+        """Run the optimiser steps left (all of them, or those after the checkpoint's step).
+
+        Args:
+            resume_from_checkpoint: a checkpoint folder (see :func:`peftkit.train.checkpoint.latest_checkpoint`);
+                parameters, optimiser, scheduler, random generators and the data position are restored,
+                so the run ends as an uninterrupted one would.
+
+        Returns:
+            ``steps``, ``train_loss`` (mean of the last 10% of steps), ``train_seconds`` (over all
+            sessions of the run), ``seconds_per_step`` and ``samples_per_second`` (global rows).
+
+        Raises:
+            ConfigError: the checkpoint belongs to another setup (length, batch, seed, processes, model).
+        """
+        args = self.args
+        if resume_from_checkpoint is None:
+            seed_everything(D.rank_seed(args.seed, self.dist.rank))
+            first = 1
+        else:
+            first = self._resume(resume_from_checkpoint) + 1
+        self.wrapped.train()
+        bar = tqdm(total=self.total_steps, initial=first - 1, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (args.progress and self.dist.is_main), leave=True)
         start = time.perf_counter()
-        samples = 0
-        running = None
-        batches = self._batches()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for step in range(1, self.total_steps + 1):
-            batch = {k: v.to(self.device) for k, v in next(batches).items()}
-            loss = model(**batch).loss
-            extra = model.peft_regularization() if hasattr(model, "peft_regularization") else None
-            (loss if extra is None else loss + extra).backward()
-            if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            if hasattr(model, "peft_step_end"):
-                model.peft_step_end(step)
-            self.optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
+        batches = batch_order(len(self.dataset), args.batch_size, args.seed, start_step=first - 1)
+        running, samples_before = None, self.samples
+        for step in range(first, self.total_steps + 1):
+            indices = next(batches)
+            value = self._step(indices, step)
             self.history.append(value)
-            samples += batch["input_ids"].shape[0]
+            self.samples += len(indices)
             running = value if running is None else 0.95 * running + 0.05 * value
+            lr = self.scheduler.get_last_lr()[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                            rows_s=f"{samples / (time.perf_counter() - start):.0f}")
-            if args.log_every and step % args.log_every == 0:
-                log.info("step %d/%d loss %.4f lr %.3e", step, self.total_steps, running,
-                         self.scheduler.get_last_lr()[0])
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}",
+                            rows_s=f"{(self.samples - samples_before) / (time.perf_counter() - start):.0f}")
+            if args.log_every and step % args.log_every == 0 and self.dist.is_main:
+                log.info("step %d/%d loss %.4f lr %.3e", step, self.total_steps, running, lr)
+            if args.save_every and step % args.save_every == 0:
+                self.save_checkpoint(step, self._seconds_before + time.perf_counter() - start)
         bar.close()
-        seconds = time.perf_counter() - start
+        seconds = self._seconds_before + time.perf_counter() - start
         tail = self.history[-max(1, len(self.history) // 10):]
-        model.eval()
+        self.wrapped.eval()
         return {"steps": self.total_steps, "train_loss": float(np.mean(tail)), "train_seconds": seconds,
-                "seconds_per_step": seconds / self.total_steps, "samples_per_second": samples / seconds}
+                "seconds_per_step": seconds / self.total_steps, "samples_per_second": self.samples / max(seconds, 1e-9)}
+
+
+def _my_share(dataset: torch.utils.data.Dataset, distributed: bool) -> tuple[torch.utils.data.Dataset, int]:
+    """This rank's contiguous slice of ``dataset``, padded to the same length on every rank (sharded
+    models need every rank in every forward); returns it and how many of its rows are real."""
+    info = D.current()
+    if not (distributed and info.enabled) or len(dataset) == 0:
+        return dataset, len(dataset)
+    per = math.ceil(len(dataset) / info.world_size)
+    rows = list(range(info.rank * per, min((info.rank + 1) * per, len(dataset))))
+    real = len(rows)
+    rows += [rows[-1] if rows else 0] * (per - real)
+    return torch.utils.data.Subset(dataset, rows), real
 
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Callable, batch_size: int = 128,
-            regression: bool = False, device: torch.device | str | None = None) -> tuple[list[float], list[float]]:
-    """Predictions and gold labels over ``dataset`` in order: class ids (argmax) or regression scores."""
+            regression: bool = False, device: torch.device | str | None = None, distributed: bool = False
+            ) -> tuple[list[float], list[float]]:
+    """Predictions and gold labels over ``dataset`` in order: class ids (argmax) or regression scores.
+
+    With ``distributed=True`` in a process group, every rank must call it: each predicts its slice
+    and every rank gets the whole lists.
+    """
     model.eval()
     device = torch.device(device) if device else next(model.parameters()).device
+    part, real = _my_share(dataset, distributed)
     preds: list[float] = []
     gold: list[float] = []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     for batch in loader:
         labels = batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         preds += (logits.squeeze(-1) if regression else logits.argmax(-1)).tolist()
         gold += labels.tolist()
-    return preds, gold
+    if part is dataset:
+        return preds, gold
+    pieces = D.all_gather((preds[:real], gold[:real]))
+    return [x for p, _ in pieces for x in p], [x for _, g in pieces for x in g]
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Callable, batch_size: int = 16,
-               device: torch.device | str | None = None) -> dict[str, float]:
-    """Token-weighted mean loss over ``dataset`` and its perplexity ``exp(loss)`` (labels of -100 ignored)."""
+               device: torch.device | str | None = None, distributed: bool = False) -> dict[str, float]:
+    """Token-weighted mean loss over ``dataset`` and its perplexity ``exp(loss)`` (labels of -100 ignored).
+
+    With ``distributed=True`` in a process group, every rank must call it; the sums are reduced.
+    """
     model.eval()
     device = torch.device(device) if device else next(model.parameters()).device
+    part, real = _my_share(dataset, distributed)
     total = tokens = 0.0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    seen = 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+        keep = max(0, min(len(logits), real - seen))  # padding rows of a sharded slice do not count
+        seen += len(logits)
+        labels = batch["labels"][:keep, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:keep, :-1].flatten(0, 1).float(), labels.flatten(),
                                                  ignore_index=-100, reduction="sum")
         total += loss.item()
         tokens += (labels != -100).sum().item()
+    if part is not dataset:
+        total, tokens = D.all_reduce_sum([total, tokens])
     mean = total / max(tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}

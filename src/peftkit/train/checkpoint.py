@@ -1,0 +1,193 @@
+"""Training checkpoints: what it takes to continue a run exactly, in safetensors and JSON (no pickle).
+
+A checkpoint is a folder ``<root>/checkpoints/step-<N>/`` holding
+
+- ``trainer_state.json`` (written by rank 0): the step, the loss history and counters, the
+  scheduler's state and the optimiser's hyper-parameters (``param_groups``), the world size;
+- ``rank<R>.safetensors`` (one per rank): the trainable parameters (``param.<name>``; a rank's own
+  shard under FSDP), persistent buffers (``buffer.<name>``), the optimiser's state tensors
+  (``optim.<index>.<key>``, e.g. AdamW's ``exp_avg``) and the random generators' states
+  (``rng.torch``, ``rng.cuda.<i>``, ``rng.numpy``);
+- ``rank<R>.json``: the rest of that rank's state (python ``random``, numpy's position, scalar
+  optimiser entries).
+
+The data position needs no file: the data order is a function of the seed and the step.
+``<root>/checkpoints/latest.json`` names the newest complete checkpoint. Every rank writes into a
+temporary folder; once all are done, rank 0 writes ``trainer_state.json``, renames the folder into
+place, points ``latest.json`` at it (each file written atomically) and removes older checkpoints,
+so a crash at any moment leaves ``latest.json`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from peftkit.config import ConfigError, check
+from peftkit.formats.hf_peft import atomic_write_bytes
+from peftkit.train import distributed as D
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+STATE = "trainer_state.json"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss = random.getstate()
+    return tensors, {"numpy": [name, int(pos), int(has_gauss), float(cached)],
+                     "python": [version, list(internal), gauss]}
+
+
+def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+    if cuda:
+        torch.cuda.set_rng_state_all([s for _, s in cuda])
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _buffers(model: nn.Module) -> dict[str, Tensor]:
+    names = {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k in names}
+
+
+def _params_by_index(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: tuples become lists (restored from the live optimiser's types on load)."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> Path:
+    """Write the checkpoint of optimiser step ``step`` under ``root/checkpoints``; every rank must call it.
+
+    Args:
+        model: the user's module (not a DDP wrapper); trainable parameters and buffers are saved.
+        state: JSON-ready trainer state (rank 0's is written).
+
+    Returns:
+        The checkpoint folder.
+    """
+    info = D.current()
+    folder = Path(root) / CHECKPOINTS
+    final, tmp = folder / f"step-{step:08d}", folder / f".tmp-step-{step:08d}"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
+    tensors = {f"param.{n}": D.local(p) for n, p in model.named_parameters() if p.requires_grad}
+    tensors |= {f"buffer.{n}": b for n, b in _buffers(model).items()}
+    scalars: dict[str, Any] = {}
+    opt = optimizer.state_dict()
+    for index, entries in opt["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{index}.{key}"] = D.local(value)
+            else:
+                scalars[f"{index}.{key}"] = value
+    rng, meta = _rng_state()
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in (tensors | rng).items()}
+    atomic_write_bytes(tmp / f"rank{info.rank}.safetensors", save(tensors, metadata={"format": "pt"}))
+    _write_json(tmp / f"rank{info.rank}.json", {**meta, "optim_scalars": scalars})
+    D.barrier()
+    if info.is_main:
+        _write_json(tmp / STATE, {**state, "step": step, "world_size": info.world_size,
+                                  "optimizer_param_groups": _plain(opt["param_groups"])})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_json(folder / LATEST, {"step": step, "folder": final.name})
+        for old in folder.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
+    return final
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root/checkpoints``, or None when there is none."""
+    pointer = Path(root) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(root) / CHECKPOINTS / json.loads(pointer.read_text())["folder"]
+    return folder if (folder / STATE).is_file() else None
+
+
+def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer
+                    ) -> dict[str, Any]:
+    """Restore parameters, buffers, optimiser state and this rank's random generators from ``folder``.
+
+    Returns:
+        The trainer state saved with it (``step``, ``scheduler``, ...).
+
+    Raises:
+        ConfigError: the checkpoint was written by another number of processes, or does not fit the
+            model or optimiser (names, shapes); checked before anything is changed.
+        FileNotFoundError: a file of the checkpoint is missing.
+    """
+    info = D.current()
+    folder = Path(folder)
+    state = json.loads((folder / STATE).read_text())
+    check(state["world_size"] == info.world_size,
+          f"checkpoint {str(folder)!r} was written by {state['world_size']} process(es) but this run has "
+          f"{info.world_size}; resume with --nproc-per-node {state['world_size']}")
+    tensors = load_file(folder / f"rank{info.rank}.safetensors")
+    meta = json.loads((folder / f"rank{info.rank}.json").read_text())
+    targets = {f"param.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    targets |= {f"buffer.{n}": b for n, b in _buffers(model).items()}
+    saved = {k for k in tensors if k.startswith(("param.", "buffer."))}
+    wrong = sorted(saved ^ set(targets)) + [k for k in saved & set(targets)
+                                            if tensors[k].shape != D.local(targets[k]).shape]
+    if wrong:
+        raise ConfigError(f"checkpoint {str(folder)!r} does not fit this model (trainable parameters or "
+                          f"buffers differ: {wrong[:4]}); resume with the run's own options")
+    params = _params_by_index(optimizer)
+    groups = optimizer.param_groups
+    check(len(state["optimizer_param_groups"]) == len(groups),
+          f"checkpoint {str(folder)!r} has {len(state['optimizer_param_groups'])} optimiser groups, not {len(groups)}")
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            p = params[int(index)]
+            if hasattr(p, "device_mesh") and value.dim() == p.dim():  # a shard of a DTensor's state
+                from torch.distributed.tensor import DTensor
+
+                value = DTensor.from_local(value.to(D.local(p).device), p.device_mesh, p.placements,
+                                           run_check=False, shape=p.shape, stride=p.stride())
+            opt_state.setdefault(int(index), {})[name] = value
+    for key, value in meta["optim_scalars"].items():
+        index, name = key.split(".", 1)
+        opt_state.setdefault(int(index), {})[name] = value
+    saved_groups = []
+    for live, stored in zip(groups, state["optimizer_param_groups"], strict=True):
+        saved_groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in stored.items()})
+    optimizer.load_state_dict({"state": opt_state, "param_groups": saved_groups})
+    with torch.no_grad():
+        for key, dst in targets.items():
+            D.local(dst).copy_(tensors[key])
+    _set_rng_state(tensors, meta)
+    return state

@@ -1,0 +1,117 @@
+"""transformers' ``Trainer`` for peftkit models: :class:`PeftTrainer`.
+
+``transformers.Trainer`` recognises PEFT models only as instances of the ``peft`` package's classes.
+Given a peftkit :class:`~peftkit.PeftModel` it trains, but it cannot see the wrapped model's forward
+arguments (``remove_unused_columns`` then drops every column, and ``label_names`` comes out empty,
+so evaluation reports no loss and passes no labels to ``compute_metrics``), and it saves and
+reloads the whole state dict instead of the adapter. :class:`PeftTrainer` is ``transformers.Trainer``
+with exactly those places taught about peftkit models; everything else (optimiser, schedules,
+gradient accumulation, DDP via ``torchrun``/``accelerate launch``, activation checkpointing through
+the base model's ``activation_checkpointing_enable``, callbacks, logging) is transformers' own::
+
+    from peftkit import LoraConfig, get_peft_model
+    from peftkit.train.hf_trainer import PeftTrainer
+
+    model = get_peft_model(base, LoraConfig(r=8, task_type="SEQ_CLS"))
+    trainer = PeftTrainer(model=model, args=TrainingArguments(...), train_dataset=..., eval_dataset=...)
+    trainer.train()                       # checkpoints hold adapter files
+    trainer.train(resume_from_checkpoint=True)
+    trainer.save_model("out")             # out/adapter_config.json + adapter_model.safetensors
+
+Saved folders hold the adapter in HF PEFT format (``save_pretrained``), the tokenizer or processor,
+and ``training_args.json`` (JSON instead of transformers' pickled ``training_args.bin``). Models that
+are not peftkit models are handled exactly as by ``transformers.Trainer``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from typing import Any
+
+from transformers import Trainer
+from transformers.utils import can_return_loss, find_labels
+
+from peftkit.config import WEIGHTS_NAME
+from peftkit.formats.hf_peft import atomic_write_bytes, read_adapter_files, set_peft_model_state_dict
+from peftkit.model import PeftModel
+
+log = logging.getLogger("peftkit")
+
+
+def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
+    """Copy the weights of every adapter of ``model`` from a folder written by ``save_pretrained``
+    (``"default"`` in ``folder``, others in ``folder/<name>``), in place, keeping trainability.
+
+    Raises:
+        FileNotFoundError: an adapter's ``adapter_model.safetensors`` is missing.
+        AdapterLoadError: the tensors do not fit the model (nothing is copied for that adapter).
+    """
+    for name in model.peft_config:
+        source = os.fspath(folder) if name == "default" else os.path.join(folder, name)
+        if not os.path.isfile(os.path.join(source, WEIGHTS_NAME)):
+            raise FileNotFoundError(f"{source!r} holds no {WEIGHTS_NAME} for adapter {name!r}; was it written by "
+                                    "PeftTrainer (or PeftModel.save_pretrained)?")
+        _, tensors = read_adapter_files(source)
+        set_peft_model_state_dict(model, tensors, name)
+
+
+class PeftTrainer(Trainer):
+    """``transformers.Trainer`` that saves, resumes and evaluates peftkit models as adapters.
+
+    Takes exactly ``transformers.Trainer``'s arguments. For a peftkit :class:`~peftkit.PeftModel`:
+    ``label_names`` (unless given) and ``can_return_loss`` come from the wrapped model's class,
+    ``remove_unused_columns`` keeps the wrapped model's forward arguments (and ``adapter_names``),
+    checkpoints and ``save_model`` write the adapter files, and ``resume_from_checkpoint`` /
+    ``load_best_model_at_end`` load them back.
+    """
+
+    def __init__(self, model: Any = None, args: Any = None, *rest: Any, **kwargs: Any) -> None:
+        super().__init__(model, args, *rest, **kwargs)
+        peft = self._peft_model()
+        if peft is not None:
+            base_class = type(peft.get_base_model())
+            if self.args.label_names is None:
+                self.label_names = find_labels(base_class)
+            self.can_return_loss = can_return_loss(base_class)
+
+    def _peft_model(self, model: Any = None) -> PeftModel | None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        return model if isinstance(model, PeftModel) else None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        peft = self._peft_model()
+        if self._signature_columns is None and peft is not None:
+            columns = list(inspect.signature(peft.get_base_model().forward).parameters)
+            self._signature_columns = [*columns, "adapter_names", "label", "label_ids", *self.label_names]
+        super()._set_signature_columns_if_needed()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        peft = self._peft_model()
+        if peft is None:
+            super()._save(output_dir, state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        peft.save_pretrained(output_dir, is_main_process=self.args.should_save)
+        if not self.args.should_save:
+            return
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        atomic_write_bytes(os.path.join(output_dir, "training_args.json"), self.args.to_json_string().encode())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        peft = self._peft_model(model)
+        if peft is None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_adapter_weights(peft, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        peft = self._peft_model()
+        if peft is None:
+            super()._load_best_model()
+            return
+        log.info("loading the best adapter from %s (score %s)", self.state.best_model_checkpoint,
+                 self.state.best_metric)
+        load_adapter_weights(peft, self.state.best_model_checkpoint)

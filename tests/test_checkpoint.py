@@ -1,0 +1,148 @@
+"""Checkpoints: an interrupted run resumed from its last checkpoint ends exactly as an uninterrupted one
+(adapter, optimiser, scheduler, dropout RNG and data position restored), files are safetensors + JSON
+only and written atomically, and a checkpoint that does not fit is refused before anything changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit import ConfigError, get_peft_model_state_dict
+from peftkit.cli import main
+from peftkit.train.checkpoint import latest_checkpoint
+from peftkit.train.trainer import Trainer, TrainingArguments, batch_order
+from tests.tiny_train import (
+    Interrupted,
+    StopAfter,
+    classification_items,
+    collate_classification,
+    lora_model,
+)
+
+ITEMS = classification_items(13)  # batches of 4: 4 steps per epoch, the last one 1 row
+
+
+def _trainer(out, dropout=0.2, data=None, **kw):
+    options = dict(max_steps=10, batch_size=4, warmup_ratio=0.2, progress=False, output_dir=str(out),
+                   save_every=3) | kw
+    return Trainer(lora_model("classifier", dropout), data if data is not None else ITEMS, collate_classification,
+                   TrainingArguments(**options))
+
+
+def _state(trainer):
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+
+
+@pytest.mark.parametrize("stop_after_steps", [3, 7])  # inside the first epoch, and past an epoch end
+def test_resumed_run_equals_uninterrupted_run(tmp_path, stop_after_steps):
+    whole = _trainer(tmp_path / "whole", save_every=None)
+    whole_stats = whole.train()
+    reads = sum(len(b) for b, _ in zip(batch_order(len(ITEMS), 4, 0), range(stop_after_steps), strict=False))
+    with pytest.raises(Interrupted):
+        _trainer(tmp_path / "run", data=StopAfter(ITEMS, reads)).train()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint.name == f"step-{3 * (stop_after_steps // 3):08d}"
+    resumed = _trainer(tmp_path / "run")
+    stats = resumed.train(resume_from_checkpoint=checkpoint)
+    a, b = _state(whole), _state(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert resumed.history == pytest.approx(whole.history, abs=1e-6) and len(resumed.history) == 10
+    assert stats["train_loss"] == pytest.approx(whole_stats["train_loss"], abs=1e-6)
+    assert stats["steps"] == 10 and resumed.samples == whole.samples
+    # the adapter trained, with dropout on: a resumed run that re-drew its masks would differ
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-3
+
+
+def test_checkpoint_files_are_safetensors_and_json(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    folder = tmp_path / "checkpoints"
+    # only the latest complete checkpoint stays, named by latest.json; no temporary folder is left
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.json", "step-00000009"]
+    assert json.loads((folder / "latest.json").read_text()) == {"step": 9, "folder": "step-00000009"}
+    files = sorted(p.name for p in (folder / "step-00000009").iterdir())
+    assert files == ["rank0.json", "rank0.safetensors", "trainer_state.json"]
+    tensors = load_file(folder / "step-00000009" / "rank0.safetensors")
+    assert {k.split(".")[0] for k in tensors} == {"param", "optim", "rng"}  # the tiny model has no buffer
+    assert any(k.endswith(".exp_avg_sq") for k in tensors)
+    state = json.loads((folder / "step-00000009" / "trainer_state.json").read_text())
+    assert state["step"] == 9 and len(state["history"]) == 9 and state["scheduler"]["last_epoch"] == 9
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_any_change(tmp_path):
+    _trainer(tmp_path).train()
+    checkpoint = latest_checkpoint(tmp_path)
+    other = _trainer(tmp_path, batch_size=5)
+    with pytest.raises(ConfigError, match="batch_size=4 but this run has 5"):
+        other.train(resume_from_checkpoint=checkpoint)
+    torch.manual_seed(0)
+    wider = Trainer(lora_model("lm"), ITEMS, collate_classification,
+                    TrainingArguments(max_steps=10, batch_size=4, progress=False))
+    before = _state(wider)
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        wider.train(resume_from_checkpoint=checkpoint)
+    after = _state(wider)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_save_every_needs_a_folder():
+    with pytest.raises(ConfigError, match="save_every=2 needs output_dir"):
+        TrainingArguments(save_every=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftkit.train.run import default_model_dir
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    common = ["train", "--model", tiny_model_dir, "--max-steps", "8", "--batch-size", "8", "--max-train-samples",
+              "20", "--max-eval-samples", "24", "--lora-dropout", "0.1", "--target-modules", "query,value",
+              "--no-progress", "--save-every", "3"]
+    assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
+    step = Trainer._step
+    calls = []
+
+    def interrupt_after_four(self, indices, n):
+        calls.append(n)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return step(self, indices, n)
+
+    monkeypatch.setattr(Trainer, "_step", interrupt_after_four)
+    assert main([*common, "--output-dir", str(tmp_path / "run")]) == 130
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("dev_accuracy", "train_loss", "steps", "trainable_params"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6)
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_cli_resume_without_checkpoint_fails_in_one_line(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a peftkit run folder" in capsys.readouterr().err
+    (tmp_path / "run_config.json").write_text(json.dumps({"max_steps": 3}))
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint in" in err[0] and "--save-every" in err[0]

@@ -1,0 +1,152 @@
+"""Two CPU processes (gloo, spawned here) against one: DDP and FSDP2 reproduce a single process with
+the same global batch and seed; FSDP saves one loadable adapter; checkpoints resume under FSDP; the
+launcher's environment variables are what the workers use (as under torchrun / accelerate launch).
+
+All scenarios run in one spawn of two single-threaded workers (a few seconds), which write their
+results as safetensors + JSON; the single-process references are computed in the test process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from peftkit import PeftModel, get_peft_model_state_dict
+from peftkit.train import distributed as D
+from peftkit.train.checkpoint import latest_checkpoint
+from peftkit.train.trainer import Trainer, TrainingArguments, count_rows, count_target_tokens
+from tests.tiny_train import (
+    Interrupted,
+    StopAfter,
+    TinyClassifier,
+    classification_items,
+    collate_classification,
+    collate_lm,
+    lm_items,
+    lora_model,
+)
+
+STEPS = 6
+# 21 rows in global batches of 5: shards of 3 and 2 rows, and each epoch ends with a 1-row batch
+# that leaves rank 1 without a row (it runs one with weight 0).
+SCENARIOS = {
+    "ddp_classifier": dict(kind="classifier", fsdp=False),
+    "ddp_lm": dict(kind="lm", fsdp=False),  # loss is a mean over target tokens, uneven across rows
+    "fsdp_classifier": dict(kind="classifier", fsdp=True),
+    "ddp_dropout_a": dict(kind="classifier", fsdp=False, dropout=0.3),
+    "ddp_dropout_b": dict(kind="classifier", fsdp=False, dropout=0.3),
+}
+
+
+def _train(kind: str, fsdp: bool = False, dropout: float = 0.0, save_every: int | None = None,
+           out: str | None = None, resume=None, stop_after: int | None = None):
+    model = lora_model(kind, dropout)
+    items = classification_items(21) if kind == "classifier" else lm_items()
+    data = items if stop_after is None else StopAfter(items, stop_after)
+    args = TrainingArguments(max_steps=STEPS, batch_size=5, warmup_ratio=0.2, progress=False, fsdp=fsdp,
+                             save_every=save_every, output_dir=out)
+    trainer = Trainer(model, data, collate_classification if kind == "classifier" else collate_lm, args,
+                      count_loss_items=count_rows if kind == "classifier" else count_target_tokens)
+    stats = trainer.train(resume_from_checkpoint=resume)
+    state = {k: D.full(v).detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return model, state, stats
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    with D.process_group("cpu") as info:
+        assert info.world_size == 2 and info.rank == rank
+        for name, spec in SCENARIOS.items():
+            model, state, stats = _train(**spec)
+            save_file(state, f"{out}/{name}-rank{rank}.safetensors")
+            with open(f"{out}/{name}-rank{rank}.json", "w") as fh:
+                json.dump(stats, fh)
+            if name == "fsdp_classifier":
+                model.save_pretrained(f"{out}/fsdp_adapter", is_main_process=info.is_main)
+        # FSDP interrupted after 3 steps (5 rows each), then resumed in a fresh model and trainer
+        ckpt = f"{out}/fsdp_run"
+        with pytest.raises(Interrupted):
+            _train("classifier", fsdp=True, save_every=3, out=ckpt, stop_after=15)
+        _, state, stats = _train("classifier", fsdp=True, save_every=3, out=ckpt, resume=latest_checkpoint(ckpt))
+        save_file(state, f"{out}/fsdp_resumed-rank{rank}.safetensors")
+        with open(f"{out}/fsdp_resumed-rank{rank}.json", "w") as fh:
+            json.dump(stats, fh)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-ranks")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+def _result(folder, name: str, rank: int):
+    return (load_file(folder / f"{name}-rank{rank}.safetensors"),
+            json.loads((folder / f"{name}-rank{rank}.json").read_text()))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("name", ["ddp_classifier", "ddp_lm", "fsdp_classifier"])
+def test_two_processes_give_one_process_result(two_ranks, name):
+    spec = SCENARIOS[name]
+    _, reference, ref_stats = _train(spec["kind"])
+    for rank in (0, 1):
+        state, stats = _result(two_ranks, name, rank)
+        assert _max_diff(state, reference) <= 1e-5
+        assert abs(stats["train_loss"] - ref_stats["train_loss"]) <= 1e-6
+        assert stats["steps"] == STEPS
+    # the adapters did train (B started at zero)
+    assert max(v.abs().max().item() for k, v in reference.items() if "lora_B" in k) > 1e-4
+
+
+def test_fsdp_saves_one_adapter_that_loads(two_ranks):
+    rank0, _ = _result(two_ranks, "fsdp_classifier", 0)
+    rank1, _ = _result(two_ranks, "fsdp_classifier", 1)
+    assert _max_diff(rank0, rank1) == 0.0
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(TinyClassifier(), two_ranks / "fsdp_adapter")
+    assert _max_diff(get_peft_model_state_dict(loaded), rank0) == 0.0
+
+
+def test_fsdp_run_resumed_from_a_checkpoint_equals_the_uninterrupted_one(two_ranks):
+    for rank in (0, 1):
+        state, stats = _result(two_ranks, "fsdp_resumed", rank)
+        whole, whole_stats = _result(two_ranks, "fsdp_classifier", rank)
+        assert _max_diff(state, whole) <= 1e-6
+        assert abs(stats["train_loss"] - whole_stats["train_loss"]) <= 1e-6
+    files = {p.name for p in (two_ranks / "fsdp_run" / "checkpoints" / "step-00000006").iterdir()}
+    assert files == {"trainer_state.json", "rank0.safetensors", "rank0.json", "rank1.safetensors", "rank1.json"}
+
+
+def test_dropout_is_deterministic_per_rank(two_ranks):
+    for rank in (0, 1):
+        a, _ = _result(two_ranks, "ddp_dropout_a", rank)
+        b, _ = _result(two_ranks, "ddp_dropout_b", rank)
+        assert _max_diff(a, b) == 0.0
+    # the ranks drew their own masks: the run differs from one process with the same seed
+    _, single, _ = _train("classifier", dropout=0.3)
+    assert _max_diff(a, single) > 1e-4
+
+
+def test_rank_seeds_and_row_shards():
+    assert D.rank_seed(7, 0) == 7 and len({D.rank_seed(7, r) for r in range(8)}) == 8
+    shards = [D.shard_rows(5, D.DistInfo(rank=r, world_size=2)) for r in (0, 1)]
+    assert shards == [(0, 3), (3, 5)]
+    assert [D.shard_rows(1, D.DistInfo(rank=r, world_size=2)) for r in (0, 1)] == [(0, 1), (1, 1)]

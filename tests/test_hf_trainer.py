@@ -1,0 +1,114 @@
+"""transformers' Trainer with peftkit models (PeftTrainer) on a tiny BERT: training, evaluation with
+labels and loss, unused columns dropped, checkpoints and final saves as adapter files that reload,
+exact resume from a checkpoint, activation checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.train.hf_trainer import PeftTrainer
+from tests.conftest import perturb, tiny_bert_classifier
+
+
+class Rows(torch.utils.data.Dataset):
+    """Token ids with a label that depends on them, plus a text column the model does not take."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, 64, (n, 8), generator=g)
+        self.labels = (self.ids[:, 0] > 33).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long),
+                "labels": self.labels[i], "text": f"row {i}"}
+
+
+def _model() -> PeftModel:
+    torch.manual_seed(0)
+    return get_peft_model(tiny_bert_classifier(), LoraConfig(r=4, target_modules=["query", "value"],
+                                                              task_type="SEQ_CLS"))
+
+
+def _trainer(out, model=None, **kw) -> PeftTrainer:
+    options = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3,
+                   save_steps=3, eval_strategy="steps", eval_steps=3, logging_steps=3, report_to=[], use_cpu=True,
+                   seed=0, dataloader_num_workers=0, disable_tqdm=True) | kw
+    seen = {}
+
+    def metrics(pred):
+        seen["labels"] = pred.label_ids
+        return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    trainer = PeftTrainer(model=model or _model(), args=TrainingArguments(**options), train_dataset=Rows(32, 1),
+                          eval_dataset=Rows(12, 2), compute_metrics=metrics)
+    trainer.seen = seen
+    return trainer
+
+
+def test_peft_trainer_trains_evaluates_and_saves_adapter_files(tmp_path):
+    trainer = _trainer(tmp_path)
+    assert trainer.label_names == ["labels"]  # found on the wrapped model (peftkit hides its signature)
+    trainer.train()
+    result = trainer.evaluate()
+    assert "eval_loss" in result and 0 <= result["eval_accuracy"] <= 1
+    assert trainer.seen["labels"].tolist() == Rows(12, 2).labels.tolist()
+    for step in (3, 6):
+        files = {p.name for p in (tmp_path / f"checkpoint-{step}").iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "training_args.json"} <= files
+        assert not files & {"model.safetensors", "pytorch_model.bin", "training_args.bin"}
+    trainer.save_model(str(tmp_path / "final"))
+    trained = trainer.model
+    reloaded = PeftModel.from_pretrained(tiny_bert_classifier_seeded(), tmp_path / "final")
+    batch = Rows(5, 3).ids
+    with torch.no_grad():
+        assert torch.allclose(trained.eval()(input_ids=batch).logits, reloaded(input_ids=batch).logits, atol=1e-6)
+    saved = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert max(v.abs().max().item() for k, v in saved.items() if "lora_B" in k) > 1e-4  # it trained
+
+
+def tiny_bert_classifier_seeded():
+    torch.manual_seed(0)  # the same base weights (and classifier) as _model()
+    return tiny_bert_classifier()
+
+
+def test_resume_from_checkpoint_loads_the_adapter_and_ends_as_the_uninterrupted_run(tmp_path):
+    whole = _trainer(tmp_path / "whole")
+    whole.train()
+    resumed = _trainer(tmp_path / "resumed")
+    perturb(resumed.model)  # proof that the checkpoint's adapter replaces whatever the model holds
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
+    a = load_file(tmp_path / "whole" / "checkpoint-6" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint-6" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_missing_adapter_in_a_checkpoint_is_an_error(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no adapter_model\.safetensors"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "empty"))
+
+
+def test_activation_checkpointing_still_trains_the_adapter(tmp_path):
+    trainer = _trainer(tmp_path, activation_checkpointing=True, max_steps=2, save_strategy="no", eval_strategy="no")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert trainer.model.get_base_model().is_activation_checkpointing
+    after = dict(trainer.model.named_parameters())
+    assert all((after[n] - p).abs().max() > 0 for n, p in before.items())
+
+
+def test_a_peft_model_moves_and_casts_like_a_module():
+    model = _model()
+    model.to("cpu").double()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    model.float()
+    out = model(input_ids=Rows(2, 4).ids).logits
+    assert out.dtype == torch.float32 and out.shape == (2, 2)
