@@ -1,0 +1,210 @@
+"""peftkit vs the ``peft`` package, side by side on the same models and configs, in one run.
+
+For the ~20M Llama (batch 8 x 128) and the MiniLM-shaped encoder (batch 32 x 64), r=8 on all block
+linears where a method has a rank:
+
+* train step time (forward + backward + AdamW step) of LoRA (dropout 0 and 0.1), DoRA (dropout 0
+  and 0.1), (IA)^3, prompt tuning and prefix tuning (20 virtual tokens), for both libraries,
+  stepped round-robin in one process (identical fresh processes here differ by up to ~40% in
+  speed, so only ratios inside one process are compared); medians over ``--reps`` steps;
+* the frozen-base floor: forward + backward to the input embeddings with every weight frozen, the
+  least any adapter can cost; LoRA's step is reported as a ratio to it;
+* inference: base forward, unmerged LoRA forward, merged LoRA forward (``merge_adapter``, wrappers
+  left in place) and ``merge_and_unload`` output, as ratios to the base forward;
+* merge time (``merge_adapter`` + ``unmerge_adapter``);
+* peak memory of a LoRA/DoRA training step per library, each measured in its own fresh process
+  (peak RSS on CPU cannot be reset inside a process).
+
+    python -m benchmarks.bench_speed [--reps 20] [--models llama20m,minilm] [--json out.json]
+
+Methods a library lacks are skipped and reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from functools import partial
+from typing import Any
+
+import torch
+
+from benchmarks.common import BLOCK_LINEARS, interleaved, make_batch, make_model
+
+IA3_TARGETS = {"llama20m": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+               "minilm": (["key", "value", "output.dense"], ["output.dense"])}
+
+
+def configs(lib: Any, model_name: str) -> dict[str, Any]:
+    """The benchmarked configs of one library (``peft`` or ``peftkit``), by method label."""
+    lin = BLOCK_LINEARS[model_name]
+    task = "CAUSAL_LM" if model_name == "llama20m" else "SEQ_CLS"
+    out: dict[str, Any] = {}
+    for drop in (0.0, 0.1):
+        out[f"lora_d{drop}"] = lambda d=drop: lib.LoraConfig(r=8, lora_alpha=16, lora_dropout=d, target_modules=lin)
+        out[f"dora_d{drop}"] = lambda d=drop: lib.LoraConfig(r=8, lora_alpha=16, lora_dropout=d, target_modules=lin,
+                                                             use_dora=True)
+    if hasattr(lib, "IA3Config"):
+        targets, ff = IA3_TARGETS[model_name]
+        out["ia3"] = lambda: lib.IA3Config(target_modules=targets, feedforward_modules=ff)
+    if hasattr(lib, "PromptTuningConfig"):
+        out["prompt"] = lambda: lib.PromptTuningConfig(num_virtual_tokens=20, task_type=task)
+    if hasattr(lib, "PrefixTuningConfig"):
+        out["prefix"] = lambda: lib.PrefixTuningConfig(num_virtual_tokens=20, task_type=task)
+    return out
+
+
+def build(lib: Any, base: torch.nn.Module, make_config: Any) -> tuple[Any, Any] | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(copy.deepcopy(base), make_config())
+    except Exception as err:  # a method the library lacks or cannot apply here
+        print(f"    skipped {lib.__name__}: {type(err).__name__}: {str(err)[:120]}")
+        return None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, opt
+
+
+def train_step(model: Any, opt: Any, batch: dict[str, torch.Tensor]) -> None:
+    model.train()
+    model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def floor_step(base: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    base.train()
+    embeds = base.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    rest = {k: v for k, v in batch.items() if k != "input_ids"}
+    base(inputs_embeds=embeds, **rest).loss.backward()
+
+
+@torch.no_grad()
+def infer(model: Any, batch: dict[str, torch.Tensor]) -> None:
+    model.eval()
+    model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def speed(model_name: str, reps: int) -> dict[str, Any]:
+    import peft
+
+    import peftkit
+
+    base = make_model(model_name)
+    batch = make_batch(model_name)
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    result: dict[str, Any] = {"model": model_name, "params_m": sum(p.numel() for p in base.parameters()) / 1e6}
+    contenders: dict[str, Any] = {"floor": partial(floor_step, frozen, batch)}
+    ours_cfg, theirs_cfg = configs(peftkit, model_name), configs(peft, model_name)
+    built: dict[str, Any] = {}
+    for label in ours_cfg:
+        for lib, cfgs, tag in ((peftkit, ours_cfg, "peftkit"), (peft, theirs_cfg, "peft")):
+            if label not in cfgs:
+                continue
+            got = build(lib, base, cfgs[label])
+            if got is not None:
+                built[f"{tag}:{label}"] = got
+                contenders[f"{tag}:{label}"] = partial(train_step, got[0], got[1], batch)
+    med = interleaved(contenders, reps)
+    result["train_ms"] = {k: 1000 * v for k, v in med.items()}
+    ratios = {}
+    for label in ours_cfg:
+        a, b = med.get(f"peftkit:{label}"), med.get(f"peft:{label}")
+        if a and b:
+            ratios[label] = a / b
+    result["peftkit_over_peft"] = ratios
+    result["lora_over_floor"] = {lib: med[f"{lib}:lora_d0.0"] / med["floor"] for lib in ("peftkit", "peft")
+                                 if f"{lib}:lora_d0.0" in med}
+    result["lora_d01_over_floor"] = {lib: med[f"{lib}:lora_d0.1"] / med["floor"] for lib in ("peftkit", "peft")
+                                     if f"{lib}:lora_d0.1" in med}
+    # inference: base, unmerged, merged (wrappers in place), unloaded
+    inf: dict[str, Any] = {"base": partial(infer, frozen, batch)}
+    for tag in ("peftkit", "peft"):
+        if f"{tag}:lora_d0.0" in built:
+            inf[f"{tag}:unmerged"] = partial(infer, built[f"{tag}:lora_d0.0"][0], batch)
+    merged = {}
+    for tag in ("peftkit", "peft"):
+        if f"{tag}:lora_d0.0" in built:
+            m = copy.deepcopy(built[f"{tag}:lora_d0.0"][0])
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.01)
+            m.merge_adapter()
+            merged[tag] = m
+            inf[f"{tag}:merged"] = partial(infer, m, batch)
+    med_inf = interleaved(inf, reps)
+    result["inference_ms"] = {k: 1000 * v for k, v in med_inf.items()}
+    result["inference_over_base"] = {k: v / med_inf["base"] for k, v in med_inf.items() if k != "base"}
+    # merge time
+    merge_t = {}
+    for tag, m in merged.items():
+        times = []
+        for _ in range(5):
+            m.unmerge_adapter()
+            t = time.perf_counter()
+            m.merge_adapter()
+            times.append(time.perf_counter() - t)
+        merge_t[tag] = 1000 * sorted(times)[len(times) // 2]
+    result["merge_ms"] = merge_t
+    return result
+
+
+def memory_child(lib_name: str, model_name: str, label: str) -> None:
+    """Entry of the per-library memory process: build, take 3 train steps, print peak RSS (MiB)."""
+    lib = __import__(lib_name)
+    base = make_model(model_name)
+    batch = make_batch(model_name)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    got = build(lib, base, configs(lib, model_name)[label])
+    if got is None:
+        print(json.dumps({"peak_mib": None}))
+        return
+    del base
+    for _ in range(3):
+        train_step(got[0], got[1], batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak, "before_mib": before}))
+
+
+def memory(model_name: str) -> dict[str, Any]:
+    out = {}
+    for label in ("lora_d0.0", "dora_d0.0"):
+        for lib in ("peftkit", "peft"):
+            cmd = [sys.executable, "-m", "benchmarks.bench_speed", "--memory-child", lib, model_name, label]
+            text = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip().splitlines()
+            out[f"{lib}:{label}"] = json.loads(text[-1])["peak_mib"] if text else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--models", default="llama20m,minilm")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    results = []
+    for model_name in args.models.split(","):
+        print(f"== {model_name}")
+        r = speed(model_name, args.reps)
+        r["peak_memory_mib"] = memory(model_name)
+        results.append(r)
+        print(json.dumps(r, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
