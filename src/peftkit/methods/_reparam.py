@@ -111,7 +111,7 @@ def kron(a: Tensor, b: Tensor) -> Tensor:
     b = b.reshape((1,) * (n - b.dim()) + tuple(b.shape))
     spread_a = a.reshape([s for d in a.shape for s in (d, 1)])
     spread_b = b.reshape([s for d in b.shape for s in (1, d)])
-    return (spread_a * spread_b).reshape([x * y for x, y in zip(a.shape, b.shape)])
+    return (spread_a * spread_b).reshape([x * y for x, y in zip(a.shape, b.shape, strict=True)])
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

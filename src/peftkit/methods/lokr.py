@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, check, register_method
