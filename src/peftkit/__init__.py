@@ -12,6 +12,7 @@ from peftkit.methods.krona import KronaConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.sora import SoraConfig
 from peftkit.model import PeftModel, get_peft_model
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "MethodSpec",
     "PeftConfig",
     "PeftModel",
+    "SoraConfig",
     "__version__",
     "all_methods",
     "get_method",
