@@ -8,6 +8,7 @@ The public API mirrors HuggingFace PEFT so that code ports by changing the impor
 from peftkit._version import __version__
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get_method, register_method
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.krona import KronaConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
@@ -16,6 +17,7 @@ from peftkit.methods.sora import SoraConfig
 from peftkit.model import PeftModel, get_peft_model
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterLoadError",
     "ConfigError",
     "KronaConfig",

@@ -1,3 +1,3 @@
 """Built-in PEFT methods. Importing this package registers each of them (see :mod:`peftkit.config`)."""
 
-from peftkit.methods import krona, loha, lokr, lora, sora  # noqa: F401
+from peftkit.methods import adalora, krona, loha, lokr, lora, sora  # noqa: F401
