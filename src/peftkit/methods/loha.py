@@ -102,12 +102,13 @@ class LoHaAdapter(LycorisAdapter):
         if config.init_weights:
             torch.nn.init.zeros_(self.hada_w2_b)
 
-    def delta(self) -> Tensor:
+    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
+        w = self.weights(dtype)
         if self.cp:
-            full = (rebuild_cp(self.hada_t1, self.hada_w1_a, self.hada_w1_b)
-                    * rebuild_cp(self.hada_t2, self.hada_w2_a, self.hada_w2_b) * self.scaling)
+            full = (rebuild_cp(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
+                    * rebuild_cp(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"]) * self.scaling)
         else:
-            full = _Hadamard.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scaling)
+            full = _Hadamard.apply(w["hada_w1_a"], w["hada_w1_b"], w["hada_w2_a"], w["hada_w2_b"], self.scaling)
         return full.reshape(self.layout.canonical_shape())
 
 

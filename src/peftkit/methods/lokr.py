@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, check, register_method
@@ -109,19 +110,20 @@ class LoKrAdapter(LycorisAdapter):
         elif init == "lycoris":
             nn.init.zeros_(self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_b)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """``(w1, w2)`` rebuilt from the stored parameters (differentiable)."""
-        w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
-        if hasattr(self, "lokr_w2"):
-            w2 = self.lokr_w2
-        elif hasattr(self, "lokr_t2"):
-            w2 = rebuild_cp(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+    def factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(w1, w2)`` rebuilt from the stored parameters cast to ``dtype`` (differentiable)."""
+        w = self.weights(dtype)
+        w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
+        if "lokr_w2" in w:
+            w2 = w["lokr_w2"]
+        elif "lokr_t2" in w:
+            w2 = rebuild_cp(w["lokr_t2"], w["lokr_w2_a"], w["lokr_w2_b"])
         else:
-            w2 = self.lokr_w2_a @ self.lokr_w2_b
+            w2 = w["lokr_w2_a"] @ w["lokr_w2_b"]
         return w1, w2
 
-    def delta(self) -> Tensor:
-        w1, w2 = self.factors()
+    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
+        w1, w2 = self.factors(dtype)
         if w2.dim() == 4:  # peft's rule: only a 4-d w2 gets w1 as (a, c, 1, 1); kron pads the rest in front
             w1 = w1[:, :, None, None]
         return (rp.kron(w1, w2) * self.scaling).reshape(self.layout.canonical_shape())

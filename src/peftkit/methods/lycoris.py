@@ -101,9 +101,14 @@ class LycorisAdapter(Adapter):
         self.layout, self.r, self.alpha, self.scaling = layout, r, alpha, alpha / r
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
 
-    def delta(self) -> Tensor:  # pragma: no cover - abstract
-        """The canonical delta, scaled, in the parameters' dtype (differentiable)."""
+    def delta(self, dtype: torch.dtype | None = None) -> Tensor:  # pragma: no cover - abstract
+        """The canonical delta, scaled, built from the parameters cast to ``dtype`` (default: as they
+        are); differentiable."""
         raise NotImplementedError
+
+    def weights(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The adapter's parameters by name, cast to ``dtype`` when given (merging builds in float32)."""
+        return {n: p if dtype is None else p.to(dtype) for n, p in self.named_parameters()}
 
     def side(self, layer: AdaptedLayer, x: Tensor) -> Tensor:
         """``delta x`` as the base layer would apply its weight (the delta is built here)."""
@@ -121,7 +126,7 @@ class LycorisAdapter(Adapter):
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         with torch.no_grad():
-            return rp.to_base_layout(self.delta().float(), self.layout)
+            return rp.to_base_layout(self.delta(torch.float32), self.layout)
 
 
 class LycorisTuner(WrapTuner):
