@@ -176,7 +176,7 @@ def test_training_reduces_loss_and_only_adapter_gets_gradients():
 
 
 INTEROP = {
-    "bert": (tiny_bert_classifier, dict(target_modules=["query", "value", "dense"])),
+    "bert": (tiny_bert_classifier, dict(target_modules=["query", "value", "dense"], bias="lora_only")),
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
 }
 
