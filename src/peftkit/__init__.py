@@ -8,18 +8,28 @@ The public API mirrors HuggingFace PEFT so that code ports by changing the impor
 from peftkit._version import __version__
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get_method, register_method
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.methods.adalora import AdaLoraConfig
+from peftkit.methods.krona import KronaConfig
+from peftkit.methods.loha import LoHaConfig
+from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.moe_lora import MoeLoraConfig
+from peftkit.methods.sora import SoraConfig
 from peftkit.model import PeftModel, get_peft_model
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterLoadError",
     "ConfigError",
+    "KronaConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MethodSpec",
     "MoeLoraConfig",
     "PeftConfig",
     "PeftModel",
+    "SoraConfig",
     "__version__",
     "all_methods",
     "get_method",

@@ -87,6 +87,14 @@ class Adapter(nn.Module):
         """The additive change to the base bias (float32), or None when the adapter has none."""
         return None
 
+    def export_state(self) -> dict[str, Tensor]:
+        """The tensors written to the adapter file, keyed as in ``state_dict()`` (which is the default).
+
+        A method whose training switches ranks off (AdaLoRA, SoRA) returns only the kept ones; its
+        tuner's ``export_config`` then describes those shapes, so that loading builds the adapter compact.
+        """
+        return self.state_dict()
+
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Fold the adapter into float32 ``weight``/``bias``; returns the new pair (default: add the deltas)."""
         db = self.delta_bias(layer)

@@ -243,14 +243,17 @@ class AdapterModel(nn.Module):
         return self.model
 
     # --- state for saving ---------------------------------------------------------------------------
-    def adapter_tensors(self, adapter_name: str) -> dict[str, Tensor]:
+    def adapter_tensors(self, adapter_name: str, export: bool = False) -> dict[str, Tensor]:
         """The tensors of one adapter keyed as on disk, relative to the model (no ``base_model.model.``):
-        ``<module path>.<parameter path inside the adapter>``; built from the module tree."""
+        ``<module path>.<parameter path inside the adapter>``; built from the module tree. With ``export``
+        each adapter gives what its file holds (:meth:`Adapter.export_state`, e.g. only kept ranks);
+        without, the live tensors (what loading copies into)."""
         self.check_known([adapter_name])
         out: dict[str, Tensor] = {}
         for name, w in self.wrappers():
             if isinstance(w, AdaptedLayer) and adapter_name in w.adapters:
-                for k, t in w.adapters[adapter_name].state_dict().items():
+                adapter = w.adapters[adapter_name]
+                for k, t in (adapter.export_state() if export else adapter.state_dict()).items():
                     out[f"{name}.{k}"] = t
             elif isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save:
                 for k, t in w.modules_to_save[adapter_name].state_dict().items():

@@ -53,6 +53,11 @@ class Tuner:
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
         """Drop state kept outside wrapped layers when the adapter is deleted or the model unloaded."""
 
+    def export_config(self, host: AdapterModel, adapter_name: str) -> PeftConfig:
+        """The config written next to the adapter's file tensors (default: the adapter's config as is). A
+        method whose saved shapes depend on training (SoRA's pruned ranks) returns an updated copy."""
+        return host.peft_config[adapter_name]
+
 
 class WrapTuner(Tuner):
     """Tuner of methods that wrap target layers; subclasses give :meth:`supported_types` and :meth:`make_adapter`."""

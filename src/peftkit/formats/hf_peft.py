@@ -59,8 +59,12 @@ def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -
     Raises:
         ConfigError: unknown adapter name.
     """
+    return _tensors(model, adapter_name, export=True)
+
+
+def _tensors(model: PeftModel, adapter_name: str, export: bool) -> dict[str, Tensor]:
     host = model.base_model
-    out = {PREFIX + k: v for k, v in host.adapter_tensors(adapter_name).items()}
+    out = {PREFIX + k: v for k, v in host.adapter_tensors(adapter_name, export=export).items()}
     out.update(host.tuner(adapter_name).extra_tensors(host, adapter_name))
     return out
 
@@ -75,7 +79,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     Raises:
         AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
     """
-    expected = get_peft_model_state_dict(model, adapter_name)
+    expected = _tensors(model, adapter_name, export=False)
     # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
     # such keys name a base-model parameter and are loaded into it.
     base_params = {PREFIX + k: v for k, v in model.base_model.model.named_parameters()}
@@ -114,7 +118,8 @@ def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLi
         return
     os.makedirs(directory, exist_ok=True)
     atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
-    model.peft_config[adapter_name].save_pretrained(directory)
+    host = model.base_model
+    host.tuner(adapter_name).export_config(host, adapter_name).save_pretrained(directory)
 
 
 def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None

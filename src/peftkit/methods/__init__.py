@@ -1,6 +1,11 @@
-"""Built-in PEFT methods. Importing this package registers each of them (see :mod:`peftkit.config`)."""
+"""Built-in PEFT methods. Importing this package registers each of them (see :mod:`peftkit.config`);
+the order here is the order ``peftkit methods`` lists them in."""
+# ruff: noqa: I001
 
-from peftkit.methods import (
-    lora,  # noqa: F401
-    moe_lora,  # noqa: F401
-)
+from peftkit.methods import lora  # noqa: F401  (first: the reference method)
+from peftkit.methods import adalora  # noqa: F401
+from peftkit.methods import loha  # noqa: F401
+from peftkit.methods import lokr  # noqa: F401
+from peftkit.methods import krona  # noqa: F401
+from peftkit.methods import sora  # noqa: F401
+from peftkit.methods import moe_lora  # noqa: F401

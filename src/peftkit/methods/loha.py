@@ -1,0 +1,135 @@
+"""LoHa: low-rank Hadamard product adaptation (peft's ``LoHaConfig``, ``peft_type`` ``LOHA``).
+
+Paper: Hyeon-Woo et al., "FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated
+Learning", 2021, arXiv:2108.06098 (used for fine-tuning by LyCORIS, arXiv:2309.14859).
+
+Equation: ``h = W0 x + (alpha / r) * ((w1_a w1_b) ⊙ (w2_a w2_b)) x``. The Hadamard product of two
+rank-``r`` matrices has rank up to ``r^2``. Trainable parameters per layer: ``2 r (out + in)`` for
+Linear/``Conv1D``; ``2 r (out + in/groups * prod(kernel))`` for a convolution; with
+``use_effective_conv2d`` ``2 (r^2 prod(kernel) + r out + r in/groups)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from peftkit.config import MethodSpec, check, register_method
+from peftkit.methods import _reparam as rp
+from peftkit.methods.lycoris import (
+    LycorisAdapter,
+    LycorisConfig,
+    LycorisTuner,
+    core_kernel,
+    effective_conv,
+    param,
+    rebuild_cp,
+)
+
+LOHA_PAPER = ("FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated Learning "
+              "(Hyeon-Woo et al., 2021, arXiv:2108.06098)")
+
+
+@dataclass
+class LoHaConfig(LycorisConfig):
+    """Configuration of LoHa (field names and defaults as ``peft.LoHaConfig``).
+
+    Fields: see :class:`~peftkit.methods.lycoris.LycorisConfig` (``r``, ``alpha``, ``rank_dropout``,
+    ``module_dropout``, ``use_effective_conv2d``, ``target_modules``, ``init_weights``, patterns, ...).
+    With ``init_weights=True`` ``hada_w2_b`` starts at zero (the adapter is the identity) and the other
+    factors Kaiming-uniform.
+
+    Equation: ``delta = (alpha / r) * (w1_a @ w1_b) * (w2_a @ w2_b)`` (element-wise product).
+    Trainable parameters per layer: ``2 r (out + in)``; convolution ``2 r (out + in/groups * prod(k))``,
+    effective convolution ``2 (r^2 prod(k) + r out + r in/groups)``.
+
+    Raises:
+        ConfigError: as :class:`LycorisConfig`, or ``init_weights`` not a bool.
+    """
+
+    peft_type = "LOHA"
+
+    def validate(self) -> None:
+        super().validate()
+        check(isinstance(self.init_weights, bool),
+              f"init_weights={self.init_weights!r} is not valid; LoHa takes True or False")
+
+
+class _Hadamard(torch.autograd.Function):
+    """``(w1a @ w1b) * (w2a @ w2b) * scale``; backward recomputes the two products instead of keeping
+    them, so training holds no ``(out, in)`` tensor beyond the delta itself."""
+
+    @staticmethod
+    def forward(ctx, w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = grad * (w2a @ w2b)   # d delta / d (w1a @ w1b)
+        g2 = grad * (w1a @ w1b)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
+
+
+class LoHaAdapter(LycorisAdapter):
+    """LoHa on one Linear, GPT-2 ``Conv1D``, ``nn.Conv1d`` or ``nn.Conv2d`` layer.
+
+    Parameters (peft's names and shapes): ``hada_w1_a, hada_w2_a: (out, r)``,
+    ``hada_w1_b, hada_w2_b: (r, in)`` (``in`` = ``in/groups * prod(kernel)`` for a convolution); with
+    the effective convolution ``hada_t1, hada_t2: (r, r, *kernel)`` (a 1-d kernel as ``(k, 1)``),
+    ``hada_w*_a: (r, out)``, ``hada_w*_b: (r, in/groups)``.
+    """
+
+    def __init__(self, layout: rp.Layout, r: int, alpha: float, config: LoHaConfig) -> None:
+        super().__init__(layout, r, alpha, config)
+        out_f = layout.out_features
+        self.cp = effective_conv(layout, config)
+        if self.cp:
+            self.hada_t1, self.hada_t2 = param(r, r, *core_kernel(layout)), param(r, r, *core_kernel(layout))
+            self.hada_w1_a, self.hada_w2_a = param(r, out_f), param(r, out_f)
+            self.hada_w1_b, self.hada_w2_b = param(r, layout.in_features), param(r, layout.in_features)
+        else:
+            self.hada_w1_a, self.hada_w2_a = param(out_f, r), param(out_f, r)
+            self.hada_w1_b, self.hada_w2_b = param(r, layout.flat_in), param(r, layout.flat_in)
+        for p in self.parameters():
+            rp.kaiming_(p)
+        if config.init_weights:
+            torch.nn.init.zeros_(self.hada_w2_b)
+
+    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
+        w = self.weights(dtype)
+        if self.cp:
+            full = (rebuild_cp(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
+                    * rebuild_cp(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"]) * self.scaling)
+        else:
+            full = _Hadamard.apply(w["hada_w1_a"], w["hada_w1_b"], w["hada_w2_a"], w["hada_w2_b"], self.scaling)
+        return full.reshape(self.layout.canonical_shape())
+
+
+class LoHaTuner(LycorisTuner):
+    """Builds one LoHa adapter per target module."""
+
+    method = "LoHa"
+
+    def build(self, layout: rp.Layout, r: int, alpha: float, config: LoHaConfig) -> LoHaAdapter:
+        return LoHaAdapter(layout, r, alpha, config)
+
+
+def loha_from_cli(args: Any) -> LoHaConfig:
+    """A :class:`LoHaConfig` from ``peftkit train`` options (``--r``, ``--lora-alpha`` as ``alpha``)."""
+    check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout} has no meaning for LoHa; use "
+                                  "--option rank_dropout=P or --option module_dropout=P")
+    return LoHaConfig(r=args.r, alpha=args.lora_alpha, target_modules=args.target_modules or "all-linear",
+                      task_type=args.task_type)
+
+
+register_method(MethodSpec(
+    name="loha", config_cls=LoHaConfig, family="reparameterised", kind="wrap", mergeable=True,
+    paper=LOHA_PAPER, tuner=LoHaTuner(), cli_config=loha_from_cli,
+))
