@@ -9,6 +9,9 @@ from peftkit._version import __version__
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get_method, register_method
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.p_tuning import PromptEncoderConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.model import PeftModel, get_peft_model
 
 __all__ = [
@@ -18,6 +21,9 @@ __all__ = [
     "MethodSpec",
     "PeftConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "__version__",
     "all_methods",
     "get_method",

@@ -53,6 +53,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def key_prefix(config: PeftConfig) -> str:
+    """``base_model.model.`` before module paths, or ``base_model.`` for prompt-learning methods, whose
+    peft model holds the user's model directly (``base_model.classifier.weight``)."""
+    return "base_model." if config.is_prompt_learning else PREFIX
+
+
 def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, Tensor]:
     """The tensors of one adapter keyed as in the file (mirrors ``peft.get_peft_model_state_dict``).
 
@@ -60,7 +66,9 @@ def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -
         ConfigError: unknown adapter name.
     """
     host = model.base_model
-    out = {PREFIX + k: v for k, v in host.adapter_tensors(adapter_name).items()}
+    host.check_known([adapter_name])
+    prefix = key_prefix(host.peft_config[adapter_name])
+    out = {prefix + k: v for k, v in host.adapter_tensors(adapter_name).items()}
     out.update(host.tuner(adapter_name).extra_tensors(host, adapter_name))
     return out
 
@@ -75,13 +83,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     Raises:
         AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
     """
-    expected = get_peft_model_state_dict(model, adapter_name)
-    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
-    # such keys name a base-model parameter and are loaded into it.
-    base_params = {PREFIX + k: v for k, v in model.base_model.model.named_parameters()}
-    for k in state_dict:
-        if k not in expected and k in base_params:
-            expected[k] = base_params[k]
+    expected = _load_targets(model, state_dict, adapter_name)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
@@ -97,9 +99,24 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
                         f"{unexpected[:3]}")
     if problems:
         raise AdapterLoadError(f"adapter {adapter_name!r} does not fit the model: " + " | ".join(problems))
+    host = model.base_model
+    host.tuner(adapter_name).before_load(host, adapter_name)
+    expected = _load_targets(model, state_dict, adapter_name)
     with torch.no_grad():
         for k, dst in expected.items():
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
+
+
+def _load_targets(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
+    expected = get_peft_model_state_dict(model, adapter_name)
+    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
+    # such keys name a base-model parameter and are loaded into it.
+    prefix = key_prefix(model.peft_config[adapter_name])
+    base_params = {prefix + k: v for k, v in model.base_model.model.named_parameters()}
+    for k in state_dict:
+        if k not in expected and k in base_params:
+            expected[k] = base_params[k]
+    return expected
 
 
 def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike) -> None:
