@@ -159,6 +159,8 @@ class MethodSpec:
         tuner: callable ``tuner(model_wrapper, config, adapter_name)`` that injects the adapter.
         cli_config: callable ``cli_config(args) -> config`` building a config from CLI options, or None.
         aliases: other names that find this method.
+        default_lr: the peak learning rate ``peftkit train`` uses for this method when ``--lr`` is not
+            given (None: the trainer's 1e-3); e.g. soft prompts need a higher one.
         preset_of: the name of another registered method whose config class, file format and tuner this
             one shares (a named preset, e.g. P-tuning v2 of prefix tuning). A preset is listed and
             trainable under its own name but does not claim ``peft_type``, so its files load as that method.
@@ -173,6 +175,7 @@ class MethodSpec:
     tuner: Any
     cli_config: Callable[..., PeftConfig] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    default_lr: float | None = None
     preset_of: str | None = None
 
     @property

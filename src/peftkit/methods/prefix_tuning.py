@@ -142,22 +142,25 @@ class PrefixTuner(PromptTuner):
 
 
 def prefix_tuning_from_cli(args: Any) -> PrefixTuningConfig:
-    """``peftkit train --method prefix-tuning``: 20 prefixes trained through the MLP (width 128)."""
+    """``peftkit train --method prefix-tuning``: 20 prefixes trained through the MLP (width 128), at the
+    method's default learning rate 5e-3."""
     return PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128,
                               task_type=args.task_type)
 
 
 def p_tuning_v2_from_cli(args: Any) -> PrefixTuningConfig:
-    """``peftkit train --method p-tuning-v2``: 20 deep prompts per layer, trained directly."""
+    """``peftkit train --method p-tuning-v2``: 20 deep prompts per layer, trained directly at the preset's
+    default learning rate 1e-2 (P-tuning v2 tunes 5e-3 to 1e-2)."""
     return PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=False, task_type=args.task_type)
 
 
 PREFIX_TUNER = PrefixTuner()
 register_method(MethodSpec(
     name="prefix-tuning", config_cls=PrefixTuningConfig, family="additive", kind="prompt", mergeable=False,
-    paper=PREFIX_PAPER, tuner=PREFIX_TUNER, cli_config=prefix_tuning_from_cli,
+    paper=PREFIX_PAPER, tuner=PREFIX_TUNER, cli_config=prefix_tuning_from_cli, default_lr=5e-3,
 ))
 register_method(MethodSpec(
     name="p-tuning-v2", config_cls=PrefixTuningConfig, family="additive", kind="prompt", mergeable=False,
     paper=P_TUNING_V2_PAPER, tuner=PREFIX_TUNER, cli_config=p_tuning_v2_from_cli, preset_of="prefix-tuning",
+    default_lr=1e-2,
 ))

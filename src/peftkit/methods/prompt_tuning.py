@@ -108,11 +108,14 @@ class PromptTuningTuner(PromptTuner):
 
 def prompt_tuning_from_cli(args: Any) -> PromptTuningConfig:
     """``peftkit train --method prompt-tuning``: 20 virtual tokens drawn from the vocabulary (override
-    with ``--option num_virtual_tokens=N`` etc.)."""
+    with ``--option num_virtual_tokens=N`` etc.), trained at the method's default learning rate 1e-2
+    (soft prompts need far more than LoRA's 1e-3: Lester et al. use 0.3 with Adafactor; the classifier
+    head, trained alongside on ``SEQ_CLS`` tasks, limits how high it can go)."""
     return PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="SAMPLE_VOCAB", task_type=args.task_type)
 
 
 register_method(MethodSpec(
     name="prompt-tuning", config_cls=PromptTuningConfig, family="additive", kind="prompt", mergeable=False,
     paper=PROMPT_TUNING_PAPER, tuner=PromptTuningTuner(), cli_config=prompt_tuning_from_cli,
+    default_lr=1e-2,
 ))

@@ -68,7 +68,8 @@ class RunConfig:
         data_dir: folder holding GLUE task folders (needed for MRPC, which is not shipped).
         r, lora_alpha, lora_dropout, target_modules: method options (target default ``all-linear``).
         method_options: extra config fields for the method, e.g. ``{"use_rslora": True}``.
-        lr: peak learning rate; None picks 1e-3 for adapters and 5e-5 for full fine-tuning.
+        lr: peak learning rate; None picks the method's registered ``default_lr`` (1e-3 when it has
+            none) for adapters and 5e-5 for full fine-tuning.
         epochs / max_steps: training length; ``max_steps`` wins when set.
         batch_size, max_length: rows per step; tokens per row after truncation.
         max_train_samples / max_eval_samples: use only the first N examples (after a seeded shuffle
@@ -111,7 +112,9 @@ class RunConfig:
         return "CAUSAL_LM" if self.task == CAUSAL_LM else "SEQ_CLS"
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (5e-5 if self.full_finetune else 1e-3)
+        if self.lr is not None:
+            return self.lr
+        return 5e-5 if self.full_finetune else (get_method(self.method).default_lr or 1e-3)
 
     def label(self) -> str:
         return "full" if self.full_finetune else self.method
