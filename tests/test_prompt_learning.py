@@ -315,6 +315,44 @@ def test_adapters_come_and_go_without_leaving_hooks():
     assert not plain._forward_pre_hooks and not plain._forward_hooks
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_generate_from_embeddings_with_beams_and_a_static_cache(method):
+    model, _ = adapted("llama", method)
+    x = ids(2, 6)
+    out = greedy(model, x, steps=4)
+    with torch.no_grad():
+        from_embeds = greedy(model, None, steps=4, inputs_embeds=model.get_input_embeddings()(x))
+        beams = greedy(model, x, steps=4, num_beams=3)
+    assert from_embeds.tolist() == out[:, 6:].tolist()
+    assert beams.shape == (2, 10) and beams[:, :6].tolist() == x.tolist()
+    with pytest.raises(ValueError, match="needs a growing cache"):
+        greedy(model, x, steps=2, cache_implementation="static")
+
+
+def test_a_soft_prompt_composes_with_a_lora_adapter():
+    from peftkit import LoraConfig
+
+    model, twin = adapted("gpt2", "prefix")
+    model.add_adapter("lora", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    x = ids()
+    with torch.no_grad():
+        prefix_only = model(input_ids=x).logits
+        model.set_adapter(["default", "lora"])
+        both = model(input_ids=x).logits
+        model.set_adapter("lora")
+        lora_only = model(input_ids=x).logits
+        model.set_adapter(["default", "lora"])
+        first = greedy(model, x, steps=1)[:, -1]
+        with model.disable_adapter():
+            off = model(input_ids=x).logits
+    assert first.tolist() == both[:, -1].argmax(-1).tolist()
+    assert (both - prefix_only).abs().max() > 1e-3 and (both - lora_only).abs().max() > 1e-3
+    assert torch.equal(off, twin(input_ids=x).logits)
+    learning = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.extra_modules.default.embedding.weight" in learning
+    assert len(learning) == 1 + 2 * 2  # the prefixes, lora_A and lora_B of two c_attn layers
+
+
 def test_prefix_refuses_gradient_checkpointing_in_training():
     model = get_peft_model(tiny_llama(), METHODS["prefix"]())
     model.gradient_checkpointing_enable()

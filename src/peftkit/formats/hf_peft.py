@@ -2,6 +2,8 @@
 
 On disk a tensor is keyed ``base_model.model.<module path>.<parameter path>`` with the adapter name
 stripped (``...query.lora_A.weight``), exactly as ``peft`` writes it, so adapters move both ways.
+Prompt-learning adapters use ``base_model.<module path>`` (peft holds the user's model directly there)
+plus their own keys from the tuner's ``extra_tensors`` (``prompt_embeddings``).
 Keys are built from the module tree (never by substring replacement), so a module or adapter whose
 name contains ``lora`` or ``default`` is handled like any other. Only safetensors and JSON are read;
 pickle files are refused. Every write goes to a temporary file in the same folder and is renamed

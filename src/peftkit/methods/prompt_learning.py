@@ -327,6 +327,9 @@ class PromptHooks:
         """Extend mask and positions; returns whether this is a first call (virtual tokens to insert)."""
         kw, p, batch, length = call.kwargs, call.num_virtual, call.batch, call.length
         cache = kw.get("cache")
+        if getattr(cache, "is_compileable", False):
+            raise ValueError(f"soft-prompt adapter {self.name!r} needs a growing cache (transformers' DynamicCache, "
+                             f"the default); {type(cache).__name__} has no room for the virtual tokens")
         past = cache.get_seq_length() if cache is not None else 0
         if past and past < p:
             raise ValueError(f"the cache holds {past} positions, fewer than the {p} virtual tokens of adapter "
