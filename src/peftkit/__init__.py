@@ -14,6 +14,9 @@ from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.moe_lora import MoeLoraConfig
+from peftkit.methods.p_tuning import PromptEncoderConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
 from peftkit.model import PeftModel, get_peft_model
 
@@ -29,6 +32,9 @@ __all__ = [
     "MoeLoraConfig",
     "PeftConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "SoraConfig",
     "__version__",
     "all_methods",

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated names/suffixes, a regex, or all-linear (default all-linear)")
     t.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="extra method config field, JSON value (e.g. --option use_rslora=true); repeatable")
-    t.add_argument("--lr", type=_positive_float, help="peak learning rate (default 1e-3; 5e-5 full fine-tune)")
+    t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the method's, 1e-3 for most; 5e-5 full fine-tune)")
     t.add_argument("--epochs", type=_positive_float, help="passes over the training data")
     t.add_argument("--max-steps", type=_positive_int,
                    help=f"optimiser steps (default {DEFAULT_STEPS} unless --epochs is given)")

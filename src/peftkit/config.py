@@ -158,8 +158,12 @@ class MethodSpec:
         paper: title, year and arXiv id of the paper it implements.
         tuner: callable ``tuner(model_wrapper, config, adapter_name)`` that injects the adapter.
         cli_config: callable ``cli_config(args) -> config`` building a config from CLI options, or None.
-        default_lr: the learning rate ``peftkit train`` uses for this method when ``--lr`` is not given
-            (None: 1e-3).
+        aliases: other names that find this method.
+        default_lr: the peak learning rate ``peftkit train`` uses for this method when ``--lr`` is not
+            given (None: the trainer's 1e-3); e.g. soft prompts need a higher one.
+        preset_of: the name of another registered method whose config class, file format and tuner this
+            one shares (a named preset, e.g. P-tuning v2 of prefix tuning). A preset is listed and
+            trainable under its own name but does not claim ``peft_type``, so its files load as that method.
     """
 
     name: str
@@ -172,6 +176,7 @@ class MethodSpec:
     cli_config: Callable[..., PeftConfig] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
     default_lr: float | None = None
+    preset_of: str | None = None
 
     @property
     def peft_type(self) -> str:
@@ -185,11 +190,17 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry under its name, aliases and ``peft_type``.
 
     Raises:
-        ConfigError: the family or kind is unknown, or the name is taken by another method.
+        ConfigError: the family or kind is unknown, the name is taken by another method, or ``preset_of``
+            names no registered method with the same config class.
     """
     check(spec.family in FAMILIES, f"family={spec.family!r} must be one of {FAMILIES}")
     check(spec.kind in KINDS, f"kind={spec.kind!r} must be one of {KINDS}")
-    for key in (spec.name, spec.peft_type, *spec.aliases):
+    if spec.preset_of is not None:
+        base = _REGISTRY.get(spec.preset_of.lower())
+        check(base is not None and base.config_cls is spec.config_cls,
+              f"preset_of={spec.preset_of!r} must name a registered method using {spec.config_cls.__name__}")
+    keys = (spec.name, *spec.aliases) if spec.preset_of else (spec.name, spec.peft_type, *spec.aliases)
+    for key in keys:
         other = _REGISTRY.get(key.lower())
         check(other is None or other is spec or other.name == spec.name,
               f"method name {key!r} is already registered by {other.name if other else ''!r}")

@@ -35,6 +35,9 @@ class AdapterModel(nn.Module):
         model: the adapted model; wrapped layers live inside it.
         peft_config: adapter name -> its config, in the order the adapters were added.
         active_adapters: names of the adapters in use, in order.
+        extra_modules: adapter name -> a module the adapter keeps outside the model's layers (e.g. a prompt
+            encoder); a tuner's ``inject`` puts it there. It trains exactly when its adapter is active and
+            not in inference mode, and goes when the adapter is deleted or the model unloaded.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -43,6 +46,7 @@ class AdapterModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = []
         self.ctx = AdapterContext()
+        self.extra_modules = nn.ModuleDict()
         self.disabled = False
         self._extra: dict[str, list[str]] = {}
 
@@ -125,6 +129,8 @@ class AdapterModel(nn.Module):
                 if len(module.modules_to_save) == 0:
                     replace_module(self.model, name, module.original_module)
         self._extra.pop(adapter_name, None)
+        if adapter_name in self.extra_modules:
+            del self.extra_modules[adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; layers left with no adapter get their base module back.
@@ -160,10 +166,13 @@ class AdapterModel(nn.Module):
     def _set_trainable(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.extra_modules.requires_grad_(False)
         params = dict(self.model.named_parameters())
         for name in self.active_adapters:
             if self.peft_config[name].inference_mode:
                 continue
+            if name in self.extra_modules:
+                self.extra_modules[name].requires_grad_(True)
             for _, w in self.wrappers():
                 if isinstance(w, AdaptedLayer) and name in w.adapters:
                     adapter = w.adapters[name]
@@ -240,6 +249,7 @@ class AdapterModel(nn.Module):
         self.peft_config.clear()
         self.active_adapters = []
         self._extra.clear()
+        self.extra_modules.clear()
         return self.model
 
     # --- state for saving ---------------------------------------------------------------------------

@@ -42,6 +42,11 @@ class Tuner:
         ``prompt_embeddings``). Saving writes them; loading copies file values into them."""
         return {}
 
+    def before_load(self, host: AdapterModel, adapter_name: str) -> None:
+        """Called when file values are about to be copied into the adapter (after they were checked):
+        switch to the layout the file holds, e.g. fold a training-time reparameterisation, since peft
+        files keep its output only."""
+
     def regularizer(self, host: AdapterModel, adapter_name: str) -> Any:
         """A scalar tensor added to the training loss while the adapter is active and training (e.g.
         AdaLoRA's orthogonality penalty), or None."""

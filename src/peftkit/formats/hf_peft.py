@@ -2,6 +2,8 @@
 
 On disk a tensor is keyed ``base_model.model.<module path>.<parameter path>`` with the adapter name
 stripped (``...query.lora_A.weight``), exactly as ``peft`` writes it, so adapters move both ways.
+Prompt-learning adapters use ``base_model.<module path>`` (peft holds the user's model directly there)
+plus their own keys from the tuner's ``extra_tensors`` (``prompt_embeddings``).
 Keys are built from the module tree (never by substring replacement), so a module or adapter whose
 name contains ``lora`` or ``default`` is handled like any other. Only safetensors and JSON are read;
 pickle files are refused. Every write goes to a temporary file in the same folder and is renamed
@@ -53,6 +55,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def key_prefix(config: PeftConfig) -> str:
+    """``base_model.model.`` before module paths, or ``base_model.`` for prompt-learning methods, whose
+    peft model holds the user's model directly (``base_model.classifier.weight``)."""
+    return "base_model." if config.is_prompt_learning else PREFIX
+
+
 def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, Tensor]:
     """The tensors of one adapter keyed as in the file (mirrors ``peft.get_peft_model_state_dict``).
 
@@ -64,7 +72,9 @@ def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -
 
 def _tensors(model: PeftModel, adapter_name: str, export: bool) -> dict[str, Tensor]:
     host = model.base_model
-    out = {PREFIX + k: v for k, v in host.adapter_tensors(adapter_name, export=export).items()}
+    host.check_known([adapter_name])
+    prefix = key_prefix(host.peft_config[adapter_name])
+    out = {prefix + k: v for k, v in host.adapter_tensors(adapter_name, export=export).items()}
     out.update(host.tuner(adapter_name).extra_tensors(host, adapter_name))
     return out
 
@@ -79,13 +89,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     Raises:
         AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
     """
-    expected = _tensors(model, adapter_name, export=False)
-    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
-    # such keys name a base-model parameter and are loaded into it.
-    base_params = {PREFIX + k: v for k, v in model.base_model.model.named_parameters()}
-    for k in state_dict:
-        if k not in expected and k in base_params:
-            expected[k] = base_params[k]
+    expected = _load_targets(model, state_dict, adapter_name)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
@@ -101,9 +105,25 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
                         f"{unexpected[:3]}")
     if problems:
         raise AdapterLoadError(f"adapter {adapter_name!r} does not fit the model: " + " | ".join(problems))
+    host = model.base_model
+    host.tuner(adapter_name).before_load(host, adapter_name)
+    expected = _load_targets(model, state_dict, adapter_name)
     with torch.no_grad():
         for k, dst in expected.items():
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
+
+
+def _load_targets(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
+    """The live tensors a file's keys are copied into (plus base parameters the file names)."""
+    expected = _tensors(model, adapter_name, export=False)
+    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
+    # such keys name a base-model parameter and are loaded into it.
+    prefix = key_prefix(model.peft_config[adapter_name])
+    base_params = {prefix + k: v for k, v in model.base_model.model.named_parameters()}
+    for k in state_dict:
+        if k not in expected and k in base_params:
+            expected[k] = base_params[k]
+    return expected
 
 
 def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True) -> None:

@@ -9,3 +9,6 @@ from peftkit.methods import lokr  # noqa: F401
 from peftkit.methods import krona  # noqa: F401
 from peftkit.methods import sora  # noqa: F401
 from peftkit.methods import moe_lora  # noqa: F401
+from peftkit.methods import prompt_tuning  # noqa: F401
+from peftkit.methods import p_tuning  # noqa: F401
+from peftkit.methods import prefix_tuning  # noqa: F401

@@ -1,0 +1,166 @@
+"""Prefix tuning and P-tuning v2: trainable key/value prefixes at every attention layer.
+
+Papers: Li and Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", 2021,
+arXiv:2101.00190; Liu, Ji, Fu, Tam, Du, Yang and Tang, "P-Tuning v2: Prompt Tuning Can Be Comparable
+to Fine-tuning Universally Across Scales and Tasks", 2021, arXiv:2110.07602.
+
+Equation, at every layer ``l``: ``head = softmax(Q [Pk_l ; K]^T / sqrt(d_h)) [Pv_l ; V]`` with the
+prefixes ``Pk_l, Pv_l: (P, d_kv)`` trained and the model frozen. With ``prefix_projection`` the
+prefixes are reparameterised during training as ``[Pk ; Pv] = W2 tanh(W1 E' + b1) + b2`` (Li & Liang's
+MLP); :meth:`PrefixEncoder.fold` replaces the MLP by its output exactly, which is also what the file
+holds (peft's ``prompt_embeddings``), so a loaded adapter is folded.
+
+Trainable parameters (``N`` layers, ``d_kv`` = ``num_key_value_heads * head_dim``, ``h`` =
+``encoder_hidden_size``): ``P * 2 * N * d_kv``; with the projection ``P*d_kv + (d_kv*h + h) +
+(h*2*N*d_kv + 2*N*d_kv)``.
+
+P-tuning v2 is prefix tuning applied to natural-language understanding: deep prompts at every layer
+of an encoder with a classification head, usually without the reparameterisation. It has no config of
+its own: the mechanism and the saved tensors are exactly prefix tuning's, so it is a registered preset
+(``peftkit train --method p-tuning-v2``) of :class:`PrefixTuningConfig` (``task_type="SEQ_CLS"``,
+``prefix_projection=False``) and its files are ``PREFIX_TUNING`` files that ``peft`` loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from peftkit.config import MethodSpec, check, register_method
+from peftkit.methods.prompt_learning import (
+    ModelShape,
+    PromptCall,
+    PromptLearningConfig,
+    PromptTuner,
+    VirtualTokens,
+    model_shape,
+    settle,
+)
+
+PREFIX_PAPER = "Prefix-Tuning: Optimizing Continuous Prompts for Generation (Li & Liang, 2021, arXiv:2101.00190)"
+P_TUNING_V2_PAPER = ("P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across Scales "
+                     "and Tasks (Liu et al., 2021, arXiv:2110.07602)")
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Configuration of prefix tuning and P-tuning v2 (field names as ``peft.PrefixTuningConfig``).
+
+    Args:
+        num_virtual_tokens: ``P`` (required, > 0). ``token_dim`` / ``num_attention_heads`` are the
+            key/value width and heads (``num_key_value_heads`` under grouped-query attention), read from
+            the model when None, as peft does.
+        init_weights: None (random prefixes, N(0, 1)) or ``"zero"`` (zero prefixes: the output MLP layer,
+            or the table without projection, starts at zero).
+        encoder_hidden_size: ``h`` of the reparameterisation MLP, > 0; None uses ``token_dim``.
+        prefix_projection: train through the MLP (Li & Liang) instead of the prefixes directly.
+
+    Raises:
+        ConfigError: ``init_weights`` other than None/``"zero"``, a non-positive ``encoder_hidden_size``;
+            plus :class:`PromptLearningConfig`'s checks.
+    """
+
+    peft_type = "PREFIX_TUNING"
+    init_weights: str | None = None
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.init_weights in (None, "zero"),
+              f"init_weights={self.init_weights!r} is not valid; expected None (random) or 'zero'")
+        h = self.encoder_hidden_size
+        check(h is None or (isinstance(h, int) and not isinstance(h, bool) and h > 0),
+              f"encoder_hidden_size={h!r} is not valid; it must be an integer > 0 or None (token_dim)")
+        check(isinstance(self.prefix_projection, bool),
+              f"prefix_projection={self.prefix_projection!r} must be True or False")
+
+
+class PrefixEncoder(VirtualTokens):
+    """The prefixes of all layers: ``forward() -> (P, num_layers * 2 * token_dim)``, laid out per token as
+    ``[layer 0 keys, layer 0 values, layer 1 keys, ...]`` (peft's layout). With ``prefix_projection``
+    (and not ``folded``), ``embedding.weight: (P, token_dim)`` goes through ``transform``
+    (``Linear-Tanh-Linear``); otherwise ``embedding.weight`` is the prefixes themselves."""
+
+    head_names = ("transform",)
+
+    def __init__(self, config: PrefixTuningConfig, folded: bool = False) -> None:
+        d, width = config.token_dim, config.num_layers * 2 * config.token_dim
+        project = config.prefix_projection and not folded
+        super().__init__(config.num_virtual_tokens, d if project else width)
+        if project:
+            self.folded = False
+            h = config.encoder_hidden_size
+            self.transform = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, width))
+        if config.init_weights == "zero":
+            nn.init.zeros_(self.transform[-1].weight if project else self.embedding.weight)
+            if project:
+                nn.init.zeros_(self.transform[-1].bias)
+
+    def project(self, table: Tensor) -> Tensor:
+        return self.transform(table)
+
+
+class PrefixTuner(PromptTuner):
+    """Writes the prefixes into the cache of every first call (a fresh ``DynamicCache``, or the empty
+    cache that ``generate()`` passes), so the real tokens attend to them at every layer."""
+
+    method = "prefix tuning"
+    inserts_embeddings = False
+
+    def complete_config(self, config: PrefixTuningConfig, shape: ModelShape) -> None:
+        settle(config, num_layers=shape.num_layers, num_attention_heads=shape.num_kv_heads,
+               token_dim=shape.num_kv_heads * shape.head_dim, num_transformer_submodules=1)
+        if config.encoder_hidden_size is None:
+            config.encoder_hidden_size = config.token_dim
+
+    def build(self, config: PrefixTuningConfig, model: nn.Module, shape: ModelShape) -> VirtualTokens:
+        return PrefixEncoder(config, folded=config.inference_mode)
+
+    def insert(self, call: PromptCall, tokens: Tensor) -> None:
+        from transformers import Cache, DynamicCache
+
+        model = call.model
+        if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise ValueError("prefix tuning cannot train with gradient checkpointing: transformers drops the cache "
+                             "that holds the prefixes; disable gradient checkpointing")
+        shape = model_shape(model)
+        layers, heads, head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
+        p = call.num_virtual
+        kv = tokens.to(model.get_input_embeddings().weight.dtype).view(p, layers, 2, heads, head_dim)
+        kv = kv.permute(1, 2, 3, 0, 4).unsqueeze(2)  # (layers, 2, 1, heads, P, head_dim)
+        cache = call.kwargs.get("cache")
+        if not isinstance(cache, Cache):
+            cache = DynamicCache(config=model.config)
+            call.made_cache = True
+        size = (call.batch, heads, p, head_dim)
+        for layer in range(layers):
+            cache.update(kv[layer, 0].expand(size), kv[layer, 1].expand(size), layer)
+        call.kwargs["cache"] = cache
+
+
+def prefix_tuning_from_cli(args: Any) -> PrefixTuningConfig:
+    """``peftkit train --method prefix-tuning``: 20 prefixes trained through the MLP (width 128), at the
+    method's default learning rate 5e-3."""
+    return PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128,
+                              task_type=args.task_type)
+
+
+def p_tuning_v2_from_cli(args: Any) -> PrefixTuningConfig:
+    """``peftkit train --method p-tuning-v2``: 20 deep prompts per layer, trained directly at the preset's
+    default learning rate 1e-2 (P-tuning v2 tunes 5e-3 to 1e-2)."""
+    return PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=False, task_type=args.task_type)
+
+
+PREFIX_TUNER = PrefixTuner()
+register_method(MethodSpec(
+    name="prefix-tuning", config_cls=PrefixTuningConfig, family="additive", kind="prompt", mergeable=False,
+    paper=PREFIX_PAPER, tuner=PREFIX_TUNER, cli_config=prefix_tuning_from_cli, default_lr=5e-3,
+))
+register_method(MethodSpec(
+    name="p-tuning-v2", config_cls=PrefixTuningConfig, family="additive", kind="prompt", mergeable=False,
+    paper=P_TUNING_V2_PAPER, tuner=PREFIX_TUNER, cli_config=p_tuning_v2_from_cli, preset_of="prefix-tuning",
+    default_lr=1e-2,
+))

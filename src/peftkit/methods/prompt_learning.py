@@ -1,0 +1,368 @@
+"""Soft prompts: what prompt tuning, P-tuning and prefix tuning (the "prompt" kind) share.
+
+These methods leave every layer alone and change what the frozen model sees: ``P`` virtual tokens
+prepended to the input embeddings (prompt tuning, P-tuning) or ``P`` key/value pairs prepended at
+every attention layer (prefix tuning, P-tuning v2). A forward pre-hook and a forward hook on the
+adapted model rewrite each call to it, so one code path serves ``PeftModel.forward``, every step of
+``generate()`` and a direct call of the base model; generation therefore agrees with the forward that
+training uses by construction.
+
+How a call is rewritten (``L`` real tokens, ``B`` rows):
+
+- the first call of a sequence (no cache, or an empty one) inserts the virtual tokens: embeddings
+  before the input's embeddings, or key/value prefixes written into the cache (a transformers
+  ``DynamicCache``; the model's own one during ``generate()``);
+- a later call whose cache already holds them (cached generation steps, or a caller's own loop over a
+  returned cache) only extends the mask and shifts the positions;
+- ``attention_mask`` (2-D, real tokens only, as for the base model) gets ``P`` ones in front;
+- positions: a real token sits at ``P + (cumsum(attention_mask) - 1)`` (padding at 0 + P), the
+  virtual tokens of prompt methods at ``0..P-1``; without padding that is HF PEFT's ``P..P+L-1``, with
+  left padding each row sees the positions it would see alone. Given ``position_ids`` are shifted by P;
+- ``token_type_ids`` get ``P`` zeros in front when embeddings are inserted;
+- token-level ``labels`` ``(B, L)`` get ``P`` values of -100 in front; for a causal LM the first real
+  label is ignored as well, so the loss counts exactly the targets the base model's loss counts;
+- token-level ``logits`` come back for the real tokens only, ``(B, L, ...)``.
+
+While the adapter is inactive, ``disable_adapter()`` is in force, or the model is unloaded, nothing
+is rewritten. Mixed-adapter batches (``adapter_names=``) naming a prompt adapter raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.config import PeftConfig, check
+from peftkit.tuners import Tuner
+
+if TYPE_CHECKING:
+    from peftkit.model import AdapterModel
+
+
+def _positive_or_none(config: Any, name: str) -> None:
+    value = getattr(config, name)
+    check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+          f"{name}={value!r} is not valid; it must be an integer > 0 or None (read from the model)")
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields every soft-prompt method has (as ``peft.PromptLearningConfig``).
+
+    Args:
+        num_virtual_tokens: ``P``, the number of virtual tokens, > 0 (required).
+        token_dim: width of one virtual token; None reads it from the model (its hidden size; for prefix
+            tuning the key/value width ``num_key_value_heads * head_dim``).
+        num_transformer_submodules: 1 (decoder-only and encoder-only models); None means 1.
+        num_attention_heads / num_layers: read from the model when None; written to the file for peft.
+        modules_to_save: modules trained in full and saved with the adapter (``SEQ_CLS`` adds the head).
+
+    Raises:
+        ConfigError: a missing or non-positive ``num_virtual_tokens``, a non-positive size, or
+            ``num_transformer_submodules`` other than 1 (encoder-decoder models are not supported yet).
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        check(self.num_virtual_tokens is not None, "num_virtual_tokens is required: the number P of virtual "
+                                                   "tokens, an integer > 0 (e.g. 20)")
+        for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
+            _positive_or_none(self, name)
+        check(self.num_transformer_submodules in (None, 1),
+              f"num_transformer_submodules={self.num_transformer_submodules!r} is not supported; use 1 or None "
+              "(encoder-decoder models, which need 2, are not supported yet)")
+        check(self.modules_to_save is None or (isinstance(self.modules_to_save, list)
+                                               and all(isinstance(m, str) for m in self.modules_to_save)),
+              f"modules_to_save={self.modules_to_save!r} must be a list of module names or None")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a transformer that virtual tokens must fit (from ``model.config``)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    """Read the sizes from a transformers model's config.
+
+    Raises:
+        ConfigError: the model has no transformers config, or it is an encoder-decoder model.
+    """
+    cfg = getattr(model, "config", None)
+    check(cfg is not None and hasattr(cfg, "get_text_config"),
+          f"soft-prompt methods need a transformers model (with .config); got {type(model).__name__}")
+    check(not getattr(cfg, "is_encoder_decoder", False),
+          f"{type(model).__name__} is an encoder-decoder model; soft prompts support decoder-only and "
+          "encoder-only models for now")
+    text = cfg.get_text_config()
+    hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    return ModelShape(hidden, int(text.num_hidden_layers), heads, kv_heads, head_dim)
+
+
+def settle(config: Any, **model_values: int) -> None:
+    """Fill the named config fields from the model; a given value must agree (all checked first).
+
+    Raises:
+        ConfigError: a given value differs from the model's (the config is then left unchanged).
+    """
+    for name, value in model_values.items():
+        given = getattr(config, name)
+        check(given is None or given == value,
+              f"{name}={given!r} does not fit the model, which needs {value}; leave it None to read it")
+    for name, value in model_values.items():
+        setattr(config, name, value)
+
+
+class VirtualTokens(nn.Module):
+    """The trainable source of one adapter's virtual tokens: ``forward() -> (P, width)``.
+
+    ``embedding.weight`` ``(P, in_width)`` is the trained table. A subclass with a training-time
+    reparameterisation (an MLP or LSTM producing the tokens) sets ``head_names`` and :meth:`project`;
+    :meth:`fold` replaces the table by the projection's output and drops the heads, exactly (the folded
+    tokens are the projection's outputs). Without heads the module is folded from the start.
+    """
+
+    head_names: tuple[str, ...] = ()
+
+    def __init__(self, num_tokens: int, width: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_tokens, width)
+        self.folded = True
+
+    def project(self, table: Tensor) -> Tensor:
+        """The reparameterisation ``(P, in_width) -> (P, width)``; identity by default."""
+        return table
+
+    def forward(self) -> Tensor:
+        table = self.embedding.weight
+        return table if self.folded else self.project(table)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the reparameterisation by its output (in eval mode, so dropout is off); exact."""
+        if self.folded:
+            return
+        was_training = self.training
+        self.eval()
+        tokens = self.forward().detach().clone()
+        self.train(was_training)
+        trainable = self.embedding.weight.requires_grad
+        self.embedding = nn.Embedding(*tokens.shape, device=tokens.device, dtype=tokens.dtype)
+        self.embedding.weight.copy_(tokens)
+        self.embedding.weight.requires_grad_(trainable)
+        for name in self.head_names:
+            delattr(self, name)
+        self.folded = True
+
+    def saved(self) -> Tensor:
+        """What HF PEFT writes as ``prompt_embeddings``: the tokens themselves (the table once folded)."""
+        return self.embedding.weight if self.folded else self.forward().detach()
+
+
+class PromptTuner(Tuner):
+    """Tuner base of the soft-prompt methods.
+
+    Subclasses give :meth:`complete_config` (fill the model sizes into the config with :func:`settle`,
+    which checks given values first), :meth:`build` (the :class:`VirtualTokens`) and, unless they
+    prepend embeddings (``inserts_embeddings``), :meth:`insert`. ``inject`` keeps the module in
+    ``host.extra_modules[name]`` and hooks the model; files hold ``prompt_embeddings`` (peft's key),
+    the folded tokens.
+    """
+
+    inserts_embeddings = True
+
+    def complete_config(self, config: Any, shape: ModelShape) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self, config: Any, model: nn.Module, shape: ModelShape) -> VirtualTokens:  # pragma: no cover
+        raise NotImplementedError
+
+    def insert(self, call: PromptCall, tokens: Tensor) -> None:
+        """Put the virtual ``tokens`` (``forward()`` of the module) into a first call's arguments."""
+        call.prepend_embeddings(tokens)
+
+    def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
+        model = host.model
+        shape = model_shape(model)
+        self.complete_config(config, shape)
+        weight = model.get_input_embeddings().weight
+        module = self.build(config, model, shape).to(weight.device)
+        host.extra_modules[adapter_name] = module
+        module.hooks = PromptHooks(host, adapter_name, self)
+
+    def remove(self, host: AdapterModel, adapter_name: str) -> None:
+        if adapter_name in host.extra_modules:
+            host.extra_modules[adapter_name].hooks.remove()
+
+    def extra_tensors(self, host: AdapterModel, adapter_name: str) -> dict[str, Any]:
+        return {"prompt_embeddings": host.extra_modules[adapter_name].saved()}
+
+    def before_load(self, host: AdapterModel, adapter_name: str) -> None:
+        host.extra_modules[adapter_name].fold()
+
+
+class PromptCall:
+    """The keyword arguments of one call to the adapted model while they are rewritten.
+
+    Attributes:
+        kwargs: the arguments the model will get.
+        model: the adapted model. batch / length: ``B`` and ``L`` of this call's real tokens.
+        num_virtual: ``P``. causal: whether the model is a causal LM (its labels are shifted).
+        strip: how many leading positions of the token-level logits to drop afterwards.
+        made_cache: whether the rewrite created the cache (it is dropped from the output unless the call
+            asked for caching).
+    """
+
+    def __init__(self, model: nn.Module, kwargs: dict[str, Any], num_virtual: int) -> None:
+        self.model, self.kwargs, self.num_virtual = model, kwargs, num_virtual
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            raise ValueError("a soft-prompt adapter needs input_ids or inputs_embeds")
+        self.batch, self.length = ref.shape[0], ref.shape[1]
+        self.device = ref.device
+        self.causal = bool(getattr(model, "can_generate", lambda: False)())
+        self.strip = 0
+        self.made_cache = False
+
+    def prepend_embeddings(self, tokens: Tensor) -> None:
+        """Insert ``tokens`` ``(P, hidden)`` before the input embeddings, with padded type ids and labels."""
+        kw, batch, p = self.kwargs, self.batch, self.num_virtual
+        embeds = kw.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(kw["input_ids"])
+        kw["input_ids"] = None
+        kw["inputs_embeds"] = torch.cat([tokens.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
+        if kw.get("token_type_ids") is not None:
+            types = kw["token_type_ids"]
+            kw["token_type_ids"] = torch.cat([types.new_zeros(batch, p), types], dim=1)
+        labels = kw.get("labels")
+        if labels is not None and labels.dim() >= 2 and labels.shape[1] == self.length:
+            padded = torch.cat([labels.new_full((batch, p, *labels.shape[2:]), -100), labels], dim=1)
+            if self.causal:
+                padded[:, p] = -100  # no real token predicts the first one in the base model either
+            kw["labels"] = padded
+        self.strip = p
+
+
+class PromptHooks:
+    """The pre-hook and hook on the adapted model that apply one soft-prompt adapter to every call."""
+
+    def __init__(self, host: AdapterModel, adapter_name: str, tuner: PromptTuner) -> None:
+        self.host, self.name, self.tuner = host, adapter_name, tuner
+        model = host.model
+        params = inspect.signature(model.forward).parameters
+        self.positional = [n for n, p in params.items()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.takes_positions = "position_ids" in params
+        self.pending: Callable[[Any], Any] | None = None
+        self.handles = (model.register_forward_pre_hook(self.before, with_kwargs=True),
+                        model.register_forward_hook(self.after, with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def applies(self) -> bool:
+        host = self.host
+        if host.disabled:
+            return False
+        rows = host.ctx.row_names
+        if rows is not None:
+            if self.name in rows:
+                raise ValueError(f"adapter {self.name!r} is a soft-prompt adapter; mixed-adapter batches "
+                                 "(adapter_names=...) do not support soft prompts yet")
+            return False
+        if self.name not in host.active_adapters:
+            return False
+        others = [n for n in host.active_adapters if n != self.name and host.peft_config[n].is_prompt_learning]
+        if others:
+            raise ValueError(f"soft-prompt adapters {[self.name, *others]} are active together; activate one of "
+                             "them (set_adapter) - stacking soft prompts is not supported")
+        return True
+
+    def before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        self.pending = None
+        if not self.applies():
+            return None
+        if len(args) > len(self.positional):
+            raise TypeError(f"{type(model).__name__}.forward got {len(args)} positional arguments")
+        kw = dict(zip(self.positional, args, strict=False))
+        kw.update(kwargs)
+        if "past_key_values" in kw:  # the pre-5 name of transformers' cache argument
+            kw["cache"] = kw.pop("past_key_values")
+        config = self.host.peft_config[self.name]
+        call = PromptCall(model, kw, config.num_virtual_tokens)
+        if self._extend(call):
+            self.tuner.insert(call, self.host.extra_modules[self.name]())
+        use_cache = kw.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", True)
+        self.pending = _finisher(call, drop_cache=call.made_cache and not use_cache)
+        return (), kw
+
+    def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        finish, self.pending = self.pending, None
+        return None if finish is None else finish(output)
+
+    def _extend(self, call: PromptCall) -> bool:
+        """Extend mask and positions; returns whether this is a first call (virtual tokens to insert)."""
+        kw, p, batch, length = call.kwargs, call.num_virtual, call.batch, call.length
+        cache = kw.get("cache")
+        if getattr(cache, "is_compileable", False):
+            raise ValueError(f"soft-prompt adapter {self.name!r} needs a growing cache (transformers' DynamicCache, "
+                             f"the default); {type(cache).__name__} has no room for the virtual tokens")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past and past < p:
+            raise ValueError(f"the cache holds {past} positions, fewer than the {p} virtual tokens of adapter "
+                             f"{self.name!r}; pass the cache returned by this adapted model")
+        real_past = past - p if past else 0
+        mask = kw.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, real_past + length, dtype=torch.long, device=call.device)
+        elif mask.dim() != 2 or mask.shape[1] != real_past + length:
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not fit: a soft-prompt adapter "
+                             f"needs a 2-D mask over the real tokens, (batch, {real_past + length})")
+        kw["attention_mask"] = torch.cat([mask.new_ones(batch, p), mask], dim=1)
+        if self.takes_positions:
+            positions = kw.get("position_ids")
+            if positions is None:  # as transformers' generate() computes them
+                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+            positions = positions + p
+            if not past and self.tuner.inserts_embeddings:
+                virtual = torch.arange(p, device=positions.device, dtype=positions.dtype)
+                positions = torch.cat([virtual.expand(positions.shape[0], p), positions], dim=1)
+            kw["position_ids"] = positions
+        return not past
+
+
+def _finisher(call: PromptCall, drop_cache: bool) -> Callable[[Any], Any]:
+    strip = call.strip
+
+    def finish(output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        if strip and isinstance(logits, Tensor) and logits.dim() >= 3 and logits.shape[1] == strip + call.length:
+            output.logits = logits[:, strip:]
+        if drop_cache and getattr(output, "cache", None) is not None:
+            output["cache"] = None  # item assignment: a ModelOutput ignores attribute assignment of None
+        return output
+
+    return finish

@@ -1,0 +1,106 @@
+"""Soft-prompt adapters in HF PEFT's file format, checked against the real ``peft`` package both ways."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftkit
+from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+METHODS = {
+    "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=3)),
+    "p-mlp": ("PromptEncoderConfig", dict(num_virtual_tokens=3, encoder_hidden_size=8)),
+    "p-lstm": ("PromptEncoderConfig", dict(num_virtual_tokens=2, encoder_hidden_size=6,
+                                           encoder_reparameterization_type="LSTM")),
+    "prefix": ("PrefixTuningConfig", dict(num_virtual_tokens=4)),
+    "prefix-mlp": ("PrefixTuningConfig", dict(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=8)),
+}
+MODELS = {"gpt2": (tiny_gpt2, "CAUSAL_LM"), "llama": (tiny_llama, "CAUSAL_LM"), "bert": (tiny_bert_classifier, "SEQ_CLS")}
+CASES = [(m, k) for m in MODELS for k in METHODS]
+
+
+def config(lib, method, task):
+    cls, kw = METHODS[method]
+    return getattr(lib, cls)(task_type=task, **kw)
+
+
+def peft_logits(model, x, method, on_bert):
+    """peft's output for ``x``; its logits keep the virtual positions, which peftkit drops. peft 0.21.2 cannot run
+    prefix tuning on a BERT classifier under transformers 5 (it passes ``past_key_values``, now ``cache``), so
+    there its own prefix cache (``get_prompt``) is fed to its model the way peft's forward means to."""
+    with torch.no_grad():
+        if on_bert and method.startswith("prefix"):
+            mask = torch.ones(x.shape[0], model.peft_config["default"].num_virtual_tokens + x.shape[1])
+            return model.base_model(input_ids=x, attention_mask=mask, cache=model.get_prompt(x.shape[0])).logits
+        out = model(input_ids=x).logits
+    return out[:, -x.shape[1]:] if out.dim() == 3 else out
+
+
+@pytest.mark.parametrize("model_name, method", CASES)
+def test_peftkit_adapter_loads_in_peft(model_name, method, tmp_path):
+    make, task = MODELS[model_name]
+    base = make()
+    twin = copy.deepcopy(base)
+    ours = peftkit.get_peft_model(base, config(peftkit, method, task))
+    perturb(ours, 0.5)
+    x = ids()
+    with torch.no_grad():
+        expected = ours(input_ids=x).logits
+    ours.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    heads = {"base_model.classifier.weight", "base_model.classifier.bias"} if task == "SEQ_CLS" else set()
+    assert keys == {"prompt_embeddings"} | heads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+    assert (expected - peft_logits(theirs, x, method, model_name == "bert")).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_name, method", CASES)
+def test_peft_adapter_loads_in_peftkit(model_name, method, tmp_path):
+    make, task = MODELS[model_name]
+    base = make()
+    twin = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base, config(peft, method, task))
+        perturb(theirs, 0.5)
+        theirs.save_pretrained(tmp_path)
+    x = ids()
+    expected = peft_logits(theirs, x, method, model_name == "bert")
+    ours = peftkit.PeftModel.from_pretrained(twin, tmp_path)
+    with torch.no_grad():
+        assert (expected - ours(input_ids=x).logits).abs().max() <= 1e-5
+        with ours.disable_adapter():
+            assert (expected - ours(input_ids=x).logits).abs().max() > 1e-3
+
+
+def test_p_tuning_v2_preset_writes_prefix_tuning_files(tmp_path):
+    from peftkit.config import get_method
+    from peftkit.train.run import RunConfig, build_peft_config
+
+    spec = get_method("p-tuning-v2")
+    assert spec.kind == "prompt" and "arXiv:2110.07602" in spec.paper
+    config = build_peft_config(RunConfig(method="p-tuning-v2", method_options={"num_virtual_tokens": 5}))
+    assert isinstance(config, peftkit.PrefixTuningConfig) and not config.prefix_projection
+    assert config.task_type == "SEQ_CLS" and config.num_virtual_tokens == 5
+    assert get_method(config.peft_type).name == "prefix-tuning"
+    base = tiny_bert_classifier()
+    twin = copy.deepcopy(base)
+    ours = peftkit.get_peft_model(base, config)
+    perturb(ours, 0.5)
+    x = ids()
+    with torch.no_grad():
+        expected = ours(input_ids=x).logits
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+    assert type(theirs.peft_config["default"]).__name__ == "PrefixTuningConfig"
+    assert (expected - peft_logits(theirs, x, "prefix", True)).abs().max() <= 1e-5

@@ -1,0 +1,398 @@
+"""Soft prompts (prompt tuning, P-tuning, prefix tuning) on tiny GPT-2, Llama and BERT models: generation
+with and without the cache, padding, disabling, loss masking, training, parameter counts, folding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftkit import (
+    ConfigError,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+METHODS = {
+    "prompt": lambda **kw: PromptTuningConfig(num_virtual_tokens=3, **kw),
+    "p-mlp": lambda **kw: PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8, **kw),
+    "p-lstm": lambda **kw: PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=6,
+                                               encoder_reparameterization_type="LSTM", **kw),
+    "prefix": lambda **kw: PrefixTuningConfig(num_virtual_tokens=4, **kw),
+    "prefix-mlp": lambda **kw: PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=8,
+                                                  **kw),
+}
+DECODERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+CASES = [(d, m) for d in DECODERS for m in METHODS]
+PAD = 2
+
+
+def adapted(decoder: str, method: str, std: float = 0.5):
+    base = DECODERS[decoder]()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, METHODS[method]())
+    perturb(model, std)
+    return model, twin
+
+
+def greedy(model, x, mask=None, steps=5, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=x, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                              pad_token_id=PAD, **kw)
+
+
+def left_padded(rows):
+    length = max(len(r) for r in rows)
+    x = torch.full((len(rows), length), PAD)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, length - len(r):], mask[i, length - len(r):] = r, 1
+    return x, mask
+
+
+@pytest.mark.parametrize("decoder, method", CASES)
+def test_cached_generate_equals_stepwise_decoding_without_cache(decoder, method):
+    model, twin = adapted(decoder, method)
+    x = ids(2, 6)
+    out = greedy(model, x, steps=6)
+    seq = x
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        assert seq.tolist() == out.tolist()
+        assert greedy(model, x, steps=6, use_cache=False).tolist() == out.tolist()
+        assert greedy(twin, x, steps=6).tolist() != out.tolist()  # the prompt really changes the output
+
+
+@pytest.mark.parametrize("decoder, method", CASES)
+def test_left_padded_batch_gives_each_row_its_own_output(decoder, method):
+    model, _ = adapted(decoder, method)
+    rows = [torch.randint(3, 64, (n,)) for n in (6, 3, 5)]
+    x, mask = left_padded(rows)
+    out = greedy(model, x, mask, steps=5)
+    with torch.no_grad():
+        last = model(input_ids=x, attention_mask=mask).logits[:, -1]
+        for i, r in enumerate(rows):
+            assert out[i, x.shape[1]:].tolist() == greedy(model, r[None], steps=5)[0, len(r):].tolist()
+            assert (last[i] - model(input_ids=r[None]).logits[0, -1]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("decoder, method", CASES)
+def test_forward_with_a_returned_cache_continues_the_sequence(decoder, method):
+    model, _ = adapted(decoder, method)
+    x = ids(2, 7)
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        first = model(input_ids=x[:, :5], use_cache=True)
+        assert first.logits.shape == (2, 5, 64)
+        rest = model(input_ids=x[:, 5:], cache=first.cache, attention_mask=torch.ones(2, 7, dtype=torch.long))
+    assert (rest.logits - full[:, 5:]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("decoder, method", CASES)
+def test_disable_adapter_gives_the_base_model(decoder, method):
+    model, twin = adapted(decoder, method)
+    x, mask = left_padded([torch.randint(3, 64, (n,)) for n in (5, 3)])
+    with torch.no_grad():
+        adapted_logits = model(input_ids=x, attention_mask=mask).logits
+        with model.disable_adapter():
+            off = model(input_ids=x, attention_mask=mask).logits
+            off_gen = greedy(model, x, mask)
+        base = twin(input_ids=x, attention_mask=mask).logits
+    assert (off - base).abs().max() == 0
+    assert off_gen.tolist() == greedy(twin, x, mask).tolist()
+    assert (adapted_logits - base).abs().max() > 1e-3
+
+
+def _llama_2x2():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_first_generated_token_agrees_with_the_forward(seed):
+    """peft 0.21.2 + transformers 5.24 fail this: their generate() puts the prefix in ``past_key_values``,
+    which transformers 5 no longer reads (the argument is ``cache``), yet shifts the positions by P."""
+    torch.manual_seed(seed)
+    base = _llama_2x2()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    perturb(model, 0.5)
+    x = torch.randint(3, 64, (1, 6))
+    with torch.no_grad():
+        last = model(input_ids=x).logits[0, -1]
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        no_prefix = twin(input_ids=x).logits[0, -1]
+    assert out.sequences[0, -1].item() == last.argmax().item()
+    assert (out.logits[0][0] - last).abs().max() <= 1e-5
+    assert (no_prefix - last).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("decoder, method", CASES)
+def test_loss_counts_exactly_the_base_models_targets(decoder, method):
+    model, _ = adapted(decoder, method)
+    x = ids(3, 6)
+    labels = x.clone()
+    labels[0, 3] = labels[2, 1] = -100
+    out = model(input_ids=x, labels=labels)
+    assert out.logits.shape == (3, 6, 64)  # virtual positions are not returned
+    manual = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert abs(out.loss.item() - manual.item()) <= 1e-5
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("make, task", [(tiny_gpt2, "CAUSAL_LM"), (tiny_bert_classifier, "SEQ_CLS")])
+def test_training_lowers_the_loss_and_only_prompt_parameters_learn(make, task, method):
+    base = make()
+    with torch.no_grad():  # weights large enough that the output depends on what the tokens attend to
+        for p in base.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model = get_peft_model(base, METHODS[method](task_type=task))
+    x = torch.randint(3, 64, (8, 6))
+    if task == "SEQ_CLS":
+        labels = torch.tensor([0, 1] * 4)
+    else:  # every sequence should end in token 5
+        x[:, -1] = 5
+        labels = torch.full_like(x, -100)
+        labels[:, -1] = 5
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=x, labels=labels).loss.item()
+
+    before = eval_loss()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    for step in range(40):
+        model(input_ids=x, labels=labels).loss.backward()
+        if step == 0:
+            for name, p in model.named_parameters():
+                learns = name.startswith("base_model.extra_modules.default.") or ".modules_to_save.default." in name
+                assert (p.grad is not None and p.grad.abs().sum() > 0) == learns, name
+        opt.step()
+        opt.zero_grad()
+    assert eval_loss() < 0.8 * before
+
+
+def _counts(method: str, d: int, layers: int, kv: int) -> int:
+    p = {"prompt": 3, "p-mlp": 3, "p-lstm": 2, "prefix": 4, "prefix-mlp": 4}[method]
+    if method == "prompt":
+        return p * d
+    if method == "p-mlp":
+        h = 8
+        return p * d + (d * h + h) + (h * h + h) + (h * d + d)
+    if method == "p-lstm":
+        h = 6
+        lstm = 2 * (4 * h * (d + h) + 8 * h) + 2 * (4 * h * (2 * h + h) + 8 * h)  # 2 layers, both directions
+        return p * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+    width = 2 * layers * kv
+    if method == "prefix":
+        return p * width
+    h = 8
+    return p * kv + (kv * h + h) + (h * width + width)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("make, d, kv", [(tiny_gpt2, 16, 16), (tiny_llama, 16, 8), (tiny_bert_classifier, 16, 16)])
+def test_trainable_counts_match_the_formulas(make, d, kv, method):
+    base = make()
+    model = get_peft_model(base, METHODS[method]())
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == _counts(method, d, 2, kv)
+    assert total == trainable + sum(p.numel() for p in base.parameters())
+
+
+@pytest.mark.parametrize("method", ["p-mlp", "p-lstm", "prefix-mlp"])
+def test_folding_the_reparameterisation_is_exact(method, tmp_path):
+    model, twin = adapted("llama", method)
+    encoder = model.base_model.extra_modules["default"]
+    x = ids(2, 5)
+    with torch.no_grad():
+        before, tokens = model(input_ids=x).logits, encoder()
+        encoder.fold()
+        after = model(input_ids=x).logits
+    assert torch.equal(encoder.embedding.weight, tokens)
+    assert (before - after).abs().max() <= 1e-6
+    width = tokens.shape[1]
+    assert model.get_nb_trainable_parameters()[0] == tokens.shape[0] * width
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(twin, tmp_path)
+    with torch.no_grad():
+        assert (loaded(input_ids=x).logits - before).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_save_load_round_trip_loads_folded(method, tmp_path):
+    model, twin = adapted("gpt2", method)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path)
+    trainable = PeftModel.from_pretrained(twin, tmp_path, is_trainable=True)
+    for loaded in (frozen, trainable):
+        assert loaded.base_model.extra_modules["default"].folded
+        with torch.no_grad():
+            assert (loaded(input_ids=x).logits - expected).abs().max() <= 1e-5
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    tokens = model.base_model.extra_modules["default"]()
+    assert trainable.get_nb_trainable_parameters()[0] == tokens.numel()
+
+
+@pytest.mark.parametrize("method", ["prompt", "p-mlp", "prefix"])
+def test_bert_classifier_with_padding_and_token_types(method):
+    base = tiny_bert_classifier()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, METHODS[method](task_type="SEQ_CLS"))
+    perturb(model, 0.5)
+    x = ids(2, 6)
+    mask = torch.ones_like(x)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        out = model(input_ids=x, attention_mask=mask, token_type_ids=torch.zeros_like(x)).logits
+        alone = model(input_ids=x[1:, :4]).logits
+        with model.disable_adapter():
+            off = model(input_ids=x, attention_mask=mask).logits
+        base_out = twin(input_ids=x, attention_mask=mask).logits
+    assert out.shape == (2, 2)
+    assert (out[1] - alone[0]).abs().max() <= 1e-5
+    assert torch.equal(off, base_out)
+    assert (out - base_out).abs().max() > 1e-3
+
+
+def test_prompt_tuning_init_from_text_and_from_the_vocabulary():
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftkit.train.run import default_model_dir
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=64)
+    base = BertForSequenceClassification(cfg)
+    text = "great movie"
+    model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT",
+                                                    prompt_tuning_init_text=text,
+                                                    tokenizer_name_or_path=default_model_dir()))
+    token_ids = AutoTokenizer.from_pretrained(default_model_dir())(text, add_special_tokens=False)["input_ids"]
+    words = base.get_input_embeddings().weight
+    expected = words[(token_ids * 5)[:5]]
+    assert torch.equal(model.base_model.extra_modules["default"].embedding.weight, expected)
+    model.add_adapter("vocab", PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB"))
+    table = model.base_model.extra_modules["vocab"].embedding.weight
+    assert all((words == row).all(-1).any() for row in table)
+
+
+def test_adapters_come_and_go_without_leaving_hooks():
+    base = tiny_gpt2()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, METHODS["prefix"]())
+    model.add_adapter("other", METHODS["prompt"]())
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        model.set_adapter(["default", "other"])
+        with pytest.raises(ValueError, match="are active together"):
+            model(input_ids=x)
+        model.set_adapter("default")
+        with pytest.raises(ValueError, match="mixed-adapter batches"):
+            model(input_ids=x, adapter_names=["default", "__base__", "default"])
+        model.delete_adapter("other")
+        assert list(model.base_model.extra_modules) == ["default"]
+        plain = model.unload()
+        assert (plain(input_ids=x).logits - twin(input_ids=x).logits).abs().max() == 0
+    assert not plain._forward_pre_hooks and not plain._forward_hooks
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_generate_from_embeddings_with_beams_and_a_static_cache(method):
+    model, _ = adapted("llama", method)
+    x = ids(2, 6)
+    out = greedy(model, x, steps=4)
+    with torch.no_grad():
+        from_embeds = greedy(model, None, steps=4, inputs_embeds=model.get_input_embeddings()(x))
+        beams = greedy(model, x, steps=4, num_beams=3)
+    assert from_embeds.tolist() == out[:, 6:].tolist()
+    assert beams.shape == (2, 10) and beams[:, :6].tolist() == x.tolist()
+    with pytest.raises(ValueError, match="needs a growing cache"):
+        greedy(model, x, steps=2, cache_implementation="static")
+
+
+def test_a_soft_prompt_composes_with_a_lora_adapter():
+    from peftkit import LoraConfig
+
+    model, twin = adapted("gpt2", "prefix")
+    model.add_adapter("lora", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    x = ids()
+    with torch.no_grad():
+        prefix_only = model(input_ids=x).logits
+        model.set_adapter(["default", "lora"])
+        both = model(input_ids=x).logits
+        model.set_adapter("lora")
+        lora_only = model(input_ids=x).logits
+        model.set_adapter(["default", "lora"])
+        first = greedy(model, x, steps=1)[:, -1]
+        with model.disable_adapter():
+            off = model(input_ids=x).logits
+    assert first.tolist() == both[:, -1].argmax(-1).tolist()
+    assert (both - prefix_only).abs().max() > 1e-3 and (both - lora_only).abs().max() > 1e-3
+    assert torch.equal(off, twin(input_ids=x).logits)
+    learning = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.extra_modules.default.embedding.weight" in learning
+    assert len(learning) == 1 + 2 * 2  # the prefixes, lora_A and lora_B of two c_attn layers
+
+
+def test_prefix_refuses_gradient_checkpointing_in_training():
+    model = get_peft_model(tiny_llama(), METHODS["prefix"]())
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=ids())
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: PromptTuningConfig(), "num_virtual_tokens is required"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=0), "num_virtual_tokens=0"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="WORDS"), "prompt_tuning_init='WORDS'"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT"), "needs prompt_tuning_init_text"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=2, tokenizer_kwargs={"a": 1}), "only used with"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2), "encoder-decoder"),
+    (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU"), "'GRU'"),
+    (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=-1), "encoder_hidden_size=-1"),
+    (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_num_layers=3), "only applies to the LSTM"),
+    (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_dropout=1.0), "encoder_dropout=1.0"),
+    (lambda: PrefixTuningConfig(num_virtual_tokens=2, init_weights="ones"), "init_weights='ones'"),
+    (lambda: PrefixTuningConfig(num_virtual_tokens=2, token_dim=0), "token_dim=0"),
+])
+def test_bad_values_raise_config_error(config, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        config()
+
+
+@pytest.mark.parametrize("config, message", [
+    (PromptTuningConfig(num_virtual_tokens=2, token_dim=12), "token_dim=12 does not fit the model, which needs 16"),
+    (PrefixTuningConfig(num_virtual_tokens=2, token_dim=16), "token_dim=16 does not fit the model, which needs 8"),
+    (PrefixTuningConfig(num_virtual_tokens=2, num_layers=3), "num_layers=3 does not fit the model, which needs 2"),
+])
+def test_sizes_that_do_not_fit_the_model_leave_it_unchanged(config, message):
+    base = tiny_llama()
+    x = ids()
+    with torch.no_grad():
+        before = base(input_ids=x).logits
+    with pytest.raises(ConfigError, match=message):
+        get_peft_model(base, config)
+    assert config.num_attention_heads is None  # nothing was filled in
+    assert not base._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=x).logits, before)
