@@ -8,16 +8,36 @@ The public API mirrors HuggingFace PEFT so that code ports by changing the impor
 from peftkit._version import __version__
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get_method, register_method
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.methods.adapters import (
+    AdapterDropConfig,
+    BottleneckConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    HoulsbyConfig,
+    ParallelConfig,
+    PfeifferConfig,
+)
+from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.ssf import SSFConfig
 from peftkit.model import PeftModel, get_peft_model
 
 __all__ = [
+    "AdapterDropConfig",
     "AdapterLoadError",
+    "BottleneckConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     "ConfigError",
+    "HoulsbyConfig",
+    "IA3Config",
     "LoraConfig",
     "MethodSpec",
+    "ParallelConfig",
     "PeftConfig",
     "PeftModel",
+    "PfeifferConfig",
+    "SSFConfig",
     "__version__",
     "all_methods",
     "get_method",
