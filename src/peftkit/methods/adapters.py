@@ -78,7 +78,8 @@ class BottleneckConfig(PeftConfig):
         output_adapter: put an adapter at the feed-forward sub-layer (table sites only). Default True.
         is_parallel: beside the sub-layer (He et al.) instead of serial after its output projection.
         reduction_factor: bottleneck ``m = d // reduction_factor`` (> 0). Default 16.
-        bottleneck_size: ``m`` directly (overrides ``reduction_factor``) or None.
+        bottleneck_size: ``m`` directly (overrides ``reduction_factor``) or None. With ``phm_layer`` a
+            ``reduction_factor``-derived ``m`` is rounded up to a multiple of ``phm_dim``.
         non_linearity: one of :data:`~peftkit.methods.adapter_layers.ACTIVATIONS`. Default ``"relu"``.
         scaling: ``s``, multiplies the adapter's output (> 0). Default 1.
         adapter_dropout: dropout on the bottleneck activations, in [0, 1). Default 0.
@@ -150,8 +151,12 @@ class BottleneckConfig(PeftConfig):
                   f"layers_to_transform={self.layers_to_transform!r} must be a block index >= 0 or a list of them")
 
     def bottleneck_for(self, width: int) -> int:
-        """``m`` for hidden size ``width``: ``bottleneck_size`` or ``max(1, width // reduction_factor)``."""
-        return self.bottleneck_size or max(1, int(width // self.reduction_factor))
+        """``m`` for hidden size ``width``: ``bottleneck_size``, else ``max(1, width // reduction_factor)``
+        (with ``phm_layer`` rounded up to a multiple of ``phm_dim``)."""
+        if self.bottleneck_size:
+            return self.bottleneck_size
+        m = max(1, int(width // self.reduction_factor))
+        return -(-m // self.phm_dim) * self.phm_dim if self.phm_layer else m
 
 
 def _int(v: Any) -> bool:

@@ -273,6 +273,8 @@ def _run_causal_lm(cfg: RunConfig, peft_config: PeftConfig | None, out_dir: Path
         before = perplexity(model, dev_ds, coll, cfg.eval_batch_size)
         model = _adapt(model, peft_config, cfg)
         trainable, total = _count(model)
+        log.info("run %s: %d train / %d dev rows, dev perplexity %.3f before training, %s trainable of %s",
+                 out_dir, len(train_ds), len(dev_ds), before["perplexity"], f"{trainable:,}", f"{total:,}")
         stats = Trainer(model, train_ds, coll, _training_args(cfg)).train()
         after = perplexity(model, dev_ds, coll, cfg.eval_batch_size)
         _save(model, tokenizer, out_dir, cfg)
@@ -283,6 +285,7 @@ def _run_causal_lm(cfg: RunConfig, peft_config: PeftConfig | None, out_dir: Path
                   "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
         _write_json(out_dir / "run_config.json", dataclasses.asdict(cfg))
         _write_json(out_dir / "metrics.json", result)
+        log.info("done: %s", json.dumps(result))
     finally:
         logging.getLogger("peftkit").removeHandler(handler)
         handler.close()
