@@ -183,6 +183,32 @@ def test_parallel_adapter_equations():
         assert (out(inner, resid) - expected).abs().max() <= 1e-6
 
 
+def test_serial_adapter_equation_and_residual_placement():
+    for before in (True, False):
+        model = get_peft_model(tiny_llama(), PfeifferConfig(bottleneck_size=3, ln_before=True, residual_before_ln=before,
+                                                            non_linearity="gelu", scaling=0.5))
+        perturb(model)
+        layer = model.get_base_model().model.layers[1].mlp.down_proj
+        a = layer.adapters["default"]
+        x = torch.randn(2, 4, 24)
+        with torch.no_grad():
+            y = layer.base_layer(x)
+            h = a.adapter_norm(y)
+            expected = (y if before else h) + 0.5 * a.adapter_up(torch.nn.functional.gelu(a.adapter_down(h)))
+            assert (layer(x) - expected).abs().max() <= 1e-6
+
+
+def test_bert_init_is_near_identity():
+    base = tiny_gpt2()
+    x = ids()
+    expected = outputs(base, x)
+    model = get_peft_model(base, HoulsbyConfig(init_weights="bert"))
+    change = (outputs(model, x) - expected).abs().max().item()
+    assert 0 < change < 1e-2
+    ups = [m.adapter_up.weight for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    assert all(0.005 < w.std().item() < 0.02 for w in ups)
+
+
 def test_random_adapterdrop_skips_lower_blocks_only_in_training_and_redraws_each_step():
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), AdapterDropConfig(adapterdrop_layers=2, adapterdrop_mode="random"))
@@ -273,6 +299,38 @@ def test_explicit_targets_on_a_custom_model_and_unknown_architectures():
     assert isinstance(par.get_base_model()[1], SublayerLayer)
     with pytest.raises(ConfigError, match="cannot adapt module"):
         get_peft_model(nn.Sequential(Block()), HoulsbyConfig(target_modules=["0"]))
+    with pytest.raises(ConfigError, match=r"0\.out: a parallel adapter sits beside a whole"):
+        get_peft_model(nn.Sequential(Block()), ParallelConfig(target_modules=["out"]))
+
+
+@pytest.mark.parametrize("arch", ["roberta", "distilbert"])
+def test_other_table_architectures(arch):
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaModel,
+    )
+
+    if arch == "roberta":
+        base = RobertaModel(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=40)).eval()
+    else:
+        base = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2,
+                                                                    hidden_dim=32)).eval()
+    x = ids()
+    with torch.no_grad():
+        expected = base(input_ids=x)[0]
+    model = get_peft_model(base, HoulsbyConfig(reduction_factor=4))
+    model.add_adapter("par", ParallelConfig(mh_adapter=True))
+    assert len(adapted_names(base)) == 8
+    perturb_all(model)
+    for name in ("default", "par"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            assert (model(input_ids=x)[0] - expected).abs().max() > 1e-3
+    with model.disable_adapter(), torch.no_grad():
+        assert (model(input_ids=x)[0] - expected).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("kw, fragment", [

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, unwrap
 from peftkit.methods.adapter_layers import ACTIVATIONS, BottleneckAdapter, DropState, SublayerLayer
 from peftkit.targeting import find_targets, iter_logical_modules, layer_index, linear_types
 from peftkit.tuners import WrapTuner
@@ -279,6 +279,13 @@ class BottleneckTuner(WrapTuner):
             exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
             layers_pattern=config.layers_pattern,
             skip=list(config.modules_to_save or []) + host.modules_to_save_names(), method=type(config).__name__)
+        if config.is_parallel:
+            for n in names:
+                module = model.get_submodule(n)
+                check(not isinstance(unwrap(module), (*linear_types(), nn.Embedding))
+                      and (isinstance(module, SublayerLayer) or not isinstance(module, AdaptedLayer)),
+                      f"{n}: a parallel adapter sits beside a whole attention or feed-forward sub-layer, not a "
+                      f"single {type(unwrap(module)).__name__}; target the module that holds it")
         if config.adapterdrop_mode == "fixed" and config.adapterdrop_layers:
             names = [n for n in names if _block(n, config) is None or _block(n, config) >= config.adapterdrop_layers]
             check(bool(names), f"adapterdrop_layers={config.adapterdrop_layers} leaves out every block; "

@@ -29,7 +29,8 @@ IA3_PAPER = ("Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper tha
 
 # (target_modules, feedforward_modules) by config.model_type, as peft chooses them.
 IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
-    **dict.fromkeys(("bert", "roberta", "deberta-v2"), (["key", "value", "output.dense"], ["output.dense"])),
+    **dict.fromkeys(("bert", "roberta"), (["key", "value", "output.dense"], ["output.dense"])),
+    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
     **dict.fromkeys(("llama", "mistral"), (["k_proj", "v_proj", "down_proj"], ["down_proj"])),
     **dict.fromkeys(("qwen2", "qwen3", "gemma"), (["q_proj", "v_proj", "down_proj"], ["down_proj"])),
@@ -182,5 +183,5 @@ def ia3_from_cli(args: Any) -> IA3Config:
 
 register_method(MethodSpec(
     name="ia3", config_cls=IA3Config, family="additive", kind="wrap", mergeable=True, paper=IA3_PAPER,
-    tuner=IA3Tuner(), cli_config=ia3_from_cli
+    tuner=IA3Tuner(), cli_config=ia3_from_cli,
 ))
