@@ -9,6 +9,16 @@ from peftkit._version import __version__
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get_method, register_method
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.methods.adalora import AdaLoraConfig
+from peftkit.methods.adapters import (
+    AdapterDropConfig,
+    BottleneckConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    HoulsbyConfig,
+    ParallelConfig,
+    PfeifferConfig,
+)
+from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.krona import KronaConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
@@ -18,23 +28,33 @@ from peftkit.methods.p_tuning import PromptEncoderConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
+from peftkit.methods.ssf import SSFConfig
 from peftkit.model import PeftModel, get_peft_model
 
 __all__ = [
     "AdaLoraConfig",
+    "AdapterDropConfig",
     "AdapterLoadError",
+    "BottleneckConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     "ConfigError",
+    "HoulsbyConfig",
+    "IA3Config",
     "KronaConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
     "MethodSpec",
     "MoeLoraConfig",
+    "ParallelConfig",
     "PeftConfig",
     "PeftModel",
+    "PfeifferConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "SSFConfig",
     "SoraConfig",
     "__version__",
     "all_methods",

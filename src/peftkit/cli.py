@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a model and write a run folder (adapter, metrics.json, "
                                    "run_config.json, train.log). With no options: LoRA on the embedded "
                                    "all-MiniLM-L6-v2 for SST-2, evaluated on the SST-2 dev set.")
-    t.add_argument("--model", help="local HF model folder (default: embedded all-MiniLM-L6-v2)")
+    t.add_argument("--model", help="local HF model folder or a shipped model (stories260K) (default: embedded "
+                                   "all-MiniLM-L6-v2; stories260K for causal-lm)")
     t.add_argument("--method", default="lora", help="PEFT method (see `peftkit methods`; default lora)")
     t.add_argument("--task", default="sst2", help="sst2, rte, cola, stsb, mrpc or causal-lm (default sst2)")
-    t.add_argument("--train-file", help="CSV/TSV/JSONL training file (text + label columns)")
+    t.add_argument("--train-file", help="CSV/TSV/JSONL training file (text + label columns); for causal-lm also "
+                                        ".txt, or rows with text or prompt/response (default: shipped TREC)")
     t.add_argument("--eval-file", help="CSV/TSV/JSONL dev file for the reported metrics")
     t.add_argument("--text-column", help="text column (default: sentence, text or sentence1)")
     t.add_argument("--pair-column", help="second-sentence column for sentence-pair tasks")
@@ -154,7 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from peftkit.train.run import DEFAULT_MODEL_NAME, RunConfig, resume_run, run_training
+    from peftkit.train.run import (
+        CAUSAL_LM,
+        DEFAULT_CAUSAL_MODEL_NAME,
+        DEFAULT_MODEL_NAME,
+        RunConfig,
+        resume_run,
+        run_training,
+    )
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     if args.resume:
@@ -174,7 +183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         output_dir=args.output_dir, full_finetune=args.full_finetune, device=args.device,
         progress=not args.no_progress, save_every=args.save_every, fsdp=args.fsdp,
     )
-    model_name = args.model or DEFAULT_MODEL_NAME
+    model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
     if main_rank:
         print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
     return _summary(run_training(cfg), main_rank)

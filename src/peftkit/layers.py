@@ -96,7 +96,11 @@ class Adapter(nn.Module):
         return self.state_dict()
 
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Fold the adapter into float32 ``weight``/``bias``; returns the new pair (default: add the deltas)."""
+        """Fold the adapter into float32 ``weight``/``bias``; returns the new pair (default: add the deltas).
+
+        Returning a bias when ``bias`` is None gives the base layer a (frozen) bias for as long as
+        anything is merged into it; the last :meth:`AdaptedLayer.unmerge` removes it again.
+        """
         db = self.delta_bias(layer)
         if db is not None:
             if bias is None:
@@ -135,6 +139,7 @@ class AdaptedLayer(nn.Module):
         self._ctx: AdapterContext | None = None
         self._plan: list[Adapter] = []
         self._tied_weight: nn.Parameter | None = None
+        self._created_bias = False
 
     # --- the base weight, in its own layout --------------------------------------------------------
     @property
@@ -260,6 +265,9 @@ class AdaptedLayer(nn.Module):
         if self._tied_weight is not None:
             self.base_layer.weight = self._tied_weight
             self._tied_weight = None
+        if self._created_bias:
+            self.base_layer.bias = None
+            self._created_bias = False
         self._replan()
 
     @torch.no_grad()
@@ -267,7 +275,12 @@ class AdaptedLayer(nn.Module):
         weight, bias = self.weight, self.bias
         new_w, new_b = fn(self, weight.detach().float(), None if bias is None else bias.detach().float())
         weight.copy_(new_w.to(weight.dtype))
-        if bias is not None and new_b is not None:
+        if new_b is None:
+            return
+        if bias is None:  # a merge gives a bias-free base layer a bias (e.g. SSF's shift); unmerge removes it
+            self.base_layer.bias = nn.Parameter(new_b.to(weight.dtype), requires_grad=False)
+            self._created_bias = True
+        else:
             bias.copy_(new_b.to(bias.dtype))
 
     def extra_repr(self) -> str:

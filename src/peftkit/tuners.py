@@ -73,6 +73,10 @@ class WrapTuner(Tuner):
     def make_adapter(self, base: nn.Module, config: Any, module_name: str) -> Adapter:  # pragma: no cover
         raise NotImplementedError
 
+    def new_wrapper(self, module: nn.Module) -> AdaptedLayer:
+        """The wrapper put around a target that is not wrapped yet (an :class:`AdaptedLayer` by default)."""
+        return AdaptedLayer(module)
+
     def find(self, host: AdapterModel, config: Any) -> list[str]:
         """The module names this config adapts (raises ``ConfigError`` when none match)."""
         return find_targets(
@@ -94,7 +98,7 @@ class WrapTuner(Tuner):
             built.append((name, module, self.make_adapter(base, config, name)))
         for name, module, adapter in built:
             if not isinstance(module, AdaptedLayer):
-                wrapper = AdaptedLayer(module)
+                wrapper = self.new_wrapper(module)
                 wrapper._ctx = host.ctx
                 replace_module(model, name, wrapper)
                 module = wrapper

@@ -12,3 +12,6 @@ from peftkit.methods import moe_lora  # noqa: F401
 from peftkit.methods import prompt_tuning  # noqa: F401
 from peftkit.methods import p_tuning  # noqa: F401
 from peftkit.methods import prefix_tuning  # noqa: F401
+from peftkit.methods import adapters  # noqa: F401
+from peftkit.methods import ia3  # noqa: F401
+from peftkit.methods import ssf  # noqa: F401

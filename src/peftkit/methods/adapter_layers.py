@@ -1,0 +1,232 @@
+"""The modules of bottleneck adapters: the bottleneck itself, Compacter's PHM layer, and the wrapper
+of a whole sub-layer that parallel adapters sit beside.
+
+Papers: Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", 2019, arXiv:1902.00751;
+He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning", 2021, arXiv:2110.04366;
+Mahabadi et al., "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers", 2021, arXiv:2106.04647;
+Rücklé et al., "AdapterDrop: On the Efficiency of Adapters in Transformers", 2020, arXiv:2010.11918.
+
+Bottleneck: ``A(h) = s * W_up f(W_down LN?(h) + b_down) + b_up`` with ``W_down: (m, d)``, ``W_up: (d, m)``.
+A serial adapter maps a sub-layer output ``u`` to ``u + A(u)``; a parallel one adds ``A(x)`` of the
+sub-layer's input ``x`` to its output. A PHM layer builds its ``(in, out)`` matrix as
+``H = sum_i phm_rule[i] (x) (W_left[i] @ W_right[i])`` (Kronecker products with ``n`` shared
+``n x n`` rule matrices and rank-``r`` factors).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.ops import Dropout
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "gelu_new": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
+    "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda t: t,
+}
+
+
+class DropState:
+    """Which blocks' adapters the robust AdapterDrop skips in the current training step.
+
+    ``n`` is redrawn uniformly from ``{0, ..., max_layers}`` after every optimiser step; adapters in
+    blocks ``< n`` are skipped while the model is in training mode. All adapters of one injected
+    adapter share one state, so a step drops the same blocks everywhere.
+    """
+
+    def __init__(self, max_layers: int) -> None:
+        self.max_layers = max_layers
+        self.n = 0
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Draw a new ``n`` from torch's global generator (seeded by the trainer)."""
+        self.n = int(torch.randint(0, self.max_layers + 1, (1,)).item())
+
+
+class PHMLinear(nn.Module):
+    """A parameterised-hypercomplex-multiplication layer ``y = x @ H + b`` (Compacter's projections).
+
+    ``H = sum_i kron(phm_rule[i], W_left[i] @ W_right[i])``, shape ``(in, out)``.
+
+    Args:
+        in_features / out_features: both divisible by ``n``.
+        rule: the shared ``(n, n, n)`` rule parameter (the same object in every layer of an adapter).
+        rank: ``r``, the rank of each ``W_i``. Trainable (own) parameters: ``r * (in + out) + out``.
+        zero: start with ``W_right = 0`` (so ``H = 0``; used for the up-projection).
+
+    Shapes: ``x: (..., in) -> (..., out)``; ``W_left: (n, in/n, r)``, ``W_right: (n, r, out/n)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rule: nn.Parameter, rank: int, zero: bool) -> None:
+        super().__init__()
+        n = rule.shape[0]
+        self.phm_rule = rule
+        self.W_left = nn.Parameter(torch.randn(n, in_features // n, rank) / math.sqrt(in_features))
+        right = torch.zeros if zero else torch.randn
+        self.W_right = nn.Parameter(right(n, rank, out_features // n) / math.sqrt(rank))
+        self.b = nn.Parameter(torch.zeros(out_features))
+
+    def matrix(self) -> Tensor:
+        """``H``, shape ``(in, out)``."""
+        n, p, q = self.phm_rule.shape[0], self.W_left.shape[1], self.W_right.shape[2]
+        w = torch.bmm(self.W_left, self.W_right)  # (n, in/n, out/n)
+        return torch.einsum("kab,kij->aibj", self.phm_rule, w).reshape(n * p, n * q)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.b, x.reshape(-1, x.shape[-1]), self.matrix()).reshape(*x.shape[:-1], -1)
+
+
+class BottleneckAdapter(Adapter):
+    """One bottleneck adapter at one site; serial on an output projection, or parallel beside a sub-layer.
+
+    Args:
+        width: ``d``, the hidden size at the site. bottleneck: ``m``.
+        non_linearity: a key of :data:`ACTIVATIONS`. scaling: ``s``. dropout: on the bottleneck.
+        ln_before: a LayerNorm on the adapter's input. residual_before_ln: the serial skip carries the
+            input before that LayerNorm (True) or after it.
+        init_weights: ``"identity"`` (Kaiming-uniform down, zero up: exactly the identity at step 0)
+            or ``"bert"`` (both N(0, 0.01^2), zero biases: close to the identity).
+        rule / phm_rank: with a shared PHM rule the projections are :class:`PHMLinear` (Compacter).
+        block: the transformer block index of the site (None if unknown). drop: the robust AdapterDrop
+            state, or None.
+
+    Shapes: ``(..., d) -> (..., d)``. Trainable parameters: ``2 d m + m + d`` (plain) or
+    ``2 r (d + m) + m + d`` (PHM, plus the shared ``n^3`` once per adapter); ``+ 2 d`` with ``ln_before``.
+    """
+
+    mergeable = False
+
+    def __init__(self, width: int, bottleneck: int, non_linearity: str, scaling: float, dropout: float,
+                 ln_before: bool, residual_before_ln: bool, init_weights: str, rule: nn.Parameter | None = None,
+                 phm_rank: int = 1, block: int | None = None, drop: DropState | None = None) -> None:
+        super().__init__()
+        self.scaling, self.residual_before_ln = scaling, residual_before_ln
+        self.width, self.r = width, bottleneck
+        self.block, self.drop = block, drop
+        self.act = ACTIVATIONS[non_linearity]
+        self.adapter_norm = nn.LayerNorm(width) if ln_before else None
+        self.adapter_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        if rule is not None:
+            self.adapter_down: nn.Module = PHMLinear(width, bottleneck, rule, phm_rank, zero=False)
+            self.adapter_up: nn.Module = PHMLinear(bottleneck, width, rule, phm_rank, zero=init_weights == "identity")
+        else:
+            self.adapter_down = nn.Linear(width, bottleneck)
+            self.adapter_up = nn.Linear(bottleneck, width)
+            nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.adapter_down.bias)
+            nn.init.zeros_(self.adapter_up.weight)
+            nn.init.zeros_(self.adapter_up.bias)
+        if init_weights == "bert":
+            with torch.no_grad():
+                for p in self._own_parameters():
+                    p.normal_(0.0, 0.01) if p.dim() > 1 else p.zero_()
+
+    def _own_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if "phm_rule" not in n and "adapter_norm" not in n]
+
+    @property
+    def dropped(self) -> bool:
+        """Whether robust AdapterDrop skips this adapter in the current training step."""
+        return self.drop is not None and self.training and self.block is not None and self.block < self.drop.n
+
+    def bottleneck(self, h: Tensor) -> Tensor:
+        """``s * up(dropout(f(down(h))))``, in the adapter's dtype; ``h`` is already normalised."""
+        return self.adapter_up(self.adapter_dropout(self.act(self.adapter_down(h)))) * self.scaling
+
+    def _normed(self, x: Tensor) -> Tensor:
+        h = x.to(next(self.adapter_up.parameters()).dtype)
+        return h if self.adapter_norm is None else self.adapter_norm(h)
+
+    def delta(self, x: Tensor) -> Tensor:
+        """The parallel branch ``A(x)`` (no skip), cast to ``x``'s dtype."""
+        return self.bottleneck(self._normed(x)).to(x.dtype)
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        """Serial use: the wrapped projection's output ``y`` becomes ``skip(y) + A(y)``."""
+        if self.dropped:
+            return y
+        h = self._normed(y)
+        skip = y if self.adapter_norm is None or self.residual_before_ln else h.to(y.dtype)
+        return skip + self.bottleneck(h).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, bottleneck={self.r}, scaling={self.scaling}, block={self.block}"
+
+
+class SublayerLayer(AdaptedLayer):
+    """A whole attention or feed-forward sub-layer wrapped for parallel adapters.
+
+    Two calling conventions are handled, found from the wrapped module's signature:
+
+    * *output* (pre-LN decoders, GPT-2 ``attn``/``mlp``, Llama ``self_attn``/``mlp``): the input is the
+      first positional argument or ``hidden_states=``; each adapter adds ``A(x)`` to the output (the
+      first element when the module returns a tuple).
+    * *residual* (post-LN BERT-family ``BertSelfOutput``/``BertOutput``, whose forward takes
+      ``(hidden_states, input_tensor)`` and returns ``LayerNorm(f(hidden_states) + input_tensor)``): the
+      sub-layer's input is ``input_tensor``; it becomes ``input_tensor + A(input_tensor)``, so the adapter
+      output joins the residual sum before the LayerNorm.
+
+    Nothing merges here; other methods' layers inside the sub-layer keep working (add them first).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.residual_arg = "input_tensor" in inspect.signature(base_layer.forward).parameters
+
+    @property
+    def weight(self) -> None:  # type: ignore[override]
+        """None: a sub-layer has no single weight to merge into."""
+        return None
+
+    @property
+    def bias(self) -> None:  # type: ignore[override]
+        return None
+
+    def _jobs(self, args: tuple, kwargs: dict) -> list[tuple[BottleneckAdapter, Tensor | None]]:
+        ctx = self._ctx
+        if self.disabled:
+            return []
+        if ctx is not None and ctx.row_names is not None:
+            x = next(v for v in (*args, *kwargs.values()) if isinstance(v, Tensor))
+            return [(self.adapters[n], idx) for n, idx in ctx.groups(x.shape[0], x.device) if n in self.adapters]
+        return [(a, None) for a in self._plan]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        jobs = [(a, idx) for a, idx in self._jobs(args, kwargs) if not a.dropped]
+        if not jobs:
+            return self.base_layer(*args, **kwargs)
+        if self.residual_arg:
+            if len(args) > 1:
+                args = (args[0], _add_branches(jobs, args[1], args[1]), *args[2:])
+            else:
+                kwargs["input_tensor"] = _add_branches(jobs, kwargs["input_tensor"], kwargs["input_tensor"])
+            return self.base_layer(*args, **kwargs)
+        if args:
+            x = args[0]
+        elif "hidden_states" in kwargs:
+            x = kwargs["hidden_states"]
+        else:
+            raise TypeError(f"{type(self.base_layer).__name__} was called without a positional input or "
+                            "hidden_states=; a parallel adapter cannot find the sub-layer's input")
+        out = self.base_layer(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (_add_branches(jobs, x, out[0]), *out[1:])
+        return _add_branches(jobs, x, out)
+
+
+def _add_branches(jobs: list[tuple[BottleneckAdapter, Tensor | None]], x: Tensor, out: Tensor) -> Tensor:
+    """``out + sum_j A_j(x)``, each ``A_j`` on its rows only (all rows when its index is None)."""
+    for adapter, idx in jobs:
+        if idx is None:
+            out = out + adapter.delta(x)
+        else:
+            out = out.index_add(0, idx, adapter.delta(x.index_select(0, idx)).to(out.dtype))
+    return out

@@ -1,0 +1,361 @@
+"""Bottleneck adapters: Houlsby, Pfeiffer, parallel, Compacter, Compacter++ and AdapterDrop.
+
+Papers:
+  Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", 2019, arXiv:1902.00751 (serial,
+    after attention and after the FFN).
+  Pfeiffer et al., "AdapterFusion: Non-Destructive Task Composition for Transfer Learning", 2020,
+    arXiv:2005.00247 (serial, after the FFN only).
+  He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning", 2021, arXiv:2110.04366
+    (parallel, beside the FFN or the attention, scaled).
+  Mahabadi et al., "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers", 2021, arXiv:2106.04647.
+  Rücklé et al., "AdapterDrop: On the Efficiency of Adapters in Transformers", 2020, arXiv:2010.11918.
+
+Equation: serial ``u <- u + s * W_up f(W_down u)`` on a sub-layer's output ``u`` before the residual
+add; parallel ``y <- y + s * W_up f(W_down x)`` with ``x`` the sub-layer's input. Trainable parameters
+per site: ``2 d m + d + m`` (``d`` hidden size, ``m`` bottleneck); Compacter ``2 r (d + m) + d + m``
+per site plus ``n^3`` shared.
+
+The sites come from a small per-architecture table (:data:`ADAPTER_SITES`, keyed by
+``config.model_type``); ``target_modules`` names them explicitly for other models. Config class names
+follow AdapterHub's (``HoulsbyConfig``, ``PfeifferConfig``, ``ParallelConfig``, ``CompacterConfig``,
+``CompacterPlusPlusConfig``); peft has no bottleneck adapters, so the ``peft_type`` strings are our own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.config import ConfigError, MethodSpec, PeftConfig, check, register_method
+from peftkit.layers import AdaptedLayer, Adapter, unwrap
+from peftkit.methods.adapter_layers import ACTIVATIONS, BottleneckAdapter, DropState, SublayerLayer
+from peftkit.targeting import find_targets, iter_logical_modules, layer_index, linear_types
+from peftkit.tuners import WrapTuner
+
+INIT_CHOICES = ("identity", "bert")
+DROP_MODES = ("fixed", "random")
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Where adapters go in one architecture: full-match regexes over module names.
+
+    ``attn_output`` / ``ffn_output``: the output projections serial adapters wrap; ``attn_block`` /
+    ``ffn_block``: the sub-layers parallel adapters sit beside.
+    """
+
+    attn_output: str
+    ffn_output: str
+    attn_block: str
+    ffn_block: str
+
+
+_BERT = Sites(r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense", r".*\.attention\.output",
+              r".*\.layer\.\d+\.output")
+_LLAMA = Sites(r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj", r".*\.self_attn", r".*\.mlp")
+ADAPTER_SITES: dict[str, Sites] = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), _BERT),
+    "distilbert": Sites(r".*\.attention\.out_lin", r".*\.ffn\.lin2", r".*\.attention", r".*\.ffn"),
+    "gpt2": Sites(r".*\.attn\.c_proj", r".*\.mlp\.c_proj", r".*\.attn", r".*\.mlp"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma"), _LLAMA),
+}
+
+
+@dataclass
+class BottleneckConfig(PeftConfig):
+    """Configuration of bottleneck adapters (field names as AdapterHub's ``BnConfig`` where it has them).
+
+    Args:
+        target_modules: explicit sites: output projections (``nn.Linear``/GPT-2 ``Conv1D``) for serial
+            adapters, whole attention/FFN sub-layers for parallel ones; a list of names/suffixes or a
+            full-match regex. None (default) takes them from :data:`ADAPTER_SITES` by the model's
+            ``config.model_type``.
+        exclude_modules: names/suffixes or regex never adapted.
+        mh_adapter: put an adapter at the attention sub-layer (table sites only). Default True.
+        output_adapter: put an adapter at the feed-forward sub-layer (table sites only). Default True.
+        is_parallel: beside the sub-layer (He et al.) instead of serial after its output projection.
+        reduction_factor: bottleneck ``m = d // reduction_factor`` (> 0). Default 16.
+        bottleneck_size: ``m`` directly (overrides ``reduction_factor``) or None. With ``phm_layer`` a
+            ``reduction_factor``-derived ``m`` is rounded up to a multiple of ``phm_dim``.
+        non_linearity: one of :data:`~peftkit.methods.adapter_layers.ACTIVATIONS`. Default ``"relu"``.
+        scaling: ``s``, multiplies the adapter's output (> 0). Default 1.
+        adapter_dropout: dropout on the bottleneck activations, in [0, 1). Default 0.
+        ln_before: a trainable LayerNorm on the adapter input. residual_before_ln: with ``ln_before``,
+            the serial skip connection carries the input before (True, default) or after the LayerNorm.
+        init_weights: ``"identity"`` (default: up-projection zero, the model is unchanged at step 0) or
+            ``"bert"`` (all weights N(0, 0.01^2): near identity).
+        phm_layer: use Compacter's PHM layers; phm_dim ``n`` (divides ``d`` and ``m``), phm_rank ``r``.
+            One ``(n, n, n)`` rule tensor is shared by every PHM layer of the adapter.
+        adapterdrop_layers: AdapterDrop's ``N`` (>= 0); adapterdrop_mode ``"fixed"`` leaves the adapters
+            of the lowest ``N`` blocks out (training and inference skip them), ``"random"`` keeps them and
+            skips those of blocks ``< n`` in each training step, ``n`` drawn from ``{0..N}`` after each
+            optimiser step (robust AdapterDrop; needs ``PeftModel.peft_step_end``, which the trainer calls).
+        layers_to_transform / layers_pattern: restrict to some blocks (see :mod:`peftkit.targeting`).
+        modules_to_save: modules trained in full and saved with the adapter.
+
+    Raises:
+        ConfigError: on any out-of-range or unknown value (the message names it and what is valid).
+    """
+
+    peft_type = "BOTTLENECK"
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    mh_adapter: bool = True
+    output_adapter: bool = True
+    is_parallel: bool = False
+    reduction_factor: float = 16
+    bottleneck_size: int | None = None
+    non_linearity: str = "relu"
+    scaling: float = 1.0
+    adapter_dropout: float = 0.0
+    ln_before: bool = False
+    residual_before_ln: bool = True
+    init_weights: str = "identity"
+    phm_layer: bool = False
+    phm_dim: int = 4
+    phm_rank: int = 1
+    adapterdrop_layers: int = 0
+    adapterdrop_mode: str = "fixed"
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        for name in ("mh_adapter", "output_adapter", "is_parallel", "ln_before", "residual_before_ln", "phm_layer"):
+            check(isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be True or False")
+        check(self.target_modules is not None or self.mh_adapter or self.output_adapter,
+              "mh_adapter=False and output_adapter=False leave no site; enable one or give target_modules")
+        check(_number(self.reduction_factor) and self.reduction_factor > 0,
+              f"reduction_factor={self.reduction_factor!r} is not valid; it must be a number > 0")
+        check(self.bottleneck_size is None or (_int(self.bottleneck_size) and self.bottleneck_size > 0),
+              f"bottleneck_size={self.bottleneck_size!r} is not valid; give an integer > 0 or None")
+        check(self.non_linearity in ACTIVATIONS,
+              f"non_linearity={self.non_linearity!r} is not valid; expected one of {sorted(ACTIVATIONS)}")
+        check(_number(self.scaling) and self.scaling > 0, f"scaling={self.scaling!r} must be a number > 0")
+        check(_number(self.adapter_dropout) and 0 <= self.adapter_dropout < 1,
+              f"adapter_dropout={self.adapter_dropout!r} is not valid; it must lie in [0, 1)")
+        check(self.init_weights in INIT_CHOICES,
+              f"init_weights={self.init_weights!r} is not valid; expected one of {INIT_CHOICES}")
+        check(_int(self.phm_dim) and self.phm_dim >= 1, f"phm_dim={self.phm_dim!r} must be an integer >= 1")
+        check(_int(self.phm_rank) and self.phm_rank >= 1, f"phm_rank={self.phm_rank!r} must be an integer >= 1")
+        check(_int(self.adapterdrop_layers) and self.adapterdrop_layers >= 0,
+              f"adapterdrop_layers={self.adapterdrop_layers!r} must be an integer >= 0")
+        check(self.adapterdrop_mode in DROP_MODES,
+              f"adapterdrop_mode={self.adapterdrop_mode!r} is not valid; expected one of {DROP_MODES}")
+        if self.layers_to_transform is not None:
+            layers = [self.layers_to_transform] if _int(self.layers_to_transform) else self.layers_to_transform
+            check(isinstance(layers, list) and all(_int(i) and i >= 0 for i in layers),
+                  f"layers_to_transform={self.layers_to_transform!r} must be a block index >= 0 or a list of them")
+
+    def bottleneck_for(self, width: int) -> int:
+        """``m`` for hidden size ``width``: ``bottleneck_size``, else ``max(1, width // reduction_factor)``
+        (with ``phm_layer`` rounded up to a multiple of ``phm_dim``)."""
+        if self.bottleneck_size:
+            return self.bottleneck_size
+        m = max(1, int(width // self.reduction_factor))
+        return -(-m // self.phm_dim) * self.phm_dim if self.phm_layer else m
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class HoulsbyConfig(BottleneckConfig):
+    """Houlsby et al. 2019 (arXiv:1902.00751): serial adapters after the attention and after the FFN
+    output projections, swish non-linearity, ``m = d // 16``; see :class:`BottleneckConfig`."""
+
+    peft_type = "HOULSBY"
+    non_linearity: str = "swish"
+
+
+@dataclass
+class PfeifferConfig(BottleneckConfig):
+    """Pfeiffer et al. 2020 (arXiv:2005.00247): one serial adapter after the FFN output projection,
+    ReLU, ``m = d // 16``; see :class:`BottleneckConfig`."""
+
+    peft_type = "PFEIFFER"
+    mh_adapter: bool = False
+
+
+@dataclass
+class ParallelConfig(BottleneckConfig):
+    """He et al. 2021 (arXiv:2110.04366): a parallel adapter beside the FFN with ``s = 4`` and
+    ``m = d // 2`` (AdapterHub's ``ParBnConfig`` defaults); ``mh_adapter=True`` adds one beside the
+    attention. See :class:`BottleneckConfig`."""
+
+    peft_type = "PARALLEL_ADAPTER"
+    mh_adapter: bool = False
+    is_parallel: bool = True
+    reduction_factor: float = 2
+    scaling: float = 4.0
+
+
+@dataclass
+class CompacterConfig(BottleneckConfig):
+    """Mahabadi et al. 2021 (arXiv:2106.04647): Houlsby placement with PHM projections (``n = 4``,
+    rank 1, one shared rule tensor), GELU, ``m = d // 32``. See :class:`BottleneckConfig`."""
+
+    peft_type = "COMPACTER"
+    phm_layer: bool = True
+    reduction_factor: float = 32
+    non_linearity: str = "gelu"
+
+
+@dataclass
+class CompacterPlusPlusConfig(CompacterConfig):
+    """Compacter++ (arXiv:2106.04647): Compacter with the adapter after the FFN only."""
+
+    peft_type = "COMPACTER_PP"
+    mh_adapter: bool = False
+
+
+@dataclass
+class AdapterDropConfig(PfeifferConfig):
+    """Rücklé et al. 2020 (arXiv:2010.11918): Pfeiffer adapters with none in the lowest 2 blocks
+    (``adapterdrop_layers=2``, ``adapterdrop_mode="fixed"``; ``"random"`` is robust AdapterDrop)."""
+
+    peft_type = "ADAPTERDROP"
+    adapterdrop_layers: int = 2
+
+
+def model_type(model: nn.Module) -> str | None:
+    """``model.config.model_type`` of an HF model, else None."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def output_width(module: nn.Module) -> int:
+    """The hidden size a site works at: the output features of a linear module, or of the last linear
+    module inside a sub-layer.
+
+    Raises:
+        ConfigError: the module holds no linear layer.
+    """
+    for _, m in reversed(list(iter_logical_modules(module))):
+        if isinstance(m, nn.Linear):
+            return m.out_features
+        if isinstance(m, linear_types()):
+            return m.weight.shape[1]
+    raise ConfigError(f"cannot find the hidden size of a {type(module).__name__} (it holds no linear layer)")
+
+
+class BottleneckTuner(WrapTuner):
+    """Builds bottleneck adapters at the table's (or the given) sites."""
+
+    method = "bottleneck adapters"
+
+    def __init__(self) -> None:
+        self._rule: nn.Parameter | None = None
+        self._drop: DropState | None = None
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:
+        return linear_types()
+
+    def new_wrapper(self, module: nn.Module) -> AdaptedLayer:
+        return AdaptedLayer(module) if isinstance(module, linear_types()) else SublayerLayer(module)
+
+    def find(self, host: Any, config: BottleneckConfig) -> list[str]:
+        model = host.model
+        targets = config.target_modules
+        if targets is None:
+            kind = model_type(model)
+            sites = ADAPTER_SITES.get(kind)
+            check(sites is not None,
+                  f"{type(config).__name__}: no adapter sites known for model_type={kind!r} (known: "
+                  f"{sorted(ADAPTER_SITES)}); give target_modules: the attention/FFN output projections for "
+                  "serial adapters, or the attention/FFN sub-layer modules for parallel ones")
+            pairs = ((config.mh_adapter, sites.attn_block if config.is_parallel else sites.attn_output),
+                     (config.output_adapter, sites.ffn_block if config.is_parallel else sites.ffn_output))
+            targets = "|".join(f"(?:{regex})" for on, regex in pairs if on)
+        names = find_targets(
+            model, targets, supported=(nn.Module,) if config.is_parallel else linear_types(),
+            exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
+            skip=list(config.modules_to_save or []) + host.modules_to_save_names(), method=type(config).__name__)
+        if config.is_parallel:
+            for n in names:
+                module = model.get_submodule(n)
+                check(not isinstance(unwrap(module), (*linear_types(), nn.Embedding))
+                      and (isinstance(module, SublayerLayer) or not isinstance(module, AdaptedLayer)),
+                      f"{n}: a parallel adapter sits beside a whole attention or feed-forward sub-layer, not a "
+                      f"single {type(unwrap(module)).__name__}; target the module that holds it")
+        if config.adapterdrop_mode == "fixed" and config.adapterdrop_layers:
+            names = [n for n in names if _block(n, config) is None or _block(n, config) >= config.adapterdrop_layers]
+            check(bool(names), f"adapterdrop_layers={config.adapterdrop_layers} leaves out every block; "
+                               "use a smaller number")
+        return names
+
+    def inject(self, host: Any, config: BottleneckConfig, adapter_name: str) -> None:
+        if config.phm_layer:
+            n = config.phm_dim
+            self._rule = nn.Parameter(torch.randn(n, n, n) / n ** 0.5)
+        if config.adapterdrop_mode == "random" and config.adapterdrop_layers:
+            self._drop = DropState(config.adapterdrop_layers)
+        try:
+            super().inject(host, config, adapter_name)
+        finally:
+            self._rule, self._drop = None, None
+
+    def make_adapter(self, base: nn.Module, config: BottleneckConfig, module_name: str) -> Adapter:
+        width = output_width(base)
+        m = config.bottleneck_for(width)
+        if config.phm_layer:
+            n = config.phm_dim
+            check(width % n == 0 and m % n == 0,
+                  f"{module_name}: phm_dim={n} must divide the hidden size {width} and the bottleneck {m}; "
+                  "choose another phm_dim, reduction_factor or bottleneck_size")
+        return BottleneckAdapter(
+            width, m, config.non_linearity, config.scaling, config.adapter_dropout, config.ln_before,
+            config.residual_before_ln, config.init_weights, rule=self._rule, phm_rank=config.phm_rank,
+            block=_block(module_name, config), drop=self._drop)
+
+    def on_step_end(self, host: Any, adapter_name: str, step: int) -> None:
+        """Robust AdapterDrop: draw the number of dropped blocks for the next step."""
+        for _, w in host.wrappers():
+            adapter = w.adapters[adapter_name] if isinstance(w, AdaptedLayer) and adapter_name in w.adapters else None
+            if isinstance(adapter, BottleneckAdapter) and adapter.drop is not None:
+                adapter.drop.redraw()
+                return
+
+
+def _block(module_name: str, config: BottleneckConfig) -> int | None:
+    return layer_index(module_name, config.layers_pattern)
+
+
+def _cli(config_cls: type[BottleneckConfig]):
+    def build(args: Any) -> BottleneckConfig:
+        return config_cls(target_modules=args.target_modules, task_type=args.task_type)
+
+    build.__doc__ = f"Build a :class:`{config_cls.__name__}` from ``peftkit train`` options."
+    return build
+
+
+_TUNER = BottleneckTuner()
+_PAPERS = {
+    "bottleneck": "Parameter-Efficient Transfer Learning for NLP (Houlsby et al., 2019, arXiv:1902.00751)",
+    "houlsby": "Parameter-Efficient Transfer Learning for NLP (Houlsby et al., 2019, arXiv:1902.00751)",
+    "pfeiffer": "AdapterFusion: Non-Destructive Task Composition for Transfer Learning (Pfeiffer et al., 2020, "
+                "arXiv:2005.00247)",
+    "parallel-adapter": "Towards a Unified View of Parameter-Efficient Transfer Learning (He et al., 2021, "
+                        "arXiv:2110.04366)",
+    "compacter": "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers (Mahabadi et al., 2021, arXiv:2106.04647)",
+    "compacter++": "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers (Mahabadi et al., 2021, "
+                   "arXiv:2106.04647)",
+    "adapterdrop": "AdapterDrop: On the Efficiency of Adapters in Transformers (Rücklé et al., 2020, arXiv:2010.11918)",
+}
+_CONFIGS = {"bottleneck": BottleneckConfig, "houlsby": HoulsbyConfig, "pfeiffer": PfeifferConfig,
+            "parallel-adapter": ParallelConfig, "compacter": CompacterConfig,
+            "compacter++": CompacterPlusPlusConfig, "adapterdrop": AdapterDropConfig}
+_ALIASES = {"parallel-adapter": ("parallel",), "compacter++": ("compacter-pp",)}
+
+for _name, _cls in _CONFIGS.items():
+    register_method(MethodSpec(name=_name, config_cls=_cls, family="additive", kind="wrap", mergeable=False,
+                               paper=_PAPERS[_name], tuner=_TUNER, cli_config=_cli(_cls),
+                               aliases=_ALIASES.get(_name, ())))

@@ -1,0 +1,187 @@
+"""(IA)^3: learned vectors that rescale keys, values and the feed-forward activations.
+
+Paper: Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning", 2022, arXiv:2205.05638.
+
+Equation: on an attention projection ``y = l (.) (W x + b)``; on a feed-forward down projection
+``y = W (l (.) x) + b``. Both fold into ``W`` exactly: ``W' = diag(l) W, b' = l (.) b`` or
+``W' = W diag(l)``. Trainable parameters: ``out`` per attention target, ``in`` per feed-forward
+target. Field names, defaults and the file layout (``ia3_l``, shape ``(out, 1)`` or ``(1, in)``)
+are peft's, so adapters move both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.config import MethodSpec, PeftConfig, check, register_method
+from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.methods.adapters import model_type
+from peftkit.targeting import linear_types, matches
+from peftkit.tuners import WrapTuner
+
+IA3_PAPER = ("Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning "
+             "(Liu et al., 2022, arXiv:2205.05638)")
+
+# (target_modules, feedforward_modules) by config.model_type, as peft chooses them.
+IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
+    **dict.fromkeys(("bert", "roberta"), (["key", "value", "output.dense"], ["output.dense"])),
+    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    **dict.fromkeys(("llama", "mistral"), (["k_proj", "v_proj", "down_proj"], ["down_proj"])),
+    **dict.fromkeys(("qwen2", "qwen3", "gemma"), (["q_proj", "v_proj", "down_proj"], ["down_proj"])),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+}
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """Configuration of (IA)^3 (field names and defaults as ``peft.IA3Config``).
+
+    Args:
+        target_modules: names/suffixes, a full-match regex or ``"all-linear"``; None takes peft's
+            choice for the model's ``config.model_type`` (:data:`IA3_DEFAULTS`).
+        exclude_modules: names/suffixes or regex never adapted.
+        feedforward_modules: the targets whose *input* is rescaled (``l: (1, in)``); the others rescale
+            their output (``l: (out, 1)``). None takes peft's choice for the model type.
+        fan_in_fan_out: kept for file compatibility; the weight layout is read from the module type.
+        modules_to_save: modules trained in full and saved with the adapter.
+        init_ia3_weights: True (default) starts every vector at 1 (the identity); False draws N(0, 1)
+            (for tests only).
+
+    Raises:
+        ConfigError: ``feedforward_modules`` is not a subset of ``target_modules`` (both lists), a
+            non-boolean flag, or (when injected) a model type with no default and no explicit lists.
+    """
+
+    peft_type = "IA3"
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    init_ia3_weights: bool = True
+
+    def validate(self) -> None:
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            if isinstance(getattr(self, name), (set, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
+        check(isinstance(self.init_ia3_weights, bool),
+              f"init_ia3_weights={self.init_ia3_weights!r} is not valid; expected True or False")
+        check(isinstance(self.fan_in_fan_out, bool), f"fan_in_fan_out={self.fan_in_fan_out!r} must be True or False")
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            check(not extra, f"feedforward_modules={self.feedforward_modules!r} is not valid: {extra} are not in "
+                             f"target_modules={self.target_modules!r} (feedforward modules must be targets too)")
+
+
+class IA3Output(Adapter):
+    """(IA)^3 on an attention projection: ``y <- l (.) y``.
+
+    Shapes: ``ia3_l: (out, 1)``; the layer maps ``(..., in) -> (..., out)``.
+    """
+
+    def __init__(self, out_features: int, transposed: bool, init: bool) -> None:
+        super().__init__()
+        self.transposed = transposed
+        self.ia3_l = nn.Parameter(torch.ones(out_features, 1) if init else torch.randn(out_features, 1))
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        return y * self.ia3_l.flatten().to(y.dtype)
+
+    def _scale(self) -> Tensor:
+        lv = self.ia3_l.detach().float()
+        check_nonzero(lv)
+        return lv.T if self.transposed else lv  # Linear weight (out, in); Conv1D weight (in, out)
+
+    def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        lv = self._scale()
+        return weight * lv, None if bias is None else bias * lv.flatten()
+
+    def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        lv = self._scale()
+        return weight / lv, None if bias is None else bias / lv.flatten()
+
+
+class IA3Input(Adapter):
+    """(IA)^3 on a feed-forward down projection: ``y = W (l (.) x) + b``.
+
+    Shapes: ``ia3_l: (1, in)``.
+    """
+
+    transforms_input = True
+
+    def __init__(self, in_features: int, transposed: bool, init: bool) -> None:
+        super().__init__()
+        self.transposed = transposed
+        self.ia3_l = nn.Parameter(torch.ones(1, in_features) if init else torch.randn(1, in_features))
+
+    def transform_input(self, x: Tensor) -> Tensor:
+        return x * self.ia3_l.flatten().to(x.dtype)
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+    def _scale(self) -> Tensor:
+        lv = self.ia3_l.detach().float()
+        check_nonzero(lv)
+        return lv.T if self.transposed else lv
+
+    def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return weight * self._scale(), bias
+
+    def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return weight / self._scale(), bias
+
+
+def check_nonzero(scale: Tensor) -> None:
+    """Raise ValueError when a rescaling vector has a zero entry (its merge could not be undone)."""
+    if (scale == 0).any():
+        raise ValueError("an (IA)^3/SSF scale has a zero entry; merging it could not be undone")
+
+
+class IA3Tuner(WrapTuner):
+    """Builds one (IA)^3 vector per target; resolves peft's default modules by model type."""
+
+    method = "(IA)^3"
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:
+        return linear_types()
+
+    def inject(self, host: Any, config: IA3Config, adapter_name: str) -> None:
+        kind = model_type(host.model)
+        given = config.target_modules, config.feedforward_modules
+        if config.target_modules is None:
+            check(kind in IA3_DEFAULTS, f"IA3Config: no default target_modules for model_type={kind!r} (known: "
+                                        f"{sorted(IA3_DEFAULTS)}); give target_modules and feedforward_modules")
+            config.target_modules = list(IA3_DEFAULTS[kind][0])
+        if config.feedforward_modules is None:
+            config.feedforward_modules = list(IA3_DEFAULTS[kind][1]) if kind in IA3_DEFAULTS else []
+        try:
+            super().inject(host, config, adapter_name)
+        except BaseException:
+            config.target_modules, config.feedforward_modules = given
+            raise
+
+    def make_adapter(self, base: nn.Module, config: IA3Config, module_name: str) -> Adapter:
+        transposed = not isinstance(base, nn.Linear)
+        in_f, out_f = base.weight.shape[::-1] if not transposed else base.weight.shape
+        if matches(module_name, config.feedforward_modules):
+            return IA3Input(in_f, transposed, config.init_ia3_weights)
+        return IA3Output(out_f, transposed, config.init_ia3_weights)
+
+
+def ia3_from_cli(args: Any) -> IA3Config:
+    """Build an :class:`IA3Config` from ``peftkit train`` options (default targets by model type)."""
+    return IA3Config(target_modules=args.target_modules, task_type=args.task_type)
+
+
+register_method(MethodSpec(
+    name="ia3", config_cls=IA3Config, family="additive", kind="wrap", mergeable=True, paper=IA3_PAPER,
+    tuner=IA3Tuner(), cli_config=ia3_from_cli,
+))

@@ -1,0 +1,364 @@
+"""Bottleneck adapters (Houlsby, Pfeiffer, parallel, Compacter, Compacter++, AdapterDrop) on a BERT
+classifier, GPT-2 and Llama: identity at step 0, training, decoding, counts, files, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit import (
+    AdapterDropConfig,
+    BottleneckConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    ConfigError,
+    HoulsbyConfig,
+    ParallelConfig,
+    PeftModel,
+    PfeifferConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+)
+from peftkit.layers import AdaptedLayer
+from peftkit.methods.adapter_layers import BottleneckAdapter, PHMLinear, SublayerLayer
+from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from tests.decode_checks import check_decoding, greedy_cached, no_eos
+
+MODELS = {"bert": tiny_bert_classifier, "gpt2": tiny_gpt2, "llama": tiny_llama}
+PRESETS = {
+    "houlsby": lambda: HoulsbyConfig(reduction_factor=4),
+    "pfeiffer": lambda: PfeifferConfig(reduction_factor=4),
+    "parallel": lambda: ParallelConfig(mh_adapter=True),
+    "compacter": lambda: CompacterConfig(reduction_factor=2),
+    "compacter++": lambda: CompacterPlusPlusConfig(reduction_factor=2, phm_dim=2, phm_rank=2),
+    "adapterdrop": lambda: AdapterDropConfig(adapterdrop_layers=1, reduction_factor=4),
+    "ln_before": lambda: BottleneckConfig(reduction_factor=4, ln_before=True, non_linearity="tanh"),
+}
+# the sites each preset adapts, per model: (module-name suffix, wrapper type)
+SITES = {
+    "bert": {"attn": "attention.output.dense", "ffn": "output.dense", "attn_block": "attention.output",
+             "ffn_block": "output"},
+    "gpt2": {"attn": "attn.c_proj", "ffn": "mlp.c_proj", "attn_block": "attn", "ffn_block": "mlp"},
+    "llama": {"attn": "self_attn.o_proj", "ffn": "mlp.down_proj", "attn_block": "self_attn", "ffn_block": "mlp"},
+}
+
+
+def adapted_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+def outputs(model, x):
+    """Logits and last hidden states together (a tiny BERT classifier's logits alone are ~1e-2)."""
+    with torch.no_grad():
+        out = model(input_ids=x, output_hidden_states=True)
+    return torch.cat([out.logits.flatten(), out.hidden_states[-1].flatten()])
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_identity_at_step_zero_and_perturbed_adapters_change_the_output(arch, preset):
+    base = MODELS[arch]()
+    x = ids()
+    expected = outputs(base, x)
+    model = get_peft_model(base, PRESETS[preset]())
+    assert (outputs(model, x) - expected).abs().max() <= 1e-6
+    perturb(model)
+    assert (outputs(model, x) - expected).abs().max() > 1e-3
+    with model.disable_adapter():
+        assert (outputs(model, x) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_sites_follow_the_architecture_table(arch):
+    s = SITES[arch]
+    layers = "bert.encoder.layer" if arch == "bert" else "transformer.h" if arch == "gpt2" else "model.layers"
+    houlsby = get_peft_model(MODELS[arch](), HoulsbyConfig())
+    assert adapted_names(houlsby.get_base_model()) == [f"{layers}.{i}.{s[k]}" for i in (0, 1) for k in ("attn", "ffn")]
+    pfeiffer = get_peft_model(MODELS[arch](), PfeifferConfig())
+    assert adapted_names(pfeiffer.get_base_model()) == [f"{layers}.{i}.{s['ffn']}" for i in (0, 1)]
+    parallel = get_peft_model(MODELS[arch](), ParallelConfig(mh_adapter=True)).get_base_model()
+    blocks = [f"{layers}.{i}.{s[k]}" for i in (0, 1) for k in ("attn_block", "ffn_block")]
+    assert adapted_names(parallel) == blocks
+    assert all(isinstance(parallel.get_submodule(b), SublayerLayer) for b in blocks)
+    assert all(parallel.get_submodule(b).residual_arg == (arch == "bert") for b in blocks)
+
+
+def scaled(model: nn.Module, std: float = 0.3) -> nn.Module:
+    """Redraw a tiny decoder's matrices from N(0, std^2): with the default 0.02 its tied output layer
+    keeps every logit near 0, so no adapter could lower the loss much."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, std)
+    return model
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("preset", ["houlsby", "pfeiffer", "parallel", "compacter", "adapterdrop"])
+def test_training_lowers_the_loss_and_only_adapters_get_gradients(arch, preset):
+    config = PRESETS[preset]()
+    config.task_type = "SEQ_CLS" if arch == "bert" else "CAUSAL_LM"
+    model = get_peft_model(MODELS[arch]() if arch == "bert" else scaled(MODELS[arch]()), config)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(3, 64, (8, 10), generator=g)
+    labels = torch.tensor([0, 1] * 4) if arch == "bert" else x
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(30):  # in eval mode (no dropout), so the loss curve is deterministic
+        loss = model(input_ids=x, labels=labels).loss
+        loss.backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                assert ".adapters.default.adapter_" in name or ".modules_to_save.default." in name, name
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("preset", ["houlsby", "parallel", "compacter++"])
+def test_generate_with_cache_and_left_padding_match_plain_decoding(arch, preset):
+    torch.manual_seed(0)
+    base = no_eos(MODELS[arch]())
+    prompt = torch.randint(3, 64, (1, 5))
+    plain = greedy_cached(base, prompt, torch.ones_like(prompt), 6)
+    model = get_peft_model(base, PRESETS[preset]())
+    perturb(model, std=0.5)
+    check_decoding(model)
+    assert not torch.equal(greedy_cached(model, prompt, torch.ones_like(prompt), 6), plain)
+    with model.disable_adapter():
+        assert torch.equal(greedy_cached(model, prompt, torch.ones_like(prompt), 6), plain)
+
+
+def test_trainable_counts_match_the_formulas():
+    d, blocks = 16, 2
+    cases = [
+        (HoulsbyConfig(reduction_factor=4), 2 * blocks * (2 * d * 4 + 4 + d)),
+        (PfeifferConfig(bottleneck_size=3), blocks * (2 * d * 3 + 3 + d)),
+        (ParallelConfig(mh_adapter=True), 2 * blocks * (2 * d * 8 + 8 + d)),
+        (BottleneckConfig(reduction_factor=4, ln_before=True), 2 * blocks * (2 * d * 4 + 4 + d + 2 * d)),
+        # Compacter: 2 r (d + m) + m + d per site, plus the shared n^3 rule once
+        (CompacterConfig(reduction_factor=2), 2 * blocks * (2 * 1 * (d + 8) + 8 + d) + 4 ** 3),
+        (CompacterPlusPlusConfig(reduction_factor=2, phm_dim=2, phm_rank=3), blocks * (2 * 3 * (d + 8) + 8 + d) + 2 ** 3),
+        (AdapterDropConfig(adapterdrop_layers=1, reduction_factor=4), 1 * (2 * d * 4 + 4 + d)),
+        (AdapterDropConfig(adapterdrop_layers=1, adapterdrop_mode="random", reduction_factor=4), 2 * (2 * d * 4 + 4 + d)),
+    ]
+    for config, expected in cases:
+        model = get_peft_model(tiny_llama(), config)
+        assert model.get_nb_trainable_parameters()[0] == expected, type(config).__name__
+
+
+def test_compacter_matrix_is_the_sum_of_kronecker_products_and_the_rule_is_shared():
+    model = get_peft_model(tiny_gpt2(), CompacterConfig(reduction_factor=2))
+    perturb(model)
+    phm = [m for m in model.modules() if isinstance(m, PHMLinear)]
+    assert len(phm) == 8 and all(p.phm_rule is phm[0].phm_rule for p in phm)
+    layer = phm[0]
+    w = layer.W_left @ layer.W_right
+    explicit = sum(torch.kron(layer.phm_rule[i], w[i]) for i in range(4))
+    assert (layer.matrix() - explicit).abs().max() <= 1e-6
+    x = torch.randn(3, 16)
+    assert (layer(x) - (x @ explicit + layer.b)).abs().max() <= 1e-5
+
+
+def test_parallel_adapter_equations():
+    torch.manual_seed(0)
+    gpt = get_peft_model(tiny_gpt2(), ParallelConfig())
+    perturb(gpt)
+    mlp = gpt.get_base_model().transformer.h[0].mlp
+    adapter = mlp.adapters["default"]
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = mlp.base_layer(x) + 4.0 * adapter.adapter_up(torch.relu(adapter.adapter_down(x)))
+        assert (mlp(x) - expected).abs().max() <= 1e-6
+    bert = get_peft_model(tiny_bert_classifier(), ParallelConfig())
+    perturb(bert)
+    out = bert.get_base_model().bert.encoder.layer[0].output
+    adapter = out.adapters["default"]
+    inner, resid = torch.randn(2, 5, 32), torch.randn(2, 5, 16)
+    with torch.no_grad():  # post-LN: LayerNorm(dense(inner) + resid + A(resid))
+        expected = out.base_layer(inner, resid + 4.0 * adapter.adapter_up(torch.relu(adapter.adapter_down(resid))))
+        assert (out(inner, resid) - expected).abs().max() <= 1e-6
+
+
+def test_serial_adapter_equation_and_residual_placement():
+    for before in (True, False):
+        model = get_peft_model(tiny_llama(), PfeifferConfig(bottleneck_size=3, ln_before=True, residual_before_ln=before,
+                                                            non_linearity="gelu", scaling=0.5))
+        perturb(model)
+        layer = model.get_base_model().model.layers[1].mlp.down_proj
+        a = layer.adapters["default"]
+        x = torch.randn(2, 4, 24)
+        with torch.no_grad():
+            y = layer.base_layer(x)
+            h = a.adapter_norm(y)
+            expected = (y if before else h) + 0.5 * a.adapter_up(torch.nn.functional.gelu(a.adapter_down(h)))
+            assert (layer(x) - expected).abs().max() <= 1e-6
+
+
+def test_bert_init_is_near_identity():
+    base = tiny_gpt2()
+    x = ids()
+    expected = outputs(base, x)
+    model = get_peft_model(base, HoulsbyConfig(init_weights="bert"))
+    change = (outputs(model, x) - expected).abs().max().item()
+    assert 0 < change < 1e-2
+    ups = [m.adapter_up.weight for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    assert all(0.005 < w.std().item() < 0.02 for w in ups)
+
+
+def test_random_adapterdrop_skips_lower_blocks_only_in_training_and_redraws_each_step():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), AdapterDropConfig(adapterdrop_layers=2, adapterdrop_mode="random"))
+    perturb(model)
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    state = adapters[0].drop
+    assert [a.block for a in adapters] == [0, 1] and all(a.drop is state for a in adapters)
+    x = ids()
+    state.n = 1
+    model.train()
+    assert [a.dropped for a in adapters] == [True, False]
+    dropped_out = model(input_ids=x).logits.detach()
+    first = model.get_base_model().model.layers[0].mlp.down_proj
+    first.set_active([])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, dropped_out)  # the dropped adapter did nothing
+    first.set_active(["default"])
+    model.eval()
+    assert not any(a.dropped for a in adapters)
+    seen = set()
+    for step in range(1, 40):
+        model.peft_step_end(step)
+        seen.add(state.n)
+    assert seen == {0, 1, 2}
+
+
+def test_mixed_adapter_batch_gives_each_row_its_adapter():
+    base = tiny_gpt2()
+    model = get_peft_model(base, HoulsbyConfig(reduction_factor=4))
+    model.add_adapter("par", ParallelConfig())
+    perturb_all(model)
+    x = ids(batch=4)
+    names = ["default", "par", "__base__", "par"]
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=x[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=x[i:i + 1]).logits
+            assert (mixed[i] - alone[0]).abs().max() <= 1e-5
+
+
+def perturb_all(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapter_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+
+
+@pytest.mark.parametrize("preset", ["houlsby", "parallel", "compacter"])
+def test_save_and_load_round_trip_with_own_peft_type(preset, tmp_path):
+    base = tiny_llama()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, PRESETS[preset]())
+    perturb(model)
+    x = ids()
+    expected = outputs(model, x)
+    model.save_pretrained(tmp_path)
+    keys = set(get_peft_model_state_dict(model))
+    site = "base_model.model.model.layers.0." + ("mlp" if preset == "parallel" else "mlp.down_proj")
+    assert f"{site}.adapter_up.{'W_right' if preset == 'compacter' else 'weight'}" in keys
+    fresh = tiny_llama()
+    fresh.load_state_dict(state)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    assert torch.equal(outputs(loaded, x), expected)
+    assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
+
+
+def test_explicit_targets_on_a_custom_model_and_unknown_architectures():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.out = nn.Linear(8, 12), nn.Linear(12, 8)
+
+        def forward(self, x):
+            return x + self.out(torch.relu(self.proj(x)))
+
+    net = nn.Sequential(Block(), Block())
+    with pytest.raises(ConfigError, match="no adapter sites known for model_type=None"):
+        get_peft_model(net, PfeifferConfig())
+    model = get_peft_model(net, PfeifferConfig(target_modules=["out"], bottleneck_size=2))
+    assert adapted_names(net) == ["0.out", "1.out"]
+    assert model.get_nb_trainable_parameters()[0] == 2 * (2 * 8 * 2 + 2 + 8)
+    par = get_peft_model(nn.Sequential(Block(), Block()), ParallelConfig(target_modules=r"\d", bottleneck_size=2))
+    assert isinstance(par.get_base_model()[1], SublayerLayer)
+    with pytest.raises(ConfigError, match="cannot adapt module"):
+        get_peft_model(nn.Sequential(Block()), HoulsbyConfig(target_modules=["0"]))
+    with pytest.raises(ConfigError, match=r"0\.out: a parallel adapter sits beside a whole"):
+        get_peft_model(nn.Sequential(Block()), ParallelConfig(target_modules=["out"]))
+
+
+@pytest.mark.parametrize("arch", ["roberta", "distilbert"])
+def test_other_table_architectures(arch):
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaModel,
+    )
+
+    if arch == "roberta":
+        base = RobertaModel(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=40)).eval()
+    else:
+        base = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2,
+                                                                    hidden_dim=32)).eval()
+    x = ids()
+    with torch.no_grad():
+        expected = base(input_ids=x)[0]
+    model = get_peft_model(base, HoulsbyConfig(reduction_factor=4))
+    model.add_adapter("par", ParallelConfig(mh_adapter=True))
+    assert len(adapted_names(base)) == 8
+    perturb_all(model)
+    for name in ("default", "par"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            assert (model(input_ids=x)[0] - expected).abs().max() > 1e-3
+    with model.disable_adapter(), torch.no_grad():
+        assert (model(input_ids=x)[0] - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(reduction_factor=0), "reduction_factor=0"), (dict(bottleneck_size=0), "bottleneck_size=0"),
+    (dict(bottleneck_size=2.5), "bottleneck_size=2.5"), (dict(non_linearity="soft"), "non_linearity='soft'"),
+    (dict(scaling=-1.0), "scaling=-1.0"), (dict(adapter_dropout=1.0), "adapter_dropout=1.0"),
+    (dict(init_weights="zeros"), "init_weights='zeros'"), (dict(phm_dim=0), "phm_dim=0"),
+    (dict(phm_rank=0), "phm_rank=0"), (dict(adapterdrop_layers=-1), "adapterdrop_layers=-1"),
+    (dict(adapterdrop_mode="sometimes"), "adapterdrop_mode='sometimes'"), (dict(is_parallel="yes"), "is_parallel='yes'"),
+    (dict(mh_adapter=False, output_adapter=False), "leave no site"), (dict(layers_to_transform=[-1]), "layers_to_transform"),
+    (dict(task_type="CLS"), "task_type='CLS'"),
+])
+def test_bad_values_raise_config_error_naming_them(kw, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        BottleneckConfig(**kw)
+
+
+def test_errors_found_at_injection_leave_the_model_unchanged():
+    base = tiny_llama()
+    before = {n: type(m) for n, m in base.named_modules()}
+    with pytest.raises(ConfigError, match="phm_dim=3 must divide the hidden size 16"):
+        get_peft_model(base, CompacterConfig(phm_dim=3, bottleneck_size=3))
+    with pytest.raises(ConfigError, match="leaves out every block"):
+        get_peft_model(base, AdapterDropConfig(adapterdrop_layers=2))
+    assert {n: type(m) for n, m in base.named_modules()} == before
+
+
+def test_merging_a_bottleneck_adapter_is_refused():
+    model = get_peft_model(tiny_gpt2(), HoulsbyConfig())
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()

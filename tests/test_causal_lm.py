@@ -1,0 +1,83 @@
+"""Causal-LM fine-tuning on the shipped real model (stories260K, a 260K-parameter TinyStories Llama)
+and real text (TREC questions): loss masking, truncation, and short runs whose perplexity must drop.
+Each run is a few dozen steps on CPU (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from peftkit.cli import main
+from peftkit.train.data import CausalLMDataset, DataError, collate_causal, shipped_data_dir, shipped_model_dir
+from peftkit.train.run import RunConfig, evaluate_run, resolve_model_dir, run_training
+
+pytestmark = pytest.mark.slow
+TREC = shipped_data_dir() / "TREC"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(shipped_model_dir())
+
+
+def test_prompt_is_masked_and_response_kept_when_rows_are_cut(tok):
+    row = {"prompt": "Question: Who was Galileo ?\nType:", "response": " human"}
+    ds = CausalLMDataset([row], tok, max_length=64)
+    item = ds[0]
+    prompt = tok(row["prompt"])["input_ids"]
+    answer = tok(" human" + tok.eos_token, add_special_tokens=False)["input_ids"]
+    assert item["input_ids"] == prompt + answer
+    assert item["labels"] == [-100] * len(prompt) + answer
+    assert item["input_ids"][0] == tok.bos_token_id and item["input_ids"][-1] == tok.eos_token_id
+    short = CausalLMDataset([row], tok, max_length=len(answer) + 3)[0]
+    assert short["input_ids"] == [tok.bos_token_id, *prompt[-2:], *answer]
+    assert short["labels"] == [-100] * 3 + answer
+
+
+def test_plain_text_targets_every_token_and_bad_rows_are_reported(tok):
+    ds = CausalLMDataset(["Once upon a time", {"text": "there was a cat"}], tok, max_length=4)
+    assert [it["labels"] for it in ds.items] == [it["input_ids"] for it in ds.items]
+    assert all(len(it["input_ids"]) == 4 for it in ds.items)
+    assert CausalLMDataset(["Once upon a time"], tok, max_length=1).skipped == 1  # no next token to predict
+    with pytest.raises(DataError, match="record 1 has neither 'text'"):
+        CausalLMDataset([{"question": "x"}], tok, max_length=8)
+    batch = collate_causal(0)([{"input_ids": [1, 5], "labels": [-100, 5]}, {"input_ids": [1], "labels": [1]}])
+    assert batch["labels"].tolist() == [[-100, 5], [1, -100]] and batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+
+
+def test_lora_on_stories260k_learns_trec_types_and_reloads(tmp_path):
+    cfg = RunConfig(task="causal-lm", model="stories260K", max_steps=30, batch_size=16, max_train_samples=480,
+                    max_eval_samples=64, output_dir=str(tmp_path / "run"), progress=False)
+    result = run_training(cfg)
+    # before: a story model has never seen "Type: location"; after 30 steps the answer words are learnt
+    assert result["dev_perplexity_before"] > 100
+    assert result["dev_perplexity"] < 0.05 * result["dev_perplexity_before"]
+    assert result["dev_examples"] == 64
+    again = evaluate_run(tmp_path / "run")
+    assert again["dev_perplexity"] == pytest.approx(result["dev_perplexity"], rel=1e-5)
+
+
+def test_plain_text_file_and_a_bottleneck_adapter_from_the_cli(tmp_path, capsys):
+    questions = [json.loads(line)["prompt"].split("\n")[0][len("Question: "):]
+                 for line in (TREC / "train.jsonl").read_text(encoding="utf-8").splitlines()[:400]]
+    text = tmp_path / "questions.txt"
+    text.write_text("\n".join(questions) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", "--task", "causal-lm", "--model", "stories260K", "--method", "houlsby", "--train-file",
+                 str(text), "--max-steps", "25", "--batch-size", "16", "--lr", "3e-3", "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"dev perplexity  {metrics['dev_perplexity_before']:.3f} -> {metrics['dev_perplexity']:.3f}" in printed
+    assert metrics["dev_examples"] == 40  # the last 10% of the file is held out
+    assert metrics["dev_perplexity"] < 0.8 * metrics["dev_perplexity_before"]
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "HOULSBY"
+
+
+def test_shipped_model_resolution(tmp_path):
+    assert resolve_model_dir(None, "causal-lm") == str(shipped_model_dir())
+    assert resolve_model_dir("stories260K", "causal-lm") == str(shipped_model_dir())
+    assert resolve_model_dir(str(tmp_path), "sst2") == str(tmp_path)
+    assert (shipped_model_dir() / "PROVENANCE.md").read_text().count("MIT") >= 1
