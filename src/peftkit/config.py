@@ -158,6 +158,10 @@ class MethodSpec:
         paper: title, year and arXiv id of the paper it implements.
         tuner: callable ``tuner(model_wrapper, config, adapter_name)`` that injects the adapter.
         cli_config: callable ``cli_config(args) -> config`` building a config from CLI options, or None.
+        aliases: other names that find this method.
+        variant_of: for a preset of another method's config (DoRA is ``LoraConfig(use_dora=True)``), that
+            method's name. A variant has its own name, paper and CLI preset but owns no ``peft_type``: files
+            with that type resolve to the parent method.
     """
 
     name: str
@@ -169,6 +173,7 @@ class MethodSpec:
     tuner: Any
     cli_config: Callable[..., PeftConfig] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    variant_of: str | None = None
 
     @property
     def peft_type(self) -> str:
@@ -179,14 +184,15 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    """Add ``spec`` to the registry under its name, aliases and ``peft_type``.
+    """Add ``spec`` to the registry under its name, aliases and (unless it is a variant) ``peft_type``.
 
     Raises:
         ConfigError: the family or kind is unknown, or the name is taken by another method.
     """
     check(spec.family in FAMILIES, f"family={spec.family!r} must be one of {FAMILIES}")
     check(spec.kind in KINDS, f"kind={spec.kind!r} must be one of {KINDS}")
-    for key in (spec.name, spec.peft_type, *spec.aliases):
+    keys = (spec.name, *spec.aliases) if spec.variant_of else (spec.name, spec.peft_type, *spec.aliases)
+    for key in keys:
         other = _REGISTRY.get(key.lower())
         check(other is None or other is spec or other.name == spec.name,
               f"method name {key!r} is already registered by {other.name if other else ''!r}")

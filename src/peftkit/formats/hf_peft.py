@@ -102,13 +102,15 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
 
 
-def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike) -> None:
-    """Write one adapter's weights then its config into ``directory`` (atomically, file by file)."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in
-               get_peft_model_state_dict(model, adapter_name).items()}
+def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike,
+                 converted: tuple[PeftConfig, dict[str, Tensor]] | None = None) -> None:
+    """Write one adapter's weights then its config into ``directory`` (atomically, file by file);
+    ``converted`` gives the ``(config, tensors)`` to write instead of the adapter's own."""
+    config, state = converted or (model.peft_config[adapter_name], get_peft_model_state_dict(model, adapter_name))
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     os.makedirs(directory, exist_ok=True)
     atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
-    model.peft_config[adapter_name].save_pretrained(directory)
+    config.save_pretrained(directory)
 
 
 def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None
