@@ -8,21 +8,30 @@ The public API mirrors HuggingFace PEFT so that code ports by changing the impor
 from peftkit._version import __version__
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get_method, register_method
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.methods.dylora import DyLoraConfig, set_dylora_rank
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lorafa import LoraFAConfig
+from peftkit.methods.vera import VeraConfig
 from peftkit.model import PeftModel, get_peft_model
+from peftkit.optimizers import create_loraplus_optimizer
 
 __all__ = [
     "AdapterLoadError",
     "ConfigError",
+    "DyLoraConfig",
     "LoraConfig",
+    "LoraFAConfig",
     "MethodSpec",
     "PeftConfig",
     "PeftModel",
+    "VeraConfig",
     "__version__",
     "all_methods",
+    "create_loraplus_optimizer",
     "get_method",
     "get_peft_model",
     "get_peft_model_state_dict",
     "register_method",
+    "set_dylora_rank",
     "set_peft_model_state_dict",
 ]

@@ -136,7 +136,7 @@ def _dropout(p: float) -> nn.Module:
     return Dropout(p) if p > 0 else nn.Identity()
 
 
-def _fresh_output(layer: AdaptedLayer) -> bool:
+def fresh_output(layer: AdaptedLayer) -> bool:
     """Whether the base layer's output may be updated in place: true for ``nn.Linear`` and GPT-2
     ``Conv1D``, whose backward does not read their output."""
     return type(layer.base_layer) in _INPLACE_SAFE
@@ -186,7 +186,7 @@ class LoraLinear(Adapter):
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         z = F.linear(self.lora_dropout(x), a)
-        if b.bias is None and y.dtype == z.dtype and y.is_contiguous() and _fresh_output(layer):
+        if b.bias is None and y.dtype == z.dtype and y.is_contiguous() and fresh_output(layer):
             # one GEMM accumulating s * z @ B^T into the base output: no extra pass over y
             y.view(-1, y.shape[-1]).addmm_(z.view(-1, self.r), b.weight.T, alpha=self.scaling)
             return y
@@ -347,21 +347,23 @@ class LoraTuner(WrapTuner):
         return convert_to_plain_lora(model, adapter_name, initial_dir)
 
     def trainable_base_params(self, model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
-        if config.bias == "all":
-            return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
-        if config.bias == "lora_only":
-            names = []
-            for t in targets:
-                layer = model.get_submodule(t)
-                if getattr(layer.base_layer, "bias", None) is not None:
-                    names.append(f"{t}.base_layer.bias")
-            return names
+        return trainable_biases(model, config.bias, targets)
+
+
+def trainable_biases(model: nn.Module, bias: str, targets: list[str]) -> list[str]:
+    """Names of the base biases a ``bias`` option trains: ``"all"`` every bias of the model, ``"none"``
+    none, anything else (``"lora_only"``, ``"vera_only"``) the biases of the adapted layers."""
+    if bias == "all":
+        return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+    if bias == "none":
         return []
+    return [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t).base_layer, "bias", None)
+            is not None]
 
 
-def lora_from_cli(args: Any) -> LoraConfig:
-    """Build a :class:`LoraConfig` from ``peftkit train`` options."""
-    return LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+def lora_from_cli(args: Any, config_cls: type[LoraConfig] = LoraConfig) -> LoraConfig:
+    """Build a :class:`LoraConfig` (or a subclass) from ``peftkit train`` options."""
+    return config_cls(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 
 
