@@ -22,9 +22,15 @@ Dropout acts on the low-rank path only (``W' x`` with ``A`` seeing ``dropout(x)`
 runs the base weight on the dropped-out input, a second full matmul. Without dropout, and in eval
 mode, the outputs are the same as peft's.
 
+Several adapters on one layer apply in their active order, and a DoRA adapter rescales everything
+before it (the base output and the adapters earlier in the order), as in peft; its norm always comes
+from the unmerged base weight.
+
 Merging: ``W <- g * (W + s B A)`` with the bias unchanged; ``n`` is computed from the unmerged base
-weight and kept (not saved) for the unmerge ``W <- W / g - s B A``, so several DoRA adapters merged
-on one layer, in any order and any number of cycles, stay exact.
+weight and kept (not saved) for the unmerge ``W <- W / g - s B A``. Merging adapters in their active
+order (what ``merge_adapter()`` and ``merge_and_unload()`` do, at once or one by one) is exact for any
+number of DoRA adapters and any number of cycles; merging an adapter that comes *after* an unmerged
+DoRA adapter would move it in front of that adapter's rescaling, which changes the output.
 
 File format: the magnitude is ``lora_magnitude_vector`` (shape ``(out,)``; ``(1, out, 1, ...)`` for
 convolutions), peft's key.
