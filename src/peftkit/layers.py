@@ -104,6 +104,7 @@ class AdaptedLayer(nn.Module):
         self._ctx: AdapterContext | None = None
         self._plan: list[Adapter] = []
         self._tied_weight: nn.Parameter | None = None
+        self.train(base_layer.training)
 
     # --- the base weight, in its own layout --------------------------------------------------------
     @property
@@ -121,6 +122,7 @@ class AdaptedLayer(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         adapter.to(self._device_of_base())
+        adapter.train(self.training)  # an adapter added to a model in eval mode starts in eval mode
         self.adapters[name] = adapter
 
     def remove(self, name: str) -> None:
@@ -245,6 +247,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self._ctx: AdapterContext | None = None
+        self.train(module.training)
 
     def add(self, name: str) -> None:
         """Create the copy for adapter ``name`` from the original module."""

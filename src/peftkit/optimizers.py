@@ -23,7 +23,7 @@ def create_loraplus_optimizer(model: Any, optimizer_cls: type[Optimizer], lr: fl
 
     Trainable parameters are grouped as peft groups them:
 
-    * adapters on ``nn.Embedding`` layers: ``lr = loraplus_lr_embedding``;
+    * adapter matrices on ``nn.Embedding`` layers: ``lr = loraplus_lr_embedding``;
     * ``lora_B`` parameters and every 1-D parameter (biases, DoRA magnitudes, norms):
       ``lr * loraplus_lr_ratio``, with weight decay ``loraplus_weight_decay`` except for biases and
       LayerNorm parameters (no decay);
@@ -50,7 +50,7 @@ def create_loraplus_optimizer(model: Any, optimizer_cls: type[Optimizer], lr: fl
     embedding, no_decay = set(), set()
     for module in model.modules():
         if isinstance(module, AdaptedLayer) and isinstance(module.base_layer, nn.Embedding):
-            embedding |= {id(p) for p in module.adapters.parameters()}
+            embedding |= {id(p) for p in module.adapters.parameters() if p.dim() > 1}
         if isinstance(module, nn.LayerNorm):
             no_decay |= {id(p) for p in module.parameters()}
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
