@@ -139,7 +139,7 @@ def test_dylora_count_training_and_file(tmp_path):
     bert = model.base_model.unload()
     assert not bert._forward_pre_hooks  # the sampling hook leaves with the adapter
     loaded = PeftModel.from_pretrained(bert, tmp_path)
-    assert not any(m.training for m in loaded.modules())  # new adapters follow the eval-mode model
+    assert not any(m.training for m in loaded.get_base_model().modules())  # adapters follow the eval-mode model
     set_dylora_rank(loaded, 2)
     with torch.no_grad():
         assert (loaded(input_ids=x).logits - expected).abs().max() > 1e-4

@@ -43,14 +43,21 @@ class Adapter(nn.Module):
     Class attributes:
         mergeable: whether :meth:`merge_into` is exact.
         transforms_input: whether :meth:`transform_input` changes the layer's input.
+        fuses_base: whether :meth:`fused_forward` may compute the whole layer output when this adapter
+            is the only one in use (one autograd node for the base and the adapter).
     """
 
     mergeable: ClassVar[bool] = True
     transforms_input: ClassVar[bool] = False
+    fuses_base: ClassVar[bool] = False
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the layer output with this adapter applied, given the input ``x`` and output ``y``."""
         raise NotImplementedError
+
+    def fused_forward(self, layer: AdaptedLayer, x: Tensor) -> Tensor | None:
+        """The layer output (base and this adapter) computed in one go, or None to decline."""
+        return None
 
     def transform_input(self, x: Tensor) -> Tensor:
         """Change the input before the base layer sees it (identity by default)."""
@@ -157,6 +164,10 @@ class AdaptedLayer(nn.Module):
         return self._apply(plan, x, args, kwargs)
 
     def _apply(self, plan: Sequence[Adapter], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        if len(plan) == 1 and plan[0].fuses_base and not args and not kwargs:
+            out = plan[0].fused_forward(self, x)
+            if out is not None:
+                return out
         for adapter in plan:
             if adapter.transforms_input:
                 x = adapter.transform_input(x)

@@ -167,7 +167,9 @@ class _Dora:
 
 class DoraLinear(_Dora, LoraLinear):
     """DoRA on ``nn.Linear`` / GPT-2 ``Conv1D``: LoRA's ``lora_A (r, in)``, ``lora_B (out, r)`` plus
-    ``lora_magnitude_vector: (out,)``. ``x: (..., in) -> (..., out)``."""
+    ``lora_magnitude_vector: (out,)``. ``x: (..., in) -> (..., out)``. As the layer's only adapter in
+    use it runs fused with the base (:func:`~peftkit.methods.fused.low_rank_linear` folds ``g`` into the
+    weights, so no pass over the output is added); otherwise it rescales the output given to it."""
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
                  lora_bias: bool = False, transposed: bool = False) -> None:
@@ -180,6 +182,9 @@ class DoraLinear(_Dora, LoraLinear):
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_A.weight, self.lora_B.weight
+
+    def output_factor(self, layer: AdaptedLayer) -> Tensor:
+        return self.norm_factor(layer)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         g = self.norm_factor(layer)

@@ -88,16 +88,19 @@ class DyLoraLinear(LoraLinear):
     def _scale(self, k: int) -> float:
         return self.alpha / (math.sqrt(k) if self.rslora else k)
 
-    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+    def low_rank(self) -> tuple[Tensor, Tensor, float]:
         k = self.rank()
-        a, b = self.lora_A.weight[:k], self.lora_B.weight[:, :k]
+        return self.lora_A.weight[:k], self.lora_B.weight[:, :k], self._scale(k)
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        a, b, scaling = self.low_rank()
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         z = F.linear(self.lora_dropout(x), a)
         if y.dtype == z.dtype and y.is_contiguous() and fresh_output(layer):
-            y.view(-1, y.shape[-1]).addmm_(z.view(-1, k), b.T, alpha=self._scale(k))
+            y.view(-1, y.shape[-1]).addmm_(z.view(-1, a.shape[0]), b.T, alpha=scaling)
             return y
-        return torch.add(y, F.linear(z, b).to(y.dtype), alpha=self._scale(k))
+        return torch.add(y, F.linear(z, b).to(y.dtype), alpha=scaling)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         k = min(self.ranks.rank, self.r)

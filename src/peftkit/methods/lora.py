@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.methods.fused import can_fuse, low_rank_linear
 from peftkit.methods.lora_init import (
     OLORA_PAPER,
     PISSA_PAPER,
@@ -150,7 +151,8 @@ class LoraLinear(Adapter):
 
     Shapes: ``x: (..., in_features) -> (..., out_features)``; ``lora_A.weight: (r, in)``,
     ``lora_B.weight: (out, r)``. ``delta_weight`` is ``scaling * B @ A`` shaped like the base weight
-    (transposed to ``(in, out)`` for ``Conv1D``).
+    (transposed to ``(in, out)`` for ``Conv1D``). When it is the layer's only adapter in use, base and
+    adapter run as one autograd node (:func:`~peftkit.methods.fused.low_rank_linear`).
 
     Attributes:
         a_key, b_key: the names of A and B inside the adapter's state dict (one per low-rank factor).
@@ -160,6 +162,7 @@ class LoraLinear(Adapter):
 
     a_key, b_key, groups = "lora_A.weight", "lora_B.weight", 1
     mutates_base = False
+    fuses_base = True
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
                  lora_bias: bool = False, transposed: bool = False) -> None:
@@ -180,6 +183,24 @@ class LoraLinear(Adapter):
         nn.init.zeros_(self.lora_B.weight)
         if self.lora_B.bias is not None:
             nn.init.zeros_(self.lora_B.bias)
+
+    def low_rank(self) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, scaling)`` as used now (DyLoRA truncates them)."""
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
+
+    def output_factor(self, layer: AdaptedLayer) -> Tensor | None:
+        """Per-output factor of the whole layer output (DoRA's ``m / n``); None for LoRA."""
+        return None
+
+    def fused_forward(self, layer: AdaptedLayer, x: Tensor) -> Tensor | None:
+        a, b, scaling = self.low_rank()
+        weight = layer.weight
+        if self.lora_B.bias is not None or type(layer.base_layer) not in _INPLACE_SAFE or not can_fuse(x, weight, a):
+            return None
+        xd = self.lora_dropout(x)
+        g = self.output_factor(layer)
+        return low_rank_linear(x, None if xd is x else xd, weight.T if self.transposed else weight, layer.bias, a, b,
+                               None if g is None else g.to(x.dtype), scaling)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         a, b = self.lora_A.weight, self.lora_B
