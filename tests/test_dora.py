@@ -223,3 +223,24 @@ def test_lora_bias_with_dora_is_a_config_error():
         LoraConfig(target_modules=["lin"], use_dora=True, lora_bias=True)
     with pytest.raises(ConfigError, match="use_dora="):
         LoraConfig(target_modules=["lin"], use_dora="yes")
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"], use_dora=True))
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=3, target_modules=["q_proj", "o_proj"], use_dora=True))
+    perturb_all = [p for n, p in model.named_parameters() if ".lora_" in n]
+    with torch.no_grad():
+        for p in perturb_all:
+            p.add_(torch.randn_like(p) * 0.3)
+    x = ids(batch=4)
+    names = ["other", "default", "__base__", "other"]
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=x[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=x[i:i + 1]).logits
+            assert (mixed[i:i + 1] - alone).abs().max() <= 1e-5, name

@@ -74,11 +74,13 @@ def factored_norm(w: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
     Shapes: ``w: (..., out, K)``, ``a: (..., r, K)``, ``b: (..., out, r)`` (a leading dimension holds
     convolution groups) ``-> (..., out)``.
     """
-    w, a, b = w.float(), a.float(), b.float()
+    if w.dtype != torch.float32:
+        w, a, b = w.float(), a.float(), b.float()
+    # 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T = 2 s <B_i, (W A^T + (s / 2) B A A^T)_i>
+    inner = torch.baddbmm(w @ a.mT, b, a @ a.mT, alpha=scaling / 2) if b.dim() == 3 else \
+        torch.addmm(w @ a.mT, b, a @ a.mT, alpha=scaling / 2)
     sq = torch.linalg.vector_norm(w, dim=-1).square_()
-    cross = (b * (w @ a.mT)).sum(-1)
-    quad = ((b @ (a @ a.mT)) * b).sum(-1)
-    return sq.add_(cross, alpha=2 * scaling).add_(quad, alpha=scaling * scaling).clamp_min_(0).sqrt_()
+    return sq.add_(torch.linalg.vecdot(b, inner), alpha=2 * scaling).clamp_min_(0).sqrt_()
 
 
 class _Rescale(torch.autograd.Function):
@@ -149,7 +151,7 @@ class _Dora:
     def norm_factor(self, layer: AdaptedLayer) -> Tensor:
         """``g = m / n``, shaped like the magnitude; ``n`` is detached (no gradient flows through it)."""
         a, b = self._factors()
-        n = factored_norm(self._rows(unmerged_weight(layer)), a.detach(), b.detach(), self.scaling)
+        n = factored_norm(self._rows(unmerged_weight(layer)), a, b, self.scaling)
         m = self.lora_magnitude_vector
         return m / n.reshape(m.shape)
 

@@ -78,12 +78,12 @@ def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, z: Tensor, weight: Ten
     if total is not None:
         dot.sub_(bias * total)
     zero = g == 0
-    safe = torch.where(zero, torch.ones_like(g), g)
-    dot.div_(safe)
-    if bool(zero.any()):
-        rows = zero.nonzero().squeeze(1)
-        y = x.reshape(-1, x.shape[-1]) @ weight[rows].T + scaling * (z @ b[rows].T)
-        dot[rows] = torch.linalg.vecdot(grad[:, rows], y, dim=0)
+    if not bool(zero.any()):
+        return dot.div_(g)
+    rows = zero.nonzero().squeeze(1)
+    dot.div_(torch.where(zero, torch.ones_like(g), g))
+    y = x.reshape(-1, x.shape[-1]) @ weight[rows].T + scaling * (z @ b[rows].T)
+    dot[rows] = torch.linalg.vecdot(grad[:, rows], y, dim=0)
     return dot
 
 
