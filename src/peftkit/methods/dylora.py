@@ -148,6 +148,7 @@ class DyLoraTuner(WrapTuner):
             state.hook.remove()
 
     def state(self, host: Any, adapter_name: str) -> RankState | None:
+        """The :class:`RankState` of adapter ``adapter_name`` on ``host``, or None if it is not DyLoRA."""
         return self._states.get(host, {}).get(adapter_name)
 
 

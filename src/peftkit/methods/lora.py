@@ -355,13 +355,15 @@ class LoraTuner(WrapTuner):
         The residual is written after every adapter was built, so a bad value still leaves the model as it was.
         """
         super().inject(host, config, adapter_name)
+        if not changes_base(config.init_lora_weights):
+            return
         for _, layer in host.wrappers():
-            adapter = layer.adapters[adapter_name] if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters \
-                else None
-            if adapter is not None and adapter.mutates_base:
-                with torch.no_grad():
-                    weight = layer.weight
-                    weight.copy_((weight.float() - adapter.delta_weight(layer)).to(weight.dtype))
+            if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters:
+                adapter = layer.adapters[adapter_name]
+                if adapter.mutates_base:
+                    with torch.no_grad():
+                        weight = layer.weight
+                        weight.copy_((weight.float() - adapter.delta_weight(layer)).to(weight.dtype))
 
     def convert_for_initial_model(self, model: Any, adapter_name: str, initial_dir: str) -> tuple[PeftConfig, dict]:
         """PiSSA/OLoRA to plain LoRA on the original base (see :func:`~peftkit.methods.lora_init.convert_to_plain_lora`)."""
