@@ -7,19 +7,6 @@ import json
 import pytest
 
 from peftkit.cli import main
-from peftkit.train.run import default_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=128)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.mark.parametrize("method, options", [

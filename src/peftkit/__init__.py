@@ -18,18 +18,22 @@ from peftkit.methods.adapters import (
     ParallelConfig,
     PfeifferConfig,
 )
+from peftkit.methods.dylora import DyLoraConfig, set_dylora_rank
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.krona import KronaConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lorafa import LoraFAConfig
 from peftkit.methods.moe_lora import MoeLoraConfig
 from peftkit.methods.p_tuning import PromptEncoderConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
 from peftkit.methods.ssf import SSFConfig
+from peftkit.methods.vera import VeraConfig
 from peftkit.model import PeftModel, get_peft_model
+from peftkit.optimizers import create_loraplus_optimizer
 
 __all__ = [
     "AdaLoraConfig",
@@ -39,12 +43,14 @@ __all__ = [
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "ConfigError",
+    "DyLoraConfig",
     "HoulsbyConfig",
     "IA3Config",
     "KronaConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "LoraFAConfig",
     "MethodSpec",
     "MoeLoraConfig",
     "ParallelConfig",
@@ -56,11 +62,14 @@ __all__ = [
     "PromptTuningConfig",
     "SSFConfig",
     "SoraConfig",
+    "VeraConfig",
     "__version__",
     "all_methods",
+    "create_loraplus_optimizer",
     "get_method",
     "get_peft_model",
     "get_peft_model_state_dict",
     "register_method",
+    "set_dylora_rank",
     "set_peft_model_state_dict",
 ]

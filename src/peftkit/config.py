@@ -161,9 +161,10 @@ class MethodSpec:
         aliases: other names that find this method.
         default_lr: the peak learning rate ``peftkit train`` uses for this method when ``--lr`` is not
             given (None: the trainer's 1e-3); e.g. soft prompts need a higher one.
-        preset_of: the name of another registered method whose config class, file format and tuner this
-            one shares (a named preset, e.g. P-tuning v2 of prefix tuning). A preset is listed and
-            trainable under its own name but does not claim ``peft_type``, so its files load as that method.
+        variant_of: the name of another registered method whose config class, file format and tuner this
+            one shares (DoRA is ``LoraConfig(use_dora=True)``, P-tuning v2 is a prefix-tuning preset). A
+            variant has its own name, paper and CLI preset, but owns no ``peft_type``: files with that type
+            load as the parent method.
     """
 
     name: str
@@ -176,7 +177,7 @@ class MethodSpec:
     cli_config: Callable[..., PeftConfig] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
     default_lr: float | None = None
-    preset_of: str | None = None
+    variant_of: str | None = None
 
     @property
     def peft_type(self) -> str:
@@ -187,7 +188,7 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    """Add ``spec`` to the registry under its name, aliases and ``peft_type``.
+    """Add ``spec`` to the registry under its name, aliases and (unless it is a variant) ``peft_type``.
 
     Raises:
         ConfigError: the family or kind is unknown, the name is taken by another method, or ``preset_of``
@@ -195,11 +196,11 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     """
     check(spec.family in FAMILIES, f"family={spec.family!r} must be one of {FAMILIES}")
     check(spec.kind in KINDS, f"kind={spec.kind!r} must be one of {KINDS}")
-    if spec.preset_of is not None:
-        base = _REGISTRY.get(spec.preset_of.lower())
+    if spec.variant_of is not None:
+        base = _REGISTRY.get(spec.variant_of.lower())
         check(base is not None and base.config_cls is spec.config_cls,
-              f"preset_of={spec.preset_of!r} must name a registered method using {spec.config_cls.__name__}")
-    keys = (spec.name, *spec.aliases) if spec.preset_of else (spec.name, spec.peft_type, *spec.aliases)
+              f"variant_of={spec.variant_of!r} must name a registered method using {spec.config_cls.__name__}")
+    keys = (spec.name, *spec.aliases) if spec.variant_of else (spec.name, spec.peft_type, *spec.aliases)
     for key in keys:
         other = _REGISTRY.get(key.lower())
         check(other is None or other is spec or other.name == spec.name,

@@ -66,14 +66,21 @@ class Adapter(nn.Module):
     Class attributes:
         mergeable: whether :meth:`merge_into` is exact.
         transforms_input: whether :meth:`transform_input` changes the layer's input.
+        fuses_base: whether :meth:`fused_forward` may compute the whole layer output when this adapter
+            is the only one in use (one autograd node for the base and the adapter).
     """
 
     mergeable: ClassVar[bool] = True
     transforms_input: ClassVar[bool] = False
+    fuses_base: ClassVar[bool] = False
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the layer output with this adapter applied, given the input ``x`` and output ``y``."""
         raise NotImplementedError
+
+    def fused_forward(self, layer: AdaptedLayer, x: Tensor) -> Tensor | None:
+        """The layer output (base and this adapter) computed in one go, or None to decline."""
+        return None
 
     def transform_input(self, x: Tensor) -> Tensor:
         """Change the input before the base layer sees it (identity by default)."""
@@ -140,6 +147,7 @@ class AdaptedLayer(nn.Module):
         self._plan: list[Adapter] = []
         self._tied_weight: nn.Parameter | None = None
         self._created_bias = False
+        self.train(base_layer.training)
 
     # --- the base weight, in its own layout --------------------------------------------------------
     @property
@@ -157,6 +165,7 @@ class AdaptedLayer(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         adapter.to(self._device_of_base())
+        adapter.train(self.training)  # an adapter added to a model in eval mode starts in eval mode
         self.adapters[name] = adapter
 
     def remove(self, name: str) -> None:
@@ -191,6 +200,10 @@ class AdaptedLayer(nn.Module):
         return self._run_plan(plan, x, args, kwargs)
 
     def _run_plan(self, plan: Sequence[Adapter], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        if len(plan) == 1 and plan[0].fuses_base and not args and not kwargs:
+            out = plan[0].fused_forward(self, x)
+            if out is not None:
+                return out
         for adapter in plan:
             if adapter.transforms_input:
                 x = adapter.transform_input(x)
@@ -209,7 +222,8 @@ class AdaptedLayer(nn.Module):
         if not own:
             return self.base_layer(x, *args, **kwargs)
         kind = type(own[0][0])
-        if hasattr(kind, "mixed_forward") and all(type(a) is kind for a, _ in own):
+        # only a class that defines the batched path itself (a subclass such as DoRA changes the maths)
+        if "mixed_forward" in vars(kind) and all(type(a) is kind for a, _ in own):
             y = self.base_layer(x, *args, **kwargs)
             out = kind.mixed_forward(self, x, y, own)
             if out is not None:
@@ -302,6 +316,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self._ctx: AdapterContext | None = None
+        self.train(module.training)
 
     def add(self, name: str) -> None:
         """Create the copy for adapter ``name`` from the original module."""

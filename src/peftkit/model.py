@@ -465,15 +465,23 @@ class PeftModel(nn.Module):
 
     # --- files --------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs: Any) -> None:
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+                        **kwargs: Any) -> None:
         """Write each adapter in HF PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``
         in ``save_directory`` for ``"default"`` and in ``save_directory/<name>`` for the others. Every
         file is written to a temporary name and renamed, so a good adapter is never half-overwritten.
         In a process group every rank calls it (FSDP-sharded tensors are gathered); only the one with
         ``is_main_process=True`` writes.
 
+        ``path_initial_model_for_weight_conversion`` (as in peft): the folder where an adapter that changed
+        the base weights when created (PiSSA, OLoRA) was saved before training; the adapter is then
+        written as an equivalent plain adapter for the unchanged base model (its method's
+        ``convert_for_initial_model``).
+
         Raises:
-            ConfigError: unknown adapter name. ValueError: ``safe_serialization=False`` (pickle is refused).
+            ConfigError: unknown adapter name. ValueError: ``safe_serialization=False`` (pickle is refused), or
+            a conversion the method does not support.
         """
         from peftkit.formats.hf_peft import save_adapter
 
@@ -483,7 +491,11 @@ class PeftModel(nn.Module):
         self.base_model.check_known(names)
         for name in names:
             target = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            save_adapter(self, name, target, write=is_main_process)
+            converted = None
+            if path_initial_model_for_weight_conversion is not None:
+                converted = self.base_model.tuner(name).convert_for_initial_model(
+                    self, name, os.fspath(path_initial_model_for_weight_conversion))
+            save_adapter(self, name, target, write=is_main_process, converted=converted)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

@@ -63,6 +63,16 @@ class Tuner:
         method whose saved shapes depend on training (SoRA's pruned ranks) returns an updated copy."""
         return host.peft_config[adapter_name]
 
+    def convert_for_initial_model(self, model: Any, adapter_name: str, initial_dir: str) -> tuple[PeftConfig, dict]:
+        """``(config, file tensors)`` of an adapter that changed the base weights at creation (PiSSA, OLoRA),
+        rewritten to apply to the unchanged base model, given the folder saved right after creation
+        (peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)``).
+
+        Raises:
+            ValueError: the method has no such conversion (the default).
+        """
+        raise ValueError(f"{self.method} adapters cannot be saved with path_initial_model_for_weight_conversion")
+
 
 class WrapTuner(Tuner):
     """Tuner of methods that wrap target layers; subclasses give :meth:`supported_types` and :meth:`make_adapter`."""

@@ -126,20 +126,26 @@ def _load_targets(model: PeftModel, state_dict: dict[str, Tensor], adapter_name:
     return expected
 
 
-def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True) -> None:
+def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True,
+                 converted: tuple[PeftConfig, dict[str, Tensor]] | None = None) -> None:
     """Write one adapter's weights then its config into ``directory`` (atomically, file by file).
 
     Sharded tensors (FSDP2 ``DTensor``) are gathered whole first, which is a collective: in a process
-    group every rank calls this, and only the one with ``write=True`` writes.
+    group every rank calls this, and only the one with ``write=True`` writes. ``converted`` gives the
+    ``(config, tensors)`` to write instead of the adapter's own (PiSSA/OLoRA conversion).
     """
+    host = model.base_model
+    if converted is None:
+        converted = (host.tuner(adapter_name).export_config(host, adapter_name),
+                     get_peft_model_state_dict(model, adapter_name))
+    config, state = converted
     tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").contiguous().clone()
-               for k, v in get_peft_model_state_dict(model, adapter_name).items()}
+               for k, v in state.items()}
     if not write:
         return
     os.makedirs(directory, exist_ok=True)
     atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
-    host = model.base_model
-    host.tuner(adapter_name).export_config(host, adapter_name).save_pretrained(directory)
+    config.save_pretrained(directory)
 
 
 def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None

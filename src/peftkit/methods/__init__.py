@@ -3,6 +3,10 @@ the order here is the order ``peftkit methods`` lists them in."""
 # ruff: noqa: I001
 
 from peftkit.methods import lora  # noqa: F401  (first: the reference method)
+from peftkit.methods import dora  # noqa: F401
+from peftkit.methods import vera  # noqa: F401
+from peftkit.methods import lorafa  # noqa: F401
+from peftkit.methods import dylora  # noqa: F401
 from peftkit.methods import adalora  # noqa: F401
 from peftkit.methods import loha  # noqa: F401
 from peftkit.methods import lokr  # noqa: F401

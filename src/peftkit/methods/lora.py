@@ -6,7 +6,11 @@ rsLoRA scaling: Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tun
 
 Equation: ``h = W0 x + (alpha / r) * B A dropout(x)`` with ``A: (r, in)``, ``B: (out, r)``; rsLoRA
 uses ``alpha / sqrt(r)``. Trainable parameters per adapted ``(out, in)`` layer: ``r * (in + out)``
-(plus ``out`` with ``lora_bias``).
+(plus ``out`` with ``lora_bias``, plus ``out`` with DoRA).
+
+Options on the same config: ``use_dora`` (:mod:`peftkit.methods.dora`), ``init_lora_weights="pissa"``,
+``"pissa_niter_N"`` or ``"olora"`` (:mod:`peftkit.methods.lora_init`); the LoRA+ optimiser is
+:func:`peftkit.methods.loraplus.create_loraplus_optimizer`.
 """
 
 from __future__ import annotations
@@ -21,12 +25,21 @@ from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.methods.fused import can_fuse, low_rank_linear
+from peftkit.methods.lora_init import (
+    OLORA_PAPER,
+    PISSA_PAPER,
+    changes_base,
+    check_init,
+    convert_to_plain_lora,
+    principal_factors,
+)
 from peftkit.ops import Dropout
 from peftkit.targeting import linear_types, pattern_key
 from peftkit.tuners import WrapTuner
 
 LORA_PAPER = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685)"
-INIT_CHOICES = (True, False, "gaussian")
+DORA_PAPER = "DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., 2024, arXiv:2402.09353)"
 
 
 @dataclass
@@ -46,15 +59,22 @@ class LoraConfig(PeftConfig):
         use_rslora: scale by ``lora_alpha / sqrt(r)`` instead.
         modules_to_save: modules trained in full and saved with the adapter (e.g. ``["classifier"]``).
         init_lora_weights: True (A Kaiming-uniform, B zero: the adapter starts as identity),
-            ``"gaussian"`` (A ~ N(0, 1/r), B zero), or False (both random: for tests only).
+            ``"gaussian"`` (A ~ N(0, 1/r), B zero), False (both random: for tests only), or, on Linear and
+            GPT-2 Conv1D layers (other layer types get the default), ``"pissa"`` / ``"pissa_niter_N"`` /
+            ``"olora"``, which move the top-``r`` part of the base weight into A and B and leave the
+            residual in the base (see :mod:`peftkit.methods.lora_init`).
+        use_dora: DoRA: the adapted weight is ``m * (W0 + s B A) / ||W0 + s B A||`` with a trainable
+            magnitude ``m`` per output feature (see :mod:`peftkit.methods.dora`).
         layers_to_transform / layers_pattern: restrict to some blocks (see :mod:`peftkit.targeting`).
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha`` overrides keyed by a regex
             matched against the end of the module name.
-        lora_bias: give ``lora_B`` a trainable bias (merged into the base bias).
+        lora_bias: give ``lora_B`` a trainable bias (merged into the base bias); not with DoRA, PiSSA or
+            OLoRA (as in peft).
 
     Raises:
         ConfigError: ``r <= 0``, ``lora_alpha <= 0``, dropout outside [0, 1), an unknown ``bias`` or
-            ``init_lora_weights``, a non-positive pattern rank, or a missing ``target_modules``.
+            ``init_lora_weights``, a non-positive pattern rank, ``lora_bias`` with DoRA/PiSSA/OLoRA, or a
+            missing ``target_modules``.
     """
 
     peft_type = "LORA"
@@ -73,6 +93,7 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
+    use_dora: bool = False
 
     def validate(self) -> None:
         check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
@@ -83,8 +104,11 @@ class LoraConfig(PeftConfig):
               f"lora_dropout={self.lora_dropout!r} is not valid; it must lie in [0, 1)")
         check(self.bias in ("none", "all", "lora_only"),
               f"bias={self.bias!r} is not valid; expected 'none', 'all' or 'lora_only'")
-        check(self.init_lora_weights in INIT_CHOICES,
-              f"init_lora_weights={self.init_lora_weights!r} is not valid; expected one of {INIT_CHOICES}")
+        check_init(self.init_lora_weights)
+        check(isinstance(self.use_dora, bool), f"use_dora={self.use_dora!r} must be true or false")
+        check(not (self.lora_bias and (self.use_dora or changes_base(self.init_lora_weights))),
+              f"lora_bias=True is not supported with use_dora={self.use_dora} and "
+              f"init_lora_weights={self.init_lora_weights!r}; use it with plain LoRA initialisations only")
         check(self.target_modules is not None and self.target_modules != [],
               "target_modules is required: a list of module names/suffixes, a regex, or 'all-linear'")
         if isinstance(self.target_modules, (set, tuple)):
@@ -113,7 +137,7 @@ def _dropout(p: float) -> nn.Module:
     return Dropout(p) if p > 0 else nn.Identity()
 
 
-def _fresh_output(layer: AdaptedLayer) -> bool:
+def fresh_output(layer: AdaptedLayer) -> bool:
     """Whether the base layer's output may be updated in place: true for ``nn.Linear`` and GPT-2
     ``Conv1D``, whose backward does not read their output."""
     return type(layer.base_layer) in _INPLACE_SAFE
@@ -127,8 +151,18 @@ class LoraLinear(Adapter):
 
     Shapes: ``x: (..., in_features) -> (..., out_features)``; ``lora_A.weight: (r, in)``,
     ``lora_B.weight: (out, r)``. ``delta_weight`` is ``scaling * B @ A`` shaped like the base weight
-    (transposed to ``(in, out)`` for ``Conv1D``).
+    (transposed to ``(in, out)`` for ``Conv1D``). When it is the layer's only adapter in use, base and
+    adapter run as one autograd node (:func:`~peftkit.methods.fused.low_rank_linear`).
+
+    Attributes:
+        a_key, b_key: the names of A and B inside the adapter's state dict (one per low-rank factor).
+        groups: how many independent blocks the rank is split into (1 here; the convolution's groups).
+        mutates_base: whether creating it moved part of the base weight into A and B (PiSSA, OLoRA).
     """
+
+    a_key, b_key, groups = "lora_A.weight", "lora_B.weight", 1
+    mutates_base = False
+    fuses_base = True
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
                  lora_bias: bool = False, transposed: bool = False) -> None:
@@ -150,12 +184,30 @@ class LoraLinear(Adapter):
         if self.lora_B.bias is not None:
             nn.init.zeros_(self.lora_B.bias)
 
+    def low_rank(self) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, scaling)`` as used now (DyLoRA truncates them)."""
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
+
+    def output_factor(self, layer: AdaptedLayer) -> Tensor | None:
+        """Per-output factor of the whole layer output (DoRA's ``m / n``); None for LoRA."""
+        return None
+
+    def fused_forward(self, layer: AdaptedLayer, x: Tensor) -> Tensor | None:
+        a, b, scaling = self.low_rank()
+        weight = layer.weight
+        if self.lora_B.bias is not None or type(layer.base_layer) not in _INPLACE_SAFE or not can_fuse(x, weight, a):
+            return None
+        xd = self.lora_dropout(x)
+        g = self.output_factor(layer)
+        return low_rank_linear(x, None if xd is x else xd, weight.T if self.transposed else weight, layer.bias, a, b,
+                               None if g is None else g.to(x.dtype), scaling)
+
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         a, b = self.lora_A.weight, self.lora_B
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         z = F.linear(self.lora_dropout(x), a)
-        if b.bias is None and y.dtype == z.dtype and y.is_contiguous() and _fresh_output(layer):
+        if b.bias is None and y.dtype == z.dtype and y.is_contiguous() and fresh_output(layer):
             # one GEMM accumulating s * z @ B^T into the base output: no extra pass over y
             y.view(-1, y.shape[-1]).addmm_(z.view(-1, self.r), b.weight.T, alpha=self.scaling)
             return y
@@ -192,7 +244,7 @@ class LoraLinear(Adapter):
             memo[key] = mask
         z = F.linear(x, a_cat)
         z.mul_(mask.view(x.shape[0], *([1] * (x.dim() - 2)), -1))
-        if y.is_contiguous() and _fresh_output(layer):
+        if y.is_contiguous() and fresh_output(layer):
             y.view(-1, y.shape[-1]).addmm_(z.view(-1, z.shape[-1]), b_cat.T)
             return y
         return y + F.linear(z, b_cat)
@@ -208,6 +260,9 @@ class LoraEmbedding(Adapter):
     Shapes: ``x: (...)`` integer ids ``-> (..., embedding_dim)``; ``lora_embedding_A: (r, num_embeddings)``,
     ``lora_embedding_B: (embedding_dim, r)``; ``delta_weight = scaling * (B @ A).T``, ``(num, dim)``.
     """
+
+    a_key, b_key, groups = "lora_embedding_A", "lora_embedding_B", 1
+    mutates_base = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
@@ -247,6 +302,9 @@ class LoraConv(Adapter):
     ``delta_weight: (out, in/groups, *k)``.
     """
 
+    a_key, b_key = "lora_A.weight", "lora_B.weight"
+    mutates_base = False
+
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, lora_bias: bool = False) -> None:
         super().__init__()
         self.r, self.scaling = r, scaling
@@ -256,6 +314,7 @@ class LoraConv(Adapter):
         self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                            groups=g, bias=False, padding_mode=base.padding_mode)
         self.lora_B = conv(r, base.out_channels, 1, 1, groups=g, bias=lora_bias)
+        self.groups = g
 
     reset = LoraLinear.reset
 
@@ -279,49 +338,110 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LoraTuner(WrapTuner):
-    """Builds one LoRA adapter for one target module."""
+    """Builds one LoRA (or DoRA) adapter for one target module."""
 
     method = "LoRA"
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
         return (*linear_types(), nn.Embedding, *CONV_TYPES)
 
+    def adapter_classes(self, config: LoraConfig) -> tuple[type, type, type]:
+        """The ``(linear, embedding, conv)`` adapter classes this config builds."""
+        if config.use_dora:
+            from peftkit.methods.dora import DoraConv, DoraEmbedding, DoraLinear
+
+            return DoraLinear, DoraEmbedding, DoraConv
+        return LoraLinear, LoraEmbedding, LoraConv
+
     def make_adapter(self, base: nn.Module, config: LoraConfig, module_name: str) -> Adapter:
         r, alpha = config.rank_and_alpha(module_name)
         scaling = config.scaling_for(r, alpha)
+        linear, embedding, conv_cls = self.adapter_classes(config)
+        init = config.init_lora_weights
         if isinstance(base, nn.Embedding):
-            adapter: Any = LoraEmbedding(base.num_embeddings, base.embedding_dim, r, scaling, config.lora_dropout)
+            adapter: Any = embedding(base.num_embeddings, base.embedding_dim, r, scaling, config.lora_dropout)
         elif isinstance(base, CONV_TYPES):
             check(r % base.groups == 0,
                   f"{module_name}: r={r} must be divisible by the convolution's groups={base.groups}")
-            adapter = LoraConv(base, r, scaling, config.lora_dropout, config.lora_bias)
+            adapter = conv_cls(base, r, scaling, config.lora_dropout, config.lora_bias)
         else:
             transposed = not isinstance(base, nn.Linear)
             in_f, out_f = base.weight.shape[::-1] if not transposed else base.weight.shape
-            adapter = LoraLinear(in_f, out_f, r, scaling, config.lora_dropout, config.lora_bias, transposed)
-        adapter.reset(config.init_lora_weights)
+            adapter = linear(in_f, out_f, r, scaling, config.lora_dropout, config.lora_bias, transposed)
+        if changes_base(init) and isinstance(adapter, LoraLinear):
+            weight = base.weight.T if adapter.transposed else base.weight
+            a, b = principal_factors(weight, r, scaling, init)
+            with torch.no_grad():
+                adapter.lora_A.weight.copy_(a)
+                adapter.lora_B.weight.copy_(b)
+            adapter.mutates_base = True
+        else:
+            adapter.reset(True if changes_base(init) else init)
+        if config.use_dora:
+            adapter.init_magnitude(base)
         return adapter
 
+    def inject(self, host: Any, config: LoraConfig, adapter_name: str) -> None:
+        """Inject as every wrap method does, then (PiSSA, OLoRA) leave only the residual in the base weights.
+
+        The residual is written after every adapter was built, so a bad value still leaves the model as it was.
+        """
+        super().inject(host, config, adapter_name)
+        if not changes_base(config.init_lora_weights):
+            return
+        for _, layer in host.wrappers():
+            if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters:
+                adapter = layer.adapters[adapter_name]
+                if adapter.mutates_base:
+                    with torch.no_grad():
+                        weight = layer.weight
+                        weight.copy_((weight.float() - adapter.delta_weight(layer)).to(weight.dtype))
+
+    def convert_for_initial_model(self, model: Any, adapter_name: str, initial_dir: str) -> tuple[PeftConfig, dict]:
+        """PiSSA/OLoRA to plain LoRA on the original base (see :func:`~peftkit.methods.lora_init.convert_to_plain_lora`)."""
+        return convert_to_plain_lora(model, adapter_name, initial_dir)
+
     def trainable_base_params(self, model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
-        if config.bias == "all":
-            return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
-        if config.bias == "lora_only":
-            names = []
-            for t in targets:
-                layer = model.get_submodule(t)
-                if getattr(layer.base_layer, "bias", None) is not None:
-                    names.append(f"{t}.base_layer.bias")
-            return names
+        return trainable_biases(model, config.bias, targets)
+
+
+def trainable_biases(model: nn.Module, bias: str, targets: list[str]) -> list[str]:
+    """Names of the base biases a ``bias`` option trains: ``"all"`` every bias of the model, ``"none"``
+    none, anything else (``"lora_only"``, ``"vera_only"``) the biases of the adapted layers."""
+    if bias == "all":
+        return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+    if bias == "none":
         return []
+    return [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t).base_layer, "bias", None)
+            is not None]
 
 
-def lora_from_cli(args: Any) -> LoraConfig:
-    """Build a :class:`LoraConfig` from ``peftkit train`` options."""
-    return LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+def lora_from_cli(args: Any, config_cls: type[LoraConfig] = LoraConfig) -> LoraConfig:
+    """Build a :class:`LoraConfig` (or a subclass) from ``peftkit train`` options."""
+    return config_cls(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 
 
+def _preset(**fields: Any) -> Any:
+    def build(args: Any) -> LoraConfig:
+        config = lora_from_cli(args)
+        for key, value in fields.items():
+            setattr(config, key, value)
+        config.validate()
+        return config
+
+    return build
+
+
+_TUNER = LoraTuner()
 register_method(MethodSpec(
     name="lora", config_cls=LoraConfig, family="reparameterised", kind="wrap", mergeable=True,
-    paper=LORA_PAPER, tuner=LoraTuner(), cli_config=lora_from_cli,
+    paper=LORA_PAPER, tuner=_TUNER, cli_config=lora_from_cli,
 ))
+for _name, _paper, _fields in (("dora", DORA_PAPER, {"use_dora": True}),
+                               ("pissa", PISSA_PAPER, {"init_lora_weights": "pissa"}),
+                               ("olora", OLORA_PAPER, {"init_lora_weights": "olora"})):
+    register_method(MethodSpec(
+        name=_name, config_cls=LoraConfig, family="reparameterised", kind="wrap", mergeable=True, paper=_paper,
+        tuner=_TUNER, cli_config=_preset(**_fields), variant_of="lora",
+    ))

@@ -161,6 +161,6 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="p-tuning-v2", config_cls=PrefixTuningConfig, family="additive", kind="prompt", mergeable=False,
-    paper=P_TUNING_V2_PAPER, tuner=PREFIX_TUNER, cli_config=p_tuning_v2_from_cli, preset_of="prefix-tuning",
+    paper=P_TUNING_V2_PAPER, tuner=PREFIX_TUNER, cli_config=p_tuning_v2_from_cli, variant_of="prefix-tuning",
     default_lr=1e-2,
 ))

@@ -1,0 +1,189 @@
+"""DyLoRA: one LoRA adapter trained so that every rank ``b <= r`` works on its own.
+
+Paper: Valipour, Rezagholizadeh, Kobyzev and Ghodsi, "DyLoRA: Parameter-Efficient Tuning of
+Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation", 2022, arXiv:2210.07558.
+
+Equation: ``h = W0 x + (alpha / b) * B[:, :b] A[:b] dropout(x)``. While the model trains, each forward
+of the model draws ``b ~ U{1, ..., r}`` (torch's global generator, so seeding torch makes it
+reproducible) and every layer of the adapter uses its first ``b`` rank components (``min(b, r_layer)``
+with ``rank_pattern``); rsLoRA scales by ``alpha / sqrt(b)``. In eval mode and for merging the rank
+chosen with :func:`set_dylora_rank` is used (default: the full ``r``), so after training any rank can
+be picked without retraining. Trainable parameters per adapted ``(out, in)`` layer: ``r * (in + out)``.
+
+Files use LoRA's layout (``lora_A``/``lora_B`` with the full rank) with ``peft_type: "DYLORA"``.
+Adapters: ``nn.Linear`` and GPT-2 ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftkit.config import MethodSpec, check, register_method
+from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.methods.lora import LoraConfig, LoraLinear, fresh_output, lora_from_cli, trainable_biases
+from peftkit.targeting import linear_types
+from peftkit.tuners import WrapTuner
+
+DYLORA_PAPER = ("DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank "
+                "Adaptation (Valipour et al., 2022, arXiv:2210.07558)")
+
+
+class DyLoraConfig(LoraConfig):
+    """Configuration of DyLoRA: :class:`~peftkit.methods.lora.LoraConfig`'s fields, ``r`` being the largest
+    rank trained. Trainable parameters per ``(out, in)`` layer: ``r * (in + out)``.
+
+    Raises:
+        ConfigError: as :class:`~peftkit.methods.lora.LoraConfig`, and for ``use_dora``, ``lora_bias`` or an
+            initialisation other than True, False or ``"gaussian"`` (they do not nest over ranks).
+    """
+
+    peft_type = "DYLORA"
+
+    def validate(self) -> None:
+        super().validate()
+        check(not self.use_dora, "use_dora=True is not supported by DyLoRA")
+        check(not self.lora_bias, "lora_bias=True is not supported by DyLoRA (its scale changes with the rank)")
+        check(self.init_lora_weights in (True, False, "gaussian"),
+              f"init_lora_weights={self.init_lora_weights!r} is not supported by DyLoRA; use True, False or 'gaussian'")
+
+
+class RankState:
+    """The ranks of one DyLoRA adapter, shared by its layers.
+
+    Attributes:
+        max_rank: the largest ``r`` of its layers.
+        rank: used in eval mode and for merging (set with :func:`set_dylora_rank`).
+        sampled: drawn from ``U{1..max_rank}`` at each forward of the model in training mode.
+    """
+
+    def __init__(self, max_rank: int) -> None:
+        self.max_rank = self.rank = self.sampled = max_rank
+        self.hook: Any = None
+
+    def before_forward(self, module: nn.Module, args: Any) -> None:
+        if module.training:
+            self.sampled = int(torch.randint(1, self.max_rank + 1, ()).item())
+
+
+class DyLoraLinear(LoraLinear):
+    """LoRA on ``nn.Linear`` / GPT-2 ``Conv1D`` truncated to the current rank ``k``:
+    ``x: (..., in) -> (..., out)``, ``lora_A.weight: (r, in)``, ``lora_B.weight: (out, r)``."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, rslora: bool, dropout: float,
+                 transposed: bool, ranks: RankState) -> None:
+        super().__init__(in_features, out_features, r, alpha / (math.sqrt(r) if rslora else r), dropout,
+                         transposed=transposed)
+        self.alpha, self.rslora, self.ranks = alpha, rslora, ranks
+
+    def rank(self) -> int:
+        """The rank in use: the sampled one while training, else the chosen one (never above ``r``)."""
+        return min(self.ranks.sampled if self.training else self.ranks.rank, self.r)
+
+    def _scale(self, k: int) -> float:
+        return self.alpha / (math.sqrt(k) if self.rslora else k)
+
+    def low_rank(self) -> tuple[Tensor, Tensor, float]:
+        k = self.rank()
+        return self.lora_A.weight[:k], self.lora_B.weight[:, :k], self._scale(k)
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        a, b, scaling = self.low_rank()
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        z = F.linear(self.lora_dropout(x), a)
+        if y.dtype == z.dtype and y.is_contiguous() and fresh_output(layer):
+            y.view(-1, y.shape[-1]).addmm_(z.view(-1, a.shape[0]), b.T, alpha=scaling)
+            return y
+        return torch.add(y, F.linear(z, b).to(y.dtype), alpha=scaling)
+
+    def delta_weight(self, layer: AdaptedLayer) -> Tensor:
+        k = min(self.ranks.rank, self.r)
+        delta = (self.lora_B.weight[:, :k].float() @ self.lora_A.weight[:k].float()) * self._scale(k)
+        return delta.T if self.transposed else delta
+
+
+class DyLoraTuner(WrapTuner):
+    """Builds the adapter's layers around one :class:`RankState` and hooks the model's forward to sample."""
+
+    method = "DyLoRA"
+
+    def __init__(self) -> None:
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._building: RankState | None = None
+
+    def supported_types(self) -> tuple[type[nn.Module], ...]:
+        return linear_types()
+
+    def inject(self, host: Any, config: DyLoraConfig, adapter_name: str) -> None:
+        self._building = RankState(max(config.rank_and_alpha(t)[0] for t in self.find(host, config)))
+        try:
+            super().inject(host, config, adapter_name)
+            state = self._building
+        finally:
+            self._building = None
+        state.hook = host.model.register_forward_pre_hook(state.before_forward)
+        self._states.setdefault(host, {})[adapter_name] = state
+
+    def make_adapter(self, base: nn.Module, config: DyLoraConfig, module_name: str) -> Adapter:
+        r, alpha = config.rank_and_alpha(module_name)
+        transposed = not isinstance(base, nn.Linear)
+        out_f, in_f = base.weight.shape[::-1] if transposed else base.weight.shape
+        adapter = DyLoraLinear(in_f, out_f, r, alpha, config.use_rslora, config.lora_dropout, transposed,
+                               self._building)
+        adapter.reset(config.init_lora_weights)
+        return adapter
+
+    def trainable_base_params(self, model: nn.Module, config: DyLoraConfig, targets: list[str]) -> list[str]:
+        return trainable_biases(model, config.bias, targets)
+
+    def remove(self, host: Any, adapter_name: str) -> None:
+        state = self._states.get(host, {}).pop(adapter_name, None)
+        if state is not None:
+            state.hook.remove()
+
+    def state(self, host: Any, adapter_name: str) -> RankState | None:
+        """The :class:`RankState` of adapter ``adapter_name`` on ``host``, or None if it is not DyLoRA."""
+        return self._states.get(host, {}).get(adapter_name)
+
+
+_TUNER = DyLoraTuner()
+
+
+def set_dylora_rank(model: Any, rank: int, adapter_name: str = "default") -> None:
+    """Use the first ``rank`` components of DyLoRA adapter ``adapter_name`` in eval mode and when merging.
+
+    Args:
+        model: the :class:`~peftkit.PeftModel`.
+        rank: ``1 <= rank <= r`` (layers with a smaller ``rank_pattern`` rank use all of theirs).
+        adapter_name: the adapter (default ``"default"``).
+
+    Raises:
+        ConfigError: unknown adapter, not a DyLoRA adapter, or ``rank`` out of range.
+        ValueError: the adapter is merged (unmerge it first).
+    """
+    host = model.base_model
+    host.check_known([adapter_name])
+    state = _TUNER.state(host, adapter_name)
+    check(state is not None, f"adapter {adapter_name!r} is not a DyLoRA adapter")
+    check(isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= state.max_rank,
+          f"rank={rank!r} is not valid for adapter {adapter_name!r}; expected an integer in [1, {state.max_rank}]")
+    if adapter_name in host.merged_adapters():
+        raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before changing its rank")
+    state.rank = rank
+
+
+def dylora_from_cli(args: Any) -> DyLoraConfig:
+    """Build a :class:`DyLoraConfig` from ``peftkit train`` options."""
+    return lora_from_cli(args, DyLoraConfig)
+
+
+register_method(MethodSpec(
+    name="dylora", config_cls=DyLoraConfig, family="reparameterised", kind="wrap", mergeable=True,
+    paper=DYLORA_PAPER, tuner=_TUNER, cli_config=dylora_from_cli,
+))

@@ -1,0 +1,112 @@
+"""One autograd function for a linear layer plus its low-rank path, optionally DoRA-rescaled.
+
+``out = g * (x W^T) + b + (s * g) * (dropout(x) A^T) B^T`` with ``W: (out, in)`` frozen, ``A: (r, in)``,
+``B: (out, r)``, ``g: (out,)`` (DoRA's ``m / n``; all ones, i.e. plain LoRA, when None), ``b`` the
+base bias. It is what LoRA/DoRA layers compute when theirs is the only active adapter: the same
+matrix products as separate modules, but
+
+* ``g`` is folded into ``W`` and ``B`` (weight-sized work) instead of rescaling the ``(tokens, out)``
+  output in forward and its gradient in backward (activation-sized work);
+* the two input gradients ``grad W_g + grad_z A`` are accumulated into one buffer;
+* DoRA's magnitude gradient ``sum_t grad * (out - b) / g`` reads the output, which exists anyway,
+  instead of keeping a second ``(tokens, out)`` tensor.
+
+Shapes: ``x, xd: (..., in)``, output ``(..., out)``. The base weight must not require grad.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _LowRankLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+                g: Tensor | None, scaling: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        z = (x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T
+        w_eff, b_eff = _effective(weight, b, g, scaling)
+        out = torch.addmm(bias, x2, w_eff.T) if bias is not None else x2 @ w_eff.T
+        out.addmm_(z, b_eff.T)
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        ctx.scaling = scaling
+        ctx.save_for_backward(x, xd, weight, bias, a, b, g, z, out if g is not None else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, xd, weight, bias, a, b, g, z, out = ctx.saved_tensors
+        need_x, need_xd, _, need_bias, need_a, need_b, need_g, _ = ctx.needs_input_grad
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        w_eff, b_eff = _effective(weight, b, g, ctx.scaling)
+        grad_z = grad2 @ b_eff if need_a or need_xd or (need_x and xd is None) else None
+        grad_x = grad_xd = grad_bias = grad_a = grad_b = grad_g = None
+        if need_x:
+            grad_x = grad2 @ w_eff
+            if xd is None:
+                grad_x.addmm_(grad_z, a)
+            grad_x = grad_x.view(x.shape)
+        if need_xd:
+            grad_xd = (grad_z @ a).view(xd.shape)
+        if need_a:
+            grad_a = grad_z.T @ (x if xd is None else xd).reshape(-1, a.shape[1])
+        if need_b:
+            grad_b = grad2.T @ z
+            grad_b.mul_(ctx.scaling if g is None else (ctx.scaling * g)[:, None])
+        total = grad2.sum(0) if bias is not None and (need_bias or need_g) else None
+        if need_bias:
+            grad_bias = total
+        if need_g:
+            grad_g = _magnitude_grad(grad2, out.reshape(-1, out.shape[-1]), x, z, weight, bias, b, g, ctx.scaling,
+                                     total)
+        return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_g, None
+
+
+def _effective(weight: Tensor, b: Tensor, g: Tensor | None, scaling: float) -> tuple[Tensor, Tensor]:
+    """``(g * W, s * g * B)`` (``(W, s * B)`` without ``g``)."""
+    if g is None:
+        return weight, b * scaling
+    return weight * g[:, None], b * (scaling * g)[:, None]
+
+
+def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None, b: Tensor,
+                    g: Tensor, scaling: float, total: Tensor | None) -> Tensor:
+    """``sum_t grad * y`` with ``y = x W^T + s z B^T = (out - bias) / g``; rows with ``g = 0`` (where the
+    output does not tell ``y``) are recomputed from ``x``."""
+    dot = torch.linalg.vecdot(grad, out, dim=0)
+    if total is not None:
+        dot.sub_(bias * total)
+    zero = g == 0
+    if not bool(zero.any()):
+        return dot.div_(g)
+    rows = zero.nonzero().squeeze(1)
+    dot.div_(torch.where(zero, torch.ones_like(g), g))
+    y = x.reshape(-1, x.shape[-1]) @ weight[rows].T + scaling * (z @ b[rows].T)
+    dot[rows] = torch.linalg.vecdot(grad[:, rows], y, dim=0)
+    return dot
+
+
+def low_rank_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+                    g: Tensor | None, scaling: float) -> Tensor:
+    """``g * (x W^T) + b + (s * g) * (xd A^T) B^T`` in one autograd node (see the module docstring).
+
+    Args:
+        x: the layer input ``(..., in)``.
+        xd: the input of the low-rank path (dropout applied), or None when it is ``x`` itself.
+        weight: the base weight as ``(out, in)`` (a transposed view for GPT-2 ``Conv1D``), frozen.
+        bias: the base bias ``(out,)`` or None.
+        a, b: ``A: (r, in)``, ``B: (out, r)``.
+        g: per-output factor ``(out,)`` (DoRA's ``m / n``, its gradient flows) or None (plain LoRA).
+        scaling: ``s``.
+
+    Returns:
+        ``(..., out)`` in ``x``'s dtype.
+    """
+    return _LowRankLinear.apply(x, xd, weight, bias, a, b, g, scaling)
+
+
+def can_fuse(x: Tensor, weight: Tensor, a: Tensor) -> bool:
+    """Whether :func:`low_rank_linear` applies: one dtype throughout, a frozen base weight, no autocast."""
+    return (x.dtype == weight.dtype == a.dtype and not weight.requires_grad
+            and not torch.is_autocast_enabled(x.device.type))
