@@ -158,6 +158,9 @@ class MethodSpec:
         paper: title, year and arXiv id of the paper it implements.
         tuner: callable ``tuner(model_wrapper, config, adapter_name)`` that injects the adapter.
         cli_config: callable ``cli_config(args) -> config`` building a config from CLI options, or None.
+        default_lr: the peak learning rate ``peftkit train`` uses for this method when ``--lr`` is not
+            given; None means the adapter default (1e-3). Methods that change the pretrained weights
+            themselves (partial fine-tuning, sparse differences) train at full fine-tuning rates.
     """
 
     name: str
@@ -169,6 +172,7 @@ class MethodSpec:
     tuner: Any
     cli_config: Callable[..., PeftConfig] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    default_lr: float | None = None
 
     @property
     def peft_type(self) -> str:

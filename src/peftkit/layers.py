@@ -7,8 +7,9 @@ layer, not the method, owns the lifecycle: which adapters are active, which are 
 and mixed-adapter batches. A method only says what one adapter does to one layer's input/output and
 how it folds into the weight.
 
-``forward`` reads top to bottom: (optional input transforms) -> base output -> each active,
-unmerged adapter updates the output. With no active adapter it is exactly the base layer.
+``forward`` reads top to bottom: (optional input transforms and parameter substitutions) -> base
+output -> each active, unmerged adapter updates the output. With no active adapter it is exactly the
+base layer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 BASE_ROWS = "__base__"
 
@@ -43,10 +45,13 @@ class Adapter(nn.Module):
     Class attributes:
         mergeable: whether :meth:`merge_into` is exact.
         transforms_input: whether :meth:`transform_input` changes the layer's input.
+        substitutes_params: whether :meth:`substitute_params` changes the parameters the base layer
+            runs with (selective methods: ``W + delta``); the base module itself is never modified.
     """
 
     mergeable: ClassVar[bool] = True
     transforms_input: ClassVar[bool] = False
+    substitutes_params: ClassVar[bool] = False
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the layer output with this adapter applied, given the input ``x`` and output ``y``."""
@@ -55,6 +60,14 @@ class Adapter(nn.Module):
     def transform_input(self, x: Tensor) -> Tensor:
         """Change the input before the base layer sees it (identity by default)."""
         return x
+
+    def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The parameters the base layer runs with in this forward, keyed by its own parameter names.
+
+        ``params`` holds the replacements made by adapters earlier in the plan (empty for the first);
+        parameters not in it are the base layer's own. Returns the updated dict (identity by default).
+        """
+        return params
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:  # pragma: no cover - abstract
         """The additive change to the base weight, in the base weight's layout, in float32."""
@@ -155,10 +168,16 @@ class AdaptedLayer(nn.Module):
         return self._apply(plan, x, args, kwargs)
 
     def _apply(self, plan: Sequence[Adapter], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        params: dict[str, Tensor] | None = None
         for adapter in plan:
             if adapter.transforms_input:
                 x = adapter.transform_input(x)
-        y = self.base_layer(x, *args, **kwargs)
+            if adapter.substitutes_params:
+                params = adapter.substitute_params(self, {} if params is None else params)
+        if params is None:
+            y = self.base_layer(x, *args, **kwargs)
+        else:
+            y = functional_call(self.base_layer, params, (x, *args), kwargs)
         for adapter in plan:
             y = adapter(self, x, y)
         return y
@@ -168,12 +187,16 @@ class AdaptedLayer(nn.Module):
         own = [(self.adapters[n], idx) for n, idx in groups if n in self.adapters and n not in self.merged_adapters]
         if not own:
             return self.base_layer(x, *args, **kwargs)
-        if any(a.transforms_input for a, _ in own):
+        rows = sum(idx.numel() for _, idx in groups)
+        broadcast = x.shape[0] != rows  # an input shared by all rows, e.g. position ids (1, seq)
+        if broadcast or any(a.transforms_input or a.substitutes_params for a, _ in own):
             out = None
             for name, idx in groups:
                 plan = [self.adapters[name]] if name in self.adapters else []
-                part = self._apply(plan, x.index_select(0, idx), args, kwargs)
-                out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
+                part = self._apply(plan, x if broadcast else x.index_select(0, idx), args, kwargs)
+                if broadcast:
+                    part = part.expand(idx.numel(), *part.shape[1:])
+                out = part.new_empty((rows, *part.shape[1:])) if out is None else out
                 out = out.index_copy(0, idx, part)
             return out
         y = self.base_layer(x, *args, **kwargs)

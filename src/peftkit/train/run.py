@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from peftkit.config import PeftConfig, check, get_method
-from peftkit.formats.hf_peft import atomic_write_bytes
+from peftkit.formats.hf_peft import adapter_file_stats, atomic_write_bytes
 from peftkit.train.data import (
     CausalLMDataset,
     DataError,
@@ -68,7 +68,8 @@ class RunConfig:
         data_dir: folder holding GLUE task folders (needed for MRPC, which is not shipped).
         r, lora_alpha, lora_dropout, target_modules: method options (target default ``all-linear``).
         method_options: extra config fields for the method, e.g. ``{"use_rslora": True}``.
-        lr: peak learning rate; None picks 1e-3 for adapters and 5e-5 for full fine-tuning.
+        lr: peak learning rate; None picks the method's default (1e-3 for most adapters) and 5e-5 for
+            full fine-tuning.
         epochs / max_steps: training length; ``max_steps`` wins when set.
         batch_size, max_length: rows per step; tokens per row after truncation.
         max_train_samples / max_eval_samples: use only the first N examples (after a seeded shuffle
@@ -111,7 +112,12 @@ class RunConfig:
         return "CAUSAL_LM" if self.task == CAUSAL_LM else "SEQ_CLS"
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (5e-5 if self.full_finetune else 1e-3)
+        """``lr`` when given; else 5e-5 for full fine-tuning, the method's ``default_lr``, or 1e-3."""
+        if self.lr is not None:
+            return self.lr
+        if self.full_finetune:
+            return 5e-5
+        return get_method(self.method).default_lr or 1e-3
 
     def label(self) -> str:
         return "full" if self.full_finetune else self.method
@@ -215,17 +221,18 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
         dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
         coll = collate(tokenizer.pad_token_id, task.is_regression)
         model = _adapt(model, peft_config, cfg)
+        trainer = Trainer(model, train_ds, coll, _training_args(cfg))  # prepares data-driven adapters
         trainable, total = _count(model)
         log.info("run %s: %d train / %d dev examples, %s trainable of %s", out_dir, len(train_ds), len(dev_ds),
                  f"{trainable:,}", f"{total:,}")
-        trainer = Trainer(model, train_ds, coll, _training_args(cfg))
         stats = trainer.train()
         preds, gold = predict(model, dev_ds, coll, cfg.eval_batch_size, task.is_regression)
         metrics = _metrics_for(task, preds, gold)
         _save(model, tokenizer, out_dir, cfg)
         result = {"task": task.name, "metric": task.metric, **{f"dev_{k}": v for k, v in metrics.items()},
                   "dev_examples": len(dev_ds), "train_examples": len(train_ds), "trainable_params": trainable,
-                  "total_params": total, **stats, "wall_seconds": time.perf_counter() - wall,
+                  "total_params": total, **_file_stats(out_dir, cfg), **stats,
+                  "wall_seconds": time.perf_counter() - wall,
                   "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
         _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), "label_names": task.label_names,
                                                   "num_labels": task.num_labels})
@@ -251,14 +258,15 @@ def _run_causal_lm(cfg: RunConfig, peft_config: PeftConfig | None, out_dir: Path
         coll = collate_causal(tokenizer.pad_token_id)
         before = perplexity(model, dev_ds, coll, cfg.eval_batch_size)
         model = _adapt(model, peft_config, cfg)
+        trainer = Trainer(model, train_ds, coll, _training_args(cfg))
         trainable, total = _count(model)
-        stats = Trainer(model, train_ds, coll, _training_args(cfg)).train()
+        stats = trainer.train()
         after = perplexity(model, dev_ds, coll, cfg.eval_batch_size)
         _save(model, tokenizer, out_dir, cfg)
         result = {"task": CAUSAL_LM, "metric": "perplexity", "dev_perplexity_before": before["perplexity"],
                   "dev_perplexity": after["perplexity"], "dev_tokens": after["tokens"],
                   "train_examples": len(train_ds), "dev_examples": len(dev_ds), "trainable_params": trainable,
-                  "total_params": total, **stats, "wall_seconds": time.perf_counter() - wall,
+                  "total_params": total, **_file_stats(out_dir, cfg), **stats, "wall_seconds": time.perf_counter() - wall,
                   "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
         _write_json(out_dir / "run_config.json", dataclasses.asdict(cfg))
         _write_json(out_dir / "metrics.json", result)
@@ -321,6 +329,11 @@ def _save(model: torch.nn.Module, tokenizer: Any, out_dir: Path, cfg: RunConfig)
         tokenizer.save_pretrained(out_dir / "model")
     else:
         model.save_pretrained(out_dir)
+
+
+def _file_stats(out_dir: Path, cfg: RunConfig) -> dict[str, int]:
+    """``adapter_bytes`` and ``changed_params`` of the saved adapter (nothing for full fine-tuning)."""
+    return {} if cfg.full_finetune else adapter_file_stats(out_dir)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -95,6 +95,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 class Trainer:
     """Train ``model`` on ``dataset``.
 
+    Before the optimiser is built, a :class:`peftkit.PeftModel` gets ``peft_prepare(batches)`` with
+    training batches in the training order (methods whose parameters are chosen from data use them).
+
     Args:
         model: returns ``.loss`` for ``model(**batch)``.
         dataset: a map-style dataset of items for ``collate_fn``.
@@ -114,11 +117,13 @@ class Trainer:
         self.args = args or TrainingArguments()
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty")
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        if hasattr(model, "peft_prepare"):  # data-driven adapters (FISH mask, ...) pick their parameters now
+            model.peft_prepare({k: v.to(self.device) for k, v in b.items()} for b in self._batches())
         groups = param_groups(model, self.args.weight_decay)
         if not groups:
             raise ValueError("the model has no trainable parameter (is every adapter in inference mode?)")
         self.optimizer = optimizer or torch.optim.AdamW(groups, lr=self.args.learning_rate)
-        self.device = torch.device(device) if device else next(model.parameters()).device
         steps_per_epoch = math.ceil(len(dataset) / self.args.batch_size)
         self.total_steps = self.args.max_steps or max(1, round(steps_per_epoch * self.args.num_epochs))
         warmup, total = int(self.total_steps * self.args.warmup_ratio), self.total_steps
