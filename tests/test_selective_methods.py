@@ -44,9 +44,9 @@ PROBE_ROWS = {"x": torch.tensor([[2.0, 0.0, 0.0, 3.0], [-2.0, 0.0, 2.0, 1.0]]), 
 
 def test_empirical_fisher_is_the_mean_of_per_example_squared_gradients():
     peft_model = get_peft_model(Probe(), FishMaskConfig(keep_ratio=0.6))
-    adapter = adapters_of(peft_model)["lin"]
-    fisher = empirical_fisher(peft_model.base_model, [(adapter, "weight"), (adapter, "bias")],
-                              iter([PROBE_ROWS]), num_samples=2)
+    lin = peft_model.base_model.model.lin.base_layer
+    fisher = empirical_fisher(peft_model.base_model, [lin.weight, lin.bias], iter([PROBE_ROWS]), num_samples=2)
+    assert not lin.weight.requires_grad and lin.weight.grad is None
     # entry 0's gradients (+2, -2) cancel in a batch mean, but not in the per-example Fisher
     assert torch.equal(fisher[0], torch.tensor([[4.0, 0.0, 2.0, 5.0]]))
     assert torch.equal(fisher[1], torch.tensor([1.0]))
@@ -230,3 +230,18 @@ def test_cli_trains_saves_reports_size_and_reloads(method, options, tiny_model_d
         assert metrics["changed_params"] == metrics["trainable_params"]
     assert main(["eval", "--adapter", str(out)]) == 0
     assert f"dev_accuracy    {metrics['dev_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_fisher_of_a_padded_example_equals_that_of_the_example_alone():
+    torch.manual_seed(5)
+    peft_model = get_peft_model(tiny_bert_classifier(), FishMaskConfig(keep_ratio=0.1))
+    host = peft_model.base_model
+    entries = [p for n, p in host.model.named_parameters() if ".base_layer." in n]
+    ids = torch.randint(3, 64, (1, 9))
+    alone = {"input_ids": ids, "attention_mask": torch.ones(1, 9, dtype=torch.long), "labels": torch.tensor([1])}
+    padded = {"input_ids": torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], 1).long(), "labels": torch.tensor([1])}
+    one = empirical_fisher(host, entries, iter([alone]), 1)
+    two = empirical_fisher(host, entries, iter([padded]), 1)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    assert sum(int(f.count_nonzero()) for f in one) > 1000

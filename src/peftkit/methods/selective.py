@@ -181,12 +181,10 @@ class SelectAdapter(Adapter):
         self.register_parameter(f"diff_{name}", nn.Parameter(torch.zeros(self.shapes[name], device=device)))
         self.is_sparse[name] = False
 
-    def set_sparse(self, name: str, indices: Tensor, values: Tensor | None = None) -> None:
-        """Make ``name``'s difference sparse at flat ``indices`` (``(k,)``), with ``values`` (default 0)."""
-        device = indices.device
-        values = torch.zeros(indices.numel(), device=device) if values is None else values.detach().float()
+    def set_sparse(self, name: str, indices: Tensor) -> None:
+        """Make ``name``'s difference a zero sparse parameter at flat ``indices`` (``(k,)``, unique)."""
         self._drop(name)
-        self.register_parameter(f"diff_{name}_values", nn.Parameter(values.to(device).clone()))
+        self.register_parameter(f"diff_{name}_values", nn.Parameter(torch.zeros(indices.numel(), device=indices.device)))
         self.register_buffer(f"diff_{name}_indices", indices.to(index_dtype(self.numel(name))))
         self.is_sparse[name] = True
 
@@ -199,11 +197,6 @@ class SelectAdapter(Adapter):
             return flat.view(self.shapes[name])
         return getattr(self, f"diff_{name}").detach().float()
 
-    def changed(self) -> int:
-        """The number of entries this adapter can change (dense entries, or sparse ``k``)."""
-        return sum(getattr(self, f"diff_{n}_values").numel() if self.is_sparse[n] else self.numel(n)
-                   for n in self.names)
-
     # --- forward and merging ----------------------------------------------------------------------
     def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.prepared and self.training and not self._warned:
@@ -215,6 +208,9 @@ class SelectAdapter(Adapter):
             w = params[n] if n in params else layer.base_layer._parameters[n]
             if self.is_sparse[n]:
                 values = getattr(self, f"diff_{n}_values")
+                if values.numel() == 0:  # nothing selected in this tensor: no copy of it
+                    params[n] = w
+                    continue
                 params[n] = w.reshape(-1).index_add(0, getattr(self, f"diff_{n}_indices"),
                                                     values.to(w.dtype)).view_as(w)
             else:
@@ -325,39 +321,51 @@ def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     return out
 
 
-def empirical_fisher(host: Any, entries: Sequence[tuple[SelectAdapter, str]], batches: Iterator[dict[str, Tensor]],
+def _trim_right_padding(row: dict[str, Any]) -> dict[str, Any]:
+    """One example cut to its own length when its ``attention_mask`` (``(1, seq)``) is ones then zeros:
+    every ``(1, seq, ...)`` tensor loses the padded tail, which the loss never sees."""
+    mask = row.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return row
+    seq, length = mask.shape[1], int(mask[0].sum())
+    if length in (0, seq) or not bool(mask[0, :length].all()):
+        return row
+    return {k: v[:, :length] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == seq else v
+            for k, v in row.items()}
+
+
+def empirical_fisher(host: Any, params: Sequence[nn.Parameter], batches: Iterator[dict[str, Tensor]],
                      num_samples: int) -> list[Tensor]:
-    """The diagonal empirical Fisher information of the selected base tensors, one sample at a time.
+    """The diagonal empirical Fisher information of some of the model's tensors, one example at a time.
 
     ``F_i = (1/N) sum_n (d loss(x_n, y_n) / d w_i)^2`` over the first ``num_samples`` rows of
-    ``batches`` (each row run alone, in eval mode, so dropout is off), with the model's own loss on
-    the true labels (Sung et al. 2021, Sec. 3). The gradient is taken through zero dense
-    differences, so it is the gradient with respect to the base weights; the entries are left dense
-    zero afterwards.
+    ``batches`` (each row run alone and without its right padding, in eval mode, so dropout is off),
+    with the model's own loss on the true labels (Sung et al. 2021, Sec. 3). ``params`` (frozen base
+    tensors) require grad only while this runs; their ``.grad`` is never written.
 
     Returns:
-        float32 tensors shaped like the base tensors, aligned with ``entries``.
+        float32 tensors shaped like ``params``, in the same order.
 
     Raises:
         ValueError: the model returns no ``loss`` (batches need ``labels``), or ``batches`` is empty.
     """
-    for adapter, n in entries:
-        adapter.set_dense(n)
-    params = [getattr(a, f"diff_{n}") for a, n in entries]
-    fisher = [torch.zeros_like(p) for p in params]
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     model, seen = host.model, 0
-    was_training = model.training
+    was_training, needed = model.training, [p.requires_grad for p in params]
     model.eval()
     try:
+        for p in params:
+            p.requires_grad_(True)
         with torch.enable_grad():
             for batch in batches:
                 rows = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0)
                 for i in range(rows):
-                    row = {k: v[i:i + 1] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+                    row = _trim_right_padding({k: v[i:i + 1] if isinstance(v, Tensor) and v.dim() > 0 else v
+                                               for k, v in batch.items()})
                     loss = getattr(model(**row), "loss", None)
                     if loss is None:
                         raise ValueError("the Fisher information needs the model's loss: give batches with labels")
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
                     for f, g in zip(fisher, grads, strict=True):
                         if g is not None:
                             f.addcmul_(g, g)
@@ -367,6 +375,8 @@ def empirical_fisher(host: Any, entries: Sequence[tuple[SelectAdapter, str]], ba
                 if seen >= num_samples:
                     break
     finally:
+        for p, flag in zip(params, needed, strict=True):
+            p.requires_grad_(flag)
         model.train(was_training)
     if seen == 0:
         raise ValueError("no training example to compute the Fisher information on")
@@ -471,12 +481,13 @@ class FisherMaskTuner(SelectTuner):
         if all(a.prepared for a in adapters):
             return
         config = host.peft_config[adapter_name]
-        entries = [(a, n) for a in adapters for n in a.names]
-        total = sum(a.numel(n) for a, n in entries)
+        entries = [(name, a, n) for name, a in self.adapters(host, adapter_name) for n in a.names]
+        total = sum(a.numel(n) for _, a, n in entries)
         k = budget(self.keep_fraction(config), total, f"{self.fraction_name}={self.keep_fraction(config)!r}")
-        fisher = empirical_fisher(host, entries, batches, config.num_fisher_samples)
+        base = [host.model.get_submodule(name).base_layer._parameters[n] for name, _, n in entries]
+        fisher = empirical_fisher(host, base, batches, config.num_fisher_samples)
         with torch.no_grad():
-            for (adapter, n), idx in zip(entries, global_topk(fisher, k), strict=True):
+            for (_, adapter, n), idx in zip(entries, global_topk(fisher, k), strict=True):
                 adapter.set_sparse(n, idx)
         for a in adapters:
             a.prepared = True
