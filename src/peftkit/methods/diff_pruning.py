@@ -52,7 +52,9 @@ class DiffPruningConfig(SelectiveConfig):
             :class:`~peftkit.methods.selective.SelectiveConfig`.
 
     Trainable parameters: ``N`` (the selected entries) while training; ``k = round((1 - s) * N)``
-    stored as indices + values.
+    stored as indices + values. The projection runs in ``model.peft_step_end(step)``, which
+    peftkit's Trainer calls after every optimiser step; a hand-written loop must call it too (a file
+    always stores the difference exactly as it is: its non-zero entries).
 
     Raises:
         ConfigError: ``target_sparsity`` outside [0, 1), or a budget that rounds to 0 entries.
