@@ -18,7 +18,11 @@ from peftkit.methods.adapters import (
     ParallelConfig,
     PfeifferConfig,
 )
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.child_tuning import ChildTuningConfig
+from peftkit.methods.diff_pruning import DiffPruningConfig
 from peftkit.methods.dylora import DyLoraConfig, set_dylora_rank
+from peftkit.methods.fish import FishMaskConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.krona import KronaConfig
 from peftkit.methods.loha import LoHaConfig
@@ -27,6 +31,7 @@ from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lorafa import LoraFAConfig
 from peftkit.methods.moe_lora import MoeLoraConfig
 from peftkit.methods.p_tuning import PromptEncoderConfig
+from peftkit.methods.partial import PartialConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
@@ -39,11 +44,15 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterDropConfig",
     "AdapterLoadError",
+    "BitFitConfig",
     "BottleneckConfig",
+    "ChildTuningConfig",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "ConfigError",
+    "DiffPruningConfig",
     "DyLoraConfig",
+    "FishMaskConfig",
     "HoulsbyConfig",
     "IA3Config",
     "KronaConfig",
@@ -54,6 +63,7 @@ __all__ = [
     "MethodSpec",
     "MoeLoraConfig",
     "ParallelConfig",
+    "PartialConfig",
     "PeftConfig",
     "PeftModel",
     "PfeifferConfig",

@@ -206,6 +206,8 @@ def _summary(r: dict[str, Any], show: bool) -> int:
         f"  wall time       {int(minutes)}m {seconds:04.1f}s (training {r['train_seconds']:.0f}s, "
         f"{r['steps']} steps, {1000 * r['seconds_per_step']:.0f} ms/step, {r['processes']} process(es))",
         f"  peak memory     {r['peak_memory_mib']:,.0f} MiB",
+        *([f"  adapter file    {r['adapter_bytes'] / 1024:,.1f} KiB for {r['changed_params']:,} changed/stored "
+           "parameters"] if "adapter_bytes" in r else []),
         f"  written to      {r['output_dir']}",
     ]
     print("\n".join(lines))

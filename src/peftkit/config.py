@@ -160,7 +160,8 @@ class MethodSpec:
         cli_config: callable ``cli_config(args) -> config`` building a config from CLI options, or None.
         aliases: other names that find this method.
         default_lr: the peak learning rate ``peftkit train`` uses for this method when ``--lr`` is not
-            given (None: the trainer's 1e-3); e.g. soft prompts need a higher one.
+            given (None: 1e-3); soft prompts need a higher one, and methods that change the pretrained
+            weights themselves (partial fine-tuning, sparse differences) train at full fine-tuning rates.
         variant_of: the name of another registered method whose config class, file format and tuner this
             one shares (DoRA is ``LoraConfig(use_dora=True)``, P-tuning v2 is a prefix-tuning preset). A
             variant has its own name, paper and CLI preset, but owns no ``peft_type``: files with that type

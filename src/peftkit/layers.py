@@ -7,8 +7,9 @@ layer, not the method, owns the lifecycle: which adapters are active, which are 
 and mixed-adapter batches. A method only says what one adapter does to one layer's input/output and
 how it folds into the weight.
 
-``forward`` reads top to bottom: (optional input transforms) -> base output -> each active,
-unmerged adapter updates the output. With no active adapter it is exactly the base layer.
+``forward`` reads top to bottom: (optional input transforms and parameter substitutions) -> base
+output -> each active, unmerged adapter updates the output. With no active adapter it is exactly the
+base layer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 BASE_ROWS = "__base__"
 
@@ -68,11 +70,14 @@ class Adapter(nn.Module):
         transforms_input: whether :meth:`transform_input` changes the layer's input.
         fuses_base: whether :meth:`fused_forward` may compute the whole layer output when this adapter
             is the only one in use (one autograd node for the base and the adapter).
+        substitutes_params: whether :meth:`substitute_params` changes the parameters the base layer
+            runs with (selective methods: ``W + delta``); the base module itself is never modified.
     """
 
     mergeable: ClassVar[bool] = True
     transforms_input: ClassVar[bool] = False
     fuses_base: ClassVar[bool] = False
+    substitutes_params: ClassVar[bool] = False
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the layer output with this adapter applied, given the input ``x`` and output ``y``."""
@@ -85,6 +90,14 @@ class Adapter(nn.Module):
     def transform_input(self, x: Tensor) -> Tensor:
         """Change the input before the base layer sees it (identity by default)."""
         return x
+
+    def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The parameters the base layer runs with in this forward, keyed by its own parameter names.
+
+        ``params`` holds the replacements made by adapters earlier in the plan (empty for the first);
+        parameters not in it are the base layer's own. Returns the updated dict (identity by default).
+        """
+        return params
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:  # pragma: no cover - abstract
         """The additive change to the base weight, in the base weight's layout, in float32."""
@@ -193,7 +206,8 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         ctx = self._ctx
         if ctx is not None and ctx.row_names is not None and not self.disabled:
-            return self._mixed_forward(x, ctx.groups(x.shape[0], x.device), args, kwargs)
+            rows = len(ctx.row_names) if x.shape[0] == 1 else x.shape[0]  # one row shared by all: broadcast
+            return self._mixed_forward(x, ctx.groups(rows, x.device), args, kwargs)
         plan = self._plan
         if self.disabled or not plan:
             return self.base_layer(x, *args, **kwargs)
@@ -204,10 +218,16 @@ class AdaptedLayer(nn.Module):
             out = plan[0].fused_forward(self, x)
             if out is not None:
                 return out
+        params: dict[str, Tensor] | None = None
         for adapter in plan:
             if adapter.transforms_input:
                 x = adapter.transform_input(x)
-        y = self.base_layer(x, *args, **kwargs)
+            if adapter.substitutes_params:
+                params = adapter.substitute_params(self, {} if params is None else params)
+        if params is None:
+            y = self.base_layer(x, *args, **kwargs)
+        else:
+            y = functional_call(self.base_layer, params, (x, *args), kwargs)
         for adapter in plan:
             y = adapter(self, x, y)
         return y
@@ -221,20 +241,24 @@ class AdaptedLayer(nn.Module):
         own = [(self.adapters[n], idx) for n, idx in groups if n in self.adapters and n not in self.merged_adapters]
         if not own:
             return self.base_layer(x, *args, **kwargs)
+        rows = sum(idx.numel() for _, idx in groups)
+        broadcast = x.shape[0] != rows  # an input shared by all rows, e.g. position ids (1, seq)
         kind = type(own[0][0])
         # only a class that defines the batched path itself (a subclass such as DoRA changes the maths)
-        if "mixed_forward" in vars(kind) and all(type(a) is kind for a, _ in own):
+        if not broadcast and "mixed_forward" in vars(kind) and all(type(a) is kind for a, _ in own):
             y = self.base_layer(x, *args, **kwargs)
             out = kind.mixed_forward(self, x, y, own)
             if out is not None:
                 return out
             return self._per_group(own, x, y)
-        if any(a.transforms_input for a, _ in own):
+        if broadcast or any(a.transforms_input or a.substitutes_params for a, _ in own):
             out = None
             for name, idx in groups:
                 plan = [self.adapters[name]] if name in self.adapters else []
-                part = self._run_plan(plan, x.index_select(0, idx), args, kwargs)
-                out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
+                part = self._run_plan(plan, x if broadcast else x.index_select(0, idx), args, kwargs)
+                if broadcast:
+                    part = part.expand(idx.numel(), *part.shape[1:])
+                out = part.new_empty((rows, *part.shape[1:])) if out is None else out
                 out = out.index_copy(0, idx, part)
             return out
         return self._per_group(own, x, self.base_layer(x, *args, **kwargs))

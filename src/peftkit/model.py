@@ -428,6 +428,16 @@ class PeftModel(nn.Module):
                     total = term if total is None else total + term
         return total
 
+    def peft_prepare(self, batches: Iterator[dict[str, Tensor]]) -> None:
+        """Let the active, trainable adapters' methods look at training data once before training (e.g.
+        the FISH mask's Fisher information); call it before building the optimiser, since it may
+        replace adapter parameters. ``batches``: an endless iterator of batch dicts with ``labels``.
+        :class:`peftkit.train.Trainer` calls it; methods that need nothing ignore it."""
+        host = self.base_model
+        for name in host.active_adapters:
+            if not host.peft_config[name].inference_mode:
+                host.tuner(name).prepare(host, name, batches)
+
     def peft_step_end(self, step: int) -> None:
         """Tell the active adapters' methods that optimiser step ``step`` (1-based) has been taken; call
         it after ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA reads the gradients)."""

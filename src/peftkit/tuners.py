@@ -11,9 +11,10 @@ trainability, merging, saving) is generic.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from peftkit.layers import AdaptedLayer, Adapter, replace_module
 from peftkit.targeting import find_targets
@@ -42,11 +43,6 @@ class Tuner:
         ``prompt_embeddings``). Saving writes them; loading copies file values into them."""
         return {}
 
-    def before_load(self, host: AdapterModel, adapter_name: str) -> None:
-        """Called when file values are about to be copied into the adapter (after they were checked):
-        switch to the layout the file holds, e.g. fold a training-time reparameterisation, since peft
-        files keep its output only."""
-
     def regularizer(self, host: AdapterModel, adapter_name: str) -> Any:
         """A scalar tensor added to the training loss while the adapter is active and training (e.g.
         AdaLoRA's orthogonality penalty), or None."""
@@ -54,6 +50,18 @@ class Tuner:
 
     def on_step_end(self, host: AdapterModel, adapter_name: str, step: int) -> None:
         """Called after each optimiser step, before gradients are cleared (e.g. AdaLoRA's rank budget)."""
+
+    def prepare(self, host: AdapterModel, adapter_name: str, batches: Iterator[dict[str, Tensor]]) -> None:
+        """Called once before training, before the optimiser is built, with an endless iterator of
+        training batches (dicts the model takes, with ``labels``); a method that picks its trainable
+        parameters from data (FISH mask, Child-Tuning-D) takes the batches it needs here. Must be a
+        no-op when the adapter is already prepared (e.g. loaded from a file)."""
+
+    def before_load(self, host: AdapterModel, adapter_name: str, tensors: dict[str, Tensor]) -> None:
+        """Called with a file's tensors (file keys) before they are checked against the adapter and
+        copied in: switch to the layout the file holds (fold a training-time reparameterisation, since
+        peft files keep only its output; resize data-dependent tensors such as sparse indices). Raise
+        ``AdapterLoadError`` for tensors that cannot be right (the caller removes the adapter)."""
 
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
         """Drop state kept outside wrapped layers when the adapter is deleted or the model unloaded."""

@@ -17,7 +17,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
@@ -89,6 +89,9 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     Raises:
         AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
     """
+    host = model.base_model
+    host.check_known([adapter_name])
+    host.tuner(adapter_name).before_load(host, adapter_name, state_dict)
     expected = _load_targets(model, state_dict, adapter_name)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -105,9 +108,6 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
                         f"{unexpected[:3]}")
     if problems:
         raise AdapterLoadError(f"adapter {adapter_name!r} does not fit the model: " + " | ".join(problems))
-    host = model.base_model
-    host.tuner(adapter_name).before_load(host, adapter_name)
-    expected = _load_targets(model, state_dict, adapter_name)
     with torch.no_grad():
         for k, dst in expected.items():
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
@@ -179,3 +179,25 @@ def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None =
 def load_adapter_into(model: PeftModel, adapter_name: str, tensors: dict[str, Tensor]) -> None:
     """Copy file tensors into an injected adapter (see :func:`set_peft_model_state_dict`)."""
     set_peft_model_state_dict(model, tensors, adapter_name)
+
+
+def adapter_file_stats(directory: str | os.PathLike) -> dict[str, int]:
+    """Size figures of a saved adapter, read from its ``adapter_model.safetensors`` header only.
+
+    Returns:
+        ``adapter_bytes``: the file's size on disk in bytes; ``changed_params``: the number of values
+        it stores (elements of floating-point tensors; integer index tensors of sparse differences are
+        not counted). For selective methods this is the number of changed base-model entries (plus
+        whole ``modules_to_save``); for other methods, the adapter's own weights.
+
+    Raises:
+        FileNotFoundError: no weights file in ``directory``.
+    """
+    path = os.path.join(directory, WEIGHTS_NAME)
+    values = 0
+    with safe_open(path, framework="pt") as fh:
+        for key in fh.keys():
+            part = fh.get_slice(key)
+            if part.get_dtype().startswith(("F", "BF")):
+                values += int(torch.Size(part.get_shape()).numel())
+    return {"adapter_bytes": os.path.getsize(path), "changed_params": values}

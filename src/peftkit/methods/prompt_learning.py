@@ -215,7 +215,7 @@ class PromptTuner(Tuner):
     def extra_tensors(self, host: AdapterModel, adapter_name: str) -> dict[str, Any]:
         return {"prompt_embeddings": host.extra_modules[adapter_name].saved()}
 
-    def before_load(self, host: AdapterModel, adapter_name: str) -> None:
+    def before_load(self, host: AdapterModel, adapter_name: str, tensors: dict[str, Tensor]) -> None:
         host.extra_modules[adapter_name].fold()
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from peftkit.config import PeftConfig, check, get_method
-from peftkit.formats.hf_peft import atomic_write_bytes
+from peftkit.formats.hf_peft import adapter_file_stats, atomic_write_bytes
 from peftkit.train import distributed as D
 from peftkit.train.checkpoint import latest_checkpoint
 from peftkit.train.data import (
@@ -320,17 +320,19 @@ def _run(cfg: RunConfig, resume: bool, info: D.DistInfo) -> dict[str, Any]:
         _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), **job.config_extra})
     try:
         model = _adapt(job.model, peft_config, cfg)
+        # built before counting: data-driven adapters (FISH mask, ...) choose their parameters in it
+        trainer = Trainer(model, job.train_ds, job.collate_fn, _training_args(cfg, out_dir),
+                          count_loss_items=job.count_loss_items)
         trainable, total = _count(model)
         log.info("run %s: %d train / %d dev examples, %s trainable of %s, %d process(es)%s", out_dir,
                  len(job.train_ds), len(job.dev_ds), f"{trainable:,}", f"{total:,}", info.world_size,
                  f", resuming from {checkpoint}" if checkpoint else "")
-        trainer = Trainer(model, job.train_ds, job.collate_fn, _training_args(cfg, out_dir),
-                          count_loss_items=job.count_loss_items)
         stats = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = job.evaluate(model)
         _save(model, job.tokenizer, out_dir, cfg, info)
         result = {**job.head, **metrics, "dev_examples": len(job.dev_ds), "train_examples": len(job.train_ds),
-                  "trainable_params": trainable, "total_params": total, **stats,
+                  "trainable_params": trainable, "total_params": total,
+                  **(_file_stats(out_dir, cfg) if info.is_main else {}), **stats,
                   "wall_seconds": time.perf_counter() - wall, "peak_memory_mib": max(D.all_gather(peak_memory_mib())),
                   "processes": info.world_size, "method": cfg.label(), "output_dir": str(out_dir)}
         if info.is_main:
@@ -421,6 +423,11 @@ def _save(model: torch.nn.Module, tokenizer: Any, out_dir: Path, cfg: RunConfig,
     else:
         model.save_pretrained(out_dir, is_main_process=info.is_main)
     D.barrier()
+
+
+def _file_stats(out_dir: Path, cfg: RunConfig) -> dict[str, int]:
+    """``adapter_bytes`` and ``changed_params`` of the saved adapter (nothing for full fine-tuning)."""
+    return {} if cfg.full_finetune else adapter_file_stats(out_dir)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

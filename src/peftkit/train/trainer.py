@@ -149,6 +149,9 @@ def count_target_tokens(batch: dict[str, Tensor]) -> int:
 class Trainer:
     """Train ``model`` on ``dataset``, on one process or on every rank of a ``torch.distributed`` group.
 
+    Before the optimiser is built, a :class:`peftkit.PeftModel` gets ``peft_prepare(batches)`` with
+    training batches in the training order (methods whose parameters are chosen from data use them).
+
     Args:
         model: returns ``.loss`` for ``model(**batch)``; with FSDP it is sharded in place.
         dataset: a map-style dataset of items for ``collate_fn``.
@@ -179,6 +182,10 @@ class Trainer:
               f"batch_size={self.args.batch_size} is the global batch and must be at least the number of "
               f"processes ({self.dist.world_size})")
         self.device = torch.device(device) if device else next(model.parameters()).device
+        if hasattr(model, "peft_prepare"):  # data-driven adapters (FISH mask, ...) pick their parameters now
+            model.peft_prepare({k: v.to(self.device) if isinstance(v, Tensor) else v
+                                for k, v in self.collate_fn([dataset[i] for i in idx]).items()}
+                               for idx in batch_order(len(dataset), self.args.batch_size, self.args.seed))
         if self.args.fsdp and self.dist.enabled:
             check(optimizer is None, "with fsdp=True the Trainer builds the optimizer (after sharding); "
                                      "do not pass one")

@@ -1,0 +1,495 @@
+"""Shared machinery of the selective methods: train a chosen subset of the model's own parameters.
+
+Design: *the difference from the base is the adapter*. A selective adapter never writes to the base
+weights. On every module that owns selected parameters (``weight`` and/or ``bias``) it keeps a
+difference ``delta`` for each of them, and the wrapped layer runs the untouched base module with
+``W + delta`` (:meth:`Adapter.substitute_params`; ``torch.func.functional_call``, so any module
+type works: Linear, GPT-2 Conv1D, Conv, Embedding, LayerNorm, RMSNorm, ...). Hence:
+
+* ``disable_adapter()`` and ``unload()`` give the base model exactly (its tensors were never touched);
+* ``merge_and_unload()`` folds ``W + delta`` into the weights (bit-identical in float32);
+* several named selective adapters (of any methods) coexist; active ones add their deltas;
+* mixed-adapter batches run each row group with its own deltas.
+
+A difference is held in one of two forms, per tensor:
+
+* dense: parameter ``diff_<name>`` shaped like the base tensor (BitFit, partial fine-tuning,
+  Child-Tuning-F, and diff pruning while it trains);
+* sparse: parameter ``diff_<name>_values`` ``(k,)`` and buffer ``diff_<name>_indices`` ``(k,)``
+  (int32, or int64 for tensors of 2**31 entries or more) into the flattened tensor (FISH mask,
+  Child-Tuning-D, and loaded diff-pruning adapters). Only the ``k`` values exist, so no optimiser
+  (weight decay included) can move any other entry: the mask is exact by construction.
+
+Files hold exactly these tensors under ``base_model.model.<module>.diff_<name>[_values|_indices]``;
+diff pruning's dense training form is written sparse (its non-zero entries). The trainable set is
+chosen when the adapter is added (BitFit, partial, diff pruning, Child-Tuning-F) or from data once
+before training (FISH, Child-Tuning-D: :meth:`peftkit.PeftModel.peft_prepare`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.config import ConfigError, PeftConfig, check
+from peftkit.formats.hf_peft import PREFIX, AdapterLoadError
+from peftkit.layers import AdaptedLayer, Adapter, replace_module
+from peftkit.targeting import ALL_LINEAR, iter_logical_modules, layer_index, linear_types, matches
+from peftkit.tuners import Tuner
+
+log = logging.getLogger("peftkit")
+SELECTABLE = ("weight", "bias")
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 indices for tensors with fewer than 2**31 entries, else int64 (halves the file size)."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+@dataclass
+class SelectiveConfig(PeftConfig):
+    """Fields shared by the selective methods (not a method itself).
+
+    Args:
+        target_modules: which modules' parameters may be selected: a list of names/suffixes, a
+            full-match regex, ``"all-linear"``, or None (default) for every module of the model.
+        exclude_modules: names/suffixes or regex never selected.
+        layers_to_transform / layers_pattern: keep only modules inside these block indices (see
+            :mod:`peftkit.targeting`).
+        modules_to_save: whole modules trained and saved with the adapter (e.g. a classifier head;
+            with ``task_type="SEQ_CLS"`` the head is added automatically).
+
+    Raises:
+        ConfigError: a ``target_modules``/``exclude_modules`` that is not a string or a list of
+            strings, or a block index that is not an integer >= 0.
+    """
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        for field_name in ("target_modules", "exclude_modules"):
+            value = getattr(self, field_name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value)
+                setattr(self, field_name, value)
+            check(value is None or isinstance(value, str) or (isinstance(value, list) and value
+                                                              and all(isinstance(v, str) for v in value)),
+                  f"{field_name}={value!r} is not valid; give a list of module names/suffixes, a regex, or None")
+        if self.layers_to_transform is not None:
+            layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            check(isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                   for i in layers),
+                  f"layers_to_transform={self.layers_to_transform!r} must be a block index >= 0 or a list of them")
+
+
+def check_fraction(name: str, value: Any, low_open: bool, high_open: bool) -> None:
+    """Raise ConfigError unless ``value`` is a number in the interval (open/closed ends as given)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+    check(ok, f"{name}={value!r} is not valid; it must be a number in {interval}")
+
+
+def budget(fraction: float, total: int, what: str) -> int:
+    """``round(fraction * total)`` entries, at least one; ``what`` names the setting (``"keep_ratio=0.005"``).
+
+    Raises:
+        ConfigError: the rounded budget is 0 (the fraction is too small for this many entries).
+    """
+    k = round(fraction * total)
+    check(k >= 1, f"{what} keeps a fraction {fraction:g} of the {total:,} selected entries, which rounds to 0 "
+                  "entries; keep more")
+    return min(k, total)
+
+
+class _BernoulliGrad(torch.autograd.Function):
+    """Identity forward; backward keeps each gradient entry with probability ``p`` and scales by 1/p."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
+        ctx.p = p
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        keep = torch.empty_like(grad).bernoulli_(ctx.p)
+        return grad * keep / ctx.p, None
+
+
+class SelectAdapter(Adapter):
+    """The differences of one selective adapter on one module.
+
+    Args:
+        base: the module whose parameters are selected (kept untouched).
+        names: which of its parameters (``"weight"``, ``"bias"``) get a difference.
+        sparse: start with empty sparse differences (methods that choose entries from data) instead
+            of dense zeros.
+        save_sparse: write dense differences as their non-zero entries (diff pruning).
+        grad_keep: Child-Tuning-F's ``p``: in training, each gradient entry of a dense difference is
+            kept with probability ``p`` and scaled by ``1/p`` (a fresh Bernoulli mask each backward).
+
+    Shapes: ``diff_<name>`` like the base tensor; ``diff_<name>_values``/``_indices``: ``(k,)``.
+    ``delta_weight``/``delta_bias`` are the dense float32 differences.
+    """
+
+    substitutes_params = True
+
+    def __init__(self, base: nn.Module, names: Sequence[str], sparse: bool = False, save_sparse: bool = False,
+                 grad_keep: float | None = None) -> None:
+        super().__init__()
+        self.names = tuple(names)
+        self.shapes = {n: tuple(base._parameters[n].shape) for n in self.names}
+        self.save_sparse, self.grad_keep = save_sparse, grad_keep
+        self.is_sparse: dict[str, bool] = {}
+        self.prepared = not sparse
+        self._warned = False
+        device = base._parameters[self.names[0]].device
+        for n in self.names:
+            if sparse:
+                self.set_sparse(n, torch.zeros(0, dtype=torch.int64, device=device))
+            else:
+                self.set_dense(n, device)
+
+    # --- the two forms ----------------------------------------------------------------------------
+    def numel(self, name: str) -> int:
+        return int(torch.Size(self.shapes[name]).numel())
+
+    def _device(self) -> torch.device:
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def _drop(self, name: str) -> None:
+        for attr in (f"diff_{name}", f"diff_{name}_values", f"diff_{name}_indices"):
+            if attr in self._parameters or attr in self._buffers:
+                delattr(self, attr)
+
+    def set_dense(self, name: str, device: torch.device | None = None) -> None:
+        """Make ``name``'s difference a dense zero parameter."""
+        device = device or self._device()
+        self._drop(name)
+        self.register_parameter(f"diff_{name}", nn.Parameter(torch.zeros(self.shapes[name], device=device)))
+        self.is_sparse[name] = False
+
+    def set_sparse(self, name: str, indices: Tensor) -> None:
+        """Make ``name``'s difference a zero sparse parameter at flat ``indices`` (``(k,)``, unique)."""
+        self._drop(name)
+        self.register_parameter(f"diff_{name}_values", nn.Parameter(torch.zeros(indices.numel(), device=indices.device)))
+        self.register_buffer(f"diff_{name}_indices", indices.to(index_dtype(self.numel(name))))
+        self.is_sparse[name] = True
+
+    def dense(self, name: str) -> Tensor:
+        """The dense float32 difference of ``name`` (detached), in the base tensor's shape."""
+        if self.is_sparse[name]:
+            values = getattr(self, f"diff_{name}_values").detach().float()
+            flat = torch.zeros(self.numel(name), device=values.device).index_add_(
+                0, getattr(self, f"diff_{name}_indices"), values)
+            return flat.view(self.shapes[name])
+        return getattr(self, f"diff_{name}").detach().float()
+
+    # --- forward and merging ----------------------------------------------------------------------
+    def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.prepared and self.training and not self._warned:
+            self._warned = True
+            warnings.warn("a FISH/Child-Tuning-D adapter is used in training before its mask was chosen, so it "
+                          "trains nothing; call model.peft_prepare(batches) first (peftkit's Trainer does)",
+                          stacklevel=2)
+        for n in self.names:
+            w = params[n] if n in params else layer.base_layer._parameters[n]
+            if self.is_sparse[n]:
+                values = getattr(self, f"diff_{n}_values")
+                if values.numel() == 0:  # nothing selected in this tensor: no copy of it
+                    params[n] = w
+                    continue
+                params[n] = w.reshape(-1).index_add(0, getattr(self, f"diff_{n}_indices"),
+                                                    values.to(w.dtype)).view_as(w)
+            else:
+                d = getattr(self, f"diff_{n}")
+                if self.grad_keep is not None and self.training and d.requires_grad and torch.is_grad_enabled():
+                    d = _BernoulliGrad.apply(d, self.grad_keep)
+                params[n] = w + d.to(w.dtype)
+        return params
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        return y  # everything happened in substitute_params
+
+    def delta_weight(self, layer: AdaptedLayer) -> Tensor:
+        return self.dense("weight") if "weight" in self.names else torch.zeros_like(layer.weight, dtype=torch.float32)
+
+    def delta_bias(self, layer: AdaptedLayer) -> Tensor | None:
+        return self.dense("bias") if "bias" in self.names else None
+
+    # --- files --------------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.save_sparse:
+            return
+        for n in self.names:
+            if not self.is_sparse[n]:
+                flat = destination.pop(prefix + f"diff_{n}").reshape(-1)
+                idx = flat.nonzero().squeeze(1)
+                destination[prefix + f"diff_{n}_values"] = flat[idx]
+                destination[prefix + f"diff_{n}_indices"] = idx.to(index_dtype(self.numel(n)))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: {'sparse k=' + str(getattr(self, f'diff_{n}_values').numel()) if self.is_sparse[n] else 'dense'}"
+                         for n in self.names)
+
+
+# --- choosing parameters -----------------------------------------------------------------------------
+def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], method: str,
+                      layers: Sequence[int] | None = None) -> list[tuple[str, tuple[str, ...]]]:
+    """``(module name, parameter names)`` for every module whose own ``names`` parameters are selected.
+
+    A module qualifies when it matches ``config.target_modules`` (None: any), not
+    ``exclude_modules``, lies in ``layers`` (default ``config.layers_to_transform``; None: anywhere)
+    and is not a ``modules_to_save`` module. A parameter shared by several modules (tied embeddings)
+    is selected once, on the first module that owns it.
+
+    Raises:
+        ConfigError: nothing is selected (the message says what was looked for), or a selected
+            module has a bias but no weight (differences fold into ``weight``/``bias``).
+    """
+    model = host.model
+    skip = set(host.modules_to_save_names())
+    target = config.target_modules
+    output_layer = model.get_output_embeddings() if target == ALL_LINEAR and hasattr(model, "get_output_embeddings") \
+        else None
+    if layers is None and config.layers_to_transform is not None:
+        lt = config.layers_to_transform
+        layers = [lt] if isinstance(lt, int) else list(lt)
+    seen: set[int] = set()
+    found: list[tuple[str, tuple[str, ...]]] = []
+    for name, module in iter_logical_modules(model):
+        if not name or name in skip:
+            continue
+        own = [n for n in names if isinstance(module._parameters.get(n), nn.Parameter)]
+        if not own:
+            continue
+        if target == ALL_LINEAR:
+            hit = isinstance(module, linear_types()) and module is not output_layer
+        else:
+            hit = target is None or matches(name, target)
+        if not hit or matches(name, config.exclude_modules):
+            continue
+        if layers is not None and layer_index(name, config.layers_pattern) not in layers:
+            continue
+        own = [n for n in own if id(module._parameters[n]) not in seen]
+        if not own:
+            continue
+        check(isinstance(module._parameters.get("weight"), nn.Parameter),
+              f"{method} cannot select parameters of module {name!r} ({type(module).__name__}): it has no "
+              "'weight' parameter to fold the difference into")
+        seen.update(id(module._parameters[n]) for n in own)
+        found.append((name, tuple(own)))
+    if not found:
+        raise ConfigError(f"{method}: no {'/'.join(names)} parameter found in modules matching "
+                          f"target_modules={target!r}, exclude_modules={config.exclude_modules!r}"
+                          + (f", layers {list(layers)}" if layers is not None else "")
+                          + " (modules_to_save are never selected)")
+    return found
+
+
+def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """The ``k`` largest entries over all ``scores`` together, as sorted flat indices per tensor.
+
+    Args:
+        scores: tensors of any shapes (on one device).
+        k: how many entries to keep in total, 0 <= k <= total entries.
+
+    Returns:
+        one int64 tensor ``(k_i,)`` per input, ``sum(k_i) == k``. Ties are broken by ``torch.topk``.
+    """
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    top = torch.sort(torch.topk(flat, k, sorted=False).indices).values
+    out, start = [], 0
+    for s in scores:
+        end = start + s.numel()
+        lo, hi = torch.searchsorted(top, torch.tensor([start, end], device=top.device)).tolist()
+        out.append(top[lo:hi] - start)
+        start = end
+    return out
+
+
+def _trim_right_padding(row: dict[str, Any]) -> dict[str, Any]:
+    """One example cut to its own length when its ``attention_mask`` (``(1, seq)``) is ones then zeros:
+    every ``(1, seq, ...)`` tensor loses the padded tail, which the loss never sees."""
+    mask = row.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return row
+    seq, length = mask.shape[1], int(mask[0].sum())
+    if length in (0, seq) or not bool(mask[0, :length].all()):
+        return row
+    return {k: v[:, :length] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == seq else v
+            for k, v in row.items()}
+
+
+def empirical_fisher(host: Any, params: Sequence[nn.Parameter], batches: Iterator[dict[str, Tensor]],
+                     num_samples: int) -> list[Tensor]:
+    """The diagonal empirical Fisher information of some of the model's tensors, one example at a time.
+
+    ``F_i = (1/N) sum_n (d loss(x_n, y_n) / d w_i)^2`` over the first ``num_samples`` rows of
+    ``batches`` (each row run alone and without its right padding, in eval mode, so dropout is off),
+    with the model's own loss on the true labels (Sung et al. 2021, Sec. 3). ``params`` (frozen base
+    tensors) require grad only while this runs; their ``.grad`` is never written.
+
+    Returns:
+        float32 tensors shaped like ``params``, in the same order.
+
+    Raises:
+        ValueError: the model returns no ``loss`` (batches need ``labels``), or ``batches`` is empty.
+    """
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    model, seen = host.model, 0
+    was_training, needed = model.training, [p.requires_grad for p in params]
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                rows = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0)
+                for i in range(rows):
+                    row = _trim_right_padding({k: v[i:i + 1] if isinstance(v, Tensor) and v.dim() > 0 else v
+                                               for k, v in batch.items()})
+                    loss = getattr(model(**row), "loss", None)
+                    if loss is None:
+                        raise ValueError("the Fisher information needs the model's loss: give batches with labels")
+                    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+                    for f, g in zip(fisher, grads, strict=True):
+                        if g is not None:
+                            f.addcmul_(g, g)
+                    seen += 1
+                    if seen >= num_samples:
+                        break
+                if seen >= num_samples:
+                    break
+    finally:
+        for p, flag in zip(params, needed, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("no training example to compute the Fisher information on")
+    return [f / seen for f in fisher]
+
+
+class SelectTuner(Tuner):
+    """Tuner of the selective methods: wraps every module that owns selected parameters in an
+    :class:`AdaptedLayer` holding one :class:`SelectAdapter`. Subclasses give :meth:`select` and may
+    override :meth:`make_adapter` and :meth:`check_budget`."""
+
+    method = "selective method"
+
+    def select(self, host: Any, config: Any) -> list[tuple[str, tuple[str, ...]]]:
+        """The selected ``(module, parameter names)``; default: weights and biases of the targets."""
+        return select_parameters(host, config, SELECTABLE, self.method)
+
+    def make_adapter(self, base: nn.Module, names: tuple[str, ...], config: Any) -> SelectAdapter:
+        return SelectAdapter(base, names)
+
+    def check_budget(self, config: Any, total: int) -> None:
+        """Raise ConfigError when the config's budget cannot be met on ``total`` selectable entries."""
+
+    def inject(self, host: Any, config: Any, adapter_name: str) -> None:
+        model = host.model
+        built = []
+        for name, names in self.select(host, config):
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            built.append((name, module, self.make_adapter(base, names, config)))
+        self.check_budget(config, sum(a.numel(n) for _, _, a in built for n in a.names))
+        for name, module, adapter in built:
+            if not isinstance(module, AdaptedLayer):
+                wrapper = AdaptedLayer(module)
+                wrapper._ctx = host.ctx
+                replace_module(model, name, wrapper)
+                module = wrapper
+            module.add(adapter_name, adapter)
+
+    @staticmethod
+    def adapters(host: Any, adapter_name: str) -> list[tuple[str, SelectAdapter]]:
+        """``(module name, adapter)`` for every module holding selective adapter ``adapter_name``."""
+        out = []
+        for name, w in host.wrappers():
+            adapter = w.adapters[adapter_name] if isinstance(w, AdaptedLayer) and adapter_name in w.adapters else None
+            if isinstance(adapter, SelectAdapter):
+                out.append((name, adapter))
+        return out
+
+    def before_load(self, host: Any, adapter_name: str, tensors: dict[str, Tensor]) -> None:
+        """Give each difference the form and size the file has (sparse ``k`` comes from the file).
+
+        Raises:
+            AdapterLoadError: indices that are not integers, out of range, repeated, or whose count
+                differs from the values'. Nothing is changed unless every tensor is valid.
+        """
+        plan: list[tuple[SelectAdapter, str, Tensor | None]] = []
+        for name, adapter in self.adapters(host, adapter_name):
+            for n in adapter.names:
+                key = f"{PREFIX}{name}.diff_{n}"
+                idx, values = tensors.get(key + "_indices"), tensors.get(key + "_values")
+                if idx is None:
+                    if key in tensors and adapter.is_sparse[n]:
+                        plan.append((adapter, n, None))
+                    continue
+                size = adapter.numel(n)
+                ok = (not idx.dtype.is_floating_point and idx.dim() == 1 and values is not None
+                      and values.shape == idx.shape and (idx.numel() == 0 or (int(idx.min()) >= 0
+                                                                               and int(idx.max()) < size))
+                      and torch.unique(idx).numel() == idx.numel())
+                if not ok:
+                    raise AdapterLoadError(f"adapter {adapter_name!r}: {key}_indices/_values are not a valid sparse "
+                                           f"difference of a tensor with {size:,} entries (integer indices in "
+                                           "range, no repeats, as many values as indices)")
+                plan.append((adapter, n, idx.long()))
+        for adapter, n, idx in plan:
+            if idx is None:
+                adapter.set_dense(n)
+            else:
+                adapter.set_sparse(n, idx.to(adapter._device()))
+            adapter.prepared = True
+
+
+class FisherMaskTuner(SelectTuner):
+    """Selective methods whose trainable entries are the ``k`` entries of largest empirical Fisher
+    information over all selected tensors (chosen once, by :meth:`prepare`)."""
+
+    fraction_name = "keep_ratio"
+
+    def keep_fraction(self, config: Any) -> float:
+        """The fraction of selected entries that train (the config field named by ``fraction_name``)."""
+        return getattr(config, self.fraction_name)
+
+    def make_adapter(self, base: nn.Module, names: tuple[str, ...], config: Any) -> SelectAdapter:
+        return SelectAdapter(base, names, sparse=True)
+
+    def check_budget(self, config: Any, total: int) -> None:
+        budget(self.keep_fraction(config), total, f"{self.fraction_name}={self.keep_fraction(config)!r}")
+
+    def prepare(self, host: Any, adapter_name: str, batches: Iterator[dict[str, Tensor]]) -> None:
+        adapters = [a for _, a in self.adapters(host, adapter_name)]
+        if all(a.prepared for a in adapters):
+            return
+        config = host.peft_config[adapter_name]
+        entries = [(name, a, n) for name, a in self.adapters(host, adapter_name) for n in a.names]
+        total = sum(a.numel(n) for _, a, n in entries)
+        k = budget(self.keep_fraction(config), total, f"{self.fraction_name}={self.keep_fraction(config)!r}")
+        base = [host.model.get_submodule(name).base_layer._parameters[n] for name, _, n in entries]
+        fisher = empirical_fisher(host, base, batches, config.num_fisher_samples)
+        with torch.no_grad():
+            for (_, adapter, n), idx in zip(entries, global_topk(fisher, k), strict=True):
+                adapter.set_sparse(n, idx)
+        for a in adapters:
+            a.prepared = True
+        log.info("%s %r: Fisher mask of %s of %s entries from %d samples", self.method, adapter_name, f"{k:,}",
+                 f"{total:,}", config.num_fisher_samples)

@@ -1,0 +1,247 @@
+"""Selective methods one by one: Fisher masks on hand-made cases, Child-Tuning-F's mask rate, diff
+pruning's exact sparsity, trainable-parameter counts, bad values, other architectures, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit import ConfigError, get_peft_model
+from peftkit.cli import main
+from peftkit.formats.hf_peft import adapter_file_stats
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.child_tuning import ChildTuningConfig
+from peftkit.methods.diff_pruning import DiffPruningConfig
+from peftkit.methods.fish import FishMaskConfig
+from peftkit.methods.partial import PartialConfig
+from peftkit.methods.selective import empirical_fisher, global_topk
+from peftkit.train.run import RunConfig, default_model_dir
+from tests.conftest import perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from tests.test_selective import adapters_of, batch, trained
+
+HEAD = 16 * 2 + 2  # the tiny BERT's classifier, trained in full as modules_to_save
+
+
+class Probe(nn.Module):
+    """``loss = sum(W x + b)``: the gradient of one example is ``x`` for ``W`` and 1 for ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(loss=self.lin(x).sum())
+
+
+# rows: per-example squared gradients of W are [4, 0, 0, 9] and [4, 0, 4, 1]; of b, 1 and 1
+PROBE_ROWS = {"x": torch.tensor([[2.0, 0.0, 0.0, 3.0], [-2.0, 0.0, 2.0, 1.0]]), "labels": torch.zeros(2)}
+
+
+def test_empirical_fisher_is_the_mean_of_per_example_squared_gradients():
+    peft_model = get_peft_model(Probe(), FishMaskConfig(keep_ratio=0.6))
+    lin = peft_model.base_model.model.lin.base_layer
+    fisher = empirical_fisher(peft_model.base_model, [lin.weight, lin.bias], iter([PROBE_ROWS]), num_samples=2)
+    assert not lin.weight.requires_grad and lin.weight.grad is None
+    # entry 0's gradients (+2, -2) cancel in a batch mean, but not in the per-example Fisher
+    assert torch.equal(fisher[0], torch.tensor([[4.0, 0.0, 2.0, 5.0]]))
+    assert torch.equal(fisher[1], torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("config, samples, weight_idx, bias_idx", [
+    (FishMaskConfig(keep_ratio=0.6, num_fisher_samples=2), 2, [0, 2, 3], []),   # F = W [4,0,2,5], b 1
+    (FishMaskConfig(keep_ratio=0.6, num_fisher_samples=1), 1, [0, 3], [0]),     # F = W [4,0,0,9], b 1
+    (ChildTuningConfig(reserve_p=0.4, num_fisher_samples=2), 2, [0, 3], []),    # k = round(0.4 * 5) = 2
+])
+def test_fisher_mask_keeps_the_top_entries_of_a_hand_made_case(config, samples, weight_idx, bias_idx):
+    peft_model = get_peft_model(Probe(), config)
+    peft_model.peft_prepare(iter([PROBE_ROWS]))
+    adapter = adapters_of(peft_model)["lin"]
+    assert adapter.diff_weight_indices.tolist() == weight_idx
+    assert adapter.diff_bias_indices.tolist() == bias_idx
+    assert peft_model.get_nb_trainable_parameters()[0] == len(weight_idx) + len(bias_idx)
+    before = adapter.diff_weight_indices.clone()
+    peft_model.peft_prepare(iter([{"x": -PROBE_ROWS["x"] * 5, "labels": PROBE_ROWS["labels"]}]))
+    assert torch.equal(adapter.diff_weight_indices, before)  # chosen once
+
+
+def test_global_topk_splits_indices_per_tensor():
+    scores = [torch.tensor([[0.5, 9.0], [0.1, 3.0]]), torch.tensor([7.0, 0.2, 8.0])]
+    picks = global_topk(scores, 4)
+    assert [p.tolist() for p in picks] == [[1, 3], [0, 2]]
+    assert [p.tolist() for p in global_topk(scores, 0)] == [[], []]
+
+
+def test_child_tuning_f_keeps_a_fraction_p_of_gradient_entries_scaled_by_one_over_p():
+    torch.manual_seed(3)
+    peft_model = get_peft_model(nn.Sequential(nn.Linear(200, 200)), ChildTuningConfig(child_tuning_type="F",
+                                                                                     reserve_p=0.3))
+    delta = adapters_of(peft_model)["0"].diff_weight
+    x = torch.ones(1, 200)
+    peft_model.train()
+    masks = []
+    for _ in range(2):
+        peft_model(x).sum().backward()  # the gradient of W is all ones
+        kept = delta.grad != 0
+        assert abs(kept.float().mean().item() - 0.3) < 0.01  # 40,000 entries: 4.4 standard deviations
+        assert torch.allclose(delta.grad[kept], torch.full_like(delta.grad[kept], 1 / 0.3))
+        masks.append(kept)
+        delta.grad = None
+    assert (masks[0] != masks[1]).float().mean() > 0.3  # a fresh mask each backward pass
+    peft_model.eval()
+    peft_model(x).sum().backward()
+    assert torch.equal(delta.grad, torch.ones_like(delta.grad))  # no mask outside training
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_diff_pruning_sparsity_equals_the_target_after_each_step(steps, tmp_path):
+    _, peft_model = trained("diff-pruning", steps=steps)
+    adapters = adapters_of(peft_model).values()
+    selected = sum(a.numel(n) for a in adapters for n in a.names)
+    k = round((1 - 0.97) * selected)
+    assert sum(int(a.dense(n).count_nonzero()) for a in adapters for n in a.names) == k
+    peft_model.save_pretrained(tmp_path)
+    stats = adapter_file_stats(tmp_path)
+    assert stats["changed_params"] == k + HEAD
+    assert stats["adapter_bytes"] == (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert stats["adapter_bytes"] < 4 * selected  # indices + values are far smaller than the dense delta
+
+
+def test_trainable_parameter_counts_match_the_formulas():
+    base = tiny_bert_classifier()
+    params = {n: p.numel() for n, p in base.named_parameters() if not n.startswith("classifier.")}
+    everything = sum(params.values())
+    biases = sum(v for n, v in params.items() if n.endswith(".bias"))
+    block = sum(v for n, v in params.items() if n.startswith("bert.encoder.layer.1."))
+    query_value = 2 * 2 * (16 * 16 + 16)
+
+    def count(config, prepare=False):
+        peft_model = get_peft_model(copy.deepcopy(base), config)
+        if prepare:
+            peft_model.peft_prepare(iter([batch(seed=s) for s in range(4)]))
+        return peft_model.get_nb_trainable_parameters()[0]
+
+    assert count(BitFitConfig(task_type="SEQ_CLS")) == biases + HEAD
+    assert count(BitFitConfig(target_modules=["query", "intermediate.dense"])) == 2 * (16 + 32)
+    assert count(BitFitConfig(target_modules=r".*layer\.0\..*", task_type="SEQ_CLS")) == \
+        sum(v for n, v in params.items() if n.startswith("bert.encoder.layer.0.") and n.endswith(".bias")) + HEAD
+    assert count(PartialConfig(num_top_layers=1, task_type="SEQ_CLS")) == block + HEAD
+    assert count(PartialConfig(layers_to_transform=[1], target_modules=["query", "value"])) == query_value // 2
+    assert count(DiffPruningConfig(task_type="SEQ_CLS")) == everything + HEAD
+    assert count(FishMaskConfig(keep_ratio=0.01, num_fisher_samples=4, task_type="SEQ_CLS"), prepare=True) == \
+        round(0.01 * everything) + HEAD
+    # without SEQ_CLS the classifier is an ordinary module: its entries compete for the mask too
+    assert count(ChildTuningConfig(reserve_p=0.2, num_fisher_samples=4), prepare=True) == round(0.2 * (everything + HEAD))
+    assert count(ChildTuningConfig(child_tuning_type="F", target_modules=["query", "value"])) == query_value
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: BitFitConfig(target_modules=5), "target_modules=5"),
+    (lambda: BitFitConfig(layers_to_transform=[-1]), r"layers_to_transform=\[-1\] must be"),
+    (lambda: PartialConfig(), "needs num_top_layers"),
+    (lambda: PartialConfig(num_top_layers=0), "num_top_layers=0"),
+    (lambda: PartialConfig(num_top_layers=1, layers_to_transform=[0]), "not both"),
+    (lambda: DiffPruningConfig(target_sparsity=1.0), r"target_sparsity=1.0 .* \[0, 1\)"),
+    (lambda: FishMaskConfig(keep_ratio=0), r"keep_ratio=0 .* \(0, 1\]"),
+    (lambda: FishMaskConfig(num_fisher_samples=0), "num_fisher_samples=0"),
+    (lambda: ChildTuningConfig(child_tuning_type="X"), "child_tuning_type='X'"),
+    (lambda: ChildTuningConfig(reserve_p=1.5), "reserve_p=1.5"),
+])
+def test_bad_values_raise_config_error_naming_them(make, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        make()
+
+
+@pytest.mark.parametrize("model_fn, config, fragment", [
+    (tiny_llama, BitFitConfig(), "no bias parameter found"),
+    (tiny_bert_classifier, PartialConfig(num_top_layers=5), "num_top_layers=5 but the model has 2 blocks"),
+    (tiny_bert_classifier, FishMaskConfig(keep_ratio=1e-9), "keep_ratio=1e-09 keeps .* rounds to 0"),
+    (tiny_bert_classifier, DiffPruningConfig(target_sparsity=0.9999999), "target_sparsity=0.9999999 keeps"),
+    (tiny_bert_classifier, BitFitConfig(target_modules=["nothing"]), "target_modules=\\['nothing'\\]"),
+])
+def test_values_the_model_cannot_take_raise_before_any_change(model_fn, config, fragment):
+    model = model_fn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=fragment):
+        get_peft_model(model, config)
+    assert not any(type(m).__name__ == "AdaptedLayer" for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("model_fn, config", [
+    (tiny_gpt2, DiffPruningConfig(target_sparsity=0.5)),   # Conv1D, LayerNorm, tied wte/lm_head
+    (tiny_llama, PartialConfig(num_top_layers=1)),         # RMSNorm weights, bias-free linears
+])
+def test_other_architectures_merge_exactly_and_select_tied_weights_once(model_fn, config):
+    model = model_fn()
+    peft_model = get_peft_model(model, config)
+    perturb(peft_model, std=0.05)
+    selected = adapters_of(peft_model)
+    assert "lm_head" not in selected
+    x = batch(rows=2, seq=6)["input_ids"]
+    with torch.no_grad():
+        adapted = peft_model(input_ids=x).logits
+        with peft_model.disable_adapter():
+            assert (peft_model(input_ids=x).logits - adapted).abs().max() > 1e-3
+        merged = peft_model.merge_and_unload()
+        assert (merged(input_ids=x).logits - adapted).abs().max() <= 1e-5
+
+
+def test_methods_train_at_their_default_learning_rates():
+    assert RunConfig(method="bitfit").learning_rate() == 1e-3
+    assert RunConfig(method="fish").learning_rate() == 1e-4
+    assert RunConfig(method="partial", lr=3e-3).learning_rate() == 3e-3
+    assert RunConfig(method="partial", full_finetune=True).learning_rate() == 5e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert-sel")
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("bitfit", []), ("partial", []), ("diff-pruning", []),
+    ("fish", ["--option", "num_fisher_samples=4"]),
+    ("child-tuning", ["--option", "num_fisher_samples=4", "--option", "reserve_p=0.01"]),
+    ("child-tuning", ["--option", "child_tuning_type=F"]),
+])
+def test_cli_trains_saves_reports_size_and_reloads(method, options, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", tiny_model_dir, "--method", method, "--max-steps", "3", "--max-train-samples", "64",
+            "--max-eval-samples", "16", "--batch-size", "8", "--output-dir", str(out), "--no-progress", *options]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["adapter_bytes"] == (out / "adapter_model.safetensors").stat().st_size
+    assert f"{metrics['changed_params']:,} changed/stored parameters" in text
+    if method in ("fish", "child-tuning") and "child_tuning_type=F" not in options:
+        assert HEAD < metrics["trainable_params"] < metrics["total_params"] // 50  # the mask was chosen first
+        assert metrics["changed_params"] == metrics["trainable_params"]
+    assert main(["eval", "--adapter", str(out)]) == 0
+    assert f"dev_accuracy    {metrics['dev_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_fisher_of_a_padded_example_equals_that_of_the_example_alone():
+    torch.manual_seed(5)
+    peft_model = get_peft_model(tiny_bert_classifier(), FishMaskConfig(keep_ratio=0.1))
+    host = peft_model.base_model
+    entries = [p for n, p in host.model.named_parameters() if ".base_layer." in n]
+    ids = torch.randint(3, 64, (1, 9))
+    alone = {"input_ids": ids, "attention_mask": torch.ones(1, 9, dtype=torch.long), "labels": torch.tensor([1])}
+    padded = {"input_ids": torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], 1).long(), "labels": torch.tensor([1])}
+    one = empirical_fisher(host, entries, iter([alone]), 1)
+    two = empirical_fisher(host, entries, iter([padded]), 1)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    assert sum(int(f.count_nonzero()) for f in one) > 1000
