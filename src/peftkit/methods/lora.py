@@ -26,7 +26,7 @@ from peftkit.targeting import linear_types, pattern_key
 from peftkit.tuners import WrapTuner
 
 LORA_PAPER = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685)"
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "loftq")
 
 
 @dataclass
@@ -46,7 +46,11 @@ class LoraConfig(PeftConfig):
         use_rslora: scale by ``lora_alpha / sqrt(r)`` instead.
         modules_to_save: modules trained in full and saved with the adapter (e.g. ``["classifier"]``).
         init_lora_weights: True (A Kaiming-uniform, B zero: the adapter starts as identity),
-            ``"gaussian"`` (A ~ N(0, 1/r), B zero), or False (both random: for tests only).
+            ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"loftq"`` (LoftQ: quantised base + SVD start,
+            see :mod:`peftkit.quant.loftq`), or False (both random: for tests only).
+        loftq_config: LoftQ options (a ``LoftQConfig`` or dict; stored as a dict).
+        use_qalora / qalora_group_size: QA-LoRA, input pooled over groups of this many columns (see
+            :mod:`peftkit.quant.qalora`). Default False / 16.
         layers_to_transform / layers_pattern: restrict to some blocks (see :mod:`peftkit.targeting`).
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha`` overrides keyed by a regex
             matched against the end of the module name.
@@ -73,6 +77,9 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    use_qalora: bool = False
+    qalora_group_size: int = 16
 
     def validate(self) -> None:
         check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
@@ -97,6 +104,9 @@ class LoraConfig(PeftConfig):
             layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
             check(all(isinstance(i, int) and i >= 0 for i in layers),
                   f"layers_to_transform={self.layers_to_transform!r} must be a block index >= 0 or a list of them")
+        from peftkit.quant.loftq import validate_lora_options
+
+        validate_lora_options(self)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The ``(r, lora_alpha)`` that apply to ``module_name`` after the patterns."""
@@ -257,8 +267,12 @@ class LoraTuner(WrapTuner):
     def make_adapter(self, base: nn.Module, config: LoraConfig, module_name: str) -> Adapter:
         r, alpha = config.rank_and_alpha(module_name)
         scaling = config.scaling_for(r, alpha)
-        if isinstance(base, nn.Embedding):
-            adapter: Any = LoraEmbedding(base.num_embeddings, base.embedding_dim, r, scaling, config.lora_dropout)
+        if config.use_qalora:
+            from peftkit.quant.qalora import make_qalora_adapter
+
+            adapter: Any = make_qalora_adapter(base, config, module_name, r, scaling)
+        elif isinstance(base, nn.Embedding):
+            adapter = LoraEmbedding(base.num_embeddings, base.embedding_dim, r, scaling, config.lora_dropout)
         elif isinstance(base, CONV_TYPES):
             check(r % base.groups == 0,
                   f"{module_name}: r={r} must be divisible by the convolution's groups={base.groups}")
@@ -267,8 +281,20 @@ class LoraTuner(WrapTuner):
             transposed = not isinstance(base, nn.Linear)
             in_f, out_f = base.weight.shape[::-1] if not transposed else base.weight.shape
             adapter = LoraLinear(in_f, out_f, r, scaling, config.lora_dropout, config.lora_bias, transposed)
-        adapter.reset(config.init_lora_weights)
+        if config.init_lora_weights == "loftq":
+            from peftkit.quant.loftq import loftq_init
+
+            loftq_init(adapter, base, config, module_name)
+        else:
+            adapter.reset(config.init_lora_weights)
         return adapter
+
+    def inject(self, host: Any, config: LoraConfig, adapter_name: str) -> None:
+        super().inject(host, config, adapter_name)
+        if config.init_lora_weights == "loftq":
+            from peftkit.quant.loftq import apply_pending
+
+            apply_pending(host.model, adapter_name)
 
     def trainable_base_params(self, model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
         if config.bias == "all":
