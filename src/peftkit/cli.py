@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="run folder (default runs/<method>-<task>-<time>)")
     t.add_argument("--full-finetune", action="store_true", help="train all parameters (the baseline)")
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    t.add_argument("--quantize", choices=("nf4", "int8", "int4"),
+                   help="store the frozen base's linear weights quantised (nf4 + LoRA = QLoRA); default float32")
+    t.add_argument("--quantize-embeddings", action="store_true", help="with --quantize, quantise embeddings too")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="reload a run folder and report its dev metrics again")
@@ -117,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs or 1.0, max_steps=max_steps, batch_size=args.batch_size, max_length=args.max_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
         output_dir=args.output_dir, full_finetune=args.full_finetune, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, quantize=args.quantize, quantize_embeddings=args.quantize_embeddings,
     )
     model_name = args.model or DEFAULT_MODEL_NAME
     print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
@@ -136,6 +139,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"  wall time       {int(minutes)}m {seconds:04.1f}s (training {r['train_seconds']:.0f}s, "
         f"{r['steps']} steps, {1000 * r['seconds_per_step']:.0f} ms/step)",
         f"  peak memory     {r['peak_memory_mib']:,.0f} MiB",
+        f"  base weights    {r['base_weight_bytes'] / 2**20:,.1f} MiB ({r['base_weight_ratio']:.3f}x float32"
+        + (f"; {args.quantize} layers {r['quantized_weight_ratio']:.3f}x)" if args.quantize else ")"),
         f"  written to      {r['output_dir']}",
     ]
     print("\n".join(lines))

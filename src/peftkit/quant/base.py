@@ -182,7 +182,7 @@ def base_weight_memory(model: nn.Module) -> WeightMemory:
     seen: set[int] = set()
     for _, module in _base_modules(root):
         if isinstance(module, QuantWeight):
-            n, logical = module.quantized_nbytes(), module.weight_shape[0] * module.weight_shape[1]
+            n, logical = module.quantized_nbytes(), module.quantized_numel
             total, ref, qbytes, qref = total + n, ref + 4 * logical, qbytes + n, qref + 4 * logical
         for p in module.parameters(recurse=False):
             if id(p) not in seen:

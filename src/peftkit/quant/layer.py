@@ -69,6 +69,11 @@ class QuantWeight:
         """The float weight in use: the merged copy while merged, else the dequantised codes."""
         return self.merged_weight if self.merged_weight is not None else self.dequantize()
 
+    @property
+    def quantized_numel(self) -> int:
+        """Weights held quantised (counted as parameters by ``get_nb_trainable_parameters``)."""
+        return self.weight_shape[0] * self.weight_shape[1]
+
     def quantized_nbytes(self) -> int:
         """Bytes of the quantised weight storage (bias and merged copy excluded)."""
         return sum(t.numel() * t.element_size() for t in self.quantized_state().values())

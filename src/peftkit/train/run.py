@@ -76,6 +76,9 @@ class RunConfig:
         seed: seeds everything. output_dir: the run folder (default ``runs/<method>-<task>-<time>``).
         full_finetune: train every parameter (the baseline) instead of an adapter.
         device: ``cpu``/``cuda``/...; None picks CUDA when available.
+        quantize: ``nf4``/``int8``/``int4`` stores the frozen base's linear weights quantised
+            (:func:`peftkit.quant.quantize_base`; QLoRA with LoRA and ``nf4``); None keeps float32.
+        quantize_embeddings: with ``quantize``, quantise the embedding tables too.
     """
 
     model: str | None = None
@@ -105,6 +108,8 @@ class RunConfig:
     full_finetune: bool = False
     device: str | None = None
     progress: bool = True
+    quantize: str | None = None
+    quantize_embeddings: bool = False
 
     @property
     def task_type(self) -> str:
@@ -139,6 +144,10 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
                                                                    dtype=torch.float32, **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.quantize:
+        from peftkit.quant import quantize_base
+
+        quantize_base(model, cfg.quantize, quantize_embeddings=cfg.quantize_embeddings)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tokenizer
 
@@ -204,6 +213,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir or f"runs/{cfg.label()}-{cfg.task if not cfg.train_file else 'file'}-"
                    f"{time.strftime('%Y%m%d-%H%M%S')}")
     peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
+    check(not (cfg.full_finetune and cfg.quantize), f"--quantize {cfg.quantize} freezes the base; it cannot be "
+          "combined with --full-finetune")
     if cfg.task == CAUSAL_LM:
         return _run_causal_lm(cfg, peft_config, out_dir, wall)
     task = load_classification_task(cfg)
@@ -226,7 +237,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
         result = {"task": task.name, "metric": task.metric, **{f"dev_{k}": v for k, v in metrics.items()},
                   "dev_examples": len(dev_ds), "train_examples": len(train_ds), "trainable_params": trainable,
                   "total_params": total, **stats, "wall_seconds": time.perf_counter() - wall,
-                  "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
+                  "peak_memory_mib": peak_memory_mib(), **_weight_memory(model), "method": cfg.label(),
+                  "output_dir": str(out_dir)}
         _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), "label_names": task.label_names,
                                                   "num_labels": task.num_labels})
         _write_json(out_dir / "metrics.json", result)
@@ -259,7 +271,8 @@ def _run_causal_lm(cfg: RunConfig, peft_config: PeftConfig | None, out_dir: Path
                   "dev_perplexity": after["perplexity"], "dev_tokens": after["tokens"],
                   "train_examples": len(train_ds), "dev_examples": len(dev_ds), "trainable_params": trainable,
                   "total_params": total, **stats, "wall_seconds": time.perf_counter() - wall,
-                  "peak_memory_mib": peak_memory_mib(), "method": cfg.label(), "output_dir": str(out_dir)}
+                  "peak_memory_mib": peak_memory_mib(), **_weight_memory(model), "method": cfg.label(),
+                  "output_dir": str(out_dir)}
         _write_json(out_dir / "run_config.json", dataclasses.asdict(cfg))
         _write_json(out_dir / "metrics.json", result)
     finally:
@@ -304,9 +317,19 @@ def _adapt(model: torch.nn.Module, peft_config: PeftConfig | None, cfg: RunConfi
     return get_peft_model(model, peft_config)
 
 
+def _weight_memory(model: torch.nn.Module) -> dict[str, Any]:
+    """The frozen base's weight memory: bytes as stored, at float32, and the quantised layers' ratio."""
+    from peftkit.quant.base import base_weight_memory
+
+    mem = base_weight_memory(model)
+    return {"base_weight_bytes": mem.total_bytes, "base_weight_float32_bytes": mem.float32_bytes,
+            "base_weight_ratio": mem.ratio, "quantized_weight_ratio": mem.quantized_ratio}
+
+
 def _count(model: torch.nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    stored = sum(getattr(m, "quantized_numel", 0) for m in model.modules())  # quantised weights are buffers
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + stored
 
 
 def _training_args(cfg: RunConfig) -> TrainingArguments:
