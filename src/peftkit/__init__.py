@@ -10,10 +10,12 @@ from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.methods.lora import LoraConfig
 from peftkit.model import PeftModel, get_peft_model
+from peftkit.quant import LoftQConfig, merge_and_unload_quantized, quantize_base
 
 __all__ = [
     "AdapterLoadError",
     "ConfigError",
+    "LoftQConfig",
     "LoraConfig",
     "MethodSpec",
     "PeftConfig",
@@ -23,6 +25,8 @@ __all__ = [
     "get_method",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "merge_and_unload_quantized",
+    "quantize_base",
     "register_method",
     "set_peft_model_state_dict",
 ]
