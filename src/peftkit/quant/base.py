@@ -196,8 +196,8 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
     """Merge adapters into a quantised base and return the plain model; two ways.
 
     * ``requantize=False`` (exact): dequantise -> merge -> keep full precision. Every quantised layer
-      that received a merge becomes a float ``nn.Linear`` (``nn.Embedding``); outputs equal the unmerged model's to float
-      tolerance. Layers no adapter touched stay quantised.
+      that received a merge becomes a float ``nn.Linear`` (``nn.Embedding``); outputs equal the
+      unmerged model's to float tolerance. Layers no adapter touched stay quantised.
     * ``requantize=True``: dequantise -> merge -> quantise again with the layer's own format. The
       base stays small, at the cost of a new rounding error (see ``benchmarks/quant_figures.py``).
 
