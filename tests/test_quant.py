@@ -281,3 +281,12 @@ def test_base_weight_memory_on_the_real_default_model():
     assert mem.quantized_ratio <= 0.35 and mem.quantized_ratio == pytest.approx(0.129, abs=1e-3)
     quantize_base(model, "nf4", quantize_embeddings=True)
     assert base_weight_memory(model).ratio <= 0.35  # the whole base, embeddings quantised too
+
+
+def test_moving_an_adapted_quantized_model_keeps_it_working():
+    # AdaptedLayer once shadowed nn.Module._apply, which broke .to() / .float() on every PeftModel
+    model = get_peft_model(quantize_base(tiny_llama(), "nf4"), LoraConfig(r=2, target_modules="all-linear"))
+    x = torch.randint(3, 64, (1, 4))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        assert torch.equal(model.to("cpu").float()(input_ids=x).logits, want)

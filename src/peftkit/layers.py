@@ -152,9 +152,9 @@ class AdaptedLayer(nn.Module):
         plan = self._plan
         if self.disabled or not plan:
             return self.base_layer(x, *args, **kwargs)
-        return self._apply(plan, x, args, kwargs)
+        return self._run_plan(plan, x, args, kwargs)
 
-    def _apply(self, plan: Sequence[Adapter], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    def _run_plan(self, plan: Sequence[Adapter], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         for adapter in plan:
             if adapter.transforms_input:
                 x = adapter.transform_input(x)
@@ -172,7 +172,7 @@ class AdaptedLayer(nn.Module):
             out = None
             for name, idx in groups:
                 plan = [self.adapters[name]] if name in self.adapters else []
-                part = self._apply(plan, x.index_select(0, idx), args, kwargs)
+                part = self._run_plan(plan, x.index_select(0, idx), args, kwargs)
                 out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
                 out = out.index_copy(0, idx, part)
             return out
