@@ -8,8 +8,11 @@ a fresh subprocess so that peak RSS (CPU) or the CUDA allocator's peak is its ow
 
 Reports, per configuration: base weight MiB (as stored); the peak memory during the training steps
 (CUDA: the allocator's peak; CPU: the process's resident set sampled every half millisecond, after
-the float weights that quantisation replaced were returned to the system), also minus the memory
-held just before the first step; and the median step time. Not a test: run it on a quiet machine.
+the float weights that quantisation replaced were returned to the system; children run with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set instead of staying in
+glibc's heap), also minus the memory held just before the first step (on CPU that baseline includes
+the Python/torch runtime, about 450 MiB); and the median step time. Not a test: run it on a quiet
+machine.
 """
 
 from __future__ import annotations
@@ -106,8 +109,9 @@ def main() -> None:
         return
     rows = []
     for method in args.methods.split(","):
+        env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
         out = subprocess.run([sys.executable, __file__, "--child", method, "--steps", str(args.steps),
-                              "--device", args.device], capture_output=True, text=True, check=True)
+                              "--device", args.device], capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ref = next((r for r in rows if r["method"] == "float32"), rows[0])
     print(f"Llama ~{ref['params'] / 1e6:.1f}M params, LoRA r=8 all-linear, batch 8x128, {args.steps} steps, "
