@@ -39,6 +39,7 @@ from peftkit.methods.ssf import SSFConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.optimizers import create_loraplus_optimizer
+from peftkit.quant import LoftQConfig, merge_and_unload_quantized, quantize_base
 
 __all__ = [
     "AdaLoraConfig",
@@ -58,6 +59,7 @@ __all__ = [
     "KronaConfig",
     "LoHaConfig",
     "LoKrConfig",
+    "LoftQConfig",
     "LoraConfig",
     "LoraFAConfig",
     "MethodSpec",
@@ -79,6 +81,8 @@ __all__ = [
     "get_method",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "merge_and_unload_quantized",
+    "quantize_base",
     "register_method",
     "set_dylora_rank",
     "set_peft_model_state_dict",

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="run folder (default runs/<method>-<task>-<time>)")
     t.add_argument("--full-finetune", action="store_true", help="train all parameters (the baseline)")
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    t.add_argument("--quantize", choices=("nf4", "int8", "int4"),
+                   help="store the frozen base's linear weights quantised (nf4 + LoRA = QLoRA); default float32")
+    t.add_argument("--quantize-embeddings", action="store_true", help="with --quantize, quantise embeddings too")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--save-every", type=_positive_int, metavar="N",
                    help="write a resumable checkpoint (safetensors + JSON) every N steps")
@@ -181,7 +184,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs or 1.0, max_steps=max_steps, batch_size=args.batch_size, max_length=args.max_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
         output_dir=args.output_dir, full_finetune=args.full_finetune, device=args.device,
-        progress=not args.no_progress, save_every=args.save_every, fsdp=args.fsdp,
+        progress=not args.no_progress, save_every=args.save_every, fsdp=args.fsdp, quantize=args.quantize,
+        quantize_embeddings=args.quantize_embeddings,
     )
     model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
     if main_rank:
@@ -208,6 +212,9 @@ def _summary(r: dict[str, Any], show: bool) -> int:
         f"  peak memory     {r['peak_memory_mib']:,.0f} MiB",
         *([f"  adapter file    {r['adapter_bytes'] / 1024:,.1f} KiB for {r['changed_params']:,} changed/stored "
            "parameters"] if "adapter_bytes" in r else []),
+        f"  base weights    {r['base_weight_bytes'] / 2**20:,.1f} MiB ({r['base_weight_ratio']:.3f}x float32"
+        + (f"; {r.get('quantize') or 'quantised'} layers {r['quantized_weight_ratio']:.3f}x)"
+           if r["quantized_weight_ratio"] else ")"),
         f"  written to      {r['output_dir']}",
     ]
     print("\n".join(lines))

@@ -198,7 +198,7 @@ class AdaptedLayer(nn.Module):
         self._plan = [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
 
     def _device_of_base(self) -> torch.device:
-        for t in self.base_layer.parameters():
+        for t in (*self.base_layer.parameters(), *self.base_layer.buffers()):
             return t.device
         return torch.device("cpu")
 
@@ -279,6 +279,11 @@ class AdaptedLayer(nn.Module):
                 is then untied for as long as anything is merged, so the other module is unaffected,
                 and the shared tensor is put back, untouched, by the last :meth:`unmerge`.
 
+        A base layer that stores its weight in another form (a quantised linear) may define
+        ``begin_merge()`` (called before the first merge: from then on ``base_layer.weight`` is a
+        writable float tensor) and ``end_merge()`` (called by the last :meth:`unmerge`: back to the
+        original storage, untouched).
+
         Raises:
             ValueError: an adapter is not mergeable (the layer is left unchanged).
         """
@@ -286,6 +291,8 @@ class AdaptedLayer(nn.Module):
         for n in todo:
             if not self.adapters[n].mergeable:
                 raise ValueError(f"adapter {n!r} ({type(self.adapters[n]).__name__}) cannot be merged")
+        if todo and not self.merged_adapters and hasattr(self.base_layer, "begin_merge"):
+            self.base_layer.begin_merge()
         if todo and tied and self._tied_weight is None:
             shared = self.base_layer.weight
             self._tied_weight = shared
@@ -303,6 +310,8 @@ class AdaptedLayer(nn.Module):
         if self._tied_weight is not None:
             self.base_layer.weight = self._tied_weight
             self._tied_weight = None
+        if hasattr(self.base_layer, "end_merge"):
+            self.base_layer.end_merge()
         if self._created_bias:
             self.base_layer.bias = None
             self._created_bias = False

@@ -394,12 +394,14 @@ class PeftModel(nn.Module):
 
     # --- parameters ---------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts (total includes adapter parameters, as in peft)."""
+        """``(trainable, total)`` parameter counts (total includes adapter parameters, as in peft, and the
+        weights a quantised layer stores as buffers: modules with a ``quantized_numel`` attribute)."""
         trainable = total = 0
         for p in self.parameters():
             total += p.numel()
             if p.requires_grad:
                 trainable += p.numel()
+        total += sum(getattr(m, "quantized_numel", 0) for m in self.modules())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

@@ -62,9 +62,13 @@ class LoraConfig(PeftConfig):
             ``"gaussian"`` (A ~ N(0, 1/r), B zero), False (both random: for tests only), or, on Linear and
             GPT-2 Conv1D layers (other layer types get the default), ``"pissa"`` / ``"pissa_niter_N"`` /
             ``"olora"``, which move the top-``r`` part of the base weight into A and B and leave the
-            residual in the base (see :mod:`peftkit.methods.lora_init`).
+            residual in the base (see :mod:`peftkit.methods.lora_init`), or ``"loftq"`` (LoftQ: quantised
+            base + SVD start, see :mod:`peftkit.quant.loftq`).
         use_dora: DoRA: the adapted weight is ``m * (W0 + s B A) / ||W0 + s B A||`` with a trainable
             magnitude ``m`` per output feature (see :mod:`peftkit.methods.dora`).
+        loftq_config: LoftQ options (a ``LoftQConfig`` or dict; stored as a dict).
+        use_qalora / qalora_group_size: QA-LoRA, input pooled over groups of this many columns (see
+            :mod:`peftkit.quant.qalora`). Default False / 16.
         layers_to_transform / layers_pattern: restrict to some blocks (see :mod:`peftkit.targeting`).
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha`` overrides keyed by a regex
             matched against the end of the module name.
@@ -94,6 +98,9 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
     use_dora: bool = False
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    use_qalora: bool = False
+    qalora_group_size: int = 16
 
     def validate(self) -> None:
         check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
@@ -121,6 +128,13 @@ class LoraConfig(PeftConfig):
             layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
             check(all(isinstance(i, int) and i >= 0 for i in layers),
                   f"layers_to_transform={self.layers_to_transform!r} must be a block index >= 0 or a list of them")
+        from peftkit.quant.loftq import validate_lora_options
+
+        validate_lora_options(self)
+        special = self.use_qalora or self.init_lora_weights == "loftq"
+        check(not (special and (self.use_dora or changes_base(self.init_lora_weights))),
+              f"use_qalora={self.use_qalora} / init_lora_weights={self.init_lora_weights!r} cannot be combined "
+              f"with use_dora={self.use_dora} or a PiSSA/OLoRA start")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The ``(r, lora_alpha)`` that apply to ``module_name`` after the patterns."""
@@ -358,8 +372,12 @@ class LoraTuner(WrapTuner):
         scaling = config.scaling_for(r, alpha)
         linear, embedding, conv_cls = self.adapter_classes(config)
         init = config.init_lora_weights
-        if isinstance(base, nn.Embedding):
-            adapter: Any = embedding(base.num_embeddings, base.embedding_dim, r, scaling, config.lora_dropout)
+        if config.use_qalora:
+            from peftkit.quant.qalora import make_qalora_adapter
+
+            adapter: Any = make_qalora_adapter(base, config, module_name, r, scaling)
+        elif isinstance(base, nn.Embedding):
+            adapter = embedding(base.num_embeddings, base.embedding_dim, r, scaling, config.lora_dropout)
         elif isinstance(base, CONV_TYPES):
             check(r % base.groups == 0,
                   f"{module_name}: r={r} must be divisible by the convolution's groups={base.groups}")
@@ -368,7 +386,11 @@ class LoraTuner(WrapTuner):
             transposed = not isinstance(base, nn.Linear)
             in_f, out_f = base.weight.shape[::-1] if not transposed else base.weight.shape
             adapter = linear(in_f, out_f, r, scaling, config.lora_dropout, config.lora_bias, transposed)
-        if changes_base(init) and isinstance(adapter, LoraLinear):
+        if init == "loftq":
+            from peftkit.quant.loftq import loftq_init
+
+            loftq_init(adapter, base, config, module_name)
+        elif changes_base(init) and isinstance(adapter, LoraLinear):
             weight = base.weight.T if adapter.transposed else base.weight
             a, b = principal_factors(weight, r, scaling, init)
             with torch.no_grad():
@@ -382,11 +404,15 @@ class LoraTuner(WrapTuner):
         return adapter
 
     def inject(self, host: Any, config: LoraConfig, adapter_name: str) -> None:
-        """Inject as every wrap method does, then (PiSSA, OLoRA) leave only the residual in the base weights.
-
-        The residual is written after every adapter was built, so a bad value still leaves the model as it was.
-        """
+        """Inject as every wrap method does, then (PiSSA, OLoRA) leave only the residual in the base
+        weights, or (LoftQ) replace them by their quantised form. Both happen after every adapter was
+        built, so a bad value still leaves the model as it was."""
         super().inject(host, config, adapter_name)
+        if config.init_lora_weights == "loftq":
+            from peftkit.quant.loftq import apply_pending
+
+            apply_pending(host.model, adapter_name)
+            return
         if not changes_base(config.init_lora_weights):
             return
         for _, layer in host.wrappers():

@@ -42,7 +42,7 @@ PISSA_PAPER = ("PiSSA: Principal Singular Values and Singular Vectors Adaptation
                "(Meng et al., 2024, arXiv:2404.02948)")
 OLORA_PAPER = "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models (Büyükakyüz, 2024, arXiv:2406.01775)"
 _NITER = re.compile(r"pissa_niter_(\d+)")
-PLAIN_INITS = (True, False, "gaussian")
+PLAIN_INITS = (True, False, "gaussian", "loftq")
 BASE_INITS = ("pissa", "pissa_niter_[N]", "olora")
 
 

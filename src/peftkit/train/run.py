@@ -108,6 +108,9 @@ class RunConfig:
         progress: show a progress bar (rank 0 only).
         save_every: write a resumable checkpoint every N steps (None: never).
         fsdp: under a multi-process launcher, shard the model with FSDP2 instead of replicating it.
+        quantize: ``nf4``/``int8``/``int4`` stores the frozen base's linear weights quantised
+            (:func:`peftkit.quant.quantize_base`; QLoRA with LoRA and ``nf4``); None keeps float32.
+        quantize_embeddings: with ``quantize``, quantise the embedding tables too.
     """
 
     model: str | None = None
@@ -139,6 +142,8 @@ class RunConfig:
     progress: bool = True
     save_every: int | None = None
     fsdp: bool = False
+    quantize: str | None = None
+    quantize_embeddings: bool = False
 
     @property
     def task_type(self) -> str:
@@ -180,6 +185,10 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
                                                                    **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.quantize:
+        from peftkit.quant import quantize_base
+
+        quantize_base(model, cfg.quantize, quantize_embeddings=cfg.quantize_embeddings)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tokenizer
 
@@ -312,6 +321,8 @@ def _run(cfg: RunConfig, resume: bool, info: D.DistInfo) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint in {str(out_dir / 'checkpoints')!r} to resume from; a run "
                                 "writes them when trained with --save-every N")
     peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
+    check(not (cfg.full_finetune and cfg.quantize), f"--quantize {cfg.quantize} freezes the base; it cannot be "
+          "combined with --full-finetune")
     job = _causal_lm_job(cfg) if cfg.task == CAUSAL_LM else _classification_job(cfg)
     handler = None
     if info.is_main:
@@ -334,6 +345,7 @@ def _run(cfg: RunConfig, resume: bool, info: D.DistInfo) -> dict[str, Any]:
                   "trainable_params": trainable, "total_params": total,
                   **(_file_stats(out_dir, cfg) if info.is_main else {}), **stats,
                   "wall_seconds": time.perf_counter() - wall, "peak_memory_mib": max(D.all_gather(peak_memory_mib())),
+                  **_weight_memory(model), "quantize": cfg.quantize,
                   "processes": info.world_size, "method": cfg.label(), "output_dir": str(out_dir)}
         if info.is_main:
             _write_json(out_dir / "metrics.json", result)
@@ -397,9 +409,19 @@ def _adapt(model: torch.nn.Module, peft_config: PeftConfig | None, cfg: RunConfi
     return get_peft_model(model, peft_config)
 
 
+def _weight_memory(model: torch.nn.Module) -> dict[str, Any]:
+    """The frozen base's weight memory: bytes as stored, at float32, and the quantised layers' ratio."""
+    from peftkit.quant.base import base_weight_memory
+
+    mem = base_weight_memory(model)
+    return {"base_weight_bytes": mem.total_bytes, "base_weight_float32_bytes": mem.float32_bytes,
+            "base_weight_ratio": mem.ratio, "quantized_weight_ratio": mem.quantized_ratio}
+
+
 def _count(model: torch.nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    stored = sum(getattr(m, "quantized_numel", 0) for m in model.modules())  # quantised weights are buffers
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + stored
 
 
 def _training_args(cfg: RunConfig, out_dir: Path) -> TrainingArguments:

@@ -1,0 +1,185 @@
+"""QuantLinear / QuantEmbedding: frozen layers whose weight is stored quantised (NF4, int8 or int4).
+
+A ``QuantLinear`` is an ``nn.Linear`` to everything that adapts layers (``isinstance(m, nn.Linear)``
+holds), so ``target_modules="all-linear"`` and every wrap-style method that supports ``nn.Linear``
+(LoRA, DoRA, VeRA, (IA)^3, ...) adapt it unchanged; likewise ``QuantEmbedding`` is an
+``nn.Embedding``. Such a method needs only two things from its base layer, and both go through one
+place here (:class:`QuantWeight`):
+
+* ``layer(x)`` -- the base output, computed from the weight dequantised on the fly;
+* ``layer.weight`` -- a float tensor shaped like the original weight: the dequantised weight (a fresh
+  tensor on each read; writing into it changes nothing), or, while adapters are merged, the float
+  copy that holds the merge.
+
+Merging: :class:`~peftkit.layers.AdaptedLayer` calls ``begin_merge()`` before the first merge and
+``end_merge()`` after the last unmerge. In between the layer computes from a float copy of its
+dequantised weight (into which adapters fold exactly); ``end_merge`` drops it, so the quantised
+codes are never touched and unmerging restores the base bit for bit.
+
+Memory: the autograd function below dequantises again in backward instead of saving the float weight,
+so a training step holds at most one layer's float weight at a time (QLoRA's point).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftkit.quant.formats import AffineFormat, QuantFormat
+
+
+class _DequantLinear(torch.autograd.Function):
+    """``y = x W^T`` with ``W`` dequantised in forward and again in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+class QuantWeight:
+    """What every quantised layer shares: the storage, the one way to read the weight, merging.
+
+    Subclasses set ``fmt``, ``compute_dtype``, ``weight_shape`` and register the format's buffers plus
+    ``merged_weight`` (None unless merged).
+    """
+
+    fmt: QuantFormat
+    compute_dtype: torch.dtype
+    weight_shape: tuple[int, int]
+    merged_weight: Tensor | None
+
+    def quantized_state(self) -> dict[str, Tensor]:
+        """The format's buffers (what the layer stores instead of the float weight)."""
+        return {n: getattr(self, n) for n in self.fmt.buffer_names}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The stored weight as a float tensor shaped ``weight_shape`` (default: the original dtype)."""
+        return self.fmt.dequantize(self.quantized_state(), self.weight_shape).to(dtype or self.compute_dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The float weight in use: the merged copy while merged, else the dequantised codes."""
+        return self.merged_weight if self.merged_weight is not None else self.dequantize()
+
+    @property
+    def quantized_numel(self) -> int:
+        """Weights held quantised (counted as parameters by ``get_nb_trainable_parameters``)."""
+        return self.weight_shape[0] * self.weight_shape[1]
+
+    def quantized_nbytes(self) -> int:
+        """Bytes of the quantised weight storage (bias and merged copy excluded)."""
+        return sum(t.numel() * t.element_size() for t in self.quantized_state().values())
+
+    def begin_merge(self) -> None:
+        """Hold a float copy of the dequantised weight; merges fold into it (called by AdaptedLayer)."""
+        if self.merged_weight is None:
+            self.merged_weight = self.dequantize()
+
+    def end_merge(self) -> None:
+        """Drop the float copy: the layer computes from its untouched quantised codes again."""
+        self.merged_weight = None
+
+    def _init_storage(self, shape: tuple[int, int], state: dict[str, Tensor], fmt: QuantFormat,
+                      compute_dtype: torch.dtype) -> None:
+        self.weight_shape, self.fmt, self.compute_dtype = tuple(shape), fmt, compute_dtype
+        for name in fmt.buffer_names:
+            self.register_buffer(name, state[name])
+        self.register_buffer("merged_weight", None)
+
+
+class QuantLinear(QuantWeight, nn.Linear):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``, stored transposed) with a quantised weight.
+
+    Build one with :meth:`quantize` or :meth:`from_module`.
+
+    Args:
+        shape: ``(out_features, in_features)``.
+        state: the format's buffers (from ``fmt.quantize``).
+        bias: the layer's bias ``(out_features,)`` (kept in full precision), or None.
+        fmt: the storage format (:func:`peftkit.quant.formats.make_format`).
+        compute_dtype: the dtype of the dequantised weight (the original weight's).
+
+    Shapes: ``x: (..., in_features) -> (..., out_features)``, like ``nn.Linear``.
+    Buffers: the format's (e.g. ``nf4_data``: uint8 ``(out*in/2,)``); ``merged_weight`` while merged.
+    """
+
+    def __init__(self, shape: tuple[int, int], state: dict[str, Tensor], bias: nn.Parameter | None,
+                 fmt: QuantFormat, compute_dtype: torch.dtype = torch.float32) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = shape
+        self._init_storage(shape, state, fmt, compute_dtype)
+        self.register_parameter("bias", bias)
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: nn.Parameter | None, fmt: QuantFormat) -> QuantLinear:
+        """Quantise ``weight: (out_features, in_features)`` with ``fmt``."""
+        return cls(tuple(weight.shape), fmt.quantize(weight), bias, fmt, weight.dtype)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, fmt: QuantFormat) -> QuantLinear:
+        """Quantise an ``nn.Linear`` or GPT-2 ``Conv1D`` (weight ``(in, out)``, transposed here)."""
+        weight = module.weight.detach()
+        return cls.quantize(weight if isinstance(module, nn.Linear) else weight.T, module.bias, fmt)
+
+    # --- forward ------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged_weight is not None:
+            return F.linear(x, self.merged_weight, self.bias)
+        y = _DequantLinear.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def fold_group_delta(self, delta: Tensor) -> None:
+        """Add a weight change that is constant over input groups to the zero points, in place.
+
+        ``delta: (out_features, groups)`` where column ``g`` applies to input columns
+        ``[g * in/groups, (g + 1) * in/groups)``; the codes and scales stay as they are (QA-LoRA's merge
+        in the quantised domain). Only for affine formats whose group divides ``in/groups``.
+
+        Raises:
+            ValueError: the format or the group sizes do not allow it.
+        """
+        if not isinstance(self.fmt, AffineFormat):
+            raise ValueError(f"a {self.fmt.method} weight has no zero points to fold a group delta into")
+        q_group = self.fmt.group(self.in_features)
+        a_group = self.in_features // delta.shape[1]
+        if a_group % q_group:
+            raise ValueError(f"adapter group of {a_group} columns is not a multiple of the quantisation "
+                             f"group_size={q_group}")
+        idx = torch.arange(self.qzero.shape[1], device=delta.device) * q_group // a_group
+        self.qzero.sub_(delta[:, idx].to(self.qzero) / self.qscale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quant={self.fmt}"
+
+
+class QuantEmbedding(QuantWeight, nn.Embedding):
+    """A frozen ``nn.Embedding`` with a quantised table; a lookup dequantises only the rows it reads.
+
+    Shapes: ``ids: (...)`` integers ``-> (..., embedding_dim)``;
+    ``weight``: ``(num_embeddings, embedding_dim)``. ``max_norm`` (which rewrites rows) is not supported.
+    """
+
+    def __init__(self, module: nn.Embedding, fmt: QuantFormat) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = module.num_embeddings, module.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = module.padding_idx, None, module.norm_type
+        self.scale_grad_by_freq, self.sparse = module.scale_grad_by_freq, module.sparse
+        weight = module.weight.detach()
+        self._init_storage(tuple(weight.shape), fmt.quantize(weight), fmt, weight.dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.merged_weight is not None:
+            return F.embedding(ids, self.merged_weight, self.padding_idx)
+        rows = self.fmt.dequantize_rows(self.quantized_state(), self.weight_shape, ids.reshape(-1))
+        return rows.to(self.compute_dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quant={self.fmt}"

@@ -1,0 +1,292 @@
+"""Quantised frozen base (QLoRA and friends): storage, exact forward, gradients, merging, files, errors."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from peftkit import ConfigError, LoraConfig, PeftModel, get_peft_model
+from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    base_weight_memory,
+    dequantize_base,
+    make_format,
+    merge_and_unload_quantized,
+    quantize_base,
+)
+from peftkit.quant.formats import torchao_quantization
+from tests.conftest import perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+METHODS = [("nf4", {}), ("int8", {}), ("int4", {"group_size": 8})]
+
+
+def lora_pair(model_fn, method, kw, **lora):
+    """The same perturbed LoRA on a quantised model and on a float model holding its dequantised weights."""
+    quant = quantize_base(model_fn(), method, **kw)
+    plain = dequantize_base(copy.deepcopy(quant))
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", **lora)
+    q_model, f_model = get_peft_model(quant, LoraConfig(**cfg)), get_peft_model(plain, LoraConfig(**cfg))
+    perturb(q_model)
+    adapters = {k: v for k, v in q_model.state_dict().items() if "lora_" in k}
+    f_model.load_state_dict(adapters, strict=False)
+    return q_model, f_model
+
+
+def test_nf4_storage_is_torchaos_nf4_bit_for_bit():
+    tq = torchao_quantization()
+    w = torch.randn(48, 64)
+    fmt = make_format("nf4", scaler_block_size=16)
+    ours = fmt.dequantize(fmt.quantize(w), (48, 64))
+    theirs = tq.NF4Tensor.from_tensor(w, 64, 16).get_original_weight()
+    assert torch.equal(ours, theirs)
+    rows = torch.tensor([5, 0, 47, 5])
+    assert torch.equal(fmt.dequantize_rows(fmt.quantize(w), (48, 64), rows), theirs[rows])
+
+
+@pytest.mark.parametrize("method, kw", [("int8", {}), ("int8", {"group_size": 16, "symmetric": False}),
+                                        ("int4", {"group_size": 16})])
+def test_affine_storage_rounds_to_the_nearest_level(method, kw):
+    w = torch.randn(12, 32)
+    fmt = make_format(method, **kw)
+    state = fmt.quantize(w)
+    deq = fmt.dequantize(state, (12, 32))
+    step = state["qscale"].repeat_interleave(fmt.group(32), dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    assert (deq - w).abs().max() > 0
+    if method == "int4":
+        assert state["qdata"].shape == (12, 16) and state["qdata"].dtype == torch.uint8  # two codes per byte
+
+
+@pytest.mark.parametrize("method, kw", METHODS)
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+def test_qlora_forward_equals_float_lora_over_dequantized_weights(model_fn, method, kw):
+    q_model, f_model = lora_pair(model_fn, method, kw)
+    x = torch.randint(3, 64, (3, 9))
+    with torch.no_grad():
+        out_q, out_f = q_model(input_ids=x).logits, f_model(input_ids=x).logits
+        with q_model.disable_adapter():
+            base = q_model(input_ids=x).logits
+    assert (out_q - base).abs().max() > 1e-2  # the adapters matter
+    assert (out_q - out_f).abs().max() <= 1e-5
+    assert any(isinstance(m, QuantLinear) for m in q_model.modules())
+
+
+def test_gradients_reach_only_the_adapter_and_the_quantized_base_never_changes():
+    q_model, _ = lora_pair(tiny_llama, "nf4", {})
+    stored = {k: v.clone() for k, v in q_model.state_dict().items() if ".nf4_" in k}
+    x = torch.randint(3, 64, (4, 10))
+    opt = torch.optim.AdamW([p for p in q_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    q_model.train()
+    for _ in range(15):
+        loss = q_model(input_ids=x, labels=x).loss
+        loss.backward()
+        got = {n for n, p in q_model.named_parameters() if p.grad is not None}
+        assert got and all(".lora_A." in n or ".lora_B." in n for n in got)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    now = q_model.state_dict()
+    assert stored and all(torch.equal(now[k], v) for k, v in stored.items())
+
+
+def test_merge_is_exact_and_fifty_cycles_restore_the_codes_bit_for_bit():
+    q_model, _ = lora_pair(tiny_llama, "nf4", {})
+    layer = q_model.base_model.model.model.layers[0].mlp.up_proj
+    codes = {k: v.clone() for k, v in layer.base_layer.quantized_state().items()}
+    x = torch.randint(3, 64, (2, 8))
+    with torch.no_grad():
+        unmerged = q_model(input_ids=x).logits
+        for _ in range(50):
+            q_model.merge_adapter()
+            q_model.unmerge_adapter()
+        q_model.merge_adapter()
+        merged = q_model(input_ids=x).logits
+        assert layer.base_layer.merged_weight is not None
+        q_model.unmerge_adapter()
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert layer.base_layer.merged_weight is None
+    assert all(torch.equal(layer.base_layer.quantized_state()[k], v) for k, v in codes.items())
+
+
+@pytest.mark.parametrize("method, kw, bound", [("nf4", {}, 0.15), ("int8", {}, 0.02), ("int4", {"group_size": 8}, 0.15)])
+def test_merge_and_unload_dequantize_is_exact_and_requantize_adds_one_rounding(method, kw, bound):
+    x = torch.randint(3, 64, (2, 8))
+    plain = {}
+    for requantize in (False, True):
+        torch.manual_seed(0)
+        q_model, _ = lora_pair(tiny_llama, method, kw)
+        with torch.no_grad():
+            unmerged = q_model(input_ids=x).logits
+            plain[requantize] = merge_and_unload_quantized(q_model, requantize=requantize)
+        kinds = {type(m) for m in plain[requantize].model.layers.modules()}
+        assert (QuantLinear in kinds) == requantize and AdaptedLayer not in kinds
+    with torch.no_grad():
+        assert (plain[False](input_ids=x).logits - unmerged).abs().max() <= 1e-5
+    exact = dict(plain[False].named_modules())
+    for name, module in plain[True].named_modules():
+        if isinstance(module, QuantLinear):  # the new rounding error, relative to the merged weight
+            merged = exact[name].weight
+            err = ((module.dequantize() - merged).norm() / merged.norm()).item()
+            assert 0 < err < bound
+
+
+def test_saved_adapter_holds_no_base_weight_and_loads_onto_a_quantized_base(tmp_path):
+    torch.manual_seed(3)
+    base = tiny_bert_classifier()
+    q_model = get_peft_model(quantize_base(copy.deepcopy(base), "nf4"),
+                             LoraConfig(r=4, target_modules=["query", "value", "dense"], task_type="SEQ_CLS"))
+    perturb(q_model)
+    q_model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    others = {k for k in keys if ".lora_A." not in k and ".lora_B." not in k}
+    assert others == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}  # the trained head
+    assert len(keys) == 2 + 2 * 11  # A and B on 11 layers (query, value, 4 dense a block, pooler)
+    x = torch.randint(3, 64, (3, 7))
+    with torch.no_grad():
+        want = q_model(input_ids=x).logits
+        again = PeftModel.from_pretrained(quantize_base(copy.deepcopy(base), "nf4"), tmp_path)
+        assert (again(input_ids=x).logits - want).abs().max() <= 1e-6
+        on_float = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)(input_ids=x).logits
+    assert 0 < (on_float - want).abs().max() < 0.5  # only the quantisation error differs
+
+
+def test_heads_stay_full_precision_and_embeddings_only_on_request():
+    model = quantize_base(tiny_bert_classifier(), "nf4")
+    assert type(model.classifier) is nn.Linear and type(model.bert.embeddings.word_embeddings) is nn.Embedding
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, QuantLinear)
+    lm = quantize_base(tiny_llama(), "int8")
+    assert type(lm.lm_head) is nn.Linear
+    both = quantize_base(tiny_bert_classifier(), "nf4", block_size=16, quantize_embeddings=True)
+    emb = both.bert.embeddings.word_embeddings
+    assert isinstance(emb, QuantEmbedding)
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.equal(emb(ids), nn.functional.embedding(ids, emb.dequantize()))
+
+
+def test_lora_on_a_quantized_embedding_merges_exactly():
+    model = quantize_base(tiny_bert_classifier(), "int8", quantize_embeddings=True)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["word_embeddings", "query"]))
+    perturb(peft_model)
+    x = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        before = peft_model(input_ids=x).logits
+        plain = merge_and_unload_quantized(peft_model)
+        after = plain(input_ids=x).logits
+    assert type(plain.bert.embeddings.word_embeddings) is nn.Embedding
+    assert (before - after).abs().max() <= 1e-5
+
+
+class Rescale(Adapter):
+    """A non-additive wrap-style adapter that reads the base weight (as DoRA / (IA)^3 do)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(out_features) * 0.3)
+
+    def forward(self, layer, x, y):
+        norm = layer.weight.norm(dim=1)  # the base weight, read through the layer
+        return y * (1 + self.s) + 0.0 * norm
+
+    def merge_into(self, layer, weight, bias):
+        return weight * (1 + self.s.detach())[:, None], bias
+
+    def unmerge_from(self, layer, weight, bias):
+        return weight / (1 + self.s.detach())[:, None], bias
+
+
+def test_any_wrap_style_adapter_works_on_a_quantized_base():
+    layer = AdaptedLayer(QuantLinear.from_module(nn.Linear(32, 16, bias=False), make_format("int4", group_size=8)))
+    layer.add("a", Rescale(16))
+    layer.set_active(["a"])
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        want = (x @ layer.base_layer.dequantize().T) * (1 + layer.adapters["a"].s)
+        assert (layer(x) - want).abs().max() <= 1e-6
+        layer.merge(["a"])
+        assert (layer(x) - want).abs().max() <= 1e-5
+        layer.unmerge()
+    assert layer.base_layer.merged_weight is None
+
+
+def test_quantizing_a_peft_model_quantizes_the_wrapped_base_layers():
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    quantize_base(peft_model, "nf4")
+    q_proj = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, AdaptedLayer) and isinstance(q_proj.base_layer, QuantLinear)
+    assert type(q_proj.adapters["default"].lora_A) is nn.Linear  # adapters are never quantised
+    gpt = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(ConfigError, match="Conv1D that already has adapters"):
+        quantize_base(gpt, "nf4")
+
+
+def test_parameter_count_includes_the_quantized_weights():
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    quant = get_peft_model(quantize_base(tiny_llama(), "nf4"), LoraConfig(r=2, target_modules="all-linear"))
+    assert quant.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()
+
+
+def test_layers_that_cannot_be_blocked_stay_float_with_a_warning():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 3))  # 48 weights: not a multiple of 64
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay in full precision.*1 \(weight count 48"):
+        quantize_base(model, "nf4")
+    assert isinstance(model[0], QuantLinear) and type(model[1]) is nn.Linear
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="nf3"), "quantisation method 'nf3' is not valid"),
+    (dict(method="nf4", block_size=7), "block_size=7 is not valid"),
+    (dict(method="nf4", scaler_block_size=0), "scaler_block_size=0 is not valid"),
+    (dict(method="int4", group_size=0), "group_size=0 is not valid"),
+    (dict(method="int8", skip_modules="lm_head"), "must be a list of name segments"),
+])
+def test_bad_values_raise_config_error_before_any_change(kwargs, message):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=message):
+        quantize_base(model, **kwargs)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_model_without_linear_layers_is_an_error():
+    with pytest.raises(ConfigError, match="no layer of the model can be quantised with int8"):
+        quantize_base(nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8)), "int8")
+
+
+@pytest.mark.slow
+def test_base_weight_memory_on_the_real_default_model():
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.train.run import default_model_dir
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(default_model_dir(), num_labels=2)
+    linear = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "classifier"]
+    numel = sum(m.weight.numel() for m in linear)
+    quantize_base(model, "nf4")
+    mem = base_weight_memory(model)
+    # 4 bits + one int8 scale per 64 weights + one float32 factor per 64*256, + 4-byte mean and 16 levels a layer
+    assert mem.quantized_bytes == numel // 2 + numel // 64 + 4 * numel // (64 * 256) + len(linear) * (4 + 64)
+    assert mem.quantized_float32_bytes == 4 * numel
+    assert mem.quantized_ratio <= 0.35 and mem.quantized_ratio == pytest.approx(0.129, abs=1e-3)
+    quantize_base(model, "nf4", quantize_embeddings=True)
+    assert base_weight_memory(model).ratio <= 0.35  # the whole base, embeddings quantised too
+
+
+def test_moving_an_adapted_quantized_model_keeps_it_working():
+    # AdaptedLayer once shadowed nn.Module._apply, which broke .to() / .float() on every PeftModel
+    model = get_peft_model(quantize_base(tiny_llama(), "nf4"), LoraConfig(r=2, target_modules="all-linear"))
+    x = torch.randint(3, 64, (1, 4))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        assert torch.equal(model.to("cpu").float()(input_ids=x).logits, want)

@@ -1,0 +1,59 @@
+"""`peftkit train --quantize`: a QLoRA run on a tiny BERT, its summary, reloading it, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.train.run import default_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert-quant")
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(folder)
+    return str(folder)
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantized_run_reports_base_memory_and_reloads(tiny_model_dir, tmp_path, capsys, method):
+    out = tmp_path / "run"
+    assert run("train", "--model", tiny_model_dir, "--quantize", method, "--max-steps", 4, "--max-train-samples", 64,
+               "--max-eval-samples", 32, "--output-dir", out, "--no-progress") == 0
+    text = capsys.readouterr().out
+    line = next(s for s in text.splitlines() if "base weights" in s)
+    assert f"{method} layers" in line
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["quantized_weight_ratio"] < (0.2 if method == "nf4" else 0.3)
+    assert metrics["base_weight_ratio"] < 1  # embeddings stay float32, so the whole base shrinks less
+    assert metrics["base_weight_bytes"] == round(metrics["base_weight_ratio"] * metrics["base_weight_float32_bytes"])
+    assert json.loads((out / "run_config.json").read_text())["quantize"] == method
+    assert run("eval", "--adapter", out) == 0
+    assert f"dev_accuracy    {metrics['dev_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_quantized_embeddings_shrink_the_whole_base(tiny_model_dir, tmp_path):
+    out = tmp_path / "emb"
+    assert run("train", "--model", tiny_model_dir, "--quantize", "nf4", "--quantize-embeddings", "--max-steps", 2,
+               "--max-train-samples", 32, "--max-eval-samples", 16, "--output-dir", out, "--no-progress") == 0
+    assert json.loads((out / "metrics.json").read_text())["base_weight_ratio"] < 0.35
+
+
+def test_quantize_errors(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run("train", "--quantize", "nf5")
+    assert exit_info.value.code == 2 and "invalid choice: 'nf5'" in capsys.readouterr().err
+    assert run("train", "--model", tiny_model_dir, "--quantize", "nf4", "--full-finetune", "--max-steps", 1,
+               "--output-dir", tmp_path / "x", "--no-progress") == 2
+    assert "cannot be combined with --full-finetune" in capsys.readouterr().err
