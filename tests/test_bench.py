@@ -15,7 +15,7 @@ def test_sweep_report_and_resume(tiny_model_dir, tmp_path):
                       model=tiny_model_dir, max_steps=2, batch_size=8,
                       train_args=["--max-train-samples", "32", "--max-eval-samples", "24"])
     assert cfg.methods == ["full", "lora"]
-    records = run_sweep(cfg, progress=False)
+    records = run_sweep(cfg, progress=False, jobs=2)
     assert [("error" in r) for r in records] == [False] * 2, records
     stsb = next(r for r in records if r["task"] == "stsb" and r["method"] == "lora")
     assert stsb["metric"] == "pearson" and stsb["adapter_bytes"] > 0 and stsb["trainable_params"] > 0

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pair-column", help="second-sentence column for sentence-pair tasks")
     t.add_argument("--label-column", default="label", help="label column (default label)")
     t.add_argument("--data-dir", help="folder with GLUE task folders (needed for mrpc)")
-    t.add_argument("--r", type=_positive_int, default=8, help="adapter rank (default 8)")
+    t.add_argument("--r", type=_positive_int, help="adapter rank (default: the method's, 8 for LoRA, 256 for VeRA)")
     t.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (default 16)")
     t.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
     t.add_argument("--target-modules", type=_target_modules, default=None,
@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output-dir", default="bench", help="sweep folder (default bench)")
     b.add_argument("--model", help="base model folder (default: embedded all-MiniLM-L6-v2)")
     b.add_argument("--data-dir", help="folder with GLUE task folders (needed for mrpc)")
+    b.add_argument("--jobs", type=_positive_int, default=1,
+                   help="cells run at once, each with cpu_count/jobs threads (default 1)")
+    b.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                   help="extra `peftkit train` argument for every cell (repeatable, e.g. --train-arg=--r=16)")
     b.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     b.add_argument("--no-progress", action="store_true")
 
@@ -274,10 +278,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
     cfg = BenchConfig(methods=split(args.methods), tasks=split(args.tasks), seeds=seeds, output_dir=args.output_dir,
                       model=args.model, data_dir=args.data_dir, max_steps=args.max_steps, batch_size=args.batch_size,
-                      max_length=args.max_length)
-    records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress)
+                      max_length=args.max_length, train_args=list(args.train_arg))
+    records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
     notes = (f"Base model: {args.model or 'all-MiniLM-L6-v2 (embedded)'}; {cfg.max_steps} steps of {cfg.batch_size} "
-             f"rows per cell; seeds {cfg.seeds}; each method at its `peftkit train` defaults.")
+             f"rows per cell; seeds {cfg.seeds}; each method at its `peftkit train` defaults; {args.jobs} cell(s) "
+             "at a time.")
     path = write_report(records, cfg.output_dir, notes=notes)
     failed = sum("error" in r for r in records)
     print(f"report: {path} ({len(records) - failed} cells finished, {failed} not)")

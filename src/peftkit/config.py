@@ -166,6 +166,8 @@ class MethodSpec:
             one shares (DoRA is ``LoraConfig(use_dora=True)``, P-tuning v2 is a prefix-tuning preset). A
             variant has its own name, paper and CLI preset, but owns no ``peft_type``: files with that type
             load as the parent method.
+        run_options: defaults for ``peftkit train`` run options that the user left unset, e.g. QLoRA's
+            ``{"quantize": "nf4"}``.
     """
 
     name: str
@@ -179,6 +181,7 @@ class MethodSpec:
     aliases: tuple[str, ...] = field(default_factory=tuple)
     default_lr: float | None = None
     variant_of: str | None = None
+    run_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peft_type(self) -> str:
@@ -233,8 +236,10 @@ def method_names() -> list[str]:
 
 
 def all_methods() -> list[MethodSpec]:
-    """Every registered :class:`MethodSpec`, one per method, in registration order."""
-    return [get_method(n) for n in method_names()]
+    """Every registered :class:`MethodSpec`, one per method, grouped by family (in :data:`FAMILIES`
+    order) and in registration order within a family."""
+    specs = [get_method(n) for n in method_names()]
+    return sorted(specs, key=lambda s: FAMILIES.index(s.family))
 
 
 def _load_builtin_methods() -> None:

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,12 +95,19 @@ def cell_command(cfg: BenchConfig, cell: Cell, folder: Path) -> list[str]:
     return cmd + list(cfg.train_args)
 
 
-def run_sweep(cfg: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
+def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[dict[str, Any]]:
     """Run every unfinished cell, then return one record per cell (finished or failed).
+
+    Args:
+        cfg: the sweep.
+        progress: show which cells run and how long is left.
+        jobs: cells run at once; each gets ``cpu_count // jobs`` threads (``OMP_NUM_THREADS``), so
+            step times compare fairly within a sweep but not across sweeps with another ``jobs``.
 
     A cell's record is its ``metrics.json`` plus ``adapter_bytes`` (size of what it saved) and its
     coordinates; a failed cell has ``error`` (the last line the run printed).
     """
+    check(jobs >= 1, f"jobs={jobs!r} must be >= 1")
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -108,20 +115,30 @@ def run_sweep(cfg: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
     done = len(cells(cfg)) - len(todo)
     bar = tqdm(total=len(cells(cfg)), initial=done, desc="bench", unit="cell", disable=not progress,
                dynamic_ncols=True)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    for cell in todo:
+    if jobs > 1:
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    running: set[str] = set()
+
+    def run_cell(cell: Cell) -> None:
         folder = cell.folder(root)
         folder.mkdir(parents=True, exist_ok=True)
-        bar.set_postfix_str(f"{cell.method} / {cell.task} / seed {cell.seed}")
-        start = time.perf_counter()
+        label = f"{cell.method}/{cell.task}/seed{cell.seed}"
+        running.add(label)
+        bar.set_postfix_str("running " + ", ".join(sorted(running)))
         with open(folder / "cell.log", "w", encoding="utf-8") as log:
-            rc = subprocess.run(cell_command(cfg, cell, folder), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            rc = subprocess.run(cell_command(cfg, cell, folder), stdout=log, stderr=subprocess.STDOUT,
+                                env=env).returncode
         (folder / "error.txt").unlink(missing_ok=True)
         if rc != 0:
             lines = (folder / "cell.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             (folder / "error.txt").write_text((lines[-1] if lines else f"exit status {rc}") + "\n")
-        bar.set_postfix_str(f"{cell.method} / {cell.task} / seed {cell.seed}: {time.perf_counter() - start:.0f}s")
+        running.discard(label)
         bar.update(1)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(run_cell, todo))
     bar.close()
     return collect(cfg)
 

@@ -12,7 +12,6 @@ from peftkit.methods import loha  # noqa: F401
 from peftkit.methods import lokr  # noqa: F401
 from peftkit.methods import krona  # noqa: F401
 from peftkit.methods import sora  # noqa: F401
-from peftkit.methods import moe_lora  # noqa: F401
 from peftkit.methods import prompt_tuning  # noqa: F401
 from peftkit.methods import p_tuning  # noqa: F401
 from peftkit.methods import prefix_tuning  # noqa: F401
@@ -24,3 +23,5 @@ from peftkit.methods import partial  # noqa: F401
 from peftkit.methods import diff_pruning  # noqa: F401
 from peftkit.methods import fish  # noqa: F401
 from peftkit.methods import child_tuning  # noqa: F401
+from peftkit.methods import quantised  # noqa: F401
+from peftkit.methods import moe_lora  # noqa: F401

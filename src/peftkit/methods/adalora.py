@@ -356,7 +356,8 @@ def adalora_from_cli(args: Any) -> AdaLoraConfig:
     total = args.max_steps or args.method_options.get("total_step")
     check(isinstance(total, int) and total > 0,
           "AdaLoRA needs the run's number of steps: give --max-steps N or --option total_step=N")
-    return AdaLoraConfig(target_r=args.r, init_r=(3 * args.r + 1) // 2, total_step=total, tinit=total // 10,
+    target = args.r or 8
+    return AdaLoraConfig(target_r=target, init_r=(3 * target + 1) // 2, total_step=total, tinit=total // 10,
                          tfinal=total // 5, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                          target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 

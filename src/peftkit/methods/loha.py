@@ -125,7 +125,7 @@ def loha_from_cli(args: Any) -> LoHaConfig:
     """A :class:`LoHaConfig` from ``peftkit train`` options (``--r``, ``--lora-alpha`` as ``alpha``)."""
     check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout} has no meaning for LoHa; use "
                                   "--option rank_dropout=P or --option module_dropout=P")
-    return LoHaConfig(r=args.r, alpha=args.lora_alpha, target_modules=args.target_modules or "all-linear",
+    return LoHaConfig(r=args.r or 8, alpha=args.lora_alpha, target_modules=args.target_modules or "all-linear",
                       task_type=args.task_type)
 
 

@@ -148,7 +148,7 @@ def lokr_from_cli(args: Any) -> LoKrConfig:
     """A :class:`LoKrConfig` from ``peftkit train`` options (``--r``, ``--lora-alpha`` as ``alpha``)."""
     check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout} has no meaning for LoKr; use "
                                   "--option rank_dropout=P or --option module_dropout=P")
-    return LoKrConfig(r=args.r, alpha=args.lora_alpha, target_modules=args.target_modules or "all-linear",
+    return LoKrConfig(r=args.r or 8, alpha=args.lora_alpha, target_modules=args.target_modules or "all-linear",
                       task_type=args.task_type)
 
 

@@ -444,7 +444,7 @@ def trainable_biases(model: nn.Module, bias: str, targets: list[str]) -> list[st
 
 def lora_from_cli(args: Any, config_cls: type[LoraConfig] = LoraConfig) -> LoraConfig:
     """Build a :class:`LoraConfig` (or a subclass) from ``peftkit train`` options."""
-    return config_cls(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+    return config_cls(r=args.r or 8, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 
 

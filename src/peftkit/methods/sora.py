@@ -197,7 +197,7 @@ class SoraTuner(WrapTuner):
 
 def sora_from_cli(args: Any) -> SoraConfig:
     """A :class:`SoraConfig` from ``peftkit train`` options (``--r``, ``--lora-dropout``)."""
-    return SoraConfig(r=args.r, lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
+    return SoraConfig(r=args.r or 8, lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                       task_type=args.task_type)
 
 

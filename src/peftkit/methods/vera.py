@@ -205,7 +205,7 @@ class VeraTuner(WrapTuner):
 
 def vera_from_cli(args: Any) -> VeraConfig:
     """Build a :class:`VeraConfig` from ``peftkit train`` options (``--r`` is the shared rank)."""
-    return VeraConfig(r=args.r, vera_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
+    return VeraConfig(r=args.r or 256, vera_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                       task_type=args.task_type)
 
 

@@ -94,7 +94,8 @@ class RunConfig:
             ``prompt``/``response`` (the prompt is masked from the loss); without ``train_file`` the
             shipped TREC question corpus (prompt/response) is used, with its dev split.
         data_dir: folder holding GLUE task folders (needed for MRPC, which is not shipped).
-        r, lora_alpha, lora_dropout, target_modules: method options (target default ``all-linear``).
+        r, lora_alpha, lora_dropout, target_modules: method options (r None: the method's default, 8 for
+            LoRA and 256 for VeRA; target default ``all-linear``).
         method_options: extra config fields for the method, e.g. ``{"use_rslora": True}``.
         lr: peak learning rate; None picks 5e-5 for full fine-tuning, else the method's default (1e-3
             for LoRA).
@@ -122,7 +123,7 @@ class RunConfig:
     pair_column: str | None = None
     label_column: str = "label"
     data_dir: str | None = None
-    r: int = 8
+    r: int | None = None
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
@@ -320,6 +321,10 @@ def _run(cfg: RunConfig, resume: bool, info: D.DistInfo) -> dict[str, Any]:
     if resume and checkpoint is None:
         raise FileNotFoundError(f"no checkpoint in {str(out_dir / 'checkpoints')!r} to resume from; a run "
                                 "writes them when trained with --save-every N")
+    if not cfg.full_finetune:  # a method's run defaults (QLoRA: an NF4 base) fill options left unset
+        for key, value in get_method(cfg.method).run_options.items():
+            if getattr(cfg, key) in (None, False):
+                setattr(cfg, key, value)
     peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
     check(not (cfg.full_finetune and cfg.quantize), f"--quantize {cfg.quantize} freezes the base; it cannot be "
           "combined with --full-finetune")
