@@ -215,14 +215,16 @@ def test_methods_lists_the_hybrids(capsys):
         assert " hybrid " in lines[name] and paper in lines[name] and " no " in lines[name]
 
 
-@pytest.mark.parametrize("method", ["unipelt", "mam"])
-def test_train_from_the_cli_and_reload(method, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method, peft_type", [("unipelt", "COMPOSED"), ("mam", "COMPOSED"), ("gated-lora", "GATED_LORA"),
+                                               ("gated-prefix", "GATED_PREFIX_TUNING"),
+                                               ("gated-adapter", "GATED_BOTTLENECK")])
+def test_train_from_the_cli_and_reload(method, peft_type, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_model_dir, "--method", method, "--max-steps", "2", "--max-train-samples",
                  "32", "--max-eval-samples", "16", "--output-dir", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["trainable_params"] > 34
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "COMPOSED"
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == peft_type
     assert main(["eval", "--adapter", str(out)]) == 0
     assert f"dev_accuracy    {metrics['dev_accuracy']:.4f}" in capsys.readouterr().out
 

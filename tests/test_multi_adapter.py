@@ -144,3 +144,17 @@ def test_save_all_and_load_them_back(first, tmp_path):
         assert (logits(loaded, x) - outs[name]).abs().max() <= 1e-6, name
     loaded.set_adapter(["houlsby", "lora"])
     assert (logits(loaded, x) - outs["pair"]).abs().max() <= 1e-6
+
+
+def test_merging_several_methods_at_once_is_exact():
+    model, twin = all_five()
+    x = ids()
+    names = ["bitfit", "ia3", "lora"]  # substitution, input/output rescaling and low-rank update at shared layers
+    model.set_adapter(names)
+    unmerged = logits(model, x)
+    model.merge_adapter()
+    assert sorted(model.base_model.merged_adapters()) == sorted(names)
+    assert (logits(model, x) - unmerged).abs().max() <= 1e-5
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        assert (logits(model, x) - twin(input_ids=x).logits).abs().max() <= 1e-5
