@@ -11,7 +11,7 @@ from peftkit.cli import main
 CASES = {
     "dora": ("LORA", {"use_dora": True}),
     "pissa": ("LORA", {"init_lora_weights": "pissa"}),
-    "vera": ("VERA", {"r": 8}),
+    "vera": ("VERA", {"r": 256}),
     "lorafa": ("LORAFA", {}),
     "dylora": ("DYLORA", {}),
 }

@@ -20,9 +20,13 @@ from peftkit.methods.adapters import (
 )
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.child_tuning import ChildTuningConfig
+from peftkit.methods.compose import ComposedConfig
 from peftkit.methods.diff_pruning import DiffPruningConfig
 from peftkit.methods.dylora import DyLoraConfig, set_dylora_rank
 from peftkit.methods.fish import FishMaskConfig
+from peftkit.methods.fusion import AdapterFusionConfig, add_fusion
+from peftkit.methods.gated import GatedBottleneckConfig, GatedLoraConfig, GatedPrefixTuningConfig
+from peftkit.methods.hybrid import mam_config, unipelt_config
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.krona import KronaConfig
 from peftkit.methods.loha import LoHaConfig
@@ -44,16 +48,21 @@ from peftkit.quant import LoftQConfig, merge_and_unload_quantized, quantize_base
 __all__ = [
     "AdaLoraConfig",
     "AdapterDropConfig",
+    "AdapterFusionConfig",
     "AdapterLoadError",
     "BitFitConfig",
     "BottleneckConfig",
     "ChildTuningConfig",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
+    "ComposedConfig",
     "ConfigError",
     "DiffPruningConfig",
     "DyLoraConfig",
     "FishMaskConfig",
+    "GatedBottleneckConfig",
+    "GatedLoraConfig",
+    "GatedPrefixTuningConfig",
     "HoulsbyConfig",
     "IA3Config",
     "KronaConfig",
@@ -76,14 +85,17 @@ __all__ = [
     "SoraConfig",
     "VeraConfig",
     "__version__",
+    "add_fusion",
     "all_methods",
     "create_loraplus_optimizer",
     "get_method",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "mam_config",
     "merge_and_unload_quantized",
     "quantize_base",
     "register_method",
     "set_dylora_rank",
     "set_peft_model_state_dict",
+    "unipelt_config",
 ]

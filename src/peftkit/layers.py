@@ -288,6 +288,11 @@ class AdaptedLayer(nn.Module):
             ValueError: an adapter is not mergeable (the layer is left unchanged).
         """
         todo = [n for n in names if n in self.adapters and n not in self.merged_adapters]
+        # fold in the order the forward applies them: parameter substitutions, output updates in order, then
+        # input transforms (last applied first: W T_k ... T_1 multiplies every term that saw the input)
+        kind = {n: 0 if self.adapters[n].substitutes_params else 2 if self.adapters[n].transforms_input else 1
+                for n in todo}
+        todo = sorted(todo, key=lambda n: (kind[n], -todo.index(n) if kind[n] == 2 else todo.index(n)))
         for n in todo:
             if not self.adapters[n].mergeable:
                 raise ValueError(f"adapter {n!r} ({type(self.adapters[n]).__name__}) cannot be merged")

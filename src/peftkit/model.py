@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -19,12 +19,13 @@ from peftkit.config import ConfigError, PeftConfig, get_method
 from peftkit.layers import BASE_ROWS, AdaptedLayer, AdapterContext, ModulesToSaveWrapper, replace_module
 
 SEQ_CLS_HEADS = ("classifier", "score")
+PART_SEP = "#"  # a part of a composed adapter is named "<owner>#<index>"; user names cannot contain it
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or "." in name or name == BASE_ROWS:
-        raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty string without '.' "
-                          f"other than {BASE_ROWS!r}")
+    if not isinstance(name, str) or not name or "." in name or PART_SEP in name or name == BASE_ROWS:
+        raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty string without '.' or "
+                          f"{PART_SEP!r} other than {BASE_ROWS!r}")
     return name
 
 
@@ -38,6 +39,9 @@ class AdapterModel(nn.Module):
         extra_modules: adapter name -> a module the adapter keeps outside the model's layers (e.g. a prompt
             encoder); a tuner's ``inject`` puts it there. It trains exactly when its adapter is active and
             not in inference mode, and goes when the adapter is deleted or the model unloaded.
+        members: adapter name -> the names of its *parts* (a composed adapter, see :meth:`add_member`). A
+            part is an adapter like any other for layers and tuners (its config is in ``peft_config``), but
+            users only address its owner, with which it is activated, trained, merged, saved and deleted.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -48,6 +52,7 @@ class AdapterModel(nn.Module):
         self.ctx = AdapterContext()
         self.extra_modules = nn.ModuleDict()
         self.disabled = False
+        self.members: dict[str, list[str]] = {}
         self._extra: dict[str, list[str]] = {}
 
     # --- structure ----------------------------------------------------------------------------------
@@ -67,6 +72,42 @@ class AdapterModel(nn.Module):
     def extra_trainable(self, adapter_name: str) -> list[str]:
         return self._extra.get(adapter_name, [])
 
+    # --- parts of composed adapters -----------------------------------------------------------------------
+    def add_member(self, owner: str, config: PeftConfig) -> str:
+        """Inject ``config`` as the next part of adapter ``owner`` (called by a composing tuner's ``inject``);
+        returns the part's name ``<owner>#<index>``, which no user adapter can have. On error the owner's
+        :meth:`add_adapter` removes the owner with all its parts."""
+        parts = self.members.setdefault(owner, [])
+        name = f"{owner}{PART_SEP}{len(parts)}"
+        parts.append(name)
+        self.peft_config[name] = config
+        get_method(config.peft_type).tuner.inject(self, config, name)
+        return name
+
+    def parts(self, names: Sequence[str]) -> list[str]:
+        """The adapters the layers run for ``names``: each name followed by its parts, if it has any."""
+        out: list[str] = []
+        for n in names:
+            out += [n, *self.members.get(n, ())]
+        return out
+
+    def owner(self, name: str) -> str:
+        """The adapter that ``name`` is a part of (``name`` itself when it is not a part)."""
+        return next((o for o, parts in self.members.items() if name in parts), name)
+
+    def public_names(self) -> list[str]:
+        """The adapters users address: every adapter except the parts of composed ones."""
+        return [n for n in self.peft_config if self.owner(n) == n]
+
+    @property
+    def in_use(self) -> list[str]:
+        """Every adapter the layers run now: the active adapters and their parts, in order."""
+        return self.parts(self.active_adapters)
+
+    def training_parts(self) -> list[str]:
+        """The active adapters and their parts whose owner is not in inference mode (they train)."""
+        return self.parts([n for n in self.active_adapters if not self.peft_config[n].inference_mode])
+
     # --- adding and removing --------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
         """Inject a new adapter (not yet active). On any error the model is left exactly as it was.
@@ -80,16 +121,19 @@ class AdapterModel(nn.Module):
         if not isinstance(config, PeftConfig):
             raise ConfigError(f"expected a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
         spec = get_method(config.peft_type)
+        before = set(self.peft_config)
         self.peft_config[adapter_name] = config
         try:
             self._wrap_modules_to_save(config, adapter_name)
             spec.tuner.inject(self, config, adapter_name)
-        except BaseException:
-            self._remove_everywhere(adapter_name)
-            del self.peft_config[adapter_name]
+        except BaseException:  # remove it and whatever its tuner added (parts, adapters a fusion loads)
+            for name in reversed([n for n in self.peft_config if n not in before]):
+                if name in self.peft_config:
+                    self._remove_everywhere(name)
+                    del self.peft_config[name]
             raise
         for _, w in self.wrappers():
-            w.set_active(self.active_adapters)
+            w.set_active(self.in_use)
 
     def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
         wanted = list(getattr(config, "modules_to_save", None) or [])
@@ -116,6 +160,9 @@ class AdapterModel(nn.Module):
         return get_method(self.peft_config[adapter_name].peft_type).tuner
 
     def _remove_everywhere(self, adapter_name: str) -> None:
+        for part in self.members.pop(adapter_name, []):
+            self._remove_everywhere(part)
+            self.peft_config.pop(part, None)
         if adapter_name in self.peft_config:
             self.tuner(adapter_name).remove(self, adapter_name)
         for name, module in list(self.wrappers()):
@@ -143,14 +190,16 @@ class AdapterModel(nn.Module):
         del self.peft_config[adapter_name]
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining and self.peft_config and self.active_adapters:
-            remaining = [next(iter(self.peft_config))]
+            remaining = self.public_names()[:1]
         self.set_adapter(remaining)
 
     def check_known(self, names: Sequence[str]) -> None:
-        """Raise :class:`ConfigError` naming any of ``names`` that is not an adapter of this model."""
-        unknown = [n for n in names if n not in self.peft_config]
+        """Raise :class:`ConfigError` naming any of ``names`` that is not an adapter of this model (the parts
+        of composed adapters are not addressable)."""
+        public = self.public_names()
+        unknown = [n for n in names if n not in public]
         if unknown:
-            raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}")
+            raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}")
 
     # --- activation and trainability ------------------------------------------------------------------
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
@@ -160,7 +209,7 @@ class AdapterModel(nn.Module):
         self.check_known(names)
         self.active_adapters = names
         for _, w in self.wrappers():
-            w.set_active(names)
+            w.set_active(self.in_use)
         self._set_trainable()
 
     def _set_trainable(self) -> None:
@@ -168,9 +217,7 @@ class AdapterModel(nn.Module):
             p.requires_grad_(False)
         self.extra_modules.requires_grad_(False)
         params = dict(self.model.named_parameters())
-        for name in self.active_adapters:
-            if self.peft_config[name].inference_mode:
-                continue
+        for name in self.training_parts():
             if name in self.extra_modules:
                 self.extra_modules[name].requires_grad_(True)
             for _, w in self.wrappers():
@@ -194,11 +241,13 @@ class AdapterModel(nn.Module):
         out: list[str] = []
         for _, w in self.wrappers():
             if isinstance(w, AdaptedLayer):
-                out += [n for n in w.merged_adapters if n not in out]
+                out += [o for o in map(self.owner, w.merged_adapters) if o not in out]
         return out
 
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights.
+
+        A composed adapter merges when every part does; otherwise the error names the part that does not.
 
         Raises:
             ConfigError: unknown name. ValueError: a method that cannot merge (checked before any
@@ -207,8 +256,12 @@ class AdapterModel(nn.Module):
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         self.check_known(names)
         for n in names:
-            if not get_method(self.peft_config[n].peft_type).mergeable:
-                raise ValueError(f"adapter {n!r} uses {self.peft_config[n].peft_type}, which cannot be merged")
+            for part in self.members.get(n) or [n]:
+                peft_type = self.peft_config[part].peft_type
+                if not get_method(peft_type).mergeable:
+                    what = f"its part {part!r} uses {peft_type}" if part != n else f"it uses {peft_type}"
+                    raise ValueError(f"adapter {n!r} cannot be merged: {what}, which cannot be merged")
+        names = self.parts(names)
         layers = [w for _, w in self.wrappers() if isinstance(w, AdaptedLayer)]
         if safe_merge:
             for w in layers:
@@ -247,6 +300,7 @@ class AdapterModel(nn.Module):
         for name in list(self.peft_config):
             self.tuner(name).remove(self, name)
         self.peft_config.clear()
+        self.members.clear()
         self.active_adapters = []
         self._extra.clear()
         self.extra_modules.clear()
@@ -257,8 +311,9 @@ class AdapterModel(nn.Module):
         """The tensors of one adapter keyed as on disk, relative to the model (no ``base_model.model.``):
         ``<module path>.<parameter path inside the adapter>``; built from the module tree. With ``export``
         each adapter gives what its file holds (:meth:`Adapter.export_state`, e.g. only kept ranks);
-        without, the live tensors (what loading copies into)."""
-        self.check_known([adapter_name])
+        without, the live tensors (what loading copies into). ``adapter_name`` may name a part."""
+        if adapter_name not in self.peft_config:
+            self.check_known([adapter_name])
         out: dict[str, Tensor] = {}
         for name, w in self.wrappers():
             if isinstance(w, AdaptedLayer) and adapter_name in w.adapters:
@@ -312,8 +367,10 @@ class PeftModel(nn.Module):
 
     # --- adapters -----------------------------------------------------------------------------------
     @property
-    def peft_config(self) -> dict[str, PeftConfig]:
-        return self.base_model.peft_config
+    def peft_config(self) -> MutableMapping[str, PeftConfig]:
+        """Adapter name -> config, in the order added: the host's table without the parts of composed
+        adapters (reads and writes go to the host's table)."""
+        return _PublicConfigs(self.base_model)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -423,11 +480,10 @@ class PeftModel(nn.Module):
         """Sum of the active, trainable adapters' loss terms (e.g. AdaLoRA's orthogonality penalty), or
         None when no method adds one. :class:`peftkit.train.Trainer` adds it to the loss."""
         host, total = self.base_model, None
-        for name in host.active_adapters:
-            if not host.peft_config[name].inference_mode:
-                term = host.tuner(name).regularizer(host, name)
-                if term is not None:
-                    total = term if total is None else total + term
+        for name in host.training_parts():
+            term = host.tuner(name).regularizer(host, name)
+            if term is not None:
+                total = term if total is None else total + term
         return total
 
     def peft_prepare(self, batches: Iterator[dict[str, Tensor]]) -> None:
@@ -436,17 +492,15 @@ class PeftModel(nn.Module):
         replace adapter parameters. ``batches``: an endless iterator of batch dicts with ``labels``.
         :class:`peftkit.train.Trainer` calls it; methods that need nothing ignore it."""
         host = self.base_model
-        for name in host.active_adapters:
-            if not host.peft_config[name].inference_mode:
-                host.tuner(name).prepare(host, name, batches)
+        for name in host.training_parts():
+            host.tuner(name).prepare(host, name, batches)
 
     def peft_step_end(self, step: int) -> None:
         """Tell the active adapters' methods that optimiser step ``step`` (1-based) has been taken; call
         it after ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA reads the gradients)."""
         host = self.base_model
-        for name in host.active_adapters:
-            if not host.peft_config[name].inference_mode:
-                host.tuner(name).on_step_end(host, name, step)
+        for name in host.training_parts():
+            host.tuner(name).on_step_end(host, name, step)
 
     # --- running ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -456,6 +510,10 @@ class PeftModel(nn.Module):
             return
         names = list(adapter_names)
         self.base_model.check_known([n for n in names if n != BASE_ROWS])
+        composed = sorted({n for n in names if n in self.base_model.members})
+        if composed:
+            raise ValueError(f"adapter(s) {composed} are composed of several parts; mixed-adapter batches "
+                             "(adapter_names=...) do not support composed adapters yet")
         if batch_size is not None and len(names) != batch_size:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
         ctx = self.base_model.ctx
@@ -549,13 +607,43 @@ class PeftModel(nn.Module):
 
         config, tensors = read_adapter_files(model_id, kwargs.get("config"))
         config.inference_mode = not is_trainable
+        before = set(self.base_model.public_names())
         self.base_model.add_adapter(adapter_name, config)
         try:
             load_adapter_into(self, adapter_name, tensors)
-        except BaseException:
-            self.base_model.delete_adapter(adapter_name)
+        except BaseException:  # also drop adapters the load created (those a fusion is saved with)
+            for name in reversed([n for n in self.base_model.public_names() if n not in before]):
+                self.base_model.delete_adapter(name)
             raise
         self.base_model._set_trainable()
+
+
+class _PublicConfigs(MutableMapping):
+    """The host's ``peft_config`` seen without the parts of composed adapters."""
+
+    def __init__(self, host: AdapterModel) -> None:
+        self.host = host
+
+    def __getitem__(self, name: str) -> PeftConfig:
+        if self.host.owner(name) != name:
+            raise KeyError(name)
+        return self.host.peft_config[name]
+
+    def __setitem__(self, name: str, config: PeftConfig) -> None:
+        self.host.peft_config[name] = config
+
+    def __delitem__(self, name: str) -> None:
+        self[name]  # KeyError for a part
+        del self.host.peft_config[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.host.public_names())
+
+    def __len__(self) -> int:
+        return len(self.host.public_names())
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -565,10 +653,12 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConfig], adapter_name: str = "default",
+                   **kwargs: Any) -> PeftModel:
     """Wrap ``model`` with a new adapter described by ``peft_config`` (mirrors ``peft.get_peft_model``).
 
-    The base model's parameters are frozen; only the adapter (and its ``modules_to_save``) train.
+    The base model's parameters are frozen; only the adapter (and its ``modules_to_save``) train. A list
+    of configs makes one composed adapter of them (:class:`peftkit.ComposedConfig`).
 
     Raises:
         ConfigError: invalid config, or no module of ``model`` matches its targets (the message lists
@@ -576,6 +666,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """
     if kwargs.get("mixed"):
         warnings.warn("peftkit models always allow several methods; 'mixed' is ignored", stacklevel=2)
+    if isinstance(peft_config, (list, tuple)):
+        from peftkit.methods.compose import ComposedConfig
+
+        peft_config = ComposedConfig(configs=list(peft_config))
     if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
     return PeftModel(model, peft_config, adapter_name)

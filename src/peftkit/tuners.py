@@ -63,6 +63,12 @@ class Tuner:
         peft files keep only its output; resize data-dependent tensors such as sparse indices). Raise
         ``AdapterLoadError`` for tensors that cannot be right (the caller removes the adapter)."""
 
+    def bundled(self, host: AdapterModel, adapter_name: str) -> list[tuple[str, str]]:
+        """``(namespace, other adapter)`` pairs whose tensors are saved in this adapter's file and loaded
+        from it, each under ``<namespace>.<that adapter's own file key>`` (a composition's parts, the
+        adapters a fusion fuses); none by default."""
+        return []
+
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
         """Drop state kept outside wrapped layers when the adapter is deleted or the model unloaded."""
 

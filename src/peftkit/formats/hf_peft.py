@@ -24,7 +24,7 @@ from torch import Tensor
 from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 
 if TYPE_CHECKING:
-    from peftkit.model import PeftModel
+    from peftkit.model import AdapterModel, PeftModel
 
 PREFIX = "base_model.model."
 
@@ -73,10 +73,32 @@ def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -
 def _tensors(model: PeftModel, adapter_name: str, export: bool) -> dict[str, Tensor]:
     host = model.base_model
     host.check_known([adapter_name])
+    return _file_tensors(host, adapter_name, export)
+
+
+def _file_tensors(host: AdapterModel, adapter_name: str, export: bool) -> dict[str, Tensor]:
+    """One adapter's tensors by file key, plus those of the adapters its tuner bundles into its file
+    (``<namespace>.<their own file key>``; see :meth:`peftkit.tuners.Tuner.bundled`)."""
+    tuner = host.tuner(adapter_name)
     prefix = key_prefix(host.peft_config[adapter_name])
     out = {prefix + k: v for k, v in host.adapter_tensors(adapter_name, export=export).items()}
-    out.update(host.tuner(adapter_name).extra_tensors(host, adapter_name))
+    out.update(tuner.extra_tensors(host, adapter_name))
+    for space, other in tuner.bundled(host, adapter_name):
+        out.update({f"{space}.{k}": v for k, v in _file_tensors(host, other, export).items()})
     return out
+
+
+def _before_load(host: AdapterModel, adapter_name: str, tensors: dict[str, Tensor]) -> None:
+    """Run the ``before_load`` hook of an adapter and of each bundled adapter (on its own slice of the
+    file, keys without the namespace; what a hook changes in its slice is written back)."""
+    tuner = host.tuner(adapter_name)
+    tuner.before_load(host, adapter_name, tensors)
+    for space, other in tuner.bundled(host, adapter_name):
+        head = space + "."
+        keys = [k for k in tensors if k.startswith(head)]
+        part = {k[len(head):]: tensors.pop(k) for k in keys}
+        _before_load(host, other, part)
+        tensors.update({head + k: v for k, v in part.items()})
 
 
 def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str = "default") -> None:
@@ -91,7 +113,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     """
     host = model.base_model
     host.check_known([adapter_name])
-    host.tuner(adapter_name).before_load(host, adapter_name, state_dict)
+    _before_load(host, adapter_name, state_dict)
     expected = _load_targets(model, state_dict, adapter_name)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

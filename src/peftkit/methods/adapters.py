@@ -250,6 +250,7 @@ class BottleneckTuner(WrapTuner):
     """Builds bottleneck adapters at the table's (or the given) sites."""
 
     method = "bottleneck adapters"
+    adapter_cls: type[BottleneckAdapter] = BottleneckAdapter
 
     def __init__(self) -> None:
         self._rule: nn.Parameter | None = None
@@ -311,7 +312,7 @@ class BottleneckTuner(WrapTuner):
             check(width % n == 0 and m % n == 0,
                   f"{module_name}: phm_dim={n} must divide the hidden size {width} and the bottleneck {m}; "
                   "choose another phm_dim, reduction_factor or bottleneck_size")
-        return BottleneckAdapter(
+        return self.adapter_cls(
             width, m, config.non_linearity, config.scaling, config.adapter_dropout, config.ln_before,
             config.residual_before_ln, config.init_weights, rule=self._rule, phm_rank=config.phm_rank,
             block=_block(module_name, config), drop=self._drop)

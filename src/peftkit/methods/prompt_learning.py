@@ -291,9 +291,10 @@ class PromptHooks:
                 raise ValueError(f"adapter {self.name!r} is a soft-prompt adapter; mixed-adapter batches "
                                  "(adapter_names=...) do not support soft prompts yet")
             return False
-        if self.name not in host.active_adapters:
+        in_use = host.in_use  # the active adapters and the parts of active composed ones
+        if self.name not in in_use:
             return False
-        others = [n for n in host.active_adapters if n != self.name and host.peft_config[n].is_prompt_learning]
+        others = [n for n in in_use if n != self.name and host.peft_config[n].is_prompt_learning]
         if others:
             raise ValueError(f"soft-prompt adapters {[self.name, *others]} are active together; activate one of "
                              "them (set_adapter) - stacking soft prompts is not supported")

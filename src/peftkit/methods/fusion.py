@@ -1,0 +1,186 @@
+"""AdapterFusion: attention over the outputs of several trained bottleneck adapters at each site.
+
+Paper: Pfeiffer, Kamath, Rücklé, Cho and Gurevych, "AdapterFusion: Non-Destructive Task Composition for
+Transfer Learning", 2020, arXiv:2005.00247.
+
+Equation, at a site with sub-layer output ``u`` (the serial adapters' input) and the changes
+``o_n = A_n(u) - u`` the ``N`` fused adapters make there:
+``p = softmax_n((W_Q u) . (W_K o_n))``, ``u' = u + sum_n p_n W_V o_n`` (AdapterHub's "dynamic" fusion: query
+from the sub-layer output, keys and values from the adapter outputs, the residual added after).
+``W_V`` starts at the identity and ``W_Q``, ``W_K`` near zero, so a new fusion averages its adapters, and a
+fusion of one adapter is that adapter. The training loss gets ``lambda sum_sites ||I - W_V||^2``
+(``regularization_weight``, the paper's regulariser keeping ``W_V`` near the identity). Trainable
+parameters per site: ``3 d^2 + 2 d`` (``W_Q``, ``W_K`` with biases, ``W_V`` without), or ``d^2`` at a site
+that holds only one of the fused adapters (its softmax has one entry, so it has no ``W_Q``, ``W_K``); the
+fused adapters stay frozen.
+
+A fusion is an adapter of its own (``add_fusion`` or ``AdapterFusionConfig``) that runs the fused adapters
+itself: activate the fusion alone (``set_adapter(fusion_name)``). Its file holds the fusion layers and a
+copy of every fused adapter (``fused.<name>.<that adapter's file key>``; their configs in
+``adapter_config.json``), so loading it onto a fresh model restores the fused adapters under their
+names as well; loading it where they exist loads the saved copies into them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.config import MethodSpec, PeftConfig, check, register_method
+from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.methods.adapters import BottleneckConfig
+from peftkit.tuners import Tuner
+
+FUSION_PAPER = ("AdapterFusion: Non-Destructive Task Composition for Transfer Learning (Pfeiffer et al., 2020, "
+                "arXiv:2005.00247)")
+
+
+@dataclass
+class AdapterFusionConfig(PeftConfig):
+    """Configuration of an AdapterFusion layer over trained serial bottleneck adapters.
+
+    Args:
+        adapters: the names of the fused adapters (at least one, no repeats), each a serial bottleneck
+            adapter (Houlsby, Pfeiffer, Compacter, ...) of the model.
+        adapter_configs: name -> config dict of each fused adapter; filled when the fusion is saved, and
+            used when loading it onto a model that lacks them. Leave empty.
+        regularization_weight: ``lambda`` of the ``||I - W_V||^2`` penalty, >= 0 (default 0.01, AdapterHub's).
+        modules_to_save: modules trained in full and saved with the fusion (``SEQ_CLS`` adds the head).
+
+    Raises:
+        ConfigError: an empty or repeated ``adapters`` list, a negative ``regularization_weight``; when
+            added, a name that is not an adapter of the model (and not saved with the fusion) or an adapter
+            that is not a serial bottleneck adapter.
+    """
+
+    peft_type = "ADAPTER_FUSION"
+    adapters: list[str] = field(default_factory=list)
+    adapter_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    regularization_weight: float = 0.01
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        check(isinstance(self.adapters, list) and bool(self.adapters) and all(isinstance(a, str) for a in self.adapters),
+              f"adapters={self.adapters!r} is not valid; give the names of the adapters to fuse, e.g. ['sst2', 'rte']")
+        repeated = sorted({a for a in self.adapters if self.adapters.count(a) > 1})
+        check(not repeated, f"adapters={self.adapters!r} names {repeated} more than once")
+        w = self.regularization_weight
+        check(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0,
+              f"regularization_weight={w!r} must be a number >= 0")
+
+
+class FusionAdapter(Adapter):
+    """The fusion layer at one site: attention over the fused adapters present there.
+
+    Args:
+        fused: names of the fused adapters at this site, in fusion order. width: ``d``.
+
+    Shapes: ``y: (..., d) -> (..., d)``; ``fusion_query``/``fusion_key``: ``Linear(d, d)`` (None with one
+    fused adapter: its weight is 1), ``fusion_value``: ``Linear(d, d, bias=False)``.
+    """
+
+    mergeable = False
+
+    def __init__(self, fused: list[str], width: int) -> None:
+        super().__init__()
+        self.fused = list(fused)
+        self.fusion_query = self.fusion_key = None
+        if len(fused) > 1:
+            self.fusion_query = nn.Linear(width, width)
+            self.fusion_key = nn.Linear(width, width)
+            for linear in (self.fusion_query, self.fusion_key):
+                nn.init.normal_(linear.weight, std=0.02)
+                nn.init.zeros_(linear.bias)
+        self.fusion_value = nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            self.fusion_value.weight.copy_(torch.eye(width))
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        changes = []
+        for name in self.fused:
+            if name not in layer.adapters:
+                raise ValueError(f"the fusion over {self.fused} needs adapter {name!r}, which was deleted")
+            changes.append(layer.adapters[name](layer, x, y) - y)
+        dtype = self.fusion_value.weight.dtype
+        if self.fusion_key is None:
+            return y + self.fusion_value(changes[0].to(dtype)).to(y.dtype)
+        o = torch.stack(changes, dim=-2).to(dtype)  # (..., N, d)
+        q = self.fusion_query(y.to(dtype)).unsqueeze(-1)  # (..., d, 1)
+        p = torch.softmax((self.fusion_key(o) @ q).squeeze(-1), dim=-1)  # (..., N)
+        return y + (p.unsqueeze(-2) @ self.fusion_value(o)).squeeze(-2).to(y.dtype)
+
+    def value_penalty(self) -> Tensor:
+        """``||I - W_V||^2`` (squared Frobenius norm)."""
+        w = self.fusion_value.weight
+        return (torch.eye(w.shape[0], device=w.device, dtype=w.dtype) - w).pow(2).sum()
+
+    def extra_repr(self) -> str:
+        return f"fused={self.fused}"
+
+
+class FusionTuner(Tuner):
+    """Adds the fused adapters the model lacks (from ``adapter_configs``), then a :class:`FusionAdapter` on every
+    layer that holds any of them."""
+
+    method = "AdapterFusion"
+
+    def inject(self, host: Any, config: AdapterFusionConfig, adapter_name: str) -> None:
+        public = host.public_names()
+        missing = [n for n in config.adapters if n not in public]
+        unknown = [n for n in missing if n not in config.adapter_configs]
+        check(not unknown, f"cannot fuse unknown adapter(s) {unknown}; this model has {public}")
+        parts = {n: host.peft_config[n] if n in public else PeftConfig.from_dict(config.adapter_configs[n])
+                 for n in config.adapters}
+        for n, cfg in parts.items():
+            check(isinstance(cfg, BottleneckConfig) and not cfg.is_parallel,
+                  f"adapter {n!r} is {cfg.peft_type}{' (parallel)' if getattr(cfg, 'is_parallel', False) else ''}; "
+                  "AdapterFusion fuses serial bottleneck adapters (Houlsby, Pfeiffer, Compacter, ...)")
+        for n in missing:
+            parts[n].inference_mode = True
+            host.add_adapter(n, parts[n])
+        layers = [w for _, w in host.wrappers() if isinstance(w, AdaptedLayer)
+                  and any(n in w.adapters for n in config.adapters)]
+        for w in layers:
+            present = [n for n in config.adapters if n in w.adapters]
+            w.add(adapter_name, FusionAdapter(present, w.adapters[present[0]].width))
+
+    def bundled(self, host: Any, adapter_name: str) -> list[tuple[str, str]]:
+        return [(f"fused.{n}", n) for n in host.peft_config[adapter_name].adapters]
+
+    def export_config(self, host: Any, adapter_name: str) -> PeftConfig:
+        """The fusion config with the fused adapters' saved configs in ``adapter_configs``."""
+        config = host.peft_config[adapter_name]
+        saved = {n: host.tuner(n).export_config(host, n).to_dict() for n in config.adapters}
+        return dataclasses.replace(config, adapter_configs=saved)
+
+    def regularizer(self, host: Any, adapter_name: str) -> Tensor | None:
+        weight = host.peft_config[adapter_name].regularization_weight
+        layers = [w.adapters[adapter_name] for _, w in host.wrappers()
+                  if isinstance(w, AdaptedLayer) and adapter_name in w.adapters]
+        if not weight or not layers:
+            return None
+        return weight * torch.stack([a.value_penalty() for a in layers]).sum()
+
+
+def add_fusion(model: Any, adapters: list[str], fusion_name: str = "fusion", **options: Any) -> None:
+    """Add an AdapterFusion layer named ``fusion_name`` over the trained serial bottleneck ``adapters`` of
+    ``model`` (a :class:`peftkit.PeftModel`); AdapterHub's ``add_adapter_fusion(Fuse(...))``. It is added
+    inactive: ``model.set_adapter(fusion_name)`` activates it, training only the fusion layers.
+
+    Args:
+        options: other :class:`AdapterFusionConfig` fields (``regularization_weight``, ``task_type``, ...).
+
+    Raises:
+        ConfigError: see :class:`AdapterFusionConfig`; the model is left unchanged.
+    """
+    model.add_adapter(fusion_name, AdapterFusionConfig(adapters=list(adapters), **options))
+
+
+register_method(MethodSpec(
+    name="adapter-fusion", config_cls=AdapterFusionConfig, family="multi-task", kind="compose", mergeable=False,
+    paper=FUSION_PAPER, tuner=FusionTuner(), aliases=("fusion",),
+))

@@ -1,0 +1,160 @@
+"""Several named adapters of different methods on one model (LoRA, IA3, Houlsby, prefix tuning, BitFit):
+load, switch, enable several at once, delete, train several at once."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peftkit import (
+    BitFitConfig,
+    HoulsbyConfig,
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    get_peft_model,
+)
+from peftkit.layers import AdaptedLayer
+from tests.conftest import ids, tiny_bert_classifier
+
+CONFIGS = {
+    "lora": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value", "output.dense"]),
+    "ia3": lambda: IA3Config(init_ia3_weights=False),
+    "houlsby": lambda: HoulsbyConfig(bottleneck_size=4, init_weights="bert"),
+    "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=3),
+    "bitfit": lambda: BitFitConfig(),
+}
+NAMES = list(CONFIGS)
+
+
+def nudge(model, name: str, seed: int) -> None:
+    """Give adapter ``name``'s own tensors non-zero random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if f".{name}." in key or key.endswith(f".{name}") or f"adapters.{name}." in key:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def all_five():
+    base = tiny_bert_classifier()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, CONFIGS["lora"](), adapter_name="lora")
+    for name in NAMES[1:]:
+        model.add_adapter(name, CONFIGS[name]())
+    for i, name in enumerate(NAMES):
+        nudge(model, name, i)
+    return model, twin
+
+
+def alone(name: str, model, twin):
+    """``name`` on its own copy of the base model, with the same tensors."""
+    from peftkit import get_peft_model_state_dict, set_peft_model_state_dict
+
+    single = get_peft_model(copy.deepcopy(twin), CONFIGS[name](), adapter_name=name)
+    set_peft_model_state_dict(single, get_peft_model_state_dict(model, name), name)
+    return single
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def test_switching_gives_each_adapter_alone():
+    model, twin = all_five()
+    x = ids()
+    outs = {}
+    for name in NAMES:
+        model.set_adapter(name)
+        outs[name] = logits(model, x)
+        assert (outs[name] - logits(alone(name, model, twin), x)).abs().max() <= 1e-6, name
+    assert min((outs[a] - outs[b]).abs().max() for a in NAMES for b in NAMES if a < b) > 1e-5
+    with model.disable_adapter():
+        assert torch.equal(logits(model, x), twin(input_ids=x).logits)
+
+
+def test_several_at_once_equals_their_composition_and_order_of_activation():
+    model, twin = all_five()
+    x = ids()
+    model.set_adapter(NAMES)
+    together = logits(model, x)
+    combo = get_peft_model(copy.deepcopy(twin), [CONFIGS[n]() for n in NAMES])
+    from peftkit import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = {}
+    for i, name in enumerate(NAMES):
+        state.update({f"parts.{i}.{k}": v for k, v in get_peft_model_state_dict(model, name).items()})
+    set_peft_model_state_dict(combo, state)
+    assert (logits(combo, x) - together).abs().max() <= 1e-6
+    for name in NAMES:
+        model.set_adapter(name)
+        assert (logits(model, x) - together).abs().max() > 1e-5
+
+
+def test_training_several_at_once_reaches_exactly_the_active_ones():
+    model, _ = all_five()
+    active = ["ia3", "prefix", "bitfit"]
+    model.set_adapter(active)
+    model.train()
+    model(input_ids=ids(4)).logits.pow(2).sum().backward()
+    for key, p in model.named_parameters():
+        owner = next((n for n in NAMES if f"adapters.{n}." in key or f"extra_modules.{n}." in key), None)
+        got = p.grad is not None and p.grad.abs().sum() > 0
+        assert got == (owner in active), key
+    assert {n for n in NAMES if any(p.requires_grad for k, p in model.named_parameters()
+                                    if f"adapters.{n}." in k or f"extra_modules.{n}." in k)} == set(active)
+
+
+def test_delete_one_leaves_the_others_unchanged():
+    model, twin = all_five()
+    x = ids()
+    model.set_adapter(["lora", "houlsby", "bitfit"])
+    before = logits(model, x)
+    model.delete_adapter("prefix")
+    model.delete_adapter("ia3")
+    assert list(model.peft_config) == ["lora", "houlsby", "bitfit"]
+    assert (logits(model, x) - before).abs().max() <= 1e-6
+    for name in ("lora", "houlsby", "bitfit"):
+        model.delete_adapter(name)
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+    assert torch.equal(logits(model, x), twin(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("first", ["prefix", "bitfit"])
+def test_save_all_and_load_them_back(first, tmp_path):
+    model, twin = all_five()
+    x = ids()
+    outs = {}
+    for name in NAMES:
+        model.set_adapter(name)
+        outs[name] = logits(model, x)
+    model.set_adapter(["houlsby", "lora"])
+    outs["pair"] = logits(model, x)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(twin, tmp_path / first, adapter_name=first)
+    for name in NAMES:
+        if name != first:
+            loaded.load_adapter(tmp_path / name, adapter_name=name)
+    for name in NAMES:
+        loaded.set_adapter(name)
+        assert (logits(loaded, x) - outs[name]).abs().max() <= 1e-6, name
+    loaded.set_adapter(["houlsby", "lora"])
+    assert (logits(loaded, x) - outs["pair"]).abs().max() <= 1e-6
+
+
+def test_merging_several_methods_at_once_is_exact():
+    model, twin = all_five()
+    x = ids()
+    names = ["bitfit", "ia3", "lora"]  # substitution, input/output rescaling and low-rank update at shared layers
+    model.set_adapter(names)
+    unmerged = logits(model, x)
+    model.merge_adapter()
+    assert sorted(model.base_model.merged_adapters()) == sorted(names)
+    assert (logits(model, x) - unmerged).abs().max() <= 1e-5
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        assert (logits(model, x) - twin(input_ids=x).logits).abs().max() <= 1e-5
