@@ -192,7 +192,7 @@ def test_other_architectures_merge_exactly_and_select_tied_weights_once(model_fn
 
 
 def test_methods_train_at_their_default_learning_rates():
-    assert RunConfig(method="bitfit").learning_rate() == 1e-3
+    assert RunConfig(method="bitfit").learning_rate() == 5e-3
     assert RunConfig(method="fish").learning_rate() == 1e-4
     assert RunConfig(method="partial", lr=3e-3).learning_rate() == 3e-3
     assert RunConfig(method="partial", full_finetune=True).learning_rate() == 5e-5

@@ -359,4 +359,6 @@ _ALIASES = {"parallel-adapter": ("parallel",), "compacter++": ("compacter-pp",)}
 for _name, _cls in _CONFIGS.items():
     register_method(MethodSpec(name=_name, config_cls=_cls, family="additive", kind="wrap", mergeable=False,
                                paper=_PAPERS[_name], tuner=_TUNER, cli_config=_cli(_cls),
-                               aliases=_ALIASES.get(_name, ())))
+                               aliases=_ALIASES.get(_name, ()),
+                               # PHM layers have few parameters and want a larger step (measured on SST-2)
+                               default_lr=5e-3 if _name.startswith("compacter") else None))

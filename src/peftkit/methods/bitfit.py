@@ -60,5 +60,5 @@ def bitfit_from_cli(args: Any) -> BitFitConfig:
 
 register_method(MethodSpec(
     name="bitfit", config_cls=BitFitConfig, family="selective", kind="select", mergeable=True,
-    paper=BITFIT_PAPER, tuner=BitFitTuner(), cli_config=bitfit_from_cli,
+    paper=BITFIT_PAPER, tuner=BitFitTuner(), cli_config=bitfit_from_cli, default_lr=5e-3,
 ))

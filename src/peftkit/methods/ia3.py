@@ -183,5 +183,5 @@ def ia3_from_cli(args: Any) -> IA3Config:
 
 register_method(MethodSpec(
     name="ia3", config_cls=IA3Config, family="additive", kind="wrap", mergeable=True, paper=IA3_PAPER,
-    tuner=IA3Tuner(), cli_config=ia3_from_cli,
+    tuner=IA3Tuner(), cli_config=ia3_from_cli, default_lr=5e-3,
 ))

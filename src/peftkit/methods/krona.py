@@ -140,5 +140,5 @@ def krona_from_cli(args: Any) -> KronaConfig:
 
 register_method(MethodSpec(
     name="krona", config_cls=KronaConfig, family="reparameterised", kind="wrap", mergeable=True,
-    paper=KRONA_PAPER, tuner=KronaTuner(), cli_config=krona_from_cli,
+    paper=KRONA_PAPER, tuner=KronaTuner(), cli_config=krona_from_cli, default_lr=5e-3,
 ))

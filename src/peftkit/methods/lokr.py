@@ -154,5 +154,5 @@ def lokr_from_cli(args: Any) -> LoKrConfig:
 
 register_method(MethodSpec(
     name="lokr", config_cls=LoKrConfig, family="reparameterised", kind="wrap", mergeable=True,
-    paper=LOKR_PAPER, tuner=LoKrTuner(), cli_config=lokr_from_cli,
+    paper=LOKR_PAPER, tuner=LoKrTuner(), cli_config=lokr_from_cli, default_lr=5e-3,
 ))

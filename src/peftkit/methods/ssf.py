@@ -130,5 +130,5 @@ def ssf_from_cli(args: Any) -> SSFConfig:
 
 register_method(MethodSpec(
     name="ssf", config_cls=SSFConfig, family="additive", kind="wrap", mergeable=True, paper=SSF_PAPER,
-    tuner=SSFTuner(), cli_config=ssf_from_cli,
+    tuner=SSFTuner(), cli_config=ssf_from_cli, default_lr=5e-3,
 ))

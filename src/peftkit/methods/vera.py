@@ -211,5 +211,5 @@ def vera_from_cli(args: Any) -> VeraConfig:
 
 register_method(MethodSpec(
     name="vera", config_cls=VeraConfig, family="reparameterised", kind="wrap", mergeable=True,
-    paper=VERA_PAPER, tuner=VeraTuner(), cli_config=vera_from_cli,
+    paper=VERA_PAPER, tuner=VeraTuner(), cli_config=vera_from_cli, default_lr=1e-2,
 ))
