@@ -1,6 +1,6 @@
 """How a method puts one named adapter into a model.
 
-A tuner is the "code that applies" a registered method. The host (:class:`peftkit.model.AdapterModel`)
+A tuner is the "code that applies" a registered method. The host (:class:`peftkit.host.AdapterModel`)
 calls ``tuner.inject(host, config, adapter_name)``; everything else in the lifecycle (activation,
 trainability, merging, saving) is generic.
 
@@ -21,7 +21,7 @@ from peftkit.targeting import find_targets
 
 if TYPE_CHECKING:
     from peftkit.config import PeftConfig
-    from peftkit.model import AdapterModel
+    from peftkit.host import AdapterModel
 
 
 class Tuner:

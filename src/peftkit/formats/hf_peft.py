@@ -24,7 +24,8 @@ from torch import Tensor
 from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 
 if TYPE_CHECKING:
-    from peftkit.model import AdapterModel, PeftModel
+    from peftkit.host import AdapterModel
+    from peftkit.model import PeftModel
 
 PREFIX = "base_model.model."
 

@@ -39,7 +39,7 @@ from peftkit.ops import Dropout
 from peftkit.tuners import WrapTuner
 
 if TYPE_CHECKING:
-    from peftkit.model import AdapterModel
+    from peftkit.host import AdapterModel
 
 ADALORA_PAPER = ("AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning "
                  "(Zhang et al., 2023, arXiv:2303.10512)")

@@ -41,7 +41,7 @@ from peftkit.config import PeftConfig, check
 from peftkit.tuners import Tuner
 
 if TYPE_CHECKING:
-    from peftkit.model import AdapterModel
+    from peftkit.host import AdapterModel
 
 
 def _positive_or_none(config: Any, name: str) -> None:

@@ -33,7 +33,7 @@ from peftkit.targeting import pattern_key
 from peftkit.tuners import WrapTuner
 
 if TYPE_CHECKING:
-    from peftkit.model import AdapterModel
+    from peftkit.host import AdapterModel
 
 SORA_PAPER = "Sparse Low-rank Adaptation of Pre-trained Language Models (Ding et al., 2023, arXiv:2311.11696)"
 

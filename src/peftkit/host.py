@@ -1,0 +1,333 @@
+"""The adapter host: the user's model plus every named adapter's lifecycle (peft's "tuner model").
+
+:class:`AdapterModel` injects adapters through their methods' tuners, activates them, sets what
+trains, merges, unloads and collects the tensors each adapter saves. :class:`peftkit.PeftModel`
+wraps it with HF PEFT's public API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.config import ConfigError, PeftConfig, get_method
+from peftkit.layers import BASE_ROWS, AdaptedLayer, AdapterContext, ModulesToSaveWrapper, replace_module
+
+SEQ_CLS_HEADS = ("classifier", "score")
+PART_SEP = "#"  # a part of a composed adapter is named "<owner>#<index>"; user names cannot contain it
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or "." in name or PART_SEP in name or name == BASE_ROWS:
+        raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty string without '.' or "
+                          f"{PART_SEP!r} other than {BASE_ROWS!r}")
+    return name
+
+
+class AdapterModel(nn.Module):
+    """Holds the user's model as ``.model`` and drives every adapter's lifecycle (peft's "tuner model").
+
+    Attributes:
+        model: the adapted model; wrapped layers live inside it.
+        peft_config: adapter name -> its config, in the order the adapters were added.
+        active_adapters: names of the adapters in use, in order.
+        extra_modules: adapter name -> a module the adapter keeps outside the model's layers (e.g. a prompt
+            encoder); a tuner's ``inject`` puts it there. It trains exactly when its adapter is active and
+            not in inference mode, and goes when the adapter is deleted or the model unloaded.
+        members: adapter name -> the names of its *parts* (a composed adapter, see :meth:`add_member`). A
+            part is an adapter like any other for layers and tuners (its config is in ``peft_config``), but
+            users only address its owner, with which it is activated, trained, merged, saved and deleted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapters: list[str] = []
+        self.ctx = AdapterContext()
+        self.extra_modules = nn.ModuleDict()
+        self.disabled = False
+        self.members: dict[str, list[str]] = {}
+        self._extra: dict[str, list[str]] = {}
+
+    # --- structure ----------------------------------------------------------------------------------
+    def wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, wrapper)`` for every AdaptedLayer and ModulesToSaveWrapper in the model."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    def modules_to_save_names(self) -> list[str]:
+        return [n for n, m in self.wrappers() if isinstance(m, ModulesToSaveWrapper)]
+
+    def set_extra_trainable(self, adapter_name: str, names: list[str]) -> None:
+        """Record base-model parameters (by name) that ``adapter_name`` trains and saves."""
+        self._extra[adapter_name] = list(names)
+
+    def extra_trainable(self, adapter_name: str) -> list[str]:
+        return self._extra.get(adapter_name, [])
+
+    # --- parts of composed adapters -----------------------------------------------------------------------
+    def add_member(self, owner: str, config: PeftConfig) -> str:
+        """Inject ``config`` as the next part of adapter ``owner`` (called by a composing tuner's ``inject``);
+        returns the part's name ``<owner>#<index>``, which no user adapter can have. On error the owner's
+        :meth:`add_adapter` removes the owner with all its parts."""
+        parts = self.members.setdefault(owner, [])
+        name = f"{owner}{PART_SEP}{len(parts)}"
+        parts.append(name)
+        self.peft_config[name] = config
+        get_method(config.peft_type).tuner.inject(self, config, name)
+        return name
+
+    def parts(self, names: Sequence[str]) -> list[str]:
+        """The adapters the layers run for ``names``: each name followed by its parts, if it has any."""
+        out: list[str] = []
+        for n in names:
+            out += [n, *self.members.get(n, ())]
+        return out
+
+    def owner(self, name: str) -> str:
+        """The adapter that ``name`` is a part of (``name`` itself when it is not a part)."""
+        return next((o for o, parts in self.members.items() if name in parts), name)
+
+    def public_names(self) -> list[str]:
+        """The adapters users address: every adapter except the parts of composed ones."""
+        return [n for n in self.peft_config if self.owner(n) == n]
+
+    @property
+    def in_use(self) -> list[str]:
+        """Every adapter the layers run now: the active adapters and their parts, in order."""
+        return self.parts(self.active_adapters)
+
+    def training_parts(self) -> list[str]:
+        """The active adapters and their parts whose owner is not in inference mode (they train)."""
+        return self.parts([n for n in self.active_adapters if not self.peft_config[n].inference_mode])
+
+    # --- adding and removing --------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Inject a new adapter (not yet active). On any error the model is left exactly as it was.
+
+        Raises:
+            ConfigError: invalid or duplicate name, no matching module, a value the model cannot take.
+        """
+        _check_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"adapter {adapter_name!r} already exists; existing: {list(self.peft_config)}")
+        if not isinstance(config, PeftConfig):
+            raise ConfigError(f"expected a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
+        spec = get_method(config.peft_type)
+        before = set(self.peft_config)
+        self.peft_config[adapter_name] = config
+        try:
+            self._wrap_modules_to_save(config, adapter_name)
+            spec.tuner.inject(self, config, adapter_name)
+        except BaseException:  # remove it and whatever its tuner added (parts, adapters a fusion loads)
+            for name in reversed([n for n in self.peft_config if n not in before]):
+                if name in self.peft_config:
+                    self._remove_everywhere(name)
+                    del self.peft_config[name]
+            raise
+        for _, w in self.wrappers():
+            w.set_active(self.in_use)
+
+    def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+        wanted = list(getattr(config, "modules_to_save", None) or [])
+        auto = [h for h in SEQ_CLS_HEADS if config.task_type == "SEQ_CLS" and h not in wanted]
+        if not wanted and not auto:
+            return
+        found: list[str] = []
+        for name, _ in list(_logical(self.model)):
+            if any(name == w or name.endswith("." + w) for w in wanted + auto):
+                found.append(name)
+        if wanted and not found:
+            raise ConfigError(f"modules_to_save={wanted!r} matched no module of the model")
+        for name in found:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(module)
+                wrapper._ctx = self.ctx
+                replace_module(self.model, name, wrapper)
+                module = wrapper
+            module.add(adapter_name)
+
+    def tuner(self, adapter_name: str) -> Any:
+        """The registered tuner of adapter ``adapter_name``'s method."""
+        return get_method(self.peft_config[adapter_name].peft_type).tuner
+
+    def _remove_everywhere(self, adapter_name: str) -> None:
+        for part in self.members.pop(adapter_name, []):
+            self._remove_everywhere(part)
+            self.peft_config.pop(part, None)
+        if adapter_name in self.peft_config:
+            self.tuner(adapter_name).remove(self, adapter_name)
+        for name, module in list(self.wrappers()):
+            if isinstance(module, AdaptedLayer):
+                if adapter_name in module.adapters:
+                    module.remove(adapter_name)
+                if len(module.adapters) == 0:
+                    replace_module(self.model, name, module.base_layer)
+            else:
+                module.remove(adapter_name)
+                if len(module.modules_to_save) == 0:
+                    replace_module(self.model, name, module.original_module)
+        self._extra.pop(adapter_name, None)
+        if adapter_name in self.extra_modules:
+            del self.extra_modules[adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; layers left with no adapter get their base module back.
+
+        Raises:
+            ConfigError: unknown name.
+        """
+        self.check_known([adapter_name])
+        self._remove_everywhere(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config and self.active_adapters:
+            remaining = self.public_names()[:1]
+        self.set_adapter(remaining)
+
+    def check_known(self, names: Sequence[str]) -> None:
+        """Raise :class:`ConfigError` naming any of ``names`` that is not an adapter of this model (the parts
+        of composed adapters are not addressable)."""
+        public = self.public_names()
+        unknown = [n for n in names if n not in public]
+        if unknown:
+            raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}")
+
+    # --- activation and trainability ------------------------------------------------------------------
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Activate ``adapter_names`` (one or several, applied in order) and make them trainable unless
+        their config says ``inference_mode``. Other adapters are frozen and unused."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.check_known(names)
+        self.active_adapters = names
+        for _, w in self.wrappers():
+            w.set_active(self.in_use)
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.extra_modules.requires_grad_(False)
+        params = dict(self.model.named_parameters())
+        for name in self.training_parts():
+            if name in self.extra_modules:
+                self.extra_modules[name].requires_grad_(True)
+            for _, w in self.wrappers():
+                if isinstance(w, AdaptedLayer) and name in w.adapters:
+                    adapter = w.adapters[name]
+                    frozen = set(getattr(adapter, "frozen_parameters", ()))
+                    for pname, p in adapter.named_parameters():
+                        p.requires_grad_(pname not in frozen)
+                elif isinstance(w, ModulesToSaveWrapper) and name in w.modules_to_save:
+                    w.modules_to_save[name].requires_grad_(True)
+            for pname in self.extra_trainable(name):
+                params[pname].requires_grad_(True)
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        for _, w in self.wrappers():
+            w.disabled = disabled
+
+    # --- merging ------------------------------------------------------------------------------------
+    def merged_adapters(self) -> list[str]:
+        out: list[str] = []
+        for _, w in self.wrappers():
+            if isinstance(w, AdaptedLayer):
+                out += [o for o in map(self.owner, w.merged_adapters) if o not in out]
+        return out
+
+    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights.
+
+        A composed adapter merges when every part does; otherwise the error names the part that does not.
+
+        Raises:
+            ConfigError: unknown name. ValueError: a method that cannot merge (checked before any
+            layer changes), or with ``safe_merge`` a merged weight that is not finite.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        self.check_known(names)
+        for n in names:
+            for part in self.members.get(n) or [n]:
+                peft_type = self.peft_config[part].peft_type
+                if not get_method(peft_type).mergeable:
+                    what = f"its part {part!r} uses {peft_type}" if part != n else f"it uses {peft_type}"
+                    raise ValueError(f"adapter {n!r} cannot be merged: {what}, which cannot be merged")
+        names = self.parts(names)
+        layers = [w for _, w in self.wrappers() if isinstance(w, AdaptedLayer)]
+        if safe_merge:
+            for w in layers:
+                for n in names:
+                    if n in w.adapters and n not in w.merged_adapters:
+                        weight, bias = w.weight.detach().float(), None if w.bias is None else w.bias.detach().float()
+                        new_w, _ = w.adapters[n].merge_into(w, weight, bias)
+                        if not torch.isfinite(new_w).all():
+                            raise ValueError(f"merging adapter {n!r} gives non-finite weights; nothing was merged")
+        counts: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        for w in layers:
+            w.merge(names, tied=counts.get(id(w.weight), 0) > 1)
+
+    def unmerge(self) -> None:
+        """Undo all merges, restoring the base weights to float tolerance."""
+        for _, w in self.wrappers():
+            if isinstance(w, AdaptedLayer):
+                w.unmerge()
+
+    def unload(self, merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Return the bare model: wrappers replaced by their base modules (merged first if ``merge``);
+        ``modules_to_save`` become the active adapter's trained copy when merging, else the original."""
+        if merge:
+            self.merge(adapter_names)
+        else:
+            self.unmerge()
+        keep = (list(adapter_names) if adapter_names is not None else self.active_adapters) if merge else []
+        for name, w in list(self.wrappers()):
+            if isinstance(w, AdaptedLayer):
+                replace_module(self.model, name, w.base_layer)
+            else:
+                copy = next((w.modules_to_save[a] for a in keep if a in w.modules_to_save), w.original_module)
+                replace_module(self.model, name, copy)
+        for name in list(self.peft_config):
+            self.tuner(name).remove(self, name)
+        self.peft_config.clear()
+        self.members.clear()
+        self.active_adapters = []
+        self._extra.clear()
+        self.extra_modules.clear()
+        return self.model
+
+    # --- state for saving ---------------------------------------------------------------------------
+    def adapter_tensors(self, adapter_name: str, export: bool = False) -> dict[str, Tensor]:
+        """The tensors of one adapter keyed as on disk, relative to the model (no ``base_model.model.``):
+        ``<module path>.<parameter path inside the adapter>``; built from the module tree. With ``export``
+        each adapter gives what its file holds (:meth:`Adapter.export_state`, e.g. only kept ranks);
+        without, the live tensors (what loading copies into). ``adapter_name`` may name a part."""
+        if adapter_name not in self.peft_config:
+            self.check_known([adapter_name])
+        out: dict[str, Tensor] = {}
+        for name, w in self.wrappers():
+            if isinstance(w, AdaptedLayer) and adapter_name in w.adapters:
+                adapter = w.adapters[adapter_name]
+                for k, t in (adapter.export_state() if export else adapter.state_dict()).items():
+                    out[f"{name}.{k}"] = t
+            elif isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save:
+                for k, t in w.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{name}.{k}"] = t
+        params = dict(self.model.named_parameters())
+        for pname in self.extra_trainable(adapter_name):
+            out[pname] = params[pname]
+        return out
+
+
+def _logical(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from peftkit.targeting import iter_logical_modules
+
+    return iter_logical_modules(model)
