@@ -165,3 +165,15 @@ def test_a_zero_scale_cannot_be_merged_and_the_layer_is_left_as_it_was():
     with pytest.raises(ValueError, match="zero entry"):
         model.merge_adapter()
     assert torch.equal(layer.weight, weight) and layer.merged_adapters == []
+
+
+def test_own_targets_without_feedforward_modules_keep_only_the_defaults_they_name(tmp_path):
+    # the default feed-forward list of the architecture is cut to the targets given, so the saved
+    # config obeys its own rule (feedforward_modules within target_modules) and loads again
+    model = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"]))
+    assert model.peft_config["default"].feedforward_modules == ["down_proj"]
+    model.save_pretrained(tmp_path)
+    again = peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert again.peft_config["default"].feedforward_modules == ["down_proj"]
+    only_attention = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "v_proj"]))
+    assert only_attention.peft_config["default"].feedforward_modules == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -159,3 +161,18 @@ def test_gradient_checkpointing_with_frozen_base_gives_adapter_gradients():
     grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
     assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert model.transformer.h[0].attn.c_attn.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("r", "8", "r='8' is not valid: expected an integer"),
+    ("r", True, "r=True is not valid: expected an integer"),
+    ("lora_alpha", float("nan"), "lora_alpha=nan is not valid: numbers must be finite"),
+    ("lora_dropout", float("inf"), "lora_dropout=inf is not valid: numbers must be finite"),
+    ("use_rslora", "yes", "use_rslora='yes' is not valid: expected true or false"),
+    ("rank_pattern", {"q": "4"}, "rank_pattern="),
+])
+def test_fields_of_the_wrong_type_or_not_finite_are_refused_by_name(field, value, expected):
+    from peftkit import ConfigError, LoraConfig
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        LoraConfig(**{field: value})

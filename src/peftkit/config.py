@@ -10,9 +10,13 @@ same field names and the same ``peft_type`` strings, so that files move both way
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
+import math
 import os
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +45,71 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (bool is not a number; unknown constructs pass)."""
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set, collections.abc.Sequence):
+        return isinstance(value, (list, tuple, set)) and (not args or all(_conforms(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_conforms(k, args[0]) and _conforms(v, args[1])
+                                                            for k, v in value.items()))
+    if isinstance(tp, type) and not issubclass(tp, PeftConfig):
+        return isinstance(value, tp)
+    return True
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple, set)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def check_fields(config: Any) -> None:
+    """Check every dataclass field of ``config`` against its type annotation, and that no number in it
+    is NaN or infinite.
+
+    Raises:
+        ConfigError: naming the field, the value and the expected type.
+    """
+    try:
+        hints = typing.get_type_hints(type(config))
+    except (NameError, TypeError):  # an annotation that cannot be resolved here: check finiteness only
+        hints = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        check(not _non_finite(value), f"{f.name}={value!r} is not valid: numbers must be finite (no NaN or inf)")
+        tp = hints.get(f.name)
+        if tp is not None:
+            check(_conforms(value, tp), f"{f.name}={value!r} is not valid: expected {_describe(tp)}, "
+                                        f"got {type(value).__name__}")
+
+
+def _describe(tp: Any) -> str:
+    text = str(tp).replace("typing.", "")
+    return {"<class 'bool'>": "true or false", "<class 'int'>": "an integer", "<class 'float'>": "a number",
+            "<class 'str'>": "a string"}.get(text, text)
+
+
 @dataclass
 class PeftConfig:
     """Base class of every method's configuration (mirrors ``peft.PeftConfig``).
@@ -66,6 +135,7 @@ class PeftConfig:
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
             check(self.task_type in TASK_TYPES,
                   f"task_type={self.task_type!r} is not valid; expected one of {TASK_TYPES} or None")
+        check_fields(self)
         self.validate()
 
     def validate(self) -> None:

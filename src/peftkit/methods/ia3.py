@@ -161,7 +161,10 @@ class IA3Tuner(WrapTuner):
                                         f"{sorted(IA3_DEFAULTS)}); give target_modules and feedforward_modules")
             config.target_modules = list(IA3_DEFAULTS[kind][0])
         if config.feedforward_modules is None:
-            config.feedforward_modules = list(IA3_DEFAULTS[kind][1]) if kind in IA3_DEFAULTS else []
+            defaults = list(IA3_DEFAULTS[kind][1]) if kind in IA3_DEFAULTS else []
+            if isinstance(given[0], list):  # only the defaults the user's own targets include (a subset, as saved)
+                defaults = [m for m in defaults if m in given[0]]
+            config.feedforward_modules = defaults
         try:
             super().inject(host, config, adapter_name)
         except BaseException:

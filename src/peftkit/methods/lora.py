@@ -98,7 +98,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
     use_dora: bool = False
-    loftq_config: dict[str, Any] = field(default_factory=dict)
+    loftq_config: Any = field(default_factory=dict)  # a LoftQConfig or a dict; stored as a dict
     use_qalora: bool = False
     qalora_group_size: int = 16
 
