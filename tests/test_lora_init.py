@@ -193,3 +193,20 @@ def test_rank_above_the_matrix_rank_is_a_config_error_and_changes_nothing():
         get_peft_model(base, LoraConfig(r=6, target_modules=["0", "1"], init_lora_weights="pissa"))
     assert all(torch.equal(a, b) for a, b in zip(before, base.parameters(), strict=True))
     assert isinstance(base[0], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_deleting_or_unloading_unmerged_gives_the_original_base_weights_back(init, arch):
+    make, targets = MODELS[arch]
+    base = make()
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=init))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=targets, init_lora_weights=init))
+    perturb(model)  # training moves A and B; the residual left in the base must still be undone exactly
+    model.merge_adapter(["default"])
+    model.delete_adapter("other")  # deleted while another adapter is merged on the same layers
+    model.unmerge_adapter()
+    back = model.unload()
+    for n, p in back.named_parameters():
+        assert (p - original[n]).abs().max() <= 1e-5, n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import peftkit
 from peftkit import ConfigError, LoraConfig, get_peft_model
 from peftkit.layers import AdaptedLayer
 from peftkit.merging import combine, elect_sign, magnitude_mask
@@ -132,6 +133,8 @@ def test_merging_errors():
         (dict(adapters=["default", "b"], weights=[1, 1], combination_type="ties"), "equal rank"),
         (dict(adapters=["default", "c"], weights=[1, 1], combination_type="ties"), "density=None"),
         (dict(adapters=["default", "b"], weights=[1, 1], adapter_name="c"), "already exists"),
+        (dict(adapters=["default", "b"], weights=[1, float("nan")]), "nan is not a finite number"),
+        (dict(adapters=["default", "b"], weights=[1, "0.5"]), "'0.5' is not a finite number"),
     ]
     for kw, msg in cases:
         kw.setdefault("adapter_name", "new")
@@ -157,3 +160,6 @@ def test_non_lora_adapters_are_refused():
     model.peft_config["b"] = type("Other", (LoraConfig,), {"peft_type": "OTHER"})(target_modules=["lin"])
     with pytest.raises(ConfigError, match="plain LoRA"):
         model.add_weighted_adapter(["default", "b"], [1, 1], "new", combination_type="cat")
+    model.add_adapter("ia3", peftkit.IA3Config(target_modules=["lin"], feedforward_modules=[]))
+    with pytest.raises(ConfigError, match="'ia3' is IA3; add_weighted_adapter combines plain LoRA"):
+        model.add_weighted_adapter(["default", "ia3"], [1, 1], "new", combination_type="cat")

@@ -21,9 +21,10 @@ PART_SEP = "#"  # a part of a composed adapter is named "<owner>#<index>"; user 
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or "." in name or PART_SEP in name or name == BASE_ROWS:
-        raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty string without '.' or "
-                          f"{PART_SEP!r} other than {BASE_ROWS!r}")
+    if (not isinstance(name, str) or not name or any(c in name for c in (".", "/", "\\", PART_SEP))
+            or name == BASE_ROWS):
+        raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty string without '.', '/', "
+                          f"'\\' or {PART_SEP!r}, other than {BASE_ROWS!r} (it also names a folder on disk)")
     return name
 
 
@@ -44,6 +45,10 @@ class AdapterModel(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        wrapped = next((n for n, m in model.named_modules() if isinstance(m, (AdaptedLayer, ModulesToSaveWrapper))), None)
+        if wrapped is not None:
+            raise ConfigError(f"the model already holds peftkit adapters (module {wrapped!r}); add more to its "
+                              "PeftModel with add_adapter(), or start from peft_model.unload()")
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = []
@@ -52,6 +57,10 @@ class AdapterModel(nn.Module):
         self.disabled = False
         self.members: dict[str, list[str]] = {}
         self._extra: dict[str, list[str]] = {}
+        # base parameters' own values that adapters train or load over (restored when none claims them),
+        # and every base parameter's requires_grad as the user had it (restored by unload)
+        self._originals: dict[str, tuple[Tensor, Tensor]] = {}
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
     # --- structure ----------------------------------------------------------------------------------
     def wrappers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -64,8 +73,20 @@ class AdapterModel(nn.Module):
         return [n for n, m in self.wrappers() if isinstance(m, ModulesToSaveWrapper)]
 
     def set_extra_trainable(self, adapter_name: str, names: list[str]) -> None:
-        """Record base-model parameters (by name) that ``adapter_name`` trains and saves."""
+        """Record base-model parameters (by name) that ``adapter_name`` trains and saves. Their values are
+        kept aside first, and put back once no adapter claims them (delete, ``unload`` without merging)."""
+        params = dict(self.model.named_parameters())
+        for n in names:
+            if n not in self._originals:  # the parameter itself is kept: wrapping may rename it later
+                self._originals[n] = (params[n], params[n].detach().clone())
         self._extra[adapter_name] = list(names)
+
+    def _restore_unclaimed(self) -> None:
+        claimed = {n for names in self._extra.values() for n in names}
+        with torch.no_grad():
+            for n in [n for n in self._originals if n not in claimed]:
+                param, value = self._originals.pop(n)
+                param.copy_(value)
 
     def extra_trainable(self, adapter_name: str) -> list[str]:
         return self._extra.get(adapter_name, [])
@@ -174,6 +195,7 @@ class AdapterModel(nn.Module):
                 if len(module.modules_to_save) == 0:
                     replace_module(self.model, name, module.original_module)
         self._extra.pop(adapter_name, None)
+        self._restore_unclaimed()
         if adapter_name in self.extra_modules:
             del self.extra_modules[adapter_name]
 
@@ -205,6 +227,7 @@ class AdapterModel(nn.Module):
         their config says ``inference_mode``. Other adapters are frozen and unused."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self.check_known(names)
+        _check_unique(names)
         self.active_adapters = names
         for _, w in self.wrappers():
             w.set_active(self.in_use)
@@ -251,8 +274,13 @@ class AdapterModel(nn.Module):
             ConfigError: unknown name. ValueError: a method that cannot merge (checked before any
             layer changes), or with ``safe_merge`` a merged weight that is not finite.
         """
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        if self.disabled:
+            raise ValueError("cannot merge while the adapters are disabled (inside disable_adapter()); "
+                             "merge after the with-block")
+        names = list(self.active_adapters if adapter_names is None else
+                     [adapter_names] if isinstance(adapter_names, str) else adapter_names)
         self.check_known(names)
+        _check_unique(names)
         for n in names:
             for part in self.members.get(n) or [n]:
                 peft_type = self.peft_config[part].peft_type
@@ -283,7 +311,9 @@ class AdapterModel(nn.Module):
 
     def unload(self, merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
         """Return the bare model: wrappers replaced by their base modules (merged first if ``merge``);
-        ``modules_to_save`` become the active adapter's trained copy when merging, else the original."""
+        ``modules_to_save`` become the active adapter's trained copy when merging, else the original.
+        Without merging, base parameters an adapter trained or loaded (e.g. ``bias="all"``) get their own
+        values back; either way every base parameter's ``requires_grad`` is put back as it was."""
         if merge:
             self.merge(adapter_names)
         else:
@@ -291,6 +321,9 @@ class AdapterModel(nn.Module):
         keep = (list(adapter_names) if adapter_names is not None else self.active_adapters) if merge else []
         for name, w in list(self.wrappers()):
             if isinstance(w, AdaptedLayer):
+                if not merge:
+                    for adapter in w.adapters.values():
+                        adapter.restore_base(w)
                 replace_module(self.model, name, w.base_layer)
             else:
                 copy = next((w.modules_to_save[a] for a in keep if a in w.modules_to_save), w.original_module)
@@ -301,7 +334,13 @@ class AdapterModel(nn.Module):
         self.members.clear()
         self.active_adapters = []
         self._extra.clear()
+        if merge:
+            self._originals.clear()
+        self._restore_unclaimed()
         self.extra_modules.clear()
+        for n, p in self.model.named_parameters():
+            if n in self._requires_grad:
+                p.requires_grad_(self._requires_grad[n])
         return self.model
 
     # --- state for saving ---------------------------------------------------------------------------
@@ -325,6 +364,12 @@ class AdapterModel(nn.Module):
         for pname in self.extra_trainable(adapter_name):
             out[pname] = params[pname]
         return out
+
+
+def _check_unique(names: Sequence[str]) -> None:
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ConfigError(f"adapter name(s) {repeated} given more than once in {list(names)}; name each once")
 
 
 def _logical(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -135,6 +135,10 @@ class Adapter(nn.Module):
             bias = bias - db
         return weight - self.delta_weight(layer), bias
 
+    def restore_base(self, layer: AdaptedLayer) -> None:
+        """Give the base weight back what creating this adapter took from it, when the adapter goes away
+        unmerged (deleted, or ``unload()`` without merging); nothing by default (PiSSA/OLoRA override)."""
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={getattr(self, k)}" for k in ("r", "scaling") if hasattr(self, k))
 
@@ -182,10 +186,14 @@ class AdaptedLayer(nn.Module):
         self.adapters[name] = adapter
 
     def remove(self, name: str) -> None:
-        """Remove adapter ``name``, unmerging it first if it is merged."""
+        """Remove adapter ``name``, unmerging it first if it is merged (the other merged adapters stay merged)."""
         if name in self.merged_adapters:
+            others, tied = [a for a in self.merged_adapters if a != name], self._tied_weight is not None
             self.unmerge()
-        del self.adapters[name]
+            self.adapters.pop(name).restore_base(self)
+            self.merge(others, tied=tied)
+        else:
+            self.adapters.pop(name).restore_base(self)
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._replan()
 

@@ -30,6 +30,7 @@ scaling of the sources are folded into its matrices. Grouped convolutions are me
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -210,9 +211,13 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
           f"combination_type={combination_type!r} is not valid; expected one of {COMBINATION_TYPES}")
     configs = [host.peft_config[a] for a in adapters]
     for name, cfg in zip(adapters, configs):
-        check(type(cfg) is LoraConfig and not getattr(cfg, "use_dora", False) and not cfg.lora_bias,
-              f"adapter {name!r} is {cfg.peft_type}{' with lora_bias' if cfg.lora_bias else ''}; "
+        lora_bias = getattr(cfg, "lora_bias", False)
+        check(type(cfg) is LoraConfig and not getattr(cfg, "use_dora", False) and not lora_bias,
+              f"adapter {name!r} is {cfg.peft_type}{' with lora_bias' if lora_bias else ''}; "
               "add_weighted_adapter combines plain LoRA adapters")
+    for w in weights:
+        check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
+              f"weights={list(weights)!r}: {w!r} is not a finite number")
     heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
              and any(a in w.modules_to_save for a in adapters)]
     check(not heads or modules_to_save_from is not None,

@@ -63,7 +63,13 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapter(self) -> str:
-        """The first active adapter's name."""
+        """The first active adapter's name.
+
+        Raises:
+            ValueError: no adapter is active (all were deleted)."""
+        if not self.base_model.active_adapters:
+            raise ValueError(f"no adapter is active; this model has {self.base_model.public_names()} "
+                             "(add one with add_adapter, then set_adapter)")
         return self.base_model.active_adapters[0]
 
     @property
@@ -102,6 +108,7 @@ class PeftModel(nn.Module):
             yield
         finally:
             host.set_disabled(was_disabled)
+            merged = [n for n in merged if n in host.public_names()]  # an adapter may be deleted inside
             if merged:
                 host.merge(merged)
 
@@ -195,6 +202,10 @@ class PeftModel(nn.Module):
             return
         names = list(adapter_names)
         self.base_model.check_known([n for n in names if n != BASE_ROWS])
+        merged = self.base_model.merged_adapters()
+        if merged:
+            raise ValueError(f"adapter(s) {merged} are merged into the base weights, which every row would then "
+                             "use; call unmerge_adapter() before a mixed-adapter batch (adapter_names=...)")
         composed = sorted({n for n in names if n in self.base_model.members})
         if composed:
             raise ValueError(f"adapter(s) {composed} are composed of several parts; mixed-adapter batches "
@@ -242,7 +253,11 @@ class PeftModel(nn.Module):
 
         if not safe_serialization:
             raise ValueError("peftkit writes safetensors only; safe_serialization=False (pickle) is not supported")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        names = (list(self.peft_config) if selected_adapters is None else
+                 [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters))
+        if not names:
+            raise ValueError("there is no adapter to save: this model has none" if not self.peft_config
+                             else "selected_adapters is empty; name at least one of " + repr(list(self.peft_config)))
         self.base_model.check_known(names)
         for name in names:
             target = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)

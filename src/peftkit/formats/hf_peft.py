@@ -12,6 +12,7 @@ into place, so an interrupted save never leaves a half-written file where a good
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import TYPE_CHECKING
@@ -43,12 +44,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    tmp = _stage(folder, os.path.basename(path), data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -167,8 +164,33 @@ def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLi
     if not write:
         return
     os.makedirs(directory, exist_ok=True)
-    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
-    config.save_pretrained(directory)
+    config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    # both files are staged in full before either replaces a previous one, so an error while writing
+    # (disk full, interrupt) leaves the old adapter whole; the two renames follow each other at once
+    staged: list[tuple[str, str]] = []
+    try:
+        for name, data in ((WEIGHTS_NAME, save(tensors, metadata={"format": "pt"})), (CONFIG_NAME, config_text.encode())):
+            staged.append((_stage(directory, name, data), os.path.join(directory, name)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _stage(folder: str | os.PathLike, name: str, data: bytes) -> str:
+    """Write ``data`` to a new temporary file in ``folder`` (flushed to disk); returns its path."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
 
 
 def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None

@@ -231,6 +231,15 @@ class LoraLinear(Adapter):
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         return delta.T if self.transposed else delta
 
+    @torch.no_grad()
+    def restore_base(self, layer: AdaptedLayer) -> None:
+        """PiSSA/OLoRA: add ``scaling * B0 A0`` (the initial factors) back, so the base weight is the
+        user's original again (to float tolerance)."""
+        if self.mutates_base and hasattr(self, "initial_A"):
+            delta = (self.initial_B.float() @ self.initial_A.float()) * self.scaling
+            weight = layer.weight
+            weight.copy_((weight.float() + (delta.T if self.transposed else delta)).to(weight.dtype))
+
     @staticmethod
     def mixed_forward(layer: AdaptedLayer, x: Tensor, y: Tensor, parts: list[tuple[LoraLinear, Tensor]]
                       ) -> Tensor | None:
@@ -397,6 +406,9 @@ class LoraTuner(WrapTuner):
                 adapter.lora_A.weight.copy_(a)
                 adapter.lora_B.weight.copy_(b)
             adapter.mutates_base = True
+            # the factors as created, to give the base its principal part back if the adapter goes unmerged
+            adapter.register_buffer("initial_A", a.detach().clone(), persistent=False)
+            adapter.register_buffer("initial_B", b.detach().clone(), persistent=False)
         else:
             adapter.reset(True if changes_base(init) else init)
         if config.use_dora:
@@ -434,8 +446,9 @@ class LoraTuner(WrapTuner):
 def trainable_biases(model: nn.Module, bias: str, targets: list[str]) -> list[str]:
     """Names of the base biases a ``bias`` option trains: ``"all"`` every bias of the model, ``"none"``
     none, anything else (``"lora_only"``, ``"vera_only"``) the biases of the adapted layers."""
-    if bias == "all":
-        return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+    if bias == "all":  # the model's own biases: not those inside adapters or trained copies (modules_to_save)
+        return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"
+                and ".adapters." not in f".{n}" and ".modules_to_save." not in f".{n}"]
     if bias == "none":
         return []
     return [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t).base_layer, "bias", None)

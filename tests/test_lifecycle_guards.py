@@ -1,0 +1,171 @@
+"""Lifecycle guards: wrong calls fail with a clear error before any state changes, and what the user
+had (base weights, biases, requires_grad, saved files) is given back or left whole."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit import ConfigError, LoraConfig, PeftModel, get_peft_model
+from peftkit.layers import AdaptedLayer
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def lora(**kw) -> LoraConfig:
+    return LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False, **kw)
+
+
+def two_adapters() -> PeftModel:
+    model = get_peft_model(mlp(), lora())
+    model.add_adapter("b", lora())
+    return model
+
+
+def test_a_mixed_batch_while_an_adapter_is_merged_is_refused():
+    model = two_adapters()
+    model.merge_adapter(["default"])
+    with pytest.raises(ValueError, match=r"\['default'\] are merged .* unmerge_adapter\(\)"):
+        model(torch.randn(2, 6), adapter_names=["b", "__base__"])
+    model.unmerge_adapter()
+    assert model(torch.randn(2, 6), adapter_names=["b", "__base__"]).shape == (2, 4)
+
+
+def test_deleting_one_merged_adapter_keeps_the_other_merged_and_exact():
+    model = two_adapters()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        model.set_adapter("b")
+        only_b = model(x)
+        model.merge_adapter(["default", "b"])
+        model.delete_adapter("default")
+        layer = model.get_base_model()[0]
+        assert isinstance(layer, AdaptedLayer) and layer.merged_adapters == ["b"]
+        torch.testing.assert_close(model(x), only_b, atol=1e-6, rtol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x), only_b, atol=1e-6, rtol=1e-5)
+        base = model.unload()
+        torch.testing.assert_close(base(x), mlp()(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("call", [lambda m: m.set_adapter(["b", "b"]), lambda m: m.merge_adapter(["b", "b"])])
+def test_a_name_given_twice_is_refused(call):
+    model = two_adapters()
+    with pytest.raises(ConfigError, match=r"\['b'\] given more than once"):
+        call(model)
+    assert model.active_adapters == ["default"] and model.base_model.merged_adapters() == []
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "a\\b", "x.y", ""])
+def test_adapter_names_that_cannot_be_folder_names_are_refused(name):
+    model = get_peft_model(mlp(), lora())
+    with pytest.raises(ConfigError, match=r"adapter_name=.* is not valid"):
+        model.add_adapter(name, lora())
+    assert list(model.peft_config) == ["default"]
+
+
+def test_a_model_that_already_holds_adapters_is_refused():
+    model = get_peft_model(mlp(), lora())
+    with pytest.raises(ConfigError, match="already holds peftkit adapters"):
+        get_peft_model(model.get_base_model(), lora())
+
+
+def test_disable_adapter_forbids_merging_inside_and_survives_a_deletion_inside():
+    model = two_adapters()
+    x = torch.randn(3, 6)
+    model.merge_adapter(["default", "b"])
+    with model.disable_adapter():
+        with pytest.raises(ValueError, match="inside disable_adapter"):
+            model.merge_adapter()
+        model.delete_adapter("b")
+    assert model.base_model.merged_adapters() == ["default"]
+    with torch.no_grad():
+        merged = model(x)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x), merged, atol=1e-6, rtol=1e-5)
+
+
+def test_unload_gives_back_biases_and_requires_grad_as_the_user_had_them():
+    base = mlp()
+    base[2].weight.requires_grad_(False)  # the user's own choice
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, lora(bias="all"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("base_layer.bias"):
+                p.add_(1.0)  # "training" the biases
+    back = model.unload()
+    for n, p in back.named_parameters():
+        torch.testing.assert_close(p, before[n])
+    assert {n: p.requires_grad for n, p in back.named_parameters()} == {
+        "0.weight": True, "0.bias": True, "2.weight": False, "2.bias": True}
+
+
+def test_deleting_an_adapter_that_loaded_biases_restores_the_base_biases(tmp_path):
+    trained = get_peft_model(mlp(), lora(bias="all"))
+    with torch.no_grad():
+        trained.get_base_model()[0].base_layer.bias.add_(2.0)
+    trained.save_pretrained(tmp_path / "a")
+    base = mlp()
+    original = base[0].bias.detach().clone()
+    model = get_peft_model(base, lora())
+    model.load_adapter(tmp_path / "a", "biased")
+    torch.testing.assert_close(model.get_base_model()[0].base_layer.bias, original + 2.0)
+    model.delete_adapter("biased")
+    torch.testing.assert_close(model.get_base_model()[0].base_layer.bias, original)
+
+
+def test_merge_and_unload_keeps_trained_biases():
+    model = get_peft_model(mlp(), lora(bias="all"))
+    with torch.no_grad():
+        model.get_base_model()[0].base_layer.bias.fill_(3.0)
+    assert torch.all(model.merge_and_unload()[0].bias == 3.0)
+
+
+def test_save_pretrained_refuses_nothing_to_save_and_accepts_one_name(tmp_path):
+    model = two_adapters()
+    with pytest.raises(ValueError, match="selected_adapters is empty"):
+        model.save_pretrained(tmp_path, selected_adapters=[])
+    model.save_pretrained(tmp_path, selected_adapters="b")
+    assert sorted(os.listdir(tmp_path)) == ["b"]
+    model.delete_adapter("b")
+    model.delete_adapter("default")
+    with pytest.raises(ValueError, match="no adapter to save"):
+        model.save_pretrained(tmp_path / "none")
+    with pytest.raises(ValueError, match="no adapter is active"):
+        _ = model.active_adapter
+
+
+def test_a_failed_save_leaves_the_previous_adapter_whole(tmp_path, monkeypatch):
+    model = get_peft_model(mlp(), lora())
+    model.save_pretrained(tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    with torch.no_grad():
+        model.get_base_model()[0].adapters["default"].lora_A.weight.add_(1.0)
+    real_replace = os.replace
+    calls = []
+
+    def failing_replace(src, dst):  # the disk fills up after the weights were staged
+        calls.append(dst)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert calls and {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+
+
+def test_bias_all_does_not_train_the_adapters_own_or_modules_to_save_biases():
+    from peftkit.methods.lora import trainable_biases
+
+    model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"], lora_bias=True,
+                                             bias="all"))
+    names = trainable_biases(model.get_base_model(), "all", ["0"])
+    assert names == ["0.base_layer.bias", "2.original_module.bias"]
