@@ -60,15 +60,20 @@ def configs(lib: Any, model_name: str) -> dict[str, Any]:
     return out
 
 
-def build(lib: Any, base: torch.nn.Module, make_config: Any) -> tuple[Any, Any] | None:
+def build(lib: Any, base: torch.nn.Module, make_config: Any, batch: dict[str, torch.Tensor] | None = None,
+          copy_base: bool = True) -> tuple[Any, Any] | None:
+    """The adapted model and its optimiser, or None when the library cannot apply the method here
+    (checked with one training step on ``batch`` when given)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = lib.get_peft_model(copy.deepcopy(base), make_config())
+            model = lib.get_peft_model(copy.deepcopy(base) if copy_base else base, make_config())
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            if batch is not None:
+                train_step(model, opt, batch)
     except Exception as err:  # a method the library lacks or cannot apply here
         print(f"    skipped {lib.__name__}: {type(err).__name__}: {str(err)[:120]}")
         return None
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt
 
 
@@ -108,7 +113,7 @@ def speed(model_name: str, reps: int) -> dict[str, Any]:
         for lib, cfgs, tag in ((peftkit, ours_cfg, "peftkit"), (peft, theirs_cfg, "peft")):
             if label not in cfgs:
                 continue
-            got = build(lib, base, cfgs[label])
+            got = build(lib, base, cfgs[label], batch)
             if got is not None:
                 built[f"{tag}:{label}"] = got
                 contenders[f"{tag}:{label}"] = partial(train_step, got[0], got[1], batch)
@@ -163,7 +168,7 @@ def memory_child(lib_name: str, model_name: str, label: str) -> None:
     base = make_model(model_name)
     batch = make_batch(model_name)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    got = build(lib, base, configs(lib, model_name)[label])
+    got = build(lib, base, configs(lib, model_name)[label], copy_base=False)  # no second copy of the base
     if got is None:
         print(json.dumps({"peak_mib": None}))
         return

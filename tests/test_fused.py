@@ -37,16 +37,20 @@ def run(model, layer, x, fused: bool, seed: int = 7):
     return out.detach(), x.grad, grads
 
 
+@pytest.mark.parametrize("rows", [3, 10], ids=["few-rows", "folded-weight"])  # 2*60/16 = 7.5 rows fold
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("method", list(CONFIGS))
 @pytest.mark.parametrize("base", ["linear", "conv1d"])
-def test_fused_equals_module_by_module(base, method, dropout):
+def test_fused_equals_module_by_module(base, method, dropout, rows):
+    from peftkit.methods.fused import _fold_pays
+
+    assert _fold_pays(rows, torch.Size([6, 10])) == (rows == 10)
     layer = nn.Linear(10, 6) if base == "linear" else Conv1D(6, 10)
     model = get_peft_model(nn.Sequential(layer), CONFIGS[method](dropout))
     perturb(model)
     model.train()
     wrapped = model.base_model.model[0]
-    x = torch.randn(2, 5, 10)
+    x = torch.randn(1, rows, 10)
     out, gx, grads = run(model, wrapped, x, fused=True)
     ref_out, ref_gx, ref_grads = run(model, wrapped, x, fused=False)
     assert (out - ref_out).abs().max() <= 1e-5
@@ -68,3 +72,17 @@ def test_zero_magnitude_rows_still_get_their_gradient():
     xd = torch.randn(7, 4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: low_rank_linear(t[0], t[1], w, t[2], t[3], t[4], None, 1.3),
                                     (x, xd, bias.clone().requires_grad_(), a, b))
+
+
+@pytest.mark.parametrize("rows", [3, 10])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_inference_without_grad_equals_the_merged_model(method, rows):
+    model = get_peft_model(nn.Sequential(nn.Linear(10, 6)), CONFIGS[method](0.1))
+    perturb(model)
+    model.eval()
+    x = torch.randn(1, rows, 10)
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        merged = model(x)
+    assert (unmerged - merged).abs().max() <= 1e-5

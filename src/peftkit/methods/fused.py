@@ -7,7 +7,10 @@ matrix products as separate modules, but
 
 * ``g`` is folded into ``W`` and ``B`` (weight-sized work) instead of rescaling the ``(tokens, out)``
   output in forward and its gradient in backward (activation-sized work);
-* the two input gradients ``grad W_g + grad_z A`` are accumulated into one buffer;
+* the two input gradients ``grad W_g + grad_z A`` are accumulated into one buffer; and when the
+  batch has enough rows (:func:`_fold_pays`) and no dropout, ``s g B A`` is folded into the weight for
+  the output and the input gradient, which replaces two low-rank GEMMs over the tokens by one
+  weight-sized product (the frozen base weight itself is never written);
 * DoRA's magnitude gradient ``sum_t grad * (out - b) / g`` reads the output, which exists anyway,
   instead of keeping a second ``(tokens, out)`` tensor.
 
@@ -25,12 +28,18 @@ class _LowRankLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                 g: Tensor | None, scaling: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        z = (x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T
         w_eff, b_eff = _effective(weight, b, g, scaling)
-        out = torch.addmm(bias, x2, w_eff.T) if bias is not None else x2 @ w_eff.T
-        out.addmm_(z, b_eff.T)
+        folded = xd is None and _fold_pays(x2.shape[0], weight.shape)
+        # z = x A^T is needed by the backward (A's and B's gradients), or by the unfolded output
+        need_z = not folded or ctx.needs_input_grad[4] or ctx.needs_input_grad[5] or ctx.needs_input_grad[6]
+        z = (x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T if need_z else None
+        if folded:  # one GEMM with the low-rank product folded into the (frozen) weight: W g + s g B A
+            out = _linear(x2, torch.addmm(w_eff, b_eff, a), bias)
+        else:
+            out = _linear(x2, w_eff, bias)
+            out.addmm_(z, b_eff.T)
         out = out.view(*x.shape[:-1], out.shape[-1])
-        ctx.scaling = scaling
+        ctx.scaling, ctx.folded = scaling, folded
         ctx.save_for_backward(x, xd, weight, bias, a, b, g, z, out if g is not None else None)
         return out
 
@@ -43,9 +52,12 @@ class _LowRankLinear(torch.autograd.Function):
         grad_z = grad2 @ b_eff if need_a or need_xd or (need_x and xd is None) else None
         grad_x = grad_xd = grad_bias = grad_a = grad_b = grad_g = None
         if need_x:
-            grad_x = grad2 @ w_eff
-            if xd is None:
-                grad_x.addmm_(grad_z, a)
+            if ctx.folded:  # the input gradient of both paths in one GEMM
+                grad_x = grad2 @ torch.addmm(w_eff, b_eff, a)
+            else:
+                grad_x = grad2 @ w_eff
+                if xd is None:
+                    grad_x.addmm_(grad_z, a)
             grad_x = grad_x.view(x.shape)
         if need_xd:
             grad_xd = (grad_z @ a).view(xd.shape)
@@ -61,6 +73,18 @@ class _LowRankLinear(torch.autograd.Function):
             grad_g = _magnitude_grad(grad2, out.reshape(-1, out.shape[-1]), x, z, weight, bias, b, g, ctx.scaling,
                                      total)
         return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_g, None
+
+
+def _fold_pays(rows: int, shape: torch.Size) -> bool:
+    """Whether folding ``s B A`` into the weight (``out * in * r`` multiply-adds per use, independent of the
+    batch) costs less than the low-rank products it replaces (``rows * r * (in + out)``): true for training
+    and prefill batches, false for token-by-token decoding."""
+    out_f, in_f = shape
+    return rows * (in_f + out_f) >= 2 * in_f * out_f
+
+
+def _linear(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
 
 
 def _effective(weight: Tensor, b: Tensor, g: Tensor | None, scaling: float) -> tuple[Tensor, Tensor]:
