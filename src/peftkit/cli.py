@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="two or more adapter folders")
     m.add_argument("--weights", type=_finite_float, nargs="+", help="one weight per adapter (default: all 1)")
     m.add_argument("--combination", default="cat", help="combination type (default cat)")
-    m.add_argument("--output", required=True, help="new adapter folder (must not exist or be empty)")
+    m.add_argument("--output", required=True, help="new adapter folder (new or empty unless --overwrite)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     m.add_argument("--model", help="base model folder (default: from the first adapter)")
     m.add_argument("--svd-rank", type=_positive_int, help="rank of *svd results (default: largest source rank)")
     m.add_argument("--density", type=_finite_float, help="kept fraction for ties/dare/magnitude_prune")
@@ -202,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a plain transformers model with an adapter merged in")
     x.add_argument("--adapter", required=True, metavar="DIR", help="run folder or adapter folder")
     x.add_argument("--merge", action="store_true", help="merge the adapter into the weights (required)")
-    x.add_argument("--output", required=True, help="model folder to write")
+    x.add_argument("--output", required=True, help="model folder to write (new or empty unless --overwrite)")
     x.add_argument("--model", help="base model folder (default: from the adapter)")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser
 
 
@@ -296,7 +297,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     extra = {"svd_rank": args.svd_rank, "density": args.density, "majority_sign_method": args.majority_sign,
              "seed": args.seed}
     info = merge_adapter_folders(args.adapters, weights, args.output, args.combination, model_dir=args.model,
-                                 heads_from=args.heads_from, **extra)
+                                 heads_from=args.heads_from, overwrite=args.overwrite, **extra)
     print(f"merged {len(args.adapters)} adapters ({args.combination}, weights {weights}) into {info['output_dir']}: "
           f"rank {info['rank']}, {info['tensors']} tensors")
     return 0
