@@ -13,31 +13,78 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from peftkit.config import WEIGHTS_NAME, PeftConfig, check
+from peftkit.config import WEIGHTS_NAME, PeftConfig, check, get_method
 from peftkit.formats.hf_peft import atomic_write_bytes, save_adapter
+from peftkit.train.checks import check_model_dir, has_tokenizer_files
 
 HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 
 
-def _run_config(folder: Path) -> dict[str, Any] | None:
-    for candidate in (folder / "run_config.json", folder.parent / "run_config.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return None
+def _run_dir(folder: Path) -> Path | None:
+    """The run folder that ``folder`` (an adapter folder) belongs to: itself or its parent, or None."""
+    return next((d for d in (folder, folder.parent) if (d / "run_config.json").is_file()), None)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike | None], what: str) -> None:
+    """Refuse an output folder that would lose data: a file, a non-empty folder without ``overwrite``, or a
+    folder that is or holds one of ``inputs`` (``what``: what is written, for the message)."""
+    check(not out.exists() or out.is_dir(), f"--output {str(out)!r} is a file, not a folder; {what} is written as "
+                                            "a folder: give another path")
+    check(overwrite or not out.exists() or not any(out.iterdir()),
+          f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it, or give a new folder")
+    for source in inputs:
+        check(source is None or not _inside(Path(source), out),
+              f"--output {str(out)!r} holds the input folder {str(source)!r}; replacing it would delete the input: "
+              "give another output folder")
+
+
+def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """``write(folder)`` into a new hidden folder next to ``out``, then move it into place, replacing ``out``:
+    a failure leaves ``out`` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(staging)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _base_sources(adapter_dir: str | os.PathLike, model_dir: str | None) -> list[str | os.PathLike | None]:
+    """The folders that loading ``adapter_dir``'s base reads: the adapter, ``model_dir`` or the run's model."""
+    from peftkit.train.run import read_run_config
+
+    run_dir = _run_dir(Path(adapter_dir))
+    run_model = read_run_config(run_dir)[0].model if run_dir is not None and model_dir is None else None
+    return [adapter_dir, model_dir, run_model]
 
 
 def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) -> tuple[torch.nn.Module, Any]:
     """The base model (and its tokenizer, or None) that the adapter in ``adapter_dir`` was trained on.
 
     Raises:
-        FileNotFoundError: no base model folder can be found. ConfigError: the adapter config is invalid.
+        FileNotFoundError: no base model folder can be found, or it lacks config.json/model.safetensors.
+        ConfigError: the adapter config or the run's ``run_config.json`` is invalid.
     """
     from transformers import (
         AutoModel,
@@ -47,33 +94,34 @@ def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) 
     )
     from transformers.utils import logging as hf_logging
 
-    from peftkit.train.run import RunConfig, _load_model_and_tokenizer
+    from peftkit.train.run import _load_model_and_tokenizer, read_run_config
 
     folder = Path(adapter_dir)
     config = PeftConfig.from_pretrained(folder)
-    run = _run_config(folder)
-    if run is not None and model_dir is None:
-        fields = set(RunConfig.__dataclass_fields__)
-        cfg = RunConfig(**{k: v for k, v in run.items() if k in fields})
-        return _load_model_and_tokenizer(cfg, run.get("num_labels"), run.get("task") == "stsb")
+    run_dir = _run_dir(folder)
+    if run_dir is not None and model_dir is None:
+        cfg, raw = read_run_config(run_dir)
+        cfg.device = None  # merging and exporting use whatever device this machine has
+        num_labels = raw.get("num_labels")
+        check(num_labels is None or (isinstance(num_labels, int) and num_labels >= 1),
+              f"{str(run_dir / 'run_config.json')!r}: num_labels={num_labels!r} must be a positive integer")
+        return _load_model_and_tokenizer(cfg, num_labels, raw.get("task") == "stsb")
     source = model_dir or config.base_model_name_or_path
     if not source or not Path(source).is_dir():
         raise FileNotFoundError(f"cannot find the base model of {str(folder)!r}: pass --model DIR (the adapter "
                                 f"names {config.base_model_name_or_path!r})")
+    check_model_dir(source, tokenizer=False)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     if config.task_type == "SEQ_CLS":
         num_labels = _head_rows(folder)
-        model = AutoModelForSequenceClassification.from_pretrained(source, **({"num_labels": num_labels}
-                                                                              if num_labels else {}))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, use_safetensors=True, **({"num_labels": num_labels} if num_labels else {}))
     elif config.task_type == "CAUSAL_LM":
-        model = AutoModelForCausalLM.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
     else:
-        model = AutoModel.from_pretrained(source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
+        model = AutoModel.from_pretrained(source, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(source) if has_tokenizer_files(source) else None
 
 
 def _head_rows(folder: Path) -> int | None:
@@ -89,28 +137,40 @@ def _head_rows(folder: Path) -> int | None:
 
 def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[float], output_dir: str,
                           combination_type: str = "cat", model_dir: str | None = None, heads_from: int = 0,
-                          **kwargs: Any) -> dict[str, Any]:
+                          overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Combine saved LoRA adapters into a new adapter folder (see :func:`peftkit.merging.add_weighted_adapter`).
 
     The new folder holds the combined adapter in HF PEFT format and, when the first adapter came from a
-    run folder, a copy of its ``run_config.json`` so that ``peftkit eval --adapter`` works on it.
+    run folder, a copy of its ``run_config.json`` so that ``peftkit eval --adapter`` works on it. It is
+    written to a temporary folder and renamed into place.
 
     Args:
         adapter_dirs / weights: the adapters and one weight each.
-        output_dir: where the new adapter goes (must not exist yet, or be empty).
+        output_dir: where the new adapter goes (a new or empty folder, or any folder with ``overwrite``).
         combination_type: ``cat`` (default, exact), ``svd``, ``ties``, ``dare_linear``, ...
         heads_from: index of the adapter whose ``modules_to_save`` (e.g. classifier head) is kept.
+        overwrite: replace a non-empty ``output_dir`` (never a file, nor a folder holding an input).
 
     Raises:
-        ConfigError: mismatched arguments or adapters that cannot be combined; FileNotFoundError.
+        ConfigError: mismatched arguments; an output that is a file, a non-empty folder without
+            ``overwrite``, or one that holds an input folder; adapters that cannot be combined (only plain
+            LoRA adapters can). FileNotFoundError. All before anything is written.
     """
+    from peftkit.methods.lora import LoraConfig
     from peftkit.model import PeftModel
 
     check(len(adapter_dirs) >= 2, f"merge needs at least two adapters, got {len(adapter_dirs)}")
     check(len(weights) == len(adapter_dirs), f"got {len(adapter_dirs)} adapters and {len(weights)} weights")
     check(0 <= heads_from < len(adapter_dirs), f"heads_from={heads_from} must index one of the adapters")
     out = Path(output_dir)
-    check(not out.exists() or not any(out.iterdir()), f"output folder {output_dir!r} exists and is not empty")
+    _check_output(out, overwrite, [*adapter_dirs, *_base_sources(adapter_dirs[0], model_dir)[1:]], "the adapter")
+    for folder in adapter_dirs:
+        config = PeftConfig.from_pretrained(folder)
+        extra = [f for f in ("use_dora", "lora_bias") if getattr(config, f, False)]
+        check(type(config) is LoraConfig and not extra,
+              f"{str(folder)!r} holds an adapter of type {config.peft_type}"
+              f"{' with ' + ' and '.join(extra) if extra else ''}; only plain LoRA adapters (without use_dora or "
+              "lora_bias) can be combined")
     base, _ = load_base_for(adapter_dirs[0], model_dir)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
     model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
@@ -119,12 +179,17 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     has_heads = bool(model.base_model.modules_to_save_names())
     model.add_weighted_adapter(names, list(weights), "merged", combination_type,
                                modules_to_save_from=names[heads_from] if has_heads else None, **kwargs)
-    save_adapter(model, "merged", out)
-    run = _run_config(Path(adapter_dirs[0]))
-    if run is not None:
-        run = {**run, "output_dir": str(out), "merged_from": [str(d) for d in adapter_dirs],
-               "merge_weights": list(weights), "combination_type": combination_type}
-        atomic_write_bytes(out / "run_config.json", (json.dumps(run, indent=2) + "\n").encode())
+    run_dir = _run_dir(Path(adapter_dirs[0]))
+
+    def write(folder: Path) -> None:
+        save_adapter(model, "merged", folder)
+        if run_dir is not None:
+            run = {**json.loads((run_dir / "run_config.json").read_text()), "output_dir": str(out),
+                   "merged_from": [str(d) for d in adapter_dirs], "merge_weights": list(weights),
+                   "combination_type": combination_type}
+            atomic_write_bytes(folder / "run_config.json", (json.dumps(run, indent=2) + "\n").encode())
+
+    _write_folder(out, write)
     return {"output_dir": str(out), "rank": model.peft_config["merged"].r,
             "tensors": len(model.base_model.adapter_tensors("merged"))}
 
@@ -135,32 +200,31 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     alone, outputs equal to the adapted model). Written to a temporary folder and renamed into place.
 
     Raises:
-        ConfigError: ``output_dir`` exists and ``overwrite`` is False, or the method cannot merge.
+        ConfigError: ``output_dir`` is a file; a non-empty folder and ``overwrite`` is False; it is or
+            holds the adapter or base model folder; or the method cannot merge. All before anything is written.
     """
     from peftkit.model import PeftModel
 
     out = Path(output_dir)
-    check(overwrite or not out.exists(), f"output folder {output_dir!r} exists; pass --overwrite to replace it")
+    _check_output(out, overwrite, _base_sources(adapter_dir, model_dir), "the model")
+    config = PeftConfig.from_pretrained(adapter_dir)
+    parts = config.configs if config.peft_type == "COMPOSED" else [config]
+    for part in parts:
+        check(get_method(part.peft_type).mergeable,
+              f"{str(adapter_dir)!r} holds an adapter of type {config.peft_type}"
+              f"{f' with a part of type {part.peft_type}' if part is not config else ''}, which cannot be merged "
+              "into the weights (`peftkit methods` shows which methods merge)")
     base, tokenizer = load_base_for(adapter_dir, model_dir)
     model = PeftModel.from_pretrained(base, adapter_dir)
     plain = model.merge_and_unload()
     _mark_untied(plain)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        plain.save_pretrained(staging)
+
+    def write(folder: Path) -> None:
+        plain.save_pretrained(folder)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(folder)
+
+    _write_folder(out, write)
     return str(out)
 
 

@@ -4,28 +4,50 @@
 prints a summary; see ``peftkit train --help``. ``torchrun --nproc-per-node N -m peftkit train ...``
 (or ``accelerate launch -m peftkit train ...``) trains on N processes, ``--resume RUN_DIR``
 continues an interrupted run. Errors in options, data or files are reported in one
-line (``peftkit: error: ...``) with exit status 2, before any training starts.
+line (``peftkit: error: ...``) with exit status 2, before anything is written; any other failure in
+one line too (``peftkit: error: <Type>: ...``, exit status 1; ``PEFTKIT_TRACEBACK=1`` adds the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
+import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from peftkit.bench.arena import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from peftkit.config import ConfigError, all_methods
 from peftkit.formats.hf_peft import AdapterLoadError
+from peftkit.train.checks import SEED_MAX
 
 DEFAULT_STEPS = 800
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``peftkit: error: ...``, exit status 2) instead of a usage block;
+    ``--help`` is unchanged."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"peftkit: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def _target_modules(value: str) -> list[str] | str:
-    """``a,b,c`` -> list; ``all-linear`` or anything with regex characters stays a string."""
+    """``a,b,c`` -> list; ``all-linear`` or anything with regex characters stays a string (a regex)."""
     if value == "all-linear" or any(ch in value for ch in "*?[]()|\\^$+"):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise argparse.ArgumentTypeError(f"{value!r} is read as a regular expression, and it is not a valid "
+                                             f"one ({err}); give names separated by commas or a valid regex") from None
         return value
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -50,18 +72,38 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _finite_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return x
+
+
 def _positive_float(value: str) -> float:
     try:
         x = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}") from None
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
     return x
 
 
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in 0..{SEED_MAX}, got {value!r}") from None
+    if not 0 <= n <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in 0..{SEED_MAX}, got {value!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning of transformers.")
+    parser = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune a model with a PEFT method (default: LoRA, MiniLM, SST-2)",
@@ -81,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="folder with GLUE task folders (needed for mrpc)")
     t.add_argument("--r", type=_positive_int, help="adapter rank (default: the method's, 8 for LoRA, 256 for VeRA)")
     t.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (default 16)")
-    t.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    t.add_argument("--lora-dropout", type=_finite_float, default=0.0, help="LoRA dropout (default 0)")
     t.add_argument("--target-modules", type=_target_modules, default=None,
                    help="comma-separated names/suffixes, a regex, or all-linear (default all-linear)")
     t.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -94,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=_positive_int, default=64, help="tokens per row (default 64)")
     t.add_argument("--max-train-samples", type=_positive_int, help="use only N training examples")
     t.add_argument("--max-eval-samples", type=_positive_int, help="evaluate on the first N dev examples")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--output-dir", help="run folder (default runs/<method>-<task>-<time>)")
+    t.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0..{SEED_MAX} (default 0)")
+    t.add_argument("--output-dir", help="run folder, new or empty (default runs/<method>-<task>-<time>)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="--output-dir may hold an earlier run: its run files (adapter, model/, metrics.json, "
+                        "run_config.json, train.log, checkpoints/) are removed first; other files are kept")
     t.add_argument("--full-finetune", action="store_true", help="train all parameters (the baseline)")
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     t.add_argument("--quantize", choices=("nf4", "int8", "int4"),
@@ -112,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="reload a run folder and report its dev metrics again")
     e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="folder written by `peftkit train`")
-    e.add_argument("--eval-file", help="evaluate on this file instead of the run's dev set")
+    e.add_argument("--eval-file", help="evaluate on this whole file instead of the run's dev set (labels as in "
+                                       "the run's data: class ids, or class names)")
     e.add_argument("--device", help="cpu, cuda, ...")
 
     sub.add_parser("methods", help="list every registered PEFT method")
@@ -122,14 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "adapter: cat (exact), svd, linear, ties, dare_linear, dare_ties, "
                                    "magnitude_prune and the *_svd forms, as in peft's add_weighted_adapter.")
     m.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="two or more adapter folders")
-    m.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: all 1)")
+    m.add_argument("--weights", type=_finite_float, nargs="+", help="one weight per adapter (default: all 1)")
     m.add_argument("--combination", default="cat", help="combination type (default cat)")
-    m.add_argument("--output", required=True, help="new adapter folder (must not exist or be empty)")
+    m.add_argument("--output", required=True, help="new adapter folder (new or empty unless --overwrite)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     m.add_argument("--model", help="base model folder (default: from the first adapter)")
     m.add_argument("--svd-rank", type=_positive_int, help="rank of *svd results (default: largest source rank)")
-    m.add_argument("--density", type=float, help="kept fraction for ties/dare/magnitude_prune")
+    m.add_argument("--density", type=_finite_float, help="kept fraction for ties/dare/magnitude_prune")
     m.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="TIES sign election")
-    m.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+    m.add_argument("--seed", type=_seed, default=0, help="seed of DARE's random drops")
     m.add_argument("--heads-from", type=int, default=0, help="index of the adapter whose head is kept (default 0)")
 
     b = sub.add_parser("bench", help="the method arena: methods x tasks x seeds, report.md and plots",
@@ -156,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a plain transformers model with an adapter merged in")
     x.add_argument("--adapter", required=True, metavar="DIR", help="run folder or adapter folder")
     x.add_argument("--merge", action="store_true", help="merge the adapter into the weights (required)")
-    x.add_argument("--output", required=True, help="model folder to write")
+    x.add_argument("--output", required=True, help="model folder to write (new or empty unless --overwrite)")
     x.add_argument("--model", help="base model folder (default: from the adapter)")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser
 
 
@@ -194,7 +241,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
     if main_rank:
         print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
-    return _summary(run_training(cfg), main_rank)
+    return _summary(run_training(cfg, overwrite=args.overwrite), main_rank)
 
 
 def _summary(r: dict[str, Any], show: bool) -> int:
@@ -250,7 +297,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     extra = {"svd_rank": args.svd_rank, "density": args.density, "majority_sign_method": args.majority_sign,
              "seed": args.seed}
     info = merge_adapter_folders(args.adapters, weights, args.output, args.combination, model_dir=args.model,
-                                 heads_from=args.heads_from, **extra)
+                                 heads_from=args.heads_from, overwrite=args.overwrite, **extra)
     print(f"merged {len(args.adapters)} adapters ({args.combination}, weights {weights}) into {info['output_dir']}: "
           f"rank {info['rank']}, {info['tensors']} tensors")
     return 0
@@ -301,11 +348,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, AdapterLoadError) as err:
-        print(f"peftkit: error: {err}", file=sys.stderr)
+        print(f"peftkit: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure nobody foresaw: still one line, the traceback on request
+        if os.environ.get("PEFTKIT_TRACEBACK", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"peftkit: error: {type(err).__name__}: {_one_line(err)} (set PEFTKIT_TRACEBACK=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

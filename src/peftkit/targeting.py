@@ -111,9 +111,16 @@ def find_targets(
         list of module names (at least one).
 
     Raises:
-        ConfigError: nothing matches (the message lists module names that do exist), or a matched
-            module has a type the method cannot wrap.
+        ConfigError: a string pattern that is not a valid regex; nothing matches (the message lists module
+            names that do exist), or a matched module has a type the method cannot wrap.
     """
+    for field, pattern in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if isinstance(pattern, str) and pattern != ALL_LINEAR:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"{field}={pattern!r} is read as a regular expression, and it is not a valid one "
+                                  f"({err}); give a list of module names or a valid regex") from None
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
     all_linear = target_modules == ALL_LINEAR

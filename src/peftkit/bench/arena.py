@@ -20,6 +20,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from peftkit.config import check, get_method
+from peftkit.train.checks import SEED_MAX, check_model_dir
+from peftkit.train.data import TASKS
+from peftkit.train.options import resolve_model_dir
 
 FULL = "full"
 DEFAULT_METHODS = ("full", "lora", "dora", "ia3", "houlsby", "prompt-tuning", "prefix-tuning", "bitfit")
@@ -32,9 +35,10 @@ class BenchConfig:
     """A sweep.
 
     Args:
-        methods: method names (``peftkit methods``); ``full`` (full fine-tuning) is added if missing.
-        tasks: GLUE task names; ``mrpc`` needs ``data_dir``.
-        seeds: one cell per seed.
+        methods: method names (``peftkit methods``; aliases become the registered name, repeats are
+            dropped); ``full`` (full fine-tuning) is added if missing.
+        tasks: GLUE task names (``sst2``, ``rte``, ``cola``, ``stsb``; ``mrpc`` needs ``data_dir``); repeats dropped.
+        seeds: one cell per seed, each in 0..2**32 - 1; repeats dropped.
         output_dir: where ``cells/<method>/<task>/seed<k>/`` and the report go.
         model / data_dir: passed to every run.
         max_steps, batch_size: per cell. max_length: tokens per row (default 64 for single sentences,
@@ -54,13 +58,24 @@ class BenchConfig:
     train_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        """Canonical names, repeats dropped (``lora,LoRA`` is one method). Raises ConfigError (unknown method
+        or task, a bad seed or size) or FileNotFoundError (``model`` is not a model folder), before any cell runs."""
         check(bool(self.methods) and bool(self.tasks) and bool(self.seeds), "methods, tasks and seeds must be non-empty")
-        if FULL not in self.methods:
-            self.methods = [FULL, *self.methods]
-        for m in self.methods:
-            if m != FULL:
-                get_method(m)  # raises ConfigError naming the registered methods
+        # get_method raises ConfigError naming the registered methods
+        methods = [FULL if m.lower() == FULL else get_method(m).name for m in self.methods]
+        self.methods = _unique([FULL, *methods] if FULL not in methods else methods)
+        for t in self.tasks:
+            check(t.lower().replace("-", "") in TASKS, f"unknown task {t!r}; the arena's tasks: {', '.join(TASKS)}")
+        self.tasks = _unique([t.lower().replace("-", "") for t in self.tasks])
+        for s in self.seeds:
+            check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX,
+                  f"seed {s!r} must be an integer in 0..{SEED_MAX}")
+        self.seeds = _unique(self.seeds)
         check(self.max_steps >= 1, f"max_steps={self.max_steps!r} must be >= 1")
+        check(self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
+        check(self.max_length is None or self.max_length >= 1, f"max_length={self.max_length!r} must be >= 1")
+        if self.model is not None:
+            check_model_dir(resolve_model_dir(self.model, self.tasks[0]))
         if "mrpc" in self.tasks:
             check(self.data_dir is not None, "task 'mrpc' is not shipped (Microsoft's licence); pass --data-dir "
                                              "pointing at a folder with MRPC/{train,dev}.tsv")
@@ -76,17 +91,23 @@ class Cell:
         return root / "cells" / self.method / self.task / f"seed{self.seed}"
 
 
+def _unique(values: list) -> list:
+    """``values`` without repeats, in first-seen order (each cell has one folder)."""
+    return list(dict.fromkeys(values))
+
+
 def cells(cfg: BenchConfig) -> list[Cell]:
     """All cells of the sweep, task-major so that a partial sweep covers whole tasks first."""
     return [Cell(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in cfg.methods]
 
 
 def cell_command(cfg: BenchConfig, cell: Cell, folder: Path) -> list[str]:
-    """The ``peftkit train`` command line of one cell."""
+    """The ``peftkit train`` command line of one cell (``--overwrite``: a retried cell's folder holds the
+    failed run's files and the cell's own log)."""
     max_length = cfg.max_length or (128 if cell.task in PAIR_TASKS else 64)
     cmd = [sys.executable, "-m", "peftkit", "train", "--task", cell.task, "--seed", str(cell.seed),
            "--max-steps", str(cfg.max_steps), "--batch-size", str(cfg.batch_size), "--max-length", str(max_length),
-           "--output-dir", str(folder), "--no-progress"]
+           "--output-dir", str(folder), "--overwrite", "--no-progress"]
     cmd += ["--full-finetune"] if cell.method == FULL else ["--method", cell.method]
     if cfg.model:
         cmd += ["--model", cfg.model]

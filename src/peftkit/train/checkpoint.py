@@ -29,16 +29,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from peftkit.config import ConfigError, check
 from peftkit.formats.hf_peft import atomic_write_bytes
 from peftkit.train import distributed as D
+from peftkit.train.checks import read_json_object
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 STATE = "trainer_state.json"
+STATE_KEYS = ("step", "world_size", "optimizer_param_groups", "total_steps", "batch_size", "seed", "history",
+              "samples", "seconds", "scheduler")
+RANK_KEYS = ("numpy", "python", "optim_scalars")
+DAMAGED = "the checkpoint is damaged; resume from an earlier copy of the run or train again"
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -128,12 +134,57 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``root/checkpoints``, or None when there is none."""
+    """The newest complete checkpoint under ``root/checkpoints``, or None when there is none.
+
+    Raises:
+        ConfigError: ``latest.json`` is damaged or names a folder that is not a complete checkpoint.
+    """
     pointer = Path(root) / CHECKPOINTS / LATEST
     if not pointer.is_file():
         return None
-    folder = Path(root) / CHECKPOINTS / json.loads(pointer.read_text())["folder"]
-    return folder if (folder / STATE).is_file() else None
+    name = read_json_object(pointer, DAMAGED).get("folder")
+    check(isinstance(name, str) and name.startswith("step-") and "/" not in name and "\\" not in name,
+          f"{str(pointer)!r} names no checkpoint folder (expected \"folder\": \"step-<N>\", got {name!r}); {DAMAGED}")
+    folder = Path(root) / CHECKPOINTS / name
+    check((folder / STATE).is_file(), f"{str(pointer)!r} names {name!r}, which holds no {STATE}; {DAMAGED}")
+    return folder
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    state = read_json_object(folder / STATE, DAMAGED)
+    missing = [k for k in STATE_KEYS if k not in state]
+    check(not missing, f"{str(folder / STATE)!r} lacks {missing}; {DAMAGED}")
+    check(isinstance(state["world_size"], int) and isinstance(state["step"], int)
+          and isinstance(state["optimizer_param_groups"], list),
+          f"{str(folder / STATE)!r} has a step, world_size or optimizer_param_groups of the wrong type; {DAMAGED}")
+    return state
+
+
+def _read_rank(folder: Path, rank: int, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Rank ``rank``'s tensors (only the file's header is checked when ``tensors`` is False) and JSON."""
+    meta = read_json_object(folder / f"rank{rank}.json", DAMAGED)
+    missing = [k for k in RANK_KEYS if k not in meta]
+    check(not missing, f"{str(folder / f'rank{rank}.json')!r} lacks {missing}; {DAMAGED}")
+    path = folder / f"rank{rank}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing; {DAMAGED}")
+    try:
+        if tensors:
+            return load_file(path), meta
+        with safe_open(path, "pt"):
+            return {}, meta
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{str(path)!r} is not a readable safetensors file ({err}); {DAMAGED}") from None
+
+
+def check_checkpoint(folder: str | os.PathLike, rank: int = 0) -> None:
+    """Read the checkpoint's JSON files and rank ``rank``'s safetensors header, without changing anything.
+
+    Raises:
+        ConfigError / FileNotFoundError: a damaged or missing file; the message names it.
+    """
+    _read_state(Path(folder))
+    _read_rank(Path(folder), rank, tensors=False)
 
 
 def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer
@@ -144,18 +195,17 @@ def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torc
         The trainer state saved with it (``step``, ``scheduler``, ...).
 
     Raises:
-        ConfigError: the checkpoint was written by another number of processes, or does not fit the
-            model or optimiser (names, shapes); checked before anything is changed.
+        ConfigError: the checkpoint was written by another number of processes, does not fit the
+            model or optimiser (names, shapes), or a file of it is damaged; checked before anything is changed.
         FileNotFoundError: a file of the checkpoint is missing.
     """
     info = D.current()
     folder = Path(folder)
-    state = json.loads((folder / STATE).read_text())
+    state = _read_state(folder)
     check(state["world_size"] == info.world_size,
           f"checkpoint {str(folder)!r} was written by {state['world_size']} process(es) but this run has "
           f"{info.world_size}; resume with --nproc-per-node {state['world_size']}")
-    tensors = load_file(folder / f"rank{info.rank}.safetensors")
-    meta = json.loads((folder / f"rank{info.rank}.json").read_text())
+    tensors, meta = _read_rank(folder, info.rank)
     targets = {f"param.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     targets |= {f"buffer.{n}": b for n, b in _buffers(model).items()}
     saved = {k for k in tensors if k.startswith(("param.", "buffer."))}

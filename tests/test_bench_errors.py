@@ -1,0 +1,46 @@
+"""`peftkit bench` checks its sweep before any cell runs (tasks, methods, model, seeds) and drops repeats."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftkit import ConfigError
+from peftkit.bench import BenchConfig
+from peftkit.bench.arena import Cell, cell_command
+from tests.cli_util import error_line
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tasks": ["nope"]}, "unknown task 'nope'; the arena's tasks: sst2, rte, cola, stsb, mrpc"),
+    ({"seeds": [2**32]}, "seed 4294967296 must be an integer in 0..4294967295"),
+    ({"seeds": [-1]}, "seed -1 must be an integer in 0..4294967295"),
+    ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+])
+def test_bad_sweeps_are_refused(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        BenchConfig(**kwargs)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match=r"^unknown PEFT method 'nope'; registered methods: .*\blora\b"):
+        BenchConfig(methods=["lora", "nope"])
+
+
+def test_sweep_names_are_canonical_without_repeats_and_cells_may_retry(tmp_path):
+    cfg = BenchConfig(methods=["LoRA", "ia3", "lora", "IA3"], tasks=["SST-2", "sst2", "rte"], seeds=[3, 1, 3],
+                      output_dir=str(tmp_path))
+    assert cfg.methods == ["full", "lora", "ia3"] and cfg.tasks == ["sst2", "rte"] and cfg.seeds == [3, 1]
+    cfg = BenchConfig(methods=["lora", "Full", "full"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path))
+    assert cfg.methods == ["lora", "full"]
+    cmd = cell_command(cfg, Cell("lora", "sst2", 3), tmp_path / "cell")
+    assert cmd[cmd.index("--output-dir") + 1:cmd.index("--output-dir") + 3] == [str(tmp_path / "cell"), "--overwrite"]
+
+
+def test_cli_checks_tasks_and_model_before_running_a_cell(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert error_line(capsys, "bench", "--tasks", "sst2,nope", "--output-dir", out) == (
+        "peftkit: error: unknown task 'nope'; the arena's tasks: sst2, rte, cola, stsb, mrpc")
+    assert error_line(capsys, "bench", "--model", tmp_path / "nonexist", "--output-dir", out) == (
+        f"peftkit: error: --model '{tmp_path / 'nonexist'}' is not a folder; give a local HF model folder "
+        "(config.json + model.safetensors); nothing is downloaded")
+    assert error_line(capsys, "bench", "--seeds", "0,x", "--output-dir", out) == (
+        "peftkit: error: --seeds '0,x' must be comma-separated integers")
+    assert not out.exists()

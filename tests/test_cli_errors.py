@@ -1,0 +1,138 @@
+"""Every CLI failure is one line on stderr (``peftkit: error: ...``): exit status 2 for bad input, found before
+anything is written; 1 for anything unforeseen (the traceback only with PEFTKIT_TRACEBACK=1)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from peftkit import cli as cli_module
+from tests.cli_util import cli, error_line, snapshot
+
+TRAIN_HELP = "(see `peftkit train --help`)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-steps", "0"], f"argument --max-steps: expected a positive integer, got '0' {TRAIN_HELP}"),
+    (["--lr", "nan"], f"argument --lr: expected a positive finite number, got 'nan' {TRAIN_HELP}"),
+    (["--lr", "inf"], f"argument --lr: expected a positive finite number, got 'inf' {TRAIN_HELP}"),
+    (["--epochs", "inf"], f"argument --epochs: expected a positive finite number, got 'inf' {TRAIN_HELP}"),
+    (["--lora-alpha", "inf"], f"argument --lora-alpha: expected a positive finite number, got 'inf' {TRAIN_HELP}"),
+    (["--lora-dropout", "nan"], f"argument --lora-dropout: expected a finite number, got 'nan' {TRAIN_HELP}"),
+    (["--seed", "100000000000000000000000"],
+     f"argument --seed: expected an integer seed in 0..4294967295, got '100000000000000000000000' {TRAIN_HELP}"),
+    (["--seed", "-1"], f"argument --seed: expected an integer seed in 0..4294967295, got '-1' {TRAIN_HELP}"),
+    (["--target-modules", "(query"],
+     "argument --target-modules: '(query' is read as a regular expression, and it is not a valid one (missing ), "
+     f"unterminated subpattern at position 0); give names separated by commas or a valid regex {TRAIN_HELP}"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option (see `peftkit --help`)"),
+])
+def test_argument_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert error_line(capsys, "train", "--output-dir", tmp_path / "x", *argv) == f"peftkit: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_commands_and_help(capsys):
+    assert error_line(capsys, "merge", "a", "b", "--output", "m", "--weights", "1", "nan") == (
+        "peftkit: error: argument --weights: expected a finite number, got 'nan' (see `peftkit merge --help`)")
+    assert error_line(capsys, "eval") == (
+        "peftkit: error: the following arguments are required: --adapter (see `peftkit eval --help`)")
+    assert error_line(capsys) == (
+        "peftkit: error: the following arguments are required: command (see `peftkit --help`)")
+    assert cli("train", "--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: peftkit train") and "--overwrite" in out and len(out.splitlines()) > 20
+
+
+def _model_copy(src, dst, names):
+    dst.mkdir()
+    for name in names:
+        shutil.copy(f"{src}/{name}", dst / name)
+    return dst
+
+
+NEEDS = "a model folder needs config.json, model.safetensors and tokenizer files, as save_pretrained writes them"
+ALL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("case", ["target_modules", "regex_option", "inference_mode", "nan_option", "device_foo",
+                                  "device_cuda", "device_index", "empty_model", "bad_config", "no_model_type",
+                                  "bad_weights", "pickle_model", "no_tokenizer"])
+def test_run_option_errors_are_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, case):
+    model = tiny_model_dir
+    extra: list[str] = []
+    if case == "target_modules":
+        extra, message = ["--option", "target_modules=5"], "--option target_modules=5 has the wrong type; expected list[str] | str | None"
+    elif case == "regex_option":
+        extra, message = ["--option", 'target_modules="(query"'], (
+            "target_modules='(query' is read as a regular expression, and it is not a valid one (missing ), "
+            "unterminated subpattern at position 0); give a list of module names or a valid regex")
+    elif case == "inference_mode":
+        extra, message = ["--option", "inference_mode=true"], (
+            "--option inference_mode=true freezes the adapter, so nothing would train; inference_mode is for loading "
+            "a trained adapter")
+    elif case == "nan_option":
+        extra, message = ["--option", "lora_alpha=NaN"], "--option lora_alpha=nan has the wrong type; expected float"
+    elif case == "device_foo":
+        extra, message = ["--device", "foo"], "--device 'foo' is not a device; use cpu, cuda, cuda:N or mps"
+    elif case == "device_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        extra, message = ["--device", "cuda"], (
+            f"--device 'cuda': this machine has no cuda device available to torch {torch.__version__}; use --device cpu")
+    elif case == "device_index":
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        n = torch.cuda.device_count()
+        extra, message = ["--device", f"cuda:{n}"], (
+            f"--device 'cuda:{n}': this machine has {n} cuda device(s), numbered 0 to {n - 1}")
+    elif case == "empty_model":
+        model = tmp_path / "empty"
+        model.mkdir()
+        message = f"--model '{model}' has no config.json; {NEEDS}"
+    elif case == "bad_config":
+        model = _model_copy(tiny_model_dir, tmp_path / "badcfg", ALL_FILES)
+        (model / "config.json").write_text("{oops")
+        message = (f"'{model / 'config.json'}' is not valid JSON (Expecting property name enclosed in double quotes: "
+                   f"line 1 column 2 (char 1)); {NEEDS}")
+    elif case == "no_model_type":
+        model = _model_copy(tiny_model_dir, tmp_path / "nomt", ALL_FILES)
+        (model / "config.json").write_text('{"hidden_size": 16}')
+        message = f"'{model / 'config.json'}' has no \"model_type\"; {NEEDS}"
+    elif case == "bad_weights":
+        model = _model_copy(tiny_model_dir, tmp_path / "badst", ALL_FILES)
+        (model / "model.safetensors").write_bytes(b"\x01" * 100)
+        message = (f"'{model / 'model.safetensors'}' is not a readable safetensors file (Error while deserializing "
+                   f"header: header too large); {NEEDS}")
+    elif case == "pickle_model":
+        model = _model_copy(tiny_model_dir, tmp_path / "bin", ["config.json", "tokenizer.json", "tokenizer_config.json"])
+        (model / "pytorch_model.bin").write_bytes(b"not loaded")
+        message = (f"--model '{model}' has no model.safetensors (only pytorch_model.bin, a pickle file, which peftkit "
+                   "does not load; re-save the model with save_pretrained(safe_serialization=True))")
+    else:
+        model = _model_copy(tiny_model_dir, tmp_path / "notok", ["config.json", "model.safetensors"])
+        message = (f"--model '{model}' has no tokenizer (none of tokenizer.json, vocab.txt, vocab.json, "
+                   "tokenizer.model, spiece.model, sentencepiece.bpe.model); save the model's tokenizer into it with "
+                   "tokenizer.save_pretrained")
+    before = snapshot(tmp_path)
+    line = error_line(capsys, "train", "--model", model, "--max-steps", 1, "--max-train-samples", 8,
+                      "--max-eval-samples", 8, "--output-dir", tmp_path / "run", "--no-progress", *extra)
+    assert line == f"peftkit: error: {message}"
+    assert snapshot(tmp_path) == before
+
+
+def test_unforeseen_errors_are_one_line_with_status_1(monkeypatch, capsys):
+    def boom(args):
+        raise RuntimeError("first line\n  second line")
+
+    monkeypatch.setitem(cli_module.COMMANDS, "methods", boom)
+    monkeypatch.delenv("PEFTKIT_TRACEBACK", raising=False)
+    assert error_line(capsys, "methods", status=1) == (
+        "peftkit: error: RuntimeError: first line second line (set PEFTKIT_TRACEBACK=1 for the traceback)")
+    monkeypatch.setenv("PEFTKIT_TRACEBACK", "1")
+    assert cli("methods") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "RuntimeError: first line" in err
+    assert err[-1] == "peftkit: error: RuntimeError: first line second line (set PEFTKIT_TRACEBACK=1 for the traceback)"

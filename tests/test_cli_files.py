@@ -1,0 +1,253 @@
+"""What the user saved is never lost or mixed: run folders, --overwrite, export/merge outputs, damaged run
+folders on --resume and eval; refusals are one line and leave every byte on disk as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from peftkit.train.trainer import Trainer
+from tests.cli_util import cli, error_line, snapshot
+
+DAMAGED = "the checkpoint is damaged; resume from an earlier copy of the run or train again"
+
+
+def train_args(model_dir, out, *extra):
+    return ["train", "--model", model_dir, "--max-steps", 2, "--batch-size", 8, "--max-train-samples", 16,
+            "--max-eval-samples", 8, "--target-modules", "query,value", "--output-dir", out, "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """A LoRA run, an IA3 run and a LoRA run with a checkpoint (read-only: copy before changing)."""
+    root = tmp_path_factory.mktemp("runs")
+    assert cli(*train_args(tiny_model_dir, root / "lora")) == 0
+    assert cli(*train_args(tiny_model_dir, root / "ia3", "--method", "ia3", "--option", "feedforward_modules=[]")) == 0
+    assert cli(*train_args(tiny_model_dir, root / "ckpt", "--save-every", 1)) == 0
+    return root
+
+
+def test_output_dir_with_a_run_or_a_file_is_refused(tiny_model_dir, runs, tmp_path, capsys):
+    run = shutil.copytree(runs / "lora", tmp_path / "run")
+    before = snapshot(tmp_path)
+    assert error_line(capsys, *train_args(tiny_model_dir, run)) == (
+        f"peftkit: error: --output-dir '{run}' is not empty (it holds adapter_config.json, adapter_model.safetensors, "
+        "metrics.json, ...); pass --overwrite to replace the run in it, or give a new folder")
+    assert snapshot(tmp_path) == before
+    note = tmp_path / "notes.txt"
+    note.write_text("mine")
+    before = snapshot(tmp_path)
+    assert error_line(capsys, *train_args(tiny_model_dir, note)) == (
+        f"peftkit: error: --output-dir '{note}' is a file, not a folder; give a new or empty folder")
+    assert error_line(capsys, *train_args(tiny_model_dir, note, "--overwrite")) == (
+        f"peftkit: error: --output-dir '{note}' is a file, not a folder; give a new or empty folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_the_run_and_keeps_other_files(tiny_model_dir, runs, tmp_path, capsys):
+    run = shutil.copytree(runs / "ckpt", tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    assert cli(*train_args(tiny_model_dir, run, "--method", "ia3", "--option", "feedforward_modules=[]",
+                           "--overwrite")) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "metrics.json", "notes.txt", "run_config.json", "train.log"]
+    assert json.loads((run / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    assert json.loads((run / "metrics.json").read_text())["method"] == "ia3"
+    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "train.log").read_text().count("done:") == 1
+
+
+def test_a_crash_after_overwrite_leaves_no_mix_that_eval_accepts(tiny_model_dir, runs, tmp_path, monkeypatch,
+                                                                 capsys):
+    run = shutil.copytree(runs / "lora", tmp_path / "run")
+
+    def crash(self, indices, step):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Trainer, "_step", crash)
+    monkeypatch.delenv("PEFTKIT_TRACEBACK", raising=False)
+    assert error_line(capsys, *train_args(tiny_model_dir, run, "--method", "ia3", "--option",
+                                          "feedforward_modules=[]", "--overwrite"), status=1) == (
+        "peftkit: error: RuntimeError: disk on fire (set PEFTKIT_TRACEBACK=1 for the traceback)")
+    assert sorted(p.name for p in run.iterdir()) == ["run_config.json", "train.log"]
+    assert json.loads((run / "run_config.json").read_text())["method"] == "ia3"
+    assert error_line(capsys, "eval", "--adapter", run) == (
+        f"peftkit: error: '{run}' holds no adapter_config.json: the run did not finish; continue it with "
+        "`peftkit train --resume` (when it saved checkpoints) or train again")
+
+
+def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, capsys):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"user data")
+    before = snapshot(tmp_path)
+    assert error_line(capsys, "export", "--adapter", runs / "lora", "--merge", "--output", target, "--overwrite") == (
+        f"peftkit: error: --output '{target}' is a file, not a folder; the model is written as a folder: give "
+        "another path")
+    assert error_line(capsys, "merge", runs / "lora", runs / "lora", "--output", target, "--overwrite") == (
+        f"peftkit: error: --output '{target}' is a file, not a folder; the adapter is written as a folder: give "
+        "another path")
+    assert snapshot(tmp_path) == before
+    run = shutil.copytree(runs / "lora", tmp_path / "run")
+    before = snapshot(tmp_path)
+    assert error_line(capsys, "export", "--adapter", run, "--merge", "--output", tmp_path, "--overwrite") == (
+        f"peftkit: error: --output '{tmp_path}' holds the input folder '{run}'; replacing it would delete the input: "
+        "give another output folder")
+    assert error_line(capsys, "merge", runs / "lora", run, "--output", run, "--overwrite") == (
+        f"peftkit: error: --output '{run}' holds the input folder '{run}'; replacing it would delete the input: "
+        "give another output folder")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = (["merge", runs / "lora", runs / "lora"] if command == "merge" else
+            ["export", "--adapter", runs / "lora", "--merge"]) + ["--output", out]
+    before = snapshot(tmp_path)
+    assert error_line(capsys, *argv) == (
+        f"peftkit: error: --output '{out}' exists and is not empty; pass --overwrite to replace it, or give a new "
+        "folder")
+    assert snapshot(tmp_path) == before
+    assert cli(*argv, "--overwrite") == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == (["adapter_config.json", "adapter_model.safetensors", "run_config.json"] if command == "merge"
+                     else ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(*argv[:-1], empty) == 0 and (empty / names[0]).is_file()
+
+
+def test_merge_of_a_non_lora_adapter_is_refused(runs, tmp_path, capsys):
+    assert error_line(capsys, "merge", runs / "lora", runs / "ia3", "--output", tmp_path / "m") == (
+        f"peftkit: error: '{runs / 'ia3'}' holds an adapter of type IA3; only plain LoRA adapters (without use_dora "
+        "or lora_bias) can be combined")
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_of_a_method_that_cannot_merge_is_refused(tiny_model_dir, tmp_path, capsys):
+    from peftkit import ComposedConfig, LoraConfig, PromptTuningConfig
+
+    prompt = PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS")
+    for name, config in (("prompt", prompt), ("composed", ComposedConfig(configs=[LoraConfig(target_modules=["query"]), prompt]))):
+        config.save_pretrained(tmp_path / name)
+    before = snapshot(tmp_path)
+    assert error_line(capsys, "export", "--adapter", tmp_path / "prompt", "--merge", "--model", tiny_model_dir,
+                      "--output", tmp_path / "out") == (
+        f"peftkit: error: '{tmp_path / 'prompt'}' holds an adapter of type PROMPT_TUNING, which cannot be merged into "
+        "the weights (`peftkit methods` shows which methods merge)")
+    assert error_line(capsys, "export", "--adapter", tmp_path / "composed", "--merge", "--model", tiny_model_dir,
+                      "--output", tmp_path / "out") == (
+        f"peftkit: error: '{tmp_path / 'composed'}' holds an adapter of type COMPOSED with a part of type "
+        "PROMPT_TUNING, which cannot be merged into the weights (`peftkit methods` shows which methods merge)")
+    assert snapshot(tmp_path) == before
+
+
+def test_merge_with_model_prints_no_progress_bars(tiny_model_dir, runs, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        assert cli("merge", runs / "lora", runs / "lora", "--model", tiny_model_dir, "--output", tmp_path / "m") == 0
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("merged 2 adapters (cat")
+
+
+def _damage(run, what):
+    step = run / "checkpoints" / "step-00000002"
+    if what == "run_config_json":
+        (run / "run_config.json").write_text('{"max_steps": ')
+        return (f"'{run / 'run_config.json'}' is not valid JSON (Expecting value: line 1 column 15 (char 14)); the "
+                "run folder is damaged; train again")
+    if what == "run_config_type":
+        cfg = json.loads((run / "run_config.json").read_text())
+        (run / "run_config.json").write_text(json.dumps({**cfg, "max_steps": "2"}))
+        return f"'{run / 'run_config.json'}': max_steps='2' has the wrong type; expected int | None"
+    if what == "run_config_range":
+        cfg = json.loads((run / "run_config.json").read_text())
+        (run / "run_config.json").write_text(json.dumps({**cfg, "lora_dropout": 1.5}))
+        return f"'{run / 'run_config.json'}': lora_dropout=1.5 must lie in [0, 1)"
+    if what == "safetensors":
+        data = (step / "rank0.safetensors").read_bytes()
+        (step / "rank0.safetensors").write_bytes(data[: len(data) // 2])
+        return (f"'{step / 'rank0.safetensors'}' is not a readable safetensors file (Error while deserializing "
+                f"header: incomplete metadata, file not fully covered); {DAMAGED}")
+    if what == "trainer_state":
+        (step / "trainer_state.json").write_text("{oops")
+        return (f"'{step / 'trainer_state.json'}' is not valid JSON (Expecting property name enclosed in double "
+                f"quotes: line 1 column 2 (char 1)); {DAMAGED}")
+    if what == "trainer_state_keys":
+        (step / "trainer_state.json").write_text('{"step": 2}')
+        return (f"'{step / 'trainer_state.json'}' lacks ['world_size', 'optimizer_param_groups', 'total_steps', "
+                f"'batch_size', 'seed', 'history', 'samples', 'seconds', 'scheduler']; {DAMAGED}")
+    if what == "missing_rank":
+        (step / "rank0.safetensors").unlink()
+        return f"'{step / 'rank0.safetensors'}' is missing; {DAMAGED}"
+    if what == "no_checkpoints":
+        shutil.rmtree(run / "checkpoints")
+        return (f"no checkpoint in '{run / 'checkpoints'}' to resume from; a run writes them when trained with "
+                "--save-every N")
+    (run / "checkpoints" / "latest.json").write_text('{"step": 2}')
+    return (f"'{run / 'checkpoints' / 'latest.json'}' names no checkpoint folder (expected \"folder\": \"step-<N>\", "
+            f"got None); {DAMAGED}")
+
+
+@pytest.mark.parametrize("what", ["run_config_json", "run_config_type", "run_config_range", "safetensors",
+                                  "trainer_state", "trainer_state_keys", "missing_rank", "no_checkpoints",
+                                  "latest"])
+def test_resume_from_a_damaged_run_is_one_line_and_changes_nothing(runs, tmp_path, capsys, what):
+    run = shutil.copytree(runs / "ckpt", tmp_path / "run")
+    for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors"):
+        (run / name).unlink()  # as after an interruption
+    message = _damage(run, what)
+    before = snapshot(tmp_path)
+    assert error_line(capsys, "train", "--resume", run, "--no-progress") == f"peftkit: error: {message}"
+    assert snapshot(tmp_path) == before
+    if what.startswith("run_config"):
+        assert error_line(capsys, "eval", "--adapter", run) == f"peftkit: error: {message}"
+
+
+def test_resume_of_an_intact_copy_finishes(runs, tmp_path, capsys):
+    run = shutil.copytree(runs / "ckpt", tmp_path / "run")
+    for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors"):
+        (run / name).unlink()
+    assert cli("train", "--resume", run, "--no-progress") == 0
+    assert (json.loads((run / "metrics.json").read_text())["dev_accuracy"]
+            == json.loads((runs / "ckpt" / "metrics.json").read_text())["dev_accuracy"])
+
+
+def test_weights_are_loaded_from_safetensors_only(tiny_model_dir, runs, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.artifacts import load_base_for
+
+    real = AutoModelForSequenceClassification.from_pretrained.__func__
+    seen = []
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("use_safetensors"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", classmethod(spy))
+    load_base_for(runs / "lora")  # through the run's own loader (train, eval, resume use it too)
+    load_base_for(runs / "lora", model_dir=tiny_model_dir)
+    assert seen == [True, True]
+
+
+def test_resume_and_eval_of_a_folder_that_is_no_run(runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = (f"peftkit: error: '{empty}' is not a peftkit run folder (no run_config.json); give the folder that "
+               "`peftkit train` wrote")
+    assert error_line(capsys, "train", "--resume", empty, "--no-progress") == message
+    assert error_line(capsys, "eval", "--adapter", empty) == message
+    assert error_line(capsys, "eval", "--adapter", runs / "lora", "--device", "foo") == (
+        "peftkit: error: --device 'foo' is not a device; use cpu, cuda, cuda:N or mps")
+    assert list(empty.iterdir()) == []

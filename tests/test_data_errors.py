@@ -1,0 +1,159 @@
+"""Training data is read exactly or refused: labels, columns, JSON lines, encodings; messages name the file,
+the line and the value, and a refused run writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.train.data import DataError, examples_from_rows, read_table
+from tests.cli_util import cli, error_line, snapshot
+
+HOW = ("classification labels must be all integer class ids (0, 1, ...) or all class names (non-numeric strings); "
+       "regression from files is not supported")
+
+
+def jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def examples(path, **kw):
+    return examples_from_rows(read_table(path), None, "label", source=str(path), **kw)
+
+
+@pytest.mark.parametrize("label, message", [
+    (0.4, "line 2 has the label 0.4, which is not an integer class id; " + HOW),
+    (1.9, "line 2 has the label 1.9, which is not an integer class id; " + HOW),
+    (None, "line 2 has no label (the value is null); give every row a label"),
+    ("", "line 2 has no label (the value is empty); give every row a label"),
+    (-1, "line 2 has the class id -1; class ids must lie in 0..9999 (number the classes 0, 1, ... or give class "
+         "names)"),
+    (1000000, "line 2 has the class id 1000000; class ids must lie in 0..9999 (number the classes 0, 1, ... or "
+              "give class names)"),
+    (True, "line 2 has the label True, a JSON bool; " + HOW),
+    ([1], "line 2 has the label [1], a JSON list; " + HOW),
+    ("pos", "line 2 has the label 'pos' but line 1 has 0; labels must be all integer class ids or all class names"),
+])
+def test_bad_jsonl_labels_are_refused(tmp_path, label, message):
+    f = jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": label}])
+    with pytest.raises(DataError) as err:
+        examples(f)
+    assert str(err.value) == f"{f}: {message}"
+
+
+def test_csv_labels_and_rows(tmp_path):
+    f = tmp_path / "t.csv"
+    f.write_text("text,label\na,0.4\n")
+    with pytest.raises(DataError) as err:
+        examples(f)
+    assert str(err.value) == f"{f}: line 2 has the label '0.4', which is not an integer class id; " + HOW
+    f.write_text("text,label\na,1\nb\n")
+    with pytest.raises(DataError) as err:
+        read_table(f)
+    assert str(err.value) == (f"{f}: line 3 has 1 field(s) but the header has 2 (['text', 'label']): a value is "
+                              "missing, or a field holds the delimiter unquoted (quote it)")
+    f.write_text("text,label\na,1\nb,\n")
+    with pytest.raises(DataError, match="line 3 has no label"):
+        examples(f)
+
+
+def test_valid_labels_are_read_exactly(tmp_path):
+    f = jsonl(tmp_path / "ids.jsonl", [{"text": "a", "label": 2}, {"text": 7, "label": 0.0}, {"text": "c", "label": "1"}])
+    out, names = examples(f)
+    assert names is None and [e["label"] for e in out] == [2, 0, 1] and out[1]["text"] == "7"
+    f = tmp_path / "names.csv"
+    f.write_text('text,label\n"a, quoted",yes\nb, no\n')
+    out, names = examples(f)
+    assert names == ["no", "yes"] and [e["label"] for e in out] == [1, 0] and out[0]["text"] == "a, quoted"
+
+
+def test_dev_labels_must_match_the_training_kind(tmp_path):
+    f = jsonl(tmp_path / "dev.jsonl", [{"text": "a", "label": "pos"}])
+    with pytest.raises(DataError) as err:
+        examples(f, label_ids=True)
+    assert str(err.value) == f"{f}: line 1 has the class name 'pos' but the training labels are integer class ids; give class ids"
+    g = jsonl(tmp_path / "dev2.jsonl", [{"text": "a", "label": 1}])
+    with pytest.raises(DataError) as err:
+        examples(g, label_names=["neg", "pos"])
+    assert str(err.value) == (f"{g}: line 1 has the class id 1 but the training labels are class names ['neg', 'pos']; "
+                              "give class names")
+    with pytest.raises(DataError) as err:
+        examples(f, label_names=["neg", "positive"])
+    assert str(err.value) == f"{f}: line 1 has the label 'pos', not one of ['neg', 'positive']"
+    h = jsonl(tmp_path / "dev3.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 2}])
+    with pytest.raises(DataError) as err:
+        examples(h, label_ids=True, num_labels=2)
+    assert str(err.value) == f"{h}: line 2 has the class id 2; the run's model has 2 classes (0..1)"
+
+
+def test_malformed_files(tmp_path):
+    f = jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1}, "", "[1, 2]"])
+    with pytest.raises(DataError) as err:
+        read_table(f)
+    assert str(err.value) == (f"{f}: line 3 is a JSON list ([1, 2]), not an object; each line must be an object "
+                              'such as {"text": "...", "label": 1}')
+    f = jsonl(tmp_path / "keys.jsonl", [{"text": "a", "label": 1}, {"sentence": "b", "label": 0}])
+    with pytest.raises(DataError) as err:
+        examples(f)
+    assert str(err.value) == f"{f}: line 2: no text column 'text'; columns present: ['sentence', 'label']"
+    f = jsonl(tmp_path / "null.jsonl", [{"text": None, "label": 1}])
+    with pytest.raises(DataError) as err:
+        examples(f)
+    assert str(err.value) == f"{f}: line 1: the text column 'text' holds None, not text"
+    f = tmp_path / "latin1.csv"
+    f.write_bytes("text,label\ncafé,1\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        read_table(f)
+    assert str(err.value) == f"{f}: not UTF-8 text (byte 0xe9 at offset 14); save the file as UTF-8"
+
+
+def test_rows_without_line_numbers_are_counted(tmp_path):
+    with pytest.raises(DataError) as err:
+        examples_from_rows([{"text": "a", "label": 0}, {"text": "b", "label": 0.5}], None, "label", source="mine")
+    assert str(err.value) == "mine: row 2 has the label 0.5, which is not an integer class id; " + HOW
+
+
+@pytest.mark.parametrize("bad", ["float", "negative", "latin1", "not-object"])
+def test_cli_refuses_bad_data_before_writing_anything(tiny_model_dir, tmp_path, capsys, bad):
+    good = jsonl(tmp_path / "dev.jsonl", [{"text": f"w{i}", "label": i % 2} for i in range(4)])
+    train = tmp_path / "train.jsonl"
+    if bad == "float":
+        jsonl(train, [{"text": "a", "label": 0}, {"text": "b", "label": 1.9}])
+        message = f"{train}: line 2 has the label 1.9, which is not an integer class id; " + HOW
+    elif bad == "negative":
+        jsonl(train, [{"text": "a", "label": 0}, {"text": "b", "label": -1}])
+        message = (f"{train}: line 2 has the class id -1; class ids must lie in 0..9999 (number the classes 0, 1, "
+                   "... or give class names)")
+    elif bad == "latin1":
+        train = tmp_path / "train.csv"
+        train.write_bytes("text,label\nnaïve,1\n".encode("latin-1"))
+        message = f"{train}: not UTF-8 text (byte 0xef at offset 13); save the file as UTF-8"
+    else:
+        jsonl(train, ['"just a string"'])
+        message = (f"{train}: line 1 is a JSON str (\"just a string\"), not an object; each line must be an object "
+                   'such as {"text": "...", "label": 1}')
+    before = snapshot(tmp_path)
+    line = error_line(capsys, "train", "--model", tiny_model_dir, "--train-file", train, "--eval-file", good,
+                      "--max-steps", 1, "--output-dir", tmp_path / "run", "--no-progress")
+    assert line == f"peftkit: error: {message}"
+    assert snapshot(tmp_path) == before
+
+
+def test_eval_file_of_a_named_task_replaces_its_dev_set(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("train", "--model", tiny_model_dir, "--max-steps", 1, "--max-train-samples", 16, "--max-eval-samples",
+               8, "--target-modules", "query", "--output-dir", out, "--no-progress") == 0
+    dev = tmp_path / "dev.csv"
+    dev.write_text("sentence,label\ngood,1\nbad,0\nfine,1\n")
+    capsys.readouterr()
+    assert cli("eval", "--adapter", out, "--eval-file", dev) == 0
+    assert "dev_examples    3" in capsys.readouterr().out.splitlines()
+    dev.write_text("sentence,label\ngood,positive\n")
+    assert error_line(capsys, "eval", "--adapter", out, "--eval-file", dev) == (
+        f"peftkit: error: {dev}: line 2 has the class name 'positive' but the training labels are integer class ids; "
+        "give class ids")
+    dev.write_bytes("sentence,label\ncafé,1\n".encode("latin-1"))
+    assert error_line(capsys, "eval", "--adapter", out, "--eval-file", dev) == (
+        f"peftkit: error: {dev}: not UTF-8 text (byte 0xe9 at offset 18); save the file as UTF-8")
