@@ -74,7 +74,7 @@ def test_run_option_errors_are_one_line_and_write_nothing(tiny_model_dir, tmp_pa
             "--option inference_mode=true freezes the adapter, so nothing would train; inference_mode is for loading "
             "a trained adapter")
     elif case == "nan_option":
-        extra, message = ["--option", "lora_alpha=NaN"], "--option lora_alpha=nan has the wrong type; expected float"
+        extra, message = ["--option", "lora_alpha=NaN"], "--option lora_alpha=nan is not valid: numbers must be finite"
     elif case == "device_foo":
         extra, message = ["--device", "foo"], "--device 'foo' is not a device; use cpu, cuda, cuda:N or mps"
     elif case == "device_cuda":

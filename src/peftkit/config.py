@@ -45,13 +45,13 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _conforms(value: Any, tp: Any) -> bool:
+def conforms(value: Any, tp: Any) -> bool:
     """Whether ``value`` fits the annotation ``tp`` (bool is not a number; unknown constructs pass)."""
     if tp is Any:
         return True
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, a) for a in args)
+        return any(conforms(value, a) for a in args)
     if origin is typing.Literal:
         return value in args
     if tp is type(None):
@@ -65,22 +65,23 @@ def _conforms(value: Any, tp: Any) -> bool:
     if tp is str:
         return isinstance(value, str)
     if origin in (list, tuple, set, collections.abc.Sequence):
-        return isinstance(value, (list, tuple, set)) and (not args or all(_conforms(v, args[0]) for v in value))
+        return isinstance(value, (list, tuple, set)) and (not args or all(conforms(v, args[0]) for v in value))
     if origin is dict:
-        return isinstance(value, dict) and (not args or all(_conforms(k, args[0]) and _conforms(v, args[1])
+        return isinstance(value, dict) and (not args or all(conforms(k, args[0]) and conforms(v, args[1])
                                                             for k, v in value.items()))
     if isinstance(tp, type) and not issubclass(tp, PeftConfig):
         return isinstance(value, tp)
     return True
 
 
-def _non_finite(value: Any) -> bool:
+def non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or contains (lists, dicts), a NaN or infinite float."""
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, (list, tuple, set)):
-        return any(_non_finite(v) for v in value)
+        return any(non_finite(v) for v in value)
     if isinstance(value, dict):
-        return any(_non_finite(v) for v in value.values())
+        return any(non_finite(v) for v in value.values())
     return False
 
 
@@ -97,14 +98,15 @@ def check_fields(config: Any) -> None:
         hints = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        check(not _non_finite(value), f"{f.name}={value!r} is not valid: numbers must be finite (no NaN or inf)")
+        check(not non_finite(value), f"{f.name}={value!r} is not valid: numbers must be finite (no NaN or inf)")
         tp = hints.get(f.name)
         if tp is not None:
-            check(_conforms(value, tp), f"{f.name}={value!r} is not valid: expected {_describe(tp)}, "
+            check(conforms(value, tp), f"{f.name}={value!r} is not valid: expected {describe_type(tp)}, "
                                         f"got {type(value).__name__}")
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
+    """A type annotation in words for error messages (``"an integer"``, ``"list[str] | None"``)."""
     text = str(tp).replace("typing.", "")
     return {"<class 'bool'>": "true or false", "<class 'int'>": "an integer", "<class 'float'>": "a number",
             "<class 'str'>": "a string"}.get(text, text)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from peftkit.config import ConfigError, check
+from peftkit.config import ConfigError, check, conforms, describe_type, non_finite
 
 SEED_MAX = 2**32 - 1
 """Largest accepted seed (numpy's generators take 32-bit seeds)."""
@@ -28,36 +26,9 @@ never leaves a folder that ``peftkit eval`` accepts with files of two runs."""
 
 
 def fits(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (a JSON value) has the type ``hint`` (``int``, ``list[str] | None``, ``Literal``...).
-
-    Floats must be finite; ``bool`` is not an ``int``; lists stand for tuples. Types it does not know
-    (a class of the method's own) are accepted when ``value`` is an instance of them.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(fits(value, h) for h in args)
-    if origin is typing.Literal:
-        return value in args
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint in (list, tuple) or origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and (not args or all(fits(v, args[0]) for v in value))
-    if hint is dict or origin is dict:
-        return isinstance(value, dict) and (not args or all(fits(k, args[0]) and fits(v, args[1])
-                                                            for k, v in value.items()))
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _describe(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    """Whether ``value`` (a JSON value) has the type ``hint`` (the rule every config applies to its own
+    fields, :func:`peftkit.config.conforms`) and, when it is a number, is finite."""
+    return conforms(value, hint) and not (isinstance(value, float) and non_finite(value))
 
 
 def check_field_types(obj: Any, where: str = "", names: typing.Iterable[str] | None = None) -> None:
@@ -74,8 +45,9 @@ def check_field_types(obj: Any, where: str = "", names: typing.Iterable[str] | N
     for f in dataclasses.fields(obj):
         if (wanted is None or f.name in wanted) and f.name in hints:
             value = getattr(obj, f.name)
-            check(fits(value, hints[f.name]),
-                  f"{where}{f.name}={value!r} has the wrong type; expected {_describe(hints[f.name])}")
+            check(conforms(value, hints[f.name]),
+                  f"{where}{f.name}={value!r} has the wrong type; expected {describe_type(hints[f.name])}")
+            check(fits(value, hints[f.name]), f"{where}{f.name}={value!r} is not valid: numbers must be finite")
 
 
 def check_device(device: str | None, option: str = "--device") -> None:
