@@ -169,3 +169,13 @@ def test_bias_all_does_not_train_the_adapters_own_or_modules_to_save_biases():
                                              bias="all"))
     names = trainable_biases(model.get_base_model(), "all", ["0"])
     assert names == ["0.base_layer.bias", "2.original_module.bias"]
+
+
+def test_saved_files_are_readable_like_any_file_the_user_writes(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        get_peft_model(mlp(), lora()).save_pretrained(tmp_path)
+    finally:
+        os.umask(mask)
+    modes = {f: (tmp_path / f).stat().st_mode & 0o777 for f in os.listdir(tmp_path)}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}

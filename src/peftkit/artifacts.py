@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from peftkit.config import WEIGHTS_NAME, PeftConfig, check, get_method
-from peftkit.formats.hf_peft import atomic_write_bytes, save_adapter
+from peftkit.formats.hf_peft import atomic_write_bytes, current_umask, save_adapter
 from peftkit.train.checks import check_model_dir, has_tokenizer_files
 
 HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
@@ -56,6 +56,7 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
     a failure leaves ``out`` as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private (0700); the result is not
     try:
         write(staging)
         if out.exists():

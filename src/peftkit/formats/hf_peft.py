@@ -179,10 +179,18 @@ def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLi
                 os.unlink(tmp)
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _stage(folder: str | os.PathLike, name: str, data: bytes) -> str:
     """Write ``data`` to a new temporary file in ``folder`` (flushed to disk); returns its path."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private (0600); a saved file is not
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

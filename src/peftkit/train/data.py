@@ -136,7 +136,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
     """
     key = name.lower().replace("-", "")
     if key not in TASKS:
-        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or give --train-file)")
+        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, causal-lm (or give --train-file)")
     return TASKS[key](data_dir)
 
 
