@@ -89,6 +89,11 @@ def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, c
         f"peftkit: error: --output '{target}' is a file, not a folder; the adapter is written as a folder: give "
         "another path")
     assert snapshot(tmp_path) == before
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert error_line(capsys, "export", "--adapter", runs / "lora", "--merge", "--output", link, "--overwrite") == (
+        f"peftkit: error: --output '{link}' is a symbolic link; give the folder it points to, or a new folder")
+    link.unlink()
     run = shutil.copytree(runs / "lora", tmp_path / "run")
     before = snapshot(tmp_path)
     assert error_line(capsys, "export", "--adapter", run, "--merge", "--output", tmp_path, "--overwrite") == (

@@ -179,3 +179,91 @@ def test_saved_files_are_readable_like_any_file_the_user_writes(tmp_path):
         os.umask(mask)
     modes = {f: (tmp_path / f).stat().st_mode & 0o777 for f in os.listdir(tmp_path)}
     assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
+
+
+def test_deleting_the_active_merged_adapter_leaves_the_base():
+    model = get_peft_model(mlp(), lora())
+    model.merge_adapter()
+    model.delete_adapter("default")
+    assert list(model.peft_config) == [] and not any(isinstance(m, AdaptedLayer) for m in model.modules())
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model.get_base_model()(x), mlp()(x), atol=1e-6, rtol=1e-5)
+
+
+def test_an_adapter_added_inside_disable_adapter_is_disabled_there_too():
+    model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(3, 6)
+    with torch.no_grad(), model.disable_adapter():
+        model.add_adapter("b", LoraConfig(r=2, target_modules=["2"], init_lora_weights=False))
+        model.set_adapter(["default", "b"])
+        torch.testing.assert_close(model(x), mlp()(x))
+    assert not torch.allclose(model(x), mlp()(x))
+
+
+def test_switching_adapters_while_merged_unmerges_with_a_warning():
+    model = two_adapters()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        model.set_adapter("b")
+        only_b = model(x)
+        model.set_adapter("default")
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match=r"\['default'\] are merged; unmerging"):
+            model.set_adapter("b")
+        assert model.base_model.merged_adapters() == []
+        torch.testing.assert_close(model(x), only_b)
+
+
+def test_lora_bias_merges_into_a_bias_free_layer_and_unmerges_away():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0", "2"], lora_bias=True, init_lora_weights=False))
+    with torch.no_grad():
+        model.get_base_model()[2].adapters["default"].lora_B.bias.normal_()
+        x = torch.randn(3, 6)
+        unmerged = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+    assert model.get_base_model()[2].base_layer.bias is None
+
+
+@pytest.mark.parametrize("name", ["x\x00", "a" * 201, "tab\there"])
+def test_names_that_no_file_system_takes_are_refused(name):
+    model = get_peft_model(mlp(), lora())
+    with pytest.raises(ConfigError, match="printable string of at most 200 bytes"):
+        model.add_adapter(name, lora())
+
+
+def test_merge_and_unload_of_one_adapter_gives_back_what_a_pissa_adapter_took():
+    base = mlp()
+    w0 = base[0].weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"), "p")
+    model.add_adapter("q", LoraConfig(r=2, target_modules=["0"]))  # identity at init
+    out = model.merge_and_unload(adapter_names=["q"])
+    torch.testing.assert_close(out[0].weight, w0, atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_adapters_are_not_combined():
+    model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["0"], init_lora_weights="olora"))
+    with pytest.raises(ConfigError, match="init_lora_weights='pissa', which moved part of the base weights"):
+        model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "avg", combination_type="cat")
+    assert list(model.peft_config) == ["a", "b"]
+
+
+def test_a_randomised_pissa_adapter_reloads_to_the_same_model(tmp_path):
+    def big():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 32))
+
+    x = torch.randn(3, 32)
+    model = get_peft_model(big(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa_niter_1"))
+    with torch.no_grad():
+        model.get_base_model()[0].adapters["default"].lora_B.weight.add_(0.3)
+        y = model(x)
+    model.save_pretrained(tmp_path)
+    fresh = big()
+    torch.randn(5)  # the global random state differs from the first time
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(fresh, tmp_path)(x), y, atol=1e-5, rtol=1e-5)

@@ -41,6 +41,8 @@ def _inside(path: Path, folder: Path) -> bool:
 def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike | None], what: str) -> None:
     """Refuse an output folder that would lose data: a file, a non-empty folder without ``overwrite``, or a
     folder that is or holds one of ``inputs`` (``what``: what is written, for the message)."""
+    check(not out.is_symlink(), f"--output {str(out)!r} is a symbolic link; give the folder it points to, or a new "
+                                "folder")
     check(not out.exists() or out.is_dir(), f"--output {str(out)!r} is a file, not a folder; {what} is written as "
                                             "a folder: give another path")
     check(overwrite or not out.exists() or not any(out.iterdir()),

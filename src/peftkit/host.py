@@ -7,6 +7,7 @@ wraps it with HF PEFT's public API.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,9 +23,10 @@ PART_SEP = "#"  # a part of a composed adapter is named "<owner>#<index>"; user 
 
 def _check_name(name: Any) -> str:
     if (not isinstance(name, str) or not name or any(c in name for c in (".", "/", "\\", PART_SEP))
-            or name == BASE_ROWS):
-        raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty string without '.', '/', "
-                          f"'\\' or {PART_SEP!r}, other than {BASE_ROWS!r} (it also names a folder on disk)")
+            or name == BASE_ROWS or not name.isprintable() or len(name.encode()) > 200):
+        raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty printable string of at most 200 "
+                          f"bytes without '.', '/', '\\' or {PART_SEP!r}, other than {BASE_ROWS!r} (it also "
+                          "names a folder on disk)")
     return name
 
 
@@ -153,6 +155,7 @@ class AdapterModel(nn.Module):
             raise
         for _, w in self.wrappers():
             w.set_active(self.in_use)
+            w.disabled = self.disabled  # a layer wrapped inside disable_adapter() is disabled like the rest
 
     def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
         wanted = list(getattr(config, "modules_to_save", None) or [])
@@ -228,6 +231,11 @@ class AdapterModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self.check_known(names)
         _check_unique(names)
+        merged = self.merged_adapters()
+        if merged and names != self.active_adapters:
+            warnings.warn(f"adapter(s) {merged} are merged; unmerging them before switching to {names} (as peft "
+                          "does)", stacklevel=3)
+            self.unmerge()
         self.active_adapters = names
         for _, w in self.wrappers():
             w.set_active(self.in_use)
@@ -321,8 +329,8 @@ class AdapterModel(nn.Module):
         keep = (list(adapter_names) if adapter_names is not None else self.active_adapters) if merge else []
         for name, w in list(self.wrappers()):
             if isinstance(w, AdaptedLayer):
-                if not merge:
-                    for adapter in w.adapters.values():
+                for n, adapter in w.adapters.items():  # what is not merged in goes, with what it took from the base
+                    if n not in w.merged_adapters:
                         adapter.restore_base(w)
                 replace_module(self.model, name, w.base_layer)
             else:

@@ -122,10 +122,8 @@ class Adapter(nn.Module):
         anything is merged into it; the last :meth:`AdaptedLayer.unmerge` removes it again.
         """
         db = self.delta_bias(layer)
-        if db is not None:
-            if bias is None:
-                raise ValueError(f"{type(self).__name__} has a bias delta but the base layer has no bias")
-            bias = bias + db
+        if db is not None:  # a bias-free base layer gets one while merged (see above)
+            bias = db.clone() if bias is None else bias + db
         return weight + self.delta_weight(layer), bias
 
     def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -187,6 +185,7 @@ class AdaptedLayer(nn.Module):
 
     def remove(self, name: str) -> None:
         """Remove adapter ``name``, unmerging it first if it is merged (the other merged adapters stay merged)."""
+        self.active_adapters = [a for a in self.active_adapters if a != name]
         if name in self.merged_adapters:
             others, tied = [a for a in self.merged_adapters if a != name], self._tied_weight is not None
             self.unmerge()
@@ -194,7 +193,6 @@ class AdaptedLayer(nn.Module):
             self.merge(others, tied=tied)
         else:
             self.adapters.pop(name).restore_base(self)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
         self._replan()
 
     def set_active(self, names: Sequence[str]) -> None:

@@ -210,7 +210,14 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     check(combination_type in COMBINATION_TYPES,
           f"combination_type={combination_type!r} is not valid; expected one of {COMBINATION_TYPES}")
     configs = [host.peft_config[a] for a in adapters]
+    from peftkit.methods.lora_init import changes_base
+
     for name, cfg in zip(adapters, configs):
+        init = getattr(cfg, "init_lora_weights", True)
+        check(not changes_base(init),
+              f"adapter {name!r} was created with init_lora_weights={init!r}, which moved part of the base weights "
+              "into it; combining it would count that part twice. Save it converted to plain LoRA first "
+              "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and combine the converted ones")
         lora_bias = getattr(cfg, "lora_bias", False)
         check(type(cfg) is LoraConfig and not getattr(cfg, "use_dora", False) and not lora_bias,
               f"adapter {name!r} is {cfg.peft_type}{' with lora_bias' if lora_bias else ''}; "

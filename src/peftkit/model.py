@@ -96,7 +96,8 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: inside it the model is the base model (merged adapters are unmerged for the
-        duration). The previous state, merges included, is restored on exit, even after an exception;
+        duration; base biases an adapter trains with ``bias="all"``/``"lora_only"`` keep their trained
+        values, as in peft, since they are the model's own parameters). The previous state, merges included, is restored on exit, even after an exception;
         it nests."""
         host = self.base_model
         was_disabled = host.disabled

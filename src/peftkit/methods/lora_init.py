@@ -84,7 +84,11 @@ def principal_factors(weight: Tensor, r: int, scaling: float, init: str) -> tupl
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
     else:
-        u, s, v = torch.svd_lowrank(w, r, niter=int(init.rsplit("_", 1)[1]))
+        # a fixed seed for the random projection, so that loading the saved adapter onto the same base
+        # rebuilds the same residual (the global RNG is left as it was)
+        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(w, r, niter=int(init.rsplit("_", 1)[1]))
         vh = v.T
     root = (s / scaling).sqrt()
     return (root[:, None] * vh).contiguous(), (u * root[None, :]).contiguous()
