@@ -36,18 +36,23 @@ def test_quantized_run_reports_base_memory_and_reloads(tiny_model_dir, tmp_path,
     assert f"{method} layers" in line
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["quantized_weight_ratio"] < (0.2 if method == "nf4" else 0.3)
-    assert metrics["base_weight_ratio"] < 1  # embeddings stay float32, so the whole base shrinks less
+    assert metrics["base_weight_ratio"] < 1  # norms, biases and the head stay float32
     assert metrics["base_weight_bytes"] == round(metrics["base_weight_ratio"] * metrics["base_weight_float32_bytes"])
     assert json.loads((out / "run_config.json").read_text())["quantize"] == method
     assert run("eval", "--adapter", out) == 0
     assert f"dev_accuracy    {metrics['dev_accuracy']:.4f}" in capsys.readouterr().out
 
 
-def test_quantized_embeddings_shrink_the_whole_base(tiny_model_dir, tmp_path):
-    out = tmp_path / "emb"
-    assert run("train", "--model", tiny_model_dir, "--quantize", "nf4", "--quantize-embeddings", "--max-steps", 2,
-               "--max-train-samples", 32, "--max-eval-samples", 16, "--output-dir", out, "--no-progress") == 0
-    assert json.loads((out / "metrics.json").read_text())["base_weight_ratio"] < 0.35
+def test_embeddings_are_quantised_unless_float_embeddings(tiny_model_dir, tmp_path):
+    ratios = {}
+    for flags in ([], ["--float-embeddings"]):
+        out = tmp_path / ("float" if flags else "default")
+        assert run("train", "--model", tiny_model_dir, "--quantize", "nf4", *flags, "--max-steps", 2,
+                   "--max-train-samples", 32, "--max-eval-samples", 16, "--output-dir", out, "--no-progress") == 0
+        ratios[out.name] = json.loads((out / "metrics.json").read_text())["base_weight_ratio"]
+        assert json.loads((out / "run_config.json").read_text())["quantize_embeddings"] is not bool(flags)
+        assert run("eval", "--adapter", out) == 0
+    assert ratios["default"] < 0.35 < ratios["float"]
 
 
 def test_quantize_errors(tiny_model_dir, tmp_path, capsys):

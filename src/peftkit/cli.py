@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     t.add_argument("--quantize", choices=("nf4", "int8", "int4"),
                    help="store the frozen base's linear weights quantised (nf4 + LoRA = QLoRA); default float32")
-    t.add_argument("--quantize-embeddings", action="store_true", help="with --quantize, quantise embeddings too")
+    t.add_argument("--float-embeddings", action="store_true",
+                   help="with --quantize, keep the embedding tables float32 (quantised by default: they are half "
+                        "of a small encoder such as MiniLM; tied tables always stay float)")
+    t.add_argument("--quantize-embeddings", action="store_true", help=argparse.SUPPRESS)  # old spelling; now the default
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--save-every", type=_positive_int, metavar="N",
                    help="write a resumable checkpoint (safetensors + JSON) every N steps")
@@ -236,7 +239,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
         output_dir=args.output_dir, full_finetune=args.full_finetune, device=args.device,
         progress=not args.no_progress, save_every=args.save_every, fsdp=args.fsdp, quantize=args.quantize,
-        quantize_embeddings=args.quantize_embeddings,
+        quantize_embeddings=not args.float_embeddings,
     )
     model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
     if main_rank:
