@@ -127,6 +127,15 @@ def low_rank_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor |
     Returns:
         ``(..., out)`` in ``x``'s dtype.
     """
+    if not torch.is_grad_enabled():  # inference: no autograd node, no tensors kept for a backward
+        x2 = x.reshape(-1, x.shape[-1])
+        w_eff, b_eff = _effective(weight, b, g, scaling)
+        if xd is None and _fold_pays(x2.shape[0], weight.shape):
+            out = _linear(x2, torch.addmm(w_eff, b_eff, a), bias)
+        else:
+            out = _linear(x2, w_eff, bias)
+            out.addmm_((x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T, b_eff.T)
+        return out.view(*x.shape[:-1], out.shape[-1])
     return _LowRankLinear.apply(x, xd, weight, bias, a, b, g, scaling)
 
 
