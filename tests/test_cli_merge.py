@@ -63,6 +63,7 @@ def test_export_merge_gives_a_plain_transformers_model(tiny_model_dir, tmp_path,
     with torch.no_grad():
         assert (plain(input_ids=x).logits - adapted(input_ids=x).logits).abs().max() <= 1e-5
     assert (tmp_path / "exp" / "tokenizer.json").exists()
+    assert plain.config.id2label == {0: "negative", 1: "positive"}  # the task's class names travel along
     capsys.readouterr()
     assert run("export", "--adapter", tmp_path / "r1", "--merge", "--output", tmp_path / "exp") == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -108,7 +108,9 @@ def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) 
         num_labels = raw.get("num_labels")
         check(num_labels is None or (isinstance(num_labels, int) and num_labels >= 1),
               f"{str(run_dir / 'run_config.json')!r}: num_labels={num_labels!r} must be a positive integer")
-        return _load_model_and_tokenizer(cfg, num_labels, raw.get("task") == "stsb")
+        names = raw.get("label_names")
+        names = names if isinstance(names, list) and all(isinstance(n, (str, int)) for n in names) else None
+        return _load_model_and_tokenizer(cfg, num_labels, raw.get("task") == "stsb", names)
     source = model_dir or config.base_model_name_or_path
     if not source or not Path(source).is_dir():
         raise FileNotFoundError(f"cannot find the base model of {str(folder)!r}: pass --model DIR (the adapter "

@@ -75,7 +75,8 @@ __all__ = ["CAUSAL_LM", "DEFAULT_CAUSAL_MODEL_NAME", "DEFAULT_MODEL_NAME", "RunC
 log = logging.getLogger("peftkit")
 
 
-def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression: bool = False):
+def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression: bool = False,
+                              label_names: list[str] | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -97,6 +98,9 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
                                                                    use_safetensors=True, **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if label_names and not regression and len(label_names) == num_labels:  # saved and exported models name them
+        model.config.id2label = dict(enumerate(map(str, label_names)))
+        model.config.label2id = {str(n): i for i, n in enumerate(label_names)}
     if cfg.quantize:
         from peftkit.quant import quantize_base
 
@@ -182,7 +186,7 @@ class _Job:
 
 def _classification_job(cfg: RunConfig) -> _Job:
     task = load_classification_task(cfg)
-    model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression)
+    model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
     train_ds = TokenizedDataset(task.train, tokenizer, cfg.max_length)
     dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
     coll = collate(tokenizer.pad_token_id, task.is_regression)
@@ -440,7 +444,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
         return {"dev_perplexity": perplexity(model, ds, collate_causal(tokenizer.pad_token_id),
                                              cfg.eval_batch_size)["perplexity"]}
     task = load_classification_task(cfg)
-    model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression)
+    model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
     if not cfg.full_finetune:
         model = _load_adapter(model, run_dir)
     dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
