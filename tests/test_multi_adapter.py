@@ -64,13 +64,20 @@ def logits(model, x):
         return model(input_ids=x).logits
 
 
-def test_switching_gives_each_adapter_alone():
-    model, twin = all_five()
-    x = ids()
+def each_active(model, x):
+    """Logits with each adapter of NAMES active in turn, by name."""
     outs = {}
     for name in NAMES:
         model.set_adapter(name)
         outs[name] = logits(model, x)
+    return outs
+
+
+def test_switching_gives_each_adapter_alone():
+    model, twin = all_five()
+    x = ids()
+    outs = each_active(model, x)
+    for name in NAMES:
         assert (outs[name] - logits(alone(name, model, twin), x)).abs().max() <= 1e-6, name
     assert min((outs[a] - outs[b]).abs().max() for a in NAMES for b in NAMES if a < b) > 1e-5
     with model.disable_adapter():
@@ -128,10 +135,7 @@ def test_delete_one_leaves_the_others_unchanged():
 def test_save_all_and_load_them_back(first, tmp_path):
     model, twin = all_five()
     x = ids()
-    outs = {}
-    for name in NAMES:
-        model.set_adapter(name)
-        outs[name] = logits(model, x)
+    outs = each_active(model, x)
     model.set_adapter(["houlsby", "lora"])
     outs["pair"] = logits(model, x)
     model.save_pretrained(tmp_path)

@@ -190,8 +190,11 @@ class PeftConfig:
         """Write ``adapter_config.json`` into ``directory`` atomically (temporary file, then rename)."""
         from peftkit.formats.hf_peft import atomic_write_bytes
 
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
+        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), self.to_json_bytes())
+
+    def to_json_bytes(self) -> bytes:
+        """``adapter_config.json``'s content: :meth:`to_dict` as indented, key-sorted UTF-8 JSON."""
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PeftConfig:

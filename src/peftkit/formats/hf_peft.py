@@ -12,7 +12,6 @@ into place, so an interrupted save never leaves a half-written file where a good
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import TYPE_CHECKING
@@ -42,15 +41,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     one at ``path``, never a partial file.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
+    atomic_write_files(os.path.dirname(path) or ".", {os.path.basename(path): data})
+
+
+def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes]) -> None:
+    """Write several files into ``folder`` (created if needed): each is staged in full (temporary file,
+    fsync) before any replaces its previous version, then all are renamed in a row, so an error while
+    writing (disk full, interrupt) leaves every previous file whole."""
     os.makedirs(folder, exist_ok=True)
-    tmp = _stage(folder, os.path.basename(path), data)
+    staged: list[tuple[str, str]] = []
     try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for name, data in files.items():
+            staged.append((_stage(folder, name, data), os.path.join(folder, name)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def key_prefix(config: PeftConfig) -> str:
@@ -163,20 +171,9 @@ def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLi
                for k, v in state.items()}
     if not write:
         return
-    os.makedirs(directory, exist_ok=True)
-    config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    # both files are staged in full before either replaces a previous one, so an error while writing
-    # (disk full, interrupt) leaves the old adapter whole; the two renames follow each other at once
-    staged: list[tuple[str, str]] = []
-    try:
-        for name, data in ((WEIGHTS_NAME, save(tensors, metadata={"format": "pt"})), (CONFIG_NAME, config_text.encode())):
-            staged.append((_stage(directory, name, data), os.path.join(directory, name)))
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    # both files are staged before either replaces the old adapter's, which an error leaves whole
+    atomic_write_files(directory, {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
+                                   CONFIG_NAME: config.to_json_bytes()})
 
 
 def current_umask() -> int:

@@ -27,18 +27,8 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                 g: Tensor | None, scaling: float) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        w_eff, b_eff = _effective(weight, b, g, scaling)
-        folded = xd is None and _fold_pays(x2.shape[0], weight.shape)
-        # z = x A^T is needed by the backward (A's and B's gradients), or by the unfolded output
-        need_z = not folded or ctx.needs_input_grad[4] or ctx.needs_input_grad[5] or ctx.needs_input_grad[6]
-        z = (x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T if need_z else None
-        if folded:  # one GEMM with the low-rank product folded into the (frozen) weight: W g + s g B A
-            out = _linear(x2, torch.addmm(w_eff, b_eff, a), bias)
-        else:
-            out = _linear(x2, w_eff, bias)
-            out.addmm_(z, b_eff.T)
-        out = out.view(*x.shape[:-1], out.shape[-1])
+        # the backward needs z = x A^T for A's, B's and g's gradients
+        out, z, folded = _output(x, xd, weight, bias, a, b, g, scaling, need_z=any(ctx.needs_input_grad[4:7]))
         ctx.scaling, ctx.folded = scaling, folded
         ctx.save_for_backward(x, xd, weight, bias, a, b, g, z, out if g is not None else None)
         return out
@@ -73,6 +63,22 @@ class _LowRankLinear(torch.autograd.Function):
             grad_g = _magnitude_grad(grad2, out.reshape(-1, out.shape[-1]), x, z, weight, bias, b, g, ctx.scaling,
                                      total)
         return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_g, None
+
+
+def _output(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+            g: Tensor | None, scaling: float, need_z: bool) -> tuple[Tensor, Tensor | None, bool]:
+    """``(out, z, folded)``: the layer output ``(..., out)``; ``z = xd A^T`` as ``(rows, r)`` when the
+    unfolded output uses it or ``need_z`` (else None); whether ``s g B A`` was folded into the weight."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w_eff, b_eff = _effective(weight, b, g, scaling)
+    folded = xd is None and _fold_pays(x2.shape[0], weight.shape)
+    z = (x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T if need_z or not folded else None
+    if folded:  # one GEMM with the low-rank product folded into the (frozen) weight: W g + s g B A
+        out = _linear(x2, torch.addmm(w_eff, b_eff, a), bias)
+    else:
+        out = _linear(x2, w_eff, bias)
+        out.addmm_(z, b_eff.T)
+    return out.view(*x.shape[:-1], out.shape[-1]), z, folded
 
 
 def _fold_pays(rows: int, shape: torch.Size) -> bool:
@@ -128,14 +134,7 @@ def low_rank_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor |
         ``(..., out)`` in ``x``'s dtype.
     """
     if not torch.is_grad_enabled():  # inference: no autograd node, no tensors kept for a backward
-        x2 = x.reshape(-1, x.shape[-1])
-        w_eff, b_eff = _effective(weight, b, g, scaling)
-        if xd is None and _fold_pays(x2.shape[0], weight.shape):
-            out = _linear(x2, torch.addmm(w_eff, b_eff, a), bias)
-        else:
-            out = _linear(x2, w_eff, bias)
-            out.addmm_((x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T, b_eff.T)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return _output(x, xd, weight, bias, a, b, g, scaling, need_z=False)[0]
     return _LowRankLinear.apply(x, xd, weight, bias, a, b, g, scaling)
 
 
