@@ -102,3 +102,28 @@ def test_lora_linear_layers_take_the_batched_path(monkeypatch):
     with torch.no_grad():
         model(input_ids=ids(batch=len(ROWS), seq=6), adapter_names=ROWS)
     assert calls == ["LoraEmbedding"]  # only the embedding, which has no batched path, went row by row
+
+
+def test_mixed_batch_gradients_equal_each_group_run_alone():
+    """Training through a mixed batch: each adapter's gradient is the one its own rows give alone."""
+    model = llama_with_adapters()
+    for n, p in model.named_parameters():
+        p.requires_grad_("adapters." in n)
+    x = ids(batch=len(ROWS), seq=6)
+    model(input_ids=x, adapter_names=ROWS).logits.square().sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert {n.split("adapters.")[1].split(".")[0] for n in mixed} == {"default", "b", "c"}
+    alone = {n: torch.zeros_like(g) for n, g in mixed.items()}
+    for i, name in enumerate(ROWS):
+        model.zero_grad()
+        if name == "__base__":
+            continue
+        model.set_adapter(name)
+        for n, p in model.named_parameters():
+            p.requires_grad_("adapters." in n)
+        model(input_ids=x[i:i + 1]).logits.square().sum().backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None and n in alone:
+                alone[n] += p.grad
+    for n in mixed:
+        assert torch.allclose(mixed[n], alone[n], atol=1e-5, rtol=1e-4), n

@@ -37,12 +37,10 @@ class AdapterContext:
     def __init__(self) -> None:
         self.row_names: list[str] | None = None
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
-        self.memo: dict[Any, Tensor] = {}
 
     def set_rows(self, names: list[str] | None) -> None:
         self.row_names = names
         self._groups = {}
-        self.memo: dict[Any, Tensor] = {}  # per-batch values layers may share (e.g. LoRA's rank masks)
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[str, Tensor]]:
         """Row groups for a batch of ``batch`` rows (raises ValueError when it does not fit the names)."""

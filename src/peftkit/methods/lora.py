@@ -243,34 +243,20 @@ class LoraLinear(Adapter):
     @staticmethod
     def mixed_forward(layer: AdaptedLayer, x: Tensor, y: Tensor, parts: list[tuple[LoraLinear, Tensor]]
                       ) -> Tensor | None:
-        """All adapters of a mixed batch in two GEMMs: ``z = x [A_1; ...; A_n]^T`` (rank ``R = sum r_i``),
-        ``z`` masked so each row keeps only its adapter's columns (times its scaling), then
-        ``y += z [B_1 ... B_n]^T``. No row gather or scatter. Returns None (use the per-group path)
-        with a ``lora_B`` bias, active dropout or mixed dtypes."""
+        """The side paths of a mixed batch, one group of rows at a time, added into the base output:
+        ``y[rows_i] += s_i * (x[rows_i] A_i^T) B_i^T``. Each row costs one rank-``r_i`` product, as in
+        a single-adapter batch (no stacked rank ``sum r_i`` run on every row), and the base output is
+        updated in place (``index_add_``) rather than gathered and scattered. Returns None (use the
+        generic per-group path) with a ``lora_B`` bias, active dropout or mixed dtypes."""
         adapters = [a for a, _ in parts]
         if any(a.lora_B.bias is not None or (a.training and isinstance(a.lora_dropout, nn.Dropout))
-               for a in adapters):
+               or a.lora_A.weight.dtype != x.dtype for a in adapters) or y.dtype != x.dtype:
             return None
-        a_cat = torch.cat([a.lora_A.weight for a in adapters])
-        b_cat = torch.cat([a.lora_B.weight for a in adapters], dim=1)
-        if x.dtype != a_cat.dtype or y.dtype != a_cat.dtype:
-            return None
-        key = ("lora-rank-mask", x.shape[0], x.device, tuple((a.r, a.scaling, idx.data_ptr()) for a, idx in parts))
-        memo = layer._ctx.memo
-        mask = memo.get(key)
-        if mask is None:  # shared by every layer with the same adapters, ranks and scalings
-            mask = x.new_zeros(x.shape[0], a_cat.shape[0])
-            start = 0
-            for a, idx in parts:
-                mask[idx, start:start + a.r] = a.scaling
-                start += a.r
-            memo[key] = mask
-        z = F.linear(x, a_cat)
-        z.mul_(mask.view(x.shape[0], *([1] * (x.dim() - 2)), -1))
-        if y.is_contiguous() and fresh_output(layer):
-            y.view(-1, y.shape[-1]).addmm_(z.view(-1, z.shape[-1]), b_cat.T)
-            return y
-        return y + F.linear(z, b_cat)
+        in_place = y.is_contiguous() and fresh_output(layer)
+        for a, idx in parts:
+            side = F.linear(F.linear(x.index_select(0, idx), a.lora_A.weight), a.lora_B.weight)
+            y = y.index_add_(0, idx, side, alpha=a.scaling) if in_place else y.index_add(0, idx, side, alpha=a.scaling)
+        return y
 
     def delta_bias(self, layer: AdaptedLayer) -> Tensor | None:
         b = self.lora_B.bias
