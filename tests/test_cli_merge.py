@@ -48,7 +48,24 @@ def test_merge_argument_errors(tiny_model_dir, tmp_path, capsys):
     assert "2 adapters and 1 weights" in capsys.readouterr().err
     assert run("merge", tmp_path / "r1", tmp_path / "r1", "--combination", "avg", "--output", tmp_path / "m") == 2
     assert "combination_type='avg'" in capsys.readouterr().err
+    # an option the combination would ignore is refused, naming the combinations it applies to
+    pair = (tmp_path / "r1", tmp_path / "r1", "--output", tmp_path / "m")
+    assert run("merge", *pair, "--density", 0.5) == 2
+    assert capsys.readouterr().err.strip() == (
+        "peftkit: error: --density 0.5 has no effect with --combination cat; it applies to ties_svd, dare_linear_svd, "
+        "dare_ties_svd, magnitude_prune_svd, ties, dare_linear, dare_ties, magnitude_prune")
+    assert run("merge", *pair, "--combination", "ties", "--density", 0.5, "--svd-rank", 4) == 2
+    assert capsys.readouterr().err.strip() == (
+        "peftkit: error: --svd-rank 4 has no effect with --combination ties; it applies to svd, ties_svd, "
+        "dare_linear_svd, dare_ties_svd, magnitude_prune_svd")
+    assert run("merge", *pair, "--combination", "linear", "--seed", 3) == 2
+    assert "--seed 3 has no effect with --combination linear; it applies to dare_linear_svd, dare_ties_svd, " \
+           "dare_linear, dare_ties" in capsys.readouterr().err
+    assert run("merge", *pair, "--combination", "dare_linear", "--density", 0.5, "--majority-sign", "frequency") == 2
+    assert "--majority-sign frequency has no effect with --combination dare_linear" in capsys.readouterr().err
     assert not (tmp_path / "m" / "adapter_model.safetensors").exists()
+    assert run("merge", *pair, "--combination", "dare_ties", "--density", 0.5, "--seed", 3,
+               "--majority-sign", "frequency") == 0
 
 
 def test_export_merge_gives_a_plain_transformers_model(tiny_model_dir, tmp_path, capsys):

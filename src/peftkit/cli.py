@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="base model folder (default: from the first adapter)")
     m.add_argument("--svd-rank", type=_positive_int, help="rank of *svd results (default: largest source rank)")
     m.add_argument("--density", type=_finite_float, help="kept fraction for ties/dare/magnitude_prune")
-    m.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="TIES sign election")
-    m.add_argument("--seed", type=_seed, default=0, help="seed of DARE's random drops")
+    m.add_argument("--majority-sign", choices=["total", "frequency"], help="TIES sign election (default total)")
+    m.add_argument("--seed", type=_seed, help="seed of DARE's random drops (default 0)")
     m.add_argument("--heads-from", type=int, default=0, help="index of the adapter whose head is kept (default 0)")
 
     b = sub.add_parser("bench", help="the method arena: methods x tasks x seeds, report.md and plots",
@@ -297,13 +297,34 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from peftkit.artifacts import merge_adapter_folders
 
     weights = args.weights or [1.0] * len(args.adapters)
-    extra = {"svd_rank": args.svd_rank, "density": args.density, "majority_sign_method": args.majority_sign,
-             "seed": args.seed}
+    _check_merge_options(args)
+    extra = {"svd_rank": args.svd_rank, "density": args.density,
+             "majority_sign_method": args.majority_sign or "total", "seed": 0 if args.seed is None else args.seed}
     info = merge_adapter_folders(args.adapters, weights, args.output, args.combination, model_dir=args.model,
                                  heads_from=args.heads_from, overwrite=args.overwrite, **extra)
     print(f"merged {len(args.adapters)} adapters ({args.combination}, weights {weights}) into {info['output_dir']}: "
           f"rank {info['rank']}, {info['tensors']} tensors")
     return 0
+
+
+def _check_merge_options(args: argparse.Namespace) -> None:
+    """Refuse an option the chosen combination would ignore (``--density`` with ``cat``, ...), so that a
+    typo in ``--combination`` or a misunderstanding does not pass silently. Raises ConfigError."""
+    from peftkit.merging import COMBINATION_TYPES, SVD_TYPES
+
+    def applies(option: str, rule: str) -> bool:
+        return {"--density": rule.startswith(("ties", "dare", "magnitude_prune")), "--svd-rank": rule in SVD_TYPES,
+                "--majority-sign": rule.startswith(("ties", "dare_ties")), "--seed": rule.startswith("dare")}[option]
+
+    if args.combination not in COMBINATION_TYPES:
+        return  # merge_adapter_folders names the valid types
+    given = {"--density": args.density, "--svd-rank": args.svd_rank, "--majority-sign": args.majority_sign,
+             "--seed": args.seed}
+    for option, value in given.items():
+        if value is not None and not applies(option, args.combination):
+            users = ", ".join(t for t in COMBINATION_TYPES if applies(option, t))
+            raise ConfigError(f"{option} {value} has no effect with --combination {args.combination}; it applies "
+                              f"to {users}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
