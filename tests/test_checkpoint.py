@@ -52,6 +52,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, stop_after_steps):
     assert resumed.history == pytest.approx(whole.history, abs=1e-6) and len(resumed.history) == 10
     assert stats["train_loss"] == pytest.approx(whole_stats["train_loss"], abs=1e-6)
     assert stats["steps"] == 10 and resumed.samples == whole.samples
+    assert (whole_stats["resumed_from_step"], stats["resumed_from_step"]) == (0, 3 * (stop_after_steps // 3))
     # the adapter trained, with dropout on: a resumed run that re-drew its masks would differ
     assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-3
 
@@ -129,9 +130,11 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
     assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
-    assert "resuming" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming" in out and "(this session, resumed at step 3; training over all sessions " in out
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (whole["resumed_from_step"], resumed["resumed_from_step"]) == (0, 3)
     for key in ("dev_accuracy", "train_loss", "steps", "trainable_params"):
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6)
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")

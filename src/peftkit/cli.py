@@ -261,8 +261,11 @@ def _summary(r: dict[str, Any], show: bool) -> int:
     lines += [
         f"  trainable       {r['trainable_params']:,} of {r['total_params']:,} parameters "
         f"({100 * r['trainable_params'] / r['total_params']:.2f}%)",
-        f"  wall time       {int(minutes)}m {seconds:04.1f}s (training {r['train_seconds']:.0f}s, "
-        f"{r['steps']} steps, {1000 * r['seconds_per_step']:.0f} ms/step, {r['processes']} process(es))",
+        f"  wall time       {int(minutes)}m {seconds:04.1f}s "
+        + (f"(this session, resumed at step {r['resumed_from_step']}; training over all sessions "
+           if r.get("resumed_from_step") else "(training ")
+        + f"{r['train_seconds']:.0f}s, {r['steps']} steps, {1000 * r['seconds_per_step']:.0f} ms/step, "
+        f"{r['processes']} process(es))",
         f"  peak memory     {r['peak_memory_mib']:,.0f} MiB",
         *([f"  adapter file    {r['adapter_bytes'] / 1024:,.1f} KiB for {r['changed_params']:,} changed/stored "
            "parameters"] if "adapter_bytes" in r else []),

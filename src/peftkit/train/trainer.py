@@ -274,7 +274,8 @@ class Trainer:
 
         Returns:
             ``steps``, ``train_loss`` (mean of the last 10% of steps), ``train_seconds`` (over all
-            sessions of the run), ``seconds_per_step`` and ``samples_per_second`` (global rows).
+            sessions of the run), ``seconds_per_step``, ``samples_per_second`` (global rows) and
+            ``resumed_from_step`` (0 for a run that started from scratch).
 
         Raises:
             ConfigError: the checkpoint belongs to another setup (length, batch, seed, processes, model).
@@ -310,7 +311,8 @@ class Trainer:
         tail = self.history[-max(1, len(self.history) // 10):]
         self.wrapped.eval()
         return {"steps": self.total_steps, "train_loss": float(np.mean(tail)), "train_seconds": seconds,
-                "seconds_per_step": seconds / self.total_steps, "samples_per_second": self.samples / max(seconds, 1e-9)}
+                "seconds_per_step": seconds / self.total_steps, "samples_per_second": self.samples / max(seconds, 1e-9),
+                "resumed_from_step": first - 1}
 
 
 def _my_share(dataset: torch.utils.data.Dataset, distributed: bool) -> tuple[torch.utils.data.Dataset, int]:
