@@ -103,6 +103,8 @@ def _seed(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``peftkit`` argument parser with its sub-commands (``train``, ``eval``, ``methods``, ``merge``,
+    ``bench``, ``export``); invalid options exit with status 2 and a one-line ``peftkit: error: ...``."""
     parser = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -260,6 +260,7 @@ class MethodSpec:
 
     @property
     def peft_type(self) -> str:
+        """The ``peft_type`` of the method's config class (a variant's is its parent method's)."""
         return self.config_cls.peft_type
 
 

@@ -72,6 +72,7 @@ class AdapterModel(nn.Module):
                 yield name, module
 
     def modules_to_save_names(self) -> list[str]:
+        """Names of the modules wrapped for ``modules_to_save`` (by any adapter), in model order."""
         return [n for n, m in self.wrappers() if isinstance(m, ModulesToSaveWrapper)]
 
     def set_extra_trainable(self, adapter_name: str, names: list[str]) -> None:
@@ -91,6 +92,8 @@ class AdapterModel(nn.Module):
                 param.copy_(value)
 
     def extra_trainable(self, adapter_name: str) -> list[str]:
+        """The base-model parameter names recorded by :meth:`set_extra_trainable` for ``adapter_name`` (empty
+        when none or unknown)."""
         return self._extra.get(adapter_name, [])
 
     # --- parts of composed adapters -----------------------------------------------------------------------
@@ -261,12 +264,16 @@ class AdapterModel(nn.Module):
                 params[pname].requires_grad_(True)
 
     def set_disabled(self, disabled: bool) -> None:
+        """Switch every wrapper to its base module (True) or back (False); soft-prompt hooks also stop
+        rewriting calls. Merged weights are not touched (``PeftModel.disable_adapter`` unmerges first)."""
         self.disabled = disabled
         for _, w in self.wrappers():
             w.disabled = disabled
 
     # --- merging ------------------------------------------------------------------------------------
     def merged_adapters(self) -> list[str]:
+        """Adapters merged into at least one layer, by owner (a composed adapter, not its parts), in the
+        order first found in the model."""
         out: list[str] = []
         for _, w in self.wrappers():
             if isinstance(w, AdaptedLayer):

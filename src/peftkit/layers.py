@@ -39,6 +39,8 @@ class AdapterContext:
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
 
     def set_rows(self, names: list[str] | None) -> None:
+        """Start a mixed-adapter batch with one adapter name per row (``"__base__"``: no adapter), or end
+        it with None; clears the cached row groups either way."""
         self.row_names = names
         self._groups = {}
 
@@ -170,6 +172,7 @@ class AdaptedLayer(nn.Module):
 
     @property
     def bias(self) -> Tensor | None:
+        """The base layer's bias (``(out,)``), or None when it has none."""
         return getattr(self.base_layer, "bias", None)
 
     # --- adapters ------------------------------------------------------------------------------------
@@ -366,11 +369,14 @@ class ModulesToSaveWrapper(nn.Module):
             self.modules_to_save[name] = copy.deepcopy(self.original_module)
 
     def remove(self, name: str) -> None:
+        """Drop adapter ``name``'s trained copy and deactivate it (nothing happens for an unknown name)."""
         if name in self.modules_to_save:
             del self.modules_to_save[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Sequence[str]) -> None:
+        """Make ``names`` (those with a copy here) the active adapters, in order. Outside mixed-adapter
+        batches only the first one's copy runs (the original module when none is active)."""
         self.active_adapters = [n for n in names if n in self.modules_to_save]
 
     def _pick(self, name: str | None) -> nn.Module:

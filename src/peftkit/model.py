@@ -59,6 +59,7 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
+        """The active adapters' names, in the order applied (a copy; empty when all were deleted)."""
         return list(self.base_model.active_adapters)
 
     @property
@@ -74,6 +75,10 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> PeftConfig:
+        """The config of the first active adapter (:attr:`active_adapter`).
+
+        Raises:
+            ValueError: no adapter is active."""
         return self.peft_config[self.active_adapter]
 
     def get_base_model(self) -> nn.Module:

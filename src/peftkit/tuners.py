@@ -92,9 +92,23 @@ class WrapTuner(Tuner):
     """Tuner of methods that wrap target layers; subclasses give :meth:`supported_types` and :meth:`make_adapter`."""
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:  # pragma: no cover - abstract
+        """The module classes the method can wrap; a target matched by the config's patterns that is of
+        another class makes :meth:`find` raise ``ConfigError``."""
         raise NotImplementedError
 
     def make_adapter(self, base: nn.Module, config: Any, module_name: str) -> Adapter:  # pragma: no cover
+        """Build (not attach) the adapter for one target.
+
+        Args:
+            base: the target's unwrapped base module (``base_layer`` when it is already wrapped); it must
+                not be modified here, since a later target may still fail.
+            config: the adapter's config.
+            module_name: the target's name in the model (e.g. for ``rank_pattern``/``alpha_pattern`` and
+                error messages).
+
+        Raises:
+            ConfigError: the config does not fit this module (e.g. a rank the shape cannot take).
+        """
         raise NotImplementedError
 
     def new_wrapper(self, module: nn.Module) -> AdaptedLayer:

@@ -83,11 +83,14 @@ class BenchConfig:
 
 @dataclass
 class Cell:
+    """One run of the sweep: a canonical method name (or ``"full"``), a task and a seed."""
+
     method: str
     task: str
     seed: int
 
     def folder(self, root: Path) -> Path:
+        """The cell's run folder in the sweep folder ``root``: ``root/cells/<method>/<task>/seed<seed>``."""
         return root / "cells" / self.method / self.task / f"seed{self.seed}"
 
 

@@ -257,6 +257,8 @@ class AdaLoraTuner(WrapTuner):
         return rp.supported_types()
 
     def make_adapter(self, base: nn.Module, config: AdaLoraConfig, module_name: str) -> Adapter:
+        """An :class:`AdaLoraAdapter` with all ``init_r`` triplets, or only those ``rank_pattern`` keeps for
+        ``module_name`` (a loaded, pruned adapter; possibly none)."""
         mask = config.kept_mask(module_name)
         origin = list(range(config.init_r)) if mask is None else [i for i, keep in enumerate(mask) if keep]
         return AdaLoraAdapter(rp.layout_of(base), origin, config.init_r, config.lora_alpha, config.lora_dropout,

@@ -188,6 +188,7 @@ class SublayerLayer(AdaptedLayer):
 
     @property
     def bias(self) -> None:  # type: ignore[override]
+        """None: a sub-layer has no single bias either."""
         return None
 
     def _jobs(self, args: tuple, kwargs: dict) -> list[tuple[BottleneckAdapter, Tensor | None]]:

@@ -257,6 +257,7 @@ class BottleneckTuner(WrapTuner):
         self._drop: DropState | None = None
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
+        """Linear and GPT-2 ``Conv1D`` (serial adapters); :meth:`find` takes any module for parallel ones."""
         return linear_types()
 
     def new_wrapper(self, module: nn.Module) -> AdaptedLayer:
@@ -305,6 +306,14 @@ class BottleneckTuner(WrapTuner):
             self._rule, self._drop = None, None
 
     def make_adapter(self, base: nn.Module, config: BottleneckConfig, module_name: str) -> Adapter:
+        """An ``adapter_cls`` of the target's output width ``d`` (for a sub-layer, that of its last linear
+        layer) and bottleneck ``m = config.bottleneck_for(d)``; the PHM rule and random-AdapterDrop state,
+        when used, are shared by all targets of this injection.
+
+        Raises:
+            ConfigError: no linear layer gives the width, or with ``phm_layer`` ``phm_dim`` does not divide
+                both ``d`` and ``m``.
+        """
         width = output_width(base)
         m = config.bottleneck_for(width)
         if config.phm_layer:

@@ -78,6 +78,8 @@ class ChildTuningTuner(FisherMaskTuner):
     fraction_name = "reserve_p"
 
     def make_adapter(self, base: Any, names: tuple[str, ...], config: ChildTuningConfig) -> SelectAdapter:
+        """Type F: dense differences whose gradients get a Bernoulli(``reserve_p``) mask; type D: empty sparse
+        differences, filled by :meth:`prepare`."""
         if config.child_tuning_type == "F":
             return SelectAdapter(base, names, grad_keep=config.reserve_p)
         return super().make_adapter(base, names, config)

@@ -74,6 +74,7 @@ class DiffPruningTuner(SelectTuner):
     method = "diff pruning"
 
     def make_adapter(self, base: Any, names: tuple[str, ...], config: DiffPruningConfig) -> SelectAdapter:
+        """Dense zero differences, written to files as their non-zero entries (``save_sparse``)."""
         return SelectAdapter(base, names, save_sparse=True)
 
     def check_budget(self, config: DiffPruningConfig, total: int) -> None:

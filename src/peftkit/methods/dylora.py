@@ -67,6 +67,8 @@ class RankState:
         self.hook: Any = None
 
     def before_forward(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook on the model: in training mode draw ``sampled`` from ``U{1..max_rank}`` (torch's
+        global generator); in eval mode leave it."""
         if module.training:
             self.sampled = int(torch.randint(1, self.max_rank + 1, ()).item())
 
@@ -131,6 +133,8 @@ class DyLoraTuner(WrapTuner):
         self._states.setdefault(host, {})[adapter_name] = state
 
     def make_adapter(self, base: nn.Module, config: DyLoraConfig, module_name: str) -> Adapter:
+        """A :class:`DyLoraLinear` with this module's ``(r, alpha)`` (after the patterns), sharing the
+        :class:`RankState` that :meth:`inject` is building."""
         r, alpha = config.rank_and_alpha(module_name)
         transposed = not isinstance(base, nn.Linear)
         out_f, in_f = base.weight.shape[::-1] if transposed else base.weight.shape

@@ -89,6 +89,7 @@ class GatedLoraTuner(LoraTuner):
     method = "gated LoRA"
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
+        """Linear and GPT-2 ``Conv1D`` only (no embeddings or convolutions, unlike LoRA)."""
         return linear_types()
 
     def adapter_classes(self, config: LoraConfig) -> tuple[type, type, type]:

@@ -45,6 +45,7 @@ class SequenceMask:
         self.mask = None
 
     def remove(self) -> None:
+        """Unregister the pre-hook and hook from the model."""
         for h in self.handles:
             h.remove()
 

@@ -172,6 +172,8 @@ class IA3Tuner(WrapTuner):
             raise
 
     def make_adapter(self, base: nn.Module, config: IA3Config, module_name: str) -> Adapter:
+        """:class:`IA3Input` (``ia3_l: (1, in)``) when ``module_name`` matches ``feedforward_modules``, else
+        :class:`IA3Output` (``ia3_l: (out, 1)``)."""
         transposed = not isinstance(base, nn.Linear)
         in_f, out_f = base.weight.shape[::-1] if not transposed else base.weight.shape
         if matches(module_name, config.feedforward_modules):

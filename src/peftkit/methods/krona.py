@@ -121,6 +121,13 @@ class KronaTuner(WrapTuner):
         return rp.supported_types()
 
     def make_adapter(self, base: nn.Module, config: KronaConfig, module_name: str) -> Adapter:
+        """A :class:`KronaAdapter` with ``A: (a1, a2)``; ``a1``/``a2`` default to the smaller factor of
+        :func:`~peftkit.methods._reparam.factorization` of ``out`` / ``in`` (``in_channels / groups *
+        prod(kernel)`` for a convolution).
+
+        Raises:
+            ConfigError: ``a1`` does not divide ``out`` or ``a2`` does not divide ``in``.
+        """
         layout = rp.layout_of(base)
         a1 = config.a1 or rp.factorization(layout.out_features)[0]
         a2 = config.a2 or rp.factorization(layout.flat_in)[0]

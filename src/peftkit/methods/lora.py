@@ -363,6 +363,16 @@ class LoraTuner(WrapTuner):
         return LoraLinear, LoraEmbedding, LoraConv
 
     def make_adapter(self, base: nn.Module, config: LoraConfig, module_name: str) -> Adapter:
+        """The linear, embedding or convolution adapter of :meth:`adapter_classes` (QA-LoRA's with
+        ``use_qalora``) with this module's ``(r, alpha)`` after the patterns, initialised by
+        ``init_lora_weights``: LoftQ (:func:`~peftkit.quant.loftq.loftq_init`), PiSSA/OLoRA factors of the
+        base weight on linear layers (the base weight itself changes only in :meth:`inject`), else the
+        adapter's ``reset``; with DoRA, the magnitude from the base weight.
+
+        Raises:
+            ConfigError: ``r`` not divisible by a convolution's ``groups``, PiSSA/OLoRA with
+                ``r > min(out, in)``, or a layer QA-LoRA or LoftQ cannot adapt.
+        """
         r, alpha = config.rank_and_alpha(module_name)
         scaling = config.scaling_for(r, alpha)
         linear, embedding, conv_cls = self.adapter_classes(config)

@@ -46,6 +46,7 @@ class LoraFATuner(LoraTuner):
     method = "LoRA-FA"
 
     def make_adapter(self, base: nn.Module, config: LoraConfig, module_name: str) -> Adapter:
+        """LoRA's adapter with its A factor (``a_key``) in ``frozen_parameters``, so that it never trains."""
         adapter = super().make_adapter(base, config, module_name)
         adapter.frozen_parameters = (adapter.a_key,)
         return adapter

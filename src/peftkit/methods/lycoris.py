@@ -136,9 +136,13 @@ class LycorisTuner(WrapTuner):
         return (*linear_types(), nn.Conv1d, nn.Conv2d)
 
     def build(self, layout: rp.Layout, r: int, alpha: float, config: Any) -> LycorisAdapter:  # pragma: no cover
+        """The method's adapter for a layer of ``layout`` with this module's rank ``r`` and ``alpha`` (the
+        patterns already applied; ``scaling = alpha / r``)."""
         raise NotImplementedError
 
     def make_adapter(self, base: nn.Module, config: Any, module_name: str) -> Adapter:
+        """:meth:`build` with the base layer's :class:`~peftkit.methods._reparam.Layout` and the
+        ``(r, alpha)`` that ``rank_pattern``/``alpha_pattern`` give ``module_name``."""
         r, alpha = config.rank_and_alpha(module_name)
         return self.build(rp.layout_of(base), r, alpha, config)
 

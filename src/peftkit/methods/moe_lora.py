@@ -123,6 +123,8 @@ class MoeLoraTuner(WrapTuner):
         return linear_types()
 
     def make_adapter(self, base: nn.Module, config: MoeLoraConfig, module_name: str) -> Adapter:
+        """A :class:`MoeLoraLinear` of ``num_experts`` experts of this module's rank ``r`` (after the
+        patterns), scaled by ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)."""
         r, alpha = config.rank_and_alpha(module_name)
         transposed = not isinstance(base, nn.Linear)
         in_f, out_f = base.weight.shape if transposed else base.weight.shape[::-1]

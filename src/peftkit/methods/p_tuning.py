@@ -104,6 +104,8 @@ class PTuningTuner(PromptTuner):
     method = "P-tuning"
 
     def complete_config(self, config: PromptEncoderConfig, shape: ModelShape) -> None:
+        """As the base (``token_dim`` is the model's hidden size); ``encoder_hidden_size`` defaults to
+        ``token_dim``."""
         settle(config, token_dim=shape.hidden_size, num_transformer_submodules=1,
                num_attention_heads=shape.num_heads, num_layers=shape.num_layers)
         if config.encoder_hidden_size is None:

@@ -111,6 +111,12 @@ class PrefixTuner(PromptTuner):
     inserts_embeddings = False
 
     def complete_config(self, config: PrefixTuningConfig, shape: ModelShape) -> None:
+        """Sizes of the key/value prefixes: ``token_dim = num_key_value_heads * head_dim`` and
+        ``num_attention_heads = num_key_value_heads``; ``encoder_hidden_size`` defaults to ``token_dim``.
+
+        Raises:
+            ConfigError: a given size differs from the model's.
+        """
         settle(config, num_layers=shape.num_layers, num_attention_heads=shape.num_kv_heads,
                token_dim=shape.num_kv_heads * shape.head_dim, num_transformer_submodules=1)
         if config.encoder_hidden_size is None:

@@ -190,9 +190,18 @@ class PromptTuner(Tuner):
     inserts_embeddings = True
 
     def complete_config(self, config: Any, shape: ModelShape) -> None:  # pragma: no cover - abstract
+        """Fill ``config``'s model-dependent sizes (``token_dim``, ``num_layers``, ...) from ``shape``, in
+        place, with :func:`settle`.
+
+        Raises:
+            ConfigError: a size given in the config differs from the model's (the config is left unchanged).
+        """
         raise NotImplementedError
 
     def build(self, config: Any, model: nn.Module, shape: ModelShape) -> VirtualTokens:  # pragma: no cover
+        """A new adapter's :class:`VirtualTokens` for the completed ``config``: ``forward() -> (P, width)``.
+        Built folded (the table only, no reparameterisation) when ``config.inference_mode``; ``inject``
+        then moves it to the device of the model's input embeddings."""
         raise NotImplementedError
 
     def insert(self, call: PromptCall, tokens: Tensor) -> None:
@@ -278,10 +287,18 @@ class PromptHooks:
                         model.register_forward_hook(self.after, with_kwargs=True))
 
     def remove(self) -> None:
+        """Unregister both hooks from the model."""
         for h in self.handles:
             h.remove()
 
     def applies(self) -> bool:
+        """Whether this call of the model is rewritten: the adapter is in use (active, or a part of an active
+        composed adapter), adapters are not disabled and no mixed-adapter batch is running.
+
+        Raises:
+            ValueError: a mixed-adapter batch names this adapter, or another soft-prompt adapter is active
+                together with it.
+        """
         host = self.host
         if host.disabled:
             return False
@@ -301,6 +318,17 @@ class PromptHooks:
         return True
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """Forward pre-hook: when :meth:`applies`, the call's arguments rewritten as keywords (mask and
+        positions extended; on a first call the virtual tokens inserted by the tuner: embeddings, with
+        padded labels and type ids, or cache prefixes; ``past_key_values`` passed as ``cache``), else None
+        (the call runs unchanged).
+
+        Raises:
+            TypeError: more positional arguments than ``model.forward`` takes.
+            ValueError: as :meth:`applies`; no ``input_ids``/``inputs_embeds``; an ``attention_mask`` that is
+                not 2-D over the real tokens; a cache that cannot grow or holds fewer positions than the
+                virtual tokens; prefix tuning while training with gradient checkpointing.
+        """
         self.pending = None
         if not self.applies():
             return None
@@ -321,6 +349,9 @@ class PromptHooks:
         return (), kw
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        """Forward hook: for a rewritten call, the output with the prepended virtual positions cut from the
+        token-level ``logits`` (``(B, P + L, ...) -> (B, L, ...)``), and without the cache when the rewrite
+        made one that the call did not ask for (``use_cache`` false); None (output unchanged) otherwise."""
         finish, self.pending = self.pending, None
         return None if finish is None else finish(output)
 

@@ -97,6 +97,14 @@ class PromptTuningTuner(PromptTuner):
                num_attention_heads=shape.num_heads, num_layers=shape.num_layers)
 
     def build(self, config: PromptTuningConfig, model: nn.Module, shape: ModelShape) -> VirtualTokens:
+        """A :class:`PromptEmbedding` ``(P, hidden)``: random (``RANDOM``, or ``inference_mode``, whose values
+        are loaded), else the model's input embeddings of ``P`` random vocabulary ids (``SAMPLE_VOCAB``) or
+        of ``prompt_tuning_init_text``'s tokens repeated to length ``P`` (``TEXT``, with the tokenizer at
+        ``tokenizer_name_or_path``).
+
+        Raises:
+            ConfigError: the text gives no tokens.
+        """
         module = PromptEmbedding(config.num_virtual_tokens, config.token_dim)
         if config.prompt_tuning_init != "RANDOM" and not config.inference_mode:
             words = model.get_input_embeddings()

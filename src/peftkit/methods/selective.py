@@ -162,6 +162,7 @@ class SelectAdapter(Adapter):
 
     # --- the two forms ----------------------------------------------------------------------------
     def numel(self, name: str) -> int:
+        """The number of entries of the base tensor ``name`` (all of them, not the ``k`` kept)."""
         return int(torch.Size(self.shapes[name]).numel())
 
     def _device(self) -> torch.device:
@@ -395,6 +396,8 @@ class SelectTuner(Tuner):
         return select_parameters(host, config, SELECTABLE, self.method)
 
     def make_adapter(self, base: nn.Module, names: tuple[str, ...], config: Any) -> SelectAdapter:
+        """The adapter of module ``base`` for its selected parameters ``names`` (``"weight"``/``"bias"``);
+        default: dense zero differences."""
         return SelectAdapter(base, names)
 
     def check_budget(self, config: Any, total: int) -> None:
@@ -471,6 +474,7 @@ class FisherMaskTuner(SelectTuner):
         return getattr(config, self.fraction_name)
 
     def make_adapter(self, base: nn.Module, names: tuple[str, ...], config: Any) -> SelectAdapter:
+        """Empty sparse differences (not prepared) until :meth:`prepare` picks the entries."""
         return SelectAdapter(base, names, sparse=True)
 
     def check_budget(self, config: Any, total: int) -> None:

@@ -163,6 +163,11 @@ class SoraTuner(WrapTuner):
         return rp.supported_types()
 
     def make_adapter(self, base: nn.Module, config: SoraConfig, module_name: str) -> Adapter:
+        """A :class:`SoraAdapter` of the rank ``rank_pattern`` gives ``module_name`` (``r`` by default).
+
+        Raises:
+            ConfigError: a grouped convolution.
+        """
         layout = rp.layout_of(base)
         if layout.kind == "conv":
             check(base.groups == 1, f"{module_name}: SoRA does not adapt grouped convolutions (groups={base.groups})")

@@ -113,6 +113,12 @@ class SSFTuner(WrapTuner):
         return (*linear_types(), nn.LayerNorm)
 
     def make_adapter(self, base: nn.Module, config: SSFConfig, module_name: str) -> Adapter:
+        """An :class:`SSFAdapter` over the output features: the ``out_features`` rows of a Linear weight, the
+        columns of a GPT-2 ``Conv1D`` weight ``(in, out)``, or a LayerNorm's ``normalized_shape``.
+
+        Raises:
+            ConfigError: a LayerNorm without ``elementwise_affine`` or over more than one dimension.
+        """
         if isinstance(base, nn.LayerNorm):
             if base.weight is None or len(base.normalized_shape) != 1:
                 raise ConfigError(f"{module_name}: SSF folds into a LayerNorm over one dimension with "

@@ -183,6 +183,8 @@ class VeraTuner(WrapTuner):
             self._projection = None
 
     def make_adapter(self, base: nn.Module, config: VeraConfig, module_name: str) -> Adapter:
+        """A :class:`VeraLinear` on the shared projection that :meth:`inject` drew, set to the identity
+        (``lambda_d = d_initial``, ``lambda_b = 0``) when ``init_weights``."""
         in_f, out_f, transposed = self._in_out(base)
         adapter = VeraLinear(self._projection, in_f, out_f, config.r, config.vera_dropout, transposed)
         if config.init_weights:

@@ -67,15 +67,24 @@ class QuantFormat:
     buffer_names: ClassVar[tuple[str, ...]] = ()
 
     def unsupported(self, shape: tuple[int, int], rows: bool = False) -> str | None:  # pragma: no cover
+        """Why a weight of ``shape`` ``(out_features, in_features)`` cannot be stored, or None when it can.
+        With ``rows`` it must also be decodable row by row (an embedding table, :meth:`dequantize_rows`)."""
         raise NotImplementedError
 
     def quantize(self, w: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        """The buffers (keys: ``buffer_names``) storing ``w: (out_features, in_features)``, any float dtype
+        (detached and computed in float32), on ``w``'s device. Only for shapes :meth:`unsupported` accepts."""
         raise NotImplementedError
 
     def dequantize(self, q: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:  # pragma: no cover
+        """The float32 weight ``(out_features, in_features)`` = ``shape`` rebuilt from :meth:`quantize`'s
+        buffers ``q``, on their device."""
         raise NotImplementedError
 
     def dequantize_rows(self, q: dict[str, Tensor], shape: tuple[int, int], rows: Tensor) -> Tensor:  # pragma: no cover
+        """Only rows ``rows`` (``(n,)`` integer indices, repeats allowed) of the weight of ``shape``, as
+        float32 ``(n, in_features)``; decodes just those rows (embedding lookups). Needs
+        ``unsupported(shape, rows=True)`` to be None."""
         raise NotImplementedError
 
 
@@ -102,11 +111,22 @@ class NF4Format(QuantFormat):
               f"scaler_block_size={self.scaler_block_size!r} is not valid; expected an integer > 0 (default 256)")
 
     def unsupported(self, shape: tuple[int, int], rows: bool = False) -> str | None:
+        """The weight count (with ``rows``: the row length ``in_features``) must be a multiple of
+        ``block_size``."""
         size = shape[1] if rows else shape[0] * shape[1]
         what = "row length" if rows else "weight count"
         return None if size % self.block_size == 0 else f"{what} {size} is not a multiple of block_size={self.block_size}"
 
     def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        """torchao's ``NF4Tensor.from_tensor`` of ``w``, kept as plain buffers: ``nf4_data: (numel / 2,)``
+        uint8 (two 4-bit codes per byte, row-major), ``nf4_scalers: (numel / block_size,)`` int8 block scales,
+        ``nf4_factor`` float32 (one per group of scales), ``nf4_mean: (1,)`` and ``nf4_levels: (16,)`` (the
+        NF4 code book). A scale group holds ``scaler_block_size`` scales, or the largest divisor of the block
+        count below that when it does not divide the count.
+
+        Raises:
+            ImportError: torchao is not installed.
+        """
         tq = torchao_quantization()
         w = w.detach().float().contiguous()
         n_blocks = w.numel() // self.block_size
@@ -164,9 +184,13 @@ class AffineFormat(QuantFormat):
         return (torch.int8, -128, 127) if self.bits == 8 else (torch.uint8, 0, 15)
 
     def group(self, in_features: int) -> int:
+        """Input columns per ``(scale, zero point)`` pair for a weight with ``in_features`` columns
+        (``group_size``, or the whole row when it is None)."""
         return self.group_size or in_features
 
     def unsupported(self, shape: tuple[int, int], rows: bool = False) -> str | None:
+        """``in_features`` must be a multiple of ``group_size`` and, for int4, even; every row is stored on
+        its own, so ``rows`` adds no condition."""
         inp = shape[1]
         if inp % self.group(inp):
             return f"in_features={inp} is not a multiple of group_size={self.group_size}"
@@ -175,6 +199,12 @@ class AffineFormat(QuantFormat):
         return None
 
     def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        """``qdata``: the codes, ``(out, in)`` int8, or for int4 ``(out, in / 2)`` uint8 (column ``2j`` in the
+        high nibble, ``2j + 1`` in the low one); ``qscale``, ``qzero``: ``(out, in / group)`` float32.
+
+        Raises:
+            ImportError: torchao is not installed.
+        """
         tq = torchao_quantization()
         w = w.detach().float().contiguous()
         dtype, lo, hi = self._range()

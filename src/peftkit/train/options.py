@@ -104,6 +104,7 @@ class RunConfig:
 
     @property
     def task_type(self) -> str:
+        """The adapter config's ``task_type``: ``"CAUSAL_LM"`` for ``causal-lm``, else ``"SEQ_CLS"``."""
         return "CAUSAL_LM" if self.task == CAUSAL_LM else "SEQ_CLS"
 
     def learning_rate(self) -> float:
@@ -115,6 +116,7 @@ class RunConfig:
         return get_method(self.method).default_lr or 1e-3
 
     def label(self) -> str:
+        """The run's method label: ``"full"`` for full fine-tuning, else ``method``."""
         return "full" if self.full_finetune else self.method
 
     def validate(self, where: str = "") -> None:

@@ -88,6 +88,7 @@ class TrainingArguments:
               f"save_every={self.save_every!r} needs output_dir (the folder checkpoints are written to)")
 
     def to_dict(self) -> dict[str, Any]:
+        """The arguments as a plain dict (``dataclasses.asdict``), field name -> value."""
         return asdict(self)
 
 
