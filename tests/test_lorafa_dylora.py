@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from peftkit import ConfigError, DyLoraConfig, LoraFAConfig, PeftModel, get_peft_model, set_dylora_rank
-from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2
+from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from tests.test_lora import TARGETS, Zoo, inputs
 
 
@@ -55,6 +55,25 @@ def test_lorafa_count_merge_and_file(tmp_path):
     assert all(not p.requires_grad for n, p in loaded.named_parameters() if "lora_A" in n)
     with torch.no_grad():
         assert (model.merge_and_unload()(*inputs()) - expected).abs().max() <= 1e-5
+
+
+def test_lorafa_on_an_embedding_starts_at_the_base_and_learns():
+    """LoRA starts an embedding with A = 0; LoRA-FA freezes A, so it must start with B = 0 instead."""
+    model = get_peft_model(tiny_llama(), LoraFAConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    x = ids(batch=2, seq=5)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=x).logits
+    with torch.no_grad():
+        assert (model(input_ids=x).logits - base).abs().max() == 0
+    emb = model.base_model.model.model.embed_tokens.adapters["default"]
+    assert emb.lora_embedding_A.abs().min() > 0 and not emb.lora_embedding_A.requires_grad
+    model(input_ids=x).logits.square().mean().backward()
+    assert emb.lora_embedding_B.grad.abs().max() > 0
+
+
+def test_lorafa_refuses_qalora():
+    with pytest.raises(ConfigError, match="use_qalora=True cannot be combined with LoRA-FA"):
+        LoraFAConfig(r=2, target_modules=["q_proj"], use_qalora=True)
 
 
 def test_lorafa_with_dora_trains_b_and_magnitude():

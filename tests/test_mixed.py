@@ -84,6 +84,8 @@ def test_unknown_name_and_wrong_length():
         model(input_ids=ids(batch=2), adapter_names=["b", "nope"])
     with pytest.raises(ValueError, match="3 entries but the batch has 2 rows"):
         model(input_ids=ids(batch=2), adapter_names=["b", "c", "b"])
+    with pytest.raises(ValueError, match="adapter_names is empty"):
+        model(ids(batch=2), adapter_names=[])
     assert model.base_model.ctx.row_names is None  # state restored after the error
 
 

@@ -231,7 +231,8 @@ class MethodSpec:
         kind: how it changes the model, one of :data:`KINDS`.
         mergeable: whether its weights can be folded into the base model exactly.
         paper: title, year and arXiv id of the paper it implements.
-        tuner: callable ``tuner(model_wrapper, config, adapter_name)`` that injects the adapter.
+        tuner: the method's :class:`~peftkit.tuners.Tuner`; its ``inject(host, config, adapter_name)``
+            adds the adapter.
         cli_config: callable ``cli_config(args) -> config`` building a config from CLI options, or None.
         aliases: other names that find this method.
         default_lr: the peak learning rate ``peftkit train`` uses for this method when ``--lr`` is not
@@ -271,7 +272,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry under its name, aliases and (unless it is a variant) ``peft_type``.
 
     Raises:
-        ConfigError: the family or kind is unknown, the name is taken by another method, or ``preset_of``
+        ConfigError: the family or kind is unknown, the name is taken by another method, or ``variant_of``
             names no registered method with the same config class.
     """
     check(spec.family in FAMILIES, f"family={spec.family!r} must be one of {FAMILIES}")

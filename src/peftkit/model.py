@@ -206,7 +206,9 @@ class PeftModel(nn.Module):
         if adapter_names is None:
             yield
             return
-        names = list(adapter_names)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if not names:
+            raise ValueError("adapter_names is empty; give one adapter name (or '__base__') per batch row")
         self.base_model.check_known([n for n in names if n != BASE_ROWS])
         merged = self.base_model.merged_adapters()
         if merged:
