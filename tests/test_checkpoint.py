@@ -142,6 +142,15 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_cli_resume_refuses_other_options(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "50", "--method", "ia3",
+                 "--output-dir", str(tmp_path / "elsewhere")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"peftkit: error: --resume continues {tmp_path / 'run'} with the options it was started with; --method, "
+        "--max-steps, --output-dir cannot be given with it (only --device and --no-progress can)")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_cli_resume_without_checkpoint_fails_in_one_line(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a peftkit run folder" in capsys.readouterr().err

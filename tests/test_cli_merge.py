@@ -63,6 +63,9 @@ def test_merge_argument_errors(tiny_model_dir, tmp_path, capsys):
            "dare_linear, dare_ties" in capsys.readouterr().err
     assert run("merge", *pair, "--combination", "dare_linear", "--density", 0.5, "--majority-sign", "frequency") == 2
     assert "--majority-sign frequency has no effect with --combination dare_linear" in capsys.readouterr().err
+    assert run("merge", *pair, "--combination", "ties_svd") == 2
+    assert capsys.readouterr().err.strip() == (
+        "peftkit: error: --combination ties_svd needs --density, the fraction of each delta to keep, in (0, 1]")
     assert not (tmp_path / "m" / "adapter_model.safetensors").exists()
     assert run("merge", *pair, "--combination", "dare_ties", "--density", 0.5, "--seed", 3,
                "--majority-sign", "frequency") == 0

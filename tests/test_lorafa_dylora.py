@@ -74,6 +74,16 @@ def test_lorafa_on_an_embedding_starts_at_the_base_and_learns():
 def test_lorafa_refuses_qalora():
     with pytest.raises(ConfigError, match="use_qalora=True cannot be combined with LoRA-FA"):
         LoraFAConfig(r=2, target_modules=["q_proj"], use_qalora=True)
+    # a config changed after it was built is checked again when it is injected, before the model changes
+    config = LoraFAConfig(r=2, target_modules=["q_proj"])
+    config.use_qalora = True
+    base = tiny_llama()
+    with pytest.raises(ConfigError, match="use_qalora=True cannot be combined with LoRA-FA"):
+        get_peft_model(base, config)
+    config.use_qalora, config.r = False, 0
+    with pytest.raises(ConfigError, match="r=0"):
+        get_peft_model(base, config)
+    assert not any("adapters" in n for n, _ in base.named_modules())
 
 
 def test_lorafa_with_dora_trains_b_and_magnitude():

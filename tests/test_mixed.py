@@ -129,3 +129,68 @@ def test_mixed_batch_gradients_equal_each_group_run_alone():
                 alone[n] += p.grad
     for n in mixed:
         assert torch.allclose(mixed[n], alone[n], atol=1e-5, rtol=1e-4), n
+
+
+def _rows_alone(model, x, rows, **kw):
+    out = []
+    for i, name in enumerate(rows):
+        row = {k: (v[i:i + 1] if torch.is_tensor(v) and v.shape[0] == x.shape[0] else v) for k, v in kw.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                out.append(model(input_ids=x[i:i + 1], **row).logits)
+        else:
+            model.set_adapter(name)
+            out.append(model(input_ids=x[i:i + 1], **row).logits)
+    return torch.cat(out)
+
+
+def _two_adapters(base, targets, modules_to_save):
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=targets, modules_to_save=modules_to_save),
+                           adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=targets, modules_to_save=modules_to_save))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adapters." in n or "modules_to_save." in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("make, targets, saved", [
+    (tiny_bert_classifier, ["query"], ["position_embeddings"]),  # called with one row of position ids for all rows
+    (tiny_bert_classifier, ["query"], ["encoder.layer.1"]),  # a block: mask split by rows with its input
+    (tiny_llama, ["q_proj"], ["layers.0.self_attn"]),  # called with keyword arguments and rotary (cos, sin)
+])
+def test_modules_to_save_copies_in_mixed_batches(make, targets, saved):
+    model = _two_adapters(make(), targets, saved)
+    rows = ["a", "b", "__base__", "b"]
+    x = ids(batch=4, seq=6)
+    mask = torch.ones_like(x)
+    mask[0, 4:] = 0  # one padded row
+    kw = {"attention_mask": mask} if make is tiny_bert_classifier else {"use_cache": False}
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=rows, **kw).logits
+        alone = _rows_alone(model, x, rows, **kw)
+    assert (mixed - alone).abs().max() <= 1e-6
+
+
+def test_modules_to_save_block_with_a_cache_is_a_clear_error():
+    model = _two_adapters(tiny_llama(), ["q_proj"], ["layers.1"])
+    with pytest.raises(ValueError, match="got a DynamicCache argument, which cannot be split by rows"):
+        model(input_ids=ids(batch=2, seq=5), adapter_names=["a", "b"], use_cache=True)
+    assert model.base_model.ctx.row_names is None
+
+
+def test_batch_rows_come_from_the_main_input_not_a_shared_one():
+    model = _two_adapters(tiny_llama(), ["q_proj"], None)
+    x = ids(batch=3, seq=6)
+    with torch.no_grad():
+        out = model(position_ids=torch.arange(6)[None], input_ids=x, adapter_names=["a", "b", "a"]).logits
+    assert out.shape[0] == 3
+
+
+def test_gated_adapters_are_refused_before_the_forward():
+    from peftkit import GatedLoraConfig
+
+    model = get_peft_model(tiny_llama(), GatedLoraConfig(r=2, target_modules=["q_proj"]), adapter_name="g")
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['g'\] use gates pooled over the whole batch"):
+        model(input_ids=ids(batch=2), adapter_names=["g", "__base__"])

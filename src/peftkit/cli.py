@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a resumable checkpoint (safetensors + JSON) every N steps")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the interrupted run in RUN_DIR from its last checkpoint, with its own "
-                        "options (others given here are ignored, except --device and --no-progress)")
+                        "options (only --device and --no-progress may be given with it)")
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun/accelerate launch: shard the model with FSDP2 instead of DDP")
 
@@ -226,6 +226,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     if args.resume:
+        defaults = vars(build_parser().parse_args(["train"]))
+        changed = [k for k, v in vars(args).items() if k not in ("resume", "device", "no_progress")
+                   and v != defaults.get(k)]
+        if changed:
+            raise ConfigError(f"--resume continues {args.resume} with the options it was started with; "
+                              f"{', '.join('--' + k.replace('_', '-') for k in changed)} cannot be given with it "
+                              "(only --device and --no-progress can)")
         if main_rank:
             print(f"peftkit train: resuming {args.resume}", flush=True)
         return _summary(resume_run(args.resume, progress=not args.no_progress, device=args.device), main_rank)
@@ -330,6 +337,9 @@ def _check_merge_options(args: argparse.Namespace) -> None:
             users = ", ".join(t for t in COMBINATION_TYPES if applies(option, t))
             raise ConfigError(f"{option} {value} has no effect with --combination {args.combination}; it applies "
                               f"to {users}")
+    if args.density is None and applies("--density", args.combination):
+        raise ConfigError(f"--combination {args.combination} needs --density, the fraction of each delta to keep, "
+                          "in (0, 1]")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

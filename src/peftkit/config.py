@@ -128,6 +128,8 @@ class PeftConfig:
     """
 
     peft_type: ClassVar[str] = ""
+    #: whether rows of a mixed-adapter batch (``adapter_names=...``) may use this method's adapters
+    mixed_batches: ClassVar[bool] = True
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import ConfigError, PeftConfig, get_method
+from peftkit.config import ConfigError, PeftConfig, check_fields, get_method
 from peftkit.layers import BASE_ROWS, AdaptedLayer, AdapterContext, ModulesToSaveWrapper, replace_module
 
 SEQ_CLS_HEADS = ("classifier", "score")
@@ -144,6 +144,8 @@ class AdapterModel(nn.Module):
             raise ConfigError(f"adapter {adapter_name!r} already exists; existing: {list(self.peft_config)}")
         if not isinstance(config, PeftConfig):
             raise ConfigError(f"expected a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
+        check_fields(config)  # again: fields may have been changed since the config was built
+        config.validate()
         spec = get_method(config.peft_type)
         before = set(self.peft_config)
         self.peft_config[adapter_name] = config

@@ -384,16 +384,62 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[name]
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         ctx = self._ctx
         if ctx is not None and ctx.row_names is not None and not self.disabled:
-            out = None
-            for name, idx in ctx.groups(x.shape[0], x.device):
-                part = self._pick(name)(x.index_select(0, idx), *args, **kwargs)
-                out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
-                out = out.index_copy(0, idx, part)
-            return out
-        return self._pick(self.active_adapters[0] if self.active_adapters else None)(x, *args, **kwargs)
+            return self._mixed_forward(ctx, args, kwargs)
+        return self._pick(self.active_adapters[0] if self.active_adapters else None)(*args, **kwargs)
+
+    def _mixed_forward(self, ctx: AdapterContext, args: tuple, kwargs: dict) -> Any:
+        """Each row group through its adapter's copy (``__base__`` rows through the original). Tensor
+        arguments (also inside tuples, e.g. rotary ``(cos, sin)``) with one row per batch row are split
+        by rows; a single-row tensor (e.g. position ids shared by all rows) is given whole to every group
+        and its output repeated for the group's rows; outputs (tensors or tuples of them) are put back in
+        row order.
+
+        Raises:
+            ValueError: an argument that cannot be split by rows (a KV cache object: pass
+                ``use_cache=False``) or an output that is neither a tensor nor a tuple of them.
+        """
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v.dim() > 0), None)
+        if first is None:
+            raise ValueError("a modules_to_save copy in a mixed-adapter batch got no tensor input to split by rows")
+        rows = len(ctx.row_names) if first.shape[0] == 1 else first.shape[0]
+        groups = ctx.groups(rows, first.device)
+        batch = first.shape[0]
+        parts = []
+        for name, idx in groups:
+            def split(value: Any, idx: Tensor = idx) -> Any:
+                if isinstance(value, Tensor):
+                    return value.index_select(0, idx) if value.dim() and value.shape[0] == batch > 1 else value
+                if isinstance(value, (tuple, list)):
+                    return type(value)(split(v) for v in value)
+                if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+                    return value
+                raise ValueError(f"a modules_to_save copy in a mixed-adapter batch got a {type(value).__name__} "
+                                 "argument, which cannot be split by rows (a KV cache: pass use_cache=False)")
+
+            out = self._pick(name)(*split(args), **{k: split(v) for k, v in kwargs.items()})
+            parts.append((idx, out))
+        return _gather_rows(parts, rows)
+
+
+def _gather_rows(parts: list[tuple[Tensor, Any]], rows: int) -> Any:
+    """Outputs of row groups (``(row_index, output)``) put together in row order; a single-row tensor
+    output (the group ran on a shared input) is repeated for the group's rows."""
+    first = parts[0][1]
+    if isinstance(first, Tensor):
+        out = first.new_empty((rows, *first.shape[1:]))
+        for idx, part in parts:
+            part = part.expand(idx.numel(), *part.shape[1:]) if part.shape[0] == 1 else part
+            out = out.index_copy(0, idx, part)
+        return out
+    if isinstance(first, (tuple, list)):
+        return type(first)(_gather_rows([(idx, part[i]) for idx, part in parts], rows) for i in range(len(first)))
+    if first is None:
+        return None
+    raise ValueError(f"a modules_to_save copy in a mixed-adapter batch returned a {type(first).__name__}; only "
+                     "tensors and tuples of tensors can be put back in row order")
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -214,6 +214,10 @@ class PeftModel(nn.Module):
         if merged:
             raise ValueError(f"adapter(s) {merged} are merged into the base weights, which every row would then "
                              "use; call unmerge_adapter() before a mixed-adapter batch (adapter_names=...)")
+        gated = sorted({n for n in names if n in self.peft_config and not self.peft_config[n].mixed_batches})
+        if gated:
+            raise ValueError(f"adapter(s) {gated} use gates pooled over the whole batch (UniPELT); mixed-adapter "
+                             "batches (adapter_names=...) do not support them")
         composed = sorted({n for n in names if n in self.base_model.members})
         if composed:
             raise ValueError(f"adapter(s) {composed} are composed of several parts; mixed-adapter batches "
@@ -354,8 +358,14 @@ class _PublicConfigs(MutableMapping):
         return repr(dict(self.items()))
 
 
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    for value in (*args, *kwargs.values()):
+    """Rows of the batch: from the model's main input (``input_ids``, ``inputs_embeds``, ...; else the
+    first positional tensor), never from a shared input such as ``position_ids`` or ``cache_position``;
+    None when there is no such input (the layers then check the rows)."""
+    for value in (*(kwargs.get(k) for k in _BATCH_INPUTS), *args):
         if isinstance(value, Tensor) and value.dim() > 0:
             return value.shape[0]
     return None

@@ -50,6 +50,7 @@ class GatedLoraConfig(LoraConfig):
     """
 
     peft_type = "GATED_LORA"
+    mixed_batches = False  # the gates pool over the whole batch's attention mask
 
     def validate(self) -> None:
         super().validate()
@@ -113,6 +114,7 @@ class GatedBottleneckConfig(BottleneckConfig):
     """
 
     peft_type = "GATED_BOTTLENECK"
+    mixed_batches = False  # the gates pool over the whole batch's attention mask
     mh_adapter: bool = False
 
 
@@ -173,6 +175,7 @@ class GatedPrefixTuningConfig(PrefixTuningConfig):
     """
 
     peft_type = "GATED_PREFIX_TUNING"
+    mixed_batches = False  # the gates pool over the whole batch's attention mask
 
 
 class GatedPrefixEncoder(PrefixEncoder):
