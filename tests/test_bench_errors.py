@@ -44,3 +44,28 @@ def test_cli_checks_tasks_and_model_before_running_a_cell(tmp_path, capsys):
     assert error_line(capsys, "bench", "--seeds", "0,x", "--output-dir", out) == (
         "peftkit: error: --seeds '0,x' must be comma-separated integers")
     assert not out.exists()
+
+
+def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
+    """Finished cells are reused only by a sweep with the same per-cell settings, and the sweep's own
+    options cannot be overridden through --train-arg (the report would describe other runs)."""
+    import json
+    from dataclasses import asdict
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    old = BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(out), max_steps=2,
+                      train_args=["--max-train-samples=64"])
+    (out / "bench_config.json").write_text(json.dumps(asdict(old)))
+    assert error_line(capsys, "bench", "--methods", "lora", "--tasks", "sst2", "--seeds", "0", "--max-steps", "3",
+                      "--output-dir", out) == (
+        f"peftkit: error: {out} holds a sweep run with other settings (max_steps: 2 there, 3 now; train_args: "
+        "['--max-train-samples=64'] there, [] now); use another --output-dir, or the same settings to resume it")
+    assert error_line(capsys, "bench", "--report-only", "--max-steps", "3", "--output-dir", out).startswith(
+        f"peftkit: error: {out} holds a sweep run with other settings")
+    BenchConfig(methods=["lora", "ia3"], tasks=["sst2", "rte"], seeds=[0, 1], output_dir=str(out), max_steps=2,
+                train_args=["--max-train-samples=64"]).check_folder()  # more cells, same settings: fine
+    with pytest.raises(ConfigError, match=r"train_args \['--max-steps=5'\] repeat options the sweep sets itself"):
+        BenchConfig(train_args=["--max-steps=5"])
+    with pytest.raises(ConfigError, match=r"train_args \['--seed', '--method'\] repeat"):
+        BenchConfig(train_args=["--seed", "3", "--method", "ia3"])

@@ -79,6 +79,22 @@ class BenchConfig:
         if "mrpc" in self.tasks:
             check(self.data_dir is not None, "task 'mrpc' is not shipped (Microsoft's licence); pass --data-dir "
                                              "pointing at a folder with MRPC/{train,dev}.tsv")
+        owned = [a for a in self.train_args if a.split("=", 1)[0] in OWN_OPTIONS]
+        check(not owned, f"train_args {owned} repeat options the sweep sets itself ({', '.join(OWN_OPTIONS)}); "
+                         "set them on the sweep (e.g. --max-steps) instead")
+
+    def check_folder(self) -> None:
+        """Refuse to add cells to a sweep folder whose finished cells ran with other settings (steps, batch,
+        length, model, data or extra arguments): its report would describe them wrongly. Methods, tasks
+        and seeds may differ (cells are added). Raises ConfigError naming the settings that differ."""
+        saved = Path(self.output_dir) / "bench_config.json"
+        if not saved.is_file():
+            return
+        old = json.loads(saved.read_text())
+        differ = [f"{k}: {old.get(k)!r} there, {getattr(self, k)!r} now" for k in CELL_SETTINGS
+                  if old.get(k) != getattr(self, k)]
+        check(not differ, f"{self.output_dir} holds a sweep run with other settings ({'; '.join(differ)}); "
+                          "use another --output-dir, or the same settings to resume it")
 
 
 @dataclass
@@ -97,6 +113,13 @@ class Cell:
 def _unique(values: list) -> list:
     """``values`` without repeats, in first-seen order (each cell has one folder)."""
     return list(dict.fromkeys(values))
+
+
+#: ``peftkit train`` options each cell gets from the sweep, which ``train_args`` may not repeat
+OWN_OPTIONS = ("--task", "--seed", "--max-steps", "--batch-size", "--max-length", "--output-dir", "--overwrite",
+               "--full-finetune", "--method", "--model", "--data-dir", "--epochs")
+#: the settings every cell of one sweep folder shares
+CELL_SETTINGS = ("model", "data_dir", "max_steps", "batch_size", "max_length", "train_args")
 
 
 def cells(cfg: BenchConfig) -> list[Cell]:
@@ -133,6 +156,7 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
     """
     check(jobs >= 1, f"jobs={jobs!r} must be >= 1")
     root = Path(cfg.output_dir)
+    cfg.check_folder()
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     todo = [c for c in cells(cfg) if not (c.folder(root) / "metrics.json").is_file()]
