@@ -256,3 +256,18 @@ def test_resume_and_eval_of_a_folder_that_is_no_run(runs, tmp_path, capsys):
     assert error_line(capsys, "eval", "--adapter", runs / "lora", "--device", "foo") == (
         "peftkit: error: --device 'foo' is not a device; use cpu, cuda, cuda:N or mps")
     assert list(empty.iterdir()) == []
+
+
+def test_merge_names_the_adapter_that_does_not_fit(runs, tmp_path, capsys):
+    from peftkit import LoraConfig, get_peft_model
+    from tests.conftest import tiny_gpt2
+
+    other = tmp_path / "gpt2-lora"
+    get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], base_model_name_or_path="tiny-gpt2")
+                   ).save_pretrained(other)
+    line = error_line(capsys, "merge", runs / "lora", other, "--output", tmp_path / "m")
+    first = json.loads((runs / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert line.startswith(f"peftkit: error: '{other}' does not fit the base model of '{runs / 'lora'}' (trained on "
+                           f"'tiny-gpt2', the first on {first!r}): ")
+    assert "'a1'" not in line  # not the internal name
+    assert not (tmp_path / "m").exists()

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from peftkit.config import WEIGHTS_NAME, PeftConfig, check, get_method
-from peftkit.formats.hf_peft import atomic_write_bytes, current_umask, save_adapter
+from peftkit.config import WEIGHTS_NAME, ConfigError, PeftConfig, check, get_method
+from peftkit.formats.hf_peft import AdapterLoadError, atomic_write_bytes, current_umask, save_adapter
 from peftkit.train.checks import check_model_dir, has_tokenizer_files
 
 HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
@@ -169,8 +169,10 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     check(0 <= heads_from < len(adapter_dirs), f"heads_from={heads_from} must index one of the adapters")
     out = Path(output_dir)
     _check_output(out, overwrite, [*adapter_dirs, *_base_sources(adapter_dirs[0], model_dir)[1:]], "the adapter")
+    configs = []
     for folder in adapter_dirs:
         config = PeftConfig.from_pretrained(folder)
+        configs.append(config)
         extra = [f for f in ("use_dora", "lora_bias") if getattr(config, f, False)]
         check(type(config) is LoraConfig and not extra,
               f"{str(folder)!r} holds an adapter of type {config.peft_type}"
@@ -179,8 +181,15 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     base, _ = load_base_for(adapter_dirs[0], model_dir)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
     model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
-    for name, folder in zip(names[1:], adapter_dirs[1:]):
-        model.load_adapter(folder, adapter_name=name)
+    for name, folder, config in zip(names[1:], adapter_dirs[1:], configs[1:]):
+        try:
+            model.load_adapter(folder, adapter_name=name)
+        except (AdapterLoadError, ConfigError) as err:  # name the folder, not the internal adapter name
+            mine, first = config.base_model_name_or_path, configs[0].base_model_name_or_path
+            bases = f" (trained on {mine!r}, the first on {first!r})" if mine != first else ""
+            detail = str(err).removeprefix(f"adapter {name!r} does not fit the model: ")
+            raise AdapterLoadError(f"{str(folder)!r} does not fit the base model of {str(adapter_dirs[0])!r}{bases}: "
+                                   f"{detail}") from None
     has_heads = bool(model.base_model.modules_to_save_names())
     model.add_weighted_adapter(names, list(weights), "merged", combination_type,
                                modules_to_save_from=names[heads_from] if has_heads else None, **kwargs)

@@ -103,8 +103,9 @@ def _glue_task(name: str, folder: str, metric: str, cols: dict, num_labels: int,
     def load(data_dir: str | os.PathLike | None) -> Task:
         root = Path(data_dir) if data_dir else shipped_data_dir()
         if not (root / folder).is_dir():
-            raise DataError(f"task {name!r} needs {root / folder}/{{train,dev}}.tsv (GLUE format); "
-                            "pass --data-dir pointing at the folder that holds it")
+            where = "is not shipped (Microsoft's licence)" if name == "mrpc" and not data_dir else f"is not in {root}"
+            raise DataError(f"task {name!r} {where}; pass --data-dir pointing at a folder with "
+                            f"{folder}/{{train,dev}}.tsv (GLUE format)")
         label_map = {n: i for i, n in enumerate(label_names)} if label_names and kw.get("strings") else None
         extra = {k: v for k, v in kw.items() if k in ("header", "regression", "encoding")}
         return Task(name=name, num_labels=num_labels, metric=metric, label_names=label_names,
