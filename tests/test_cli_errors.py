@@ -136,3 +136,12 @@ def test_unforeseen_errors_are_one_line_with_status_1(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "Traceback (most recent call last):" and "RuntimeError: first line" in err
     assert err[-1] == "peftkit: error: RuntimeError: first line second line (set PEFTKIT_TRACEBACK=1 for the traceback)"
+
+
+def test_mrpc_without_a_data_dir_says_what_to_pass(tmp_path, capsys):
+    assert error_line(capsys, "train", "--task", "mrpc", "--output-dir", tmp_path / "x") == (
+        "peftkit: error: task 'mrpc' is not shipped (Microsoft's licence); pass --data-dir pointing at a folder "
+        "with MRPC/{train,dev}.tsv (GLUE format)")
+    assert error_line(capsys, "train", "--task", "mrpc", "--data-dir", tmp_path, "--output-dir", tmp_path / "x") == (
+        f"peftkit: error: task 'mrpc' is not in {tmp_path}; pass --data-dir pointing at a folder with "
+        "MRPC/{train,dev}.tsv (GLUE format)")
