@@ -58,6 +58,7 @@ def test_methods_lists_lora(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--target-modules", "q_proj"], "matched no module"),
     (["--method", "nope"], "unknown PEFT method 'nope'"),
+    (["--method", "lroa"], "unknown PEFT method 'lroa'; did you mean 'lora'?; registered methods: lora, dora"),
     (["--task", "imdb"], "unknown task 'imdb'"),
     (["--model", "/no/such/dir"], "is not a folder"),
     (["--train-file", "/no/such.csv", "--eval-file", "/no/such.csv"], "does not exist"),
@@ -70,8 +71,11 @@ def test_bad_options_fail_in_one_line_before_training(tiny_model_dir, tmp_path, 
     if "--model" in argv:
         args[2] = argv[1]
     assert run(*args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("peftkit: error:") and message in err[0]
+    if "--method" in argv:
+        assert captured.out == ""  # refused before the run's header line
     assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
 
 

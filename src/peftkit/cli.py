@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from peftkit.bench.arena import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
-from peftkit.config import ConfigError, all_methods
+from peftkit.config import ConfigError, all_methods, get_method
 from peftkit.formats.hf_peft import AdapterLoadError
 from peftkit.train.checks import SEED_MAX
 
@@ -250,6 +250,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress, save_every=args.save_every, fsdp=args.fsdp, quantize=args.quantize,
         quantize_embeddings=not args.float_embeddings,
     )
+    if not args.full_finetune:
+        get_method(args.method)  # an unknown method fails before the header line
     model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
     if main_rank:
         print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)

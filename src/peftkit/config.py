@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -301,7 +302,9 @@ def get_method(name: str) -> MethodSpec:
     _load_builtin_methods()
     spec = _REGISTRY.get(str(name).lower())
     if spec is None:
-        raise ConfigError(f"unknown PEFT method {name!r}; registered methods: {', '.join(method_names())}")
+        close = difflib.get_close_matches(str(name).lower(), method_names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown PEFT method {name!r}{hint}; registered methods: {', '.join(method_names())}")
     return spec
 
 
