@@ -145,3 +145,15 @@ def test_mrpc_without_a_data_dir_says_what_to_pass(tmp_path, capsys):
     assert error_line(capsys, "train", "--task", "mrpc", "--data-dir", tmp_path, "--output-dir", tmp_path / "x") == (
         f"peftkit: error: task 'mrpc' is not in {tmp_path}; pass --data-dir pointing at a folder with "
         "MRPC/{train,dev}.tsv (GLUE format)")
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
+    data = tmp_path / "tr.csv"
+    data.write_text("sentence,label\ngood,1\nbad,0\n")
+    assert error_line(capsys, "train", "--task", "rte", "--train-file", data, "--eval-file", data,
+                      "--output-dir", tmp_path / "x") == (
+        "peftkit: error: --task rte cannot be combined with --train-file, whose rows are the task; leave --task out "
+        "(or give --task causal-lm for a causal-LM file)")
+    assert error_line(capsys, "train", "--float-embeddings", "--output-dir", tmp_path / "x") == (
+        "peftkit: error: --float-embeddings only applies with --quantize (it keeps the embeddings float32)")
+    assert not (tmp_path / "x").exists()

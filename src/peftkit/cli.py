@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="local HF model folder or a shipped model (stories260K) (default: embedded "
                                    "all-MiniLM-L6-v2; stories260K for causal-lm)")
     t.add_argument("--method", default="lora", help="PEFT method (see `peftkit methods`; default lora)")
-    t.add_argument("--task", default="sst2", help="sst2, rte, cola, stsb, mrpc or causal-lm (default sst2)")
+    t.add_argument("--task", help="sst2, rte, cola, stsb, mrpc or causal-lm (default sst2; with --train-file "
+                                  "only causal-lm may be given: otherwise the file is the task)")
     t.add_argument("--train-file", help="CSV/TSV/JSONL training file (text + label columns); for causal-lm also "
                                         ".txt, or rows with text or prompt/response (default: shipped TREC)")
     t.add_argument("--eval-file", help="CSV/TSV/JSONL dev file for the reported metrics")
@@ -236,6 +237,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if main_rank:
             print(f"peftkit train: resuming {args.resume}", flush=True)
         return _summary(resume_run(args.resume, progress=not args.no_progress, device=args.device), main_rank)
+    if args.train_file and args.task not in (None, CAUSAL_LM):
+        raise ConfigError(f"--task {args.task} cannot be combined with --train-file, whose rows are the task; leave "
+                          "--task out (or give --task causal-lm for a causal-LM file)")
+    if args.float_embeddings and not args.quantize:
+        raise ConfigError("--float-embeddings only applies with --quantize (it keeps the embeddings float32)")
+    args.task = args.task or "sst2"
     max_steps = args.max_steps if args.max_steps or args.epochs else DEFAULT_STEPS
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"--lora-dropout {args.lora_dropout!r} must lie in [0, 1)")
