@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import peftkit
-from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2
+from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 CASES = {
     "bert_cls": (tiny_bert_classifier, dict(r=4, lora_alpha=6, target_modules=["query", "value", "dense"],
@@ -87,3 +87,20 @@ def perturb_all(model):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.add_(torch.randn_like(p) * 0.3)
+
+
+@pytest.mark.parametrize("name", ["LoraConfig", "AdaLoraConfig", "VeraConfig", "LoHaConfig", "LoKrConfig"])
+@pytest.mark.parametrize("make", [tiny_bert_classifier, tiny_llama])
+def test_configs_without_target_modules_pick_what_peft_picks(name, make):
+    """Porting code that leaves target_modules out: the same modules (written into the config, so saved)
+    and the same number of trainable parameters as peft."""
+    kw = {"total_step": 10} if name == "AdaLoraConfig" else {}
+    if make is tiny_bert_classifier:
+        kw["task_type"] = "SEQ_CLS"
+    base = make()
+    ours = peftkit.get_peft_model(copy.deepcopy(base), getattr(peftkit, name)(**kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, name)(**kw))
+    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]  # (peft counts AdaLoRA's ranknum)

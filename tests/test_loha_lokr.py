@@ -243,5 +243,8 @@ def test_bad_values_raise_config_error(cls, kw, message):
 
 
 def test_missing_targets_raise_config_error():
-    with pytest.raises(ConfigError, match="target_modules is required"):
-        LoKrConfig()
+    with pytest.raises(ConfigError, match=r"target_modules=\[\] adapts nothing"):
+        LoKrConfig(target_modules=[])
+    # None means the model type's defaults (as peft); a plain module has none
+    with pytest.raises(ConfigError, match="there are no default targets for model_type=None"):
+        get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoKrConfig())

@@ -119,7 +119,7 @@ def test_no_matching_target_lists_existing_modules_and_leaves_model_unchanged():
     (dict(r=0), "r=0"), (dict(r=-2), "r=-2"), (dict(r=2.5), "r=2.5"), (dict(lora_alpha=0), "lora_alpha=0"),
     (dict(lora_dropout=1.0), "lora_dropout=1.0"), (dict(bias="some"), "bias='some'"),
     (dict(init_lora_weights="pisa"), "init_lora_weights='pisa'"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
-    (dict(task_type="CLS"), "task_type='CLS'"), (dict(target_modules=None), "target_modules is required"),
+    (dict(task_type="CLS"), "task_type='CLS'"), (dict(target_modules=[]), "target_modules=[] adapts nothing"),
     (dict(layers_to_transform=[-1]), "layers_to_transform"),
 ])
 def test_invalid_config_values_are_named(kw, fragment):

@@ -161,7 +161,7 @@ def test_peft_interop(direction, arch, save_projection, tmp_path):
     (dict(vera_dropout=1.0), "vera_dropout=1.0"),
     (dict(bias="lora_only"), "bias='lora_only' is not valid"),
     (dict(projection_prng_key=1.5), "projection_prng_key=1.5"),
-    (dict(target_modules=None), "target_modules is required"),
+    (dict(target_modules=[]), r"target_modules=\[\] adapts nothing"),
 ])
 def test_bad_values_are_config_errors(kw, message):
     with pytest.raises(ConfigError, match=message):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from peftkit.config import ConfigError, PeftConfig, check_fields, get_method
 from peftkit.layers import BASE_ROWS, AdaptedLayer, AdapterContext, ModulesToSaveWrapper, replace_module
+from peftkit.targeting import default_target_modules
 
 SEQ_CLS_HEADS = ("classifier", "score")
 PART_SEP = "#"  # a part of a composed adapter is named "<owner>#<index>"; user names cannot contain it
@@ -147,12 +148,18 @@ class AdapterModel(nn.Module):
         check_fields(config)  # again: fields may have been changed since the config was built
         config.validate()
         spec = get_method(config.peft_type)
+        defaults = type(config).default_target_modules
+        filled = defaults is not None and getattr(config, "target_modules", "") is None
+        if filled:  # as peft: the model type's usual targets, written into the config (and the saved file)
+            config.target_modules = default_target_modules(self.model, defaults)
         before = set(self.peft_config)
         self.peft_config[adapter_name] = config
         try:
             self._wrap_modules_to_save(config, adapter_name)
             spec.tuner.inject(self, config, adapter_name)
         except BaseException:  # remove it and whatever its tuner added (parts, adapters a fusion loads)
+            if filled:
+                config.target_modules = None
             for name in reversed([n for n in self.peft_config if n not in before]):
                 if name in self.peft_config:
                     self._remove_everywhere(name)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from peftkit.config import ConfigError
+from peftkit.config import ConfigError, check
 
 ALL_LINEAR = "all-linear"
 DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "block", "blocks")
@@ -160,3 +160,33 @@ def find_targets(
             + (f"; their last name segments: {suffixes[:20]}" if suffixes else "")
         )
     return found
+
+
+#: ``target_modules`` that the LoRA family (LoRA, AdaLoRA, VeRA, LoHa, LoKr, ...) adapts when a config
+#: leaves it None, by ``model.config.model_type``: the query and value projections, as peft chooses.
+LORA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), ("query", "value")),
+    "distilbert": ("q_lin", "v_lin"),
+    "deberta-v2": ("query_proj", "value_proj"),
+    "deberta": ("in_proj",),
+    "gpt2": ("c_attn",),
+    **dict.fromkeys(("gpt_neox", "bloom", "falcon"), ("query_key_value",)),
+    **dict.fromkeys(("llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "opt", "gptj", "gpt_neo",
+                     "bart"), ("q_proj", "v_proj")),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    **dict.fromkeys(("t5", "mt5"), ("q", "v")),
+}
+
+
+def default_target_modules(model: nn.Module, defaults: dict[str, tuple[str, ...]]) -> list[str]:
+    """The ``target_modules`` a config left as None gets on ``model``, from ``defaults`` by the HF
+    ``config.model_type``.
+
+    Raises:
+        ConfigError: the model type has no default (a plain module, or a type not in ``defaults``).
+    """
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    check(kind in defaults, f"target_modules=None: there are no default targets for model_type={kind!r} (known: "
+                            f"{', '.join(sorted(defaults))}); give target_modules: module names/suffixes, a regex, "
+                            "or 'all-linear'")
+    return list(defaults[kind])

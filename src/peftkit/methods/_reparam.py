@@ -150,8 +150,9 @@ def check_positive_int(name: str, value: object, allow_zero: bool = False) -> No
 
 def check_common(config: object) -> None:
     """Checks shared by the configs here: ``target_modules`` given, ``layers_to_transform`` valid."""
-    check(config.target_modules is not None and config.target_modules != [],
-          "target_modules is required: a list of module names/suffixes, a regex, or 'all-linear'")
+    check(config.target_modules != [],
+          "target_modules=[] adapts nothing; give module names/suffixes, a regex, 'all-linear', or "
+              "None for the model type's defaults")
     if isinstance(config.target_modules, (set, tuple)):
         config.target_modules = sorted(config.target_modules)
     layers = config.layers_to_transform

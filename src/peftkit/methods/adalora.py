@@ -36,6 +36,7 @@ from peftkit.layers import AdaptedLayer, Adapter
 from peftkit.methods import _reparam as rp
 from peftkit.methods.lora import LoraTuner
 from peftkit.ops import Dropout
+from peftkit.targeting import LORA_TARGET_DEFAULTS
 from peftkit.tuners import WrapTuner
 
 if TYPE_CHECKING:
@@ -61,7 +62,8 @@ class AdaLoraConfig(PeftConfig):
         total_step: the run's optimiser steps, > 0; required, and ``tinit < total_step - tfinal``.
         rank_pattern: the kept triplets, ``{"<module>.lora_E": [bool] * init_r}``; set by training,
             saved with the adapter, and used to build layers compact when loading. Default None.
-        target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``; required.
+        target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``;
+            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
         lora_alpha: scaling numerator (``lora_alpha / init_r``), > 0. Default 8.
         lora_dropout: dropout on the adapter's input, in [0, 1). Default 0.
@@ -83,6 +85,7 @@ class AdaLoraConfig(PeftConfig):
     """
 
     peft_type = "ADALORA"
+    default_target_modules = LORA_TARGET_DEFAULTS
     target_r: int = 8
     init_r: int = 12
     tinit: int = 0

@@ -25,6 +25,7 @@ from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter
 from peftkit.methods import _reparam as rp
 from peftkit.ops import Dropout
+from peftkit.targeting import LORA_TARGET_DEFAULTS
 from peftkit.tuners import WrapTuner
 
 KRONA_PAPER = "KronA: Parameter Efficient Tuning with Kronecker Adapter (Edalati et al., 2022, arXiv:2212.10650)"
@@ -35,7 +36,8 @@ class KronaConfig(PeftConfig):
     """Configuration of KronA.
 
     Args:
-        target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``; required.
+        target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``;
+            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
         a1: rows of ``A``; must divide each target's ``out``. None (default) picks the smaller factor
             near ``sqrt(out)`` (:func:`~peftkit.methods._reparam.factorization`).
@@ -57,6 +59,7 @@ class KronaConfig(PeftConfig):
     """
 
     peft_type = "KRONA"
+    default_target_modules = LORA_TARGET_DEFAULTS
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     a1: int | None = None

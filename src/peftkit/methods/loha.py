@@ -28,6 +28,7 @@ from peftkit.methods.lycoris import (
     param,
     rebuild_cp,
 )
+from peftkit.targeting import LORA_TARGET_DEFAULTS
 
 LOHA_PAPER = ("FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated Learning "
               "(Hyeon-Woo et al., 2021, arXiv:2108.06098)")
@@ -51,6 +52,7 @@ class LoHaConfig(LycorisConfig):
     """
 
     peft_type = "LOHA"
+    default_target_modules = LORA_TARGET_DEFAULTS
 
     def validate(self) -> None:
         super().validate()

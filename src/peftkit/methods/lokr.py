@@ -32,6 +32,7 @@ from peftkit.methods.lycoris import (
     param,
     rebuild_cp,
 )
+from peftkit.targeting import LORA_TARGET_DEFAULTS
 
 LOKR_PAPER = ("Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model Evaluation "
               "(Yeh et al., 2023, arXiv:2309.14859)")
@@ -60,6 +61,7 @@ class LoKrConfig(LycorisConfig):
     """
 
     peft_type = "LOKR"
+    default_target_modules = LORA_TARGET_DEFAULTS
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False

@@ -35,7 +35,7 @@ from peftkit.methods.lora_init import (
     principal_factors,
 )
 from peftkit.ops import Dropout
-from peftkit.targeting import linear_types, pattern_key
+from peftkit.targeting import LORA_TARGET_DEFAULTS, linear_types, pattern_key
 from peftkit.tuners import WrapTuner
 
 LORA_PAPER = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685)"
@@ -48,7 +48,8 @@ class LoraConfig(PeftConfig):
 
     Args:
         r: rank of the update, > 0. Default 8.
-        target_modules: list of module names/suffixes, a full-match regex, or ``"all-linear"``.
+        target_modules: list of module names/suffixes, a full-match regex, or ``"all-linear"``;
+            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
         lora_alpha: scaling numerator (``scaling = lora_alpha / r``), > 0. Default 8.
         lora_dropout: dropout probability on the adapter's input, in [0, 1). Default 0.
@@ -78,10 +79,11 @@ class LoraConfig(PeftConfig):
     Raises:
         ConfigError: ``r <= 0``, ``lora_alpha <= 0``, dropout outside [0, 1), an unknown ``bias`` or
             ``init_lora_weights``, a non-positive pattern rank, ``lora_bias`` with DoRA/PiSSA/OLoRA, or a
-            missing ``target_modules``.
+            ``target_modules=[]``.
     """
 
     peft_type = "LORA"
+    default_target_modules = LORA_TARGET_DEFAULTS
     r: int = 8
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -116,8 +118,9 @@ class LoraConfig(PeftConfig):
         check(not (self.lora_bias and (self.use_dora or changes_base(self.init_lora_weights))),
               f"lora_bias=True is not supported with use_dora={self.use_dora} and "
               f"init_lora_weights={self.init_lora_weights!r}; use it with plain LoRA initialisations only")
-        check(self.target_modules is not None and self.target_modules != [],
-              "target_modules is required: a list of module names/suffixes, a regex, or 'all-linear'")
+        check(self.target_modules != [],
+              "target_modules=[] adapts nothing; give module names/suffixes, a regex, 'all-linear', or "
+              "None for the model type's defaults")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         for key, value in self.rank_pattern.items():

@@ -37,7 +37,8 @@ class LycorisConfig(PeftConfig):
         module_dropout: while training, skip the whole adapter with this probability, in [0, 1). Default 0.
         use_effective_conv2d: for convolutions with a kernel larger than 1, factor the kernel with a
             small core tensor (FedPara's "Proposition 3"). Default False.
-        target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``; required.
+        target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``;
+            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
         init_weights: True (the adapter starts as identity), False (all factors random: tests only).
         layers_to_transform / layers_pattern: restrict to some blocks (see :mod:`peftkit.targeting`).

@@ -29,7 +29,7 @@ from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter
 from peftkit.methods import _reparam as rp
 from peftkit.ops import Dropout
-from peftkit.targeting import pattern_key
+from peftkit.targeting import LORA_TARGET_DEFAULTS, pattern_key
 from peftkit.tuners import WrapTuner
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class SoraConfig(PeftConfig):
     """
 
     peft_type = "SORA"
+    default_target_modules = LORA_TARGET_DEFAULTS
     r: int = 8
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -28,7 +28,7 @@ from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, unwrap
 from peftkit.methods.lora import fresh_output, trainable_biases
 from peftkit.ops import Dropout
-from peftkit.targeting import linear_types
+from peftkit.targeting import LORA_TARGET_DEFAULTS, linear_types
 from peftkit.tuners import WrapTuner
 
 VERA_PAPER = "VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al., 2023, arXiv:2310.11454)"
@@ -42,7 +42,8 @@ class VeraConfig(PeftConfig):
     Args:
         r: rank of the shared random projections, > 0. Default 256 (VeRA needs far larger ranks than
             LoRA; its parameter count grows only by one per unit of rank and layer).
-        target_modules: names/suffixes, a full-match regex, or ``"all-linear"`` (Linear and Conv1D only).
+        target_modules: names/suffixes, a full-match regex, or ``"all-linear"`` (Linear and Conv1D only);
+            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
         projection_prng_key: seed of the generator that draws ``vera_A`` and ``vera_B``. Default 0.
         save_projection: write ``vera_A``/``vera_B`` into the file (default True); when False they are
@@ -58,10 +59,11 @@ class VeraConfig(PeftConfig):
 
     Raises:
         ConfigError: ``r <= 0``, dropout outside [0, 1), a non-integer ``projection_prng_key``, a
-            non-numeric ``d_initial``, an unknown ``bias``, or a missing ``target_modules``.
+            non-numeric ``d_initial``, an unknown ``bias``, or ``target_modules=[]``.
     """
 
     peft_type = "VERA"
+    default_target_modules = LORA_TARGET_DEFAULTS
     r: int = 256
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -87,8 +89,9 @@ class VeraConfig(PeftConfig):
               f"d_initial={self.d_initial!r} must be a number")
         check(self.bias in ("none", "all", "vera_only"),
               f"bias={self.bias!r} is not valid; expected 'none', 'all' or 'vera_only'")
-        check(self.target_modules is not None and self.target_modules != [],
-              "target_modules is required: a list of module names/suffixes, a regex, or 'all-linear'")
+        check(self.target_modules != [],
+              "target_modules=[] adapts nothing; give module names/suffixes, a regex, 'all-linear', or "
+              "None for the model type's defaults")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
 
