@@ -6,7 +6,15 @@ The public API mirrors HuggingFace PEFT so that code ports by changing the impor
 """
 
 from peftkit._version import __version__
-from peftkit.config import ConfigError, MethodSpec, PeftConfig, all_methods, get_method, register_method
+from peftkit.config import (
+    ConfigError,
+    MethodSpec,
+    PeftConfig,
+    TaskType,
+    all_methods,
+    get_method,
+    register_method,
+)
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.adapters import (
@@ -83,6 +91,7 @@ __all__ = [
     "PromptTuningConfig",
     "SSFConfig",
     "SoraConfig",
+    "TaskType",
     "VeraConfig",
     "__version__",
     "add_fusion",

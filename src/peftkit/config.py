@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import enum
 import json
 import math
 import os
@@ -29,6 +30,20 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+class TaskType(str, enum.Enum):
+    """What the adapted model does (mirrors ``peft.TaskType``); a config's ``task_type`` takes a member or
+    its string value."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
 FAMILIES = ("reparameterised", "additive", "selective", "hybrid", "quantisation", "multi-task")
 KINDS = ("wrap", "insert", "prompt", "select", "compose")
 

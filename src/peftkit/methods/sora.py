@@ -44,7 +44,8 @@ class SoraConfig(PeftConfig):
 
     Args:
         r: the largest rank (``r_max`` in the paper), integer > 0. Default 8.
-        target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``; required.
+        target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``;
+            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
         lora_dropout: dropout probability on the adapter's input, in [0, 1). Default 0.
         sparse_lambda: the soft threshold ``xi`` taken off ``|g|`` after each optimiser step, >= 0
@@ -60,7 +61,7 @@ class SoraConfig(PeftConfig):
 
     Raises:
         ConfigError: ``r <= 0``, a negative ``sparse_lambda`` or pattern rank, a dropout outside
-            [0, 1), no ``target_modules``; when injecting, a grouped convolution.
+            [0, 1), ``target_modules=[]``; when injecting, a grouped convolution.
     """
 
     peft_type = "SORA"
