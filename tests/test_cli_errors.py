@@ -157,3 +157,11 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
     assert error_line(capsys, "train", "--float-embeddings", "--output-dir", tmp_path / "x") == (
         "peftkit: error: --float-embeddings only applies with --quantize (it keeps the embeddings float32)")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_misspelt_target_module_fails_the_run(tiny_model_dir, tmp_path, capsys):
+    assert error_line(capsys, "train", "--model", tiny_model_dir, "--target-modules", "query,vlaue", "--max-steps", "1",
+                      "--output-dir", tmp_path / "x", "--no-progress") == (
+        "peftkit: error: target_modules entries ['vlaue'] match no module of the model (a typo?); the other entries "
+        "matched 2 module(s)")
+    assert not (tmp_path / "x" / "adapter_model.safetensors").exists()

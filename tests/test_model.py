@@ -198,3 +198,11 @@ def test_tied_embedding_merge_keeps_output_layer_exact():
         assert (model(input_ids=x).logits - adapted).abs().max() <= 1e-5
         model.unmerge_adapter()
         assert base.transformer.wte.base_layer.weight is shared  # the tie is back
+
+
+def test_a_misspelt_target_module_warns():
+    from peftkit.targeting import UnmatchedTargetWarning
+
+    with pytest.warns(UnmatchedTargetWarning, match=r"entries \['vlaue'\] match no module"):
+        model = get_peft_model(tiny_bert_classifier(), LoraConfig(target_modules=["query", "vlaue"]))
+    assert model.get_nb_trainable_parameters()[0] > 0

@@ -17,12 +17,14 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from peftkit.bench.arena import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from peftkit.config import ConfigError, all_methods, get_method
 from peftkit.formats.hf_peft import AdapterLoadError
+from peftkit.targeting import UnmatchedTargetWarning
 from peftkit.train.checks import SEED_MAX
 
 DEFAULT_STEPS = 800
@@ -262,7 +264,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
     if main_rank:
         print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
-    return _summary(run_training(cfg, overwrite=args.overwrite), main_rank)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=UnmatchedTargetWarning)  # a misspelt target fails the run
+        result = run_training(cfg, overwrite=args.overwrite)
+    return _summary(result, main_rank)
 
 
 def _summary(r: dict[str, Any], show: bool) -> int:
@@ -397,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, AdapterLoadError) as err:
+    except (ConfigError, DataError, FileNotFoundError, AdapterLoadError, UnmatchedTargetWarning) as err:
         print(f"peftkit: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -106,8 +106,19 @@ class AdapterModel(nn.Module):
         name = f"{owner}{PART_SEP}{len(parts)}"
         parts.append(name)
         self.peft_config[name] = config
+        self._fill_targets(config)
         get_method(config.peft_type).tuner.inject(self, config, name)
         return name
+
+    def _fill_targets(self, config: PeftConfig) -> bool:
+        """As peft: a LoRA-family config without ``target_modules`` gets the model type's usual targets,
+        written into the config (so also into the saved file). Returns whether it did. Raises
+        ConfigError when the model type has none."""
+        defaults = type(config).default_target_modules
+        if defaults is None or getattr(config, "target_modules", "") is not None:
+            return False
+        config.target_modules = default_target_modules(self.model, defaults)
+        return True
 
     def parts(self, names: Sequence[str]) -> list[str]:
         """The adapters the layers run for ``names``: each name followed by its parts, if it has any."""
@@ -148,10 +159,7 @@ class AdapterModel(nn.Module):
         check_fields(config)  # again: fields may have been changed since the config was built
         config.validate()
         spec = get_method(config.peft_type)
-        defaults = type(config).default_target_modules
-        filled = defaults is not None and getattr(config, "target_modules", "") is None
-        if filled:  # as peft: the model type's usual targets, written into the config (and the saved file)
-            config.target_modules = default_target_modules(self.model, defaults)
+        filled = self._fill_targets(config)
         before = set(self.peft_config)
         self.peft_config[adapter_name] = config
         try:

@@ -15,6 +15,7 @@ Matching rules (the same as HF PEFT's, on whole dotted segments, never on substr
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 
 from torch import nn
@@ -130,7 +131,9 @@ def find_targets(
     lin = linear_types()
     found: list[str] = []
     candidates: list[str] = []
+    names: list[str] = []
     for name, module in iter_logical_modules(model):
+        names.append(name)
         if not name or any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip):
             continue
         if isinstance(module, supported):
@@ -159,7 +162,18 @@ def find_targets(
             + f". Modules {method} can adapt include: {', '.join(candidates[:5]) or 'none'}"
             + (f"; their last name segments: {suffixes[:20]}" if suffixes else "")
         )
+    if target_modules is not None and not isinstance(target_modules, str):
+        unmatched = [p for p in target_modules if not any(n == p or n.endswith("." + p) for n in names)]
+        if unmatched:
+            warnings.warn(UnmatchedTargetWarning(
+                f"target_modules entries {unmatched} match no module of the model (a typo?); the other entries "
+                f"matched {len(found)} module(s)"), stacklevel=2)
     return found
+
+
+class UnmatchedTargetWarning(UserWarning):
+    """A ``target_modules`` list names something no module of the model is called (peft ignores such
+    entries silently; peftkit warns, and ``peftkit train`` refuses them)."""
 
 
 #: ``target_modules`` that the LoRA family (LoRA, AdaLoRA, VeRA, LoHa, LoKr, ...) adapts when a config

@@ -30,7 +30,6 @@ from peftkit.methods.gating import UNIPELT_PAPER
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 
 # the query and value projections under their names in BERT-family, Llama-family and GPT-2 models
-QUERY_VALUE = ["query", "value", "q_proj", "v_proj", "c_attn"]
 
 
 def unipelt_config(r: int = 8, lora_alpha: float | None = None, lora_target_modules: list[str] | str | None = None,
@@ -42,7 +41,8 @@ def unipelt_config(r: int = 8, lora_alpha: float | None = None, lora_target_modu
     Args:
         r: LoRA rank (default 8). lora_alpha: None gives ``s = 1`` (``lora_alpha = r``), as the reference
             code, where the gate replaces LoRA's scaling.
-        lora_target_modules: LoRA's targets; None: the query and value projections (:data:`QUERY_VALUE`).
+        lora_target_modules: LoRA's targets; None: the model type's query and value projections
+            (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
         num_virtual_tokens: prefix length ``l`` (default 10). encoder_hidden_size: width of the prefix MLP
             used while training (None: train the prefixes directly).
         reduction_factor: adapter bottleneck ``m = d // reduction_factor`` (default 16).
@@ -56,7 +56,7 @@ def unipelt_config(r: int = 8, lora_alpha: float | None = None, lora_target_modu
     """
     return ComposedConfig(task_type=task_type, modules_to_save=modules_to_save, configs=[
         GatedLoraConfig(r=r, lora_alpha=r if lora_alpha is None else lora_alpha,
-                        target_modules=lora_target_modules or list(QUERY_VALUE)),
+                        target_modules=lora_target_modules),
         GatedPrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, prefix_projection=encoder_hidden_size is not None,
                                 encoder_hidden_size=encoder_hidden_size),
         GatedBottleneckConfig(reduction_factor=reduction_factor),
