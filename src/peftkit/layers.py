@@ -259,15 +259,10 @@ class AdaptedLayer(nn.Module):
                 return out
             return self._per_group(own, x, y)
         if broadcast or any(a.transforms_input or a.substitutes_params for a, _ in own):
-            out = None
-            for name, idx in groups:
-                plan = [self.adapters[name]] if name in self.adapters else []
-                part = self._run_plan(plan, x if broadcast else x.index_select(0, idx), args, kwargs)
-                if broadcast:
-                    part = part.expand(idx.numel(), *part.shape[1:])
-                out = part.new_empty((rows, *part.shape[1:])) if out is None else out
-                out = out.index_copy(0, idx, part)
-            return out
+            parts = [(idx, self._run_plan([self.adapters[name]] if name in self.adapters else [],
+                                          x if broadcast else x.index_select(0, idx), args, kwargs))
+                     for name, idx in groups]
+            return _gather_rows(parts, rows)
         return self._per_group(own, x, self.base_layer(x, *args, **kwargs))
 
     def _per_group(self, own: list[tuple[Adapter, Tensor]], x: Tensor, y: Tensor) -> Tensor:
@@ -407,21 +402,23 @@ class ModulesToSaveWrapper(nn.Module):
         rows = len(ctx.row_names) if first.shape[0] == 1 else first.shape[0]
         groups = ctx.groups(rows, first.device)
         batch = first.shape[0]
-        parts = []
-        for name, idx in groups:
-            def split(value: Any, idx: Tensor = idx) -> Any:
-                if isinstance(value, Tensor):
-                    return value.index_select(0, idx) if value.dim() and value.shape[0] == batch > 1 else value
-                if isinstance(value, (tuple, list)):
-                    return type(value)(split(v) for v in value)
-                if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
-                    return value
-                raise ValueError(f"a modules_to_save copy in a mixed-adapter batch got a {type(value).__name__} "
-                                 "argument, which cannot be split by rows (a KV cache: pass use_cache=False)")
-
-            out = self._pick(name)(*split(args), **{k: split(v) for k, v in kwargs.items()})
-            parts.append((idx, out))
+        parts = [(idx, self._pick(name)(*_split_rows(args, idx, batch),
+                                        **{k: _split_rows(v, idx, batch) for k, v in kwargs.items()}))
+                 for name, idx in groups]
         return _gather_rows(parts, rows)
+
+
+def _split_rows(value: Any, idx: Tensor, batch: int) -> Any:
+    """The rows ``idx`` of a call argument: tensors with ``batch`` (> 1) rows are indexed, also inside
+    tuples/lists; anything else passes whole. Raises ValueError for an object that cannot be split."""
+    if isinstance(value, Tensor):
+        return value.index_select(0, idx) if value.dim() and value.shape[0] == batch > 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_split_rows(v, idx, batch) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    raise ValueError(f"a modules_to_save copy in a mixed-adapter batch got a {type(value).__name__} argument, "
+                     "which cannot be split by rows (a KV cache: pass use_cache=False)")
 
 
 def _gather_rows(parts: list[tuple[Tensor, Any]], rows: int) -> Any:
