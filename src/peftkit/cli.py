@@ -379,7 +379,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(methods=split(args.methods), tasks=split(args.tasks), seeds=seeds, output_dir=args.output_dir,
                       model=args.model, data_dir=args.data_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                       max_length=args.max_length, train_args=list(args.train_arg))
-    cfg.check_folder()
+    if args.report_only:
+        cfg.check_folder()  # (run_sweep checks it itself)
     records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
     extra = f" plus `{' '.join(cfg.train_args)}`" if cfg.train_args else ""
     notes = (f"Base model: {args.model or 'all-MiniLM-L6-v2 (embedded)'}; {cfg.max_steps} steps of {cfg.batch_size} "
