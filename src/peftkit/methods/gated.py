@@ -283,7 +283,7 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="gated-prefix", config_cls=GatedPrefixTuningConfig, family="hybrid", kind="prompt", mergeable=False,
-    paper=UNIPELT_PAPER, tuner=GatedPrefixTuner(), cli_config=gated_prefix_from_cli, default_lr=5e-3,
+    paper=UNIPELT_PAPER, tuner=GatedPrefixTuner(), cli_config=gated_prefix_from_cli, default_lr=1e-3,
 ))
 register_method(MethodSpec(
     name="gated-adapter", config_cls=GatedBottleneckConfig, family="hybrid", kind="wrap", mergeable=False,

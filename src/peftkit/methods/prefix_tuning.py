@@ -149,7 +149,9 @@ class PrefixTuner(PromptTuner):
 
 def prefix_tuning_from_cli(args: Any) -> PrefixTuningConfig:
     """``peftkit train --method prefix-tuning``: 20 prefixes trained through the MLP (width 128), at the
-    method's default learning rate 5e-3."""
+    method's default learning rate 1e-3. (At 5e-3 the MLP's prefixes drift within 50 steps until every
+    input gets the same output: SST-2 stays at the majority class, 0.509, after 800 steps of 32 rows;
+    1e-3 reaches 0.800 after 300 steps.)"""
     return PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128,
                               task_type=args.task_type)
 
@@ -163,7 +165,7 @@ def p_tuning_v2_from_cli(args: Any) -> PrefixTuningConfig:
 PREFIX_TUNER = PrefixTuner()
 register_method(MethodSpec(
     name="prefix-tuning", config_cls=PrefixTuningConfig, family="additive", kind="prompt", mergeable=False,
-    paper=PREFIX_PAPER, tuner=PREFIX_TUNER, cli_config=prefix_tuning_from_cli, default_lr=5e-3,
+    paper=PREFIX_PAPER, tuner=PREFIX_TUNER, cli_config=prefix_tuning_from_cli, default_lr=1e-3,
 ))
 register_method(MethodSpec(
     name="p-tuning-v2", config_cls=PrefixTuningConfig, family="additive", kind="prompt", mergeable=False,
