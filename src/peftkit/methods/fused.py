@@ -38,14 +38,14 @@ class _LowRankLinear(torch.autograd.Function):
         x, xd, weight, bias, a, b, g, z, out = ctx.saved_tensors
         need_x, need_xd, _, need_bias, need_a, need_b, need_g, _ = ctx.needs_input_grad
         grad2 = grad.reshape(-1, grad.shape[-1])
-        w_eff, b_eff = _effective(weight, b, g, ctx.scaling)
+        b_eff = _effective_b(b, g, ctx.scaling)
         grad_z = grad2 @ b_eff if need_a or need_xd or (need_x and xd is None) else None
         grad_x = grad_xd = grad_bias = grad_a = grad_b = grad_g = None
         if need_x:
             if ctx.folded:  # the input gradient of both paths in one GEMM
-                grad_x = grad2 @ torch.addmm(w_eff, b_eff, a)
+                grad_x = grad2 @ _folded(weight, a, b, g, ctx.scaling)
             else:
-                grad_x = grad2 @ w_eff
+                grad_x = grad2 @ _effective_w(weight, g)
                 if xd is None:
                     grad_x.addmm_(grad_z, a)
             grad_x = grad_x.view(x.shape)
@@ -70,14 +70,13 @@ def _output(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a
     """``(out, z, folded)``: the layer output ``(..., out)``; ``z = xd A^T`` as ``(rows, r)`` when the
     unfolded output uses it or ``need_z`` (else None); whether ``s g B A`` was folded into the weight."""
     x2 = x.reshape(-1, x.shape[-1])
-    w_eff, b_eff = _effective(weight, b, g, scaling)
     folded = xd is None and _fold_pays(x2.shape[0], weight.shape)
     z = (x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T if need_z or not folded else None
-    if folded:  # one GEMM with the low-rank product folded into the (frozen) weight: W g + s g B A
-        out = _linear(x2, torch.addmm(w_eff, b_eff, a), bias)
+    if folded:  # one GEMM with the low-rank product folded into the (frozen) weight: g (W + s B A)
+        out = _linear(x2, _folded(weight, a, b, g, scaling), bias)
     else:
-        out = _linear(x2, w_eff, bias)
-        out.addmm_(z, b_eff.T)
+        out = _linear(x2, _effective_w(weight, g), bias)
+        out.addmm_(z, _effective_b(b, g, scaling).T)
     return out.view(*x.shape[:-1], out.shape[-1]), z, folded
 
 
@@ -93,18 +92,28 @@ def _linear(x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
 
 
-def _effective(weight: Tensor, b: Tensor, g: Tensor | None, scaling: float) -> tuple[Tensor, Tensor]:
-    """``(g * W, s * g * B)`` (``(W, s * B)`` without ``g``)."""
-    if g is None:
-        return weight, b * scaling
-    return weight * g[:, None], b * (scaling * g)[:, None]
+def _effective_w(weight: Tensor, g: Tensor | None) -> Tensor:
+    """``g * W`` (``W`` itself without ``g``), ``(out, in)``."""
+    return weight if g is None else weight * g[:, None]
+
+
+def _effective_b(b: Tensor, g: Tensor | None, scaling: float) -> Tensor:
+    """``s * g * B`` (``s * B`` without ``g``), ``(out, r)``."""
+    return b * scaling if g is None else b * (scaling * g)[:, None]
+
+
+def _folded(weight: Tensor, a: Tensor, b: Tensor, g: Tensor | None, scaling: float) -> Tensor:
+    """``g * (W + s B A)``, ``(out, in)``, in one new buffer: the frozen weight is copied once by the
+    ``addmm`` and rescaled in place (no second weight-sized temporary for ``g * W``)."""
+    folded = torch.addmm(weight, b, a, alpha=scaling)
+    return folded if g is None else folded.mul_(g[:, None])
 
 
 def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None, b: Tensor,
                     g: Tensor, scaling: float, total: Tensor | None) -> Tensor:
     """``sum_t grad * y`` with ``y = x W^T + s z B^T = (out - bias) / g``; rows with ``g = 0`` (where the
     output does not tell ``y``) are recomputed from ``x``."""
-    dot = torch.linalg.vecdot(grad, out, dim=0)
+    dot = (grad * out).sum(0)  # faster than linalg.vecdot on CPU here (measured 4.0 vs 6.4 ms, 2048 x 1536)
     if total is not None:
         dot.sub_(bias * total)
     zero = g == 0
