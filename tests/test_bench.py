@@ -24,6 +24,9 @@ def test_sweep_report_and_resume(tiny_model_dir, tmp_path):
     path = write_report(records, tmp_path / "b")
     text = path.read_text()
     assert "| full |" in text and "| lora |" in text and "stsb (Pearson)" in text
+    lora = next(r for r in records if r["method"] == "lora")
+    cost_row = next(line for line in text.split("## Cost")[1].splitlines() if line.startswith("| lora |"))
+    assert cost_row.endswith(f"| {lora['changed_params']:,} |")  # parameters saved, next to the file size
     for png in ("metric_vs_params.png", "step_time.png", "memory.png"):
         assert (tmp_path / "b" / png).stat().st_size > 1000
     # resume: only the missing cell runs again
@@ -40,7 +43,9 @@ def test_summary_statistics():
     rec = [{"method": "m", "task": "t", "seed": s, "metric": "accuracy", "dev_accuracy": v, "trainable_params": 10,
             "total_params": 100, "seconds_per_step": st, "peak_memory_mib": mem, "adapter_bytes": 2048}
            for s, v, st, mem in ((0, 0.80, 0.1, 500), (1, 0.90, 0.3, 700), (2, 0.85, 0.2, 600))]
-    s = summarise([*rec, {"method": "x", "task": "t", "seed": 0, "error": "boom"}])
+    sparse = {**rec[0], "method": "d", "trainable_params": 100, "changed_params": 3}  # diff pruning's saved entries
+    s = summarise([*rec, sparse, {"method": "x", "task": "t", "seed": 0, "error": "boom"}])
+    assert s["per_method"]["m"]["changed_params"] == 10 and s["per_method"]["d"]["changed_params"] == 3
     cell = s["cells"][("m", "t")]
     assert cell["mean"] == pytest.approx(85.0) and cell["std"] == pytest.approx(5.0) and cell["n"] == 3
     assert s["per_method"]["m"]["step_ms"] == pytest.approx(200) and s["per_method"]["m"]["peak_memory_mib"] == 700

@@ -44,6 +44,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         by[(m, t)].append(100 * r[f"dev_{r['metric']}"])
         for key in ("trainable_params", "total_params", "seconds_per_step", "peak_memory_mib", "adapter_bytes"):
             cost[m][key].append(r[key])
+        # what the saved file holds: a selective method's changed entries, not its trainable mask/vector
+        changed = r.get("changed_params")
+        cost[m]["changed_params"].append(r["trainable_params"] if changed is None else changed)
     cells = {}
     for (m, t), values in by.items():
         cells[(m, t)] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -58,6 +61,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "trainable_params": max(c["trainable_params"]), "total_params": max(c["total_params"]),
             "step_ms": 1000 * statistics.median(c["seconds_per_step"]), "peak_memory_mib": max(c["peak_memory_mib"]),
             "adapter_bytes": statistics.median(c["adapter_bytes"]),
+            "changed_params": max(c["changed_params"]),
             "average": statistics.fmean(means) if len(means) == len(tasks) else None,
         }
     return {"methods": methods, "tasks": tasks, "metric_of": metric_of, "cells": cells, "per_method": per_method,
@@ -86,10 +90,11 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
         avg = s["per_method"].get(m, {}).get("average")
         lines.append(f"| {m} | " + " | ".join(row) + f" | {'' if avg is None else f'{avg:.1f}'} |")
     lines += ["", "## Cost", "", "| method | trainable params | % of model | train step (ms, median) | "
-              "peak memory (MiB) | saved size |", "|---|---:|---:|---:|---:|---:|"]
+              "peak memory (MiB) | saved size | parameters saved |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m, c in s["per_method"].items():
         lines.append(f"| {m} | {c['trainable_params']:,} | {100 * c['trainable_params'] / c['total_params']:.3f} | "
-                     f"{c['step_ms']:.0f} | {c['peak_memory_mib']:,.0f} | {_fmt_bytes(c['adapter_bytes'])} |")
+                     f"{c['step_ms']:.0f} | {c['peak_memory_mib']:,.0f} | {_fmt_bytes(c['adapter_bytes'])} | "
+                     f"{c['changed_params']:,} |")
     if s["failures"]:
         lines += ["", "## Cells that did not finish", ""]
         lines += [f"- {r['method']} / {r['task']} / seed {r['seed']}: {r['error']}" for r in s["failures"]]
