@@ -194,3 +194,119 @@ def test_gated_adapters_are_refused_before_the_forward():
     model = get_peft_model(tiny_llama(), GatedLoraConfig(r=2, target_modules=["q_proj"]), adapter_name="g")
     with pytest.raises(ValueError, match=r"adapter\(s\) \['g'\] use gates pooled over the whole batch"):
         model(input_ids=ids(batch=2), adapter_names=["g", "__base__"])
+
+
+def _record_spans(monkeypatch):
+    from peftkit.methods.lora import LoraLinear
+
+    seen = []
+    original = LoraLinear.mixed_forward
+
+    def spy(layer, x, y, parts, spans=None):
+        seen.append(spans)
+        return original(layer, x, y, parts, spans)
+
+    monkeypatch.setattr(LoraLinear, "mixed_forward", staticmethod(spy))
+    return seen
+
+
+def test_scattered_rows_run_grouped_and_every_output_comes_back_in_order(monkeypatch):
+    """Rows of one adapter scattered over the batch run as contiguous runs inside the model; the logits,
+    hidden states and the returned cache are each row's own, in the caller's order."""
+    seen = _record_spans(monkeypatch)
+    model = llama_with_adapters()
+    x = ids(batch=len(ROWS), seq=6)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=ROWS, use_cache=True, output_hidden_states=True)
+        assert seen and all(s is not None for s in seen)  # every LoRA layer got contiguous runs
+        for i, name in enumerate(ROWS):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=x[i:i + 1], use_cache=True, output_hidden_states=True)
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=x[i:i + 1], use_cache=True, output_hidden_states=True)
+            assert (mixed.logits[i] - alone.logits[0]).abs().max() <= 1e-6, (i, name)
+            for h_mixed, h_alone in zip(mixed.hidden_states, alone.hidden_states):
+                assert torch.allclose(h_mixed[i], h_alone[0], atol=1e-5, rtol=1e-5)
+            for layer in range(2):
+                k_mixed, k_alone = mixed.past_key_values.layers[layer].keys, alone.past_key_values.layers[layer].keys
+                assert torch.allclose(k_mixed[i], k_alone[0], atol=1e-5, rtol=1e-5), (i, layer)
+
+
+def test_equal_groups_of_one_rank_run_as_one_batched_gemm(monkeypatch):
+    calls = []
+    original = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = _two_adapters(tiny_llama(), ["q_proj", "v_proj", "down_proj"], None)
+    rows = ["a", "b", "b", "a", "b", "a"]
+    x = ids(batch=6, seq=5)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=rows).logits
+        assert len(calls) == 3 * 2  # one bmm per adapted linear of the two layers
+        assert torch.allclose(mixed, _rows_alone(model, x, rows), atol=1e-6, rtol=0)
+
+
+def test_row_order_paths_agree(monkeypatch):
+    """The grouped path (rows reordered), the gather path (a cache given: rows keep their order) and
+    rows already grouped by the caller give the same outputs."""
+    from transformers import DynamicCache
+
+    seen = _record_spans(monkeypatch)
+    model = llama_with_adapters()
+    x = ids(batch=len(ROWS), seq=6)
+    with torch.no_grad():
+        grouped = model(input_ids=x, adapter_names=ROWS).logits
+        gathered = model(input_ids=x, adapter_names=ROWS, cache=DynamicCache()).logits
+        assert seen[-1] is None  # the cache kept the rows in place: gather/scatter path
+        order = sorted(range(len(ROWS)), key=lambda i: "b default __base__ c".split().index(ROWS[i]))
+        pre = model(input_ids=x[order], adapter_names=[ROWS[i] for i in order]).logits
+    assert (grouped - gathered).abs().max() <= 1e-6
+    assert (grouped[order] - pre).abs().max() <= 1e-6
+
+
+def test_shared_inputs_keep_their_order_when_rows_are_regrouped():
+    """A ``cache_position`` of length seq is shared by all rows even when seq equals the batch size."""
+    model = _two_adapters(tiny_llama(), ["q_proj"], None)
+    rows = ["a", "b", "a", "b"]
+    x = ids(batch=4, seq=4)
+    with torch.no_grad():
+        out = model(input_ids=x, adapter_names=rows, cache_position=torch.arange(4)).logits
+        assert torch.allclose(out, _rows_alone(model, x, rows, cache_position=torch.arange(4)), atol=1e-6, rtol=0)
+
+
+def test_labels_are_regrouped_with_their_rows():
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["value"], task_type="SEQ_CLS"))
+    perturb(model)
+    x, labels = ids(batch=5), torch.tensor([0, 1, 1, 0, 1])
+    rows = ["other", "default", "other", "__base__", "default"]
+    with torch.no_grad():
+        out = model(input_ids=x, labels=labels, adapter_names=rows)
+    assert out.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.logits, labels).item(), abs=1e-6)
+
+
+def test_context_spans():
+    from peftkit.layers import AdapterContext
+
+    ctx = AdapterContext()
+    ctx.set_rows(["a", "a", "b"])
+    assert ctx.spans(6) == {"a": slice(0, 4), "b": slice(4, 6)}  # two copies of each row (beams)
+    assert ctx.spans(3) == {"a": slice(0, 2), "b": slice(2, 3)}
+    ctx.set_rows(["a", "b", "a"])
+    assert ctx.spans(3) is None
+
+
+def test_lm_labels_and_tuple_outputs_with_regrouped_rows():
+    """With labels (the loss meets the logits inside the model) and with tuple outputs the regrouped rows
+    give the same loss and logits as the caller's own grouping."""
+    model = llama_with_adapters()
+    x = ids(batch=len(ROWS), seq=6)
+    order = sorted(range(len(ROWS)), key=lambda i: "b default __base__ c".split().index(ROWS[i]))
+    with torch.no_grad():
+        scattered = model(input_ids=x, labels=x, adapter_names=ROWS)
+        grouped = model(input_ids=x[order], labels=x[order], adapter_names=[ROWS[i] for i in order])
+        as_tuple = model(input_ids=x, adapter_names=ROWS, return_dict=False)
+    assert scattered.loss.item() == pytest.approx(grouped.loss.item(), abs=1e-6)
+    assert (scattered.logits[order] - grouped.logits).abs().max() <= 1e-6
+    assert (as_tuple[0] - scattered.logits).abs().max() <= 1e-6

@@ -37,12 +37,33 @@ class AdapterContext:
     def __init__(self) -> None:
         self.row_names: list[str] | None = None
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
+        self._spans: dict[int, dict[str, slice] | None] = {}
 
     def set_rows(self, names: list[str] | None) -> None:
         """Start a mixed-adapter batch with one adapter name per row (``"__base__"``: no adapter), or end
         it with None; clears the cached row groups either way."""
         self.row_names = names
         self._groups = {}
+        self._spans = {}
+
+    def spans(self, batch: int) -> dict[str, slice] | None:
+        """``{adapter_name: slice of rows}`` when each adapter's rows of a ``batch``-row batch are one
+        contiguous run (as :meth:`peftkit.PeftModel.forward` arranges them), else None; the group tensors
+        of :meth:`groups` then hold the same rows. Cached per batch size."""
+        if batch not in self._spans:
+            names = self.row_names or []
+            spans: dict[str, slice] | None = None
+            if names and batch % len(names) == 0:
+                copies, spans, start = batch // len(names), {}, 0
+                for i in range(1, len(names) + 1):
+                    if i == len(names) or names[i] != names[start]:
+                        if names[start] in spans:  # the name comes back after another: not one run
+                            spans = None
+                            break
+                        spans[names[start]] = slice(start * copies, i * copies)
+                        start = i
+            self._spans[batch] = spans
+        return self._spans[batch]
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[str, Tensor]]:
         """Row groups for a batch of ``batch`` rows (raises ValueError when it does not fit the names)."""
@@ -254,7 +275,9 @@ class AdaptedLayer(nn.Module):
         # only a class that defines the batched path itself (a subclass such as DoRA changes the maths)
         if not broadcast and "mixed_forward" in vars(kind) and all(type(a) is kind for a, _ in own):
             y = self.base_layer(x, *args, **kwargs)
-            out = kind.mixed_forward(self, x, y, own)
+            spans = self._ctx.spans(rows) if self._ctx is not None else None
+            names = [n for n, _ in groups if n in self.adapters and n not in self.merged_adapters]
+            out = kind.mixed_forward(self, x, y, own, None if spans is None else [spans[n] for n in names])
             if out is not None:
                 return out
             return self._per_group(own, x, y)

@@ -8,16 +8,18 @@ themselves cite their own papers in :mod:`peftkit.methods`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig
 from peftkit.host import AdapterModel
-from peftkit.layers import BASE_ROWS
+from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
 
 
 class PeftModel(nn.Module):
@@ -202,7 +204,10 @@ class PeftModel(nn.Module):
 
     # --- running ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _rows(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> Iterator[None]:
+    def _rows(self, adapter_names: Sequence[str] | None, batch_size: int | None,
+              order: Sequence[int] | None = None) -> Iterator[None]:
+        """Run a block with one adapter name per row (checked here); ``order``, when given, is the order
+        the rows will run in (the layers then see ``names[order[i]]`` for row ``i``)."""
         if adapter_names is None:
             yield
             return
@@ -225,16 +230,62 @@ class PeftModel(nn.Module):
         if batch_size is not None and len(names) != batch_size:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
         ctx = self.base_model.ctx
-        ctx.set_rows(names)
+        ctx.set_rows(names if order is None else [names[i] for i in order])
         try:
             yield
         finally:
             ctx.set_rows(None)
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row."""
-        with self._rows(adapter_names, _batch_size(args, kwargs)):
-            return self.get_base_model()(*args, **kwargs)
+        """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row.
+
+        A mixed-adapter batch whose rows of one adapter are scattered (``["a", "b", "a", ...]``) runs with
+        its rows grouped by adapter (a stable sort, in order of first appearance): every tensor argument
+        with one entry per row is reordered on the way in, every such output (and a returned cache) is put
+        back in the caller's order on the way out, so each adapted layer works on contiguous runs of rows.
+        With a cache given (``cache`` or ``past_key_values``, in the caller's order) the rows keep their order.
+        """
+        rows = _batch_size(args, kwargs)
+        given_cache = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+        order = None if given_cache else _grouped_order(adapter_names, rows)
+        with self._rows(adapter_names, rows, order):
+            if order is None:
+                return self.get_base_model()(*args, **kwargs)
+            base = self.get_base_model()
+            perm = torch.tensor(order, device=_first_device(args, kwargs))
+            inv = torch.argsort(perm)
+            shared = {k: kwargs.pop(k) for k in _SHARED_INPUTS if k in kwargs}
+            args, kwargs = _take_rows((args, kwargs), perm, rows)
+            kwargs.update(shared)
+            # A plain output head (an LM head, vocabulary-sized) gets its input back in the caller's order,
+            # so that the logits need no reordering; only without labels, which would meet the logits inside.
+            tuples = kwargs.get("return_dict") is False or getattr(getattr(base, "config", None), "return_dict", True) is False
+            head = _plain_output_head(base) if kwargs.get("labels") is None and not tuples else None
+            if head is None:
+                return _take_rows(base(*args, **kwargs), inv, rows)
+            calls = []
+
+            def restore_order(module: nn.Module, inputs: tuple) -> tuple | None:
+                if inputs and isinstance(inputs[0], Tensor) and inputs[0].dim() > 0 and inputs[0].shape[0] == rows:
+                    calls.append(True)
+                    return (inputs[0].index_select(0, inv.to(inputs[0].device)), *inputs[1:])
+                calls.append(False)
+                return None
+
+            hook = head.register_forward_pre_hook(restore_order)
+            try:
+                out = base(*args, **kwargs)
+            finally:
+                hook.remove()
+        if calls and all(calls) and isinstance(out, dict) and "logits" in out:
+            logits = out["logits"]
+            out = _take_rows(out, inv, rows)
+            out["logits"] = logits
+            return out
+        if calls:  # the head ran in an unexpected way: its output is in no single order
+            raise RuntimeError("a mixed-adapter batch could not restore the row order at the output head "
+                               f"{type(head).__name__}; pass the rows grouped by adapter name")
+        return _take_rows(out, inv, rows)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``)."""
@@ -358,7 +409,65 @@ class _PublicConfigs(MutableMapping):
         return repr(dict(self.items()))
 
 
+#: inputs shared by all rows whatever their first dimension (a length-``seq`` vector may match the rows)
+_SHARED_INPUTS = ("cache_position", "logits_to_keep", "num_items_in_batch")
+
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def _grouped_order(adapter_names: Sequence[str] | str | None, rows: int | None) -> list[int] | None:
+    """The row order that makes each adapter's rows of a mixed batch one contiguous run (a stable sort by
+    the order in which the names first appear), or None when the rows already are (or there is nothing
+    to reorder: no names, one name, or names that do not match the rows, which :meth:`PeftModel._rows`
+    reports)."""
+    if adapter_names is None or isinstance(adapter_names, str) or rows is None or len(adapter_names) != rows:
+        return None
+    first: dict[str, int] = {}
+    for name in adapter_names:
+        first.setdefault(name, len(first))
+    keys = [first[name] for name in adapter_names]
+    if keys == sorted(keys):
+        return None
+    return sorted(range(rows), key=keys.__getitem__)
+
+
+def _plain_output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output embedding (LM head) when it exists and holds no adapter or trainable copy."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module) or any(isinstance(m, (AdaptedLayer, ModulesToSaveWrapper))
+                                              for m in head.modules()):
+        return None
+    return head
+
+
+def _first_device(args: tuple, kwargs: dict) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def _take_rows(value: Any, idx: Tensor, rows: int) -> Any:
+    """``value`` with every tensor of ``rows`` rows (first dimension) reordered by ``idx``, through tuples,
+    lists, dicts and HF ``ModelOutput``; a transformers ``Cache`` is reordered in place; anything else
+    (scalars, a loss, tensors shared by all rows) is returned as is."""
+    if isinstance(value, Tensor):
+        return value.index_select(0, idx.to(value.device)) if value.dim() > 0 and value.shape[0] == rows else value
+    if isinstance(value, dict):  # also HF ModelOutput (an OrderedDict); its None fields are not stored
+        items = {k: _take_rows(v, idx, rows) for k, v in value.items()}
+        if type(value) is dict:
+            return items
+        out = copy.copy(value)
+        for k, v in items.items():
+            out[k] = v
+        return out
+    if isinstance(value, (tuple, list)):
+        items = [_take_rows(v, idx, rows) for v in value]
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    if hasattr(value, "reorder_cache") and callable(value.reorder_cache):
+        value.reorder_cache(idx)
+    return value
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -163,6 +163,12 @@ def fresh_output(layer: AdaptedLayer) -> bool:
 _INPLACE_SAFE = set(linear_types())
 
 
+def _even_cover(spans: list[slice], rows: int) -> bool:
+    """Whether ``spans`` are equal, back-to-back runs covering rows ``0..rows-1`` in order."""
+    size = spans[0].stop - spans[0].start
+    return size > 0 and len(spans) * size == rows and all(s.start == i * size for i, s in enumerate(spans))
+
+
 class LoraLinear(Adapter):
     """LoRA on ``nn.Linear`` or GPT-2 ``Conv1D``.
 
@@ -244,18 +250,38 @@ class LoraLinear(Adapter):
             weight.copy_((weight.float() + (delta.T if self.transposed else delta)).to(weight.dtype))
 
     @staticmethod
-    def mixed_forward(layer: AdaptedLayer, x: Tensor, y: Tensor, parts: list[tuple[LoraLinear, Tensor]]
-                      ) -> Tensor | None:
-        """The side paths of a mixed batch, one group of rows at a time, added into the base output:
+    def mixed_forward(layer: AdaptedLayer, x: Tensor, y: Tensor, parts: list[tuple[LoraLinear, Tensor]],
+                      spans: list[slice] | None = None) -> Tensor | None:
+        """The side paths of a mixed batch added into the base output ``y``:
         ``y[rows_i] += s_i * (x[rows_i] A_i^T) B_i^T``. Each row costs one rank-``r_i`` product, as in
-        a single-adapter batch (no stacked rank ``sum r_i`` run on every row), and the base output is
-        updated in place (``index_add_``) rather than gathered and scattered. Returns None (use the
-        generic per-group path) with a ``lora_B`` bias, active dropout or mixed dtypes."""
+        a single-adapter batch (no stacked rank ``sum r_i`` run on every row).
+
+        ``spans`` (aligned with ``parts``), when given, says that each group's rows are one contiguous
+        run, as :meth:`peftkit.PeftModel.forward` arranges them: the groups then work on views of ``x``
+        and ``y`` (no row gather or scatter), and when the groups are equal runs covering the batch with
+        one rank, both products run as one batched GEMM each (``bmm`` over ``(groups, rows, features)``).
+        Otherwise the rows are gathered per group and added back with ``index_add_``. The base output is
+        updated in place when that is safe. Returns None (use the generic per-group path) with a
+        ``lora_B`` bias, active dropout or mixed dtypes."""
         adapters = [a for a, _ in parts]
         if any(a.lora_B.bias is not None or (a.training and isinstance(a.lora_dropout, nn.Dropout))
                or a.lora_A.weight.dtype != x.dtype for a in adapters) or y.dtype != x.dtype:
             return None
         in_place = y.is_contiguous() and fresh_output(layer)
+        if spans is not None and x.is_contiguous():
+            if not in_place:
+                y = y.clone(memory_format=torch.contiguous_format)
+            if _even_cover(spans, x.shape[0]) and len({a.r for a in adapters}) == 1:
+                groups = len(spans)
+                a_all = torch.stack([a.lora_A.weight.T for a in adapters])                # (G, in, r)
+                b_all = torch.stack([a.lora_B.weight.T * a.scaling for a in adapters])    # (G, r, out)
+                z = torch.bmm(x.reshape(groups, -1, x.shape[-1]), a_all)
+                y.view(groups, -1, y.shape[-1]).baddbmm_(z, b_all)
+                return y
+            for a, rows in zip(adapters, spans):
+                x_g, y_g = x[rows].reshape(-1, x.shape[-1]), y[rows].view(-1, y.shape[-1])
+                y_g.addmm_(x_g @ a.lora_A.weight.T, a.lora_B.weight.T, alpha=a.scaling)
+            return y
         for a, idx in parts:
             side = F.linear(F.linear(x.index_select(0, idx), a.lora_A.weight), a.lora_B.weight)
             y = y.index_add_(0, idx, side, alpha=a.scaling) if in_place else y.index_add(0, idx, side, alpha=a.scaling)
