@@ -310,3 +310,69 @@ def test_lm_labels_and_tuple_outputs_with_regrouped_rows():
     assert scattered.loss.item() == pytest.approx(grouped.loss.item(), abs=1e-6)
     assert (scattered.logits[order] - grouped.logits).abs().max() <= 1e-6
     assert (as_tuple[0] - scattered.logits).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("rows", [["a", "a", "b", "__base__"], ["a", "b", "a", "__base__"], ["a", "a", "b", "c"]])
+def test_groups_that_do_not_cover_the_batch_evenly_stay_apart(rows):
+    """Two equal-rank groups of sizes 2 and 1 next to rows of no adapter (or of one not on the layer)
+    must not be cut into two halves by the batched path."""
+    model = _two_adapters(tiny_llama(), ["q_proj", "v_proj"], None)
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["down_proj"], init_lora_weights=False))
+    x = ids(batch=4, seq=5)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x, adapter_names=rows).logits, _rows_alone(model, x, rows),
+                              atol=1e-6, rtol=0)
+
+
+def test_positional_labels_give_the_loss_of_keyword_labels():
+    model = llama_with_adapters()
+    x = ids(batch=len(ROWS), seq=6)
+    with torch.no_grad():
+        by_name = model(input_ids=x, labels=x, adapter_names=ROWS).loss
+        by_position = model(x, None, None, None, None, x, adapter_names=ROWS).loss
+    assert by_position.item() == pytest.approx(by_name.item(), abs=1e-6)
+
+
+def test_outputs_with_several_entries_per_row_come_back_in_order():
+    """Multiple choice: hidden states have rows x choices entries, flattened row-major."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32)
+    model = get_peft_model(BertForMultipleChoice(cfg).eval(), LoraConfig(r=2, target_modules=["query"],
+                                                                        init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["value"], init_lora_weights=False))
+    rows, x = ["default", "b", "default", "b"], torch.randint(3, 64, (4, 3, 5))
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=rows, output_hidden_states=True)
+        for i, name in enumerate(rows):
+            model.set_adapter(name)
+            alone = model(input_ids=x[i:i + 1], output_hidden_states=True)
+            assert torch.allclose(mixed.logits[i], alone.logits[0], atol=1e-6)
+            assert mixed.hidden_states[-1].shape[0] == 12
+            assert torch.allclose(mixed.hidden_states[-1][3 * i:3 * i + 3], alone.hidden_states[-1], atol=1e-5)
+
+
+def test_a_head_output_that_is_no_output_field_still_comes_back_in_order():
+    """BertForPreTraining's LM head is inside its output heads: the regrouped run falls back to
+    reordering the outputs, with the same result as rows grouped by the caller."""
+    from transformers import BertConfig, BertForPreTraining
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32)
+    model = _two_adapters(BertForPreTraining(cfg).eval(), ["query", "value"], None)
+    rows, x = ["a", "b", "a", "b"], ids(batch=4, seq=5)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=rows)
+        grouped = model(input_ids=x[[0, 2, 1, 3]], adapter_names=["a", "a", "b", "b"])
+    for key in ("prediction_logits", "seq_relationship_logits"):
+        assert torch.allclose(mixed[key][[0, 2, 1, 3]], grouped[key], atol=1e-6), key
+
+
+def test_adapter_names_must_be_strings():
+    model = llama_with_adapters()
+    with pytest.raises(ValueError, match=r"adapter_names holds \['x'\] \(list\); each entry must be an adapter name"):
+        model(input_ids=ids(batch=2), adapter_names=["default", ["x"]])
+    assert model.base_model.ctx.row_names is None
+    with torch.no_grad():  # any iterable of names
+        assert model(input_ids=ids(batch=2), adapter_names=(n for n in ["b", "default"])).logits.shape[0] == 2

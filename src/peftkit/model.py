@@ -38,6 +38,10 @@ class PeftModel(nn.Module):
         ConfigError: invalid config or name, or no module matches the config's targets.
     """
 
+    #: whether a regrouped mixed batch may reorder the LM head's input instead of its logits (turned off
+    #: for a model whose head output does not reach its outputs as one field)
+    _regroup_at_head: bool = True
+
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = AdapterModel(model)
@@ -204,16 +208,19 @@ class PeftModel(nn.Module):
 
     # --- running ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _rows(self, adapter_names: Sequence[str] | None, batch_size: int | None,
-              order: Sequence[int] | None = None) -> Iterator[None]:
-        """Run a block with one adapter name per row (checked here); ``order``, when given, is the order
-        the rows will run in (the layers then see ``names[order[i]]`` for row ``i``)."""
+    def _rows(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> Iterator[list[str] | None]:
+        """Run a block with one adapter name per row, checked here before anything runs; yields the names
+        as a list (None without ``adapter_names``) and clears them from the layers afterwards."""
         if adapter_names is None:
-            yield
+            yield None
             return
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if not names:
             raise ValueError("adapter_names is empty; give one adapter name (or '__base__') per batch row")
+        odd = [n for n in names if not isinstance(n, str)]
+        if odd:
+            raise ValueError(f"adapter_names holds {odd[0]!r} ({type(odd[0]).__name__}); each entry must be an "
+                             "adapter name (str) or '__base__'")
         self.base_model.check_known([n for n in names if n != BASE_ROWS])
         merged = self.base_model.merged_adapters()
         if merged:
@@ -230,9 +237,9 @@ class PeftModel(nn.Module):
         if batch_size is not None and len(names) != batch_size:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
         ctx = self.base_model.ctx
-        ctx.set_rows(names if order is None else [names[i] for i in order])
+        ctx.set_rows(names)
         try:
-            yield
+            yield names
         finally:
             ctx.set_rows(None)
 
@@ -243,49 +250,62 @@ class PeftModel(nn.Module):
         its rows grouped by adapter (a stable sort, in order of first appearance): every tensor argument
         with one entry per row is reordered on the way in, every such output (and a returned cache) is put
         back in the caller's order on the way out, so each adapted layer works on contiguous runs of rows.
-        With a cache given (``cache`` or ``past_key_values``, in the caller's order) the rows keep their order.
+        With a cache given (in the caller's order) the rows keep their order.
         """
         rows = _batch_size(args, kwargs)
-        given_cache = kwargs.get("cache", kwargs.get("past_key_values")) is not None
-        order = None if given_cache else _grouped_order(adapter_names, rows)
-        with self._rows(adapter_names, rows, order):
-            if order is None:
-                return self.get_base_model()(*args, **kwargs)
+        with self._rows(adapter_names, rows) as names:
             base = self.get_base_model()
-            perm = torch.tensor(order, device=_first_device(args, kwargs))
-            inv = torch.argsort(perm)
-            shared = {k: kwargs.pop(k) for k in _SHARED_INPUTS if k in kwargs}
-            args, kwargs = _take_rows((args, kwargs), perm, rows)
-            kwargs.update(shared)
-            # A plain output head (an LM head, vocabulary-sized) gets its input back in the caller's order,
-            # so that the logits need no reordering; only without labels, which would meet the logits inside.
-            tuples = kwargs.get("return_dict") is False or getattr(getattr(base, "config", None), "return_dict", True) is False
-            head = _plain_output_head(base) if kwargs.get("labels") is None and not tuples else None
-            if head is None:
-                return _take_rows(base(*args, **kwargs), inv, rows)
-            calls = []
+            order = None if names is None or rows is None or _holds_cache(args, kwargs) else _grouped_order(names)
+            if order is None:
+                return base(*args, **kwargs)
+            self.base_model.ctx.set_rows([names[i] for i in order])
+            return self._regrouped(base, order, rows, args, kwargs)
 
-            def restore_order(module: nn.Module, inputs: tuple) -> tuple | None:
-                if inputs and isinstance(inputs[0], Tensor) and inputs[0].dim() > 0 and inputs[0].shape[0] == rows:
-                    calls.append(True)
-                    return (inputs[0].index_select(0, inv.to(inputs[0].device)), *inputs[1:])
-                calls.append(False)
+    def _regrouped(self, base: nn.Module, order: list[int], rows: int, args: tuple, kwargs: dict) -> Any:
+        """Run ``base`` on the rows taken in ``order`` and give back its outputs in the caller's order."""
+        perm = torch.tensor(order, device=_first_device(args, kwargs))
+        inv = torch.argsort(perm)
+        shared = {k: kwargs.pop(k) for k in _SHARED_INPUTS if k in kwargs}
+        args, kwargs = _take_rows((args, kwargs), perm, rows)
+        kwargs.update(shared)
+        # A plain output head (an LM head, vocabulary-sized) gets its input back in the caller's order, so
+        # that the logits need no reordering. Not with labels (they meet the logits inside the model; a
+        # positional argument may be labels), nor with tuple outputs (the logits cannot be told apart).
+        tuples = kwargs.get("return_dict") is False or getattr(getattr(base, "config", None), "return_dict", True) is False
+        head = None
+        if self._regroup_at_head and len(args) <= 1 and kwargs.get("labels") is None and not tuples:
+            head = _plain_output_head(base)
+        if head is None:
+            return _take_rows(base(*args, **kwargs), inv, rows, outputs=True)
+        seen: list[Any] = []
+
+        def restore_order(module: nn.Module, inputs: tuple) -> tuple | None:
+            x = inputs[0] if inputs else None
+            if seen or not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != rows:
+                seen.append(None)  # a second call, or an input not one per row: not this layout
                 return None
+            return (x.index_select(0, inv.to(x.device)), *inputs[1:])
 
-            hook = head.register_forward_pre_hook(restore_order)
-            try:
-                out = base(*args, **kwargs)
-            finally:
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if len(seen) == 0:
+                seen.append(output)
+
+        hooks = (head.register_forward_pre_hook(restore_order), head.register_forward_hook(record))
+        try:
+            out = base(*args, **kwargs)
+        finally:
+            for hook in hooks:
                 hook.remove()
-        if calls and all(calls) and isinstance(out, dict) and "logits" in out:
-            logits = out["logits"]
-            out = _take_rows(out, inv, rows)
-            out["logits"] = logits
-            return out
-        if calls:  # the head ran in an unexpected way: its output is in no single order
-            raise RuntimeError("a mixed-adapter batch could not restore the row order at the output head "
-                               f"{type(head).__name__}; pass the rows grouped by adapter name")
-        return _take_rows(out, inv, rows)
+        keep = [k for k, v in out.items() if v is seen[0]] if len(seen) == 1 and isinstance(out, dict) else []
+        if len(keep) != 1:
+            # The head's output did not reach the outputs as one field: run again reordering the outputs,
+            # and do not try the head for this model again.
+            self._regroup_at_head = False
+            return _take_rows(base(*args, **kwargs), inv, rows, outputs=True)
+        restored = out[keep[0]]
+        out = _take_rows(out, inv, rows, outputs=True)
+        out[keep[0]] = restored
+        return out
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``)."""
@@ -415,20 +435,23 @@ _SHARED_INPUTS = ("cache_position", "logits_to_keep", "num_items_in_batch")
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
 
-def _grouped_order(adapter_names: Sequence[str] | str | None, rows: int | None) -> list[int] | None:
+def _grouped_order(names: list[str]) -> list[int] | None:
     """The row order that makes each adapter's rows of a mixed batch one contiguous run (a stable sort by
-    the order in which the names first appear), or None when the rows already are (or there is nothing
-    to reorder: no names, one name, or names that do not match the rows, which :meth:`PeftModel._rows`
-    reports)."""
-    if adapter_names is None or isinstance(adapter_names, str) or rows is None or len(adapter_names) != rows:
-        return None
+    the order in which the names first appear), or None when the rows already are."""
     first: dict[str, int] = {}
-    for name in adapter_names:
+    for name in names:
         first.setdefault(name, len(first))
-    keys = [first[name] for name in adapter_names]
+    keys = [first[name] for name in names]
     if keys == sorted(keys):
         return None
-    return sorted(range(rows), key=keys.__getitem__)
+    return sorted(range(len(names)), key=keys.__getitem__)
+
+
+def _holds_cache(args: tuple, kwargs: dict) -> bool:
+    """Whether the call is given a cache (its rows are in the caller's order and must stay so)."""
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return True
+    return any(callable(getattr(v, "reorder_cache", None)) for v in (*args, *kwargs.values()))
 
 
 def _plain_output_head(model: nn.Module) -> nn.Module | None:
@@ -448,14 +471,18 @@ def _first_device(args: tuple, kwargs: dict) -> torch.device:
     return torch.device("cpu")
 
 
-def _take_rows(value: Any, idx: Tensor, rows: int) -> Any:
+def _take_rows(value: Any, idx: Tensor, rows: int, outputs: bool = False) -> Any:
     """``value`` with every tensor of ``rows`` rows (first dimension) reordered by ``idx``, through tuples,
     lists, dicts and HF ``ModelOutput``; a transformers ``Cache`` is reordered in place; anything else
-    (scalars, a loss, tensors shared by all rows) is returned as is."""
+    (scalars, a loss, tensors shared by all rows) is returned as is. For ``outputs``, a first dimension
+    of ``k * rows`` (rows flattened with their choices, tokens, ...) is reordered in blocks of ``k``."""
     if isinstance(value, Tensor):
-        return value.index_select(0, idx.to(value.device)) if value.dim() > 0 and value.shape[0] == rows else value
+        if value.dim() == 0 or value.shape[0] == 0:
+            return value
+        index = _row_index(idx, rows, value.shape[0], outputs)
+        return value if index is None else value.index_select(0, index.to(value.device))
     if isinstance(value, dict):  # also HF ModelOutput (an OrderedDict); its None fields are not stored
-        items = {k: _take_rows(v, idx, rows) for k, v in value.items()}
+        items = {k: _take_rows(v, idx, rows, outputs) for k, v in value.items()}
         if type(value) is dict:
             return items
         out = copy.copy(value)
@@ -463,11 +490,34 @@ def _take_rows(value: Any, idx: Tensor, rows: int) -> Any:
             out[k] = v
         return out
     if isinstance(value, (tuple, list)):
-        items = [_take_rows(v, idx, rows) for v in value]
+        items = [_take_rows(v, idx, rows, outputs) for v in value]
         return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
-    if hasattr(value, "reorder_cache") and callable(value.reorder_cache):
-        value.reorder_cache(idx)
+    if callable(getattr(value, "reorder_cache", None)):
+        size = _cache_rows(value)
+        index = _row_index(idx, rows, rows if size is None else size, outputs)
+        if index is not None:
+            value.reorder_cache(index)
     return value
+
+
+def _row_index(idx: Tensor, rows: int, size: int, outputs: bool) -> Tensor | None:
+    """The index reordering a first dimension of ``size`` entries, or None when it is not per row."""
+    if size == rows:
+        return idx
+    if outputs and size % rows == 0:
+        k = size // rows
+        return (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)
+    return None
+
+
+def _cache_rows(cache: Any) -> int | None:
+    """The batch size of a transformers cache (its first key tensor's first dimension), or None."""
+    for part in (cache, getattr(cache, "self_attention_cache", None)):
+        for layer in getattr(part, "layers", None) or ():
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, Tensor) and keys.dim() > 0:
+                return keys.shape[0]
+    return None
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -166,7 +166,8 @@ _INPLACE_SAFE = set(linear_types())
 def _even_cover(spans: list[slice], rows: int) -> bool:
     """Whether ``spans`` are equal, back-to-back runs covering rows ``0..rows-1`` in order."""
     size = spans[0].stop - spans[0].start
-    return size > 0 and len(spans) * size == rows and all(s.start == i * size for i, s in enumerate(spans))
+    return size > 0 and len(spans) * size == rows and all(
+        s.start == i * size and s.stop == (i + 1) * size for i, s in enumerate(spans))
 
 
 class LoraLinear(Adapter):
