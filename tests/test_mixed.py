@@ -376,3 +376,12 @@ def test_adapter_names_must_be_strings():
     assert model.base_model.ctx.row_names is None
     with torch.no_grad():  # any iterable of names
         assert model(input_ids=ids(batch=2), adapter_names=(n for n in ["b", "default"])).logits.shape[0] == 2
+
+
+def test_batched_path_with_a_different_scaling_per_adapter():
+    model = _two_adapters(tiny_llama(), ["q_proj", "v_proj"], None)
+    model.add_adapter("c", LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    rows, x = ["a", "c", "b", "c", "b", "a"], ids(batch=6, seq=5)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x, adapter_names=rows).logits, _rows_alone(model, x, rows),
+                              atol=1e-6, rtol=0)

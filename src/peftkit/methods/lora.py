@@ -274,10 +274,13 @@ class LoraLinear(Adapter):
                 y = y.clone(memory_format=torch.contiguous_format)
             if _even_cover(spans, x.shape[0]) and len({a.r for a in adapters}) == 1:
                 groups = len(spans)
-                a_all = torch.stack([a.lora_A.weight.T for a in adapters])                # (G, in, r)
-                b_all = torch.stack([a.lora_B.weight.T * a.scaling for a in adapters])    # (G, r, out)
-                z = torch.bmm(x.reshape(groups, -1, x.shape[-1]), a_all)
-                y.view(groups, -1, y.shape[-1]).baddbmm_(z, b_all)
+                a_all = torch.stack([a.lora_A.weight for a in adapters])  # (G, r, in)
+                b_all = torch.stack([a.lora_B.weight for a in adapters])  # (G, out, r)
+                z = torch.bmm(x.reshape(groups, -1, x.shape[-1]), a_all.mT)  # (G, rows/G, r)
+                scales = {a.scaling for a in adapters}
+                if len(scales) > 1:
+                    z = z * torch.tensor([a.scaling for a in adapters], dtype=z.dtype, device=z.device)[:, None, None]
+                y.view(groups, -1, y.shape[-1]).baddbmm_(z, b_all.mT, alpha=scales.pop() if len(scales) == 1 else 1)
                 return y
             for a, rows in zip(adapters, spans):
                 x_g, y_g = x[rows].reshape(-1, x.shape[-1]), y[rows].view(-1, y.shape[-1])
