@@ -57,3 +57,18 @@ def test_bad_sweeps():
         BenchConfig(methods=["nope"])
     with pytest.raises(ConfigError, match="--data-dir"):
         BenchConfig(methods=["lora"], tasks=["mrpc"])
+
+
+def test_cells_not_run_yet_are_not_failures(tmp_path):
+    rec = {"method": "lora", "task": "sst2", "seed": 0, "metric": "accuracy", "dev_accuracy": 0.8,
+           "trainable_params": 10, "total_params": 100, "seconds_per_step": 0.1, "peak_memory_mib": 500,
+           "adapter_bytes": 2048}
+    records = [rec, {"method": "lora", "task": "cola", "seed": 0, "error": "not run"},
+               {"method": "lora", "task": "stsb", "seed": 0, "error": "boom"}]
+    s = summarise(records)
+    assert [r["task"] for r in s["pending"]] == ["cola"] and [r["task"] for r in s["failures"]] == ["stsb"]
+    assert s["metric_of"] == {"sst2": "accuracy", "cola": "matthews", "stsb": "pearson"}
+    text = write_report(records, tmp_path).read_text()
+    assert "| lora | 80.0 ± 0.0 | not run yet | failed |" in text
+    assert "| method | sst2 (acc) | cola (MCC) | stsb (Pearson) |" in text
+    assert "1 cell(s) have not run yet" in text and "- lora / stsb / seed 0: boom" in text

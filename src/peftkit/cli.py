@@ -19,9 +19,11 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from peftkit.bench.arena import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
+from peftkit.bench.report import NOT_RUN
 from peftkit.config import ConfigError, all_methods, get_method
 from peftkit.formats.hf_peft import AdapterLoadError
 from peftkit.targeting import UnmatchedTargetWarning
@@ -383,12 +385,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cfg.check_folder()  # (run_sweep checks it itself)
     records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
     extra = f" plus `{' '.join(cfg.train_args)}`" if cfg.train_args else ""
+    jobs = args.jobs
+    if args.report_only:  # the cells ran with the jobs of the last run, not of this command
+        saved = Path(cfg.output_dir) / "bench_config.json"
+        jobs = json.loads(saved.read_text()).get("jobs", "?") if saved.is_file() else "?"
     notes = (f"Base model: {args.model or 'all-MiniLM-L6-v2 (embedded)'}; {cfg.max_steps} steps of {cfg.batch_size} "
-             f"rows per cell; seeds {cfg.seeds}; each method at its `peftkit train` defaults{extra}; {args.jobs} "
+             f"rows per cell; seeds {cfg.seeds}; each method at its `peftkit train` defaults{extra}; {jobs} "
              "cell(s) at a time.")
     path = write_report(records, cfg.output_dir, notes=notes)
-    failed = sum("error" in r for r in records)
-    print(f"report: {path} ({len(records) - failed} cells finished, {failed} not)")
+    pending = sum(r.get("error") == NOT_RUN for r in records)
+    failed = sum("error" in r for r in records) - pending
+    print(f"report: {path} ({len(records) - failed - pending} cells finished, {failed} failed"
+          + (f", {pending} not run yet" if pending else "") + ")")
     return 0 if not failed else 1
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from peftkit.bench.report import NOT_RUN
 from peftkit.config import check, get_method
 from peftkit.train.checks import SEED_MAX, check_model_dir
 from peftkit.train.data import TASKS
@@ -158,7 +159,7 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
     root = Path(cfg.output_dir)
     cfg.check_folder()
     root.mkdir(parents=True, exist_ok=True)
-    (root / "bench_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    (root / "bench_config.json").write_text(json.dumps({**asdict(cfg), "jobs": jobs}, indent=2) + "\n")
     todo = [c for c in cells(cfg) if not (c.folder(root) / "metrics.json").is_file()]
     done = len(cells(cfg)) - len(todo)
     bar = tqdm(total=len(cells(cfg)), initial=done, desc="bench", unit="cell", disable=not progress,
@@ -212,6 +213,6 @@ def collect(cfg: BenchConfig) -> list[dict[str, Any]]:
         elif (folder / "error.txt").is_file():
             record["error"] = (folder / "error.txt").read_text().strip()
         else:
-            record["error"] = "not run"
+            record["error"] = NOT_RUN
         out.append(record)
     return out

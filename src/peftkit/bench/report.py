@@ -14,6 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+#: the error text of a cell that has not run yet (see :func:`peftkit.bench.arena.collect`)
+NOT_RUN = "not run"
+
 METRIC_LABEL = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson", "f1": "F1"}
 
 
@@ -33,10 +36,14 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     metric_of: dict[str, str] = {}
     cost: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     failures = []
+    pending = []
     for r in records:
         m, t = r["method"], r["task"]
         methods += [m] if m not in methods else []
         tasks += [t] if t not in tasks else []
+        if r.get("error") == NOT_RUN:
+            pending.append(r)
+            continue
         if "error" in r:
             failures.append(r)
             continue
@@ -64,8 +71,21 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "changed_params": max(c["changed_params"]),
             "average": statistics.fmean(means) if len(means) == len(tasks) else None,
         }
+    for t in tasks:
+        if t not in metric_of:  # no finished cell yet: the task's own headline metric
+            metric_of[t] = _task_metric(t)
     return {"methods": methods, "tasks": tasks, "metric_of": metric_of, "cells": cells, "per_method": per_method,
-            "failures": failures}
+            "failures": failures, "pending": pending}
+
+
+def _task_metric(task: str) -> str:
+    """The headline metric of a built-in task, or '' when it cannot be told without its data."""
+    from peftkit.train.data import TASKS
+
+    try:
+        return TASKS[task](None).metric
+    except Exception:  # MRPC needs its data folder to be described; an unknown task has no metric
+        return {"mrpc": "f1"}.get(task, "")
 
 
 def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str = "peftkit method arena",
@@ -86,7 +106,11 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
         row = []
         for t in s["tasks"]:
             c = s["cells"].get((m, t))
-            row.append("failed" if c is None else f"{c['mean']:.1f} ± {c['std']:.1f}")
+            if c is not None:
+                row.append(f"{c['mean']:.1f} ± {c['std']:.1f}")
+            else:
+                failed = any(r["method"] == m and r["task"] == t for r in s["failures"])
+                row.append("failed" if failed else "not run yet")
         avg = s["per_method"].get(m, {}).get("average")
         lines.append(f"| {m} | " + " | ".join(row) + f" | {'' if avg is None else f'{avg:.1f}'} |")
     lines += ["", "## Cost", "", "| method | trainable params | % of model | train step (ms, median) | "
@@ -95,6 +119,9 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
         lines.append(f"| {m} | {c['trainable_params']:,} | {100 * c['trainable_params'] / c['total_params']:.3f} | "
                      f"{c['step_ms']:.0f} | {c['peak_memory_mib']:,.0f} | {_fmt_bytes(c['adapter_bytes'])} | "
                      f"{c['changed_params']:,} |")
+    if s["pending"]:
+        lines += ["", f"{len(s['pending'])} cell(s) have not run yet; running the same `peftkit bench` command "
+                  "again runs them and keeps the finished ones."]
     if s["failures"]:
         lines += ["", "## Cells that did not finish", ""]
         lines += [f"- {r['method']} / {r['task']} / seed {r['seed']}: {r['error']}" for r in s["failures"]]
