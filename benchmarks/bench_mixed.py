@@ -19,17 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import warnings
 from functools import partial
 
 import torch
 
-from benchmarks.common import BLOCK_LINEARS, interleaved, make_batch, make_model
+from benchmarks.common import BLOCK_LINEARS, in_fresh_processes, interleaved, make_batch, make_model
 
 
 def build(model_name: str, n_adapters: int):
@@ -88,15 +84,8 @@ def measure(model_name: str, n_adapters: int, rows: int, reps: int) -> dict:
 def in_processes(model_name: str, n_adapters: int, rows: int, reps: int, processes: int) -> dict:
     """:func:`measure` in ``processes`` fresh processes, one after another; every figure is the median over
     them and the per-process ratios are kept under ``per_process``."""
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(processes):
-            path = os.path.join(tmp, f"run{i}.json")
-            subprocess.run([sys.executable, "-m", "benchmarks.bench_mixed", "--reps", str(reps), "--models",
-                            model_name, "--adapters", str(n_adapters), "--rows", str(rows), "--json", path],
-                           check=True, stdout=subprocess.DEVNULL)
-            with open(path) as fh:
-                runs.append(json.load(fh)[0])
+    runs = in_fresh_processes("benchmarks.bench_mixed", ["--reps", str(reps), "--models", model_name, "--adapters",
+                                                        str(n_adapters), "--rows", str(rows)], processes)
     out = {**runs[0], "ms": {k: statistics.median(r["ms"][k] for r in runs) for k in runs[0]["ms"]},
            "ratios": {k: statistics.median(r["ratios"][k] for r in runs) for k in runs[0]["ratios"]}}
     out["processes"], out["per_process"] = processes, [r["ratios"] for r in runs]

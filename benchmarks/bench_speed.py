@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from functools import partial
@@ -40,7 +38,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import BLOCK_LINEARS, interleaved, make_batch, make_model
+from benchmarks.common import BLOCK_LINEARS, in_fresh_processes, interleaved, make_batch, make_model
 
 IA3_TARGETS = {"llama20m": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
                "minilm": (["key", "value", "output.dense"], ["output.dense"])}
@@ -239,15 +237,8 @@ def _speed_in_processes(model_name: str, reps: int, processes: int) -> dict[str,
     """:func:`speed` in ``processes`` fresh processes, one after another, combined by :func:`_median_of`.
     Ratios inside one process drift by several percent from one process to the next (which models sit
     where in memory differs), so the issue's targets are checked on medians over processes."""
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(processes):
-            path = os.path.join(tmp, f"run{i}.json")
-            cmd = [sys.executable, "-m", "benchmarks.bench_speed", "--reps", str(reps), "--models", model_name,
-                   "--speed-only", "--json", path]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            with open(path) as fh:
-                runs.append(json.load(fh)[0])
+    runs = in_fresh_processes("benchmarks.bench_speed", ["--reps", str(reps), "--models", model_name,
+                                                        "--speed-only"], processes)
     return _median_of(runs)
 
 

@@ -13,7 +13,12 @@ comparison runs all contenders in one process, round-robin, and reports medians 
 from __future__ import annotations
 
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -67,3 +72,18 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) 
             fn()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def in_fresh_processes(module: str, args: list[str], processes: int) -> list[dict]:
+    """Run ``python -m module *args --json PATH`` in ``processes`` fresh processes, one after another, and
+    return the first result each wrote. Ratios inside one process drift by several percent from one
+    process to the next, so the benchmarks check their targets on medians over such runs."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(processes):
+            path = os.path.join(tmp, f"run{i}.json")
+            subprocess.run([sys.executable, "-m", module, *args, "--json", path], check=True,
+                           stdout=subprocess.DEVNULL)
+            with open(path) as fh:
+                runs.append(json.load(fh)[0])
+    return runs

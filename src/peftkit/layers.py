@@ -266,7 +266,8 @@ class AdaptedLayer(nn.Module):
         When every adapter involved is of one class offering ``mixed_forward`` (LoRA does), that class
         runs all groups at once; otherwise each group's side path runs on its own rows.
         """
-        own = [(self.adapters[n], idx) for n, idx in groups if n in self.adapters and n not in self.merged_adapters]
+        live = [(n, idx) for n, idx in groups if n in self.adapters and n not in self.merged_adapters]
+        own = [(self.adapters[n], idx) for n, idx in live]
         if not own:
             return self.base_layer(x, *args, **kwargs)
         rows = sum(idx.numel() for _, idx in groups)
@@ -276,8 +277,7 @@ class AdaptedLayer(nn.Module):
         if not broadcast and "mixed_forward" in vars(kind) and all(type(a) is kind for a, _ in own):
             y = self.base_layer(x, *args, **kwargs)
             spans = self._ctx.spans(rows) if self._ctx is not None else None
-            names = [n for n, _ in groups if n in self.adapters and n not in self.merged_adapters]
-            out = kind.mixed_forward(self, x, y, own, None if spans is None else [spans[n] for n in names])
+            out = kind.mixed_forward(self, x, y, own, None if spans is None else [spans[n] for n, _ in live])
             if out is not None:
                 return out
             return self._per_group(own, x, y)
