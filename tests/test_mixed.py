@@ -297,6 +297,31 @@ def test_context_spans():
     assert ctx.spans(3) is None
 
 
+def test_regrouped_logits_are_never_copied():
+    """The LM head gets its input in the caller's order, so the vocabulary-sized logits come out in it:
+    no row reorder may touch a tensor with the vocabulary as its last dimension."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reorders(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.index_select.default, torch.ops.aten.index.Tensor):
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    model = llama_with_adapters()
+    x = ids(batch=len(ROWS), seq=6)
+    with torch.no_grad(), Reorders() as seen:
+        out = model(input_ids=x, adapter_names=ROWS)
+    vocab = model.config.vocab_size
+    assert out.logits.shape == (len(ROWS), 6, vocab)
+    assert (len(ROWS), 6, 16) in seen.shapes  # the head's input was reordered ...
+    assert [s for s in seen.shapes if s[-1] == vocab] == []  # ... and the logits were not
+
+
 def test_lm_labels_and_tuple_outputs_with_regrouped_rows():
     """With labels (the loss meets the logits inside the model) and with tuple outputs the regrouped rows
     give the same loss and logits as the caller's own grouping."""

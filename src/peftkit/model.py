@@ -302,9 +302,10 @@ class PeftModel(nn.Module):
             # and do not try the head for this model again.
             self._regroup_at_head = False
             return _take_rows(base(*args, **kwargs), inv, rows, outputs=True)
-        restored = out[keep[0]]
-        out = _take_rows(out, inv, rows, outputs=True)
-        out[keep[0]] = restored
+        # Every other per-row output goes back to the caller's order; the head's (already in it) is not
+        # copied again.
+        for k, v in _take_rows({k: v for k, v in out.items() if k != keep[0]}, inv, rows, outputs=True).items():
+            out[k] = v
         return out
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
