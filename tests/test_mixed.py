@@ -80,10 +80,15 @@ def test_generate_with_adapter_names_and_beams():
 
 def test_unknown_name_and_wrong_length():
     model = llama_with_adapters()
-    with pytest.raises(ConfigError, match="'nope'"):
+    with pytest.raises(ConfigError, match=r"unknown adapter name\(s\) \['nope'\]; this model has \['default', 'b', "
+                                          r"'c'\] \(and '__base__' for rows without an adapter\)"):
         model(input_ids=ids(batch=2), adapter_names=["b", "nope"])
-    with pytest.raises(ValueError, match="3 entries but the batch has 2 rows"):
+    with pytest.raises(ValueError, match="3 entries but the batch has 2 rows; give one adapter name"):
         model(input_ids=ids(batch=2), adapter_names=["b", "c", "b"])
+    with pytest.raises(ValueError, match="adapter_names has 1 entry but the batch has 2 rows"):
+        model(input_ids=ids(batch=2), adapter_names=["b"])
+    with pytest.raises(ValueError, match=r"adapter_names is one string \('b'\), one row's name, but the batch has 2"):
+        model(input_ids=ids(batch=2), adapter_names="b")
     with pytest.raises(ValueError, match="adapter_names is empty"):
         model(ids(batch=2), adapter_names=[])
     assert model.base_model.ctx.row_names is None  # state restored after the error
@@ -410,3 +415,42 @@ def test_batched_path_with_a_different_scaling_per_adapter():
     with torch.no_grad():
         assert torch.allclose(model(input_ids=x, adapter_names=rows).logits, _rows_alone(model, x, rows),
                               atol=1e-6, rtol=0)
+
+
+def test_modules_to_save_over_another_adapters_lora():
+    """Adapter "a" has LoRA on the embedding and "b" (added later) trains its own copy of it: the copy's
+    wrapper holds a's adapted layer, which must see only the rows of the group it runs."""
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"],
+                                                    init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["embed_tokens", "lm_head"],
+                                      init_lora_weights=False))
+    with torch.no_grad():  # b's copies (with a's LoRA inside the embedding's copy) differ from the originals
+        for n, p in model.named_parameters():
+            if "modules_to_save." in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    assert isinstance(model.get_base_model(), LlamaForCausalLM)
+    x = ids(batch=5, seq=4)
+    for rows in (["a", "b", "a", "__base__", "b"], ["b", "a", "a", "a", "a"]):
+        with torch.no_grad():
+            mixed = model(input_ids=x, adapter_names=rows).logits
+        assert torch.allclose(mixed, _rows_alone(model, x, rows), atol=1e-5, rtol=0), rows
+
+
+def test_gradient_checkpointing_is_refused_before_anything_runs():
+    """The layers recomputed in backward() cannot see the rows' adapters: training a mixed batch with
+    gradient checkpointing on raises (nothing set); without gradients (evaluation) it still runs."""
+    model = llama_with_adapters()
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="adapter_names cannot be used with gradient checkpointing"):
+        model(input_ids=ids(batch=len(ROWS)), adapter_names=ROWS, use_cache=False)
+    assert model.base_model.ctx.row_names is None
+    with torch.no_grad():
+        out = model(input_ids=ids(batch=len(ROWS)), adapter_names=ROWS, use_cache=False).logits
+    model.eval()
+    assert out.shape[0] == len(ROWS)
+    model.get_base_model().activation_checkpointing_disable()
+    model.train()
+    model(input_ids=ids(batch=len(ROWS)), adapter_names=ROWS, use_cache=False).logits.sum().backward()

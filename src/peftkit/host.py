@@ -236,13 +236,15 @@ class AdapterModel(nn.Module):
             remaining = self.public_names()[:1]
         self.set_adapter(remaining)
 
-    def check_known(self, names: Sequence[str]) -> None:
+    def check_known(self, names: Sequence[str], rows: bool = False) -> None:
         """Raise :class:`ConfigError` naming any of ``names`` that is not an adapter of this model (the parts
-        of composed adapters are not addressable)."""
+        of composed adapters are not addressable); with ``rows`` (names of batch rows) the message also
+        offers ``'__base__'``."""
         public = self.public_names()
         unknown = [n for n in names if n not in public]
         if unknown:
-            raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}")
+            raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}"
+                              + (f" (and '{BASE_ROWS}' for rows without an adapter)" if rows else ""))
 
     # --- activation and trainability ------------------------------------------------------------------
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:

@@ -14,8 +14,9 @@ base layer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -45,6 +46,17 @@ class AdapterContext:
         self.row_names = names
         self._groups = {}
         self._spans = {}
+
+    @contextlib.contextmanager
+    def only(self, names: list[str]) -> Iterator[None]:
+        """Within the block the batch is ``names`` (the rows of one group, which a wrapper runs on their
+        own); the outer batch's names and cached groups come back afterwards."""
+        saved = self.row_names, self._groups, self._spans
+        self.set_rows(names)
+        try:
+            yield
+        finally:
+            self.row_names, self._groups, self._spans = saved
 
     def spans(self, batch: int) -> dict[str, slice] | None:
         """``{adapter_name: slice of rows}`` when each adapter's rows of a ``batch``-row batch are one
@@ -384,7 +396,10 @@ class ModulesToSaveWrapper(nn.Module):
     def add(self, name: str) -> None:
         """Create the copy for adapter ``name`` from the original module."""
         if name not in self.modules_to_save:
-            self.modules_to_save[name] = copy.deepcopy(self.original_module)
+            # adapted layers inside the copy (another adapter's LoRA on this module) keep the model's shared
+            # context, so that they too see the rows of a mixed-adapter batch
+            memo = {} if self._ctx is None else {id(self._ctx): self._ctx}
+            self.modules_to_save[name] = copy.deepcopy(self.original_module, memo)
 
     def remove(self, name: str) -> None:
         """Drop adapter ``name``'s trained copy and deactivate it (nothing happens for an unknown name)."""
@@ -425,9 +440,13 @@ class ModulesToSaveWrapper(nn.Module):
         rows = len(ctx.row_names) if first.shape[0] == 1 else first.shape[0]
         groups = ctx.groups(rows, first.device)
         batch = first.shape[0]
-        parts = [(idx, self._pick(name)(*_split_rows(args, idx, batch),
-                                        **{k: _split_rows(v, idx, batch) for k, v in kwargs.items()}))
-                 for name, idx in groups]
+        parts = []
+        for name, idx in groups:
+            # the module run may hold adapted layers itself (the original module can carry another
+            # adapter's LoRA): within the call the batch is this group's rows alone
+            with ctx.only([name] * idx.numel()):
+                parts.append((idx, self._pick(name)(*_split_rows(args, idx, batch),
+                                                    **{k: _split_rows(v, idx, batch) for k, v in kwargs.items()})))
         return _gather_rows(parts, rows)
 
 

@@ -175,7 +175,10 @@ class PeftModel(nn.Module):
         """Enable the base model's gradient checkpointing so that adapters still get gradients with a
         frozen base (input embeddings are made to require grad for re-entrant checkpointing)."""
         model = self.get_base_model()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if callable(getattr(model, "activation_checkpointing_enable", None)):  # its new name (transformers 5.x)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
@@ -221,7 +224,7 @@ class PeftModel(nn.Module):
         if odd:
             raise ValueError(f"adapter_names holds {odd[0]!r} ({type(odd[0]).__name__}); each entry must be an "
                              "adapter name (str) or '__base__'")
-        self.base_model.check_known([n for n in names if n != BASE_ROWS])
+        self.base_model.check_known([n for n in names if n != BASE_ROWS], rows=True)
         merged = self.base_model.merged_adapters()
         if merged:
             raise ValueError(f"adapter(s) {merged} are merged into the base weights, which every row would then "
@@ -235,7 +238,17 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter(s) {composed} are composed of several parts; mixed-adapter batches "
                              "(adapter_names=...) do not support composed adapters yet")
         if batch_size is not None and len(names) != batch_size:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
+            given = (f"is one string ({adapter_names!r}), one row's name," if isinstance(adapter_names, str)
+                     else f"has {len(names)} {'entry' if len(names) == 1 else 'entries'}")
+            raise ValueError(f"adapter_names {given} but the batch has {batch_size} rows; give one adapter name "
+                             "(or '__base__') per row")
+        base = self.get_base_model()
+        if torch.is_grad_enabled() and base.training and any(
+                getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
+            raise ValueError("adapter_names cannot be used with gradient checkpointing: the layers recomputed in "
+                             "backward() would not see the per-row adapters and the gradients would be wrong. "
+                             "Turn it off (activation_checkpointing_disable(), gradient_checkpointing_disable() "
+                             "before transformers 5), or train on batches of one adapter (set_adapter)")
         ctx = self.base_model.ctx
         ctx.set_rows(names)
         try:
