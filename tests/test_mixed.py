@@ -447,6 +447,11 @@ def test_gradient_checkpointing_is_refused_before_anything_runs():
     with pytest.raises(ValueError, match="adapter_names cannot be used with gradient checkpointing"):
         model(input_ids=ids(batch=len(ROWS)), adapter_names=ROWS, use_cache=False)
     assert model.base_model.ctx.row_names is None
+    model.eval()
+    model.get_base_model().model.layers.train()  # checkpointing is gated on the layers' own flag
+    with pytest.raises(ValueError, match="adapter_names cannot be used with gradient checkpointing"):
+        model(input_ids=ids(batch=len(ROWS)), adapter_names=ROWS, use_cache=False)
+    model.train()
     with torch.no_grad():
         out = model(input_ids=ids(batch=len(ROWS)), adapter_names=ROWS, use_cache=False).logits
     model.eval()

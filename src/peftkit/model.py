@@ -243,8 +243,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter_names {given} but the batch has {batch_size} rows; give one adapter name "
                              "(or '__base__') per row")
         base = self.get_base_model()
-        if torch.is_grad_enabled() and base.training and any(
-                getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
+        if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True and m.training
+                                           for m in base.modules()):
             raise ValueError("adapter_names cannot be used with gradient checkpointing: the layers recomputed in "
                              "backward() would not see the per-row adapters and the gradients would be wrong. "
                              "Turn it off (activation_checkpointing_disable(), gradient_checkpointing_disable() "

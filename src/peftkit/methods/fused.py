@@ -47,7 +47,9 @@ class _LowRankLinear(torch.autograd.Function):
         grad_x = grad_xd = grad_bias = grad_a = grad_b = grad_g = None
         if need_x:
             if folded is not None:  # the input gradient of both paths in one GEMM
-                grad_x = grad2 @ folded
+                # the forward's folded weight has no history: a double backward (create_graph) needs the
+                # fold rebuilt from A, B and g so that grad_x depends on them
+                grad_x = grad2 @ (_folded(weight, a, b, g, ctx.scaling) if torch.is_grad_enabled() else folded)
             else:
                 grad_x = grad2 @ _effective_w(weight, g)
                 if xd is None:
