@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -459,3 +461,39 @@ def test_gradient_checkpointing_is_refused_before_anything_runs():
     model.get_base_model().activation_checkpointing_disable()
     model.train()
     model(input_ids=ids(batch=len(ROWS)), adapter_names=ROWS, use_cache=False).logits.sum().backward()
+
+
+def test_a_copy_over_another_adapters_lora_saves_and_loads(tmp_path):
+    """b's trained copy of the embedding (which carries a's LoRA) is saved as just the embedding, and a's
+    LoRA under the module's own name: loading a, then b, onto a fresh base gives the same model."""
+    from safetensors.torch import load_file
+
+    from peftkit import PeftModel
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    fresh = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["embed_tokens"],
+                                      init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "modules_to_save." in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(tmp_path)
+    keys = {n: sorted(k for k in load_file(tmp_path / n / "adapter_model.safetensors") if "embed_tokens" in k)
+            for n in ("a", "b")}
+    assert keys == {"a": ["base_model.model.model.embed_tokens.lora_embedding_A",
+                          "base_model.model.model.embed_tokens.lora_embedding_B"],
+                    "b": ["base_model.model.model.embed_tokens.weight"]}
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "a", adapter_name="a")
+    loaded.load_adapter(tmp_path / "b", "b")
+    x, rows = ids(batch=4, seq=5), ["b", "a", "__base__", "b"]
+    with torch.no_grad():
+        for name in ("a", "b"):
+            model.set_adapter(name)
+            loaded.set_adapter(name)
+            assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6), name
+        assert torch.allclose(loaded(input_ids=x, adapter_names=rows).logits,
+                              model(input_ids=x, adapter_names=rows).logits, atol=1e-6)

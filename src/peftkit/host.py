@@ -386,18 +386,53 @@ class AdapterModel(nn.Module):
         if adapter_name not in self.peft_config:
             self.check_known([adapter_name])
         out: dict[str, Tensor] = {}
-        for name, w in self.wrappers():
+        wrapped = [(n, w) for n, w in self.wrappers()]
+        saved = {n for n, w in wrapped if isinstance(w, ModulesToSaveWrapper)}
+        for name, w in wrapped:
+            logical = _outside_copies(name, saved)
+            if logical is None:  # inside another adapter's trained copy: saved with that copy
+                continue
             if isinstance(w, AdaptedLayer) and adapter_name in w.adapters:
                 adapter = w.adapters[adapter_name]
                 for k, t in (adapter.export_state() if export else adapter.state_dict()).items():
-                    out[f"{name}.{k}"] = t
+                    out[f"{logical}.{k}"] = t
             elif isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save:
-                for k, t in w.modules_to_save[adapter_name].state_dict().items():
-                    out[f"{name}.{k}"] = t
+                for k, t in _plain_state(w.modules_to_save[adapter_name]).items():
+                    out[f"{logical}.{k}"] = t
         params = dict(self.model.named_parameters())
         for pname in self.extra_trainable(adapter_name):
             out[pname] = params[pname]
         return out
+
+
+def _outside_copies(name: str, saved: set[str]) -> str | None:
+    """The module path ``name`` as the user sees it when it lies in a ``modules_to_save`` wrapper's
+    original module (``x.original_module.y`` -> ``x.y``), or None when it lies in a trained copy."""
+    for w in sorted(saved, key=len, reverse=True):
+        if name.startswith(f"{w}.modules_to_save."):
+            return None
+        if name == f"{w}.original_module" or name.startswith(f"{w}.original_module."):
+            return _outside_copies(w + name[len(w) + len(".original_module"):], saved)
+    return name
+
+
+def _plain_state(module: nn.Module) -> dict[str, Tensor]:
+    """``module.state_dict()`` as if it held no adapted layers: another adapter's weights inside an
+    adapted layer are left out and ``base_layer.`` is dropped from the keys (a trained copy of a module
+    that carries another adapter's LoRA saves just the module)."""
+    inner = sorted((n for n, m in module.named_modules() if isinstance(m, AdaptedLayer)), key=len, reverse=True)
+    out: dict[str, Tensor] = {}
+    for key, t in module.state_dict().items():
+        for n in inner:
+            pre = f"{n}." if n else ""
+            if key.startswith(pre + "adapters."):
+                key = ""
+                break
+            if key.startswith(pre + "base_layer."):
+                key = pre + key[len(pre) + len("base_layer."):]
+        if key:
+            out[key] = t
+    return out
 
 
 def _check_unique(names: Sequence[str]) -> None:
