@@ -386,7 +386,7 @@ class AdapterModel(nn.Module):
         if adapter_name not in self.peft_config:
             self.check_known([adapter_name])
         out: dict[str, Tensor] = {}
-        wrapped = [(n, w) for n, w in self.wrappers()]
+        wrapped = list(self.wrappers())
         saved = {n for n, w in wrapped if isinstance(w, ModulesToSaveWrapper)}
         for name, w in wrapped:
             logical = _outside_copies(name, saved)

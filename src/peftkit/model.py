@@ -247,8 +247,8 @@ class PeftModel(nn.Module):
                                            for m in base.modules()):
             raise ValueError("adapter_names cannot be used with gradient checkpointing: the layers recomputed in "
                              "backward() would not see the per-row adapters and the gradients would be wrong. "
-                             "Turn it off (activation_checkpointing_disable(), gradient_checkpointing_disable() "
-                             "before transformers 5), or train on batches of one adapter (set_adapter)")
+                             "Turn it off (activation_checkpointing_disable(), or gradient_checkpointing_disable() in "
+                             "transformers without it), or train on batches of one adapter (set_adapter)")
         ctx = self.base_model.ctx
         ctx.set_rows(names)
         try:

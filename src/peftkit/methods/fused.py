@@ -72,7 +72,7 @@ class _LowRankLinear(torch.autograd.Function):
 
 
 def _output(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-            g: Tensor | None, scaling: float, need_z: bool) -> tuple[Tensor, Tensor | None, bool]:
+            g: Tensor | None, scaling: float, need_z: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(out, z, folded)``: the layer output ``(..., out)``; ``z = xd A^T`` as ``(rows, r)`` when the
     unfolded output uses it or ``need_z`` (else None); the folded weight ``g (W + s B A)`` ``(out, in)`` when
     the output used one, else None."""
