@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from peftkit import ConfigError
 from peftkit.bench import BenchConfig, run_sweep, summarise, write_report
@@ -72,3 +73,71 @@ def test_cells_not_run_yet_are_not_failures(tmp_path):
     assert "| lora | 80.0 ± 0.0 | not run yet | failed |" in text
     assert "| method | sst2 (acc) | cola (MCC) | stsb (Pearson) |" in text
     assert "1 cell(s) have not run yet" in text and "- lora / stsb / seed 0: boom" in text
+
+
+def test_an_interrupted_cell_continues_from_its_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """A cell killed after step 3 of 5 continues from its step-2 checkpoint (save_every=2) when the sweep is
+    run again, ends with the adapter an uninterrupted cell gets, and its checkpoints are then deleted."""
+    from safetensors.torch import load_file
+
+    from peftkit.bench.arena import Cell, cell_command
+    from peftkit.cli import main
+    from peftkit.train.trainer import Trainer
+
+    def sweep(name: str) -> BenchConfig:
+        return BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path / name),
+                           model=tiny_model_dir, max_steps=5, batch_size=4, save_every=2,
+                           train_args=["--max-train-samples", "32", "--max-eval-samples", "16"])
+
+    whole = run_sweep(sweep("whole"), progress=False)
+    assert not any("error" in r for r in whole), whole
+    assert not (tmp_path / "whole" / "cells" / "lora" / "sst2" / "seed0" / "checkpoints").exists()
+
+    cfg = sweep("cut")
+    folder = Cell("lora", "sst2", 0).folder(tmp_path / "cut")
+    cmd = cell_command(cfg, Cell("lora", "sst2", 0), folder)
+    assert cmd[cmd.index("--save-every") + 1] == "2"
+    real_step = Trainer._step
+
+    def dies_at_step_4(self, indices, step):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, indices, step)
+
+    monkeypatch.setattr(Trainer, "_step", dies_at_step_4)
+    assert main(cmd[3:]) == 130  # the cell's own command line, in this process, interrupted at step 4
+    monkeypatch.undo()
+    assert json.loads((folder / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert not (folder / "metrics.json").exists()
+
+    records = run_sweep(cfg, progress=False)  # full fine-tuning runs from scratch, LoRA resumes
+    lora = next(r for r in records if r["method"] == "lora")
+    assert "error" not in lora and lora["resumed_from_step"] == 2
+    assert "[bench] continuing the interrupted cell" in (folder / "cell.log").read_text()
+    assert not (folder / "checkpoints").exists()
+    ref = next(r for r in whole if r["method"] == "lora")
+    assert lora["dev_accuracy"] == ref["dev_accuracy"] and lora["train_loss"] == pytest.approx(ref["train_loss"],
+                                                                                                abs=1e-6)
+    got = load_file(folder / "adapter_model.safetensors")
+    want = load_file(tmp_path / "whole" / "cells" / "lora" / "sst2" / "seed0" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and len(got) > 0
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
+
+
+def test_a_cell_whose_checkpoint_cannot_be_resumed_trains_again(tiny_model_dir, tmp_path):
+    """A damaged checkpoint pointer is not resumed: the cell trains from step 0 (and says so in no log)."""
+    from peftkit.bench.arena import Cell, resume_command
+
+    cfg = BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path / "b"),
+                      model=tiny_model_dir, max_steps=3, batch_size=4, save_every=1,
+                      train_args=["--max-train-samples", "16", "--max-eval-samples", "8"])
+    folder = Cell("lora", "sst2", 0).folder(tmp_path / "b")
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "run_config.json").write_text("{}")
+    (folder / "checkpoints" / "latest.json").write_text("not json")
+    assert resume_command(folder) is None
+    records = run_sweep(cfg, progress=False)
+    lora = next(r for r in records if r["method"] == "lora")
+    assert "error" not in lora and lora["resumed_from_step"] == 0
+    assert "[bench]" not in (folder / "cell.log").read_text()

@@ -76,6 +76,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
 def _finite_float(value: str) -> float:
     try:
         x = float(value)
@@ -192,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="the method arena: methods x tasks x seeds, report.md and plots",
                        description="Train every method on every task with several seeds (each cell a "
                                    "`peftkit train` run in its own process), then write report.md, report.json "
-                                   "and PNG plots. Re-running resumes: finished cells are kept.")
+                                   "and PNG plots. Re-running resumes: finished cells are kept, and interrupted ones continue "
+                                   "from their last checkpoint.")
     b.add_argument("--methods", default=",".join(DEFAULT_BENCH_METHODS),
                    help="comma-separated methods; full fine-tuning is always included")
     b.add_argument("--tasks", default="sst2,rte,cola,stsb", help="comma-separated tasks (mrpc needs --data-dir)")
@@ -207,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cells run at once, each with cpu_count/jobs threads (default 1)")
     b.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                    help="extra `peftkit train` argument for every cell (repeatable, e.g. --train-arg=--r=16)")
+    b.add_argument("--save-every", type=_count, default=100, metavar="N",
+                   help="each cell writes a checkpoint every N steps, so an interrupted sweep continues its "
+                        "unfinished cells from there (default 100; 0: never; writing is not counted as step time)")
     b.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     b.add_argument("--no-progress", action="store_true")
 
@@ -380,7 +394,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
     cfg = BenchConfig(methods=split(args.methods), tasks=split(args.tasks), seeds=seeds, output_dir=args.output_dir,
                       model=args.model, data_dir=args.data_dir, max_steps=args.max_steps, batch_size=args.batch_size,
-                      max_length=args.max_length, train_args=list(args.train_arg))
+                      max_length=args.max_length, train_args=list(args.train_arg), save_every=args.save_every)
     if args.report_only:
         cfg.check_folder()  # (run_sweep checks it itself)
     records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)

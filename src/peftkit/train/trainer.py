@@ -275,7 +275,7 @@ class Trainer:
 
         Returns:
             ``steps``, ``train_loss`` (mean of the last 10% of steps), ``train_seconds`` (over all
-            sessions of the run), ``seconds_per_step``, ``samples_per_second`` (global rows) and
+            sessions of the run, not counting the time spent writing checkpoints), ``seconds_per_step``, ``samples_per_second`` (global rows) and
             ``resumed_from_step`` (0 for a run that started from scratch).
 
         Raises:
@@ -292,7 +292,7 @@ class Trainer:
                    disable=not (args.progress and self.dist.is_main), leave=True)
         start = time.perf_counter()
         batches = batch_order(len(self.dataset), args.batch_size, args.seed, start_step=first - 1)
-        running, samples_before = None, self.samples
+        running, samples_before, saving = None, self.samples, 0.0
         for step in range(first, self.total_steps + 1):
             indices = next(batches)
             value = self._step(indices, step)
@@ -302,13 +302,15 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}",
-                            rows_s=f"{(self.samples - samples_before) / (time.perf_counter() - start):.0f}")
+                            rows_s=f"{(self.samples - samples_before) / (time.perf_counter() - start - saving):.0f}")
             if args.log_every and step % args.log_every == 0 and self.dist.is_main:
                 log.info("step %d/%d loss %.4f lr %.3e", step, self.total_steps, running, lr)
-            if args.save_every and step % args.save_every == 0:
-                self.save_checkpoint(step, self._seconds_before + time.perf_counter() - start)
+            if args.save_every and step % args.save_every == 0:  # writing it is not training time
+                begun = time.perf_counter()
+                self.save_checkpoint(step, self._seconds_before + begun - start - saving)
+                saving += time.perf_counter() - begun
         bar.close()
-        seconds = self._seconds_before + time.perf_counter() - start
+        seconds = self._seconds_before + time.perf_counter() - start - saving
         tail = self.history[-max(1, len(self.history) // 10):]
         self.wrapped.eval()
         return {"steps": self.total_steps, "train_loss": float(np.mean(tail)), "train_seconds": seconds,
