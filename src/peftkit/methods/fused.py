@@ -28,18 +28,18 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                 g: Tensor | None, scaling: float) -> Tensor:
-        # the backward needs z = x A^T for A's, B's and g's gradients
-        out, z, folded = _output(x, xd, weight, bias, a, b, g, scaling, need_z=any(ctx.needs_input_grad[4:7]))
+        # the backward needs z^T = A x^T for A's, B's and g's gradients
+        out, zt, folded = _output(x, xd, weight, bias, a, b, g, scaling, need_z=any(ctx.needs_input_grad[4:7]))
         ctx.scaling = scaling
         # the folded weight (when there is one) is kept for the input gradient: not folding twice a step
         # costs one weight-sized buffer until the backward (+8 to +18 MiB peak on the benchmark models)
-        ctx.save_for_backward(x, xd, weight, bias, a, b, g, z, out if g is not None else None,
+        ctx.save_for_backward(x, xd, weight, bias, a, b, g, zt, out if g is not None else None,
                               folded if ctx.needs_input_grad[0] else None)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, xd, weight, bias, a, b, g, z, out, folded = ctx.saved_tensors
+        x, xd, weight, bias, a, b, g, zt, out, folded = ctx.saved_tensors
         need_x, need_xd, _, need_bias, need_a, need_b, need_g, _ = ctx.needs_input_grad
         grad2 = grad.reshape(-1, grad.shape[-1])
         b_eff = _effective_b(b, g, ctx.scaling)
@@ -60,33 +60,36 @@ class _LowRankLinear(torch.autograd.Function):
         if need_a:
             grad_a = grad_z.T @ (x if xd is None else xd).reshape(-1, a.shape[1])
         if need_b:
-            grad_b = grad2.T @ z
-            grad_b.mul_(ctx.scaling if g is None else (ctx.scaling * g)[:, None])
+            # computed as (r, out) = z^T grad: twice as fast on CPU as grad^T z (0.22 vs 0.47 ms, 1024 x 1376)
+            grad_b = zt @ grad2
+            grad_b = grad_b.mul_(ctx.scaling if g is None else (ctx.scaling * g)[None, :]).T
         total = grad2.sum(0) if bias is not None and (need_bias or need_g) else None
         if need_bias:
             grad_bias = total
         if need_g:
-            grad_g = _magnitude_grad(grad2, out.reshape(-1, out.shape[-1]), x, z, weight, bias, b, g, ctx.scaling,
+            grad_g = _magnitude_grad(grad2, out.reshape(-1, out.shape[-1]), x, zt, weight, bias, b, g, ctx.scaling,
                                      total)
         return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_g, None
 
 
 def _output(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
             g: Tensor | None, scaling: float, need_z: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(out, z, folded)``: the layer output ``(..., out)``; ``z = xd A^T`` as ``(rows, r)`` when the
+    """``(out, zt, folded)``: the layer output ``(..., out)``; ``z^T = A xd^T`` as ``(r, rows)`` when the
     unfolded output uses it or ``need_z`` (else None); the folded weight ``g (W + s B A)`` ``(out, in)`` when
     the output used one, else None."""
     x2 = x.reshape(-1, x.shape[-1])
     fold = xd is None and _fold_pays(x2.shape[0], weight.shape)
-    z = (x2 if xd is None else xd.reshape(-1, x.shape[-1])) @ a.T if need_z or not fold else None
+    # z is kept as z^T = A x^T, (r, rows): both that product and B's gradient z^T grad run about twice as fast
+    # on CPU as in the (rows, r) layout (0.06 vs 0.10 ms, 1024 x 512 -> 8)
+    zt = a @ (x2 if xd is None else xd.reshape(-1, x.shape[-1])).T if need_z or not fold else None
     folded = None
     if fold:  # one GEMM with the low-rank product folded into the (frozen) weight: g (W + s B A)
         folded = _folded(weight, a, b, g, scaling)
         out = _linear(x2, folded, bias)
     else:
         out = _linear(x2, _effective_w(weight, g), bias)
-        out.addmm_(z, _effective_b(b, g, scaling).T)
-    return out.view(*x.shape[:-1], out.shape[-1]), z, folded
+        out.addmm_(zt.T, _effective_b(b, g, scaling).T)
+    return out.view(*x.shape[:-1], out.shape[-1]), zt, folded
 
 
 def _fold_pays(rows: int, shape: torch.Size) -> bool:
@@ -118,10 +121,10 @@ def _folded(weight: Tensor, a: Tensor, b: Tensor, g: Tensor | None, scaling: flo
     return folded if g is None else folded.mul_(g[:, None])
 
 
-def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None, b: Tensor,
+def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, zt: Tensor, weight: Tensor, bias: Tensor | None, b: Tensor,
                     g: Tensor, scaling: float, total: Tensor | None) -> Tensor:
-    """``sum_t grad * y`` with ``y = x W^T + s z B^T = (out - bias) / g``; rows with ``g = 0`` (where the
-    output does not tell ``y``) are recomputed from ``x``."""
+    """``sum_t grad * y`` with ``y = x W^T + s z B^T = (out - bias) / g`` (``zt = z^T``); rows with ``g = 0``
+    (where the output does not tell ``y``) are recomputed from ``x``."""
     dot = (grad * out).sum(0)  # faster than linalg.vecdot on CPU here (measured 4.0 vs 6.4 ms, 2048 x 1536)
     if total is not None:
         dot.sub_(bias * total)
@@ -130,7 +133,7 @@ def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, z: Tensor, weight: Ten
         return dot.div_(g)
     rows = zero.nonzero().squeeze(1)
     dot.div_(torch.where(zero, torch.ones_like(g), g))
-    y = x.reshape(-1, x.shape[-1]) @ weight[rows].T + scaling * (z @ b[rows].T)
+    y = x.reshape(-1, x.shape[-1]) @ weight[rows].T + scaling * (zt.T @ b[rows].T)
     dot[rows] = torch.linalg.vecdot(grad[:, rows], y, dim=0)
     return dot
 
