@@ -115,10 +115,12 @@ def _effective_b(b: Tensor, g: Tensor | None, scaling: float) -> Tensor:
 
 
 def _folded(weight: Tensor, a: Tensor, b: Tensor, g: Tensor | None, scaling: float) -> Tensor:
-    """``g * (W + s B A)``, ``(out, in)``, in one new buffer: the frozen weight is copied once by the
-    ``addmm`` and rescaled in place (no second weight-sized temporary for ``g * W``)."""
-    folded = torch.addmm(weight, b, a, alpha=scaling)
-    return folded if g is None else folded.mul_(g[:, None])
+    """``g * (W + s B A)``, ``(out, in)``, in one new buffer (the frozen weight is never written): two
+    weight-sized passes, the copy (``g W`` with DoRA, so the rescale costs no pass of its own) and the
+    rank-``r`` update of it (``(s g B) A`` is added in place)."""
+    if g is None:
+        return torch.addmm(weight, b, a, alpha=scaling)
+    return torch.mul(weight, g[:, None]).addmm_(_effective_b(b, g, scaling), a)
 
 
 def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, zt: Tensor, weight: Tensor, bias: Tensor | None, b: Tensor,
