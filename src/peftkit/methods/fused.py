@@ -13,7 +13,9 @@ matrix products as separate modules, but
   weight-sized product (the frozen base weight itself is never written); the folded weight is kept
   for the backward rather than folded a second time;
 * DoRA's magnitude gradient ``sum_t grad * (out - b) / g`` reads the output, which exists anyway,
-  instead of keeping a second ``(tokens, out)`` tensor.
+  instead of keeping a second ``(tokens, out)`` tensor;
+* the rank-``r`` products over the tokens are laid out as ``(r, tokens)`` (``z^T = A x^T``, B's
+  gradient as ``z^T grad``), the layouts in which CPU GEMMs with one dimension of 8 run fastest.
 
 Shapes: ``x, xd: (..., in)``, output ``(..., out)``. The base weight must not require grad.
 """
