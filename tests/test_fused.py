@@ -91,8 +91,9 @@ def test_inference_without_grad_equals_the_merged_model(method, rows):
 @pytest.mark.parametrize("rows", [3, 10], ids=["few-rows", "folded-weight"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_double_backward_equals_module_by_module(method, rows):
-    """A gradient penalty (``create_graph=True``, then the gradient of the input gradient's norm) sees
-    how the input gradient depends on A, B and the magnitude, also when the forward folded the weight."""
+    """A gradient penalty (``create_graph=True``, then the gradient of a first-order gradient's norm) sees
+    how every first-order gradient (the input's, A's, B's, the magnitude's) depends on the input, A, B
+    and the magnitude, also when the forward folded the weight."""
     layer = nn.Linear(10, 6)
     model = get_peft_model(nn.Sequential(layer), CONFIGS[method](0.0))
     perturb(model)
@@ -100,11 +101,12 @@ def test_double_backward_equals_module_by_module(method, rows):
     wrapped = model.base_model.model[0]
     x = torch.randn(1, rows, 10, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    found = []
-    for fused in (True, False):
-        out = model(x) if fused else wrapped.adapters["default"](wrapped, x, wrapped.base_layer(x))
-        gx, = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
-        found.append(torch.autograd.grad((gx ** 2).sum(), params))
-    for p, g, ref in zip(params, *found):
-        assert ref.abs().max() > 0
-        assert torch.allclose(g, ref, rtol=1e-4, atol=1e-4), p.shape
+    for penalised in range(1 + len(params)):  # the input's gradient, then each parameter's
+        found = []
+        for fused in (True, False):
+            out = model(x) if fused else wrapped.adapters["default"](wrapped, x, wrapped.base_layer(x))
+            first = torch.autograd.grad((out ** 2).sum(), [x, *params], create_graph=True)
+            found.append(torch.autograd.grad((first[penalised] ** 2).sum(), [x, *params]))
+        for p, g, ref in zip([x, *params], *found):
+            assert ref.abs().max() > 0
+            assert torch.allclose(g, ref, rtol=1e-4, atol=1e-4), (penalised, p.shape)

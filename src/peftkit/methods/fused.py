@@ -44,6 +44,10 @@ class _LowRankLinear(torch.autograd.Function):
         x, xd, weight, bias, a, b, g, zt, out, folded = ctx.saved_tensors
         need_x, need_xd, _, need_bias, need_a, need_b, need_g, _ = ctx.needs_input_grad
         grad2 = grad.reshape(-1, grad.shape[-1])
+        if torch.is_grad_enabled() and zt is not None:
+            # a double backward (create_graph) needs B's and g's gradients to depend on A and the input:
+            # the forward's z^T has no history, so it is formed again from them
+            zt = a @ (x if xd is None else xd).reshape(-1, a.shape[1]).T
         b_eff = _effective_b(b, g, ctx.scaling)
         grad_z = grad2 @ b_eff if need_a or need_xd or (need_x and xd is None) else None
         grad_x = grad_xd = grad_bias = grad_a = grad_b = grad_g = None
