@@ -141,3 +141,40 @@ def test_a_cell_whose_checkpoint_cannot_be_resumed_trains_again(tiny_model_dir, 
     lora = next(r for r in records if r["method"] == "lora")
     assert "error" not in lora and lora["resumed_from_step"] == 0
     assert "[bench]" not in (folder / "cell.log").read_text()
+
+
+@pytest.mark.parametrize("status", [130, 2, 1])
+def test_what_a_failed_resume_does(tmp_path, monkeypatch, status):
+    """Resuming a cell interrupted again (130) stops the sweep and keeps the checkpoint; a refused
+    checkpoint (2) makes the cell train from step 0; any other failure (1) keeps the checkpoint for the
+    next run and the sweep goes on."""
+    import subprocess
+
+    from peftkit.bench import arena
+
+    cfg = BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path), max_steps=5)
+    first = arena.Cell("full", "sst2", 0).folder(tmp_path)
+    (first / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(arena, "resume_command", lambda folder: ["resume", str(folder)] if folder == first else None)
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd[:2] if cmd[0] == "resume" else [*cmd[3:5], cmd[cmd.index("--output-dir") + 1]])
+        return subprocess.CompletedProcess(cmd, status if cmd[0] == "resume" else 0)
+
+    monkeypatch.setattr(arena.subprocess, "run", fake_run)
+    fresh_full = ["train", "--task", str(first)]
+    fresh_lora = ["train", "--task", str(arena.Cell("lora", "sst2", 0).folder(tmp_path))]
+    if status == 130:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(cfg, progress=False)
+        assert calls == [["resume", str(first)]]  # neither a fresh run of the cell nor the next cell
+        assert (first / "checkpoints").is_dir()
+        return
+    run_sweep(cfg, progress=False)
+    if status == 2:
+        assert calls == [["resume", str(first)], fresh_full, fresh_lora]
+        assert "[bench] resuming was refused; training the cell again from the start" in (first / "cell.log").read_text()
+    else:
+        assert calls == [["resume", str(first)], fresh_lora]
+        assert (first / "checkpoints").is_dir() and (first / "error.txt").is_file()

@@ -15,6 +15,9 @@ from tests.cli_util import error_line
     ({"seeds": [2**32]}, "seed 4294967296 must be an integer in 0..4294967295"),
     ({"seeds": [-1]}, "seed -1 must be an integer in 0..4294967295"),
     ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+    ({"save_every": -1}, "save_every=-1 must be an integer >= 0 (0: no checkpoints)"),
+    ({"save_every": 1.5}, "save_every=1.5 must be an integer >= 0 (0: no checkpoints)"),
+    ({"save_every": True}, "save_every=True must be an integer >= 0 (0: no checkpoints)"),
 ])
 def test_bad_sweeps_are_refused(kwargs, message):
     with pytest.raises(ConfigError) as err:

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,7 +85,8 @@ class BenchConfig:
         check(self.max_steps >= 1, f"max_steps={self.max_steps!r} must be >= 1")
         check(self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
         check(self.max_length is None or self.max_length >= 1, f"max_length={self.max_length!r} must be >= 1")
-        check(self.save_every >= 0, f"save_every={self.save_every!r} must be >= 0 (0: no checkpoints)")
+        check(isinstance(self.save_every, int) and not isinstance(self.save_every, bool) and self.save_every >= 0,
+              f"save_every={self.save_every!r} must be an integer >= 0 (0: no checkpoints)")
         if self.model is not None:
             check_model_dir(resolve_model_dir(self.model, self.tasks[0]))
         if "mrpc" in self.tasks:
@@ -129,6 +131,11 @@ def _unique(values: list) -> list:
 #: ``peftkit train`` options each cell gets from the sweep, which ``train_args`` may not repeat
 OWN_OPTIONS = ("--task", "--seed", "--max-steps", "--batch-size", "--max-length", "--output-dir", "--overwrite",
                "--full-finetune", "--method", "--model", "--data-dir", "--epochs", "--save-every", "--resume")
+#: exit statuses of a cell that was interrupted (Ctrl-C: ``peftkit``'s own 130, or killed by SIGINT/SIGTERM)
+INTERRUPTED = (130, -2, -15)
+#: exit status of ``peftkit train`` refusing its options, data or files before it trains (a checkpoint
+#: that cannot be resumed is refused so)
+REFUSED = 2
 #: the settings every cell of one sweep folder shares
 CELL_SETTINGS = ("model", "data_dir", "max_steps", "batch_size", "max_length", "train_args")
 
@@ -177,6 +184,15 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
 
     A cell's record is its ``metrics.json`` plus ``adapter_bytes`` (size of what it saved) and its
     coordinates; a failed cell has ``error`` (the last line the run printed).
+
+    An unfinished cell with a checkpoint is continued from it; only when ``peftkit train --resume``
+    refuses the checkpoint (exit status 2) is the cell trained again from step 0. A cell that fails
+    otherwise keeps its checkpoints for the next run, and the other cells go on.
+
+    Raises:
+        ConfigError: ``jobs`` < 1, or the folder holds a sweep with other settings.
+        KeyboardInterrupt: Ctrl-C, or a cell was interrupted (SIGINT, SIGTERM); the running cells
+            stop and keep their checkpoints, and no further cell starts.
     """
     check(jobs >= 1, f"jobs={jobs!r} must be >= 1")
     root = Path(cfg.output_dir)
@@ -192,28 +208,34 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
     if jobs > 1:
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     running: set[str] = set()
+    stop = threading.Event()  # set by an interruption: no further cell starts
+
+    def run(cmd: list[str], folder: Path, append: bool, note: str = "") -> int:
+        with open(folder / "cell.log", "a" if append else "w", encoding="utf-8") as log:
+            if note:
+                log.write(f"\n[bench] {note}\n")
+                log.flush()
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
     def run_cell(cell: Cell) -> None:
+        if stop.is_set():
+            return
         folder = cell.folder(root)
         folder.mkdir(parents=True, exist_ok=True)
         label = f"{cell.method}/{cell.task}/seed{cell.seed}"
         running.add(label)
         bar.set_postfix_str("running " + ", ".join(sorted(running)))
-        rc = None
         resume = resume_command(folder)
-        if resume is not None:  # the log of the interrupted session is kept
-            with open(folder / "cell.log", "a", encoding="utf-8") as log:
-                log.write(f"\n[bench] continuing the interrupted cell: {' '.join(resume[1:])}\n")
-                log.flush()
-                rc = subprocess.run(resume, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        if rc != 0:  # a fresh cell, or a checkpoint that could not be resumed: train from step 0
-            with open(folder / "cell.log", "a" if resume else "w", encoding="utf-8") as log:
-                if resume:
-                    log.write("\n[bench] resuming failed; training the cell again from the start\n")
-                    log.flush()
-                rc = subprocess.run(cell_command(cfg, cell, folder), stdout=log, stderr=subprocess.STDOUT,
-                                    env=env).returncode
-        if rc == 0:  # only a finished cell's checkpoints go: an interrupted one resumes from them
+        if resume is None:
+            rc = run(cell_command(cfg, cell, folder), folder, append=False)
+        else:  # the log of the interrupted session is kept
+            rc = run(resume, folder, append=True, note=f"continuing the interrupted cell: {' '.join(resume[1:])}")
+            if rc == REFUSED:  # the checkpoint could not be resumed (the log says why): train from step 0
+                rc = run(cell_command(cfg, cell, folder), folder, append=True,
+                         note="resuming was refused; training the cell again from the start")
+        if rc in INTERRUPTED:  # the cell keeps its checkpoints for the next run; no other cell starts
+            stop.set()
+        elif rc == 0:  # only a finished cell's checkpoints go: an unfinished one resumes from them
             shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
         (folder / "error.txt").unlink(missing_ok=True)
         if rc != 0:
@@ -222,9 +244,18 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
         running.discard(label)
         bar.update(1)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         list(pool.map(run_cell, todo))
+    except KeyboardInterrupt:  # Ctrl-C reached the running cells too: wait for them, start no other
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        raise
+    pool.shutdown()
     bar.close()
+    if stop.is_set():
+        raise KeyboardInterrupt("a cell was interrupted; run the sweep again to continue it")
     return collect(cfg)
 
 
