@@ -126,7 +126,7 @@ def test_an_interrupted_cell_continues_from_its_checkpoint(tiny_model_dir, tmp_p
 
 
 def test_a_cell_whose_checkpoint_cannot_be_resumed_trains_again(tiny_model_dir, tmp_path):
-    """A damaged checkpoint pointer is not resumed: the cell trains from step 0 (and says so in no log)."""
+    """A damaged checkpoint pointer is not resumed: the cell trains from step 0, with a fresh log."""
     from peftkit.bench.arena import Cell, resume_command
 
     cfg = BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path / "b"),
