@@ -174,7 +174,8 @@ def test_what_a_failed_resume_does(tmp_path, monkeypatch, status):
     run_sweep(cfg, progress=False)
     if status == 2:
         assert calls == [["resume", str(first)], fresh_full, fresh_lora]
-        assert "[bench] resuming was refused; training the cell again from the start" in (first / "cell.log").read_text()
+        log = (first / "cell.log").read_text()
+        assert "[bench] resuming was refused; training the cell again from the start" in log
     else:
         assert calls == [["resume", str(first)], fresh_lora]
         assert (first / "checkpoints").is_dir() and (first / "error.txt").is_file()

@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="the method arena: methods x tasks x seeds, report.md and plots",
                        description="Train every method on every task with several seeds (each cell a "
                                    "`peftkit train` run in its own process), then write report.md, report.json "
-                                   "and PNG plots. Re-running resumes: finished cells are kept, and interrupted ones continue "
-                                   "from their last checkpoint.")
+                                   "and PNG plots. Re-running resumes: finished cells are kept, and interrupted "
+                                   "ones continue from their last checkpoint.")
     b.add_argument("--methods", default=",".join(DEFAULT_BENCH_METHODS),
                    help="comma-separated methods; full fine-tuning is always included")
     b.add_argument("--tasks", default="sst2,rte,cola,stsb", help="comma-separated tasks (mrpc needs --data-dir)")

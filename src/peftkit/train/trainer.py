@@ -275,8 +275,9 @@ class Trainer:
 
         Returns:
             ``steps``, ``train_loss`` (mean of the last 10% of steps), ``train_seconds`` (over all
-            sessions of the run, not counting the time spent writing checkpoints), ``seconds_per_step``, ``samples_per_second`` (global rows) and
-            ``resumed_from_step`` (0 for a run that started from scratch).
+            sessions of the run, not counting the time spent writing checkpoints), ``seconds_per_step``,
+            ``samples_per_second`` (global rows) and ``resumed_from_step`` (0 for a run that started
+            from scratch).
 
         Raises:
             ConfigError: the checkpoint belongs to another setup (length, batch, seed, processes, model).
