@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,10 +17,10 @@ def run(*argv):
     return main([str(a) for a in argv])
 
 
-def train(model_dir, out, seed):
+def train(model_dir, out, seed, *extra):
     assert run("train", "--model", model_dir, "--max-steps", 4, "--max-train-samples", 64, "--max-eval-samples", 32,
                "--seed", seed, "--lr", 0.05, "--target-modules", "query,value", "--output-dir", out,
-               "--no-progress") == 0
+               "--no-progress", *extra) == 0
 
 
 def test_merge_two_runs_with_cat_is_exact_and_evaluable(tiny_model_dir, tmp_path, capsys):
@@ -88,6 +89,33 @@ def test_export_merge_gives_a_plain_transformers_model(tiny_model_dir, tmp_path,
     assert run("export", "--adapter", tmp_path / "r1", "--merge", "--output", tmp_path / "exp") == 2
     assert "--overwrite" in capsys.readouterr().err
     assert run("export", "--adapter", tmp_path / "r1", "--output", tmp_path / "exp2") == 2
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_export_of_a_quantised_run_writes_float_weights(tiny_model_dir, tmp_path, method):
+    """The exported model holds the weights the adapted QLoRA model computes with, under transformers' own
+    names (before, it held the quantised buffers, and transformers initialised every weight at random)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.artifacts import load_base_for
+
+    train(tiny_model_dir, tmp_path / "r1", 3, "--quantize", method)
+    assert run("export", "--adapter", tmp_path / "r1", "--merge", "--output", tmp_path / "exp") == 0
+    with safe_open(tmp_path / "exp" / "model.safetensors", "pt") as fh:
+        keys = set(fh.keys())
+    query = "bert.encoder.layer.0.attention.self.query"
+    assert f"{query}.weight" in keys and not [k for k in keys if k.startswith(query) and not k.endswith(
+        (".weight", ".bias"))]
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exp").eval()
+    base, _ = load_base_for(tmp_path / "r1")
+    adapted = PeftModel.from_pretrained(base, tmp_path / "r1").eval()
+    x = torch.randint(1000, 5000, (3, 9))
+    with torch.no_grad():
+        expected = adapted(input_ids=x).logits
+        assert (plain(input_ids=x).logits - expected).abs().max() <= 1e-5
+        with adapted.disable_adapter():  # the adapter changes the outputs, so the comparison above means something
+            assert (adapted(input_ids=x).logits - expected).abs().max() > 1e-4
 
 
 def test_export_untied_embedding_of_a_plain_adapter_folder(tmp_path):

@@ -211,13 +211,16 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
 def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: str | None = None,
                   overwrite: bool = False) -> str:
     """Write a plain transformers model folder with the adapter merged in (loadable by ``from_pretrained``
-    alone, outputs equal to the adapted model). Written to a temporary folder and renamed into place.
+    alone, outputs equal to the adapted model). Written to a temporary folder and renamed into place. A
+    quantised base (``peftkit train --quantize``) is written dequantised, in float: the merged weights are
+    ``dequantize(Q(W)) + delta``, the weights the adapted model computes with.
 
     Raises:
         ConfigError: ``output_dir`` is a file; a non-empty folder and ``overwrite`` is False; it is or
             holds the adapter or base model folder; or the method cannot merge. All before anything is written.
     """
     from peftkit.model import PeftModel
+    from peftkit.quant.base import dequantize_base
 
     out = Path(output_dir)
     _check_output(out, overwrite, _base_sources(adapter_dir, model_dir), "the model")
@@ -230,7 +233,9 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
               "into the weights (`peftkit methods` shows which methods merge)")
     base, tokenizer = load_base_for(adapter_dir, model_dir)
     model = PeftModel.from_pretrained(base, adapter_dir)
-    plain = model.merge_and_unload()
+    # a quantised base (a QLoRA run) leaves quantised layers, merged or not, whose buffers transformers does
+    # not know: each becomes a float layer holding its merged (or dequantised) weight, as in the adapted model
+    plain = dequantize_base(model.merge_and_unload())
     _mark_untied(plain)
 
     def write(folder: Path) -> None:
