@@ -129,8 +129,8 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command):
 
 def test_merge_of_a_non_lora_adapter_is_refused(runs, tmp_path, capsys):
     assert error_line(capsys, "merge", runs / "lora", runs / "ia3", "--output", tmp_path / "m") == (
-        f"peftkit: error: '{runs / 'ia3'}' holds an adapter of type IA3; only plain LoRA adapters (without use_dora "
-        "or lora_bias) can be combined")
+        f"peftkit: error: '{runs / 'ia3'}' holds an adapter of type IA3; only plain LoRA adapters (without use_dora, "
+        "lora_bias or trained biases) can be combined: the combination keeps the low-rank factors alone")
     assert not (tmp_path / "m").exists()
 
 
@@ -271,3 +271,19 @@ def test_merge_names_the_adapter_that_does_not_fit(runs, tmp_path, capsys):
                            f"'tiny-gpt2', the first on {first!r}): ")
     assert "'a1'" not in line  # not the internal name
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_heads_from_an_adapter_without_a_head_is_refused(runs, tmp_path, capsys):
+    """The head is never taken from an adapter that did not train one (that wrote the untrained head)."""
+    from peftkit import LoraConfig, get_peft_model
+    from peftkit.artifacts import load_base_for
+
+    base, _ = load_base_for(runs / "lora")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path / "nohead")
+    assert error_line(capsys, "merge", runs / "lora", tmp_path / "nohead", "--heads-from", 1, "--output",
+                      tmp_path / "m") == (
+        f"peftkit: error: --heads-from 1 names '{tmp_path / 'nohead'}', which has no trained copy of the modules the "
+        "others train whole (modules_to_save, e.g. a classifier head); adapters that have one: "
+        f"0 ('{runs / 'lora'}')")
+    assert not (tmp_path / "m").exists()
+    assert cli("merge", runs / "lora", tmp_path / "nohead", "--output", tmp_path / "m") == 0

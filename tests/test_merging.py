@@ -163,3 +163,70 @@ def test_non_lora_adapters_are_refused():
     model.add_adapter("ia3", peftkit.IA3Config(target_modules=["lin"], feedforward_modules=[]))
     with pytest.raises(ConfigError, match="'ia3' is IA3; add_weighted_adapter combines plain LoRA"):
         model.add_weighted_adapter(["default", "ia3"], [1, 1], "new", combination_type="cat")
+
+
+def test_adapters_with_trained_biases_are_refused():
+    """The combination keeps the low-rank factors only: biases trained with bias='all' would be dropped."""
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], bias="all"))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ConfigError, match=r"adapter 'default' trains biases \(bias='all'\)"):
+        model.add_weighted_adapter(["default", "other"], [1, 1], "mix", combination_type="cat")
+    assert "mix" not in model.peft_config
+
+
+def test_heads_come_from_an_adapter_that_has_them():
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["query"]))  # no head of its own
+    with pytest.raises(ConfigError, match=r"modules_to_save_from='plain' has no trained copy of \['classifier'\].*"
+                                          r"the adapters that have one: \['default'\]"):
+        model.add_weighted_adapter(["default", "plain"], [1, 1], "mix", combination_type="cat",
+                                   modules_to_save_from="plain")
+    assert "mix" not in model.peft_config
+
+
+def test_combined_adapter_sits_on_the_source_layers_only():
+    """Full layer names as targets are anchored: 'model.lin' does not also select 'other.model.lin' (which
+    would get a random adapter), and the combination stays exact."""
+
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.other = Inner(), torch.nn.Module()
+            self.other.model = Inner()
+
+        def forward(self, x):
+            return self.other.model.lin(self.model.lin(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=r"model\.lin"), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=3, target_modules=r"model\.lin"))
+    perturb(model)
+    model.set_adapter(["a", "b"])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    model.add_weighted_adapter(["a", "b"], [1, 1], "ab", combination_type="cat")
+    model.set_adapter("ab")
+    assert [n for n, w in model.base_model.wrappers() if "ab" in getattr(w, "adapters", {})] == ["model.lin"]
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max() <= 1e-5
+
+
+def test_combined_adapter_keeps_dotted_modules_to_save_names():
+    """'pooler.dense' stays 'pooler.dense': cut to 'dense' it wrapped every '*.dense' layer of the model."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    base = BertModel(tiny_bert_classifier().config)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "attention.output.dense"],
+                                            modules_to_save=["pooler.dense"]), adapter_name="x")
+    model.add_adapter("y", LoraConfig(r=2, target_modules=["query", "attention.output.dense"],
+                                      modules_to_save=["pooler.dense"]))
+    model.add_weighted_adapter(["x", "y"], [1, 1], "m", combination_type="cat", modules_to_save_from="x")
+    assert model.peft_config["m"].modules_to_save == ["pooler.dense"]
+    assert model.base_model.modules_to_save_names() == ["pooler.dense"]

@@ -161,6 +161,7 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
             ``overwrite``, or one that holds an input folder; adapters that cannot be combined (only plain
             LoRA adapters can). FileNotFoundError. All before anything is written.
     """
+    from peftkit.layers import ModulesToSaveWrapper
     from peftkit.methods.lora import LoraConfig
     from peftkit.model import PeftModel
 
@@ -174,10 +175,12 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
         config = PeftConfig.from_pretrained(folder)
         configs.append(config)
         extra = [f for f in ("use_dora", "lora_bias") if getattr(config, f, False)]
+        if getattr(config, "bias", "none") != "none":
+            extra.append(f"bias={config.bias!r}")
         check(type(config) is LoraConfig and not extra,
               f"{str(folder)!r} holds an adapter of type {config.peft_type}"
-              f"{' with ' + ' and '.join(extra) if extra else ''}; only plain LoRA adapters (without use_dora or "
-              "lora_bias) can be combined")
+              f"{' with ' + ' and '.join(extra) if extra else ''}; only plain LoRA adapters (without use_dora, "
+              "lora_bias or trained biases) can be combined: the combination keeps the low-rank factors alone")
     base, _ = load_base_for(adapter_dirs[0], model_dir)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
     model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
@@ -191,6 +194,14 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
             raise AdapterLoadError(f"{str(folder)!r} does not fit the base model of {str(adapter_dirs[0])!r}{bases}: "
                                    f"{detail}") from None
     has_heads = bool(model.base_model.modules_to_save_names())
+    if has_heads:
+        wrappers = [w for _, w in model.base_model.wrappers() if isinstance(w, ModulesToSaveWrapper)
+                    and any(n in w.modules_to_save for n in names)]
+        owners = [i for i, n in enumerate(names) if all(n in w.modules_to_save for w in wrappers)]
+        check(heads_from in owners,
+              f"--heads-from {heads_from} names {str(adapter_dirs[heads_from])!r}, which has no trained copy of the "
+              "modules the others train whole (modules_to_save, e.g. a classifier head); adapters that have one: "
+              + ", ".join(f"{i} ({str(adapter_dirs[i])!r})" for i in owners))
     model.add_weighted_adapter(names, list(weights), "merged", combination_type,
                                modules_to_save_from=names[heads_from] if has_heads else None, **kwargs)
     run_dir = _run_dir(Path(adapter_dirs[0]))

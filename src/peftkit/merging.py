@@ -222,6 +222,10 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         check(type(cfg) is LoraConfig and not getattr(cfg, "use_dora", False) and not lora_bias,
               f"adapter {name!r} is {cfg.peft_type}{' with lora_bias' if lora_bias else ''}; "
               "add_weighted_adapter combines plain LoRA adapters")
+        bias = getattr(cfg, "bias", "none")
+        check(bias == "none", f"adapter {name!r} trains biases (bias={bias!r}); add_weighted_adapter combines the "
+                              "low-rank factors only, so the combination would drop them: combine adapters trained "
+                              "with bias='none'")
     for w in weights:
         check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
               f"weights={list(weights)!r}: {w!r} is not a finite number")
@@ -230,6 +234,11 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     check(not heads or modules_to_save_from is not None,
           f"the adapters train whole modules {heads} (modules_to_save); pass modules_to_save_from=<adapter> "
           "to take them from one adapter")
+    if heads and modules_to_save_from is not None:
+        owners = [a for a in adapters if all(a in w.modules_to_save for n, w in host.wrappers() if n in heads)]
+        check(modules_to_save_from in owners,
+              f"modules_to_save_from={modules_to_save_from!r} has no trained copy of {heads} (modules_to_save); "
+              f"the adapters that have one: {owners}")
     if combination_type not in ("cat", *FACTOR_TYPES):
         svd_rank = svd_rank or max(c.r for c in configs)
         check(svd_rank > 0, f"svd_rank={svd_rank!r} must be > 0")
@@ -245,12 +254,21 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
             plan.append((name, layer, a3, b3))
     ranks = {name: a3.shape[0] * a3.shape[1] for name, _, a3, _ in plan}
     top = max(ranks.values())
-    pattern = {re.escape(n): r for n, r in ranks.items() if r != top}
-    new = LoraConfig(r=top, lora_alpha=top, target_modules=[n for n, *_ in plan], rank_pattern=pattern,
+    # the layers are named in full and anchored: as plain names (suffixes) or unanchored pattern keys they would
+    # also match any module whose name ends in one of them ('other.model.lin' for 'model.lin'), which would get
+    # a random adapter (init_lora_weights=False) or another layer's rank
+    pattern = {f"^{re.escape(n)}": r for n, r in ranks.items() if r != top}
+    targets = "|".join(re.escape(n) for n, *_ in plan)
+    new = LoraConfig(r=top, lora_alpha=top, target_modules=f"(?:{targets})", rank_pattern=pattern,
                      alpha_pattern=dict(pattern), init_lora_weights=False, lora_dropout=configs[0].lora_dropout,
                      task_type=configs[0].task_type, base_model_name_or_path=configs[0].base_model_name_or_path,
-                     modules_to_save=[h.rsplit(".", 1)[-1] for h in heads] or None)
+                     modules_to_save=list(heads) or None)
     host.add_adapter(adapter_name, new)
+    placed = {n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.adapters}
+    if placed != {n for n, *_ in plan}:  # cannot happen with anchored names; never leave a random adapter behind
+        host.delete_adapter(adapter_name)
+        raise ConfigError(f"the combined adapter {adapter_name!r} would sit on {sorted(placed)}, not on the layers "
+                          f"the sources adapt {sorted(n for n, *_ in plan)}")
     for _, layer, a3, b3 in plan:
         _write(layer.adapters[adapter_name], a3, b3)
     for _, w in host.wrappers():
