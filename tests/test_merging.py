@@ -230,3 +230,26 @@ def test_combined_adapter_keeps_dotted_modules_to_save_names():
     model.add_weighted_adapter(["x", "y"], [1, 1], "m", combination_type="cat", modules_to_save_from="x")
     assert model.peft_config["m"].modules_to_save == ["pooler.dense"]
     assert model.base_model.modules_to_save_names() == ["pooler.dense"]
+
+
+@pytest.mark.parametrize("combination", ["ties_svd", "dare_ties_svd", "magnitude_prune_svd"])
+def test_svd_rules_work_on_the_scaled_deltas(combination):
+    """With different scalings (alpha 8 at r 4, and rsLoRA), the rule sees s B A: before, TIES voted signs on
+    the bare B A and differed from TIES on the deltas by about a third of their size."""
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False), "x")
+    model.add_adapter("y", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["0"],
+                                      init_lora_weights=False))
+    layer = model.base_model.model[0]
+
+    def delta(name):
+        ad = layer.adapters[name]
+        return ad.scaling * ad.lora_B.weight.detach() @ ad.lora_A.weight.detach()
+
+    assert layer.adapters["x"].scaling != layer.adapters["y"].scaling
+    model.add_weighted_adapter(["x", "y"], [0.7, 0.3], "m", combination_type=combination, density=0.5, svd_rank=16)
+    rule = combination.removesuffix("_svd")
+    expected = combine([delta("x"), delta("y")], [0.7, 0.3], rule, density=0.5,
+                       generator=torch.Generator().manual_seed(0))
+    assert (delta("m") - expected).abs().max() <= 1e-5

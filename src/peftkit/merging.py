@@ -149,8 +149,10 @@ def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_ra
         return a3, b3
     if combination_type in SVD_TYPES:
         rule = "linear" if combination_type == "svd" else combination_type[: -len("_svd")]
-        deltas = [torch.bmm(vb, va) for (va, vb, _), _ in views]
-        delta = combine(deltas, [ws for _, ws in views], rule, density, majority_sign_method, generator)
+        # each rule works on the real deltas s B A: trimming, sign election and the disjoint mean see every
+        # adapter's own scaling (rsLoRA, another alpha / r), not the bare product B A
+        deltas = [torch.bmm(vb, va) * a.scaling for ((va, vb, _), _), (a, _) in zip(views, parts)]
+        delta = combine(deltas, [w for _, w in parts], rule, density, majority_sign_method, generator)
         check(new_rank % g == 0, f"svd_rank={new_rank} must be divisible by the convolution's groups={g}")
         k = new_rank // g
         u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
