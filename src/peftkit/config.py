@@ -19,7 +19,6 @@ import math
 import os
 import types
 import typing
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -185,11 +184,13 @@ class PeftConfig:
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build the config registered for ``data["peft_type"]`` (or ``cls`` when called on a subclass).
 
-        Keys peftkit does not know are dropped; a warning names those with a non-empty value so that a
-        feature peftkit lacks is never ignored silently.
+        Keys peftkit does not know are dropped when their value is empty (None, False, 0, ``{}``, ``[]``, ``""``)
+        or when they do not change what the adapter computes (``peft_version``, ``revision``, ...). Any other
+        unknown key is refused: it is a feature peftkit lacks (e.g. peft's ``alora_invocation_tokens``), and
+        loading the adapter without it would give other outputs than peft's.
 
         Raises:
-            ConfigError: unknown ``peft_type`` or an invalid field value.
+            ConfigError: unknown ``peft_type``, an invalid field value, or an unknown field with a value.
         """
         data = dict(data)
         peft_type = data.pop("peft_type", None)
@@ -201,9 +202,10 @@ class PeftConfig:
         unknown = {k: v for k, v in data.items() if k not in names}
         ignored = sorted(k for k, v in unknown.items()
                          if k not in _FOREIGN_HARMLESS and v not in (None, False, {}, [], "", 0))
-        if ignored:
-            warnings.warn(f"{target.__name__}: ignoring fields peftkit does not support: "
-                          + ", ".join(f"{k}={unknown[k]!r}" for k in ignored), stacklevel=2)
+        check(not ignored, f"{target.__name__}: the adapter config sets fields peftkit does not support: "
+                           + ", ".join(f"{k}={unknown[k]!r}" for k in ignored)
+                           + "; without them the adapter would compute something else than the file describes, so "
+                             "it is refused (only empty values, e.g. None or False, of such fields are accepted)")
         return target(**{k: v for k, v in data.items() if k in names})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
