@@ -70,6 +70,17 @@ def test_adapter_names_that_cannot_be_folder_names_are_refused(name):
     assert list(model.peft_config) == ["default"]
 
 
+@pytest.mark.parametrize("name", ["keys", "update", "forward", "training"])
+def test_adapter_names_that_torch_containers_reserve_are_refused(name):
+    """They gave a bare KeyError from torch's ModuleDict ("attribute 'keys' already exists")."""
+    model = get_peft_model(mlp(), lora())
+    with pytest.raises(ConfigError, match=rf"adapter_name='{name}' is not valid: it is an attribute name of "
+                                          "torch's ModuleDict"):
+        model.add_adapter(name, lora())
+    assert list(model.peft_config) == ["default"]
+    model.add_adapter("lora_A", lora())  # a name that merely looks internal is fine
+
+
 def test_a_model_that_already_holds_adapters_is_refused():
     model = get_peft_model(mlp(), lora())
     with pytest.raises(ConfigError, match="already holds peftkit adapters"):

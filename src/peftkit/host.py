@@ -22,12 +22,22 @@ SEQ_CLS_HEADS = ("classifier", "score")
 PART_SEP = "#"  # a part of a composed adapter is named "<owner>#<index>"; user names cannot contain it
 
 
+def _reserved(name: str) -> bool:
+    """Whether ``name`` is an attribute of torch's ``ModuleDict``/``ParameterDict`` (``keys``, ``forward``,
+    ``training``, ...): those containers, which hold an adapter's modules per name, cannot take it as a key."""
+    return hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name)
+
+
 def _check_name(name: Any) -> str:
     if (not isinstance(name, str) or not name or any(c in name for c in (".", "/", "\\", PART_SEP))
             or name == BASE_ROWS or not name.isprintable() or len(name.encode()) > 200):
         raise ConfigError(f"adapter_name={name!r} is not valid; use a non-empty printable string of at most 200 "
                           f"bytes without '.', '/', '\\' or {PART_SEP!r}, other than {BASE_ROWS!r} (it also "
                           "names a folder on disk)")
+    if _reserved(name):
+        raise ConfigError(f"adapter_name={name!r} is not valid: it is an attribute name of torch's ModuleDict, "
+                          "which holds adapters by name (like 'keys', 'update', 'forward', 'training'); choose "
+                          "another name")
     return name
 
 
