@@ -134,3 +134,17 @@ def test_export_untied_embedding_of_a_plain_adapter_folder(tmp_path):
     plain = GPT2LMHeadModel.from_pretrained(tmp_path / "exp").eval()
     with torch.no_grad():
         assert (plain(input_ids=x).logits - expected).abs().max() <= 1e-5
+
+
+def test_export_refuses_non_finite_weights(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    train(tiny_model_dir, tmp_path / "r1", 3)
+    path = tmp_path / "r1" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, path)
+    assert run("export", "--adapter", tmp_path / "r1", "--merge", "--output", tmp_path / "exp") != 0
+    assert "non-finite" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()

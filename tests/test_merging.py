@@ -253,3 +253,11 @@ def test_svd_rules_work_on_the_scaled_deltas(combination):
     expected = combine([delta("x"), delta("y")], [0.7, 0.3], rule, density=0.5,
                        generator=torch.Generator().manual_seed(0))
     assert (delta("m") - expected).abs().max() <= 1e-5
+
+
+def test_a_non_finite_combination_is_refused():
+    model = _three_adapters()
+    with pytest.raises(ConfigError, match=r"the combination with weights \[1e\+308, 1\] is not finite \(inf or NaN\) "
+                                          "on layer"):
+        model.add_weighted_adapter(["default", "b"], [1e308, 1], "new", combination_type="svd")
+    assert "new" not in model.peft_config

@@ -246,7 +246,7 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     model = PeftModel.from_pretrained(base, adapter_dir)
     # a quantised base (a QLoRA run) leaves quantised layers, merged or not, whose buffers transformers does
     # not know: each becomes a float layer holding its merged (or dequantised) weight, as in the adapted model
-    plain = dequantize_base(model.merge_and_unload())
+    plain = dequantize_base(model.merge_and_unload(safe_merge=True))  # safe_merge: refuse inf/NaN weights
     _mark_untied(plain)
 
     def write(folder: Path) -> None:

@@ -140,7 +140,7 @@ def _write(adapter: Any, a3: Tensor, b3: Tensor) -> None:
 
 def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_rank: int | None,
                    density: float | None, majority_sign_method: str, svd_clamp: float | None,
-                   full_matrices: bool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+                   full_matrices: bool, generator: torch.Generator, non_finite: str) -> tuple[Tensor, Tensor]:
     views = [(_views(a), w * a.scaling) for a, w in parts]
     g = views[0][0][2]
     if combination_type == "cat":
@@ -154,6 +154,7 @@ def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_ra
         deltas = [torch.bmm(vb, va) * a.scaling for ((va, vb, _), _), (a, _) in zip(views, parts)]
         delta = combine(deltas, [w for _, w in parts], rule, density, majority_sign_method, generator)
         check(new_rank % g == 0, f"svd_rank={new_rank} must be divisible by the convolution's groups={g}")
+        check(bool(torch.isfinite(delta).all()), non_finite)  # (the SVD of one fails with a LinAlgError)
         k = new_rank // g
         u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
         if k > s.shape[-1]:  # pad with zero directions so every layer has the requested rank
@@ -251,8 +252,11 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
             continue
         parts = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
         if parts:
+            finite = (f"the combination with weights {list(weights)} is not finite (inf or NaN) on layer {name!r}: "
+                      "a source holds inf/NaN, or the weights are too large for float32")
             a3, b3 = _layer_factors(parts, combination_type, svd_rank, density, majority_sign_method, svd_clamp,
-                                    svd_full_matrices, generator)
+                                    svd_full_matrices, generator, finite)
+            check(bool(torch.isfinite(a3).all() and torch.isfinite(b3).all()), finite)
             plan.append((name, layer, a3, b3))
     ranks = {name: a3.shape[0] * a3.shape[1] for name, _, a3, _ in plan}
     top = max(ranks.values())
