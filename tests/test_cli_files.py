@@ -117,6 +117,14 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command):
         f"peftkit: error: --output '{out}' exists and is not empty; pass --overwrite to replace it, or give a new "
         "folder")
     assert snapshot(tmp_path) == before
+    # --overwrite replaces an earlier output only: the user's notes are refused, never deleted
+    assert error_line(capsys, *argv, "--overwrite") == (
+        f"peftkit: error: --output '{out}' holds notes.txt, which the {'adapter' if command == 'merge' else 'model'} "
+        "does not consist of; --overwrite replaces the whole folder and would delete them: move them away, or give "
+        "another folder")
+    assert snapshot(tmp_path) == before
+    (out / "notes.txt").unlink()
+    assert cli(*argv) == 0
     assert cli(*argv, "--overwrite") == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == (["adapter_config.json", "adapter_model.safetensors", "run_config.json"] if command == "merge"

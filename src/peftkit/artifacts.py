@@ -9,6 +9,7 @@ which base model and task it belongs to) or any HF PEFT adapter folder, for whic
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -38,8 +39,19 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike | None], what: str) -> None:
-    """Refuse an output folder that would lose data: a file, a non-empty folder without ``overwrite``, or a
+# what an earlier `peftkit merge` / `peftkit export` may have left in its output folder (fnmatch patterns)
+ADAPTER_OUTPUT = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "run_config.json",
+                  "README.md")
+MODEL_OUTPUT = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+                "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*",
+                "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model", "chat_template*",
+                "preprocessor_config.json", "README.md")
+
+
+def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike | None], what: str,
+                  ours: Sequence[str]) -> None:
+    """Refuse an output folder that would lose data: a file, a non-empty folder without ``overwrite``, a folder
+    holding anything but the files an earlier run of the command writes (``ours``, fnmatch patterns), or a
     folder that is or holds one of ``inputs`` (``what``: what is written, for the message)."""
     check(not out.is_symlink(), f"--output {str(out)!r} is a symbolic link; give the folder it points to, or a new "
                                 "folder")
@@ -51,6 +63,12 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
         check(source is None or not _inside(Path(source), out),
               f"--output {str(out)!r} holds the input folder {str(source)!r}; replacing it would delete the input: "
               "give another output folder")
+    if out.exists():
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                         if not p.is_file() or not any(fnmatch.fnmatchcase(p.name, pat) for pat in ours))
+        check(not foreign, f"--output {str(out)!r} holds {', '.join(foreign[:5])}"
+                           f"{', ...' if len(foreign) > 5 else ''}, which {what} does not consist of; --overwrite "
+                           "replaces the whole folder and would delete them: move them away, or give another folder")
 
 
 def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
@@ -151,15 +169,18 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
 
     Args:
         adapter_dirs / weights: the adapters and one weight each.
-        output_dir: where the new adapter goes (a new or empty folder, or any folder with ``overwrite``).
+        output_dir: where the new adapter goes (a new or empty folder, or with ``overwrite`` one holding an
+            earlier merge's files and nothing else).
         combination_type: ``cat`` (default, exact), ``svd``, ``ties``, ``dare_linear``, ...
         heads_from: index of the adapter whose ``modules_to_save`` (e.g. classifier head) is kept.
-        overwrite: replace a non-empty ``output_dir`` (never a file, nor a folder holding an input).
+        overwrite: replace a non-empty ``output_dir`` that holds an earlier merge's files only (never a file,
+            a folder holding an input, or one holding anything else: that is refused, not deleted).
 
     Raises:
         ConfigError: mismatched arguments; an output that is a file, a non-empty folder without
-            ``overwrite``, or one that holds an input folder; adapters that cannot be combined (only plain
-            LoRA adapters can). FileNotFoundError. All before anything is written.
+            ``overwrite``, one that holds an input folder or other files than an earlier merge writes;
+            adapters that cannot be combined (only plain LoRA adapters can). FileNotFoundError. All before
+            anything is written.
     """
     from peftkit.layers import ModulesToSaveWrapper
     from peftkit.methods.lora import LoraConfig
@@ -169,7 +190,8 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     check(len(weights) == len(adapter_dirs), f"got {len(adapter_dirs)} adapters and {len(weights)} weights")
     check(0 <= heads_from < len(adapter_dirs), f"heads_from={heads_from} must index one of the adapters")
     out = Path(output_dir)
-    _check_output(out, overwrite, [*adapter_dirs, *_base_sources(adapter_dirs[0], model_dir)[1:]], "the adapter")
+    _check_output(out, overwrite, [*adapter_dirs, *_base_sources(adapter_dirs[0], model_dir)[1:]], "the adapter",
+                  ADAPTER_OUTPUT)
     configs = []
     for folder in adapter_dirs:
         config = PeftConfig.from_pretrained(folder)
@@ -228,13 +250,15 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
 
     Raises:
         ConfigError: ``output_dir`` is a file; a non-empty folder and ``overwrite`` is False; it is or
-            holds the adapter or base model folder; or the method cannot merge. All before anything is written.
+            holds the adapter or base model folder, or anything a model folder does not consist of (with
+            ``overwrite``, only an earlier export is replaced); or the method cannot merge. All before anything
+            is written.
     """
     from peftkit.model import PeftModel
     from peftkit.quant.base import dequantize_base
 
     out = Path(output_dir)
-    _check_output(out, overwrite, _base_sources(adapter_dir, model_dir), "the model")
+    _check_output(out, overwrite, _base_sources(adapter_dir, model_dir), "the model", MODEL_OUTPUT)
     config = PeftConfig.from_pretrained(adapter_dir)
     parts = config.configs if config.peft_type == "COMPOSED" else [config]
     for part in parts:

@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", type=_finite_float, nargs="+", help="one weight per adapter (default: all 1)")
     m.add_argument("--combination", default="cat", help="combination type (default cat)")
     m.add_argument("--output", required=True, help="new adapter folder (new or empty unless --overwrite)")
-    m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder that holds an earlier merge (a folder with other files is refused)")
     m.add_argument("--model", help="base model folder (default: from the first adapter)")
     m.add_argument("--svd-rank", type=_positive_int, help="rank of *svd results (default: largest source rank)")
     m.add_argument("--density", type=_finite_float, help="kept fraction for ties/dare/magnitude_prune")
@@ -226,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true", help="merge the adapter into the weights (required)")
     x.add_argument("--output", required=True, help="model folder to write (new or empty unless --overwrite)")
     x.add_argument("--model", help="base model folder (default: from the adapter)")
-    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder that holds an earlier export (a folder with other files is refused)")
     return parser
 
 
