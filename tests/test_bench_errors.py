@@ -72,3 +72,17 @@ def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
         BenchConfig(train_args=["--max-steps=5"])
     with pytest.raises(ConfigError, match=r"train_args \['--seed', '--method'\] repeat"):
         BenchConfig(train_args=["--seed", "3", "--method", "ia3"])
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ("--bogus", "unrecognized arguments: --bogus (see `peftkit --help`)"),
+    ("--r=abc", "argument --r: expected a positive integer, got 'abc' (see `peftkit train --help`)"),
+])
+def test_a_bad_train_arg_is_refused_before_any_cell_runs(tmp_path, capsys, extra, problem):
+    """Before, every cell ran and failed, the reason was only in report.md, and the sweep folder then refused
+    the corrected argument as a change of settings."""
+    out = tmp_path / "sweep"
+    assert error_line(capsys, "bench", "--methods", "lora", "--tasks", "sst2", "--seeds", "0", "--max-steps", "2",
+                      "--output-dir", out, f"--train-arg={extra}") == (
+        f"peftkit: error: --train-arg '{extra}' is not valid for `peftkit train`: {problem}")
+    assert not out.exists()

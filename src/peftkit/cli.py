@@ -11,6 +11,8 @@ one line too (``peftkit: error: <Type>: ...``, exit status 1; ``PEFTKIT_TRACEBAC
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -203,11 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and PNG plots. Re-running resumes: finished cells are kept, and interrupted "
                                    "ones continue from their last checkpoint.")
     b.add_argument("--methods", default=",".join(DEFAULT_BENCH_METHODS),
-                   help="comma-separated methods; full fine-tuning is always included")
-    b.add_argument("--tasks", default="sst2,rte,cola,stsb", help="comma-separated tasks (mrpc needs --data-dir)")
+                   help="comma-separated methods; full fine-tuning is always included (default "
+                        f"{','.join(DEFAULT_BENCH_METHODS)})")
+    b.add_argument("--tasks", default="sst2,rte,cola,stsb",
+                   help="comma-separated tasks (default sst2,rte,cola,stsb; add mrpc with --data-dir)")
     b.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     b.add_argument("--max-steps", type=_positive_int, default=300, help="steps per cell (default 300)")
-    b.add_argument("--batch-size", type=_positive_int, default=32)
+    b.add_argument("--batch-size", type=_positive_int, default=32, help="rows per step (default 32)")
     b.add_argument("--max-length", type=_positive_int, help="tokens per row (default 64, 128 for sentence pairs)")
     b.add_argument("--output-dir", default="bench", help="sweep folder (default bench)")
     b.add_argument("--model", help="base model folder (default: embedded all-MiniLM-L6-v2)")
@@ -381,6 +385,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_train_args(cfg: Any) -> None:
+    """Parse one cell's ``peftkit train`` command line here, so that a bad ``--train-arg`` is refused before
+    the sweep starts (each cell would fail with the message hidden in its log)."""
+    from peftkit.bench.arena import cell_command, cells
+
+    argv = cell_command(cfg, cells(cfg)[0], Path(cfg.output_dir) / "check")[3:]  # from "train" on
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            build_parser().parse_args(argv)
+    except SystemExit:
+        problem = err.getvalue().strip().removeprefix("peftkit: error: ")
+        raise ConfigError(f"--train-arg {' '.join(cfg.train_args)!r} is not valid for `peftkit train`: {problem}") \
+            from None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from peftkit.bench import BenchConfig, collect, run_sweep, write_report
 
@@ -396,6 +416,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       max_length=args.max_length, train_args=list(args.train_arg), save_every=args.save_every)
     if args.report_only:
         cfg.check_folder()  # (run_sweep checks it itself)
+    elif cfg.train_args:
+        _check_train_args(cfg)
     records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
     extra = f" plus `{' '.join(cfg.train_args)}`" if cfg.train_args else ""
     jobs = args.jobs
