@@ -165,3 +165,30 @@ def test_a_misspelt_target_module_fails_the_run(tiny_model_dir, tmp_path, capsys
         "peftkit: error: target_modules entries ['vlaue'] match no module of the model (a typo?); the other entries "
         "matched 2 module(s)")
     assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "prefix-tuning", "--r", "4"], "--r 4 has no effect with --method prefix-tuning, which does not "
+     "use it; leave it out (`peftkit methods` lists the methods; --option KEY=VALUE sets any field of the method's "
+     "config)"),
+    (["--method", "prompt-tuning", "--target-modules", "query"], "--target-modules ['query'] has no effect with "
+     "--method prompt-tuning"),
+    (["--full-finetune", "--method", "dora"], "--full-finetune trains every weight of the model; --method dora would "
+     "have no effect: leave them out, or drop --full-finetune"),
+    (["--full-finetune", "--lora-alpha", "8"], "--full-finetune trains every weight of the model; --lora-alpha 8.0 "
+     "would have no effect"),
+])
+def test_options_the_method_does_not_use_are_refused(tiny_model_dir, tmp_path, capsys, extra, message):
+    """They were ignored, yet recorded in run_config.json as if they had shaped the run."""
+    line = error_line(capsys, "train", "--model", tiny_model_dir, "--max-steps", 1, "--output-dir", tmp_path / "run",
+                      "--no-progress", *extra)
+    assert line.startswith(f"peftkit: error: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bench_cell_warns_about_an_option_its_method_does_not_use(tiny_model_dir, tmp_path, capsys):
+    """`peftkit bench --train-arg=--r=4` reaches every cell; a prefix-tuning cell runs and says so."""
+    with pytest.warns(UserWarning, match="--r 4 has no effect with --method prefix-tuning.*a `peftkit bench` cell"):
+        assert cli("train", "--model", tiny_model_dir, "--method", "prefix-tuning", "--max-steps", 1,
+                   "--max-train-samples", 8, "--max-eval-samples", 8, "--output-dir", tmp_path / "run",
+                   "--no-progress", "--unused-options-warn", "--r", 4) == 0

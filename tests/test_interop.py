@@ -117,3 +117,41 @@ def test_unknown_config_fields_with_a_value_are_refused():
     config = PeftConfig.from_dict({"peft_type": "LORA", "r": 4, "alora_invocation_tokens": None,
                                    "ensure_weight_tying": False, "peft_version": "0.21.2", "revision": "main"})
     assert config.r == 4
+
+
+def test_a_peft_file_with_base_embeddings_loads_alone_but_not_next_to_other_adapters(tmp_path):
+    """peft's save_embedding_layers=True stores the base embedding; copied into a shared base it changed every
+    other adapter for good. Alone (a fresh model) it loads and matches peft."""
+    from peftkit.formats.hf_peft import AdapterLoadError
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    state = copy.deepcopy(base.state_dict())
+    trained = copy.deepcopy(base)
+    with torch.no_grad():
+        trained.model.embed_tokens.weight[50:] += 1.0  # e.g. the rows of added tokens
+    ref = peft.get_peft_model(trained, peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                       init_lora_weights=False))
+    ref.save_pretrained(tmp_path / "p", save_embedding_layers=True)
+    x = torch.tensor([[3, 51, 52, 53]])
+    with torch.no_grad():
+        expected = ref(input_ids=x).logits
+
+    def fresh():
+        model = tiny_llama()
+        model.load_state_dict(state)
+        return model
+
+    model = peftkit.get_peft_model(fresh(), peftkit.LoraConfig(r=2, target_modules=["v_proj"],
+                                                               init_lora_weights=False), adapter_name="a")
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    with pytest.raises(AdapterLoadError, match=r"adapter 'p' holds base-model weights that differ from this model's "
+                                               r".*next to the adapters \['a'\] would change their base too"):
+        model.load_adapter(tmp_path / "p", adapter_name="p")
+    assert list(model.peft_config) == ["a"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, before)
+    alone = peftkit.PeftModel.from_pretrained(fresh(), tmp_path / "p")
+    with torch.no_grad():
+        assert (alone(input_ids=x).logits - expected).abs().max() <= 1e-5

@@ -18,7 +18,8 @@ from peftkit.cli import main
 ])
 def test_train_and_eval_each_method(tiny_model_dir, tmp_path, capsys, method, options):
     out = tmp_path / method
-    argv = ["train", "--model", tiny_model_dir, "--method", method, "--max-steps", "4", "--r", "4",
+    rank = [] if method == "krona" else ["--r", "4"]  # KronA's factors have no rank (--r is refused)
+    argv = ["train", "--model", tiny_model_dir, "--method", method, "--max-steps", "4", *rank,
             "--max-train-samples", "64", "--max-eval-samples", "24", "--output-dir", str(out), "--no-progress",
             *options]
     assert main(argv) == 0

@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 from peftkit.bench.arena import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from peftkit.bench.report import NOT_RUN
-from peftkit.config import ConfigError, all_methods, get_method
+from peftkit.config import ConfigError, all_methods, check, get_method
 from peftkit.formats.hf_peft import AdapterLoadError
 from peftkit.targeting import UnmatchedTargetWarning
 from peftkit.train.checks import SEED_MAX
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of a small encoder such as MiniLM; tied tables always stay float)")
     t.add_argument("--quantize-embeddings", action="store_true", help=argparse.SUPPRESS)  # old spelling; now the default
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # `peftkit bench` passes its --train-arg options to every cell; a cell whose method does not use one of
+    # them (--r for prefix tuning, full fine-tuning) runs with a warning instead of failing
+    t.add_argument("--unused-options-warn", action="store_true", help=argparse.SUPPRESS)
     t.add_argument("--save-every", type=_positive_int, metavar="N",
                    help="write a resumable checkpoint (safetensors + JSON) every N steps")
     t.add_argument("--resume", metavar="RUN_DIR",
@@ -280,6 +283,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     if not args.full_finetune:
         get_method(args.method)  # an unknown method fails before the header line
+    try:
+        _check_options_take_effect(cfg)
+    except ConfigError as err:
+        if not args.unused_options_warn:
+            raise
+        warnings.warn(f"{err} (running without it: this is a `peftkit bench` cell)", stacklevel=1)
     model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
     if main_rank:
         print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
@@ -287,6 +296,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
         warnings.filterwarnings("error", category=UnmatchedTargetWarning)  # a misspelt target fails the run
         result = run_training(cfg, overwrite=args.overwrite)
     return _summary(result, main_rank)
+
+
+# the method options of `peftkit train` and their defaults (RunConfig's), for _check_options_take_effect
+METHOD_OPTIONS = {"r": None, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None}
+
+
+def _check_options_take_effect(cfg: Any) -> None:
+    """Refuse a method option that the chosen method does not use (``--r`` with prefix tuning, anything with
+    ``--full-finetune``): it would be recorded in run_config.json as if it had shaped the run.
+
+    Raises:
+        ConfigError: naming the option, its value and the method.
+    """
+    import dataclasses
+
+    from peftkit.train.run import build_peft_config
+
+    given = {k: getattr(cfg, k) for k, default in METHOD_OPTIONS.items() if getattr(cfg, k) != default}
+    flag = {k: "--" + k.replace("_", "-") for k in METHOD_OPTIONS}
+    if cfg.full_finetune:
+        extra = [f"{flag[k]} {v!r}" for k, v in given.items()]
+        extra += [f"--method {cfg.method}"] if cfg.method != "lora" else []
+        extra += ["--option"] if cfg.method_options else []
+        check(not extra, f"--full-finetune trains every weight of the model; {', '.join(extra)} would have no "
+                         "effect: leave them out, or drop --full-finetune")
+        return
+    if not given or get_method(cfg.method).cli_config is None:
+        return
+    config = build_peft_config(cfg)
+    for key, value in given.items():
+        if build_peft_config(dataclasses.replace(cfg, **{key: METHOD_OPTIONS[key]})) == config:
+            raise ConfigError(f"{flag[key]} {value!r} has no effect with --method {cfg.method}, which does not use "
+                              f"it; leave it out (`peftkit methods` lists the methods; --option KEY=VALUE sets any "
+                              "field of the method's config)")
 
 
 def _summary(r: dict[str, Any], show: bool) -> int:

@@ -159,7 +159,8 @@ def cell_command(cfg: BenchConfig, cell: Cell, folder: Path) -> list[str]:
         cmd += ["--data-dir", cfg.data_dir]
     if 0 < cfg.save_every < cfg.max_steps:
         cmd += ["--save-every", str(cfg.save_every)]
-    return cmd + list(cfg.train_args)
+    # a --train-arg that this cell's method does not use (--r for prefix tuning) warns instead of failing
+    return cmd + (["--unused-options-warn", *cfg.train_args] if cfg.train_args else [])
 
 
 def resume_command(folder: Path) -> list[str] | None:

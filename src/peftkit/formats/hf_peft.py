@@ -136,22 +136,34 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
                         f"{unexpected[:3]}")
     if problems:
         raise AdapterLoadError(f"adapter {adapter_name!r} does not fit the model: " + " | ".join(problems))
+    # a peft file may carry whole base tensors (save_embedding_layers=True, e.g. after adding tokens); copied into
+    # the shared base they would change every other adapter, and no delete, disable or unload gives them back
+    others = [n for n in host.peft_config if n != adapter_name]
+    changed = [k for k in _base_keys(model, adapter_name, state_dict)
+               if not torch.equal(state_dict[k].to(expected[k]), expected[k].detach())]
+    if others and changed:
+        raise AdapterLoadError(f"adapter {adapter_name!r} holds base-model weights that differ from this model's "
+                               f"({changed[:3]}; peft writes them with save_embedding_layers=True); loading it next to "
+                               f"the adapters {others} would change their base too: load it into a fresh model with "
+                               "PeftModel.from_pretrained")
     with torch.no_grad():
         for k, dst in expected.items():
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
 
 
-def _load_targets(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
-    """The live tensors a file's keys are copied into (plus base parameters the file names)."""
-    expected = _tensors(model, adapter_name, export=False)
-    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
-    # such keys name a base-model parameter and are loaded into it.
+def _base_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The file's keys that name a base-model parameter rather than an adapter tensor, with the parameter."""
+    own = _tensors(model, adapter_name, export=False)
     prefix = key_prefix(model.peft_config[adapter_name])
     base_params = {prefix + k: v for k, v in model.base_model.model.named_parameters()}
-    for k in state_dict:
-        if k not in expected and k in base_params:
-            expected[k] = base_params[k]
-    return expected
+    return {k: base_params[k] for k in state_dict if k not in own and k in base_params}
+
+
+def _load_targets(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
+    """The live tensors a file's keys are copied into (plus base parameters the file names)."""
+    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
+    # such keys name a base-model parameter and are loaded into it.
+    return {**_tensors(model, adapter_name, export=False), **_base_keys(model, adapter_name, state_dict)}
 
 
 def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True,
