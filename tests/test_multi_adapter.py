@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+import peftkit
 from peftkit import (
     BitFitConfig,
     HoulsbyConfig,
@@ -162,3 +163,62 @@ def test_merging_several_methods_at_once_is_exact():
     model.unmerge_adapter()
     with model.disable_adapter():
         assert (logits(model, x) - twin(input_ids=x).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("second", ["ia3", "dora", "bitfit", "lora"])
+def test_merging_some_active_adapters_is_exact_or_refused(second):
+    """Merging folds an adapter under those the forward applies before it: exact when they commute (LoRA with
+    LoRA; BitFit's bias, which DoRA's rescale now leaves unscaled in both forms), refused otherwise. Before,
+    merge_adapter(['b']) silently changed the outputs, and DoRA + BitFit differed even with every adapter merged."""
+    from transformers import BertConfig, BertModel
+
+    targets = ["query", "value", "intermediate.dense"]
+    first = peftkit.LoraConfig(r=4, target_modules=targets, init_lora_weights=False, use_dora=second == "bitfit")
+    configs = {"ia3": peftkit.IA3Config(target_modules=targets, feedforward_modules=["intermediate.dense"]),
+               "dora": peftkit.LoraConfig(r=4, target_modules=targets, use_dora=True, init_lora_weights=False),
+               "bitfit": peftkit.BitFitConfig(),
+               "lora": peftkit.LoraConfig(r=2, target_modules=targets, init_lora_weights=False)}
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = peftkit.get_peft_model(BertModel(cfg).eval(), first, adapter_name="a")
+    model.add_adapter("b", configs[second])
+    model.set_adapter(["a", "b"])
+    with torch.no_grad():  # every trainable tensor away from its start (magnitudes, biases, scales)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    x = torch.tensor([[1, 5, 7, 9, 11, 3]])
+    with torch.no_grad():
+        expected = model(input_ids=x).last_hidden_state
+    for names in (None, ["b", "a"], ["a"], ["b"]):
+        if names == ["b"] and second in ("ia3", "dora"):
+            with pytest.raises(ValueError, match=r"merging 'b' while 'a', which the forward applies before it, "
+                                                 r"stays unmerged would change the outputs"):
+                model.merge_adapter(names)
+            assert model.base_model.merged_adapters() == []
+            continue
+        model.merge_adapter(names)
+        with torch.no_grad():
+            assert (model(input_ids=x).last_hidden_state - expected).abs().max() <= 1e-5, names
+        model.unmerge_adapter()
+
+
+def test_bias_all_survives_another_adapter_wrapping_its_modules(tmp_path):
+    """BitFit after LoRA(bias="all") wraps the LayerNorms whose biases LoRA trains: the recorded names went
+    stale and add_adapter, set_adapter and save_pretrained raised a bare KeyError."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = peftkit.get_peft_model(BertModel(cfg).eval(), peftkit.LoraConfig(r=4, target_modules=["query"],
+                                                                             bias="all"))
+    model.save_pretrained(tmp_path / "before")
+    model.add_adapter("bf", peftkit.BitFitConfig())
+    model.set_adapter("default")
+    bias = "embeddings.LayerNorm.bias"
+    assert model.base_model.extra_parameter(bias).requires_grad
+    model.save_pretrained(tmp_path / "after")
+    from safetensors.torch import load_file
+
+    before, after = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("before", "after"))
+    assert sorted(before) == sorted(after) and f"base_model.model.{bias}" in after

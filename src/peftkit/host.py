@@ -102,6 +102,11 @@ class AdapterModel(nn.Module):
                 param, value = self._originals.pop(n)
                 param.copy_(value)
 
+    def extra_parameter(self, name: str) -> nn.Parameter:
+        """The base parameter recorded under ``name`` by :meth:`set_extra_trainable`, found by identity: a later
+        adapter that wraps its module (BitFit after ``bias="all"``) renames it to ``....base_layer.bias``."""
+        return self._originals[name][0]
+
     def extra_trainable(self, adapter_name: str) -> list[str]:
         """The base-model parameter names recorded by :meth:`set_extra_trainable` for ``adapter_name`` (empty
         when none or unknown)."""
@@ -277,7 +282,6 @@ class AdapterModel(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.extra_modules.requires_grad_(False)
-        params = dict(self.model.named_parameters())
         for name in self.training_parts():
             if name in self.extra_modules:
                 self.extra_modules[name].requires_grad_(True)
@@ -290,7 +294,7 @@ class AdapterModel(nn.Module):
                 elif isinstance(w, ModulesToSaveWrapper) and name in w.modules_to_save:
                     w.modules_to_save[name].requires_grad_(True)
             for pname in self.extra_trainable(name):
-                params[pname].requires_grad_(True)
+                self.extra_parameter(pname).requires_grad_(True)
 
     def set_disabled(self, disabled: bool) -> None:
         """Switch every wrapper to its base module (True) or back (False); soft-prompt hooks also stop
@@ -333,6 +337,10 @@ class AdapterModel(nn.Module):
                     raise ValueError(f"adapter {n!r} cannot be merged: {what}, which cannot be merged")
         names = self.parts(names)
         layers = [w for _, w in self.wrappers() if isinstance(w, AdaptedLayer)]
+        for layer_name, w in self.wrappers():
+            problem = w.check_partial_merge(names) if isinstance(w, AdaptedLayer) else None
+            if problem:
+                raise ValueError(f"cannot merge {names} on layer {layer_name!r}: {problem}; nothing was merged")
         if safe_merge:
             for w in layers:
                 for n in names:
@@ -409,9 +417,8 @@ class AdapterModel(nn.Module):
             elif isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save:
                 for k, t in _plain_state(w.modules_to_save[adapter_name]).items():
                     out[f"{logical}.{k}"] = t
-        params = dict(self.model.named_parameters())
         for pname in self.extra_trainable(adapter_name):
-            out[pname] = params[pname]
+            out[pname] = self.extra_parameter(pname)
         return out
 
 

@@ -174,6 +174,12 @@ class Adapter(nn.Module):
         return ", ".join(f"{k}={getattr(self, k)}" for k in ("r", "scaling") if hasattr(self, k))
 
 
+def _additive(adapter: Adapter) -> bool:
+    """Whether ``adapter`` only adds a weight (and bias) change: the default merge, no input transform."""
+    return (type(adapter).merge_into is Adapter.merge_into and not adapter.transforms_input
+            and not adapter.substitutes_params)
+
+
 class AdaptedLayer(nn.Module):
     """A frozen base module plus named adapters.
 
@@ -195,6 +201,7 @@ class AdaptedLayer(nn.Module):
         self._plan: list[Adapter] = []
         self._tied_weight: nn.Parameter | None = None
         self._created_bias = False
+        self._live_params: dict[str, Tensor] | None = None  # parameter substitutions of the running forward
         self.train(base_layer.training)
 
     # --- the base weight, in its own layout --------------------------------------------------------
@@ -207,6 +214,13 @@ class AdaptedLayer(nn.Module):
     def bias(self) -> Tensor | None:
         """The base layer's bias (``(out,)``), or None when it has none."""
         return getattr(self.base_layer, "bias", None)
+
+    @property
+    def live_bias(self) -> Tensor | None:
+        """The bias the base layer ran with in the forward now running: an adapter's substitute (BitFit's
+        ``b + delta``) when one is active, else :attr:`bias`. What an output rescale must leave unscaled."""
+        live = self._live_params
+        return live["bias"] if live is not None and "bias" in live else self.bias
 
     # --- adapters ------------------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter) -> None:
@@ -268,8 +282,12 @@ class AdaptedLayer(nn.Module):
             y = self.base_layer(x, *args, **kwargs)
         else:
             y = functional_call(self.base_layer, params, (x, *args), kwargs)
-        for adapter in plan:
-            y = adapter(self, x, y)
+        self._live_params = params
+        try:
+            for adapter in plan:
+                y = adapter(self, x, y)
+        finally:
+            self._live_params = None
         return y
 
     def _mixed_forward(self, x: Tensor, groups: list[tuple[str, Tensor]], args: tuple, kwargs: dict) -> Tensor:
@@ -325,11 +343,14 @@ class AdaptedLayer(nn.Module):
             ValueError: an adapter is not mergeable (the layer is left unchanged).
         """
         todo = [n for n in names if n in self.adapters and n not in self.merged_adapters]
-        # fold in the order the forward applies them: parameter substitutions, output updates in order, then
-        # input transforms (last applied first: W T_k ... T_1 multiplies every term that saw the input)
+        # fold in the order the forward applies them: parameter substitutions, output updates in the order of
+        # the active adapters (those not active after, as named), then input transforms (last applied first:
+        # W T_k ... T_1 multiplies every term that saw the input)
         kind = {n: 0 if self.adapters[n].substitutes_params else 2 if self.adapters[n].transforms_input else 1
                 for n in todo}
-        todo = sorted(todo, key=lambda n: (kind[n], -todo.index(n) if kind[n] == 2 else todo.index(n)))
+        rank = {n: self.active_adapters.index(n) if n in self.active_adapters else len(self.active_adapters) + i
+                for i, n in enumerate(todo)}
+        todo = sorted(todo, key=lambda n: (kind[n], -rank[n] if kind[n] == 2 else rank[n]))
         for n in todo:
             if not self.adapters[n].mergeable:
                 raise ValueError(f"adapter {n!r} ({type(self.adapters[n]).__name__}) cannot be merged")
@@ -343,6 +364,26 @@ class AdaptedLayer(nn.Module):
             self._fold(self.adapters[n].merge_into)
             self.merged_adapters.append(n)
         self._replan()
+
+    def check_partial_merge(self, names: Iterable[str]) -> str | None:
+        """Why merging ``names`` now would change this layer's output, or None when it is exact.
+
+        The forward applies the active adapters in order; merging one folds it under those applied before
+        it. That is exact when everything before it is merged too, or when both only add a weight change
+        (LoRA and its family commute); a rescale (DoRA, (IA)^3, SSF) or an input transform does not commute.
+        """
+        merging = {n for n in names if n in self.adapters}
+        live = [n for n in self.active_adapters if n not in self.merged_adapters
+                and not self.adapters[n].substitutes_params]
+        for i, m in enumerate(live):
+            if m not in merging:
+                continue
+            for n in live[:i]:
+                if n not in merging and not (_additive(self.adapters[n]) and _additive(self.adapters[m])):
+                    return (f"merging {m!r} while {n!r}, which the forward applies before it, stays unmerged would "
+                            f"change the outputs ({type(self.adapters[n]).__name__} and "
+                            f"{type(self.adapters[m]).__name__} do not commute); merge {n!r} too")
+        return None
 
     def unmerge(self) -> None:
         """Undo every merge, last merged first, restoring the base weight to float tolerance."""

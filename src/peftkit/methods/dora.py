@@ -190,7 +190,7 @@ class DoraLinear(_Dora, LoraLinear):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         g = self.norm_factor(layer)
-        return rescale(LoraLinear.forward(self, layer, x, y), g, layer.bias)
+        return rescale(LoraLinear.forward(self, layer, x, y), g, layer.live_bias)
 
 
 class DoraEmbedding(_Dora, LoraEmbedding):
@@ -233,4 +233,4 @@ class DoraConv(_Dora, LoraConv):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         g = self.norm_factor(layer)
-        return rescale(LoraConv.forward(self, layer, x, y), g, layer.bias)
+        return rescale(LoraConv.forward(self, layer, x, y), g, layer.live_bias)
