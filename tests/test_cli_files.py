@@ -295,3 +295,18 @@ def test_merge_heads_from_an_adapter_without_a_head_is_refused(runs, tmp_path, c
         f"0 ('{runs / 'lora'}')")
     assert not (tmp_path / "m").exists()
     assert cli("merge", runs / "lora", tmp_path / "nohead", "--output", tmp_path / "m") == 0
+
+
+def test_paths_that_do_not_exist_are_named_as_such(runs, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert error_line(capsys, "merge", runs / "lora", runs / "lora", "--output", afile / "sub") == (
+        f"peftkit: error: --output '{afile / 'sub'}' lies under '{afile}', which is a file: give a path whose parent "
+        "folders are folders")
+    assert error_line(capsys, "merge", runs / "lora", runs / "lora", "--model", tmp_path / "nothere", "--output",
+                      tmp_path / "m") == (
+        f"peftkit: error: --model '{tmp_path / 'nothere'}' is not a folder; give the local transformers model folder "
+        "the adapter was trained on")
+    assert error_line(capsys, "eval", "--adapter", tmp_path / "nothere") == (
+        f"peftkit: error: '{tmp_path / 'nothere'}' does not exist or is not a folder; give the run folder that "
+        "`peftkit train` wrote")

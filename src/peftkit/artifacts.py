@@ -57,6 +57,9 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
                                 "folder")
     check(not out.exists() or out.is_dir(), f"--output {str(out)!r} is a file, not a folder; {what} is written as "
                                             "a folder: give another path")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    check(blocked is None, f"--output {str(out)!r} lies under {str(blocked)!r}, which is a file: give a path whose "
+                           "parent folders are folders")
     check(overwrite or not out.exists() or not any(out.iterdir()),
           f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it, or give a new folder")
     for source in inputs:
@@ -129,6 +132,8 @@ def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) 
         names = raw.get("label_names")
         names = names if isinstance(names, list) and all(isinstance(n, (str, int)) for n in names) else None
         return _load_model_and_tokenizer(cfg, num_labels, raw.get("task") == "stsb", names)
+    check(model_dir is None or Path(model_dir).is_dir(), f"--model {str(model_dir)!r} is not a folder; give the "
+          "local transformers model folder the adapter was trained on")
     source = model_dir or config.base_model_name_or_path
     if not source or not Path(source).is_dir():
         raise FileNotFoundError(f"cannot find the base model of {str(folder)!r}: pass --model DIR (the adapter "

@@ -145,6 +145,9 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
             type or range (the message names the file and the field).
     """
     cfg_path = run_dir / "run_config.json"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{str(run_dir)!r} does not exist or is not a folder; give the run folder that "
+                                "`peftkit train` wrote")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a peftkit run folder (no run_config.json); "
                                 "give the folder that `peftkit train` wrote")

@@ -284,9 +284,9 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
         _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), **job.config_extra})
     try:
         trainable, total = _count(model)
-        log.info("run %s: %d train / %d dev examples, %s trainable of %s, %d process(es)%s", out_dir,
-                 len(job.train_ds), len(job.dev_ds), f"{trainable:,}", f"{total:,}", info.world_size,
-                 f", resuming from {checkpoint}" if checkpoint else "")
+        log.info("run %s: %d train / %d dev examples, %s trainable of %s, peak lr %g, %d process(es)%s", out_dir,
+                 len(job.train_ds), len(job.dev_ds), f"{trainable:,}", f"{total:,}", cfg.learning_rate(),
+                 info.world_size, f", resuming from {checkpoint}" if checkpoint else "")
         stats = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = job.evaluate(model)
         _save(model, job.tokenizer, out_dir, cfg, info)
@@ -295,7 +295,8 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
                   **(_file_stats(out_dir, cfg) if info.is_main else {}), **stats,
                   "wall_seconds": time.perf_counter() - wall, "peak_memory_mib": max(D.all_gather(peak_memory_mib())),
                   **_weight_memory(model), "quantize": cfg.quantize,
-                  "processes": info.world_size, "method": cfg.label(), "output_dir": str(out_dir)}
+                  "processes": info.world_size, "method": cfg.label(), "lr": cfg.learning_rate(),
+                  "output_dir": str(out_dir)}
         if info.is_main:
             _write_json(out_dir / "metrics.json", result)
             log.info("done: %s", json.dumps(result))
