@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -486,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peftkit`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     from peftkit.train.data import DataError
+
+    # transformers imports torchao (when installed) on the first model load; on a CPU-only machine its optional
+    # CUDA kernels fail to load and it logs that, and torch logs a deprecation of torchao's enum registration:
+    # four lines of noise on every command, which are about torchao's packaging, not the run
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
     try:
         return COMMANDS[args.command](args)
