@@ -155,3 +155,12 @@ def test_a_peft_file_with_base_embeddings_loads_alone_but_not_next_to_other_adap
     alone = peftkit.PeftModel.from_pretrained(fresh(), tmp_path / "p")
     with torch.no_grad():
         assert (alone(input_ids=x).logits - expected).abs().max() <= 1e-5
+
+
+def test_from_pretrained_for_inference_is_in_eval_mode_as_in_peft(tmp_path):
+    model = peftkit.get_peft_model(tiny_bert_classifier().train(), peftkit.LoraConfig(r=2, target_modules=["query"]))
+    model.save_pretrained(tmp_path / "a")
+    loaded = peftkit.PeftModel.from_pretrained(tiny_bert_classifier().train(), tmp_path / "a")
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    trainable = peftkit.PeftModel.from_pretrained(tiny_bert_classifier().train(), tmp_path / "a", is_trainable=True)
+    assert trainable.training

@@ -373,7 +373,8 @@ class PeftModel(nn.Module):
             model: the base model the adapter was trained on.
             model_id: a local adapter folder.
             adapter_name: name to give the adapter.
-            is_trainable: False (default) loads it frozen for inference.
+            is_trainable: False (default) loads it frozen for inference, and puts the model in eval mode
+                (as peft does); True loads it to train further.
             config: use this config instead of the folder's ``adapter_config.json``.
 
         Raises:
@@ -391,6 +392,8 @@ class PeftModel(nn.Module):
             peft_model.unload()
             raise
         peft_model.base_model._set_trainable()
+        if not is_trainable:  # as peft: loaded for inference, the whole model in eval mode (no dropout)
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
@@ -413,6 +416,8 @@ class PeftModel(nn.Module):
                 self.base_model.delete_adapter(name)
             raise
         self.base_model._set_trainable()
+        if not is_trainable:  # as peft
+            self.eval()
 
 
 class _PublicConfigs(MutableMapping):
