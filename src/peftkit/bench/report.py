@@ -21,11 +21,11 @@ METRIC_LABEL = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson", "f1"
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
