@@ -58,12 +58,13 @@ def test_methods_lists_lora(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--target-modules", "q_proj"], "matched no module"),
     (["--method", "nope"], "unknown PEFT method 'nope'"),
-    (["--method", "lroa"], "unknown PEFT method 'lroa'; did you mean 'lora'?; registered methods: lora, dora"),
+    (["--method", "lroa"], "unknown PEFT method 'lroa' (did you mean 'lora'?); registered methods: lora, dora"),
     (["--task", "imdb"], "unknown task 'imdb'"),
     (["--model", "/no/such/dir"], "is not a folder"),
     (["--train-file", "/no/such.csv", "--eval-file", "/no/such.csv"], "does not exist"),
     (["--lora-dropout", "1.5"], "--lora-dropout 1.5"),
     (["--option", "nonsense=1"], "has no field 'nonsense'"),
+    (["--epochs", "2"], "--epochs 2 and --max-steps 1 both set the run's length; give one of them"),
 ])
 def test_bad_options_fail_in_one_line_before_training(tiny_model_dir, tmp_path, capsys, argv, message):
     args = ["train", "--model", tiny_model_dir, "--max-steps", 1, "--output-dir", tmp_path / "x", "--no-progress"]

@@ -267,6 +267,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                           "--task out (or give --task causal-lm for a causal-LM file)")
     if args.float_embeddings and not args.quantize:
         raise ConfigError("--float-embeddings only applies with --quantize (it keeps the embeddings float32)")
+    if args.epochs and args.max_steps:
+        raise ConfigError(f"--epochs {args.epochs:g} and --max-steps {args.max_steps} both set the run's length; "
+                          "give one of them")
     args.task = args.task or "sst2"
     max_steps = args.max_steps if args.max_steps or args.epochs else DEFAULT_STEPS
     if not 0 <= args.lora_dropout < 1:

@@ -322,7 +322,7 @@ def get_method(name: str) -> MethodSpec:
     spec = _REGISTRY.get(str(name).lower())
     if spec is None:
         close = difflib.get_close_matches(str(name).lower(), method_names(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown PEFT method {name!r}{hint}; registered methods: {', '.join(method_names())}")
     return spec
 
