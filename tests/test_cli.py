@@ -97,5 +97,6 @@ def test_missing_column_is_named(tiny_model_dir, tmp_path, capsys):
     f.write_text("review,stars\nnice,1\n")
     assert run("train", "--model", tiny_model_dir, "--train-file", f, "--eval-file", f, "--output-dir",
                tmp_path / "r", "--no-progress") == 2
-    assert "columns present: ['review', 'stars']" in capsys.readouterr().err
+    assert ("no text column (looked for sentence, text, sentence1); columns present: ['review', 'stars']; name it "
+            "with --text-column") in capsys.readouterr().err
     shutil.rmtree(tmp_path / "r", ignore_errors=True)

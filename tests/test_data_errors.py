@@ -97,7 +97,8 @@ def test_malformed_files(tmp_path):
     f = jsonl(tmp_path / "keys.jsonl", [{"text": "a", "label": 1}, {"sentence": "b", "label": 0}])
     with pytest.raises(DataError) as err:
         examples(f)
-    assert str(err.value) == f"{f}: line 2: no text column 'text'; columns present: ['sentence', 'label']"
+    assert str(err.value) == (f"{f}: line 2: no text column 'text'; columns present: ['sentence', 'label']; name "
+                              "the right one with --text-column")
     f = jsonl(tmp_path / "null.jsonl", [{"text": None, "label": 1}])
     with pytest.raises(DataError) as err:
         examples(f)

@@ -266,8 +266,13 @@ def examples_from_rows(rows: list[dict[str, Any]], text_column: str | None, labe
     for n, row in enumerate(rows):
         where = f"{source}: {_at(row, n)}"
         for col, what in cols:
-            if col is None or col not in row:
-                raise DataError(f"{where}: no {what} column {col!r}; columns present: {list(row)}")
+            if col is None:  # no --text-column, and none of the usual names is present
+                raise DataError(f"{where}: no text column (looked for sentence, text, sentence1); columns present: "
+                                f"{list(row)}; name it with --text-column")
+            if col not in row:
+                flag = {"text": "--text-column", "label": "--label-column", "pair": "--pair-column"}[what]
+                raise DataError(f"{where}: no {what} column {col!r}; columns present: {list(row)}; name the right "
+                                f"one with {flag}")
             if what != "label" and not isinstance(row[col], (str, int, float)):
                 raise DataError(f"{where}: the {what} column {col!r} holds {row[col]!r}, not text")
         labels.append(_label(row[label_column], where))
