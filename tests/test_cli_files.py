@@ -310,3 +310,26 @@ def test_paths_that_do_not_exist_are_named_as_such(runs, tmp_path, capsys):
     assert error_line(capsys, "eval", "--adapter", tmp_path / "nothere") == (
         f"peftkit: error: '{tmp_path / 'nothere'}' does not exist or is not a folder; give the run folder that "
         "`peftkit train` wrote")
+
+
+def test_merge_takes_the_run_config_from_any_run_folder(runs, tiny_model_dir, tmp_path, capsys):
+    """A plain adapter folder first and a run folder second: the merged folder can still be evaluated."""
+    from peftkit import LoraConfig, get_peft_model
+    from peftkit.artifacts import load_base_for
+
+    base, _ = load_base_for(runs / "lora")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")).save_pretrained(
+        tmp_path / "plain")
+    assert cli("merge", tmp_path / "plain", runs / "lora", "--model", tiny_model_dir, "--output", tmp_path / "m") == 0
+    assert (tmp_path / "m" / "run_config.json").is_file()
+    capsys.readouterr()
+    assert cli("eval", "--adapter", tmp_path / "m") == 0
+    assert "dev_accuracy" in capsys.readouterr().out
+
+
+def test_export_of_a_full_fine_tuning_run_points_to_its_model(tiny_model_dir, tmp_path, capsys):
+    assert cli("train", "--model", tiny_model_dir, "--max-steps", 1, "--max-train-samples", 8, "--max-eval-samples", 8,
+               "--output-dir", tmp_path / "full", "--no-progress", "--full-finetune") == 0
+    assert error_line(capsys, "export", "--adapter", tmp_path / "full", "--merge", "--output", tmp_path / "x") == (
+        f"peftkit: error: '{tmp_path / 'full'}' is a full fine-tuning run: it holds no adapter to merge, and its "
+        f"model is already a plain transformers folder, '{tmp_path / 'full' / 'model'}'")

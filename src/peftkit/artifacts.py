@@ -168,8 +168,8 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
                           overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Combine saved LoRA adapters into a new adapter folder (see :func:`peftkit.merging.add_weighted_adapter`).
 
-    The new folder holds the combined adapter in HF PEFT format and, when the first adapter came from a
-    run folder, a copy of its ``run_config.json`` so that ``peftkit eval --adapter`` works on it. It is
+    The new folder holds the combined adapter in HF PEFT format and, when an adapter came from a run
+    folder, a copy of the first such ``run_config.json`` so that ``peftkit eval --adapter`` works on it. It is
     written to a temporary folder and renamed into place.
 
     Args:
@@ -231,7 +231,8 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
               + ", ".join(f"{i} ({str(adapter_dirs[i])!r})" for i in owners))
     model.add_weighted_adapter(names, list(weights), "merged", combination_type,
                                modules_to_save_from=names[heads_from] if has_heads else None, **kwargs)
-    run_dir = _run_dir(Path(adapter_dirs[0]))
+    # the first input that is a run folder lends its run_config.json (task, labels), so that `eval` works
+    run_dir = next((r for r in (_run_dir(Path(d)) for d in adapter_dirs) if r is not None), None)
 
     def write(folder: Path) -> None:
         save_adapter(model, "merged", folder)
@@ -263,6 +264,10 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     from peftkit.quant.base import dequantize_base
 
     out = Path(output_dir)
+    full = Path(adapter_dir) / "model"
+    check(Path(adapter_dir, "adapter_config.json").exists() or not (full / "config.json").is_file(),
+          f"{str(adapter_dir)!r} is a full fine-tuning run: it holds no adapter to merge, and its model is already a "
+          f"plain transformers folder, {str(full)!r}")
     _check_output(out, overwrite, _base_sources(adapter_dir, model_dir), "the model", MODEL_OUTPUT)
     config = PeftConfig.from_pretrained(adapter_dir)
     parts = config.configs if config.peft_type == "COMPOSED" else [config]
