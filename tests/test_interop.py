@@ -164,3 +164,26 @@ def test_from_pretrained_for_inference_is_in_eval_mode_as_in_peft(tmp_path):
     assert not loaded.training and not any(m.training for m in loaded.modules())
     trainable = peftkit.PeftModel.from_pretrained(tiny_bert_classifier().train(), tmp_path / "a", is_trainable=True)
     assert trainable.training
+
+
+def test_a_peft_lora_on_a_tied_lm_head_loads(tmp_path):
+    """peft stores the tied lm_head's base weight under lm_head.base_layer.weight; named_parameters() lists a
+    tied tensor once (as embed_tokens), so the key had "no place" and the file was refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+
+    def fresh():
+        return LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+
+    ref = peft.get_peft_model(fresh(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                       init_lora_weights=False))
+    ref.save_pretrained(tmp_path / "ad")
+    ours = peftkit.PeftModel.from_pretrained(fresh(), tmp_path / "ad")
+    x = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert (ours(input_ids=x).logits - ref(input_ids=x).logits).abs().max() <= 1e-5
+        assert (ours(input_ids=x).logits - fresh()(input_ids=x).logits).abs().max() > 1e-3

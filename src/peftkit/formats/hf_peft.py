@@ -155,7 +155,8 @@ def _base_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, Tensor
     """The file's keys that name a base-model parameter rather than an adapter tensor, with the parameter."""
     own = _tensors(model, adapter_name, export=False)
     prefix = key_prefix(model.peft_config[adapter_name])
-    base_params = {prefix + k: v for k, v in model.base_model.model.named_parameters()}
+    # every name of a tied parameter (lm_head.weight is embed_tokens.weight): peft names the one it wrapped
+    base_params = {prefix + k: v for k, v in model.base_model.model.named_parameters(remove_duplicate=False)}
     return {k: base_params[k] for k in state_dict if k not in own and k in base_params}
 
 
