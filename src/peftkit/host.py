@@ -22,10 +22,13 @@ SEQ_CLS_HEADS = ("classifier", "score")
 PART_SEP = "#"  # a part of a composed adapter is named "<owner>#<index>"; user names cannot contain it
 
 
+_CONTAINERS = (nn.ModuleDict(), nn.ParameterDict())
+
+
 def _reserved(name: str) -> bool:
     """Whether ``name`` is an attribute of torch's ``ModuleDict``/``ParameterDict`` (``keys``, ``forward``,
     ``training``, ...): those containers, which hold an adapter's modules per name, cannot take it as a key."""
-    return hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name)
+    return any(hasattr(c, name) for c in _CONTAINERS)
 
 
 def _check_name(name: Any) -> str:

@@ -175,9 +175,10 @@ class Adapter(nn.Module):
 
 
 def _additive(adapter: Adapter) -> bool:
-    """Whether ``adapter`` only adds a weight (and bias) change: the default merge, no input transform."""
-    return (type(adapter).merge_into is Adapter.merge_into and not adapter.transforms_input
-            and not adapter.substitutes_params)
+    """Whether ``adapter`` only adds a weight (and bias) change, unmerged or merged: the default merge and no
+    input transform (LoRA and its family; BitFit-like substitutions ``W + delta``, which read the base as it
+    is, merged changes included)."""
+    return type(adapter).merge_into is Adapter.merge_into and not adapter.transforms_input
 
 
 class AdaptedLayer(nn.Module):
@@ -280,9 +281,11 @@ class AdaptedLayer(nn.Module):
                 params = adapter.substitute_params(self, {} if params is None else params)
         if params is None:
             y = self.base_layer(x, *args, **kwargs)
-        else:
-            y = functional_call(self.base_layer, params, (x, *args), kwargs)
-        self._live_params = params
+            for adapter in plan:
+                y = adapter(self, x, y)
+            return y
+        y = functional_call(self.base_layer, params, (x, *args), kwargs)
+        self._live_params = params  # what :attr:`live_bias` reads while the output adapters run
         try:
             for adapter in plan:
                 y = adapter(self, x, y)
@@ -373,8 +376,9 @@ class AdaptedLayer(nn.Module):
         (LoRA and its family commute); a rescale (DoRA, (IA)^3, SSF) or an input transform does not commute.
         """
         merging = {n for n in names if n in self.adapters}
-        live = [n for n in self.active_adapters if n not in self.merged_adapters
-                and not self.adapters[n].substitutes_params]
+        # parameter substitutions run first (before the base layer), the output adapters after, in order
+        live = sorted((n for n in self.active_adapters if n not in self.merged_adapters),
+                      key=lambda n: not self.adapters[n].substitutes_params)
         for i, m in enumerate(live):
             if m not in merging:
                 continue
