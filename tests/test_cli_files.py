@@ -119,14 +119,19 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command):
     assert snapshot(tmp_path) == before
     # --overwrite replaces an earlier output only: the user's notes are refused, never deleted
     assert error_line(capsys, *argv, "--overwrite") == (
-        f"peftkit: error: --output '{out}' holds notes.txt, which the {'adapter' if command == 'merge' else 'model'} "
-        "does not consist of; --overwrite replaces the whole folder and would delete them: move them away, or give "
-        "another folder")
+        f"peftkit: error: --output '{out}' holds notes.txt, which an earlier `peftkit {command}` did not write there; "
+        "--overwrite replaces only such a folder and would delete them: move them away, or give another folder")
     assert snapshot(tmp_path) == before
     (out / "notes.txt").unlink()
     assert cli(*argv) == 0
-    assert cli(*argv, "--overwrite") == 0
-    names = sorted(p.name for p in out.iterdir())
+    assert cli(*argv, "--overwrite") == 0  # an earlier output is replaced
+    # a user's file named like an output file (README.md, tokenizer_notes.txt) is not taken for one
+    for name in ("README.md", "tokenizer_notes.txt"):
+        (out / name).write_text("mine")
+        assert error_line(capsys, *argv, "--overwrite").startswith(f"peftkit: error: --output '{out}' holds {name}, ")
+        assert (out / name).read_text() == "mine"
+        (out / name).unlink()
+    names = sorted(p.name for p in out.iterdir() if p.name != ".peftkit-output.json")
     assert names == (["adapter_config.json", "adapter_model.safetensors", "run_config.json"] if command == "merge"
                      else ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind

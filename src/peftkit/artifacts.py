@@ -9,7 +9,6 @@ which base model and task it belongs to) or any HF PEFT adapter folder, for whic
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
@@ -39,20 +38,14 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-# what an earlier `peftkit merge` / `peftkit export` may have left in its output folder (fnmatch patterns)
-ADAPTER_OUTPUT = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "run_config.json",
-                  "README.md")
-MODEL_OUTPUT = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-                "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*",
-                "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model", "chat_template*",
-                "preprocessor_config.json", "README.md")
+# `peftkit merge` / `peftkit export` list the files they wrote here, so that --overwrite replaces only those
+MANIFEST = ".peftkit-output.json"
 
 
-def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike | None], what: str,
-                  ours: Sequence[str]) -> None:
+def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike | None], what: str) -> None:
     """Refuse an output folder that would lose data: a file, a non-empty folder without ``overwrite``, a folder
-    holding anything but the files an earlier run of the command writes (``ours``, fnmatch patterns), or a
-    folder that is or holds one of ``inputs`` (``what``: what is written, for the message)."""
+    holding anything but the files an earlier merge/export wrote (its :data:`MANIFEST`), or a folder that is or
+    holds one of ``inputs`` (``what``: what is written, for the message)."""
     check(not out.is_symlink(), f"--output {str(out)!r} is a symbolic link; give the folder it points to, or a new "
                                 "folder")
     check(not out.exists() or out.is_dir(), f"--output {str(out)!r} is a file, not a folder; {what} is written as "
@@ -66,22 +59,30 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
         check(source is None or not _inside(Path(source), out),
               f"--output {str(out)!r} holds the input folder {str(source)!r}; replacing it would delete the input: "
               "give another output folder")
-    if out.exists():
-        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                         if not p.is_file() or not any(fnmatch.fnmatchcase(p.name, pat) for pat in ours))
-        check(not foreign, f"--output {str(out)!r} holds {', '.join(foreign[:5])}"
-                           f"{', ...' if len(foreign) > 5 else ''}, which {what} does not consist of; --overwrite "
-                           "replaces the whole folder and would delete them: move them away, or give another folder")
+    if out.exists() and any(out.iterdir()):
+        try:
+            written = set(json.loads((out / MANIFEST).read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            written = set()
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != MANIFEST
+                         and (p.is_symlink() or not p.is_file() or p.name not in written))
+        check(not foreign, f"--output {str(out)!r} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, "
+                           f"which an earlier `peftkit {'merge' if what == 'the adapter' else 'export'}` did not "
+                           "write there; --overwrite replaces only such a folder and would delete them: move them "
+                           "away, or give another folder")
 
 
 def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
     """``write(folder)`` into a new hidden folder next to ``out``, then move it into place, replacing ``out``:
-    a failure leaves ``out`` as it was."""
+    a failure leaves ``out`` as it was. The folder also gets :data:`MANIFEST`, the names of the files written,
+    which a later ``--overwrite`` requires."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private (0700); the result is not
     try:
         write(staging)
+        files = sorted(p.name for p in staging.iterdir())
+        atomic_write_bytes(staging / MANIFEST, (json.dumps({"files": files}, indent=1) + "\n").encode())
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -195,8 +196,7 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     check(len(weights) == len(adapter_dirs), f"got {len(adapter_dirs)} adapters and {len(weights)} weights")
     check(0 <= heads_from < len(adapter_dirs), f"heads_from={heads_from} must index one of the adapters")
     out = Path(output_dir)
-    _check_output(out, overwrite, [*adapter_dirs, *_base_sources(adapter_dirs[0], model_dir)[1:]], "the adapter",
-                  ADAPTER_OUTPUT)
+    _check_output(out, overwrite, [*adapter_dirs, *_base_sources(adapter_dirs[0], model_dir)[1:]], "the adapter")
     configs = []
     for folder in adapter_dirs:
         config = PeftConfig.from_pretrained(folder)
@@ -268,7 +268,7 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     check(Path(adapter_dir, "adapter_config.json").exists() or not (full / "config.json").is_file(),
           f"{str(adapter_dir)!r} is a full fine-tuning run: it holds no adapter to merge, and its model is already a "
           f"plain transformers folder, {str(full)!r}")
-    _check_output(out, overwrite, _base_sources(adapter_dir, model_dir), "the model", MODEL_OUTPUT)
+    _check_output(out, overwrite, _base_sources(adapter_dir, model_dir), "the model")
     config = PeftConfig.from_pretrained(adapter_dir)
     parts = config.configs if config.peft_type == "COMPOSED" else [config]
     for part in parts:
