@@ -186,6 +186,18 @@ def test_options_the_method_does_not_use_are_refused(tiny_model_dir, tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method, option", [("lora", ["--r", "8"]), ("vera", ["--r", "256"]),
+                                            ("lora", ["--target-modules", "all-linear"])])
+def test_an_option_given_at_the_methods_own_default_is_accepted(method, option):
+    """The option is used; only its value equals the default (it was reported as 'has no effect')."""
+    from peftkit.cli import _check_options_take_effect, build_parser
+    from peftkit.train.options import RunConfig
+
+    args = build_parser().parse_args(["train", "--method", method, *option])
+    _check_options_take_effect(RunConfig(method=method, r=args.r, lora_alpha=args.lora_alpha,
+                                         lora_dropout=args.lora_dropout, target_modules=args.target_modules))
+
+
 def test_a_bench_cell_warns_about_an_option_its_method_does_not_use(tiny_model_dir, tmp_path, capsys):
     """`peftkit bench --train-arg=--r=4` reaches every cell; a prefix-tuning cell runs and says so."""
     with pytest.warns(UserWarning, match="--r 4 has no effect with --method prefix-tuning.*a `peftkit bench` cell"):

@@ -329,8 +329,15 @@ def _check_options_take_effect(cfg: Any) -> None:
     if not given or get_method(cfg.method).cli_config is None:
         return
     config = build_peft_config(cfg)
+    # another value of the option (not the default, which may equal the given value and the method's own default)
+    probe = {"r": (cfg.r or 8) + 1, "lora_alpha": cfg.lora_alpha + 1, "lora_dropout": cfg.lora_dropout / 2 + 0.25,
+             "target_modules": ["peftkit_probe_module"]}
     for key, value in given.items():
-        if build_peft_config(dataclasses.replace(cfg, **{key: METHOD_OPTIONS[key]})) == config:
+        try:
+            other = build_peft_config(dataclasses.replace(cfg, **{key: probe[key]}))
+        except ConfigError:  # the method checks this option's value, so it uses it
+            continue
+        if other == config:
             raise ConfigError(f"{flag[key]} {value!r} has no effect with --method {cfg.method}, which does not use "
                               f"it; leave it out (`peftkit methods` lists the methods; --option KEY=VALUE sets any "
                               "field of the method's config)")
