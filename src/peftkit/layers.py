@@ -379,11 +379,23 @@ class AdaptedLayer(nn.Module):
         # parameter substitutions run first (before the base layer), the output adapters after, in order
         live = sorted((n for n in self.active_adapters if n not in self.merged_adapters),
                       key=lambda n: not self.adapters[n].substitutes_params)
+        if not merging & set(live):
+            return None
+        rescales = [n for n in live if not _additive(self.adapters[n])]
+        bias = next((n for n in live if self.adapters[n].substitutes_params), None)
+        if len(rescales) > 1 and bias is not None:  # a rescale then reads a bias another rescale already scaled
+            return (f"the merged form of {rescales} stacked on the bias that {bias!r} substitutes is not exact; "
+                    "merge fewer of them at once, or keep them unmerged")
         for i, m in enumerate(live):
             if m not in merging:
                 continue
-            for n in live[:i]:
-                if n not in merging and not (_additive(self.adapters[n]) and _additive(self.adapters[m])):
+            rest = [n for n in live if n not in merging]
+            if self.adapters[m].transforms_input and rest:  # every adapter of the layer sees the scaled input
+                return (f"merging {m!r}, which transforms the layer's input, while {rest[0]!r} stays unmerged would "
+                        f"change the input {rest[0]!r} sees; merge {rest[0]!r} too")
+            for n in live[:i]:  # (an unmerged input transform still scales the input the merged weight sees)
+                if (n not in merging and not self.adapters[n].transforms_input
+                        and not (_additive(self.adapters[n]) and _additive(self.adapters[m]))):
                     return (f"merging {m!r} while {n!r}, which the forward applies before it, stays unmerged would "
                             f"change the outputs ({type(self.adapters[n]).__name__} and "
                             f"{type(self.adapters[m]).__name__} do not commute); merge {n!r} too")
