@@ -267,7 +267,7 @@ def test_two_rescales_over_a_substituted_bias_are_not_merged():
     model = _stack(("i", peftkit.IA3Config(target_modules=t, feedforward_modules=[])),
                    ("d", peftkit.LoraConfig(r=4, target_modules=t, use_dora=True, init_lora_weights=False)),
                    ("b", peftkit.BitFitConfig(target_modules=t)))
-    with pytest.raises(ValueError, match=r"the merged form of \['i', 'd'\] stacked on the bias that 'b' substitutes "
-                                         "is not exact"):
+    with pytest.raises(ValueError, match=r"the merged form of \['i', 'd'\] stacked on the parameters that 'b' "
+                                         "substitutes is not exact"):
         model.merge_adapter()
     assert model.base_model.merged_adapters() == []

@@ -384,8 +384,8 @@ class AdaptedLayer(nn.Module):
         rescales = [n for n in live if not _additive(self.adapters[n])]
         bias = next((n for n in live if self.adapters[n].substitutes_params), None)
         if len(rescales) > 1 and bias is not None:  # a rescale then reads a bias another rescale already scaled
-            return (f"the merged form of {rescales} stacked on the bias that {bias!r} substitutes is not exact; "
-                    "merge fewer of them at once, or keep them unmerged")
+            return (f"the merged form of {rescales} stacked on the parameters that {bias!r} substitutes is not "
+                    "exact; keep them unmerged, or merge a set of active adapters without one of them")
         for i, m in enumerate(live):
             if m not in merging:
                 continue
