@@ -120,7 +120,11 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     host = model.base_model
     host.check_known([adapter_name])
     _before_load(host, adapter_name, state_dict)
-    expected = _load_targets(model, state_dict, adapter_name)
+    own = _tensors(model, adapter_name, export=False)
+    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``); such keys name
+    # a base-model parameter and are loaded into it
+    base = _base_keys(model, adapter_name, state_dict, own)
+    expected = {**own, **base}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
@@ -139,7 +143,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     # a peft file may carry whole base tensors (save_embedding_layers=True, e.g. after adding tokens); copied into
     # the shared base they would change every other adapter, and no delete, disable or unload gives them back
     others = [n for n in host.peft_config if n != adapter_name]
-    changed = [k for k in _base_keys(model, adapter_name, state_dict)
+    changed = [k for k in base
                if not torch.equal(state_dict[k].to(expected[k]), expected[k].detach())]
     if others and changed:
         raise AdapterLoadError(f"adapter {adapter_name!r} holds base-model weights that differ from this model's "
@@ -151,20 +155,14 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
 
 
-def _base_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The file's keys that name a base-model parameter rather than an adapter tensor, with the parameter."""
-    own = _tensors(model, adapter_name, export=False)
+def _base_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, Tensor],
+               own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The file's keys that name a base-model parameter rather than one of the adapter's tensors (``own``), with
+    the parameter."""
     prefix = key_prefix(model.peft_config[adapter_name])
     # every name of a tied parameter (lm_head.weight is embed_tokens.weight): peft names the one it wrapped
     base_params = {prefix + k: v for k, v in model.base_model.model.named_parameters(remove_duplicate=False)}
     return {k: base_params[k] for k in state_dict if k not in own and k in base_params}
-
-
-def _load_targets(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
-    """The live tensors a file's keys are copied into (plus base parameters the file names)."""
-    # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``);
-    # such keys name a base-model parameter and are loaded into it.
-    return {**_tensors(model, adapter_name, export=False), **_base_keys(model, adapter_name, state_dict)}
 
 
 def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True,
