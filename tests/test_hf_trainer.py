@@ -1,13 +1,17 @@
 """transformers' Trainer with peftkit models (PeftTrainer) on a tiny BERT: training, evaluation with
 labels and loss, unused columns dropped, checkpoints and final saves as adapter files that reload,
-exact resume from a checkpoint, activation checkpointing."""
+exact resume from a checkpoint, activation checkpointing. The plain ``Trainer`` trains and evaluates
+a peftkit model too (the model's forward shows the wrapped model's arguments)."""
 
 from __future__ import annotations
+
+import copy
+import inspect
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.train.hf_trainer import PeftTrainer
@@ -36,7 +40,7 @@ def _model() -> PeftModel:
                                                               task_type="SEQ_CLS"))
 
 
-def _trainer(out, model=None, **kw) -> PeftTrainer:
+def _trainer(out, model=None, trainer_class=PeftTrainer, **kw) -> PeftTrainer:
     options = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3,
                    save_steps=3, eval_strategy="steps", eval_steps=3, logging_steps=3, report_to=[], use_cpu=True,
                    seed=0, dataloader_num_workers=0, disable_tqdm=True) | kw
@@ -46,7 +50,7 @@ def _trainer(out, model=None, **kw) -> PeftTrainer:
         seen["labels"] = pred.label_ids
         return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
-    trainer = PeftTrainer(model=model or _model(), args=TrainingArguments(**options), train_dataset=Rows(32, 1),
+    trainer = trainer_class(model=model or _model(), args=TrainingArguments(**options), train_dataset=Rows(32, 1),
                           eval_dataset=Rows(12, 2), compute_metrics=metrics)
     trainer.seen = seen
     return trainer
@@ -54,7 +58,7 @@ def _trainer(out, model=None, **kw) -> PeftTrainer:
 
 def test_peft_trainer_trains_evaluates_and_saves_adapter_files(tmp_path):
     trainer = _trainer(tmp_path)
-    assert trainer.label_names == ["labels"]  # found on the wrapped model (peftkit hides its signature)
+    assert trainer.label_names == ["labels"]
     trainer.train()
     result = trainer.evaluate()
     assert "eval_loss" in result and 0 <= result["eval_accuracy"] <= 1
@@ -76,6 +80,33 @@ def test_peft_trainer_trains_evaluates_and_saves_adapter_files(tmp_path):
 def tiny_bert_classifier_seeded():
     torch.manual_seed(0)  # the same base weights (and classifier) as _model()
     return tiny_bert_classifier()
+
+
+def test_plain_transformers_trainer_trains_and_evaluates_a_peftkit_model(tmp_path):
+    trainer = _trainer(tmp_path, trainer_class=Trainer, save_strategy="no")
+    assert trainer.label_names == ["labels"]
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()  # the string column "text" would break the default collator unless dropped
+    result = trainer.evaluate()
+    assert "eval_loss" in result and 0 <= result["eval_accuracy"] <= 1
+    assert trainer.seen["labels"].tolist() == Rows(12, 2).labels.tolist()
+    after = dict(trainer.model.named_parameters())
+    assert all((after[n] - p).abs().max() > 0 for n, p in before.items())
+
+
+def test_forward_shows_the_wrapped_models_arguments_and_stays_bound_to_its_model():
+    model = _model()
+    params = inspect.signature(model.forward).parameters
+    assert {"input_ids", "attention_mask", "token_type_ids", "labels", "adapter_names"} <= set(params)
+    assert params["adapter_names"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert "labels" in inspect.signature(PeftModel.forward).parameters  # Trainer reads label names off the class
+    twin = copy.deepcopy(model)
+    assert twin.forward.__self__ is twin and model.forward.__self__ is model
+    perturb(twin)
+    ids = Rows(3, 5).ids
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, twin(input_ids=ids).logits)
+        assert torch.equal(twin(input_ids=ids).logits, twin.forward(input_ids=ids).logits)
 
 
 def test_resume_from_checkpoint_loads_the_adapter_and_ends_as_the_uninterrupted_run(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import warnings
 from collections.abc import Iterator, MutableMapping, Sequence
@@ -47,6 +48,8 @@ class PeftModel(nn.Module):
         self.base_model = AdapterModel(model)
         self.base_model.add_adapter(adapter_name, peft_config)
         self.base_model.set_adapter(adapter_name)
+        # the instance's ``forward`` reports the wrapped model's arguments (see :class:`_SignedForward`)
+        self.__dict__["forward"] = _SignedForward(self)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -256,8 +259,11 @@ class PeftModel(nn.Module):
         finally:
             ctx.set_rows(None)
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, labels: Any = None, **kwargs: Any) -> Any:
         """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row.
+
+        ``labels`` goes to the wrapped model when given (it is named here so that transformers'
+        ``Trainer``, which looks for label arguments on the model's class, finds it).
 
         A mixed-adapter batch whose rows of one adapter are scattered (``["a", "b", "a", ...]``) runs with
         its rows grouped by adapter (a stable sort, in order of first appearance): every tensor argument
@@ -265,6 +271,8 @@ class PeftModel(nn.Module):
         back in the caller's order on the way out, so each adapted layer works on contiguous runs of rows.
         With a cache given (in the caller's order) the rows keep their order.
         """
+        if labels is not None:
+            kwargs["labels"] = labels
         rows = _batch_size(args, kwargs)
         with self._rows(adapter_names, rows) as names:
             base = self.get_base_model()
@@ -569,3 +577,38 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
     if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
     return PeftModel(model, peft_config, adapter_name)
+
+
+class _SignedForward:
+    """:meth:`PeftModel.forward` bound to one model, with the wrapped model's signature.
+
+    ``inspect.signature(peft_model.forward)`` then lists the wrapped model's forward arguments (plus
+    ``adapter_names``), as it does for a peft model, so that tools which keep only the arguments a
+    model takes (transformers' ``Trainer`` with ``remove_unused_columns``) keep the right ones. It is
+    set per instance in :meth:`PeftModel.__init__`; calling it is calling ``PeftModel.forward``.
+    ``__func__`` is the class's function, for code that rebinds a module's forward (accelerate's
+    mixed precision does).
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    @property
+    def __func__(self) -> Any:
+        return type(self.model).forward
+
+    @property
+    def __self__(self) -> PeftModel:
+        return self.model
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        params = list(inspect.signature(self.model.get_base_model().forward).parameters.values())
+        if "adapter_names" not in {p.name for p in params}:
+            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+            at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+            params.insert(at, extra)
+        return inspect.Signature(params)

@@ -1,11 +1,12 @@
 """transformers' ``Trainer`` for peftkit models: :class:`PeftTrainer`.
 
 ``transformers.Trainer`` recognises PEFT models only as instances of the ``peft`` package's classes.
-Given a peftkit :class:`~peftkit.PeftModel` it trains, but it cannot see the wrapped model's forward
-arguments (``remove_unused_columns`` then drops every column, and ``label_names`` comes out empty,
-so evaluation reports no loss and passes no labels to ``compute_metrics``), and it saves and
-reloads the whole state dict instead of the adapter. :class:`PeftTrainer` is ``transformers.Trainer``
-with exactly those places taught about peftkit models; everything else (optimiser, schedules,
+Given a peftkit :class:`~peftkit.PeftModel` it trains and evaluates (the model's ``forward`` shows the
+wrapped model's arguments and ``labels``, so ``remove_unused_columns`` and ``label_names`` come out
+right for most models), but it saves and reloads the whole state dict instead of the adapter, which
+fails on a model with tied weights (GPT-2's embedding and LM head). :class:`PeftTrainer` is
+``transformers.Trainer`` with those places taught about peftkit models (label names come from the
+wrapped model's class, so question answering's ``start_positions`` too); everything else (optimiser, schedules,
 gradient accumulation, DDP via ``torchrun``/``accelerate launch``, activation checkpointing through
 the base model's ``activation_checkpointing_enable``, callbacks, logging) is transformers' own::
 
