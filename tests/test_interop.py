@@ -16,6 +16,9 @@ CASES = {
     "bert_cls": (tiny_bert_classifier, dict(r=4, lora_alpha=6, target_modules=["query", "value", "dense"],
                                             modules_to_save=["classifier"], bias="lora_only")),
     "bert_cls_task": (tiny_bert_classifier, dict(r=2, lora_alpha=4, target_modules=["query", "key"], task_type="SEQ_CLS")),
+    # bias="all": peft writes the classifier copy's bias twice (classifier.bias, classifier.modules_to_save.bias)
+    "bert_cls_bias_all": (tiny_bert_classifier, dict(r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                                     bias="all")),
     "gpt2": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
                              use_rslora=True)),
     "gpt2_embed": (tiny_gpt2, dict(r=2, lora_alpha=3, target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
@@ -187,3 +190,29 @@ def test_a_peft_lora_on_a_tied_lm_head_loads(tmp_path):
     with torch.no_grad():
         assert (ours(input_ids=x).logits - ref(input_ids=x).logits).abs().max() <= 1e-5
         assert (ours(input_ids=x).logits - fresh()(input_ids=x).logits).abs().max() > 1e-3
+
+
+def test_two_names_for_one_trained_bias_must_agree(tmp_path):
+    """peft's bias="all" file names the classifier copy's bias twice; a file where the two differ is refused
+    (which one peft would load depends on its key order), and nothing is loaded."""
+    from safetensors.torch import load_file, save_file
+
+    from peftkit.formats.hf_peft import AdapterLoadError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_bert_classifier(), peft.LoraConfig(r=2, target_modules=["query"],
+                                                                             task_type="SEQ_CLS", bias="all"))
+        theirs.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    alias = "base_model.model.classifier.modules_to_save.bias"
+    assert torch.equal(tensors[alias], tensors["base_model.model.classifier.bias"])
+    tensors[alias] = tensors[alias] + 1
+    save_file(tensors, path)
+    model = peftkit.get_peft_model(tiny_bert_classifier(), peftkit.LoraConfig(r=2, target_modules=["value"]),
+                                   adapter_name="a")
+    with pytest.raises(AdapterLoadError, match=r"holds 'base_model\.model\.classifier\.modules_to_save\.bias' and "
+                                               r"'base_model\.model\.classifier\.bias', two names for one trained"):
+        model.load_adapter(tmp_path, adapter_name="p")
+    assert list(model.peft_config) == ["a"]

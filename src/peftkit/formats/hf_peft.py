@@ -121,6 +121,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     host.check_known([adapter_name])
     _before_load(host, adapter_name, state_dict)
     own = _tensors(model, adapter_name, export=False)
+    _fold_copy_aliases(state_dict, own, adapter_name)
     # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``); such keys name
     # a base-model parameter and are loaded into it
     base = _base_keys(model, adapter_name, state_dict, own)
@@ -153,6 +154,29 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     with torch.no_grad():
         for k, dst in expected.items():
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
+
+
+def _fold_copy_aliases(state_dict: dict[str, Tensor], own: dict[str, Tensor], adapter_name: str) -> None:
+    """Take peft's second name for a trained copy's tensor out of ``state_dict`` (in place).
+
+    With ``bias="all"`` peft saves every tensor whose name holds "bias", so a ``modules_to_save`` copy's
+    bias is written twice: as ``classifier.bias`` and as ``classifier.modules_to_save.bias``. The second
+    name is folded into the first (kept when the first is absent); the frozen original,
+    ``classifier.original_module.bias``, names a base parameter and is handled with those.
+
+    Raises:
+        AdapterLoadError: the two names hold different values.
+    """
+    for key in [k for k in state_dict if k not in own and ".modules_to_save." in k]:
+        canonical = key.replace(".modules_to_save.", ".", 1)
+        if canonical not in own:
+            continue
+        alias = state_dict.pop(key)
+        if canonical not in state_dict:
+            state_dict[canonical] = alias
+        elif alias.shape != state_dict[canonical].shape or not torch.equal(alias, state_dict[canonical]):
+            raise AdapterLoadError(f"adapter {adapter_name!r}: the file holds {key!r} and {canonical!r}, two names "
+                                   "for one trained tensor, with different values; which one to load is unclear")
 
 
 def _base_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, Tensor],
