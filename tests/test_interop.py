@@ -216,3 +216,57 @@ def test_two_names_for_one_trained_bias_must_agree(tmp_path):
                                                r"'base_model\.model\.classifier\.bias', two names for one trained"):
         model.load_adapter(tmp_path, adapter_name="p")
     assert list(model.peft_config) == ["a"]
+
+
+def test_orthogonal_init_starts_as_identity_and_peft_files_with_it_load(tmp_path):
+    """init_lora_weights="orthogonal" (peft's): B A = 0 with both factors non-zero; odd ranks are refused;
+    a peft adapter trained from it loads and matches."""
+    from peftkit.config import ConfigError
+
+    base = tiny_bert_classifier()
+    x = ids()
+    ours = peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(r=4, target_modules=["query", "value"],
+                                                                           init_lora_weights="orthogonal"))
+    layer = ours.get_base_model().bert.encoder.layer[0].attention.self.query.adapters["default"]
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    assert a.abs().min() > 0 and b.abs().max() > 1e-3 and (b @ a).abs().max() < 1e-6
+    with torch.no_grad():
+        assert (ours(input_ids=x).logits - base(input_ids=x).logits).abs().max() < 1e-6
+    with pytest.raises(ConfigError, match=r"init_lora_weights='orthogonal' needs even ranks .*got r=3"):
+        peftkit.LoraConfig(r=4, rank_pattern={"query": 3}, init_lora_weights="orthogonal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["query"],
+                                                                           init_lora_weights="orthogonal"))
+        perturb(theirs)
+        theirs.save_pretrained(tmp_path)
+    loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert (_logits(loaded, x) - _logits(theirs, x)).abs().max() <= 1e-5
+
+
+def test_a_peft_eva_adapter_loads_but_eva_is_not_a_training_start(tmp_path):
+    """EVA sets A from activations of the data, which peftkit does not do: a trained EVA adapter's config loads
+    (its eva_config saved back unchanged); asking get_peft_model or add_adapter for EVA is refused."""
+    from peft.tuners.lora.config import EvaConfig
+
+    from peftkit.config import ConfigError, PeftConfig
+
+    base = tiny_bert_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=4, target_modules=["query"], init_lora_weights="eva", eva_config=EvaConfig(rho=1.5)))
+        perturb(theirs)
+        theirs.save_pretrained(tmp_path / "eva")
+    x = ids()
+    loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "eva")
+    assert (_logits(loaded, x) - _logits(theirs, x)).abs().max() <= 1e-5
+    loaded.save_pretrained(tmp_path / "again")
+    again = PeftConfig.from_pretrained(tmp_path / "again")
+    assert again.init_lora_weights == "eva" and again.eva_config["rho"] == 1.5
+    with pytest.raises(ConfigError, match=r"init_lora_weights='eva': peftkit has no EVA initialisation"):
+        peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(r=4, target_modules=["query"],
+                                                                       init_lora_weights="eva"))
+    with pytest.raises(ConfigError, match=r"peftkit has no EVA initialisation"):
+        loaded.add_adapter("more", peftkit.LoraConfig(r=4, target_modules=["value"], init_lora_weights="eva"))
+    assert list(loaded.peft_config) == ["default"]

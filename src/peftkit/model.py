@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from peftkit.config import PeftConfig
 from peftkit.host import AdapterModel
 from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
+from peftkit.methods.lora_init import check_trainable_init
 
 
 class PeftModel(nn.Module):
@@ -96,6 +97,7 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add a new adapter, inactive until :meth:`set_adapter`; on error the model is unchanged."""
+        check_trainable_init(peft_config)
         self.base_model.add_adapter(adapter_name, peft_config)
         self.base_model._set_trainable()
 
@@ -574,6 +576,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
         from peftkit.methods.compose import ComposedConfig
 
         peft_config = ComposedConfig(configs=list(peft_config))
+    check_trainable_init(peft_config)
     if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
     return PeftModel(model, peft_config, adapter_name)

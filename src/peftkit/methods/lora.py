@@ -60,7 +60,11 @@ class LoraConfig(PeftConfig):
         use_rslora: scale by ``lora_alpha / sqrt(r)`` instead.
         modules_to_save: modules trained in full and saved with the adapter (e.g. ``["classifier"]``).
         init_lora_weights: True (A Kaiming-uniform, B zero: the adapter starts as identity),
-            ``"gaussian"`` (A ~ N(0, 1/r), B zero), False (both random: for tests only), or, on Linear and
+            ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"orthogonal"`` (on Linear and GPT-2 Conv1D, as peft:
+            A and B built from the two halves of the rows of a random orthogonal ``r x r`` matrix, so
+            ``B A = 0`` with both non-zero; needs an even ``r``; other layer types get the default),
+            ``"eva"`` (accepted only in the config of a trained adapter being loaded: peftkit has no EVA
+            step, :func:`get_peft_model` refuses it), False (both random: for tests only), or, on Linear and
             GPT-2 Conv1D layers (other layer types get the default), ``"pissa"`` / ``"pissa_niter_N"`` /
             ``"olora"``, which move the top-``r`` part of the base weight into A and B and leave the
             residual in the base (see :mod:`peftkit.methods.lora_init`), or ``"loftq"`` (LoftQ: quantised
@@ -68,6 +72,8 @@ class LoraConfig(PeftConfig):
         use_dora: DoRA: the adapted weight is ``m * (W0 + s B A) / ||W0 + s B A||`` with a trainable
             magnitude ``m`` per output feature (see :mod:`peftkit.methods.dora`).
         loftq_config: LoftQ options (a ``LoftQConfig`` or dict; stored as a dict).
+        eva_config: peft's EVA options, kept so that a loaded EVA adapter's config is saved back unchanged
+            (peftkit does not use them).
         use_qalora / qalora_group_size: QA-LoRA, input pooled over groups of this many columns (see
             :mod:`peftkit.quant.qalora`). Default False / 16.
         layers_to_transform / layers_pattern: restrict to some blocks (see :mod:`peftkit.targeting`).
@@ -103,6 +109,7 @@ class LoraConfig(PeftConfig):
     loftq_config: Any = field(default_factory=dict)  # a LoftQConfig or a dict; stored as a dict
     use_qalora: bool = False
     qalora_group_size: int = 16
+    eva_config: Any = None
 
     def validate(self) -> None:
         check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
@@ -114,6 +121,10 @@ class LoraConfig(PeftConfig):
         check(self.bias in ("none", "all", "lora_only"),
               f"bias={self.bias!r} is not valid; expected 'none', 'all' or 'lora_only'")
         check_init(self.init_lora_weights)
+        if self.init_lora_weights == "orthogonal":
+            odd = sorted({r for r in [self.r, *self.rank_pattern.values()] if isinstance(r, int) and r % 2})
+            check(not odd, "init_lora_weights='orthogonal' needs even ranks (it splits the rank in two halves); got "
+                           + (f"r={odd[0]}" + (" in rank_pattern" if odd[0] != self.r else "") if odd else ""))
         check(isinstance(self.use_dora, bool), f"use_dora={self.use_dora!r} must be true or false")
         check(not (self.lora_bias and (self.use_dora or changes_base(self.init_lora_weights))),
               f"lora_bias=True is not supported with use_dora={self.use_dora} and "
@@ -200,13 +211,28 @@ class LoraLinear(Adapter):
         """Initialise A and B (see :class:`LoraConfig` ``init_lora_weights``)."""
         if init is False:
             return
-        if init == "gaussian":
+        if init == "orthogonal":
+            self._orthogonal_init()
+        elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        if init != "orthogonal":
+            nn.init.zeros_(self.lora_B.weight)
         if self.lora_B.bias is not None:
             nn.init.zeros_(self.lora_B.bias)
+
+    @torch.no_grad()
+    def _orthogonal_init(self) -> None:
+        """peft's ``"orthogonal"`` start: with ``Q`` a random orthogonal ``(r, r)`` matrix, ``A = (G1 Q_0)^T / 10``
+        and ``B = G2 Q_1 / 10``, where ``Q_0`` and ``Q_1`` hold ``Q``'s rows 0, 2, 4, ... and 1, 3, 5, ... and
+        ``G1: (in, r/2)``, ``G2: (out, r/2)`` are Gaussian. Distinct rows of ``Q`` are orthogonal, so ``B A = 0``
+        while both factors are non-zero (the adapter starts as identity)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        half = self.r // 2
+        q, _ = torch.linalg.qr(torch.randn(self.r, self.r, dtype=torch.float32))
+        a.copy_((torch.randn(a.shape[1], half) @ q[0::2]).T / 10.0)
+        b.copy_(torch.randn(b.shape[0], half) @ q[1::2] / 10.0)
 
     def low_rank(self) -> tuple[Tensor, Tensor, float]:
         """``(A, B, scaling)`` as used now (DyLoRA truncates them)."""

@@ -42,15 +42,31 @@ PISSA_PAPER = ("PiSSA: Principal Singular Values and Singular Vectors Adaptation
                "(Meng et al., 2024, arXiv:2404.02948)")
 OLORA_PAPER = "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models (Büyükakyüz, 2024, arXiv:2406.01775)"
 _NITER = re.compile(r"pissa_niter_(\d+)")
-PLAIN_INITS = (True, False, "gaussian", "loftq")
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "loftq")
 BASE_INITS = ("pissa", "pissa_niter_[N]", "olora")
+#: initialisations peftkit accepts in a trained adapter's config (loading replaces A and B), not to train from:
+#: EVA sets A from activations of the training data (Paischer et al., "One Initialization to Rule them All:
+#: Fine-tuning via Explained Variance Adaptation", 2024, arXiv:2410.07170), which peftkit does not run
+LOAD_ONLY_INITS = ("eva",)
 
 
 def check_init(value: Any) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a known ``init_lora_weights``."""
-    check(value in PLAIN_INITS or value in ("pissa", "olora") or (isinstance(value, str) and _NITER.fullmatch(value)),
-          f"init_lora_weights={value!r} is not valid; expected one of {PLAIN_INITS + BASE_INITS} "
-          "(N: the number of subspace iterations, an integer >= 0)")
+    check(value in PLAIN_INITS or value in LOAD_ONLY_INITS or value in ("pissa", "olora")
+          or (isinstance(value, str) and _NITER.fullmatch(value)),
+          f"init_lora_weights={value!r} is not valid; expected one of {PLAIN_INITS + BASE_INITS + LOAD_ONLY_INITS} "
+          "(N: the number of subspace iterations, an integer >= 0; 'eva' only in a trained adapter's config)")
+
+
+def check_trainable_init(config: Any) -> None:
+    """Raise :class:`ConfigError` when ``config`` (or a part of a composed config) asks for an initialisation
+    peftkit accepts only when loading a trained adapter (:data:`LOAD_ONLY_INITS`)."""
+    for part in getattr(config, "configs", None) or [config]:
+        init = getattr(part, "init_lora_weights", None)
+        check(not (isinstance(init, str) and init in LOAD_ONLY_INITS),
+              f"init_lora_weights={init!r}: peftkit has no EVA initialisation (it needs activations of the training "
+              "data); the value is accepted only in the config of a trained adapter being loaded. Train from "
+              "True, 'gaussian', 'orthogonal', 'pissa' or 'olora' instead")
 
 
 def changes_base(init: Any) -> bool:
