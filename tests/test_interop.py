@@ -270,3 +270,42 @@ def test_a_peft_eva_adapter_loads_but_eva_is_not_a_training_start(tmp_path):
     with pytest.raises(ConfigError, match=r"peftkit has no EVA initialisation"):
         loaded.add_adapter("more", peftkit.LoraConfig(r=4, target_modules=["value"], init_lora_weights="eva"))
     assert list(loaded.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("first", ["other", "biased"])
+def test_a_bias_all_adapter_saved_next_to_another_loads_alone_in_both_libraries(first, tmp_path):
+    """With bias="all" an adapter trains every bias, also those of layers that only another adapter wraps
+    (key.base_layer.bias then). The file names them as in a model holding the adapter alone (key.bias),
+    whichever adapter came first, so it loads alone in peftkit and in peft; the old layout loads too."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_bert_classifier()
+    other = peftkit.LoraConfig(r=2, target_modules=["key"])
+    biased = peftkit.LoraConfig(r=2, target_modules=["query"], bias="all")
+    configs = [("o", other), ("b", biased)] if first == "other" else [("b", biased), ("o", other)]
+    model = peftkit.get_peft_model(copy.deepcopy(base), configs[0][1], adapter_name=configs[0][0])
+    model.add_adapter(*configs[1])
+    model.set_adapter("b")
+    perturb(model)
+    x = ids()
+    expected = _logits(model.eval(), x)
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    path = tmp_path / "b" / "adapter_model.safetensors"
+    keys = set(load_file(path))
+    assert "base_model.model.bert.encoder.layer.0.attention.self.key.bias" in keys
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias" in keys
+    ours = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b")
+    assert (_logits(ours, x) - expected).abs().max() <= 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b")
+    assert (_logits(theirs, x) - expected).abs().max() <= 1e-5
+    # the layout written before (the wrapped name) still loads, also next to an adapter that wraps key
+    old = {k.replace(".key.bias", ".key.base_layer.bias"): v for k, v in load_file(path).items()}
+    save_file(old, path)
+    alone = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b")
+    assert (_logits(alone, x) - expected).abs().max() <= 1e-6
+    beside = peftkit.get_peft_model(copy.deepcopy(base), other, adapter_name="o")
+    beside.load_adapter(tmp_path / "b", adapter_name="b")
+    beside.set_adapter("b")
+    assert (_logits(beside.eval(), x) - expected).abs().max() <= 1e-6

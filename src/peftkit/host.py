@@ -421,8 +421,23 @@ class AdapterModel(nn.Module):
                 for k, t in _plain_state(w.modules_to_save[adapter_name]).items():
                     out[f"{logical}.{k}"] = t
         for pname in self.extra_trainable(adapter_name):
-            out[pname] = self.extra_parameter(pname)
+            out[self._file_name(pname, adapter_name)] = self.extra_parameter(pname)
         return out
+
+    def _file_name(self, pname: str, adapter_name: str) -> str:
+        """The file key of a base parameter that ``adapter_name`` trains (``bias="all"``): its name with the
+        ``base_layer.`` of layers that only *other* adapters wrap left out, i.e. its name in a model holding
+        this adapter alone, whichever adapters were added before or after it (peft's layout)."""
+        parts = pname.split(".base_layer.")
+        name = parts[0]
+        for rest in parts[1:]:
+            try:
+                layer = self.model.get_submodule(name)
+            except AttributeError:
+                layer = None
+            keep = isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters
+            name = f"{name}.base_layer.{rest}" if keep else f"{name}.{rest}"
+        return name
 
 
 def _outside_copies(name: str, saved: set[str]) -> str | None:

@@ -157,19 +157,25 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
 
 
 def _fold_copy_aliases(state_dict: dict[str, Tensor], own: dict[str, Tensor], adapter_name: str) -> None:
-    """Take peft's second name for a trained copy's tensor out of ``state_dict`` (in place).
+    """Fold other names for the adapter's own tensors into their names in ``own`` (in place).
 
     With ``bias="all"`` peft saves every tensor whose name holds "bias", so a ``modules_to_save`` copy's
     bias is written twice: as ``classifier.bias`` and as ``classifier.modules_to_save.bias``. The second
     name is folded into the first (kept when the first is absent); the frozen original,
-    ``classifier.original_module.bias``, names a base parameter and is handled with those.
+    ``classifier.original_module.bias``, names a base parameter and is handled with those. Likewise a
+    trained base bias in a layer that another adapter had wrapped when the file was written
+    (``key.base_layer.bias``) is read as ``key.bias`` when no adapter here wraps ``key``.
 
     Raises:
         AdapterLoadError: the two names hold different values.
     """
-    for key in [k for k in state_dict if k not in own and ".modules_to_save." in k]:
-        canonical = key.replace(".modules_to_save.", ".", 1)
-        if canonical not in own:
+    # a base parameter trained with bias="all" inside a layer another adapter wrapped, as peft (and peftkit before
+    # it wrote names as in a model holding the adapter alone) may name it: key.base_layer.bias for key.bias
+    bare = {k.replace(".base_layer.", "."): k for k in own if ".base_layer." not in k}
+    for key in [k for k in state_dict if k not in own]:
+        canonical = key.replace(".modules_to_save.", ".", 1) if ".modules_to_save." in key else bare.get(
+            key.replace(".base_layer.", "."))
+        if canonical is None or canonical not in own:
             continue
         alias = state_dict.pop(key)
         if canonical not in state_dict:
