@@ -239,3 +239,10 @@ def test_adapter_names_cannot_contain_the_part_separator():
 def test_the_composition_takes_its_parts_task_type():
     config = ComposedConfig(configs=[LoraConfig(target_modules=["query"], task_type="SEQ_CLS"), IA3Config()])
     assert config.task_type == "SEQ_CLS"
+
+
+def test_merged_adapters_names_a_composition_once_when_two_parts_share_a_layer():
+    model, _ = adapted_bert(ComposedConfig(configs=[LoraConfig(r=2, target_modules=["query"]),
+                                                    LoraConfig(r=3, target_modules=["query"])]))
+    model.merge_adapter()
+    assert model.base_model.merged_adapters() == ["default"]

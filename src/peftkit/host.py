@@ -313,7 +313,9 @@ class AdapterModel(nn.Module):
         out: list[str] = []
         for _, w in self.wrappers():
             if isinstance(w, AdaptedLayer):
-                out += [o for o in map(self.owner, w.merged_adapters) if o not in out]
+                for owner in map(self.owner, w.merged_adapters):
+                    if owner not in out:  # two parts of one composed adapter in one layer name it once
+                        out.append(owner)
         return out
 
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
