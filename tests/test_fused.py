@@ -110,3 +110,33 @@ def test_double_backward_equals_module_by_module(method, rows):
         for p, g, ref in zip([x, *params], *found):
             assert ref.abs().max() > 0
             assert torch.allclose(g, ref, rtol=1e-4, atol=1e-4), (penalised, p.shape)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_autocast_bf16_runs_and_stays_close_to_float32(name, dropout):
+    """Under autocast (accelerate's or Trainer's mixed precision) activations are bfloat16 while the adapter
+    stays float32: the forward and backward run (they raised a dtype error) and match float32 to bf16 precision."""
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), _retarget(CONFIGS[name](dropout)))
+    perturb(model, 0.05)
+    model.eval()
+    x = torch.randint(3, 60, (2, 7))
+    with torch.no_grad():
+        reference = model(input_ids=x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(input_ids=x).logits
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().max() > 0 for g in grads)
+
+
+def _retarget(config):
+    config.target_modules = ["q_proj", "down_proj"]
+    return config

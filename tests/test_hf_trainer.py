@@ -143,3 +143,67 @@ def test_a_peft_model_moves_and_casts_like_a_module():
     model.float()
     out = model(input_ids=Rows(2, 4).ids).logits
     assert out.dtype == torch.float32 and out.shape == (2, 2)
+
+
+
+def test_the_signed_forward_leaves_no_reference_cycle():
+    """The signature comes from a class-level descriptor: nothing on the instance refers back to the model, so
+    it is freed as soon as it is dropped (GPU memory too), without the garbage collector."""
+    import gc
+    import weakref
+
+    model = _model()
+    with torch.no_grad():
+        model(input_ids=Rows(3, 6).ids)
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_the_compiler_traces_the_model_whole():
+    model = _model()
+    ids = Rows(3, 6).ids
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.allclose(compiled(input_ids=ids).logits, expected, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_trainer_label_smoothing_shifts_a_causal_lms_labels_as_for_the_base_model(tmp_path):
+    """Trainer picks the shifted label smoothing by the model's class name; the adapted model reports its base's
+    (its repr still says PeftModel)."""
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"]))  # B = 0: same outputs
+    assert repr(model).startswith("PeftModel(\n  (base_model): AdapterModel(")
+    assert model._get_name() == "LlamaForCausalLM"
+    batch = {"input_ids": torch.randint(3, 60, (2, 9)), "labels": torch.randint(3, 60, (2, 9))}
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    with torch.no_grad():
+        ours = Trainer(model=model, args=args).compute_loss(model, dict(batch))
+        theirs = Trainer(model=base, args=args).compute_loss(base, dict(batch))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_labels_for_a_model_that_takes_none_are_refused_with_advice():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["lin"]))
+    x = torch.randn(3, 4)
+    assert model(x, labels=None).shape == (3, 2)
+    with pytest.raises(TypeError, match=r"labels were given, but the wrapped model's forward \(Net\) takes no "
+                                        r"'labels' argument; .*label_names"):
+        model(x, labels=torch.zeros(3))

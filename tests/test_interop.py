@@ -309,3 +309,46 @@ def test_a_bias_all_adapter_saved_next_to_another_loads_alone_in_both_libraries(
     beside.load_adapter(tmp_path / "b", adapter_name="b")
     beside.set_adapter("b")
     assert (_logits(beside.eval(), x) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("saved_as, loaded_as", [("default", "other"), ("other", "default")])
+def test_a_peft_bias_all_file_with_a_nested_copy_loads_under_any_adapter_name(saved_as, loaded_as, tmp_path):
+    """With modules_to_save=["pooler"] and bias="all", peft also writes the copy's inner bias under the name the
+    adapter had when saved (bert.pooler.modules_to_save.<name>.dense.bias)."""
+    base = tiny_bert_classifier()
+    x = ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=2, target_modules=["query"], task_type="SEQ_CLS", bias="all", modules_to_save=["pooler"]),
+            adapter_name=saved_as)
+        perturb(theirs)
+        theirs.save_pretrained(tmp_path)
+    folder = tmp_path if saved_as == "default" else tmp_path / saved_as
+    ours = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), folder, adapter_name=loaded_as)
+    assert (_logits(ours, x) - _logits(theirs.eval(), x)).abs().max() <= 1e-5
+
+
+def test_a_user_module_named_modules_to_save_is_not_taken_for_a_copy(tmp_path):
+    """Only a real modules_to_save wrapper's names are folded: a base module that happens to be called
+    modules_to_save keeps its own (trained, bias="all") bias."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Linear(4, 8)
+            self.head = torch.nn.Module()
+            self.head.modules_to_save = torch.nn.Linear(8, 2)
+            self.head.bias = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, v):
+            return self.head.modules_to_save(self.emb(v)) + self.head.bias
+
+    torch.manual_seed(0)
+    net, v = Net(), torch.randn(3, 4)
+    theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=["emb"], bias="all"))
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path)
+    with torch.no_grad():
+        assert (ours(v) - theirs(v)).abs().max() <= 1e-6

@@ -419,7 +419,8 @@ class AdaptedLayer(nn.Module):
     @torch.no_grad()
     def _fold(self, fn) -> None:
         weight, bias = self.weight, self.bias
-        new_w, new_b = fn(self, weight.detach().float(), None if bias is None else bias.detach().float())
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for a float64 model
+        new_w, new_b = fn(self, weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
         weight.copy_(new_w.to(weight.dtype))
         if new_b is None:
             return

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import os
+import types
 import warnings
+import weakref
 from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any
 
@@ -49,8 +52,16 @@ class PeftModel(nn.Module):
         self.base_model = AdapterModel(model)
         self.base_model.add_adapter(adapter_name, peft_config)
         self.base_model.set_adapter(adapter_name)
-        # the instance's ``forward`` reports the wrapped model's arguments (see :class:`_SignedForward`)
-        self.__dict__["forward"] = _SignedForward(self)
+
+    def _get_name(self) -> str:
+        """The wrapped model's class name: code that dispatches on a model's name (transformers' ``Trainer``
+        shifts labels for a causal LM's label smoothing by it) treats the adapted model as its base model, as
+        it does for a peft model. ``repr`` still reads ``PeftModel(...)``."""
+        return self.get_base_model()._get_name()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return type(self).__name__ + text[len(self._get_name()):]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -267,6 +278,9 @@ class PeftModel(nn.Module):
         ``labels`` goes to the wrapped model when given (it is named here so that transformers'
         ``Trainer``, which looks for label arguments on the model's class, finds it).
 
+        Raises:
+            TypeError: ``labels`` given to a wrapped model whose forward takes none.
+
         A mixed-adapter batch whose rows of one adapter are scattered (``["a", "b", "a", ...]``) runs with
         its rows grouped by adapter (a stable sort, in order of first appearance): every tensor argument
         with one entry per row is reordered on the way in, every such output (and a returned cache) is put
@@ -274,6 +288,13 @@ class PeftModel(nn.Module):
         With a cache given (in the caller's order) the rows keep their order.
         """
         if labels is not None:
+            params = inspect.signature(self.forward).parameters.values()
+            if not any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                raise TypeError(f"labels were given, but the wrapped model's forward "
+                                f"({type(self.get_base_model()).__name__}) takes no 'labels' argument; with "
+                                "transformers' Trainer pass TrainingArguments(label_names=[...]) naming its label "
+                                "arguments, or use peftkit.train.hf_trainer.PeftTrainer, which reads them off the "
+                                "wrapped model")
             kwargs["labels"] = labels
         rows = _batch_size(args, kwargs)
         with self._rows(adapter_names, rows) as names:
@@ -582,36 +603,62 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
     return PeftModel(model, peft_config, adapter_name)
 
 
-class _SignedForward:
-    """:meth:`PeftModel.forward` bound to one model, with the wrapped model's signature.
 
-    ``inspect.signature(peft_model.forward)`` then lists the wrapped model's forward arguments (plus
-    ``adapter_names``), as it does for a peft model, so that tools which keep only the arguments a
-    model takes (transformers' ``Trainer`` with ``remove_unused_columns``) keep the right ones. It is
-    set per instance in :meth:`PeftModel.__init__`; calling it is calling ``PeftModel.forward``.
-    ``__func__`` is the class's function, for code that rebinds a module's forward (accelerate's
-    mixed precision does).
+class _SignedForward:
+    """Descriptor for :meth:`PeftModel.forward`: on a model it gives a bound method whose signature is the
+    wrapped model's forward arguments (plus ``adapter_names``), as for a peft model, so that tools which
+    keep only the arguments a model takes (transformers' ``Trainer`` with ``remove_unused_columns``) keep
+    the right ones; on the class it gives the plain function (whose signature names ``labels``, where
+    ``Trainer`` looks for label names).
+
+    The bound method is a real ``types.MethodType`` made at each access (nothing is stored on the model, so
+    no reference cycle), of a copy of the function that carries ``__signature__``; the copies are cached
+    per wrapped model class. Code that rebinds ``model.forward.__func__`` (accelerate's mixed precision)
+    keeps the signature, since ``functools.wraps`` copies ``__signature__``.
     """
 
-    def __init__(self, model: PeftModel) -> None:
-        self.model = model
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        # weak keys: a base forward set per instance (accelerate's hooks) may hold the whole base model
+        self._signed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        functools.update_wrapper(self, fn)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return type(self.model).forward(self.model, *args, **kwargs)
+    def __get__(self, model: Any, owner: type | None = None) -> Any:
+        if model is None:
+            return self.fn
+        if torch.compiler.is_compiling():  # what the compiler traces (it cannot build methods; no signature needed)
+            return functools.partial(self.fn, model)
+        try:
+            base_forward = model.base_model.model.forward
+        except AttributeError:  # during construction or teardown
+            return types.MethodType(self.fn, model)
+        key = getattr(base_forward, "__func__", base_forward)
+        try:
+            fn = self._signed.get(key)
+        except TypeError:  # not weakly referenceable: not cached
+            return types.MethodType(self._copy_with_signature(base_forward), model)
+        if fn is None:
+            fn = self._signed[key] = self._copy_with_signature(base_forward)
+        return types.MethodType(fn, model)
 
-    @property
-    def __func__(self) -> Any:
-        return type(self.model).forward
-
-    @property
-    def __self__(self) -> PeftModel:
-        return self.model
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        params = list(inspect.signature(self.model.get_base_model().forward).parameters.values())
+    def _copy_with_signature(self, base_forward: Any) -> Any:
+        fn = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__, self.fn.__defaults__,
+                                self.fn.__closure__)
+        functools.update_wrapper(fn, self.fn)
+        del fn.__wrapped__  # the signature below, not the wrapped function's, is the one to report
+        fn.__kwdefaults__ = self.fn.__kwdefaults__
+        try:
+            params = list(inspect.signature(base_forward).parameters.values())
+        except (TypeError, ValueError):  # a forward without a readable signature keeps peftkit's own
+            fn.__signature__ = inspect.signature(self.fn)
+            return fn
         if "adapter_names" not in {p.name for p in params}:
             extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
             at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
             params.insert(at, extra)
-        return inspect.Signature(params)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        fn.__signature__ = inspect.Signature([self_param, *params])
+        return fn
+
+
+PeftModel.forward = _SignedForward(PeftModel.forward)

@@ -121,7 +121,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     host.check_known([adapter_name])
     _before_load(host, adapter_name, state_dict)
     own = _tensors(model, adapter_name, export=False)
-    _fold_copy_aliases(state_dict, own, adapter_name)
+    _fold_copy_aliases(model, state_dict, own, adapter_name)
     # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``); such keys name
     # a base-model parameter and are loaded into it
     base = _base_keys(model, adapter_name, state_dict, own)
@@ -156,26 +156,48 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
 
 
-def _fold_copy_aliases(state_dict: dict[str, Tensor], own: dict[str, Tensor], adapter_name: str) -> None:
+def _fold_copy_aliases(model: PeftModel, state_dict: dict[str, Tensor], own: dict[str, Tensor],
+                       adapter_name: str) -> None:
     """Fold other names for the adapter's own tensors into their names in ``own`` (in place).
 
     With ``bias="all"`` peft saves every tensor whose name holds "bias", so a ``modules_to_save`` copy's
     bias is written twice: as ``classifier.bias`` and as ``classifier.modules_to_save.bias``. The second
-    name is folded into the first (kept when the first is absent); the frozen original,
-    ``classifier.original_module.bias``, names a base parameter and is handled with those. Likewise a
-    trained base bias in a layer that another adapter had wrapped when the file was written
-    (``key.base_layer.bias``) is read as ``key.bias`` when no adapter here wraps ``key``.
+    name is folded into the first (kept when the first is absent) when ``classifier`` is a
+    ``modules_to_save`` wrapper here (also ``pooler.modules_to_save.<adapter>.dense.bias``, a copy's inner
+    module named with the adapter's name when saved); the frozen original, ``classifier.original_module.bias``, names a
+    base parameter and is handled with those. Likewise a trained base bias in a layer that another adapter
+    had wrapped when the file was written (``key.base_layer.bias``) is read as ``key.bias`` when no
+    adapter here wraps ``key``. A key that names another base parameter of the model is not taken for an alias.
 
     Raises:
         AdapterLoadError: the two names hold different values.
     """
+    from peftkit.layers import ModulesToSaveWrapper
+
+    prefix = key_prefix(model.peft_config[adapter_name])
+    root = model.base_model.model
+    params = {prefix + n: p for n, p in root.named_parameters(remove_duplicate=False)}
+    wrappers = {prefix + n for n, m in root.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     # a base parameter trained with bias="all" inside a layer another adapter wrapped, as peft (and peftkit before
     # it wrote names as in a model holding the adapter alone) may name it: key.base_layer.bias for key.bias
     bare = {k.replace(".base_layer.", "."): k for k in own if ".base_layer." not in k}
+    marker = ".modules_to_save."
     for key in [k for k in state_dict if k not in own]:
-        canonical = key.replace(".modules_to_save.", ".", 1) if ".modules_to_save." in key else bare.get(
-            key.replace(".base_layer.", "."))
-        if canonical is None or canonical not in own:
+        canonical = None
+        at = key.find(marker)
+        while at >= 0 and canonical is None:
+            rest = key[at + len(marker):]
+            # X.modules_to_save.Y, or X.modules_to_save.<adapter name when saved>.Y (a copy's inner module)
+            for candidate in (f"{key[:at]}.{rest}", f"{key[:at]}.{rest.partition('.')[2]}"):
+                if key[:at] in wrappers and candidate in own:
+                    canonical = candidate
+                    break
+            at = key.find(marker, at + 1)
+        if canonical is None:
+            canonical = bare.get(key.replace(".base_layer.", "."))
+            if key in params and (canonical is None or params[key] is not own[canonical]):
+                canonical = None  # a base parameter of its own (not the same tensor under its wrapped name)
+        if canonical is None:
             continue
         alias = state_dict.pop(key)
         if canonical not in state_dict:

@@ -96,10 +96,10 @@ class DyLoraLinear(LoraLinear):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         a, b, scaling = self.low_rank()
-        if x.dtype != a.dtype:
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         z = F.linear(self.lora_dropout(x), a)
-        if y.dtype == z.dtype and y.is_contiguous() and fresh_output(layer):
+        if y.dtype == z.dtype == b.dtype and y.is_contiguous() and fresh_output(layer):  # not under autocast
             y.view(-1, y.shape[-1]).addmm_(z.view(-1, a.shape[0]), b.T, alpha=scaling)
             return y
         return torch.add(y, F.linear(z, b).to(y.dtype), alpha=scaling)

@@ -254,10 +254,12 @@ class LoraLinear(Adapter):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         a, b = self.lora_A.weight, self.lora_B
-        if x.dtype != a.dtype:
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         z = F.linear(self.lora_dropout(x), a)
-        if b.bias is None and y.dtype == z.dtype and y.is_contiguous() and fresh_output(layer):
+        # (under autocast z comes out in the autocast dtype while B stays float32: the in-place GEMM, which
+        # autocast does not cover, then does not apply)
+        if b.bias is None and y.dtype == z.dtype == b.weight.dtype and y.is_contiguous() and fresh_output(layer):
             # one GEMM accumulating s * z @ B^T into the base output: no extra pass over y
             y.view(-1, y.shape[-1]).addmm_(z.view(-1, self.r), b.weight.T, alpha=self.scaling)
             return y
