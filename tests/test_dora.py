@@ -244,3 +244,25 @@ def test_mixed_adapter_batch_equals_each_adapter_alone():
                 model.set_adapter(name)
                 alone = model(input_ids=x[i:i + 1]).logits
             assert (mixed[i:i + 1] - alone).abs().max() <= 1e-5, name
+
+
+def test_float64_dora_with_bitfit_merged_under_it_runs_and_stays_exact():
+    """A float64 model (set_default_dtype): merging BitFit under an active DoRA raised a dtype error (the norm
+    mixed the float32 unmerged weight with float64 factors); the merge is exact to float64 precision."""
+    from peftkit import BitFitConfig
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], use_dora=True),
+                               adapter_name="d")
+        model.add_adapter("bf", BitFitConfig())
+        model.set_adapter(["bf", "d"])
+        perturb(model)
+        x = ids()
+        with torch.no_grad():
+            expected = model(input_ids=x).logits
+            model.base_model.merge(["bf"])
+            assert (model(input_ids=x).logits - expected).abs().max() <= 1e-8
+    finally:
+        torch.set_default_dtype(old)
