@@ -9,6 +9,7 @@ largest over its cells, process RSS on CPU) and the size of what the run saved.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -131,6 +132,33 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
     return path
 
 
+def _label_places(points: list[tuple[str, float, float]]) -> list[tuple[str, float, float, tuple[int, int], str]]:
+    """Where each point's label goes (offset in points, alignment) so that labels of nearby points do not
+    overlap: above right by default, else below right, above left or below left, whichever first clears
+    the labels placed so far. Positions are estimated in axes fractions (x on a log scale) for the 7 x 4.5
+    inch plot at font size 8; ``points`` holds ``(name, trainable parameters, metric)``."""
+    if not points:
+        return []
+    xs = [math.log10(max(x, 1)) for _, x, _ in points]
+    ys = [y for _, _, y in points]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    char_w, line_h, pt_x, pt_y = 0.012, 0.045, 1 / 400, 1 / 243  # axes fraction per character / line / point
+    placed: list[tuple[float, float, float, float]] = []
+    out = []
+    for (name, x, y), lx in sorted(zip(points, xs), key=lambda p: (p[1], p[0][2])):
+        fx, fy = (lx - min(xs)) / x_span * 0.9, (y - min(ys)) / y_span * 0.9
+        width = char_w * len(name)
+        for (dx, dy), align in (((5, 4), "left"), ((5, -12), "left"), ((-5, 4), "right"), ((-5, -12), "right")):
+            left = fx + dx * pt_x - (width if align == "right" else 0)
+            bottom = fy + dy * pt_y
+            box = (left, bottom, left + width, bottom + line_h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        out.append((name, x, y, (dx, dy), align))
+    return out
+
+
 def _plots(s: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -142,13 +170,16 @@ def _plots(s: dict[str, Any], out: Path) -> list[str]:
     if not pm:
         return names
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = []
     for m, c in pm.items():
         means = [s["cells"][(m, t)]["mean"] for t in s["tasks"] if (m, t) in s["cells"]]
         if not means:
             continue
         y = c["average"] if c["average"] is not None else statistics.fmean(means)
         ax.scatter(c["trainable_params"], y, s=40)
-        ax.annotate(m, (c["trainable_params"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        points.append((m, c["trainable_params"], y))
+    for m, x, y, offset, align in _label_places(points):
+        ax.annotate(m, (x, y), textcoords="offset points", xytext=offset, fontsize=8, ha=align)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("average dev metric x100 over tasks")
