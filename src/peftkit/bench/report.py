@@ -135,7 +135,7 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
 def _label_places(points: list[tuple[str, float, float]]) -> list[tuple[str, float, float, tuple[int, int], str]]:
     """Where each point's label goes (offset in points, alignment) so that labels of nearby points do not
     overlap: above right by default, else below right, above left or below left, whichever first clears
-    the labels placed so far. Positions are estimated in axes fractions (x on a log scale) for the 7 x 4.5
+    the labels placed so far; points that nearly coincide share one label (``"lora / dora"``). Positions are estimated in axes fractions (x on a log scale) for the 7 x 4.5
     inch plot at font size 8; ``points`` holds ``(name, trainable parameters, metric)``."""
     if not points:
         return []
@@ -143,10 +143,16 @@ def _label_places(points: list[tuple[str, float, float]]) -> list[tuple[str, flo
     ys = [y for _, _, y in points]
     x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     char_w, line_h, pt_x, pt_y = 0.012, 0.045, 1 / 400, 1 / 243  # axes fraction per character / line / point
-    placed: list[tuple[float, float, float, float]] = []
-    out = []
+    groups: list[list] = []  # points that (nearly) coincide share one label, "lora / dora"
     for (name, x, y), lx in sorted(zip(points, xs), key=lambda p: (p[1], p[0][2])):
         fx, fy = (lx - min(xs)) / x_span * 0.9, (y - min(ys)) / y_span * 0.9
+        if groups and abs(fx - groups[-1][3]) < 0.02 and abs(fy - groups[-1][4]) < 0.02:
+            groups[-1][0] += f" / {name}"
+        else:
+            groups.append([name, x, y, fx, fy])
+    placed: list[tuple[float, float, float, float]] = []
+    out = []
+    for name, x, y, fx, fy in groups:
         width = char_w * len(name)
         for (dx, dy), align in (((5, 4), "left"), ((5, -12), "left"), ((-5, 4), "right"), ((-5, -12), "right")):
             left = fx + dx * pt_x - (width if align == "right" else 0)
