@@ -135,8 +135,9 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
 def _label_places(points: list[tuple[str, float, float]]) -> list[tuple[str, float, float, tuple[int, int], str]]:
     """Where each point's label goes (offset in points, alignment) so that labels of nearby points do not
     overlap: above right by default, else below right, above left or below left, whichever first clears
-    the labels placed so far; points that nearly coincide share one label (``"lora / dora"``). Positions are estimated in axes fractions (x on a log scale) for the 7 x 4.5
-    inch plot at font size 8; ``points`` holds ``(name, trainable parameters, metric)``."""
+    the labels placed so far; points that nearly coincide share one label (``"lora / dora"``).
+    Positions are estimated in axes fractions (x on a log scale) for the 7 x 4.5 inch plot at font
+    size 8; ``points`` holds ``(name, trainable parameters, metric)``."""
     if not points:
         return []
     xs = [math.log10(max(x, 1)) for _, x, _ in points]
