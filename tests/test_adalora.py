@@ -96,7 +96,8 @@ def _pair(steps: int):
     return theirs, ours
 
 
-def test_rank_allocation_matches_peft_step_by_step():
+@pytest.mark.parametrize("call", ["peft_step_end", "update_and_allocate"])  # ours, and peft's name for it
+def test_rank_allocation_matches_peft_step_by_step(call):
     steps = 12
     theirs, ours = _pair(steps)
     x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
@@ -110,7 +111,10 @@ def test_rank_allocation_matches_peft_step_by_step():
         for opt in opts:
             opt.step()
         theirs.base_model.update_and_allocate(step)
-        ours.peft_step_end(step)
+        if call == "peft_step_end":
+            ours.peft_step_end(step)
+        else:
+            ours.base_model.update_and_allocate(step)
         for opt in opts:
             opt.zero_grad()
         pattern = theirs.peft_config["default"].rank_pattern

@@ -352,3 +352,26 @@ def test_a_user_module_named_modules_to_save_is_not_taken_for_a_copy(tmp_path):
     ours = peftkit.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path)
     with torch.no_grad():
         assert (ours(v) - theirs(v)).abs().max() <= 1e-6
+
+
+def test_modules_to_save_match_name_suffixes_as_in_peft(tmp_path):
+    """peft takes a modules_to_save entry as a plain string suffix ("norm" also takes every
+    input_layernorm); peftkit does the same, so the files move both ways."""
+    kw = dict(r=2, target_modules=["q_proj"], modules_to_save=["norm"])
+    torch.manual_seed(0)
+    base = tiny_llama()
+    ours = peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(**kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    copies = {n.split(".modules_to_save.")[0] for n, p in ours.named_parameters() if p.requires_grad and "norm" in n}
+    assert copies == {n.split(".modules_to_save.")[0] for n, p in theirs.named_parameters()
+                      if p.requires_grad and "norm" in n}
+    assert len(copies) == 1 + 2 * len(base.model.layers)
+    perturb(ours)
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    x = ids()
+    assert (_logits(loaded, x) - _logits(ours, x)).abs().max() <= 1e-5

@@ -261,3 +261,14 @@ def test_a_non_finite_combination_is_refused():
                                           "on layer"):
         model.add_weighted_adapter(["default", "b"], [1e308, 1], "new", combination_type="svd")
     assert "new" not in model.peft_config
+
+
+def test_svd_rank_defaults_to_the_largest_rank_rank_patterns_included():
+    """peft's default: the largest source rank, rank_pattern values counted (the combination was cut to r)."""
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"],
+                                                              rank_pattern={"query": 4}))
+    model.add_adapter("b", LoraConfig(r=3, target_modules=["query"]))
+    perturb(model)
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type="svd")
+    layer = model.get_base_model().bert.encoder.layer[0].attention.self.query
+    assert layer.adapters["mix"].r == 4 and model.peft_config["mix"].r == 4

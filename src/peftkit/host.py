@@ -158,6 +158,13 @@ class AdapterModel(nn.Module):
         """Every adapter the layers run now: the active adapters and their parts, in order."""
         return self.parts(self.active_adapters)
 
+    def update_and_allocate(self, global_step: int) -> None:
+        """peft's name for the per-step call of AdaLoRA (``model.base_model.update_and_allocate(step)``):
+        the same as :meth:`peftkit.PeftModel.peft_step_end` with the same ``step``, for every adapter in
+        training. Call it after ``optimizer.step()`` and before ``zero_grad()``."""
+        for name in self.training_parts():
+            self.tuner(name).on_step_end(self, name, global_step)
+
     def training_parts(self) -> list[str]:
         """The active adapters and their parts whose owner is not in inference mode (they train)."""
         return self.parts([n for n in self.active_adapters if not self.peft_config[n].inference_mode])
@@ -202,7 +209,9 @@ class AdapterModel(nn.Module):
             return
         found: list[str] = []
         for name, _ in list(_logical(self.model)):
-            if any(name == w or name.endswith("." + w) for w in wanted + auto):
+            # peft's rule, kept so that files move both ways: a plain string suffix, so "norm" also takes
+            # "input_layernorm" (target_modules, in contrast, match whole dotted segments)
+            if name and any(name.endswith(w) for w in wanted + auto):
                 found.append(name)
         if wanted and not found:
             raise ConfigError(f"modules_to_save={wanted!r} matched no module of the model")

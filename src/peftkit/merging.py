@@ -190,7 +190,8 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         adapters / weights: names and weights (negative weights subtract).
         adapter_name: the new adapter's name (inactive until ``set_adapter``).
         combination_type: one of :data:`COMBINATION_TYPES`. Default ``svd``.
-        svd_rank: rank of ``*svd`` results (default: the largest source rank).
+        svd_rank: rank of ``*svd`` results (default: the largest source rank, ``rank_pattern`` included, as
+            in peft).
         svd_clamp: quantile in (0, 1] at which ``*svd`` factors are clamped; None (default) does not clamp.
         density: kept fraction for ties/dare/magnitude rules.
         seed: seeds DARE's random drops (None: the global generator).
@@ -243,7 +244,8 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
               f"modules_to_save_from={modules_to_save_from!r} has no trained copy of {heads} (modules_to_save); "
               f"the adapters that have one: {owners}")
     if combination_type not in ("cat", *FACTOR_TYPES):
-        svd_rank = svd_rank or max(c.r for c in configs)
+        # peft's default: the largest rank of any source, its rank_pattern included
+        svd_rank = svd_rank or max(max([c.r, *getattr(c, "rank_pattern", {}).values()]) for c in configs)
         check(svd_rank > 0, f"svd_rank={svd_rank!r} must be > 0")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     plan: list[tuple[str, AdaptedLayer, Tensor, Tensor]] = []

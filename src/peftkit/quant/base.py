@@ -197,7 +197,10 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
 
     * ``requantize=False`` (exact): dequantise -> merge -> keep full precision. Every quantised layer
       that received a merge becomes a float ``nn.Linear`` (``nn.Embedding``); outputs equal the
-      unmerged model's to float tolerance. Layers no adapter touched stay quantised.
+      unmerged model's to float tolerance. Layers no adapter touched stay quantised: call
+      :func:`dequantize_base` on the result before saving it with transformers' ``save_pretrained``,
+      which writes the quantised layers' codes under names transformers cannot load back (those
+      layers would come back with random weights).
     * ``requantize=True``: dequantise -> merge -> quantise again with the layer's own format. The
       base stays small, at the cost of a new rounding error (see ``benchmarks/quant_figures.py``).
 
