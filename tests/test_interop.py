@@ -352,6 +352,12 @@ def test_a_user_module_named_modules_to_save_is_not_taken_for_a_copy(tmp_path):
     ours = peftkit.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path)
     with torch.no_grad():
         assert (ours(v) - theirs(v)).abs().max() <= 1e-6
+    trained = peftkit.get_peft_model(copy.deepcopy(net), peftkit.LoraConfig(r=2, target_modules=["emb"], bias="all"))
+
+    def biases(model):
+        return {n.split("base_model.model.")[-1] for n, p in model.named_parameters() if p.requires_grad
+                and n.endswith("bias")}
+    assert biases(trained) == biases(theirs) == {"emb.base_layer.bias", "head.modules_to_save.bias", "head.bias"}
 
 
 def test_modules_to_save_match_name_suffixes_as_in_peft(tmp_path):

@@ -504,8 +504,15 @@ def trainable_biases(model: nn.Module, bias: str, targets: list[str]) -> list[st
     """Names of the base biases a ``bias`` option trains: ``"all"`` every bias of the model, ``"none"``
     none, anything else (``"lora_only"``, ``"vera_only"``) the biases of the adapted layers."""
     if bias == "all":  # the model's own biases: not those inside adapters or trained copies (modules_to_save)
-        return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"
-                and ".adapters." not in f".{n}" and ".modules_to_save." not in f".{n}"]
+        from peftkit.layers import ModulesToSaveWrapper
+
+        # found by module type, so that a user's module that happens to be called "adapters" or
+        # "modules_to_save" keeps its bias trained, as in peft
+        inside = tuple(f"{n}.adapters." if n else "adapters." for n, m in model.named_modules()
+                       if isinstance(m, AdaptedLayer)) + tuple(
+            f"{n}.modules_to_save." if n else "modules_to_save." for n, m in model.named_modules()
+            if isinstance(m, ModulesToSaveWrapper))
+        return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and not n.startswith(inside)]
     if bias == "none":
         return []
     return [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t).base_layer, "bias", None)
