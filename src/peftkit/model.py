@@ -221,9 +221,7 @@ class PeftModel(nn.Module):
     def peft_step_end(self, step: int) -> None:
         """Tell the active adapters' methods that optimiser step ``step`` (1-based) has been taken; call
         it after ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA reads the gradients)."""
-        host = self.base_model
-        for name in host.training_parts():
-            host.tuner(name).on_step_end(host, name, step)
+        self.base_model.update_and_allocate(step)
 
     # --- running ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -278,18 +276,18 @@ class PeftModel(nn.Module):
         ``labels`` goes to the wrapped model when given (it is named here so that transformers'
         ``Trainer``, which looks for label arguments on the model's class, finds it).
 
-        Raises:
-            TypeError: ``labels`` given to a wrapped model whose forward takes none.
-
         A mixed-adapter batch whose rows of one adapter are scattered (``["a", "b", "a", ...]``) runs with
         its rows grouped by adapter (a stable sort, in order of first appearance): every tensor argument
         with one entry per row is reordered on the way in, every such output (and a returned cache) is put
         back in the caller's order on the way out, so each adapted layer works on contiguous runs of rows.
         With a cache given (in the caller's order) the rows keep their order.
+
+        Raises:
+            TypeError: ``labels`` given to a wrapped model whose forward takes none.
         """
         if labels is not None:
-            params = inspect.signature(self.forward).parameters.values()
-            if not any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            # read once per wrapped model class off the signed forward (see _SignedForward)
+            if not getattr(getattr(self.forward, "__func__", None), "takes_labels", True):
                 raise TypeError(f"labels were given, but the wrapped model's forward "
                                 f"({type(self.get_base_model()).__name__}) takes no 'labels' argument; with "
                                 "transformers' Trainer pass TrainingArguments(label_names=[...]) naming its label "
@@ -603,7 +601,6 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
     return PeftModel(model, peft_config, adapter_name)
 
 
-
 class _SignedForward:
     """Descriptor for :meth:`PeftModel.forward`: on a model it gives a bound method whose signature is the
     wrapped model's forward arguments (plus ``adapter_names``), as for a peft model, so that tools which
@@ -652,6 +649,8 @@ class _SignedForward:
         except (TypeError, ValueError):  # a forward without a readable signature keeps peftkit's own
             fn.__signature__ = inspect.signature(self.fn)
             return fn
+        # whether labels may be passed on (PeftModel.forward refuses them otherwise)
+        fn.takes_labels = any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         if "adapter_names" not in {p.name for p in params}:
             extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
             at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))

@@ -508,10 +508,9 @@ def trainable_biases(model: nn.Module, bias: str, targets: list[str]) -> list[st
 
         # found by module type, so that a user's module that happens to be called "adapters" or
         # "modules_to_save" keeps its bias trained, as in peft
-        inside = tuple(f"{n}.adapters." if n else "adapters." for n, m in model.named_modules()
-                       if isinstance(m, AdaptedLayer)) + tuple(
-            f"{n}.modules_to_save." if n else "modules_to_save." for n, m in model.named_modules()
-            if isinstance(m, ModulesToSaveWrapper))
+        kinds = ((AdaptedLayer, "adapters."), (ModulesToSaveWrapper, "modules_to_save."))
+        inside = tuple(f"{n}.{child}" if n else child for n, m in model.named_modules()
+                       for kind, child in kinds if isinstance(m, kind))
         return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and not n.startswith(inside)]
     if bias == "none":
         return []
