@@ -163,11 +163,12 @@ def _fold_copy_aliases(model: PeftModel, state_dict: dict[str, Tensor], own: dic
     With ``bias="all"`` peft saves every tensor whose name holds "bias", so a ``modules_to_save`` copy's
     bias is written twice: as ``classifier.bias`` and as ``classifier.modules_to_save.bias``. The second
     name is folded into the first (kept when the first is absent) when ``classifier`` is a
-    ``modules_to_save`` wrapper here (also ``pooler.modules_to_save.<adapter>.dense.bias``, a copy's inner
-    module named with the adapter's name when saved); the frozen original, ``classifier.original_module.bias``, names a
-    base parameter and is handled with those. Likewise a trained base bias in a layer that another adapter
-    had wrapped when the file was written (``key.base_layer.bias``) is read as ``key.bias`` when no
-    adapter here wraps ``key``. A key that names another base parameter of the model is not taken for an alias.
+    ``modules_to_save`` wrapper here (also ``pooler.modules_to_save.<adapter>.dense.bias``, a copy's
+    inner module named with the adapter's name when saved); the frozen original,
+    ``classifier.original_module.bias``, names a base parameter and is handled with those. Likewise a
+    trained base bias in a layer that another adapter had wrapped when the file was written
+    (``key.base_layer.bias``) is read as ``key.bias`` when no adapter here wraps ``key``. A key that
+    names another base parameter of the model is not taken for an alias.
 
     Raises:
         AdapterLoadError: the two names hold different values.
