@@ -121,10 +121,14 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     host.check_known([adapter_name])
     _before_load(host, adapter_name, state_dict)
     own = _tensors(model, adapter_name, export=False)
-    _fold_copy_aliases(model, state_dict, own, adapter_name)
+    # every parameter of the model by file key; every name of a tied parameter (lm_head.weight is
+    # embed_tokens.weight): peft names the one it wrapped
+    prefix = key_prefix(model.peft_config[adapter_name])
+    params = {prefix + k: v for k, v in model.base_model.model.named_parameters(remove_duplicate=False)}
+    _fold_copy_aliases(model, state_dict, own, adapter_name, params)
     # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``); such keys name
     # a base-model parameter and are loaded into it
-    base = _base_keys(model, adapter_name, state_dict, own)
+    base = {k: params[k] for k in state_dict if k not in own and k in params}
     expected = {**own, **base}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -157,7 +161,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
 
 
 def _fold_copy_aliases(model: PeftModel, state_dict: dict[str, Tensor], own: dict[str, Tensor],
-                       adapter_name: str) -> None:
+                       adapter_name: str, params: dict[str, Tensor]) -> None:
     """Fold other names for the adapter's own tensors into their names in ``own`` (in place).
 
     With ``bias="all"`` peft saves every tensor whose name holds "bias", so a ``modules_to_save`` copy's
@@ -170,15 +174,15 @@ def _fold_copy_aliases(model: PeftModel, state_dict: dict[str, Tensor], own: dic
     (``key.base_layer.bias``) is read as ``key.bias`` when no adapter here wraps ``key``. A key that
     names another base parameter of the model is not taken for an alias.
 
+    ``params`` holds every parameter of the model by file key.
+
     Raises:
         AdapterLoadError: the two names hold different values.
     """
     from peftkit.layers import ModulesToSaveWrapper
 
     prefix = key_prefix(model.peft_config[adapter_name])
-    root = model.base_model.model
-    params = {prefix + n: p for n, p in root.named_parameters(remove_duplicate=False)}
-    wrappers = {prefix + n for n, m in root.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    wrappers = {prefix + n for n, m in model.base_model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     # a base parameter trained with bias="all" inside a layer another adapter wrapped, as peft (and peftkit before
     # it wrote names as in a model holding the adapter alone) may name it: key.base_layer.bias for key.bias
     bare = {k.replace(".base_layer.", "."): k for k in own if ".base_layer." not in k}
@@ -206,16 +210,6 @@ def _fold_copy_aliases(model: PeftModel, state_dict: dict[str, Tensor], own: dic
         elif alias.shape != state_dict[canonical].shape or not torch.equal(alias, state_dict[canonical]):
             raise AdapterLoadError(f"adapter {adapter_name!r}: the file holds {key!r} and {canonical!r}, two names "
                                    "for one trained tensor, with different values; which one to load is unclear")
-
-
-def _base_keys(model: PeftModel, adapter_name: str, state_dict: dict[str, Tensor],
-               own: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The file's keys that name a base-model parameter rather than one of the adapter's tensors (``own``), with
-    the parameter."""
-    prefix = key_prefix(model.peft_config[adapter_name])
-    # every name of a tied parameter (lm_head.weight is embed_tokens.weight): peft names the one it wrapped
-    base_params = {prefix + k: v for k, v in model.base_model.model.named_parameters(remove_duplicate=False)}
-    return {k: base_params[k] for k in state_dict if k not in own and k in base_params}
 
 
 def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True,
