@@ -101,6 +101,21 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     PeftModel.from_pretrained(fresh(state), tmp_path)  # still loads
 
 
+
+def test_a_failing_second_adapter_leaves_the_first_adapters_old_files(tmp_path):
+    model, _ = trained(tmp_path)
+    good = (tmp_path / "adapter_model.safetensors").read_bytes()
+    perturb(model)
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["key"]))
+    (tmp_path / "b").write_text("the user's notes")  # a file where adapter b's folder would go
+    with pytest.raises(NotADirectoryError, match=r"b'.*is a file"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == good
+    assert (tmp_path / "b").read_text() == "the user's notes"
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "b"]
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        model.save_pretrained(tmp_path / "b")
+
 def test_missing_folder_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path / "nope")

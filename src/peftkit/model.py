@@ -362,7 +362,8 @@ class PeftModel(nn.Module):
                         **kwargs: Any) -> None:
         """Write each adapter in HF PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``
         in ``save_directory`` for ``"default"`` and in ``save_directory/<name>`` for the others. Every
-        file is written to a temporary name and renamed, so a good adapter is never half-overwritten.
+        file of every adapter is written to a temporary name before the first is renamed into place, so
+        an error leaves the adapters already in the folder whole.
         In a process group every rank calls it (FSDP-sharded tensors are gathered); only the one with
         ``is_main_process=True`` writes.
 
@@ -373,9 +374,10 @@ class PeftModel(nn.Module):
 
         Raises:
             ConfigError: unknown adapter name. ValueError: ``safe_serialization=False`` (pickle is refused), or
-            a conversion the method does not support.
+            a conversion the method does not support. NotADirectoryError: ``save_directory`` (or an adapter's
+            sub-folder) is an existing file. Nothing is written when any of these is raised.
         """
-        from peftkit.formats.hf_peft import save_adapter
+        from peftkit.formats.hf_peft import adapter_files, atomic_write_folders
 
         if not safe_serialization:
             raise ValueError("peftkit writes safetensors only; safe_serialization=False (pickle) is not supported")
@@ -385,13 +387,20 @@ class PeftModel(nn.Module):
             raise ValueError("there is no adapter to save: this model has none" if not self.peft_config
                              else "selected_adapters is empty; name at least one of " + repr(list(self.peft_config)))
         self.base_model.check_known(names)
+        # every adapter's files are made first and staged together: a failure on any (a conversion it does
+        # not support, a path that is a file) leaves all files already in the folder as they were
+        plan: dict[str, dict[str, bytes]] = {}
         for name in names:
             target = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             converted = None
             if path_initial_model_for_weight_conversion is not None:
                 converted = self.base_model.tuner(name).convert_for_initial_model(
                     self, name, os.fspath(path_initial_model_for_weight_conversion))
-            save_adapter(self, name, target, write=is_main_process, converted=converted)
+            files = adapter_files(self, name, write=is_main_process, converted=converted)
+            if files is not None:
+                plan[target] = files
+        if plan:
+            atomic_write_folders(plan)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

@@ -48,11 +48,27 @@ def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes]) -> No
     """Write several files into ``folder`` (created if needed): each is staged in full (temporary file,
     fsync) before any replaces its previous version, then all are renamed in a row, so an error while
     writing (disk full, interrupt) leaves every previous file whole."""
-    os.makedirs(folder, exist_ok=True)
+    atomic_write_folders({os.fspath(folder): files})
+
+
+def atomic_write_folders(plan: dict[str, dict[str, bytes]]) -> None:
+    """:func:`atomic_write_files` over several folders at once (``{folder: {file name: bytes}}``): every
+    file of every folder is staged before the first rename, so a failure anywhere (a folder that cannot
+    be created, a full disk) replaces none of the previous files.
+
+    Raises:
+        NotADirectoryError: a folder of the plan is an existing file (checked before anything is written).
+    """
+    for folder in plan:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(f"cannot save into {folder!r}: it is a file, not a folder; choose another "
+                                     "path or move the file")
     staged: list[tuple[str, str]] = []
     try:
-        for name, data in files.items():
-            staged.append((_stage(folder, name, data), os.path.join(folder, name)))
+        for folder, files in plan.items():
+            os.makedirs(folder, exist_ok=True)
+            for name, data in files.items():
+                staged.append((_stage(folder, name, data), os.path.join(folder, name)))
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:
@@ -212,13 +228,14 @@ def _fold_copy_aliases(model: PeftModel, state_dict: dict[str, Tensor], own: dic
                                    "for one trained tensor, with different values; which one to load is unclear")
 
 
-def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True,
-                 converted: tuple[PeftConfig, dict[str, Tensor]] | None = None) -> None:
-    """Write one adapter's weights then its config into ``directory`` (atomically, file by file).
+def adapter_files(model: PeftModel, adapter_name: str, write: bool = True,
+                  converted: tuple[PeftConfig, dict[str, Tensor]] | None = None) -> dict[str, bytes] | None:
+    """One adapter's two files as bytes, ``{"adapter_model.safetensors": ..., "adapter_config.json": ...}``.
 
     Sharded tensors (FSDP2 ``DTensor``) are gathered whole first, which is a collective: in a process
-    group every rank calls this, and only the one with ``write=True`` writes. ``converted`` gives the
-    ``(config, tensors)`` to write instead of the adapter's own (PiSSA/OLoRA conversion).
+    group every rank calls this, and only the one with ``write=True`` gets the bytes (the others None).
+    ``converted`` gives the ``(config, tensors)`` to write instead of the adapter's own (PiSSA/OLoRA
+    conversion).
     """
     host = model.base_model
     if converted is None:
@@ -228,10 +245,21 @@ def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLi
     tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").contiguous().clone()
                for k, v in state.items()}
     if not write:
-        return
-    # both files are staged before either replaces the old adapter's, which an error leaves whole
-    atomic_write_files(directory, {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
-                                   CONFIG_NAME: config.to_json_bytes()})
+        return None
+    return {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}), CONFIG_NAME: config.to_json_bytes()}
+
+
+def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True,
+                 converted: tuple[PeftConfig, dict[str, Tensor]] | None = None) -> None:
+    """Write one adapter's weights and config into ``directory``: both files are staged before either
+    replaces the old adapter's, which an error leaves whole (see :func:`adapter_files` for the arguments).
+
+    Raises:
+        NotADirectoryError: ``directory`` is an existing file.
+    """
+    files = adapter_files(model, adapter_name, write, converted)
+    if files is not None:
+        atomic_write_folders({os.fspath(directory): files})
 
 
 def current_umask() -> int:
