@@ -59,9 +59,10 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(tiny_model_dir, runs, 
     assert (run / "train.log").read_text().count("done:") == 1
 
 
-def test_a_crash_after_overwrite_leaves_no_mix_that_eval_accepts(tiny_model_dir, runs, tmp_path, monkeypatch,
-                                                                 capsys):
-    run = shutil.copytree(runs / "lora", tmp_path / "run")
+def test_a_crash_after_overwrite_puts_the_earlier_run_back(tiny_model_dir, runs, tmp_path, monkeypatch, capsys):
+    run = shutil.copytree(runs / "ckpt", tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
 
     def crash(self, indices, step):
         raise RuntimeError("disk on fire")
@@ -71,11 +72,9 @@ def test_a_crash_after_overwrite_leaves_no_mix_that_eval_accepts(tiny_model_dir,
     assert error_line(capsys, *train_args(tiny_model_dir, run, "--method", "ia3", "--option",
                                           "feedforward_modules=[]", "--overwrite"), status=1) == (
         "peftkit: error: RuntimeError: disk on fire (set PEFTKIT_TRACEBACK=1 for the traceback)")
-    assert sorted(p.name for p in run.iterdir()) == ["run_config.json", "train.log"]
-    assert json.loads((run / "run_config.json").read_text())["method"] == "ia3"
-    assert error_line(capsys, "eval", "--adapter", run) == (
-        f"peftkit: error: '{run}' holds no adapter_config.json: the run did not finish; continue it with "
-        "`peftkit train --resume` (when it saved checkpoints) or train again")
+    assert snapshot(tmp_path) == before  # every byte of the earlier run, checkpoints too, and nothing else
+    monkeypatch.undo()
+    assert cli("eval", "--adapter", run) == 0
 
 
 def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, capsys):

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="run folder, new or empty (default runs/<method>-<task>-<time>)")
     t.add_argument("--overwrite", action="store_true",
                    help="--output-dir may hold an earlier run: its run files (adapter, model/, metrics.json, "
-                        "run_config.json, train.log, checkpoints/) are removed first; other files are kept")
+                        "run_config.json, train.log, checkpoints/) are replaced, and put back if the new run "
+                        "fails; other files are kept")
     t.add_argument("--full-finetune", action="store_true", help="train all parameters (the baseline)")
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     t.add_argument("--quantize", choices=("nf4", "int8", "int4"),

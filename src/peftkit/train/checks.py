@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import typing
 from pathlib import Path
@@ -142,6 +143,31 @@ def clear_run_files(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def set_aside_run_files(out: Path) -> Path | None:
+    """Move the files of an earlier run in ``out`` (those in :data:`RUN_FILES`, in that order) into a new
+    hidden folder ``out/.peftkit-replaced-<pid>``, so that a new run can be written in their place and they
+    can be put back if it fails (:func:`restore_run_files`); returns that folder, or None when ``out``
+    holds no run file. Renames only: nothing is copied or deleted."""
+    present = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if not present:
+        return None
+    aside = out / f".peftkit-replaced-{os.getpid()}"
+    aside.mkdir()
+    for name in present:
+        os.replace(out / name, aside / name)
+    return aside
+
+
+def restore_run_files(out: Path, aside: Path) -> None:
+    """Undo :func:`set_aside_run_files`: remove what a failed run wrote into ``out`` (its run files) and move
+    the earlier run's files back; ``aside`` is then removed."""
+    clear_run_files(out)
+    for name in RUN_FILES:
+        if (aside / name).exists() or (aside / name).is_symlink():
+            os.replace(aside / name, out / name)
+    aside.rmdir()
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ from peftkit.train.checks import (
     check_device,
     check_field_types,
     check_model_dir,
-    clear_run_files,
     output_dir_problem,
+    restore_run_files,
+    set_aside_run_files,
 )
 from peftkit.train.data import (
     CausalLMDataset,
@@ -233,8 +235,9 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) 
         cfg: the run's options.
         resume: continue the run in ``cfg.output_dir`` from its latest checkpoint (see :func:`resume_run`).
         overwrite: ``cfg.output_dir`` may be a non-empty folder; the files of an earlier run in it
-            (:data:`peftkit.train.checks.RUN_FILES`) are removed, ``run_config.json`` first, once every
-            check has passed; other files are kept. Without it, a non-empty folder is refused.
+            (:data:`peftkit.train.checks.RUN_FILES`) are moved aside into a hidden sub-folder once every
+            check has passed, removed when the new run has been saved, and put back should it fail (an
+            error, an interrupt); other files are kept. Without it, a non-empty folder is refused.
 
     Raises:
         ConfigError, DataError, FileNotFoundError: bad options, data, model folder or output folder, or
@@ -275,10 +278,12 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
     # built before counting: data-driven adapters (FISH mask, ...) choose their parameters in it
     trainer = Trainer(model, job.train_ds, job.collate_fn, _training_args(cfg, out_dir),
                       count_loss_items=job.count_loss_items)
-    handler = None
+    handler = aside = None
+    done = False
     if info.is_main:  # every check has passed: now the folder is written
         if not resume and out_dir.is_dir():
-            clear_run_files(out_dir)
+            # an earlier run (--overwrite) is moved aside, and put back should this run fail
+            aside = set_aside_run_files(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         handler = _file_log(out_dir)
         _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), **job.config_extra})
@@ -300,10 +305,16 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
         if info.is_main:
             _write_json(out_dir / "metrics.json", result)
             log.info("done: %s", json.dumps(result))
+        done = True
     finally:
         if handler is not None:
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
+        if aside is not None:
+            if done:
+                shutil.rmtree(aside)
+            else:
+                restore_run_files(out_dir, aside)
     return result
 
 
