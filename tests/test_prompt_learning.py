@@ -396,3 +396,33 @@ def test_sizes_that_do_not_fit_the_model_leave_it_unchanged(config, message):
     assert not base._forward_pre_hooks
     with torch.no_grad():
         assert torch.equal(base(input_ids=x).logits, before)
+
+
+def _with_tokens(method: str, tokens: int):
+    config = METHODS[method]()
+    config.num_virtual_tokens = tokens
+    return config
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("make", [tiny_bert_classifier, tiny_gpt2])
+def test_virtual_tokens_must_leave_learned_positions_for_the_input(method, make):
+    model = make()  # 32 learned positions (BERT's max_position_embeddings, GPT-2's n_positions)
+    before = [(n, p.clone()) for n, p in model.named_parameters()]
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ConfigError, match=r"num_virtual_tokens=32 leaves no position .* 32 learned positions"):
+        get_peft_model(model, _with_tokens(method, 32))
+    assert [type(m) for m in model.modules()] == modules
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(model.named_parameters(), before, strict=True))
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    adapted_model = get_peft_model(model, _with_tokens(method, 30))
+    with torch.no_grad():
+        adapted_model(input_ids=ids(2, 2))  # 30 + 2 tokens fill the table exactly
+        with pytest.raises(ValueError, match=r"an input of 3 tokens does not fit .* truncate inputs to 2 tokens"):
+            adapted_model(input_ids=ids(2, 3))
+
+
+def test_rotary_models_have_no_position_limit_for_virtual_tokens():
+    model = get_peft_model(tiny_llama(), _with_tokens("prompt", 80))  # 64 max_position_embeddings
+    with torch.no_grad():
+        assert model(input_ids=ids(1, 4)).logits.shape[1] == 4

@@ -117,6 +117,19 @@ def model_shape(model: nn.Module) -> ModelShape:
     return ModelShape(hidden, int(text.num_hidden_layers), heads, kv_heads, head_dim)
 
 
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with a learned absolute position table can take (BERT's
+    ``max_position_embeddings``, GPT-2's ``n_positions``), or None when positions are not a fixed table
+    (rotary, relative, ALiBi). Virtual tokens take positions of that table, as many as they are."""
+    text = model.config.get_text_config()
+    n = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if not isinstance(n, int) or getattr(text, "position_embedding_type", "absolute") != "absolute":
+        return None
+    words = model.get_input_embeddings()
+    table = any(isinstance(m, nn.Embedding) and m.num_embeddings == n and m is not words for m in model.modules())
+    return n if table else None
+
+
 def settle(config: Any, **model_values: int) -> None:
     """Fill the named config fields from the model; a given value must agree (all checked first).
 
@@ -211,6 +224,11 @@ class PromptTuner(Tuner):
     def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
         model = host.model
         shape = model_shape(model)
+        positions = learned_positions(model)
+        check(positions is None or config.num_virtual_tokens < positions,
+              f"num_virtual_tokens={config.num_virtual_tokens} leaves no position for the input: "
+              f"{type(model).__name__} has {positions} learned positions and the virtual tokens take one each; "
+              f"use fewer than {positions} (an input then has up to {positions} - num_virtual_tokens tokens)")
         self.complete_config(config, shape)
         weight = model.get_input_embeddings().weight
         module = self.build(config, model, shape).to(weight.device)
@@ -327,7 +345,8 @@ class PromptHooks:
             TypeError: more positional arguments than ``model.forward`` takes.
             ValueError: as :meth:`applies`; no ``input_ids``/``inputs_embeds``; an ``attention_mask`` that is
                 not 2-D over the real tokens; a cache that cannot grow or holds fewer positions than the
-                virtual tokens; prefix tuning while training with gradient checkpointing.
+                virtual tokens; prefix tuning while training with gradient checkpointing; more input tokens
+                than the model's learned positions leave room for after the virtual tokens.
         """
         self.pending = None
         if not self.applies():
@@ -340,6 +359,11 @@ class PromptHooks:
             kw["cache"] = kw.pop("past_key_values")
         config = self.host.peft_config[self.name]
         call = PromptCall(model, kw, config.num_virtual_tokens)
+        positions = learned_positions(model)
+        if positions is not None and call.length + config.num_virtual_tokens > positions:
+            raise ValueError(f"an input of {call.length} tokens does not fit after num_virtual_tokens="
+                             f"{config.num_virtual_tokens}: {type(model).__name__} has {positions} learned positions; "
+                             f"truncate inputs to {positions - config.num_virtual_tokens} tokens")
         if self._extend(call):
             self.tuner.insert(call, self.host.extra_modules[self.name]())
         use_cache = kw.get("use_cache")
