@@ -167,6 +167,21 @@ def test_a_zero_scale_cannot_be_merged_and_the_layer_is_left_as_it_was():
     assert torch.equal(layer.weight, weight) and layer.merged_adapters == []
 
 
+def test_a_zero_scale_on_the_last_layer_refuses_the_merge_before_any_layer_merges():
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    model = get_peft_model(base, IA3Config(target_modules=["0", "1", "2"], feedforward_modules=["1"]))
+    weights = [m.weight.clone() for m in base]
+    with torch.no_grad():
+        base[2].adapters["default"].ia3_l[2] = 0.0
+        base[2].adapters["default"].ia3_l[0] = 0.0
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match=r"adapter 'default' on layer '2': its ia3_l has 2 zero entries; "
+                                             r"merging it could not be undone; nothing was merged"):
+            merge()
+        assert all(torch.equal(m.weight, w) for m, w in zip(base, weights, strict=True))
+        assert model.base_model.merged_adapters() == []
+
+
 def test_own_targets_without_feedforward_modules_keep_only_the_defaults_they_name(tmp_path):
     # the default feed-forward list of the architecture is cut to the targets given, so the saved
     # config obeys its own rule (feedforward_modules within target_modules) and loads again

@@ -333,8 +333,9 @@ class AdapterModel(nn.Module):
         A composed adapter merges when every part does; otherwise the error names the part that does not.
 
         Raises:
-            ConfigError: unknown name. ValueError: a method that cannot merge (checked before any
-            layer changes), or with ``safe_merge`` a merged weight that is not finite.
+            ConfigError: unknown name. ValueError: a method that cannot merge, an adapter whose merge could
+            not be undone (a zero (IA)^3/SSF scale), or with ``safe_merge`` a merged weight that is not finite;
+            all checked before any layer changes.
         """
         if self.disabled:
             raise ValueError("cannot merge while the adapters are disabled (inside disable_adapter()); "
@@ -355,6 +356,11 @@ class AdapterModel(nn.Module):
             problem = w.check_partial_merge(names) if isinstance(w, AdaptedLayer) else None
             if problem:
                 raise ValueError(f"cannot merge {names} on layer {layer_name!r}: {problem}; nothing was merged")
+            for n in names if isinstance(w, AdaptedLayer) else ():
+                problem = w.adapters[n].merge_problem() if n in w.adapters and n not in w.merged_adapters else None
+                if problem:
+                    raise ValueError(f"cannot merge adapter {n!r} on layer {layer_name!r}: its {problem}; nothing "
+                                     "was merged")
         if safe_merge:
             for w in layers:
                 for n in names:

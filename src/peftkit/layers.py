@@ -132,6 +132,11 @@ class Adapter(nn.Module):
         """
         return params
 
+    def merge_problem(self) -> str | None:
+        """Why merging this adapter now could not be undone (e.g. a zero scale), or None; checked on every
+        layer before any layer merges."""
+        return None
+
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:  # pragma: no cover - abstract
         """The additive change to the base weight, in the base weight's layout, in float32."""
         raise NotImplementedError

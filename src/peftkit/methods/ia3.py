@@ -99,6 +99,9 @@ class IA3Output(Adapter):
         check_nonzero(lv)
         return lv.T if self.transposed else lv  # Linear weight (out, in); Conv1D weight (in, out)
 
+    def merge_problem(self) -> str | None:
+        return zero_scale_problem("ia3_l", self.ia3_l)
+
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         lv = self._scale()
         return weight * lv, None if bias is None else bias * lv.flatten()
@@ -132,6 +135,9 @@ class IA3Input(Adapter):
         check_nonzero(lv)
         return lv.T if self.transposed else lv
 
+    def merge_problem(self) -> str | None:
+        return zero_scale_problem("ia3_l", self.ia3_l)
+
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         return weight * self._scale(), bias
 
@@ -141,8 +147,17 @@ class IA3Input(Adapter):
 
 def check_nonzero(scale: Tensor) -> None:
     """Raise ValueError when a rescaling vector has a zero entry (its merge could not be undone)."""
-    if (scale == 0).any():
-        raise ValueError("an (IA)^3/SSF scale has a zero entry; merging it could not be undone")
+    problem = zero_scale_problem("scale", scale)
+    if problem:
+        raise ValueError(f"an (IA)^3/SSF {problem}")
+
+
+def zero_scale_problem(name: str, scale: Tensor) -> str | None:
+    """``"<name> has a zero entry ..."`` when the rescaling vector ``scale`` has one, else None."""
+    zeros = int((scale.detach() == 0).sum())
+    if zeros:
+        return f"{name} has {zeros} zero entr{'y' if zeros == 1 else 'ies'}; merging it could not be undone"
+    return None
 
 
 class IA3Tuner(WrapTuner):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter
-from peftkit.methods.ia3 import check_nonzero
+from peftkit.methods.ia3 import check_nonzero, zero_scale_problem
 from peftkit.targeting import linear_types
 from peftkit.tuners import WrapTuner
 
@@ -93,6 +93,9 @@ class SSFAdapter(Adapter):
         g = self.ssf_scale.detach().float()
         check_nonzero(g)
         return {"rows": g[:, None], "cols": g[None, :], "vector": g}[self.layout]
+
+    def merge_problem(self) -> str | None:
+        return zero_scale_problem("ssf_scale", self.ssf_scale)
 
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         g, beta = self.ssf_scale.detach().float(), self.ssf_shift.detach().float()
