@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+import peftkit
 from peftkit import ConfigError, LoraConfig, PeftModel, get_peft_model
 from peftkit.layers import AdaptedLayer
+from tests.conftest import perturb
 
 
 def mlp() -> nn.Module:
@@ -278,3 +280,24 @@ def test_a_randomised_pissa_adapter_reloads_to_the_same_model(tmp_path):
     torch.randn(5)  # the global random state differs from the first time
     with torch.no_grad():
         torch.testing.assert_close(PeftModel.from_pretrained(fresh, tmp_path)(x), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    lambda: LoraConfig(r=2, target_modules=["0", "2"]),
+    lambda: LoraConfig(r=2, target_modules=["0", "2"], use_dora=True),
+    lambda: peftkit.VeraConfig(r=2, target_modules=["0", "2"]),
+    lambda: peftkit.LoHaConfig(r=2, target_modules=["0", "2"]),
+    lambda: peftkit.LoKrConfig(r=2, target_modules=["0", "2"]),
+    lambda: peftkit.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]),
+], ids=["lora", "dora", "vera", "loha", "lokr", "ia3"])
+def test_a_float64_model_gets_float64_adapters_that_merge_to_float64_round_off(config):
+    model = get_peft_model(mlp().double(), config())
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    perturb(model)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        merged = model(x)
+    assert merged.dtype == torch.float64
+    assert (merged - unmerged).abs().max() <= 1e-12 * unmerged.abs().max()  # float32 maths would leave ~1e-7

@@ -92,6 +92,11 @@ class AdapterContext:
         return self._groups[key]
 
 
+def wide(t: Tensor) -> Tensor:
+    """``t`` in the dtype merges compute in: float32, or float64 when ``t`` is float64 (never narrower)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class Adapter(nn.Module):
     """One named adapter of one method on one :class:`AdaptedLayer`.
 
@@ -234,6 +239,11 @@ class AdaptedLayer(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         adapter.to(self._device_of_base())
+        weight = getattr(self.base_layer, "weight", None)
+        if isinstance(weight, Tensor) and weight.dtype == torch.float64:
+            # as peft: a float64 model gets float64 adapters (merged and unmerged then agree to float64
+            # round-off); half-precision models keep float32 adapters
+            adapter.to(torch.float64)
         adapter.train(self.training)  # an adapter added to a model in eval mode starts in eval mode
         self.adapters[name] = adapter
 

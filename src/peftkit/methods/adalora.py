@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods import _reparam as rp
 from peftkit.methods.lora import LoraTuner
 from peftkit.ops import Dropout
@@ -203,7 +203,7 @@ class AdaLoraAdapter(Adapter):
         return y + rp.apply_delta(layer.base_layer, self.layout, x, self.delta()).to(y.dtype)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
-        a, e, b = (p.detach().float() for p in (self.lora_A, self.lora_E, self.lora_B))
+        a, e, b = (wide(p.detach()) for p in (self.lora_A, self.lora_E, self.lora_B))
         return rp.to_base_layout(b @ (a * e) * self.scaling, self.layout)
 
     def export_state(self) -> dict[str, Tensor]:

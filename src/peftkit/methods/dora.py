@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from peftkit.layers import AdaptedLayer
+from peftkit.layers import AdaptedLayer, wide
 from peftkit.methods.lora import LoraConv, LoraEmbedding, LoraLinear
 
 
@@ -145,7 +145,7 @@ class _Dora:
     @torch.no_grad()
     def init_magnitude(self, base: nn.Module) -> None:
         """``m = ||W0 + s B A||`` for the weight the adapter will see (the residual after PiSSA/OLoRA)."""
-        weight = base.weight.detach().float()
+        weight = wide(base.weight.detach())
         if not self.mutates_base:
             weight = weight + self.delta_weight(None)
         m = self.lora_magnitude_vector
@@ -162,11 +162,11 @@ class _Dora:
         delta = self.delta_weight(layer)
         norm = self._direct_norm(unmerged_weight(layer, weight, bias) + delta)
         self._merged_norm = norm
-        g = self.lora_magnitude_vector.detach().float().reshape(-1) / norm
+        g = wide(self.lora_magnitude_vector.detach()).reshape(-1) / norm
         return self._in_layout(g, weight.dim()) * (weight + delta), bias
 
     def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        g = self.lora_magnitude_vector.detach().float().reshape(-1) / self._merged_norm
+        g = wide(self.lora_magnitude_vector.detach()).reshape(-1) / self._merged_norm
         return weight / self._in_layout(g, weight.dim()) - self.delta_weight(layer), bias
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods.lora import LoraConfig, LoraLinear, fresh_output, lora_from_cli, trainable_biases
 from peftkit.targeting import linear_types
 from peftkit.tuners import WrapTuner
@@ -106,7 +106,7 @@ class DyLoraLinear(LoraLinear):
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         k = min(self.ranks.rank, self.r)
-        delta = (self.lora_B.weight[:, :k].float() @ self.lora_A.weight[:k].float()) * self._scale(k)
+        delta = (wide(self.lora_B.weight[:, :k]) @ wide(self.lora_A.weight[:k])) * self._scale(k)
         return delta.T if self.transposed else delta
 
 

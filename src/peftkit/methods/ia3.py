@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods.adapters import model_type
 from peftkit.targeting import linear_types, matches
 from peftkit.tuners import WrapTuner
@@ -95,7 +95,7 @@ class IA3Output(Adapter):
         return y * self.ia3_l.flatten().to(y.dtype)
 
     def _scale(self) -> Tensor:
-        lv = self.ia3_l.detach().float()
+        lv = wide(self.ia3_l.detach())
         check_nonzero(lv)
         return lv.T if self.transposed else lv  # Linear weight (out, in); Conv1D weight (in, out)
 
@@ -131,7 +131,7 @@ class IA3Input(Adapter):
         return y
 
     def _scale(self) -> Tensor:
-        lv = self.ia3_l.detach().float()
+        lv = wide(self.ia3_l.detach())
         check_nonzero(lv)
         return lv.T if self.transposed else lv
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods import _reparam as rp
 from peftkit.ops import Dropout
 from peftkit.targeting import LORA_TARGET_DEFAULTS
@@ -111,7 +111,7 @@ class KronaAdapter(Adapter):
         return torch.add(y, side.to(y.dtype), alpha=self.scaling)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
-        delta = rp.kron(self.krona_A.detach().float(), self.krona_B.detach().float()) * self.scaling
+        delta = rp.kron(wide(self.krona_A.detach()), wide(self.krona_B.detach())) * self.scaling
         return rp.to_base_layout(delta, self.layout)
 
 

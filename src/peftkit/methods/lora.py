@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods.fused import can_fuse, low_rank_linear
 from peftkit.methods.lora_init import (
     OLORA_PAPER,
@@ -266,7 +266,7 @@ class LoraLinear(Adapter):
         return torch.add(y, b(z).to(y.dtype), alpha=self.scaling)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        delta = (wide(self.lora_B.weight) @ wide(self.lora_A.weight)) * self.scaling
         return delta.T if self.transposed else delta
 
     @torch.no_grad()
@@ -321,7 +321,7 @@ class LoraLinear(Adapter):
 
     def delta_bias(self, layer: AdaptedLayer) -> Tensor | None:
         b = self.lora_B.bias
-        return None if b is None else b.detach().float() * self.scaling
+        return None if b is None else wide(b.detach()) * self.scaling
 
 
 class LoraEmbedding(Adapter):
@@ -357,7 +357,7 @@ class LoraEmbedding(Adapter):
         return torch.add(y, (after_a @ self.lora_embedding_B.T).to(y.dtype), alpha=self.scaling)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
-        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+        return (wide(self.lora_embedding_B) @ wide(self.lora_embedding_A)).T * self.scaling
 
 
 class LoraConv(Adapter):
@@ -395,7 +395,7 @@ class LoraConv(Adapter):
         return torch.add(y, self.lora_B(self.lora_A(self.lora_dropout(x))).to(y.dtype), alpha=self.scaling)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
-        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        a, b = wide(self.lora_A.weight), wide(self.lora_B.weight)
         g = self.lora_A.groups
         out = b.shape[0]
         per_group = torch.bmm(b.reshape(g, out // g, self.r // g), a.reshape(g, self.r // g, -1))

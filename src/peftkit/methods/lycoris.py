@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig, check
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods import _reparam as rp
 from peftkit.targeting import linear_types, pattern_key
 from peftkit.tuners import WrapTuner
@@ -127,7 +127,7 @@ class LycorisAdapter(Adapter):
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         with torch.no_grad():
-            return rp.to_base_layout(self.delta(torch.float32), self.layout)
+            return rp.to_base_layout(self.delta(wide(next(self.parameters())).dtype), self.layout)
 
 
 class LycorisTuner(WrapTuner):

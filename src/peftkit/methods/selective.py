@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from peftkit.config import ConfigError, PeftConfig, check
 from peftkit.formats.hf_peft import PREFIX, AdapterLoadError
-from peftkit.layers import AdaptedLayer, Adapter, replace_module
+from peftkit.layers import AdaptedLayer, Adapter, replace_module, wide
 from peftkit.targeting import ALL_LINEAR, iter_logical_modules, layer_index, linear_types, matches
 from peftkit.tuners import Tuner
 
@@ -192,11 +192,11 @@ class SelectAdapter(Adapter):
     def dense(self, name: str) -> Tensor:
         """The dense float32 difference of ``name`` (detached), in the base tensor's shape."""
         if self.is_sparse[name]:
-            values = getattr(self, f"diff_{name}_values").detach().float()
+            values = wide(getattr(self, f"diff_{name}_values").detach())
             flat = torch.zeros(self.numel(name), device=values.device).index_add_(
                 0, getattr(self, f"diff_{name}_indices"), values)
             return flat.view(self.shapes[name])
-        return getattr(self, f"diff_{name}").detach().float()
+        return wide(getattr(self, f"diff_{name}").detach())
 
     # --- forward and merging ----------------------------------------------------------------------
     def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods import _reparam as rp
 from peftkit.ops import Dropout
 from peftkit.targeting import LORA_TARGET_DEFAULTS, pattern_key
@@ -134,9 +134,9 @@ class SoraAdapter(Adapter):
         return y + self.lora_B(z * gate).to(y.dtype)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
-        a = self.lora_A.weight.detach().float().flatten(1)   # (r, in * prod(kernel))
-        b = self.lora_B.weight.detach().float().flatten(1)   # (out, r)
-        return rp.to_base_layout((b * self.lora_gate.detach().float()) @ a, self.layout)
+        a = wide(self.lora_A.weight.detach()).flatten(1)   # (r, in * prod(kernel))
+        b = wide(self.lora_B.weight.detach()).flatten(1)   # (out, r)
+        return rp.to_base_layout((b * wide(self.lora_gate.detach())) @ a, self.layout)
 
     def kept(self) -> Tensor:
         """Indices of the ranks whose gate is not zero."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods.ia3 import check_nonzero, zero_scale_problem
 from peftkit.targeting import linear_types
 from peftkit.tuners import WrapTuner
@@ -90,7 +90,7 @@ class SSFAdapter(Adapter):
         return torch.addcmul(self.ssf_shift.to(y.dtype), y, self.ssf_scale.to(y.dtype))
 
     def _scale_for_weight(self) -> Tensor:
-        g = self.ssf_scale.detach().float()
+        g = wide(self.ssf_scale.detach())
         check_nonzero(g)
         return {"rows": g[:, None], "cols": g[None, :], "vector": g}[self.layout]
 
@@ -98,12 +98,12 @@ class SSFAdapter(Adapter):
         return zero_scale_problem("ssf_scale", self.ssf_scale)
 
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        g, beta = self.ssf_scale.detach().float(), self.ssf_shift.detach().float()
+        g, beta = wide(self.ssf_scale.detach()), wide(self.ssf_shift.detach())
         new_w = weight * self._scale_for_weight()
         return new_w, beta.clone() if bias is None else bias * g + beta
 
     def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        g, beta = self.ssf_scale.detach().float(), self.ssf_shift.detach().float()
+        g, beta = wide(self.ssf_scale.detach()), wide(self.ssf_shift.detach())
         return weight / self._scale_for_weight(), None if bias is None else (bias - beta) / g
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
-from peftkit.layers import AdaptedLayer, Adapter, unwrap
+from peftkit.layers import AdaptedLayer, Adapter, unwrap, wide
 from peftkit.methods.lora import fresh_output, trainable_biases
 from peftkit.ops import Dropout
 from peftkit.targeting import LORA_TARGET_DEFAULTS, linear_types
@@ -155,7 +155,7 @@ class VeraLinear(Adapter):
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         a, b = self._slices()
-        delta = (self.vera_lambda_b.float()[:, None] * b.float()) @ (self.vera_lambda_d.float()[:, None] * a.float())
+        delta = (wide(self.vera_lambda_b)[:, None] * wide(b)) @ (wide(self.vera_lambda_d)[:, None] * wide(a))
         return delta.T if self.transposed else delta
 
 
