@@ -206,3 +206,29 @@ def test_a_misspelt_target_module_warns():
     with pytest.warns(UnmatchedTargetWarning, match=r"entries \['vlaue'\] match no module"):
         model = get_peft_model(tiny_bert_classifier(), LoraConfig(target_modules=["query", "vlaue"]))
     assert model.get_nb_trainable_parameters()[0] > 0
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(target_modules=r".*\.query", layers_to_transform=[1]),
+     r"layers_to_transform=\[1\] cannot be used with target_modules given as a string"),
+    (dict(target_modules="all-linear", layers_to_transform=0), "layers_to_transform=0 cannot be used"),
+    (dict(target_modules=["query"], layers_pattern="layer"),
+     "layers_pattern='layer' needs layers_to_transform"),
+])
+def test_block_options_that_peft_refuses_are_refused_before_the_model_changes(kw, message):
+    base = tiny_bert_classifier()
+    modules = [type(m) for m in base.modules()]
+    with pytest.raises(ConfigError, match=message):
+        get_peft_model(base, LoraConfig(r=2, **kw))
+    assert [type(m) for m in base.modules()] == modules
+
+
+def test_rank_and_alpha_pattern_keys_that_match_no_adapted_module_warn():
+    from peftkit.targeting import UnmatchedTargetWarning
+
+    with pytest.warns(UnmatchedTargetWarning, match=r"rank_pattern keys \['quary'\] match none of the 4 adapted"):
+        model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query", "value"],
+                                                                  rank_pattern={"quary": 4, "value": 3}))
+    assert {m.adapters["default"].r for m in model.modules() if isinstance(m, AdaptedLayer)} == {2, 3}
+    with pytest.warns(UnmatchedTargetWarning, match=r"alpha_pattern keys \['key'\]"):
+        get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], alpha_pattern={"key": 4}))

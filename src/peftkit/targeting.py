@@ -172,8 +172,9 @@ def find_targets(
 
 
 class UnmatchedTargetWarning(UserWarning):
-    """A ``target_modules`` list names something no module of the model is called (peft ignores such
-    entries silently; peftkit warns, and ``peftkit train`` refuses them)."""
+    """A ``target_modules`` list names something no module of the model is called, or a ``rank_pattern`` /
+    ``alpha_pattern`` key matches none of the adapted modules (peft ignores both silently; peftkit warns,
+    and ``peftkit train`` refuses them)."""
 
 
 #: ``target_modules`` that the LoRA family (LoRA, AdaLoRA, VeRA, LoHa, LoKr, ...) adapts when a config

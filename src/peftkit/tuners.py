@@ -11,13 +11,15 @@ trainability, merging, saving) is generic.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from peftkit.config import check
 from peftkit.layers import AdaptedLayer, Adapter, replace_module
-from peftkit.targeting import find_targets
+from peftkit.targeting import UnmatchedTargetWarning, find_targets, pattern_key
 
 if TYPE_CHECKING:
     from peftkit.config import PeftConfig
@@ -116,15 +118,36 @@ class WrapTuner(Tuner):
         return AdaptedLayer(module)
 
     def find(self, host: AdapterModel, config: Any) -> list[str]:
-        """The module names this config adapts (raises ``ConfigError`` when none match)."""
-        return find_targets(
+        """The module names this config adapts.
+
+        Raises:
+            ConfigError: none match; or block options peft refuses (its files would not load there):
+            ``layers_to_transform`` with ``target_modules`` given as one string, ``layers_pattern`` without
+            ``layers_to_transform``.
+        """
+        blocks, pattern = getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
+        check(blocks is None or not isinstance(config.target_modules, str),
+              f"layers_to_transform={blocks!r} cannot be used with target_modules given as a string "
+              f"({config.target_modules!r}), as in peft; give target_modules as a list of names, or select the "
+              "blocks inside the regular expression")
+        check(pattern is None or blocks is not None,
+              f"layers_pattern={pattern!r} needs layers_to_transform (the block indices it locates), as in peft; "
+              "give layers_to_transform too, or leave layers_pattern out")
+        found = find_targets(
             host.model, config.target_modules, supported=self.supported_types(),
             exclude_modules=getattr(config, "exclude_modules", None),
-            layers_to_transform=getattr(config, "layers_to_transform", None),
-            layers_pattern=getattr(config, "layers_pattern", None),
+            layers_to_transform=blocks, layers_pattern=pattern,
             skip=list(getattr(config, "modules_to_save", None) or []) + host.modules_to_save_names(),
             method=self.method,
         )
+        for field in ("rank_pattern", "alpha_pattern"):
+            keys = getattr(config, field, None) or {}
+            unmatched = [k for k in keys if not any(pattern_key(name, {k: None}) for name in found)]
+            if unmatched:
+                warnings.warn(UnmatchedTargetWarning(
+                    f"{field} keys {unmatched} match none of the {len(found)} adapted module(s) (a typo?), so they "
+                    f"change nothing; adapted modules include {found[:3]}"), stacklevel=3)
+        return found
 
     def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
         model = host.model
