@@ -47,6 +47,12 @@ def test_cli_checks_tasks_and_model_before_running_a_cell(tmp_path, capsys):
     assert error_line(capsys, "bench", "--seeds", "0,x", "--output-dir", out) == (
         "peftkit: error: --seeds '0,x' must be comma-separated integers")
     assert not out.exists()
+    out.write_text("mine")
+    for extra in ([], ["--report-only"]):
+        assert error_line(capsys, "bench", "--output-dir", out, *extra) == (
+            f"peftkit: error: --output-dir '{out}' is a file, not a folder; give a new folder or the folder of a "
+            "sweep to resume")
+    assert out.read_text() == "mine"
 
 
 def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):

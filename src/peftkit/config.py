@@ -157,6 +157,11 @@ class PeftConfig:
             check(self.task_type in TASK_TYPES,
                   f"task_type={self.task_type!r} is not valid; expected one of {TASK_TYPES} or None")
         check_fields(self)
+        saved = getattr(self, "modules_to_save", None)
+        if isinstance(saved, (list, tuple, set)):
+            bad = [m for m in saved if isinstance(m, str) and (not m.strip() or m.startswith(".") or m.endswith("."))]
+            check(not bad, f"modules_to_save entries {bad!r} are not module names; give names such as 'classifier' "
+                           "(a module's dotted name or its end)")
         self.validate()
 
     def validate(self) -> None:

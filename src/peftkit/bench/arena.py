@@ -99,7 +99,11 @@ class BenchConfig:
     def check_folder(self) -> None:
         """Refuse to add cells to a sweep folder whose finished cells ran with other settings (steps, batch,
         length, model, data or extra arguments): its report would describe them wrongly. Methods, tasks
-        and seeds may differ (cells are added). Raises ConfigError naming the settings that differ."""
+        and seeds may differ (cells are added). Raises ConfigError naming the settings that differ, or when
+        ``output_dir`` is an existing file."""
+        check(not Path(self.output_dir).exists() or Path(self.output_dir).is_dir(),
+              f"--output-dir {self.output_dir!r} is a file, not a folder; give a new folder or the folder of a "
+              "sweep to resume")
         saved = Path(self.output_dir) / "bench_config.json"
         if not saved.is_file():
             return

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.config import MethodSpec, check, register_method
+from peftkit.config import ConfigError, MethodSpec, check, register_method
 from peftkit.methods.prompt_learning import (
     ModelShape,
     PromptLearningConfig,
@@ -81,7 +81,12 @@ def _init_ids(config: PromptTuningConfig, vocab_size: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    except (OSError, ValueError) as err:  # no such folder, no tokenizer in it (nothing is downloaded offline)
+        raise ConfigError(f"tokenizer_name_or_path={config.tokenizer_name_or_path!r} gives no tokenizer "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); give a local folder holding "
+                          "a tokenizer, e.g. the base model's") from None
     ids = tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
     check(len(ids) > 0, f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} gives no tokens")
     return torch.tensor((ids * math.ceil(total / len(ids)))[:total])
