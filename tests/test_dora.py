@@ -266,3 +266,27 @@ def test_float64_dora_with_bitfit_merged_under_it_runs_and_stays_exact():
             assert (model(input_ids=x).logits - expected).abs().max() <= 1e-8
     finally:
         torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("first", [
+    lambda: LoraConfig(r=2, target_modules=["query"], lora_bias=True),
+    lambda: peftkit.SSFConfig(target_modules=["query"]),
+], ids=["lora_bias", "ssf"])
+def test_dora_after_a_bias_changing_adapter_refuses_to_merge_and_before_it_merges_exactly(first):
+    model = get_peft_model(tiny_bert_classifier(), first(), adapter_name="first")
+    model.add_adapter("dora", LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    perturb(model)
+    model.eval()
+    x = ids()
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    model.set_adapter(["first", "dora"])  # DoRA rescales the bias change of "first" (unmerged only)
+    for names in (None, ["first"], ["dora"]):
+        with pytest.raises(ValueError, match=r"'dora' \(DoraLinear\) rescales the bias change of 'first'.*nothing "
+                                             r"was merged"):
+            model.merge_adapter(names)
+        assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    model.set_adapter(["dora", "first"])  # the bias change after the rescale: merging is exact
+    with torch.no_grad():
+        unmerged = model(input_ids=x).logits
+        model.merge_adapter()
+        assert torch.allclose(model(input_ids=x).logits, unmerged, atol=1e-5)

@@ -402,6 +402,18 @@ class AdaptedLayer(nn.Module):
             return (f"the merged form of {rescales} stacked on the parameters that {bias!r} substitutes is not "
                     "exact; keep them unmerged, or merge a set of active adapters without one of them")
         for i, m in enumerate(live):
+            if not getattr(self.adapters[m], "rescales_around_bias", False):
+                continue
+            # DoRA rescales the output minus the base bias: a bias change of an adapter before it is rescaled
+            # unmerged, but once merged it sits in the bias, which DoRA's merge leaves unscaled
+            # (a substituted bias, BitFit's, is the live bias DoRA leaves unscaled, merged or not)
+            moved = next((n for n in live[:i] if not self.adapters[n].substitutes_params
+                          and self._merge_changes_bias(n)), None)
+            if moved is not None:
+                return (f"{m!r} ({type(self.adapters[m]).__name__}) rescales the bias change of {moved!r}, which the "
+                        f"forward applies before it, while merged weights cannot: merging is not exact here; keep them "
+                        "unmerged, or apply the bias-changing adapter after it")
+        for i, m in enumerate(live):
             if m not in merging:
                 continue
             rest = [n for n in live if n not in merging]
@@ -415,6 +427,14 @@ class AdaptedLayer(nn.Module):
                             f"change the outputs ({type(self.adapters[n]).__name__} and "
                             f"{type(self.adapters[m]).__name__} do not commute); merge {n!r} too")
         return None
+
+    @torch.no_grad()
+    def _merge_changes_bias(self, name: str) -> bool:
+        """Whether merging adapter ``name`` would change the layer's bias (a dry run on copies)."""
+        weight = wide(self.weight.detach())
+        bias = None if self.bias is None else wide(self.bias.detach())
+        _, new_bias = self.adapters[name].merge_into(self, weight, bias)
+        return new_bias is not None and (bias is None or not torch.equal(new_bias, bias))
 
     def unmerge(self) -> None:
         """Undo every merge, last merged first, restoring the base weight to float tolerance."""

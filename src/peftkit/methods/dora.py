@@ -30,7 +30,10 @@ Merging: ``W <- g * (W + s B A)`` with the bias unchanged; ``n`` is computed fro
 weight and kept (not saved) for the unmerge ``W <- W / g - s B A``. Merging adapters in their active
 order (what ``merge_adapter()`` and ``merge_and_unload()`` do, at once or one by one) is exact for any
 number of DoRA adapters and any number of cycles; merging an adapter that comes *after* an unmerged
-DoRA adapter would move it in front of that adapter's rescaling, which changes the output.
+DoRA adapter would move it in front of that adapter's rescaling, which changes the output. A DoRA
+adapter applied after one that changes the bias (LoRA with ``lora_bias``, SSF, (IA)^3 on a layer with a
+bias) is refused for merging: unmerged, DoRA rescales that bias change; merged, it sits in the bias,
+which DoRA's merge leaves as it is.
 
 File format: the magnitude is ``lora_magnitude_vector`` (shape ``(out,)``; ``(1, out, 1, ...)`` for
 convolutions), peft's key.
@@ -127,6 +130,9 @@ class _Dora:
 
     out_dim: int
     lora_magnitude_vector: nn.Parameter
+    #: the forward rescales the output minus the base bias (``g * (y - b) + b``); see
+    #: :meth:`peftkit.layers.AdaptedLayer.check_partial_merge`
+    rescales_around_bias = True
     _merged_norm: Tensor | None
 
     def _add_magnitude(self, shape: tuple[int, ...]) -> None:
