@@ -232,3 +232,9 @@ def test_rank_and_alpha_pattern_keys_that_match_no_adapted_module_warn():
     assert {m.adapters["default"].r for m in model.modules() if isinstance(m, AdaptedLayer)} == {2, 3}
     with pytest.warns(UnmatchedTargetWarning, match=r"alpha_pattern keys \['key'\]"):
         get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], alpha_pattern={"key": 4}))
+
+
+@pytest.mark.parametrize("entry", ["", " ", ".classifier", "classifier."])
+def test_modules_to_save_entries_that_are_not_module_names_are_refused(entry):
+    with pytest.raises(ConfigError, match=r"modules_to_save entries \[.*\] are not module names"):
+        LoraConfig(r=2, target_modules=["query"], modules_to_save=[entry])

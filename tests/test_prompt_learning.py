@@ -426,3 +426,13 @@ def test_rotary_models_have_no_position_limit_for_virtual_tokens():
     model = get_peft_model(tiny_llama(), _with_tokens("prompt", 80))  # 64 max_position_embeddings
     with torch.no_grad():
         assert model(input_ids=ids(1, 4)).logits.shape[1] == 4
+
+
+def test_a_tokenizer_path_that_gives_no_tokenizer_is_a_config_error(tmp_path):
+    config = PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
+                                tokenizer_name_or_path=str(tmp_path / "nothing"))
+    model = tiny_llama()
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ConfigError, match=r"tokenizer_name_or_path='.*nothing' gives no tokenizer .*local folder"):
+        get_peft_model(model, config)
+    assert [type(m) for m in model.modules()] == modules and not model._forward_pre_hooks
