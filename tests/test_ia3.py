@@ -192,3 +192,13 @@ def test_own_targets_without_feedforward_modules_keep_only_the_defaults_they_nam
     assert again.peft_config["default"].feedforward_modules == ["down_proj"]
     only_attention = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "v_proj"]))
     assert only_attention.peft_config["default"].feedforward_modules == []
+
+
+@pytest.mark.parametrize("kw", [dict(target_modules=r".*\.q_proj", feedforward_modules=["down_proj"]),
+                                dict(target_modules=["q_proj"], feedforward_modules=r".*down_proj")])
+def test_feedforward_modules_outside_the_targets_warn_when_a_regex_hides_it(kw):
+    from peftkit.targeting import UnmatchedTargetWarning
+    from tests.conftest import tiny_llama
+
+    with pytest.warns(UnmatchedTargetWarning, match=r"feedforward_modules \[.*down_proj'\] match none of the 2 "):
+        get_peft_model(tiny_llama(), IA3Config(**kw))

@@ -12,6 +12,7 @@ are peft's, so adapters move both ways.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods.adapters import model_type
-from peftkit.targeting import linear_types, matches
+from peftkit.targeting import UnmatchedTargetWarning, linear_types, matches
 from peftkit.tuners import WrapTuner
 
 IA3_PAPER = ("Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning "
@@ -175,6 +176,8 @@ class IA3Tuner(WrapTuner):
             check(kind in IA3_DEFAULTS, f"IA3Config: no default target_modules for model_type={kind!r} (known: "
                                         f"{sorted(IA3_DEFAULTS)}); give target_modules and feedforward_modules")
             config.target_modules = list(IA3_DEFAULTS[kind][0])
+        if given[1] is not None and config.target_modules is not None:
+            self._check_feedforward(host, config)
         if config.feedforward_modules is None:
             defaults = list(IA3_DEFAULTS[kind][1]) if kind in IA3_DEFAULTS else []
             if isinstance(given[0], list):  # only the defaults the user's own targets include (a subset, as saved)
@@ -185,6 +188,18 @@ class IA3Tuner(WrapTuner):
         except BaseException:
             config.target_modules, config.feedforward_modules = given
             raise
+
+    def _check_feedforward(self, host: Any, config: IA3Config) -> None:
+        """Warn (:class:`~peftkit.targeting.UnmatchedTargetWarning`) about ``feedforward_modules`` entries (or
+        its regex) that match none of the modules the config adapts: they would change nothing."""
+        found = self.find(host, config)
+        ff = config.feedforward_modules
+        entries = [ff] if isinstance(ff, str) else list(ff)
+        unmatched = [e for e in entries if not any(matches(name, e if isinstance(ff, str) else [e]) for name in found)]
+        if unmatched:
+            warnings.warn(UnmatchedTargetWarning(
+                f"feedforward_modules {unmatched} match none of the {len(found)} adapted module(s) (not in "
+                f"target_modules={config.target_modules!r}?), so they change nothing"), stacklevel=4)
 
     def make_adapter(self, base: nn.Module, config: IA3Config, module_name: str) -> Adapter:
         """:class:`IA3Input` (``ia3_l: (1, in)``) when ``module_name`` matches ``feedforward_modules``, else
