@@ -192,3 +192,21 @@ def test_pickle_saving_is_refused(tmp_path):
     model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"]))
     with pytest.raises(ValueError, match="safetensors only"):
         model.save_pretrained(tmp_path, safe_serialization=False)
+
+
+def test_a_sequence_classification_head_is_named_in_the_saved_config(tmp_path):
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["classifier"]  # as peft writes the head it trains along
+    loaded = PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
+    assert loaded.peft_config["default"].modules_to_save == ["classifier"]
+
+
+def test_loading_a_folder_of_adapter_folders_names_them(tmp_path):
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["value"]))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"holds the adapter folder\(s\) \['a', 'b'\].*give one of those"):
+        PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path, adapter_name="a")
+    PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path / "a", adapter_name="a")

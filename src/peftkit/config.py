@@ -235,8 +235,11 @@ class PeftConfig:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"adapter folder {os.fspath(directory)!r} does not exist")
         if not os.path.isfile(path):
+            inside = sorted(e for e in os.listdir(directory) if os.path.isfile(os.path.join(directory, e, CONFIG_NAME)))
+            hint = (f"; it holds the adapter folder(s) {inside} (save_pretrained writes adapters other than "
+                    "'default' into sub-folders): give one of those" if inside else "")
             raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}; an adapter folder holds "
-                                    f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+                                    f"{CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)

@@ -7,6 +7,7 @@ wraps it with HF PEFT's public API.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -188,7 +189,7 @@ class AdapterModel(nn.Module):
         before = set(self.peft_config)
         self.peft_config[adapter_name] = config
         try:
-            self._wrap_modules_to_save(config, adapter_name)
+            heads = self._wrap_modules_to_save(config, adapter_name)
             spec.tuner.inject(self, config, adapter_name)
         except BaseException:  # remove it and whatever its tuner added (parts, adapters a fusion loads)
             if filled:
@@ -198,15 +199,20 @@ class AdapterModel(nn.Module):
                     self._remove_everywhere(name)
                     del self.peft_config[name]
             raise
+        if heads and any(f.name == "modules_to_save" for f in dataclasses.fields(config)):
+            # written into the saved config, as peft writes the head it trains along
+            config.modules_to_save = [*(config.modules_to_save or []), *heads]
         for _, w in self.wrappers():
             w.set_active(self.in_use)
             w.disabled = self.disabled  # a layer wrapped inside disable_adapter() is disabled like the rest
 
-    def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+    def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> list[str]:
+        """Wrap the modules ``config.modules_to_save`` names (a SEQ_CLS config adds the classification head,
+        ``classifier`` or ``score``, as peft does); returns the head names added that way and found."""
         wanted = list(getattr(config, "modules_to_save", None) or [])
         auto = [h for h in SEQ_CLS_HEADS if config.task_type == "SEQ_CLS" and h not in wanted]
         if not wanted and not auto:
-            return
+            return []
         found: list[str] = []
         for name, _ in list(_logical(self.model)):
             # peft's rule, kept so that files move both ways: a plain string suffix, so "norm" also takes
@@ -223,6 +229,7 @@ class AdapterModel(nn.Module):
                 replace_module(self.model, name, wrapper)
                 module = wrapper
             module.add(adapter_name)
+        return [h for h in auto if any(name.endswith(h) for name in found)]
 
     def tuner(self, adapter_name: str) -> Any:
         """The registered tuner of adapter ``adapter_name``'s method."""
