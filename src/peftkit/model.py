@@ -107,13 +107,28 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Add a new adapter, inactive until :meth:`set_adapter`; on error the model is unchanged."""
+        """Add a new adapter, inactive until :meth:`set_adapter`; on error the model is unchanged.
+
+        Args:
+            adapter_name: a new name (a valid folder name; not one in use).
+            peft_config: the adapter's config (any method's; several methods may share the model).
+
+        Raises:
+            ConfigError: a duplicate or invalid name, a config the model cannot take (no matching module, a
+                rank the shape cannot take, ...), or a start that needs data (``init_lora_weights="eva"``).
+        """
         check_trainable_init(peft_config)
         self.base_model.add_adapter(adapter_name, peft_config)
         self.base_model._set_trainable()
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Activate one adapter, or several at once (a list); only active adapters train."""
+        """Activate one adapter, or several at once (a list, applied in that order); only active adapters
+        train. When adapters are merged and the active set changes, they are all unmerged first (with a
+        warning, as peft does).
+
+        Raises:
+            ConfigError: an unknown or repeated name.
+        """
         self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -151,7 +166,17 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Merge the adapters and return the plain base model with no wrapper left (zero overhead)."""
+        """Merge the adapters and return the plain base model with no wrapper left (zero overhead).
+
+        Args:
+            progressbar: accepted for peft compatibility; merging shows no progress bar.
+            safe_merge: first compute every merged weight and refuse (nothing merged) if one is not finite.
+            adapter_names: the adapters to merge (default: the active ones); the others are dropped.
+
+        Raises:
+            ValueError: an adapter that cannot be merged (a soft prompt, a non-invertible rescale, a stack
+                whose merged form would differ from its outputs), checked before any layer changes.
+        """
         if safe_merge:
             self.base_model.merge(adapter_names, safe_merge=True)
         return self.base_model.unload(merge=True, adapter_names=adapter_names)
