@@ -140,7 +140,10 @@ class WrapTuner(Tuner):
             skip=list(getattr(config, "modules_to_save", None) or []) + host.modules_to_save_names(),
             method=self.method,
         )
-        for field in ("rank_pattern", "alpha_pattern"):
+        # (AdaLoRA's saved rank_pattern is another thing: per-rank masks keyed by parameter name)
+        fields = ("alpha_pattern",) if getattr(config, "peft_type", None) == "ADALORA" else ("rank_pattern",
+                                                                                             "alpha_pattern")
+        for field in fields:
             keys = getattr(config, field, None) or {}
             unmatched = [k for k in keys if not any(pattern_key(name, {k: None}) for name in found)]
             if unmatched:
