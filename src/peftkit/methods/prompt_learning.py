@@ -300,6 +300,7 @@ class PromptHooks:
         self.positional = [n for n, p in params.items()
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.takes_positions = "position_ids" in params
+        self.positions = learned_positions(model)  # read once: a walk over the modules, not one per call
         self.pending: Callable[[Any], Any] | None = None
         self.handles = (model.register_forward_pre_hook(self.before, with_kwargs=True),
                         model.register_forward_hook(self.after, with_kwargs=True))
@@ -359,7 +360,7 @@ class PromptHooks:
             kw["cache"] = kw.pop("past_key_values")
         config = self.host.peft_config[self.name]
         call = PromptCall(model, kw, config.num_virtual_tokens)
-        positions = learned_positions(model)
+        positions = self.positions
         if positions is not None and call.length + config.num_virtual_tokens > positions:
             raise ValueError(f"an input of {call.length} tokens does not fit after num_virtual_tokens="
                              f"{config.num_virtual_tokens}: {type(model).__name__} has {positions} learned positions; "
