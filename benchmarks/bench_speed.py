@@ -9,13 +9,15 @@ linears where a method has a rank:
   speed, so only ratios inside one process are compared); medians over ``--reps`` steps;
 * the frozen-base floor: forward + backward to the input embeddings with every weight frozen, the
   least any adapter can cost; LoRA's step is reported as a ratio to it;
-* inference: base forward, unmerged LoRA forward, merged LoRA forward (``merge_adapter``, wrappers
-  left in place) and ``merge_and_unload`` output, as ratios to the base forward;
+* inference: base forward, unmerged LoRA forward and merged LoRA forward (``merge_adapter``, wrappers
+  left in place), as ratios to the base forward, over ``--inference-reps``
+  rounds (default three times ``--reps``);
 * merge time (``merge_adapter`` + ``unmerge_adapter``);
 * peak memory of a LoRA/DoRA training step per library, each measured in its own fresh process
   (peak RSS on CPU cannot be reset inside a process).
 
-    python -m benchmarks.bench_speed [--reps 20] [--processes 1] [--models llama20m,minilm] [--json out.json]
+    python -m benchmarks.bench_speed [--reps 20] [--inference-reps 60] [--processes 1] [--models llama20m,minilm]
+        [--json out.json]
 
 With ``--processes N`` the timing runs in N fresh processes and every figure is the median over them.
 
@@ -100,7 +102,8 @@ def infer(model: Any, batch: dict[str, torch.Tensor]) -> None:
     model(**{k: v for k, v in batch.items() if k != "labels"})
 
 
-def speed(model_name: str, reps: int) -> dict[str, Any]:
+def speed(model_name: str, reps: int, inference_reps: int | None = None) -> dict[str, Any]:
+    """Every timing of one model, in this process; ``inference_reps`` defaults to ``3 * reps``."""
     import peft
 
     import peftkit
@@ -132,7 +135,7 @@ def speed(model_name: str, reps: int) -> dict[str, Any]:
                                  if f"{lib}:lora_d0.0" in med}
     result["lora_d01_over_floor"] = {lib: med[f"{lib}:lora_d0.1"] / med["floor"] for lib in ("peftkit", "peft")
                                      if f"{lib}:lora_d0.1" in med}
-    # inference: base, unmerged, merged (wrappers in place), unloaded
+    # inference: base, unmerged, merged (wrappers in place)
     inf: dict[str, Any] = {"base": partial(infer, frozen, batch)}
     for tag in ("peftkit", "peft"):
         if f"{tag}:lora_d0.0" in built:
@@ -148,7 +151,7 @@ def speed(model_name: str, reps: int) -> dict[str, Any]:
             m.merge_adapter()
             merged[tag] = m
             inf[f"{tag}:merged"] = partial(infer, m, batch)
-    med_inf = interleaved(inf, reps)
+    med_inf = interleaved(inf, 3 * reps if inference_reps is None else inference_reps)
     result["inference_ms"] = {k: 1000 * v for k, v in med_inf.items()}
     result["inference_over_base"] = {k: v / med_inf["base"] for k, v in med_inf.items() if k != "base"}
     # merge time
@@ -233,18 +236,21 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _speed_in_processes(model_name: str, reps: int, processes: int) -> dict[str, Any]:
+def _speed_in_processes(model_name: str, reps: int, inference_reps: int, processes: int) -> dict[str, Any]:
     """:func:`speed` in ``processes`` fresh processes, one after another, combined by :func:`_median_of`.
     Ratios inside one process drift by several percent from one process to the next (which models sit
     where in memory differs), so the issue's targets are checked on medians over processes."""
-    runs = in_fresh_processes("benchmarks.bench_speed", ["--reps", str(reps), "--models", model_name,
-                                                        "--speed-only"], processes)
+    runs = in_fresh_processes("benchmarks.bench_speed", ["--reps", str(reps), "--inference-reps", str(inference_reps),
+                                                        "--models", model_name, "--speed-only"], processes)
     return _median_of(runs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--inference-reps", type=int,
+                        help="rounds of the inference timing (default 3x --reps: a forward costs about a third "
+                             "of a training step, and the inference targets are the tightest)")
     parser.add_argument("--models", default="llama20m,minilm")
     parser.add_argument("--processes", type=int, default=1,
                         help="run the timing in N fresh processes and report medians over them (default 1)")
@@ -257,13 +263,17 @@ def main() -> None:
         return
     if args.processes < 1:
         parser.error(f"--processes {args.processes} is not valid; it must be 1 or more")
+    for flag, value in (("--reps", args.reps), ("--inference-reps", args.inference_reps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value} is not valid; it must be 1 or more")
+    inference_reps = 3 * args.reps if args.inference_reps is None else args.inference_reps
     results = []
     for model_name in args.models.split(","):
         print(f"== {model_name}")
         if args.processes > 1:
-            r = _speed_in_processes(model_name, args.reps, args.processes)
+            r = _speed_in_processes(model_name, args.reps, inference_reps, args.processes)
         else:
-            r = speed(model_name, args.reps)
+            r = speed(model_name, args.reps, inference_reps)
         if not args.speed_only:
             r["peak_memory_mib"] = memory(model_name)
         results.append(r)

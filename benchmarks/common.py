@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -60,13 +61,20 @@ def make_batch(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, calling them round-robin ``reps`` times."""
+    """Median seconds per call of each function, calling them round-robin ``reps`` times.
+
+    Each round calls them in a fresh random order (seeded, so a rerun repeats it): no function always
+    runs first or always follows the same one, which matters because what ran just before changes what
+    is left in the caches and in the allocator."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    order, rng = list(fns), random.Random(0)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k in order:
+            fn = fns[k]
             gc.collect()
             t = time.perf_counter()
             fn()
