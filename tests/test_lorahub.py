@@ -55,3 +55,70 @@ def test_lorahub_errors():
     with pytest.raises(ConfigError, match="equal rank"):
         lorahub(model, ["default", "wide"], batch)
     assert "lorahub" not in model.peft_config
+
+
+class _Out:
+    def __init__(self, logits, loss):
+        self.logits, self.loss = logits, loss
+
+
+class _Nested(torch.nn.Module):
+    """``lin`` and ``sub.lin``: a plain target name 'lin' would match both by suffix."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.sub = torch.nn.Module()
+        self.sub.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, labels=None):
+        y = self.sub.lin(self.lin(x))
+        return _Out(y, None if labels is None else ((y - labels) ** 2).mean())
+
+
+def test_lorahub_adapter_sits_on_exactly_the_sources_layers_and_equals_their_composition():
+    torch.manual_seed(0)
+    model = get_peft_model(_Nested(), LoraConfig(r=2, target_modules="lin"), adapter_name="a")  # regex: 'lin' only
+    model.add_adapter("b", LoraConfig(r=2, target_modules="lin"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    w = lorahub(model, ["a", "b"], [{"x": x, "labels": y}], steps=3).weights
+    holders = [n for n, m in model.base_model.wrappers() if "lorahub" in getattr(m, "adapters", {})]
+    assert holders == ["lin"]
+    lin, sub = model.base_model.model.lin, model.base_model.model.sub.lin
+    with torch.no_grad():
+        la, lb = lin.adapters["a"], lin.adapters["b"]
+        a = w[0] * la.lora_A.weight * la.scaling ** 0.5 + w[1] * lb.lora_A.weight * lb.scaling ** 0.5
+        b = w[0] * la.lora_B.weight * la.scaling ** 0.5 + w[1] * lb.lora_B.weight * lb.scaling ** 0.5
+        expected = sub(x @ (lin.base_layer.weight + b @ a).T + lin.base_layer.bias)
+        assert torch.allclose(model(x).logits, expected, atol=1e-6)
+
+
+def test_lorahub_composes_per_layer_ranks_of_a_rank_pattern():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}),
+                           adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}))
+    x = ids()
+    lorahub(model, ["a", "b"], [{"input_ids": x, "labels": x}], steps=1)
+    ranks = {n.rsplit(".", 1)[-1]: m.adapters["lorahub"].r for n, m in model.base_model.wrappers()
+             if "lorahub" in getattr(m, "adapters", {})}
+    assert ranks == {"q_proj": 4, "v_proj": 2}
+
+
+def test_a_failed_lorahub_leaves_the_model_as_it_was():
+    model = upstream()
+    model.train()
+    with pytest.raises(ConfigError, match="no loss"):
+        lorahub(model, ["default", "b"], [{"input_ids": ids()}])  # no labels: the model returns no loss
+    assert list(model.peft_config) == ["default", "b"]
+    assert model.active_adapters == ["default"] and model.training
+
+    def boom(m, batch):
+        raise RuntimeError("user loss failed")
+
+    with pytest.raises(RuntimeError, match="user loss failed"):
+        lorahub(model, ["default", "b"], [{"input_ids": ids()}], loss_fn=boom)
+    assert list(model.peft_config) == ["default", "b"] and model.active_adapters == ["default"] and model.training

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from peftkit.config import check
+from peftkit.config import ConfigError, check
 from peftkit.layers import AdaptedLayer, ModulesToSaveWrapper
+from peftkit.merging import add_lora_on
 
 if TYPE_CHECKING:
     from peftkit.model import PeftModel
@@ -75,7 +76,8 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
         model: a PeftModel holding the (equal-rank, LoRA-on-linear) upstream adapters.
         adapters: names of the adapters to compose (at least two).
         batches: a few examples of the new task as model inputs (``labels`` included); the loss is
-            ``model(**batch).loss`` unless ``loss_fn(model, batch)`` is given.
+            ``model(**batch).loss`` unless ``loss_fn(model, batch)`` is given. A candidate whose loss is
+            not finite ranks last.
         adapter_name: name of the composed adapter; it is left active.
         steps: ES iterations (each evaluates ``population`` candidates). Default 40.
         l1: weight of the L1 penalty on the composition weights. Default 0.05.
@@ -86,11 +88,11 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
         :class:`LoraHubResult` with the best weights found (they are written into the new adapter).
 
     Raises:
-        ConfigError: unknown names, fewer than two adapters, adapters of different ranks or targets,
-            non-LoRA adapters, an existing ``adapter_name``, no batches, bad search settings.
+        ConfigError: unknown names, fewer than two adapters, adapters of different ranks (on one layer) or
+            targets, non-LoRA adapters, an existing ``adapter_name``, no batches, bad search settings, or
+            batches for which the model returns no loss (no ``labels`` and no ``loss_fn``). On any error,
+            the model is left as it was (no new adapter; the same active adapters and train/eval mode).
     """
-    from peftkit.methods.lora import LoraConfig
-
     host = model.base_model
     host.check_known(list(adapters) + ([modules_to_save_from] if modules_to_save_from else []))
     check(len(adapters) >= 2, f"LoraHub needs at least two adapters, got {list(adapters)}")
@@ -99,22 +101,33 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
     check(steps >= 1 and population >= 2 and bound > 0 and l1 >= 0,
           f"need steps >= 1, population >= 2, bound > 0, l1 >= 0; got {steps}, {population}, {bound}, {l1}")
     layers = _factors(model, adapters)
-    names = [n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and any(w is lay for lay, _ in layers)]
+    names = {id(w): n for n, w in host.wrappers()}
+    # each layer keeps its own rank (the sources may have a rank_pattern; _factors checked they agree per layer)
+    ranks = {names[id(layer)]: parts[0][0].shape[0] for layer, parts in layers}
     heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
              and any(a in w.modules_to_save for a in adapters)]
     check(not heads or modules_to_save_from is not None,
           f"the adapters train whole modules {heads}; pass modules_to_save_from=<adapter>")
-    r = layers[0][1][0][0].shape[0]
-    first = host.peft_config[adapters[0]]
-    host.add_adapter(adapter_name, LoraConfig(r=r, lora_alpha=r, target_modules=names, init_lora_weights=False,
-                                              task_type=first.task_type,
-                                              modules_to_save=[h.rsplit(".", 1)[-1] for h in heads] or None))
-    for _, w in host.wrappers():
-        if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save and modules_to_save_from:
-            w.modules_to_save[adapter_name].load_state_dict(w.modules_to_save[modules_to_save_from].state_dict())
-    host.set_adapter(adapter_name)
-    was_training = model.training
-    model.eval()
+    before = list(host.active_adapters), model.training
+    add_lora_on(host, adapter_name, ranks, host.peft_config[adapters[0]], heads, modules_to_save_from)
+    try:
+        host.set_adapter(adapter_name)
+        model.eval()
+        return _search(model, adapter_name, layers, adapters, batches, steps, l1, seed, population, bound, loss_fn,
+                       before[1])
+    except BaseException:  # a failed search leaves the model as it was: no half-made adapter, same mode
+        host.delete_adapter(adapter_name)
+        host.set_adapter(before[0])
+        model.train(before[1])
+        raise
+
+
+def _search(model: PeftModel, adapter_name: str, layers: list[tuple[AdaptedLayer, list[tuple[Tensor, Tensor]]]],
+            adapters: Sequence[str], batches: Sequence[dict[str, Tensor]], steps: int, l1: float, seed: int,
+            population: int, bound: float, loss_fn: Callable[[Any, dict[str, Tensor]], Tensor] | None,
+            was_training: bool) -> LoraHubResult:
+    """The evolution strategy of :func:`lorahub` over the composed adapter ``adapter_name`` (already added
+    and active); writes the best weights found into it."""
 
     def write(weights: np.ndarray) -> None:
         with torch.no_grad():
@@ -125,9 +138,16 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
 
     def loss_at(weights: np.ndarray) -> float:
         write(weights)
+        values = []
         with torch.no_grad():
-            values = [(loss_fn(model, b) if loss_fn else model(**b).loss).item() for b in batches]
-        return float(np.mean(values))
+            for b in batches:
+                loss = loss_fn(model, b) if loss_fn else getattr(model(**b), "loss", None)
+                if loss is None:
+                    raise ConfigError("the model returned no loss for a batch: give batches with labels, or pass "
+                                      "loss_fn(model, batch)")
+                values.append(float(loss))
+        value = float(np.mean(values))
+        return value if np.isfinite(value) else float("inf")  # a candidate that overflows ranks last
 
     rng = np.random.default_rng(seed)
     k = len(adapters)

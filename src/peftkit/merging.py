@@ -178,6 +178,43 @@ def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_ra
     return a3, b3
 
 
+def add_lora_on(host: Any, adapter_name: str, ranks: dict[str, int], template: Any, heads: Sequence[str],
+                modules_to_save_from: str | None) -> None:
+    """Add ``adapter_name``, a LoRA adapter on exactly the layers named in ``ranks`` (full names, as
+    ``host.wrappers()`` gives them, each with its rank; scaling 1, factors left random for the caller to
+    write), with copies of the ``heads`` (``modules_to_save``) taken from ``modules_to_save_from``.
+    ``template`` (a source's config) gives the dropout, task type and base model name.
+
+    Used by :func:`add_weighted_adapter` and :func:`peftkit.lorahub.lorahub`.
+
+    Raises:
+        ConfigError: the adapter would land on other layers than ``ranks`` names (it is removed again).
+    """
+    from peftkit.methods.lora import LoraConfig
+
+    top = max(ranks.values())
+    # the layers are named in full and anchored: as plain names (suffixes) or unanchored pattern keys they would
+    # also match any module whose name ends in one of them ('other.model.lin' for 'model.lin'), which would get
+    # a random adapter (init_lora_weights=False) or another layer's rank
+    pattern = {f"^{re.escape(n)}": r for n, r in ranks.items() if r != top}
+    targets = "|".join(re.escape(n) for n in ranks)
+    new = LoraConfig(r=top, lora_alpha=top, target_modules=f"(?:{targets})", rank_pattern=pattern,
+                     alpha_pattern=dict(pattern), init_lora_weights=False, lora_dropout=template.lora_dropout,
+                     task_type=template.task_type, base_model_name_or_path=template.base_model_name_or_path,
+                     modules_to_save=list(heads) or None)
+    host.add_adapter(adapter_name, new)
+    placed = {n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.adapters}
+    if placed != set(ranks):  # cannot happen with anchored names; never leave a random adapter behind
+        host.delete_adapter(adapter_name)
+        raise ConfigError(f"the combined adapter {adapter_name!r} would sit on {sorted(placed)}, not on the layers "
+                          f"the sources adapt {sorted(ranks)}")
+    for _, w in host.wrappers():
+        if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save and modules_to_save_from:
+            src = w.modules_to_save[modules_to_save_from] if modules_to_save_from in w.modules_to_save else None
+            if src is not None:
+                w.modules_to_save[adapter_name].load_state_dict(src.state_dict())
+
+
 def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
                          svd_full_matrices: bool = True, density: float | None = None,
@@ -261,27 +298,7 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
             check(bool(torch.isfinite(a3).all() and torch.isfinite(b3).all()), finite)
             plan.append((name, layer, a3, b3))
     ranks = {name: a3.shape[0] * a3.shape[1] for name, _, a3, _ in plan}
-    top = max(ranks.values())
-    # the layers are named in full and anchored: as plain names (suffixes) or unanchored pattern keys they would
-    # also match any module whose name ends in one of them ('other.model.lin' for 'model.lin'), which would get
-    # a random adapter (init_lora_weights=False) or another layer's rank
-    pattern = {f"^{re.escape(n)}": r for n, r in ranks.items() if r != top}
-    targets = "|".join(re.escape(n) for n, *_ in plan)
-    new = LoraConfig(r=top, lora_alpha=top, target_modules=f"(?:{targets})", rank_pattern=pattern,
-                     alpha_pattern=dict(pattern), init_lora_weights=False, lora_dropout=configs[0].lora_dropout,
-                     task_type=configs[0].task_type, base_model_name_or_path=configs[0].base_model_name_or_path,
-                     modules_to_save=list(heads) or None)
-    host.add_adapter(adapter_name, new)
-    placed = {n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.adapters}
-    if placed != {n for n, *_ in plan}:  # cannot happen with anchored names; never leave a random adapter behind
-        host.delete_adapter(adapter_name)
-        raise ConfigError(f"the combined adapter {adapter_name!r} would sit on {sorted(placed)}, not on the layers "
-                          f"the sources adapt {sorted(n for n, *_ in plan)}")
+    add_lora_on(host, adapter_name, ranks, configs[0], heads, modules_to_save_from)
     for _, layer, a3, b3 in plan:
         _write(layer.adapters[adapter_name], a3, b3)
-    for _, w in host.wrappers():
-        if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save and modules_to_save_from:
-            src = w.modules_to_save[modules_to_save_from] if modules_to_save_from in w.modules_to_save else None
-            if src is not None:
-                w.modules_to_save[adapter_name].load_state_dict(src.state_dict())
     host._set_trainable()
