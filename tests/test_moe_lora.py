@@ -74,7 +74,11 @@ def test_trainable_count_training_aux_loss_and_save(tmp_path):
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(num_experts=1), "num_experts=1"), (dict(top_k=5), "top_k=5"),
-                                     (dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1")])
+                                     (dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1"),
+                                     # LoRA options the experts do not implement are refused, not saved and ignored
+                                     (dict(use_dora=True), "use_dora=True"), (dict(use_qalora=True), "use_qalora=True"),
+                                     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
+                                     (dict(init_lora_weights="gaussian"), "init_lora_weights='gaussian'")])
 def test_bad_values(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         MoeLoraConfig(target_modules=["q_proj"], **kw)

@@ -45,7 +45,8 @@ class MoeLoraConfig(LoraConfig):
         top_k: experts used per token, 1 <= top_k <= num_experts. Default 2.
         router_aux_loss_coef: weight of the load-balancing loss (>= 0). Default 0.01.
 
-    ``r`` is each expert's rank; ``use_dora``-style variants and ``lora_bias`` are not supported.
+    ``r`` is each expert's rank. ``use_dora``, ``use_qalora``, ``loftq_config``, ``eva_config``, ``lora_bias``
+    and ``init_lora_weights`` other than True/False are refused (:class:`~peftkit.ConfigError`).
 
     Raises:
         ConfigError: as LoraConfig, or num_experts < 2, top_k outside [1, num_experts], coef < 0.
@@ -64,6 +65,15 @@ class MoeLoraConfig(LoraConfig):
               f"top_k={self.top_k!r} must lie in [1, num_experts={self.num_experts}]")
         check(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef={self.router_aux_loss_coef!r} must be >= 0")
         check(not self.lora_bias, "MoE-LoRA does not support lora_bias=True")
+        # LoRA options the experts do not implement: refused rather than saved and silently ignored
+        unsupported = {"use_dora": self.use_dora, "use_qalora": self.use_qalora,
+                       "loftq_config": bool(self.loftq_config), "eva_config": self.eva_config is not None}
+        bad = [k for k, v in unsupported.items() if v]
+        check(not bad, f"MoE-LoRA does not support {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}; its experts "
+                       "are plain LoRA (leave these at their defaults)")
+        check(self.init_lora_weights in (True, False),
+              f"init_lora_weights={self.init_lora_weights!r} is not supported by MoE-LoRA; use True (A Kaiming-uniform, "
+              "B zero: the experts start as identity) or False (both random)")
 
 
 class MoeLoraLinear(Adapter):
