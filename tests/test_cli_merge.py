@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -68,6 +69,11 @@ def test_merge_argument_errors(tiny_model_dir, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "peftkit: error: --combination ties_svd needs --density, the fraction of each delta to keep, in (0, 1]")
     assert not (tmp_path / "m" / "adapter_model.safetensors").exists()
+    if os.path.isdir("/proc"):  # no folder can be made there, not even by root: refused up front, naming --output
+        assert run("merge", *pair[:2], "--output", "/proc/peftkit-m") == 2
+        assert "--output '/proc/peftkit-m' cannot be written: no folder can be made in '/proc'" in capsys.readouterr().err
+        assert run("export", "--adapter", tmp_path / "r1", "--merge", "--output", "/proc/peftkit-e/x") == 2
+        assert "--output '/proc/peftkit-e/x' cannot be written" in capsys.readouterr().err
     assert run("merge", *pair, "--combination", "dare_ties", "--density", 0.5, "--seed", 3,
                "--majority-sign", "frequency") == 0
 

@@ -53,6 +53,7 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
     blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     check(blocked is None, f"--output {str(out)!r} lies under {str(blocked)!r}, which is a file: give a path whose "
                            "parent folders are folders")
+    _check_writable(out)
     check(overwrite or not out.exists() or not any(out.iterdir()),
           f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it, or give a new folder")
     for source in inputs:
@@ -70,6 +71,18 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
                            f"which an earlier `peftkit {'merge' if what == 'the adapter' else 'export'}` did not "
                            "write there; --overwrite replaces only such a folder and would delete them: move them "
                            "away, or give another folder")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an ``out`` whose folder cannot be made: a hidden folder is made and removed again in the nearest
+    folder that exists (the parent of ``out``, as the write stages its files there, or an ancestor), so the
+    refusal comes before any work; ``os.access`` alone would pass for root and on special filesystems."""
+    anchor = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".peftkit-probe-", dir=anchor))
+    except OSError as err:
+        raise ConfigError(f"--output {str(out)!r} cannot be written: no folder can be made in {str(anchor)!r} "
+                          f"({err.strerror}); give a path in a folder you can write to") from None
 
 
 def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
