@@ -135,12 +135,32 @@ def test_merging_errors():
         (dict(adapters=["default", "b"], weights=[1, 1], adapter_name="c"), "already exists"),
         (dict(adapters=["default", "b"], weights=[1, float("nan")]), "nan is not a finite number"),
         (dict(adapters=["default", "b"], weights=[1, "0.5"]), "'0.5' is not a finite number"),
+        (dict(adapters=["default", "b"], weights=[1, True]), "True is not a finite number"),
+        (dict(adapters=["default", "b"], weights=[1, 1], svd_clamp=1.5), "svd_clamp=1.5 is not valid"),
+        (dict(adapters=["default", "b"], weights=[1, 1], svd_clamp=0.0), "svd_clamp=0.0 is not valid"),
+        (dict(adapters=["default", "b"], weights=[1, 1], svd_rank=2.5), "svd_rank=2.5 is not valid"),
+        (dict(adapters=["default", "c"], weights=[1, 1], combination_type="ties", density="0.5"),
+         "density='0.5' is not valid"),
+        (dict(adapters=["default", "c"], weights=[1, 1], combination_type="dare_linear", density=0.5, seed="x"),
+         "seed='x' is not valid"),
     ]
     for kw, msg in cases:
         kw.setdefault("adapter_name", "new")
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
             model.add_weighted_adapter(**kw)
         assert "new" not in model.peft_config
+
+
+def test_numpy_and_torch_scalar_weights_are_numbers():
+    import numpy as np
+
+    model = _three_adapters()
+    model.add_weighted_adapter(["default", "b"], [0.5, 0.25], "plain", combination_type="cat")
+    model.add_weighted_adapter(["default", "b"], [np.float32(0.5), torch.tensor(0.25)], "scalars",
+                               combination_type="cat")
+    for _, layer in model.base_model.wrappers():
+        if isinstance(layer, AdaptedLayer) and "plain" in layer.adapters:
+            assert torch.equal(layer.adapters["plain"].delta_weight(layer), layer.adapters["scalars"].delta_weight(layer))
 
 
 def test_heads_need_a_source():

@@ -31,6 +31,7 @@ scaling of the sources are folded into its matrices. Grouped convolutions are me
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -178,6 +179,17 @@ def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_ra
     return a3, b3
 
 
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (Python, numpy or a one-element torch tensor; not a bool),
+    else None."""
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool \
+            else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+        return float(value)
+    return None
+
+
 def add_lora_on(host: Any, adapter_name: str, ranks: dict[str, int], template: Any, heads: Sequence[str],
                 modules_to_save_from: str | None) -> None:
     """Add ``adapter_name``, a LoRA adapter on exactly the layers named in ``ranks`` (full names, as
@@ -267,9 +279,19 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         check(bias == "none", f"adapter {name!r} trains biases (bias={bias!r}); add_weighted_adapter combines the "
                               "low-rank factors only, so the combination would drop them: combine adapters trained "
                               "with bias='none'")
-    for w in weights:
-        check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
-              f"weights={list(weights)!r}: {w!r} is not a finite number")
+    given = list(weights)
+    weights = [_real(w) for w in given]  # numpy and 0-d torch scalars are numbers too, as in peft
+    for w, v in zip(given, weights):
+        check(v is not None and math.isfinite(v), f"weights={given!r}: {w!r} is not a finite number")
+    check(svd_rank is None or (_real(svd_rank) is not None and float(svd_rank).is_integer() and svd_rank > 0),
+          f"svd_rank={svd_rank!r} is not valid; give a whole number > 0, or None for the largest source rank")
+    svd_rank = None if svd_rank is None else int(svd_rank)
+    check(svd_clamp is None or (_real(svd_clamp) is not None and 0 < svd_clamp <= 1),
+          f"svd_clamp={svd_clamp!r} is not valid; it is a quantile in (0, 1], or None for no clamping")
+    check(density is None or (_real(density) is not None and 0 < density <= 1),
+          f"density={density!r} is not valid; it is the kept fraction, a number in (0, 1]")
+    check(seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)),
+          f"seed={seed!r} is not valid; give a whole number, or None for torch's global generator")
     heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
              and any(a in w.modules_to_save for a in adapters)]
     check(not heads or modules_to_save_from is not None,
@@ -291,7 +313,7 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
             continue
         parts = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
         if parts:
-            finite = (f"the combination with weights {list(weights)} is not finite (inf or NaN) on layer {name!r}: "
+            finite = (f"the combination with weights {given} is not finite (inf or NaN) on layer {name!r}: "
                       "a source holds inf/NaN, or the weights are too large for float32")
             a3, b3 = _layer_factors(parts, combination_type, svd_rank, density, majority_sign_method, svd_clamp,
                                     svd_full_matrices, generator, finite)
