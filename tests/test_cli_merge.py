@@ -69,6 +69,14 @@ def test_merge_argument_errors(tiny_model_dir, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "peftkit: error: --combination ties_svd needs --density, the fraction of each delta to keep, in (0, 1]")
     assert not (tmp_path / "m" / "adapter_model.safetensors").exists()
+    # a file where the adapter folder belongs (its weights file): said to be a file, with the folder to give
+    weights_file = next((tmp_path / "r1").rglob("adapter_model.safetensors"))
+    assert run("export", "--adapter", weights_file, "--merge", "--output", tmp_path / "e") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"peftkit: error: {str(weights_file)!r} is a file; give the adapter folder that holds adapter_config.json and "
+        f"adapter_model.safetensors ({str(weights_file.parent)!r}?)")
+    assert run("merge", weights_file, tmp_path / "r1", "--output", tmp_path / "m") == 2
+    assert f"{str(weights_file)!r} is a file" in capsys.readouterr().err
     if os.path.isdir("/proc"):  # no folder can be made there, not even by root: refused up front, naming --output
         assert run("merge", *pair[:2], "--output", "/proc/peftkit-m") == 2
         assert "--output '/proc/peftkit-m' cannot be written: no folder can be made in '/proc'" in capsys.readouterr().err

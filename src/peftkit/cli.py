@@ -507,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, AdapterLoadError, UnmatchedTargetWarning) as err:
+    except (ConfigError, DataError, FileNotFoundError, NotADirectoryError, AdapterLoadError,
+            UnmatchedTargetWarning) as err:
         print(f"peftkit: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -229,9 +229,15 @@ class PeftConfig:
 
         Raises:
             FileNotFoundError: the folder or its ``adapter_config.json`` is missing.
+            NotADirectoryError: ``directory`` is a file (e.g. the adapter's weights file).
             ConfigError: the JSON is malformed or describes an invalid config.
         """
         path = os.path.join(directory, CONFIG_NAME)
+        if os.path.isfile(directory):
+            parent = os.path.dirname(os.path.abspath(directory))
+            raise NotADirectoryError(f"{os.fspath(directory)!r} is a file; give the adapter folder that holds "
+                                     f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+                                     + (f" ({parent!r}?)" if os.path.isfile(os.path.join(parent, CONFIG_NAME)) else ""))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"adapter folder {os.fspath(directory)!r} does not exist")
         if not os.path.isfile(path):
