@@ -127,6 +127,23 @@ def test_rank_allocation_matches_peft_step_by_step(call):
         assert torch.equal(a.lora_E[~a.rank_mask], torch.zeros_like(a.lora_E[~a.rank_mask]))
 
 
+def test_allocation_without_gradients_is_refused_and_changes_nothing():
+    model = get_peft_model(Zoo(), config())
+    x = zoo_inputs()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(*x).sum().backward()
+    opt.step()
+    opt.zero_grad()  # too early: the scores read the gradients
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n}
+    with pytest.raises(RuntimeError, match="AdaLoRA adapter 'default' has no gradients at step 1"):
+        model.peft_step_end(1)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_E" in n)
+    assert not model.peft_config["default"].rank_pattern
+    for bad in ("3", None, 2.5, -1, True):
+        with pytest.raises(ConfigError, match=f"step={bad!r} is not valid"):
+            model.base_model.update_and_allocate(bad)
+
+
 def test_orthogonality_penalty_value():
     model = get_peft_model(nn.Sequential(nn.Linear(6, 5)), config(init_r=3, orth_reg_weight=0.25, target_modules=["0"]))
     adapter = model.base_model.model[0].adapters["default"]

@@ -8,6 +8,7 @@ wraps it with HF PEFT's public API.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import ConfigError, PeftConfig, check_fields, get_method
+from peftkit.config import ConfigError, PeftConfig, check, check_fields, get_method
 from peftkit.layers import BASE_ROWS, AdaptedLayer, AdapterContext, ModulesToSaveWrapper, replace_module
 from peftkit.targeting import default_target_modules
 
@@ -162,7 +163,13 @@ class AdapterModel(nn.Module):
     def update_and_allocate(self, global_step: int) -> None:
         """peft's name for the per-step call of AdaLoRA (``model.base_model.update_and_allocate(step)``):
         the same as :meth:`peftkit.PeftModel.peft_step_end` with the same ``step``, for every adapter in
-        training. Call it after ``optimizer.step()`` and before ``zero_grad()``."""
+        training. Call it after ``optimizer.step()`` and before ``zero_grad()``.
+
+        Raises:
+            ConfigError: ``global_step`` is not a whole number >= 0.
+        """
+        check(isinstance(global_step, numbers.Integral) and not isinstance(global_step, bool) and global_step >= 0,
+              f"step={global_step!r} is not valid; give the number of optimiser steps taken, a whole number >= 0")
         for name in self.training_parts():
             self.tuner(name).on_step_end(self, name, global_step)
 

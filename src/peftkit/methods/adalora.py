@@ -295,7 +295,11 @@ class AdaLoraTuner(WrapTuner):
 
     def on_step_end(self, host: AdapterModel, adapter_name: str, step: int) -> None:
         """Update importance, mask to the scheduled budget, or hold the final mask (peft's
-        ``update_and_allocate``); call after ``optimizer.step()`` and before ``zero_grad()``."""
+        ``update_and_allocate``); call after ``optimizer.step()`` and before ``zero_grad()``.
+
+        Raises:
+            RuntimeError: a step that updates the importance finds no gradient on the adapter (nothing changes).
+        """
         config = host.peft_config[adapter_name]
         adapters = self.adapters(host, adapter_name)
         end = config.total_step - config.tfinal
@@ -306,6 +310,11 @@ class AdaLoraTuner(WrapTuner):
         init_budget = sum(a.r for a in adapters.values())
         target_budget = config.target_r * len(adapters)
         if step < end:
+            if not any(getattr(a, n).grad is not None for a in adapters.values() for n in ("lora_A", "lora_E", "lora_B")):
+                # no gradient: every score would be 0 and the budget mask would then drop every triplet
+                raise RuntimeError(f"AdaLoRA adapter {adapter_name!r} has no gradients at step {step}: call "
+                                   "peft_step_end / update_and_allocate after loss.backward() and optimizer.step(), "
+                                   "before optimizer.zero_grad() (its importance scores read the gradients)")
             for a in adapters.values():
                 a.update_importance(config.beta1, config.beta2)
         budget, mask_now = budget_schedule(step, init_budget, target_budget, config)
