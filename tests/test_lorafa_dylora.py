@@ -174,6 +174,15 @@ def test_dylora_count_training_and_file(tmp_path):
         assert (loaded(input_ids=x).logits - expected).abs().max() > 1e-4
         set_dylora_rank(loaded, r)
         assert (loaded(input_ids=x).logits - expected).abs().max() <= 1e-5
+    # the rank chosen is saved with the adapter: it reloads at that rank, not at r
+    set_dylora_rank(loaded, 2)
+    with torch.no_grad():
+        at_two = loaded(input_ids=x).logits
+    loaded.save_pretrained(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["eval_rank"] == 2
+    again = PeftModel.from_pretrained(loaded.base_model.unload(), tmp_path / "two")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=x).logits, at_two)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -181,10 +190,17 @@ def test_dylora_count_training_and_file(tmp_path):
     (dict(init_lora_weights="pissa"), "not supported by DyLoRA"),
     (dict(lora_bias=True), "lora_bias=True is not supported by DyLoRA"),
     (dict(r=0), "r=0 is not valid"),
+    (dict(eval_rank=0), "eval_rank=0 is not valid"),
+    (dict(eval_rank=1.5), "eval_rank=1.5 is not valid"),
 ])
 def test_dylora_bad_values_are_config_errors(kw, message):
     with pytest.raises(ConfigError, match=message):
         DyLoraConfig(target_modules=["c_attn"], **kw)
+
+
+def test_dylora_eval_rank_above_the_largest_rank_is_refused():
+    with pytest.raises(ConfigError, match="eval_rank=5 is more than the largest rank of adapter 'default', 4"):
+        get_peft_model(tiny_llama(), DyLoraConfig(r=4, eval_rank=5, target_modules=["q_proj"]))
 
 
 def test_dylora_rank_setter_errors():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,9 +35,14 @@ DYLORA_PAPER = ("DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using 
                 "Adaptation (Valipour et al., 2022, arXiv:2210.07558)")
 
 
+@dataclass
 class DyLoraConfig(LoraConfig):
     """Configuration of DyLoRA: :class:`~peftkit.methods.lora.LoraConfig`'s fields, ``r`` being the largest
     rank trained. Trainable parameters per ``(out, in)`` layer: ``r * (in + out)``.
+
+    Args:
+        eval_rank: the rank used in eval mode and for merging (the first ``eval_rank`` components); None
+            (default) uses all. :func:`set_dylora_rank` sets it, so a saved adapter reloads with the rank chosen.
 
     Raises:
         ConfigError: as :class:`~peftkit.methods.lora.LoraConfig`, and for ``use_dora``, ``lora_bias`` or an
@@ -44,9 +50,13 @@ class DyLoraConfig(LoraConfig):
     """
 
     peft_type = "DYLORA"
+    eval_rank: int | None = None
 
     def validate(self) -> None:
         super().validate()
+        check(self.eval_rank is None or (isinstance(self.eval_rank, int) and not isinstance(self.eval_rank, bool)
+                                         and self.eval_rank >= 1),
+              f"eval_rank={self.eval_rank!r} is not valid; give a rank >= 1 (at most the largest r), or None for all")
         check(not self.use_dora, "use_dora=True is not supported by DyLoRA")
         check(not self.lora_bias, "lora_bias=True is not supported by DyLoRA (its scale changes with the rank)")
         check(self.init_lora_weights in (True, False, "gaussian"),
@@ -123,7 +133,12 @@ class DyLoraTuner(WrapTuner):
         return linear_types()
 
     def inject(self, host: Any, config: DyLoraConfig, adapter_name: str) -> None:
-        self._building = RankState(max(config.rank_and_alpha(t)[0] for t in self.find(host, config)))
+        state = RankState(max(config.rank_and_alpha(t)[0] for t in self.find(host, config)))
+        if config.eval_rank is not None:
+            check(config.eval_rank <= state.max_rank, f"eval_rank={config.eval_rank} is more than the largest rank of "
+                                                      f"adapter {adapter_name!r}, {state.max_rank}")
+            state.rank = config.eval_rank
+        self._building = state
         try:
             super().inject(host, config, adapter_name)
             state = self._building
@@ -161,6 +176,7 @@ _TUNER = DyLoraTuner()
 
 def set_dylora_rank(model: Any, rank: int, adapter_name: str = "default") -> None:
     """Use the first ``rank`` components of DyLoRA adapter ``adapter_name`` in eval mode and when merging.
+    The rank is kept in the adapter's config (``eval_rank``), so ``save_pretrained`` keeps it.
 
     Args:
         model: the :class:`~peftkit.PeftModel`.
@@ -180,6 +196,7 @@ def set_dylora_rank(model: Any, rank: int, adapter_name: str = "default") -> Non
     if adapter_name in host.merged_adapters():
         raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before changing its rank")
     state.rank = rank
+    host.peft_config[adapter_name].eval_rank = rank  # saved with the adapter, so that it reloads at this rank
 
 
 def dylora_from_cli(args: Any) -> DyLoraConfig:
