@@ -185,7 +185,7 @@ def _real(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
         return float(value) if value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool \
             else None
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's bool_ is not a numbers.Real
         return float(value)
     return None
 
