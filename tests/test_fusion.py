@@ -164,13 +164,26 @@ def test_a_failed_load_removes_the_adapters_it_created(tmp_path):
     assert all(set(w.adapters) == {"lora"} for _, w in host.base_model.wrappers() if isinstance(w, AdaptedLayer))
 
 
-def test_a_deleted_fused_adapter_is_named():
+def test_a_fused_adapter_cannot_be_deleted_while_its_fusion_exists(tmp_path):
     model, _ = two_adapters()
     add_fusion(model, ["a", "b"], "f")
     model.set_adapter("f")
+    x = ids()
+    before, keys = logits(model, x), set(model.state_dict())
+    with pytest.raises(ConfigError, match=r"cannot delete adapter 'b': adapter\(s\) \['f'\] use it"):
+        model.delete_adapter("b")
+    assert list(model.peft_config) == ["a", "b", "f"] and model.active_adapters == ["f"]
+    assert set(model.state_dict()) == keys and torch.equal(logits(model, x), before)
+    model.save_pretrained(tmp_path)  # the model still saves (it raised a bare KeyError after the delete)
+    model.delete_adapter("f")
     model.delete_adapter("b")
-    with pytest.raises(ValueError, match="needs adapter 'b', which was deleted"):
-        model(input_ids=ids())
+    assert list(model.peft_config) == ["a"]
+
+
+def test_an_unknown_fused_adapter_is_named_without_the_fusion_being_added():
+    model, _ = two_adapters()
+    with pytest.raises(ConfigError, match=r"unknown adapter\(s\) \['zz'\]; this model has \['a', 'b'\]$"):
+        add_fusion(model, ["a", "zz"], "f")
 
 
 @pytest.mark.parametrize("adapters, fragment", [

@@ -267,9 +267,15 @@ class AdapterModel(nn.Module):
         """Remove an adapter everywhere; layers left with no adapter get their base module back.
 
         Raises:
-            ConfigError: unknown name.
+            ConfigError: unknown name, or an adapter that another one builds on (a fusion's fused
+                adapters: delete the fusion first); nothing is removed then.
         """
         self.check_known([adapter_name])
+        users = [other for other in self.public_names() if other != adapter_name
+                 and adapter_name in [name for _, name in self.tuner(other).bundled(self, other)]]
+        if users:
+            raise ConfigError(f"cannot delete adapter {adapter_name!r}: adapter(s) {users} use it (a fusion runs the "
+                              f"adapters it fuses); delete {users} first")
         self._remove_everywhere(adapter_name)
         del self.peft_config[adapter_name]
         remaining = [a for a in self.active_adapters if a != adapter_name]

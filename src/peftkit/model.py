@@ -475,7 +475,8 @@ class PeftModel(nn.Module):
         try:
             load_adapter_into(self, adapter_name, tensors)
         except BaseException:  # also drop adapters the load created (those a fusion is saved with)
-            for name in reversed([n for n in self.base_model.public_names() if n not in before]):
+            created = [n for n in self.base_model.public_names() if n not in before and n != adapter_name]
+            for name in [adapter_name, *reversed(created)]:  # the fusion before the adapters it fuses
                 self.base_model.delete_adapter(name)
             raise
         self.base_model._set_trainable()

@@ -100,11 +100,8 @@ class FusionAdapter(Adapter):
             self.fusion_value.weight.copy_(torch.eye(width))
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
-        changes = []
-        for name in self.fused:
-            if name not in layer.adapters:
-                raise ValueError(f"the fusion over {self.fused} needs adapter {name!r}, which was deleted")
-            changes.append(layer.adapters[name](layer, x, y) - y)
+        # the fused adapters cannot be deleted while the fusion exists (AdapterModel.delete_adapter refuses)
+        changes = [layer.adapters[name](layer, x, y) - y for name in self.fused]
         dtype = self.fusion_value.weight.dtype
         if self.fusion_key is None:
             return y + self.fusion_value(changes[0].to(dtype)).to(y.dtype)
@@ -129,7 +126,7 @@ class FusionTuner(Tuner):
     method = "AdapterFusion"
 
     def inject(self, host: Any, config: AdapterFusionConfig, adapter_name: str) -> None:
-        public = host.public_names()
+        public = [n for n in host.public_names() if n != adapter_name]  # not the fusion being added
         missing = [n for n in config.adapters if n not in public]
         unknown = [n for n in missing if n not in config.adapter_configs]
         check(not unknown, f"cannot fuse unknown adapter(s) {unknown}; this model has {public}")
