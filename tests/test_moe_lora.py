@@ -73,6 +73,35 @@ def test_trainable_count_training_aux_loss_and_save(tmp_path):
         model.merge_adapter()
 
 
+def test_the_penalty_is_only_from_routers_that_ran_in_the_latest_forward():
+    from peftkit import LoraConfig
+
+    model, _ = adapted()
+    model.add_adapter("lo", LoraConfig(r=2, target_modules=["q_proj"]))
+    model.set_adapter(["default", "lo"])
+    model.train()
+    x = ids(batch=4, seq=8)
+    out = model(input_ids=x, labels=x, adapter_names=["default", "default", "lo", "lo"])
+    first = model.peft_regularization()
+    assert first is not None and first.item() > 0
+    (out.loss + first).backward()
+    # no row of the MoE adapter: no router ran, so no penalty (it returned the previous one, whose graph
+    # was freed, and the backward failed)
+    out = model(input_ids=x, labels=x, adapter_names=["lo", "lo", "lo", "__base__"])
+    assert model.peft_regularization() is None
+    out.loss.backward()
+    with model.disable_adapter():
+        model(input_ids=x)
+    assert model.peft_regularization() is None
+    model(input_ids=x)  # a training forward with the router: the penalty is back, and it is this forward's
+    again = model.peft_regularization()
+    assert again is not None and again is not first and again.item() > 0
+    again.backward()  # its graph is alive
+    model.eval()
+    model(input_ids=x)
+    assert model.peft_regularization() is None
+
+
 @pytest.mark.parametrize("kw, msg", [(dict(num_experts=1), "num_experts=1"), (dict(top_k=5), "top_k=5"),
                                      (dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1"),
                                      # LoRA options the experts do not implement are refused, not saved and ignored

@@ -33,9 +33,13 @@ class AdapterContext:
     per row. :meth:`groups` turns it into ``(adapter_name, row_index_tensor)`` pairs once per batch
     size and device (not once per layer); a batch that is a whole multiple of the rows (beam search,
     ``num_return_sequences``) repeats each row's name for its copies.
+
+    ``forward_id`` counts :meth:`peftkit.PeftModel.forward` calls, so that state an adapter records
+    during a forward (MoE-LoRA's load-balancing loss) can be told apart from an earlier forward's.
     """
 
     def __init__(self) -> None:
+        self.forward_id = 0
         self.row_names: list[str] | None = None
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
         self._spans: dict[int, dict[str, slice] | None] = {}

@@ -320,6 +320,7 @@ class PeftModel(nn.Module):
                                 "wrapped model")
             kwargs["labels"] = labels
         rows = _batch_size(args, kwargs)
+        self.base_model.ctx.forward_id += 1
         with self._rows(adapter_names, rows) as names:
             base = self.get_base_model()
             order = None if names is None or rows is None or _holds_cache(args, kwargs) else _grouped_order(names)

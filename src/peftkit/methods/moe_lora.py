@@ -93,7 +93,10 @@ class MoeLoraLinear(Adapter):
         self.lora_A = nn.Linear(in_features, num_experts * r, bias=False)
         self.lora_B = nn.Linear(num_experts * r, out_features, bias=False)
         self.lora_router = nn.Linear(in_features, num_experts, bias=False)
+        #: the load-balancing term of the latest training forward that ran this router, and that forward's
+        #: ``AdapterContext.forward_id`` (the tuner's regulariser uses only terms of the current forward)
         self.last_aux: Tensor | None = None
+        self.aux_forward_id: int | None = None
 
     def reset(self, init: bool | str) -> None:
         """A Kaiming-uniform, B zero (identity at start) unless ``init`` is False; router small normal."""
@@ -119,6 +122,7 @@ class MoeLoraLinear(Adapter):
             flat_g, flat_p = gates.reshape(-1, self.num_experts), probs.reshape(-1, self.num_experts)
             load = (flat_g > 0).float().mean(0) / self.top_k
             self.last_aux = self.num_experts * (load * flat_p.mean(0)).sum()
+            self.aux_forward_id = None if layer._ctx is None else layer._ctx.forward_id
         z = self.lora_A(self.lora_dropout(x))
         z = z * gates.to(z.dtype).repeat_interleave(self.r, dim=-1)
         return torch.add(y, self.lora_B(z).to(y.dtype), alpha=self.scaling)
@@ -144,10 +148,13 @@ class MoeLoraTuner(WrapTuner):
         return adapter
 
     def regularizer(self, host: Any, adapter_name: str) -> Tensor | None:
+        """``coef`` times the mean load-balancing term of the routers that ran in the latest forward (in
+        training mode, on rows of this adapter); None when none did (an eval forward, a mixed batch
+        without this adapter's rows, a forward under ``disable_adapter``)."""
         coef = host.peft_config[adapter_name].router_aux_loss_coef
-        terms = [layer.adapters[adapter_name].last_aux for _, layer in host.wrappers()
-                 if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters
-                 and layer.adapters[adapter_name].last_aux is not None]
+        adapters = [layer.adapters[adapter_name] for _, layer in host.wrappers()
+                    if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters]
+        terms = [a.last_aux for a in adapters if a.last_aux is not None and a.aux_forward_id == host.ctx.forward_id]
         if not coef or not terms:
             return None
         return coef * torch.stack(terms).mean()
