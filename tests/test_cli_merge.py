@@ -150,6 +150,32 @@ def test_export_untied_embedding_of_a_plain_adapter_folder(tmp_path):
         assert (plain(input_ids=x).logits - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("task_type", ["TOKEN_CLS", "QUESTION_ANS"])
+def test_export_of_token_and_qa_adapters_loads_the_task_model(task_type, tmp_path):
+    """The base is loaded with the task's head class (AutoModel lacked the head, so the saved head copy had
+    nowhere to go)."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification, BertConfig
+
+    auto = AutoModelForTokenClassification if task_type == "TOKEN_CLS" else AutoModelForQuestionAnswering
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=5 if task_type == "TOKEN_CLS" else 2)
+    base = auto.from_config(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], task_type=task_type))
+    perturb(model)
+    model.save_pretrained(tmp_path / "adapter")
+    x = ids()
+    field = "logits" if task_type == "TOKEN_CLS" else "start_logits"
+    with torch.no_grad():
+        expected = getattr(model(input_ids=x), field)
+    assert run("export", "--adapter", tmp_path / "adapter", "--model", tmp_path / "base", "--merge",
+               "--output", tmp_path / "exp") == 0
+    plain = auto.from_pretrained(tmp_path / "exp").eval()
+    with torch.no_grad():
+        assert (getattr(plain(input_ids=x), field) - expected).abs().max() <= 1e-5
+
+
 def test_export_refuses_non_finite_weights(tiny_model_dir, tmp_path, capsys):
     from safetensors.torch import save_file
 

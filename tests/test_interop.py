@@ -381,3 +381,48 @@ def test_modules_to_save_match_name_suffixes_as_in_peft(tmp_path):
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     x = ids()
     assert (_logits(loaded, x) - _logits(ours, x)).abs().max() <= 1e-5
+
+
+def _tiny_bert_for(task_type: str):
+    from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=5)
+    if task_type == "TOKEN_CLS":
+        return BertForTokenClassification(cfg).eval()
+    cfg.num_labels = 2
+    return BertForQuestionAnswering(cfg).eval()
+
+
+def _head_outputs(model, x):
+    with torch.no_grad():
+        out = model(input_ids=x)
+    return out.logits if hasattr(out, "logits") else torch.stack([out.start_logits, out.end_logits])
+
+
+@pytest.mark.parametrize("task_type, head", [("TOKEN_CLS", "classifier"), ("QUESTION_ANS", "qa_outputs")])
+@pytest.mark.parametrize("method", ["LoraConfig", "IA3Config"])
+def test_token_and_qa_tasks_train_and_save_their_head_as_in_peft(task_type, head, method, tmp_path):
+    """As peft's task classes do, TOKEN_CLS adds the classifier and QUESTION_ANS the qa_outputs head to
+    modules_to_save (the head stayed frozen at its random start and was not saved, and peft could not load
+    the file)."""
+    base = _tiny_bert_for(task_type)
+    kw = dict(target_modules=["query", "value"], task_type=task_type)
+    kw.update(dict(feedforward_modules=[]) if method == "IA3Config" else dict(r=2))
+    ours = peftkit.get_peft_model(copy.deepcopy(base), getattr(peftkit, method)(**kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, method)(**kw))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert any(p.requires_grad for n, p in ours.named_parameters() if head in n)
+    perturb(ours)
+    x = ids()
+    expected = _head_outputs(ours, x)
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert (_head_outputs(loaded, x) - expected).abs().max() <= 1e-5
+    assert (_head_outputs(peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours"), x)
+            - expected).abs().max() <= 1e-5

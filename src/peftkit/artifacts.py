@@ -127,7 +127,9 @@ def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) 
     from transformers import (
         AutoModel,
         AutoModelForCausalLM,
+        AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
         AutoTokenizer,
     )
     from transformers.utils import logging as hf_logging
@@ -155,10 +157,12 @@ def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) 
     check_model_dir(source, tokenizer=False)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if config.task_type == "SEQ_CLS":
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS"):
         num_labels = _head_rows(folder)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, use_safetensors=True, **({"num_labels": num_labels} if num_labels else {}))
+        auto = AutoModelForSequenceClassification if config.task_type == "SEQ_CLS" else AutoModelForTokenClassification
+        model = auto.from_pretrained(source, use_safetensors=True, **({"num_labels": num_labels} if num_labels else {}))
+    elif config.task_type == "QUESTION_ANS":
+        model = AutoModelForQuestionAnswering.from_pretrained(source, use_safetensors=True)
     elif config.task_type == "CAUSAL_LM":
         model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
     else:

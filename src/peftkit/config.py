@@ -133,8 +133,9 @@ class PeftConfig:
 
     Args:
         task_type: one of ``SEQ_CLS``, ``CAUSAL_LM``, ``SEQ_2_SEQ_LM``, ``TOKEN_CLS``, ``QUESTION_ANS``,
-            ``FEATURE_EXTRACTION`` or ``None`` (default). With ``SEQ_CLS`` the model's classification
-            head (``classifier`` or ``score``) is added to ``modules_to_save`` when injected, as in peft.
+            ``FEATURE_EXTRACTION`` or ``None`` (default). With ``SEQ_CLS`` and ``TOKEN_CLS`` the model's
+            classification head (``classifier`` or ``score``), with ``QUESTION_ANS`` its ``qa_outputs``, is
+            added to ``modules_to_save`` when injected, as in peft.
         base_model_name_or_path: where the base model came from; written to the adapter file.
         inference_mode: ``True`` freezes the adapter (set when loading with ``is_trainable=False``).
 

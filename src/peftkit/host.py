@@ -20,7 +20,9 @@ from peftkit.config import ConfigError, PeftConfig, check, check_fields, get_met
 from peftkit.layers import BASE_ROWS, AdaptedLayer, AdapterContext, ModulesToSaveWrapper, replace_module
 from peftkit.targeting import default_target_modules
 
-SEQ_CLS_HEADS = ("classifier", "score")
+#: the output heads a task type adds to ``modules_to_save`` when injected, as peft's task classes do
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 PART_SEP = "#"  # a part of a composed adapter is named "<owner>#<index>"; user names cannot contain it
 
 
@@ -214,10 +216,11 @@ class AdapterModel(nn.Module):
             w.disabled = self.disabled  # a layer wrapped inside disable_adapter() is disabled like the rest
 
     def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> list[str]:
-        """Wrap the modules ``config.modules_to_save`` names (a SEQ_CLS config adds the classification head,
-        ``classifier`` or ``score``, as peft does); returns the head names added that way and found."""
+        """Wrap the modules ``config.modules_to_save`` names (a ``SEQ_CLS`` or ``TOKEN_CLS`` config adds the
+        classification head, ``classifier`` or ``score``, and ``QUESTION_ANS`` adds ``qa_outputs``, as peft
+        does); returns the head names added that way and found."""
         wanted = list(getattr(config, "modules_to_save", None) or [])
-        auto = [h for h in SEQ_CLS_HEADS if config.task_type == "SEQ_CLS" and h not in wanted]
+        auto = [h for h in TASK_HEADS.get(config.task_type, ()) if h not in wanted]
         if not wanted and not auto:
             return []
         found: list[str] = []
