@@ -89,6 +89,25 @@ def test_a_model_that_already_holds_adapters_is_refused():
         get_peft_model(model.get_base_model(), lora())
 
 
+@pytest.mark.parametrize("second", [peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+                                    peftkit.IA3Config()])
+def test_a_model_that_already_holds_a_soft_prompt_is_refused(second):
+    """A soft prompt wraps no layer, so only its hooks tell; a second get_peft_model was accepted and made
+    the first PeftModel insert both prompts (its logits gained positions)."""
+    from tests.conftest import ids, tiny_llama
+
+    base = tiny_llama()
+    first = get_peft_model(base, peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    x = ids(batch=2, seq=5)
+    with torch.no_grad():
+        before = first(input_ids=x).logits
+    with pytest.raises(ConfigError, match="already holds peftkit adapters"):
+        get_peft_model(base, second)
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=x).logits, before)
+    get_peft_model(first.unload(), second)  # once unloaded the base takes a new adapter
+
+
 def test_disable_adapter_forbids_merging_inside_and_survives_a_deletion_inside():
     model = two_adapters()
     x = torch.randn(3, 6)

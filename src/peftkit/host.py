@@ -66,6 +66,10 @@ class AdapterModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         wrapped = next((n for n, m in model.named_modules() if isinstance(m, (AdaptedLayer, ModulesToSaveWrapper))), None)
+        if wrapped is None:  # a soft-prompt adapter wraps no layer: its hooks on the model hold their host
+            wrapped = next((n or type(model).__name__ for n, m in model.named_modules()
+                            for h in m._forward_pre_hooks.values()
+                            if isinstance(getattr(getattr(h, "__self__", None), "host", None), AdapterModel)), None)
         if wrapped is not None:
             raise ConfigError(f"the model already holds peftkit adapters (module {wrapped!r}); add more to its "
                               "PeftModel with add_adapter(), or start from peft_model.unload()")
