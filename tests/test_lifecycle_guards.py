@@ -276,6 +276,29 @@ def test_merge_and_unload_of_one_adapter_gives_back_what_a_pissa_adapter_took():
     torch.testing.assert_close(out[0].weight, w0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_merge_and_unload_of_some_adapters_is_not_blocked_by_the_ones_it_drops(safe_merge):
+    """(IA)^3 scales down_proj's input, so merging it while LoHa stays unmerged on that layer is refused; but
+    merge_and_unload(adapter_names=["ia"]) drops LoHa, so the result is the base with (IA)^3 alone (it was
+    refused, telling the user to merge the adapter being dropped)."""
+    from tests.conftest import ids, tiny_llama
+
+    model = get_peft_model(tiny_llama(), peftkit.IA3Config(), adapter_name="ia")
+    model.add_adapter("ha", peftkit.LoHaConfig(r=2, target_modules=["down_proj"]))
+    model.set_adapter(["ia", "ha"])
+    perturb(model)
+    x = ids()
+    model.set_adapter("ia")
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    model.set_adapter(["ia", "ha"])
+    with pytest.raises(ValueError, match="merging 'ia', which transforms the layer's input, while 'ha' stays"):
+        model.merge_adapter(["ia"])  # without the unload, the partial merge is still refused
+    plain = model.merge_and_unload(adapter_names=["ia"], safe_merge=safe_merge)
+    with torch.no_grad():
+        assert (plain(input_ids=x).logits - expected).abs().max() <= 1e-5
+
+
 def test_pissa_adapters_are_not_combined():
     model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"), "a")
     model.add_adapter("b", LoraConfig(r=2, target_modules=["0"], init_lora_weights="olora"))

@@ -354,10 +354,13 @@ class AdapterModel(nn.Module):
                         out.append(owner)
         return out
 
-    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False,
+              dropping: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights.
 
         A composed adapter merges when every part does; otherwise the error names the part that does not.
+        With ``dropping`` the unmerged adapters not named are about to be removed (``unload``), so they do
+        not block a merge that only they would make inexact.
 
         Raises:
             ConfigError: unknown name. ValueError: a method that cannot merge, an adapter whose merge could
@@ -380,7 +383,7 @@ class AdapterModel(nn.Module):
         names = self.parts(names)
         layers = [w for _, w in self.wrappers() if isinstance(w, AdaptedLayer)]
         for layer_name, w in self.wrappers():
-            problem = w.check_partial_merge(names) if isinstance(w, AdaptedLayer) else None
+            problem = w.check_partial_merge(names, dropping) if isinstance(w, AdaptedLayer) else None
             if problem:
                 raise ValueError(f"cannot merge {names} on layer {layer_name!r}: {problem}; nothing was merged")
             for n in names if isinstance(w, AdaptedLayer) else ():
@@ -414,7 +417,7 @@ class AdapterModel(nn.Module):
         Without merging, base parameters an adapter trained or loaded (e.g. ``bias="all"``) get their own
         values back; either way every base parameter's ``requires_grad`` is put back as it was."""
         if merge:
-            self.merge(adapter_names)
+            self.merge(adapter_names, dropping=True)
         else:
             self.unmerge()
         keep = (list(adapter_names) if adapter_names is not None else self.active_adapters) if merge else []

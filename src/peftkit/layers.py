@@ -387,16 +387,19 @@ class AdaptedLayer(nn.Module):
             self.merged_adapters.append(n)
         self._replan()
 
-    def check_partial_merge(self, names: Iterable[str]) -> str | None:
+    def check_partial_merge(self, names: Iterable[str], dropping: bool = False) -> str | None:
         """Why merging ``names`` now would change this layer's output, or None when it is exact.
 
         The forward applies the active adapters in order; merging one folds it under those applied before
         it. That is exact when everything before it is merged too, or when both only add a weight change
         (LoRA and its family commute); a rescale (DoRA, (IA)^3, SSF) or an input transform does not commute.
+        With ``dropping`` (``merge_and_unload(adapter_names=...)``) the active adapters not in ``names`` are
+        about to be removed, so the output to keep is that of the merged ones alone and the others do not count.
         """
         merging = {n for n in names if n in self.adapters}
         # parameter substitutions run first (before the base layer), the output adapters after, in order
-        live = sorted((n for n in self.active_adapters if n not in self.merged_adapters),
+        live = sorted((n for n in self.active_adapters if n not in self.merged_adapters
+                       and (not dropping or n in merging)),
                       key=lambda n: not self.adapters[n].substitutes_params)
         if not merging & set(live):
             return None

@@ -178,7 +178,7 @@ class PeftModel(nn.Module):
                 whose merged form would differ from its outputs), checked before any layer changes.
         """
         if safe_merge:
-            self.base_model.merge(adapter_names, safe_merge=True)
+            self.base_model.merge(adapter_names, safe_merge=True, dropping=True)
         return self.base_model.unload(merge=True, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
