@@ -161,6 +161,9 @@ def test_peft_interop(direction, arch, save_projection, tmp_path):
     (dict(vera_dropout=1.0), "vera_dropout=1.0"),
     (dict(bias="lora_only"), "bias='lora_only' is not valid"),
     (dict(projection_prng_key=1.5), "projection_prng_key=1.5"),
+    # torch's generator takes [-2**63, 2**64): beyond, a raw "Overflow when unpacking long long" came from it
+    (dict(projection_prng_key=2**64), r"projection_prng_key=18446744073709551616 is out of range; .*\[-2\*\*63, 2\*\*64\)"),
+    (dict(projection_prng_key=-2**63 - 1), "projection_prng_key=-9223372036854775809 is out of range"),
     (dict(target_modules=[]), r"target_modules=\[\] adapts nothing"),
 ])
 def test_bad_values_are_config_errors(kw, message):

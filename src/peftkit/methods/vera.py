@@ -58,8 +58,8 @@ class VeraConfig(PeftConfig):
         layers_to_transform / layers_pattern: restrict to some blocks.
 
     Raises:
-        ConfigError: ``r <= 0``, dropout outside [0, 1), a non-integer ``projection_prng_key``, a
-            non-numeric ``d_initial``, an unknown ``bias``, or ``target_modules=[]``.
+        ConfigError: ``r <= 0``, dropout outside [0, 1), a non-integer ``projection_prng_key`` or one outside
+            ``[-2**63, 2**64)``, a non-numeric ``d_initial``, an unknown ``bias``, or ``target_modules=[]``.
     """
 
     peft_type = "VERA"
@@ -85,6 +85,8 @@ class VeraConfig(PeftConfig):
               f"vera_dropout={self.vera_dropout!r} is not valid; it must lie in [0, 1)")
         check(isinstance(self.projection_prng_key, int) and not isinstance(self.projection_prng_key, bool),
               f"projection_prng_key={self.projection_prng_key!r} must be an integer seed")
+        check(-2**63 <= self.projection_prng_key < 2**64,  # what torch.Generator.manual_seed takes
+              f"projection_prng_key={self.projection_prng_key} is out of range; a seed lies in [-2**63, 2**64)")
         check(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool),
               f"d_initial={self.d_initial!r} must be a number")
         check(self.bias in ("none", "all", "vera_only"),
