@@ -273,6 +273,40 @@ def test_bert_classifier_with_padding_and_token_types(method):
     assert (out - base_out).abs().max() > 1e-3
 
 
+def _decoder_classifier(kind: str):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, pad_token_id=PAD, num_labels=3)).eval()
+    return GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                                    pad_token_id=PAD, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("method", ["prompt", "p-mlp", "prefix"])
+@pytest.mark.parametrize("decoder", ["llama", "gpt2"])
+def test_decoder_classifier_pools_each_rows_last_real_token(decoder, method):
+    """A decoder's classifier pools the last token that is not pad_token_id, which it finds in input_ids
+    only; with inserted embeddings it pooled the last position, a pad in a right-padded row (off by 2.8 to
+    4.6). Right padding (masked or not) and left padding now give each row its output alone."""
+    model = get_peft_model(_decoder_classifier(decoder), METHODS[method](task_type="SEQ_CLS"))
+    perturb(model, 0.5)
+    right = torch.tensor([[5, 6, 7, PAD, PAD, PAD], [8, 9, 10, 11, 12, 13], [14, 15, 16, 17, PAD, PAD]])
+    left = torch.tensor([[PAD, PAD, PAD, 5, 6, 7], [8, 9, 10, 11, 12, 13], [PAD, PAD, 14, 15, 16, 17]])
+    rows = [right[0, :3], right[1], right[2, :4]]
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=r[None]).logits for r in rows])
+        masked = model(input_ids=right, attention_mask=(right != PAD).long(), labels=labels)
+        unmasked = model(input_ids=right).logits
+        lefts = model(input_ids=left, attention_mask=(left != PAD).long()).logits
+    for got in (masked.logits, unmasked, lefts):
+        assert (got - alone).abs().max() <= 1e-5
+    assert torch.allclose(masked.loss, F.cross_entropy(alone, labels), atol=1e-5)
+
+
 def test_prompt_tuning_init_from_text_and_from_the_vocabulary():
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 

@@ -21,7 +21,12 @@ How a call is rewritten (``L`` real tokens, ``B`` rows):
 - ``token_type_ids`` get ``P`` zeros in front when embeddings are inserted;
 - token-level ``labels`` ``(B, L)`` get ``P`` values of -100 in front; for a causal LM the first real
   label is ignored as well, so the loss counts exactly the targets the base model's loss counts;
-- token-level ``logits`` come back for the real tokens only, ``(B, L, ...)``.
+- token-level ``logits`` come back for the real tokens only, ``(B, L, ...)``;
+- a decoder's sequence classifier (Llama's, GPT-2's: it pools the last token that is not
+  ``pad_token_id``, which it finds from ``input_ids`` only) gets inserted embeddings with each row's
+  trailing padding moved in front of its real tokens, masked, so that the last position is the one it
+  would pool; positions are taken before the move, so each row equals the row alone. Its hidden states,
+  if returned, are in that order.
 
 While the adapter is inactive, ``disable_adapter()`` is in force, or the model is unloaded, nothing
 is rewritten. Mixed-adapter batches (``adapter_names=``) naming a prompt adapter raise ``ValueError``.
@@ -300,6 +305,7 @@ class PromptHooks:
         self.positional = [n for n, p in params.items()
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.takes_positions = "position_ids" in params
+        self.pools_last_token = _pools_last_non_pad_token(model)
         self.positions = learned_positions(model)  # read once: a walk over the modules, not one per call
         self.pending: Callable[[Any], Any] | None = None
         self.handles = (model.register_forward_pre_hook(self.before, with_kwargs=True),
@@ -365,8 +371,11 @@ class PromptHooks:
             raise ValueError(f"an input of {call.length} tokens does not fit after num_virtual_tokens="
                              f"{config.num_virtual_tokens}: {type(model).__name__} has {positions} learned positions; "
                              f"truncate inputs to {positions - config.num_virtual_tokens} tokens")
+        ids = kw.get("input_ids")
         if self._extend(call):
             self.tuner.insert(call, self.host.extra_modules[self.name]())
+            if self.pools_last_token and ids is not None and call.kwargs.get("inputs_embeds") is not None:
+                _move_trailing_padding_in_front(call, ids, model.config.get_text_config().pad_token_id)
         use_cache = kw.get("use_cache")
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
@@ -409,6 +418,48 @@ class PromptHooks:
                 positions = torch.cat([virtual.expand(positions.shape[0], p), positions], dim=1)
             kw["position_ids"] = positions
         return not past
+
+
+def _pools_last_non_pad_token(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers sequence classifier that pools the last token that is not
+    ``pad_token_id`` (the decoders' ``...ForSequenceClassification``), which it can find only in ``input_ids``."""
+    config = getattr(model, "config", None)
+    if config is None or not type(model).__name__.endswith("ForSequenceClassification"):
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "pad_token_id", None) is None:
+        return False
+    try:
+        return "last_non_pad_token" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _move_trailing_padding_in_front(call: PromptCall, ids: Tensor, pad_token_id: int) -> None:
+    """Rotate each row's real part (after the ``P`` virtual tokens) so that its last non-pad token, the one
+    the classifier would pool from ``input_ids``, is the last position, and mask the positions moved in
+    front (padding after the pooled token, which no real token attends in a causal model). Embeddings,
+    mask, positions and type ids move together; positions were computed before, so they stay right."""
+    kw, p, length = call.kwargs, call.num_virtual, call.length
+    steps = torch.arange(length, device=ids.device)
+    last = (steps * (ids != pad_token_id)).argmax(-1)  # as transformers finds the pooled token
+    shift = (length - 1 - last).to(ids.device)
+    if not bool(shift.any()):
+        return
+    index = (steps[None, :] - shift[:, None]) % length  # new position j holds old position index[j]
+
+    def rotate(t: Tensor) -> Tensor:
+        real = t[:, p:]
+        idx = index.to(real.device).view(*index.shape, *([1] * (real.dim() - 2))).expand_as(real)
+        return torch.cat([t[:, :p], real.gather(1, idx)], dim=1)
+
+    kw["inputs_embeds"] = rotate(kw["inputs_embeds"])
+    mask = rotate(kw["attention_mask"])
+    mask[:, p:] *= (steps[None, :] >= shift[:, None]).to(mask.device, mask.dtype)
+    kw["attention_mask"] = mask
+    for key in ("position_ids", "token_type_ids"):
+        if kw.get(key) is not None and kw[key].dim() == 2 and kw[key].shape[1] == p + length:
+            kw[key] = rotate(kw[key])
 
 
 def _finisher(call: PromptCall, drop_cache: bool) -> Callable[[Any], Any]:
