@@ -303,10 +303,19 @@ class AdapterModel(nn.Module):
     # --- activation and trainability ------------------------------------------------------------------
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Activate ``adapter_names`` (one or several, applied in order) and make them trainable unless
-        their config says ``inference_mode``. Other adapters are frozen and unused."""
+        their config says ``inference_mode``. Other adapters are frozen and unused.
+
+        Raises:
+            ConfigError: an unknown or repeated name, or more than one soft-prompt adapter (counting the parts
+                of composed adapters); the active adapters stay as they were.
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self.check_known(names)
         _check_unique(names)
+        prompts = [self.owner(n) for n in self.parts(names) if self.peft_config[n].is_prompt_learning]
+        if len(prompts) > 1:
+            raise ConfigError(f"adapters {list(dict.fromkeys(prompts))} are soft-prompt adapters; activate at most one "
+                              "of them at a time (stacking soft prompts is not supported)")
         merged = self.merged_adapters()
         if merged and names != self.active_adapters:
             warnings.warn(f"adapter(s) {merged} are merged; unmerging them before switching to {names} (as peft "

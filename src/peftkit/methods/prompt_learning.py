@@ -321,8 +321,7 @@ class PromptHooks:
         composed adapter), adapters are not disabled and no mixed-adapter batch is running.
 
         Raises:
-            ValueError: a mixed-adapter batch names this adapter, or another soft-prompt adapter is active
-                together with it.
+            ValueError: a mixed-adapter batch names this adapter.
         """
         host = self.host
         if host.disabled:
@@ -333,14 +332,8 @@ class PromptHooks:
                 raise ValueError(f"adapter {self.name!r} is a soft-prompt adapter; mixed-adapter batches "
                                  "(adapter_names=...) do not support soft prompts yet")
             return False
-        in_use = host.in_use  # the active adapters and the parts of active composed ones
-        if self.name not in in_use:
-            return False
-        others = [n for n in in_use if n != self.name and host.peft_config[n].is_prompt_learning]
-        if others:
-            raise ValueError(f"soft-prompt adapters {[self.name, *others]} are active together; activate one of "
-                             "them (set_adapter) - stacking soft prompts is not supported")
-        return True
+        # the active adapters and the parts of active composed ones; set_adapter allows one soft prompt among them
+        return self.name in host.in_use
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         """Forward pre-hook: when :meth:`applies`, the call's arguments rewritten as keywords (mask and
