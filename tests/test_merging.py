@@ -181,8 +181,73 @@ def test_non_lora_adapters_are_refused():
     with pytest.raises(ConfigError, match="plain LoRA"):
         model.add_weighted_adapter(["default", "b"], [1, 1], "new", combination_type="cat")
     model.add_adapter("ia3", peftkit.IA3Config(target_modules=["lin"], feedforward_modules=[]))
-    with pytest.raises(ConfigError, match="'ia3' is IA3; add_weighted_adapter combines plain LoRA"):
-        model.add_weighted_adapter(["default", "ia3"], [1, 1], "new", combination_type="cat")
+    with pytest.raises(ConfigError, match=r"adapters \['default'\] are not \(IA\)\^3; add_weighted_adapter combines "
+                                          r"\(IA\)\^3 adapters only with each other"):
+        model.add_weighted_adapter(["default", "ia3"], [1, 1], "new")
+    assert "new" not in model.peft_config
+
+
+def _ia3_pair(lib, base, ff_b=("down_proj",)):
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lib.get_peft_model(copy.deepcopy(base), lib.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), adapter_name="a")
+        model.add_adapter("b", lib.IA3Config(target_modules=["v_proj", "down_proj", "up_proj"],
+                                             feedforward_modules=list(ff_b)))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def test_ia3_adapters_combine_as_in_peft(tmp_path):
+    """peft's IA3Model.add_weighted_adapter: at each layer sum_i w_i l_i over the sources there, on the union
+    of their layers (it was refused as not LoRA)."""
+    import copy
+
+    import peft
+
+    from tests.conftest import ids, tiny_llama
+
+    base = tiny_llama()
+    ours, theirs = _ia3_pair(peftkit, base), _ia3_pair(peft, base)
+    ours.add_weighted_adapter(["a", "b"], [0.75, -0.5], "mix")
+    theirs.add_weighted_adapter(["a", "b"], [0.75, -0.5], "mix")
+    ours.set_adapter("mix")
+    theirs.set_adapter("mix")
+    x = ids()
+    with torch.no_grad():
+        expected = theirs(input_ids=x).logits
+        assert (ours(input_ids=x).logits - expected).abs().max() <= 1e-5
+    layer = ours.base_model.model.model.layers[0]
+    a, b = (layer.mlp.down_proj.adapters[n].ia3_l for n in ("a", "b"))
+    torch.testing.assert_close(layer.mlp.down_proj.adapters["mix"].ia3_l, 0.75 * a - 0.5 * b)
+    torch.testing.assert_close(layer.self_attn.k_proj.adapters["mix"].ia3_l,  # only 'a' adapts k_proj
+                               0.75 * layer.self_attn.k_proj.adapters["a"].ia3_l)
+    assert "q_proj" not in str(ours.peft_config["mix"].target_modules)
+    ours.save_pretrained(tmp_path, selected_adapters=["mix"])
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix")
+    with torch.no_grad():
+        assert (loaded(input_ids=x).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(combination_type="cat"), r"\(IA\)\^3 adapters combine linearly .*combination_type='cat' do not apply"),
+    (dict(density=0.5), r"options \['density'\] do not apply"),
+    (dict(ff_b=()), r"on layer 'model.layers.0.mlp.down_proj' the adapters scale different sides"),
+])
+def test_ia3_combinations_that_cannot_be_made_are_refused(call, message):
+    from tests.conftest import tiny_llama
+
+    model = _ia3_pair(peftkit, tiny_llama(), ff_b=call.pop("ff_b", ("down_proj",)))
+    with pytest.raises(ConfigError, match=message):
+        model.add_weighted_adapter(["a", "b"], [1, 1], "mix", **call)
+    assert list(model.peft_config) == ["a", "b"]
 
 
 def test_adapters_with_trained_biases_are_refused():

@@ -26,6 +26,9 @@ For LoRA adapters (``delta_i = s_i B_i A_i``) the combination types are HF PEFT'
 
 The new adapter has scaling 1 (``lora_alpha = r``), so rsLoRA, ``alpha_pattern`` and any other
 scaling of the sources are folded into its matrices. Grouped convolutions are merged group by group.
+
+(IA)^3 adapters combine as in HF PEFT: the new vector of a layer is ``sum_i w_i l_i`` over the sources
+that adapt that layer.
 """
 
 from __future__ import annotations
@@ -227,12 +230,83 @@ def add_lora_on(host: Any, adapter_name: str, ranks: dict[str, int], template: A
                 w.modules_to_save[adapter_name].load_state_dict(src.state_dict())
 
 
+def _source_checks(host: Any, adapters: list[str], weights: Sequence[Any],
+                   modules_to_save_from: str | None) -> tuple[list[float], list[str]]:
+    """The weights as floats and the ``modules_to_save`` modules the sources train, after the checks every
+    combination shares (finite weights; a ``modules_to_save_from`` that has those modules)."""
+    given = list(weights)
+    values = [_real(w) for w in given]  # numpy and 0-d torch scalars are numbers too, as in peft
+    for w, v in zip(given, values):
+        check(v is not None and math.isfinite(v), f"weights={given!r}: {w!r} is not a finite number")
+    heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
+             and any(a in w.modules_to_save for a in adapters)]
+    check(not heads or modules_to_save_from is not None,
+          f"the adapters train whole modules {heads} (modules_to_save); pass modules_to_save_from=<adapter> "
+          "to take them from one adapter")
+    if heads and modules_to_save_from is not None:
+        owners = [a for a in adapters if all(a in w.modules_to_save for n, w in host.wrappers() if n in heads)]
+        check(modules_to_save_from in owners,
+              f"modules_to_save_from={modules_to_save_from!r} has no trained copy of {heads} (modules_to_save); "
+              f"the adapters that have one: {owners}")
+    return values, heads
+
+
+def _add_ia3_weighted(host: Any, adapters: list[str], configs: list[Any], weights: Sequence[Any], adapter_name: str,
+                      modules_to_save_from: str | None) -> None:
+    """(IA)^3 sources combined as peft's ``IA3Model.add_weighted_adapter`` does: at every layer a source adapts,
+    the new vector is ``sum_i w_i l_i`` over the sources present there (a source absent from a layer adds
+    nothing to it; it does not count as the identity), on the union of the sources' layers."""
+    from peftkit.methods.ia3 import IA3Config, IA3Input
+
+    names = [n for n, c in zip(adapters, configs) if type(c) is not IA3Config]
+    check(not names, f"adapters {names} are not (IA)^3; add_weighted_adapter combines (IA)^3 adapters only with "
+                     "each other")
+    values, heads = _source_checks(host, adapters, weights, modules_to_save_from)
+    plan: list[tuple[str, AdaptedLayer, Tensor]] = []
+    for name, layer in host.wrappers():
+        if not isinstance(layer, AdaptedLayer):
+            continue
+        parts = [(a, layer.adapters[a], w) for a, w in zip(adapters, values) if a in layer.adapters]
+        if not parts:
+            continue
+        kinds = {a: "input" if isinstance(ad, IA3Input) else "output" for a, ad, _ in parts}
+        check(len(set(kinds.values())) == 1, f"on layer {name!r} the adapters scale different sides ({kinds}: "
+                                             "feedforward_modules differ), so their vectors cannot be added")
+        total = sum(w * ad.ia3_l.detach().double() for _, ad, w in parts)
+        check(bool(torch.isfinite(total).all()), f"the combination with weights {list(weights)} is not finite "
+                                                 f"(inf or NaN) on layer {name!r}")
+        plan.append((name, layer, total))
+    ff = [n for n, layer, _ in plan if isinstance(layer.adapters[next(a for a in adapters if a in layer.adapters)],
+                                                  IA3Input)]
+    template = configs[0]
+    new = IA3Config(target_modules="(?:" + "|".join(re.escape(n) for n, _, _ in plan) + ")",
+                    feedforward_modules=("(?:" + "|".join(re.escape(n) for n in ff) + ")") if ff else [],
+                    task_type=template.task_type, base_model_name_or_path=template.base_model_name_or_path,
+                    modules_to_save=list(heads) or None)
+    host.add_adapter(adapter_name, new)
+    placed = {n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.adapters}
+    if placed != {n for n, _, _ in plan}:  # full-match names cannot miss; never leave a wrong adapter behind
+        host.delete_adapter(adapter_name)
+        raise ConfigError(f"the combined adapter {adapter_name!r} would sit on {sorted(placed)}, not on the layers "
+                          f"the sources adapt {sorted(n for n, _, _ in plan)}")
+    with torch.no_grad():
+        for _, layer, total in plan:
+            vector = layer.adapters[adapter_name].ia3_l
+            vector.copy_(total.to(vector.dtype))
+        for _, w in host.wrappers():
+            if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save and modules_to_save_from:
+                w.modules_to_save[adapter_name].load_state_dict(w.modules_to_save[modules_to_save_from].state_dict())
+    host._set_trainable()
+
+
 def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
                          svd_full_matrices: bool = True, density: float | None = None,
                          majority_sign_method: str = "total", seed: int | None = 0,
                          modules_to_save_from: str | None = None) -> None:
-    """Add ``adapter_name``, a combination of the LoRA ``adapters`` with ``weights`` (see the module doc).
+    """Add ``adapter_name``, a combination of the LoRA ``adapters`` with ``weights`` (see the module doc), or of
+    (IA)^3 adapters: their vectors summed with ``weights`` as peft's ``IA3Model.add_weighted_adapter`` does
+    (at each layer, over the sources that adapt it; ``combination_type`` left at its default or ``linear``).
 
     Args:
         model: a :class:`~peftkit.PeftModel` holding the adapters.
@@ -248,10 +322,12 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
             adapter takes; required when the sources have such modules (there is no meaningful sum of heads).
 
     Raises:
-        ConfigError: unknown names, an existing ``adapter_name``, non-LoRA adapters, mismatched lengths,
+        ConfigError: unknown names, an existing ``adapter_name``, adapters other than plain LoRA (or all
+            (IA)^3, with no LoRA-only option; scaling the same side of each layer), mismatched lengths,
             a bad ``combination_type``/``density``/``svd_rank``, or sources with ``modules_to_save`` and no
             ``modules_to_save_from``. Nothing is added on error.
     """
+    from peftkit.methods.ia3 import IA3Config
     from peftkit.methods.lora import LoraConfig
 
     host = model.base_model
@@ -263,6 +339,15 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     check(combination_type in COMBINATION_TYPES,
           f"combination_type={combination_type!r} is not valid; expected one of {COMBINATION_TYPES}")
     configs = [host.peft_config[a] for a in adapters]
+    if any(type(c) is IA3Config for c in configs):
+        options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density)
+        given_options = [k for k, v in options.items() if v is not None]
+        check(combination_type in ("svd", "linear") and not given_options,
+              f"(IA)^3 adapters combine linearly (peft's IA3 add_weighted_adapter); "
+              f"{'options ' + str(given_options) if given_options else f'combination_type={combination_type!r}'} "
+              "do not apply to them")
+        _add_ia3_weighted(host, adapters, configs, weights, adapter_name, modules_to_save_from)
+        return
     from peftkit.methods.lora_init import changes_base
 
     for name, cfg in zip(adapters, configs):
@@ -274,15 +359,13 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         lora_bias = getattr(cfg, "lora_bias", False)
         check(type(cfg) is LoraConfig and not getattr(cfg, "use_dora", False) and not lora_bias,
               f"adapter {name!r} is {cfg.peft_type}{' with lora_bias' if lora_bias else ''}; "
-              "add_weighted_adapter combines plain LoRA adapters")
+              "add_weighted_adapter combines plain LoRA adapters (or (IA)^3 adapters, linearly)")
         bias = getattr(cfg, "bias", "none")
         check(bias == "none", f"adapter {name!r} trains biases (bias={bias!r}); add_weighted_adapter combines the "
                               "low-rank factors only, so the combination would drop them: combine adapters trained "
                               "with bias='none'")
     given = list(weights)
-    weights = [_real(w) for w in given]  # numpy and 0-d torch scalars are numbers too, as in peft
-    for w, v in zip(given, weights):
-        check(v is not None and math.isfinite(v), f"weights={given!r}: {w!r} is not a finite number")
+    weights, heads = _source_checks(host, adapters, given, modules_to_save_from)
     check(svd_rank is None or (_real(svd_rank) is not None and float(svd_rank).is_integer() and svd_rank > 0),
           f"svd_rank={svd_rank!r} is not valid; give a whole number > 0, or None for the largest source rank")
     svd_rank = None if svd_rank is None else int(svd_rank)
@@ -292,16 +375,6 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
           f"density={density!r} is not valid; it is the kept fraction, a number in (0, 1]")
     check(seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)),
           f"seed={seed!r} is not valid; give a whole number, or None for torch's global generator")
-    heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
-             and any(a in w.modules_to_save for a in adapters)]
-    check(not heads or modules_to_save_from is not None,
-          f"the adapters train whole modules {heads} (modules_to_save); pass modules_to_save_from=<adapter> "
-          "to take them from one adapter")
-    if heads and modules_to_save_from is not None:
-        owners = [a for a in adapters if all(a in w.modules_to_save for n, w in host.wrappers() if n in heads)]
-        check(modules_to_save_from in owners,
-              f"modules_to_save_from={modules_to_save_from!r} has no trained copy of {heads} (modules_to_save); "
-              f"the adapters that have one: {owners}")
     if combination_type not in ("cat", *FACTOR_TYPES):
         # peft's default: the largest rank of any source, its rank_pattern included
         svd_rank = svd_rank or max(max([c.r, *getattr(c, "rank_pattern", {}).values()]) for c in configs)

@@ -188,8 +188,9 @@ class PeftModel(nn.Module):
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs: Any) -> None:
         """Add ``adapter_name`` combining LoRA ``adapters`` with ``weights`` (``cat``, ``svd``, ``linear``,
-        ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and their ``_svd`` forms); see
-        :func:`peftkit.merging.add_weighted_adapter` for the options and the definitions."""
+        ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and their ``_svd`` forms), or (IA)^3
+        adapters linearly as peft does; see :func:`peftkit.merging.add_weighted_adapter` for the options and
+        the definitions."""
         from peftkit.merging import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
