@@ -74,6 +74,12 @@ def test_plain_text_file_and_a_bottleneck_adapter_from_the_cli(tmp_path, capsys)
     assert metrics["dev_examples"] == 40  # the last 10% of the file is held out
     assert metrics["dev_perplexity"] < 0.8 * metrics["dev_perplexity_before"]
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "HOULSBY"
+    # an eval file with no target token is refused (its perplexity read 1.0, a perfect score, with exit 0)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--eval-file", str(empty)]) == 2
+    assert "has a target token within --max-length" in capsys.readouterr().err
 
 
 def test_shipped_model_resolution(tmp_path):

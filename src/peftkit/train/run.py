@@ -453,6 +453,9 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
         if not cfg.full_finetune:
             model = _load_adapter(model, run_dir)
         ds = CausalLMDataset(_lm_records(cfg)[1], tokenizer, cfg.max_length)
+        if not len(ds):  # a perplexity over no token would read 1.0, a perfect score
+            raise DataError(f"no {'row of ' + repr(eval_file) if eval_file else 'dev row'} has a target token within "
+                            f"--max-length {cfg.max_length}")
         return {"dev_perplexity": perplexity(model, ds, collate_causal(tokenizer.pad_token_id),
                                              cfg.eval_batch_size)["perplexity"]}
     task = load_classification_task(cfg)

@@ -364,6 +364,9 @@ def perplexity(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: 
     """Token-weighted mean loss over ``dataset`` and its perplexity ``exp(loss)`` (labels of -100 ignored).
 
     With ``distributed=True`` in a process group, every rank must call it; the sums are reduced.
+
+    Raises:
+        ValueError: ``dataset`` has no target token (labels all -100, or no rows): there is nothing to score.
     """
     model.eval()
     device = torch.device(device) if device else next(model.parameters()).device
@@ -383,5 +386,7 @@ def perplexity(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: 
         tokens += (labels != -100).sum().item()
     if part is not dataset:
         total, tokens = D.all_reduce_sum([total, tokens])
-    mean = total / max(tokens, 1)
+    if not tokens:
+        raise ValueError("the perplexity dataset has no target token (every label is -100, or it has no rows)")
+    mean = total / tokens
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}
