@@ -158,3 +158,28 @@ def test_eval_file_of_a_named_task_replaces_its_dev_set(tiny_model_dir, tmp_path
     dev.write_bytes("sentence,label\ncafé,1\n".encode("latin-1"))
     assert error_line(capsys, "eval", "--adapter", out, "--eval-file", dev) == (
         f"peftkit: error: {dev}: not UTF-8 text (byte 0xe9 at offset 18); save the file as UTF-8")
+
+
+MRPC_HEAD = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+
+
+@pytest.mark.parametrize("task, split, row, message", [
+    ("mrpc", "dev", "2\t1\t2\ta\tb", "row 2: the label '2' is not valid; this task's labels are 0..1"),
+    ("mrpc", "train", "-1\t1\t2\ta\tb", "row 2: the label '-1' is not valid; this task's labels are 0..1"),
+    ("stsb", "train", "a man\ta woman\tnan", "row 2: the score 'nan' is not a finite number"),
+])
+def test_glue_files_from_data_dir_are_checked_before_writing_anything(tiny_model_dir, tmp_path, capsys, task, split,
+                                                                     row, message):
+    """A dev label out of range was scored as a wrong prediction, a train label failed mid-training (exit 1,
+    files left behind) and a NaN score trained on NaN gradients with exit 0."""
+    folder = tmp_path / "glue" / ("MRPC" if task == "mrpc" else "STS-B")
+    folder.mkdir(parents=True)
+    head = MRPC_HEAD if task == "mrpc" else "sentence1\tsentence2\tscore\n"
+    good = "1\t1\t2\tthe cat\ta cat\n" if task == "mrpc" else "a cat\ta dog\t3.2\n"
+    for name in ("train", "dev"):
+        (folder / f"{name}.tsv").write_text(head + (row + "\n" if name == split else "") + good * 3, encoding="utf-8")
+    before = snapshot(tmp_path)
+    line = error_line(capsys, "train", "--model", tiny_model_dir, "--task", task, "--data-dir", tmp_path / "glue",
+                      "--max-steps", 1, "--output-dir", tmp_path / "run", "--no-progress")
+    assert line == f"peftkit: error: {folder / (split + '.tsv')}: {message}"
+    assert snapshot(tmp_path) == before

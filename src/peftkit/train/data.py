@@ -81,9 +81,13 @@ def _read_tsv(path: Path, header: bool = True, encoding: str = "utf-8") -> tuple
     return [], rows
 
 
-def _glue(folder: Path, split: str, cols: dict[str, int | str], label_map: dict[str, int] | None = None,
-          header: bool = True, regression: bool = False, encoding: str = "utf-8") -> list[Example]:
-    head, rows = _read_tsv(folder / f"{split}.tsv", header, encoding)
+def _glue(folder: Path, split: str, cols: dict[str, int | str], num_labels: int,
+          label_map: dict[str, int] | None = None, header: bool = True, regression: bool = False,
+          encoding: str = "utf-8") -> list[Example]:
+    """The rows of ``folder/split.tsv``; a label outside ``0..num_labels-1`` (a score that is not a finite
+    number, for regression) is a :class:`DataError` naming the file, the row and the value."""
+    path = folder / f"{split}.tsv"
+    head, rows = _read_tsv(path, header, encoding)
     idx = {k: (head.index(v) if isinstance(v, str) else v) for k, v in cols.items()}
     out = []
     for n, row in enumerate(rows, start=2 if header else 1):
@@ -95,7 +99,11 @@ def _glue(folder: Path, split: str, cols: dict[str, int | str], label_map: dict[
             out.append({"text": row[idx["text"]], "text_pair": row[idx["text_pair"]] if "text_pair" in idx else None,
                         "label": label})
         except (IndexError, KeyError, ValueError) as err:
-            raise DataError(f"{folder / (split + '.tsv')}: row {n} cannot be read ({err!r}): {row[:4]}") from err
+            raise DataError(f"{path}: row {n} cannot be read ({err!r}): {row[:4]}") from err
+        if regression and not math.isfinite(label):
+            raise DataError(f"{path}: row {n}: the score {raw!r} is not a finite number")
+        if not regression and not 0 <= label < num_labels:
+            raise DataError(f"{path}: row {n}: the label {raw!r} is not valid; this task's labels are 0..{num_labels - 1}")
     return out
 
 
@@ -109,8 +117,8 @@ def _glue_task(name: str, folder: str, metric: str, cols: dict, num_labels: int,
         label_map = {n: i for i, n in enumerate(label_names)} if label_names and kw.get("strings") else None
         extra = {k: v for k, v in kw.items() if k in ("header", "regression", "encoding")}
         return Task(name=name, num_labels=num_labels, metric=metric, label_names=label_names,
-                    train=_glue(root / folder, "train", cols, label_map, **extra),
-                    dev=_glue(root / folder, "dev", cols, label_map, **extra),
+                    train=_glue(root / folder, "train", cols, num_labels, label_map, **extra),
+                    dev=_glue(root / folder, "dev", cols, num_labels, label_map, **extra),
                     is_regression=kw.get("regression", False), extra_metrics=kw.get("extra", ()),
                     named_labels=label_map is not None)
     return load
