@@ -78,6 +78,10 @@ def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
         BenchConfig(train_args=["--max-steps=5"])
     with pytest.raises(ConfigError, match=r"train_args \['--seed', '--method'\] repeat"):
         BenchConfig(train_args=["--seed", "3", "--method", "ia3"])
+    # argparse takes unique abbreviations: these set the sweep's own steps and seed (every cell ran them)
+    with pytest.raises(ConfigError, match=r"train_args \['--max-st=5', '--see'\] repeat options the sweep sets"):
+        BenchConfig(train_args=["--max-st=5", "--see", "7"])
+    assert BenchConfig(train_args=["--r", "4", "--max-train=64"]).train_args == ["--r", "4", "--max-train=64"]
 
 
 @pytest.mark.parametrize("extra, problem", [

@@ -10,6 +10,7 @@ Full fine-tuning is always a row: it is the baseline every PEFT method is judged
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -92,7 +93,9 @@ class BenchConfig:
         if "mrpc" in self.tasks:
             check(self.data_dir is not None, "task 'mrpc' is not shipped (Microsoft's licence); pass --data-dir "
                                              "pointing at a folder with MRPC/{train,dev}.tsv")
-        owned = [a for a in self.train_args if a.split("=", 1)[0] in OWN_OPTIONS]
+        options = _train_options()
+        resolved = {a: _resolve_option(a.split("=", 1)[0], options) for a in self.train_args if a.startswith("--")}
+        owned = [a for a, r in resolved.items() if r in OWN_OPTIONS]
         check(not owned, f"train_args {owned} repeat options the sweep sets itself ({', '.join(OWN_OPTIONS)}); "
                          "set them on the sweep (e.g. --max-steps) instead")
 
@@ -130,6 +133,24 @@ class Cell:
 def _unique(values: list) -> list:
     """``values`` without repeats, in first-seen order (each cell has one folder)."""
     return list(dict.fromkeys(values))
+
+
+def _train_options() -> list[str]:
+    """The option strings of ``peftkit train``."""
+    from peftkit.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [s for a in commands.choices["train"]._actions for s in a.option_strings]
+
+
+def _resolve_option(name: str, options: list[str]) -> str | None:
+    """The option ``name`` means to ``peftkit train``'s parser: itself, or the one option it abbreviates (argparse
+    takes unique prefixes, so ``--max-st`` is ``--max-steps``); ``name`` itself when it fits several or none
+    (the parser then refuses it, see :func:`peftkit.cli`'s check of ``--train-arg``)."""
+    if name in options:
+        return name
+    fits = [o for o in options if o.startswith(name)]
+    return fits[0] if len(fits) == 1 else name
 
 
 #: ``peftkit train`` options each cell gets from the sweep, which ``train_args`` may not repeat
