@@ -77,6 +77,46 @@ def test_a_crash_after_overwrite_puts_the_earlier_run_back(tiny_model_dir, runs,
     assert cli("eval", "--adapter", run) == 0
 
 
+def test_an_interrupted_overwrite_run_with_checkpoints_is_kept_for_resume(tiny_model_dir, runs, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Ctrl-C after the new run wrote a checkpoint keeps the new run, so --resume continues it (its checkpoints
+    were deleted and the earlier run put back, so --resume found nothing); the earlier run waits aside until a
+    run in the folder finishes. Without a checkpoint the earlier run is put back."""
+    reference = tmp_path / "reference"
+    assert cli(*train_args(tiny_model_dir, reference, "--max-steps", 3, "--save-every", 1)) == 0
+    run = shutil.copytree(runs / "lora", tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    earlier = snapshot(run)
+    step = Trainer._step
+    calls = []
+
+    def interrupt_at_the_third_step(self, indices, at):
+        calls.append(at)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, indices, at)
+
+    monkeypatch.setattr(Trainer, "_step", interrupt_at_the_third_step)
+    assert cli(*train_args(tiny_model_dir, run, "--max-steps", 3, "--save-every", 1, "--overwrite")) == 130
+    monkeypatch.undo()
+    assert "the run stopped after writing checkpoints: it is kept" in capsys.readouterr().err
+    aside = [p for p in run.iterdir() if p.name.startswith(".peftkit-replaced-")]
+    assert len(aside) == 1 and (aside[0] / "adapter_model.safetensors").read_bytes() == \
+        earlier["adapter_model.safetensors"]
+    assert (run / "checkpoints").is_dir() and not (run / "metrics.json").exists()
+    assert cli("train", "--resume", run, "--no-progress") == 0
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "checkpoints",
+                                                     "metrics.json", "notes.txt", "run_config.json", "train.log"]
+    assert (run / "adapter_model.safetensors").read_bytes() == (reference / "adapter_model.safetensors").read_bytes()
+    # interrupted before its first checkpoint: the earlier run comes back as it was
+    again = shutil.copytree(runs / "lora", tmp_path / "again")
+    before = snapshot(again)
+    calls.clear()
+    monkeypatch.setattr(Trainer, "_step", interrupt_at_the_third_step)
+    assert cli(*train_args(tiny_model_dir, again, "--max-steps", 3, "--overwrite")) == 130
+    assert snapshot(again) == before
+
+
 def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, capsys):
     target = tmp_path / "model.bin"
     target.write_bytes(b"user data")

@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="--output-dir may hold an earlier run: its run files (adapter, model/, metrics.json, "
                         "run_config.json, train.log, checkpoints/) are replaced, and put back if the new run "
-                        "fails; other files are kept")
+                        "fails before its first checkpoint (after one, the new run is kept for --resume); other "
+                        "files are kept")
     t.add_argument("--full-finetune", action="store_true", help="train all parameters (the baseline)")
     t.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     t.add_argument("--quantize", choices=("nf4", "int8", "int4"),
@@ -511,14 +512,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             UnmatchedTargetWarning) as err:
         print(f"peftkit: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("peftkit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        note = getattr(err, "peftkit_note", None)  # e.g. that the stopped run was kept for --resume
+        print(f"peftkit: interrupted{'; ' + note if note else ''}", file=sys.stderr)
         return 130
     except Exception as err:  # a failure nobody foresaw: still one line, the traceback on request
         if os.environ.get("PEFTKIT_TRACEBACK", "") not in ("", "0"):
             traceback.print_exc()
+        note = getattr(err, "peftkit_note", None)
         print(f"peftkit: error: {type(err).__name__}: {_one_line(err)} (set PEFTKIT_TRACEBACK=1 for the "
-              "traceback)", file=sys.stderr)
+              f"traceback){'; ' + note if note else ''}", file=sys.stderr)
         return 1
 
 

@@ -153,11 +153,24 @@ def set_aside_run_files(out: Path) -> Path | None:
     present = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
     if not present:
         return None
-    aside = out / f".peftkit-replaced-{os.getpid()}"
+    aside = out / f"{ASIDE_PREFIX}{os.getpid()}"
     aside.mkdir()
     for name in present:
         os.replace(out / name, aside / name)
     return aside
+
+
+#: name prefix of the hidden folder in a run folder that holds an earlier run's files while ``--overwrite``
+#: replaces them (:func:`set_aside_run_files`)
+ASIDE_PREFIX = ".peftkit-replaced-"
+
+
+def drop_set_aside_runs(out: Path) -> None:
+    """Delete every earlier run that ``--overwrite`` set aside in ``out``: called when a run there has finished
+    (also a resumed one, whose interrupted start kept the earlier run aside in case the user wanted it back)."""
+    for folder in out.glob(f"{ASIDE_PREFIX}*"):
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
 
 
 def restore_run_files(out: Path, aside: Path) -> None:

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from peftkit.train.checks import (
     check_device,
     check_field_types,
     check_model_dir,
+    drop_set_aside_runs,
     output_dir_problem,
     restore_run_files,
     set_aside_run_files,
@@ -237,7 +237,9 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) 
         overwrite: ``cfg.output_dir`` may be a non-empty folder; the files of an earlier run in it
             (:data:`peftkit.train.checks.RUN_FILES`) are moved aside into a hidden sub-folder once every
             check has passed, removed when the new run has been saved, and put back should it fail (an
-            error, an interrupt); other files are kept. Without it, a non-empty folder is refused.
+            error, an interrupt) before writing a checkpoint; one that stops after a checkpoint is kept for
+            ``resume`` (the exception gets a ``peftkit_note`` saying so) and the earlier files stay aside until a
+            run in the folder finishes. Other files are kept. Without it, a non-empty folder is refused.
 
     Raises:
         ConfigError, DataError, FileNotFoundError: bad options, data, model folder or output folder, or
@@ -306,14 +308,23 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
             _write_json(out_dir / "metrics.json", result)
             log.info("done: %s", json.dumps(result))
         done = True
+    except BaseException as err:
+        if info.is_main and aside is not None and latest_checkpoint(out_dir) is not None:
+            # the new run can be continued: keep it, and the earlier one aside until a run there finishes
+            err.peftkit_note = (f"the run stopped after writing checkpoints: it is kept, so that `peftkit train "  # type: ignore[attr-defined]
+                                f"--resume {out_dir}` continues it; the earlier run's files are in {aside} until a "
+                                "run in that folder finishes (move them back by hand to keep the earlier run instead)")
+            log.warning(err.peftkit_note)  # type: ignore[attr-defined]
+            aside = None
+        raise
     finally:
         if handler is not None:
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
-        if aside is not None:
+        if info.is_main:
             if done:
-                shutil.rmtree(aside)
-            else:
+                drop_set_aside_runs(out_dir)  # this run's earlier one, or one kept by an interrupted start
+            elif aside is not None:
                 restore_run_files(out_dir, aside)
     return result
 
