@@ -377,3 +377,16 @@ def test_export_of_a_full_fine_tuning_run_points_to_its_model(tiny_model_dir, tm
     assert error_line(capsys, "export", "--adapter", tmp_path / "full", "--merge", "--output", tmp_path / "x") == (
         f"peftkit: error: '{tmp_path / 'full'}' is a full fine-tuning run: it holds no adapter to merge, and its "
         f"model is already a plain transformers folder, '{tmp_path / 'full' / 'model'}'")
+
+
+def test_a_checkpoint_of_another_process_count_is_named_as_such(runs):
+    """Resuming a 1-process run under torchrun with 2 processes blamed a 'damaged' checkpoint (rank 1's files
+    are 'missing'); the process count is checked first."""
+    from peftkit.config import ConfigError
+    from peftkit.train.checkpoint import check_checkpoint, latest_checkpoint
+
+    folder = latest_checkpoint(runs / "ckpt")
+    check_checkpoint(folder, 0, 1)
+    with pytest.raises(ConfigError, match=rf"checkpoint '{folder}' was written by 1 process\(es\) but this run has 2; "
+                                          r"resume with --nproc-per-node 1"):
+        check_checkpoint(folder, 1, 2)

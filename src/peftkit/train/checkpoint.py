@@ -177,13 +177,18 @@ def _read_rank(folder: Path, rank: int, tensors: bool = True) -> tuple[dict[str,
         raise ConfigError(f"{str(path)!r} is not a readable safetensors file ({err}); {DAMAGED}") from None
 
 
-def check_checkpoint(folder: str | os.PathLike, rank: int = 0) -> None:
+def check_checkpoint(folder: str | os.PathLike, rank: int = 0, world_size: int | None = None) -> None:
     """Read the checkpoint's JSON files and rank ``rank``'s safetensors header, without changing anything.
 
     Raises:
-        ConfigError / FileNotFoundError: a damaged or missing file; the message names it.
+        ConfigError / FileNotFoundError: a damaged or missing file (the message names it), or, with
+            ``world_size``, a checkpoint written by another number of processes (checked first: a run of
+            more processes than wrote it would otherwise find a rank's files "missing").
     """
-    _read_state(Path(folder))
+    state = _read_state(Path(folder))
+    check(world_size is None or state["world_size"] == world_size,
+          f"checkpoint {str(folder)!r} was written by {state['world_size']} process(es) but this run has "
+          f"{world_size}; resume with --nproc-per-node {state['world_size']}")
     _read_rank(Path(folder), rank, tensors=False)
 
 

@@ -262,7 +262,7 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
         if checkpoint is None:
             raise FileNotFoundError(f"no checkpoint in {str(out_dir / 'checkpoints')!r} to resume from; a run "
                                     "writes them when trained with --save-every N")
-        check_checkpoint(checkpoint, info.rank)
+        check_checkpoint(checkpoint, info.rank, info.world_size)
     else:
         problem = D.broadcast(output_dir_problem(out_dir, overwrite))
         if problem:
