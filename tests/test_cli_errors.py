@@ -156,6 +156,49 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
         "(or give --task causal-lm for a causal-LM file)")
     assert error_line(capsys, "train", "--float-embeddings", "--output-dir", tmp_path / "x") == (
         "peftkit: error: --float-embeddings only applies with --quantize (it keeps the embeddings float32)")
+    # data options that were accepted, recorded in run_config.json and ignored
+    assert error_line(capsys, "train", "--text-column", "nosuch", "--output-dir", tmp_path / "x") == (
+        "peftkit: error: --text-column names a column of --train-file/--eval-file; task sst2's own files have fixed "
+        "columns")
+    assert error_line(capsys, "train", "--task", "causal-lm", "--data-dir", tmp_path, "--output-dir", tmp_path / "x") \
+        == (f"peftkit: error: --data-dir {tmp_path} is read only for the GLUE tasks (sst2, rte, cola, stsb, mrpc); "
+            "a causal-LM run does not use it")
+    assert error_line(capsys, "train", "--task", "causal-lm", "--pair-column", "x", "--label-column", "y",
+                      "--output-dir", tmp_path / "x") == (
+        "peftkit: error: --pair-column, --label-column do not apply to causal-LM files, whose rows are text (or "
+        "prompt/response); --text-column names the text field")
+    assert error_line(capsys, "train", "--output-dir", "") == (  # it was taken as no --output-dir
+        "peftkit: error: --output-dir '' is empty; give a folder (or leave the option out for "
+        "runs/<method>-<task>-<time>)")
+    assert not (tmp_path / "x").exists()
+
+
+def test_causal_lm_files_are_checked_where_they_are_read(tmp_path, capsys):
+    """A text column other than 'text' is honoured (it was ignored: every row 'lacked' text); a non-UTF-8 text
+    file was read with replacement characters; a bad row was numbered within the held-out part, without the
+    file's name; a one-record file failed with exit 1 (the hold-out took its only record)."""
+    from peftkit.train.options import RunConfig
+    from peftkit.train.run import _lm_records
+
+    body = tmp_path / "body.jsonl"
+    body.write_text("".join(f'{{"body": "story {i}"}}\n' for i in range(20)))
+    train, dev = _lm_records(RunConfig(task="causal-lm", train_file=str(body), text_column="body"))
+    assert [r["body"] for r in train] == [f"story {i}" for i in range(18)] and len(dev) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join('{"text": "story"}\n' for _ in range(19)) + '{"txt": "oops"}\n')
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("caf\xe9 au lait\nsecond line\n".encode("latin-1"))
+    one = tmp_path / "one.txt"
+    one.write_text("Just one line.\n")
+    for path, message in [
+        (bad, f"{bad}: line 20 has neither 'text' nor 'prompt'/'response': keys ['txt']; --text-column names another "
+              "text field"),
+        (text, f"{text}: not UTF-8 text (byte 0xe9 at offset 3); save the file as UTF-8"),
+        (one, f"{one}: 1 record(s); holding out the last 10% for evaluation leaves none to train on: give more "
+              "records, or an --eval-file"),
+    ]:
+        assert error_line(capsys, "train", "--task", "causal-lm", "--train-file", path, "--max-steps", 1,
+                          "--output-dir", tmp_path / "x", "--no-progress") == f"peftkit: error: {message}"
     assert not (tmp_path / "x").exists()
 
 

@@ -242,6 +242,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_data_options(args: argparse.Namespace, causal_lm: str) -> None:
+    """Refuse data options the run would ignore, and an empty ``--output-dir``.
+
+    Raises:
+        ConfigError: ``--output-dir ''``; ``--data-dir`` for a causal-LM task or with ``--train-file``; column
+            options for a named task without ``--eval-file``; ``--pair-column``/``--label-column`` for causal-LM.
+    """
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise ConfigError(f"--output-dir {args.output_dir!r} is empty; give a folder (or leave the option out for "
+                          "runs/<method>-<task>-<time>)")
+    if args.data_dir is not None and (args.task == causal_lm or args.train_file):
+        raise ConfigError(f"--data-dir {args.data_dir} is read only for the GLUE tasks (sst2, rte, cola, stsb, mrpc); "
+                          f"{'a causal-LM run' if args.task == causal_lm else '--train-file'} does not use it")
+    columns = {"--text-column": args.text_column, "--pair-column": args.pair_column,
+               "--label-column": None if args.label_column == "label" else args.label_column}
+    given = [k for k, v in columns.items() if v is not None]
+    if args.task == causal_lm:
+        unused = [k for k in given if k != "--text-column"]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to causal-LM "
+                              "files, whose rows are text (or "
+                              "prompt/response); --text-column names the text field")
+    elif given and not args.train_file and not args.eval_file:
+        raise ConfigError(f"{', '.join(given)} {'names a column' if len(given) == 1 else 'name columns'} of "
+                          f"--train-file/--eval-file; task {args.task}'s own files have fixed columns")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from peftkit.train.run import (
         CAUSAL_LM,
@@ -273,6 +300,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--epochs {args.epochs:g} and --max-steps {args.max_steps} both set the run's length; "
                           "give one of them")
     args.task = args.task or "sst2"
+    _check_data_options(args, CAUSAL_LM)
     max_steps = args.max_steps if args.max_steps or args.epochs else DEFAULT_STEPS
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"--lora-dropout {args.lora_dropout!r} must lie in [0, 1)")

@@ -41,6 +41,7 @@ from peftkit.train.checks import (
 from peftkit.train.data import (
     CausalLMDataset,
     DataError,
+    Row,
     Task,
     TokenizedDataset,
     collate,
@@ -205,8 +206,9 @@ def _classification_job(cfg: RunConfig) -> _Job:
 def _causal_lm_job(cfg: RunConfig) -> _Job:
     train_records, eval_records = _lm_records(cfg)
     model, tokenizer = _load_model_and_tokenizer(cfg, None)
-    train_ds = CausalLMDataset(train_records, tokenizer, cfg.max_length)
-    dev_ds = CausalLMDataset(eval_records, tokenizer, cfg.max_length)
+    text_key = cfg.text_column or "text"
+    train_ds = CausalLMDataset(train_records, tokenizer, cfg.max_length, text_key=text_key)
+    dev_ds = CausalLMDataset(eval_records, tokenizer, cfg.max_length, text_key=text_key)
     for name, ds in (("train", train_ds), ("dev", dev_ds)):
         if ds.skipped:
             log.warning("%d %s rows have no target token within --max-length %d and were skipped",
@@ -348,12 +350,16 @@ def _lm_records(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
     """Train and eval records; without ``eval_file`` the last 10% of the train file is held out, and
     without ``train_file`` the shipped TREC corpus (train and dev) is used."""
     trec = shipped_data_dir() / "TREC"
-    train = _read_lm_records(cfg.train_file or str(trec / "train.jsonl"))
+    text_key = cfg.text_column or "text"
+    train = _read_lm_records(cfg.train_file or str(trec / "train.jsonl"), text_key)
     if cfg.eval_file or not cfg.train_file:
-        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"))
+        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"), text_key)
     else:
         cut = max(1, len(train) // 10)
         train, dev = train[:-cut], train[-cut:]
+        if not train:
+            raise DataError(f"{cfg.train_file}: {len(dev)} record(s); holding out the last 10% for evaluation leaves "
+                            "none to train on: give more records, or an --eval-file")
     if cfg.max_train_samples:
         train = train[: cfg.max_train_samples]
     if cfg.max_eval_samples:
@@ -361,13 +367,30 @@ def _lm_records(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
     return train, dev
 
 
-def _read_lm_records(path: str) -> list[Any]:
+def _read_lm_records(path: str, text_key: str = "text") -> list[Any]:
+    """The records of a causal-LM file: rows of a table, each with ``text_key`` or ``prompt`` and ``response``;
+    or a plain-text file's paragraphs (lines when it has one paragraph).
+
+    Raises:
+        DataError: a missing file, text that is not UTF-8, or a row with neither field (naming file and line).
+    """
     p = Path(path)
     if p.suffix.lower() in (".jsonl", ".csv", ".tsv"):
-        return read_table(p)
+        rows = read_table(p)
+        for n, row in enumerate(rows, start=1):
+            if text_key not in row and not ("prompt" in row and "response" in row):
+                where = f"line {row.line}" if isinstance(row, Row) else f"row {n}"
+                raise DataError(f"{p}: {where} has neither {text_key!r} nor 'prompt'/'response': keys {sorted(row)}"
+                                + ("" if text_key != "text" else "; --text-column names another text field"))
+        return rows
     if not p.is_file():
         raise DataError(f"data file {path!r} does not exist")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{p}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); save the file as "
+                        "UTF-8") from None
     blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
     return blocks if len(blocks) > 1 else [line for line in text.splitlines() if line.strip()]
 
@@ -463,7 +486,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
         model, tokenizer = _load_model_and_tokenizer(cfg, None)
         if not cfg.full_finetune:
             model = _load_adapter(model, run_dir)
-        ds = CausalLMDataset(_lm_records(cfg)[1], tokenizer, cfg.max_length)
+        ds = CausalLMDataset(_lm_records(cfg)[1], tokenizer, cfg.max_length, text_key=cfg.text_column or "text")
         if not len(ds):  # a perplexity over no token would read 1.0, a perfect score
             raise DataError(f"no {'row of ' + repr(eval_file) if eval_file else 'dev row'} has a target token within "
                             f"--max-length {cfg.max_length}")
