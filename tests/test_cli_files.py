@@ -390,3 +390,16 @@ def test_a_checkpoint_of_another_process_count_is_named_as_such(runs):
     with pytest.raises(ConfigError, match=rf"checkpoint '{folder}' was written by 1 process\(es\) but this run has 2; "
                                           r"resume with --nproc-per-node 1"):
         check_checkpoint(folder, 1, 2)
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_up_front(tiny_model_dir, tmp_path, capsys):
+    """They failed after the model and data had loaded, with raw OS errors (exit 1 for /proc)."""
+    note = tmp_path / "notes.txt"
+    note.write_text("mine")
+    before = snapshot(tmp_path)
+    assert error_line(capsys, *train_args(tiny_model_dir, note / "sub")) == (
+        f"peftkit: error: --output-dir '{note / 'sub'}' cannot be written: '{note}' is a file, not a folder; give a "
+        "path in a folder")
+    assert error_line(capsys, *train_args(tiny_model_dir, "/proc/peftkit-run")).startswith(
+        "peftkit: error: --output-dir '/proc/peftkit-run' cannot be written: no folder can be made in '/proc'")
+    assert snapshot(tmp_path) == before

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from peftkit.config import WEIGHTS_NAME, ConfigError, PeftConfig, check, get_method
 from peftkit.formats.hf_peft import AdapterLoadError, atomic_write_bytes, current_umask, save_adapter
-from peftkit.train.checks import check_model_dir, has_tokenizer_files
+from peftkit.train.checks import check_model_dir, has_tokenizer_files, unwritable_problem
 
 HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 
@@ -74,15 +74,11 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
 
 
 def _check_writable(out: Path) -> None:
-    """Refuse an ``out`` whose folder cannot be made: a hidden folder is made and removed again in the nearest
-    folder that exists (the parent of ``out``, as the write stages its files there, or an ancestor), so the
-    refusal comes before any work; ``os.access`` alone would pass for root and on special filesystems."""
-    anchor = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".peftkit-probe-", dir=anchor))
-    except OSError as err:
-        raise ConfigError(f"--output {str(out)!r} cannot be written: no folder can be made in {str(anchor)!r} "
-                          f"({err.strerror}); give a path in a folder you can write to") from None
+    """Refuse an ``out`` whose folder cannot be made where the write stages it (next to ``out``), before any
+    work (see :func:`peftkit.train.checks.unwritable_problem`)."""
+    problem = unwritable_problem(out, "--output", beside=True)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _write_folder(out: Path, write: Callable[[Path], None]) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import typing
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,32 @@ def check_model_dir(path: str, option: str = "--model", tokenizer: bool = True) 
                                 "save the model's tokenizer into it with tokenizer.save_pretrained")
 
 
+def unwritable_problem(out: Path, option: str, beside: bool = False) -> str | None:
+    """Why no folder ``out`` can be written (None when one can): a file stands where a parent folder would go,
+    or no folder can be made in the nearest folder that exists (``out`` itself, when it exists; with ``beside``
+    its parent, for writes staged next to ``out``). A hidden folder is made there and removed again, since
+    ``os.access`` alone passes for root and on special filesystems; so the refusal comes before any work."""
+    start = out.parent if beside else out
+    anchor = next(p for p in (start, *start.parents) if p.exists() or p.is_symlink())
+    if not anchor.is_dir():
+        return (f"{option} {str(out)!r} cannot be written: {str(anchor)!r} is a file, not a folder; give a path "
+                "in a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".peftkit-probe-", dir=anchor))
+    except OSError as err:
+        return (f"{option} {str(out)!r} cannot be written: no folder can be made in {str(anchor)!r} "
+                f"({err.strerror}); give a path in a folder you can write to")
+    return None
+
+
 def output_dir_problem(out: Path, overwrite: bool, option: str = "--output-dir") -> str | None:
-    """Why ``out`` cannot take a new run (None when it can): a file, or a non-empty folder without ``overwrite``."""
+    """Why ``out`` cannot take a new run (None when it can): a file, a path that cannot be written
+    (:func:`unwritable_problem`), or a non-empty folder without ``overwrite``."""
     if out.exists() and not out.is_dir():
         return f"{option} {str(out)!r} is a file, not a folder; give a new or empty folder"
+    problem = unwritable_problem(out, option)
+    if problem:
+        return problem
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and not overwrite:
         return (f"{option} {str(out)!r} is not empty (it holds {', '.join(entries[:3])}"
