@@ -48,6 +48,14 @@ def test_merge_argument_errors(tiny_model_dir, tmp_path, capsys):
     assert "at least two adapters" in capsys.readouterr().err
     assert run("merge", tmp_path / "r1", tmp_path / "r1", "--weights", 1, "--output", tmp_path / "m") == 2
     assert "2 adapters and 1 weights" in capsys.readouterr().err
+    # adapters for another task type (another head): refused in either order (one order was merged, exit 0)
+    lm = tmp_path / "lm"
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    model.save_pretrained(lm)
+    for pair in ((tmp_path / "r1", lm), (lm, tmp_path / "r1")):
+        assert run("merge", *pair, "--output", tmp_path / "m") == 2
+        assert "the adapters were trained for different task types" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
     assert run("merge", tmp_path / "r1", tmp_path / "r1", "--combination", "avg", "--output", tmp_path / "m") == 2
     assert "combination_type='avg'" in capsys.readouterr().err
     # an option the combination would ignore is refused, naming the combinations it applies to
