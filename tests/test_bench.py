@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from peftkit import ConfigError
-from peftkit.bench import BenchConfig, run_sweep, summarise, write_report
+from peftkit.bench import BenchConfig, collect, run_sweep, summarise, write_report
+from peftkit.bench.report import NOT_RUN
 
 
 def test_sweep_report_and_resume(tiny_model_dir, tmp_path):
@@ -170,6 +171,9 @@ def test_what_a_failed_resume_does(tmp_path, monkeypatch, status):
             run_sweep(cfg, progress=False)
         assert calls == [["resume", str(first)]]  # neither a fresh run of the cell nor the next cell
         assert (first / "checkpoints").is_dir()
+        # unfinished, not failed: the report lists it as not run yet (it read "failed: peftkit: interrupted")
+        assert not (first / "error.txt").exists()
+        assert [r["error"] for r in collect(cfg)] == [NOT_RUN, NOT_RUN]
         return
     run_sweep(cfg, progress=False)
     if status == 2:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 
 from peftkit import ConfigError
@@ -55,11 +58,34 @@ def test_cli_checks_tasks_and_model_before_running_a_cell(tmp_path, capsys):
     assert out.read_text() == "mine"
 
 
+def test_report_only_and_damaged_sweep_files(tmp_path, capsys):
+    """--report-only on a folder without a sweep made it and wrote an empty report (exit 0); damaged JSON gave
+    a bare JSONDecodeError (exit 1) naming no file."""
+    typo = tmp_path / "typo"
+    assert error_line(capsys, "bench", "--report-only", "--output-dir", typo) == (
+        f"peftkit: error: --output-dir '{typo}' holds no sweep (no bench_config.json); give the folder of a sweep, "
+        "or run it without --report-only first")
+    assert not typo.exists()
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "bench_config.json").write_text("{bad")
+    assert error_line(capsys, "bench", "--report-only", "--output-dir", sweep).startswith(
+        f"peftkit: error: '{sweep / 'bench_config.json'}' is not valid JSON")
+    cfg = BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(sweep))
+    (sweep / "bench_config.json").write_text(json.dumps(asdict(cfg)))
+    metrics = Cell("lora", "sst2", 0).folder(sweep) / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("{")
+    assert error_line(capsys, "bench", "--methods", "lora", "--tasks", "sst2", "--seeds", "0", "--report-only",
+                      "--output-dir", sweep) == (
+        f"peftkit: error: '{metrics}' is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+        "column 2 (char 1)); it holds a finished cell's results; delete the cell's folder and run the sweep again to "
+        "redo it")
+
+
 def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
     """Finished cells are reused only by a sweep with the same per-cell settings, and the sweep's own
     options cannot be overridden through --train-arg (the report would describe other runs)."""
-    import json
-    from dataclasses import asdict
 
     out = tmp_path / "bench"
     out.mkdir()

@@ -274,7 +274,12 @@ def test_bert_classifier_with_padding_and_token_types(method):
 
 
 def _decoder_classifier(kind: str):
-    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     torch.manual_seed(0)
     if kind == "llama":

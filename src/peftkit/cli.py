@@ -30,7 +30,7 @@ from peftkit.bench.report import NOT_RUN
 from peftkit.config import ConfigError, all_methods, check, get_method
 from peftkit.formats.hf_peft import AdapterLoadError
 from peftkit.targeting import UnmatchedTargetWarning
-from peftkit.train.checks import SEED_MAX
+from peftkit.train.checks import SEED_MAX, read_json_object
 
 DEFAULT_STEPS = 800
 
@@ -500,6 +500,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       max_length=args.max_length, train_args=list(args.train_arg), save_every=args.save_every)
     if args.report_only:
         cfg.check_folder()  # (run_sweep checks it itself)
+        if not (Path(cfg.output_dir) / "bench_config.json").is_file():
+            raise ConfigError(f"--output-dir {cfg.output_dir!r} holds no sweep (no bench_config.json); give the folder "
+                              "of a sweep, or run it without --report-only first")
     elif cfg.train_args:
         _check_train_args(cfg)
     records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
@@ -507,7 +510,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     jobs = args.jobs
     if args.report_only:  # the cells ran with the jobs of the last run, not of this command
         saved = Path(cfg.output_dir) / "bench_config.json"
-        jobs = json.loads(saved.read_text()).get("jobs", "?") if saved.is_file() else "?"
+        jobs = read_json_object(saved, "it holds the sweep's settings").get("jobs", "?")
     notes = (f"Base model: {args.model or 'all-MiniLM-L6-v2 (embedded)'}; {cfg.max_steps} steps of {cfg.batch_size} "
              f"rows per cell; seeds {cfg.seeds}; each method at its `peftkit train` defaults{extra}; {jobs} "
              "cell(s) at a time.")

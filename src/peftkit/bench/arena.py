@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from peftkit.bench.report import NOT_RUN
 from peftkit.config import ConfigError, check, get_method
 from peftkit.train.checkpoint import CHECKPOINTS, latest_checkpoint
-from peftkit.train.checks import SEED_MAX, check_model_dir
+from peftkit.train.checks import SEED_MAX, check_model_dir, read_json_object
 from peftkit.train.data import TASKS
 from peftkit.train.options import resolve_model_dir
 
@@ -110,7 +110,8 @@ class BenchConfig:
         saved = Path(self.output_dir) / "bench_config.json"
         if not saved.is_file():
             return
-        old = json.loads(saved.read_text())
+        old = read_json_object(saved, "it holds the sweep's settings, written by `peftkit bench`; move the folder away "
+                                      "and run the sweep again")
         differ = [f"{k}: {old.get(k)!r} there, {getattr(self, k)!r} now" for k in CELL_SETTINGS
                   if old.get(k) != getattr(self, k)]
         check(not differ, f"{self.output_dir} holds a sweep run with other settings ({'; '.join(differ)}); "
@@ -264,7 +265,7 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
         elif rc == 0:  # only a finished cell's checkpoints go: an unfinished one resumes from them
             shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
         (folder / "error.txt").unlink(missing_ok=True)
-        if rc != 0:
+        if rc != 0 and rc not in INTERRUPTED:  # an interrupted cell is unfinished, not failed: it is continued
             lines = (folder / "cell.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             (folder / "error.txt").write_text((lines[-1] if lines else f"exit status {rc}") + "\n")
         running.discard(label)
@@ -300,7 +301,8 @@ def collect(cfg: BenchConfig) -> list[dict[str, Any]]:
         folder = cell.folder(root)
         record: dict[str, Any] = {"method": cell.method, "task": cell.task, "seed": cell.seed}
         if (folder / "metrics.json").is_file():
-            record.update(json.loads((folder / "metrics.json").read_text()))
+            record.update(read_json_object(folder / "metrics.json", "it holds a finished cell's results; delete the "
+                                                                    "cell's folder and run the sweep again to redo it"))
             record["method"] = cell.method
             record["adapter_bytes"] = _saved_bytes(folder, cell.method)
         elif (folder / "error.txt").is_file():
