@@ -183,3 +183,21 @@ def test_glue_files_from_data_dir_are_checked_before_writing_anything(tiny_model
                       "--max-steps", 1, "--output-dir", tmp_path / "run", "--no-progress")
     assert line == f"peftkit: error: {folder / (split + '.tsv')}: {message}"
     assert snapshot(tmp_path) == before
+
+
+def test_eval_of_a_file_run_needs_only_its_eval_file(tiny_model_dir, tmp_path, capsys):
+    """eval re-read the training file: deleted, it failed ('does not exist'); edited, or with an eval label
+    the run lacks, it gave a misleading shape mismatch. The classes come from run_config.json now."""
+    train = jsonl(tmp_path / "train.jsonl", [{"text": f"w{i}", "label": i % 3} for i in range(6)])
+    dev = jsonl(tmp_path / "dev.jsonl", [{"text": f"w{i}", "label": i % 3} for i in range(3)])
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_model_dir, "--train-file", train, "--eval-file", dev, "--max-steps", 1,
+               "--batch-size", 2, "--output-dir", run, "--no-progress") == 0
+    trained = json.loads((run / "metrics.json").read_text())["dev_accuracy"]
+    train.unlink()
+    capsys.readouterr()
+    assert cli("eval", "--adapter", run) == 0
+    assert f"dev_accuracy    {trained:.4f}" in capsys.readouterr().out
+    big = jsonl(tmp_path / "big.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 7}])
+    assert error_line(capsys, "eval", "--adapter", run, "--eval-file", big) == (
+        f"peftkit: error: {big}: line 2 has the class id 7; the run's model has 3 classes (0..2)")

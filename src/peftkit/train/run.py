@@ -471,7 +471,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
             adapter. ConfigError: damaged ``run_config.json``, unavailable device. DataError: bad ``eval_file``.
     """
     run_dir = Path(run_dir)
-    cfg, _ = read_run_config(run_dir)
+    cfg, raw = read_run_config(run_dir)
     saved = run_dir / ("model" if cfg.full_finetune else CONFIG_NAME)
     if not saved.exists():
         raise FileNotFoundError(f"{str(run_dir)!r} holds no {saved.name}: the run did not finish; continue it with "
@@ -492,7 +492,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
                             f"--max-length {cfg.max_length}")
         return {"dev_perplexity": perplexity(model, ds, collate_causal(tokenizer.pad_token_id),
                                              cfg.eval_batch_size)["perplexity"]}
-    task = load_classification_task(cfg)
+    task = _file_run_task(cfg, raw) if cfg.train_file else load_classification_task(cfg)
     model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
     if not cfg.full_finetune:
         model = _load_adapter(model, run_dir)
@@ -500,6 +500,28 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     preds, gold = predict(model, dev_ds, collate(tokenizer.pad_token_id, task.is_regression), cfg.eval_batch_size,
                           task.is_regression)
     return {f"dev_{k}": v for k, v in _metrics_for(task, preds, gold).items()} | {"dev_examples": len(dev_ds)}
+
+
+def _file_run_task(cfg: RunConfig, raw: dict[str, Any]) -> Task:
+    """The dev task of a run trained on ``--train-file``, from its ``run_config.json`` (the classes: ``num_labels``
+    and ``label_names``) and its eval file alone: the training file may have changed or gone since.
+
+    Raises:
+        ConfigError: ``num_labels``/``label_names`` missing or damaged. DataError: a bad eval file, or a label the
+            run's classes do not have (the message names it and the classes).
+    """
+    num_labels, names = raw.get("num_labels"), raw.get("label_names")
+    check(isinstance(num_labels, int) and not isinstance(num_labels, bool) and num_labels >= 2,
+          f"run_config.json: num_labels={num_labels!r} must be an integer >= 2 (the run's number of classes)")
+    check(names is None or (isinstance(names, list) and len(names) == num_labels and all(isinstance(n, str)
+                                                                                         for n in names)),
+          f"run_config.json: label_names={names!r} must be None or a list of {num_labels} class names")
+    dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column, cfg.pair_column,
+                                source=cfg.eval_file, label_names=names, label_ids=not names, num_labels=num_labels)
+    if cfg.max_eval_samples:
+        dev = dev[: cfg.max_eval_samples]
+    return Task(name=Path(cfg.train_file).stem, num_labels=num_labels, metric="accuracy", train=[], dev=dev,
+                label_names=names)
 
 
 def _load_adapter(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
