@@ -221,8 +221,8 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
               f"{str(folder)!r} holds an adapter of type {config.peft_type}"
               f"{' with ' + ' and '.join(extra) if extra else ''}; only plain LoRA adapters (without use_dora, "
               "lora_bias or trained biases) can be combined: the combination keeps the low-rank factors alone")
-    tasks = {str(folder): config.task_type for folder, config in zip(adapter_dirs, configs)}
-    check(len(set(tasks.values())) == 1, f"the adapters were trained for different task types ({tasks}); only "
+    tasks = {str(folder): config.task_type for folder, config in zip(adapter_dirs, configs) if config.task_type}
+    check(len(set(tasks.values())) <= 1, f"the adapters were trained for different task types ({tasks}); only "
                                          "adapters of one task type (one model head) can be combined")
     base, _ = load_base_for(adapter_dirs[0], model_dir)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
