@@ -343,3 +343,52 @@ def test_a_float64_model_gets_float64_adapters_that_merge_to_float64_round_off(c
         merged = model(x)
     assert merged.dtype == torch.float64
     assert (merged - unmerged).abs().max() <= 1e-12 * unmerged.abs().max()  # float32 maths would leave ~1e-7
+
+
+class _LinearWithChild(nn.Linear):
+    def __init__(self):
+        super().__init__(4, 4)
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return super().forward(x) + self.inner(x)
+
+
+class _Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.outer = _LinearWithChild()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.outer(x))
+
+
+class _Alias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a  # one module, two names
+        self.c = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.c(self.b(x)) + self.a(x)
+
+
+@pytest.mark.parametrize("make, targets, message", [
+    # the inner adapter never ran (no gradient) but merging applied it: merged output off by 1.5
+    (_Nested, ["outer", "inner"], "target_modules selects both 'outer' and 'outer.inner', which lies inside it"),
+    (_Nested, "all-linear", "target_modules selects both 'outer' and 'outer.inner', which lies inside it"),
+    # the path through 'b' skipped the adapter, but merging changed it too: merged output off by 1.7
+    (_Alias, ["a"], r"module 'a' is also part of the model as \['b'\]; an adapter wraps one name"),
+])
+def test_targets_a_wrapper_could_not_adapt_exactly_are_refused(make, targets, message):
+    with pytest.raises(ConfigError, match=message):
+        get_peft_model(make(), LoraConfig(r=2, target_modules=targets))
+    model = get_peft_model(make(), LoraConfig(r=2, target_modules=["head" if make is _Nested else "c"],
+                                              init_lora_weights=False))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        assert (model(x) - unmerged).abs().max() <= 1e-6

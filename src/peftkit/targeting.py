@@ -162,6 +162,12 @@ def find_targets(
             + f". Modules {method} can adapt include: {', '.join(candidates[:5]) or 'none'}"
             + (f"; their last name segments: {suffixes[:20]}" if suffixes else "")
         )
+    nested = next(((a, b) for a in found for b in found if b.startswith(a + ".")), None)
+    if nested is not None:
+        raise ConfigError(f"target_modules selects both {nested[0]!r} and {nested[1]!r}, which lies inside it; the "
+                          f"wrapper of {nested[0]!r} runs that module whole, so an adapter on {nested[1]!r} would never "
+                          "run (and merging would apply it): adapt one of them (exclude_modules can drop the other)")
+    _check_single_path(model, found)
     if target_modules is not None and not isinstance(target_modules, str):
         unmatched = [p for p in target_modules if not any(n == p or n.endswith("." + p) for n in names)]
         if unmatched:
@@ -169,6 +175,22 @@ def find_targets(
                 f"target_modules entries {unmatched} match no module of the model (a typo?); the other entries "
                 f"matched {len(found)} module(s)"), stacklevel=2)
     return found
+
+
+def _check_single_path(model: nn.Module, found: list[str]) -> None:
+    """Refuse a target module that the model also holds under another name (``self.b = self.a``, T5's shared
+    embedding): the wrapper replaces one path, so calls through the others would run the base module without
+    the adapter, while merging changes the module for every path."""
+    wanted = {id(model.get_submodule(n)): n for n in found}
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in wanted:
+            paths.setdefault(id(module), []).append(name)
+    shared = next(((wanted[k], [p for p in v if p != wanted[k]]) for k, v in paths.items() if len(v) > 1), None)
+    if shared is not None:
+        raise ConfigError(f"module {shared[0]!r} is also part of the model as {shared[1]}; an adapter wraps one name, "
+                          "so calls through the others would skip it while merging would change them too: exclude it "
+                          "(exclude_modules), or give the model one module per name")
 
 
 class UnmatchedTargetWarning(UserWarning):
