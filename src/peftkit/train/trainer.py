@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from peftkit.config import check
 from peftkit.train import distributed as D
 from peftkit.train.checkpoint import load_checkpoint, save_checkpoint
+from peftkit.train.checks import check_field_types
 
 log = logging.getLogger("peftkit")
 
@@ -78,11 +79,19 @@ class TrainingArguments:
     fsdp: bool = False
 
     def __post_init__(self) -> None:
+        # types first (a fractional batch_size failed mid-run; a string learning_rate gave a raw TypeError), and
+        # every number finite (a NaN max_grad_norm turned every parameter into NaN)
+        check_field_types(self)
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate!r} must be > 0")
         check(self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
+        check(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size!r} must be >= 1")
         check(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps!r} must be >= 1")
         check(self.num_epochs > 0, f"num_epochs={self.num_epochs!r} must be > 0")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio!r} must lie in [0, 1)")
+        check(self.weight_decay >= 0, f"weight_decay={self.weight_decay!r} must be >= 0")
+        # a negative norm makes clipping flip every gradient: training then climbs the loss
+        check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm!r} must be >= 0 (0 disables clipping)")
+        check(self.log_every >= 1, f"log_every={self.log_every!r} must be >= 1")
         check(self.save_every is None or self.save_every >= 1, f"save_every={self.save_every!r} must be >= 1")
         check(self.save_every is None or self.output_dir is not None,
               f"save_every={self.save_every!r} needs output_dir (the folder checkpoints are written to)")
