@@ -207,3 +207,35 @@ def test_labels_for_a_model_that_takes_none_are_refused_with_advice():
     with pytest.raises(TypeError, match=r"labels were given, but the wrapped model's forward \(Net\) takes no "
                                         r"'labels' argument; .*label_names"):
         model(x, labels=torch.zeros(3))
+
+
+def test_peft_trainer_runs_peftkits_training_hooks(tmp_path):
+    """AdaLoRA's penalty is part of the loss and its ranks are allocated; FISH picks its mask from the training
+    data. PeftTrainer ran none of these: AdaLoRA trained on another objective than peft's, kept every rank, and
+    FISH trained only the head."""
+    from peftkit import AdaLoraConfig, FishMaskConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert_classifier(), AdaLoraConfig(
+        init_r=4, target_r=1, target_modules=["query", "value"], total_step=6, tinit=1, tfinal=2, deltaT=1,
+        orth_reg_weight=0.5, task_type="SEQ_CLS"))
+    perturb(model)  # lora_E starts at 0: give every triplet a value the allocation can prune
+    trainer = _trainer(tmp_path / "ada", model=model, eval_strategy="no", save_strategy="no")
+    rows = Rows(4, 3)
+    batch = {"input_ids": rows.ids, "attention_mask": torch.ones_like(rows.ids), "labels": rows.labels}
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same dropout masks in both forwards
+        expected = model(**batch).loss + model.peft_regularization()
+        assert model.peft_regularization() > 0.1
+        torch.manual_seed(1)
+        assert torch.allclose(trainer.compute_loss(model, batch), expected)
+    kept = lambda: sum(int((p != 0).sum()) for n, p in model.named_parameters() if "lora_E" in n)  # noqa: E731
+    assert kept() == 16
+    trainer.train()
+    assert kept() < 16  # the budget was cut towards target_r
+    torch.manual_seed(0)
+    fish = get_peft_model(tiny_bert_classifier(), FishMaskConfig(keep_ratio=0.05, task_type="SEQ_CLS"))
+    head = sum(p.numel() for n, p in fish.named_parameters() if "classifier" in n and p.requires_grad)
+    _trainer(tmp_path / "fish", model=fish, eval_strategy="no", save_strategy="no").train()
+    assert fish.get_nb_trainable_parameters()[0] > head

@@ -22,6 +22,13 @@ the base model's ``activation_checkpointing_enable``, callbacks, logging) is tra
 Saved folders hold the adapter in HF PEFT format (``save_pretrained``), the tokenizer or processor,
 and ``training_args.json`` (JSON instead of transformers' pickled ``training_args.bin``). Models that
 are not peftkit models are handled exactly as by ``transformers.Trainer``.
+
+It also runs peftkit's training hooks, as :class:`peftkit.train.Trainer` does: the adapters' loss terms
+(``peft_regularization()``: AdaLoRA's orthogonality penalty, MoE-LoRA's load balancing, AdapterFusion's
+value regulariser) are added to the training loss, once per optimiser step under gradient accumulation;
+``peft_step_end(step)`` runs after every optimiser step, before the gradients are cleared (AdaLoRA's rank
+allocation, SoRA, diff pruning); and ``peft_prepare`` gets the training batches before the optimiser is
+built (the FISH and Child-Tuning masks). The plain ``transformers.Trainer`` runs none of them.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import logging
 import os
 from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
 
 from peftkit.config import WEIGHTS_NAME
@@ -39,6 +46,18 @@ from peftkit.formats.hf_peft import atomic_write_bytes, read_adapter_files, set_
 from peftkit.model import PeftModel
 
 log = logging.getLogger("peftkit")
+
+
+class _StepEnd(TrainerCallback):
+    """Calls ``peft_step_end(step)`` (1-based) after each optimiser step, before the gradients are cleared."""
+
+    def __init__(self, trainer: PeftTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        peft = self.trainer._peft_model()
+        if peft is not None:
+            peft.peft_step_end(state.global_step + 1)
 
 
 def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
@@ -76,6 +95,44 @@ class PeftTrainer(Trainer):
             if self.args.label_names is None:
                 self.label_names = find_labels(base_class)
             self.can_return_loss = can_return_loss(base_class)
+            self.add_callback(_StepEnd(self))
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """transformers' loss plus, in training, the adapters' loss terms (``peft_regularization()``) once per
+        optimiser step: each micro-batch adds ``1/N`` of them under ``N``-step gradient accumulation when
+        the loss is already scaled for it (normalised by ``num_items_in_batch``), else the whole term (the
+        trainer then divides the micro-batch loss by ``N`` itself)."""
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        peft = self._peft_model(model)
+        if peft is None or not model.training:
+            return out
+        extra = peft.peft_regularization()
+        if extra is None:
+            return out
+        scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        if scaled:
+            extra = extra / self.current_gradient_accumulation_steps
+        if return_outputs:
+            loss, outputs = out
+            return loss + extra, outputs
+        return out + extra
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """Before transformers builds the optimiser, the adapters that choose their parameters from data (FISH,
+        Child-Tuning) see the training batches (``peft_prepare``); the batches are drawn only if one does."""
+        peft = self._peft_model(model)
+        if peft is not None and self.train_dataset is not None:
+            def batches() -> Any:  # lazy: methods that need no data never create the loader
+                loader = self.get_train_dataloader()
+                while True:
+                    for batch in loader:
+                        yield self._prepare_inputs(batch)
+
+            peft.peft_prepare(batches())
+        return super().create_optimizer(model)
 
     def _peft_model(self, model: Any = None) -> PeftModel | None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
