@@ -426,3 +426,30 @@ def test_token_and_qa_tasks_train_and_save_their_head_as_in_peft(task_type, head
     assert (_head_outputs(loaded, x) - expected).abs().max() <= 1e-5
     assert (_head_outputs(peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours"), x)
             - expected).abs().max() <= 1e-5
+
+
+def test_set_adapter_and_set_requires_grad_train_as_in_peft(tmp_path):
+    """peft's set_adapter makes the adapter trainable unless inference_mode=True (peftkit kept one loaded
+    frozen at 0 trainable parameters and had no inference_mode argument), and set_requires_grad exists."""
+    base = tiny_llama()
+    peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path)
+    counts = {}
+    for lib in (peftkit, peft):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)  # frozen
+            model.load_adapter(tmp_path, "b")
+            trainable = lambda m=model: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+            model.set_adapter("b")
+            after_set = trainable()
+            model.set_adapter("b", inference_mode=True)
+            frozen = trainable()
+            model.set_requires_grad("b", True)
+            again = trainable()
+            model.set_requires_grad("b", False)
+            counts[lib.__name__] = (after_set, frozen, again, trainable())
+    assert counts["peftkit"] == counts["peft"] == (128, 0, 128, 0)
+    with pytest.raises(peftkit.ConfigError, match="inference_mode='no' must be True or False"):
+        peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(r=2, target_modules=["q_proj"])).set_adapter(
+            "default", inference_mode="no")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import PeftConfig
+from peftkit.config import PeftConfig, check
 from peftkit.host import AdapterModel
 from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
 from peftkit.methods.lora_init import check_trainable_init
@@ -121,15 +121,38 @@ class PeftModel(nn.Module):
         self.base_model.add_adapter(adapter_name, peft_config)
         self.base_model._set_trainable()
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate one adapter, or several at once (a list, applied in that order); only active adapters
-        train. When adapters are merged and the active set changes, they are all unmerged first (with a
-        warning, as peft does).
+        train. As in peft, the activated adapters become trainable (also one loaded with
+        ``is_trainable=False``) unless ``inference_mode=True``, which freezes them (their config's
+        ``inference_mode`` is set either way). When adapters are merged and the active set changes, they
+        are all unmerged first (with a warning, as peft does).
 
         Raises:
-            ConfigError: an unknown or repeated name.
+            ConfigError: an unknown or repeated name, more than one soft prompt, or a non-bool
+                ``inference_mode``; nothing changes then.
         """
-        self.base_model.set_adapter(adapter_name)
+        check(isinstance(inference_mode, bool), f"inference_mode={inference_mode!r} must be True or False")
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self.base_model.set_adapter(names)  # checks the names before anything changes
+        for name in names:
+            self.base_model.peft_config[name].inference_mode = inference_mode
+        self.base_model._set_trainable()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Make adapters trainable (or frozen, ``requires_grad=False``) without changing which are active,
+        as peft's ``set_requires_grad``: sets each one's ``inference_mode`` to ``not requires_grad``; an
+        inactive adapter trains once activated.
+
+        Raises:
+            ConfigError: an unknown name or a non-bool ``requires_grad``; nothing changes then.
+        """
+        check(isinstance(requires_grad, bool), f"requires_grad={requires_grad!r} must be True or False")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.base_model.check_known(names)
+        for name in names:
+            self.base_model.peft_config[name].inference_mode = not requires_grad
+        self.base_model._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; its layers return to the base modules when no other adapter uses them."""
