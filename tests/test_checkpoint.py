@@ -5,6 +5,7 @@ only and written atomically, and a checkpoint that does not fit is refused befor
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -175,3 +176,20 @@ def test_cli_resume_without_checkpoint_fails_in_one_line(tmp_path, capsys):
 def test_training_arguments_out_of_range_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainingArguments(**{field: value})
+
+
+def test_resume_takes_the_run_folder_or_its_checkpoints_folder(tmp_path):
+    """As `peftkit train --resume RUN_DIR`: the run folder (or its checkpoints folder) means its latest
+    checkpoint; it failed, calling the right folder "damaged"."""
+    reads = sum(len(b) for b, _ in zip(batch_order(len(ITEMS), 4, 0), range(7), strict=False))
+    with pytest.raises(Interrupted):
+        _trainer(tmp_path / "run", data=StopAfter(ITEMS, reads)).train()
+    results = []
+    for i, part in enumerate(("", "checkpoints", "checkpoints/step-00000006")):
+        run = shutil.copytree(tmp_path / "run", tmp_path / f"copy{i}")  # a resumed run writes newer checkpoints
+        resumed = _trainer(run)
+        results.append((resumed.train(resume_from_checkpoint=run / part)["resumed_from_step"], _state(resumed)))
+    assert [r[0] for r in results] == [6, 6, 6]
+    assert all(torch.equal(results[0][1][k], r[1][k]) for r in results[1:] for k in results[0][1])
+    with pytest.raises(FileNotFoundError, match="is neither a checkpoint .* nor a run folder with checkpoints"):
+        _trainer(tmp_path / "run").train(resume_from_checkpoint=tmp_path)

@@ -167,6 +167,9 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
                       "--output-dir", tmp_path / "x") == (
         "peftkit: error: --pair-column, --label-column do not apply to causal-LM files, whose rows are text (or "
         "prompt/response); --text-column names the text field")
+    assert error_line(capsys, "train", "--fsdp", "--output-dir", tmp_path / "x") == (
+        "peftkit: error: --fsdp shards the model over several processes, and this run has one (it ran unsharded); "
+        "start it with torchrun --nproc-per-node N or accelerate launch, or leave --fsdp out")
     assert error_line(capsys, "train", "--output-dir", "") == (  # it was taken as no --output-dir
         "peftkit: error: --output-dir '' is empty; give a folder (or leave the option out for "
         "runs/<method>-<task>-<time>)")

@@ -296,6 +296,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                           "--task out (or give --task causal-lm for a causal-LM file)")
     if args.float_embeddings and not args.quantize:
         raise ConfigError("--float-embeddings only applies with --quantize (it keeps the embeddings float32)")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        raise ConfigError("--fsdp shards the model over several processes, and this run has one (it ran unsharded); "
+                          "start it with torchrun --nproc-per-node N or accelerate launch, or leave --fsdp out")
     if args.epochs and args.max_steps:
         raise ConfigError(f"--epochs {args.epochs:g} and --max-steps {args.max_steps} both set the run's length; "
                           "give one of them")

@@ -44,7 +44,8 @@ def torchao_quantization() -> Any:
     try:
         import torchao.quantization as tq
     except ImportError as err:  # pragma: no cover - torchao is installed with the quant/test extras
-        raise ImportError("quantising a base model needs torchao: pip install 'peftkit[quant]'") from err
+        raise ImportError("quantising a base model needs torchao: pip install 'peftkit[quant]' (from a clone of the "
+                          "repository: pip install -e '.[quant]')") from err
     finally:
         for lg, level in zip(quiet, levels, strict=True):
             lg.setLevel(level)

@@ -155,7 +155,8 @@ def build_peft_config(cfg: RunConfig) -> PeftConfig:
         ConfigError: unknown method or invalid values.
     """
     spec = get_method(cfg.method)
-    check(spec.cli_config is not None, f"method {spec.name!r} cannot be built from CLI options")
+    check(spec.cli_config is not None, f"method {spec.name!r} cannot be built from CLI options; build it in Python "
+                                       "(AdapterFusion: peftkit.add_fusion over trained adapters)")
     config = spec.cli_config(cfg)
     fields = {f.name for f in dataclasses.fields(config)}
     for key, value in cfg.method_options.items():
@@ -491,7 +492,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
             raise DataError(f"no {'row of ' + repr(eval_file) if eval_file else 'dev row'} has a target token within "
                             f"--max-length {cfg.max_length}")
         return {"dev_perplexity": perplexity(model, ds, collate_causal(tokenizer.pad_token_id),
-                                             cfg.eval_batch_size)["perplexity"]}
+                                             cfg.eval_batch_size)["perplexity"], "dev_examples": len(ds)}
     task = _file_run_task(cfg, raw) if cfg.train_file else load_classification_task(cfg)
     model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
     if not cfg.full_finetune:

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,8 @@ from tqdm.auto import tqdm
 
 from peftkit.config import check
 from peftkit.train import distributed as D
-from peftkit.train.checkpoint import load_checkpoint, save_checkpoint
+from peftkit.train.checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoint import STATE as CHECKPOINT_STATE
 from peftkit.train.checks import check_field_types
 
 log = logging.getLogger("peftkit")
@@ -99,6 +101,22 @@ class TrainingArguments:
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a plain dict (``dataclasses.asdict``), field name -> value."""
         return asdict(self)
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """The checkpoint that ``path`` names: itself when it holds a trainer state, else the latest checkpoint of
+    the run folder ``path`` (or of the run whose ``checkpoints`` folder it is).
+
+    Raises:
+        FileNotFoundError: ``path`` is none of these (the message says what to give).
+    """
+    if (path / CHECKPOINT_STATE).is_file():
+        return path
+    for root in (path, path.parent if path.name == CHECKPOINTS else None):
+        if root is not None and (found := latest_checkpoint(root)) is not None:
+            return found
+    raise FileNotFoundError(f"{str(path)!r} is neither a checkpoint (no {CHECKPOINT_STATE}) nor a run folder with "
+                            f"checkpoints; give the run's output_dir or one of its {CHECKPOINTS}/step-<N> folders")
 
 
 def seed_everything(seed: int) -> None:
@@ -278,9 +296,10 @@ class Trainer:
         """Run the optimiser steps left (all of them, or those after the checkpoint's step).
 
         Args:
-            resume_from_checkpoint: a checkpoint folder (see :func:`peftkit.train.checkpoint.latest_checkpoint`);
-                parameters, optimiser, scheduler, random generators and the data position are restored,
-                so the run ends as an uninterrupted one would.
+            resume_from_checkpoint: a checkpoint folder (``<output_dir>/checkpoints/step-<N>``), or the run's
+                ``output_dir`` (or its ``checkpoints`` folder) to take its latest checkpoint
+                (:func:`peftkit.train.checkpoint.latest_checkpoint`); parameters, optimiser, scheduler, random
+                generators and the data position are restored, so the run ends as an uninterrupted one would.
 
         Returns:
             ``steps``, ``train_loss`` (mean of the last 10% of steps), ``train_seconds`` (over all
@@ -296,7 +315,7 @@ class Trainer:
             seed_everything(D.rank_seed(args.seed, self.dist.rank))
             first = 1
         else:
-            first = self._resume(resume_from_checkpoint) + 1
+            first = self._resume(_checkpoint_folder(Path(resume_from_checkpoint))) + 1
         self.wrapped.train()
         bar = tqdm(total=self.total_steps, initial=first - 1, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (args.progress and self.dist.is_main), leave=True)
