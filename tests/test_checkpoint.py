@@ -191,5 +191,5 @@ def test_resume_takes_the_run_folder_or_its_checkpoints_folder(tmp_path):
         results.append((resumed.train(resume_from_checkpoint=run / part)["resumed_from_step"], _state(resumed)))
     assert [r[0] for r in results] == [6, 6, 6]
     assert all(torch.equal(results[0][1][k], r[1][k]) for r in results[1:] for k in results[0][1])
-    with pytest.raises(FileNotFoundError, match="is neither a checkpoint .* nor a run folder with checkpoints"):
+    with pytest.raises(FileNotFoundError, match=r"is neither a checkpoint .* nor a run folder with checkpoints"):
         _trainer(tmp_path / "run").train(resume_from_checkpoint=tmp_path)

@@ -217,12 +217,18 @@ def add_lora_on(host: Any, adapter_name: str, ranks: dict[str, int], template: A
                      alpha_pattern=dict(pattern), init_lora_weights=False, lora_dropout=template.lora_dropout,
                      task_type=template.task_type, base_model_name_or_path=template.base_model_name_or_path,
                      modules_to_save=list(heads) or None)
-    host.add_adapter(adapter_name, new)
+    _add_combined(host, adapter_name, new, set(ranks), modules_to_save_from)
+
+
+def _add_combined(host: Any, adapter_name: str, config: Any, layers: set[str], modules_to_save_from: str | None) -> None:
+    """Add the combined adapter ``adapter_name`` with ``config``, check that it sits on exactly ``layers`` (else
+    remove it and raise ConfigError), and give its ``modules_to_save`` copies those of ``modules_to_save_from``."""
+    host.add_adapter(adapter_name, config)
     placed = {n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.adapters}
-    if placed != set(ranks):  # cannot happen with anchored names; never leave a random adapter behind
+    if placed != layers:  # cannot happen with anchored full names; never leave a wrong adapter behind
         host.delete_adapter(adapter_name)
         raise ConfigError(f"the combined adapter {adapter_name!r} would sit on {sorted(placed)}, not on the layers "
-                          f"the sources adapt {sorted(ranks)}")
+                          f"the sources adapt {sorted(layers)}")
     for _, w in host.wrappers():
         if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save and modules_to_save_from:
             src = w.modules_to_save[modules_to_save_from] if modules_to_save_from in w.modules_to_save else None
@@ -262,7 +268,8 @@ def _add_ia3_weighted(host: Any, adapters: list[str], configs: list[Any], weight
     check(not names, f"adapters {names} are not (IA)^3; add_weighted_adapter combines (IA)^3 adapters only with "
                      "each other")
     values, heads = _source_checks(host, adapters, weights, modules_to_save_from)
-    plan: list[tuple[str, AdaptedLayer, Tensor]] = []
+    plan: dict[str, tuple[AdaptedLayer, Tensor]] = {}
+    ff: list[str] = []  # the layers whose input the sources scale
     for name, layer in host.wrappers():
         if not isinstance(layer, AdaptedLayer):
             continue
@@ -275,27 +282,19 @@ def _add_ia3_weighted(host: Any, adapters: list[str], configs: list[Any], weight
         total = sum(w * ad.ia3_l.detach().double() for _, ad, w in parts)
         check(bool(torch.isfinite(total).all()), f"the combination with weights {list(weights)} is not finite "
                                                  f"(inf or NaN) on layer {name!r}")
-        plan.append((name, layer, total))
-    ff = [n for n, layer, _ in plan if isinstance(layer.adapters[next(a for a in adapters if a in layer.adapters)],
-                                                  IA3Input)]
+        plan[name] = (layer, total)
+        if "input" in kinds.values():
+            ff.append(name)
     template = configs[0]
-    new = IA3Config(target_modules="(?:" + "|".join(re.escape(n) for n, _, _ in plan) + ")",
+    new = IA3Config(target_modules="(?:" + "|".join(re.escape(n) for n in plan) + ")",
                     feedforward_modules=("(?:" + "|".join(re.escape(n) for n in ff) + ")") if ff else [],
                     task_type=template.task_type, base_model_name_or_path=template.base_model_name_or_path,
                     modules_to_save=list(heads) or None)
-    host.add_adapter(adapter_name, new)
-    placed = {n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.adapters}
-    if placed != {n for n, _, _ in plan}:  # full-match names cannot miss; never leave a wrong adapter behind
-        host.delete_adapter(adapter_name)
-        raise ConfigError(f"the combined adapter {adapter_name!r} would sit on {sorted(placed)}, not on the layers "
-                          f"the sources adapt {sorted(n for n, _, _ in plan)}")
+    _add_combined(host, adapter_name, new, set(plan), modules_to_save_from)
     with torch.no_grad():
-        for _, layer, total in plan:
+        for layer, total in plan.values():
             vector = layer.adapters[adapter_name].ia3_l
             vector.copy_(total.to(vector.dtype))
-        for _, w in host.wrappers():
-            if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save and modules_to_save_from:
-                w.modules_to_save[adapter_name].load_state_dict(w.modules_to_save[modules_to_save_from].state_dict())
     host._set_trainable()
 
 

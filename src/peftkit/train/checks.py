@@ -168,6 +168,11 @@ def clear_run_files(out: Path) -> None:
             path.unlink()
 
 
+#: name prefix of the hidden folder in a run folder that holds an earlier run's files while ``--overwrite``
+#: replaces them (:func:`set_aside_run_files`)
+ASIDE_PREFIX = ".peftkit-replaced-"
+
+
 def set_aside_run_files(out: Path) -> Path | None:
     """Move the files of an earlier run in ``out`` (those in :data:`RUN_FILES`, in that order) into a new
     hidden folder ``out/.peftkit-replaced-<pid>``, so that a new run can be written in their place and they
@@ -181,11 +186,6 @@ def set_aside_run_files(out: Path) -> Path | None:
     for name in present:
         os.replace(out / name, aside / name)
     return aside
-
-
-#: name prefix of the hidden folder in a run folder that holds an earlier run's files while ``--overwrite``
-#: replaces them (:func:`set_aside_run_files`)
-ASIDE_PREFIX = ".peftkit-replaced-"
 
 
 def drop_set_aside_runs(out: Path) -> None:
