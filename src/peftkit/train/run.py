@@ -112,9 +112,14 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
     return model.to(device), tokenizer
 
 
-def load_classification_task(cfg: RunConfig) -> Task:
+def load_classification_task(cfg: RunConfig, classes: tuple[int, list[str] | None] | None = None) -> Task:
     """The task named by ``cfg.task``, or the one given by ``cfg.train_file``/``eval_file``; with a named
     task, ``cfg.eval_file`` replaces its dev set (labels as in the task's files: class ids, or names for RTE).
+
+    Args:
+        classes: for a file task, the ``(num_labels, label_names)`` a trained run has (``run_config.json``):
+            the training file is then not read (it may have changed or gone), and the eval file's labels must
+            be among these classes.
 
     Raises:
         DataError: unknown task, missing files or columns, bad labels (see :func:`examples_from_rows`).
@@ -122,11 +127,15 @@ def load_classification_task(cfg: RunConfig) -> Task:
     if cfg.train_file:
         if not cfg.eval_file:
             raise DataError("--train-file needs --eval-file too (the dev set that metrics are reported on)")
-        train, names = examples_from_rows(read_table(cfg.train_file), cfg.text_column, cfg.label_column,
-                                          cfg.pair_column, source=cfg.train_file)
+        if classes is None:
+            train, names = examples_from_rows(read_table(cfg.train_file), cfg.text_column, cfg.label_column,
+                                              cfg.pair_column, source=cfg.train_file)
+        else:
+            train, names = [], classes[1]
         dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column,
-                                    cfg.pair_column, source=cfg.eval_file, label_names=names, label_ids=not names)
-        num = len(names) if names else max(e["label"] for e in train + dev) + 1
+                                    cfg.pair_column, source=cfg.eval_file, label_names=names, label_ids=not names,
+                                    num_labels=None if classes is None else classes[0])
+        num = classes[0] if classes is not None else len(names) if names else max(e["label"] for e in train + dev) + 1
         task = Task(name=Path(cfg.train_file).stem, num_labels=max(num, 2), metric="accuracy", train=train,
                     dev=dev, label_names=names)
     else:
@@ -493,7 +502,8 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
                             f"--max-length {cfg.max_length}")
         return {"dev_perplexity": perplexity(model, ds, collate_causal(tokenizer.pad_token_id),
                                              cfg.eval_batch_size)["perplexity"], "dev_examples": len(ds)}
-    task = _file_run_task(cfg, raw) if cfg.train_file else load_classification_task(cfg)
+    # a file run's classes come from its run_config.json: its training file may have changed or gone since
+    task = load_classification_task(cfg, _run_classes(raw) if cfg.train_file else None)
     model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
     if not cfg.full_finetune:
         model = _load_adapter(model, run_dir)
@@ -503,13 +513,11 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     return {f"dev_{k}": v for k, v in _metrics_for(task, preds, gold).items()} | {"dev_examples": len(dev_ds)}
 
 
-def _file_run_task(cfg: RunConfig, raw: dict[str, Any]) -> Task:
-    """The dev task of a run trained on ``--train-file``, from its ``run_config.json`` (the classes: ``num_labels``
-    and ``label_names``) and its eval file alone: the training file may have changed or gone since.
+def _run_classes(raw: dict[str, Any]) -> tuple[int, list[str] | None]:
+    """``(num_labels, label_names)`` of a trained classification run, from its ``run_config.json`` object.
 
     Raises:
-        ConfigError: ``num_labels``/``label_names`` missing or damaged. DataError: a bad eval file, or a label the
-            run's classes do not have (the message names it and the classes).
+        ConfigError: either is missing or damaged.
     """
     num_labels, names = raw.get("num_labels"), raw.get("label_names")
     check(isinstance(num_labels, int) and not isinstance(num_labels, bool) and num_labels >= 2,
@@ -517,12 +525,7 @@ def _file_run_task(cfg: RunConfig, raw: dict[str, Any]) -> Task:
     check(names is None or (isinstance(names, list) and len(names) == num_labels and all(isinstance(n, str)
                                                                                          for n in names)),
           f"run_config.json: label_names={names!r} must be None or a list of {num_labels} class names")
-    dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column, cfg.pair_column,
-                                source=cfg.eval_file, label_names=names, label_ids=not names, num_labels=num_labels)
-    if cfg.max_eval_samples:
-        dev = dev[: cfg.max_eval_samples]
-    return Task(name=Path(cfg.train_file).stem, num_labels=num_labels, metric="accuracy", train=[], dev=dev,
-                label_names=names)
+    return num_labels, names
 
 
 def _load_adapter(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
