@@ -93,6 +93,16 @@ class AdapterModel(nn.Module):
             if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
                 yield name, module
 
+    def adapters_of(self, adapter_name: str, kind: type) -> dict[str, Any]:
+        """Module name -> the adapter ``adapter_name`` on that module, for every wrapped layer where it is an
+        instance of ``kind``, in model order."""
+        found = {}
+        for name, w in self.wrappers():
+            adapter = w.adapters[adapter_name] if isinstance(w, AdaptedLayer) and adapter_name in w.adapters else None
+            if isinstance(adapter, kind):
+                found[name] = adapter
+        return found
+
     def modules_to_save_names(self) -> list[str]:
         """Names of the modules wrapped for ``modules_to_save`` (by any adapter), in model order."""
         return [n for n, m in self.wrappers() if isinstance(m, ModulesToSaveWrapper)]

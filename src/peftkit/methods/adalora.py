@@ -270,12 +270,7 @@ class AdaLoraTuner(WrapTuner):
     @staticmethod
     def adapters(host: AdapterModel, adapter_name: str) -> dict[str, AdaLoraAdapter]:
         """Module name -> the AdaLoRA adapter ``adapter_name`` on it, in model order."""
-        found = {}
-        for name, w in host.wrappers():
-            adapter = w.adapters[adapter_name] if isinstance(w, AdaptedLayer) and adapter_name in w.adapters else None
-            if isinstance(adapter, AdaLoraAdapter):
-                found[name] = adapter
-        return found
+        return host.adapters_of(adapter_name, AdaLoraAdapter)
 
     def regularizer(self, host: AdapterModel, adapter_name: str) -> Tensor | None:
         """``orth_reg_weight`` times the mean over all ``lora_A`` and ``lora_B`` of ``||A A^T - I||_F`` and

@@ -422,12 +422,7 @@ class SelectTuner(Tuner):
     @staticmethod
     def adapters(host: Any, adapter_name: str) -> list[tuple[str, SelectAdapter]]:
         """``(module name, adapter)`` for every module holding selective adapter ``adapter_name``."""
-        out = []
-        for name, w in host.wrappers():
-            adapter = w.adapters[adapter_name] if isinstance(w, AdaptedLayer) and adapter_name in w.adapters else None
-            if isinstance(adapter, SelectAdapter):
-                out.append((name, adapter))
-        return out
+        return list(host.adapters_of(adapter_name, SelectAdapter).items())
 
     def before_load(self, host: Any, adapter_name: str, tensors: dict[str, Tensor]) -> None:
         """Give each difference the form and size the file has (sparse ``k`` comes from the file).

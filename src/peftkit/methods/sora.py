@@ -177,13 +177,8 @@ class SoraTuner(WrapTuner):
 
     @staticmethod
     def adapters(host: AdapterModel, adapter_name: str) -> dict[str, SoraAdapter]:
-        """Module name -> the SoRA adapter ``adapter_name`` on it."""
-        found = {}
-        for name, w in host.wrappers():
-            adapter = w.adapters[adapter_name] if isinstance(w, AdaptedLayer) and adapter_name in w.adapters else None
-            if isinstance(adapter, SoraAdapter):
-                found[name] = adapter
-        return found
+        """Module name -> the SoRA adapter ``adapter_name`` on it, in model order."""
+        return host.adapters_of(adapter_name, SoraAdapter)
 
     def on_step_end(self, host: AdapterModel, adapter_name: str, step: int) -> None:
         lam = host.peft_config[adapter_name].sparse_lambda
