@@ -12,7 +12,6 @@ Linear/``Conv1D``; ``2 r (out + in/groups * prod(kernel))`` for a convolution; w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,24 +113,10 @@ class LoHaAdapter(LycorisAdapter):
         return full.reshape(self.layout.canonical_shape())
 
 
-class LoHaTuner(LycorisTuner):
-    """Builds one LoHa adapter per target module."""
-
-    method = "LoHa"
-
-    def build(self, layout: rp.Layout, r: int, alpha: float, config: LoHaConfig) -> LoHaAdapter:
-        return LoHaAdapter(layout, r, alpha, config)
-
-
-def loha_from_cli(args: Any) -> LoHaConfig:
-    """A :class:`LoHaConfig` from ``peftkit train`` options (``--r``, ``--lora-alpha`` as ``alpha``)."""
-    check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout} has no meaning for LoHa; use "
-                                  "--option rank_dropout=P or --option module_dropout=P")
-    return LoHaConfig(r=args.r or 8, alpha=args.lora_alpha, target_modules=args.target_modules or "all-linear",
-                      task_type=args.task_type)
+LOHA_TUNER = LycorisTuner("LoHa", LoHaAdapter)
 
 
 register_method(MethodSpec(
     name="loha", config_cls=LoHaConfig, family="reparameterised", kind="wrap", mergeable=True,
-    paper=LOHA_PAPER, tuner=LoHaTuner(), cli_config=loha_from_cli,
+    paper=LOHA_PAPER, tuner=LOHA_TUNER, cli_config=LOHA_TUNER.config_from_cli(LoHaConfig),
 ))

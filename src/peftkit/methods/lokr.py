@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -137,24 +136,10 @@ class LoKrAdapter(LycorisAdapter):
         return super().side(layer, x)
 
 
-class LoKrTuner(LycorisTuner):
-    """Builds one LoKr adapter per target module."""
-
-    method = "LoKr"
-
-    def build(self, layout: rp.Layout, r: int, alpha: float, config: LoKrConfig) -> LoKrAdapter:
-        return LoKrAdapter(layout, r, alpha, config)
-
-
-def lokr_from_cli(args: Any) -> LoKrConfig:
-    """A :class:`LoKrConfig` from ``peftkit train`` options (``--r``, ``--lora-alpha`` as ``alpha``)."""
-    check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout} has no meaning for LoKr; use "
-                                  "--option rank_dropout=P or --option module_dropout=P")
-    return LoKrConfig(r=args.r or 8, alpha=args.lora_alpha, target_modules=args.target_modules or "all-linear",
-                      task_type=args.task_type)
+LOKR_TUNER = LycorisTuner("LoKr", LoKrAdapter)
 
 
 register_method(MethodSpec(
     name="lokr", config_cls=LoKrConfig, family="reparameterised", kind="wrap", mergeable=True,
-    paper=LOKR_PAPER, tuner=LoKrTuner(), cli_config=lokr_from_cli, default_lr=5e-3,
+    paper=LOKR_PAPER, tuner=LOKR_TUNER, cli_config=LOKR_TUNER.config_from_cli(LoKrConfig), default_lr=5e-3,
 ))

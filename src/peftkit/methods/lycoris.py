@@ -131,21 +131,36 @@ class LycorisAdapter(Adapter):
 
 
 class LycorisTuner(WrapTuner):
-    """Builds one LoHa/LoKr adapter per target; subclasses give :meth:`build`."""
+    """Builds one LoHa/LoKr adapter per target.
+
+    Args:
+        method: the method's display name in messages (``"LoHa"``).
+        adapter_cls: its adapter, built as ``adapter_cls(layout, r, alpha, config)``.
+    """
+
+    def __init__(self, method: str, adapter_cls: type[LycorisAdapter]) -> None:
+        self.method = method
+        self.adapter_cls = adapter_cls
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
         return (*linear_types(), nn.Conv1d, nn.Conv2d)
 
-    def build(self, layout: rp.Layout, r: int, alpha: float, config: Any) -> LycorisAdapter:  # pragma: no cover
-        """The method's adapter for a layer of ``layout`` with this module's rank ``r`` and ``alpha`` (the
-        patterns already applied; ``scaling = alpha / r``)."""
-        raise NotImplementedError
-
     def make_adapter(self, base: nn.Module, config: Any, module_name: str) -> Adapter:
-        """:meth:`build` with the base layer's :class:`~peftkit.methods._reparam.Layout` and the
-        ``(r, alpha)`` that ``rank_pattern``/``alpha_pattern`` give ``module_name``."""
+        """The method's adapter for the base layer's :class:`~peftkit.methods._reparam.Layout`, with the
+        ``(r, alpha)`` that ``rank_pattern``/``alpha_pattern`` give ``module_name`` (``scaling = alpha / r``)."""
         r, alpha = config.rank_and_alpha(module_name)
-        return self.build(rp.layout_of(base), r, alpha, config)
+        return self.adapter_cls(rp.layout_of(base), r, alpha, config)
+
+    def config_from_cli(self, config_cls: type[LycorisConfig]) -> Any:
+        """The ``cli_config`` of the method: ``config_cls`` from ``peftkit train`` options (``--r``,
+        ``--lora-alpha`` as ``alpha``, ``--target-modules``); a ``--lora-dropout`` other than 0 is refused
+        (ConfigError), as these methods drop ranks or whole modules instead."""
+        def from_cli(args: Any) -> LycorisConfig:
+            check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout} has no meaning for {self.method}; "
+                                          "use --option rank_dropout=P or --option module_dropout=P")
+            return config_cls(r=args.r or 8, alpha=args.lora_alpha,
+                              target_modules=args.target_modules or "all-linear", task_type=args.task_type)
+        return from_cli
 
 
 def effective_conv(layout: rp.Layout, config: LycorisConfig) -> bool:
