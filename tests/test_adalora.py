@@ -103,8 +103,8 @@ def test_rank_allocation_matches_peft_step_by_step(call):
     x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (theirs, ours)]
     for step in range(1, steps + 1):
-        loss_theirs = theirs(input_ids=x, labels=labels).loss  # peft adds its penalty inside forward (SEQ_CLS)
-        loss_ours = ours(input_ids=x, labels=labels).loss + ours.peft_regularization()
+        loss_theirs = theirs(input_ids=x, labels=labels).loss  # both forwards add the penalty (SEQ_CLS)
+        loss_ours = ours(input_ids=x, labels=labels).loss
         assert abs(loss_theirs.item() - loss_ours.item()) <= 1e-5
         loss_theirs.backward()
         loss_ours.backward()
@@ -153,9 +153,37 @@ def test_orthogonality_penalty_value():
         adapter.lora_B.copy_(torch.full((5, 3), 0.5))
     b = adapter.lora_B.detach()
     expected = 0.25 * (0.0 + torch.linalg.matrix_norm(b.T @ b - torch.eye(3)).item()) / 2
-    assert model.peft_regularization().item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    assert get_peft_model(nn.Sequential(nn.Linear(6, 5)),
-                          config(orth_reg_weight=0, target_modules=["0"])).peft_regularization() is None
+    assert model.peft_regularization() is None  # the forward adds it, as peft's does
+    with model.loss_terms_added_by_caller():
+        assert model.peft_regularization().item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert get_peft_model(nn.Sequential(nn.Linear(6, 5)),
+                              config(orth_reg_weight=0, target_modules=["0"])).peft_regularization() is None
+
+
+def test_forward_loss_holds_the_penalty_as_peft_does():
+    """A peft-style loop (``model(**batch).loss.backward()``) trains on peft's objective: the penalty is in the
+    forward's loss (in eval mode too, as in peft). It was missing (only peftkit's trainers added it). While a
+    trainer adds the terms itself, and for an adapter in inference mode, the loss is the task's alone."""
+    theirs, ours = _pair(10)
+    x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
+
+    def loss(model, seed=0):
+        torch.manual_seed(seed)  # the same dropout masks in training mode
+        return model(input_ids=x, labels=labels).loss.item()
+
+    for mode in ("eval", "train"):
+        getattr(theirs, mode)()
+        getattr(ours, mode)()
+        with_penalty = loss(ours)
+        assert with_penalty == pytest.approx(loss(theirs), abs=1e-5), mode
+        with ours.loss_terms_added_by_caller():
+            task = loss(ours)
+            penalty = ours.peft_regularization().item()
+        assert penalty > 0.01
+        assert with_penalty == pytest.approx(task + penalty, abs=1e-6), mode
+        assert ours.peft_regularization() is None and not ours.base_model.ctx.caller_adds_loss_terms
+    ours.set_adapter("default", inference_mode=True)  # an adapter that does not train adds no penalty
+    assert loss(ours) == pytest.approx(task, abs=1e-6)
 
 
 def test_rank_zero_layer_saves_loads_and_merges(tmp_path):
@@ -282,3 +310,22 @@ def test_cli_defaults_come_from_the_run_length():
     assert adalora_from_cli(RunConfig(max_steps=None, method_options={"total_step": 50})).total_step == 50
     with pytest.raises(ConfigError, match="give --max-steps N or --option total_step=N"):
         adalora_from_cli(RunConfig(max_steps=None))
+
+
+def test_peftkit_trainer_adds_the_penalty_once(tmp_path, monkeypatch):
+    """peftkit's Trainer adds every loss term itself: its forward runs with the forward's own terms off, so the
+    penalty (which the forward would add) joins the objective exactly once per step."""
+    from peftkit.train.trainer import Trainer, TrainingArguments
+    from tests.tiny_train import TinyClassifier, classification_items, collate_classification
+
+    torch.manual_seed(0)
+    model = get_peft_model(TinyClassifier(), config(target_modules=["fc"], total_step=2, tinit=0, tfinal=0))
+    seen, terms = [], []
+    model.base_model.model.register_forward_pre_hook(
+        lambda *_: seen.append(model.base_model.ctx.caller_adds_loss_terms))
+    original = AdaLoraTuner.regularizer
+    monkeypatch.setattr(AdaLoraTuner, "regularizer", lambda *a: terms.append(original(*a)) or terms[-1])
+    Trainer(model, classification_items(8), collate_classification,
+            TrainingArguments(max_steps=2, batch_size=4, progress=False, output_dir=str(tmp_path))).train()
+    assert seen == [True, True] and len(terms) == 2 and all(t.item() > 0 for t in terms)
+    assert not model.base_model.ctx.caller_adds_loss_terms

@@ -226,8 +226,11 @@ def test_peft_trainer_runs_peftkits_training_hooks(tmp_path):
     model.train()
     with torch.no_grad():
         torch.manual_seed(1)  # the same dropout masks in both forwards
-        expected = model(**batch).loss + model.peft_regularization()
-        assert model.peft_regularization() > 0.1
+        expected = model(**batch).loss  # the forward adds the penalty in training, as peft's does
+        with model.loss_terms_added_by_caller():
+            torch.manual_seed(1)
+            assert model.peft_regularization() > 0.1
+            assert torch.allclose(model(**batch).loss + model.peft_regularization(), expected)
         torch.manual_seed(1)
         assert torch.allclose(trainer.compute_loss(model, batch), expected)
     kept = lambda: sum(int((p != 0).sum()) for n, p in model.named_parameters() if "lora_E" in n)  # noqa: E731

@@ -36,10 +36,13 @@ class AdapterContext:
 
     ``forward_id`` counts :meth:`peftkit.PeftModel.forward` calls, so that state an adapter records
     during a forward (MoE-LoRA's load-balancing loss) can be told apart from an earlier forward's.
+    ``caller_adds_loss_terms`` is True while a trainer that adds every loss term itself runs the forward
+    (see :meth:`peftkit.PeftModel.loss_terms_added_by_caller`).
     """
 
     def __init__(self) -> None:
         self.forward_id = 0
+        self.caller_adds_loss_terms = False
         self.row_names: list[str] | None = None
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
         self._spans: dict[int, dict[str, slice] | None] = {}

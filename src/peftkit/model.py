@@ -249,14 +249,40 @@ class PeftModel(nn.Module):
 
     # --- training hooks -----------------------------------------------------------------------------
     def peft_regularization(self) -> Tensor | None:
-        """Sum of the active, trainable adapters' loss terms (e.g. AdaLoRA's orthogonality penalty), or
-        None when no method adds one. :class:`peftkit.train.Trainer` adds it to the loss."""
+        """The active, trainable adapters' loss terms that a training loop adds to ``model(**batch).loss``
+        (MoE-LoRA's load balancing, AdapterFusion's regulariser, ...), summed; None when there are none.
+
+        AdaLoRA's orthogonality penalty is not among them: as in peft, the forward's loss already holds it
+        (while the adapter is active and not in inference mode). Inside :meth:`loss_terms_added_by_caller` the forward adds nothing and this
+        returns every term, AdaLoRA's included. :class:`peftkit.train.Trainer` and
+        :class:`peftkit.train.hf_trainer.PeftTrainer` work that way.
+        """
+        return self._loss_terms(others=True, forward_ones=self.base_model.ctx.caller_adds_loss_terms)
+
+    def _loss_terms(self, others: bool, forward_ones: bool) -> Tensor | None:
+        """The sum of the training adapters' loss terms: of the methods whose forward adds theirs (as peft's
+        does AdaLoRA's) when ``forward_ones``, of the others when ``others``; None when there are none."""
         host, total = self.base_model, None
         for name in host.training_parts():
-            term = host.tuner(name).regularizer(host, name)
+            tuner = host.tuner(name)
+            if not (forward_ones if tuner.regularizer_in_forward else others):
+                continue
+            term = tuner.regularizer(host, name)
             if term is not None:
                 total = term if total is None else total + term
         return total
+
+    @contextlib.contextmanager
+    def loss_terms_added_by_caller(self) -> Iterator[None]:
+        """Within the block the forward's loss is the task loss alone (not even AdaLoRA's penalty, which
+        the forward otherwise adds, as peft's does), and :meth:`peft_regularization` gives
+        every loss term: for a training loop that adds them itself, e.g. scaled for gradient accumulation."""
+        ctx = self.base_model.ctx
+        before, ctx.caller_adds_loss_terms = ctx.caller_adds_loss_terms, True
+        try:
+            yield
+        finally:
+            ctx.caller_adds_loss_terms = before
 
     def peft_prepare(self, batches: Iterator[dict[str, Tensor]]) -> None:
         """Let the active, trainable adapters' methods look at training data once before training (e.g.
@@ -349,9 +375,21 @@ class PeftModel(nn.Module):
             base = self.get_base_model()
             order = None if names is None or rows is None or _holds_cache(args, kwargs) else _grouped_order(names)
             if order is None:
-                return base(*args, **kwargs)
+                return self._with_forward_terms(base(*args, **kwargs))
             self.base_model.ctx.set_rows([names[i] for i in order])
-            return self._regrouped(base, order, rows, args, kwargs)
+            return self._with_forward_terms(self._regrouped(base, order, rows, args, kwargs))
+
+    def _with_forward_terms(self, out: Any) -> Any:
+        """``out`` with the loss terms that peft's forward adds (AdaLoRA's orthogonality penalty, while the
+        adapter is active and not in inference mode, in training and eval mode alike) added to its ``loss``,
+        unless the caller adds them (:meth:`loss_terms_added_by_caller`)."""
+        loss = getattr(out, "loss", None)
+        if not isinstance(loss, Tensor) or self.base_model.ctx.caller_adds_loss_terms:
+            return out
+        extra = self._loss_terms(others=False, forward_ones=True)
+        if extra is not None:
+            out.loss = loss + extra
+        return out
 
     def _regrouped(self, base: nn.Module, order: list[int], rows: int, args: tuple, kwargs: dict) -> Any:
         """Run ``base`` on the rows taken in ``order`` and give back its outputs in the caller's order."""

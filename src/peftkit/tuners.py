@@ -45,6 +45,10 @@ class Tuner:
         ``prompt_embeddings``). Saving writes them; loading copies file values into them."""
         return {}
 
+    #: whether :meth:`regularizer` joins the loss that ``PeftModel.forward`` returns in training mode (as peft's
+    #: forward adds AdaLoRA's penalty), rather than only through ``PeftModel.peft_regularization()``
+    regularizer_in_forward = False
+
     def regularizer(self, host: AdapterModel, adapter_name: str) -> Any:
         """A scalar tensor added to the training loss while the adapter is active and training (e.g.
         AdaLoRA's orthogonality penalty), or None."""

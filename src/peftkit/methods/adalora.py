@@ -8,7 +8,9 @@ Equation: ``h = W0 x + lora_alpha / (ranknum + 1e-5) * P Lambda Q x`` with ``Q =
 is ``init_r`` (peft's scaling, kept after pruning). Training (:class:`AdaLoraTuner`):
 
 * the loss gets ``orth_reg_weight * mean(||Q Q^T - I||_F, ||P^T P - I||_F)`` over all matrices
-  (:meth:`AdaLoraTuner.regularizer`);
+  (:meth:`AdaLoraTuner.regularizer`). As in peft, ``PeftModel.forward`` adds it to the returned ``loss``
+  while the adapter is active and not in inference mode, so a plain training loop needs nothing more;
+  peftkit's trainers add it themselves (once per optimiser step) and report eval losses without it;
 * after each optimiser step (:meth:`AdaLoraTuner.on_step_end`) every entry's sensitivity
   ``I = |w * grad|`` is smoothed, ``Ibar <- b1 Ibar + (1 - b1) I`` and ``U <- b2 U + (1 - b2)|I - Ibar|``;
   triplet ``i`` scores ``S_i = s(E_i) + mean_j s(Q_ij) + mean_j s(P_ji)`` with ``s = Ibar * U``, and the
@@ -255,6 +257,7 @@ class AdaLoraTuner(WrapTuner):
 
     method = "AdaLoRA"
     trainable_base_params = LoraTuner.trainable_base_params
+    regularizer_in_forward = True  # peft's forward adds the penalty to the loss
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
         return rp.supported_types()

@@ -103,11 +103,14 @@ class PeftTrainer(Trainer):
         optimiser step: each micro-batch adds ``1/N`` of them under ``N``-step gradient accumulation when
         the loss is already scaled for it (normalised by ``num_items_in_batch``), else the whole term (the
         trainer then divides the micro-batch loss by ``N`` itself)."""
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         peft = self._peft_model(model)
-        if peft is None or not model.training:
-            return out
-        extra = peft.peft_regularization()
+        if peft is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # every loss term (AdaLoRA's included, which the forward would add to each micro-batch) is added here
+        with peft.loss_terms_added_by_caller():
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            extra = peft.peft_regularization() if model.training else None
         if extra is None:
             return out
         scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None

@@ -14,6 +14,7 @@ batch, and N processes give one process's result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -255,9 +256,12 @@ class Trainer:
         batch, share = self._shard(indices)
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         module = D.unwrap(self.wrapped)
-        loss = self.wrapped(**batch).loss
+        # the loss terms (AdaLoRA's included, which the forward would add) join the objective here, once
+        own_terms = getattr(module, "loss_terms_added_by_caller", contextlib.nullcontext)
+        with own_terms():
+            loss = self.wrapped(**batch).loss
+            extra = module.peft_regularization() if hasattr(module, "peft_regularization") else None
         objective = loss * (share * self.dist.world_size) if self.dist.enabled else loss
-        extra = module.peft_regularization() if hasattr(module, "peft_regularization") else None
         (objective if extra is None else objective + extra).backward()
         if self.args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
