@@ -271,3 +271,50 @@ def test_two_rescales_over_a_substituted_bias_are_not_merged():
                                          "substitutes is not exact"):
         model.merge_adapter()
     assert model.base_model.merged_adapters() == []
+
+
+def test_subfolder_reads_that_adapter_and_other_keywords_are_refused(tmp_path):
+    """``subfolder=`` (peft's keyword) picks the adapter saved there; it was dropped unread, so the folder's root
+    adapter was loaded instead. Any other keyword is refused before anything changes."""
+    model, twin = all_five()
+    x = ids()
+    outs = each_active(model, x)
+    model.save_pretrained(tmp_path)  # no adapter is named "default": each is saved in its own folder
+    loaded = PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path, subfolder="ia3", adapter_name="ia3",
+                                       low_cpu_mem_usage=True)
+    assert (logits(loaded, x) - outs["ia3"]).abs().max() <= 1e-6
+    loaded.load_adapter(tmp_path, adapter_name="lora", subfolder="lora")
+    loaded.set_adapter("lora")
+    assert (logits(loaded, x) - outs["lora"]).abs().max() <= 1e-6
+    with pytest.raises(TypeError, match=r"from_pretrained\(\) got unexpected keyword argument\(s\) \['bogus', "
+                                        r"'revision'\]"):
+        PeftModel.from_pretrained(twin, tmp_path / "lora", revision="main", bogus=1)
+    assert not any(isinstance(m, AdaptedLayer) for m in twin.modules())
+    with pytest.raises(TypeError, match=r"load_adapter\(\) got unexpected keyword argument\(s\) \['token'\]"):
+        loaded.load_adapter(tmp_path / "houlsby", adapter_name="houlsby", token="x")
+    assert "houlsby" not in loaded.peft_config
+
+
+def test_merge_and_unload_drops_an_adapter_merged_earlier():
+    """``merge_and_unload(adapter_names=[b])`` after ``merge_adapter()`` merged ``a``: the result computes ``b``
+    alone, as the docstring says (``a`` stayed in the weights). A failing merge leaves the earlier merge."""
+    base = tiny_bert_classifier()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, CONFIGS["lora"](), adapter_name="a")
+    model.add_adapter("b", CONFIGS["lora"]())
+    model.add_adapter("p", CONFIGS["prefix"]())
+    nudge(model, "a", 0)
+    nudge(model, "b", 1)
+    x = ids()
+    model.set_adapter("b")
+    only_b = logits(model, x)
+    model.set_adapter("a")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload(adapter_names=["p"])
+    assert model.base_model.merged_adapters() == ["a"]
+    with_a = logits(model, x)
+    plain = model.merge_and_unload(adapter_names=["b"])
+    assert (logits(plain, x) - only_b).abs().max() <= 1e-5
+    assert (logits(plain, x) - with_a).abs().max() > 1e-2
+    assert (logits(twin, x) - only_b).abs().max() > 1e-2  # b changes the output

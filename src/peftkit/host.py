@@ -430,13 +430,33 @@ class AdapterModel(nn.Module):
             if isinstance(w, AdaptedLayer):
                 w.unmerge()
 
-    def unload(self, merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def unload(self, merge: bool = False, adapter_names: Sequence[str] | None = None,
+               safe_merge: bool = False) -> nn.Module:
         """Return the bare model: wrappers replaced by their base modules (merged first if ``merge``);
         ``modules_to_save`` become the active adapter's trained copy when merging, else the original.
-        Without merging, base parameters an adapter trained or loaded (e.g. ``bias="all"``) get their own
-        values back; either way every base parameter's ``requires_grad`` is put back as it was."""
+        When merging, exactly ``adapter_names`` (default: the active adapters) end up in the weights: an
+        adapter merged earlier (``merge_adapter``) but not named is taken out again. Without merging,
+        base parameters an adapter trained or loaded (e.g. ``bias="all"``) get their own values back;
+        either way every base parameter's ``requires_grad`` is put back as it was.
+
+        Raises:
+            as :meth:`merge` (``safe_merge`` as there); the model is then left as it was.
+        """
         if merge:
-            self.merge(adapter_names, dropping=True)
+            names = list(self.active_adapters if adapter_names is None else
+                         [adapter_names] if isinstance(adapter_names, str) else adapter_names)
+            self.check_known(names)
+            before = self.merged_adapters()
+            if all(n in self.parts(names) for n in before):
+                self.merge(names, safe_merge=safe_merge, dropping=True)
+            else:  # an earlier merge of an adapter that is to be dropped: start again from the base weights
+                self.unmerge()
+                try:
+                    self.merge(names, safe_merge=safe_merge, dropping=True)
+                except BaseException:
+                    self.unmerge()
+                    self.merge(before)
+                    raise
         else:
             self.unmerge()
         keep = (list(adapter_names) if adapter_names is not None else self.active_adapters) if merge else []

@@ -194,15 +194,14 @@ class PeftModel(nn.Module):
         Args:
             progressbar: accepted for peft compatibility; merging shows no progress bar.
             safe_merge: first compute every merged weight and refuse (nothing merged) if one is not finite.
-            adapter_names: the adapters to merge (default: the active ones); the others are dropped.
+            adapter_names: the adapters to merge (default: the active ones); the others are dropped, also
+                one merged earlier with ``merge_adapter`` (peft keeps such an adapter in the weights).
 
         Raises:
             ValueError: an adapter that cannot be merged (a soft prompt, a non-invertible rescale, a stack
                 whose merged form would differ from its outputs), checked before any layer changes.
         """
-        if safe_merge:
-            self.base_model.merge(adapter_names, safe_merge=True, dropping=True)
-        return self.base_model.unload(merge=True, adapter_names=adapter_names)
+        return self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         """Return the base model without any adapter (nothing merged)."""
@@ -502,13 +501,17 @@ class PeftModel(nn.Module):
             is_trainable: False (default) loads it frozen for inference, and puts the model in eval mode
                 (as peft does); True loads it to train further.
             config: use this config instead of the folder's ``adapter_config.json``.
+            subfolder: keyword only; read the adapter from ``model_id/subfolder`` (as peft does).
+            low_cpu_mem_usage: keyword only, accepted for peft's signature; it changes nothing here.
 
         Raises:
             FileNotFoundError: missing folder or files. AdapterLoadError: unreadable/corrupt weights, or
             tensors whose names or shapes do not fit the model (the model is left unadapted).
+            TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders).
         """
         from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
 
+        model_id = _adapter_folder("from_pretrained", model_id, kwargs)
         config, tensors = read_adapter_files(model_id, config)
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name)
@@ -525,13 +528,16 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      **kwargs: Any) -> None:
         """Load another adapter folder under ``adapter_name`` (not activated; see :meth:`set_adapter`).
+        Keywords: ``config`` (instead of the folder's ``adapter_config.json``), ``subfolder`` and
+        ``low_cpu_mem_usage``, as for :meth:`from_pretrained`.
 
         Raises:
             as :meth:`from_pretrained`; on error the model is left as it was.
         """
         from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
 
-        config, tensors = read_adapter_files(model_id, kwargs.get("config"))
+        config = kwargs.pop("config", None)
+        config, tensors = read_adapter_files(_adapter_folder("load_adapter", model_id, kwargs), config)
         config.inference_mode = not is_trainable
         before = set(self.base_model.public_names())
         self.base_model.add_adapter(adapter_name, config)
@@ -545,6 +551,23 @@ class PeftModel(nn.Module):
         self.base_model._set_trainable()
         if not is_trainable:  # as peft
             self.eval()
+
+
+def _adapter_folder(caller: str, model_id: str | os.PathLike, kwargs: dict[str, Any]) -> str | os.PathLike:
+    """The folder that ``from_pretrained`` / ``load_adapter`` read: ``model_id``, joined with ``subfolder``
+    when given. Raises TypeError, naming them, for keywords other than ``subfolder`` and
+    ``low_cpu_mem_usage`` (peft's hub options, or a typo, which would otherwise be dropped unread)."""
+    unknown = sorted(k for k in kwargs if k not in ("subfolder", "low_cpu_mem_usage"))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; besides its named arguments it "
+                        "takes subfolder=... and low_cpu_mem_usage=... (peftkit reads local adapter folders, so "
+                        "peft's hub options such as revision or token do not apply)")
+    subfolder = kwargs.get("subfolder")
+    if subfolder in (None, ""):
+        return model_id
+    if not isinstance(subfolder, (str, os.PathLike)):
+        raise TypeError(f"subfolder={subfolder!r} is not valid; give a folder name inside {str(model_id)!r}")
+    return os.path.join(model_id, subfolder)
 
 
 class _PublicConfigs(MutableMapping):
