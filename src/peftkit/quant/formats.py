@@ -106,9 +106,9 @@ class NF4Format(QuantFormat):
     scaler_block_size: int = 256
 
     def __post_init__(self) -> None:
-        check(isinstance(self.block_size, int) and self.block_size > 0 and self.block_size % 2 == 0,
+        check(_positive_int(self.block_size) and self.block_size % 2 == 0,
               f"block_size={self.block_size!r} is not valid for nf4; expected an even integer > 0 (default 64)")
-        check(isinstance(self.scaler_block_size, int) and self.scaler_block_size > 0,
+        check(_positive_int(self.scaler_block_size),
               f"scaler_block_size={self.scaler_block_size!r} is not valid; expected an integer > 0 (default 256)")
 
     def unsupported(self, shape: tuple[int, int], rows: bool = False) -> str | None:
@@ -174,8 +174,9 @@ class AffineFormat(QuantFormat):
 
     def __post_init__(self) -> None:
         check(self.bits in (4, 8), f"bits={self.bits!r} is not valid for affine quantisation; expected 4 or 8")
-        check(self.group_size is None or (isinstance(self.group_size, int) and self.group_size > 0),
+        check(self.group_size is None or _positive_int(self.group_size),
               f"group_size={self.group_size!r} is not valid; expected an integer > 0 or None (per channel)")
+        check(isinstance(self.symmetric, bool), f"symmetric={self.symmetric!r} is not valid; expected True or False")
 
     @property
     def method(self) -> str:  # type: ignore[override]
@@ -233,6 +234,10 @@ class AffineFormat(QuantFormat):
             codes = torch.stack([codes >> 4, codes & 15], dim=-1).view(shape)
         block = (1, shape[1] // scale.shape[1])
         return tq.dequantize_affine(codes, block, scale, zero, dtype, lo, hi, output_dtype=torch.float32)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def make_format(method: str, *, block_size: int = 64, scaler_block_size: int = 256,
