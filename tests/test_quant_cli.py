@@ -62,3 +62,29 @@ def test_quantize_errors(tiny_model_dir, tmp_path, capsys):
     assert run("train", "--model", tiny_model_dir, "--quantize", "nf4", "--full-finetune", "--max-steps", 1,
                "--output-dir", tmp_path / "x", "--no-progress") == 2
     assert "cannot be combined with --full-finetune" in capsys.readouterr().err
+
+
+def test_a_qalora_run_quantises_with_its_group_so_that_its_merge_stays_integer(tiny_model_dir, tmp_path):
+    """``--method qalora`` quantises int4 with groups of ``qalora_group_size`` (16), not int4's default 64: with 64
+    the merge could not fold into the zero points and fell back to float, silently. Eval and export read the
+    group back from run_config.json."""
+    import warnings
+
+    from peftkit import PeftModel
+    from peftkit.artifacts import load_base_for
+    from peftkit.quant import QuantLinear, merge_and_unload_quantized
+
+    out = tmp_path / "run"
+    assert run("train", "--model", tiny_model_dir, "--method", "qalora", "--max-steps", 2, "--max-train-samples", 32,
+               "--max-eval-samples", 16, "--output-dir", out, "--no-progress") == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["quantize"], saved["quant_group_size"]) == ("int4", 16)
+    assert run("eval", "--adapter", out) == 0
+    base, _ = load_base_for(out)
+    layer = base.bert.encoder.layer[0].attention.self.query
+    assert isinstance(layer, QuantLinear) and layer.fmt.group_size == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer falls back to float
+        plain = merge_and_unload_quantized(PeftModel.from_pretrained(base, out))
+    merged = plain.bert.encoder.layer[0].attention.self.query
+    assert isinstance(merged, QuantLinear) and merged.merged_weight is None

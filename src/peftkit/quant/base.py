@@ -205,8 +205,11 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
       base stays small, at the cost of a new rounding error (see ``benchmarks/quant_figures.py``).
 
     Adapters whose change is constant over input groups (QA-LoRA: they expose ``group_delta(layer)``)
-    on an int4/int8 base with a matching group size are folded into the zero points instead: exact,
-    and the layer stays quantised either way.
+    on an int4/int8 base whose quantisation group divides ``qalora_group_size`` (``quantize_base(...,
+    group_size=qalora_group_size)``; ``peftkit train --method qalora`` quantises so) are folded into the
+    zero points instead: exact, and the layer stays quantised either way. Where the groups do not fit
+    (e.g. int4's default group of 64 under QA-LoRA's default of 16) such a layer is merged as above, with
+    a warning naming it.
 
     Raises:
         ConfigError: unknown adapter name. ValueError: an adapter that cannot merge (before any change).
@@ -218,13 +221,22 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
         if not get_method(host.peft_config[n].peft_type).mergeable:
             raise ValueError(f"adapter {n!r} uses {host.peft_config[n].peft_type}, which cannot be merged")
     host.unmerge()
-    for _, w in list(host.wrappers()):
+    unfolded = []
+    for layer_name, w in list(host.wrappers()):
         if isinstance(w, AdaptedLayer) and isinstance(w.base_layer, QuantLinear):
             mine = [n for n in names if n in w.adapters]
             if mine and all(_can_fold(w, w.adapters[n]) for n in mine):
                 for n in mine:
                     w.base_layer.fold_group_delta(w.adapters[n].group_delta(w))
                     w.remove(n)
+            elif any(hasattr(w.adapters[n], "group_delta") for n in mine):
+                unfolded.append(layer_name)
+    if unfolded:
+        warnings.warn(f"{len(unfolded)} QA-LoRA layer(s) ({', '.join(unfolded[:3])}{', ...' if len(unfolded) > 3 else ''}) "
+                      "could not be folded into the quantised zero points: their quantisation group does not divide "
+                      "qalora_group_size (quantise with quantize_base(..., group_size=qalora_group_size)); they are "
+                      f"merged {'and quantised again (a new rounding error)' if requantize else 'in float'} instead",
+                      stacklevel=2)
     plain = model.merge_and_unload(adapter_names=names)
     for name, module in list(_base_modules(plain)):
         if isinstance(module, QuantWeight) and module.merged_weight is not None:

@@ -74,6 +74,8 @@ def make_qalora_adapter(base: nn.Module, config, module_name: str, r: int, scali
     check(isinstance(base, nn.Linear), f"{module_name}: use_qalora adapts nn.Linear layers only, not "
           f"{type(base).__name__}")
     group = config.qalora_group_size
+    fits = max(d for d in range(1, group + 1) if base.in_features % d == 0)
     check(base.in_features % group == 0, f"{module_name}: in_features={base.in_features} is not a multiple of "
-          f"qalora_group_size={group}")
+          f"qalora_group_size={group}; give one that divides every adapted layer's in_features (the largest up "
+          f"to {group} that divides this one is {fits}; on the command line --option qalora_group_size=N)")
     return QALoraLinear(base.in_features, base.out_features, r, scaling, config.lora_dropout, group)

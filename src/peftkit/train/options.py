@@ -68,6 +68,9 @@ class RunConfig:
         quantize: ``nf4``/``int8``/``int4`` stores the frozen base's linear weights quantised
             (:func:`peftkit.quant.quantize_base`; QLoRA with LoRA and ``nf4``); None keeps float32.
         quantize_embeddings: with ``quantize``, quantise the embedding tables too.
+        quant_group_size: int4/int8 columns per scale (None: the format's default, 64 for int4, per channel
+            for int8). Not a command-line option: a QA-LoRA run sets it to ``qalora_group_size``, so that its
+            merge folds into the quantised zero points; eval and export read it back from the run folder.
     """
 
     model: str | None = None
@@ -101,6 +104,7 @@ class RunConfig:
     fsdp: bool = False
     quantize: str | None = None
     quantize_embeddings: bool = False
+    quant_group_size: int | None = None
 
     @property
     def task_type(self) -> str:
@@ -127,7 +131,7 @@ class RunConfig:
         """
         check_field_types(self, where)
         for name in ("max_steps", "max_train_samples", "max_eval_samples", "save_every", "r", "batch_size",
-                     "eval_batch_size", "max_length"):
+                     "eval_batch_size", "max_length", "quant_group_size"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{where}{name}={value!r} must be a positive integer")
         for name in ("epochs", "lr", "lora_alpha"):

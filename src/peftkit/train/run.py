@@ -107,7 +107,7 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
     if cfg.quantize:
         from peftkit.quant import quantize_base
 
-        quantize_base(model, cfg.quantize, quantize_embeddings=cfg.quantize_embeddings)
+        quantize_base(model, cfg.quantize, quantize_embeddings=cfg.quantize_embeddings, group_size=cfg.quant_group_size)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tokenizer
 
@@ -284,6 +284,9 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
             if getattr(cfg, key) in (None, False):
                 setattr(cfg, key, value)
     peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
+    if cfg.quantize in ("int4", "int8") and getattr(peft_config, "use_qalora", False) and cfg.quant_group_size is None:
+        # QA-LoRA's merge folds into the zero points only where each of its groups holds whole quantisation groups
+        cfg.quant_group_size = peft_config.qalora_group_size
     check(not (cfg.full_finetune and cfg.quantize), f"--quantize {cfg.quantize} freezes the base; it cannot be "
           "combined with --full-finetune")
     check_model_dir(resolve_model_dir(cfg.model, cfg.task))  # before the data is read
