@@ -178,11 +178,25 @@ def test_mam_trainable_count_is_the_formula():
     assert model.get_nb_trainable_parameters()[0] == p * D + (D * h + h) + (h * kv + kv) + N * (2 * D * m + m + D)
 
 
-def test_unipelt_on_llama_generates():
-    model = get_peft_model(tiny_llama(), unipelt())
-    perturb(model)
-    out = model.generate(input_ids=ids(2, 5), max_new_tokens=3, do_sample=False, pad_token_id=2)
-    assert out.shape[0] == 2 and out.shape[1] >= 6
+@pytest.mark.parametrize("make", [
+    lambda task: unipelt(task_type=task),
+    lambda task: GatedLoraConfig(r=2, target_modules=["q_proj"], task_type=task),
+    lambda task: GatedBottleneckConfig(bottleneck_size=4, target_modules=["mlp"], task_type=task),
+    lambda task: GatedPrefixTuningConfig(num_virtual_tokens=3, task_type=task),
+])
+@pytest.mark.parametrize("task", ["CAUSAL_LM", None])
+def test_gated_methods_refuse_a_model_that_generates(make, task):
+    """A gate averages a sequence's tokens: on a causal LM every position saw later tokens (logits of the first 5
+    tokens moved by up to 0.24 when 5 more followed) and cached generation differed from a full forward. Refused,
+    by task type or, without one, by the model's can_generate(); nothing changes."""
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"\(UniPELT\) cannot adapt a model that generates text \((task_type="
+                                          r"'CAUSAL_LM'|LlamaForCausalLM)\): its gates average"):
+        get_peft_model(model, make(task))
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_gated_adapters_refuse_mixed_adapter_batches():

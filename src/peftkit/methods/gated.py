@@ -97,6 +97,7 @@ class GatedLoraTuner(LoraTuner):
         return GatedLoraLinear, GatedLoraLinear, GatedLoraLinear  # only linear layers are supported
 
     def inject(self, host: Any, config: GatedLoraConfig, adapter_name: str) -> None:
+        refuse_generative(host, config, "gated LoRA")
         super().inject(host, config, adapter_name)
         _attach_mask(host, adapter_name)
 
@@ -138,11 +139,32 @@ class GatedBottleneckTuner(BottleneckTuner):
     adapter_cls = GatedBottleneckAdapter
 
     def inject(self, host: Any, config: GatedBottleneckConfig, adapter_name: str) -> None:
+        refuse_generative(host, config, "gated bottleneck adapters")
         super().inject(host, config, adapter_name)
         _attach_mask(host, adapter_name)
 
     def remove(self, host: Any, adapter_name: str) -> None:
         _detach_mask(host, adapter_name)
+
+
+def refuse_generative(host: Any, config: Any, method: str) -> None:
+    """Refuse a gated method on a model that generates text: ``task_type`` ``CAUSAL_LM`` or ``SEQ_2_SEQ_LM``,
+    or, without a task type, a model whose ``can_generate()`` is true. A gate averages a sequence's tokens,
+    so there every position would see later tokens (a causal LM's training would read the tokens it is to
+    predict) and a cached generation step, which sees only its new token, would differ from a full forward.
+
+    Raises:
+        ConfigError: naming the method, the task type or model class, and what to use instead.
+    """
+    task = getattr(config, "task_type", None)
+    model = host.model
+    generates = task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") or (
+        task is None and callable(getattr(model, "can_generate", None)) and bool(model.can_generate()))
+    check(not generates, f"{method} (UniPELT) cannot adapt a model that generates text "
+          f"({f'task_type={task!r}' if task else type(model).__name__}): its gates average each sequence's tokens, so "
+          "every position would see later tokens and cached generation would differ from a full forward; use it "
+          "for encoder tasks (SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION), or a method without gates "
+          "(e.g. lora, or mam for a hybrid)")
 
 
 def _gated(host: Any, adapter_name: str) -> list[Any]:
@@ -196,6 +218,7 @@ class GatedPrefixTuner(PrefixTuner):
         return GatedPrefixEncoder(config, shape.hidden_size, folded=config.inference_mode)
 
     def inject(self, host: Any, config: GatedPrefixTuningConfig, adapter_name: str) -> None:
+        refuse_generative(host, config, "gated prefix tuning")
         attention = _attention_modules(host.model, model_shape(host.model).num_layers)
         super().inject(host, config, adapter_name)
         module = host.extra_modules[adapter_name]
