@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import peftkit
 from peftkit import LoraConfig, get_peft_model
 from tests.conftest import perturb, tiny_bert_classifier, tiny_gpt2
 
@@ -176,3 +178,25 @@ def test_fields_of_the_wrong_type_or_not_finite_are_refused_by_name(field, value
 
     with pytest.raises(ConfigError, match=re.escape(expected)):
         LoraConfig(**{field: value})
+
+
+def test_bias_all_leaves_out_the_original_of_a_module_it_trains_a_copy_of(tmp_path):
+    """``bias="all"`` with ``modules_to_save=["classifier"]``: the unused original classifier's bias was trained
+    too (peft's count plus 2, a dead parameter in the optimiser, an extra ``original_module`` key in the file)."""
+    import peft
+    from safetensors.torch import load_file
+
+    base = tiny_bert_classifier()
+
+    def make(lib):
+        return lib.LoraConfig(r=4, target_modules=["query", "value"], bias="all", modules_to_save=["classifier"])
+
+    ours = get_peft_model(copy.deepcopy(base), make(peftkit))
+    theirs = peft.get_peft_model(copy.deepcopy(base), make(peft))
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]
+    assert not [n for n, p in ours.named_parameters() if p.requires_grad and "original_module" in n]
+    ours.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(k for k in keys if "classifier" in k) == ["base_model.model.classifier.bias",
+                                                             "base_model.model.classifier.weight"]
+    assert "base_model.model.bert.pooler.dense.bias" in keys  # the model's other biases still train

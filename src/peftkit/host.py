@@ -109,7 +109,12 @@ class AdapterModel(nn.Module):
 
     def set_extra_trainable(self, adapter_name: str, names: list[str]) -> None:
         """Record base-model parameters (by name) that ``adapter_name`` trains and saves. Their values are
-        kept aside first, and put back once no adapter claims them (delete, ``unload`` without merging)."""
+        kept aside first, and put back once no adapter claims them (delete, ``unload`` without merging).
+        Parameters of a module the adapter replaces by its own trained copy (``modules_to_save``: the
+        wrapper's ``original_module``) are left out: the adapter never runs them."""
+        unused = tuple(f"{n}.original_module." for n, w in self.wrappers()
+                       if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save)
+        names = [n for n in names if not n.startswith(unused)] if unused else names
         params = dict(self.model.named_parameters())
         for n in names:
             if n not in self._originals:  # the parameter itself is kept: wrapping may rename it later
