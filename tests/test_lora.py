@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
-from peftkit import LoraConfig, get_peft_model
+from peftkit import ConfigError, LoraConfig, get_peft_model
 from tests.conftest import perturb, tiny_bert_classifier, tiny_gpt2
 
 
@@ -200,3 +200,13 @@ def test_bias_all_leaves_out_the_original_of_a_module_it_trains_a_copy_of(tmp_pa
     assert sorted(k for k in keys if "classifier" in k) == ["base_model.model.classifier.bias",
                                                              "base_model.model.classifier.weight"]
     assert "base_model.model.bert.pooler.dense.bias" in keys  # the model's other biases still train
+
+
+def test_lora_bias_on_an_embedding_is_refused_before_anything_changes():
+    """peft refuses it; peftkit accepted it and gave only the linear targets a ``lora_B`` bias, silently."""
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"transformer.wte: lora_bias=True is not supported on an embedding"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn", "wte"], lora_bias=True))
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

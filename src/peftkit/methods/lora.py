@@ -432,7 +432,7 @@ class LoraTuner(WrapTuner):
 
         Raises:
             ConfigError: ``r`` not divisible by a convolution's ``groups``, PiSSA/OLoRA with
-                ``r > min(out, in)``, or a layer QA-LoRA or LoftQ cannot adapt.
+                ``r > min(out, in)``, ``lora_bias`` on an embedding, or a layer QA-LoRA or LoftQ cannot adapt.
         """
         r, alpha = config.rank_and_alpha(module_name)
         scaling = config.scaling_for(r, alpha)
@@ -443,6 +443,8 @@ class LoraTuner(WrapTuner):
 
             adapter: Any = make_qalora_adapter(base, config, module_name, r, scaling)
         elif isinstance(base, nn.Embedding):
+            check(not config.lora_bias, f"{module_name}: lora_bias=True is not supported on an embedding (peft refuses "
+                  "it too); leave the embedding out of target_modules or set lora_bias=False")
             adapter = embedding(base.num_embeddings, base.embedding_dim, r, scaling, config.lora_dropout)
         elif isinstance(base, CONV_TYPES):
             check(r % base.groups == 0,
