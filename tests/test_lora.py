@@ -210,3 +210,29 @@ def test_lora_bias_on_an_embedding_is_refused_before_anything_changes():
         get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn", "wte"], lora_bias=True))
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_peft_lora_on_a_grouped_convolution_is_refused_with_the_reason(tmp_path):
+    """peft's lora_A on a grouped convolution is not grouped, peftkit's is: the error said "was the adapter trained
+    with another r or on another base model?", which sent the user looking in the wrong place."""
+    import warnings
+
+    import peft
+
+    from peftkit import AdapterLoadError, PeftModel
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 3, groups=2)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: merging is not supported with groups > 1
+        peft.get_peft_model(Net(), peft.LoraConfig(r=4, target_modules=["conv"])).save_pretrained(tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"conv.lora_A.weight: file \(4, 4, 3, 3\) vs model \(4, 2, 3, 3\) "
+                                               r"\(lora_A of a grouped convolution: peft's is not grouped"):
+        PeftModel.from_pretrained(Net(), tmp_path)

@@ -152,8 +152,13 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
     problems = []
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es), e.g. " + "; ".join(mismatched[:3])
-                        + " (was the adapter trained with another r or on another base model?)")
+        grouped = [k for k, v in expected.items() if k in state_dict and k.endswith("lora_A.weight")
+                   and state_dict[k].dim() == v.dim() > 2 and state_dict[k].shape[0] == v.shape[0]
+                   and state_dict[k].shape[1] > v.shape[1] and state_dict[k].shape[1] % v.shape[1] == 0]
+        why = (" (lora_A of a grouped convolution: peft's is not grouped, peftkit's is grouped like the base so that "
+               "it merges exactly, so LoRA on grouped convolutions does not move between the two)" if grouped else
+               " (was the adapter trained with another r or on another base model?)")
+        problems.append(f"{len(mismatched)} shape mismatch(es), e.g. " + "; ".join(mismatched[:3]) + why)
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing from the file, e.g. {missing[:3]}")
     if unexpected:
