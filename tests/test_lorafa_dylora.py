@@ -213,3 +213,20 @@ def test_dylora_rank_setter_errors():
     lora = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraFAConfig(r=2, target_modules=["0"]))
     with pytest.raises(ConfigError, match="is not a DyLoRA adapter"):
         set_dylora_rank(lora, 1)
+
+
+def test_dylora_state_goes_with_a_deep_copy():
+    """The rank state was kept by the tuner under the original model: on a ``copy.deepcopy`` ``set_dylora_rank``
+    failed ("not a DyLoRA adapter") and ``unload`` left the sampling hook on the returned model."""
+    import copy
+
+    model = dylora(r=4)
+    twin = copy.deepcopy(model)
+    set_dylora_rank(twin, 2)
+    assert twin.peft_config["default"].eval_rank == 2 and model.peft_config["default"].eval_rank is None
+    state, original = twin.base_model.tuner_state["default"], model.base_model.tuner_state["default"]
+    assert (state.rank, original.rank) == (2, 4) and state is not original
+    layer = twin.base_model.model.transformer.h[0].attn.c_attn.adapters["default"]
+    assert layer.ranks is state  # the copy's layers read the copy's state
+    plain = twin.unload()
+    assert not plain._forward_pre_hooks and len(model.get_base_model()._forward_pre_hooks) == 1

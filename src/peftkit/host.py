@@ -81,6 +81,9 @@ class AdapterModel(nn.Module):
         self.disabled = False
         self.members: dict[str, list[str]] = {}
         self._extra: dict[str, list[str]] = {}
+        #: state a tuner keeps per adapter beside the layers (DyLoRA's ranks), by adapter name; kept on the host
+        #: so that a copy of the model (``copy.deepcopy``) carries its own
+        self.tuner_state: dict[str, Any] = {}
         # base parameters' own values that adapters train or load over (restored when none claims them),
         # and every base parameter's requires_grad as the user had it (restored by unload)
         self._originals: dict[str, tuple[Tensor, Tensor]] = {}

@@ -17,7 +17,6 @@ Adapters: ``nn.Linear`` and GPT-2 ``Conv1D``.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +125,6 @@ class DyLoraTuner(WrapTuner):
     method = "DyLoRA"
 
     def __init__(self) -> None:
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._building: RankState | None = None
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
@@ -145,7 +143,7 @@ class DyLoraTuner(WrapTuner):
         finally:
             self._building = None
         state.hook = host.model.register_forward_pre_hook(state.before_forward)
-        self._states.setdefault(host, {})[adapter_name] = state
+        host.tuner_state[adapter_name] = state
 
     def make_adapter(self, base: nn.Module, config: DyLoraConfig, module_name: str) -> Adapter:
         """A :class:`DyLoraLinear` with this module's ``(r, alpha)`` (after the patterns), sharing the
@@ -162,13 +160,14 @@ class DyLoraTuner(WrapTuner):
         return trainable_biases(model, config.bias, targets)
 
     def remove(self, host: Any, adapter_name: str) -> None:
-        state = self._states.get(host, {}).pop(adapter_name, None)
-        if state is not None:
+        state = host.tuner_state.pop(adapter_name, None)
+        if isinstance(state, RankState):
             state.hook.remove()
 
     def state(self, host: Any, adapter_name: str) -> RankState | None:
         """The :class:`RankState` of adapter ``adapter_name`` on ``host``, or None if it is not DyLoRA."""
-        return self._states.get(host, {}).get(adapter_name)
+        state = host.tuner_state.get(adapter_name)
+        return state if isinstance(state, RankState) else None
 
 
 _TUNER = DyLoraTuner()
