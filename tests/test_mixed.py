@@ -198,7 +198,8 @@ def test_batch_rows_come_from_the_main_input_not_a_shared_one():
 def test_gated_adapters_are_refused_before_the_forward():
     from peftkit import GatedLoraConfig
 
-    model = get_peft_model(tiny_llama(), GatedLoraConfig(r=2, target_modules=["q_proj"]), adapter_name="g")
+    # a gated method adapts encoders only (a model that generates text is refused)
+    model = get_peft_model(tiny_bert_classifier(), GatedLoraConfig(r=2, target_modules=["query"]), adapter_name="g")
     with pytest.raises(ValueError, match=r"adapter\(s\) \['g'\] use gates pooled over the whole batch"):
         model(input_ids=ids(batch=2), adapter_names=["g", "__base__"])
 

@@ -239,3 +239,27 @@ def test_fish_before_prepare_trains_nothing_and_warns():
     peft_model.train()
     with pytest.warns(UserWarning, match="peft_prepare"):
         peft_model(**batch())
+
+
+def test_selecting_a_tied_tensor_warns_that_the_other_module_keeps_the_base():
+    """A tied embedding (GPT-2's wte, shared with lm_head): the difference reaches the input embedding only, as
+    LoRA's does; it did so silently. The output equals the model with the difference on the embedding alone."""
+    import warnings
+
+    from peftkit import PartialConfig
+    from tests.conftest import tiny_gpt2
+
+    base = tiny_gpt2()
+    twin = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match=r"selects 1 tensor\(s\) shared with another module: transformer.wte.weight "
+                                         r"\(also lm_head.weight\)"):
+        model = get_peft_model(base, PartialConfig(target_modules=["wte"]))
+    delta = next(p for n, p in model.named_parameters() if p.requires_grad and "wte" in n)
+    with torch.no_grad():
+        delta.normal_(0, 0.5)
+        x = torch.randint(0, 64, (2, 6))
+        twin.transformer.wte = torch.nn.Embedding.from_pretrained(twin.transformer.wte.weight + delta, freeze=True)
+        assert (model(input_ids=x).logits - twin(input_ids=x).logits).abs().max() <= 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(tiny_gpt2(), PartialConfig(target_modules=["c_fc"]))  # nothing shared: no warning

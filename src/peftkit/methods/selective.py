@@ -384,6 +384,27 @@ def empirical_fisher(host: Any, params: Sequence[nn.Parameter], batches: Iterato
     return [f / seen for f in fisher]
 
 
+def _warn_shared(model: nn.Module, chosen: list[tuple[str, nn.Module, Sequence[str]]], method: str) -> None:
+    """Warn when a selected tensor is also another module's (a tied embedding and output layer): the
+    difference applies where the selected module runs, and the other module keeps the base values."""
+    owners: dict[int, list[str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    shared = []
+    for name, base, names in chosen:
+        for n in names:
+            own = f"{name}.{n}"
+            others = [o for o in owners.get(id(getattr(base, n)), []) if o != own and not o.startswith(f"{name}.")]
+            if others:
+                shared.append(f"{own} (also {', '.join(others)})")
+    if shared:
+        warnings.warn(f"{method} selects {len(shared)} tensor(s) shared with another module: {'; '.join(shared[:3])}"
+                      f"{'; ...' if len(shared) > 3 else ''}. The difference applies where the selected module runs; "
+                      "the other module keeps the base values (as LoRA on a tied embedding does), and merging unties "
+                      "them; to change neither, leave the module out of the targets", stacklevel=4)
+
+
 class SelectTuner(Tuner):
     """Tuner of the selective methods: wraps every module that owns selected parameters in an
     :class:`AdaptedLayer` holding one :class:`SelectAdapter`. Subclasses give :meth:`select` and may
@@ -411,6 +432,8 @@ class SelectTuner(Tuner):
             base = module.base_layer if isinstance(module, AdaptedLayer) else module
             built.append((name, module, self.make_adapter(base, names, config)))
         self.check_budget(config, sum(a.numel(n) for _, _, a in built for n in a.names))
+        _warn_shared(model, [(name, module.base_layer if isinstance(module, AdaptedLayer) else module, adapter.names)
+                             for name, module, adapter in built], self.method)
         for name, module, adapter in built:
             if not isinstance(module, AdaptedLayer):
                 wrapper = AdaptedLayer(module)
