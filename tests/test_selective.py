@@ -263,3 +263,15 @@ def test_selecting_a_tied_tensor_warns_that_the_other_module_keeps_the_base():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_peft_model(tiny_gpt2(), PartialConfig(target_modules=["c_fc"]))  # nothing shared: no warning
+
+
+def test_a_selective_method_on_a_quantised_layer_says_why_it_is_refused():
+    """The message said the layer had no 'weight' to fold into, though BitFit trains biases only."""
+    from peftkit import ConfigError
+    from peftkit.quant import quantize_base
+    from tests.conftest import tiny_bert_classifier
+
+    model = quantize_base(tiny_bert_classifier(), "int8")
+    with pytest.raises(ConfigError, match=r"BitFit cannot select parameters of module .*\(QuantLinear\): a quantised "
+                                          r"layer holds its weight as integer codes"):
+        get_peft_model(model, BitFitConfig())

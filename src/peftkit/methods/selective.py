@@ -288,9 +288,12 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
         own = [n for n in own if id(module._parameters[n]) not in seen]
         if not own:
             continue
+        quantised = hasattr(module, "quantized_numel")
         check(isinstance(module._parameters.get("weight"), nn.Parameter),
-              f"{method} cannot select parameters of module {name!r} ({type(module).__name__}): it has no "
-              "'weight' parameter to fold the difference into")
+              f"{method} cannot select parameters of module {name!r} ({type(module).__name__}): "
+              + ("a quantised layer holds its weight as integer codes, and the selective methods change float layers "
+                 "only (a method that wraps layers, e.g. LoRA, trains on a quantised base)" if quantised else
+                 "it has no 'weight' parameter to fold the difference into"))
         seen.update(id(module._parameters[n]) for n in own)
         found.append((name, tuple(own)))
     if not found:
