@@ -46,7 +46,8 @@ def inputs():
 
 def adapted(**kw) -> tuple[nn.Module, object]:
     base = Zoo(groups=kw.pop("groups", 2))
-    model = get_peft_model(base, LoraConfig(target_modules=TARGETS, **kw))
+    targets = [t for t in TARGETS if t != "emb"] if kw.get("lora_bias") else TARGETS  # no lora_bias on embeddings
+    model = get_peft_model(base, LoraConfig(target_modules=targets, **kw))
     perturb(model)
     return base, model
 
