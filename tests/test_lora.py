@@ -237,3 +237,28 @@ def test_a_peft_lora_on_a_grouped_convolution_is_refused_with_the_reason(tmp_pat
     with pytest.raises(AdapterLoadError, match=r"conv.lora_A.weight: file \(4, 4, 3, 3\) vs model \(4, 2, 3, 3\) "
                                                r"\(lora_A of a grouped convolution: peft's is not grouped"):
         PeftModel.from_pretrained(Net(), tmp_path)
+
+
+def test_bias_all_in_a_composed_adapter_also_leaves_out_the_original_head():
+    """A part of a composition uses its owner's trained copy of the head: its original's bias is not trained."""
+    from peftkit import ComposedConfig, IA3Config
+
+    model = get_peft_model(tiny_bert_classifier(), ComposedConfig(modules_to_save=["classifier"], configs=[
+        LoraConfig(r=2, target_modules=["query"], bias="all"), IA3Config(target_modules=["value"], feedforward_modules=[])]))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    assert sorted(trained) == ["base_model.model.classifier.modules_to_save.default.bias",
+                               "base_model.model.classifier.modules_to_save.default.weight"]
+
+
+def test_merge_and_unload_with_one_name_as_a_string_keeps_its_trained_head():
+    """``adapter_names="name"`` was split into characters when picking the trained copies: the result had the
+    original head (off by 0.45)."""
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"],
+                                                              modules_to_save=["classifier"]), adapter_name="myad")
+    perturb(model)
+    x = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        model.eval()
+        before = model(input_ids=x).logits
+        plain = model.merge_and_unload(adapter_names="myad")
+        assert (plain(input_ids=x).logits - before).abs().max() <= 1e-5

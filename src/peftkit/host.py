@@ -115,8 +115,9 @@ class AdapterModel(nn.Module):
         kept aside first, and put back once no adapter claims them (delete, ``unload`` without merging).
         Parameters of a module the adapter replaces by its own trained copy (``modules_to_save``: the
         wrapper's ``original_module``) are left out: the adapter never runs them."""
+        owner = self.owner(adapter_name)  # a part of a composed adapter uses its owner's trained copies
         unused = tuple(f"{n}.original_module." for n, w in self.wrappers()
-                       if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save)
+                       if isinstance(w, ModulesToSaveWrapper) and owner in w.modules_to_save)
         names = [n for n in names if not n.startswith(unused)] if unused else names
         params = dict(self.model.named_parameters())
         for n in names:
@@ -450,6 +451,7 @@ class AdapterModel(nn.Module):
         Raises:
             as :meth:`merge` (``safe_merge`` as there); the model is then left as it was.
         """
+        names: list[str] = []
         if merge:
             names = list(self.active_adapters if adapter_names is None else
                          [adapter_names] if isinstance(adapter_names, str) else adapter_names)
@@ -467,7 +469,7 @@ class AdapterModel(nn.Module):
                     raise
         else:
             self.unmerge()
-        keep = (list(adapter_names) if adapter_names is not None else self.active_adapters) if merge else []
+        keep = names  # the adapters merged in: their trained copies (modules_to_save) stay
         for name, w in list(self.wrappers()):
             if isinstance(w, AdaptedLayer):
                 for n, adapter in w.adapters.items():  # what is not merged in goes, with what it took from the base
