@@ -395,6 +395,18 @@ class AdapterModel(nn.Module):
             not be undone (a zero (IA)^3/SSF scale), or with ``safe_merge`` a merged weight that is not finite;
             all checked before any layer changes.
         """
+        names = self.check_merge(adapter_names, safe_merge, dropping)
+        layers = [w for _, w in self.wrappers() if isinstance(w, AdaptedLayer)]
+        counts: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        for w in layers:
+            w.merge(names, tied=counts.get(id(w.weight), 0) > 1)
+
+    def check_merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False,
+                    dropping: bool = False) -> list[str]:
+        """Every check :meth:`merge` makes, changing nothing; returns the adapters (and their parts) it would
+        merge. Raises as :meth:`merge`."""
         if self.disabled:
             raise ValueError("cannot merge while the adapters are disabled (inside disable_adapter()); "
                              "merge after the with-block")
@@ -427,11 +439,7 @@ class AdapterModel(nn.Module):
                         new_w, _ = w.adapters[n].merge_into(w, weight, bias)
                         if not torch.isfinite(new_w).all():
                             raise ValueError(f"merging adapter {n!r} gives non-finite weights; nothing was merged")
-        counts: dict[int, int] = {}
-        for _, p in self.model.named_parameters(remove_duplicate=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
-        for w in layers:
-            w.merge(names, tied=counts.get(id(w.weight), 0) > 1)
+        return names
 
     def unmerge(self) -> None:
         """Undo all merges, restoring the base weights to float tolerance."""

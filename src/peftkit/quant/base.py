@@ -212,7 +212,9 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
     a warning naming it.
 
     Raises:
-        ConfigError: unknown adapter name. ValueError: an adapter that cannot merge (before any change).
+        ConfigError: unknown adapter name. ValueError: an adapter that cannot merge, or any other problem
+            :meth:`~peftkit.PeftModel.merge_and_unload` would raise (a zero (IA)^3 scale, ...); all before any
+            change, earlier merges included.
     """
     host = model.base_model
     names = list(host.active_adapters if adapter_names is None else adapter_names)
@@ -220,7 +222,14 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
     for n in names:
         if not get_method(host.peft_config[n].peft_type).mergeable:
             raise ValueError(f"adapter {n!r} uses {host.peft_config[n].peft_type}, which cannot be merged")
+    before = host.merged_adapters()
     host.unmerge()
+    try:  # every merge check before the first fold changes a layer
+        host.check_merge(names, dropping=True)
+    except BaseException:
+        if before:
+            host.merge(before)
+        raise
     unfolded = []
     for layer_name, w in list(host.wrappers()):
         if isinstance(w, AdaptedLayer) and isinstance(w.base_layer, QuantLinear):
