@@ -131,3 +131,11 @@ def test_a_failing_quantised_merge_changes_nothing():
     assert all(torch.equal(v, buffers[k]) for k, v in layer.base_layer.state_dict().items())
     with torch.no_grad():
         assert (model(input_ids=x).logits - before).abs().max() <= 1e-6
+
+
+def test_on_an_nf4_base_the_warning_says_only_int_bases_fold():
+    """The advice was to quantise with group_size=qalora_group_size, which nf4 ignored (now refuses)."""
+    model = qalora(quantize_base(tiny_llama(), "nf4", block_size=8))
+    with pytest.warns(UserWarning, match=r"could not be folded into the quantised zero points: only int4/int8 bases "
+                                         r"fold, and an nf4 base"):
+        merge_and_unload_quantized(model)

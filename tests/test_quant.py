@@ -249,6 +249,7 @@ def test_layers_that_cannot_be_blocked_stay_float_with_a_warning():
     (dict(method="int4", group_size=True), "group_size=True is not valid"),  # bool: failed later in torchao
     (dict(method="nf4", scaler_block_size=True), "scaler_block_size=True is not valid"),
     (dict(method="int8", symmetric="yes"), "symmetric=.yes. is not valid; expected True or False"),
+    (dict(method="nf4", group_size=16, symmetric="yes"), "group_size=16 and symmetric='yes' apply to int4/int8 only"),
     (dict(method="int8", skip_modules="lm_head"), "must be a list of name segments"),
 ])
 def test_bad_values_raise_config_error_before_any_change(kwargs, message):

@@ -239,13 +239,16 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
                     w.base_layer.fold_group_delta(w.adapters[n].group_delta(w))
                     w.remove(n)
             elif any(hasattr(w.adapters[n], "group_delta") for n in mine):
-                unfolded.append(layer_name)
+                unfolded.append((layer_name, isinstance(w.base_layer.fmt, AffineFormat)))
     if unfolded:
-        warnings.warn(f"{len(unfolded)} QA-LoRA layer(s) ({', '.join(unfolded[:3])}{', ...' if len(unfolded) > 3 else ''}) "
-                      "could not be folded into the quantised zero points: their quantisation group does not divide "
-                      "qalora_group_size (quantise with quantize_base(..., group_size=qalora_group_size)); they are "
-                      f"merged {'and quantised again (a new rounding error)' if requantize else 'in float'} instead",
-                      stacklevel=2)
+        shown = ", ".join(n for n, _ in unfolded[:3]) + (", ..." if len(unfolded) > 3 else "")
+        why = ("their quantisation group does not divide qalora_group_size (quantise with quantize_base(..., "
+               "group_size=qalora_group_size))" if all(affine for _, affine in unfolded) else
+               "only int4/int8 bases fold, and an nf4 base or a quantisation group that does not divide "
+               "qalora_group_size cannot (quantise with quantize_base(..., 'int4', group_size=qalora_group_size))")
+        warnings.warn(f"{len(unfolded)} QA-LoRA layer(s) ({shown}) could not be folded into the quantised zero points: "
+                      f"{why}; they are merged {'and quantised again (a new rounding error)' if requantize else 'in float'}"
+                      " instead", stacklevel=2)
     plain = model.merge_and_unload(adapter_names=names)
     for name, module in list(_base_modules(plain)):
         if isinstance(module, QuantWeight) and module.merged_weight is not None:

@@ -250,10 +250,13 @@ def make_format(method: str, *, block_size: int = 64, scaler_block_size: int = 2
         symmetric: affine formats: default True for int8, False for int4.
 
     Raises:
-        ConfigError: unknown method or invalid sizes.
+        ConfigError: unknown method or invalid sizes, or ``group_size``/``symmetric`` given for nf4.
     """
     check(method in METHODS, f"quantisation method {method!r} is not valid; expected one of {METHODS}")
     if method == "nf4":
+        given = [f"{k}={v!r}" for k, v in (("group_size", group_size), ("symmetric", symmetric)) if v is not None]
+        check(not given, f"{' and '.join(given)} apply to int4/int8 only; nf4 is blocked by block_size and "
+                         "scaler_block_size")
         return NF4Format(block_size, scaler_block_size)
     bits = int(method[3:])
     if bits == 4 and group_size is None:
