@@ -88,3 +88,35 @@ def test_a_qalora_run_quantises_with_its_group_so_that_its_merge_stays_integer(t
         plain = merge_and_unload_quantized(PeftModel.from_pretrained(base, out))
     merged = plain.bert.encoder.layer[0].attention.self.query
     assert isinstance(merged, QuantLinear) and merged.merged_weight is None
+
+
+def test_resuming_a_qalora_run_saved_without_a_group_keeps_its_base(tiny_model_dir, tmp_path, monkeypatch):
+    """A run folder written before ``quant_group_size`` existed was trained on int4's default group (64): resuming it
+    must quantise that way again, not with the QA-LoRA group a new run uses (its checkpoint then did not fit)."""
+    from peftkit.artifacts import load_base_for
+    from peftkit.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    step, calls = Trainer._step, []
+
+    def interrupt_after_two(self, indices, n):
+        calls.append(n)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return step(self, indices, n)
+
+    monkeypatch.setattr(Trainer, "_step", interrupt_after_two)
+    import peftkit.quant
+
+    original = peftkit.quant.quantize_base  # as the older version did: int4's default group
+    monkeypatch.setattr(peftkit.quant, "quantize_base", lambda *a, **kw: original(*a, **{**kw, "group_size": None}))
+    assert run("train", "--model", tiny_model_dir, "--method", "qalora", "--max-steps", 4, "--save-every", 2,
+               "--max-train-samples", 32, "--max-eval-samples", 16, "--output-dir", out, "--no-progress") == 130
+    monkeypatch.undo()
+    saved = json.loads((out / "run_config.json").read_text())
+    del saved["quant_group_size"]  # as an older version wrote it
+    (out / "run_config.json").write_text(json.dumps(saved))
+    assert run("train", "--resume", out, "--no-progress") == 0
+    assert json.loads((out / "run_config.json").read_text()).get("quant_group_size") is None
+    base, _ = load_base_for(out)
+    assert base.bert.encoder.layer[0].attention.self.query.fmt.group_size == 64
