@@ -403,9 +403,10 @@ def _warn_shared(model: nn.Module, chosen: list[tuple[str, nn.Module, Sequence[s
                 shared.append(f"{own} (also {', '.join(others)})")
     if shared:
         warnings.warn(f"{method} selects {len(shared)} tensor(s) shared with another module: {'; '.join(shared[:3])}"
-                      f"{'; ...' if len(shared) > 3 else ''}. The difference applies where the selected module runs; "
-                      "the other module keeps the base values (as LoRA on a tied embedding does), and merging unties "
-                      "them; to change neither, leave the module out of the targets", stacklevel=4)
+                      f"{'; ...' if len(shared) > 3 else ''}. The difference applies only where the selected module itself "
+                      "runs (on a module the model never calls, such as T5's `shared`, it changes nothing); the other "
+                      "modules keep the base values (as with LoRA on a tied embedding), and merging unties them; to "
+                      "change none, leave the module out of the targets", stacklevel=4)
 
 
 class SelectTuner(Tuner):
