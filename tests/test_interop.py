@@ -453,3 +453,21 @@ def test_set_adapter_and_set_requires_grad_train_as_in_peft(tmp_path):
     with pytest.raises(peftkit.ConfigError, match="inference_mode='no' must be True or False"):
         peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(r=2, target_modules=["q_proj"])).set_adapter(
             "default", inference_mode="no")
+
+
+def test_default_targets_are_peft_s_for_every_model_type_both_know():
+    """A config without target_modules adapts what peft's would: AdaLoRA adapted only query/value on RoBERTa, T5 and
+    BART (peft: attention and feed-forward), and (IA)^3 had no default for BART."""
+    from peft.utils import constants as c
+
+    from peftkit.methods.ia3 import IA3_DEFAULTS
+    from peftkit.targeting import ADALORA_TARGET_DEFAULTS, LORA_TARGET_DEFAULTS
+
+    pairs = [(LORA_TARGET_DEFAULTS, c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+             (ADALORA_TARGET_DEFAULTS, c.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING),
+             ({k: v[0] for k, v in IA3_DEFAULTS.items()}, c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
+             ({k: v[1] for k, v in IA3_DEFAULTS.items()}, c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING)]
+    for ours, theirs in pairs:
+        differ = {k: (list(v), list(theirs[k])) for k, v in ours.items() if k in theirs and list(v) != list(theirs[k])}
+        assert not differ
+    assert {"roberta", "t5", "bart"} <= ADALORA_TARGET_DEFAULTS.keys() and "bart" in IA3_DEFAULTS

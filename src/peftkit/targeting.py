@@ -215,6 +215,17 @@ LORA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: AdaLoRA's defaults: peft adapts more layers than LoRA's query/value on these model types.
+ADALORA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
+    **LORA_TARGET_DEFAULTS,
+    "roberta": ("query", "key", "value", "dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
+    **dict.fromkeys(("opt", "bart"), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    "t5": ("q", "k", "v", "o", "wi", "wo"),
+    "mt5": ("q", "k", "v", "o", "wi_0", "wi_1", "wo"),
+}
+
+
 def default_target_modules(model: nn.Module, defaults: dict[str, tuple[str, ...]]) -> list[str]:
     """The ``target_modules`` a config left as None gets on ``model``, from ``defaults`` by the HF
     ``config.model_type``.

@@ -38,7 +38,7 @@ from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods import _reparam as rp
 from peftkit.methods.lora import LoraTuner
 from peftkit.ops import Dropout
-from peftkit.targeting import LORA_TARGET_DEFAULTS
+from peftkit.targeting import ADALORA_TARGET_DEFAULTS
 from peftkit.tuners import WrapTuner
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class AdaLoraConfig(PeftConfig):
         rank_pattern: the kept triplets, ``{"<module>.lora_E": [bool] * init_r}``; set by training,
             saved with the adapter, and used to build layers compact when loading. Default None.
         target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``;
-            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
+            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.ADALORA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
         lora_alpha: scaling numerator (``lora_alpha / init_r``), > 0. Default 8.
         lora_dropout: dropout on the adapter's input, in [0, 1). Default 0.
@@ -87,7 +87,7 @@ class AdaLoraConfig(PeftConfig):
     """
 
     peft_type = "ADALORA"
-    default_target_modules = LORA_TARGET_DEFAULTS
+    default_target_modules = ADALORA_TARGET_DEFAULTS
     target_r: int = 8
     init_r: int = 12
     tinit: int = 0

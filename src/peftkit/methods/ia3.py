@@ -37,6 +37,10 @@ IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     **dict.fromkeys(("qwen2", "qwen3", "gemma"), (["q_proj", "v_proj", "down_proj"], ["down_proj"])),
     "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
     "t5": (["k", "v", "wo"], ["wo"]),
+    "mt5": (["k", "v", "wi_1"], []),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    **dict.fromkeys(("gpt_neox", "falcon"), (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"])),
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
 }
 
 
