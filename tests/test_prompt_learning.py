@@ -324,9 +324,10 @@ def test_prompt_tuning_init_from_text_and_from_the_vocabulary():
     model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT",
                                                     prompt_tuning_init_text=text,
                                                     tokenizer_name_or_path=default_model_dir()))
-    token_ids = AutoTokenizer.from_pretrained(default_model_dir())(text, add_special_tokens=False)["input_ids"]
+    token_ids = AutoTokenizer.from_pretrained(default_model_dir())(text)["input_ids"]  # [CLS] great movie [SEP]
+    assert len(token_ids) == 4  # with the special tokens, as peft tokenises it (they were left out)
     words = base.get_input_embeddings().weight
-    expected = words[(token_ids * 5)[:5]]
+    expected = words[(token_ids * 2)[:5]]
     assert torch.equal(model.base_model.extra_modules["default"].embedding.weight, expected)
     model.add_adapter("vocab", PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB"))
     table = model.base_model.extra_modules["vocab"].embedding.weight

@@ -304,17 +304,31 @@ def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None =
     directory = os.fspath(directory)
     if config is None:
         config = PeftConfig.from_pretrained(directory)
+    return config, load_peft_weights(directory)
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: str | None = None) -> dict[str, Tensor]:
+    """The tensors of an adapter folder's ``adapter_model.safetensors``, keyed as in the file (peft's
+    ``load_peft_weights``; a local folder only, nothing is downloaded).
+
+    Args:
+        model_id: the adapter folder.
+        device: where to put the tensors (default ``"cpu"``).
+
+    Raises:
+        FileNotFoundError: no weights file. AdapterLoadError: only a pickle checkpoint, or a corrupt file.
+    """
+    directory = os.fspath(model_id)
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
             raise AdapterLoadError(f"{directory!r} holds only adapter_model.bin (pickle); peftkit loads "
                                    f"{WEIGHTS_NAME} only. Re-save it with peft's save_pretrained(safe_serialization=True)")
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r} (found {CONFIG_NAME} only)")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
     try:
-        tensors = load_file(path)
+        return load_file(path, device=device or "cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterLoadError(f"{path} is not a readable safetensors file ({err}); the adapter was not loaded") from err
-    return config, tensors
 
 
 def load_adapter_into(model: PeftModel, adapter_name: str, tensors: dict[str, Tensor]) -> None:

@@ -39,7 +39,7 @@ class PromptTuningConfig(PromptLearningConfig):
         num_virtual_tokens: ``P`` (required, > 0); other size fields: see :class:`PromptLearningConfig`.
         prompt_tuning_init: ``"RANDOM"`` (default; N(0, 1), as ``nn.Embedding``), ``"SAMPLE_VOCAB"``
             (rows of the word embedding at random token ids) or ``"TEXT"`` (the embeddings of
-            ``prompt_tuning_init_text``, tokenised without special tokens, repeated or cut to ``P``).
+            ``prompt_tuning_init_text``, tokenised as peft does, special tokens included, repeated or cut to ``P``).
         prompt_tuning_init_text: the text for ``"TEXT"``.
         tokenizer_name_or_path: a local tokenizer folder for ``"TEXT"``.
         tokenizer_kwargs: extra ``AutoTokenizer.from_pretrained`` arguments for ``"TEXT"``
@@ -87,7 +87,7 @@ def _init_ids(config: PromptTuningConfig, vocab_size: int) -> torch.Tensor:
         raise ConfigError(f"tokenizer_name_or_path={config.tokenizer_name_or_path!r} gives no tokenizer "
                           f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); give a local folder holding "
                           "a tokenizer, e.g. the base model's") from None
-    ids = tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]  # special tokens included, as peft does
     check(len(ids) > 0, f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} gives no tokens")
     return torch.tensor((ids * math.ceil(total / len(ids)))[:total])
 
