@@ -471,3 +471,28 @@ def test_default_targets_are_peft_s_for_every_model_type_both_know():
         differ = {k: (list(v), list(theirs[k])) for k, v in ours.items() if k in theirs and list(v) != list(theirs[k])}
         assert not differ
     assert {"roberta", "t5", "bart"} <= ADALORA_TARGET_DEFAULTS.keys() and "bart" in IA3_DEFAULTS
+
+
+def test_peft_s_utility_names_import_from_peftkit(tmp_path):
+    """``PeftType``, ``PromptTuningInit``, ``PromptEncoderReparameterizationType``, ``get_peft_config``,
+    ``load_peft_weights`` and ``peftkit.utils`` were missing: peft code that imports them failed to port."""
+    import peft
+
+    import peftkit
+    from peftkit.utils import PeftType, get_peft_model_state_dict, load_peft_weights
+
+    shared = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
+    assert shared <= {m.value for m in peft.PeftType} and shared <= {m.value for m in PeftType}
+    assert PeftType.LORA == "LORA" == peftkit.LoraConfig(target_modules=["q"]).peft_type
+    config = peftkit.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init=peftkit.PromptTuningInit.RANDOM)
+    assert config.prompt_tuning_init == "RANDOM"
+    encoder = peftkit.PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type=(
+        peftkit.PromptEncoderReparameterizationType.LSTM))
+    assert encoder.encoder_reparameterization_type == "LSTM"
+    made = peftkit.get_peft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]})
+    assert isinstance(made, peftkit.LoraConfig) and made.r == 4
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    loaded = load_peft_weights(tmp_path)
+    assert loaded.keys() == get_peft_model_state_dict(model).keys()
+    assert all(torch.equal(loaded[k], v) for k, v in get_peft_model_state_dict(model).items())

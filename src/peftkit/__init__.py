@@ -52,6 +52,13 @@ from peftkit.methods.vera import VeraConfig
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.optimizers import create_loraplus_optimizer
 from peftkit.quant import LoftQConfig, merge_and_unload_quantized, quantize_base
+from peftkit.utils import (
+    PeftType,
+    PromptEncoderReparameterizationType,
+    PromptTuningInit,
+    get_peft_config,
+    load_peft_weights,
+)
 
 __all__ = [
     "AdaLoraConfig",
@@ -85,10 +92,13 @@ __all__ = [
     "PartialConfig",
     "PeftConfig",
     "PeftModel",
+    "PeftType",
     "PfeifferConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
+    "PromptTuningInit",
     "SSFConfig",
     "SoraConfig",
     "TaskType",
@@ -98,8 +108,10 @@ __all__ = [
     "all_methods",
     "create_loraplus_optimizer",
     "get_method",
+    "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "load_peft_weights",
     "mam_config",
     "merge_and_unload_quantized",
     "quantize_base",
