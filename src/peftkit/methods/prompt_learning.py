@@ -15,9 +15,10 @@ How a call is rewritten (``L`` real tokens, ``B`` rows):
 - a later call whose cache already holds them (cached generation steps, or a caller's own loop over a
   returned cache) only extends the mask and shifts the positions;
 - ``attention_mask`` (2-D, real tokens only, as for the base model) gets ``P`` ones in front;
-- positions: a real token sits at ``P + (cumsum(attention_mask) - 1)`` (padding at 0 + P), the
-  virtual tokens of prompt methods at ``0..P-1``; without padding that is HF PEFT's ``P..P+L-1``, with
-  left padding each row sees the positions it would see alone. Given ``position_ids`` are shifted by P;
+- positions: a real token sits at ``o + P + (cumsum(attention_mask) - 1)`` (padding at ``o + P``), the
+  virtual tokens of prompt methods at ``o..o+P-1``, with ``o`` the model's first position (0; RoBERTa's
+  family: ``padding_idx + 1``); without padding that is HF PEFT's ``o+P..o+P+L-1``, with left padding
+  each row sees the positions it would see alone. Given ``position_ids`` are shifted by P;
 - ``token_type_ids`` get ``P`` zeros in front when embeddings are inserted;
 - token-level ``labels`` ``(B, L)`` get ``P`` values of -100 in front; for a causal LM the first real
   label is ignored as well, so the loss counts exactly the targets the base model's loss counts;
@@ -133,6 +134,16 @@ def learned_positions(model: nn.Module) -> int | None:
     words = model.get_input_embeddings()
     table = any(isinstance(m, nn.Embedding) and m.num_embeddings == n and m is not words for m in model.modules())
     return n if table else None
+
+
+def position_offset(model: nn.Module) -> int:
+    """The position id of a sequence's first token: ``padding_idx + 1`` for models whose learned position
+    table reserves the rows up to the padding index (RoBERTa and its family, which number positions from
+    there), else 0."""
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(m, nn.Embedding):
+            return 0 if m.padding_idx is None else m.padding_idx + 1
+    return 0
 
 
 def settle(config: Any, **model_values: int) -> None:
@@ -307,6 +318,9 @@ class PromptHooks:
         self.takes_positions = "position_ids" in params
         self.pools_last_token = _pools_last_non_pad_token(model)
         self.positions = learned_positions(model)  # read once: a walk over the modules, not one per call
+        self.offset = position_offset(model)  # RoBERTa numbers positions from padding_idx + 1
+        if self.positions is not None:
+            self.positions -= self.offset
         self.pending: Callable[[Any], Any] | None = None
         self.handles = (model.register_forward_pre_hook(self.before, with_kwargs=True),
                         model.register_forward_hook(self.after, with_kwargs=True))
@@ -403,11 +417,11 @@ class PromptHooks:
         kw["attention_mask"] = torch.cat([mask.new_ones(batch, p), mask], dim=1)
         if self.takes_positions:
             positions = kw.get("position_ids")
-            if positions is None:  # as transformers' generate() computes them
-                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+            if positions is None:  # as transformers' generate() computes them (from the model's first position)
+                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:] + self.offset
             positions = positions + p
             if not past and self.tuner.inserts_embeddings:
-                virtual = torch.arange(p, device=positions.device, dtype=positions.dtype)
+                virtual = torch.arange(self.offset, self.offset + p, device=positions.device, dtype=positions.dtype)
                 positions = torch.cat([virtual.expand(positions.shape[0], p), positions], dim=1)
             kw["position_ids"] = positions
         return not past
