@@ -283,6 +283,7 @@ def test_subfolder_reads_that_adapter_and_other_keywords_are_refused(tmp_path):
     loaded = PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path, subfolder="ia3", adapter_name="ia3",
                                        low_cpu_mem_usage=True)
     assert (logits(loaded, x) - outs["ia3"]).abs().max() <= 1e-6
+    assert isinstance(peftkit.PeftConfig.from_pretrained(tmp_path, subfolder="lora"), peftkit.LoraConfig)
     loaded.load_adapter(tmp_path, adapter_name="lora", subfolder="lora")
     loaded.set_adapter("lora")
     assert (logits(loaded, x) - outs["lora"]).abs().max() <= 1e-6
@@ -318,3 +319,17 @@ def test_merge_and_unload_drops_an_adapter_merged_earlier():
     assert (logits(plain, x) - only_b).abs().max() <= 1e-5
     assert (logits(plain, x) - with_a).abs().max() > 1e-2
     assert (logits(twin, x) - only_b).abs().max() > 1e-2  # b changes the output
+
+
+def test_get_peft_model_takes_peft_s_keywords_and_refuses_others():
+    """Unknown keywords were dropped unread (a misspelt ``adaptor_name`` gave an adapter named "default"), and
+    ``autocast_adapter_dtype=False`` left the adapters in float32 while peft keeps the base's dtype."""
+    model = get_peft_model(tiny_bert_classifier(), CONFIGS["lora"](), mixed=False, autocast_adapter_dtype=True,
+                           revision=None, low_cpu_mem_usage=False)
+    assert list(model.peft_config) == ["default"]
+    base = tiny_bert_classifier()
+    with pytest.raises(TypeError, match="adaptor_name"):
+        get_peft_model(base, CONFIGS["lora"](), adaptor_name="x")
+    with pytest.raises(peftkit.ConfigError, match="autocast_adapter_dtype=False is not supported"):
+        get_peft_model(base, CONFIGS["lora"](), autocast_adapter_dtype=False)
+    assert not any(isinstance(m, AdaptedLayer) for m in base.modules())

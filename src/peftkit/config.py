@@ -225,14 +225,16 @@ class PeftConfig:
         return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> PeftConfig:
-        """Read ``adapter_config.json`` from ``directory``.
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
+        """Read ``adapter_config.json`` from ``directory`` (``directory/subfolder`` when given, as peft).
 
         Raises:
             FileNotFoundError: the folder or its ``adapter_config.json`` is missing.
             NotADirectoryError: ``directory`` is a file (e.g. the adapter's weights file).
             ConfigError: the JSON is malformed or describes an invalid config.
         """
+        if subfolder:
+            directory = os.path.join(directory, subfolder)
         path = os.path.join(directory, CONFIG_NAME)
         if os.path.isfile(directory):
             parent = os.path.dirname(os.path.abspath(directory))

@@ -700,17 +700,27 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConfig], adapter_name: str = "default",
-                   **kwargs: Any) -> PeftModel:
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
     """Wrap ``model`` with a new adapter described by ``peft_config`` (mirrors ``peft.get_peft_model``).
 
     The base model's parameters are frozen; only the adapter (and its ``modules_to_save``) train. A list
     of configs makes one composed adapter of them (:class:`peftkit.ComposedConfig`).
 
+    Args:
+        mixed: accepted for peft's signature (a peftkit model always takes several methods; True warns).
+        autocast_adapter_dtype: True (peft's default): adapter weights are float32 on a float16/bfloat16
+            base, as peftkit always keeps them; False (keep them in the base's dtype) is refused.
+        revision, low_cpu_mem_usage: accepted for peft's signature; they change nothing here.
+
     Raises:
         ConfigError: invalid config, or no module of ``model`` matches its targets (the message lists
-            module names that exist). The model is left unchanged on error.
+            module names that exist); ``autocast_adapter_dtype=False``. The model is left unchanged on error.
+        TypeError: a keyword peft's ``get_peft_model`` does not take either (e.g. a misspelt ``adapter_name``).
     """
-    if kwargs.get("mixed"):
+    check(autocast_adapter_dtype is True, f"autocast_adapter_dtype={autocast_adapter_dtype!r} is not supported: "
+          "peftkit keeps adapter weights in float32 on a half-precision base (peft's default, True)")
+    if mixed:
         warnings.warn("peftkit models always allow several methods; 'mixed' is ignored", stacklevel=2)
     if isinstance(peft_config, (list, tuple)):
         from peftkit.methods.compose import ComposedConfig
