@@ -83,7 +83,7 @@ def test_an_interrupted_cell_continues_from_its_checkpoint(tiny_model_dir, tmp_p
 
     from peftkit.bench.arena import Cell, cell_command
     from peftkit.cli import main
-    from peftkit.train.trainer import Trainer
+    from tests.tiny_train import interrupt_training
 
     def sweep(name: str) -> BenchConfig:
         return BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path / name),
@@ -98,14 +98,7 @@ def test_an_interrupted_cell_continues_from_its_checkpoint(tiny_model_dir, tmp_p
     folder = Cell("lora", "sst2", 0).folder(tmp_path / "cut")
     cmd = cell_command(cfg, Cell("lora", "sst2", 0), folder)
     assert cmd[cmd.index("--save-every") + 1] == "2"
-    real_step = Trainer._step
-
-    def dies_at_step_4(self, indices, step):
-        if step == 4:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, indices, step)
-
-    monkeypatch.setattr(Trainer, "_step", dies_at_step_4)
+    interrupt_training(monkeypatch, after=3)
     assert main(cmd[3:]) == 130  # the cell's own command line, in this process, interrupted at step 4
     monkeypatch.undo()
     assert json.loads((folder / "checkpoints" / "latest.json").read_text())["step"] == 2

@@ -20,6 +20,7 @@ from tests.tiny_train import (
     StopAfter,
     classification_items,
     collate_classification,
+    interrupt_training,
     lora_model,
 )
 
@@ -115,16 +116,7 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
               "20", "--max-eval-samples", "24", "--lora-dropout", "0.1", "--target-modules", "query,value",
               "--no-progress", "--save-every", "3"]
     assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
-    step = Trainer._step
-    calls = []
-
-    def interrupt_after_four(self, indices, n):
-        calls.append(n)
-        if len(calls) > 4:
-            raise KeyboardInterrupt
-        return step(self, indices, n)
-
-    monkeypatch.setattr(Trainer, "_step", interrupt_after_four)
+    interrupt_training(monkeypatch, after=4)
     assert main([*common, "--output-dir", str(tmp_path / "run")]) == 130
     monkeypatch.undo()
     assert not (tmp_path / "run" / "metrics.json").exists()

@@ -10,6 +10,7 @@ import pytest
 
 from peftkit.train.trainer import Trainer
 from tests.cli_util import cli, error_line, snapshot
+from tests.tiny_train import interrupt_training
 
 DAMAGED = "the checkpoint is damaged; resume from an earlier copy of the run or train again"
 
@@ -87,16 +88,7 @@ def test_an_interrupted_overwrite_run_with_checkpoints_is_kept_for_resume(tiny_m
     run = shutil.copytree(runs / "lora", tmp_path / "run")
     (run / "notes.txt").write_text("mine")
     earlier = snapshot(run)
-    step = Trainer._step
-    calls = []
-
-    def interrupt_at_the_third_step(self, indices, at):
-        calls.append(at)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return step(self, indices, at)
-
-    monkeypatch.setattr(Trainer, "_step", interrupt_at_the_third_step)
+    interrupt_training(monkeypatch, after=2)
     assert cli(*train_args(tiny_model_dir, run, "--max-steps", 3, "--save-every", 1, "--overwrite")) == 130
     monkeypatch.undo()
     assert "the run stopped after writing checkpoints: it is kept" in capsys.readouterr().err
@@ -111,8 +103,7 @@ def test_an_interrupted_overwrite_run_with_checkpoints_is_kept_for_resume(tiny_m
     # interrupted before its first checkpoint: the earlier run comes back as it was
     again = shutil.copytree(runs / "lora", tmp_path / "again")
     before = snapshot(again)
-    calls.clear()
-    monkeypatch.setattr(Trainer, "_step", interrupt_at_the_third_step)
+    interrupt_training(monkeypatch, after=2)
     assert cli(*train_args(tiny_model_dir, again, "--max-steps", 3, "--overwrite")) == 130
     assert snapshot(again) == before
 

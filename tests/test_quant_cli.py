@@ -94,18 +94,10 @@ def test_resuming_a_qalora_run_saved_without_a_group_keeps_its_base(tiny_model_d
     """A run folder written before ``quant_group_size`` existed was trained on int4's default group (64): resuming it
     must quantise that way again, not with the QA-LoRA group a new run uses (its checkpoint then did not fit)."""
     from peftkit.artifacts import load_base_for
-    from peftkit.train.trainer import Trainer
+    from tests.tiny_train import interrupt_training
 
     out = tmp_path / "run"
-    step, calls = Trainer._step, []
-
-    def interrupt_after_two(self, indices, n):
-        calls.append(n)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return step(self, indices, n)
-
-    monkeypatch.setattr(Trainer, "_step", interrupt_after_two)
+    interrupt_training(monkeypatch, after=2)
     import peftkit.quant
 
     original = peftkit.quant.quantize_base  # as the older version did: int4's default group

@@ -129,3 +129,19 @@ class StopAfter(torch.utils.data.Dataset):
         if self.reads > self.limit:
             raise Interrupted(f"stopped after {self.limit} reads")
         return self.items[i]
+
+
+def interrupt_training(monkeypatch, after: int) -> None:
+    """Make ``Trainer._step`` raise ``KeyboardInterrupt`` (as Ctrl-C does) on its call number ``after + 1``
+    in this process; ``monkeypatch.undo()`` restores it."""
+    from peftkit.train.trainer import Trainer
+
+    step, calls = Trainer._step, []
+
+    def interrupted(self, indices, n):
+        calls.append(n)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return step(self, indices, n)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted)
