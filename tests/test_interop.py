@@ -489,10 +489,11 @@ def test_peft_s_utility_names_import_from_peftkit(tmp_path):
     encoder = peftkit.PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type=(
         peftkit.PromptEncoderReparameterizationType.LSTM))
     assert encoder.encoder_reparameterization_type == "LSTM"
-    made = peftkit.get_peft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]})
-    assert isinstance(made, peftkit.LoraConfig) and made.r == 4
+    for kind in ("LORA", PeftType.LORA):
+        made = peftkit.get_peft_config({"peft_type": kind, "r": 4, "target_modules": ["q_proj"]})
+        assert isinstance(made, peftkit.LoraConfig) and made.r == 4
     model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
-    model.save_pretrained(tmp_path)
-    loaded = load_peft_weights(tmp_path)
+    model.save_pretrained(tmp_path / "one")
+    loaded = load_peft_weights(tmp_path, subfolder="one")
     assert loaded.keys() == get_peft_model_state_dict(model).keys()
     assert all(torch.equal(loaded[k], v) for k, v in get_peft_model_state_dict(model).items())

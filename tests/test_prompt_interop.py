@@ -33,9 +33,19 @@ def tiny_roberta_classifier():
         max_position_embeddings=40, pad_token_id=1, num_labels=2)).eval()
 
 
+def tiny_nystromformer_classifier():
+    """Nystromformer numbers positions from 2 (its position_ids buffer), with no padding index."""
+    from transformers import NystromformerConfig, NystromformerForSequenceClassification
+
+    torch.manual_seed(0)
+    return NystromformerForSequenceClassification(NystromformerConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=40, num_landmarks=4, segment_means_seq_len=4, num_labels=2)).eval()
+
+
 MODELS = {"gpt2": (tiny_gpt2, "CAUSAL_LM"), "llama": (tiny_llama, "CAUSAL_LM"), "bert": (tiny_bert_classifier, "SEQ_CLS"),
-          "roberta": (tiny_roberta_classifier, "SEQ_CLS")}
-CASES = [(m, k) for m in MODELS for k in METHODS if not (m == "roberta" and k.startswith("prefix"))]
+          "roberta": (tiny_roberta_classifier, "SEQ_CLS"), "nystromformer": (tiny_nystromformer_classifier, "SEQ_CLS")}
+CASES = [(m, k) for m in MODELS for k in METHODS if not (m in ("roberta", "nystromformer") and k.startswith("prefix"))]
 
 
 def config(lib, method, task):
@@ -68,7 +78,7 @@ def test_peftkit_adapter_loads_in_peft(model_name, method, tmp_path):
     ours.save_pretrained(tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     head = ["base_model.classifier.weight", "base_model.classifier.bias"] if task == "SEQ_CLS" else []
-    if model_name == "roberta":  # its classifier is a dense layer and an output projection
+    if model_name in ("roberta", "nystromformer"):  # their classifier is a dense layer and an output projection
         head = [k.replace("classifier.", f"classifier.{part}.") for k in head for part in ("dense", "out_proj")]
     assert keys == {"prompt_embeddings", *head}
     with warnings.catch_warnings():
@@ -119,3 +129,22 @@ def test_p_tuning_v2_preset_writes_prefix_tuning_files(tmp_path):
         theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
     assert type(theirs.peft_config["default"]).__name__ == "PrefixTuningConfig"
     assert (expected - peft_logits(theirs, x, "prefix", True)).abs().max() <= 1e-5
+
+
+def test_prefix_tuning_refuses_a_model_that_takes_no_cache_and_positions_count_from_the_offset():
+    """MPNet's forward takes no cache: the prefixes were dropped unread (only the head trained), as peft refuses.
+    RoBERTa's 40 positions leave 38 from padding_idx + 1: 38 virtual tokens were taken, then every input refused."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    mpnet = MPNetForSequenceClassification(MPNetConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                       num_attention_heads=2, intermediate_size=32,
+                                                       max_position_embeddings=40, pad_token_id=1))
+    with pytest.raises(peftkit.ConfigError, match="MPNetModel.forward takes no 'cache' argument"):
+        peftkit.get_peft_model(mpnet, peftkit.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    assert not mpnet._forward_pre_hooks
+    with pytest.raises(peftkit.ConfigError, match="RobertaForSequenceClassification has 38 learned positions"):
+        peftkit.get_peft_model(tiny_roberta_classifier(), peftkit.PromptTuningConfig(num_virtual_tokens=38,
+                                                                                     task_type="SEQ_CLS"))
+    ok = peftkit.get_peft_model(tiny_roberta_classifier(), peftkit.PromptTuningConfig(num_virtual_tokens=37,
+                                                                                      task_type="SEQ_CLS"))
+    assert ok(input_ids=ids(1, 1)).logits.shape == (1, 2)

@@ -57,7 +57,7 @@ def test_merge_stays_in_the_quantised_domain(method):
     x = torch.randint(3, 64, (2, 8))
     with torch.no_grad():
         before = model(input_ids=x).logits
-        plain = merge_and_unload_quantized(model, requantize=False)
+        plain = merge_and_unload_quantized(model, requantize=False, adapter_names="default")  # one name as a str
         after = plain(input_ids=x).logits
     merged = plain.model.layers[0].self_attn.q_proj
     assert isinstance(merged, QuantLinear) and merged.merged_weight is None  # still integer codes, no float copy

@@ -336,6 +336,7 @@ def get_method(name: str) -> MethodSpec:
         ConfigError: the name is not registered; the message lists the registered names.
     """
     _load_builtin_methods()
+    name = getattr(name, "value", name)  # a PeftType member
     spec = _REGISTRY.get(str(name).lower())
     if spec is None:
         close = difflib.get_close_matches(str(name).lower(), method_names(), n=1)

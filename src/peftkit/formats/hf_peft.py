@@ -307,18 +307,20 @@ def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None =
     return config, load_peft_weights(directory)
 
 
-def load_peft_weights(model_id: str | os.PathLike, device: str | None = None) -> dict[str, Tensor]:
+def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
+                      subfolder: str | None = None) -> dict[str, Tensor]:
     """The tensors of an adapter folder's ``adapter_model.safetensors``, keyed as in the file (peft's
     ``load_peft_weights``; a local folder only, nothing is downloaded).
 
     Args:
         model_id: the adapter folder.
         device: where to put the tensors (default ``"cpu"``).
+        subfolder: read ``model_id/subfolder`` instead (as peft).
 
     Raises:
         FileNotFoundError: no weights file. AdapterLoadError: only a pickle checkpoint, or a corrupt file.
     """
-    directory = os.fspath(model_id)
+    directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(directory, "adapter_model.bin")):

@@ -23,6 +23,7 @@ its own: the mechanism and the saved tensors are exactly prefix tuning's, so it 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,19 @@ class PrefixTuner(PromptTuner):
 
     def build(self, config: PrefixTuningConfig, model: nn.Module, shape: ModelShape) -> VirtualTokens:
         return PrefixEncoder(config, folded=config.inference_mode)
+
+    def inject(self, host: Any, config: PrefixTuningConfig, adapter_name: str) -> None:
+        """As :meth:`PromptTuner.inject`, for a model whose layers take a key/value cache.
+
+        Raises:
+            ConfigError: the model's transformer (``model.base_model``) takes no ``cache`` argument (MPNet, ESM,
+                DistilBERT, DeBERTa-v2): the prefixes would be dropped unread (peft refuses such models too).
+        """
+        inner = getattr(host.model, "base_model", host.model)
+        check("cache" in inspect.signature(inner.forward).parameters,
+              f"{self.method} needs a model whose layers take a key/value cache, and {type(inner).__name__}.forward "
+              "takes no 'cache' argument (the prefixes would never be read); use prompt tuning or P-tuning")
+        super().inject(host, config, adapter_name)
 
     def insert(self, call: PromptCall, tokens: Tensor) -> None:
         from transformers import Cache, DynamicCache

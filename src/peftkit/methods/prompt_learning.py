@@ -17,7 +17,7 @@ How a call is rewritten (``L`` real tokens, ``B`` rows):
 - ``attention_mask`` (2-D, real tokens only, as for the base model) gets ``P`` ones in front;
 - positions: a real token sits at ``o + P + (cumsum(attention_mask) - 1)`` (padding at ``o + P``), the
   virtual tokens of prompt methods at ``o..o+P-1``, with ``o`` the model's first position (0; RoBERTa's
-  family: ``padding_idx + 1``); without padding that is HF PEFT's ``o+P..o+P+L-1``, with left padding
+  family: ``padding_idx + 1``; Nystromformer: 2); without padding that is HF PEFT's ``o+P..o+P+L-1``, with left padding
   each row sees the positions it would see alone. Given ``position_ids`` are shifted by P;
 - ``token_type_ids`` get ``P`` zeros in front when embeddings are inserted;
 - token-level ``labels`` ``(B, L)`` get ``P`` values of -100 in front; for a causal LM the first real
@@ -123,27 +123,32 @@ def model_shape(model: nn.Module) -> ModelShape:
     return ModelShape(hidden, int(text.num_hidden_layers), heads, kv_heads, head_dim)
 
 
-def learned_positions(model: nn.Module) -> int | None:
-    """How many positions a model with a learned absolute position table can take (BERT's
-    ``max_position_embeddings``, GPT-2's ``n_positions``), or None when positions are not a fixed table
-    (rotary, relative, ALiBi). Virtual tokens take positions of that table, as many as they are."""
+def position_table(model: nn.Module) -> tuple[int | None, int]:
+    """``(usable, offset)`` of a model's positions. ``offset``: the position id of a sequence's first token,
+    ``padding_idx + 1`` where the learned table reserves the rows up to the padding index (RoBERTa's family),
+    the first entry of the embeddings' ``position_ids`` buffer where that is not 0 (Nystromformer's 2), else
+    0. ``usable``: how many positions a learned absolute table leaves from there (BERT's
+    ``max_position_embeddings``, GPT-2's ``n_positions``; RoBERTa's 2 fewer), or None when positions are not
+    a fixed table (rotary, relative, ALiBi). Virtual tokens take positions of that table, one each."""
+    offset, table = 0, None
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(m, nn.Embedding):
+            table = m
+            if m.padding_idx is not None:
+                offset = m.padding_idx + 1
+            else:
+                ids = getattr(model.get_submodule(name.rpartition(".")[0]), "position_ids", None)
+                offset = int(ids.flatten()[0]) if isinstance(ids, Tensor) and ids.numel() else 0
+            break
     text = model.config.get_text_config()
     n = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     if not isinstance(n, int) or getattr(text, "position_embedding_type", "absolute") != "absolute":
-        return None
-    words = model.get_input_embeddings()
-    table = any(isinstance(m, nn.Embedding) and m.num_embeddings == n and m is not words for m in model.modules())
-    return n if table else None
-
-
-def position_offset(model: nn.Module) -> int:
-    """The position id of a sequence's first token: ``padding_idx + 1`` for models whose learned position
-    table reserves the rows up to the padding index (RoBERTa and its family, which number positions from
-    there), else 0."""
-    for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(m, nn.Embedding):
-            return 0 if m.padding_idx is None else m.padding_idx + 1
-    return 0
+        return None, offset
+    if table is None:
+        words = model.get_input_embeddings()
+        table = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m is not words
+                      and m.num_embeddings in (n, n + offset)), None)
+    return (None if table is None else table.num_embeddings - offset), offset
 
 
 def settle(config: Any, **model_values: int) -> None:
@@ -240,7 +245,7 @@ class PromptTuner(Tuner):
     def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
         model = host.model
         shape = model_shape(model)
-        positions = learned_positions(model)
+        positions = position_table(model)[0]
         check(positions is None or config.num_virtual_tokens < positions,
               f"num_virtual_tokens={config.num_virtual_tokens} leaves no position for the input: "
               f"{type(model).__name__} has {positions} learned positions and the virtual tokens take one each; "
@@ -317,10 +322,8 @@ class PromptHooks:
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.takes_positions = "position_ids" in params
         self.pools_last_token = _pools_last_non_pad_token(model)
-        self.positions = learned_positions(model)  # read once: a walk over the modules, not one per call
-        self.offset = position_offset(model)  # RoBERTa numbers positions from padding_idx + 1
-        if self.positions is not None:
-            self.positions -= self.offset
+        # read once (a walk over the modules, not one per call); RoBERTa numbers positions from padding_idx + 1
+        self.positions, self.offset = position_table(model)
         self.pending: Callable[[Any], Any] | None = None
         self.handles = (model.register_forward_pre_hook(self.before, with_kwargs=True),
                         model.register_forward_hook(self.after, with_kwargs=True))

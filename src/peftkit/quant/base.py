@@ -217,7 +217,8 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
             change, earlier merges included.
     """
     host = model.base_model
-    names = list(host.active_adapters if adapter_names is None else adapter_names)
+    names = list(host.active_adapters if adapter_names is None else
+                 [adapter_names] if isinstance(adapter_names, str) else adapter_names)
     host.check_known(names)
     for n in names:
         if not get_method(host.peft_config[n].peft_type).mergeable:

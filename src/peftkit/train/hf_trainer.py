@@ -24,11 +24,14 @@ and ``training_args.json`` (JSON instead of transformers' pickled ``training_arg
 are not peftkit models are handled exactly as by ``transformers.Trainer``.
 
 It also runs peftkit's training hooks, as :class:`peftkit.train.Trainer` does: the adapters' loss terms
-(``peft_regularization()``: AdaLoRA's orthogonality penalty, MoE-LoRA's load balancing, AdapterFusion's
-value regulariser) are added to the training loss, once per optimiser step under gradient accumulation;
-``peft_step_end(step)`` runs after every optimiser step, before the gradients are cleared (AdaLoRA's rank
-allocation, SoRA, diff pruning); and ``peft_prepare`` gets the training batches before the optimiser is
-built (the FISH and Child-Tuning masks). The plain ``transformers.Trainer`` runs none of them.
+(AdaLoRA's orthogonality penalty, MoE-LoRA's load balancing, AdapterFusion's value regulariser) are added
+to the training loss, once per optimiser step under gradient accumulation (the forward runs inside
+``loss_terms_added_by_caller()``, so its own AdaLoRA penalty is not counted again), and evaluation losses
+are the task's alone; ``peft_step_end(step)`` runs after every optimiser step, before the gradients are
+cleared (AdaLoRA's rank allocation, SoRA, diff pruning); and ``peft_prepare`` gets the training batches
+before the optimiser is built (the FISH and Child-Tuning masks). The plain ``transformers.Trainer`` runs
+none of these hooks; its loss holds only what ``PeftModel.forward`` adds, as with peft: AdaLoRA's penalty,
+in training and evaluation, once per micro-batch.
 """
 
 from __future__ import annotations
