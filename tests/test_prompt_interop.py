@@ -139,7 +139,7 @@ def test_prefix_tuning_refuses_a_model_that_takes_no_cache_and_positions_count_f
     mpnet = MPNetForSequenceClassification(MPNetConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
                                                        num_attention_heads=2, intermediate_size=32,
                                                        max_position_embeddings=40, pad_token_id=1))
-    with pytest.raises(peftkit.ConfigError, match="MPNetModel.forward takes no 'cache' argument"):
+    with pytest.raises(peftkit.ConfigError, match=r"MPNetModel\.forward takes no 'cache' argument"):
         peftkit.get_peft_model(mpnet, peftkit.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
     assert not mpnet._forward_pre_hooks
     with pytest.raises(peftkit.ConfigError, match="RobertaForSequenceClassification has 38 learned positions"):
