@@ -319,6 +319,14 @@ class AdapterModel(nn.Module):
             raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}"
                               + (f" (and '{BASE_ROWS}' for rows without an adapter)" if rows else ""))
 
+    def named(self, adapter_names: str | Sequence[str] | None) -> list[str]:
+        """``adapter_names`` as a list (one name given as a ``str``; None: the active adapters), each checked
+        to exist (ConfigError otherwise, naming the known ones)."""
+        names = list(self.active_adapters if adapter_names is None else
+                     [adapter_names] if isinstance(adapter_names, str) else adapter_names)
+        self.check_known(names)
+        return names
+
     # --- activation and trainability ------------------------------------------------------------------
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Activate ``adapter_names`` (one or several, applied in order) and make them trainable unless
@@ -410,9 +418,7 @@ class AdapterModel(nn.Module):
         if self.disabled:
             raise ValueError("cannot merge while the adapters are disabled (inside disable_adapter()); "
                              "merge after the with-block")
-        names = list(self.active_adapters if adapter_names is None else
-                     [adapter_names] if isinstance(adapter_names, str) else adapter_names)
-        self.check_known(names)
+        names = self.named(adapter_names)
         _check_unique(names)
         for n in names:
             for part in self.members.get(n) or [n]:
@@ -461,9 +467,7 @@ class AdapterModel(nn.Module):
         """
         names: list[str] = []
         if merge:
-            names = list(self.active_adapters if adapter_names is None else
-                         [adapter_names] if isinstance(adapter_names, str) else adapter_names)
-            self.check_known(names)
+            names = self.named(adapter_names)
             before = self.merged_adapters()
             if all(n in self.parts(names) for n in before):
                 self.merge(names, safe_merge=safe_merge, dropping=True)

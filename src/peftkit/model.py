@@ -252,9 +252,9 @@ class PeftModel(nn.Module):
         (MoE-LoRA's load balancing, AdapterFusion's regulariser, ...), summed; None when there are none.
 
         AdaLoRA's orthogonality penalty is not among them: as in peft, the forward's loss already holds it
-        (while the adapter is active and not in inference mode). Inside :meth:`loss_terms_added_by_caller` the forward adds nothing and this
-        returns every term, AdaLoRA's included. :class:`peftkit.train.Trainer` and
-        :class:`peftkit.train.hf_trainer.PeftTrainer` work that way.
+        (while the adapter is active and not in inference mode). Inside :meth:`loss_terms_added_by_caller`
+        the forward adds nothing and this returns every term, AdaLoRA's included;
+        :class:`peftkit.train.Trainer` and :class:`peftkit.train.hf_trainer.PeftTrainer` work that way.
         """
         return self._loss_terms(others=True, forward_ones=self.base_model.ctx.caller_adds_loss_terms)
 

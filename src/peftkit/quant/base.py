@@ -217,9 +217,7 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
             change, earlier merges included.
     """
     host = model.base_model
-    names = list(host.active_adapters if adapter_names is None else
-                 [adapter_names] if isinstance(adapter_names, str) else adapter_names)
-    host.check_known(names)
+    names = host.named(adapter_names)
     for n in names:
         if not get_method(host.peft_config[n].peft_type).mergeable:
             raise ValueError(f"adapter {n!r} uses {host.peft_config[n].peft_type}, which cannot be merged")
