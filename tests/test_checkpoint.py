@@ -117,7 +117,9 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
               "--no-progress", "--save-every", "3"]
     assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
     interrupt_training(monkeypatch, after=4)
+    capsys.readouterr()
     assert main([*common, "--output-dir", str(tmp_path / "run")]) == 130
+    assert f"peftkit: interrupted; `peftkit train --resume {tmp_path / 'run'}` continues it" in capsys.readouterr().err
     monkeypatch.undo()
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert latest_checkpoint(tmp_path / "run").name == "step-00000003"

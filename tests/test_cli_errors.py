@@ -250,3 +250,14 @@ def test_a_bench_cell_warns_about_an_option_its_method_does_not_use(tiny_model_d
         assert cli("train", "--model", tiny_model_dir, "--method", "prefix-tuning", "--max-steps", 1,
                    "--max-train-samples", 8, "--max-eval-samples", 8, "--output-dir", tmp_path / "run",
                    "--no-progress", "--unused-options-warn", "--r", 4) == 0
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """``peftkit methods | head -1``: the closed pipe printed "peftkit: error: BrokenPipeError" and exited 1."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "peftkit", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written (head after its line, at the latest)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "BrokenPipe" not in err and "peftkit: error" not in err

@@ -550,6 +550,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         note = getattr(err, "peftkit_note", None)  # e.g. that the stopped run was kept for --resume
         print(f"peftkit: interrupted{'; ' + note if note else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`peftkit methods | head`): stop quietly, as `cat` does
+        try:  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout is no file (a test's capture)
+            pass
+        return 141
     except Exception as err:  # a failure nobody foresaw: still one line, the traceback on request
         if os.environ.get("PEFTKIT_TRACEBACK", "") not in ("", "0"):
             traceback.print_exc()

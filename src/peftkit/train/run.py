@@ -332,6 +332,11 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
                                 "run in that folder finishes (move them back by hand to keep the earlier run instead)")
             log.warning(err.peftkit_note)  # type: ignore[attr-defined]
             aside = None
+        elif info.is_main and isinstance(err, KeyboardInterrupt):
+            err.peftkit_note = (f"`peftkit train --resume {out_dir}` continues it from its last checkpoint"  # type: ignore[attr-defined]
+                                if latest_checkpoint(out_dir) is not None else
+                                "it wrote no checkpoint (--save-every N writes them), so it cannot be resumed; start "
+                                f"again with --output-dir {out_dir} --overwrite")
         raise
     finally:
         if handler is not None:
