@@ -1,4 +1,4 @@
-"""The ``peftkit`` command line: ``train``, ``eval``, ``methods``, ``merge``, ``export``, ``bench``.
+"""The ``peftkit`` command line: ``train``, ``eval``, ``predict``, ``methods``, ``merge``, ``export``, ``bench``.
 
 ``peftkit train`` with no options fine-tunes the embedded all-MiniLM-L6-v2 with LoRA on SST-2 and
 prints a summary; see ``peftkit train --help``. ``torchrun --nproc-per-node N -m peftkit train ...``
@@ -117,8 +117,8 @@ def _seed(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``peftkit`` argument parser with its sub-commands (``train``, ``eval``, ``methods``, ``merge``,
-    ``bench``, ``export``); invalid options exit with status 2 and a one-line ``peftkit: error: ...``."""
+    """The ``peftkit`` argument parser with its sub-commands (``train``, ``eval``, ``predict``, ``methods``,
+    ``merge``, ``bench``, ``export``); invalid options exit with status 2 and a one-line ``peftkit: error: ...``."""
     parser = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -185,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-file", help="evaluate on this whole file instead of the run's dev set (labels as in "
                                        "the run's data: class ids, or class names)")
     e.add_argument("--device", help="cpu, cuda, ...")
+
+    p = sub.add_parser("predict", help="serve a trained run: labels, scores or generated text for new inputs",
+                       description="Load a run folder (base model + adapter, or the fully fine-tuned model) and "
+                                   "print one line per input: the class and its probability, the score "
+                                   "(STS-B), or the greedy continuation of a prompt (causal-LM runs). Inputs "
+                                   "are the TEXT arguments, else the lines of --input (- or none: standard "
+                                   "input); for a sentence-pair task, the two sentences of an input are "
+                                   "separated by a tab.")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="inputs (default: read from --input)")
+    p.add_argument("--adapter", required=True, metavar="RUN_DIR", help="folder written by `peftkit train`")
+    p.add_argument("--input", metavar="FILE", help="UTF-8 text file, one input per line (- : standard input)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per input instead of tab-separated "
+                                                       "columns")
+    p.add_argument("--max-new-tokens", type=_positive_int,
+                   help="causal-LM runs: most tokens generated per prompt (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="inputs per forward (default 32)")
+    p.add_argument("--device", help="cpu, cuda, ...")
 
     sub.add_parser("methods", help="list every registered PEFT method")
 
@@ -416,6 +433,64 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from peftkit.train.data import DataError
+    from peftkit.train.options import CAUSAL_LM, read_run_config
+    from peftkit.train.serve import predict_run
+
+    if args.texts and args.input:
+        raise ConfigError("give inputs either as TEXT arguments or with --input, not both")
+    if args.texts:
+        lines = list(args.texts)
+    else:
+        if args.input in (None, "-") and sys.stdin.isatty():
+            raise ConfigError("no input: give TEXT arguments, --input FILE, or pipe lines into standard input")
+        try:
+            if args.input in (None, "-"):
+                text = sys.stdin.read()
+            else:
+                with open(args.input, encoding="utf-8") as fh:
+                    text = fh.read()
+        except UnicodeDecodeError as err:
+            raise DataError(f"--input {args.input or '-'}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        lines = [line for line in text.splitlines() if line.strip()]
+    cfg, _ = read_run_config(Path(args.adapter))
+    if args.max_new_tokens is not None and cfg.task != CAUSAL_LM:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} has no effect: {args.adapter!r} is a "
+                          f"{cfg.task} classification run (it applies to causal-lm runs)")
+    pair = cfg.task != CAUSAL_LM and bool(cfg.pair_column or _is_pair_task(cfg.task, bool(cfg.train_file)))
+    inputs: list[Any] = []
+    for n, line in enumerate(lines):
+        if pair:
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise DataError(f"input {n + 1} ({line[:60]!r}) has {len(parts) - 1} tabs: this run's task takes "
+                                "sentence pairs, the two sentences separated by one tab")
+            inputs.append(tuple(parts))
+        else:
+            inputs.append(line)
+    results = predict_run(args.adapter, inputs, device=args.device, max_new_tokens=args.max_new_tokens or 32,
+                          batch_size=args.batch_size)
+    for item, res in zip(inputs, results):
+        text = "\t".join(item) if isinstance(item, tuple) else item
+        if args.json:
+            print(json.dumps({"input": list(item) if isinstance(item, tuple) else item} | res, ensure_ascii=False))
+        elif "completion" in res:
+            print(f"{text}{res['completion']}".replace("\n", "\\n"))
+        elif "score" in res:
+            print(f"{res['score']:.4f}\t{text}")
+        else:
+            print(f"{res['label']}\t{res['probability']:.4f}\t{text}")
+    return 0
+
+
+def _is_pair_task(task: str, file_run: bool) -> bool:
+    from peftkit.train.data import TASK_SPECS
+
+    spec = None if file_run else TASK_SPECS.get(task.lower().replace("-", ""))
+    return bool(spec and spec.sentence_pair)
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     specs = all_methods()
     width = max(len(s.name) for s in specs)
@@ -525,8 +600,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
-COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "eval": _cmd_eval, "methods": _cmd_methods, "merge": _cmd_merge,
-            "export": _cmd_export}
+COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "eval": _cmd_eval, "predict": _cmd_predict,
+            "methods": _cmd_methods, "merge": _cmd_merge, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""Training: tasks and data, the loop (one or several processes, checkpoints), metrics, and whole runs
-(what ``peftkit train`` does)."""
+"""Training: tasks and data, the loop (one or several processes, checkpoints), metrics, whole runs
+(what ``peftkit train`` does), and serving a trained run (``peftkit predict``)."""
 
 from peftkit.train.data import CausalLMDataset, TokenizedDataset, collate, collate_causal, load_task
 from peftkit.train.run import RunConfig, evaluate_run, resume_run, run_training
+from peftkit.train.serve import predict_run
 from peftkit.train.trainer import Trainer, TrainingArguments, perplexity, predict
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "load_task",
     "perplexity",
     "predict",
+    "predict_run",
     "resume_run",
     "run_training",
 ]

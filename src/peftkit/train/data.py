@@ -107,7 +107,33 @@ def _glue(folder: Path, split: str, cols: dict[str, int | str], num_labels: int,
     return out
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a named task is, without reading its data (what serving a trained run needs).
+
+    Attributes:
+        name: CLI name (``sst2``, ...).
+        num_labels: classes (1 for regression).
+        label_names: class names in id order, or None.
+        is_regression: the label is a score (STS-B).
+        sentence_pair: each example is two sentences, encoded as a pair.
+    """
+
+    name: str
+    num_labels: int
+    label_names: tuple[str, ...] | None
+    is_regression: bool
+    sentence_pair: bool
+
+
+TASK_SPECS: dict[str, TaskSpec] = {}
+"""The named tasks' :class:`TaskSpec`, by CLI name (filled in with :data:`TASKS`)."""
+
+
 def _glue_task(name: str, folder: str, metric: str, cols: dict, num_labels: int, label_names=None, **kw):
+    TASK_SPECS[name] = TaskSpec(name, num_labels, tuple(label_names) if label_names else None,
+                                kw.get("regression", False), "text_pair" in cols)
+
     def load(data_dir: str | os.PathLike | None) -> Task:
         root = Path(data_dir) if data_dir else shipped_data_dir()
         if not (root / folder).is_dir():

@@ -1,0 +1,162 @@
+"""Serve a trained run folder: class predictions, regression scores or generated text for new inputs.
+
+What ``peftkit predict`` runs. The run folder (``peftkit train``'s output) says what the model is: the
+base model and adapter (or the fully fine-tuned model), the task and how its inputs were encoded, so
+new inputs are encoded exactly as the dev set was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.config import CONFIG_NAME, ConfigError
+from peftkit.train.checks import check_device
+from peftkit.train.data import TASK_SPECS, DataError, TokenizedDataset, collate
+from peftkit.train.options import CAUSAL_LM, read_run_config
+
+__all__ = ["predict_run"]
+
+MAX_INPUTS = 100_000
+"""The most inputs one call takes (they are all tokenised up front)."""
+
+
+def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, str]], device: str | None = None,
+                max_new_tokens: int = 32, batch_size: int = 32) -> list[dict[str, Any]]:
+    """Predictions of a trained run for new inputs, in order.
+
+    Classification inputs are encoded as the run's dev set was (same tokenizer, ``--max-length`` cut); a
+    sentence-pair task (RTE, MRPC, STS-B, or a file run with a pair column) takes ``(first, second)``
+    tuples. A causal-LM run continues each prompt greedily (the most likely token each step, no
+    sampling), so the output is deterministic, and stops at the end-of-sequence token.
+
+    Args:
+        run_dir: a folder written by ``peftkit train`` (finished: it holds the adapter, or ``model/``).
+        inputs: texts; ``(text, text_pair)`` tuples for a sentence-pair run. At most
+            :data:`MAX_INPUTS`.
+        device: ``cpu``, ``cuda``, ... (default: the run's device, else CUDA when available).
+        max_new_tokens: causal-LM runs: the most tokens generated per prompt, >= 1 (default 32).
+        batch_size: classification inputs per forward, >= 1 (default 32).
+
+    Returns:
+        one dict per input:
+
+        * classification: ``{"label": class name (or id when the classes have no names), "label_id": int,
+          "probability": float, "probabilities": list of num_labels floats}`` (softmax of the logits);
+        * regression (STS-B): ``{"score": float}``;
+        * causal LM: ``{"completion": str}`` (the generated text, the prompt not repeated; special tokens
+          dropped).
+
+    Raises:
+        FileNotFoundError: no ``run_config.json``, or the run did not finish (no adapter / model).
+        ConfigError: bad ``max_new_tokens``/``batch_size``, unavailable device, damaged run files.
+        DataError: no inputs or too many; an input of the wrong shape for the run (a pair for a
+            single-sentence run or the other way round, a non-string); a prompt that, with
+            ``max_new_tokens``, exceeds the model's positions.
+    """
+    from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, _run_classes
+
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+    run_dir = Path(run_dir)
+    cfg, raw = read_run_config(run_dir)
+    saved = run_dir / ("model" if cfg.full_finetune else CONFIG_NAME)
+    if not saved.exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} holds no {saved.name}: the run did not finish; continue it with "
+                                "`peftkit train --resume` (when it saved checkpoints) or train again")
+    inputs = list(inputs)
+    if not inputs:
+        raise DataError("no input to predict on: give at least one text")
+    if len(inputs) > MAX_INPUTS:
+        raise DataError(f"{len(inputs)} inputs; give at most {MAX_INPUTS} per call")
+    causal = cfg.task == CAUSAL_LM
+    if causal:
+        regression, pair, num_labels, names = False, False, None, None
+    elif cfg.train_file:  # a file run: its classes are in run_config.json (the files may be gone)
+        num_labels, names = _run_classes(raw)
+        regression, pair = False, bool(cfg.pair_column)
+    else:
+        spec = TASK_SPECS[cfg.task.lower().replace("-", "")]
+        num_labels, regression, pair = spec.num_labels, spec.is_regression, spec.sentence_pair
+        names = list(spec.label_names) if spec.label_names else None
+    _check_inputs(inputs, pair, "prompt" if causal else "text")
+    cfg.device = device or cfg.device
+    check_device(cfg.device)
+    if cfg.full_finetune:
+        cfg.model = str(run_dir / "model")
+    model, tokenizer = _load_model_and_tokenizer(cfg, num_labels, regression, names)
+    if not cfg.full_finetune:
+        model = _load_adapter(model, run_dir)
+    model.eval()
+    with torch.no_grad():
+        if causal:
+            return _generate(model, tokenizer, inputs, max_new_tokens)
+        return _classify(model, tokenizer, inputs, pair, regression, names, cfg.max_length, batch_size)
+
+
+def _check_inputs(inputs: list[Any], pair: bool, what: str) -> None:
+    """Each input is a str (a 2-tuple of str for a pair run). Raises DataError naming the first bad one."""
+    for n, item in enumerate(inputs):
+        if pair:
+            ok = isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, str) for t in item)
+            if not ok:
+                raise DataError(f"input {n + 1} is {item!r}: this run's task takes sentence pairs, give two texts "
+                                "(on the command line: separated by a tab)")
+        elif not isinstance(item, str):
+            kind = "a sentence pair" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
+            raise DataError(f"input {n + 1} is {kind} ({item!r}): this run takes one {what} per input")
+
+
+def _classify(model: torch.nn.Module, tokenizer: Any, inputs: list[Any], pair: bool, regression: bool,
+              names: list[str] | None, max_length: int, batch_size: int) -> list[dict[str, Any]]:
+    examples = [{"text": t[0], "text_pair": t[1], "label": 0} if pair else {"text": t, "text_pair": None, "label": 0}
+                for t in inputs]
+    ds = TokenizedDataset(examples, tokenizer, max_length)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
+                                         collate_fn=collate(tokenizer.pad_token_id, regression))
+    device = next(model.parameters()).device
+    out: list[dict[str, Any]] = []
+    for batch in loader:
+        batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        if regression:
+            out += [{"score": s} for s in logits.squeeze(-1).tolist()]
+            continue
+        for probs in logits.softmax(-1).tolist():
+            best = max(range(len(probs)), key=probs.__getitem__)
+            out.append({"label": names[best] if names else best, "label_id": best, "probability": probs[best],
+                        "probabilities": probs})
+    return out
+
+
+def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int
+              ) -> list[dict[str, Any]]:
+    """Greedy continuations, one prompt at a time (no padding, so each equals its own unbatched run)."""
+    device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", None)
+    encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+    for n, ids in enumerate(encoded):  # every check before the first generation
+        if ids.shape[1] == 0:
+            raise DataError(f"prompt {n + 1} ({prompts[n]!r}) encodes to no token; give some text")
+        if limit is not None and ids.shape[1] + max_new_tokens > limit:
+            raise DataError(f"prompt {n + 1} has {ids.shape[1]} tokens; with max_new_tokens={max_new_tokens} that "
+                            f"exceeds the model's {limit} positions: shorten it or lower max_new_tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for ids in encoded:
+        ids = ids.to(device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+        # decoded whole and cut after the prompt's text: decoding the new tokens alone would drop a
+        # SentencePiece tokenizer's leading space of the first one ("Type: human" read "Type:human")
+        whole = tokenizer.decode(gen[0], skip_special_tokens=True)
+        head = tokenizer.decode(ids[0], skip_special_tokens=True)
+        new = whole[len(head):] if whole.startswith(head) else tokenizer.decode(gen[0, ids.shape[1]:],
+                                                                                skip_special_tokens=True)
+        out.append({"completion": new})
+    return out

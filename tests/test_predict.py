@@ -1,0 +1,145 @@
+"""Serving a run folder: ``peftkit predict`` / :func:`peftkit.train.serve.predict_run` give the labels, scores
+and greedy continuations the trained model gives, and bad input is refused before the model loads."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peftkit import PeftModel
+from peftkit.train.data import DataError, load_task, shipped_model_dir
+from peftkit.train.metrics import pearson
+from peftkit.train.serve import predict_run
+from tests.cli_util import cli, error_line
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "sst2"
+    assert cli("train", "--model", tiny_model_dir, "--max-steps", 4, "--max-train-samples", 64,
+               "--max-eval-samples", 40, "--output-dir", out, "--no-progress") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def stsb_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "stsb"
+    assert cli("train", "--model", tiny_model_dir, "--task", "stsb", "--max-steps", 4, "--max-train-samples", 64,
+               "--max-eval-samples", 30, "--output-dir", out, "--no-progress") == 0
+    return out
+
+
+def test_classification_predictions_reproduce_the_runs_dev_accuracy(sst2_run):
+    metrics = json.loads((sst2_run / "metrics.json").read_text())
+    dev = load_task("sst2").dev[:40]
+    results = predict_run(sst2_run, [e["text"] for e in dev], batch_size=7)  # batches of another size than eval's
+    assert len(results) == 40
+    hits = sum(r["label_id"] == e["label"] for r, e in zip(results, dev))
+    assert hits / 40 == pytest.approx(metrics["dev_accuracy"])
+    for r in results:
+        assert r["label"] == ["negative", "positive"][r["label_id"]]
+        assert sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-6)
+        assert r["probability"] == max(r["probabilities"])
+
+
+def test_classification_probabilities_are_the_adapted_models_softmax(sst2_run, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, sst2_run).eval()
+    text = "an utterly charming and hilarious film"
+    with torch.no_grad():
+        want = model(**tok(text, return_tensors="pt")).logits.softmax(-1)[0].tolist()
+    got = predict_run(sst2_run, [text])[0]["probabilities"]
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_sentence_pair_regression_reproduces_the_runs_pearson(stsb_run, capsys):
+    metrics = json.loads((stsb_run / "metrics.json").read_text())
+    dev = load_task("stsb").dev[:30]
+    scores = [r["score"] for r in predict_run(stsb_run, [(e["text"], e["text_pair"]) for e in dev])]
+    assert pearson(scores, [e["label"] for e in dev]) == pytest.approx(metrics["dev_pearson"], abs=1e-6)
+    # the command line takes the pair as two tab-separated sentences and prints the score first
+    first = f"{dev[0]['text']}\t{dev[0]['text_pair']}"
+    assert cli("predict", "--adapter", stsb_run, first) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == f"{scores[0]:.4f}\t{first}"
+
+
+def test_causal_lm_continuation_is_the_greedy_decoding(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert cli("train", "--task", "causal-lm", "--model", "stories260K", "--max-steps", 3, "--batch-size", 8,
+               "--max-train-samples", 32, "--max-eval-samples", 8, "--output-dir", out, "--no-progress") == 0
+    capsys.readouterr()
+    prompt = "Question: Who was Galileo ?\nType:"
+    got = predict_run(out, [prompt, "Once upon a time"], max_new_tokens=6)
+    # the same continuation by hand: the adapted model's most likely next token, six times
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(shipped_model_dir()), out).eval()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            if nxt.item() == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    whole = tok.decode(ids[0], skip_special_tokens=True)
+    assert got[0]["completion"] == whole[len(tok.decode(ids[0, :start], skip_special_tokens=True)):]
+    assert got[0]["completion"] and len(got) == 2
+    # the command line prints prompt + continuation on one line (newlines written as \n), or JSON
+    assert cli("predict", "--adapter", out, "--max-new-tokens", 6, "--json", prompt) == 0
+    assert json.loads(capsys.readouterr().out) == {"input": prompt, "completion": got[0]["completion"]}
+    assert cli("predict", "--adapter", out, "--max-new-tokens", 6, prompt) == 0
+    assert capsys.readouterr().out == (prompt + got[0]["completion"]).replace("\n", "\\n") + "\n"
+    # a prompt too long for the model's positions is refused, naming the limit
+    with pytest.raises(DataError, match=r"exceeds the model.s \d+ positions"):
+        predict_run(out, ["Once"], max_new_tokens=100_000)
+
+
+def test_inputs_from_a_file_and_stdin(sst2_run, tmp_path, capsys, monkeypatch):
+    texts = tmp_path / "in.txt"
+    texts.write_text("a joyless mess\n\n  \nsheer delight\n", encoding="utf-8")  # blank lines are skipped
+    assert cli("predict", "--adapter", sst2_run, "--input", texts) == 0
+    from_file = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[2] for line in from_file] == ["a joyless mess", "sheer delight"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("a joyless mess\nsheer delight\n"))
+    assert cli("predict", "--adapter", sst2_run, "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["input"] for r in rows] == ["a joyless mess", "sheer delight"]
+    assert [f"{r['label']}\t{r['probability']:.4f}\t{r['input']}" for r in rows] == from_file
+    assert all(math.isclose(sum(r["probabilities"]), 1.0, abs_tol=1e-6) for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "{file}", "text"], "either as TEXT arguments or with --input"),
+    (["--max-new-tokens", "4", "text"], "--max-new-tokens 4 has no effect"),
+    (["--batch-size", "0", "text"], "positive integer"),
+    (["--input", "{latin1}"], "not UTF-8"),
+    (["--input", "{empty}"], "no input to predict on"),
+])
+def test_bad_predict_options_are_one_line_errors(sst2_run, tmp_path, capsys, argv, message):
+    (tmp_path / "in.txt").write_text("x\n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    argv = [a.format(file=tmp_path / "in.txt", latin1=tmp_path / "latin1.txt", empty=tmp_path / "empty.txt")
+            for a in argv]
+    assert message in error_line(capsys, "predict", "--adapter", sst2_run, *argv)
+
+
+def test_inputs_of_the_wrong_shape_are_refused(sst2_run, stsb_run, tmp_path, capsys):
+    with pytest.raises(DataError, match="input 2 is a sentence pair"):
+        predict_run(sst2_run, ["fine", ("a", "b")])
+    with pytest.raises(DataError, match="input 1 is 'one sentence': this run's task takes sentence pairs"):
+        predict_run(stsb_run, ["one sentence"])
+    assert "has 0 tabs" in error_line(capsys, "predict", "--adapter", stsb_run, "no tab")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "run_config.json").write_text((sst2_run / "run_config.json").read_text())
+    assert "did not finish" in error_line(capsys, "predict", "--adapter", unfinished, "text")
