@@ -498,3 +498,35 @@ def test_a_copy_over_another_adapters_lora_saves_and_loads(tmp_path):
             assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6), name
         assert torch.allclose(loaded(input_ids=x, adapter_names=rows).logits,
                               model(input_ids=x, adapter_names=rows).logits, atol=1e-6)
+
+
+def test_a_custom_models_inputs_and_outputs_that_only_look_per_row_keep_their_order():
+    """A custom model's per-class weights and a per-feature output may have as many entries as the batch has
+    rows; the rows of a mixed batch must then not be reordered (they were: the class weights and the output
+    came back permuted, so the loss was wrong)."""
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.h = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x, labels, class_weight):
+            h = self.l(x)
+            return {"loss": torch.nn.functional.cross_entropy(self.h(h), labels, weight=class_weight, reduction="sum"),
+                    "feat_mean": h.mean(0)}
+
+    torch.manual_seed(0)
+    model = get_peft_model(Custom(), LoraConfig(r=2, target_modules=["l"], init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["l"], init_lora_weights=False))
+    model.eval()
+    x, y, w = torch.randn(4, 4), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 10.0, 100.0, 1000.0])
+    names = ["a", "b", "a", "b"]
+    with torch.no_grad():
+        mixed = model(x, y, w, adapter_names=names)
+        loss, feats = 0.0, []
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            loss += model(x[i:i + 1], y[i:i + 1], w)["loss"].item()
+            feats.append(model.get_base_model().l(x[i:i + 1]))
+    assert mixed["loss"].item() == pytest.approx(loss, rel=1e-6)
+    assert torch.allclose(mixed["feat_mean"], torch.cat(feats).mean(0), atol=1e-6)

@@ -372,7 +372,8 @@ class PeftModel(nn.Module):
         self.base_model.ctx.forward_id += 1
         with self._rows(adapter_names, rows) as names:
             base = self.get_base_model()
-            order = None if names is None or rows is None or _holds_cache(args, kwargs) else _grouped_order(names)
+            order = (None if names is None or rows is None or _holds_cache(args, kwargs)
+                     or not _regroupable(base, args, kwargs) else _grouped_order(names))
             if order is None:
                 return self._with_forward_terms(base(*args, **kwargs))
             self.base_model.ctx.set_rows([names[i] for i in order])
@@ -602,6 +603,35 @@ class _PublicConfigs(MutableMapping):
 _SHARED_INPUTS = ("cache_position", "logits_to_keep", "num_items_in_batch")
 
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+#: transformers inputs known to hold one entry per row (first dimension) or to be shared (first dimension 1)
+_ROW_INPUTS = frozenset(_BATCH_INPUTS) | {
+    "attention_mask", "token_type_ids", "position_ids", "labels", "decoder_input_ids", "decoder_attention_mask",
+    "decoder_inputs_embeds", "decoder_position_ids", "pixel_mask", "bbox", "start_positions", "end_positions"}
+
+
+def _regroupable(base: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a mixed batch may be run with its rows reordered: only a transformers model given inputs whose
+    layout is known (its main input positionally, the rest by name in :data:`_ROW_INPUTS` or
+    :data:`_SHARED_INPUTS`), and only then are its outputs known to be one entry per row. Any other tensor
+    input (a custom model's per-class weights, a transformers ``head_mask``) could have a first dimension that
+    only happens to equal the rows, so such calls keep the caller's order (each layer then gathers its
+    adapter's rows instead)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(base, PreTrainedModel) or any(_has_tensor(a) for a in args[1:]):
+        return False
+    return not any(_has_tensor(v) for k, v in kwargs.items() if k not in _ROW_INPUTS and k not in _SHARED_INPUTS)
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    return False
 
 
 def _grouped_order(names: list[str]) -> list[int] | None:
