@@ -12,8 +12,8 @@ from tests.conftest import ids, perturb, tiny_llama
 def adapted(**kw):
     base = tiny_llama()
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_peft_model(base, MoeLoraConfig(r=2, lora_alpha=4, num_experts=3, top_k=2,
-                                               target_modules=["q_proj", "down_proj"], **kw))
+    model = get_peft_model(base, MoeLoraConfig(r=2, lora_alpha=4, num_experts=3,
+                                               target_modules=["q_proj", "down_proj"], **{"top_k": 2, **kw}))
     perturb(model)
     return model, state
 
@@ -111,3 +111,39 @@ def test_the_penalty_is_only_from_routers_that_ran_in_the_latest_forward():
 def test_bad_values(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         MoeLoraConfig(target_modules=["q_proj"], **kw)
+
+
+def test_top_1_gates_by_the_router_probability_so_the_router_learns_from_the_task():
+    """Renormalised, a top-1 gate is always 1 and the router got no gradient from the task loss (2e-7);
+    as in Switch Transformers the one expert is weighted by its probability p_e."""
+    model, _ = adapted(top_k=1)
+    moe = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"]
+    gates, probs = moe.gates(torch.randn(4, 5, 16))
+    top = probs.max(-1)
+    assert torch.equal(gates.gather(-1, top.indices[..., None])[..., 0], top.values)
+    assert ((gates > 0).sum(-1) == 1).all()
+    model.train()
+    x = ids(batch=2, seq=6)
+    model(input_ids=x).logits.pow(2).sum().backward()  # the task loss only, no load-balancing term
+    assert moe.lora_router.weight.grad.abs().sum().item() > 1e-3
+
+
+def test_a_trained_moe_model_deep_copies_and_pickles():
+    """The load-balancing term of the last training forward holds its autograd graph; a copy starts without
+    it (deepcopy raised "Only Tensors created explicitly by the user support the deepcopy protocol")."""
+    import copy
+    import io
+
+    model, _ = adapted()
+    model.train()
+    x = ids(batch=2, seq=6)
+    model(input_ids=x, labels=x).loss.backward()
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, twin(input_ids=x).logits)
+    moe = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert moe.last_aux is None  # the eval forward let go of the training forward's graph

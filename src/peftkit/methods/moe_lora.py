@@ -5,7 +5,9 @@ Instruction Tuning" (MoLoRA), 2023, arXiv:2309.05444; top-k routing and the load
 Fedus et al., "Switch Transformers", 2021, arXiv:2101.03961.
 
 Equation, per token ``x``: ``p = softmax(W_r x)``, ``T = top_k(p)``,
-``h = W0 x + (alpha / r) * sum_{e in T} (p_e / sum_{j in T} p_j) B_e A_e x``.
+``h = W0 x + (alpha / r) * sum_{e in T} (p_e / sum_{j in T} p_j) B_e A_e x`` for ``top_k >= 2``; with
+``top_k = 1`` the chosen expert is weighted by ``p_e`` itself, as in Switch Transformers (renormalised,
+its gate would always be 1 and the router would get no gradient from the task loss).
 Trainable parameters per adapted ``(out, in)`` layer: ``E * r * (in + out) + E * in`` (E experts).
 
 All experts' ``A`` run as one ``(E*r, in)`` projection and all ``B`` as one ``(out, E*r)``
@@ -42,7 +44,8 @@ class MoeLoraConfig(LoraConfig):
 
     Args:
         num_experts: LoRA experts per adapted layer (E >= 2). Default 4.
-        top_k: experts used per token, 1 <= top_k <= num_experts. Default 2.
+        top_k: experts used per token, 1 <= top_k <= num_experts. Default 2. Their gates are renormalised
+            to sum to 1; with top_k=1 the one expert is weighted by its router probability (Switch).
         router_aux_loss_coef: weight of the load-balancing loss (>= 0). Default 0.01.
 
     ``r`` is each expert's rank. ``use_dora``, ``use_qalora``, ``loftq_config``, ``eva_config``, ``lora_bias``
@@ -76,6 +79,17 @@ class MoeLoraConfig(LoraConfig):
               "B zero: the experts start as identity) or False (both random)")
 
 
+class _Transient(dict):
+    """A dict of per-forward values that copies of its owner do not share or carry: ``copy.deepcopy`` and
+    pickling give an empty one (a tensor with autograd history cannot be deep-copied)."""
+
+    def __deepcopy__(self, memo: dict) -> _Transient:
+        return _Transient()
+
+    def __reduce__(self) -> tuple:
+        return _Transient, ()
+
+
 class MoeLoraLinear(Adapter):
     """MoE-LoRA on ``nn.Linear`` / GPT-2 ``Conv1D``.
 
@@ -93,10 +107,20 @@ class MoeLoraLinear(Adapter):
         self.lora_A = nn.Linear(in_features, num_experts * r, bias=False)
         self.lora_B = nn.Linear(num_experts * r, out_features, bias=False)
         self.lora_router = nn.Linear(in_features, num_experts, bias=False)
-        #: the load-balancing term of the latest training forward that ran this router, and that forward's
-        #: ``AdapterContext.forward_id`` (the tuner's regulariser uses only terms of the current forward)
-        self.last_aux: Tensor | None = None
+        #: the load-balancing term of the latest training forward that ran this router (see :attr:`last_aux`)
+        self._aux = _Transient()
+        #: that forward's ``AdapterContext.forward_id`` (the tuner's regulariser uses only current terms)
         self.aux_forward_id: int | None = None
+
+    @property
+    def last_aux(self) -> Tensor | None:
+        """The load-balancing term of the latest training forward (with its graph), or None. It is not
+        copied with the model (``copy.deepcopy``, pickling): a copy starts without one."""
+        return self._aux.get("aux")
+
+    @last_aux.setter
+    def last_aux(self, value: Tensor | None) -> None:
+        self._aux["aux"] = value
 
     def reset(self, init: bool | str) -> None:
         """A Kaiming-uniform, B zero (identity at start) unless ``init`` is False; router small normal."""
@@ -107,18 +131,22 @@ class MoeLoraLinear(Adapter):
         nn.init.zeros_(self.lora_B.weight)
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(gates, probs)``: per-token expert weights ``(..., E)`` (top-k renormalised, zero elsewhere)
-        and the full router probabilities."""
+        """``(gates, probs)``: per-token expert weights ``(..., E)`` (top-k renormalised for ``top_k >= 2``,
+        ``p_e`` itself for ``top_k = 1``; zero elsewhere) and the full router probabilities."""
         probs = F.softmax(self.lora_router(x).float(), dim=-1)
         top, idx = probs.topk(self.top_k, dim=-1)
-        gates = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        if self.top_k > 1:
+            top = top / top.sum(-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(-1, idx, top)
         return gates, probs
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         if x.dtype != self.lora_A.weight.dtype:
             x = x.to(self.lora_A.weight.dtype)
         gates, probs = self.gates(x)
-        if self.training:
+        if not self.training:
+            self.last_aux = None  # not keeping the graph of a training forward alive after it
+        else:
             flat_g, flat_p = gates.reshape(-1, self.num_experts), probs.reshape(-1, self.num_experts)
             load = (flat_g > 0).float().mean(0) / self.top_k
             self.last_aux = self.num_experts * (load * flat_p.mean(0)).sum()
