@@ -143,6 +143,18 @@ def test_merging_errors():
          "density='0.5' is not valid"),
         (dict(adapters=["default", "c"], weights=[1, 1], combination_type="dare_linear", density=0.5, seed="x"),
          "seed='x' is not valid"),
+        (dict(adapters=["default", "b"], weights=None), "weights=None is not valid; give a list of numbers"),
+        (dict(adapters=["default", "b"], weights=[1, 1], svd_full_matrices="no"), "svd_full_matrices='no' must be"),
+        (dict(adapters=["default", "b"], weights=[1, 1], svd_driver="qr"), "svd_driver='qr' is not valid"),
+        (dict(adapters=["default", "b"], weights=[1, 1], majority_sign_method="bogus", combination_type="cat"),
+         "majority_sign_method='bogus' is not valid"),
+        # options the combination type does not use are refused, as by `peftkit merge`
+        (dict(adapters=["default", "b"], weights=[1, 1], combination_type="cat", density=0.3),
+         "density=0.3 has no effect with combination_type='cat'; it applies to ties_svd"),
+        (dict(adapters=["default", "b"], weights=[1, 1], combination_type="cat", svd_rank=2),
+         "svd_rank=2 has no effect with combination_type='cat'"),
+        (dict(adapters=["default", "c"], weights=[1, 1], combination_type="linear", svd_clamp=0.9),
+         "svd_clamp=0.9 has no effect with combination_type='linear'"),
     ]
     for kw, msg in cases:
         kw.setdefault("adapter_name", "new")
@@ -357,3 +369,32 @@ def test_svd_rank_defaults_to_the_largest_rank_rank_patterns_included():
     model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type="svd")
     layer = model.get_base_model().bert.encoder.layer[0].attention.self.query
     assert layer.adapters["mix"].r == 4 and model.peft_config["mix"].r == 4
+
+
+@pytest.mark.parametrize("combination", ["ties", "magnitude_prune", "dare_linear", "svd", "cat"])
+def test_one_source_adapter_is_combined_linearly_as_in_peft(combination):
+    """peft combines a single adapter with 'linear' whatever the type: the result is that adapter (scaled by
+    its weight). peftkit applied the rule (TIES at density 0.3 pruned 70% of it). A string names one adapter."""
+    model = _three_adapters()
+    extra = {"density": 0.3} if combination in ("ties", "magnitude_prune", "dare_linear") else {}
+    model.add_weighted_adapter("default", [0.5], "one", combination_type=combination, **extra)
+    for _, layer in model.base_model.wrappers():
+        if isinstance(layer, AdaptedLayer) and "one" in layer.adapters:
+            want = 0.5 * layer.adapters["default"].delta_weight(layer)
+            assert torch.allclose(layer.adapters["one"].delta_weight(layer), want, atol=1e-6)
+
+
+def test_a_dora_source_is_named_as_dora():
+    model = get_peft_model(Zoo(), LoraConfig(r=2, target_modules=["lin"], use_dora=True), adapter_name="d")
+    model.add_adapter("p", LoraConfig(r=2, target_modules=["lin"]))
+    with pytest.raises(ConfigError, match="adapter 'd' is LORA with use_dora; add_weighted_adapter combines plain"):
+        model.add_weighted_adapter(["d", "p"], [1, 1], "x", combination_type="cat")
+
+
+def test_combine_checks_its_rule_and_weights():
+    with pytest.raises(ConfigError, match="got 2 tensors and 1 weights"):
+        combine([T1, T2], [0.5], "linear")  # the one weight was broadcast to both tensors
+    with pytest.raises(ConfigError, match="got 2 tensors and 3 weights"):
+        combine([T1, T2], [1, 1, 1], "ties", density=1.0)
+    with pytest.raises(ConfigError, match="rule='avg' is not a combination rule; expected one of"):
+        combine([T1], [1.0], "avg")

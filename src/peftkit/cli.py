@@ -517,11 +517,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _check_merge_options(args: argparse.Namespace) -> None:
     """Refuse an option the chosen combination would ignore (``--density`` with ``cat``, ...), so that a
     typo in ``--combination`` or a misunderstanding does not pass silently. Raises ConfigError."""
-    from peftkit.merging import COMBINATION_TYPES, SVD_TYPES
+    from peftkit.merging import COMBINATION_TYPES, option_applies
 
     def applies(option: str, rule: str) -> bool:
-        return {"--density": rule.startswith(("ties", "dare", "magnitude_prune")), "--svd-rank": rule in SVD_TYPES,
-                "--majority-sign": rule.startswith(("ties", "dare_ties")), "--seed": rule.startswith("dare")}[option]
+        return option_applies({"--density": "density", "--svd-rank": "svd_rank",
+                               "--majority-sign": "majority_sign_method", "--seed": "seed"}[option], rule)
 
     if args.combination not in COMBINATION_TYPES:
         return  # merge_adapter_folders names the valid types

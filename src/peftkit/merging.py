@@ -95,11 +95,16 @@ def combine(tensors: Sequence[Tensor], weights: Sequence[float], rule: str, dens
         density: fraction kept in (0, 1] for every rule but ``linear``.
 
     Raises:
-        ConfigError: unknown rule or missing/invalid density.
+        ConfigError: unknown rule, missing/invalid density, no tensors, or not one weight per tensor.
     """
-    w = torch.tensor(list(weights), dtype=tensors[0].dtype, device=tensors[0].device)
+    rules = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+    check(rule in rules, f"rule={rule!r} is not a combination rule; expected one of {rules}")
+    tensors, weights = list(tensors), list(weights)
+    check(len(tensors) == len(weights) and tensors,
+          f"got {len(tensors)} tensors and {len(weights)} weights; give one weight per tensor (at least one)")
+    w = torch.tensor(weights, dtype=tensors[0].dtype, device=tensors[0].device)
     w = w.view(-1, *([1] * tensors[0].dim()))
-    stacked = torch.stack(list(tensors))
+    stacked = torch.stack(tensors)
     if rule == "linear":
         return (stacked * w).sum(0)
     check(density is not None and 0 < density <= 1, f"density={density!r} must lie in (0, 1] for {rule!r}")
@@ -113,7 +118,7 @@ def combine(tensors: Sequence[Tensor], weights: Sequence[float], rule: str, dens
         else:
             trimmed = torch.stack([dare_drop(t, density, generator) for t in tensors])
         return disjoint_mean(trimmed * w, trimmed, elect_sign(trimmed, majority_sign_method))
-    raise ConfigError(f"unknown combination rule {rule!r}")
+    raise AssertionError(rule)  # unreachable: the rule was checked above
 
 
 # --- LoRA factor views ---------------------------------------------------------------------------------
@@ -144,7 +149,8 @@ def _write(adapter: Any, a3: Tensor, b3: Tensor) -> None:
 
 def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_rank: int | None,
                    density: float | None, majority_sign_method: str, svd_clamp: float | None,
-                   full_matrices: bool, generator: torch.Generator, non_finite: str) -> tuple[Tensor, Tensor]:
+                   full_matrices: bool, generator: torch.Generator, non_finite: str,
+                   svd_driver: str | None = None) -> tuple[Tensor, Tensor]:
     views = [(_views(a), w * a.scaling) for a, w in parts]
     g = views[0][0][2]
     if combination_type == "cat":
@@ -160,7 +166,9 @@ def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_ra
         check(new_rank % g == 0, f"svd_rank={new_rank} must be divisible by the convolution's groups={g}")
         check(bool(torch.isfinite(delta).all()), non_finite)  # (the SVD of one fails with a LinAlgError)
         k = new_rank // g
-        u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
+        # the driver picks a cuSOLVER method; torch takes it on CUDA tensors only (peft passes it as given)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices,
+                                    **({"driver": svd_driver} if svd_driver and delta.is_cuda else {}))
         if k > s.shape[-1]:  # pad with zero directions so every layer has the requested rank
             pad = k - s.shape[-1]
             u = torch.cat([u, u.new_zeros(*u.shape[:-1], pad)], -1)
@@ -180,6 +188,25 @@ def _layer_factors(parts: list[tuple[Any, float]], combination_type: str, new_ra
                  majority_sign_method, generator)
     b3 = combine([vb for (_, vb, _), _ in views], root, combination_type, density, majority_sign_method, generator)
     return a3, b3
+
+
+def option_applies(option: str, combination_type: str) -> bool:
+    """Whether ``combination_type`` uses ``option`` (``density``, ``svd_rank``, ``svd_clamp``,
+    ``majority_sign_method``, ``seed``)."""
+    return {"density": combination_type.startswith(("ties", "dare", "magnitude_prune")),
+            "svd_rank": combination_type in SVD_TYPES, "svd_clamp": combination_type in SVD_TYPES,
+            "majority_sign_method": combination_type.startswith(("ties", "dare_ties")),
+            "seed": combination_type.startswith("dare")}[option]
+
+
+def _check_options_apply(combination_type: str, **given: Any) -> None:
+    """Refuse an option ``combination_type`` does not use (``density`` with ``cat``, ...), as ``peftkit merge``
+    does: a typo in the type or a misunderstanding must not pass silently. Raises ConfigError."""
+    for option, value in given.items():
+        if value is not None and not option_applies(option, combination_type):
+            users = [t for t in COMBINATION_TYPES if option_applies(option, t)]
+            raise ConfigError(f"{option}={value!r} has no effect with combination_type={combination_type!r}; it "
+                              f"applies to {', '.join(users)}")
 
 
 def _real(value: Any) -> float | None:
@@ -300,7 +327,7 @@ def _add_ia3_weighted(host: Any, adapters: list[str], configs: list[Any], weight
 
 def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
-                         svd_full_matrices: bool = True, density: float | None = None,
+                         svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
                          majority_sign_method: str = "total", seed: int | None = 0,
                          modules_to_save_from: str | None = None) -> None:
     """Add ``adapter_name``, a combination of the LoRA ``adapters`` with ``weights`` (see the module doc), or of
@@ -315,28 +342,44 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         svd_rank: rank of ``*svd`` results (default: the largest source rank, ``rank_pattern`` included, as
             in peft).
         svd_clamp: quantile in (0, 1] at which ``*svd`` factors are clamped; None (default) does not clamp.
-        density: kept fraction for ties/dare/magnitude rules.
+        svd_full_matrices: passed to ``torch.linalg.svd`` (default True, as in peft).
+        svd_driver: cuSOLVER method for ``torch.linalg.svd`` on CUDA (``gesvd``, ``gesvdj``, ``gesvda``; None:
+            torch's choice); ignored on CPU, as torch has no choice there.
+        density: kept fraction for ties/dare/magnitude rules (required by them, refused by the others).
+        majority_sign_method: TIES sign election, ``total`` (default) or ``frequency``.
         seed: seeds DARE's random drops (None: the global generator).
         modules_to_save_from: adapter whose ``modules_to_save`` copies (e.g. a classifier head) the new
             adapter takes; required when the sources have such modules (there is no meaningful sum of heads).
 
+    As in peft, a single source adapter is combined with ``linear`` whatever ``combination_type`` says (the
+    result is that adapter scaled by its weight); a string ``adapters`` names one adapter.
+
     Raises:
         ConfigError: unknown names, an existing ``adapter_name``, adapters other than plain LoRA (or all
             (IA)^3, with no LoRA-only option; scaling the same side of each layer), mismatched lengths,
-            a bad ``combination_type``/``density``/``svd_rank``, or sources with ``modules_to_save`` and no
-            ``modules_to_save_from``. Nothing is added on error.
+            a bad ``combination_type``/``density``/``svd_rank``/``svd_full_matrices``/``svd_driver``/
+            ``majority_sign_method``, an option the combination type does not use (``density`` with ``cat``
+            or ``svd``, ``svd_rank`` with ``cat`` or ``linear``, ...), or sources with ``modules_to_save`` and
+            no ``modules_to_save_from``. Nothing is added on error.
     """
     from peftkit.methods.ia3 import IA3Config
     from peftkit.methods.lora import LoraConfig
 
     host = model.base_model
-    adapters = list(adapters)
+    adapters = [adapters] if isinstance(adapters, str) else list(adapters)
     host.check_known(adapters + ([modules_to_save_from] if modules_to_save_from else []))
+    check(isinstance(weights, Sequence) and not isinstance(weights, str),
+          f"weights={weights!r} is not valid; give a list of numbers, one per adapter")
     check(len(adapters) == len(weights) and adapters, f"got {len(adapters)} adapters and {len(weights)} weights; "
                                                       "give one weight per adapter (at least one)")
     check(adapter_name not in host.peft_config, f"adapter {adapter_name!r} already exists")
     check(combination_type in COMBINATION_TYPES,
           f"combination_type={combination_type!r} is not valid; expected one of {COMBINATION_TYPES}")
+    check(majority_sign_method in ("total", "frequency"),
+          f"majority_sign_method={majority_sign_method!r} is not valid; expected 'total' or 'frequency'")
+    check(isinstance(svd_full_matrices, bool), f"svd_full_matrices={svd_full_matrices!r} must be True or False")
+    check(svd_driver in (None, "gesvd", "gesvdj", "gesvda"),
+          f"svd_driver={svd_driver!r} is not valid; expected None, 'gesvd', 'gesvdj' or 'gesvda'")
     configs = [host.peft_config[a] for a in adapters]
     if any(type(c) is IA3Config for c in configs):
         options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density)
@@ -347,6 +390,9 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
               "do not apply to them")
         _add_ia3_weighted(host, adapters, configs, weights, adapter_name, modules_to_save_from)
         return
+    _check_options_apply(combination_type, density=density, svd_rank=svd_rank, svd_clamp=svd_clamp)
+    if len(adapters) == 1:  # as peft: one adapter can only be combined linearly
+        combination_type, density = "linear", None
     from peftkit.methods.lora_init import changes_base
 
     for name, cfg in zip(adapters, configs):
@@ -355,9 +401,9 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
               f"adapter {name!r} was created with init_lora_weights={init!r}, which moved part of the base weights "
               "into it; combining it would count that part twice. Save it converted to plain LoRA first "
               "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and combine the converted ones")
-        lora_bias = getattr(cfg, "lora_bias", False)
-        check(type(cfg) is LoraConfig and not getattr(cfg, "use_dora", False) and not lora_bias,
-              f"adapter {name!r} is {cfg.peft_type}{' with lora_bias' if lora_bias else ''}; "
+        extras = [k for k in ("use_dora", "lora_bias") if getattr(cfg, k, False)]
+        check(type(cfg) is LoraConfig and not extras,
+              f"adapter {name!r} is {cfg.peft_type}{' with ' + ' and '.join(extras) if extras else ''}; "
               "add_weighted_adapter combines plain LoRA adapters (or (IA)^3 adapters, linearly)")
         bias = getattr(cfg, "bias", "none")
         check(bias == "none", f"adapter {name!r} trains biases (bias={bias!r}); add_weighted_adapter combines the "
@@ -388,7 +434,7 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
             finite = (f"the combination with weights {given} is not finite (inf or NaN) on layer {name!r}: "
                       "a source holds inf/NaN, or the weights are too large for float32")
             a3, b3 = _layer_factors(parts, combination_type, svd_rank, density, majority_sign_method, svd_clamp,
-                                    svd_full_matrices, generator, finite)
+                                    svd_full_matrices, generator, finite, svd_driver)
             check(bool(torch.isfinite(a3).all() and torch.isfinite(b3).all()), finite)
             plan.append((name, layer, a3, b3))
     ranks = {name: a3.shape[0] * a3.shape[1] for name, _, a3, _ in plan}
