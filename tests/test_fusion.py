@@ -212,3 +212,16 @@ def test_fusion_layer_shapes():
     layer = FusionAdapter(["a", "b"], D)
     assert layer.fusion_value.bias is None and torch.equal(layer.fusion_value.weight, torch.eye(D))
     assert layer.fusion_query.weight.shape == (D, D) and layer.fusion_key.bias.shape == (D,)
+
+
+def test_a_fusion_named_like_an_adapter_it_fuses_and_a_string_of_names_are_refused(tmp_path):
+    model, twin = two_adapters()
+    with pytest.raises(ConfigError, match="adapters='ab' is not valid"):  # was taken as ['a', 'b']
+        add_fusion(model, "ab", "fz")
+    add_fusion(model, ["a", "b"], "fz")
+    model.save_pretrained(tmp_path, selected_adapters=["fz"])
+    # loading the fusion as 'b' said "adapter 'b' already exists" of a model that had no adapter
+    with pytest.raises(ConfigError, match="the fusion cannot be named 'b': that is the name of one of the adapters"):
+        PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "fz", adapter_name="b")
+    loaded = PeftModel.from_pretrained(twin, tmp_path / "fz", adapter_name="fused")
+    assert sorted(loaded.peft_config) == ["a", "b", "fused"]

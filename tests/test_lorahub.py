@@ -51,6 +51,18 @@ def test_lorahub_errors():
         lorahub(model, ["default"], batch)
     with pytest.raises(ConfigError, match="at least one batch"):
         lorahub(model, ["default", "b"], [])
+    # search settings are checked up front (they failed mid-search with raw TypeErrors and numpy's errors)
+    for kw, message in [(dict(steps=2.5), "steps=2.5 is not valid; give a whole number >= 1"),
+                        (dict(population=3.5), "population=3.5 is not valid"), (dict(steps="3"), "steps='3'"),
+                        (dict(seed="x"), "seed='x' is not valid"), (dict(seed=-1), "seed=-1 is not valid"),
+                        (dict(bound=float("inf")), "bound=inf is not valid; give a finite number > 0"),
+                        (dict(l1=-1), "l1=-1 is not valid; give a finite number >= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            lorahub(model, ["default", "b"], batch, **kw)
+    with pytest.raises(ConfigError, match="batches must be a list of batch dicts"):
+        lorahub(model, ["default", "b"], (b for b in batch))
+    with pytest.raises(ConfigError, match="adapters='default' is one name"):
+        lorahub(model, "default", batch)
     model.add_adapter("wide", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ConfigError, match="equal rank"):
         lorahub(model, ["default", "wide"], batch)

@@ -15,6 +15,8 @@ the step when the best candidate improved on the incumbent, else narrows it. Wei
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -94,12 +96,22 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
             the model is left as it was (no new adapter; the same active adapters and train/eval mode).
     """
     host = model.base_model
-    host.check_known(list(adapters) + ([modules_to_save_from] if modules_to_save_from else []))
-    check(len(adapters) >= 2, f"LoraHub needs at least two adapters, got {list(adapters)}")
+    check(not isinstance(adapters, str), f"adapters={adapters!r} is one name; LoraHub composes a list of at least "
+                                         "two adapters")
+    adapters = list(adapters)
+    host.check_known(adapters + ([modules_to_save_from] if modules_to_save_from else []))
+    check(len(adapters) >= 2, f"LoraHub needs at least two adapters, got {adapters}")
     check(adapter_name not in host.peft_config, f"adapter {adapter_name!r} already exists")
+    check(isinstance(batches, Sequence) and not isinstance(batches, (str, dict)),
+          f"batches must be a list of batch dicts (it is read once per candidate), got a {type(batches).__name__}")
     check(len(batches) > 0, "LoraHub needs at least one batch of examples of the new task")
-    check(steps >= 1 and population >= 2 and bound > 0 and l1 >= 0,
-          f"need steps >= 1, population >= 2, bound > 0, l1 >= 0; got {steps}, {population}, {bound}, {l1}")
+    for name, value, low in (("steps", steps, 1), ("population", population, 2), ("seed", seed, 0)):
+        check(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low,
+              f"{name}={value!r} is not valid; give a whole number >= {low}")
+    for name, value, low_ok in (("bound", bound, False), ("l1", l1, True)):
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        check(real and (value > 0 or (low_ok and value == 0)),
+              f"{name}={value!r} is not valid; give a finite number {'>= 0' if low_ok else '> 0'}")
     layers = _factors(model, adapters)
     names = {id(w): n for n, w in host.wrappers()}
     # each layer keeps its own rank (the sources may have a rank_pattern; _factors checked they agree per layer)

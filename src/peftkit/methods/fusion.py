@@ -126,6 +126,9 @@ class FusionTuner(Tuner):
     method = "AdapterFusion"
 
     def inject(self, host: Any, config: AdapterFusionConfig, adapter_name: str) -> None:
+        check(adapter_name not in config.adapters,
+              f"the fusion cannot be named {adapter_name!r}: that is the name of one of the adapters it fuses "
+              f"{config.adapters}; give it another adapter_name")
         public = [n for n in host.public_names() if n != adapter_name]  # not the fusion being added
         missing = [n for n in config.adapters if n not in public]
         unknown = [n for n in missing if n not in config.adapter_configs]
@@ -174,7 +177,9 @@ def add_fusion(model: Any, adapters: list[str], fusion_name: str = "fusion", **o
     Raises:
         ConfigError: see :class:`AdapterFusionConfig`; the model is left unchanged.
     """
-    model.add_adapter(fusion_name, AdapterFusionConfig(adapters=list(adapters), **options))
+    # a string stays one (refused) value rather than becoming a list of its letters
+    fused = adapters if isinstance(adapters, str) else list(adapters)
+    model.add_adapter(fusion_name, AdapterFusionConfig(adapters=fused, **options))
 
 
 register_method(MethodSpec(
