@@ -5,8 +5,10 @@ Each run is a few dozen steps on CPU (seconds)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from peftkit.cli import main
@@ -79,7 +81,7 @@ def test_plain_text_file_and_a_bottleneck_adapter_from_the_cli(tmp_path, capsys)
     empty.write_text("", encoding="utf-8")
     capsys.readouterr()
     assert main(["eval", "--adapter", str(out), "--eval-file", str(empty)]) == 2
-    assert "has a target token within --max-length" in capsys.readouterr().err
+    assert f"{empty}: the file holds no text" in capsys.readouterr().err
 
 
 def test_shipped_model_resolution(tmp_path):
@@ -87,3 +89,64 @@ def test_shipped_model_resolution(tmp_path):
     assert resolve_model_dir("stories260K", "causal-lm") == str(shipped_model_dir())
     assert resolve_model_dir(str(tmp_path), "sst2") == str(tmp_path)
     assert (shipped_model_dir() / "PROVENANCE.md").read_text().count("MIT") >= 1
+
+
+def test_paragraphs_of_windows_text_files_and_fields_that_are_not_text(tmp_path):
+    """A CRLF file's paragraphs were split into lines (its blank line is \\r\\n\\r\\n); a null or an object in a
+    JSONL field was trained on as the text 'None' or "{'a': 1}"."""
+    from peftkit.train.run import _read_lm_records
+
+    paragraphs = [f"Story {i} begins.\nIt ends." for i in range(5)]
+    lf, crlf, spaced = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "spaced.txt"
+    lf.write_bytes("\n\n".join(paragraphs).encode())
+    crlf.write_bytes("\r\n\r\n".join(p.replace("\n", "\r\n") for p in paragraphs).encode())
+    spaced.write_bytes("\n  \n".join(paragraphs).encode())
+    want = _read_lm_records(str(lf))
+    assert len(want) == 5 and want[0] == "Story 0 begins.\nIt ends."
+    assert _read_lm_records(str(crlf)) == want and _read_lm_records(str(spaced)) == want
+    for row, field in [({"text": None}, "text"), ({"text": {"a": 1}}, "text"), ({"prompt": "q", "response": None},
+                                                                                   "response")]:
+        f = tmp_path / "bad.jsonl"
+        f.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=f"bad.jsonl: line 2: '{field}' holds .*, not text"):
+            _read_lm_records(str(f))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: the file holds no record"):
+        _read_lm_records(str(tmp_path / "empty.jsonl"))
+
+
+def test_eval_file_of_a_causal_run_needs_no_training_file(tmp_path, capsys):
+    """eval --eval-file read the run's training file first: moved or deleted, it failed ('does not exist')."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"Once upon a time {i}."}) + "\n" for i in range(30)))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "causal-lm", "--model", "stories260K", "--train-file", str(train),
+                 "--max-steps", "1", "--output-dir", str(out), "--no-progress"]) == 0
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"text": "Once upon a time."}) + "\n" + json.dumps({"text": "The dog ran."}) + "\n")
+    with_train = evaluate_run(out, eval_file=str(dev))
+    train.unlink()
+    assert evaluate_run(out, eval_file=str(dev)) == with_train
+
+
+@pytest.mark.parametrize("gap, want", [(60.0, math.exp(60.0)), (800.0, math.inf)])
+def test_perplexity_is_exp_of_the_mean_loss_uncapped(gap, want):
+    """It was exp(min(loss, 50)): a mean loss of 60 read 5.2e21 instead of 1.1e26."""
+    from types import SimpleNamespace
+
+    from peftkit.train.trainer import perplexity
+
+    class Sure(torch.nn.Module):  # every logit 0 but token 0's, so each target but 0 costs about `gap` nats
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, 8, dtype=torch.float64)
+            logits[..., 0] = gap
+            return SimpleNamespace(logits=logits)
+
+    out = perplexity(Sure(), [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], collate_causal(0))
+    loss = gap + math.log1p(7 * math.exp(-gap))
+    assert out["loss"] == pytest.approx(loss, rel=1e-9)
+    assert out["perplexity"] == pytest.approx(want, rel=1e-6)

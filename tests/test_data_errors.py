@@ -53,7 +53,7 @@ def test_csv_labels_and_rows(tmp_path):
     with pytest.raises(DataError) as err:
         read_table(f)
     assert str(err.value) == (f"{f}: line 3 has 1 field(s) but the header has 2 (['text', 'label']): a value is "
-                              "missing, or a field holds the delimiter unquoted (quote it)")
+                              "missing, or a field holds a comma unquoted (quote it)")
     f.write_text("text,label\na,1\nb,\n")
     with pytest.raises(DataError, match="line 3 has no label"):
         examples(f)
@@ -167,6 +167,9 @@ MRPC_HEAD = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
     ("mrpc", "dev", "2\t1\t2\ta\tb", "row 2: the label '2' is not valid; this task's labels are 0..1"),
     ("mrpc", "train", "-1\t1\t2\ta\tb", "row 2: the label '-1' is not valid; this task's labels are 0..1"),
     ("stsb", "train", "a man\ta woman\tnan", "row 2: the score 'nan' is not a finite number"),
+    ("stsb", "dev", "a man\ta woman\t3.0\textra", "row 2 has 4 field(s) but the header has 3 (['sentence1', "
+                                                  "'sentence2', 'score']); GLUE .tsv files have no quoting, so a "
+                                                  "field cannot hold a tab"),
 ])
 def test_glue_files_from_data_dir_are_checked_before_writing_anything(tiny_model_dir, tmp_path, capsys, task, split,
                                                                      row, message):
@@ -201,3 +204,74 @@ def test_eval_of_a_file_run_needs_only_its_eval_file(tiny_model_dir, tmp_path, c
     big = jsonl(tmp_path / "big.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 7}])
     assert error_line(capsys, "eval", "--adapter", run, "--eval-file", big) == (
         f"peftkit: error: {big}: line 2 has the class id 7; the run's model has 3 classes (0..2)")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the file holds no row of data"),
+    (b"sentence\tlabel\n", "the file holds no row of data (only a header)"),
+    (b"text\tlabel\ngood\t1\n", "the header has no column 'sentence'; its columns are ['text', 'label']"),
+    ("sentence\tlabel\ncaf\u00e9\t1\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 18); save the file as UTF-8"),
+])
+def test_glue_train_files_that_cannot_be_read_are_named(tmp_path, content, message):
+    """These raised a bare ValueError/IndexError/UnicodeDecodeError naming no file (exit 1)."""
+    from peftkit.train.data import load_task
+
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    (folder / "train.tsv").write_bytes(content)
+    (folder / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_task("sst2", tmp_path)
+    assert str(err.value) == f"{folder / 'train.tsv'}: {message}"
+
+
+def test_glue_files_with_a_byte_order_mark_and_named_labels(tmp_path):
+    from peftkit.train.data import load_task
+
+    (tmp_path / "SST-2").mkdir()
+    for split in ("train", "dev"):  # a BOM, as Excel and Notepad write: the first column read '\ufeffsentence'
+        (tmp_path / "SST-2" / f"{split}.tsv").write_bytes(b"\xef\xbb\xbfsentence\tlabel\ngood\t1\nbad\t0\n")
+    assert [e["label"] for e in load_task("sst2", tmp_path).train] == [1, 0]
+    (tmp_path / "RTE").mkdir()
+    for split in ("train", "dev"):
+        (tmp_path / "RTE" / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailed\n")
+    with pytest.raises(DataError, match="row 2: the label 'entailed' is not valid; this task's labels are "
+                                        r"\['entailment', 'not_entailment'\]"):
+        load_task("rte", tmp_path)
+
+
+def test_a_tsv_row_with_a_tab_in_a_field_says_tsv_has_no_quoting(tmp_path):
+    f = tmp_path / "t.tsv"
+    f.write_text('text\tlabel\n"a\tb"\t1\n')
+    with pytest.raises(DataError, match=r"a field holds a tab \(.tsv files are read without quoting, as GLUE's are: "
+                                        "save the file as .csv to quote fields"):
+        read_table(f)
+
+
+def test_train_options_that_cannot_work_are_refused_before_writing(tiny_model_dir, tmp_path, capsys):
+    one = jsonl(tmp_path / "one.jsonl", [{"text": "good", "label": "pos"}, {"text": "nice", "label": "pos"}])
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence\tother\tlabel\na film\tterrible\t1\nawful\tsuperb\t0\n")
+    before = snapshot(tmp_path)
+    common = ("--model", tiny_model_dir, "--max-steps", 1, "--output-dir", tmp_path / "run", "--no-progress")
+    # one class: the run was trained, then eval/predict refused its run_config.json as damaged
+    assert error_line(capsys, "train", "--train-file", one, "--eval-file", one, *common) == (
+        f"peftkit: error: {one}: every label is 'pos'; a classifier needs at least two classes in the training file")
+    # SST-2 trained on sentences and scored on pairs
+    assert "--pair-column 'other': task 'sst2' classifies single sentences" in error_line(
+        capsys, "train", "--eval-file", pairs, "--pair-column", "other", *common)
+    # shorter than the special tokens: the tokenizer left every row uncut
+    assert error_line(capsys, "train", "--task", "rte", "--max-length", 4, *common) == (
+        "peftkit: error: --max-length 4 is too short: this tokenizer adds 3 special tokens to each pair, so a row "
+        "needs at least 5 tokens to hold any text")
+    assert snapshot(tmp_path) == before
+
+
+def test_spearman_of_nan_predictions_is_nan():
+    import math
+
+    from peftkit.train.metrics import pearson, spearman
+
+    assert math.isnan(spearman([float("nan"), 1, 2], [1, 2, 3]))  # it ranked NaN highest: -0.5
+    assert math.isnan(pearson([float("nan"), 1, 2], [1, 2, 3]))
+    assert spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)

@@ -71,34 +71,52 @@ def shipped_model_dir(name: str = "stories260K") -> Path:
     return Path(str(resources.files("peftkit") / "models" / name))
 
 
-def _read_tsv(path: Path, header: bool = True, encoding: str = "utf-8") -> tuple[list[str], list[list[str]]]:
+def _read_tsv(path: Path, header: bool = True, encoding: str = "utf-8-sig") -> tuple[list[str], list[list[str]]]:
+    """The header (``[]`` when ``header`` is False) and the rows of a GLUE ``.tsv`` file (no quoting).
+
+    Raises:
+        DataError: a missing file, text that is not UTF-8, or a file with no row of data.
+    """
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
-    with open(path, encoding=encoding, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if header:
-        return rows[0], rows[1:]
-    return [], rows
+    try:
+        with open(path, encoding=encoding, newline="") as fh:
+            rows = [r for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save the file as UTF-8") from None
+    head, body = (rows[0], rows[1:]) if header and rows else ([], rows)
+    if not body:
+        raise DataError(f"{path}: the file holds no row of data" + (" (only a header)" if head else ""))
+    return head, body
 
 
 def _glue(folder: Path, split: str, cols: dict[str, int | str], num_labels: int,
           label_map: dict[str, int] | None = None, header: bool = True, regression: bool = False,
-          encoding: str = "utf-8") -> list[Example]:
+          encoding: str = "utf-8-sig") -> list[Example]:
     """The rows of ``folder/split.tsv``; a label outside ``0..num_labels-1`` (a score that is not a finite
     number, for regression) is a :class:`DataError` naming the file, the row and the value."""
     path = folder / f"{split}.tsv"
     head, rows = _read_tsv(path, header, encoding)
+    missing = [v for v in cols.values() if isinstance(v, str) and v not in head]
+    if missing:
+        raise DataError(f"{path}: the header has no column {missing[0]!r}; its columns are {head}")
     idx = {k: (head.index(v) if isinstance(v, str) else v) for k, v in cols.items()}
+    width = len(head) if header else None
     out = []
     for n, row in enumerate(rows, start=2 if header else 1):
-        if not row:
-            continue
+        if width is not None and len(row) != width:
+            raise DataError(f"{path}: row {n} has {len(row)} field(s) but the header has {width} ({head}); GLUE "
+                            ".tsv files have no quoting, so a field cannot hold a tab")
         try:
             raw = row[idx["label"]]
             label: float | int = float(raw) if regression else (label_map[raw] if label_map else int(raw))
             out.append({"text": row[idx["text"]], "text_pair": row[idx["text_pair"]] if "text_pair" in idx else None,
                         "label": label})
-        except (IndexError, KeyError, ValueError) as err:
+        except KeyError:
+            raise DataError(f"{path}: row {n}: the label {raw!r} is not valid; this task's labels are "
+                            f"{list(label_map)}") from None
+        except (IndexError, ValueError) as err:
             raise DataError(f"{path}: row {n} cannot be read ({err!r}): {row[:4]}") from err
         if regression and not math.isfinite(label):
             raise DataError(f"{path}: row {n}: the score {raw!r} is not a finite number")
@@ -159,7 +177,7 @@ TASKS: dict[str, Callable[[str | None], Task]] = {
     "stsb": _glue_task("stsb", "STS-B", "pearson", {"text": "sentence1", "text_pair": "sentence2", "label": "score"},
                        1, regression=True, extra=("spearman",)),
     "mrpc": _glue_task("mrpc", "MRPC", "f1", {"text": "#1 String", "text_pair": "#2 String", "label": "Quality"}, 2,
-                       ["not_paraphrase", "paraphrase"], encoding="utf-8-sig", extra=("accuracy",)),
+                       ["not_paraphrase", "paraphrase"], extra=("accuracy",)),
 }
 
 
@@ -233,9 +251,10 @@ def _csv_rows(p: Path, fh: Any, delimiter: str) -> list[Row]:
         if not fields:
             continue
         if len(fields) != len(header):
+            how = ("a field holds a tab (.tsv files are read without quoting, as GLUE's are: save the file as .csv "
+                   "to quote fields)" if delimiter == "\t" else "a field holds a comma unquoted (quote it)")
             raise DataError(f"{p}: line {reader.line_num} has {len(fields)} field(s) but the header has "
-                            f"{len(header)} ({header}): a value is missing, or a field holds the delimiter "
-                            "unquoted (quote it)")
+                            f"{len(header)} ({header}): a value is missing, or {how}")
         rows.append(Row(dict(zip(header, fields)), reader.line_num))
     return rows
 

@@ -56,7 +56,10 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(pred: Sequence[float], gold: Sequence[float]) -> float:
-    """Spearman rank correlation (ties get average ranks)."""
+    """Spearman rank correlation (ties get average ranks); NaN when a value is NaN (a diverged regression),
+    as Pearson's is, rather than ranking NaN as the largest value."""
+    if np.isnan(np.asarray(pred, dtype=np.float64)).any() or np.isnan(np.asarray(gold, dtype=np.float64)).any():
+        return float("nan")
     return pearson(_ranks(np.asarray(pred, dtype=np.float64)), _ranks(np.asarray(gold, dtype=np.float64)))
 
 

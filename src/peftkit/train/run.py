@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ def load_classification_task(cfg: RunConfig, classes: tuple[int, list[str] | Non
         dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column,
                                     cfg.pair_column, source=cfg.eval_file, label_names=names, label_ids=not names,
                                     num_labels=None if classes is None else classes[0])
+        if classes is None and names is not None and len(names) < 2:
+            raise DataError(f"{cfg.train_file}: every label is {names[0]!r}; a classifier needs at least two classes "
+                            "in the training file")
         num = classes[0] if classes is not None else len(names) if names else max(e["label"] for e in train + dev) + 1
         task = Task(name=Path(cfg.train_file).stem, num_labels=max(num, 2), metric="accuracy", train=train,
                     dev=dev, label_names=names)
@@ -144,7 +148,11 @@ def load_classification_task(cfg: RunConfig, classes: tuple[int, list[str] | Non
             if task.is_regression:
                 raise DataError(f"--eval-file {cfg.eval_file!r}: task {task.name!r} is a regression, and regression "
                                 "from files is not supported; evaluate on the task's own dev set")
-            pair = cfg.pair_column or ("sentence2" if task.dev[0]["text_pair"] is not None else None)
+            paired = task.dev[0]["text_pair"] is not None
+            if cfg.pair_column and not paired:  # the model would be trained on sentences and scored on pairs
+                raise DataError(f"--pair-column {cfg.pair_column!r}: task {task.name!r} classifies single sentences, "
+                                "so its eval file has no second sentence; leave the option out")
+            pair = cfg.pair_column or ("sentence2" if paired else None)
             task.dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column, pair,
                                              source=cfg.eval_file,
                                              label_names=task.label_names if task.named_labels else None,
@@ -200,6 +208,12 @@ class _Job:
 def _classification_job(cfg: RunConfig) -> _Job:
     task = load_classification_task(cfg)
     model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
+    pair = task.dev[0]["text_pair"] is not None
+    least = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    if cfg.max_length < least:  # the tokenizer cannot cut a row that short: it would leave every row uncut
+        raise ConfigError(f"--max-length {cfg.max_length} is too short: this tokenizer adds "
+                          f"{least - (2 if pair else 1)} special tokens to each {'pair' if pair else 'sentence'}, so "
+                          f"a row needs at least {least} tokens to hold any text")
     train_ds = TokenizedDataset(task.train, tokenizer, cfg.max_length)
     dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
     coll = collate(tokenizer.pad_token_id, task.is_regression)
@@ -223,8 +237,9 @@ def _causal_lm_job(cfg: RunConfig) -> _Job:
         if ds.skipped:
             log.warning("%d %s rows have no target token within --max-length %d and were skipped",
                         ds.skipped, name, cfg.max_length)
-    if not len(dev_ds):
-        raise DataError(f"no dev row has a target token within --max-length {cfg.max_length}")
+    for name, ds in (("train", train_ds), ("dev", dev_ds)):
+        if not len(ds):
+            raise DataError(f"no {name} row has a target token within --max-length {cfg.max_length}")
     coll = collate_causal(tokenizer.pad_token_id)
     before = perplexity(model, dev_ds, coll, cfg.eval_batch_size, distributed=True)
 
@@ -365,11 +380,18 @@ def resume_run(run_dir: str | os.PathLike, progress: bool = True, device: str | 
     return run_training(cfg, resume=True)
 
 
-def _lm_records(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
+def _lm_records(cfg: RunConfig, train_too: bool = True) -> tuple[list[Any], list[Any]]:
     """Train and eval records; without ``eval_file`` the last 10% of the train file is held out, and
-    without ``train_file`` the shipped TREC corpus (train and dev) is used."""
+    without ``train_file`` the shipped TREC corpus (train and dev) is used. With ``train_too=False`` and an
+    ``eval_file`` the training file is not read (re-evaluating a run whose training file has gone).
+
+    Raises:
+        DataError: see :func:`_read_lm_records`; a file with no record (named).
+    """
     trec = shipped_data_dir() / "TREC"
     text_key = cfg.text_column or "text"
+    if cfg.eval_file and not train_too:
+        return [], _read_lm_records(cfg.eval_file, text_key)
     train = _read_lm_records(cfg.train_file or str(trec / "train.jsonl"), text_key)
     if cfg.eval_file or not cfg.train_file:
         dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"), text_key)
@@ -391,16 +413,23 @@ def _read_lm_records(path: str, text_key: str = "text") -> list[Any]:
     or a plain-text file's paragraphs (lines when it has one paragraph).
 
     Raises:
-        DataError: a missing file, text that is not UTF-8, or a row with neither field (naming file and line).
+        DataError: a missing file, text that is not UTF-8, a file with no record, a row with neither field, or
+            one whose field is not text (null, a list, an object), naming file and line.
     """
     p = Path(path)
     if p.suffix.lower() in (".jsonl", ".csv", ".tsv"):
         rows = read_table(p)
         for n, row in enumerate(rows, start=1):
+            where = f"line {row.line}" if isinstance(row, Row) else f"row {n}"
             if text_key not in row and not ("prompt" in row and "response" in row):
-                where = f"line {row.line}" if isinstance(row, Row) else f"row {n}"
                 raise DataError(f"{p}: {where} has neither {text_key!r} nor 'prompt'/'response': keys {sorted(row)}"
                                 + ("" if text_key != "text" else "; --text-column names another text field"))
+            fields = ("prompt", "response") if "prompt" in row and "response" in row else (text_key,)
+            for field in fields:  # a null or an object would be trained on as the text "None" or "{'a': 1}"
+                if not isinstance(row[field], (str, int, float)) or isinstance(row[field], bool):
+                    raise DataError(f"{p}: {where}: {field!r} holds {row[field]!r}, not text")
+        if not rows:
+            raise DataError(f"{p}: the file holds no record")
         return rows
     if not p.is_file():
         raise DataError(f"data file {path!r} does not exist")
@@ -410,8 +439,13 @@ def _read_lm_records(path: str, text_key: str = "text") -> list[Any]:
     except UnicodeDecodeError as err:
         raise DataError(f"{p}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); save the file as "
                         "UTF-8") from None
-    blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
-    return blocks if len(blocks) > 1 else [line for line in text.splitlines() if line.strip()]
+    # paragraphs are separated by a blank line: also a Windows one (\r\n\r\n), or one holding only spaces
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    blocks = [b.strip() for b in re.split(r"\n[ \t\f\v]*\n", text) if b.strip()]
+    records = blocks if len(blocks) > 1 else [line for line in text.splitlines() if line.strip()]
+    if not records:
+        raise DataError(f"{p}: the file holds no text")
+    return records
 
 
 def _adapt(model: torch.nn.Module, peft_config: PeftConfig | None, cfg: RunConfig) -> torch.nn.Module:
@@ -505,7 +539,8 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
         model, tokenizer = _load_model_and_tokenizer(cfg, None)
         if not cfg.full_finetune:
             model = _load_adapter(model, run_dir)
-        ds = CausalLMDataset(_lm_records(cfg)[1], tokenizer, cfg.max_length, text_key=cfg.text_column or "text")
+        ds = CausalLMDataset(_lm_records(cfg, train_too=False)[1], tokenizer, cfg.max_length,
+                             text_key=cfg.text_column or "text")
         if not len(ds):  # a perplexity over no token would read 1.0, a perfect score
             raise DataError(f"no {'row of ' + repr(eval_file) if eval_file else 'dev row'} has a target token within "
                             f"--max-length {cfg.max_length}")

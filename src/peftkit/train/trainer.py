@@ -393,7 +393,8 @@ def predict(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Cal
 @torch.no_grad()
 def perplexity(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Callable, batch_size: int = 16,
                device: torch.device | str | None = None, distributed: bool = False) -> dict[str, float]:
-    """Token-weighted mean loss over ``dataset`` and its perplexity ``exp(loss)`` (labels of -100 ignored).
+    """Token-weighted mean loss over ``dataset`` and its perplexity ``exp(loss)`` (labels of -100 ignored; inf
+    when the mean loss exceeds 709, past float range).
 
     With ``distributed=True`` in a process group, every rank must call it; the sums are reduced.
 
@@ -421,4 +422,5 @@ def perplexity(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: 
     if not tokens:
         raise ValueError("the perplexity dataset has no target token (every label is -100, or it has no rows)")
     mean = total / tokens
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}
+    # exp overflows a float past a mean loss of about 709.78: the perplexity is then inf, not an OverflowError
+    return {"loss": mean, "perplexity": math.exp(mean) if mean < 709.0 else math.inf, "tokens": tokens}
