@@ -17,10 +17,17 @@ from tests.cli_util import error_line
     ({"tasks": ["nope"]}, "unknown task 'nope'; the arena's tasks: sst2, rte, cola, stsb, mrpc"),
     ({"seeds": [2**32]}, "seed 4294967296 must be an integer in 0..4294967295"),
     ({"seeds": [-1]}, "seed -1 must be an integer in 0..4294967295"),
-    ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+    ({"batch_size": 0}, "batch_size=0 must be an integer >= 1"),
     ({"save_every": -1}, "save_every=-1 must be an integer >= 0 (0: no checkpoints)"),
     ({"save_every": 1.5}, "save_every=1.5 must be an integer >= 0 (0: no checkpoints)"),
     ({"save_every": True}, "save_every=True must be an integer >= 0 (0: no checkpoints)"),
+    # a string was taken letter by letter ("unknown PEFT method 'l'"), a float ran and failed in every cell
+    ({"methods": "lora"}, "methods='lora' is not valid; give a list of names"),
+    ({"tasks": "sst2"}, "tasks='sst2' is not valid; give a list of names"),
+    ({"seeds": 0}, "seeds=0 is not valid; give a list of integers"),
+    ({"train_args": "--r=16"}, "train_args='--r=16' is not valid; give a list of names"),
+    ({"max_steps": 1.5}, "max_steps=1.5 must be an integer >= 1"),
+    ({"max_steps": "10"}, "max_steps='10' must be an integer >= 1"),
 ])
 def test_bad_sweeps_are_refused(kwargs, message):
     with pytest.raises(ConfigError) as err:
@@ -113,6 +120,9 @@ def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
 @pytest.mark.parametrize("extra, problem", [
     ("--bogus", "unrecognized arguments: --bogus (see `peftkit --help`)"),
     ("--r=abc", "argument --r: expected a positive integer, got 'abc' (see `peftkit train --help`)"),
+    # values only `peftkit train`'s own checks refuse (every cell failed with the message in its log)
+    ("--lora-dropout=1.5", "--lora-dropout 1.5 must lie in [0, 1)"),
+    ("--option=bogus_field=1", "LoraConfig has no field 'bogus_field'"),
 ])
 def test_a_bad_train_arg_is_refused_before_any_cell_runs(tmp_path, capsys, extra, problem):
     """Before, every cell ran and failed, the reason was only in report.md, and the sweep folder then refused
@@ -122,3 +132,33 @@ def test_a_bad_train_arg_is_refused_before_any_cell_runs(tmp_path, capsys, extra
                       "--output-dir", out, f"--train-arg={extra}") == (
         f"peftkit: error: --train-arg '{extra}' is not valid for `peftkit train`: {problem}")
     assert not out.exists()
+
+
+def test_a_folder_with_other_files_is_not_written_over(tmp_path, capsys):
+    """The sweep replaced a user's report.md and report.json in a folder that held no sweep."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    assert error_line(capsys, "bench", "--methods", "lora", "--tasks", "sst2", "--seeds", "0", "--max-steps", "1",
+                      "--output-dir", out) == (
+        f"peftkit: error: --output-dir {str(out)!r} holds other files (report.md) and no sweep (no "
+        "bench_config.json); the sweep would write over them: give a new or empty folder, or the folder of a sweep "
+        "to resume")
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "my notes"
+
+
+def test_data_dir_must_hold_every_task_and_paths_are_saved_absolute(tmp_path, monkeypatch):
+    """A --data-dir without a task's files ran every cell to fail; relative paths were saved as typed, so the
+    cells' run folders could only be evaluated from the directory the sweep ran in."""
+    (tmp_path / "glue" / "MRPC").mkdir(parents=True)
+    for split in ("train", "dev"):
+        (tmp_path / "glue" / "MRPC" / f"{split}.tsv").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        BenchConfig(tasks=["sst2", "mrpc"], data_dir="glue", output_dir="out")
+    assert str(err.value).startswith("--data-dir glue lacks ['glue/SST-2/train.tsv', 'glue/SST-2/dev.tsv'] (it "
+                                     "holds every task's data")
+    cfg = BenchConfig(methods=["lora"], tasks=["mrpc"], seeds=[0], data_dir="glue", output_dir="out")
+    assert cfg.data_dir == str(tmp_path / "glue")
+    cmd = cell_command(cfg, Cell("lora", "mrpc", 0), tmp_path / "cell")
+    assert cmd[cmd.index("--data-dir") + 1] == str(tmp_path / "glue")

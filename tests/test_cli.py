@@ -100,3 +100,17 @@ def test_missing_column_is_named(tiny_model_dir, tmp_path, capsys):
     assert ("no text column (looked for sentence, text, sentence1); columns present: ['review', 'stars']; name it "
             "with --text-column") in capsys.readouterr().err
     shutil.rmtree(tmp_path / "r", ignore_errors=True)
+
+
+def test_relative_paths_are_saved_absolute_so_eval_works_from_anywhere(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(tiny_model_dir).parent)
+    out = tmp_path / "run"
+    assert run("train", "--model", Path(tiny_model_dir).name, "--max-steps", 1, "--max-train-samples", 16,
+               "--max-eval-samples", 8, "--output-dir", out, "--no-progress") == 0
+    assert json.loads((out / "run_config.json").read_text())["model"] == str(Path(tiny_model_dir).resolve())
+    monkeypatch.chdir(tmp_path)  # the model folder's name means nothing here
+    capsys.readouterr()
+    assert run("eval", "--adapter", out) == 0
+    assert "dev_accuracy" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -291,7 +292,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         CAUSAL_LM,
         DEFAULT_CAUSAL_MODEL_NAME,
         DEFAULT_MODEL_NAME,
-        RunConfig,
         resume_run,
         run_training,
     )
@@ -308,6 +308,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if main_rank:
             print(f"peftkit train: resuming {args.resume}", flush=True)
         return _summary(resume_run(args.resume, progress=not args.no_progress, device=args.device), main_rank)
+    cfg = train_config(args)
+    model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
+    if main_rank:
+        print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=UnmatchedTargetWarning)  # a misspelt target fails the run
+        result = run_training(cfg, overwrite=args.overwrite)
+    return _summary(result, main_rank)
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The :class:`~peftkit.train.RunConfig` of parsed ``peftkit train`` options (not ``--resume``), after every
+    check that needs no model or data: conflicting or ineffective options, the method and its options
+    (``--option``), the device. Paths that exist (``--model``, data files and folders) are made absolute, so
+    that the run folder can be evaluated from anywhere. Nothing is written.
+
+    Raises:
+        ConfigError: naming the offending option and value.
+    """
+    from peftkit.train.checks import check_device
+    from peftkit.train.run import CAUSAL_LM, RunConfig, build_peft_config
+
     if args.train_file and args.task not in (None, CAUSAL_LM):
         raise ConfigError(f"--task {args.task} cannot be combined with --train-file, whose rows are the task; leave "
                           "--task out (or give --task causal-lm for a causal-LM file)")
@@ -343,13 +365,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not args.unused_options_warn:
             raise
         warnings.warn(f"{err} (running without it: this is a `peftkit bench` cell)", stacklevel=1)
-    model_name = args.model or (DEFAULT_CAUSAL_MODEL_NAME if args.task == CAUSAL_LM else DEFAULT_MODEL_NAME)
-    if main_rank:
-        print(f"peftkit train: {cfg.label()} on {model_name}, task {args.train_file or cfg.task}", flush=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", category=UnmatchedTargetWarning)  # a misspelt target fails the run
-        result = run_training(cfg, overwrite=args.overwrite)
-    return _summary(result, main_rank)
+    spec = None if args.full_finetune else get_method(args.method)
+    if spec is not None and spec.cli_config is not None:
+        # the method's own checks of its options (--option KEY=VALUE, --r, ...), with the run defaults it brings
+        # (QLoRA's NF4 base) filled in as the run fills them
+        filled = {k: v for k, v in spec.run_options.items() if getattr(cfg, k) in (None, False)}
+        build_peft_config(dataclasses.replace(cfg, **filled))
+    check_device(cfg.device)
+    for key in ("model", "train_file", "eval_file", "data_dir"):
+        value = getattr(cfg, key)
+        if value and Path(value).exists():  # a shipped model's name (stories260K) is no path here
+            setattr(cfg, key, str(Path(value).resolve()))
+    return cfg
 
 
 # the method options of `peftkit train` and their defaults (RunConfig's), for _check_options_take_effect
@@ -363,8 +390,6 @@ def _check_options_take_effect(cfg: Any) -> None:
     Raises:
         ConfigError: naming the option, its value and the method.
     """
-    import dataclasses
-
     from peftkit.train.run import build_peft_config
 
     given = {k: getattr(cfg, k) for k, default in METHOD_OPTIONS.items() if getattr(cfg, k) != default}
@@ -547,20 +572,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_train_args(cfg: Any) -> None:
-    """Parse one cell's ``peftkit train`` command line here, so that a bad ``--train-arg`` is refused before
-    the sweep starts (each cell would fail with the message hidden in its log)."""
-    from peftkit.bench.arena import cell_command, cells
-
-    argv = cell_command(cfg, cells(cfg)[0], Path(cfg.output_dir) / "check")[3:]  # from "train" on
+def check_cell_command(argv: list[str]) -> None:
+    """Run every check ``peftkit train argv...`` makes before it loads a model (the parser, then
+    :func:`train_config`), writing nothing; for ``peftkit bench``, whose cells would each fail with the message
+    hidden in their logs. Raises ConfigError with the message ``peftkit train`` would print."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            build_parser().parse_args(argv)
+            args = build_parser().parse_args(argv)
     except SystemExit:
-        problem = err.getvalue().strip().removeprefix("peftkit: error: ")
-        raise ConfigError(f"--train-arg {' '.join(cfg.train_args)!r} is not valid for `peftkit train`: {problem}") \
-            from None
+        raise ConfigError(err.getvalue().strip().removeprefix("peftkit: error: ")) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cell's --unused-options-warn: an unused option is no error
+        train_config(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -581,8 +605,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if not (Path(cfg.output_dir) / "bench_config.json").is_file():
             raise ConfigError(f"--output-dir {cfg.output_dir!r} holds no sweep (no bench_config.json); give the folder "
                               "of a sweep, or run it without --report-only first")
-    elif cfg.train_args:
-        _check_train_args(cfg)
     records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
     extra = f" plus `{' '.join(cfg.train_args)}`" if cfg.train_args else ""
     jobs = args.jobs

@@ -28,7 +28,7 @@ from peftkit.bench.report import NOT_RUN
 from peftkit.config import ConfigError, check, get_method
 from peftkit.train.checkpoint import CHECKPOINTS, latest_checkpoint
 from peftkit.train.checks import SEED_MAX, check_model_dir, read_json_object
-from peftkit.train.data import TASKS
+from peftkit.train.data import TASK_SPECS, TASKS
 from peftkit.train.options import resolve_model_dir
 
 FULL = "full"
@@ -72,7 +72,18 @@ class BenchConfig:
     def __post_init__(self) -> None:
         """Canonical names, repeats dropped (``lora,LoRA`` is one method). Raises ConfigError (unknown method
         or task, a bad seed or size) or FileNotFoundError (``model`` is not a model folder), before any cell runs."""
+        for name in ("methods", "tasks", "seeds", "train_args"):
+            value = getattr(self, name)
+            check(isinstance(value, (list, tuple)) and not isinstance(value, str),
+                  f"{name}={value!r} is not valid; give a list" + (" of names" if name != "seeds" else " of integers"))
+        check(all(isinstance(a, str) for a in self.train_args),
+              f"train_args={self.train_args!r} must be a list of strings (e.g. ['--r=16'])")
         check(bool(self.methods) and bool(self.tasks) and bool(self.seeds), "methods, tasks and seeds must be non-empty")
+        for name in ("max_steps", "batch_size", "max_length"):
+            value = getattr(self, name)
+            check((value is None and name == "max_length")
+                  or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                  f"{name}={value!r} must be an integer >= 1")
         # get_method raises ConfigError naming the registered methods
         methods = [FULL if m.lower() == FULL else get_method(m).name for m in self.methods]
         self.methods = _unique([FULL, *methods] if FULL not in methods else methods)
@@ -83,9 +94,6 @@ class BenchConfig:
             check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX,
                   f"seed {s!r} must be an integer in 0..{SEED_MAX}")
         self.seeds = _unique(self.seeds)
-        check(self.max_steps >= 1, f"max_steps={self.max_steps!r} must be >= 1")
-        check(self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
-        check(self.max_length is None or self.max_length >= 1, f"max_length={self.max_length!r} must be >= 1")
         check(isinstance(self.save_every, int) and not isinstance(self.save_every, bool) and self.save_every >= 0,
               f"save_every={self.save_every!r} must be an integer >= 0 (0: no checkpoints)")
         if self.model is not None:
@@ -93,11 +101,36 @@ class BenchConfig:
         if "mrpc" in self.tasks:
             check(self.data_dir is not None, "task 'mrpc' is not shipped (Microsoft's licence); pass --data-dir "
                                              "pointing at a folder with MRPC/{train,dev}.tsv")
+        if self.data_dir is not None:  # it replaces the shipped data for every task
+            missing = [f for t in self.tasks for f in TASK_SPECS[t].missing_files(self.data_dir)]
+            check(not missing, f"--data-dir {self.data_dir} lacks {missing} (it holds every task's data, the shipped "
+                               "tasks' too); give a GLUE folder with <TASK>/{train,dev}.tsv for each task")
+        # saved absolute, so that the cells' run folders can be evaluated (and the sweep resumed) from anywhere
+        for name in ("model", "data_dir"):
+            value = getattr(self, name)
+            if value is not None and Path(value).exists():
+                setattr(self, name, str(Path(value).resolve()))
         options = _train_options()
         resolved = {a: _resolve_option(a.split("=", 1)[0], options) for a in self.train_args if a.startswith("--")}
         owned = [a for a, r in resolved.items() if r in OWN_OPTIONS]
         check(not owned, f"train_args {owned} repeat options the sweep sets itself ({', '.join(OWN_OPTIONS)}); "
                          "set them on the sweep (e.g. --max-steps) instead")
+        self._check_cells()
+
+    def _check_cells(self) -> None:
+        """Run ``peftkit train``'s own checks on the command line of one cell per method and task kind, so that
+        a bad ``train_args`` value (``--lora-dropout=1.5``, ``--device=cuda`` without a GPU) is refused before
+        the sweep starts instead of failing every cell with the message hidden in its log."""
+        from peftkit.cli import check_cell_command
+
+        for method in self.methods:
+            for task in _unique([t if t in PAIR_TASKS else "sst2" for t in self.tasks]):
+                argv = cell_command(self, Cell(method, task, self.seeds[0]), Path(self.output_dir) / "check")[3:]
+                try:
+                    check_cell_command(argv)
+                except ConfigError as err:
+                    what = f"--train-arg {' '.join(self.train_args)!r}" if self.train_args else "the settings"
+                    raise ConfigError(f"{what} is not valid for `peftkit train`: {err}") from None
 
     def check_folder(self) -> None:
         """Refuse to add cells to a sweep folder whose finished cells ran with other settings (steps, batch,
@@ -109,6 +142,12 @@ class BenchConfig:
               "sweep to resume")
         saved = Path(self.output_dir) / "bench_config.json"
         if not saved.is_file():
+            root = Path(self.output_dir)
+            # a sweep's own cells (say, copied without their bench_config.json) are no one else's files
+            others = sorted(p.name for p in root.iterdir() if p.name != "cells") if root.is_dir() else []
+            check(not others, f"--output-dir {self.output_dir!r} holds other files ({', '.join(others[:5])}"
+                              f"{', ...' if len(others) > 5 else ''}) and no sweep (no bench_config.json); the sweep "
+                              "would write over them: give a new or empty folder, or the folder of a sweep to resume")
             return
         old = read_json_object(saved, "it holds the sweep's settings, written by `peftkit bench`; move the folder away "
                                       "and run the sweep again")

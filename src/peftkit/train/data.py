@@ -135,6 +135,7 @@ class TaskSpec:
         label_names: class names in id order, or None.
         is_regression: the label is a score (STS-B).
         sentence_pair: each example is two sentences, encoded as a pair.
+        folder: the task's folder in a GLUE data folder (``SST-2``, ...), holding ``train.tsv`` and ``dev.tsv``.
     """
 
     name: str
@@ -142,6 +143,13 @@ class TaskSpec:
     label_names: tuple[str, ...] | None
     is_regression: bool
     sentence_pair: bool
+    folder: str
+
+    def missing_files(self, data_dir: str | os.PathLike | None) -> list[str]:
+        """The task's files that ``data_dir`` (None: the shipped datasets) lacks, as paths."""
+        root = Path(data_dir) if data_dir else shipped_data_dir()
+        return [str(root / self.folder / f"{split}.tsv") for split in ("train", "dev")
+                if not (root / self.folder / f"{split}.tsv").is_file()]
 
 
 TASK_SPECS: dict[str, TaskSpec] = {}
@@ -150,7 +158,7 @@ TASK_SPECS: dict[str, TaskSpec] = {}
 
 def _glue_task(name: str, folder: str, metric: str, cols: dict, num_labels: int, label_names=None, **kw):
     TASK_SPECS[name] = TaskSpec(name, num_labels, tuple(label_names) if label_names else None,
-                                kw.get("regression", False), "text_pair" in cols)
+                                kw.get("regression", False), "text_pair" in cols, folder)
 
     def load(data_dir: str | os.PathLike | None) -> Task:
         root = Path(data_dir) if data_dir else shipped_data_dir()
