@@ -25,7 +25,14 @@ from functools import partial
 
 import torch
 
-from benchmarks.common import BLOCK_LINEARS, in_fresh_processes, interleaved, make_batch, make_model
+from benchmarks.common import (
+    BLOCK_LINEARS,
+    in_fresh_processes,
+    interleaved,
+    make_batch,
+    make_model,
+    model_names,
+)
 
 
 def build(model_name: str, n_adapters: int):
@@ -102,10 +109,12 @@ def main() -> None:
                         help="run the timing in N fresh processes and report medians over them (default 1)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    if args.processes < 1:
-        parser.error(f"--processes {args.processes} is not valid; it must be 1 or more")
+    for flag, value in (("--processes", args.processes), ("--reps", args.reps), ("--adapters", args.adapters),
+                        ("--rows", args.rows)):
+        if value < 1:
+            parser.error(f"{flag} {value} is not valid; it must be 1 or more")
     results = []
-    for model_name in args.models.split(","):
+    for model_name in model_names(parser, args.models):
         if args.processes > 1:
             r = in_processes(model_name, args.adapters, args.rows, args.reps, args.processes)
         else:

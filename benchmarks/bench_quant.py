@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--methods", default="float32,nf4,int8")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps} is not valid; it must be 1 or more")
     if args.child:
         print(json.dumps(one(args.child, args.steps, args.device)))
         return
@@ -111,7 +113,10 @@ def main() -> None:
     for method in args.methods.split(","):
         env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
         out = subprocess.run([sys.executable, __file__, "--child", method, "--steps", str(args.steps),
-                              "--device", args.device], capture_output=True, text=True, check=True, env=env)
+                              "--device", args.device], capture_output=True, text=True, env=env)
+        if out.returncode != 0:  # the child's own error, not just its exit status
+            tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            sys.exit(f"bench_quant: the {method!r} run failed (exit {out.returncode}): {tail}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ref = next((r for r in rows if r["method"] == "float32"), rows[0])
     print(f"Llama ~{ref['params'] / 1e6:.1f}M params, LoRA r=8 all-linear, batch 8x128, {args.steps} steps, "

@@ -40,7 +40,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import BLOCK_LINEARS, in_fresh_processes, interleaved, make_batch, make_model
+from benchmarks.common import (
+    BLOCK_LINEARS,
+    in_fresh_processes,
+    interleaved,
+    make_batch,
+    make_model,
+    model_names,
+)
 
 IA3_TARGETS = {"llama20m": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
                "minilm": (["key", "value", "output.dense"], ["output.dense"])}
@@ -268,7 +275,7 @@ def main() -> None:
             parser.error(f"{flag} {value} is not valid; it must be 1 or more")
     inference_reps = 3 * args.reps if args.inference_reps is None else args.inference_reps
     results = []
-    for model_name in args.models.split(","):
+    for model_name in model_names(parser, args.models):
         print(f"== {model_name}")
         if args.processes > 1:
             r = _speed_in_processes(model_name, args.reps, inference_reps, args.processes)

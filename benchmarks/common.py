@@ -12,6 +12,7 @@ comparison runs all contenders in one process, round-robin, and reports medians 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -29,6 +30,16 @@ BLOCK_LINEARS = {
     "llama20m": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "minilm": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
 }
+
+
+def model_names(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    """The comma-separated ``--models`` value as a list, each a known model (else ``parser.error``, exit 2)."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BLOCK_LINEARS]
+    if not names or unknown:
+        parser.error(f"--models {value!r}: {'unknown model(s) ' + str(unknown) if unknown else 'no model'}; "
+                     f"expected a comma-separated list of {', '.join(BLOCK_LINEARS)}")
+    return names
 
 
 def make_model(name: str, seed: int = 0) -> torch.nn.Module:
