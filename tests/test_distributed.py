@@ -40,12 +40,41 @@ SCENARIOS = {
     "fsdp_classifier": dict(kind="classifier", fsdp=True),
     "ddp_dropout_a": dict(kind="classifier", fsdp=False, dropout=0.3),
     "ddp_dropout_b": dict(kind="classifier", fsdp=False, dropout=0.3),
+    # methods that leave parameters without a gradient: FISH's mask may select nothing in a tensor (an empty
+    # parameter), LoHa's module_dropout skips whole adapters, a different draw on each rank; both stopped DDP
+    # with "Expected to have finished reduction in the prior iteration"
+    "ddp_fish": dict(kind="classifier", fsdp=False, method="fish"),
+    "ddp_loha_module_dropout": dict(kind="classifier", fsdp=False, method="loha"),
 }
 
 
+class _Output(dict):
+    """A model output DDP can search for tensors (a dict, as HF's ModelOutput is), read as attributes."""
+
+    __getattr__ = dict.__getitem__
+
+
+class _DictClassifier(TinyClassifier):
+    """TinyClassifier returning a dict: DDP's search for unused parameters follows only tensors it finds in
+    the output (tuples, lists, dicts), and finds none in a SimpleNamespace."""
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        out = super().forward(input_ids, attention_mask, labels)
+        return _Output(loss=out.loss, logits=out.logits)
+
+
+def _method_model(method: str):
+    from peftkit import FishMaskConfig, LoHaConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = {"fish": FishMaskConfig(keep_ratio=0.02, num_fisher_samples=10, target_modules=["fc", "classifier"]),
+              "loha": LoHaConfig(r=2, target_modules=["fc"], module_dropout=0.5, init_weights=False)}[method]
+    return get_peft_model(_DictClassifier(), config)
+
+
 def _train(kind: str, fsdp: bool = False, dropout: float = 0.0, save_every: int | None = None,
-           out: str | None = None, resume=None, stop_after: int | None = None):
-    model = lora_model(kind, dropout)
+           out: str | None = None, resume=None, stop_after: int | None = None, method: str | None = None):
+    model = lora_model(kind, dropout) if method is None else _method_model(method)
     items = classification_items(21) if kind == "classifier" else lm_items()
     data = items if stop_after is None else StopAfter(items, stop_after)
     args = TrainingArguments(max_steps=STEPS, batch_size=5, warmup_ratio=0.2, progress=False, fsdp=fsdp,
@@ -100,7 +129,7 @@ def _result(folder, name: str, rank: int):
 
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return max(((a[k] - b[k]).abs().max().item() for k in a if a[k].numel()), default=0.0)
 
 
 @pytest.mark.parametrize("name", ["ddp_classifier", "ddp_lm", "fsdp_classifier"])
@@ -150,3 +179,53 @@ def test_rank_seeds_and_row_shards():
     shards = [D.shard_rows(5, D.DistInfo(rank=r, world_size=2)) for r in (0, 1)]
     assert shards == [(0, 3), (3, 5)]
     assert [D.shard_rows(1, D.DistInfo(rank=r, world_size=2)) for r in (0, 1)] == [(0, 1), (1, 1)]
+
+
+@pytest.mark.parametrize("name", ["ddp_fish", "ddp_loha_module_dropout"])
+def test_methods_that_leave_parameters_unused_train_on_two_processes(two_ranks, name):
+    from peftkit import get_peft_model_state_dict
+
+    rank0, stats = _result(two_ranks, name, 0)
+    rank1, _ = _result(two_ranks, name, 1)
+    assert stats["steps"] == STEPS
+    assert _max_diff(rank0, rank1) == 0.0  # DDP kept the replicas equal
+    start = get_peft_model_state_dict(_method_model(SCENARIOS[name]["method"]))
+    if name == "ddp_fish":  # the mask left some tensors empty: they hold no value and need no gradient
+        assert any(v.numel() == 0 for k, v in rank0.items() if k.endswith("_values"))
+        start = {k: v for k, v in start.items() if k in rank0}
+    moved = [k for k in rank0 if rank0[k].numel() and (k not in start or start[k].shape != rank0[k].shape
+                                                       or (rank0[k] - start[k]).abs().max() > 1e-6)]
+    assert moved  # it trained
+
+
+@pytest.mark.parametrize("method", ["adalora", "sora", "diff-pruning"])
+def test_methods_that_cannot_shard_are_refused_with_fsdp_before_anything_is_written(tmp_path, method):
+    """They failed in their first sharded step (a DTensor met a plain tensor in AdaLoRA's penalty, SoRA's gate,
+    diff pruning's budget), after run_config.json and train.log were written."""
+    from peftkit import ConfigError
+    from peftkit.train.run import RunConfig, run_training
+
+    cfg = RunConfig(task="causal-lm", model="stories260K", method=method, fsdp=True, max_steps=1,
+                    output_dir=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ConfigError, match=f"--method {method} does not train sharded"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_skipped_adapter_still_gets_a_zero_gradient():
+    """LyCORIS module_dropout and random AdapterDrop skip adapters: the skipped ones join the graph at weight
+    zero, so DDP sees a gradient for every parameter and a step that skips them all can still backpropagate."""
+    from peftkit import LoHaConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(TinyClassifier(), LoHaConfig(r=2, target_modules=["fc"], module_dropout=0.999999))
+    model.train()
+    batch = collate_classification(classification_items(4))
+    out = model(**batch)
+    with torch.no_grad():
+        model.eval()
+        plain = model(**batch)
+    assert torch.equal(out.logits, plain.logits)  # every adapter skipped (and LoHa starts at zero anyway)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "hada_" in n]
+    assert grads and all(g is not None and not g.any() for g in grads)

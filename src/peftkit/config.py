@@ -283,6 +283,9 @@ class MethodSpec:
             load as the parent method.
         run_options: defaults for ``peftkit train`` run options that the user left unset, e.g. QLoRA's
             ``{"quantize": "nf4"}``.
+        shards: whether it trains with FSDP (``--fsdp``); False for methods whose steps compute on the
+            parameters in ways sharded tensors do not support (AdaLoRA's penalty, SoRA's gate, diff
+            pruning's budget), which are refused with ``--fsdp`` before the run starts.
     """
 
     name: str
@@ -297,6 +300,7 @@ class MethodSpec:
     default_lr: float | None = None
     variant_of: str | None = None
     run_options: dict[str, Any] = field(default_factory=dict)
+    shards: bool = True
 
     @property
     def peft_type(self) -> str:

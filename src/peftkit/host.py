@@ -364,8 +364,8 @@ class AdapterModel(nn.Module):
                 if isinstance(w, AdaptedLayer) and name in w.adapters:
                     adapter = w.adapters[name]
                     frozen = set(getattr(adapter, "frozen_parameters", ()))
-                    for pname, p in adapter.named_parameters():
-                        p.requires_grad_(pname not in frozen)
+                    for pname, p in adapter.named_parameters():  # an empty one has nothing to train
+                        p.requires_grad_(pname not in frozen and p.numel() > 0)
                 elif isinstance(w, ModulesToSaveWrapper) and name in w.modules_to_save:
                     w.modules_to_save[name].requires_grad_(True)
             for pname in self.extra_trainable(name):

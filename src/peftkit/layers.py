@@ -104,6 +104,19 @@ def wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def skipped(adapter: nn.Module, y: Tensor) -> Tensor:
+    """``y`` for an adapter that skips this training step (LyCORIS ``module_dropout``, random AdapterDrop), with
+    its trainable parameters joined to the graph at weight zero: every parameter then gets a (zero) gradient,
+    as multi-process training (DDP) needs, and a step that skips every adapter still has a loss to
+    differentiate. Outside autograd it is ``y`` itself."""
+    if not torch.is_grad_enabled():
+        return y
+    params = [p for p in adapter.parameters() if p.requires_grad and p.numel()]
+    if not params:
+        return y
+    return y + 0.0 * sum(p.sum() for p in params).to(y.dtype)
+
+
 class Adapter(nn.Module):
     """One named adapter of one method on one :class:`AdaptedLayer`.
 

@@ -376,7 +376,7 @@ def adalora_from_cli(args: Any) -> AdaLoraConfig:
 
 register_method(MethodSpec(
     name="adalora", config_cls=AdaLoraConfig, family="reparameterised", kind="wrap", mergeable=True,
-    paper=ADALORA_PAPER, tuner=AdaLoraTuner(), cli_config=adalora_from_cli,
+    paper=ADALORA_PAPER, tuner=AdaLoraTuner(), cli_config=adalora_from_cli, shards=False,
     # E starts at zero, so A and B get no gradient until it moves: at LoRA's 1e-3 the 150-step SST-2 run
     # stays at chance (0.51); 100 steps reach 0.70 at 5e-3 and 0.76 at 2e-2 (300 dev examples)
     default_lr=2e-2,

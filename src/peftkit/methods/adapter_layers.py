@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.layers import AdaptedLayer, Adapter
+from peftkit.layers import AdaptedLayer, Adapter, skipped
 from peftkit.ops import Dropout
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -152,7 +152,7 @@ class BottleneckAdapter(Adapter):
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         """Serial use: the wrapped projection's output ``y`` becomes ``skip(y) + A(y)``."""
         if self.dropped:
-            return y
+            return skipped(self, y)
         h = self._normed(y)
         skip = y if self.adapter_norm is None or self.residual_before_ln else h.to(y.dtype)
         return skip + self.bottleneck(h).to(y.dtype)
@@ -201,7 +201,18 @@ class SublayerLayer(AdaptedLayer):
         return [(a, None) for a in self._plan]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        jobs = [(a, idx) for a, idx in self._jobs(args, kwargs) if not a.dropped]
+        planned = self._jobs(args, kwargs)
+        jobs = [(a, idx) for a, idx in planned if not a.dropped]
+        if len(jobs) < len(planned):  # the dropped ones join the graph at weight zero (see layers.skipped)
+            out = self.forward_jobs(jobs, args, kwargs) if jobs else self.base_layer(*args, **kwargs)
+            for a, _ in planned:
+                if a.dropped:
+                    out = _on_output(out, lambda t, a=a: skipped(a, t))
+            return out
+        return self.forward_jobs(jobs, args, kwargs)
+
+    def forward_jobs(self, jobs: list[tuple[BottleneckAdapter, Tensor | None]], args: tuple, kwargs: dict) -> Any:
+        """The sub-layer's output with ``jobs``' branches added (the base output when there are none)."""
         if not jobs:
             return self.base_layer(*args, **kwargs)
         if self.residual_arg:
@@ -221,6 +232,11 @@ class SublayerLayer(AdaptedLayer):
         if isinstance(out, tuple):
             return (_add_branches(jobs, x, out[0]), *out[1:])
         return _add_branches(jobs, x, out)
+
+
+def _on_output(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to a sub-layer's output tensor (the first element of a tuple output)."""
+    return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
 
 def _add_branches(jobs: list[tuple[BottleneckAdapter, Tensor | None]], x: Tensor, out: Tensor) -> Tensor:

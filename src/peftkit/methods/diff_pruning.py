@@ -104,5 +104,5 @@ def diff_pruning_from_cli(args: Any) -> DiffPruningConfig:
 
 register_method(MethodSpec(
     name="diff-pruning", config_cls=DiffPruningConfig, family="selective", kind="select", mergeable=True,
-    paper=DIFF_PRUNING_PAPER, tuner=DiffPruningTuner(), cli_config=diff_pruning_from_cli, default_lr=1e-4,
+    paper=DIFF_PRUNING_PAPER, tuner=DiffPruningTuner(), cli_config=diff_pruning_from_cli, default_lr=1e-4, shards=False,
 ))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig, check
-from peftkit.layers import AdaptedLayer, Adapter, wide
+from peftkit.layers import AdaptedLayer, Adapter, skipped, wide
 from peftkit.methods import _reparam as rp
 from peftkit.targeting import linear_types, pattern_key
 from peftkit.tuners import WrapTuner
@@ -117,7 +117,7 @@ class LycorisAdapter(Adapter):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         if rp.module_dropped(self, self.module_dropout):
-            return y
+            return skipped(self, y)
         dtype = next(self.parameters()).dtype
         out = self.side(layer, x.to(dtype))
         if self.training and self.rank_dropout > 0:

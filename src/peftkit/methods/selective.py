@@ -185,7 +185,10 @@ class SelectAdapter(Adapter):
     def set_sparse(self, name: str, indices: Tensor) -> None:
         """Make ``name``'s difference a zero sparse parameter at flat ``indices`` (``(k,)``, unique)."""
         self._drop(name)
-        self.register_parameter(f"diff_{name}_values", nn.Parameter(torch.zeros(indices.numel(), device=indices.device)))
+        # nothing selected: an empty parameter that never requires grad (multi-process training wants a gradient
+        # for every parameter that requires one, and this one takes no part in the forward)
+        self.register_parameter(f"diff_{name}_values", nn.Parameter(torch.zeros(indices.numel(), device=indices.device),
+                                                                    requires_grad=indices.numel() > 0))
         self.register_buffer(f"diff_{name}_indices", indices.to(index_dtype(self.numel(name))))
         self.is_sparse[name] = True
 

@@ -205,5 +205,5 @@ def sora_from_cli(args: Any) -> SoraConfig:
 
 register_method(MethodSpec(
     name="sora", config_cls=SoraConfig, family="reparameterised", kind="wrap", mergeable=True,
-    paper=SORA_PAPER, tuner=SoraTuner(), cli_config=sora_from_cli,
+    paper=SORA_PAPER, tuner=SoraTuner(), cli_config=sora_from_cli, shards=False,
 ))

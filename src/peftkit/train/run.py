@@ -299,6 +299,9 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
             if getattr(cfg, key) in (None, False):
                 setattr(cfg, key, value)
     peft_config = None if cfg.full_finetune else build_peft_config(cfg)  # validate options before heavy work
+    if cfg.fsdp and not cfg.full_finetune and not get_method(cfg.method).shards:
+        raise ConfigError(f"--method {cfg.method} does not train sharded (--fsdp): its step computes on the whole "
+                          "adapter tensors; train it with DDP (torchrun without --fsdp)")
     if (cfg.quantize in ("int4", "int8") and getattr(peft_config, "use_qalora", False) and cfg.quant_group_size is None
             and not resume):  # a resumed run keeps the base it started with (one saved without the field: the format's default group)
         # QA-LoRA's merge folds into the zero points only where each of its groups holds whole quantisation groups
