@@ -83,13 +83,21 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_change(tmp_path):
         other.train(resume_from_checkpoint=checkpoint)
     torch.manual_seed(0)
     wider = Trainer(lora_model("lm"), ITEMS, collate_classification,
-                    TrainingArguments(max_steps=10, batch_size=4, progress=False))
+                    TrainingArguments(max_steps=10, batch_size=4, warmup_ratio=0.2, progress=False))
     before = _state(wider)
     with pytest.raises(ConfigError, match="does not fit this model"):
         wider.train(resume_from_checkpoint=checkpoint)
     after = _state(wider)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert latest_checkpoint(tmp_path / "nothing-here") is None
+    # the optimiser's and scheduler's settings too: they were silently replaced (learning rate, weight decay)
+    # or applied (warm-up, clipping), and the run no longer matched the uninterrupted one
+    for key, value in (("learning_rate", 0.5), ("weight_decay", 0.5), ("warmup_ratio", 0.0), ("max_grad_norm", 0.0)):
+        changed = _trainer(tmp_path, **{key: value})
+        before = _state(changed)
+        with pytest.raises(ConfigError, match=f"has {key}=.* but this run has {value}; resume with the run's own"):
+            changed.train(resume_from_checkpoint=checkpoint)
+        assert all(torch.equal(before[k], v) for k, v in _state(changed).items())
 
 
 def test_save_every_needs_a_folder():
@@ -144,6 +152,12 @@ def test_cli_resume_refuses_other_options(tmp_path, capsys):
         f"peftkit: error: --resume continues {tmp_path / 'run'} with the options it was started with; --method, "
         "--max-steps, --output-dir cannot be given with it (only --device and --no-progress can)")
     assert not (tmp_path / "elsewhere").exists()
+    # options given at their default values were dropped unread (the run kept its own seed and batch)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--seed", "0", "--batch-size", "32", "--method",
+                 "lora", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"peftkit: error: --resume continues {tmp_path / 'run'} with the options it was started with; --method, "
+        "--batch-size, --seed cannot be given with it (only --device and --no-progress can)")
 
 
 def test_cli_resume_without_checkpoint_fails_in_one_line(tmp_path, capsys):

@@ -298,9 +298,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     if args.resume:
+        # every option given, also at its default value (--seed 0 would otherwise be dropped unread)
+        given = _given_options(getattr(args, "argv", None))
         defaults = vars(build_parser().parse_args(["train"]))
-        changed = [k for k, v in vars(args).items() if k not in ("resume", "device", "no_progress")
-                   and v != defaults.get(k)]
+        changed = [k for k, v in vars(args).items() if k not in ("resume", "device", "no_progress", "argv")
+                   and (v != defaults.get(k) or k in given)]
         if changed:
             raise ConfigError(f"--resume continues {args.resume} with the options it was started with; "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)} cannot be given with it "
@@ -316,6 +318,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         warnings.filterwarnings("error", category=UnmatchedTargetWarning)  # a misspelt target fails the run
         result = run_training(cfg, overwrite=args.overwrite)
     return _summary(result, main_rank)
+
+
+def _given_options(argv: list[str] | None) -> set[str]:
+    """The destinations of the options on a ``peftkit train`` command line, whatever their values (parsed
+    again with every default suppressed); empty when the command line is not known."""
+    if argv is None:
+        return set()
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
 
 
 def train_config(args: argparse.Namespace) -> Any:
@@ -628,7 +642,9 @@ COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "eval": _cmd_eval, "predic
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peftkit`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what was given, for checks that must tell a default from an option given at it
     from peftkit.train.data import DataError
 
     # transformers imports torchao (when installed) on the first model load; on a CPU-only machine its optional

@@ -177,6 +177,12 @@ def _read_rank(folder: Path, rank: int, tensors: bool = True) -> tuple[dict[str,
         raise ConfigError(f"{str(path)!r} is not a readable safetensors file ({err}); {DAMAGED}") from None
 
 
+def read_checkpoint_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state saved in the checkpoint ``folder`` (its ``trainer_state.json``), checked; nothing is
+    loaded. Raises ConfigError (damaged) or FileNotFoundError (missing)."""
+    return _read_state(Path(folder))
+
+
 def check_checkpoint(folder: str | os.PathLike, rank: int = 0, world_size: int | None = None) -> None:
     """Read the checkpoint's JSON files and rank ``rank``'s safetensors header, without changing anything.
 

@@ -34,7 +34,13 @@ from tqdm.auto import tqdm
 
 from peftkit.config import check
 from peftkit.train import distributed as D
-from peftkit.train.checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoint import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+)
 from peftkit.train.checkpoint import STATE as CHECKPOINT_STATE
 from peftkit.train.checks import check_field_types
 
@@ -280,17 +286,28 @@ class Trainer:
         """Write the checkpoint of step ``step`` to ``args.output_dir/checkpoints`` (every rank calls it)."""
         state = {"total_steps": self.total_steps, "batch_size": self.args.batch_size, "seed": self.args.seed,
                  "history": self.history, "samples": self.samples, "seconds": seconds,
-                 "scheduler": self.scheduler.state_dict()}
+                 "scheduler": self.scheduler.state_dict(), "training": self._resume_settings()}
         folder = save_checkpoint(self.args.output_dir, step, D.unwrap(self.wrapped), self.optimizer, state)
         if self.dist.is_main:
             log.info("checkpoint %s", folder)
 
+    def _resume_settings(self) -> dict[str, float]:
+        """The arguments a resumed run must share with the checkpoint besides length, batch and seed (the
+        optimiser's and scheduler's settings: changed, they were silently replaced or applied)."""
+        a = self.args
+        return {"learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "warmup_ratio": a.warmup_ratio,
+                "max_grad_norm": a.max_grad_norm}
+
     def _resume(self, folder: str | os.PathLike) -> int:
+        saved = read_checkpoint_state(folder)  # checked before anything is loaded
+        mine = {"total_steps": self.total_steps, "batch_size": self.args.batch_size, "seed": self.args.seed,
+                **self._resume_settings()}
+        training = saved.get("training") if isinstance(saved.get("training"), dict) else {}  # older ones lack it
+        for key, value in mine.items():
+            have = training.get(key, value) if key in self._resume_settings() else saved[key]
+            check(have == value, f"checkpoint {str(folder)!r} has {key}={have!r} but this run has {value!r}; "
+                                 "resume with the run's own arguments")
         state = load_checkpoint(folder, D.unwrap(self.wrapped), self.optimizer)
-        for key, value in (("total_steps", self.total_steps), ("batch_size", self.args.batch_size),
-                           ("seed", self.args.seed)):
-            check(state[key] == value, f"checkpoint {str(folder)!r} has {key}={state[key]!r} but this run has "
-                                       f"{value!r}; resume with the run's own options")
         self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.samples, self._seconds_before = list(state["history"]), state["samples"], state["seconds"]
         return int(state["step"])
