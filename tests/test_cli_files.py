@@ -235,6 +235,16 @@ def _damage(run, what):
         (step / "trainer_state.json").write_text('{"step": 2}')
         return (f"'{step / 'trainer_state.json'}' lacks ['world_size', 'optimizer_param_groups', 'total_steps', "
                 f"'batch_size', 'seed', 'history', 'samples', 'seconds', 'scheduler']; {DAMAGED}")
+    if what.startswith("state_value:"):  # a value of the wrong form: a raw KeyError/TypeError after writing
+        key, value = what.split(":", 2)[1:]
+        state = json.loads((step / "trainer_state.json").read_text())
+        (step / "trainer_state.json").write_text(json.dumps({**state, key: json.loads(value)}))
+        return f"'{step / 'trainer_state.json'}' has {key} of the wrong form; {DAMAGED}"
+    if what.startswith("rank_value:"):
+        key, value = what.split(":", 2)[1:]
+        meta = json.loads((step / "rank0.json").read_text())
+        (step / "rank0.json").write_text(json.dumps({**meta, key: json.loads(value)}))
+        return f"'{step / 'rank0.json'}' has {key} of the wrong form; {DAMAGED}"
     if what == "missing_rank":
         (step / "rank0.safetensors").unlink()
         return f"'{step / 'rank0.safetensors'}' is missing; {DAMAGED}"
@@ -249,7 +259,10 @@ def _damage(run, what):
 
 @pytest.mark.parametrize("what", ["run_config_json", "run_config_type", "run_config_range", "safetensors",
                                   "trainer_state", "trainer_state_keys", "missing_rank", "no_checkpoints",
-                                  "latest"])
+                                  "latest", "state_value:scheduler:{}", 'state_value:history:"abc"',
+                                  "state_value:samples:null", "state_value:optimizer_param_groups:[{}]",
+                                  "rank_value:numpy:[1, 2]", 'rank_value:python:"x"',
+                                  'rank_value:optim_scalars:{"0.step": "x"}'])
 def test_resume_from_a_damaged_run_is_one_line_and_changes_nothing(runs, tmp_path, capsys, what):
     run = shutil.copytree(runs / "ckpt", tmp_path / "run")
     for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors"):

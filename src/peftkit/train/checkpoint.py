@@ -154,10 +154,43 @@ def _read_state(folder: Path) -> dict[str, Any]:
     state = read_json_object(folder / STATE, DAMAGED)
     missing = [k for k in STATE_KEYS if k not in state]
     check(not missing, f"{str(folder / STATE)!r} lacks {missing}; {DAMAGED}")
-    check(isinstance(state["world_size"], int) and isinstance(state["step"], int)
-          and isinstance(state["optimizer_param_groups"], list),
-          f"{str(folder / STATE)!r} has a step, world_size or optimizer_param_groups of the wrong type; {DAMAGED}")
+    sched = state["scheduler"]
+    fields = {
+        "step": _whole(state["step"]), "world_size": _whole(state["world_size"]) and state["world_size"] >= 1,
+        "samples": _whole(state["samples"]), "seconds": _number(state["seconds"]),
+        "history": isinstance(state["history"], list) and all(_number(v) for v in state["history"]),
+        "scheduler": isinstance(sched, dict) and {"base_lrs", "last_epoch", "lr_lambdas"} <= set(sched)
+        and _whole(sched["last_epoch"]) and isinstance(sched["base_lrs"], list),
+        "optimizer_param_groups": isinstance(state["optimizer_param_groups"], list) and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and _number(g.get("lr"))
+            for g in state["optimizer_param_groups"]),
+    }
+    wrong = [k for k, ok in fields.items() if not ok]
+    check(not wrong, f"{str(folder / STATE)!r} has {', '.join(wrong)} of the wrong form; {DAMAGED}")
     return state
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _rank_meta_problems(meta: dict[str, Any]) -> list[str]:
+    """The fields of a ``rank<R>.json`` that do not have the form :func:`_rng_state` and the optimiser write."""
+    numpy_state, python_state, scalars = meta["numpy"], meta["python"], meta["optim_scalars"]
+    ok = {
+        "numpy": isinstance(numpy_state, list) and len(numpy_state) == 4 and isinstance(numpy_state[0], str)
+        and all(_number(v) for v in numpy_state[1:]),
+        "python": isinstance(python_state, list) and len(python_state) == 3 and _whole(python_state[0])
+        and isinstance(python_state[1], list) and all(_whole(v) for v in python_state[1])
+        and (python_state[2] is None or _number(python_state[2])),
+        "optim_scalars": isinstance(scalars, dict) and all(
+            isinstance(k, str) and "." in k and k.split(".", 1)[0].isdigit() and _number(v) for k, v in scalars.items()),
+    }
+    return [k for k, good in ok.items() if not good]
 
 
 def _read_rank(folder: Path, rank: int, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -165,6 +198,8 @@ def _read_rank(folder: Path, rank: int, tensors: bool = True) -> tuple[dict[str,
     meta = read_json_object(folder / f"rank{rank}.json", DAMAGED)
     missing = [k for k in RANK_KEYS if k not in meta]
     check(not missing, f"{str(folder / f'rank{rank}.json')!r} lacks {missing}; {DAMAGED}")
+    wrong = _rank_meta_problems(meta)
+    check(not wrong, f"{str(folder / f'rank{rank}.json')!r} has {', '.join(wrong)} of the wrong form; {DAMAGED}")
     path = folder / f"rank{rank}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing; {DAMAGED}")
