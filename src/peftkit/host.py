@@ -274,7 +274,7 @@ class AdapterModel(nn.Module):
             self.peft_config.pop(part, None)
         if adapter_name in self.peft_config:
             self.tuner(adapter_name).remove(self, adapter_name)
-        for name, module in list(self.wrappers()):
+        for name, module in reversed(list(self.wrappers())):  # innermost first, as in unload
             if isinstance(module, AdaptedLayer):
                 if adapter_name in module.adapters:
                     module.remove(adapter_name)
@@ -482,7 +482,9 @@ class AdapterModel(nn.Module):
         else:
             self.unmerge()
         keep = names  # the adapters merged in: their trained copies (modules_to_save) stay
-        for name, w in list(self.wrappers()):
+        # innermost first: a wrapper inside a wrapped sub-layer (LoRA on the dense layer inside a parallel
+        # adapter's attention.output) is addressed through the outer wrapper, which must still be there
+        for name, w in reversed(list(self.wrappers())):
             if isinstance(w, AdaptedLayer):
                 for n, adapter in w.adapters.items():  # what is not merged in goes, with what it took from the base
                     if n not in w.merged_adapters:

@@ -615,4 +615,6 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where module ``name`` is (works inside ``nn.ModuleList``/``nn.Sequential`` too)."""
     parent, child = get_submodule_parent(model, name)
+    while isinstance(parent, AdaptedLayer) and child not in parent._modules:
+        parent = parent.base_layer  # a module inside a wrapped sub-layer (see SublayerLayer.__getattr__)
     setattr(parent, child, new)

@@ -76,13 +76,23 @@ def iter_logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     from peftkit.layers import unwrap
 
     hidden: list[str] = []
+    # a wrapper around a whole sub-layer (a parallel adapter's) keeps the modules inside it addressable:
+    # (real prefix "x.base_layer.", logical prefix "x.")
+    renamed: list[tuple[str, str]] = []
     for name, module in model.named_modules():
         if hidden and any(name.startswith(h) for h in hidden):
             continue
+        if any(name == real[:-1] for real, _ in renamed):
+            continue  # the sub-layer itself, already reported under the wrapper's name
+        logical = next((log + name[len(real):] for real, log in renamed if name.startswith(real)), name)
         base = unwrap(module)
         if base is not module:
-            hidden.append(name + ".")
-        yield name, base
+            if getattr(module, "holds_adaptable_modules", False):
+                hidden.append(name + ".adapters.")
+                renamed.insert(0, (name + ".base_layer.", logical + "."))
+            else:
+                hidden.append(name + ".")
+        yield logical, base
 
 
 def find_targets(

@@ -174,12 +174,27 @@ class SublayerLayer(AdaptedLayer):
       sub-layer's input is ``input_tensor``; it becomes ``input_tensor + A(input_tensor)``, so the adapter
       output joins the residual sum before the LayerNorm.
 
-    Nothing merges here; other methods' layers inside the sub-layer keep working (add them first).
+    Nothing merges here; other methods' layers inside the sub-layer keep working, added before or after it.
     """
+
+    #: the modules inside the sub-layer stay targets of other adapters, under their own names
+    #: (``attention.output.dense``): see :func:`peftkit.targeting.iter_logical_modules`
+    holds_adaptable_modules = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.residual_arg = "input_tensor" in inspect.signature(base_layer.forward).parameters
+
+    def __getattr__(self, name: str) -> Any:
+        """A module of the wrapped sub-layer by its own name (``get_submodule("attention.output.dense")``
+        finds the ``dense`` inside the wrapped ``attention.output``), after the wrapper's own attributes."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if base is not None and name in base._modules:
+                return base._modules[name]
+            raise
 
     @property
     def weight(self) -> None:  # type: ignore[override]
