@@ -407,3 +407,24 @@ def test_an_output_dir_that_cannot_be_written_is_refused_up_front(tiny_model_dir
     assert error_line(capsys, *train_args(tiny_model_dir, "/proc/peftkit-run")).startswith(
         "peftkit: error: --output-dir '/proc/peftkit-run' cannot be written: no folder can be made in '/proc'")
     assert snapshot(tmp_path) == before
+
+
+def test_export_never_replaces_the_base_named_by_a_plain_adapter_folder(tiny_model_dir, tmp_path, capsys):
+    """Without --model the base is the folder adapter_config.json names; --overwrite replaced it (rc 0), so the
+    adapter lost the model it needs."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit import LoraConfig, get_peft_model
+
+    base_dir = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base_dir)
+    before = snapshot(tmp_path)
+    assert error_line(capsys, "export", "--adapter", tmp_path / "adapter", "--merge", "--output", base_dir,
+                      "--overwrite") == (
+        f"peftkit: error: --output '{base_dir}' holds the input folder '{base_dir}'; replacing it would delete the "
+        "input: give another output folder")
+    assert snapshot(tmp_path) == before

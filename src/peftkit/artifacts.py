@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from peftkit.config import WEIGHTS_NAME, ConfigError, PeftConfig, check, get_method
+from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, PeftConfig, check, get_method
 from peftkit.formats.hf_peft import AdapterLoadError, atomic_write_bytes, current_umask, save_adapter
 from peftkit.train.checks import check_model_dir, has_tokenizer_files, unwritable_problem
 
@@ -110,7 +110,13 @@ def _base_sources(adapter_dir: str | os.PathLike, model_dir: str | None) -> list
 
     run_dir = _run_dir(Path(adapter_dir))
     run_model = read_run_config(run_dir)[0].model if run_dir is not None and model_dir is None else None
-    return [adapter_dir, model_dir, run_model]
+    named = None  # a plain adapter folder's base: the folder its adapter_config.json names
+    if run_dir is None and model_dir is None and (Path(adapter_dir) / CONFIG_NAME).is_file():
+        try:
+            named = PeftConfig.from_pretrained(Path(adapter_dir)).base_model_name_or_path
+        except (ConfigError, ValueError, OSError):
+            named = None  # a damaged config fails when the base is loaded, with its own message
+    return [adapter_dir, model_dir, run_model, named if named and Path(named).is_dir() else None]
 
 
 def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) -> tuple[torch.nn.Module, Any]:
