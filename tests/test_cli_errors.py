@@ -223,6 +223,14 @@ def test_a_misspelt_target_module_fails_the_run(tiny_model_dir, tmp_path, capsys
      "have no effect: leave them out, or drop --full-finetune"),
     (["--full-finetune", "--lora-alpha", "8"], "--full-finetune trains every weight of the model; --lora-alpha 8.0 "
      "would have no effect"),
+    # the same field twice: it said "--r 4 has no effect with --method lora, which does not use it"
+    (["--r", "4", "--option", "r=4"], "--r and --option r=... both set r; give one of them"),
+    # a run labelled dora that trained plain LoRA
+    (["--method", "dora", "--option", "use_dora=false"], "--option use_dora=False undoes what --method dora is "
+     "(use_dora=True); use --method lora for that"),
+    # an empty list fell back to all-linear
+    (["--target-modules", ","], "argument --target-modules: ',' names no module; give module names separated by "
+     "commas, all-linear, or a regex"),
 ])
 def test_options_the_method_does_not_use_are_refused(tiny_model_dir, tmp_path, capsys, extra, message):
     """They were ignored, yet recorded in run_config.json as if they had shaped the run."""
@@ -261,3 +269,17 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     proc.stdout.close()  # the reader is gone before anything is written (head after its line, at the latest)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "BrokenPipe" not in err and "peftkit: error" not in err
+
+
+def test_rows_longer_than_the_models_positions_are_refused_before_writing(tiny_model_dir, tmp_path, capsys):
+    """They failed inside the forward with a bare size mismatch (exit 1), leaving run_config.json behind."""
+    import json
+
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({"text": " ".join(["word"] * 300), "label": i % 2}) + "\n" for i in range(4)))
+    before = snapshot(tmp_path)
+    assert error_line(capsys, "train", "--model", tiny_model_dir, "--train-file", rows, "--eval-file", rows,
+                      "--max-length", 400, "--max-steps", 1, "--output-dir", tmp_path / "run") == (
+        "peftkit: error: --max-length 400 lets rows of 302 tokens through, but the model has 128 positions; give "
+        "--max-length 128 or less")
+    assert snapshot(tmp_path) == before

@@ -57,7 +57,11 @@ def _target_modules(value: str) -> list[str] | str:
             raise argparse.ArgumentTypeError(f"{value!r} is read as a regular expression, and it is not a valid "
                                              f"one ({err}); give names separated by commas or a valid regex") from None
         return value
-    return [v.strip() for v in value.split(",") if v.strip()]
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:  # an empty list would fall back to the method's default targets
+        raise argparse.ArgumentTypeError(f"{value!r} names no module; give module names separated by commas, "
+                                         "all-linear, or a regex")
+    return names
 
 
 def _option(value: str) -> tuple[str, Any]:
@@ -408,6 +412,8 @@ def _check_options_take_effect(cfg: Any) -> None:
 
     given = {k: getattr(cfg, k) for k, default in METHOD_OPTIONS.items() if getattr(cfg, k) != default}
     flag = {k: "--" + k.replace("_", "-") for k in METHOD_OPTIONS}
+    for key in given:
+        check(key not in cfg.method_options, f"{flag[key]} and --option {key}=... both set {key}; give one of them")
     if cfg.full_finetune:
         extra = [f"{flag[k]} {v!r}" for k, v in given.items()]
         extra += [f"--method {cfg.method}"] if cfg.method != "lora" else []

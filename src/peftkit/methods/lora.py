@@ -534,6 +534,7 @@ def _preset(**fields: Any) -> Any:
         config.validate()
         return config
 
+    build.defining_fields = dict(fields)  # what makes the variant itself (an --option may not undo it)
     return build
 
 

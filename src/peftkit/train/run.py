@@ -176,8 +176,13 @@ def build_peft_config(cfg: RunConfig) -> PeftConfig:
                                        "(AdapterFusion: peftkit.add_fusion over trained adapters)")
     config = spec.cli_config(cfg)
     fields = {f.name for f in dataclasses.fields(config)}
+    # what makes a preset variant itself (DoRA: use_dora=True on LoRA): an --option may not undo it
+    defining = getattr(spec.cli_config, "defining_fields", {})
     for key, value in cfg.method_options.items():
         check(key in fields, f"{spec.config_cls.__name__} has no field {key!r}")
+        check(key not in defining or value == defining[key],
+              f"--option {key}={value!r} undoes what --method {spec.name} is ({key}={defining.get(key)!r}); "
+              f"use --method {spec.variant_of} for that")
         setattr(config, key, value)
     check_field_types(config, "--option ", cfg.method_options)
     check(not config.inference_mode, "--option inference_mode=true freezes the adapter, so nothing would train; "
@@ -216,6 +221,7 @@ def _classification_job(cfg: RunConfig) -> _Job:
                           f"a row needs at least {least} tokens to hold any text")
     train_ds = TokenizedDataset(task.train, tokenizer, cfg.max_length)
     dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
+    _check_positions(model, cfg.max_length, train_ds, dev_ds)
     coll = collate(tokenizer.pad_token_id, task.is_regression)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -225,6 +231,18 @@ def _classification_job(cfg: RunConfig) -> _Job:
     return _Job(model, tokenizer, train_ds, dev_ds, coll, count_rows, evaluate,
                 {"task": task.name, "metric": task.metric},
                 {"label_names": task.label_names, "num_labels": task.num_labels})
+
+
+def _check_positions(model: torch.nn.Module, max_length: int, *datasets: TokenizedDataset) -> None:
+    """Refuse rows longer than a learned position table (BERT's 512): they failed inside the model's forward
+    with a bare size mismatch, after the run folder was written. Raises ConfigError."""
+    from peftkit.methods.prompt_learning import position_table
+
+    usable = position_table(model)[0]
+    longest = max((len(ids) for ds in datasets for ids in ds.features["input_ids"]), default=0)
+    if usable is not None and longest > usable:
+        raise ConfigError(f"--max-length {max_length} lets rows of {longest} tokens through, but the model has "
+                          f"{usable} positions; give --max-length {usable} or less")
 
 
 def _causal_lm_job(cfg: RunConfig) -> _Job:
