@@ -399,3 +399,15 @@ def test_lora_and_a_parallel_adapter_in_either_order_adapt_the_same_layers_and_u
         bare = after.unload()
         assert not any(type(m).__name__ in ("AdaptedLayer", "SublayerLayer") for m in bare.modules())
         assert torch.equal(bare(input_ids=x).logits, base(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "random"])
+def test_adapterdrop_without_a_block_index_is_refused(mode):
+    """With a layers_pattern that finds no block index, every adapter was kept and never dropped, silently."""
+    from peftkit import AdapterDropConfig, ConfigError, get_peft_model
+
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="adapterdrop_layers=1 drops the adapters of the first blocks, but no block "
+                                          "index was found"):
+        get_peft_model(model, AdapterDropConfig(adapterdrop_layers=1, adapterdrop_mode=mode, layers_pattern="blk"))
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())

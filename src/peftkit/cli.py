@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (default 16)")
     t.add_argument("--lora-dropout", type=_finite_float, default=0.0, help="LoRA dropout (default 0)")
     t.add_argument("--target-modules", type=_target_modules, default=None,
-                   help="comma-separated names/suffixes, a regex, or all-linear (default all-linear)")
+                   help="comma-separated names/suffixes, a regex, or all-linear (default: the method's own, "
+                        "all-linear for LoRA; the adapter sites for bottleneck adapters)")
     t.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="extra method config field, JSON value (e.g. --option use_rslora=true); repeatable")
     t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the method's, 1e-3 for most; 5e-5 full fine-tune)")

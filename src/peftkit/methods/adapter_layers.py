@@ -92,8 +92,9 @@ class BottleneckAdapter(Adapter):
         non_linearity: a key of :data:`ACTIVATIONS`. scaling: ``s``. dropout: on the bottleneck.
         ln_before: a LayerNorm on the adapter's input. residual_before_ln: the serial skip carries the
             input before that LayerNorm (True) or after it.
-        init_weights: ``"identity"`` (Kaiming-uniform down, zero up: exactly the identity at step 0)
-            or ``"bert"`` (both N(0, 0.01^2), zero biases: close to the identity).
+        init_weights: ``"identity"`` (Kaiming-uniform down, zero up: exactly the identity at step 0, unless
+            a LayerNorm comes before the adapter and the skip is taken after it) or ``"bert"`` (both
+            N(0, 0.01^2), zero biases: close to the identity).
         rule / phm_rank: with a shared PHM rule the projections are :class:`PHMLinear` (Compacter).
         block: the transformer block index of the site (None if unknown). drop: the robust AdapterDrop
             state, or None.

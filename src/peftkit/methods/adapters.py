@@ -85,8 +85,9 @@ class BottleneckConfig(PeftConfig):
         adapter_dropout: dropout on the bottleneck activations, in [0, 1). Default 0.
         ln_before: a trainable LayerNorm on the adapter input. residual_before_ln: with ``ln_before``,
             the serial skip connection carries the input before (True, default) or after the LayerNorm.
-        init_weights: ``"identity"`` (default: up-projection zero, the model is unchanged at step 0) or
-            ``"bert"`` (all weights N(0, 0.01^2): near identity).
+        init_weights: ``"identity"`` (default: up-projection zero, the model is unchanged at step 0, except
+            with ``ln_before`` and ``residual_before_ln=False``, whose skip carries the normalised input, as
+            in AdapterHub) or ``"bert"`` (all weights N(0, 0.01^2): near identity).
         phm_layer: use Compacter's PHM layers; phm_dim ``n`` (divides ``d`` and ``m``), phm_rank ``r``.
             One ``(n, n, n)`` rule tensor is shared by every PHM layer of the adapter.
         adapterdrop_layers: AdapterDrop's ``N`` (>= 0); adapterdrop_mode ``"fixed"`` leaves the adapters
@@ -288,6 +289,11 @@ class BottleneckTuner(WrapTuner):
                       and (isinstance(module, SublayerLayer) or not isinstance(module, AdaptedLayer)),
                       f"{n}: a parallel adapter sits beside a whole attention or feed-forward sub-layer, not a "
                       f"single {type(unwrap(module)).__name__}; target the module that holds it")
+        if config.adapterdrop_layers:  # it drops by block index: without one it would drop nothing, silently
+            check(any(_block(n, config) is not None for n in names),
+                  f"adapterdrop_layers={config.adapterdrop_layers} drops the adapters of the first blocks, but no block "
+                  f"index was found in the targets ({names[:3]}...); set layers_pattern to the name that precedes the "
+                  "block index (e.g. 'layers', 'h', 'block')")
         if config.adapterdrop_mode == "fixed" and config.adapterdrop_layers:
             names = [n for n in names if _block(n, config) is None or _block(n, config) >= config.adapterdrop_layers]
             check(bool(names), f"adapterdrop_layers={config.adapterdrop_layers} leaves out every block; "

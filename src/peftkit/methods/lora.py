@@ -10,7 +10,7 @@ uses ``alpha / sqrt(r)``. Trainable parameters per adapted ``(out, in)`` layer: 
 
 Options on the same config: ``use_dora`` (:mod:`peftkit.methods.dora`), ``init_lora_weights="pissa"``,
 ``"pissa_niter_N"`` or ``"olora"`` (:mod:`peftkit.methods.lora_init`); the LoRA+ optimiser is
-:func:`peftkit.methods.loraplus.create_loraplus_optimizer`.
+:func:`peftkit.optimizers.create_loraplus_optimizer` (also ``peftkit.create_loraplus_optimizer``).
 """
 
 from __future__ import annotations
