@@ -114,3 +114,13 @@ def test_relative_paths_are_saved_absolute_so_eval_works_from_anywhere(tiny_mode
     capsys.readouterr()
     assert run("eval", "--adapter", out) == 0
     assert "dev_accuracy" in capsys.readouterr().out
+
+
+def test_a_diverged_run_says_so(tiny_model_dir, tmp_path, capsys):
+    """--lr 1e6 ended 'done' with a NaN loss and NaN adapter weights, and no word about it."""
+    assert run("train", "--model", tiny_model_dir, "--max-steps", 3, "--lr", "1e6", "--max-train-samples", 16,
+               "--max-eval-samples", 8, "--output-dir", tmp_path / "run", "--no-progress") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    out = capsys.readouterr().out
+    assert metrics["train_loss"] != metrics["train_loss"]  # NaN: the seeded run diverges
+    assert "warning         the training loss is nan: the run diverged" in out

@@ -466,6 +466,9 @@ def _summary(r: dict[str, Any], show: bool) -> int:
            if r["quantized_weight_ratio"] else ")"),
         f"  written to      {r['output_dir']}",
     ]
+    if not math.isfinite(r.get("train_loss", 0.0)):
+        lines.append(f"  warning         the training loss is {r['train_loss']}: the run diverged and its adapter holds "
+                     "no usable weights; train again with a lower --lr")
     print("\n".join(lines))
     return 0
 
