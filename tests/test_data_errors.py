@@ -275,3 +275,27 @@ def test_spearman_of_nan_predictions_is_nan():
     assert math.isnan(spearman([float("nan"), 1, 2], [1, 2, 3]))  # it ranked NaN highest: -0.5
     assert math.isnan(pearson([float("nan"), 1, 2], [1, 2, 3]))
     assert spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
+
+
+def test_eval_file_in_the_tasks_own_glue_layout_and_named_columns(tiny_model_dir, tmp_path, capsys):
+    """A task's own dev.tsv was refused as --eval-file (CoLA's has no header; STS-B is a regression), and the
+    message said to pass --text-column, which eval did not take."""
+    from peftkit.train.data import load_task, shipped_data_dir
+
+    common = ("--model", tiny_model_dir, "--max-steps", 1, "--max-train-samples", 16, "--max-eval-samples", 8,
+              "--no-progress")
+    for task, folder, metric in (("cola", "CoLA", "matthews"), ("stsb", "STS-B", "pearson")):
+        run = tmp_path / task
+        assert cli("train", "--task", task, "--output-dir", run, *common) == 0
+        capsys.readouterr()
+        assert cli("eval", "--adapter", run, "--eval-file", shipped_data_dir() / folder / "dev.tsv") == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert f"dev_examples    {len(load_task(task).dev)}" in lines  # the whole file, read as the task reads it
+        assert any(line.startswith(f"dev_{metric}") for line in lines)
+    table = tmp_path / "mine.csv"
+    table.write_text("review,gold\nan awful film,0\na fine film,1\n")
+    assert error_line(capsys, "eval", "--adapter", tmp_path / "cola", "--text-column", "review") == (
+        "peftkit: error: --text-column names a column of --eval-file; give the file too")
+    assert cli("eval", "--adapter", tmp_path / "cola", "--eval-file", table, "--text-column", "review",
+               "--label-column", "gold") == 0
+    assert "dev_examples    2" in capsys.readouterr().out.splitlines()

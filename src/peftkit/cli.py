@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="folder written by `peftkit train`")
     e.add_argument("--eval-file", help="evaluate on this whole file instead of the run's dev set (labels as in "
                                        "the run's data: class ids, or class names)")
+    e.add_argument("--text-column", help="--eval-file's text column (default: sentence, text or sentence1)")
+    e.add_argument("--pair-column", help="--eval-file's second-sentence column (pair tasks)")
+    e.add_argument("--label-column", help="--eval-file's label column (default: as the run was trained)")
     e.add_argument("--device", help="cpu, cuda, ...")
 
     p = sub.add_parser("predict", help="serve a trained run: labels, scores or generated text for new inputs",
@@ -476,7 +479,8 @@ def _summary(r: dict[str, Any], show: bool) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from peftkit.train.run import evaluate_run
 
-    metrics = evaluate_run(args.adapter, eval_file=args.eval_file, device=args.device)
+    metrics = evaluate_run(args.adapter, eval_file=args.eval_file, device=args.device, text_column=args.text_column,
+                           pair_column=args.pair_column, label_column=args.label_column)
     for k, v in metrics.items():
         print(f"{k:<16}{v:.4f}" if isinstance(v, float) else f"{k:<16}{v}")
     return 0

@@ -91,12 +91,11 @@ def _read_tsv(path: Path, header: bool = True, encoding: str = "utf-8-sig") -> t
     return head, body
 
 
-def _glue(folder: Path, split: str, cols: dict[str, int | str], num_labels: int,
+def _glue(path: Path, cols: dict[str, int | str], num_labels: int,
           label_map: dict[str, int] | None = None, header: bool = True, regression: bool = False,
           encoding: str = "utf-8-sig") -> list[Example]:
-    """The rows of ``folder/split.tsv``; a label outside ``0..num_labels-1`` (a score that is not a finite
+    """The rows of the GLUE file ``path``; a label outside ``0..num_labels-1`` (a score that is not a finite
     number, for regression) is a :class:`DataError` naming the file, the row and the value."""
-    path = folder / f"{split}.tsv"
     head, rows = _read_tsv(path, header, encoding)
     missing = [v for v in cols.values() if isinstance(v, str) and v not in head]
     if missing:
@@ -166,14 +165,34 @@ def _glue_task(name: str, folder: str, metric: str, cols: dict, num_labels: int,
             where = "is not shipped (Microsoft's licence)" if name == "mrpc" and not data_dir else f"is not in {root}"
             raise DataError(f"task {name!r} {where}; pass --data-dir pointing at a folder with "
                             f"{folder}/{{train,dev}}.tsv (GLUE format)")
-        label_map = {n: i for i, n in enumerate(label_names)} if label_names and kw.get("strings") else None
-        extra = {k: v for k, v in kw.items() if k in ("header", "regression", "encoding")}
         return Task(name=name, num_labels=num_labels, metric=metric, label_names=label_names,
-                    train=_glue(root / folder, "train", cols, num_labels, label_map, **extra),
-                    dev=_glue(root / folder, "dev", cols, num_labels, label_map, **extra),
+                    train=read(root / folder / "train.tsv"), dev=read(root / folder / "dev.tsv"),
                     is_regression=kw.get("regression", False), extra_metrics=kw.get("extra", ()),
                     named_labels=label_map is not None)
+
+    label_map = {n: i for i, n in enumerate(label_names)} if label_names and kw.get("strings") else None
+    extra = {k: v for k, v in kw.items() if k in ("header", "regression", "encoding")}
+
+    def read(path: Path) -> list[Example]:
+        return _glue(path, cols, num_labels, label_map, **extra)
+
+    def own_format(path: Path) -> bool:
+        """Whether ``path`` is a .tsv in the task's own GLUE layout (its header; CoLA: 4 fields, a 0/1 label)."""
+        if Path(path).suffix.lower() != ".tsv" or not Path(path).is_file():
+            return False
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+            first = next(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), [])
+        if kw.get("header", True):
+            return all(c in first for c in cols.values() if isinstance(c, str))
+        return len(first) == 4 and first[1] in ("0", "1")
+
+    GLUE_FILES[name] = (own_format, read)
     return load
+
+
+GLUE_FILES: dict[str, tuple[Callable[[Path], bool], Callable[[Path], list[Example]]]] = {}
+"""Per named task: ``(own_format(path), read(path))``, to read a file in the task's own GLUE layout (its dev.tsv,
+say) as an ``--eval-file``."""
 
 
 TASKS: dict[str, Callable[[str | None], Task]] = {

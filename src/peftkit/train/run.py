@@ -40,6 +40,7 @@ from peftkit.train.checks import (
     set_aside_run_files,
 )
 from peftkit.train.data import (
+    GLUE_FILES,
     CausalLMDataset,
     DataError,
     Row,
@@ -145,18 +146,23 @@ def load_classification_task(cfg: RunConfig, classes: tuple[int, list[str] | Non
     else:
         task = load_task(cfg.task, cfg.data_dir)
         if cfg.eval_file:
-            if task.is_regression:
-                raise DataError(f"--eval-file {cfg.eval_file!r}: task {task.name!r} is a regression, and regression "
-                                "from files is not supported; evaluate on the task's own dev set")
-            paired = task.dev[0]["text_pair"] is not None
-            if cfg.pair_column and not paired:  # the model would be trained on sentences and scored on pairs
-                raise DataError(f"--pair-column {cfg.pair_column!r}: task {task.name!r} classifies single sentences, "
-                                "so its eval file has no second sentence; leave the option out")
-            pair = cfg.pair_column or ("sentence2" if paired else None)
-            task.dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column, pair,
-                                             source=cfg.eval_file,
-                                             label_names=task.label_names if task.named_labels else None,
-                                             label_ids=not task.named_labels, num_labels=task.num_labels)
+            own_format, read_glue = GLUE_FILES[task.name]
+            columns_given = cfg.text_column or cfg.label_column != "label" or cfg.pair_column
+            if not columns_given and own_format(Path(cfg.eval_file)):
+                task.dev = read_glue(Path(cfg.eval_file))  # the task's own layout (its dev.tsv): read as the task
+            else:
+                if task.is_regression:
+                    raise DataError(f"--eval-file {cfg.eval_file!r}: task {task.name!r} is a regression, and "
+                                    "regression from files other than the task's own .tsv layout is not supported")
+                paired = task.dev[0]["text_pair"] is not None
+                if cfg.pair_column and not paired:  # the model would be trained on sentences and scored on pairs
+                    raise DataError(f"--pair-column {cfg.pair_column!r}: task {task.name!r} classifies single "
+                                    "sentences, so its eval file has no second sentence; leave the option out")
+                pair = cfg.pair_column or ("sentence2" if paired else None)
+                task.dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column, pair,
+                                                 source=cfg.eval_file,
+                                                 label_names=task.label_names if task.named_labels else None,
+                                                 label_ids=not task.named_labels, num_labels=task.num_labels)
     if cfg.max_train_samples:
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         task.train = [task.train[i] for i in order[: cfg.max_train_samples]]
@@ -535,10 +541,13 @@ def _file_log(out_dir: Path) -> logging.Handler:
     return handler
 
 
-def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, device: str | None = None
+def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, device: str | None = None,
+                 text_column: str | None = None, pair_column: str | None = None, label_column: str | None = None
                  ) -> dict[str, float]:
     """Reload a run folder (base model + adapter, or the fully fine-tuned model) and recompute its
-    dev metrics (or those of the whole ``eval_file``).
+    dev metrics (or those of the whole ``eval_file``: a named task's file in its own GLUE layout, e.g. its
+    ``dev.tsv``, or a table whose columns are found as for training, or named by ``text_column``,
+    ``pair_column`` and ``label_column``, which apply only with ``eval_file``).
 
     Raises:
         FileNotFoundError: no ``run_config.json`` or no adapter in ``run_dir``. AdapterLoadError: corrupt
@@ -552,8 +561,15 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
                                 "`peftkit train --resume` (when it saved checkpoints) or train again")
     cfg.device = device or cfg.device
     check_device(cfg.device)
+    columns = {"text_column": text_column, "pair_column": pair_column, "label_column": label_column}
+    given = {k: v for k, v in columns.items() if v is not None}
+    check(not given or eval_file, f"{', '.join('--' + k.replace('_', '-') for k in given)} "
+                                  f"{'names a column' if len(given) == 1 else 'name columns'} of --eval-file; give "
+                                  "the file too")
     if eval_file:
         cfg.eval_file, cfg.max_eval_samples = eval_file, None
+        for key, value in given.items():
+            setattr(cfg, key, value)
     if cfg.full_finetune:
         cfg.model = str(run_dir / "model")
     if cfg.task == CAUSAL_LM:
