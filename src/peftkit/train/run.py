@@ -554,11 +554,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
             adapter. ConfigError: damaged ``run_config.json``, unavailable device. DataError: bad ``eval_file``.
     """
     run_dir = Path(run_dir)
-    cfg, raw = read_run_config(run_dir)
-    saved = run_dir / ("model" if cfg.full_finetune else CONFIG_NAME)
-    if not saved.exists():
-        raise FileNotFoundError(f"{str(run_dir)!r} holds no {saved.name}: the run did not finish; continue it with "
-                                "`peftkit train --resume` (when it saved checkpoints) or train again")
+    cfg, raw = read_finished_run(run_dir)
     cfg.device = device or cfg.device
     check_device(cfg.device)
     columns = {"text_column": text_column, "pair_column": pair_column, "label_column": label_column}
@@ -592,6 +588,21 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     preds, gold = predict(model, dev_ds, collate(tokenizer.pad_token_id, task.is_regression), cfg.eval_batch_size,
                           task.is_regression)
     return {f"dev_{k}": v for k, v in _metrics_for(task, preds, gold).items()} | {"dev_examples": len(dev_ds)}
+
+
+def read_finished_run(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """:func:`read_run_config` of a run that finished: it holds its adapter (or ``model/``, fully fine-tuned).
+
+    Raises:
+        FileNotFoundError: no ``run_config.json``, or the run did not finish (the message says how to go on).
+        ConfigError: a damaged ``run_config.json``.
+    """
+    cfg, raw = read_run_config(run_dir)
+    saved = run_dir / ("model" if cfg.full_finetune else CONFIG_NAME)
+    if not saved.exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} holds no {saved.name}: the run did not finish; continue it with "
+                                "`peftkit train --resume` (when it saved checkpoints) or train again")
+    return cfg, raw
 
 
 def _run_classes(raw: dict[str, Any]) -> tuple[int, list[str] | None]:

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from peftkit.config import CONFIG_NAME, ConfigError
+from peftkit.config import ConfigError
 from peftkit.train.checks import check_device
 from peftkit.train.data import TASK_SPECS, DataError, TokenizedDataset, collate
-from peftkit.train.options import CAUSAL_LM, read_run_config
+from peftkit.train.options import CAUSAL_LM
 
 __all__ = ["predict_run"]
 
@@ -58,17 +58,13 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
             single-sentence run or the other way round, a non-string); a prompt that, with
             ``max_new_tokens``, exceeds the model's positions.
     """
-    from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, _run_classes
+    from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, _run_classes, read_finished_run
 
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be an integer >= 1")
     run_dir = Path(run_dir)
-    cfg, raw = read_run_config(run_dir)
-    saved = run_dir / ("model" if cfg.full_finetune else CONFIG_NAME)
-    if not saved.exists():
-        raise FileNotFoundError(f"{str(run_dir)!r} holds no {saved.name}: the run did not finish; continue it with "
-                                "`peftkit train --resume` (when it saved checkpoints) or train again")
+    cfg, raw = read_finished_run(run_dir)
     inputs = list(inputs)
     if not inputs:
         raise DataError("no input to predict on: give at least one text")
