@@ -411,3 +411,34 @@ def test_adapterdrop_without_a_block_index_is_refused(mode):
                                           "index was found"):
         get_peft_model(model, AdapterDropConfig(adapterdrop_layers=1, adapterdrop_mode=mode, layers_pattern="blk"))
     assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+
+
+def test_lora_inside_a_parallel_adapters_sub_layer_is_saved_under_plain_names_that_peft_loads(tmp_path):
+    """Its keys read 'attention.output.base_layer.dense.lora_A.weight', which peft did not recognise (it loaded
+    the LoRA of 3 of BERT's 7 dense layers, and its logits differed by 0.125)."""
+    import copy
+
+    import peft
+    from safetensors.torch import load_file
+
+    from peftkit import LoraConfig, ParallelConfig, get_peft_model
+
+    base = tiny_bert_classifier()
+    for order in ("parallel first", "lora first"):
+        if order == "parallel first":
+            model = get_peft_model(copy.deepcopy(base), ParallelConfig(mh_adapter=True), adapter_name="par")
+            model.add_adapter("l", LoraConfig(r=2, target_modules=["dense"]))
+        else:
+            model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["dense"]), adapter_name="l")
+            model.add_adapter("par", ParallelConfig(mh_adapter=True))
+        perturb(model)
+        out = tmp_path / order.replace(" ", "-")
+        model.save_pretrained(out, selected_adapters=["l"])
+        keys = load_file(out / "l" / "adapter_model.safetensors").keys()
+        assert len(keys) == 14 and not any("base_layer" in k for k in keys)
+        model.set_adapter("l")
+        model.eval()
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), out / "l").eval()
+        x = ids(batch=2)
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-6)

@@ -523,6 +523,7 @@ class AdapterModel(nn.Module):
             logical = _outside_copies(name, saved)
             if logical is None:  # inside another adapter's trained copy: saved with that copy
                 continue
+            logical = self._outside_sublayers(logical)
             if isinstance(w, AdaptedLayer) and adapter_name in w.adapters:
                 adapter = w.adapters[adapter_name]
                 for k, t in (adapter.export_state() if export else adapter.state_dict()).items():
@@ -532,6 +533,22 @@ class AdapterModel(nn.Module):
                     out[f"{logical}.{k}"] = t
         for pname in self.extra_trainable(adapter_name):
             out[self._file_name(pname, adapter_name)] = self.extra_parameter(pname)
+        return out
+
+    def _outside_sublayers(self, name: str) -> str:
+        """A module path with the ``base_layer.`` of wrapped sub-layers left out (``attention.output.base_layer.
+        dense`` -> ``attention.output.dense``): a layer inside a parallel adapter's sub-layer is saved under its
+        name in the plain model, as peft names it, whichever order the adapters were added in."""
+        if ".base_layer." not in name:
+            return name
+        parts = name.split(".base_layer.")
+        out = parts[0]
+        for rest in parts[1:]:
+            try:
+                outer = self.model.get_submodule(out)
+            except AttributeError:
+                outer = None
+            out = f"{out}.{rest}" if getattr(outer, "holds_adaptable_modules", False) else f"{out}.base_layer.{rest}"
         return out
 
     def _file_name(self, pname: str, adapter_name: str) -> str:
