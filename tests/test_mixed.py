@@ -530,3 +530,17 @@ def test_a_custom_models_inputs_and_outputs_that_only_look_per_row_keep_their_or
             feats.append(model.get_base_model().l(x[i:i + 1]))
     assert mixed["loss"].item() == pytest.approx(loss, rel=1e-6)
     assert torch.allclose(mixed["feat_mean"], torch.cat(feats).mean(0), atol=1e-6)
+
+
+def test_a_one_dimensional_position_ids_is_shared_when_rows_are_regrouped():
+    """position_ids of shape (seq,) with seq equal to the batch size was reordered as if it held one entry per
+    row, so the regrouped rows got other positions."""
+    from tests.conftest import tiny_gpt2  # GPT-2 takes a 1-d position_ids (Llama's rotary wants (rows, seq))
+
+    model = _two_adapters(tiny_gpt2(), ["c_attn"], None)
+    rows = ["a", "b", "a", "b"]
+    x = ids(batch=4, seq=4)
+    with torch.no_grad():
+        out = model(input_ids=x, adapter_names=rows, position_ids=torch.tensor([3, 1, 0, 2])).logits
+        want = _rows_alone(model, x, rows, position_ids=torch.tensor([[3, 1, 0, 2]]))
+    assert torch.allclose(out, want, atol=1e-6, rtol=0)

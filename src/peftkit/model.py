@@ -396,6 +396,9 @@ class PeftModel(nn.Module):
         perm = torch.tensor(order, device=_first_device(args, kwargs))
         inv = torch.argsort(perm)
         shared = {k: kwargs.pop(k) for k in _SHARED_INPUTS if k in kwargs}
+        for k in _ROW_INPUTS_2D:  # a 1-d position_ids (seq,) is one row shared by all, even when seq == rows
+            if isinstance(kwargs.get(k), Tensor) and kwargs[k].dim() == 1:
+                shared[k] = kwargs.pop(k)
         args, kwargs = _take_rows((args, kwargs), perm, rows)
         kwargs.update(shared)
         # A plain output head (an LM head, vocabulary-sized) gets its input back in the caller's order, so
@@ -608,6 +611,10 @@ _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "
 _ROW_INPUTS = frozenset(_BATCH_INPUTS) | {
     "attention_mask", "token_type_ids", "position_ids", "labels", "decoder_input_ids", "decoder_attention_mask",
     "decoder_inputs_embeds", "decoder_position_ids", "pixel_mask", "bbox", "start_positions", "end_positions"}
+
+
+#: row inputs whose per-row form is ``(rows, seq)``: given 1-d, they are shared by every row
+_ROW_INPUTS_2D = ("position_ids", "decoder_position_ids")
 
 
 def _regroupable(base: nn.Module, args: tuple, kwargs: dict) -> bool:
