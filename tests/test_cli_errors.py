@@ -225,6 +225,9 @@ def test_a_misspelt_target_module_fails_the_run(tiny_model_dir, tmp_path, capsys
      "would have no effect"),
     # the same field twice: it said "--r 4 has no effect with --method lora, which does not use it"
     (["--r", "4", "--option", "r=4"], "--r and --option r=... both set r; give one of them"),
+    # also a flag given at its default value: the --option silently won
+    (["--lora-alpha", "16", "--option", "lora_alpha=32"], "--lora-alpha and --option lora_alpha=... both set "
+     "lora_alpha; give one of them"),
     # a run labelled dora that trained plain LoRA
     (["--method", "dora", "--option", "use_dora=false"], "--option use_dora=False undoes what --method dora is "
      "(use_dora=True); use --method lora for that"),
@@ -283,3 +286,11 @@ def test_rows_longer_than_the_models_positions_are_refused_before_writing(tiny_m
         "peftkit: error: --max-length 400 lets rows of 302 tokens through, but the model has 128 positions; give "
         "--max-length 128 or less")
     assert snapshot(tmp_path) == before
+
+
+def test_an_option_refining_a_preset_is_accepted():
+    """PiSSA with its fast SVD (init_lora_weights="pissa_niter_4") was refused as undoing --method pissa."""
+    from peftkit.train.run import RunConfig, build_peft_config
+
+    config = build_peft_config(RunConfig(method="pissa", method_options={"init_lora_weights": "pissa_niter_4"}))
+    assert config.init_lora_weights == "pissa_niter_4"

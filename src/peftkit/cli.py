@@ -381,6 +381,10 @@ def train_config(args: argparse.Namespace) -> Any:
     )
     if not args.full_finetune:
         get_method(args.method)  # an unknown method fails before the header line
+    given = _given_options(getattr(args, "argv", None))
+    for key in METHOD_OPTIONS:  # also a flag given at its default value: --lora-alpha 16 --option lora_alpha=32
+        check(not (key in given and key in cfg.method_options),
+              f"--{key.replace('_', '-')} and --option {key}=... both set {key}; give one of them")
     try:
         _check_options_take_effect(cfg)
     except ConfigError as err:
@@ -416,7 +420,7 @@ def _check_options_take_effect(cfg: Any) -> None:
 
     given = {k: getattr(cfg, k) for k, default in METHOD_OPTIONS.items() if getattr(cfg, k) != default}
     flag = {k: "--" + k.replace("_", "-") for k in METHOD_OPTIONS}
-    for key in given:
+    for key in given:  # (train_config also refuses one given at its default value)
         check(key not in cfg.method_options, f"{flag[key]} and --option {key}=... both set {key}; give one of them")
     if cfg.full_finetune:
         extra = [f"{flag[k]} {v!r}" for k, v in given.items()]
@@ -610,6 +614,7 @@ def check_cell_command(argv: list[str]) -> None:
             args = build_parser().parse_args(argv)
     except SystemExit:
         raise ConfigError(err.getvalue().strip().removeprefix("peftkit: error: ")) from None
+    args.argv = list(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the cell's --unused-options-warn: an unused option is no error
         train_config(args)

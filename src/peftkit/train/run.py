@@ -186,7 +186,9 @@ def build_peft_config(cfg: RunConfig) -> PeftConfig:
     defining = getattr(spec.cli_config, "defining_fields", {})
     for key, value in cfg.method_options.items():
         check(key in fields, f"{spec.config_cls.__name__} has no field {key!r}")
-        check(key not in defining or value == defining[key],
+        fixed = defining.get(key)  # a refinement of it is fine: init_lora_weights="pissa_niter_4" for PiSSA
+        check(key not in defining or value == fixed or (isinstance(value, str) and isinstance(fixed, str)
+                                                        and value.startswith(fixed + "_")),
               f"--option {key}={value!r} undoes what --method {spec.name} is ({key}={defining.get(key)!r}); "
               f"use --method {spec.variant_of} for that")
         setattr(config, key, value)
