@@ -283,8 +283,31 @@ def test_rows_longer_than_the_models_positions_are_refused_before_writing(tiny_m
     before = snapshot(tmp_path)
     assert error_line(capsys, "train", "--model", tiny_model_dir, "--train-file", rows, "--eval-file", rows,
                       "--max-length", 400, "--max-steps", 1, "--output-dir", tmp_path / "run") == (
-        "peftkit: error: --max-length 400 lets rows of 302 tokens through, but the model has 128 positions; give "
-        "--max-length 128 or less")
+        "peftkit: error: --max-length 400 lets rows of 302 tokens through, but the model has 128 positions left; "
+        "give --max-length 128 or less")
+    # a soft prompt's virtual tokens take positions too (it failed inside the forward, after writing)
+    assert error_line(capsys, "train", "--model", tiny_model_dir, "--train-file", rows, "--eval-file", rows,
+                      "--method", "prompt-tuning", "--max-length", 120, "--max-steps", 1,
+                      "--output-dir", tmp_path / "run") == (
+        "peftkit: error: --max-length 120 lets rows of 120 tokens through, but the model has 108 positions left "
+        "after the 20 virtual tokens; give --max-length 108 or less")
+    # a causal LM with a learned table (GPT-2): an IndexError in the perplexity before training
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from peftkit.train.data import shipped_model_dir
+
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    gpt = tmp_path / "gpt"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=len(tok))).save_pretrained(gpt)
+    tok.save_pretrained(gpt)
+    text = tmp_path / "long.txt"
+    text.write_text("\n\n".join(" ".join(["Once upon a time"] * 20) for _ in range(4)))
+    before = snapshot(tmp_path)
+    line = error_line(capsys, "train", "--task", "causal-lm", "--model", gpt, "--train-file", text, "--eval-file", text,
+                      "--max-length", 64, "--max-steps", 1, "--output-dir", tmp_path / "run")
+    assert line.startswith("peftkit: error: --max-length 64 lets rows of 64 tokens through, but the model has 32 "
+                           "positions left; give --max-length 32 or less")
     assert snapshot(tmp_path) == before
 
 

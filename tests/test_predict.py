@@ -143,3 +143,25 @@ def test_inputs_of_the_wrong_shape_are_refused(sst2_run, stsb_run, tmp_path, cap
     unfinished.mkdir()
     (unfinished / "run_config.json").write_text((sst2_run / "run_config.json").read_text())
     assert "did not finish" in error_line(capsys, "predict", "--adapter", unfinished, "text")
+
+
+def test_a_prompt_too_long_after_the_virtual_tokens_is_refused(tmp_path):
+    """The check left out a soft prompt's virtual tokens: the prompt failed inside generate instead."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    gpt = tmp_path / "gpt"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=len(tok))).save_pretrained(gpt)
+    tok.save_pretrained(gpt)
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Once upon a time {i}." for i in range(12)))
+    out = tmp_path / "pt"
+    assert cli("train", "--task", "causal-lm", "--model", gpt, "--train-file", text, "--method", "prompt-tuning",
+               "--max-length", 8, "--max-steps", 1, "--output-dir", out, "--no-progress") == 0
+    prompt = "Once upon a time there was a little cat who"
+    n = len(tok(prompt)["input_ids"])
+    with pytest.raises(DataError, match=f"prompt 1 has {n} tokens; with max_new_tokens=5 that exceeds the model's 12 "
+                                        "positions after the adapter's 20 virtual tokens"):
+        predict_run(out, [prompt], max_new_tokens=5)
+    assert len(predict_run(out, ["Once"], max_new_tokens=3)) == 1

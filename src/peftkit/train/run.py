@@ -218,7 +218,7 @@ class _Job:
     config_extra: dict[str, Any]
 
 
-def _classification_job(cfg: RunConfig) -> _Job:
+def _classification_job(cfg: RunConfig, reserved: int = 0) -> _Job:
     task = load_classification_task(cfg)
     model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
     pair = task.dev[0]["text_pair"] is not None
@@ -229,7 +229,7 @@ def _classification_job(cfg: RunConfig) -> _Job:
                           f"a row needs at least {least} tokens to hold any text")
     train_ds = TokenizedDataset(task.train, tokenizer, cfg.max_length)
     dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
-    _check_positions(model, cfg.max_length, train_ds, dev_ds)
+    _check_positions(model, cfg.max_length, reserved, train_ds, dev_ds)
     coll = collate(tokenizer.pad_token_id, task.is_regression)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -241,19 +241,24 @@ def _classification_job(cfg: RunConfig) -> _Job:
                 {"label_names": task.label_names, "num_labels": task.num_labels})
 
 
-def _check_positions(model: torch.nn.Module, max_length: int, *datasets: TokenizedDataset) -> None:
-    """Refuse rows longer than a learned position table (BERT's 512): they failed inside the model's forward
-    with a bare size mismatch, after the run folder was written. Raises ConfigError."""
+def _check_positions(model: torch.nn.Module, max_length: int, reserved: int, *datasets: Any) -> None:
+    """Refuse rows longer than a learned position table (BERT's 512, GPT-2's 1024) leaves them, after the
+    ``reserved`` positions of a soft prompt's virtual tokens: they failed inside the model's forward, after
+    the run folder was written. Raises ConfigError."""
     from peftkit.methods.prompt_learning import position_table
 
     usable = position_table(model)[0]
-    longest = max((len(ids) for ds in datasets for ids in ds.features["input_ids"]), default=0)
-    if usable is not None and longest > usable:
+    if usable is None:
+        return
+    longest = max((len(ds[i]["input_ids"]) for ds in datasets for i in range(len(ds))), default=0)
+    room = usable - reserved
+    if longest > room:
+        after = f" after the {reserved} virtual tokens" if reserved else ""
         raise ConfigError(f"--max-length {max_length} lets rows of {longest} tokens through, but the model has "
-                          f"{usable} positions; give --max-length {usable} or less")
+                          f"{room} positions left{after}; give --max-length {max(room, 1)} or less")
 
 
-def _causal_lm_job(cfg: RunConfig) -> _Job:
+def _causal_lm_job(cfg: RunConfig, reserved: int = 0) -> _Job:
     train_records, eval_records = _lm_records(cfg)
     model, tokenizer = _load_model_and_tokenizer(cfg, None)
     text_key = cfg.text_column or "text"
@@ -266,6 +271,7 @@ def _causal_lm_job(cfg: RunConfig) -> _Job:
     for name, ds in (("train", train_ds), ("dev", dev_ds)):
         if not len(ds):
             raise DataError(f"no {name} row has a target token within --max-length {cfg.max_length}")
+    _check_positions(model, cfg.max_length, reserved, train_ds, dev_ds)
     coll = collate_causal(tokenizer.pad_token_id)
     before = perplexity(model, dev_ds, coll, cfg.eval_batch_size, distributed=True)
 
@@ -335,7 +341,8 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
     check(not (cfg.full_finetune and cfg.quantize), f"--quantize {cfg.quantize} freezes the base; it cannot be "
           "combined with --full-finetune")
     check_model_dir(resolve_model_dir(cfg.model, cfg.task))  # before the data is read
-    job = _causal_lm_job(cfg) if cfg.task == CAUSAL_LM else _classification_job(cfg)
+    reserved = getattr(peft_config, "num_virtual_tokens", 0) or 0  # a soft prompt's positions
+    job = (_causal_lm_job if cfg.task == CAUSAL_LM else _classification_job)(cfg, reserved)
     model = _adapt(job.model, peft_config, cfg)
     # built before counting: data-driven adapters (FISH mask, ...) choose their parameters in it
     trainer = Trainer(model, job.train_ds, job.collate_fn, _training_args(cfg, out_dir),

@@ -133,15 +133,22 @@ def _classify(model: torch.nn.Module, tokenizer: Any, inputs: list[Any], pair: b
 def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int
               ) -> list[dict[str, Any]]:
     """Greedy continuations, one prompt at a time (no padding, so each equals its own unbatched run)."""
+    from peftkit.methods.prompt_learning import position_table
+
     device = next(model.parameters()).device
-    limit = getattr(model.config, "max_position_embeddings", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    limit = position_table(base)[0] or getattr(base.config, "max_position_embeddings", None)
+    configs = getattr(model, "peft_config", {})
+    reserved = sum(getattr(configs[n], "num_virtual_tokens", 0) or 0 for n in getattr(model, "active_adapters", ()))
     encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
     for n, ids in enumerate(encoded):  # every check before the first generation
         if ids.shape[1] == 0:
             raise DataError(f"prompt {n + 1} ({prompts[n]!r}) encodes to no token; give some text")
-        if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        if limit is not None and reserved + ids.shape[1] + max_new_tokens > limit:
+            after = f" after the adapter's {reserved} virtual tokens" if reserved else ""
             raise DataError(f"prompt {n + 1} has {ids.shape[1]} tokens; with max_new_tokens={max_new_tokens} that "
-                            f"exceeds the model's {limit} positions: shorten it or lower max_new_tokens")
+                            f"exceeds the model's {limit - reserved} positions{after}: shorten it or lower "
+                            "max_new_tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for ids in encoded:
