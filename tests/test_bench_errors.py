@@ -162,3 +162,22 @@ def test_data_dir_must_hold_every_task_and_paths_are_saved_absolute(tmp_path, mo
     assert cfg.data_dir == str(tmp_path / "glue")
     cmd = cell_command(cfg, Cell("lora", "mrpc", 0), tmp_path / "cell")
     assert cmd[cmd.index("--data-dir") + 1] == str(tmp_path / "glue")
+
+
+def test_a_sweep_saved_with_relative_paths_resumes_with_its_own_command(tmp_path, monkeypatch):
+    """Sweeps started before paths were saved absolute hold 'glue'; the same command was refused as other
+    settings ('glue' there, '/abs/glue' now)."""
+    (tmp_path / "glue" / "MRPC").mkdir(parents=True)
+    for split in ("train", "dev"):
+        (tmp_path / "glue" / "MRPC" / f"{split}.tsv").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    cfg = BenchConfig(methods=["lora"], tasks=["mrpc"], seeds=[0], data_dir="glue", output_dir="out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "bench_config.json").write_text(json.dumps({**asdict(cfg), "data_dir": "glue"}))
+    cfg.check_folder()  # the same folder
+    (tmp_path / "other" / "MRPC").mkdir(parents=True)
+    for split in ("train", "dev"):
+        (tmp_path / "other" / "MRPC" / f"{split}.tsv").write_text("x")
+    moved = BenchConfig(methods=["lora"], tasks=["mrpc"], seeds=[0], data_dir="other", output_dir="out")
+    with pytest.raises(ConfigError, match="holds a sweep run with other settings"):
+        moved.check_folder()

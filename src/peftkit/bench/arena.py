@@ -152,9 +152,19 @@ class BenchConfig:
         old = read_json_object(saved, "it holds the sweep's settings, written by `peftkit bench`; move the folder away "
                                       "and run the sweep again")
         differ = [f"{k}: {old.get(k)!r} there, {getattr(self, k)!r} now" for k in CELL_SETTINGS
-                  if old.get(k) != getattr(self, k)]
+                  if not _same_setting(k, old.get(k), getattr(self, k))]
         check(not differ, f"{self.output_dir} holds a sweep run with other settings ({'; '.join(differ)}); "
                           "use another --output-dir, or the same settings to resume it")
+
+
+def _same_setting(key: str, saved: Any, now: Any) -> bool:
+    """Whether a sweep folder's saved setting is this one: a path saved relative (by a sweep started before
+    paths were saved absolute) is the same folder when it resolves to it from here."""
+    if saved == now:
+        return True
+    if key in ("model", "data_dir") and isinstance(saved, str) and isinstance(now, str):
+        return Path(saved).exists() and Path(saved).resolve() == Path(now).resolve()
+    return False
 
 
 @dataclass
