@@ -165,3 +165,72 @@ def test_a_prompt_too_long_after_the_virtual_tokens_is_refused(tmp_path):
                                         "positions after the adapter's 20 virtual tokens"):
         predict_run(out, [prompt], max_new_tokens=5)
     assert len(predict_run(out, ["Once"], max_new_tokens=3)) == 1
+
+
+def test_a_file_run_with_found_pair_columns_takes_pairs(tiny_model_dir, tmp_path, capsys):
+    """sentence1/sentence2 columns: sentence2 was dropped unread in training (sentence1 found as the text), and
+    predict and eval could not tell a pair run; now the pair is found, recorded and required."""
+    rows = tmp_path / "pairs.csv"
+    rows.write_text("sentence1,sentence2,label\n" + "".join(f"a{i} b,b a{i},{['no', 'yes'][i % 2]}\n" for i in range(8)))
+    out = tmp_path / "run"
+    assert cli("train", "--model", tiny_model_dir, "--train-file", rows, "--eval-file", rows, "--max-steps", 2,
+               "--output-dir", out, "--no-progress") == 0
+    assert json.loads((out / "run_config.json").read_text())["sentence_pair"] is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    got = predict_run(out, [(f"a{i} b", f"b a{i}") for i in range(8)])
+    hits = sum(r["label"] == ["no", "yes"][i % 2] for i, r in enumerate(got))
+    assert hits / 8 == pytest.approx(metrics["dev_accuracy"])
+    with pytest.raises(DataError, match="this run's task takes sentence pairs"):
+        predict_run(out, ["one sentence"])
+    single = tmp_path / "single.csv"
+    single.write_text("sentence,label\nx,yes\n")
+    with pytest.raises(DataError, match="gives single sentences, but the run was trained on sentence pairs"):
+        from peftkit.train.run import evaluate_run
+
+        evaluate_run(out, eval_file=str(single))
+
+
+def test_lines_escapes_and_bad_text(sst2_run, tmp_path, capsys, monkeypatch):
+    """Input lines split only at line ends (str.splitlines also split at \\x85, \\x0c, U+2028); a newline in an
+    input is written escaped, so each input is one output line; undecodable bytes are refused before loading."""
+    f = tmp_path / "in.txt"
+    f.write_bytes("\ufeffa\x85b\nc\x0cd\re\u2028f\r\ng\n".encode())
+    assert cli("predict", "--adapter", sst2_run, "--input", f, "--json") == 0
+    assert [json.loads(line)["input"] for line in capsys.readouterr().out.split("\n")[:-1]] == [
+        "a\x85b", "c\x0cd", "e\u2028f", "g"]  # (and no BOM in the first)
+    assert cli("predict", "--adapter", sst2_run, "great\nmovie", "x\\y") == 0
+    out = capsys.readouterr().out.split("\n")[:-1]
+    assert [line.split("\t")[2] for line in out] == ["great\\nmovie", "x\\\\y"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("caf\udce9\n"))  # how a text stream shows the byte 0xe9
+    assert "--input -: not UTF-8 text" in error_line(capsys, "predict", "--adapter", sst2_run)
+    assert "input 1 ('caf\\udce9') is not UTF-8 text" in error_line(capsys, "predict", "--adapter", sst2_run,
+                                                                    "caf\udce9")
+    assert "cannot be read" in error_line(capsys, "predict", "--adapter", sst2_run, "--input", tmp_path)
+    with pytest.raises(DataError, match="is one string; give a list of inputs"):
+        predict_run(sst2_run, "hello")
+
+
+def test_messages_name_the_runs_own_settings(sst2_run, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(sst2_run, tmp_path / "moved")
+    cfg = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**cfg, "model": str(tmp_path / "gone")}))
+    assert f"the run's model folder (run_config.json) '{tmp_path / 'gone'}' is not a folder" in error_line(
+        capsys, "predict", "--adapter", run, "x")
+    (run / "run_config.json").write_text(json.dumps({**cfg, "task": "qqp"}))
+    assert "run_config.json: task='qqp' is not a known task" in error_line(capsys, "predict", "--adapter", run, "x")
+
+
+def test_causal_prompts_from_a_file_take_escaped_newlines(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert cli("train", "--task", "causal-lm", "--model", "stories260K", "--max-steps", 1, "--batch-size", 4,
+               "--max-train-samples", 8, "--max-eval-samples", 4, "--output-dir", out, "--no-progress") == 0
+    prompt = "Question: Who was Galileo ?\nType:"
+    want = predict_run(out, [prompt], max_new_tokens=4)[0]["completion"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("Question: Who was Galileo ?\\nType:\n")  # the line as the output writes it
+    capsys.readouterr()
+    assert cli("predict", "--adapter", out, "--input", f, "--max-new-tokens", 4, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"input": prompt, "completion": want}
+    assert "--batch-size 4 has no effect" in error_line(capsys, "predict", "--adapter", out, "--batch-size", 4, "x")

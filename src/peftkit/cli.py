@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "columns")
     p.add_argument("--max-new-tokens", type=_positive_int,
                    help="causal-LM runs: most tokens generated per prompt (default 32)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="inputs per forward (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, help="classification: inputs per forward (default 32)")
     p.add_argument("--device", help="cpu, cuda, ...")
 
     sub.add_parser("methods", help="list every registered PEFT method")
@@ -493,7 +493,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from peftkit.train.data import DataError
     from peftkit.train.options import CAUSAL_LM, read_run_config
-    from peftkit.train.serve import predict_run
+    from peftkit.train.serve import predict_run, run_shape
 
     if args.texts and args.input:
         raise ConfigError("give inputs either as TEXT arguments or with --input, not both")
@@ -503,19 +503,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if args.input in (None, "-") and sys.stdin.isatty():
             raise ConfigError("no input: give TEXT arguments, --input FILE, or pipe lines into standard input")
         try:
-            if args.input in (None, "-"):
-                text = sys.stdin.read()
+            if args.input in (None, "-"):  # the bytes, decoded here (a text stream would hide bad ones as surrogates)
+                stream = getattr(sys.stdin, "buffer", None)
+                raw_bytes = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
             else:
-                with open(args.input, encoding="utf-8") as fh:
-                    text = fh.read()
+                raw_bytes = Path(args.input).read_bytes()
+            text = raw_bytes.decode("utf-8-sig")
         except UnicodeDecodeError as err:
             raise DataError(f"--input {args.input or '-'}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-        lines = [line for line in text.splitlines() if line.strip()]
-    cfg, _ = read_run_config(Path(args.adapter))
-    if args.max_new_tokens is not None and cfg.task != CAUSAL_LM:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} has no effect: {args.adapter!r} is a "
-                          f"{cfg.task} classification run (it applies to causal-lm runs)")
-    pair = cfg.task != CAUSAL_LM and bool(cfg.pair_column or _is_pair_task(cfg.task, bool(cfg.train_file)))
+        except OSError as err:
+            raise DataError(f"--input {args.input!r} cannot be read ({err.strerror}); give a text file") from None
+        # lines end at \n, \r\n or \r only (str.splitlines also breaks at \x0c, \x1c, \x85, U+2028, ...)
+        lines = [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
+    cfg, raw = read_run_config(Path(args.adapter))
+    causal = cfg.task == CAUSAL_LM
+    if not causal:
+        kind = "file" if cfg.train_file else str(cfg.task)
+        for flag, value in (("--max-new-tokens", args.max_new_tokens), ):
+            if value is not None:
+                raise ConfigError(f"{flag} {value} has no effect: {args.adapter!r} is a {kind} classification run "
+                                  "(it applies to causal-lm runs)")
+    elif args.batch_size is not None:
+        raise ConfigError(f"--batch-size {args.batch_size} has no effect: {args.adapter!r} is a causal-lm run, whose "
+                          "prompts are continued one at a time")
+    if causal and not args.texts:  # a prompt line from a file may hold newlines as \n (how the output writes them)
+        lines = [_unescape(line) for line in lines]
+    pair = run_shape(cfg, raw)["pair"]
     inputs: list[Any] = []
     for n, line in enumerate(lines):
         if pair:
@@ -527,13 +540,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else:
             inputs.append(line)
     results = predict_run(args.adapter, inputs, device=args.device, max_new_tokens=args.max_new_tokens or 32,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size or 32)
     for item, res in zip(inputs, results):
-        text = "\t".join(item) if isinstance(item, tuple) else item
+        text = "\t".join(_escape(t) for t in item) if isinstance(item, tuple) else _escape(item)
         if args.json:
             print(json.dumps({"input": list(item) if isinstance(item, tuple) else item} | res, ensure_ascii=False))
         elif "completion" in res:
-            print(f"{text}{res['completion']}".replace("\n", "\\n"))
+            print(f"{text}{_escape(res['completion'])}")
         elif "score" in res:
             print(f"{res['score']:.4f}\t{text}")
         else:
@@ -541,11 +554,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_pair_task(task: str, file_run: bool) -> bool:
-    from peftkit.train.data import TASK_SPECS
+def _escape(text: str) -> str:
+    r"""``text`` on one line: a backslash, newline, carriage return and tab written as ``\\``, ``\n``, ``\r``
+    and ``\t`` (one output line per input)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
-    spec = None if file_run else TASK_SPECS.get(task.lower().replace("-", ""))
-    return bool(spec and spec.sentence_pair)
+
+def _unescape(text: str) -> str:
+    r"""A prompt line as :func:`_escape` writes it, back to its text (``\n`` a newline, ``\\`` a backslash)."""
+    return re.sub(r"\\([\\nrt])", lambda m: {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

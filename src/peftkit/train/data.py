@@ -324,7 +324,8 @@ def examples_from_rows(rows: list[dict[str, Any]], text_column: str | None, labe
 
     Args:
         rows: from :func:`read_table` (its :class:`Row` objects give messages their line numbers).
-        text_column: None picks the first of ``sentence``, ``text``, ``sentence1`` present.
+        text_column: None picks the first of ``sentence``, ``text``, ``sentence1`` present; ``sentence1`` with a
+            ``sentence2`` column and no ``pair_column`` makes them a pair.
         label_names: the labels must be these class names (a dev file of a run trained on names).
         label_ids: the labels must be class ids (a dev file of a run trained on ids), below ``num_labels``
             when given.
@@ -341,6 +342,8 @@ def examples_from_rows(rows: list[dict[str, Any]], text_column: str | None, labe
         raise DataError(f"{source} has no rows")
     if text_column is None:
         text_column = next((c for c in ("sentence", "text", "sentence1") if c in rows[0]), None)
+        if text_column == "sentence1" and pair_column is None and "sentence2" in rows[0]:
+            pair_column = "sentence2"  # GLUE's names for a pair: the second sentence is not dropped unread
     cols = [(text_column, "text"), (label_column, "label")] + ([(pair_column, "pair")] if pair_column else [])
     labels: list[int | str] = []
     for n, row in enumerate(rows):

@@ -238,7 +238,7 @@ def _classification_job(cfg: RunConfig, reserved: int = 0) -> _Job:
 
     return _Job(model, tokenizer, train_ds, dev_ds, coll, count_rows, evaluate,
                 {"task": task.name, "metric": task.metric},
-                {"label_names": task.label_names, "num_labels": task.num_labels})
+                {"label_names": task.label_names, "num_labels": task.num_labels, "sentence_pair": pair})
 
 
 def _check_positions(model: torch.nn.Module, max_length: int, reserved: int, *datasets: Any) -> None:
@@ -571,6 +571,13 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     check(not given or eval_file, f"{', '.join('--' + k.replace('_', '-') for k in given)} "
                                   f"{'names a column' if len(given) == 1 else 'name columns'} of --eval-file; give "
                                   "the file too")
+    from peftkit.train.serve import run_shape
+
+    paired = run_shape(cfg, raw)["pair"]
+    unused = [k for k in given if k != "text_column"] if cfg.task == CAUSAL_LM else (
+        ["pair_column"] if "pair_column" in given and not paired else [])
+    check(not unused, f"--{unused[0].replace('_', '-') if unused else ''} does not apply: {str(run_dir)!r} is a "
+                      f"{'causal-LM run (its rows are text, or prompt/response)' if cfg.task == CAUSAL_LM else 'run on single sentences'}")
     if eval_file:
         cfg.eval_file, cfg.max_eval_samples = eval_file, None
         for key, value in given.items():
@@ -590,6 +597,11 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
                                              cfg.eval_batch_size)["perplexity"], "dev_examples": len(ds)}
     # a file run's classes come from its run_config.json: its training file may have changed or gone since
     task = load_classification_task(cfg, _run_classes(raw) if cfg.train_file else None)
+    known = not cfg.train_file or isinstance(raw.get("sentence_pair"), bool)  # (older file runs do not record it)
+    if known and task.dev and (task.dev[0]["text_pair"] is not None) != paired:  # encoded otherwise than trained
+        raise DataError(f"--eval-file {eval_file!r} gives {'single sentences' if paired else 'sentence pairs'}, but "
+                        f"the run was trained on {'sentence pairs' if paired else 'single sentences'}"
+                        + ("; name its second sentence with --pair-column" if paired else ""))
     model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
     if not cfg.full_finetune:
         model = _load_adapter(model, run_dir)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from peftkit.config import ConfigError
-from peftkit.train.checks import check_device
+from peftkit.train.checks import check_device, check_model_dir
 from peftkit.train.data import TASK_SPECS, DataError, TokenizedDataset, collate
-from peftkit.train.options import CAUSAL_LM
+from peftkit.train.options import CAUSAL_LM, resolve_model_dir
 
 __all__ = ["predict_run"]
 
@@ -58,31 +58,29 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
             single-sentence run or the other way round, a non-string); a prompt that, with
             ``max_new_tokens``, exceeds the model's positions.
     """
-    from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, _run_classes, read_finished_run
+    from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, read_finished_run
 
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be an integer >= 1")
     run_dir = Path(run_dir)
     cfg, raw = read_finished_run(run_dir)
+    if isinstance(inputs, str):
+        raise DataError(f"inputs={inputs[:40]!r} is one string; give a list of inputs (one per prediction)")
     inputs = list(inputs)
     if not inputs:
         raise DataError("no input to predict on: give at least one text")
     if len(inputs) > MAX_INPUTS:
         raise DataError(f"{len(inputs)} inputs; give at most {MAX_INPUTS} per call")
     causal = cfg.task == CAUSAL_LM
-    if causal:
-        regression, pair, num_labels, names = False, False, None, None
-    elif cfg.train_file:  # a file run: its classes are in run_config.json (the files may be gone)
-        num_labels, names = _run_classes(raw)
-        regression, pair = False, bool(cfg.pair_column)
-    else:
-        spec = TASK_SPECS[cfg.task.lower().replace("-", "")]
-        num_labels, regression, pair = spec.num_labels, spec.is_regression, spec.sentence_pair
-        names = list(spec.label_names) if spec.label_names else None
+    shape = run_shape(cfg, raw)
+    num_labels, names, regression, pair = shape["num_labels"], shape["label_names"], shape["regression"], shape["pair"]
     _check_inputs(inputs, pair, "prompt" if causal else "text")
     cfg.device = device or cfg.device
-    check_device(cfg.device)
+    check_device(cfg.device, option="--device" if device else "the run's device (run_config.json; override it with "
+                                                              "--device)")
+    model_dir = run_dir / "model" if cfg.full_finetune else resolve_model_dir(cfg.model, cfg.task)
+    check_model_dir(str(model_dir), option="the run's model folder (run_config.json)")
     if cfg.full_finetune:
         cfg.model = str(run_dir / "model")
     model, tokenizer = _load_model_and_tokenizer(cfg, num_labels, regression, names)
@@ -95,9 +93,42 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
         return _classify(model, tokenizer, inputs, pair, regression, names, cfg.max_length, batch_size)
 
 
+def run_shape(cfg: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """What a finished run's inputs and outputs are: ``{"num_labels", "label_names", "regression", "pair"}``
+    (classes None and pair False for a causal-LM run). A file run's come from its ``run_config.json`` (its files
+    may be gone): ``sentence_pair`` as found in training (runs saved before it was recorded: a pair column
+    given by name).
+
+    Raises:
+        ConfigError: a damaged ``run_config.json`` (an unknown task, bad classes).
+    """
+    from peftkit.train.run import _run_classes
+
+    if cfg.task == CAUSAL_LM:
+        return {"num_labels": None, "label_names": None, "regression": False, "pair": False}
+    if cfg.train_file:
+        num_labels, names = _run_classes(raw)
+        pair = raw.get("sentence_pair")
+        return {"num_labels": num_labels, "label_names": names, "regression": False,
+                "pair": bool(cfg.pair_column) if not isinstance(pair, bool) else pair}
+    spec = TASK_SPECS.get(str(cfg.task).lower().replace("-", ""))
+    if spec is None:
+        raise ConfigError(f"run_config.json: task={cfg.task!r} is not a known task ({', '.join(TASK_SPECS)}, "
+                          "causal-lm); the run folder is damaged")
+    return {"num_labels": spec.num_labels, "label_names": list(spec.label_names) if spec.label_names else None,
+            "regression": spec.is_regression, "pair": spec.sentence_pair}
+
+
 def _check_inputs(inputs: list[Any], pair: bool, what: str) -> None:
-    """Each input is a str (a 2-tuple of str for a pair run). Raises DataError naming the first bad one."""
+    """Each input is a str (a 2-tuple of str for a pair run) of valid Unicode (no lone surrogate, as undecodable
+    bytes from a command line become). Raises DataError naming the first bad one."""
     for n, item in enumerate(inputs):
+        for text in (item if isinstance(item, (tuple, list)) else (item,)):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError(f"input {n + 1} ({text[:40]!r}) is not UTF-8 text; give UTF-8 text") from None
         if pair:
             ok = isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, str) for t in item)
             if not ok:
