@@ -59,8 +59,13 @@ def test_lorahub_errors():
                         (dict(l1=-1), "l1=-1 is not valid; give a finite number >= 0")]:
         with pytest.raises(ConfigError, match=message):
             lorahub(model, ["default", "b"], batch, **kw)
-    with pytest.raises(ConfigError, match="batches must be a list of batch dicts"):
+    with pytest.raises(ConfigError, match="batches must be a list of batch dicts or a DataLoader"):
         lorahub(model, ["default", "b"], (b for b in batch))
+    # a DataLoader iterates again for each candidate: it is taken (it was refused for a while)
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids(batch=4)], batch_size=2)
+    result = lorahub(model, ["default", "b"], loader, adapter_name="from_loader", steps=2, population=3)
+    assert len(result.weights) == 2 and "from_loader" in model.peft_config
+    model.delete_adapter("from_loader")
     with pytest.raises(ConfigError, match="adapters='default' is one name"):
         lorahub(model, "default", batch)
     model.add_adapter("wide", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

@@ -170,9 +170,13 @@ def test_numpy_and_torch_scalar_weights_are_numbers():
     model.add_weighted_adapter(["default", "b"], [0.5, 0.25], "plain", combination_type="cat")
     model.add_weighted_adapter(["default", "b"], [np.float32(0.5), torch.tensor(0.25)], "scalars",
                                combination_type="cat")
+    # a numpy array or a tensor of weights, as peft takes them (refused for a while as "not a list")
+    model.add_weighted_adapter(["default", "b"], np.array([0.5, 0.25]), "array", combination_type="cat")
+    model.add_weighted_adapter(["default", "b"], torch.tensor([0.5, 0.25]), "tensor", combination_type="cat")
     for _, layer in model.base_model.wrappers():
         if isinstance(layer, AdaptedLayer) and "plain" in layer.adapters:
-            assert torch.equal(layer.adapters["plain"].delta_weight(layer), layer.adapters["scalars"].delta_weight(layer))
+            for other in ("scalars", "array", "tensor"):
+                assert torch.equal(layer.adapters["plain"].delta_weight(layer), layer.adapters[other].delta_weight(layer))
 
 
 def test_heads_need_a_source():

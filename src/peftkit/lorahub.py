@@ -102,8 +102,10 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
     host.check_known(adapters + ([modules_to_save_from] if modules_to_save_from else []))
     check(len(adapters) >= 2, f"LoraHub needs at least two adapters, got {adapters}")
     check(adapter_name not in host.peft_config, f"adapter {adapter_name!r} already exists")
-    check(isinstance(batches, Sequence) and not isinstance(batches, (str, dict)),
-          f"batches must be a list of batch dicts (it is read once per candidate), got a {type(batches).__name__}")
+    # read once per candidate: a list or a DataLoader, which iterate again; not a one-shot iterator (a generator)
+    check(hasattr(batches, "__len__") and not isinstance(batches, (str, dict)) and iter(batches) is not batches,
+          f"batches must be a list of batch dicts or a DataLoader (they are read once per candidate), got a "
+          f"{type(batches).__name__}")
     check(len(batches) > 0, "LoraHub needs at least one batch of examples of the new task")
     for name, value, low in (("steps", steps, 1), ("population", population, 2), ("seed", seed, 0)):
         check(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low,

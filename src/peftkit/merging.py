@@ -368,8 +368,11 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     host = model.base_model
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
     host.check_known(adapters + ([modules_to_save_from] if modules_to_save_from else []))
-    check(isinstance(weights, Sequence) and not isinstance(weights, str),
+    # a list, tuple, numpy array or 1-d tensor (as peft takes them); not None, a string or one number
+    check(hasattr(weights, "__len__") and hasattr(weights, "__iter__") and not isinstance(weights, (str, dict))
+          and getattr(weights, "ndim", 1) == 1,
           f"weights={weights!r} is not valid; give a list of numbers, one per adapter")
+    weights = list(weights)
     check(len(adapters) == len(weights) and adapters, f"got {len(adapters)} adapters and {len(weights)} weights; "
                                                       "give one weight per adapter (at least one)")
     check(adapter_name not in host.peft_config, f"adapter {adapter_name!r} already exists")
