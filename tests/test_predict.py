@@ -234,3 +234,14 @@ def test_causal_prompts_from_a_file_take_escaped_newlines(tmp_path, capsys):
     assert cli("predict", "--adapter", out, "--input", f, "--max-new-tokens", 4, "--json") == 0
     assert json.loads(capsys.readouterr().out) == {"input": prompt, "completion": want}
     assert "--batch-size 4 has no effect" in error_line(capsys, "predict", "--adapter", out, "--batch-size", 4, "x")
+
+
+def test_eval_names_the_runs_own_model_folder(sst2_run, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(sst2_run, tmp_path / "moved")
+    cfg = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**cfg, "model": str(tmp_path / "gone")}))
+    line = error_line(capsys, "eval", "--adapter", run)
+    assert f"the run's model folder (run_config.json) '{tmp_path / 'gone'}' is not a folder" in line
+    assert "--model" not in line.split("is not a folder")[0]  # it named an option eval does not have

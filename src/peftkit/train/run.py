@@ -565,7 +565,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     run_dir = Path(run_dir)
     cfg, raw = read_finished_run(run_dir)
     cfg.device = device or cfg.device
-    check_device(cfg.device)
+    check_run_model(run_dir, cfg, device)
     columns = {"text_column": text_column, "pair_column": pair_column, "label_column": label_column}
     given = {k: v for k, v in columns.items() if v is not None}
     check(not given or eval_file, f"{', '.join('--' + k.replace('_', '-') for k in given)} "
@@ -624,6 +624,15 @@ def read_finished_run(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
         raise FileNotFoundError(f"{str(run_dir)!r} holds no {saved.name}: the run did not finish; continue it with "
                                 "`peftkit train --resume` (when it saved checkpoints) or train again")
     return cfg, raw
+
+
+def check_run_model(run_dir: Path, cfg: RunConfig, device: str | None) -> None:
+    """Check a finished run's device and model folder (``model/`` when fully fine-tuned) with messages that name
+    them as the run's own settings, not as options the user gave. Raises ConfigError / FileNotFoundError."""
+    check_device(cfg.device, option="--device" if device else "the run's device (run_config.json; override it "
+                                                              "with --device)")
+    model_dir = run_dir / "model" if cfg.full_finetune else resolve_model_dir(cfg.model, cfg.task)
+    check_model_dir(str(model_dir), option="the run's model folder (run_config.json)")
 
 
 def _run_classes(raw: dict[str, Any]) -> tuple[int, list[str] | None]:

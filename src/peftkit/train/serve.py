@@ -15,9 +15,8 @@ from typing import Any
 import torch
 
 from peftkit.config import ConfigError
-from peftkit.train.checks import check_device, check_model_dir
 from peftkit.train.data import TASK_SPECS, DataError, TokenizedDataset, collate
-from peftkit.train.options import CAUSAL_LM, resolve_model_dir
+from peftkit.train.options import CAUSAL_LM
 
 __all__ = ["predict_run"]
 
@@ -58,7 +57,7 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
             single-sentence run or the other way round, a non-string); a prompt that, with
             ``max_new_tokens``, exceeds the model's positions.
     """
-    from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, read_finished_run
+    from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, check_run_model, read_finished_run
 
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -77,10 +76,7 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
     num_labels, names, regression, pair = shape["num_labels"], shape["label_names"], shape["regression"], shape["pair"]
     _check_inputs(inputs, pair, "prompt" if causal else "text")
     cfg.device = device or cfg.device
-    check_device(cfg.device, option="--device" if device else "the run's device (run_config.json; override it with "
-                                                              "--device)")
-    model_dir = run_dir / "model" if cfg.full_finetune else resolve_model_dir(cfg.model, cfg.task)
-    check_model_dir(str(model_dir), option="the run's model folder (run_config.json)")
+    check_run_model(run_dir, cfg, device)
     if cfg.full_finetune:
         cfg.model = str(run_dir / "model")
     model, tokenizer = _load_model_and_tokenizer(cfg, num_labels, regression, names)
