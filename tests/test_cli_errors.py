@@ -274,8 +274,9 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     assert proc.wait(timeout=120) == 141 and "BrokenPipe" not in err and "peftkit: error" not in err
 
 
-def test_rows_longer_than_the_models_positions_are_refused_before_writing(tiny_model_dir, tmp_path, capsys):
-    """They failed inside the forward with a bare size mismatch (exit 1), leaving run_config.json behind."""
+def test_a_max_length_beyond_the_models_positions_is_refused_before_writing(tiny_model_dir, tmp_path, capsys):
+    """Longer rows failed inside the forward with a bare size mismatch (exit 1), leaving run_config.json behind;
+    with short training rows the run passed, and eval or predict failed later on a long row."""
     import json
 
     rows = tmp_path / "long.jsonl"
@@ -283,14 +284,14 @@ def test_rows_longer_than_the_models_positions_are_refused_before_writing(tiny_m
     before = snapshot(tmp_path)
     assert error_line(capsys, "train", "--model", tiny_model_dir, "--train-file", rows, "--eval-file", rows,
                       "--max-length", 400, "--max-steps", 1, "--output-dir", tmp_path / "run") == (
-        "peftkit: error: --max-length 400 lets rows of 302 tokens through, but the model has 128 positions left; "
-        "give --max-length 128 or less")
+        "peftkit: error: --max-length 400 is more than the 128 positions the model has; give --max-length 128 or "
+        "less")
     # a soft prompt's virtual tokens take positions too (it failed inside the forward, after writing)
     assert error_line(capsys, "train", "--model", tiny_model_dir, "--train-file", rows, "--eval-file", rows,
                       "--method", "prompt-tuning", "--max-length", 120, "--max-steps", 1,
                       "--output-dir", tmp_path / "run") == (
-        "peftkit: error: --max-length 120 lets rows of 120 tokens through, but the model has 108 positions left "
-        "after the 20 virtual tokens; give --max-length 108 or less")
+        "peftkit: error: --max-length 120 is more than the 108 positions the model has after the 20 virtual tokens; "
+        "give --max-length 108 or less")
     # a causal LM with a learned table (GPT-2): an IndexError in the perplexity before training
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -306,8 +307,7 @@ def test_rows_longer_than_the_models_positions_are_refused_before_writing(tiny_m
     before = snapshot(tmp_path)
     line = error_line(capsys, "train", "--task", "causal-lm", "--model", gpt, "--train-file", text, "--eval-file", text,
                       "--max-length", 64, "--max-steps", 1, "--output-dir", tmp_path / "run")
-    assert line.startswith("peftkit: error: --max-length 64 lets rows of 64 tokens through, but the model has 32 "
-                           "positions left; give --max-length 32 or less")
+    assert line == "peftkit: error: --max-length 64 is more than the 32 positions the model has; give --max-length 32 or less"
     assert snapshot(tmp_path) == before
 
 

@@ -299,3 +299,23 @@ def test_eval_file_in_the_tasks_own_glue_layout_and_named_columns(tiny_model_dir
     assert cli("eval", "--adapter", tmp_path / "cola", "--eval-file", table, "--text-column", "review",
                "--label-column", "gold") == 0
     assert "dev_examples    2" in capsys.readouterr().out.splitlines()
+
+
+def test_train_and_dev_files_of_different_shapes_are_refused(tiny_model_dir, tmp_path, capsys):
+    """A sentence1/sentence2 training file and a sentence1 dev file (or the reverse) trained on one shape and
+    scored on the other; a named single-sentence task took a pair eval file the same way."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("sentence1,sentence2,label\n" + "".join(f"a{i},b{i},{i % 2}\n" for i in range(6)))
+    single = tmp_path / "single.csv"
+    single.write_text("sentence1,label\n" + "".join(f"a{i},{i % 2}\n" for i in range(6)))
+    common = ("--model", tiny_model_dir, "--max-steps", 1, "--output-dir", tmp_path / "run", "--no-progress")
+    before = snapshot(tmp_path)
+    assert error_line(capsys, "train", "--train-file", pairs, "--eval-file", single, *common) == (
+        f"peftkit: error: --train-file {str(pairs)!r} gives sentence pairs but --eval-file {str(single)!r} gives "
+        "single sentences; give files of one shape (or name the columns with --text-column / --pair-column)")
+    assert "gives single sentences but --eval-file" in error_line(capsys, "train", "--train-file", single,
+                                                                 "--eval-file", pairs, *common)
+    assert error_line(capsys, "train", "--task", "sst2", "--eval-file", pairs, *common) == (
+        f"peftkit: error: --eval-file {str(pairs)!r} gives sentence pairs (sentence1, sentence2), but task 'sst2' "
+        "classifies single sentences; name the text column with --text-column")
+    assert snapshot(tmp_path) == before

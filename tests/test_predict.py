@@ -161,7 +161,7 @@ def test_a_prompt_too_long_after_the_virtual_tokens_is_refused(tmp_path):
                "--max-length", 8, "--max-steps", 1, "--output-dir", out, "--no-progress") == 0
     prompt = "Once upon a time there was a little cat who"
     n = len(tok(prompt)["input_ids"])
-    with pytest.raises(DataError, match=f"prompt 1 has {n} tokens; with max_new_tokens=5 that exceeds the model's 12 "
+    with pytest.raises(DataError, match=f"prompt 1 has {n} tokens; with 5 new tokens .* exceeds the model.s 12 "
                                         "positions after the adapter's 20 virtual tokens"):
         predict_run(out, [prompt], max_new_tokens=5)
     assert len(predict_run(out, ["Once"], max_new_tokens=3)) == 1
@@ -206,8 +206,13 @@ def test_lines_escapes_and_bad_text(sst2_run, tmp_path, capsys, monkeypatch):
     assert "input 1 ('caf\\udce9') is not UTF-8 text" in error_line(capsys, "predict", "--adapter", sst2_run,
                                                                     "caf\udce9")
     assert "cannot be read" in error_line(capsys, "predict", "--adapter", sst2_run, "--input", tmp_path)
-    with pytest.raises(DataError, match="is one string; give a list of inputs"):
+    with pytest.raises(DataError, match="is a str; give a list of inputs"):
         predict_run(sst2_run, "hello")
+    with pytest.raises(DataError, match="is a set; give a list of inputs"):  # no order to answer in
+        predict_run(sst2_run, {"a", "b"})
+    assert cli("predict", "--adapter", sst2_run, "ls\u2028sep", "nel\x85x") == 0  # other line breaks: escaped
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 2 and "ls\\u2028sep" in out and "nel\\u0085x" in out
 
 
 def test_messages_name_the_runs_own_settings(sst2_run, tmp_path, capsys):

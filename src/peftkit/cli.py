@@ -554,15 +554,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+#: characters other than \n and \r at which readers (Python's str.splitlines) also break lines
+_LINE_BREAKS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def _escape(text: str) -> str:
     r"""``text`` on one line: a backslash, newline, carriage return and tab written as ``\\``, ``\n``, ``\r``
-    and ``\t`` (one output line per input)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    and ``\t``, the other line breaks as ``\uXXXX`` (one output line per input)."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return "".join(f"\\u{ord(c):04x}" if c in _LINE_BREAKS else c for c in text)
 
 
 def _unescape(text: str) -> str:
-    r"""A prompt line as :func:`_escape` writes it, back to its text (``\n`` a newline, ``\\`` a backslash)."""
-    return re.sub(r"\\([\\nrt])", lambda m: {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[m.group(1)], text)
+    r"""A prompt line as :func:`_escape` writes it, back to its text (``\n`` a newline, ``\\`` a backslash,
+    ``\uXXXX`` that character)."""
+    plain = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|[\\nrt])",
+                  lambda m: chr(int(m.group(1)[1:], 16)) if m.group(1)[0] == "u" and len(m.group(1)) == 5
+                  else plain[m.group(1)], text)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

@@ -342,7 +342,7 @@ def examples_from_rows(rows: list[dict[str, Any]], text_column: str | None, labe
         raise DataError(f"{source} has no rows")
     if text_column is None:
         text_column = next((c for c in ("sentence", "text", "sentence1") if c in rows[0]), None)
-        if text_column == "sentence1" and pair_column is None and "sentence2" in rows[0]:
+        if text_column == "sentence1" and pair_column is None and any("sentence2" in row for row in rows):
             pair_column = "sentence2"  # GLUE's names for a pair: the second sentence is not dropped unread
     cols = [(text_column, "text"), (label_column, "label")] + ([(pair_column, "pair")] if pair_column else [])
     labels: list[int | str] = []

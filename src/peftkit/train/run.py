@@ -137,6 +137,11 @@ def load_classification_task(cfg: RunConfig, classes: tuple[int, list[str] | Non
         dev, _ = examples_from_rows(read_table(cfg.eval_file), cfg.text_column, cfg.label_column,
                                     cfg.pair_column, source=cfg.eval_file, label_names=names, label_ids=not names,
                                     num_labels=None if classes is None else classes[0])
+        if train and dev and (train[0]["text_pair"] is None) != (dev[0]["text_pair"] is None):
+            shapes = {True: "sentence pairs", False: "single sentences"}
+            raise DataError(f"--train-file {cfg.train_file!r} gives {shapes[train[0]['text_pair'] is not None]} but "
+                            f"--eval-file {cfg.eval_file!r} gives {shapes[dev[0]['text_pair'] is not None]}; give files "
+                            "of one shape (or name the columns with --text-column / --pair-column)")
         if classes is None and names is not None and len(names) < 2:
             raise DataError(f"{cfg.train_file}: every label is {names[0]!r}; a classifier needs at least two classes "
                             "in the training file")
@@ -163,6 +168,10 @@ def load_classification_task(cfg: RunConfig, classes: tuple[int, list[str] | Non
                                                  source=cfg.eval_file,
                                                  label_names=task.label_names if task.named_labels else None,
                                                  label_ids=not task.named_labels, num_labels=task.num_labels)
+                if task.dev and (task.dev[0]["text_pair"] is not None) != paired:  # a sentence2 column found
+                    raise DataError(f"--eval-file {cfg.eval_file!r} gives sentence pairs (sentence1, sentence2), but "
+                                    f"task {task.name!r} classifies single sentences; name the text column with "
+                                    "--text-column")
     if cfg.max_train_samples:
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         task.train = [task.train[i] for i in order[: cfg.max_train_samples]]
@@ -229,7 +238,7 @@ def _classification_job(cfg: RunConfig, reserved: int = 0) -> _Job:
                           f"a row needs at least {least} tokens to hold any text")
     train_ds = TokenizedDataset(task.train, tokenizer, cfg.max_length)
     dev_ds = TokenizedDataset(task.dev, tokenizer, cfg.max_length)
-    _check_positions(model, cfg.max_length, reserved, train_ds, dev_ds)
+    _check_positions(model, cfg.max_length, reserved)
     coll = collate(tokenizer.pad_token_id, task.is_regression)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -241,21 +250,20 @@ def _classification_job(cfg: RunConfig, reserved: int = 0) -> _Job:
                 {"label_names": task.label_names, "num_labels": task.num_labels, "sentence_pair": pair})
 
 
-def _check_positions(model: torch.nn.Module, max_length: int, reserved: int, *datasets: Any) -> None:
-    """Refuse rows longer than a learned position table (BERT's 512, GPT-2's 1024) leaves them, after the
-    ``reserved`` positions of a soft prompt's virtual tokens: they failed inside the model's forward, after
-    the run folder was written. Raises ConfigError."""
+def _check_positions(model: torch.nn.Module, max_length: int, reserved: int) -> None:
+    """Refuse a ``--max-length`` longer than a learned position table (BERT's 512, GPT-2's 1024) leaves after the
+    ``reserved`` positions of a soft prompt's virtual tokens: a longer row failed inside the model's forward
+    (in training, after the run folder was written; or later, in eval or predict). Raises ConfigError."""
     from peftkit.methods.prompt_learning import position_table
 
     usable = position_table(model)[0]
     if usable is None:
         return
-    longest = max((len(ds[i]["input_ids"]) for ds in datasets for i in range(len(ds))), default=0)
     room = usable - reserved
-    if longest > room:
+    if max_length > room:
         after = f" after the {reserved} virtual tokens" if reserved else ""
-        raise ConfigError(f"--max-length {max_length} lets rows of {longest} tokens through, but the model has "
-                          f"{room} positions left{after}; give --max-length {max(room, 1)} or less")
+        raise ConfigError(f"--max-length {max_length} is more than the {room} positions the model has{after}; give "
+                          f"--max-length {max(room, 1)} or less")
 
 
 def _causal_lm_job(cfg: RunConfig, reserved: int = 0) -> _Job:
@@ -271,7 +279,7 @@ def _causal_lm_job(cfg: RunConfig, reserved: int = 0) -> _Job:
     for name, ds in (("train", train_ds), ("dev", dev_ds)):
         if not len(ds):
             raise DataError(f"no {name} row has a target token within --max-length {cfg.max_length}")
-    _check_positions(model, cfg.max_length, reserved, train_ds, dev_ds)
+    _check_positions(model, cfg.max_length, reserved)
     coll = collate_causal(tokenizer.pad_token_id)
     before = perplexity(model, dev_ds, coll, cfg.eval_batch_size, distributed=True)
 
@@ -598,10 +606,15 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     # a file run's classes come from its run_config.json: its training file may have changed or gone since
     task = load_classification_task(cfg, _run_classes(raw) if cfg.train_file else None)
     known = not cfg.train_file or isinstance(raw.get("sentence_pair"), bool)  # (older file runs do not record it)
+    if not known and not cfg.pair_column:  # trained when a sentence2 column was not read: single sentences
+        for example in task.dev:
+            example["text_pair"] = None
     if known and task.dev and (task.dev[0]["text_pair"] is not None) != paired:  # encoded otherwise than trained
-        raise DataError(f"--eval-file {eval_file!r} gives {'single sentences' if paired else 'sentence pairs'}, but "
-                        f"the run was trained on {'sentence pairs' if paired else 'single sentences'}"
-                        + ("; name its second sentence with --pair-column" if paired else ""))
+        which = f"--eval-file {eval_file!r}" if eval_file else f"the run's dev file {cfg.eval_file!r}"
+        raise DataError(f"{which} gives {'single sentences' if paired else 'sentence pairs'}, but the run was "
+                        f"trained on {'sentence pairs' if paired else 'single sentences'}"
+                        + ("; name its second sentence with --pair-column" if paired else
+                           "; name its text column with --text-column"))
     model, tokenizer = _load_model_and_tokenizer(cfg, task.num_labels, task.is_regression, task.label_names)
     if not cfg.full_finetune:
         model = _load_adapter(model, run_dir)

@@ -7,6 +7,7 @@ new inputs are encoded exactly as the dev set was.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,12 +61,13 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
     from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, check_run_model, read_finished_run
 
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ConfigError(f"{name}={value!r} must be an integer >= 1")
     run_dir = Path(run_dir)
     cfg, raw = read_finished_run(run_dir)
-    if isinstance(inputs, str):
-        raise DataError(f"inputs={inputs[:40]!r} is one string; give a list of inputs (one per prediction)")
+    if isinstance(inputs, (str, set, frozenset, dict)):  # one text, or no order to give the results back in
+        raise DataError(f"inputs={str(inputs)[:40]!r} is a {type(inputs).__name__}; give a list of inputs (one per "
+                        "prediction, in order)")
     inputs = list(inputs)
     if not inputs:
         raise DataError("no input to predict on: give at least one text")
@@ -173,9 +175,9 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_ne
             raise DataError(f"prompt {n + 1} ({prompts[n]!r}) encodes to no token; give some text")
         if limit is not None and reserved + ids.shape[1] + max_new_tokens > limit:
             after = f" after the adapter's {reserved} virtual tokens" if reserved else ""
-            raise DataError(f"prompt {n + 1} has {ids.shape[1]} tokens; with max_new_tokens={max_new_tokens} that "
-                            f"exceeds the model's {limit - reserved} positions{after}: shorten it or lower "
-                            "max_new_tokens")
+            raise DataError(f"prompt {n + 1} has {ids.shape[1]} tokens; with {max_new_tokens} new tokens "
+                            f"(max_new_tokens, --max-new-tokens) that exceeds the model's {limit - reserved} "
+                            f"positions{after}: shorten it or ask for fewer new tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for ids in encoded:
