@@ -68,3 +68,19 @@ def tiny_model_dir(tmp_path_factory):
     BertForSequenceClassification(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture
+def tiny_gpt2_dir(tmp_path):
+    """A tiny random GPT-2 (a learned table of 32 positions) saved with stories260K's tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from peftkit.train.data import shipped_model_dir
+
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    folder = tmp_path / "gpt"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=len(tok))).save_pretrained(
+        folder)
+    tok.save_pretrained(folder)
+    return folder

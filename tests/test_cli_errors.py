@@ -274,7 +274,8 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     assert proc.wait(timeout=120) == 141 and "BrokenPipe" not in err and "peftkit: error" not in err
 
 
-def test_a_max_length_beyond_the_models_positions_is_refused_before_writing(tiny_model_dir, tmp_path, capsys):
+def test_a_max_length_beyond_the_models_positions_is_refused_before_writing(tiny_model_dir, tiny_gpt2_dir, tmp_path,
+                                                                           capsys):
     """Longer rows failed inside the forward with a bare size mismatch (exit 1), leaving run_config.json behind;
     with short training rows the run passed, and eval or predict failed later on a long row."""
     import json
@@ -293,15 +294,7 @@ def test_a_max_length_beyond_the_models_positions_is_refused_before_writing(tiny
         "peftkit: error: --max-length 120 is more than the 108 positions the model has after the 20 virtual tokens; "
         "give --max-length 108 or less")
     # a causal LM with a learned table (GPT-2): an IndexError in the perplexity before training
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from peftkit.train.data import shipped_model_dir
-
-    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
-    gpt = tmp_path / "gpt"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=len(tok))).save_pretrained(gpt)
-    tok.save_pretrained(gpt)
+    gpt = tiny_gpt2_dir
     text = tmp_path / "long.txt"
     text.write_text("\n\n".join(" ".join(["Once upon a time"] * 20) for _ in range(4)))
     before = snapshot(tmp_path)

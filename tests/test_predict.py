@@ -145,15 +145,10 @@ def test_inputs_of_the_wrong_shape_are_refused(sst2_run, stsb_run, tmp_path, cap
     assert "did not finish" in error_line(capsys, "predict", "--adapter", unfinished, "text")
 
 
-def test_a_prompt_too_long_after_the_virtual_tokens_is_refused(tmp_path):
+def test_a_prompt_too_long_after_the_virtual_tokens_is_refused(tiny_gpt2_dir, tmp_path):
     """The check left out a soft prompt's virtual tokens: the prompt failed inside generate instead."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     tok = AutoTokenizer.from_pretrained(shipped_model_dir())
-    gpt = tmp_path / "gpt"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=len(tok))).save_pretrained(gpt)
-    tok.save_pretrained(gpt)
+    gpt = tiny_gpt2_dir
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"Once upon a time {i}." for i in range(12)))
     out = tmp_path / "pt"

@@ -539,8 +539,17 @@ class AdapterModel(nn.Module):
         """A module path with the ``base_layer.`` of wrapped sub-layers left out (``attention.output.base_layer.
         dense`` -> ``attention.output.dense``): a layer inside a parallel adapter's sub-layer is saved under its
         name in the plain model, as peft names it, whichever order the adapters were added in."""
-        if ".base_layer." not in name:
-            return name
+        return self._drop_base_layers(name, lambda outer: not getattr(outer, "holds_adaptable_modules", False))
+
+    def _file_name(self, pname: str, adapter_name: str) -> str:
+        """The file key of a base parameter that ``adapter_name`` trains (``bias="all"``): its name with the
+        ``base_layer.`` of layers that only *other* adapters wrap left out, i.e. its name in a model holding
+        this adapter alone, whichever adapters were added before or after it (peft's layout)."""
+        return self._drop_base_layers(
+            pname, lambda layer: isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters)
+
+    def _drop_base_layers(self, name: str, keep: Any) -> str:
+        """``name`` with each ``.base_layer.`` segment left out unless ``keep(the module before it)``."""
         parts = name.split(".base_layer.")
         out = parts[0]
         for rest in parts[1:]:
@@ -548,23 +557,8 @@ class AdapterModel(nn.Module):
                 outer = self.model.get_submodule(out)
             except AttributeError:
                 outer = None
-            out = f"{out}.{rest}" if getattr(outer, "holds_adaptable_modules", False) else f"{out}.base_layer.{rest}"
+            out = f"{out}.base_layer.{rest}" if keep(outer) else f"{out}.{rest}"
         return out
-
-    def _file_name(self, pname: str, adapter_name: str) -> str:
-        """The file key of a base parameter that ``adapter_name`` trains (``bias="all"``): its name with the
-        ``base_layer.`` of layers that only *other* adapters wrap left out, i.e. its name in a model holding
-        this adapter alone, whichever adapters were added before or after it (peft's layout)."""
-        parts = pname.split(".base_layer.")
-        name = parts[0]
-        for rest in parts[1:]:
-            try:
-                layer = self.model.get_submodule(name)
-            except AttributeError:
-                layer = None
-            keep = isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters
-            name = f"{name}.base_layer.{rest}" if keep else f"{name}.{rest}"
-        return name
 
 
 def _outside_copies(name: str, saved: set[str]) -> str | None:
