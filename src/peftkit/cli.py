@@ -307,10 +307,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     if args.resume:
         # every option given, also at its default value (--seed 0 would otherwise be dropped unread)
-        given = _given_options(getattr(args, "argv", None))
-        defaults = vars(build_parser().parse_args(["train"]))
-        changed = [k for k, v in vars(args).items() if k not in ("resume", "device", "no_progress", "argv")
-                   and (v != defaults.get(k) or k in given)]
+        given = _given_options(args.argv)
+        changed = [k for k in vars(args) if k in given and k not in ("resume", "device", "no_progress")]
         if changed:
             raise ConfigError(f"--resume continues {args.resume} with the options it was started with; "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)} cannot be given with it "
@@ -420,8 +418,6 @@ def _check_options_take_effect(cfg: Any) -> None:
 
     given = {k: getattr(cfg, k) for k, default in METHOD_OPTIONS.items() if getattr(cfg, k) != default}
     flag = {k: "--" + k.replace("_", "-") for k in METHOD_OPTIONS}
-    for key in given:  # (train_config also refuses one given at its default value)
-        check(key not in cfg.method_options, f"{flag[key]} and --option {key}=... both set {key}; give one of them")
     if cfg.full_finetune:
         extra = [f"{flag[k]} {v!r}" for k, v in given.items()]
         extra += [f"--method {cfg.method}"] if cfg.method != "lora" else []
@@ -517,13 +513,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         lines = [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
     cfg, raw = read_run_config(Path(args.adapter))
     causal = cfg.task == CAUSAL_LM
-    if not causal:
+    if not causal and args.max_new_tokens is not None:
         kind = "file" if cfg.train_file else str(cfg.task)
-        for flag, value in (("--max-new-tokens", args.max_new_tokens), ):
-            if value is not None:
-                raise ConfigError(f"{flag} {value} has no effect: {args.adapter!r} is a {kind} classification run "
-                                  "(it applies to causal-lm runs)")
-    elif args.batch_size is not None:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} has no effect: {args.adapter!r} is a {kind} "
+                          "classification run (it applies to causal-lm runs)")
+    if causal and args.batch_size is not None:
         raise ConfigError(f"--batch-size {args.batch_size} has no effect: {args.adapter!r} is a causal-lm run, whose "
                           "prompts are continued one at a time")
     if causal and not args.texts:  # a prompt line from a file may hold newlines as \n (how the output writes them)

@@ -582,10 +582,12 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
     from peftkit.train.serve import run_shape
 
     paired = run_shape(cfg, raw)["pair"]
-    unused = [k for k in given if k != "text_column"] if cfg.task == CAUSAL_LM else (
-        ["pair_column"] if "pair_column" in given and not paired else [])
-    check(not unused, f"--{unused[0].replace('_', '-') if unused else ''} does not apply: {str(run_dir)!r} is a "
-                      f"{'causal-LM run (its rows are text, or prompt/response)' if cfg.task == CAUSAL_LM else 'run on single sentences'}")
+    for key in given:
+        if cfg.task == CAUSAL_LM and key != "text_column":
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply: {str(run_dir)!r} is a causal-LM run (its "
+                              "rows are text, or prompt/response)")
+        if key == "pair_column" and not paired:
+            raise ConfigError(f"--pair-column does not apply: {str(run_dir)!r} is a run on single sentences")
     if eval_file:
         cfg.eval_file, cfg.max_eval_samples = eval_file, None
         for key, value in given.items():
