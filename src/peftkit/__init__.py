@@ -52,6 +52,7 @@ from peftkit.methods.vera import VeraConfig
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.optimizers import create_loraplus_optimizer
 from peftkit.quant import LoftQConfig, merge_and_unload_quantized, quantize_base
+from peftkit.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftkit.utils import (
     PeftType,
     PromptEncoderReparameterizationType,
@@ -102,12 +103,16 @@ __all__ = [
     "SSFConfig",
     "SoraConfig",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "VeraConfig",
     "__version__",
     "add_fusion",
     "all_methods",
     "create_loraplus_optimizer",
+    "get_layer_status",
     "get_method",
+    "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",

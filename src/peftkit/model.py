@@ -217,6 +217,19 @@ class PeftModel(nn.Module):
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
+    # --- status -------------------------------------------------------------------------------------
+    def get_layer_status(self) -> list[Any]:
+        """The state of every adapted module (peft's method): see :func:`peftkit.status.get_layer_status`."""
+        from peftkit.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The state of the adapters as a whole (peft's method): see :func:`peftkit.status.get_model_status`."""
+        from peftkit.status import get_model_status
+
+        return get_model_status(self)
+
     # --- parameters ---------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts (total includes adapter parameters, as in peft, and the
