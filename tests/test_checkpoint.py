@@ -92,7 +92,8 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_change(tmp_path):
     assert latest_checkpoint(tmp_path / "nothing-here") is None
     # the optimiser's and scheduler's settings too: they were silently replaced (learning rate, weight decay)
     # or applied (warm-up, clipping), and the run no longer matched the uninterrupted one
-    for key, value in (("learning_rate", 0.5), ("weight_decay", 0.5), ("warmup_ratio", 0.0), ("max_grad_norm", 0.0)):
+    for key, value in (("learning_rate", 0.5), ("weight_decay", 0.5), ("warmup_ratio", 0.0), ("max_grad_norm", 0.0),
+                       ("loraplus_lr_ratio", 4.0)):
         changed = _trainer(tmp_path, **{key: value})
         before = _state(changed)
         with pytest.raises(ConfigError, match=f"has {key}=.* but this run has {value}; resume with the run's own"):
@@ -201,3 +202,12 @@ def test_resume_takes_the_run_folder_or_its_checkpoints_folder(tmp_path):
     assert all(torch.equal(results[0][1][k], r[1][k]) for r in results[1:] for k in results[0][1])
     with pytest.raises(FileNotFoundError, match=r"is neither a checkpoint .* nor a run folder with checkpoints"):
         _trainer(tmp_path / "run").train(resume_from_checkpoint=tmp_path)
+
+
+def test_a_lora_plus_run_resumes_only_as_lora_plus(tmp_path):
+    """The LoRA+ ratio is a setting of the optimiser: a run resumed without it (or with another) is refused."""
+    _trainer(tmp_path, loraplus_lr_ratio=4.0).train()
+    checkpoint = latest_checkpoint(tmp_path)
+    for value in (None, 8.0):
+        with pytest.raises(ConfigError, match=f"has loraplus_lr_ratio=4.0 but this run has {value}"):
+            _trainer(tmp_path, loraplus_lr_ratio=value).train(resume_from_checkpoint=checkpoint)

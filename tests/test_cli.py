@@ -65,6 +65,8 @@ def test_methods_lists_lora(capsys):
     (["--lora-dropout", "1.5"], "--lora-dropout 1.5"),
     (["--option", "nonsense=1"], "has no field 'nonsense'"),
     (["--epochs", "2"], "--epochs 2 and --max-steps 1 both set the run's length; give one of them"),
+    (["--full-finetune", "--loraplus-lr-ratio", "4"], "--loraplus-lr-ratio 4 raises the learning rate of LoRA's B"),
+    (["--method", "ia3", "--loraplus-lr-ratio", "4"], "loraplus_lr_ratio=4.0 raises the learning rate of LoRA's B"),
 ])
 def test_bad_options_fail_in_one_line_before_training(tiny_model_dir, tmp_path, capsys, argv, message):
     args = ["train", "--model", tiny_model_dir, "--max-steps", 1, "--output-dir", tmp_path / "x", "--no-progress"]
@@ -75,9 +77,9 @@ def test_bad_options_fail_in_one_line_before_training(tiny_model_dir, tmp_path, 
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("peftkit: error:") and message in err[0]
-    if "--method" in argv:
+    if "--method" in argv and "--loraplus-lr-ratio" not in argv:
         assert captured.out == ""  # refused before the run's header line
-    assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "x").exists()
 
 
 def test_argument_types_are_checked(capsys):
@@ -124,3 +126,15 @@ def test_a_diverged_run_says_so(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert metrics["train_loss"] != metrics["train_loss"]  # NaN: the seeded run diverges
     assert "warning         the training loss is nan: the run diverged" in out
+
+
+def test_lora_plus_run(tiny_model_dir, tmp_path):
+    """``--loraplus-lr-ratio`` trains B at lr * ratio and is recorded in the run folder (eval and --resume
+    read it back)."""
+    from peftkit.train.options import read_run_config
+
+    out = tmp_path / "run"
+    assert run("train", "--model", tiny_model_dir, "--max-steps", 2, "--max-train-samples", 16, "--max-eval-samples",
+               8, "--output-dir", out, "--no-progress", "--loraplus-lr-ratio", 8) == 0
+    assert read_run_config(out)[0].loraplus_lr_ratio == 8.0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2

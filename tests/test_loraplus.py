@@ -48,3 +48,48 @@ def test_bad_values_are_config_errors(kw, message):
     model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
     with pytest.raises(ConfigError, match=message):
         create_loraplus_optimizer(model, torch.optim.AdamW, **kw)
+
+
+def test_trainer_builds_the_lora_plus_optimiser():
+    """``TrainingArguments(loraplus_lr_ratio=...)``: the Trainer's optimiser is LoRA+'s (B at lr * ratio, the
+    weight decay as LoRA+'s), and its steps equal those of the helper's optimiser passed in by hand."""
+    from peftkit.train.trainer import Trainer, TrainingArguments
+    from tests.tiny_train import classification_items, collate_classification, lora_model
+
+    items = classification_items(8)
+    args = dict(max_steps=3, batch_size=4, progress=False, learning_rate=1e-2, weight_decay=0.05)
+    torch.manual_seed(0)
+    ours = Trainer(lora_model("classifier"), items, collate_classification,
+                   TrainingArguments(loraplus_lr_ratio=6.0, **args))
+    lrs = {id(p): (g["lr"], g["weight_decay"]) for g in ours.optimizer.param_groups for p in g["params"]}
+    for name, p in ours.model.named_parameters():
+        if "lora_B" in name:
+            assert lrs[id(p)] == (pytest.approx(6e-2), 0.05), name
+        elif "lora_A" in name:
+            assert lrs[id(p)] == (pytest.approx(1e-2), 0.05), name
+    torch.manual_seed(0)
+    model = lora_model("classifier")
+    by_hand = Trainer(model, items, collate_classification, TrainingArguments(**args),
+                      optimizer=create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=6.0,
+                                                          loraplus_weight_decay=0.05))
+    ours.train(), by_hand.train()
+    assert ours.history == pytest.approx(by_hand.history, abs=1e-7) and len(ours.history) == 3
+    b = dict(ours.model.named_parameters())
+    assert all(torch.equal(p, b[n]) for n, p in by_hand.model.named_parameters())
+
+
+def test_trainer_refuses_lora_plus_without_lora_b():
+    from peftkit import IA3Config
+    from peftkit.train.trainer import Trainer, TrainingArguments
+    from tests.tiny_train import classification_items, collate_classification, lora_model
+
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio=2.0 .* this model trains none"):
+        Trainer(get_peft_model(tiny_gpt2(), IA3Config(target_modules=["c_attn"], feedforward_modules=[])),
+                classification_items(4), collate_classification, TrainingArguments(loraplus_lr_ratio=2.0))
+    model = lora_model("classifier")
+    with pytest.raises(ConfigError, match="makes the Trainer build a LoRA\\+ optimizer; do not pass one"):
+        Trainer(model, classification_items(4), collate_classification, TrainingArguments(loraplus_lr_ratio=2.0),
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="loraplus_lr_ratio"):
+            TrainingArguments(loraplus_lr_ratio=bad)

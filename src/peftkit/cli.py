@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="extra method config field, JSON value (e.g. --option use_rslora=true); repeatable")
     t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the method's, 1e-3 for most; 5e-5 full fine-tune)")
+    t.add_argument("--loraplus-lr-ratio", type=_positive_float, metavar="RATIO",
+                   help="LoRA+: train lora_B at --lr times RATIO (the paper suggests 2 to 16; LoRA-family methods)")
     t.add_argument("--epochs", type=_positive_float, help="passes over the training data")
     t.add_argument("--max-steps", type=_positive_int,
                    help=f"optimiser steps (default {DEFAULT_STEPS} unless --epochs is given)")
@@ -353,6 +355,9 @@ def train_config(args: argparse.Namespace) -> Any:
     if args.train_file and args.task not in (None, CAUSAL_LM):
         raise ConfigError(f"--task {args.task} cannot be combined with --train-file, whose rows are the task; leave "
                           "--task out (or give --task causal-lm for a causal-LM file)")
+    if args.loraplus_lr_ratio is not None and args.full_finetune:
+        raise ConfigError(f"--loraplus-lr-ratio {args.loraplus_lr_ratio:g} raises the learning rate of LoRA's B "
+                          "factors; --full-finetune trains none (leave one of them out)")
     if args.float_embeddings and not args.quantize:
         raise ConfigError("--float-embeddings only applies with --quantize (it keeps the embeddings float32)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
@@ -375,7 +380,7 @@ def train_config(args: argparse.Namespace) -> Any:
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
         output_dir=args.output_dir, full_finetune=args.full_finetune, device=args.device,
         progress=not args.no_progress, save_every=args.save_every, fsdp=args.fsdp, quantize=args.quantize,
-        quantize_embeddings=not args.float_embeddings,
+        quantize_embeddings=not args.float_embeddings, loraplus_lr_ratio=args.loraplus_lr_ratio,
     )
     if not args.full_finetune:
         get_method(args.method)  # an unknown method fails before the header line

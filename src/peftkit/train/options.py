@@ -71,6 +71,8 @@ class RunConfig:
         quant_group_size: int4/int8 columns per scale (None: the format's default, 64 for int4, per channel
             for int8). Not a command-line option: a QA-LoRA run sets it to ``qalora_group_size``, so that its
             merge folds into the quantised zero points; eval and export read it back from the run folder.
+        loraplus_lr_ratio: LoRA+ (arXiv:2402.12354): ``lora_B`` trains at ``lr`` times this ratio (see
+            :class:`peftkit.train.TrainingArguments`); None: one learning rate for all.
     """
 
     model: str | None = None
@@ -105,6 +107,7 @@ class RunConfig:
     quantize: str | None = None
     quantize_embeddings: bool = False
     quant_group_size: int | None = None
+    loraplus_lr_ratio: float | None = None
 
     @property
     def task_type(self) -> str:
@@ -134,7 +137,7 @@ class RunConfig:
                      "eval_batch_size", "max_length", "quant_group_size"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{where}{name}={value!r} must be a positive integer")
-        for name in ("epochs", "lr", "lora_alpha"):
+        for name in ("epochs", "lr", "lora_alpha", "loraplus_lr_ratio"):
             value = getattr(self, name)
             check(value is None or value > 0, f"{where}{name}={value!r} must be a positive finite number")
         check(0 <= self.lora_dropout < 1, f"{where}lora_dropout={self.lora_dropout!r} must lie in [0, 1)")

@@ -521,7 +521,7 @@ def _training_args(cfg: RunConfig, out_dir: Path) -> TrainingArguments:
     return TrainingArguments(learning_rate=cfg.learning_rate(), num_epochs=cfg.epochs, max_steps=cfg.max_steps,
                              batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
                              progress=cfg.progress, save_every=cfg.save_every, output_dir=str(out_dir),
-                             fsdp=cfg.fsdp)
+                             fsdp=cfg.fsdp, loraplus_lr_ratio=cfg.loraplus_lr_ratio)
 
 
 def _save(model: torch.nn.Module, tokenizer: Any, out_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:

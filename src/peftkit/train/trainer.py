@@ -67,6 +67,10 @@ class TrainingArguments:
         save_every: write a checkpoint every N steps into ``output_dir/checkpoints`` (None: never).
         output_dir: the run folder checkpoints go to; required with ``save_every``.
         fsdp: with several processes, shard the model with FSDP2 instead of replicating it (DDP).
+        loraplus_lr_ratio: LoRA+ (Hayou, Ghosh and Yu, "LoRA+: Efficient Low Rank Adaptation of Large
+            Models", 2024, arXiv:2402.12354): train ``lora_B`` (and 1-D parameters) at ``learning_rate *
+            ratio``, through :func:`peftkit.create_loraplus_optimizer` with peft's grouping; the paper
+            suggests 2 to 16 (peft's default 16). None (default): plain AdamW, every group at ``learning_rate``.
 
     Raises:
         ConfigError: a value out of range (named in the message).
@@ -86,6 +90,7 @@ class TrainingArguments:
     save_every: int | None = None
     output_dir: str | None = None
     fsdp: bool = False
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         # types first (a fractional batch_size failed mid-run; a string learning_rate gave a raw TypeError), and
@@ -100,6 +105,9 @@ class TrainingArguments:
         check(self.weight_decay >= 0, f"weight_decay={self.weight_decay!r} must be >= 0")
         # a negative norm makes clipping flip every gradient: training then climbs the loss
         check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm!r} must be >= 0 (0 disables clipping)")
+        check(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
+              f"loraplus_lr_ratio={self.loraplus_lr_ratio!r} must be > 0 (LoRA+ suggests 2 to 16), or None for "
+              "plain AdamW")
         check(self.log_every >= 1, f"log_every={self.log_every!r} must be >= 1")
         check(self.save_every is None or self.save_every >= 1, f"save_every={self.save_every!r} must be >= 1")
         check(self.save_every is None or self.output_dir is not None,
@@ -200,7 +208,9 @@ class Trainer:
 
     Raises:
         ValueError: the model has no trainable parameter, or the dataset is empty.
-        ConfigError: fewer rows per step than processes, or FSDP with a ready-made optimizer.
+        ConfigError: fewer rows per step than processes, FSDP or ``loraplus_lr_ratio`` with a ready-made
+            optimizer, or ``loraplus_lr_ratio`` on a model with no trainable ``lora_B`` (not a LoRA-family
+            adapter).
     """
 
     def __init__(self, model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Callable,
@@ -221,6 +231,14 @@ class Trainer:
             model.peft_prepare({k: v.to(self.device) if isinstance(v, Tensor) else v
                                 for k, v in self.collate_fn([dataset[i] for i in idx]).items()}
                                for idx in batch_order(len(dataset), self.args.batch_size, self.args.seed))
+        ratio = self.args.loraplus_lr_ratio
+        if ratio is not None:
+            check(optimizer is None, f"loraplus_lr_ratio={ratio!r} makes the Trainer build a LoRA+ optimizer; do "
+                                     "not pass one (or build it with peftkit.create_loraplus_optimizer yourself)")
+            check(any("lora_B" in n.split(".") for n, p in model.named_parameters() if p.requires_grad),
+                  f"loraplus_lr_ratio={ratio!r} raises the learning rate of LoRA's B factors, and this model trains "
+                  "none (no trainable lora_B parameter); use it with a LoRA-family method (lora, dora, pissa, "
+                  "adalora, qlora, ...) or leave it out")
         if self.args.fsdp and self.dist.enabled:
             check(optimizer is None, "with fsdp=True the Trainer builds the optimizer (after sharding); "
                                      "do not pass one")
@@ -228,7 +246,13 @@ class Trainer:
         groups = param_groups(model, self.args.weight_decay)
         if not groups:
             raise ValueError("the model has no trainable parameter (is every adapter in inference mode?)")
-        self.optimizer = optimizer or torch.optim.AdamW(groups, lr=self.args.learning_rate)
+        if ratio is not None:
+            from peftkit.optimizers import create_loraplus_optimizer
+
+            self.optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, self.args.learning_rate, ratio,
+                                                       loraplus_weight_decay=self.args.weight_decay)
+        else:
+            self.optimizer = optimizer or torch.optim.AdamW(groups, lr=self.args.learning_rate)
         self.wrapped = D.wrap_ddp(model, self.device) if self.dist.enabled and not self.args.fsdp else model
         steps_per_epoch = math.ceil(len(dataset) / self.args.batch_size)
         self.total_steps = self.args.max_steps or max(1, round(steps_per_epoch * self.args.num_epochs))
@@ -296,7 +320,7 @@ class Trainer:
         optimiser's and scheduler's settings: changed, they were silently replaced or applied)."""
         a = self.args
         return {"learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "warmup_ratio": a.warmup_ratio,
-                "max_grad_norm": a.max_grad_norm}
+                "max_grad_norm": a.max_grad_norm, "loraplus_lr_ratio": a.loraplus_lr_ratio}
 
     def _resume(self, folder: str | os.PathLike) -> int:
         saved = read_checkpoint_state(folder)  # checked before anything is loaded
@@ -304,7 +328,9 @@ class Trainer:
                 **self._resume_settings()}
         training = saved.get("training") if isinstance(saved.get("training"), dict) else {}  # older ones lack it
         for key, value in mine.items():
-            have = training.get(key, value) if key in self._resume_settings() else saved[key]
+            # (a checkpoint older than a setting lacks it: it ran at that setting's default)
+            default = None if key == "loraplus_lr_ratio" else value
+            have = training.get(key, default) if key in self._resume_settings() else saved[key]
             check(have == value, f"checkpoint {str(folder)!r} has {key}={have!r} but this run has {value!r}; "
                                  "resume with the run's own arguments")
         state = load_checkpoint(folder, D.unwrap(self.wrapped), self.optimizer)
