@@ -83,7 +83,7 @@ def test_trainer_refuses_lora_plus_without_lora_b():
     from peftkit.train.trainer import Trainer, TrainingArguments
     from tests.tiny_train import classification_items, collate_classification, lora_model
 
-    with pytest.raises(ConfigError, match="loraplus_lr_ratio=2.0 .* this model trains none"):
+    with pytest.raises(ConfigError, match=r"loraplus_lr_ratio=2\.0 .* this model trains none"):
         Trainer(get_peft_model(tiny_gpt2(), IA3Config(target_modules=["c_attn"], feedforward_modules=[])),
                 classification_items(4), collate_classification, TrainingArguments(loraplus_lr_ratio=2.0))
     model = lora_model("classifier")
