@@ -99,6 +99,13 @@ def _worker(rank: int, port: int, out: str) -> None:
                 json.dump(stats, fh)
             if name == "fsdp_classifier":
                 model.save_pretrained(f"{out}/fsdp_adapter", is_main_process=info.is_main)
+        # a Fisher mask chosen from different rows on each rank (as transformers' Trainer shards the data): all
+        # ranks must keep the same entries, rank 0's
+        fish = _method_model("fish")
+        items = classification_items(21)[rank * 10:]
+        fish.peft_prepare(iter([collate_classification(items[:10])]))
+        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(fish).items()},
+                  f"{out}/fish_mask-rank{rank}.safetensors")
         # FSDP interrupted after 3 steps (5 rows each), then resumed in a fresh model and trainer
         ckpt = f"{out}/fsdp_run"
         with pytest.raises(Interrupted):
@@ -229,3 +236,17 @@ def test_a_skipped_adapter_still_gets_a_zero_gradient():
     out.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "hada_" in n]
     assert grads and all(g is not None and not g.any() for g in grads)
+
+
+def test_a_fisher_mask_from_different_rows_on_each_rank_is_rank_0s(two_ranks):
+    masks = [load_file(two_ranks / f"fish_mask-rank{rank}.safetensors") for rank in (0, 1)]
+    alone = _method_model("fish")
+    alone.peft_prepare(iter([collate_classification(classification_items(21)[:10])]))
+    other = _method_model("fish")
+    other.peft_prepare(iter([collate_classification(classification_items(21)[10:20])]))
+    indices = [k for k in masks[0] if k.endswith("_indices")]
+    assert indices
+    ours, theirs = get_peft_model_state_dict(alone), get_peft_model_state_dict(other)
+    assert any(not torch.equal(ours[k], theirs[k]) for k in indices)  # the two slices choose differently alone
+    for k in indices:
+        assert torch.equal(masks[0][k], ours[k]) and torch.equal(masks[1][k], ours[k]), k

@@ -350,6 +350,9 @@ def empirical_fisher(host: Any, params: Sequence[nn.Parameter], batches: Iterato
     with the model's own loss on the true labels (Sung et al. 2021, Sec. 3). ``params`` (frozen base
     tensors) require grad only while this runs; their ``.grad`` is never written.
 
+    Under ``torch.distributed`` (several processes) every process returns rank 0's values, so that all
+    choose the same entries.
+
     Returns:
         float32 tensors shaped like ``params``, in the same order.
 
@@ -387,7 +390,15 @@ def empirical_fisher(host: Any, params: Sequence[nn.Parameter], batches: Iterato
         model.train(was_training)
     if seen == 0:
         raise ValueError("no training example to compute the Fisher information on")
-    return [f / seen for f in fisher]
+    fisher = [f / seen for f in fisher]
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # every process must choose the same entries, as their gradients are averaged: all use rank 0's
+        # Fisher information (peftkit's Trainer gives every rank the same batches here; transformers'
+        # Trainer gives each rank its own slice of the data)
+        for f in fisher:
+            dist.broadcast(f, src=0)
+    return fisher
 
 
 def _warn_shared(model: nn.Module, chosen: list[tuple[str, nn.Module, Sequence[str]]], method: str) -> None:
