@@ -242,3 +242,33 @@ def test_peft_trainer_runs_peftkits_training_hooks(tmp_path):
     head = sum(p.numel() for n, p in fish.named_parameters() if "classifier" in n and p.requires_grad)
     _trainer(tmp_path / "fish", model=fish, eval_strategy="no", save_strategy="no").train()
     assert fish.get_nb_trainable_parameters()[0] > head
+
+
+def test_a_pruned_adalora_checkpoint_loads_back_into_the_training_model(tmp_path):
+    """AdaLoRA's checkpoints hold only the kept triplets (``rank_pattern``): ``load_best_model_at_end`` and
+    ``resume_from_checkpoint`` put them back in the full-rank training model, which then computes what was
+    saved (it once refused the smaller tensors, and the best-model load failed after training)."""
+    from peftkit import AdaLoraConfig
+
+    def model():
+        torch.manual_seed(0)
+        return get_peft_model(tiny_bert_classifier(), AdaLoraConfig(
+            init_r=4, target_r=2, total_step=6, tinit=1, tfinal=2, deltaT=1, target_modules=["query", "value"],
+            task_type="SEQ_CLS"))
+
+    trainer = _trainer(tmp_path, model(), save_steps=2, eval_steps=2, load_best_model_at_end=True,
+                       metric_for_best_model="loss", learning_rate=5e-2)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    config = PeftModel.from_pretrained(tiny_bert_classifier_seeded(), best).peft_config["default"]
+    assert config.rank_pattern and any(not all(m) for m in config.rank_pattern.values())  # pruned when saved
+    batch = Rows(5, 3).ids
+    saved = PeftModel.from_pretrained(tiny_bert_classifier_seeded(), best).eval()
+    with torch.no_grad():
+        want = saved(input_ids=batch).logits
+        assert torch.allclose(trainer.model.eval()(input_ids=batch).logits, want, atol=1e-6)
+    assert trainer.model.peft_config["default"].rank_pattern == config.rank_pattern
+    resumed = _trainer(tmp_path / "again", model(), save_steps=2, eval_steps=2, max_steps=6)
+    resumed._load_from_checkpoint(best)
+    with torch.no_grad():
+        assert torch.allclose(resumed.model.eval()(input_ids=batch).logits, want, atol=1e-6)

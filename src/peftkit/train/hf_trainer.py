@@ -41,6 +41,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
 
@@ -67,6 +68,13 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
     """Copy the weights of every adapter of ``model`` from a folder written by ``save_pretrained``
     (``"default"`` in ``folder``, others in ``folder/<name>``), in place, keeping trainability.
 
+    An AdaLoRA adapter saved after pruning holds only its kept triplets (``rank_pattern``); loaded into
+    the model it was trained in, which holds all ``init_r``, the kept ones go to their places, the pruned
+    ones are zero and masked, and the rank pattern is the file's: the adapter computes what was saved.
+    (What the file does not hold starts afresh: the pruned triplets' ``A``/``B`` rows, which still enter
+    the orthogonality penalty, and the importance averages of the rank allocation; a run resumed in
+    the pruning phase therefore differs slightly from an uninterrupted one.)
+
     Raises:
         FileNotFoundError: an adapter's ``adapter_model.safetensors`` is missing.
         AdapterLoadError: the tensors do not fit the model (nothing is copied for that adapter).
@@ -76,8 +84,40 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
         if not os.path.isfile(os.path.join(source, WEIGHTS_NAME)):
             raise FileNotFoundError(f"{source!r} holds no {WEIGHTS_NAME} for adapter {name!r}; was it written by "
                                     "PeftTrainer (or PeftModel.save_pretrained)?")
-        _, tensors = read_adapter_files(source)
+        config, tensors = read_adapter_files(source)
+        tensors, masks = _unpruned(model, name, config, tensors)
         set_peft_model_state_dict(model, tensors, name)
+        if masks:
+            model.base_model.tuner(name).set_rank_masks(model.base_model, name, masks)
+
+
+def _unpruned(model: PeftModel, name: str, config: Any, tensors: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+    """``tensors`` of a pruned AdaLoRA file widened to the model's full-rank adapters ``name`` (kept triplets
+    in place, the rest zero) and the masks to apply; ``(tensors, {})`` when nothing needs widening."""
+    from peftkit.methods.adalora import AdaLoraTuner
+
+    pattern = getattr(config, "rank_pattern", None)
+    if not pattern or not isinstance(model.base_model.tuner(name), AdaLoraTuner):
+        return tensors, {}
+    adapters = AdaLoraTuner.adapters(model.base_model, name)
+    widened, masks = dict(tensors), {}
+    for key, keep in pattern.items():
+        module = key.removesuffix(".lora_E")
+        adapter = adapters.get(module)
+        kept = torch.tensor(keep, dtype=torch.bool)
+        if adapter is None or adapter.r != kept.numel() or int(kept.sum()) == kept.numel():
+            continue
+        rows = kept.nonzero().squeeze(1)
+        for factor, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+            file_key = f"base_model.model.{module}.{factor}"
+            value = widened.get(file_key)
+            if value is None or value.shape[dim] != rows.numel():
+                continue  # set_peft_model_state_dict names what does not fit
+            shape = list(value.shape)
+            shape[dim] = kept.numel()
+            widened[file_key] = value.new_zeros(shape).index_copy_(dim, rows, value)
+        masks[module] = kept
+    return widened, masks
 
 
 class PeftTrainer(Trainer):
