@@ -211,3 +211,17 @@ def test_a_lora_plus_run_resumes_only_as_lora_plus(tmp_path):
     for value in (None, 8.0):
         with pytest.raises(ConfigError, match=f"has loraplus_lr_ratio=4.0 but this run has {value}"):
             _trainer(tmp_path, loraplus_lr_ratio=value).train(resume_from_checkpoint=checkpoint)
+
+
+def test_a_trainer_trains_once_and_needs_labels(tmp_path):
+    trainer = _trainer(tmp_path, save_every=None, max_steps=2)
+    trainer.train()
+    before = _state(trainer)
+    with pytest.raises(RuntimeError, match="already trained .its 2 steps"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in _state(trainer).items()) and len(trainer.history) == 2
+    def unlabeled(items):
+        return {k: v for k, v in collate_classification(items).items() if k != "labels"}
+
+    with pytest.raises(ValueError, match=r"returned no loss .*keys \['attention_mask', 'input_ids'\].* need labels"):
+        Trainer(lora_model("classifier"), ITEMS, unlabeled, TrainingArguments(max_steps=2, progress=False)).train()

@@ -245,3 +245,32 @@ def test_fisher_of_a_padded_example_equals_that_of_the_example_alone():
     two = empirical_fisher(host, entries, iter([padded]), 1)
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
     assert sum(int(f.count_nonzero()) for f in one) > 1000
+
+
+def test_an_optimiser_built_before_the_fisher_mask_is_refused():
+    """FISH replaces its parameters when it chooses its entries from data (``peft_prepare``): an optimiser
+    built before would train none of them, silently; both trainers refuse it."""
+    from transformers import TrainingArguments as HFArguments
+
+    from peftkit import ConfigError, FishMaskConfig, get_peft_model
+    from peftkit.train.hf_trainer import PeftTrainer
+    from peftkit.train.trainer import Trainer, TrainingArguments
+    from tests.tiny_train import TinyClassifier, classification_items, collate_classification
+
+    def model():
+        torch.manual_seed(0)
+        return get_peft_model(TinyClassifier(), FishMaskConfig(keep_ratio=0.05, num_fisher_samples=4,
+                                                               target_modules=["fc"], modules_to_save=["classifier"]))
+
+    fish = model()
+    early = torch.optim.AdamW([p for p in fish.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(ConfigError, match="optimiser was built before the adapter chose its parameters"):
+        Trainer(fish, classification_items(8), collate_classification, TrainingArguments(max_steps=2, progress=False),
+                optimizer=early)
+    fish = model()
+    early = torch.optim.AdamW([p for p in fish.parameters() if p.requires_grad], lr=1e-2)
+    trainer = PeftTrainer(model=fish, args=HFArguments("unused", max_steps=2, report_to=[], use_cpu=True),
+                          train_dataset=classification_items(8), data_collator=collate_classification,
+                          optimizers=(early, None))
+    with pytest.raises(ConfigError, match="optimiser was built before the adapter chose its parameters"):
+        trainer.create_optimizer()

@@ -48,6 +48,7 @@ from transformers.utils import can_return_loss, find_labels
 from peftkit.config import WEIGHTS_NAME
 from peftkit.formats.hf_peft import atomic_write_bytes, read_adapter_files, set_peft_model_state_dict
 from peftkit.model import PeftModel
+from peftkit.train.trainer import check_optimizer_after_prepare
 
 log = logging.getLogger("peftkit")
 
@@ -177,7 +178,10 @@ class PeftTrainer(Trainer):
                     for batch in loader:
                         yield self._prepare_inputs(batch)
 
+            before = {id(p) for p in peft.parameters()}
             peft.peft_prepare(batches())
+            if self.optimizer is not None:  # given by the user (optimizers=(...)): it must hold what prepare made
+                check_optimizer_after_prepare(peft, self.optimizer, before)
         return super().create_optimizer(model)
 
     def _peft_model(self, model: Any = None) -> PeftModel | None:

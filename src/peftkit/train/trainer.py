@@ -189,6 +189,24 @@ def count_target_tokens(batch: dict[str, Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def check_optimizer_after_prepare(model: nn.Module, optimizer: torch.optim.Optimizer, before: set[int]) -> None:
+    """Refuse an optimiser built before ``peft_prepare`` created trainable parameters it does not hold (a FISH
+    or Child-Tuning mask is chosen from data and replaces the adapter's parameters): those would never train.
+
+    Args:
+        before: ``id``s of the model's parameters before ``peft_prepare``.
+
+    Raises:
+        ConfigError: naming up to three such parameters.
+    """
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in before and id(p) not in held]
+    check(not missing, f"the optimiser was built before the adapter chose its parameters from data (peft_prepare: "
+                       f"the FISH / Child-Tuning mask), so it does not hold {len(missing)} of them (e.g. "
+                       f"{', '.join(missing[:3])}) and they would never train; pass no optimiser (the trainer builds "
+                       "one), or build it after calling model.peft_prepare(batches) yourself")
+
+
 class Trainer:
     """Train ``model`` on ``dataset``, on one process or on every rank of a ``torch.distributed`` group.
 
@@ -209,7 +227,7 @@ class Trainer:
     Raises:
         ValueError: the model has no trainable parameter, or the dataset is empty.
         ConfigError: fewer rows per step than processes, FSDP or ``loraplus_lr_ratio`` with a ready-made
-            optimizer, or ``loraplus_lr_ratio`` on a model with no trainable ``lora_B`` (not a LoRA-family
+            optimizer, a ready-made optimizer that lacks parameters ``peft_prepare`` created, or ``loraplus_lr_ratio`` on a model with no trainable ``lora_B`` (not a LoRA-family
             adapter).
     """
 
@@ -228,9 +246,12 @@ class Trainer:
               f"processes ({self.dist.world_size})")
         self.device = torch.device(device) if device else next(model.parameters()).device
         if hasattr(model, "peft_prepare"):  # data-driven adapters (FISH mask, ...) pick their parameters now
+            before = {id(p) for p in model.parameters()}
             model.peft_prepare({k: v.to(self.device) if isinstance(v, Tensor) else v
                                 for k, v in self.collate_fn([dataset[i] for i in idx]).items()}
                                for idx in batch_order(len(dataset), self.args.batch_size, self.args.seed))
+            if optimizer is not None:
+                check_optimizer_after_prepare(model, optimizer, before)
         ratio = self.args.loraplus_lr_ratio
         if ratio is not None:
             check(optimizer is None, f"loraplus_lr_ratio={ratio!r} makes the Trainer build a LoRA+ optimizer; do "
@@ -265,6 +286,7 @@ class Trainer:
         self.history: list[float] = []
         self.samples = 0
         self._seconds_before = 0.0
+        self._started = False
 
     # --- one step -------------------------------------------------------------------------------------
     def _shard(self, indices: list[int]) -> tuple[dict[str, Any], float]:
@@ -289,7 +311,10 @@ class Trainer:
         # the loss terms (AdaLoRA's included, which the forward would add) join the objective here, once
         own_terms = getattr(module, "loss_terms_added_by_caller", contextlib.nullcontext)
         with own_terms():
-            loss = self.wrapped(**batch).loss
+            loss = getattr(self.wrapped(**batch), "loss", None)
+            if loss is None:
+                raise ValueError(f"the model returned no loss for a training batch (keys {sorted(batch)}); the "
+                                 "batches need labels (the collate function's 'labels') for the model to compute one")
             extra = module.peft_regularization() if hasattr(module, "peft_regularization") else None
         objective = loss * (share * self.dist.world_size) if self.dist.enabled else loss
         (objective if extra is None else objective + extra).backward()
@@ -356,7 +381,15 @@ class Trainer:
 
         Raises:
             ConfigError: the checkpoint belongs to another setup (length, batch, seed, processes, model).
+            RuntimeError: this Trainer has trained already (its schedule has run; a second call would train
+                at learning rate 0): build a new one.
+            ValueError: the model returns no ``loss`` (the batches lack ``labels``).
         """
+        if self._started:
+            raise RuntimeError(f"this Trainer has already trained (its {self.total_steps} steps and learning-rate "
+                               "schedule are spent); build a new Trainer to train again, or give a new one "
+                               "resume_from_checkpoint to continue a run")
+        self._started = True
         args = self.args
         if resume_from_checkpoint is None:
             seed_everything(D.rank_seed(args.seed, self.dist.rank))
