@@ -217,7 +217,7 @@ def test_a_trainer_trains_once_and_needs_labels(tmp_path):
     trainer = _trainer(tmp_path, save_every=None, max_steps=2)
     trainer.train()
     before = _state(trainer)
-    with pytest.raises(RuntimeError, match="already trained .its 2 steps"):
+    with pytest.raises(RuntimeError, match=r"already trained \(its 2 steps"):
         trainer.train()
     assert all(torch.equal(before[k], v) for k, v in _state(trainer).items()) and len(trainer.history) == 2
     def unlabeled(items):
