@@ -225,3 +225,14 @@ def test_a_trainer_trains_once_and_needs_labels(tmp_path):
 
     with pytest.raises(ValueError, match=r"returned no loss .*keys \['attention_mask', 'input_ids'\].* need labels"):
         Trainer(lora_model("classifier"), ITEMS, unlabeled, TrainingArguments(max_steps=2, progress=False)).train()
+
+
+def test_training_arguments_take_a_path_and_check_seed_and_device(tmp_path):
+    assert TrainingArguments(save_every=2, output_dir=tmp_path).output_dir == str(tmp_path)
+    for seed in (-1, 2**32):
+        with pytest.raises(ConfigError, match=f"seed={seed} must lie in 0..4294967295"):
+            TrainingArguments(seed=seed)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device 'cuda': this machine has no cuda device"):
+            Trainer(lora_model("classifier"), ITEMS, collate_classification, TrainingArguments(progress=False),
+                    device="cuda")

@@ -42,7 +42,7 @@ from peftkit.train.checkpoint import (
     save_checkpoint,
 )
 from peftkit.train.checkpoint import STATE as CHECKPOINT_STATE
-from peftkit.train.checks import check_field_types
+from peftkit.train.checks import SEED_MAX, check_device, check_field_types
 
 log = logging.getLogger("peftkit")
 
@@ -65,7 +65,7 @@ class TrainingArguments:
         log_every: steps between log lines. Default 50.
         progress: show a progress bar (loss, speed) on rank 0. Default True.
         save_every: write a checkpoint every N steps into ``output_dir/checkpoints`` (None: never).
-        output_dir: the run folder checkpoints go to; required with ``save_every``.
+        output_dir: the run folder checkpoints go to (a str or path); required with ``save_every``.
         fsdp: with several processes, shard the model with FSDP2 instead of replicating it (DDP).
         loraplus_lr_ratio: LoRA+ (Hayou, Ghosh and Yu, "LoRA+: Efficient Low Rank Adaptation of Large
             Models", 2024, arXiv:2402.12354): train ``lora_B`` (and 1-D parameters) at ``learning_rate *
@@ -88,7 +88,7 @@ class TrainingArguments:
     log_every: int = 50
     progress: bool = True
     save_every: int | None = None
-    output_dir: str | None = None
+    output_dir: str | os.PathLike | None = None
     fsdp: bool = False
     loraplus_lr_ratio: float | None = None
 
@@ -96,7 +96,10 @@ class TrainingArguments:
         # types first (a fractional batch_size failed mid-run; a string learning_rate gave a raw TypeError), and
         # every number finite (a NaN max_grad_norm turned every parameter into NaN)
         check_field_types(self)
+        if self.output_dir is not None:
+            self.output_dir = os.fspath(self.output_dir)  # a Path is taken, kept as the str it names
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate!r} must be > 0")
+        check(0 <= self.seed <= SEED_MAX, f"seed={self.seed!r} must lie in 0..{SEED_MAX}")
         check(self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
         check(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size!r} must be >= 1")
         check(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps!r} must be >= 1")
@@ -244,6 +247,8 @@ class Trainer:
         check(self.args.batch_size >= self.dist.world_size,
               f"batch_size={self.args.batch_size} is the global batch and must be at least the number of "
               f"processes ({self.dist.world_size})")
+        if device is not None:
+            check_device(str(device), "device")
         self.device = torch.device(device) if device else next(model.parameters()).device
         if hasattr(model, "peft_prepare"):  # data-driven adapters (FISH mask, ...) pick their parameters now
             before = {id(p) for p in model.parameters()}
