@@ -99,9 +99,10 @@ def one(method: str, steps: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default="float32,nf4,int8")
+    parser.add_argument("--steps", type=int, default=5, help="training steps timed per base, >= 1 (default 5)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    parser.add_argument("--methods", default="float32,nf4,int8",
+                        help="comma-separated bases, each one of float32, nf4, int8, int4 (default float32,nf4,int8)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1:

@@ -294,3 +294,58 @@ def test_moving_an_adapted_quantized_model_keeps_it_working():
     with torch.no_grad():
         want = model(input_ids=x).logits
         assert torch.equal(model.to("cpu").float()(input_ids=x).logits, want)
+
+
+def test_peft_models_merge_and_unload_on_a_quantised_base_gives_float_merged_layers(tmp_path):
+    """``PeftModel.merge_and_unload()`` on a quantised base is the exact ``merge_and_unload_quantized``: merged
+    layers become float ``nn.Linear`` (it once left quantised layers holding a float copy besides their codes,
+    which ``save_pretrained`` lost: reloaded, they were random)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    q_model, _ = lora_pair(tiny_llama, "nf4", {})
+    x = torch.randint(3, 64, (2, 8))
+    with torch.no_grad():
+        unmerged = q_model(input_ids=x).logits
+    plain = q_model.merge_and_unload()
+    kinds = {type(m) for m in plain.model.layers.modules()}
+    assert QuantLinear not in kinds and AdaptedLayer not in kinds
+    with torch.no_grad():
+        assert (plain(input_ids=x).logits - unmerged).abs().max() <= 1e-5
+    plain.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=x).logits
+    assert (reloaded - unmerged).abs().max() <= 1e-5
+    with pytest.raises(TypeError, match="takes the PeftModel holding the adapters to merge"):
+        merge_and_unload_quantized(tiny_llama())
+
+
+def test_what_a_quantised_base_cannot_take_is_refused_before_any_change():
+    model = quantize_base(tiny_llama(), "int8")
+    codes = {n: b.clone() for n, b in model.named_buffers()}
+    for init in ("pissa", "olora"):  # the residual would be written into a weight decoded afresh on each read
+        with pytest.raises(ConfigError, match=f"init_lora_weights='{init}' moves the top-r part .* quantised layer"):
+            get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+    with pytest.raises(ConfigError, match=r"modules_to_save names quantised module\(s\) \['model.layers.0.mlp.down_proj'"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["down_proj"]))
+    with pytest.raises(ConfigError, match="quantised already, with int8; dequantize_base first"):
+        quantize_base(model, "nf4")
+    assert all(torch.equal(codes[n], b) for n, b in model.named_buffers())
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+    tables = quantize_base(tiny_llama(), "int8", quantize_embeddings=True)
+    with pytest.raises(ConfigError, match="has 64 rows and cannot be resized to 80"):
+        tables.resize_token_embeddings(80)
+    assert tables.model.embed_tokens.num_embeddings == 64 and tables.config.vocab_size == 64
+
+
+def test_a_cast_quantised_model_computes_and_merges_in_the_new_dtype():
+    model = quantize_base(tiny_llama(), "nf4").to(torch.bfloat16)
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, QuantLinear)} == {torch.bfloat16}
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    perturb(peft_model)
+    x = torch.randint(3, 64, (2, 8))
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=x).logits
+        peft_model.merge_adapter()  # met a float32 weight and a bf16 input before
+        merged = peft_model(input_ids=x).logits
+    assert merged.dtype == torch.bfloat16 and (merged - unmerged).abs().max() <= 0.05

@@ -254,6 +254,18 @@ class AdapterModel(nn.Module):
                 found.append(name)
         if wanted and not found:
             raise ConfigError(f"modules_to_save={wanted!r} matched no module of the model")
+        heads = {h for names in TASK_HEADS.values() for h in names}  # peft's files list every head name it knows
+        unmatched = [w for w in wanted if w not in heads and not any(n.endswith(w) for n in found)]
+        if unmatched:
+            raise ConfigError(f"modules_to_save entry(ies) {unmatched} matched no module of the model (the others "
+                              f"did: {found[:3]}); check the spelling, or leave them out")
+        from peftkit.quant.layer import QuantWeight
+
+        quantised = [n for n in found if any(isinstance(m, QuantWeight) for m in self.model.get_submodule(n).modules())]
+        if quantised:
+            raise ConfigError(f"modules_to_save names quantised module(s) {quantised[:3]}: a trained copy of a quantised "
+                              "weight would have no trainable parameter; quantise with them skipped "
+                              "(quantize_base(..., skip_modules=[...])), or dequantize_base first")
         for name in found:
             module = self.model.get_submodule(name)
             if not isinstance(module, ModulesToSaveWrapper):

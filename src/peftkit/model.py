@@ -197,10 +197,22 @@ class PeftModel(nn.Module):
             adapter_names: the adapters to merge (default: the active ones); the others are dropped, also
                 one merged earlier with ``merge_adapter`` (peft keeps such an adapter in the weights).
 
+        On a quantised base (:func:`~peftkit.quantize_base`) this is
+        :func:`~peftkit.merge_and_unload_quantized` (exact): each layer an adapter merges into becomes a float
+        layer holding the merged weight (a quantised layer cannot hold it: peft, with bitsandbytes, quantises
+        it again, which ``merge_and_unload_quantized(model, requantize=True)`` does); the other layers stay
+        quantised.
+
         Raises:
             ValueError: an adapter that cannot be merged (a soft prompt, a non-invertible rescale, a stack
                 whose merged form would differ from its outputs), checked before any layer changes.
         """
+        from peftkit.quant.layer import QuantWeight
+
+        if any(isinstance(getattr(w, "base_layer", None), QuantWeight) for _, w in self.base_model.wrappers()):
+            from peftkit.quant.base import merge_and_unload_quantized
+
+            return merge_and_unload_quantized(self, adapter_names=adapter_names, safe_merge=safe_merge)
         return self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:

@@ -89,6 +89,7 @@ def quantize_base(model: nn.Module, method: str = "nf4", *, block_size: int = 64
     tied = getattr(output_layer, "weight", None)
     todo: list[tuple[str, nn.Module]] = []
     kept: list[str] = []
+    already = sorted({m.fmt.method for _, m in _base_modules(root) if isinstance(m, QuantWeight)})
     for name, module in _base_modules(root):
         is_linear = isinstance(module, linear_types())
         is_table = quantize_embeddings and isinstance(module, nn.Embedding) and module.weight is not tied
@@ -109,6 +110,8 @@ def quantize_base(model: nn.Module, method: str = "nf4", *, block_size: int = 64
         else:
             todo.append((name, module))
     check(bool(todo), f"no layer of the model can be quantised with {fmt.method}"
+          + (f" (its linear layers are quantised already, with {', '.join(already)}; dequantize_base first to "
+             "change the format)" if already else "")
           + (f"; left in full precision: {kept[:5]}" if kept else ""))
     if kept:
         warnings.warn(f"{len(kept)} layer(s) stay in full precision for {fmt.method}: "
@@ -192,7 +195,7 @@ def base_weight_memory(model: nn.Module) -> WeightMemory:
 
 
 def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
-                               adapter_names: Sequence[str] | None = None) -> nn.Module:
+                               adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> nn.Module:
     """Merge adapters into a quantised base and return the plain model; two ways.
 
     * ``requantize=False`` (exact): dequantise -> merge -> keep full precision. Every quantised layer
@@ -211,11 +214,20 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
     (e.g. int4's default group of 64 under QA-LoRA's default of 16) such a layer is merged as above, with
     a warning naming it.
 
+    ``PeftModel.merge_and_unload()`` on a quantised base is this function with ``requantize=False``.
+    ``safe_merge``: check that every merged weight is finite first (as ``merge_and_unload``).
+
     Raises:
+        TypeError: ``model`` is not a :class:`~peftkit.PeftModel`.
         ConfigError: unknown adapter name. ValueError: an adapter that cannot merge, or any other problem
             :meth:`~peftkit.PeftModel.merge_and_unload` would raise (a zero (IA)^3 scale, ...); all before any
             change, earlier merges included.
     """
+    from peftkit.model import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"merge_and_unload_quantized() takes the PeftModel holding the adapters to merge "
+                        f"(get_peft_model / PeftModel.from_pretrained), not a {type(model).__name__}")
     host = model.base_model
     names = host.named(adapter_names)
     for n in names:
@@ -224,7 +236,7 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
     before = host.merged_adapters()
     host.unmerge()
     try:  # every merge check before the first fold changes a layer
-        host.check_merge(names, dropping=True)
+        host.check_merge(names, safe_merge=safe_merge, dropping=True)
     except BaseException:
         if before:
             host.merge(before)
@@ -248,7 +260,7 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
         warnings.warn(f"{len(unfolded)} QA-LoRA layer(s) ({shown}) could not be folded into the quantised zero points: "
                       f"{why}; they are merged {'and quantised again (a new rounding error)' if requantize else 'in float'}"
                       " instead", stacklevel=2)
-    plain = model.merge_and_unload(adapter_names=names)
+    plain = host.unload(merge=True, adapter_names=names, safe_merge=safe_merge)
     for name, module in list(_base_modules(plain)):
         if isinstance(module, QuantWeight) and module.merged_weight is not None:
             replace_module(plain, name, _dequantized(module, requantize))

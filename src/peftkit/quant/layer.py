@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftkit.config import check
 from peftkit.quant.formats import AffineFormat, QuantFormat
 
 
@@ -55,6 +56,15 @@ class QuantWeight:
     compute_dtype: torch.dtype
     weight_shape: tuple[int, int]
     merged_weight: Tensor | None
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # a cast of the module (model.to(torch.bfloat16), .half()) casts its float tensors: the dequantised weight
+        # follows, as a float layer's weight would (it stayed float32, and merging met a bf16 input)
+        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        probe = fn(torch.empty(0, dtype=self.compute_dtype))
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return result
 
     def quantized_state(self) -> dict[str, Tensor]:
         """The format's buffers (what the layer stores instead of the float weight)."""
@@ -174,6 +184,20 @@ class QuantEmbedding(QuantWeight, nn.Embedding):
         self.scale_grad_by_freq, self.sparse = module.scale_grad_by_freq, module.sparse
         weight = module.weight.detach()
         self._init_storage(tuple(weight.shape), fmt.quantize(weight), fmt, weight.dtype)
+
+    @property
+    def num_embeddings(self) -> int:  # type: ignore[override]
+        """Rows of the table; fixed once quantised (transformers' ``resize_token_embeddings`` sets it after
+        writing a new ``weight.data``, which a quantised table cannot take: refused, nothing changed)."""
+        return self._num_embeddings
+
+    @num_embeddings.setter
+    def num_embeddings(self, value: int) -> None:
+        shape = getattr(self, "weight_shape", None)
+        check(shape is None or value == shape[0],
+              f"the quantised embedding table has {shape and shape[0]} rows and cannot be resized to {value} "
+              "(resize_token_embeddings): resize the model before quantize_base, or dequantize_base first")
+        self._num_embeddings = value
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.merged_weight is not None:

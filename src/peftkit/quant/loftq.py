@@ -208,13 +208,18 @@ def loftq_init(adapter: nn.Module, base: nn.Module, config: Any, module_name: st
     """
     check(not isinstance(base, QuantLinear),
           f"{module_name}: init_lora_weights='loftq' quantises the base itself and needs its full-precision "
-          "weight; apply LoftQ to the unquantised model (without quantize_base / --quantize)")
+          f"weight, and this layer is quantised already ({getattr(getattr(base, 'fmt', None), 'method', '?')}: by quantize_base / --quantize, or by "
+          "another LoftQ adapter on this model, which replaced the base with its own quantised one); LoftQ needs the "
+          "unquantised model, so one LoftQ adapter per model")
     check(hasattr(adapter, "lora_A") and isinstance(adapter.lora_A, nn.Linear),
           f"{module_name}: LoftQ initialises LoRA on linear layers only, not {type(base).__name__}")
     loftq = LoftQConfig.from_value(config.loftq_config or {})
     transposed = not isinstance(base, nn.Linear)
     w = base.weight.detach().T if transposed else base.weight.detach()
-    result = loftq_decompose(w, adapter.r, adapter.scaling, loftq)
+    try:
+        result = loftq_decompose(w, adapter.r, adapter.scaling, loftq)
+    except ConfigError as err:  # name the layer
+        raise ConfigError(f"{module_name}: {err}") from None
     adapter.lora_A.weight.data.copy_(result.lora_A)
     adapter.lora_B.weight.data.copy_(result.lora_B)
     if adapter.lora_B.bias is not None:
