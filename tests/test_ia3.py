@@ -174,12 +174,17 @@ def test_a_zero_scale_on_the_last_layer_refuses_the_merge_before_any_layer_merge
     with torch.no_grad():
         base[2].adapters["default"].ia3_l[2] = 0.0
         base[2].adapters["default"].ia3_l[0] = 0.0
-    for merge in (model.merge_adapter, model.merge_and_unload):
-        with pytest.raises(ValueError, match=r"adapter 'default' on layer '2': its ia3_l has 2 zero entries; "
-                                             r"merging it could not be undone; nothing was merged"):
-            merge()
-        assert all(torch.equal(m.weight, w) for m, w in zip(base, weights, strict=True))
-        assert model.base_model.merged_adapters() == []
+    with pytest.raises(ValueError, match=r"adapter 'default' on layer '2': its ia3_l has 2 zero entries; "
+                                         r"merging it could not be undone; nothing was merged"):
+        model.merge_adapter()
+    assert all(torch.equal(m.weight, w) for m, w in zip(base, weights, strict=True))
+    assert model.base_model.merged_adapters() == []
+    # merge_and_unload (and export) never unmerge: it merges, exactly, as peft does
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = model(x)
+        plain = model.merge_and_unload()
+        assert (plain(x) - want).abs().max() <= 1e-6 and not any(isinstance(m, AdaptedLayer) for m in plain.modules())
 
 
 def test_own_targets_without_feedforward_modules_keep_only_the_defaults_they_name(tmp_path):

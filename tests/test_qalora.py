@@ -109,8 +109,9 @@ def test_bad_values_raise_config_error(kwargs, message):
 
 
 def test_a_failing_quantised_merge_changes_nothing():
-    """An (IA)^3 adapter with a zero scale cannot merge: merge_and_unload_quantized raised only after it had folded
-    the QA-LoRA adapter into the zero points and removed it from its layer (and undone an earlier merge)."""
+    """A merge that fails its checks (here safe_merge meeting a non-finite (IA)^3 scale): merge_and_unload_quantized
+    raised only after it had folded the QA-LoRA adapter into the zero points and removed it from its layer (and
+    undone an earlier merge)."""
     from peftkit import IA3Config
 
     model = qalora(quantize_base(tiny_llama(), "int4", group_size=8))
@@ -118,15 +119,15 @@ def test_a_failing_quantised_merge_changes_nothing():
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "ia3_l" in n:
-                p.zero_()
+                p.fill_(float("nan"))
     model.merge_adapter()  # "default" merged before the call
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     buffers = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
     x = torch.randint(3, 64, (2, 8))
     with torch.no_grad():
         before = model(input_ids=x).logits
-    with pytest.raises(ValueError, match=r"cannot merge adapter 'i' .* its ia3_l has .* zero entries"):
-        merge_and_unload_quantized(model, adapter_names=["default", "i"])
+    with pytest.raises(ValueError, match=r"merging adapter 'i' gives non-finite weights on layer 'model.layers.0.self_attn.v_proj'"):
+        merge_and_unload_quantized(model, adapter_names=["default", "i"], safe_merge=True)
     assert list(layer.adapters) == ["default"] and model.base_model.merged_adapters() == ["default"]
     assert all(torch.equal(v, buffers[k]) for k, v in layer.base_layer.state_dict().items())
     with torch.no_grad():

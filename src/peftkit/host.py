@@ -437,26 +437,30 @@ class AdapterModel(nn.Module):
                 peft_type = self.peft_config[part].peft_type
                 if not get_method(peft_type).mergeable:
                     what = f"its part {part!r} uses {peft_type}" if part != n else f"it uses {peft_type}"
-                    raise ValueError(f"adapter {n!r} cannot be merged: {what}, which cannot be merged")
+                    raise ValueError(f"adapter {n!r} cannot be merged: {what}, which cannot be merged (it adds "
+                                     "modules or tokens rather than changing weights); keep it unmerged (it runs as "
+                                     "it is), unload() it, or name the adapters to merge (adapter_names=[...])")
         names = self.parts(names)
-        layers = [w for _, w in self.wrappers() if isinstance(w, AdaptedLayer)]
         for layer_name, w in self.wrappers():
             problem = w.check_partial_merge(names, dropping) if isinstance(w, AdaptedLayer) else None
             if problem:
                 raise ValueError(f"cannot merge {names} on layer {layer_name!r}: {problem}; nothing was merged")
-            for n in names if isinstance(w, AdaptedLayer) else ():
+            for n in names if isinstance(w, AdaptedLayer) and not dropping else ():  # (dropping: never unmerged)
                 problem = w.adapters[n].merge_problem() if n in w.adapters and n not in w.merged_adapters else None
                 if problem:
                     raise ValueError(f"cannot merge adapter {n!r} on layer {layer_name!r}: its {problem}; nothing "
                                      "was merged")
         if safe_merge:
-            for w in layers:
+            for layer_name, w in self.wrappers():
+                if not isinstance(w, AdaptedLayer):
+                    continue
                 for n in names:
                     if n in w.adapters and n not in w.merged_adapters:
                         weight, bias = w.weight.detach().float(), None if w.bias is None else w.bias.detach().float()
                         new_w, _ = w.adapters[n].merge_into(w, weight, bias)
                         if not torch.isfinite(new_w).all():
-                            raise ValueError(f"merging adapter {n!r} gives non-finite weights; nothing was merged")
+                            raise ValueError(f"merging adapter {n!r} gives non-finite weights on layer {layer_name!r} "
+                                             "(its tensors hold NaN or inf); nothing was merged")
         return names
 
     def unmerge(self) -> None:

@@ -99,9 +99,10 @@ class IA3Output(Adapter):
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         return y * self.ia3_l.flatten().to(y.dtype)
 
-    def _scale(self) -> Tensor:
+    def _scale(self, undo: bool = False) -> Tensor:
         lv = wide(self.ia3_l.detach())
-        check_nonzero(lv)
+        if undo:  # dividing by a zero entry: the merge cannot be undone (merge_adapter refuses it up front)
+            check_nonzero(lv)
         return lv.T if self.transposed else lv  # Linear weight (out, in); Conv1D weight (in, out)
 
     def merge_problem(self) -> str | None:
@@ -112,7 +113,7 @@ class IA3Output(Adapter):
         return weight * lv, None if bias is None else bias * lv.flatten()
 
     def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        lv = self._scale()
+        lv = self._scale(undo=True)
         return weight / lv, None if bias is None else bias / lv.flatten()
 
 
@@ -135,9 +136,10 @@ class IA3Input(Adapter):
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         return y
 
-    def _scale(self) -> Tensor:
+    def _scale(self, undo: bool = False) -> Tensor:
         lv = wide(self.ia3_l.detach())
-        check_nonzero(lv)
+        if undo:  # dividing by a zero entry: the merge cannot be undone (merge_adapter refuses it up front)
+            check_nonzero(lv)
         return lv.T if self.transposed else lv
 
     def merge_problem(self) -> str | None:
@@ -147,7 +149,7 @@ class IA3Input(Adapter):
         return weight * self._scale(), bias
 
     def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return weight / self._scale(), bias
+        return weight / self._scale(undo=True), bias
 
 
 def check_nonzero(scale: Tensor) -> None:

@@ -89,9 +89,10 @@ class SSFAdapter(Adapter):
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         return torch.addcmul(self.ssf_shift.to(y.dtype), y, self.ssf_scale.to(y.dtype))
 
-    def _scale_for_weight(self) -> Tensor:
+    def _scale_for_weight(self, undo: bool = False) -> Tensor:
         g = wide(self.ssf_scale.detach())
-        check_nonzero(g)
+        if undo:  # dividing by a zero entry: the merge cannot be undone (merge_adapter refuses it up front)
+            check_nonzero(g)
         return {"rows": g[:, None], "cols": g[None, :], "vector": g}[self.layout]
 
     def merge_problem(self) -> str | None:
@@ -104,7 +105,7 @@ class SSFAdapter(Adapter):
 
     def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         g, beta = wide(self.ssf_scale.detach()), wide(self.ssf_shift.detach())
-        return weight / self._scale_for_weight(), None if bias is None else (bias - beta) / g
+        return weight / self._scale_for_weight(undo=True), None if bias is None else (bias - beta) / g
 
 
 class SSFTuner(WrapTuner):
