@@ -253,8 +253,9 @@ def test_ia3_adapters_combine_as_in_peft(tmp_path):
 
 
 @pytest.mark.parametrize("call, message", [
-    (dict(combination_type="cat"), r"\(IA\)\^3 adapters combine linearly .*combination_type='cat' do not apply"),
-    (dict(density=0.5), r"options \['density'\] do not apply"),
+    (dict(combination_type="cat"), r"\(IA\)\^3 adapters combine only linearly .*got combination_type='cat'"),
+    (dict(combination_type="svd"), r"\(IA\)\^3 adapters combine only linearly .*got combination_type='svd'"),
+    (dict(density=0.5), r"give no LoRA option; got option\(s\) \['density'\]"),
     (dict(ff_b=()), r"on layer 'model.layers.0.mlp.down_proj' the adapters scale different sides"),
 ])
 def test_ia3_combinations_that_cannot_be_made_are_refused(call, message):

@@ -326,7 +326,7 @@ def _add_ia3_weighted(host: Any, adapters: list[str], configs: list[Any], weight
 
 
 def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                         combination_type: str | None = None, svd_rank: int | None = None, svd_clamp: float | None = None,
                          svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
                          majority_sign_method: str = "total", seed: int | None = 0,
                          modules_to_save_from: str | None = None) -> None:
@@ -338,7 +338,8 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         model: a :class:`~peftkit.PeftModel` holding the adapters.
         adapters / weights: names and weights (negative weights subtract).
         adapter_name: the new adapter's name (inactive until ``set_adapter``).
-        combination_type: one of :data:`COMBINATION_TYPES`. Default ``svd``.
+        combination_type: one of :data:`COMBINATION_TYPES`. Default (None) ``svd`` for LoRA, and for (IA)^3
+            the only one it has, ``linear`` (peft's IA3 ``add_weighted_adapter`` takes no such argument).
         svd_rank: rank of ``*svd`` results (default: the largest source rank, ``rank_pattern`` included, as
             in peft).
         svd_clamp: quantile in (0, 1] at which ``*svd`` factors are clamped; None (default) does not clamp.
@@ -376,7 +377,7 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     check(len(adapters) == len(weights) and adapters, f"got {len(adapters)} adapters and {len(weights)} weights; "
                                                       "give one weight per adapter (at least one)")
     check(adapter_name not in host.peft_config, f"adapter {adapter_name!r} already exists")
-    check(combination_type in COMBINATION_TYPES,
+    check(combination_type is None or combination_type in COMBINATION_TYPES,
           f"combination_type={combination_type!r} is not valid; expected one of {COMBINATION_TYPES}")
     check(majority_sign_method in ("total", "frequency"),
           f"majority_sign_method={majority_sign_method!r} is not valid; expected 'total' or 'frequency'")
@@ -387,12 +388,13 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     if any(type(c) is IA3Config for c in configs):
         options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density)
         given_options = [k for k, v in options.items() if v is not None]
-        check(combination_type in ("svd", "linear") and not given_options,
-              f"(IA)^3 adapters combine linearly (peft's IA3 add_weighted_adapter); "
-              f"{'options ' + str(given_options) if given_options else f'combination_type={combination_type!r}'} "
-              "do not apply to them")
+        check(combination_type in (None, "linear") and not given_options,
+              "(IA)^3 adapters combine only linearly (peft's IA3 add_weighted_adapter): leave combination_type out "
+              "(or give 'linear') and give no LoRA option; got "
+              + (f"option(s) {given_options}" if given_options else f"combination_type={combination_type!r}"))
         _add_ia3_weighted(host, adapters, configs, weights, adapter_name, modules_to_save_from)
         return
+    combination_type = combination_type or "svd"
     _check_options_apply(combination_type, density=density, svd_rank=svd_rank, svd_clamp=svd_clamp)
     if len(adapters) == 1:  # as peft: one adapter can only be combined linearly
         combination_type, density = "linear", None

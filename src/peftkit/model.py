@@ -220,7 +220,7 @@ class PeftModel(nn.Module):
         return self.base_model.unload(merge=False)
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", **kwargs: Any) -> None:
+                             combination_type: str | None = None, **kwargs: Any) -> None:
         """Add ``adapter_name`` combining LoRA ``adapters`` with ``weights`` (``cat``, ``svd``, ``linear``,
         ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and their ``_svd`` forms), or (IA)^3
         adapters linearly as peft does; see :func:`peftkit.merging.add_weighted_adapter` for the options and
