@@ -497,3 +497,19 @@ def test_peft_s_utility_names_import_from_peftkit(tmp_path):
     loaded = load_peft_weights(tmp_path, subfolder="one")
     assert loaded.keys() == get_peft_model_state_dict(model).keys()
     assert all(torch.equal(loaded[k], v) for k, v in get_peft_model_state_dict(model).items())
+
+
+def test_saved_config_says_inference_mode_as_peft_writes_it(tmp_path):
+    """peft writes ``"inference_mode": true`` whatever the live config says; a config read back and given to
+    peft's ``get_peft_model`` then makes the same frozen adapter either way."""
+    import json
+
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["inference_mode"] is True
+    assert model.peft_config["default"].inference_mode is False  # the live config is left as it was
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    theirs.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["inference_mode"] is True

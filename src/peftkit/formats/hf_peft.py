@@ -12,6 +12,7 @@ into place, so an interrupted save never leaves a half-written file where a good
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from typing import TYPE_CHECKING
@@ -251,7 +252,9 @@ def adapter_files(model: PeftModel, adapter_name: str, write: bool = True,
                for k, v in state.items()}
     if not write:
         return None
-    return {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}), CONFIG_NAME: config.to_json_bytes()}
+    saved = copy.copy(config)
+    saved.inference_mode = True  # as peft writes it: a loaded adapter is frozen unless loaded trainable
+    return {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}), CONFIG_NAME: saved.to_json_bytes()}
 
 
 def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike, write: bool = True,
