@@ -196,3 +196,36 @@ def test_export_refuses_non_finite_weights(tiny_model_dir, tmp_path, capsys):
     assert run("export", "--adapter", tmp_path / "r1", "--merge", "--output", tmp_path / "exp") != 0
     assert "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize("kind", ["ssf", "lora_bias"])
+def test_a_merge_that_gives_a_llama_layer_a_bias_exports_and_saves_whole(kind, tmp_path):
+    """SSF and LoRA's lora_bias give bias-free Llama layers a bias when merged: the config now declares it
+    (attention_bias / mlp_bias, the other covered layers get a zero bias). transformers dropped the biases on
+    load before, and the exported model differed from the adapted one by up to 4.4."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit import SSFConfig
+    from tests.conftest import tiny_llama
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    config = (SSFConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if kind == "ssf"
+              else LoraConfig(r=2, target_modules=["q_proj", "down_proj"], lora_bias=True, task_type="CAUSAL_LM"))
+    model = get_peft_model(base, config)
+    perturb(model)
+    model.save_pretrained(tmp_path / "adapter")
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    assert run("export", "--adapter", tmp_path / "adapter", "--model", tmp_path / "base", "--merge",
+               "--output", tmp_path / "exp") == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
+    assert (exported.config.attention_bias, exported.config.mlp_bias) == (True, kind == "lora_bias")
+    plain = model.merge_and_unload()  # in Python too: saved and loaded back whole
+    plain.save_pretrained(tmp_path / "py")
+    with torch.no_grad():
+        assert (exported(input_ids=x).logits - expected).abs().max() <= 1e-5
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "py").eval()(input_ids=x).logits
+        assert (again - expected).abs().max() <= 1e-5
+    assert torch.count_nonzero(exported.model.layers[0].self_attn.k_proj.bias) == 0  # covered by the flag only

@@ -304,6 +304,10 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     # not know: each becomes a float layer holding its merged (or dequantised) weight, as in the adapted model
     plain = dequantize_base(model.merge_and_unload(safe_merge=True))  # safe_merge: refuse inf/NaN weights
     _mark_untied(plain)
+    dropped = declare_merged_biases(plain)
+    check(not dropped, f"the merged model has tensors its transformers config does not describe, which "
+                       f"from_pretrained would drop (e.g. {dropped[:3]}): the merge gave these layers a bias the "
+                       "model type has no switch for; export the adapter instead (without --merge)")
 
     def write(folder: Path) -> None:
         plain.save_pretrained(folder)
@@ -312,6 +316,66 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
 
     _write_folder(out, write)
     return str(out)
+
+
+#: config flags by which transformers models declare biases on their linear layers (Llama-style models:
+#: ``attention_bias`` for q/k/v/o, ``mlp_bias`` for the MLP); a merge that gives such a layer a bias must set them
+BIAS_FLAGS = ("attention_bias", "mlp_bias", "bias", "use_bias", "add_bias_linear")
+
+
+def declare_merged_biases(model: torch.nn.Module) -> list[str]:
+    """Make a merged transformers model's config declare the biases a merge created, so that
+    ``from_pretrained`` loads them back (SSF, LoRA with ``lora_bias`` or (IA)^3 on a bias-free Llama layer).
+
+    transformers builds the layers its config describes and drops weights it does not expect: with
+    ``attention_bias=False`` the merged ``q_proj.bias`` was dropped on load and the exported model differed
+    from the adapted one. When the config has flags that declare the missing biases (:data:`BIAS_FLAGS`),
+    they are set, and every layer the flags cover that has no bias gets a zero one (its outputs unchanged).
+
+    Returns:
+        the names of tensors ``from_pretrained`` would still drop ([] when the model loads back whole,
+        or when it is not a transformers model, which has no such config).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "save_pretrained"):
+        return []
+    keys = set(model.state_dict())
+    try:
+        expected = _expected_keys(model)
+    except Exception:  # a model class that cannot be built from its config alone: nothing to compare with
+        return []
+    dropped = sorted(keys - expected)
+    if not dropped or not all(k.endswith(".bias") for k in dropped):
+        return dropped
+    flags = [f for f in BIAS_FLAGS if getattr(config, f, None) is False]
+    if not flags:
+        return dropped
+    for flag in flags:
+        setattr(config, flag, True)
+    wanted = _expected_keys(model)
+    if keys - wanted or any(not k.endswith(".bias") for k in wanted - keys):
+        for flag in flags:  # the flags do not describe this model's biases: leave its config as it was
+            setattr(config, flag, False)
+        return dropped
+    for flag in flags:  # a flag no merged bias needs is left as it was (MLP biases for SSF on attention only)
+        if not keys - _expected_keys(model, unset=flag):
+            setattr(config, flag, False)
+    for key in sorted(_expected_keys(model) - keys):  # layers the set flags cover and no merge touched: a zero bias
+        module = model.get_submodule(key.removesuffix(".bias"))
+        out = module.weight.shape[0] if isinstance(module, torch.nn.Linear) else module.weight.shape[-1]
+        module.bias = torch.nn.Parameter(module.weight.new_zeros(out), requires_grad=module.weight.requires_grad)
+    return []
+
+
+def _expected_keys(model: torch.nn.Module, unset: str | None = None) -> set[str]:
+    """The state-dict keys of ``type(model)`` built from its config (on the meta device: no memory)."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    if unset is not None:
+        setattr(config, unset, False)
+    with torch.device("meta"):
+        return set(type(model)(config).state_dict())
 
 
 def _mark_untied(model: torch.nn.Module) -> None:

@@ -197,7 +197,9 @@ class PeftModel(nn.Module):
             adapter_names: the adapters to merge (default: the active ones); the others are dropped, also
                 one merged earlier with ``merge_adapter`` (peft keeps such an adapter in the weights).
 
-        On a quantised base (:func:`~peftkit.quantize_base`) this is
+        A merge that gives a bias-free layer of a transformers model a bias (SSF, ``lora_bias``) sets the
+        config's flags for it (``attention_bias``/``mlp_bias``; uncovered layers get a zero bias), so that a
+        saved copy loads back whole. On a quantised base (:func:`~peftkit.quantize_base`) this is
         :func:`~peftkit.merge_and_unload_quantized` (exact): each layer an adapter merges into becomes a float
         layer holding the merged weight (a quantised layer cannot hold it: peft, with bitsandbytes, quantises
         it again, which ``merge_and_unload_quantized(model, requantize=True)`` does); the other layers stay
@@ -207,13 +209,22 @@ class PeftModel(nn.Module):
             ValueError: an adapter that cannot be merged (a soft prompt, a non-invertible rescale, a stack
                 whose merged form would differ from its outputs), checked before any layer changes.
         """
+        from peftkit.artifacts import declare_merged_biases
         from peftkit.quant.layer import QuantWeight
 
         if any(isinstance(getattr(w, "base_layer", None), QuantWeight) for _, w in self.base_model.wrappers()):
             from peftkit.quant.base import merge_and_unload_quantized
 
-            return merge_and_unload_quantized(self, adapter_names=adapter_names, safe_merge=safe_merge)
-        return self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+            plain = merge_and_unload_quantized(self, adapter_names=adapter_names, safe_merge=safe_merge)
+        else:
+            plain = self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        # a bias the merge gave a bias-free layer: declared in a transformers config (attention_bias, mlp_bias),
+        # so that save_pretrained + from_pretrained keep it
+        dropped = declare_merged_biases(plain)
+        if dropped:
+            warnings.warn(f"the merged model holds tensors its config does not describe (e.g. {dropped[:3]}); "
+                          "transformers' from_pretrained would drop them from a saved copy", stacklevel=2)
+        return plain
 
     def unload(self) -> nn.Module:
         """Return the base model without any adapter (nothing merged)."""
