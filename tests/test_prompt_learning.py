@@ -403,14 +403,13 @@ def test_prefix_refuses_gradient_checkpointing_in_training():
 
 @pytest.mark.parametrize("config, message", [
     (lambda: PromptTuningConfig(), "num_virtual_tokens is required"),
-    (lambda: PromptTuningConfig(num_virtual_tokens=0), "num_virtual_tokens=0"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=0), "num_virtual_tokens=0 is not valid; it must be an integer > 0$"),
     (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="WORDS"), "prompt_tuning_init='WORDS'"),
     (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT"), "needs prompt_tuning_init_text"),
     (lambda: PromptTuningConfig(num_virtual_tokens=2, tokenizer_kwargs={"a": 1}), "only used with"),
     (lambda: PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2), "encoder-decoder"),
     (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU"), "'GRU'"),
     (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=-1), "encoder_hidden_size=-1"),
-    (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_num_layers=3), "only applies to the LSTM"),
     (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_dropout=1.0), "encoder_dropout=1.0"),
     (lambda: PrefixTuningConfig(num_virtual_tokens=2, init_weights="ones"), "init_weights='ones'"),
     (lambda: PrefixTuningConfig(num_virtual_tokens=2, token_dim=0), "token_dim=0"),
@@ -476,3 +475,78 @@ def test_a_tokenizer_path_that_gives_no_tokenizer_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"tokenizer_name_or_path='.*nothing' gives no tokenizer .*local folder"):
         get_peft_model(model, config)
     assert [type(m) for m in model.modules()] == modules and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_cached_generation_past_the_learned_positions_is_a_clear_error(method):
+    """A cached step adds one token: the check on the call's own length never fired, and generation past the
+    learned positions (GPT-2's 32) stopped in a raw IndexError inside the position embedding."""
+    model = get_peft_model(tiny_gpt2(), _with_tokens(method, 4)).eval()
+    x = ids(1, 26)
+    with torch.no_grad():
+        assert model.generate(input_ids=x, max_new_tokens=2, do_sample=False).shape[1] == 28  # 4 + 28 = 32
+        # the 4th new token would run the 29th real token through position 4 + 28 = 32
+        with pytest.raises(ValueError, match=r"28 earlier tokens and 1 new one\(s\) do not fit .* at most 28 tokens"):
+            model.generate(input_ids=x, max_new_tokens=4, do_sample=False)
+
+
+def test_sequence_classification_labels_are_left_as_they_are():
+    """Multi-label (B, classes) or one-token regression (B, 1) labels as wide as the input were padded with -100
+    over the virtual tokens as if they were token labels."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=7, problem_type="multi_label_classification")
+    model = get_peft_model(BertForSequenceClassification(cfg), PromptTuningConfig(num_virtual_tokens=4,
+                                                                                    task_type="SEQ_CLS"))
+    labels = torch.randint(0, 2, (2, 7)).float()
+    with torch.no_grad():
+        out = model(input_ids=ids(2, 7), labels=labels)
+    assert torch.allclose(out.loss, F.binary_cross_entropy_with_logits(out.logits, labels))
+
+
+def test_a_training_mode_save_writes_the_tokens_in_use(tmp_path):
+    model = get_peft_model(tiny_llama(), PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="LSTM",
+                                                             encoder_num_layers=2, encoder_dropout=0.5))
+    model.train()
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    model.eval()
+    x = ids()
+    loaded = PeftModel.from_pretrained(tiny_llama_seeded(), tmp_path / "a")
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "a" / "adapter_model.safetensors")["prompt_embeddings"],
+                       load_file(tmp_path / "b" / "adapter_model.safetensors")["prompt_embeddings"])
+    assert model.training is False
+
+
+def tiny_llama_seeded():
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_return_dict_false_gives_the_tuple_of_the_dict_output(method):
+    model = get_peft_model(tiny_llama(), METHODS[method]()).eval()
+    x = ids()
+    with torch.no_grad():
+        whole = model(input_ids=x, use_cache=False)
+        parts = model(input_ids=x, use_cache=False, return_dict=False)
+    assert len(parts) == 1 and torch.equal(parts[0], whole.logits) and parts[0].shape[1] == x.shape[1]
+
+
+def test_input_ids_with_inputs_embeds_is_refused_and_a_path_is_a_tokenizer_folder():
+    model = get_peft_model(tiny_llama(), METHODS["prompt"]())
+    x = ids()
+    with pytest.raises(ValueError, match="give input_ids or inputs_embeds, not both"):
+        model(input_ids=x, inputs_embeds=model.get_input_embeddings()(x))
+    from peftkit.train.data import shipped_model_dir
+
+    config = PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="once upon",
+                                tokenizer_name_or_path=shipped_model_dir())
+    assert config.tokenizer_name_or_path == str(shipped_model_dir())
+    with pytest.warns(UserWarning, match="encoder_num_layers=3 only applies to the LSTM encoder"):
+        PromptEncoderConfig(num_virtual_tokens=2, encoder_num_layers=3)

@@ -157,6 +157,9 @@ class PeftConfig:
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
             check(self.task_type in TASK_TYPES,
                   f"task_type={self.task_type!r} is not valid; expected one of {TASK_TYPES} or None")
+        for f in dataclasses.fields(self):  # a path given for a folder field (tokenizer, base model) is its str
+            if f.name.endswith("_name_or_path") and isinstance(getattr(self, f.name), os.PathLike):
+                setattr(self, f.name, os.fspath(getattr(self, f.name)))
         check_fields(self)
         saved = getattr(self, "modules_to_save", None)
         if isinstance(saved, (list, tuple, set)):

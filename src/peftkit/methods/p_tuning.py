@@ -14,6 +14,7 @@ MLP ``P*d + (d*h + h) + (h*h + h) + (h*d + d)``; LSTM ``P*d + sum over n layers 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +41,13 @@ class PromptEncoderConfig(PromptLearningConfig):
         num_virtual_tokens: ``P`` (required, > 0); other size fields: see :class:`PromptLearningConfig`.
         encoder_reparameterization_type: ``"MLP"`` (default) or ``"LSTM"``.
         encoder_hidden_size: ``h``, > 0; None uses the model's hidden size.
-        encoder_num_layers: LSTM layers, > 0 (default 2). The MLP always has two hidden layers, so it
-            must stay 2 there.
+        encoder_num_layers: LSTM layers, > 0 (default 2). The MLP always has two hidden layers: another
+            value warns and is ignored there (as in peft).
         encoder_dropout: dropout between LSTM layers, in [0, 1) (default 0).
 
     Raises:
-        ConfigError: an unknown encoder type, a non-positive size, ``encoder_num_layers != 2`` with the
-            MLP, a dropout outside [0, 1); plus :class:`PromptLearningConfig`'s checks.
+        ConfigError: an unknown encoder type, a non-positive size, a dropout outside [0, 1); plus
+            :class:`PromptLearningConfig`'s checks.
     """
 
     peft_type = "P_TUNING"
@@ -66,8 +67,9 @@ class PromptEncoderConfig(PromptLearningConfig):
         n = self.encoder_num_layers
         check(isinstance(n, int) and not isinstance(n, bool) and n > 0,
               f"encoder_num_layers={n!r} is not valid; it must be an integer > 0")
-        check(kind == "LSTM" or n == 2, f"encoder_num_layers={n!r} only applies to the LSTM encoder; the MLP "
-                                        "encoder always has 2 hidden layers (leave it at 2)")
+        if kind != "LSTM" and n != 2:  # as peft: a warning (its files may carry any value; they hold the tokens)
+            warnings.warn(f"encoder_num_layers={n!r} only applies to the LSTM encoder; the MLP encoder always has 2 "
+                          "hidden layers, so it is ignored", stacklevel=3)
         check(isinstance(self.encoder_dropout, (int, float)) and 0 <= self.encoder_dropout < 1,
               f"encoder_dropout={self.encoder_dropout!r} is not valid; it must lie in [0, 1)")
 

@@ -50,10 +50,11 @@ if TYPE_CHECKING:
     from peftkit.host import AdapterModel
 
 
-def _positive_or_none(config: Any, name: str) -> None:
+def _positive_or_none(config: Any, name: str, required: bool = False) -> None:
     value = getattr(config, name)
     check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-          f"{name}={value!r} is not valid; it must be an integer > 0 or None (read from the model)")
+          f"{name}={value!r} is not valid; it must be an integer > 0"
+          + ("" if required else " or None (read from the model)"))
 
 
 @dataclass
@@ -84,7 +85,7 @@ class PromptLearningConfig(PeftConfig):
         check(self.num_virtual_tokens is not None, "num_virtual_tokens is required: the number P of virtual "
                                                    "tokens, an integer > 0 (e.g. 20)")
         for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
-            _positive_or_none(self, name)
+            _positive_or_none(self, name, required=name == "num_virtual_tokens")
         check(self.num_transformer_submodules in (None, 1),
               f"num_transformer_submodules={self.num_transformer_submodules!r} is not supported; use 1 or None "
               "(encoder-decoder models, which need 2, are not supported yet)")
@@ -206,9 +207,19 @@ class VirtualTokens(nn.Module):
             delattr(self, name)
         self.folded = True
 
+    @torch.no_grad()
     def saved(self) -> Tensor:
-        """What HF PEFT writes as ``prompt_embeddings``: the tokens themselves (the table once folded)."""
-        return self.embedding.weight if self.folded else self.forward().detach()
+        """What HF PEFT writes as ``prompt_embeddings``: the tokens themselves (the table once folded), computed in
+        eval mode (an LSTM encoder's dropout off, as :meth:`fold`), so that a save during training writes the
+        tokens the adapter computes in use."""
+        if self.folded:
+            return self.embedding.weight
+        was_training = self.training
+        self.eval()
+        try:
+            return self.forward().detach().clone()
+        finally:
+            self.train(was_training)
 
 
 class PromptTuner(Tuner):
@@ -285,6 +296,9 @@ class PromptCall:
         ref = ids if ids is not None else embeds
         if ref is None:
             raise ValueError("a soft-prompt adapter needs input_ids or inputs_embeds")
+        if ids is not None and embeds is not None:
+            raise ValueError("give input_ids or inputs_embeds, not both (the model takes exactly one of them; with "
+                             "both, input_ids would be ignored)")
         self.batch, self.length = ref.shape[0], ref.shape[1]
         self.device = ref.device
         self.causal = bool(getattr(model, "can_generate", lambda: False)())
@@ -303,7 +317,10 @@ class PromptCall:
             types = kw["token_type_ids"]
             kw["token_type_ids"] = torch.cat([types.new_zeros(batch, p), types], dim=1)
         labels = kw.get("labels")
-        if labels is not None and labels.dim() >= 2 and labels.shape[1] == self.length:
+        # token-level labels get -100 over the virtual tokens; a sequence classifier's (multi-label (B, classes),
+        # regression (B, 1)) are per row, whatever their width
+        per_row = type(self.model).__name__.endswith(("ForSequenceClassification", "ForMultipleChoice"))
+        if labels is not None and not per_row and labels.dim() >= 2 and labels.shape[1] == self.length:
             padded = torch.cat([labels.new_full((batch, p, *labels.shape[2:]), -100), labels], dim=1)
             if self.causal:
                 padded[:, p] = -100  # no real token predicts the first one in the base model either
@@ -376,11 +393,23 @@ class PromptHooks:
             kw["cache"] = kw.pop("past_key_values")
         config = self.host.peft_config[self.name]
         call = PromptCall(model, kw, config.num_virtual_tokens)
-        positions = self.positions
-        if positions is not None and call.length + config.num_virtual_tokens > positions:
-            raise ValueError(f"an input of {call.length} tokens does not fit after num_virtual_tokens="
-                             f"{config.num_virtual_tokens}: {type(model).__name__} has {positions} learned positions; "
-                             f"truncate inputs to {positions - config.num_virtual_tokens} tokens")
+        positions, p = self.positions, config.num_virtual_tokens
+        cache = kw.get("cache")
+        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        if positions is not None and past < p and call.length + p > positions:
+            raise ValueError(f"an input of {call.length} tokens does not fit after num_virtual_tokens={p}: "
+                             f"{type(model).__name__} has {positions} learned positions; truncate inputs to "
+                             f"{positions - p} tokens")
+        if positions is not None and past >= p and past + call.length > positions:  # a cached step (generation)
+            raise ValueError(f"{past - p} earlier tokens and {call.length} new one(s) do not fit after "
+                             f"num_virtual_tokens={p}: {type(model).__name__} has {positions} learned positions, so at "
+                             f"most {positions - p} tokens (prompt and generated ones) go through the model; ask "
+                             "for fewer new tokens or truncate the prompt")
+        want_tuple = kw.get("return_dict") is False or (
+            "return_dict" not in kw and getattr(getattr(model, "config", None), "return_dict", True) is False
+            and hasattr(model, "can_generate"))
+        if want_tuple:  # rewritten as a ModelOutput, turned back into the model's tuple by the finisher
+            kw["return_dict"] = True
         ids = kw.get("input_ids")
         if self._extend(call):
             self.tuner.insert(call, self.host.extra_modules[self.name]())
@@ -389,7 +418,7 @@ class PromptHooks:
         use_cache = kw.get("use_cache")
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
-        self.pending = _finisher(call, drop_cache=call.made_cache and not use_cache)
+        self.pending = _finisher(call, drop_cache=call.made_cache and not use_cache, as_tuple=want_tuple)
         return (), kw
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -472,7 +501,7 @@ def _move_trailing_padding_in_front(call: PromptCall, ids: Tensor, pad_token_id:
             kw[key] = rotate(kw[key])
 
 
-def _finisher(call: PromptCall, drop_cache: bool) -> Callable[[Any], Any]:
+def _finisher(call: PromptCall, drop_cache: bool, as_tuple: bool = False) -> Callable[[Any], Any]:
     strip = call.strip
 
     def finish(output: Any) -> Any:
@@ -481,6 +510,8 @@ def _finisher(call: PromptCall, drop_cache: bool) -> Callable[[Any], Any]:
             output.logits = logits[:, strip:]
         if drop_cache and getattr(output, "cache", None) is not None:
             output["cache"] = None  # item assignment: a ModelOutput ignores attribute assignment of None
+        if as_tuple and hasattr(output, "to_tuple"):  # what return_dict=False gives: the fields that are set
+            return tuple(v for v in output.values() if v is not None)
         return output
 
     return finish
