@@ -349,3 +349,29 @@ def test_a_cast_quantised_model_computes_and_merges_in_the_new_dtype():
         peft_model.merge_adapter()  # met a float32 weight and a bf16 input before
         merged = peft_model(input_ids=x).logits
     assert merged.dtype == torch.bfloat16 and (merged - unmerged).abs().max() <= 0.05
+
+
+def test_bitfit_trains_the_float_biases_of_a_quantised_base():
+    """A bias is a float parameter also on a quantised layer: BitFit selects it (it was refused with the rest
+    of the selective methods, which change weights the quantised layer holds as codes)."""
+    from peftkit import BitFitConfig
+
+    quant = quantize_base(tiny_bert_classifier(), "int8")
+    plain = dequantize_base(copy.deepcopy(quant))
+    config = dict(target_modules=["query", "value"])
+    q_model, f_model = get_peft_model(quant, BitFitConfig(**config)), get_peft_model(plain, BitFitConfig(**config))
+    perturb(q_model)
+    f_model.load_state_dict({k: v for k, v in q_model.state_dict().items() if "diff" in k}, strict=False)
+    x = torch.randint(3, 64, (2, 8))
+    with torch.no_grad():
+        out = q_model(input_ids=x).logits
+        with q_model.disable_adapter():
+            assert (q_model(input_ids=x).logits - out).abs().max() > 1e-4  # the differences act
+        assert (f_model(input_ids=x).logits - out).abs().max() <= 1e-6
+        q_model.merge_adapter()
+        assert (q_model(input_ids=x).logits - out).abs().max() <= 1e-5
+        q_model.unmerge_adapter()
+    with pytest.raises(ConfigError, match="a quantised layer holds its weight as integer codes"):
+        from peftkit import PartialConfig
+
+        get_peft_model(quantize_base(tiny_bert_classifier(), "int8"), PartialConfig(target_modules=["query"]))

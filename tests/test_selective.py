@@ -266,12 +266,12 @@ def test_selecting_a_tied_tensor_warns_that_the_other_module_keeps_the_base():
 
 
 def test_a_selective_method_on_a_quantised_layer_says_why_it_is_refused():
-    """The message said the layer had no 'weight' to fold into, though BitFit trains biases only."""
+    """The message said the layer had no 'weight' to fold into. (BitFit, biases only, is taken: see test_quant.)"""
     from peftkit import ConfigError
     from peftkit.quant import quantize_base
     from tests.conftest import tiny_bert_classifier
 
     model = quantize_base(tiny_bert_classifier(), "int8")
-    with pytest.raises(ConfigError, match=r"BitFit cannot select parameters of module .*\(QuantLinear\): a quantised "
+    with pytest.raises(ConfigError, match=r"cannot select parameters of module .*\(QuantLinear\): a quantised "
                                           r"layer holds its weight as integer codes"):
-        get_peft_model(model, BitFitConfig())
+        get_peft_model(model, PartialConfig(target_modules=["query"]))

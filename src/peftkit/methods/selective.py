@@ -292,7 +292,8 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
         if not own:
             continue
         quantised = hasattr(module, "quantized_numel")
-        check(isinstance(module._parameters.get("weight"), nn.Parameter),
+        # a bias alone (BitFit) is a float parameter also on a quantised layer
+        check(isinstance(module._parameters.get("weight"), nn.Parameter) or (quantised and "weight" not in names),
               f"{method} cannot select parameters of module {name!r} ({type(module).__name__}): "
               + ("a quantised layer holds its weight as integer codes, and the selective methods change float layers "
                  "only (a method that wraps layers, e.g. LoRA, trains on a quantised base)" if quantised else
