@@ -302,7 +302,11 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     model = PeftModel.from_pretrained(base, adapter_dir)
     # a quantised base (a QLoRA run) leaves quantised layers, merged or not, whose buffers transformers does
     # not know: each becomes a float layer holding its merged (or dequantised) weight, as in the adapted model
-    plain = dequantize_base(model.merge_and_unload(safe_merge=True))  # safe_merge: refuse inf/NaN weights
+    try:
+        merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse inf/NaN weights
+    except ValueError as err:  # the adapter's values (NaN/inf, a merge the stack cannot take): bad input, exit 2
+        raise ConfigError(f"{str(adapter_dir)!r}: {err}") from None
+    plain = dequantize_base(merged)
     _mark_untied(plain)
     dropped = declare_merged_biases(plain)
     check(not dropped, f"the merged model has tensors its transformers config does not describe, which "
