@@ -550,3 +550,31 @@ def test_input_ids_with_inputs_embeds_is_refused_and_a_path_is_a_tokenizer_folde
     assert config.tokenizer_name_or_path == str(shipped_model_dir())
     with pytest.warns(UserWarning, match="encoder_num_layers=3 only applies to the LSTM encoder"):
         PromptEncoderConfig(num_virtual_tokens=2, encoder_num_layers=3)
+
+
+def test_a_text_started_prompt_loads_trainable_without_its_tokenizer(tmp_path):
+    """The file's tokens replace the TEXT start: loading it to train further needs no tokenizer (the folder it
+    came from may be gone)."""
+    import shutil
+
+    from peftkit.train.data import shipped_model_dir
+
+    shutil.copytree(shipped_model_dir(), tmp_path / "tok")
+    config = PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="once upon",
+                                tokenizer_name_or_path=str(tmp_path / "tok"))
+    from transformers import AutoModelForCausalLM
+
+    def stories():
+        return AutoModelForCausalLM.from_pretrained(shipped_model_dir())
+
+    model = get_peft_model(stories(), config)
+    perturb(model)
+    model.save_pretrained(tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "tok")
+    again = PeftModel.from_pretrained(stories(), tmp_path / "adapter", is_trainable=True)
+    x = ids()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6)
+    assert any(p.requires_grad for p in again.parameters())
+    with pytest.raises(ConfigError, match="gives no tokenizer"):  # a new adapter still needs it
+        get_peft_model(stories(), config)

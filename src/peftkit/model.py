@@ -550,11 +550,13 @@ class PeftModel(nn.Module):
             TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders).
         """
         from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
+        from peftkit.methods.prompt_learning import loading_values
 
         model_id = _adapter_folder("from_pretrained", model_id, kwargs)
         config, tensors = read_adapter_files(model_id, config)
         config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
+        with loading_values():  # built to take the file's values: no start that needs more than the model
+            peft_model = cls(model, config, adapter_name)
         try:
             load_adapter_into(peft_model, adapter_name, tensors)
         except BaseException:
@@ -575,12 +577,14 @@ class PeftModel(nn.Module):
             as :meth:`from_pretrained`; on error the model is left as it was.
         """
         from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
+        from peftkit.methods.prompt_learning import loading_values
 
         config = kwargs.pop("config", None)
         config, tensors = read_adapter_files(_adapter_folder("load_adapter", model_id, kwargs), config)
         config.inference_mode = not is_trainable
         before = set(self.base_model.public_names())
-        self.base_model.add_adapter(adapter_name, config)
+        with loading_values():
+            self.base_model.add_adapter(adapter_name, config)
         try:
             load_adapter_into(self, adapter_name, tensors)
         except BaseException:  # also drop adapters the load created (those a fusion is saved with)

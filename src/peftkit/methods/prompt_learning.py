@@ -35,8 +35,10 @@ is rewritten. Mixed-adapter batches (``adapter_names=``) naming a prompt adapter
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,21 @@ from peftkit.tuners import Tuner
 
 if TYPE_CHECKING:
     from peftkit.host import AdapterModel
+
+
+#: True while an adapter is built to receive a file's values (``from_pretrained`` / ``load_adapter``): an
+#: initialisation that needs more than the model (prompt tuning's TEXT start reads a tokenizer) is skipped
+LOADING_VALUES: contextvars.ContextVar[bool] = contextvars.ContextVar("peftkit_loading_values", default=False)
+
+
+@contextlib.contextmanager
+def loading_values() -> Iterator[None]:
+    """Context: adapters built inside get their values from a file next (see :data:`LOADING_VALUES`)."""
+    token = LOADING_VALUES.set(True)
+    try:
+        yield
+    finally:
+        LOADING_VALUES.reset(token)
 
 
 def _positive_or_none(config: Any, name: str, required: bool = False) -> None:

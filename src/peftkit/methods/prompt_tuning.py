@@ -19,6 +19,7 @@ from torch import nn
 
 from peftkit.config import ConfigError, MethodSpec, check, register_method
 from peftkit.methods.prompt_learning import (
+    LOADING_VALUES,
     ModelShape,
     PromptLearningConfig,
     PromptTuner,
@@ -111,7 +112,8 @@ class PromptTuningTuner(PromptTuner):
             ConfigError: the text gives no tokens.
         """
         module = PromptEmbedding(config.num_virtual_tokens, config.token_dim)
-        if config.prompt_tuning_init != "RANDOM" and not config.inference_mode:
+        # (a start the file's values replace is skipped: a trainable load needs no tokenizer)
+        if config.prompt_tuning_init != "RANDOM" and not config.inference_mode and not LOADING_VALUES.get():
             words = model.get_input_embeddings()
             ids = _init_ids(config, words.num_embeddings).to(words.weight.device)
             with torch.no_grad():
