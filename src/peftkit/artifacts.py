@@ -309,7 +309,7 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     plain = dequantize_base(merged)
     _mark_untied(plain)
     dropped = declare_merged_biases(plain)
-    check(not dropped, f"the merged model has tensors its transformers config does not describe, which "
+    check(not dropped, f"the merged model has biases its transformers config does not describe, which "
                        f"from_pretrained would drop (e.g. {dropped[:3]}): the merge gave these layers a bias the "
                        "model type has no switch for; export the adapter instead (without --merge)")
 
@@ -337,8 +337,8 @@ def declare_merged_biases(model: torch.nn.Module) -> list[str]:
     they are set, and every layer the flags cover that has no bias gets a zero one (its outputs unchanged).
 
     Returns:
-        the names of tensors ``from_pretrained`` would still drop ([] when the model loads back whole,
-        or when it is not a transformers model, which has no such config).
+        the names of biases ``from_pretrained`` would still drop ([] when none, or when the model is not a
+        transformers model, which has no such config).
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
@@ -348,8 +348,8 @@ def declare_merged_biases(model: torch.nn.Module) -> list[str]:
         expected = _expected_keys(model)
     except Exception:  # a model class that cannot be built from its config alone: nothing to compare with
         return []
-    dropped = sorted(keys - expected)
-    if not dropped or not all(k.endswith(".bias") for k in dropped):
+    dropped = sorted(k for k in keys - expected if k.endswith(".bias"))  # (other extras are not a merge's doing)
+    if not dropped:
         return dropped
     flags = [f for f in BIAS_FLAGS if getattr(config, f, None) is False]
     if not flags:
@@ -357,12 +357,12 @@ def declare_merged_biases(model: torch.nn.Module) -> list[str]:
     for flag in flags:
         setattr(config, flag, True)
     wanted = _expected_keys(model)
-    if keys - wanted or any(not k.endswith(".bias") for k in wanted - keys):
+    if any(k.endswith(".bias") for k in keys - wanted) or any(not k.endswith(".bias") for k in wanted - keys):
         for flag in flags:  # the flags do not describe this model's biases: leave its config as it was
             setattr(config, flag, False)
         return dropped
     for flag in flags:  # a flag no merged bias needs is left as it was (MLP biases for SSF on attention only)
-        if not keys - _expected_keys(model, unset=flag):
+        if not any(k.endswith(".bias") for k in keys - _expected_keys(model, unset=flag)):
             setattr(config, flag, False)
     for key in sorted(_expected_keys(model) - keys):  # layers the set flags cover and no merge touched: a zero bias
         module = model.get_submodule(key.removesuffix(".bias"))
