@@ -343,26 +343,23 @@ def declare_merged_biases(model: torch.nn.Module) -> list[str]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
         return []
-    keys = set(model.state_dict())
+    keys = {k for k in model.state_dict() if k.endswith(".bias")}  # biases only: other keys are not a merge's doing
     try:
         expected = _expected_keys(model)
     except Exception:  # a model class that cannot be built from its config alone: nothing to compare with
         return []
-    dropped = sorted(k for k in keys - expected if k.endswith(".bias"))  # (other extras are not a merge's doing)
-    if not dropped:
-        return dropped
+    dropped = sorted(keys - expected)
     flags = [f for f in BIAS_FLAGS if getattr(config, f, None) is False]
-    if not flags:
+    if not dropped or not flags:
         return dropped
     for flag in flags:
         setattr(config, flag, True)
-    wanted = _expected_keys(model)
-    if any(k.endswith(".bias") for k in keys - wanted) or any(not k.endswith(".bias") for k in wanted - keys):
-        for flag in flags:  # the flags do not describe this model's biases: leave its config as it was
+    if keys - _expected_keys(model):  # the flags do not describe this model's biases: its config stays as it was
+        for flag in flags:
             setattr(config, flag, False)
         return dropped
     for flag in flags:  # a flag no merged bias needs is left as it was (MLP biases for SSF on attention only)
-        if not any(k.endswith(".bias") for k in keys - _expected_keys(model, unset=flag)):
+        if not keys - _expected_keys(model, unset=flag):
             setattr(config, flag, False)
     for key in sorted(_expected_keys(model) - keys):  # layers the set flags cover and no merge touched: a zero bias
         module = model.get_submodule(key.removesuffix(".bias"))
@@ -372,14 +369,14 @@ def declare_merged_biases(model: torch.nn.Module) -> list[str]:
 
 
 def _expected_keys(model: torch.nn.Module, unset: str | None = None) -> set[str]:
-    """The state-dict keys of ``type(model)`` built from its config (on the meta device: no memory)."""
+    """The bias keys of ``type(model)``'s state dict built from its config (on the meta device: no memory)."""
     import copy
 
     config = copy.deepcopy(model.config)
     if unset is not None:
         setattr(config, unset, False)
     with torch.device("meta"):
-        return set(type(model)(config).state_dict())
+        return {k for k in type(model)(config).state_dict() if k.endswith(".bias")}
 
 
 def _mark_untied(model: torch.nn.Module) -> None:
