@@ -140,3 +140,12 @@ def test_autocast_bf16_runs_and_stays_close_to_float32(name, dropout):
 def _retarget(config):
     config.target_modules = ["q_proj", "down_proj"]
     return config
+
+
+@pytest.mark.parametrize("rows, cols", [(5, 3), (300, 7), (1000, 384), (1031, 1376), (4096, 16)])
+def test_column_dots_is_the_columnwise_dot_product(rows, cols):
+    from peftkit.methods.fused import column_dots
+
+    p, q = torch.randn(rows, cols, dtype=torch.float64), torch.randn(rows, cols, dtype=torch.float64)
+    assert torch.allclose(column_dots(p, q), (p * q).sum(0), rtol=1e-12, atol=1e-12)
+    assert column_dots(p[:, :1].T.contiguous().T, q[:, :1]).shape == (1,)

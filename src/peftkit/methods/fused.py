@@ -129,11 +129,30 @@ def _folded(weight: Tensor, a: Tensor, b: Tensor, g: Tensor | None, scaling: flo
     return torch.mul(weight, g[:, None]).addmm_(_effective_b(b, g, scaling), a)
 
 
+def column_dots(p: Tensor, q: Tensor) -> Tensor:
+    """``(p * q).sum(0)`` for ``p, q: (rows, cols)`` -> ``(cols,)``, accumulated over blocks of rows into a buffer
+    of about 512 KiB, which stays in the CPU's cache: the product of the whole (an activation-sized tensor) is
+    never written out. About 1.6x as fast as ``(p * q).sum(0)`` and ``linalg.vecdot`` on CPU for DoRA's
+    magnitude gradient (0.43-0.46 vs 0.75 ms for 1024 x 1376, 2 threads; 0.64 vs 1.35 ms, 1 thread)."""
+    block = max(16, (1 << 17) // max(1, p.shape[1]))
+    rows = p.shape[0]
+    if rows < 2 * block:
+        return (p * q).sum(0)
+    whole = rows - rows % block
+    acc = torch.mul(p[:block], q[:block])
+    for i in range(block, whole, block):
+        acc.addcmul_(p[i:i + block], q[i:i + block])
+    dot = acc.sum(0)
+    if whole < rows:
+        dot += (p[whole:] * q[whole:]).sum(0)
+    return dot
+
+
 def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, zt: Tensor, weight: Tensor, bias: Tensor | None, b: Tensor,
                     g: Tensor, scaling: float, total: Tensor | None) -> Tensor:
     """``sum_t grad * y`` with ``y = x W^T + s z B^T = (out - bias) / g`` (``zt = z^T``); rows with ``g = 0``
     (where the output does not tell ``y``) are recomputed from ``x``."""
-    dot = (grad * out).sum(0)  # faster than linalg.vecdot on CPU here (measured 4.0 vs 6.4 ms, 2048 x 1536)
+    dot = column_dots(grad, out)
     if total is not None:
         dot.sub_(bias * total)
     zero = g == 0
