@@ -143,17 +143,19 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command):
     argv = (["merge", runs / "lora", runs / "lora"] if command == "merge" else
             ["export", "--adapter", runs / "lora", "--merge"]) + ["--output", out]
     before = snapshot(tmp_path)
-    assert error_line(capsys, *argv) == (
-        f"peftkit: error: --output '{out}' exists and is not empty; pass --overwrite to replace it, or give a new "
-        "folder")
-    assert snapshot(tmp_path) == before
-    # --overwrite replaces an earlier output only: the user's notes are refused, never deleted
-    assert error_line(capsys, *argv, "--overwrite") == (
-        f"peftkit: error: --output '{out}' holds notes.txt, which an earlier `peftkit {command}` did not write there; "
-        "--overwrite replaces only such a folder and would delete them: move them away, or give another folder")
+    # --overwrite replaces an earlier output only: the user's notes are refused, never deleted, and the message
+    # says so with or without it (it once advised --overwrite, which was then refused)
+    for flags in ([], ["--overwrite"]):
+        assert error_line(capsys, *argv, *flags) == (
+            f"peftkit: error: --output '{out}' holds notes.txt, which an earlier `peftkit {command}` did not write "
+            "there; --overwrite replaces only such a folder and would delete them: move them away, or give another "
+            "folder")
     assert snapshot(tmp_path) == before
     (out / "notes.txt").unlink()
     assert cli(*argv) == 0
+    assert error_line(capsys, *argv) == (
+        f"peftkit: error: --output '{out}' holds an earlier {command}; pass --overwrite to replace it, or give a new "
+        "folder")
     assert cli(*argv, "--overwrite") == 0  # an earlier output is replaced
     # a user's file named like an output file (README.md, tokenizer_notes.txt) is not taken for one
     for name in ("README.md", "tokenizer_notes.txt"):

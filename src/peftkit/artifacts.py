@@ -54,8 +54,7 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
     check(blocked is None, f"--output {str(out)!r} lies under {str(blocked)!r}, which is a file: give a path whose "
                            "parent folders are folders")
     _check_writable(out)
-    check(overwrite or not out.exists() or not any(out.iterdir()),
-          f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it, or give a new folder")
+    # what --overwrite could not fix is said first (it was advised, then refused)
     for source in inputs:
         check(source is None or not _inside(Path(source), out),
               f"--output {str(out)!r} holds the input folder {str(source)!r}; replacing it would delete the input: "
@@ -71,6 +70,9 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
                            f"which an earlier `peftkit {'merge' if what == 'the adapter' else 'export'}` did not "
                            "write there; --overwrite replaces only such a folder and would delete them: move them "
                            "away, or give another folder")
+    check(overwrite or not out.exists() or not any(out.iterdir()),
+          f"--output {str(out)!r} holds an earlier {'merge' if what == 'the adapter' else 'export'}; pass --overwrite "
+          "to replace it, or give a new folder")
 
 
 def _check_writable(out: Path) -> None:
