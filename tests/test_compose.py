@@ -222,7 +222,6 @@ def test_mixed_adapter_batches_refuse_compositions():
     ([PromptTuningConfig(num_virtual_tokens=2), PrefixTuningConfig(num_virtual_tokens=2)], "at most one"),
     ([ComposedConfig(configs=[IA3Config()])], "cannot hold another composition"),
     ([LoraConfig(target_modules=["query"], modules_to_save=["classifier"])], "set modules_to_save on the Composed"),
-    ([ParallelConfig(), LoraConfig(target_modules=["query"])], "list it after configs\\[1\\]"),
     ([LoraConfig(target_modules=["query"], task_type="SEQ_CLS"), IA3Config(task_type="CAUSAL_LM")],
      "same task_type"),
 ])

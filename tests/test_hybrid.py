@@ -253,3 +253,94 @@ def test_composed_from_the_cli_needs_its_parts(tiny_model_dir, tmp_path, capsys)
                  str(tmp_path / "run"), "--no-progress"]) == 0
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert [c["peft_type"] for c in saved["configs"]] == ["LORA", "IA3"]
+
+
+@pytest.mark.parametrize("config", [GatedLoraConfig(r=2, task_type="SEQ_CLS"),
+                                    GatedBottleneckConfig(task_type="SEQ_CLS")])
+def test_gates_refuse_training_with_gradient_checkpointing(config):
+    """The layers recomputed in backward ran after the call had ended, without its mask: with padding the
+    gradients were silently wrong (61% off) or backward raised a raw CheckpointError."""
+    model = get_peft_model(tiny_bert_classifier(), config)
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.train()
+    x = ids(3, 7)
+    with pytest.raises(ValueError, match="cannot train with gradient checkpointing"):
+        model(input_ids=x, labels=torch.tensor([0, 1, 0]))
+    model.eval()
+    with torch.no_grad():
+        assert model(input_ids=x).logits.shape == (3, 2)  # inference is fine
+
+
+def test_a_gate_before_a_soft_prompt_pools_the_rows_own_tokens():
+    """A gated part listed before a soft prompt recorded the user's mask; the prompt then moved a decoder
+    classifier's right padding in front, and the gate pooled the wrong positions (batched != alone)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from peftkit import ComposedConfig, PromptTuningConfig
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
+                                                      num_hidden_layers=2, num_attention_heads=2, num_labels=2,
+                                                      pad_token_id=0)).eval()
+    model = get_peft_model(base, ComposedConfig(configs=[GatedLoraConfig(r=2, target_modules=["q_proj"]),
+                                                         PromptTuningConfig(num_virtual_tokens=3)], task_type="SEQ_CLS"))
+    perturb(model, 0.5)
+    model.eval()
+    x = torch.randint(3, 64, (2, 6))
+    x[1, 4:] = 0
+    mask = (x != 0).long()
+    with torch.no_grad():
+        batched = model(input_ids=x, attention_mask=mask).logits
+        alone = model(input_ids=x[1:, :4], attention_mask=mask[1:, :4]).logits
+    assert torch.allclose(batched[1], alone[0], atol=1e-5)
+
+
+def test_unload_removes_the_gates_hooks():
+    base = tiny_bert_classifier()
+    for _ in range(2):
+        base = get_peft_model(base, GatedLoraConfig(r=2, task_type="SEQ_CLS")).unload()
+        assert not base._forward_pre_hooks and not base._forward_hooks
+    base = get_peft_model(base, unipelt()).unload()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in base.modules())
+
+
+def test_a_composition_takes_two_parallel_adapters_and_lora_inside_one(tmp_path):
+    """The rule that a parallel adapter must come last was stale (the layers inside its sub-layer stay
+    targetable), and its advice could not be followed with two parallel adapters."""
+    from peftkit import ComposedConfig, LoraConfig
+
+    x = ids()
+    for parts in ([ParallelConfig(mh_adapter=True, output_adapter=False), ParallelConfig()],
+                  [ParallelConfig(), LoraConfig(r=2, target_modules=["output.dense"])]):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_bert_classifier(), ComposedConfig(configs=parts, task_type="SEQ_CLS"))
+        perturb(model, 0.5)
+        with torch.no_grad():
+            out = model(input_ids=x).logits
+            with model.disable_adapter():
+                assert (model(input_ids=x).logits - out).abs().max() > 1e-4
+        model.save_pretrained(tmp_path / "c")
+        torch.manual_seed(0)
+        again = PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path / "c")
+        with torch.no_grad():
+            assert torch.allclose(again(input_ids=x).logits, out, atol=1e-6)
+
+
+def test_a_composition_for_text_generation_refuses_its_gated_parts():
+    from peftkit import ComposedConfig
+
+    with pytest.raises(ConfigError, match=r"cannot adapt a model that generates text \(task_type='CAUSAL_LM'\)"):
+        get_peft_model(tiny_bert_classifier(), ComposedConfig(configs=[GatedLoraConfig(r=2)], task_type="CAUSAL_LM"))
+
+
+@pytest.mark.parametrize("option, message", [
+    ('configs="lora"', "--option configs='lora' is not valid; give a JSON list of part configs"),
+    ("num_virtual_tokens=4", "ComposedConfig has no field 'num_virtual_tokens'; its own fields: configs"),
+    ('task_type="CAUSAL_LM"', "--option task_type='CAUSAL_LM': the task type follows --task (SEQ_CLS for sst2)"),
+])
+def test_cli_options_a_composition_cannot_take(option, message, tiny_model_dir, tmp_path, capsys):
+    method = "composed" if option.startswith("configs") else "mam"
+    assert main(["train", "--model", tiny_model_dir, "--method", method, "--option", option, "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

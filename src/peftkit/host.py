@@ -437,9 +437,9 @@ class AdapterModel(nn.Module):
                 peft_type = self.peft_config[part].peft_type
                 if not get_method(peft_type).mergeable:
                     what = f"its part {part!r} uses {peft_type}" if part != n else f"it uses {peft_type}"
-                    raise ValueError(f"adapter {n!r} cannot be merged: {what}, which cannot be merged (it adds "
-                                     "modules or tokens rather than changing weights); keep it unmerged (it runs as "
-                                     "it is), unload() it, or name the adapters to merge (adapter_names=[...])")
+                    raise ValueError(f"adapter {n!r} cannot be merged: {what}, which cannot be merged (its effect is "
+                                     "not a fixed change of the weights); keep it unmerged (it runs as it is), "
+                                     "unload() it, or name the adapters to merge (adapter_names=[...])")
         names = self.parts(names)
         for layer_name, w in self.wrappers():
             problem = w.check_partial_merge(names, dropping) if isinstance(w, AdaptedLayer) else None
@@ -497,6 +497,8 @@ class AdapterModel(nn.Module):
                     raise
         else:
             self.unmerge()
+        for name in list(self.peft_config):  # while the layers still hold their adapters (gates find their hooks)
+            self.tuner(name).remove(self, name)
         keep = names  # the adapters merged in: their trained copies (modules_to_save) stay
         # innermost first: a wrapper inside a wrapped sub-layer (LoRA on the dense layer inside a parallel
         # adapter's attention.output) is addressed through the outer wrapper, which must still be there
@@ -509,8 +511,6 @@ class AdapterModel(nn.Module):
             else:
                 copy = next((w.modules_to_save[a] for a in keep if a in w.modules_to_save), w.original_module)
                 replace_module(self.model, name, copy)
-        for name in list(self.peft_config):
-            self.tuner(name).remove(self, name)
         self.peft_config.clear()
         self.members.clear()
         self.active_adapters = []

@@ -355,8 +355,8 @@ class PeftModel(nn.Module):
                              "use; call unmerge_adapter() before a mixed-adapter batch (adapter_names=...)")
         gated = sorted({n for n in names if n in self.peft_config and not self.peft_config[n].mixed_batches})
         if gated:
-            raise ValueError(f"adapter(s) {gated} use gates pooled over the whole batch (UniPELT); mixed-adapter "
-                             "batches (adapter_names=...) do not support them")
+            raise ValueError(f"adapter(s) {gated} use gates that pool each row over its tokens with the call's "
+                             "attention mask (UniPELT); mixed-adapter batches (adapter_names=...) do not support them")
         composed = sorted({n for n in names if n in self.base_model.members})
         if composed:
             raise ValueError(f"adapter(s) {composed} are composed of several parts; mixed-adapter batches "

@@ -72,10 +72,6 @@ class ComposedConfig(PeftConfig):
             check(not getattr(part, "modules_to_save", None),
                   f"configs[{i}] sets modules_to_save={part.modules_to_save!r}; set modules_to_save on the "
                   "ComposedConfig instead (the composition trains and saves them once)")
-            later = [j for j, k in enumerate(kinds) if j > i and k in ("wrap", "select")]
-            check(not (getattr(part, "is_parallel", False) and later),
-                  f"configs[{i}] is a parallel adapter, which wraps whole sub-layers and hides the layers inside "
-                  f"them from later parts; list it after configs{later}")
         prompts = [i for i, k in enumerate(kinds) if k == "prompt"]
         check(len(prompts) <= 1, f"configs{prompts} are soft-prompt methods; a composition holds at most one "
                                  "(two would both rewrite the input)")
@@ -121,6 +117,9 @@ def composed_from_cli(args: Any) -> ComposedConfig:
         ConfigError: no ``configs`` option.
     """
     configs = args.method_options.get("configs")
+    check(configs is None or isinstance(configs, list),
+          f"--option configs={configs!r} is not valid; give a JSON list of part configs, e.g. "
+          "'configs=[{\"peft_type\": \"LORA\"}, {\"peft_type\": \"PREFIX_TUNING\", \"num_virtual_tokens\": 10}]'")
     if not configs:
         raise ConfigError("--method composed needs its parts: --option 'configs=[{\"peft_type\": \"LORA\", "
                           "\"target_modules\": \"all-linear\"}, {\"peft_type\": \"PREFIX_TUNING\", "

@@ -157,6 +157,9 @@ def refuse_generative(host: Any, config: Any, method: str) -> None:
         ConfigError: naming the method, the task type or model class, and what to use instead.
     """
     task = getattr(config, "task_type", None)
+    if task is None:  # a part of a composition: the composition's task
+        owner = next((host.owner(n) for n, c in host.peft_config.items() if c is config), None)
+        task = getattr(host.peft_config.get(owner), "task_type", None)
     model = host.model
     generates = task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") or (
         task is None and callable(getattr(model, "can_generate", None)) and bool(model.can_generate()))

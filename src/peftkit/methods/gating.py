@@ -15,6 +15,7 @@ its new tokens only, so there the gate averages over those).
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any
 
 import torch
@@ -22,6 +23,18 @@ from torch import Tensor, nn
 
 UNIPELT_PAPER = ("UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning (Mao et al., 2021, "
                  "arXiv:2110.07577)")
+
+
+#: model -> the SequenceMasks recording its calls (a soft prompt that rewrites the call's mask updates them)
+_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def rewritten_mask(model: nn.Module, mask: Tensor) -> None:
+    """Tell the gates of ``model`` the call's rewritten 2-D ``attention_mask`` (a soft prompt's, which may also
+    have moved a row's padding, see :mod:`peftkit.methods.prompt_learning`): a gate's pre-hook that ran before
+    the rewrite recorded the user's mask."""
+    for seq in list(_MASKS.get(model, ())):
+        seq.mask = mask
 
 
 class SequenceMask:
@@ -34,8 +47,16 @@ class SequenceMask:
         self.mask: Tensor | None = None
         self.handles = (model.register_forward_pre_hook(self._record, with_kwargs=True),
                         model.register_forward_hook(self._clear))
+        _MASKS.setdefault(model, weakref.WeakSet()).add(self)
 
     def _record(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
+                                                              for m in model.modules()):
+            # the layers recomputed in backward run after this call ended, without its mask: their gates would
+            # pool over the padding too, and the gradients would be wrong
+            raise ValueError("gated adapters (UniPELT's gates) cannot train with gradient checkpointing: the layers "
+                             "it recomputes in backward would pool their gates without the attention mask; disable "
+                             "gradient checkpointing (model.gradient_checkpointing_disable())")
         mask = kwargs.get("attention_mask")
         if mask is None and self.position is not None and len(args) > self.position:
             mask = args[self.position]
@@ -48,6 +69,8 @@ class SequenceMask:
         """Unregister the pre-hook and hook from the model."""
         for h in self.handles:
             h.remove()
+        for masks in _MASKS.values():
+            masks.discard(self)
 
     def pool(self, g: Tensor) -> Tensor:
         """Average token gates ``(batch, S, k)`` over the real tokens -> ``(batch, k)``; ``(batch, k)`` (one

@@ -436,6 +436,9 @@ class PromptHooks:
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
         self.pending = _finisher(call, drop_cache=call.made_cache and not use_cache, as_tuple=want_tuple)
+        from peftkit.methods.gating import rewritten_mask
+
+        rewritten_mask(model, kw["attention_mask"])  # gates recorded the user's mask if their hook ran first
         return (), kw
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:

@@ -194,7 +194,12 @@ def build_peft_config(cfg: RunConfig) -> PeftConfig:
     # what makes a preset variant itself (DoRA: use_dora=True on LoRA): an --option may not undo it
     defining = getattr(spec.cli_config, "defining_fields", {})
     for key, value in cfg.method_options.items():
-        check(key in fields, f"{spec.config_cls.__name__} has no field {key!r}")
+        own = sorted(fields - {f.name for f in dataclasses.fields(PeftConfig)})  # the method's, not every config's
+        check(key in fields, f"{spec.config_cls.__name__} has no field {key!r}; its own fields: {', '.join(own)}"
+                             + ("; a part's settings are set by giving the parts: --option 'configs=[...]' (see "
+                                "`peftkit train --method composed`)" if "configs" in fields else ""))
+        check(key != "task_type", f"--option task_type={cfg.method_options[key]!r}: the task type follows --task "
+                                  f"({cfg.task_type} for {cfg.task}); leave it out")
         fixed = defining.get(key)  # a refinement of it is fine: init_lora_weights="pissa_niter_4" for PiSSA
         check(key not in defining or value == fixed or (isinstance(value, str) and isinstance(fixed, str)
                                                         and value.startswith(fixed + "_")),
