@@ -274,3 +274,29 @@ def test_an_optimiser_built_before_the_fisher_mask_is_refused():
                           optimizers=(early, None))
     with pytest.raises(ConfigError, match="optimiser was built before the adapter chose its parameters"):
         trainer.create_optimizer()
+
+
+def test_the_fisher_information_uses_each_training_row_once():
+    """With fewer rows than num_fisher_samples the trainer's endless batches cycled through the data (each row
+    6 or 7 times for 64 samples of 10 rows), weighting rows unequally at several times the cost."""
+    from peftkit.train.trainer import Trainer, TrainingArguments
+    from tests.tiny_train import TinyClassifier, classification_items, collate_classification
+
+    torch.manual_seed(0)
+    model = get_peft_model(TinyClassifier(), FishMaskConfig(keep_ratio=0.05, num_fisher_samples=64,
+                                                            target_modules=["fc"]))
+    seen: list[int] = []
+    hook = model.base_model.model.register_forward_pre_hook(lambda m, a, k: seen.append(1), with_kwargs=True)
+    Trainer(model, classification_items(10), collate_classification, TrainingArguments(max_steps=1, batch_size=4,
+                                                                                       progress=False))
+    hook.remove()
+    assert len(seen) == 10
+
+
+def test_partial_blocks_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "stories260K", "--task", "causal-lm", "--method", "partial", "--option",
+                 "layers_to_transform=[0]", "--max-steps", "1", "--max-train-samples", "8", "--max-eval-samples", "4",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["layers_to_transform"] == [0] and saved["num_top_layers"] is None

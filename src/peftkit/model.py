@@ -322,7 +322,8 @@ class PeftModel(nn.Module):
     def peft_prepare(self, batches: Iterator[dict[str, Tensor]]) -> None:
         """Let the active, trainable adapters' methods look at training data once before training (e.g.
         the FISH mask's Fisher information); call it before building the optimiser, since it may
-        replace adapter parameters. ``batches``: an endless iterator of batch dicts with ``labels``.
+        replace adapter parameters. ``batches``: an iterator of batch dicts with ``labels`` (peftkit's trainers
+        give one pass over the training data; a method uses up to what it needs).
         :class:`peftkit.train.Trainer` calls it; methods that need nothing ignore it."""
         host = self.base_model
         for name in host.training_parts():

@@ -58,8 +58,8 @@ class Tuner:
         """Called after each optimiser step, before gradients are cleared (e.g. AdaLoRA's rank budget)."""
 
     def prepare(self, host: AdapterModel, adapter_name: str, batches: Iterator[dict[str, Tensor]]) -> None:
-        """Called once before training, before the optimiser is built, with an endless iterator of
-        training batches (dicts the model takes, with ``labels``); a method that picks its trainable
+        """Called once before training, before the optimiser is built, with an iterator of training batches
+        (dicts the model takes, with ``labels``; the trainers give one pass over the data); a method that picks its trainable
         parameters from data (FISH mask, Child-Tuning-D) takes the batches it needs here. Must be a
         no-op when the adapter is already prepared (e.g. loaded from a file)."""
 

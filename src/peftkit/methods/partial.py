@@ -85,9 +85,12 @@ class PartialTuner(SelectTuner):
 def partial_from_cli(args: Any) -> PartialConfig:
     """Build a :class:`PartialConfig` from ``peftkit train`` options: the top 2 blocks unless
     ``--target-modules`` or ``--option layers_to_transform=[...]`` says otherwise."""
-    explicit = args.target_modules is not None or "layers_to_transform" in args.method_options
+    layers = args.method_options.get("layers_to_transform")
+    explicit = args.target_modules is not None or layers is not None
+    # the blocks are given to the config here (the --option itself is applied after it is built, too late for
+    # its check that something is selected)
     return PartialConfig(target_modules=args.target_modules, num_top_layers=None if explicit else 2,
-                         task_type=args.task_type)
+                         layers_to_transform=layers, task_type=args.task_type)
 
 
 register_method(MethodSpec(

@@ -343,7 +343,7 @@ def _trim_right_padding(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def empirical_fisher(host: Any, params: Sequence[nn.Parameter], batches: Iterator[dict[str, Tensor]],
-                     num_samples: int) -> list[Tensor]:
+                     num_samples: int, counted: list[int] | None = None) -> list[Tensor]:
     """The diagonal empirical Fisher information of some of the model's tensors, one example at a time.
 
     ``F_i = (1/N) sum_n (d loss(x_n, y_n) / d w_i)^2`` over the first ``num_samples`` rows of
@@ -352,7 +352,8 @@ def empirical_fisher(host: Any, params: Sequence[nn.Parameter], batches: Iterato
     tensors) require grad only while this runs; their ``.grad`` is never written.
 
     Under ``torch.distributed`` (several processes) every process returns rank 0's values, so that all
-    choose the same entries.
+    choose the same entries. ``batches`` may end before ``num_samples`` rows (the trainers give one pass over
+    the training data: a row is never counted twice); ``counted`` (a list) gets the number of rows used.
 
     Returns:
         float32 tensors shaped like ``params``, in the same order.
@@ -392,6 +393,8 @@ def empirical_fisher(host: Any, params: Sequence[nn.Parameter], batches: Iterato
     if seen == 0:
         raise ValueError("no training example to compute the Fisher information on")
     fisher = [f / seen for f in fisher]
+    if counted is not None:
+        counted.append(seen)
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # every process must choose the same entries, as their gradients are averaged: all use rank 0's
@@ -526,11 +529,12 @@ class FisherMaskTuner(SelectTuner):
         total = sum(a.numel(n) for _, a, n in entries)
         k = budget(self.keep_fraction(config), total, f"{self.fraction_name}={self.keep_fraction(config)!r}")
         base = [host.model.get_submodule(name).base_layer._parameters[n] for name, _, n in entries]
-        fisher = empirical_fisher(host, base, batches, config.num_fisher_samples)
+        counted: list[int] = []
+        fisher = empirical_fisher(host, base, batches, config.num_fisher_samples, counted)
         with torch.no_grad():
             for (_, adapter, n), idx in zip(entries, global_topk(fisher, k), strict=True):
                 adapter.set_sparse(n, idx)
         for a in adapters:
             a.prepared = True
         log.info("%s %r: Fisher mask of %s of %s entries from %d samples", self.method, adapter_name, f"{k:,}",
-                 f"{total:,}", config.num_fisher_samples)
+                 f"{total:,}", counted[0])

@@ -172,11 +172,9 @@ class PeftTrainer(Trainer):
         Child-Tuning) see the training batches (``peft_prepare``); the batches are drawn only if one does."""
         peft = self._peft_model(model)
         if peft is not None and self.train_dataset is not None:
-            def batches() -> Any:  # lazy: methods that need no data never create the loader
-                loader = self.get_train_dataloader()
-                while True:
-                    for batch in loader:
-                        yield self._prepare_inputs(batch)
+            def batches() -> Any:  # lazy: methods that need no data never create the loader; one pass at most
+                for batch in self.get_train_dataloader():
+                    yield self._prepare_inputs(batch)
 
             before = {id(p) for p in peft.parameters()}
             peft.peft_prepare(batches())

@@ -15,6 +15,7 @@ batch, and N processes give one process's result.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -252,9 +253,13 @@ class Trainer:
         self.device = torch.device(device) if device else next(model.parameters()).device
         if hasattr(model, "peft_prepare"):  # data-driven adapters (FISH mask, ...) pick their parameters now
             before = {id(p) for p in model.parameters()}
+            # one pass over the data at most: a method wanting more rows than there are (FISH's num_fisher_samples)
+            # uses each row once rather than cycling through them
+            one_pass = itertools.islice(batch_order(len(dataset), self.args.batch_size, self.args.seed),
+                                        math.ceil(len(dataset) / self.args.batch_size))
             model.peft_prepare({k: v.to(self.device) if isinstance(v, Tensor) else v
                                 for k, v in self.collate_fn([dataset[i] for i in idx]).items()}
-                               for idx in batch_order(len(dataset), self.args.batch_size, self.args.seed))
+                               for idx in one_pass)
             if optimizer is not None:
                 check_optimizer_after_prepare(model, optimizer, before)
         ratio = self.args.loraplus_lr_ratio
