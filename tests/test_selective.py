@@ -222,15 +222,21 @@ def test_corrupt_sparse_indices_are_refused_and_the_model_left_unadapted(tmp_pat
     base, peft_model = trained("fish", steps=1)
     peft_model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(path)
-    key = next(k for k in tensors if k.endswith("_indices") and tensors[k].numel())
-    tensors[key] = tensors[key].clone()
-    tensors[key][0] = 10**6
-    save_file(tensors, path)
-    fresh = copy.deepcopy(base)
-    with pytest.raises(AdapterLoadError, match="not a valid sparse difference"):
-        PeftModel.from_pretrained(fresh, tmp_path)
-    assert not any(type(m).__name__ == "AdaptedLayer" for m in fresh.modules())
+    good = load_file(path)
+    key = next(k for k in good if k.endswith("_indices") and good[k].numel() > 1)
+    values = key.removesuffix("_indices") + "_values"
+    first = int(good[key][0])
+    for change, problem in ((lambda t: t[key].__setitem__(0, 10**6), "index 1000000 is out of range"),
+                            (lambda t: t[key].__setitem__(1, first), f"index {first} is repeated"),
+                            (lambda t: t.__setitem__(key, t[key].bool()), "the indices are bool, not integers"),
+                            (lambda t: t.__setitem__(values, t[values][:-1]), "[0-9]+ indices but values of shape")):
+        tensors = {k: v.clone() for k, v in good.items()}
+        change(tensors)
+        save_file(tensors, path)
+        fresh = copy.deepcopy(base)
+        with pytest.raises(AdapterLoadError, match=f"not a valid sparse difference .*: {problem}"):
+            PeftModel.from_pretrained(fresh, tmp_path)
+        assert not any(type(m).__name__ == "AdaptedLayer" for m in fresh.modules())
 
 
 def test_fish_before_prepare_trains_nothing_and_warns():
@@ -275,3 +281,11 @@ def test_a_selective_method_on_a_quantised_layer_says_why_it_is_refused():
     with pytest.raises(ConfigError, match=r"cannot select parameters of module .*\(QuantLinear\): a quantised "
                                           r"layer holds its weight as integer codes"):
         get_peft_model(model, PartialConfig(target_modules=["query"]))
+
+
+def test_a_fish_adapter_reports_trainable_and_warns_when_saved_unprepared(tmp_path):
+    base, peft_model = trained("fish", steps=1)
+    assert peft_model.get_model_status().requires_grad == {"default": True}  # empty tensors were 'irregular'
+    fresh = get_peft_model(tiny_bert_classifier(), FishMaskConfig(keep_ratio=0.1))
+    with pytest.warns(UserWarning, match="saved before its mask was chosen"):
+        fresh.save_pretrained(tmp_path)

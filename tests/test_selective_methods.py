@@ -300,3 +300,39 @@ def test_partial_blocks_from_the_command_line(tmp_path):
                  "--output-dir", str(out), "--no-progress"]) == 0
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["layers_to_transform"] == [0] and saved["num_top_layers"] is None
+
+
+class _AttentionNet(nn.Module):
+    """torch's own attention and Transformer layer, which read their sub-layers' tensors directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.block(h))
+
+
+def test_sub_layers_that_torch_attention_reads_directly_are_not_selected():
+    """A difference on nn.MultiheadAttention's out_proj (or inside an nn.TransformerEncoderLayer, in eval mode)
+    never acted unmerged but did once merged: merged and unmerged outputs differed by 1.19."""
+    torch.manual_seed(0)
+    net = _AttentionNet().eval()
+    with pytest.warns(UserWarning, match=r"module\(s\) left out \(attn.out_proj, block.self_attn.out_proj"):
+        model = get_peft_model(net, BitFitConfig())
+    chosen = {n for n, _ in model.named_parameters() if "diff_" in n}
+    assert chosen and all("attn.out_proj" not in n and ".block." not in n for n in chosen)
+    perturb(model)
+    x = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        out = model(input_ids=x)
+        model.merge_adapter()
+        assert (model(input_ids=x) - out).abs().max() <= 1e-5
+    for config in (BitFitConfig(target_modules=["attn.out_proj"]), DiffPruningConfig(target_modules=["linear1"])):
+        with pytest.raises(ConfigError, match="reads its weight and bias directly instead of calling it"):
+            get_peft_model(_AttentionNet(), config)

@@ -124,8 +124,9 @@ def _per_adapter(modules: dict[str, nn.Module], owner: Callable[[str], str]
     for name, module in modules.items():
         key = owner(name)
         for p in module.parameters():
-            grads[key].append(p.requires_grad)
             devices[key].add(p.device.type)
+            if p.numel():  # (a FISH tensor with no entry chosen holds an empty parameter that never trains)
+                grads[key].append(p.requires_grad)
         for b in module.buffers():
             devices[key].add(b.device.type)
     return ({k: _consistent(v) for k, v in grads.items()},

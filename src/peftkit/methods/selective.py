@@ -274,6 +274,7 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
         layers = [lt] if isinstance(lt, int) else list(lt)
     seen: set[int] = set()
     found: list[tuple[str, tuple[str, ...]]] = []
+    bypassed: list[str] = []
     for name, module in iter_logical_modules(model):
         if not name or name in skip:
             continue
@@ -288,6 +289,13 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
             continue
         if layers is not None and layer_index(name, config.layers_pattern) not in layers:
             continue
+        if _read_by_parent(model, name):
+            check(target is None or target == ALL_LINEAR,
+                  f"{method} cannot change {name!r}: a parent of it (torch's MultiheadAttention, or a Transformer "
+                  "layer in eval mode) reads its weight and bias directly instead of calling it, so a difference "
+                  "on it would act only once merged; leave it out of target_modules")
+            bypassed.append(name)
+            continue
         own = [n for n in own if id(module._parameters[n]) not in seen]
         if not own:
             continue
@@ -300,12 +308,50 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
                  "it has no 'weight' parameter to fold the difference into"))
         seen.update(id(module._parameters[n]) for n in own)
         found.append((name, tuple(own)))
+    if bypassed and found:
+        warnings.warn(f"{method}: {len(bypassed)} module(s) left out ({', '.join(bypassed[:3])}"
+                      f"{', ...' if len(bypassed) > 3 else ''}): their parent reads their weights directly "
+                      "(torch's MultiheadAttention / Transformer layers), so a difference there would act only once "
+                      "merged", stacklevel=3)
     if not found:
         raise ConfigError(f"{method}: no {'/'.join(names)} parameter found in modules matching "
                           f"target_modules={target!r}, exclude_modules={config.exclude_modules!r}"
                           + (f", layers {list(layers)}" if layers is not None else "")
                           + " (modules_to_save are never selected)")
     return found
+
+
+def _sparse_problem(idx: Tensor, values: Tensor | None, size: int) -> str | None:
+    """What is wrong with a file's sparse difference of a tensor of ``size`` entries, or None."""
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        return f"the indices are {str(idx.dtype).removeprefix('torch.')}, not integers"
+    if idx.dim() != 1:
+        return f"the indices have shape {tuple(idx.shape)}, not 1-D"
+    if values is None or values.shape != idx.shape:
+        return (f"{idx.numel()} indices but {'no values' if values is None else f'values of shape {tuple(values.shape)}'}")
+    if idx.numel():
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= size:
+            return f"index {low if low < 0 else high} is out of range"
+        unique, counts = torch.unique(idx, return_counts=True)
+        if unique.numel() != idx.numel():
+            return f"index {int(unique[counts > 1][0])} is repeated"
+    return None
+
+
+def _read_by_parent(model: nn.Module, name: str) -> bool:
+    """Whether module ``name``'s parent uses its parameters without calling it: ``nn.MultiheadAttention``'s
+    ``out_proj`` (``F.multi_head_attention_forward`` reads the tensors), and the layers of
+    ``nn.TransformerEncoderLayer``/``DecoderLayer``, whose eval-mode fast path does the same."""
+    parent_name, _, _ = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return True
+    while parent_name:  # inside a torch Transformer layer, at any depth (its self_attn.out_proj too)
+        if isinstance(model.get_submodule(parent_name), (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            return True
+        parent_name = parent_name.rpartition(".")[0]
+    return False
 
 
 def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
@@ -486,14 +532,11 @@ class SelectTuner(Tuner):
                         plan.append((adapter, n, None))
                     continue
                 size = adapter.numel(n)
-                ok = (not idx.dtype.is_floating_point and idx.dim() == 1 and values is not None
-                      and values.shape == idx.shape and (idx.numel() == 0 or (int(idx.min()) >= 0
-                                                                               and int(idx.max()) < size))
-                      and torch.unique(idx).numel() == idx.numel())
-                if not ok:
+                problem = _sparse_problem(idx, values, size)
+                if problem:
                     raise AdapterLoadError(f"adapter {adapter_name!r}: {key}_indices/_values are not a valid sparse "
-                                           f"difference of a tensor with {size:,} entries (integer indices in "
-                                           "range, no repeats, as many values as indices)")
+                                           f"difference of a tensor with {size:,} entries: {problem} (it needs 1-D "
+                                           "integer indices in [0, size), no repeats, as many values as indices)")
                 plan.append((adapter, n, idx.long()))
         for adapter, n, idx in plan:
             if idx is None:
@@ -519,6 +562,13 @@ class FisherMaskTuner(SelectTuner):
 
     def check_budget(self, config: Any, total: int) -> None:
         budget(self.keep_fraction(config), total, f"{self.fraction_name}={self.keep_fraction(config)!r}")
+
+    def export_config(self, host: Any, adapter_name: str) -> Any:
+        if not all(a.prepared for _, a in self.adapters(host, adapter_name)):
+            warnings.warn(f"{self.method} adapter {adapter_name!r} is saved before its mask was chosen (peft_prepare, "
+                          "which the trainers call): the file holds no entry, and a model loading it cannot choose "
+                          "one; save it after training", stacklevel=4)
+        return super().export_config(host, adapter_name)
 
     def prepare(self, host: Any, adapter_name: str, batches: Iterator[dict[str, Tensor]]) -> None:
         adapters = [a for _, a in self.adapters(host, adapter_name)]
