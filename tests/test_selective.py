@@ -284,7 +284,7 @@ def test_a_selective_method_on_a_quantised_layer_says_why_it_is_refused():
 
 
 def test_a_fish_adapter_reports_trainable_and_warns_when_saved_unprepared(tmp_path):
-    base, peft_model = trained("fish", steps=1)
+    _, peft_model = trained("fish", steps=1)
     assert peft_model.get_model_status().requires_grad == {"default": True}  # empty tensors were 'irregular'
     fresh = get_peft_model(tiny_bert_classifier(), FishMaskConfig(keep_ratio=0.1))
     with pytest.warns(UserWarning, match="saved before its mask was chosen"):
