@@ -149,3 +149,33 @@ def test_column_dots_is_the_columnwise_dot_product(rows, cols):
     p, q = torch.randn(rows, cols, dtype=torch.float64), torch.randn(rows, cols, dtype=torch.float64)
     assert torch.allclose(column_dots(p, q), (p * q).sum(0), rtol=1e-12, atol=1e-12)
     assert column_dots(p[:, :1].T.contiguous().T, q[:, :1]).shape == (1,)
+
+
+@pytest.mark.parametrize("rows", [2, 12], ids=["factored-norm", "norm-from-the-fold"])
+def test_the_magnitude_form_is_dora_with_a_detached_norm(rows):
+    """``low_rank_linear(..., m=m)`` forms ``g = m / ||W + s B A||`` itself (from the folded weight when the
+    batch folds): the same output and gradients as passing that ``g``, and exact gradients for x and m."""
+    from peftkit.methods.dora import factored_norm
+    from peftkit.methods.fused import _fold_pays
+
+    assert _fold_pays(rows, torch.Size([5, 4])) == (rows == 12)
+    torch.manual_seed(0)
+    w, bias = torch.randn(5, 4, dtype=torch.double), torch.randn(5, dtype=torch.double)
+    a, b = torch.randn(2, 4, dtype=torch.double), torch.randn(5, 2, dtype=torch.double)
+    x = torch.randn(rows, 4, dtype=torch.double, requires_grad=True)
+    m = (torch.rand(5, dtype=torch.double) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_, m_: low_rank_linear(x_, None, w, bias, a, b, None, 0.7, m_), (x, m))
+    grads = []
+    for form in ("m", "g"):
+        xs, ms = x.detach().clone().requires_grad_(), m.detach().clone().requires_grad_()
+        a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+        if form == "m":
+            out = low_rank_linear(xs, None, w, bias, a_, b_, None, 0.7, ms)
+        else:
+            out = low_rank_linear(xs, None, w, bias, a_, b_, ms / factored_norm(w, a, b, 0.7), 0.7)
+        (out * torch.linspace(-1, 1, 5, dtype=torch.double)).sum().backward()
+        grads.append((out.detach(), xs.grad, ms.grad, a_.grad, b_.grad))
+    for mine, theirs in zip(*grads, strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-10)
+    with torch.no_grad():
+        assert torch.allclose(low_rank_linear(x, None, w, bias, a, b, None, 0.7, m), grads[0][0], atol=1e-12)

@@ -200,7 +200,7 @@ def test_gated_adapters_are_refused_before_the_forward():
 
     # a gated method adapts encoders only (a model that generates text is refused)
     model = get_peft_model(tiny_bert_classifier(), GatedLoraConfig(r=2, target_modules=["query"]), adapter_name="g")
-    with pytest.raises(ValueError, match=r"adapter\(s\) \['g'\] use gates pooled over the whole batch"):
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['g'\] use gates that pool each row over its tokens"):
         model(input_ids=ids(batch=2), adapter_names=["g", "__base__"])
 
 

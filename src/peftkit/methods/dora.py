@@ -197,6 +197,9 @@ class DoraLinear(_Dora, LoraLinear):
     def output_factor(self, layer: AdaptedLayer) -> Tensor:
         return self.norm_factor(layer)
 
+    def fused_magnitude(self, layer: AdaptedLayer) -> Tensor | None:
+        return None if layer.merged_adapters else self.lora_magnitude_vector
+
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         g = self.norm_factor(layer)
         return rescale(LoraLinear.forward(self, layer, x, y), g, layer.live_bias)

@@ -29,20 +29,25 @@ from torch import Tensor
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-                g: Tensor | None, scaling: float) -> Tensor:
-        # the backward needs z^T = A x^T for A's, B's and g's gradients
-        out, zt, folded = _output(x, xd, weight, bias, a, b, g, scaling, need_z=any(ctx.needs_input_grad[4:7]))
+                g: Tensor | None, scaling: float, m: Tensor | None) -> Tensor:
+        # the backward needs z^T = A x^T for A's, B's and g's (or m's) gradients
+        need_z = any(ctx.needs_input_grad[4:7]) or ctx.needs_input_grad[8]
+        out, zt, folded, g_used, n = _output(x, xd, weight, bias, a, b, g, scaling, need_z=need_z, m=m)
         ctx.scaling = scaling
         # the folded weight (when there is one) is kept for the input gradient: not folding twice a step
         # costs one weight-sized buffer until the backward (+8 to +18 MiB peak on the benchmark models)
-        ctx.save_for_backward(x, xd, weight, bias, a, b, g, zt, out if g is not None else None,
-                              folded if ctx.needs_input_grad[0] else None)
+        ctx.save_for_backward(x, xd, weight, bias, a, b, g_used, zt, out if g_used is not None else None,
+                              folded if ctx.needs_input_grad[0] else None, m, n)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, xd, weight, bias, a, b, g, zt, out, folded = ctx.saved_tensors
-        need_x, need_xd, _, need_bias, need_a, need_b, need_g, _ = ctx.needs_input_grad
+        x, xd, weight, bias, a, b, g, zt, out, folded, m, n = ctx.saved_tensors
+        need_x, need_xd, _, need_bias, need_a, need_b, need_g, _, need_m = ctx.needs_input_grad
+        if m is not None:
+            need_g = need_m  # g = m / n, n detached: m's gradient is g's divided by n
+            if torch.is_grad_enabled():  # a double backward: g with its history (the forward's has none)
+                g = m / n
         grad2 = grad.reshape(-1, grad.shape[-1])
         if torch.is_grad_enabled() and zt is not None:
             # a double backward (create_graph) needs B's and g's gradients to depend on A and the input:
@@ -75,27 +80,45 @@ class _LowRankLinear(torch.autograd.Function):
         if need_g:
             grad_g = _magnitude_grad(grad2, out.reshape(-1, out.shape[-1]), x, zt, weight, bias, b, g, ctx.scaling,
                                      total)
-        return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_g, None
+        if m is not None:
+            return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None, None, None if grad_g is None else grad_g / n
+        return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_g, None, None
 
 
 def _output(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-            g: Tensor | None, scaling: float, need_z: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(out, zt, folded)``: the layer output ``(..., out)``; ``z^T = A xd^T`` as ``(r, rows)`` when the
+            g: Tensor | None, scaling: float, need_z: bool, m: Tensor | None = None
+            ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(out, zt, folded, g, n)``: the layer output ``(..., out)``; ``z^T = A xd^T`` as ``(r, rows)`` when the
     unfolded output uses it or ``need_z`` (else None); the folded weight ``g (W + s B A)`` ``(out, in)`` when
-    the output used one, else None."""
+    the output used one, else None; the factor ``g`` used (given, or ``m / n`` from the magnitude ``m``) and,
+    with ``m``, the row norms ``n`` of ``W + s B A`` (detached; else None)."""
     x2 = x.reshape(-1, x.shape[-1])
     fold = xd is None and _fold_pays(x2.shape[0], weight.shape)
     # z is kept as z^T = A x^T, (r, rows): both that product and B's gradient z^T grad run about twice as fast
     # on CPU as in the (rows, r) layout (0.06 vs 0.10 ms, 1024 x 512 -> 8)
     zt = a @ (x2 if xd is None else xd.reshape(-1, x.shape[-1])).T if need_z or not fold else None
-    folded = None
-    if fold:  # one GEMM with the low-rank product folded into the (frozen) weight: g (W + s B A)
+    folded = n = None
+    if m is not None and fold:  # DoRA: the norms come from the fold itself, W + s B A, then rescaled in place
+        with torch.no_grad():
+            folded = torch.addmm(weight, b, a, alpha=scaling)
+            n = torch.linalg.vector_norm(folded, dim=1)
+            g = m.detach() / n
+            folded.mul_(g[:, None])
+        out = _linear(x2, folded, bias)
+    elif m is not None:  # few rows: no fold; the norms without forming W + s B A
+        from peftkit.methods.dora import factored_norm
+
+        n = factored_norm(weight, a.detach(), b.detach(), scaling).to(m.dtype)
+        g = m.detach() / n
+        out = _linear(x2, _effective_w(weight, g), bias)
+        out.addmm_(zt.T, _effective_b(b, g, scaling).T)
+    elif fold:  # one GEMM with the low-rank product folded into the (frozen) weight: g (W + s B A)
         folded = _folded(weight, a, b, g, scaling)
         out = _linear(x2, folded, bias)
     else:
         out = _linear(x2, _effective_w(weight, g), bias)
         out.addmm_(zt.T, _effective_b(b, g, scaling).T)
-    return out.view(*x.shape[:-1], out.shape[-1]), zt, folded
+    return out.view(*x.shape[:-1], out.shape[-1]), zt, folded, g, n
 
 
 def _fold_pays(rows: int, shape: torch.Size) -> bool:
@@ -166,7 +189,7 @@ def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, zt: Tensor, weight: Te
 
 
 def low_rank_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-                    g: Tensor | None, scaling: float) -> Tensor:
+                    g: Tensor | None, scaling: float, m: Tensor | None = None) -> Tensor:
     """``g * (x W^T) + b + (s * g) * (xd A^T) B^T`` in one autograd node (see the module docstring).
 
     Args:
@@ -177,13 +200,17 @@ def low_rank_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor |
         a, b: ``A: (r, in)``, ``B: (out, r)``.
         g: per-output factor ``(out,)`` (DoRA's ``m / n``, its gradient flows) or None (plain LoRA).
         scaling: ``s``.
+        m: instead of ``g``, DoRA's magnitude ``(out,)``: ``g = m / n`` is formed here with ``n`` the row norms
+            of ``W + s B A`` (detached), taken from the folded weight itself when the batch folds (one pass
+            fewer over the weight than :func:`~peftkit.methods.dora.factored_norm` plus the fold); ``m``'s
+            gradient flows. ``W`` must then be the layer's unmerged base weight.
 
     Returns:
         ``(..., out)`` in ``x``'s dtype.
     """
     if not torch.is_grad_enabled():  # inference: no autograd node, no tensors kept for a backward
-        return _output(x, xd, weight, bias, a, b, g, scaling, need_z=False)[0]
-    return _LowRankLinear.apply(x, xd, weight, bias, a, b, g, scaling)
+        return _output(x, xd, weight, bias, a, b, g, scaling, need_z=False, m=m)[0]
+    return _LowRankLinear.apply(x, xd, weight, bias, a, b, g, scaling, m)
 
 
 def can_fuse(x: Tensor, weight: Tensor, a: Tensor) -> bool:

@@ -242,15 +242,22 @@ class LoraLinear(Adapter):
         """Per-output factor of the whole layer output (DoRA's ``m / n``); None for LoRA."""
         return None
 
+    def fused_magnitude(self, layer: AdaptedLayer) -> Tensor | None:
+        """DoRA's magnitude ``(out,)`` for :func:`~peftkit.methods.fused.low_rank_linear` to form ``m / n`` itself
+        (from the folded weight), or None: LoRA, or a layer whose weight holds merged adapters (``n`` must
+        come from the unmerged weight; :meth:`output_factor` then gives the factor)."""
+        return None
+
     def fused_forward(self, layer: AdaptedLayer, x: Tensor) -> Tensor | None:
         a, b, scaling = self.low_rank()
         weight = layer.weight
         if self.lora_B.bias is not None or type(layer.base_layer) not in _INPLACE_SAFE or not can_fuse(x, weight, a):
             return None
         xd = self.lora_dropout(x)
-        g = self.output_factor(layer)
+        m = self.fused_magnitude(layer)
+        g = None if m is not None else self.output_factor(layer)
         return low_rank_linear(x, None if xd is x else xd, weight.T if self.transposed else weight, layer.bias, a, b,
-                               None if g is None else g.to(x.dtype), scaling)
+                               None if g is None else g.to(x.dtype), scaling, m)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         a, b = self.lora_A.weight, self.lora_B
