@@ -128,9 +128,10 @@ def test_a_bad_train_arg_is_refused_before_any_cell_runs(tmp_path, capsys, extra
     """Before, every cell ran and failed, the reason was only in report.md, and the sweep folder then refused
     the corrected argument as a change of settings."""
     out = tmp_path / "sweep"
-    assert error_line(capsys, "bench", "--methods", "lora", "--tasks", "sst2", "--seeds", "0", "--max-steps", "2",
-                      "--output-dir", out, f"--train-arg={extra}") == (
-        f"peftkit: error: --train-arg '{extra}' is not valid for `peftkit train`: {problem}")
+    line = error_line(capsys, "bench", "--methods", "lora", "--tasks", "sst2", "--seeds", "0", "--max-steps", "2",
+                      "--output-dir", out, f"--train-arg={extra}")
+    # (an unknown field's message goes on to list the config's own fields)
+    assert line.startswith(f"peftkit: error: --train-arg '{extra}' is not valid for `peftkit train`: {problem}")
     assert not out.exists()
 
 
