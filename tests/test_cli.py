@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -66,7 +67,8 @@ def test_methods_lists_lora(capsys):
     (["--option", "nonsense=1"], "has no field 'nonsense'"),
     (["--epochs", "2"], "--epochs 2 and --max-steps 1 both set the run's length; give one of them"),
     (["--full-finetune", "--loraplus-lr-ratio", "4"], "--loraplus-lr-ratio 4 raises the learning rate of LoRA's B"),
-    (["--method", "ia3", "--loraplus-lr-ratio", "4"], "loraplus_lr_ratio=4.0 raises the learning rate of LoRA's B"),
+    (["--method", "ia3", "--loraplus-lr-ratio", "4"], "--loraplus-lr-ratio 4 raises the learning rate of LoRA's B "
+                                                      "factors; --method ia3 has none"),
 ])
 def test_bad_options_fail_in_one_line_before_training(tiny_model_dir, tmp_path, capsys, argv, message):
     args = ["train", "--model", tiny_model_dir, "--max-steps", 1, "--output-dir", tmp_path / "x", "--no-progress"]
@@ -77,7 +79,7 @@ def test_bad_options_fail_in_one_line_before_training(tiny_model_dir, tmp_path, 
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("peftkit: error:") and message in err[0]
-    if "--method" in argv and "--loraplus-lr-ratio" not in argv:
+    if "--method" in argv:
         assert captured.out == ""  # refused before the run's header line
     assert not (tmp_path / "x").exists()
 
@@ -138,3 +140,18 @@ def test_lora_plus_run(tiny_model_dir, tmp_path):
                8, "--output-dir", out, "--no-progress", "--loraplus-lr-ratio", 8) == 0
     assert read_run_config(out)[0].loraplus_lr_ratio == 8.0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_a_bench_cell_runs_without_lora_plus_where_it_does_not_apply(tiny_model_dir, tmp_path):
+    """`peftkit bench --train-arg=--loraplus-lr-ratio=R` refused every sweep (its full fine-tuning cell); its
+    full and non-LoRA cells now run without the ratio, with a warning, and its LoRA cells with it."""
+    from peftkit.train.options import read_run_config
+
+    for method, extra, want in (("lora", [], 4.0), ("ia3", [], None), ("lora", ["--full-finetune"], None)):
+        out = tmp_path / f"{method}{len(extra)}"
+        with pytest.warns(UserWarning, match="running without it: this is a `peftkit bench` cell") if want is None \
+                else contextlib.nullcontext():
+            assert run("train", "--model", tiny_model_dir, "--method", method, *extra, "--loraplus-lr-ratio", 4,
+                       "--unused-options-warn", "--max-steps", 1, "--max-train-samples", 8, "--max-eval-samples", 8,
+                       "--output-dir", out, "--no-progress") == 0
+        assert read_run_config(out)[0].loraplus_lr_ratio == want

@@ -230,3 +230,24 @@ def test_a_merge_that_gives_a_llama_layer_a_bias_exports_and_saves_whole(kind, t
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "py").eval()(input_ids=x).logits
         assert (again - expected).abs().max() <= 1e-5
     assert torch.count_nonzero(exported.model.layers[0].self_attn.k_proj.bias) == 0  # covered by the flag only
+
+
+def test_opt_declares_merged_biases_with_enable_bias(tmp_path):
+    from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+
+    from peftkit import SSFConfig
+
+    torch.manual_seed(0)
+    base = OPTForCausalLM(OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                                    vocab_size=64, max_position_embeddings=32, word_embed_proj_dim=16,
+                                    enable_bias=False)).eval()
+    model = get_peft_model(base, SSFConfig(target_modules=["q_proj", "fc2"]))
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    plain = model.merge_and_unload()
+    assert plain.config.enable_bias is True
+    plain.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert (AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=x).logits - expected).abs().max() <= 1e-5

@@ -325,8 +325,9 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
 
 
 #: config flags by which transformers models declare biases on their linear layers (Llama-style models:
-#: ``attention_bias`` for q/k/v/o, ``mlp_bias`` for the MLP); a merge that gives such a layer a bias must set them
-BIAS_FLAGS = ("attention_bias", "mlp_bias", "bias", "use_bias", "add_bias_linear")
+#: ``attention_bias`` for q/k/v/o, ``mlp_bias`` for the MLP; OPT: ``enable_bias``); a merge that gives such a layer a bias
+#: must set them
+BIAS_FLAGS = ("attention_bias", "mlp_bias", "enable_bias", "bias", "use_bias", "add_bias_linear")
 
 
 def declare_merged_biases(model: torch.nn.Module) -> list[str]:

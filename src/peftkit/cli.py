@@ -355,9 +355,6 @@ def train_config(args: argparse.Namespace) -> Any:
     if args.train_file and args.task not in (None, CAUSAL_LM):
         raise ConfigError(f"--task {args.task} cannot be combined with --train-file, whose rows are the task; leave "
                           "--task out (or give --task causal-lm for a causal-LM file)")
-    if args.loraplus_lr_ratio is not None and args.full_finetune:
-        raise ConfigError(f"--loraplus-lr-ratio {args.loraplus_lr_ratio:g} raises the learning rate of LoRA's B "
-                          "factors; --full-finetune trains none (leave one of them out)")
     if args.float_embeddings and not args.quantize:
         raise ConfigError("--float-embeddings only applies with --quantize (it keeps the embeddings float32)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
@@ -394,6 +391,14 @@ def train_config(args: argparse.Namespace) -> Any:
         if not args.unused_options_warn:
             raise
         warnings.warn(f"{err} (running without it: this is a `peftkit bench` cell)", stacklevel=1)
+    if cfg.loraplus_lr_ratio is not None and not _loraplus_applies(cfg):
+        what = "--full-finetune trains none" if cfg.full_finetune else f"--method {cfg.method} has none"
+        message = (f"--loraplus-lr-ratio {cfg.loraplus_lr_ratio:g} raises the learning rate of LoRA's B factors; "
+                   f"{what} (use it with a LoRA-family method: lora, dora, pissa, adalora, qlora, ...)")
+        if not args.unused_options_warn:
+            raise ConfigError(message)
+        warnings.warn(f"{message} (running without it: this is a `peftkit bench` cell)", stacklevel=1)
+        cfg.loraplus_lr_ratio = None
     spec = None if args.full_finetune else get_method(args.method)
     if spec is not None and spec.cli_config is not None:
         # the method's own checks of its options (--option KEY=VALUE, --r, ...), with the run defaults it brings
@@ -410,6 +415,20 @@ def train_config(args: argparse.Namespace) -> Any:
 
 # the method options of `peftkit train` and their defaults (RunConfig's), for _check_options_take_effect
 METHOD_OPTIONS = {"r": None, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None}
+
+
+def _loraplus_applies(cfg: Any) -> bool:
+    """Whether the run's adapter has LoRA ``B`` factors (``lora_B``) for ``--loraplus-lr-ratio`` to act on: a
+    LoRA-family config (LoRA and its presets, DoRA, LoRA-FA, DyLoRA, AdaLoRA, MoE-LoRA, gated LoRA), or a
+    composition holding one. (The Trainer checks the built model too.)"""
+    from peftkit.methods.adalora import AdaLoraConfig
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.train.run import build_peft_config
+
+    if cfg.full_finetune:
+        return False
+    config = build_peft_config(cfg)
+    return any(isinstance(part, (LoraConfig, AdaLoraConfig)) for part in getattr(config, "configs", None) or [config])
 
 
 def _check_options_take_effect(cfg: Any) -> None:
