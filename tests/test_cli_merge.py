@@ -140,12 +140,11 @@ def test_export_of_a_quantised_run_writes_float_weights(tiny_model_dir, tmp_path
             assert (adapted(input_ids=x).logits - expected).abs().max() > 1e-4
 
 
-def test_export_untied_embedding_of_a_plain_adapter_folder(tmp_path):
-    from transformers import GPT2LMHeadModel
-
-    base = tiny_gpt2()
+def _export_plain_adapter_folder(tmp_path, base, config):
+    """Save ``base`` and a perturbed ``config`` adapter of it as plain folders, export them merged to
+    ``tmp_path / "exp"``; returns ``(adapted model, input, its logits)``."""
     base.save_pretrained(tmp_path / "base")
-    model = get_peft_model(base, LoraConfig(r=2, target_modules=["wte", "c_attn"], task_type="CAUSAL_LM"))
+    model = get_peft_model(base, config)
     perturb(model)
     model.save_pretrained(tmp_path / "adapter")
     x = ids()
@@ -153,6 +152,14 @@ def test_export_untied_embedding_of_a_plain_adapter_folder(tmp_path):
         expected = model(input_ids=x).logits
     assert run("export", "--adapter", tmp_path / "adapter", "--model", tmp_path / "base", "--merge",
                "--output", tmp_path / "exp") == 0
+    return model, x, expected
+
+
+def test_export_untied_embedding_of_a_plain_adapter_folder(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    _, x, expected = _export_plain_adapter_folder(
+        tmp_path, tiny_gpt2(), LoraConfig(r=2, target_modules=["wte", "c_attn"], task_type="CAUSAL_LM"))
     plain = GPT2LMHeadModel.from_pretrained(tmp_path / "exp").eval()
     with torch.no_grad():
         assert (plain(input_ids=x).logits - expected).abs().max() <= 1e-5
@@ -209,18 +216,9 @@ def test_a_merge_that_gives_a_llama_layer_a_bias_exports_and_saves_whole(kind, t
     from peftkit import SSFConfig
     from tests.conftest import tiny_llama
 
-    base = tiny_llama()
-    base.save_pretrained(tmp_path / "base")
     config = (SSFConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if kind == "ssf"
               else LoraConfig(r=2, target_modules=["q_proj", "down_proj"], lora_bias=True, task_type="CAUSAL_LM"))
-    model = get_peft_model(base, config)
-    perturb(model)
-    model.save_pretrained(tmp_path / "adapter")
-    x = ids()
-    with torch.no_grad():
-        expected = model(input_ids=x).logits
-    assert run("export", "--adapter", tmp_path / "adapter", "--model", tmp_path / "base", "--merge",
-               "--output", tmp_path / "exp") == 0
+    model, x, expected = _export_plain_adapter_folder(tmp_path, tiny_llama(), config)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
     assert (exported.config.attention_bias, exported.config.mlp_bias) == (True, kind == "lora_bias")
     plain = model.merge_and_unload()  # in Python too: saved and loaded back whole
