@@ -468,10 +468,11 @@ class LoraTuner(WrapTuner):
         elif changes_base(init) and isinstance(adapter, LoraLinear):
             # a quantised layer's weight is decoded afresh on each read: the residual could not be stored
             check(not hasattr(base, "quantized_state"),
-                  f"{module_name}: init_lora_weights={init!r} moves the top-r part of the base weight into A and B and "
-                  f"leaves the residual in the base, which this quantised layer ({getattr(getattr(base, 'fmt', None), 'method', '?')}) "
-                  "cannot hold (peft refuses it too); initialise on the float model and quantise after "
-                  "(quantize_base on the PeftModel), or use init_lora_weights='loftq'")
+                  f"{module_name}: init_lora_weights={init!r} moves the top-r part of the base weight into A and B "
+                  "and leaves the residual in the base, which a quantised layer "
+                  f"({getattr(getattr(base, 'fmt', None), 'method', '?')}) cannot hold (peft refuses it too); "
+                  "initialise on the float model and quantise after (quantize_base on the PeftModel), or use "
+                  "init_lora_weights='loftq'")
             weight = base.weight.T if adapter.transposed else base.weight
             a, b = principal_factors(weight, r, scaling, init)
             with torch.no_grad():
