@@ -99,6 +99,14 @@ class AdapterContext:
         return self._groups[key]
 
 
+def trains_with_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` is training with transformers' gradient checkpointing on (a module with
+    ``gradient_checkpointing`` set): its checkpointed blocks run again in backward, after the call ended, which
+    state that lives only for the call (a soft prompt's cache, a gate's attention mask) does not survive."""
+    return model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
+                                                               for m in model.modules())
+
+
 def wide(t: Tensor) -> Tensor:
     """``t`` in the dtype merges compute in: float32, or float64 when ``t`` is float64 (never narrower)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))

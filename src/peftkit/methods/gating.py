@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peftkit.layers import trains_with_checkpointing
+
 UNIPELT_PAPER = ("UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning (Mao et al., 2021, "
                  "arXiv:2110.07577)")
 
@@ -50,8 +52,7 @@ class SequenceMask:
         _MASKS.setdefault(model, weakref.WeakSet()).add(self)
 
     def _record(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
-                                                              for m in model.modules()):
+        if trains_with_checkpointing(model):
             # the layers recomputed in backward run after this call ended, without its mask: their gates would
             # pool over the padding too, and the gradients would be wrong
             raise ValueError("gated adapters (UniPELT's gates) cannot train with gradient checkpointing: the layers "

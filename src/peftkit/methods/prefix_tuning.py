@@ -30,6 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, check, register_method
+from peftkit.layers import trains_with_checkpointing
 from peftkit.methods.prompt_learning import (
     ModelShape,
     PromptCall,
@@ -143,7 +144,7 @@ class PrefixTuner(PromptTuner):
         from transformers import Cache, DynamicCache
 
         model = call.model
-        if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        if trains_with_checkpointing(model):
             raise ValueError("prefix tuning cannot train with gradient checkpointing: transformers drops the cache "
                              "that holds the prefixes; disable gradient checkpointing")
         shape = model_shape(model)

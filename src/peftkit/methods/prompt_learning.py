@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig, check
+from peftkit.methods.gating import rewritten_mask
 from peftkit.tuners import Tuner
 
 if TYPE_CHECKING:
@@ -436,8 +437,6 @@ class PromptHooks:
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
         self.pending = _finisher(call, drop_cache=call.made_cache and not use_cache, as_tuple=want_tuple)
-        from peftkit.methods.gating import rewritten_mask
-
         rewritten_mask(model, kw["attention_mask"])  # gates recorded the user's mask if their hook ran first
         return (), kw
 

@@ -260,7 +260,7 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
         warnings.warn(f"{len(unfolded)} QA-LoRA layer(s) ({shown}) could not be folded into the quantised zero points: "
                       f"{why}; they are merged {'and quantised again (a new rounding error)' if requantize else 'in float'}"
                       " instead", stacklevel=2)
-    plain = host.unload(merge=True, adapter_names=names, safe_merge=safe_merge)
+    plain = host.unload(merge=True, adapter_names=names)  # (safe_merge was checked above, before any fold)
     for name, module in list(_base_modules(plain)):
         if isinstance(module, QuantWeight) and module.merged_weight is not None:
             replace_module(plain, name, _dequantized(module, requantize))

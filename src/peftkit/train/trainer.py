@@ -231,8 +231,8 @@ class Trainer:
     Raises:
         ValueError: the model has no trainable parameter, or the dataset is empty.
         ConfigError: fewer rows per step than processes, FSDP or ``loraplus_lr_ratio`` with a ready-made
-            optimizer, a ready-made optimizer that lacks parameters ``peft_prepare`` created, or ``loraplus_lr_ratio`` on a model with no trainable ``lora_B`` (not a LoRA-family
-            adapter).
+            optimizer, a ready-made optimizer that lacks parameters ``peft_prepare`` created, or
+            ``loraplus_lr_ratio`` on a model with no trainable ``lora_B`` (not a LoRA-family adapter).
     """
 
     def __init__(self, model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Callable,
