@@ -281,6 +281,25 @@ def test_peft_adapter_loads_in_peftkit(case, tmp_path):
     assert (expected - ours.merge_and_unload()(input_ids=x).logits).abs().max() <= 1e-5
 
 
+def test_a_peft_file_with_lora_fields_peft_adalora_ignores_loads(tmp_path):
+    """peft writes every LoRA field into an AdaLoRA file, and its AdaLoRA scales by lora_alpha whatever
+    use_rslora and alpha_pattern say: such a file was refused ("sets fields peftkit does not support")."""
+    base = tiny_gpt2()
+    twin = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base, peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=5,
+                                                              target_modules=["c_attn"], use_rslora=True,
+                                                              alpha_pattern={"c_attn": 3}))
+        perturb(theirs, std=1.0)
+        theirs.save_pretrained(tmp_path)
+    x = ids()
+    ours = PeftModel.from_pretrained(twin, tmp_path)
+    assert (_logits(theirs, x) - _logits(ours, x)).abs().max() <= 1e-5
+    with pytest.raises(ConfigError, match=r"sets fields peftkit does not support: use_dora=True"):
+        AdaLoraConfig.from_dict({**ours.peft_config["default"].to_dict(), "use_dora": True})
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(total_step=None), "total_step is required"),
     (dict(total_step=0), "total_step=0"),

@@ -442,3 +442,25 @@ def test_lora_inside_a_parallel_adapters_sub_layer_is_saved_under_plain_names_th
         x = ids(batch=2)
         with torch.no_grad():
             assert torch.allclose(model(input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["layers", "model"])
+def test_a_parallel_adapter_refuses_a_container_or_a_whole_model_as_its_sub_layer(target):
+    """ParallelConfig(target_modules=['layers']) wrapped the ModuleList (and ['model'] the backbone): accepted,
+    then the first forward failed ("'SublayerLayer' object is not subscriptable") and the base model no longer
+    ran either. Both are refused while targeting, the model untouched."""
+    model = tiny_llama()
+    before = {n for n, _ in model.named_modules()}
+    with pytest.raises(ConfigError, match=r"^model(\.layers)?: a parallel adapter sits beside one attention or "
+                                          r"feed-forward sub-layer, and (ModuleList|LlamaModel) is not one"):
+        get_peft_model(model, ParallelConfig(target_modules=[target]))
+    assert {n for n, _ in model.named_modules()} == before
+    assert model(input_ids=ids()).logits.shape == (3, 7, 64)
+
+
+@pytest.mark.parametrize("config_cls", [HoulsbyConfig, ParallelConfig, CompacterConfig])
+def test_empty_target_modules_is_refused_when_the_config_is_made(config_cls):
+    """``target_modules=[]`` was accepted by the bottleneck configs (refused only at injection), while the
+    LoRA family refuses it when the config is made."""
+    with pytest.raises(ConfigError, match=r"target_modules=\[\] adapts nothing"):
+        config_cls(target_modules=[])

@@ -189,6 +189,7 @@ def test_dylora_count_training_and_file(tmp_path):
     (dict(use_dora=True), "use_dora=True is not supported by DyLoRA"),
     (dict(init_lora_weights="pissa"), "not supported by DyLoRA"),
     (dict(lora_bias=True), "lora_bias=True is not supported by DyLoRA"),
+    (dict(use_qalora=True), "use_qalora=True is not supported by DyLoRA"),  # was ignored, and saved as True
     (dict(r=0), "r=0 is not valid"),
     (dict(eval_rank=0), "eval_rank=0 is not valid"),
     (dict(eval_rank=1.5), "eval_rank=1.5 is not valid"),

@@ -174,6 +174,16 @@ def test_layers_to_transform_and_exclude_and_regex_targets():
     assert isinstance(model, PeftModel)
 
 
+def test_exclude_modules_removing_every_match_is_named_in_the_error():
+    """The error blamed target_modules ("matched no module") when exclude_modules had removed every match."""
+    base = tiny_bert_classifier()
+    with pytest.raises(ConfigError, match=r"target_modules=\['query'\] matched \['bert.encoder.layer.0.attention.self."
+                                          r"query', 'bert.encoder.layer.1.attention.self.query'\], but "
+                                          r"exclude_modules=\['query'\] removes every one of them"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["query"], exclude_modules=["query"]))
+    assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
+
+
 def test_all_linear_skips_output_layer():
     from tests.conftest import tiny_llama
 

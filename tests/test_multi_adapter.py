@@ -207,6 +207,36 @@ def test_merging_some_active_adapters_is_exact_or_refused(second):
         model.unmerge_adapter()
 
 
+@pytest.mark.parametrize("first", ["houlsby", "pfeiffer"])
+def test_merging_lora_under_an_unmerged_bottleneck_adapter_is_refused(first):
+    """A serial bottleneck adapter keeps the default merge but is not mergeable: unmerged the layer computes
+    ``H(W x) + B A x``, merged ``H((W + B A) x)``. merge_adapter(['l']) used to accept this and move the outputs
+    (6.8e-3 here); it is refused, and with the LoRA added first (so it runs first) it stays exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    cfg = peftkit.HoulsbyConfig() if first == "houlsby" else peftkit.PfeifferConfig()
+    model = peftkit.get_peft_model(base, cfg, adapter_name="h")
+    model.add_adapter("l", peftkit.LoraConfig(target_modules=["o_proj", "down_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapters.h." in n:
+                p.normal_(0, 0.3)
+    model.set_adapter(["h", "l"])
+    model.eval()
+    x = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    with pytest.raises(ValueError, match=r"merging 'l' while 'h', which the forward applies before it, stays "
+                                         r"unmerged would change the outputs"):
+        model.merge_adapter(["l"])
+    assert model.base_model.merged_adapters() == []
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, before)
+
+
 def test_bias_all_survives_another_adapter_wrapping_its_modules(tmp_path):
     """BitFit after LoRA(bias="all") wraps the LayerNorms whose biases LoRA trains: the recorded names went
     stale and add_adapter, set_adapter and save_pretrained raised a bare KeyError."""

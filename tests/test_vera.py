@@ -165,6 +165,8 @@ def test_peft_interop(direction, arch, save_projection, tmp_path):
     (dict(projection_prng_key=2**64), r"projection_prng_key=18446744073709551616 is out of range; .*\[-2\*\*63, 2\*\*64\)"),
     (dict(projection_prng_key=-2**63 - 1), "projection_prng_key=-9223372036854775809 is out of range"),
     (dict(target_modules=[]), r"target_modules=\[\] adapts nothing"),
+    # accepted before, and the injection then said "matched no module ... within layers_to_transform=[-1]"
+    (dict(layers_to_transform=-1), r"layers_to_transform=-1 must be a block index >= 0"),
 ])
 def test_bad_values_are_config_errors(kw, message):
     with pytest.raises(ConfigError, match=message):

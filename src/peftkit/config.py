@@ -194,7 +194,8 @@ class PeftConfig:
         """Build the config registered for ``data["peft_type"]`` (or ``cls`` when called on a subclass).
 
         Keys peftkit does not know are dropped when their value is empty (None, False, 0, ``{}``, ``[]``, ``""``)
-        or when they do not change what the adapter computes (``peft_version``, ``revision``, ...). Any other
+        or when they do not change what the adapter computes (``peft_version``, ``revision``, ..., and the fields
+        a method's ``inert_peft_fields`` names: ones peft writes for it but ignores). Any other
         unknown key is refused: it is a feature peftkit lacks (e.g. peft's ``alora_invocation_tokens``), and
         loading the adapter without it would give other outputs than peft's.
 
@@ -209,8 +210,8 @@ class PeftConfig:
             target = get_method(peft_type).config_cls
         names = {f.name for f in dataclasses.fields(target)}
         unknown = {k: v for k, v in data.items() if k not in names}
-        ignored = sorted(k for k, v in unknown.items()
-                         if k not in _FOREIGN_HARMLESS and v not in (None, False, {}, [], "", 0))
+        harmless = _FOREIGN_HARMLESS | getattr(target, "inert_peft_fields", frozenset())
+        ignored = sorted(k for k, v in unknown.items() if k not in harmless and v not in (None, False, {}, [], "", 0))
         check(not ignored, f"{target.__name__}: the adapter config sets fields peftkit does not support: "
                            + ", ".join(f"{k}={unknown[k]!r}" for k in ignored)
                            + "; without them the adapter would compute something else than the file describes, so "

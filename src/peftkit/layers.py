@@ -213,10 +213,11 @@ class Adapter(nn.Module):
 
 
 def _additive(adapter: Adapter) -> bool:
-    """Whether ``adapter`` only adds a weight (and bias) change, unmerged or merged: the default merge and no
-    input transform (LoRA and its family; BitFit-like substitutions ``W + delta``, which read the base as it
-    is, merged changes included)."""
-    return type(adapter).merge_into is Adapter.merge_into and not adapter.transforms_input
+    """Whether ``adapter`` only adds a weight (and bias) change, unmerged or merged: mergeable, the default
+    merge and no input transform (LoRA and its family; BitFit-like substitutions ``W + delta``, which read the
+    base as it is, merged changes included). A bottleneck adapter keeps the default merge but is not
+    mergeable: its output is nonlinear in the layer's, so nothing merged may run before it."""
+    return adapter.mergeable and type(adapter).merge_into is Adapter.merge_into and not adapter.transforms_input
 
 
 class AdaptedLayer(nn.Module):

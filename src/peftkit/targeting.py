@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -95,6 +96,25 @@ def iter_logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield logical, base
 
 
+def check_target_fields(config: Any) -> None:
+    """Checks of the targeting fields a method config has: ``target_modules`` not ``[]`` (sets and tuples
+    become sorted lists) and ``layers_to_transform`` a block index ``>= 0`` or a list of them.
+
+    Raises:
+        ConfigError: naming the field and its value.
+    """
+    targets = getattr(config, "target_modules", None)
+    check(targets != [], "target_modules=[] adapts nothing; give module names/suffixes, a regex, 'all-linear', or "
+                         "None for the model type's defaults")
+    if isinstance(targets, (set, tuple)):
+        config.target_modules = sorted(targets)
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) else layers
+        check(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers),
+              f"layers_to_transform={config.layers_to_transform!r} must be a block index >= 0 or a list of them")
+
+
 def find_targets(
     model: nn.Module,
     target_modules: str | Sequence[str] | None,
@@ -142,6 +162,7 @@ def find_targets(
     found: list[str] = []
     candidates: list[str] = []
     names: list[str] = []
+    excluded: list[str] = []
     for name, module in iter_logical_modules(model):
         names.append(name)
         if not name or any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip):
@@ -152,7 +173,10 @@ def find_targets(
             hit = isinstance(module, lin) and module is not output_layer
         else:
             hit = matches(name, target_modules)
-        if not hit or matches(name, exclude_modules):
+        if not hit:
+            continue
+        if matches(name, exclude_modules):
+            excluded.append(name)
             continue
         if layers_to_transform is not None:
             idx = layer_index(name, layers_pattern)
@@ -164,6 +188,10 @@ def find_targets(
                 f"supported types: {', '.join(t.__name__ for t in supported)}"
             )
         found.append(name)
+    if not found and excluded:
+        raise ConfigError(f"target_modules={target_modules!r} matched {excluded[:3]}{'...' if len(excluded) > 3 else ''}"
+                          f", but exclude_modules={exclude_modules!r} removes every one of them, which leaves "
+                          "nothing to adapt; narrow exclude_modules")
     if not found:
         suffixes = sorted({c.rsplit(".", 1)[-1] for c in candidates})
         raise ConfigError(

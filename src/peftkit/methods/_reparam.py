@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.config import check
-from peftkit.targeting import linear_types
+from peftkit.targeting import check_target_fields, linear_types
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -149,17 +149,8 @@ def check_positive_int(name: str, value: object, allow_zero: bool = False) -> No
 
 
 def check_common(config: object) -> None:
-    """Checks shared by the configs here: ``target_modules`` given, ``layers_to_transform`` valid."""
-    check(config.target_modules != [],
-          "target_modules=[] adapts nothing; give module names/suffixes, a regex, 'all-linear', or "
-              "None for the model type's defaults")
-    if isinstance(config.target_modules, (set, tuple)):
-        config.target_modules = sorted(config.target_modules)
-    layers = config.layers_to_transform
-    if layers is not None:
-        layers = [layers] if isinstance(layers, int) else layers
-        check(all(isinstance(i, int) and i >= 0 for i in layers),
-              f"layers_to_transform={config.layers_to_transform!r} must be a block index >= 0 or a list of them")
+    """Checks shared by the configs here: see :func:`peftkit.targeting.check_target_fields`."""
+    check_target_fields(config)
 
 
 def supported_types() -> tuple[type[nn.Module], ...]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -81,12 +81,16 @@ class AdaLoraConfig(PeftConfig):
     parameters per layer: ``r (in + out + 1)``.
 
     Raises:
-        ConfigError: any value outside the ranges above, a missing ``total_step`` or
-            ``target_modules``, a schedule with no pruning phase, or a ``rank_pattern`` entry that is
-            not a list of ``init_r`` booleans.
+        ConfigError: any value outside the ranges above, a missing ``total_step``, an empty
+            ``target_modules`` (None takes the model type's defaults), a schedule with no pruning phase, or a
+            ``rank_pattern`` entry that is not a list of ``init_r`` booleans.
+
+    A file written by peft may carry LoRA fields that peft's AdaLoRA ignores (``use_rslora``,
+    ``alpha_pattern``: its scale is ``lora_alpha`` whatever they say); they are accepted and dropped.
     """
 
     peft_type = "ADALORA"
+    inert_peft_fields: ClassVar[frozenset[str]] = frozenset({"use_rslora", "alpha_pattern"})
     default_target_modules = ADALORA_TARGET_DEFAULTS
     target_r: int = 8
     init_r: int = 12

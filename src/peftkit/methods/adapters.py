@@ -32,7 +32,13 @@ from torch import nn
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, unwrap
 from peftkit.methods.adapter_layers import ACTIVATIONS, BottleneckAdapter, DropState, SublayerLayer
-from peftkit.targeting import find_targets, iter_logical_modules, layer_index, linear_types
+from peftkit.targeting import (
+    check_target_fields,
+    find_targets,
+    iter_logical_modules,
+    layer_index,
+    linear_types,
+)
 from peftkit.tuners import WrapTuner
 
 INIT_CHOICES = ("identity", "bert")
@@ -125,6 +131,7 @@ class BottleneckConfig(PeftConfig):
     modules_to_save: list[str] | None = None
 
     def validate(self) -> None:
+        check_target_fields(self)
         for name in ("mh_adapter", "output_adapter", "is_parallel", "ln_before", "residual_before_ln", "phm_layer"):
             check(isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be True or False")
         check(self.target_modules is not None or self.mh_adapter or self.output_adapter,
@@ -285,6 +292,11 @@ class BottleneckTuner(WrapTuner):
         if config.is_parallel:
             for n in names:
                 module = model.get_submodule(n)
+                check(not _container(unwrap(module)),
+                      f"{n}: a parallel adapter sits beside one attention or feed-forward sub-layer, and "
+                      f"{type(unwrap(module)).__name__} is not one (a container of blocks, or a whole model, whose "
+                      "input and output are not one hidden-state tensor); target the sub-layers inside it, e.g. "
+                      "each block's attention or MLP module")
                 check(not isinstance(unwrap(module), (*linear_types(), nn.Embedding))
                       and (isinstance(module, SublayerLayer) or not isinstance(module, AdaptedLayer)),
                       f"{n}: a parallel adapter sits beside a whole attention or feed-forward sub-layer, not a "
@@ -339,6 +351,18 @@ class BottleneckTuner(WrapTuner):
             if isinstance(adapter, BottleneckAdapter) and adapter.drop is not None:
                 adapter.drop.redraw()
                 return
+
+
+def _container(module: nn.Module) -> bool:
+    """Whether ``module`` cannot be a parallel adapter's sub-layer: a module list or dict (no forward of its
+    own) or a whole transformers model or backbone (keyword inputs, a structured output)."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+        return True
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, PreTrainedModel)
 
 
 def _block(module_name: str, config: BottleneckConfig) -> int | None:

@@ -44,7 +44,7 @@ class DyLoraConfig(LoraConfig):
             (default) uses all. :func:`set_dylora_rank` sets it, so a saved adapter reloads with the rank chosen.
 
     Raises:
-        ConfigError: as :class:`~peftkit.methods.lora.LoraConfig`, and for ``use_dora``, ``lora_bias`` or an
+        ConfigError: as :class:`~peftkit.methods.lora.LoraConfig`, and for ``use_dora``, ``use_qalora``, ``lora_bias`` or an
             initialisation other than True, False or ``"gaussian"`` (they do not nest over ranks).
     """
 
@@ -58,6 +58,8 @@ class DyLoraConfig(LoraConfig):
               f"eval_rank={self.eval_rank!r} is not valid; give a rank >= 1 (at most the largest r), or None for all")
         check(not self.use_dora, "use_dora=True is not supported by DyLoRA")
         check(not self.lora_bias, "lora_bias=True is not supported by DyLoRA (its scale changes with the rank)")
+        check(not self.use_qalora, "use_qalora=True is not supported by DyLoRA (its layers do not pool the input as "
+                                   "QA-LoRA's do); use LoraConfig(use_qalora=True), or leave it False")
         check(self.init_lora_weights in (True, False, "gaussian"),
               f"init_lora_weights={self.init_lora_weights!r} is not supported by DyLoRA; use True, False or 'gaussian'")
 

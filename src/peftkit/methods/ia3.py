@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods.adapters import model_type
-from peftkit.targeting import UnmatchedTargetWarning, linear_types, matches
+from peftkit.targeting import UnmatchedTargetWarning, check_target_fields, linear_types, matches
 from peftkit.tuners import WrapTuner
 
 IA3_PAPER = ("Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning "
@@ -73,6 +73,7 @@ class IA3Config(PeftConfig):
     init_ia3_weights: bool = True
 
     def validate(self) -> None:
+        check_target_fields(self)
         for name in ("target_modules", "exclude_modules", "feedforward_modules"):
             if isinstance(getattr(self, name), (set, tuple)):
                 setattr(self, name, sorted(getattr(self, name)))

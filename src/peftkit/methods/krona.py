@@ -54,7 +54,7 @@ class KronaConfig(PeftConfig):
 
     Raises:
         ConfigError: ``a1``/``a2`` not None or an integer > 0, ``scale <= 0``, a dropout outside
-            [0, 1), no ``target_modules``; when injecting, an ``a1``/``a2`` that does not divide a
+            [0, 1), ``target_modules=[]`` (None takes the model type's defaults); when injecting, an ``a1``/``a2`` that does not divide a
             target's ``out``/``in`` (the message names the module).
     """
 

@@ -5,7 +5,10 @@ Large Language Models", 2024, arXiv:2404.02948. With ``W = U S V^T`` (float32, `
 ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T`` and the base becomes ``W_res = W - s B A``.
 ``pissa_niter_N`` takes ``U_r, S_r, V_r`` from ``torch.svd_lowrank(W, r, niter=N)`` (Halko, Martinsson
 and Tropp, "Finding structure with randomness", 2009, arXiv:0909.4061), which is much faster on big
-matrices and random (seeded by torch's global generator).
+matrices. Its random projection is drawn from a fixed seed (0), the global generator left as it was, so
+loading the saved adapter onto the same base rebuilds the same residual; peft draws it from the global
+generator, so a ``pissa_niter_N`` adapter does not rebuild the same residual in the other library (nor
+in peft itself under another seed) unless it was converted to plain LoRA.
 
 OLoRA: Büyükakyüz, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models", 2024,
 arXiv:2406.01775. With ``W = Q R`` (reduced QR): ``B = Q[:, :r]``, ``A = R[:r]`` and

@@ -48,7 +48,7 @@ class LycorisConfig(PeftConfig):
 
     Raises:
         ConfigError: a non-positive ``r`` or ``alpha``, a dropout outside [0, 1), a bad pattern value,
-            or no ``target_modules``.
+            or ``target_modules=[]`` (None takes the model type's defaults).
     """
 
     r: int = 8

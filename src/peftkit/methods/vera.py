@@ -28,7 +28,7 @@ from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, unwrap, wide
 from peftkit.methods.lora import fresh_output, trainable_biases
 from peftkit.ops import Dropout
-from peftkit.targeting import LORA_TARGET_DEFAULTS, linear_types
+from peftkit.targeting import LORA_TARGET_DEFAULTS, check_target_fields, linear_types
 from peftkit.tuners import WrapTuner
 
 VERA_PAPER = "VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al., 2023, arXiv:2310.11454)"
@@ -91,11 +91,7 @@ class VeraConfig(PeftConfig):
               f"d_initial={self.d_initial!r} must be a number")
         check(self.bias in ("none", "all", "vera_only"),
               f"bias={self.bias!r} is not valid; expected 'none', 'all' or 'vera_only'")
-        check(self.target_modules != [],
-              "target_modules=[] adapts nothing; give module names/suffixes, a regex, 'all-linear', or "
-              "None for the model type's defaults")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
+        check_target_fields(self)
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
