@@ -139,3 +139,28 @@ def test_a_failed_lorahub_leaves_the_model_as_it_was():
     with pytest.raises(RuntimeError, match="user loss failed"):
         lorahub(model, ["default", "b"], [{"input_ids": ids()}], loss_fn=boom)
     assert list(model.peft_config) == ["default", "b"] and model.active_adapters == ["default"] and model.training
+
+
+def test_lorahub_checks_its_sources_as_add_weighted_adapter_does():
+    """LoraHub took a modules_to_save_from without the heads (the composed head was the untrained original),
+    PiSSA sources (their start counted twice), and an all-NaN search returned objective=inf with zero weights;
+    a failed search also left a merged source unmerged."""
+    from tests.conftest import tiny_bert_classifier
+
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["query"]))
+    batch = [{"input_ids": ids(vocab=64), "labels": torch.tensor([0, 1, 0])}]
+    with pytest.raises(ConfigError, match=r"modules_to_save_from='c' is not one of the adapters combined"):
+        lorahub(model, ["default", "b"], batch, modules_to_save_from="c")
+    with pytest.raises(ConfigError, match=r"modules_to_save_from='c' has no trained copy of \['classifier'\]"):
+        lorahub(model, ["default", "c"], batch, modules_to_save_from="c")
+    model.add_adapter("p", LoraConfig(r=2, target_modules=["query"], init_lora_weights="pissa"))
+    with pytest.raises(ConfigError, match=r"adapter 'p' was created with init_lora_weights='pissa'"):
+        lorahub(model, ["c", "p"], batch)
+    model.merge_adapter(["default"])
+    with pytest.raises(ConfigError, match=r"every candidate's loss was NaN or infinite \(7 evaluated\)"):
+        lorahub(model, ["default", "b"], batch, modules_to_save_from="b", steps=2, population=3,
+                loss_fn=lambda m, b: torch.tensor(float("nan")))
+    assert list(model.peft_config) == ["default", "b", "c", "p"]
+    assert model.active_adapters == ["default"] and model.base_model.merged_adapters() == ["default"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -121,10 +123,13 @@ def test_no_matching_target_lists_existing_modules_and_leaves_model_unchanged():
     (dict(init_lora_weights="pisa"), "init_lora_weights='pisa'"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
     (dict(task_type="CLS"), "task_type='CLS'"), (dict(target_modules=[]), "target_modules=[] adapts nothing"),
     (dict(layers_to_transform=[-1]), "layers_to_transform"),
+    # a container of the right kind names the entry that does not fit (it said only "got list")
+    (dict(target_modules=["query", 3]), "got list holding 3 (int; expected a string)"),
+    (dict(alpha_pattern={"query": "x"}), "got dict whose entry 'query' is 'x' (str; expected"),
 ])
 def test_invalid_config_values_are_named(kw, fragment):
     args = dict(target_modules=["query"]) | kw
-    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         LoraConfig(**args)
 
 

@@ -326,6 +326,30 @@ def test_subfolder_reads_that_adapter_and_other_keywords_are_refused(tmp_path):
     assert "houlsby" not in loaded.peft_config
 
 
+def test_peft_loading_keywords_at_their_defaults_are_taken_and_other_values_refused(tmp_path):
+    """add_adapter(low_cpu_mem_usage=...), load_adapter(torch_device='cpu') and from_pretrained(
+    autocast_adapter_dtype=True, ephemeral_gpu_offload=False) raised TypeError, the message calling them hub
+    options; peft's defaults (and the model's own device) are taken, any other value refused by name."""
+    model, twin = all_five()
+    x = ids()
+    outs = each_active(model, x)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "lora", adapter_name="lora",
+                                       autocast_adapter_dtype=True, ephemeral_gpu_offload=False, key_mapping=None)
+    loaded.load_adapter(tmp_path / "ia3", adapter_name="ia3", torch_device="cpu")
+    loaded.add_adapter("more", peftkit.LoraConfig(r=2, target_modules=["query"]), low_cpu_mem_usage=True)
+    loaded.set_adapter("ia3")
+    assert (logits(loaded, x) - outs["ia3"]).abs().max() <= 1e-6
+    for kw, message in [(dict(autocast_adapter_dtype=False), r"autocast_adapter_dtype=False is not supported by "
+                                                            r"load_adapter\(\); peftkit takes only peft's default, True"),
+                        (dict(ephemeral_gpu_offload=True), r"ephemeral_gpu_offload=True is not supported"),
+                        (dict(torch_device="meta"), r"torch_device='meta' is not where the model is \(cpu\)"),
+                        (dict(torch_device="nowhere"), r"torch_device='nowhere' is not a device")]:
+        with pytest.raises(peftkit.ConfigError, match=message):
+            loaded.load_adapter(tmp_path / "houlsby", adapter_name="houlsby", **kw)
+        assert "houlsby" not in loaded.peft_config
+
+
 def test_merge_and_unload_drops_an_adapter_merged_earlier():
     """``merge_and_unload(adapter_names=[b])`` after ``merge_adapter()`` merged ``a``: the result computes ``b``
     alone, as the docstring says (``a`` stayed in the weights). A failing merge leaves the earlier merge."""
@@ -363,3 +387,34 @@ def test_get_peft_model_takes_peft_s_keywords_and_refuses_others():
     with pytest.raises(peftkit.ConfigError, match="autocast_adapter_dtype=False is not supported"):
         get_peft_model(base, CONFIGS["lora"](), autocast_adapter_dtype=False)
     assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
+
+
+def test_an_adapter_cannot_target_inside_another_adapters_modules_to_save_copies(tmp_path):
+    """Adapter 'a' replaces the embedding by its trained copies (modules_to_save); adapter 'b' targeting it was
+    silently left off it, and b's file then did not load onto a plain base. It is refused, the model unchanged;
+    in the other order (b first, copies taken with b inside) it works and b's file loads on a plain base, and
+    two SEQ_CLS adapters on all-linear each keep their own head out of their targets."""
+    from tests.conftest import tiny_llama
+
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"],
+                                                           modules_to_save=["embed_tokens"]), adapter_name="a")
+    before = [n for n, _ in model.named_modules()]
+    with pytest.raises(peftkit.ConfigError, match=r"target_modules=\['q_proj', 'embed_tokens'\] selects "
+                                                  r"\['model.embed_tokens'\], which another adapter's modules_to_save "
+                                                  r"replaces by its trained copies"):
+        model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    assert [n for n, _ in model.named_modules()] == before and list(model.peft_config) == ["a"]
+    first = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"],
+                                                           init_lora_weights=False), adapter_name="b")
+    first.add_adapter("a", LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    x = ids()
+    with torch.no_grad():
+        expected = first(input_ids=x).logits
+    first.save_pretrained(tmp_path, selected_adapters=["b"])
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b")
+    with torch.no_grad():
+        assert (again(input_ids=x).logits - expected).abs().max() <= 1e-6
+    two = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    two.add_adapter("y", LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    assert sorted(two.base_model.model.classifier.modules_to_save) == ["default", "y"]

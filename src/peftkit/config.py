@@ -115,9 +115,25 @@ def check_fields(config: Any) -> None:
         value = getattr(config, f.name)
         check(not non_finite(value), f"{f.name}={value!r} is not valid: numbers must be finite (no NaN or inf)")
         tp = hints.get(f.name)
-        if tp is not None:
-            check(conforms(value, tp), f"{f.name}={value!r} is not valid: expected {describe_type(tp)}, "
-                                        f"got {type(value).__name__}")
+        if tp is not None and not conforms(value, tp):
+            raise ConfigError(f"{f.name}={value!r} is not valid: expected {describe_type(tp)}, got "
+                              f"{type(value).__name__}{_misfit_entry(value, tp)}")
+
+
+def _misfit_entry(value: Any, tp: Any) -> str:
+    """``" whose entry K is V (type)"`` for the first entry of a list or dict ``value`` that does not fit, when
+    the container itself is of a kind ``tp`` allows; else ``""``."""
+    for option in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,):
+        origin, args = typing.get_origin(option), typing.get_args(option)
+        if origin is dict and isinstance(value, dict) and args:
+            for k, v in value.items():
+                if not (conforms(k, args[0]) and conforms(v, args[1])):
+                    return f" whose entry {k!r} is {v!r} ({type(v).__name__}; expected {describe_type(args[1])})"
+        if origin in (list, tuple, set, collections.abc.Sequence) and isinstance(value, (list, tuple, set)) and args:
+            for v in value:
+                if not conforms(v, args[0]):
+                    return f" holding {v!r} ({type(v).__name__}; expected {describe_type(args[0])})"
+    return ""
 
 
 def describe_type(tp: Any) -> str:

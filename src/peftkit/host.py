@@ -331,6 +331,18 @@ class AdapterModel(nn.Module):
             raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}"
                               + (f" (and '{BASE_ROWS}' for rows without an adapter)" if rows else ""))
 
+    @staticmethod
+    def name_list(adapter_names: Any, field: str = "adapter_name") -> list[str]:
+        """``adapter_names`` (one name as a ``str``, or a list/tuple of them) as a list.
+
+        Raises:
+            ConfigError: anything else (None, a number, a list holding a non-string), naming the value.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        check(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names),
+              f"{field}={adapter_names!r} is not valid; give an adapter's name, or a list of names")
+        return list(names)
+
     def named(self, adapter_names: str | Sequence[str] | None) -> list[str]:
         """``adapter_names`` as a list (one name given as a ``str``; None: the active adapters), each checked
         to exist (ConfigError otherwise, naming the known ones)."""
@@ -348,7 +360,7 @@ class AdapterModel(nn.Module):
             ConfigError: an unknown or repeated name, or more than one soft-prompt adapter (counting the parts
                 of composed adapters); the active adapters stay as they were.
         """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = self.name_list(adapter_names)
         self.check_known(names)
         _check_unique(names)
         prompts = [self.owner(n) for n in self.parts(names) if self.peft_config[n].is_prompt_learning]

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from peftkit.config import ConfigError, check
-from peftkit.layers import AdaptedLayer, ModulesToSaveWrapper
-from peftkit.merging import add_lora_on
+from peftkit.layers import AdaptedLayer
+from peftkit.merging import add_lora_on, check_plain_start, source_heads
 
 if TYPE_CHECKING:
     from peftkit.model import PeftModel
@@ -91,9 +91,11 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
 
     Raises:
         ConfigError: unknown names, fewer than two adapters, adapters of different ranks (on one layer) or
-            targets, non-LoRA adapters, an existing ``adapter_name``, no batches, bad search settings, or
-            batches for which the model returns no loss (no ``labels`` and no ``loss_fn``). On any error,
-            the model is left as it was (no new adapter; the same active adapters and train/eval mode).
+            targets, non-LoRA adapters or ones started with PiSSA/OLoRA, an existing ``adapter_name``, a
+            ``modules_to_save_from`` that is not a source with those modules, no batches, bad search settings,
+            batches for which the model returns no loss (no ``labels`` and no ``loss_fn``), or no candidate
+            with a finite loss. On any error, the model is left as it was (no new adapter; the same active
+            and merged adapters and train/eval mode).
     """
     host = model.base_model
     check(not isinstance(adapters, str), f"adapters={adapters!r} is one name; LoraHub composes a list of at least "
@@ -114,15 +116,13 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
         real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
         check(real and (value > 0 or (low_ok and value == 0)),
               f"{name}={value!r} is not valid; give a finite number {'>= 0' if low_ok else '> 0'}")
+    check_plain_start(adapters, [host.peft_config[a] for a in adapters])
     layers = _factors(model, adapters)
     names = {id(w): n for n, w in host.wrappers()}
     # each layer keeps its own rank (the sources may have a rank_pattern; _factors checked they agree per layer)
     ranks = {names[id(layer)]: parts[0][0].shape[0] for layer, parts in layers}
-    heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
-             and any(a in w.modules_to_save for a in adapters)]
-    check(not heads or modules_to_save_from is not None,
-          f"the adapters train whole modules {heads}; pass modules_to_save_from=<adapter>")
-    before = list(host.active_adapters), model.training
+    heads = source_heads(host, adapters, modules_to_save_from)
+    before = list(host.active_adapters), model.training, host.merged_adapters()
     add_lora_on(host, adapter_name, ranks, host.peft_config[adapters[0]], heads, modules_to_save_from)
     try:
         host.set_adapter(adapter_name)
@@ -132,6 +132,8 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
     except BaseException:  # a failed search leaves the model as it was: no half-made adapter, same mode
         host.delete_adapter(adapter_name)
         host.set_adapter(before[0])
+        if before[2] and host.merged_adapters() != before[2]:  # (activating the new adapter unmerged them)
+            host.merge(before[2])
         model.train(before[1])
         raise
 
@@ -185,6 +187,9 @@ def _search(model: PeftModel, adapter_name: str, layers: list[tuple[AdaptedLayer
         else:
             sigma *= 0.85
         mean = np.mean([c for _, _, c in scored[:mu]], axis=0)
+    if not np.isfinite(best_obj):
+        raise ConfigError(f"every candidate's loss was NaN or infinite ({evaluations} evaluated); the sources or the "
+                          "batches give no usable loss, so no composition can be chosen")
     write(best_w)
     model.train(was_training)
     return LoraHubResult(weights=[float(w) for w in best_w], objective=float(best_obj), loss=float(best_loss),

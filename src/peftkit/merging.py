@@ -55,8 +55,8 @@ COMBINATION_TYPES = ("cat", *SVD_TYPES, *FACTOR_TYPES)
 
 # --- rules on task tensors ---------------------------------------------------------------------------
 def magnitude_mask(t: Tensor, density: float) -> Tensor:
-    """Boolean mask keeping the ``int(density * numel)`` entries of largest magnitude (ties broken by
-    position)."""
+    """Boolean mask keeping the ``int(density * numel)`` entries of largest magnitude; among equal
+    magnitudes, which are kept is whatever ``torch.topk`` picks (as in peft), not the first ones."""
     k = int(density * t.numel())
     mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
     if k > 0:
@@ -271,6 +271,17 @@ def _source_checks(host: Any, adapters: list[str], weights: Sequence[Any],
     values = [_real(w) for w in given]  # numpy and 0-d torch scalars are numbers too, as in peft
     for w, v in zip(given, values):
         check(v is not None and math.isfinite(v), f"weights={given!r}: {w!r} is not a finite number")
+    return values, source_heads(host, adapters, modules_to_save_from)
+
+
+def source_heads(host: Any, adapters: list[str], modules_to_save_from: str | None) -> list[str]:
+    """The ``modules_to_save`` modules the source ``adapters`` train, checked against ``modules_to_save_from``
+    (shared by :func:`add_weighted_adapter` and :func:`peftkit.lorahub.lorahub`).
+
+    Raises:
+        ConfigError: the sources train such modules and no ``modules_to_save_from`` is given, or it names an
+            adapter that is not a source or has no trained copy of all of them.
+    """
     heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
              and any(a in w.modules_to_save for a in adapters)]
     check(not heads or modules_to_save_from is not None,
@@ -278,10 +289,30 @@ def _source_checks(host: Any, adapters: list[str], weights: Sequence[Any],
           "to take them from one adapter")
     if heads and modules_to_save_from is not None:
         owners = [a for a in adapters if all(a in w.modules_to_save for n, w in host.wrappers() if n in heads)]
+        check(modules_to_save_from in adapters,
+              f"modules_to_save_from={modules_to_save_from!r} is not one of the adapters combined ({adapters}); "
+              f"take {heads} from one of them: {owners}")
         check(modules_to_save_from in owners,
               f"modules_to_save_from={modules_to_save_from!r} has no trained copy of {heads} (modules_to_save); "
               f"the adapters that have one: {owners}")
-    return values, heads
+    return heads
+
+
+def check_plain_start(adapters: Sequence[str], configs: Sequence[Any]) -> None:
+    """Refuse sources made with PiSSA/OLoRA-style starts (``init_lora_weights`` that moved part of the base
+    weight into the adapter): combining them would count that part twice.
+
+    Raises:
+        ConfigError: naming the first such adapter and its ``init_lora_weights``.
+    """
+    from peftkit.methods.lora_init import changes_base
+
+    for name, cfg in zip(adapters, configs):
+        init = getattr(cfg, "init_lora_weights", True)
+        check(not changes_base(init),
+              f"adapter {name!r} was created with init_lora_weights={init!r}, which moved part of the base weights "
+              "into it; combining it would count that part twice. Save it converted to plain LoRA first "
+              "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and combine the converted ones")
 
 
 def _add_ia3_weighted(host: Any, adapters: list[str], configs: list[Any], weights: Sequence[Any], adapter_name: str,
@@ -398,14 +429,8 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     _check_options_apply(combination_type, density=density, svd_rank=svd_rank, svd_clamp=svd_clamp)
     if len(adapters) == 1:  # as peft: one adapter can only be combined linearly
         combination_type, density = "linear", None
-    from peftkit.methods.lora_init import changes_base
-
+    check_plain_start(adapters, configs)
     for name, cfg in zip(adapters, configs):
-        init = getattr(cfg, "init_lora_weights", True)
-        check(not changes_base(init),
-              f"adapter {name!r} was created with init_lora_weights={init!r}, which moved part of the base weights "
-              "into it; combining it would count that part twice. Save it converted to plain LoRA first "
-              "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and combine the converted ones")
         extras = [k for k in ("use_dora", "lora_bias") if getattr(cfg, k, False)]
         check(type(cfg) is LoraConfig and not extras,
               f"adapter {name!r} is {cfg.peft_type}{' with ' + ' and '.join(extras) if extras else ''}; "

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import PeftConfig, check
+from peftkit.config import ConfigError, PeftConfig, check
 from peftkit.host import AdapterModel
 from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
 from peftkit.methods.lora_init import check_trainable_init
@@ -106,12 +106,13 @@ class PeftModel(nn.Module):
         """The user's model (with wrapped layers inside)."""
         return self.base_model.model
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter, inactive until :meth:`set_adapter`; on error the model is unchanged.
 
         Args:
             adapter_name: a new name (a valid folder name; not one in use).
             peft_config: the adapter's config (any method's; several methods may share the model).
+            low_cpu_mem_usage: accepted for peft's signature; it changes nothing here.
 
         Raises:
             ConfigError: a duplicate or invalid name, a config the model cannot take (no matching module, a
@@ -129,11 +130,11 @@ class PeftModel(nn.Module):
         are all unmerged first (with a warning, as peft does).
 
         Raises:
-            ConfigError: an unknown or repeated name, more than one soft prompt, or a non-bool
-                ``inference_mode``; nothing changes then.
+            ConfigError: an unknown or repeated name, a value that is neither a name nor a list of names,
+                more than one soft prompt, or a non-bool ``inference_mode``; nothing changes then.
         """
         check(isinstance(inference_mode, bool), f"inference_mode={inference_mode!r} must be True or False")
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = self.base_model.name_list(adapter_name)
         self.base_model.set_adapter(names)  # checks the names before anything changes
         for name in names:
             self.base_model.peft_config[name].inference_mode = inference_mode
@@ -148,7 +149,7 @@ class PeftModel(nn.Module):
             ConfigError: an unknown name or a non-bool ``requires_grad``; nothing changes then.
         """
         check(isinstance(requires_grad, bool), f"requires_grad={requires_grad!r} must be True or False")
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = self.base_model.name_list(adapter_names, "adapter_names")
         self.base_model.check_known(names)
         for name in names:
             self.base_model.peft_config[name].inference_mode = not requires_grad
@@ -162,11 +163,13 @@ class PeftModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: inside it the model is the base model (merged adapters are unmerged for the
         duration; base biases an adapter trains with ``bias="all"``/``"lora_only"`` keep their trained
-        values, as in peft, since they are the model's own parameters). The previous state, merges included, is restored on exit, even after an exception;
-        it nests."""
+        values, as in peft, since they are the model's own parameters). The previous state, merges included,
+        is restored on exit, even after an exception; it nests. If the active adapters were changed inside
+        it (``set_adapter``), adapters merged before stay unmerged, with a warning, as ``set_adapter`` leaves
+        them outside it."""
         host = self.base_model
         was_disabled = host.disabled
-        merged = host.merged_adapters()
+        merged, active = host.merged_adapters(), list(host.active_adapters)
         if merged:
             host.unmerge()
         host.set_disabled(True)
@@ -175,7 +178,13 @@ class PeftModel(nn.Module):
         finally:
             host.set_disabled(was_disabled)
             merged = [n for n in merged if n in host.public_names()]  # an adapter may be deleted inside
-            if merged:
+            if merged and list(host.active_adapters) != [n for n in active if n in host.public_names()]:
+                # set_adapter inside the block: outside it, switching unmerges (as in peft), so the merge is
+                # not put back (it would add adapters no longer active to the outputs)
+                warnings.warn(f"the active adapters changed inside disable_adapter() ({active} -> "
+                              f"{list(host.active_adapters)}); adapter(s) {merged}, merged before, stay unmerged "
+                              "(as set_adapter leaves them outside it)", stacklevel=3)
+            elif merged:
                 host.merge(merged)
 
     # --- merging ------------------------------------------------------------------------------------
@@ -544,16 +553,21 @@ class PeftModel(nn.Module):
             config: use this config instead of the folder's ``adapter_config.json``.
             subfolder: keyword only; read the adapter from ``model_id/subfolder`` (as peft does).
             low_cpu_mem_usage: keyword only, accepted for peft's signature; it changes nothing here.
+            autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping: keyword only, peft's; taken at peft's
+                defaults (True, False, None) only. torch_device: keyword only; None, or the model's device.
 
         Raises:
             FileNotFoundError: missing folder or files. AdapterLoadError: unreadable/corrupt weights, or
             tensors whose names or shapes do not fit the model (the model is left unadapted).
+            ConfigError: one of peft's keywords at a value other than its default (a ``torch_device`` other
+            than the model's).
             TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders).
         """
         from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
         from peftkit.methods.prompt_learning import loading_values
 
         model_id = _adapter_folder("from_pretrained", model_id, kwargs)
+        _check_device("from_pretrained", model, kwargs)
         config, tensors = read_adapter_files(model_id, config)
         config.inference_mode = not is_trainable
         with loading_values():  # built to take the file's values: no start that needs more than the model
@@ -571,8 +585,8 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      **kwargs: Any) -> None:
         """Load another adapter folder under ``adapter_name`` (not activated; see :meth:`set_adapter`).
-        Keywords: ``config`` (instead of the folder's ``adapter_config.json``), ``subfolder`` and
-        ``low_cpu_mem_usage``, as for :meth:`from_pretrained`.
+        Keywords: ``config`` (instead of the folder's ``adapter_config.json``), ``subfolder``,
+        ``low_cpu_mem_usage`` and peft's loading keywords at their defaults, as for :meth:`from_pretrained`.
 
         Raises:
             as :meth:`from_pretrained`; on error the model is left as it was.
@@ -581,7 +595,9 @@ class PeftModel(nn.Module):
         from peftkit.methods.prompt_learning import loading_values
 
         config = kwargs.pop("config", None)
-        config, tensors = read_adapter_files(_adapter_folder("load_adapter", model_id, kwargs), config)
+        folder = _adapter_folder("load_adapter", model_id, kwargs)
+        _check_device("load_adapter", self.base_model.model, kwargs)
+        config, tensors = read_adapter_files(folder, config)
         config.inference_mode = not is_trainable
         before = set(self.base_model.public_names())
         with loading_values():
@@ -598,15 +614,48 @@ class PeftModel(nn.Module):
             self.eval()
 
 
+# peft's loading keywords that are not hub options, taken at peft's defaults (others are refused by name)
+_PEFT_LOAD_DEFAULTS: dict[str, Any] = {"autocast_adapter_dtype": True, "ephemeral_gpu_offload": False,
+                                       "torch_device": None, "key_mapping": None}
+
+
+def _check_device(caller: str, model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """``torch_device`` (peft: where the adapter weights are loaded) must be where the model is: peftkit puts
+    adapter weights beside the layers they adapt.
+
+    Raises:
+        ConfigError: naming both devices.
+    """
+    wanted = kwargs.get("torch_device")
+    if wanted is None:
+        return
+    try:
+        device = torch.device(wanted)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"torch_device={wanted!r} is not a device; give one such as 'cpu' or 'cuda:0'") from None
+    here = next((p.device for p in model.parameters()), torch.device("cpu"))
+    check(device.type == here.type and (device.index is None or here.index is None or device.index == here.index),
+          f"torch_device={wanted!r} is not where the model is ({here}); peftkit loads adapter weights beside the "
+          "layers they adapt: move the model there first, or leave torch_device out")
+
+
 def _adapter_folder(caller: str, model_id: str | os.PathLike, kwargs: dict[str, Any]) -> str | os.PathLike:
     """The folder that ``from_pretrained`` / ``load_adapter`` read: ``model_id``, joined with ``subfolder``
     when given. Raises TypeError, naming them, for keywords other than ``subfolder`` and
     ``low_cpu_mem_usage`` (peft's hub options, or a typo, which would otherwise be dropped unread)."""
-    unknown = sorted(k for k in kwargs if k not in ("subfolder", "low_cpu_mem_usage"))
+    unknown = sorted(k for k in kwargs if k not in ("subfolder", "low_cpu_mem_usage", *_PEFT_LOAD_DEFAULTS))
     if unknown:
         raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; besides its named arguments it "
-                        "takes subfolder=... and low_cpu_mem_usage=... (peftkit reads local adapter folders, so "
-                        "peft's hub options such as revision or token do not apply)")
+                        f"takes subfolder=..., low_cpu_mem_usage=... and, at peft's defaults, "
+                        f"{', '.join(f'{k}={v!r}' for k, v in _PEFT_LOAD_DEFAULTS.items())} (peftkit reads local "
+                        "adapter folders, so peft's hub options such as revision or token do not apply)")
+    for key, default in _PEFT_LOAD_DEFAULTS.items():
+        value = kwargs.get(key, default)
+        if key == "torch_device" and value is not None:
+            continue  # checked against the model's device by the caller
+        check(value == default and type(value) is type(default),
+              f"{key}={value!r} is not supported by {caller}(); peftkit takes only peft's default, {default!r}"
+              + (" (adapter weights stay float32 on a half-precision base)" if key == "autocast_adapter_dtype" else ""))
     subfolder = kwargs.get("subfolder")
     if subfolder in (None, ""):
         return model_id

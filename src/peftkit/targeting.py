@@ -115,6 +115,38 @@ def check_target_fields(config: Any) -> None:
               f"layers_to_transform={config.layers_to_transform!r} must be a block index >= 0 or a list of them")
 
 
+def hidden_targets(model: nn.Module, inside: Sequence[str], target_modules: str | Sequence[str] | None, *,
+                   supported: tuple[type[nn.Module], ...], exclude_modules: str | Sequence[str] | None = None,
+                   layers_to_transform: int | Sequence[int] | None = None,
+                   layers_pattern: str | Sequence[str] | None = None) -> list[str]:
+    """The modules at or under the wrappers named in ``inside`` (other adapters' ``modules_to_save``, whose
+    insides :func:`find_targets` does not see) that ``target_modules`` would select, by their plain names.
+
+    Shapes: none (module names only). Raises nothing.
+    """
+    from peftkit.layers import unwrap
+
+    if isinstance(layers_to_transform, int):
+        layers_to_transform = [layers_to_transform]
+    output_layer = model.get_output_embeddings() if target_modules == ALL_LINEAR and hasattr(
+        model, "get_output_embeddings") else None
+    hits: list[str] = []
+    for wrapper_name in inside:
+        for sub, module in unwrap(model.get_submodule(wrapper_name)).named_modules():
+            name = f"{wrapper_name}.{sub}" if sub else wrapper_name
+            module = unwrap(module)
+            if target_modules == ALL_LINEAR:
+                hit = isinstance(module, linear_types()) and module is not output_layer
+            else:
+                hit = matches(name, target_modules)
+            if not hit or matches(name, exclude_modules) or not isinstance(module, supported):
+                continue
+            if layers_to_transform is not None and layer_index(name, layers_pattern) not in layers_to_transform:
+                continue
+            hits.append(name)
+    return hits
+
+
 def find_targets(
     model: nn.Module,
     target_modules: str | Sequence[str] | None,

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from peftkit.config import check
+from peftkit.host import TASK_HEADS
 from peftkit.layers import AdaptedLayer, Adapter, replace_module
-from peftkit.targeting import UnmatchedTargetWarning, find_targets, pattern_key
+from peftkit.targeting import UnmatchedTargetWarning, find_targets, hidden_targets, pattern_key
 
 if TYPE_CHECKING:
     from peftkit.config import PeftConfig
@@ -137,11 +138,25 @@ class WrapTuner(Tuner):
         check(pattern is None or blocks is not None,
               f"layers_pattern={pattern!r} needs layers_to_transform (the block indices it locates), as in peft; "
               "give layers_to_transform too, or leave layers_pattern out")
+        own = list(getattr(config, "modules_to_save", None) or [])
+        # (suffixes, as modules_to_save matches; a task type's head is this adapter's own trained copy too)
+        mine = own + list(TASK_HEADS.get(getattr(config, "task_type", None), ()))
+        others = [n for n in host.modules_to_save_names() if not any(n.endswith(s) for s in mine)]
+        hidden = hidden_targets(host.model, others, config.target_modules, supported=self.supported_types(),
+                                exclude_modules=getattr(config, "exclude_modules", None),
+                                layers_to_transform=blocks, layers_pattern=pattern) if others else []
+        # peft adapts both the original module and every adapter's trained copy of it there; peftkit would
+        # skip them, and write a file that a plain base then does not fit
+        check(not hidden, f"target_modules={config.target_modules!r} selects {hidden[:3]}"
+                          f"{'...' if len(hidden) > 3 else ''}, which another adapter's modules_to_save replaces by "
+                          "its trained copies; peftkit cannot adapt inside them. Add this adapter before the one "
+                          "with that modules_to_save (the copies are then taken with this adapter in them), or "
+                          "leave those modules out (exclude_modules)")
         found = find_targets(
             host.model, config.target_modules, supported=self.supported_types(),
             exclude_modules=getattr(config, "exclude_modules", None),
             layers_to_transform=blocks, layers_pattern=pattern,
-            skip=list(getattr(config, "modules_to_save", None) or []) + host.modules_to_save_names(),
+            skip=own + host.modules_to_save_names(),
             method=self.method,
         )
         # (AdaLoRA's saved rank_pattern is another thing: per-rank masks keyed by parameter name)
