@@ -142,8 +142,6 @@ def test_what_a_failed_resume_does(tmp_path, monkeypatch, status):
     """Resuming a cell interrupted again (130) stops the sweep and keeps the checkpoint; a refused
     checkpoint (2) makes the cell train from step 0; any other failure (1) keeps the checkpoint for the
     next run and the sweep goes on."""
-    import subprocess
-
     from peftkit.bench import arena
 
     cfg = BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path), max_steps=5)
@@ -152,11 +150,18 @@ def test_what_a_failed_resume_does(tmp_path, monkeypatch, status):
     monkeypatch.setattr(arena, "resume_command", lambda folder: ["resume", str(folder)] if folder == first else None)
     calls = []
 
-    def fake_run(cmd, **kwargs):
-        calls.append(cmd[:2] if cmd[0] == "resume" else [*cmd[3:5], cmd[cmd.index("--output-dir") + 1]])
-        return subprocess.CompletedProcess(cmd, status if cmd[0] == "resume" else 0)
+    class FakePopen:  # a cell's process that ends at once with the status the case asks for
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd[:2] if cmd[0] == "resume" else [*cmd[3:5], cmd[cmd.index("--output-dir") + 1]])
+            self.returncode = status if cmd[0] == "resume" else 0
 
-    monkeypatch.setattr(arena.subprocess, "run", fake_run)
+        def wait(self):
+            return self.returncode
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(arena.subprocess, "Popen", FakePopen)
     fresh_full = ["train", "--task", str(first)]
     fresh_lora = ["train", "--task", str(arena.Cell("lora", "sst2", 0).folder(tmp_path))]
     if status == 130:
@@ -187,3 +192,27 @@ def test_plot_labels_of_nearby_points_go_to_different_sides_or_are_shared():
     assert places["full"] == places["ia3"] == ((5, 4), "left")  # alone: above right
     assert set(places) == {"full", "ia3", "houlsby", "lora / dora"}  # nearly the same point: one label
     assert places["houlsby"] != places["lora / dora"]
+
+
+def test_a_cell_held_by_another_process_is_not_started_twice(tmp_path):
+    """SIGTERM to `peftkit bench` left its running cell training on its own (a new session's child), and the
+    next sweep then trained that cell a second time into the same folder. The cells now run in sessions of
+    their own that the sweep stops itself, and each holds a lock on its folder (inherited by its training
+    process): a sweep finding a cell locked refuses before any cell starts."""
+    import fcntl
+    import os
+
+    from peftkit.bench import arena
+
+    cfg = BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path), max_steps=5)
+    held = arena._lock_cell(arena.Cell("lora", "sst2", 0).folder(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match=r"the cell in .*lora/sst2/seed0 is being trained by another process"):
+            run_sweep(cfg, progress=False)
+        # nothing started, and the other cell's lock was let go
+        assert not (arena.Cell("full", "sst2", 0).folder(tmp_path) / "cell.log").exists()
+        fd = os.open(arena.Cell("full", "sst2", 0).folder(tmp_path) / ".lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+    finally:
+        os.close(held)

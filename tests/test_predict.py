@@ -103,6 +103,23 @@ def test_causal_lm_continuation_is_the_greedy_decoding(tmp_path, capsys):
         predict_run(out, ["Once"], max_new_tokens=100_000)
 
 
+def test_a_fully_fine_tuned_causal_lm_run_predicts(tmp_path, capsys):
+    """predict on a --full-finetune causal-LM run failed with "TypeError: 'method' object is not iterable": a
+    transformers model's active_adapters is a method (eval worked on the same folder)."""
+    out = tmp_path / "full"
+    assert cli("train", "--task", "causal-lm", "--model", "stories260K", "--full-finetune", "--max-steps", 1,
+               "--batch-size", 4, "--max-train-samples", 8, "--max-eval-samples", 4, "--output-dir", out,
+               "--no-progress") == 0
+    capsys.readouterr()
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = tok("Once upon", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=3, do_sample=False)
+    got = predict_run(out, ["Once upon"], max_new_tokens=3)
+    assert got[0]["completion"] == tok.decode(want[0], skip_special_tokens=True)[len("Once upon"):]
+
+
 def test_inputs_from_a_file_and_stdin(sst2_run, tmp_path, capsys, monkeypatch):
     texts = tmp_path / "in.txt"
     texts.write_text("a joyless mess\n\n  \nsheer delight\n", encoding="utf-8")  # blank lines are skipped

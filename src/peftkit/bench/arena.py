@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -265,10 +266,15 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
     refuses the checkpoint (exit status 2) is the cell trained again from step 0. A cell that fails
     otherwise keeps its checkpoints for the next run, and the other cells go on.
 
+    Each cell runs as a ``peftkit train`` process in a session of its own, holding a lock on its folder
+    (``.lock``; its process inherits it), so a cell is never trained by two processes at once.
+
     Raises:
-        ConfigError: ``jobs`` < 1, or the folder holds a sweep with other settings.
-        KeyboardInterrupt: Ctrl-C, or a cell was interrupted (SIGINT, SIGTERM); the running cells
-            stop and keep their checkpoints, and no further cell starts.
+        ConfigError: ``jobs`` < 1, the folder holds a sweep with other settings, or a cell to run is held by
+            another process (nothing starts then).
+        KeyboardInterrupt: Ctrl-C or SIGTERM to the sweep (passed on to the running cells), or a cell was
+            interrupted (SIGINT, SIGTERM); the running cells stop and keep their checkpoints, and no further
+            cell starts.
     """
     check(jobs >= 1, f"jobs={jobs!r} must be >= 1")
     root = Path(cfg.output_dir)
@@ -285,19 +291,54 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     running: set[str] = set()
     stop = threading.Event()  # set by an interruption: no further cell starts
+    children: dict[subprocess.Popen, None] = {}
+    guard = threading.Lock()
+    locks: dict[Path, int | None] = {}
+    try:  # every cell to run is locked before any starts
+        for c in todo:
+            locks[c.folder(root)] = _lock_cell(c.folder(root))
+    except BaseException:
+        for fd in locks.values():
+            _unlock(fd)
+        bar.close()
+        raise
+
+    def halt(sig: int) -> None:
+        """Pass an interruption on to the running cells (once; they run in sessions of their own)."""
+        stop.set()
+        with guard:
+            procs = list(children)
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
 
     def run(cmd: list[str], folder: Path, append: bool, note: str = "") -> int:
         with open(folder / "cell.log", "a" if append else "w", encoding="utf-8") as log:
             if note:
                 log.write(f"\n[bench] {note}\n")
                 log.flush()
-            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            fd = locks[folder]
+            # a session of its own: an interruption reaches it once, from here (the terminal's Ctrl-C would
+            # reach it too); the cell's lock goes with it, so a cell left running is never started twice
+            with guard:
+                if stop.is_set():
+                    return 130
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                        pass_fds=() if fd is None else (fd,))
+                children[proc] = None
+            try:
+                return proc.wait()
+            finally:
+                with guard:
+                    children.pop(proc, None)
 
     def run_cell(cell: Cell) -> None:
         if stop.is_set():
             return
         folder = cell.folder(root)
-        folder.mkdir(parents=True, exist_ok=True)
         label = f"{cell.method}/{cell.task}/seed{cell.seed}"
         running.add(label)
         bar.set_postfix_str("running " + ", ".join(sorted(running)))
@@ -318,21 +359,66 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
             lines = (folder / "cell.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             (folder / "error.txt").write_text((lines[-1] if lines else f"exit status {rc}") + "\n")
         running.discard(label)
+        _unlock(locks.pop(folder, None))
         bar.update(1)
 
+    def on_term(signum: int, frame: Any) -> None:
+        halt(signal.SIGTERM)
+        raise KeyboardInterrupt("terminated")
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
+        previous = signal.signal(signal.SIGTERM, on_term)
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         list(pool.map(run_cell, todo))
-    except KeyboardInterrupt:  # Ctrl-C reached the running cells too: wait for them, start no other
-        stop.set()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the running cells, wait for them, start no other
+        halt(signal.SIGINT)
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        for fd in locks.values():
+            _unlock(fd)
     pool.shutdown()
     bar.close()
     if stop.is_set():
         raise KeyboardInterrupt("a cell was interrupted; run the sweep again to continue it")
     return collect(cfg)
+
+
+def _lock_cell(folder: Path) -> int | None:
+    """An open, exclusively locked ``.lock`` file in the cell's folder (made here), held until the cell ends;
+    the cell's training process inherits it, so it stays locked while that process runs. None where file
+    locks are not available.
+
+    Raises:
+        ConfigError: another process holds the cell (a sweep running it, or a cell left running).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"the cell in {folder} is being trained by another process (a sweep running in the same "
+                          "folder, or a cell left running): wait for it to end or stop it, then run the sweep "
+                          "again") from None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)  # (a cell's process that still runs keeps its own copy, and the lock)
+        except OSError:
+            pass
 
 
 def _saved_bytes(folder: Path, method: str) -> int:

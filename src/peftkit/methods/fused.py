@@ -29,21 +29,25 @@ from torch import Tensor
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-                g: Tensor | None, scaling: float, m: Tensor | None) -> Tensor:
+                g: Tensor | None, scaling: float, m: Tensor | None, spare: SpareBuffer | None) -> Tensor:
         # the backward needs z^T = A x^T for A's, B's and g's (or m's) gradients
         need_z = any(ctx.needs_input_grad[4:7]) or ctx.needs_input_grad[8]
-        out, zt, folded, g_used, n = _output(x, xd, weight, bias, a, b, g, scaling, need_z=need_z, m=m)
+        out, zt, folded, g_used, n = _output(x, xd, weight, bias, a, b, g, scaling, need_z=need_z, m=m, spare=spare)
         ctx.scaling = scaling
         # the folded weight (when there is one) is kept for the input gradient: not folding twice a step
         # costs one weight-sized buffer until the backward (+8 to +18 MiB peak on the benchmark models)
+        keep = folded if ctx.needs_input_grad[0] else None
+        ctx.spare = spare
+        if keep is None and folded is not None and spare is not None:
+            spare.give(folded)  # no input gradient (the first layer): the fold is free again now
         ctx.save_for_backward(x, xd, weight, bias, a, b, g_used, zt, out if g_used is not None else None,
-                              folded if ctx.needs_input_grad[0] else None, m, n)
+                              keep, m, n)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, xd, weight, bias, a, b, g, zt, out, folded, m, n = ctx.saved_tensors
-        need_x, need_xd, _, need_bias, need_a, need_b, need_g, _, need_m = ctx.needs_input_grad
+        need_x, need_xd, _, need_bias, need_a, need_b, need_g, _, need_m, _ = ctx.needs_input_grad
         if m is not None:
             need_g = need_m  # g = m / n, n detached: m's gradient is g's divided by n
             if torch.is_grad_enabled():  # a double backward: g with its history (the forward's has none)
@@ -61,6 +65,8 @@ class _LowRankLinear(torch.autograd.Function):
                 # the forward's folded weight has no history: a double backward (create_graph) needs the
                 # fold rebuilt from A, B and g so that grad_x depends on them
                 grad_x = grad2 @ (_folded(weight, a, b, g, ctx.scaling) if torch.is_grad_enabled() else folded)
+                if ctx.spare is not None:  # its last use: the next step's forward may fold into it
+                    ctx.spare.give(folded)
             else:
                 grad_x = grad2 @ _effective_w(weight, g)
                 if xd is None:
@@ -81,12 +87,13 @@ class _LowRankLinear(torch.autograd.Function):
             grad_g = _magnitude_grad(grad2, out.reshape(-1, out.shape[-1]), x, zt, weight, bias, b, g, ctx.scaling,
                                      total)
         if m is not None:
-            return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None, None, None if grad_g is None else grad_g / n
-        return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_g, None, None
+            return (grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None, None, None if grad_g is None else grad_g / n,
+                    None)
+        return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, grad_g, None, None, None
 
 
 def _output(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-            g: Tensor | None, scaling: float, need_z: bool, m: Tensor | None = None
+            g: Tensor | None, scaling: float, need_z: bool, m: Tensor | None = None, spare: SpareBuffer | None = None
             ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """``(out, zt, folded, g, n)``: the layer output ``(..., out)``; ``z^T = A xd^T`` as ``(r, rows)`` when the
     unfolded output uses it or ``need_z`` (else None); the folded weight ``g (W + s B A)`` ``(out, in)`` when
@@ -103,15 +110,16 @@ def _output(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a
 
         n = factored_norm(weight, a.detach(), b.detach(), scaling).to(m.dtype)
         g = m.detach() / n
+    buf = spare.take(weight) if fold and spare is not None else None
     if m is not None and fold:  # DoRA: the norms come from the fold itself, W + s B A, then rescaled in place
         with torch.no_grad():
-            folded = torch.addmm(weight, b, a, alpha=scaling)
+            folded = torch.addmm(weight, b, a, alpha=scaling, out=buf)
             n = torch.linalg.vector_norm(folded, dim=1)
             g = m.detach() / n
             folded.mul_(g[:, None])
         out = _linear(x2, folded, bias)
     elif fold:  # one GEMM with the low-rank product folded into the (frozen) weight: g (W + s B A)
-        folded = _folded(weight, a, b, g, scaling)
+        folded = _folded(weight, a, b, g, scaling, out=buf)
         out = _linear(x2, folded, bias)
     else:
         out = _linear(x2, _effective_w(weight, g), bias)
@@ -141,13 +149,14 @@ def _effective_b(b: Tensor, g: Tensor | None, scaling: float) -> Tensor:
     return b * scaling if g is None else b * (scaling * g)[:, None]
 
 
-def _folded(weight: Tensor, a: Tensor, b: Tensor, g: Tensor | None, scaling: float) -> Tensor:
-    """``g * (W + s B A)``, ``(out, in)``, in one new buffer (the frozen weight is never written): two
-    weight-sized passes, the copy (``g W`` with DoRA, so the rescale costs no pass of its own) and the
-    rank-``r`` update of it (``(s g B) A`` is added in place)."""
+def _folded(weight: Tensor, a: Tensor, b: Tensor, g: Tensor | None, scaling: float, out: Tensor | None = None
+            ) -> Tensor:
+    """``g * (W + s B A)``, ``(out, in)``, in one new buffer, or in ``out`` when given (the frozen weight is
+    never written): two weight-sized passes, the copy (``g W`` with DoRA, so the rescale costs no pass of
+    its own) and the rank-``r`` update of it (``(s g B) A`` is added in place)."""
     if g is None:
-        return torch.addmm(weight, b, a, alpha=scaling)
-    return torch.mul(weight, g[:, None]).addmm_(_effective_b(b, g, scaling), a)
+        return torch.addmm(weight, b, a, alpha=scaling, out=out)
+    return torch.mul(weight, g[:, None], out=out).addmm_(_effective_b(b, g, scaling), a)
 
 
 def column_dots(p: Tensor, q: Tensor) -> Tensor:
@@ -187,7 +196,8 @@ def _magnitude_grad(grad: Tensor, out: Tensor, x: Tensor, zt: Tensor, weight: Te
 
 
 def low_rank_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-                    g: Tensor | None, scaling: float, m: Tensor | None = None) -> Tensor:
+                    g: Tensor | None, scaling: float, m: Tensor | None = None, spare: SpareBuffer | None = None
+                    ) -> Tensor:
     """``g * (x W^T) + b + (s * g) * (xd A^T) B^T`` in one autograd node (see the module docstring).
 
     Args:
@@ -202,13 +212,75 @@ def low_rank_linear(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor |
             of ``W + s B A`` (detached), taken from the folded weight itself when the batch folds (one pass
             fewer over the weight than :func:`~peftkit.methods.dora.factored_norm` plus the fold); ``m``'s
             gradient flows. ``W`` must then be the layer's unmerged base weight.
+        spare: the layer's :class:`SpareBuffer`, or None: in training on the CPU the folded weight is formed
+            in the buffer the previous step's backward gave back (see :class:`SpareBuffer`).
 
     Returns:
         ``(..., out)`` in ``x``'s dtype.
     """
     if not torch.is_grad_enabled():  # inference: no autograd node, no tensors kept for a backward
+        if spare is not None:
+            spare.clear()  # no spare fold kept while serving
         return _output(x, xd, weight, bias, a, b, g, scaling, need_z=False, m=m)[0]
-    return _LowRankLinear.apply(x, xd, weight, bias, a, b, g, scaling, m)
+    return _LowRankLinear.apply(x, xd, weight, bias, a, b, g, scaling, m,
+                                spare if spare is not None and weight.device.type == "cpu" else None)
+
+
+class SpareBuffer:
+    """One layer's folded-weight buffer, kept from one training step to the next on the CPU.
+
+    The CPU has no caching allocator: each step's fold ``W + s B A`` (``(out, in)``) was a fresh allocation,
+    and a fresh weight-sized buffer costs a page fault per 4 KiB page when first written (about 2 us each
+    on the machines here: some 15,000 a step on the ~20M Llama benchmark). The backward gives the buffer
+    back once it has used it (the forward does, for a layer with no input gradient), and the next
+    forward folds into it. Peak memory is unchanged (every fold is alive between a forward and its
+    backward anyway); between steps the layer holds one weight-sized buffer, which is dropped in
+    ``eval()`` mode, in a forward without gradients, and when the adapter is copied or pickled.
+
+    A given-back buffer is reused only while nothing else holds it (``Tensor._use_count() == 1`` and no
+    view of its storage): a graph kept with ``retain_graph=True`` still holds its fold, and the next forward
+    then allocates a new one instead.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf: Tensor | None = None
+
+    def give(self, t: Tensor) -> None:
+        """Keep ``t`` for the next :meth:`take` (one buffer at most; a second is dropped)."""
+        if self._buf is None:
+            self._buf = t
+
+    def take(self, like: Tensor) -> Tensor | None:
+        """The kept buffer, emptied of it, if it has ``like``'s shape, dtype and device and nothing else
+        holds it; else None (the buffer is dropped)."""
+        buf, self._buf = self._buf, None
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            return None
+        return buf if _unshared(buf) else None
+
+    def clear(self) -> None:
+        """Drop the kept buffer."""
+        self._buf = None
+
+    def __deepcopy__(self, memo: dict) -> SpareBuffer:
+        return SpareBuffer()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._buf = None
+
+
+def _unshared(t: Tensor) -> bool:
+    """Whether only the caller holds ``t`` (no autograd graph, no view of its storage); False when torch
+    cannot tell."""
+    try:
+        return t._use_count() == 1 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
+    except (AttributeError, RuntimeError):  # private helpers: without them, never reuse
+        return False
 
 
 def can_fuse(x: Tensor, weight: Tensor, a: Tensor) -> bool:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, wide
-from peftkit.methods.fused import can_fuse, low_rank_linear
+from peftkit.methods.fused import SpareBuffer, can_fuse, low_rank_linear
 from peftkit.methods.lora_init import (
     OLORA_PAPER,
     PISSA_PAPER,
@@ -206,6 +206,12 @@ class LoraLinear(Adapter):
         self.lora_dropout = _dropout(dropout)
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=lora_bias)
+        self._spare = SpareBuffer()  # the fused path's folded weight, from one training step to the next
+
+    def train(self, mode: bool = True) -> LoraLinear:
+        if not mode:  # the spare fold is a training-time buffer: dropped for evaluation and serving
+            getattr(self, "_spare", SpareBuffer()).clear()
+        return super().train(mode)
 
     def reset(self, init: bool | str) -> None:
         """Initialise A and B (see :class:`LoraConfig` ``init_lora_weights``)."""
@@ -257,7 +263,7 @@ class LoraLinear(Adapter):
         m = self.fused_magnitude(layer)
         g = None if m is not None else self.output_factor(layer)
         return low_rank_linear(x, None if xd is x else xd, weight.T if self.transposed else weight, layer.bias, a, b,
-                               None if g is None else g.to(x.dtype), scaling, m)
+                               None if g is None else g.to(x.dtype), scaling, m, getattr(self, "_spare", None))
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         a, b = self.lora_A.weight, self.lora_B

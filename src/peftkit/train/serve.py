@@ -167,8 +167,12 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_ne
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     limit = position_table(base)[0] or getattr(base.config, "max_position_embeddings", None)
-    configs = getattr(model, "peft_config", {})
-    reserved = sum(getattr(configs[n], "num_virtual_tokens", 0) or 0 for n in getattr(model, "active_adapters", ()))
+    # (a fully fine-tuned transformers model has peft_config only from PEFT integrations, and an
+    # active_adapters *method*: only a PeftModel's adapters reserve positions)
+    from peftkit.model import PeftModel
+
+    configs = model.peft_config if isinstance(model, PeftModel) else {}
+    reserved = sum(getattr(configs[n], "num_virtual_tokens", 0) or 0 for n in (model.active_adapters if configs else ()))
     encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
     for n, ids in enumerate(encoded):  # every check before the first generation
         if ids.shape[1] == 0:
