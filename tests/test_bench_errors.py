@@ -10,7 +10,7 @@ import pytest
 from peftkit import ConfigError
 from peftkit.bench import BenchConfig
 from peftkit.bench.arena import Cell, cell_command
-from tests.cli_util import error_line
+from tests.cli_util import cli, error_line
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -83,11 +83,24 @@ def test_report_only_and_damaged_sweep_files(tmp_path, capsys):
     metrics = Cell("lora", "sst2", 0).folder(sweep) / "metrics.json"
     metrics.parent.mkdir(parents=True)
     metrics.write_text("{")
-    assert error_line(capsys, "bench", "--methods", "lora", "--tasks", "sst2", "--seeds", "0", "--report-only",
-                      "--output-dir", sweep) == (
+    # the sweep's settings are read from its folder (they had to be typed again, and were refused otherwise)
+    assert error_line(capsys, "bench", "--report-only", "--output-dir", sweep) == (
         f"peftkit: error: '{metrics}' is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
         "column 2 (char 1)); it holds a finished cell's results; delete the cell's folder and run the sweep again to "
         "redo it")
+    metrics.write_text(json.dumps({"dev_accuracy": 0.5}))  # valid JSON without its metric: was a bare KeyError
+    assert error_line(capsys, "bench", "--report-only", "--output-dir", sweep) == (
+        f"peftkit: error: {metrics} is damaged: it names no metric with its value (metric=None); delete the cell's "
+        "folder and run the sweep again to redo it")
+    metrics.write_text(json.dumps({"metric": "accuracy", "dev_accuracy": 0.5, "trainable_params": 10}))
+    assert error_line(capsys, "bench", "--report-only", "--output-dir", sweep) == (
+        f"peftkit: error: {metrics} is damaged: it lacks total_params, seconds_per_step, peak_memory_mib; "
+        "delete the cell's folder and run the sweep again to redo it")
+    metrics.write_text(json.dumps({"metric": "accuracy", "dev_accuracy": 0.5, "trainable_params": 10,
+                                   "total_params": 100, "seconds_per_step": 0.1,
+                                   "peak_memory_mib": 5.0}))
+    assert cli("bench", "--report-only", "--output-dir", sweep) == 0
+    assert "(1 cells finished, 0 failed, 1 not run yet)" in capsys.readouterr().out
 
 
 def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
@@ -103,8 +116,9 @@ def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
                       "--output-dir", out) == (
         f"peftkit: error: {out} holds a sweep run with other settings (max_steps: 2 there, 3 now; train_args: "
         "['--max-train-samples=64'] there, [] now); use another --output-dir, or the same settings to resume it")
-    assert error_line(capsys, "bench", "--report-only", "--max-steps", "3", "--output-dir", out).startswith(
-        f"peftkit: error: {out} holds a sweep run with other settings")
+    assert error_line(capsys, "bench", "--report-only", "--max-steps", "3", "--output-dir", out) == (
+        "peftkit: error: --max-steps has no effect with --report-only: the report describes the sweep as it ran, "
+        "whose settings are read from its bench_config.json; leave them out")
     BenchConfig(methods=["lora", "ia3"], tasks=["sst2", "rte"], seeds=[0, 1], output_dir=str(out), max_steps=2,
                 train_args=["--max-train-samples=64"]).check_folder()  # more cells, same settings: fine
     with pytest.raises(ConfigError, match=r"train_args \['--max-steps=5'\] repeat options the sweep sets itself"):

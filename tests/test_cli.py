@@ -63,6 +63,7 @@ def test_methods_lists_lora(capsys):
     (["--task", "imdb"], "unknown task 'imdb'"),
     (["--model", "/no/such/dir"], "is not a folder"),
     (["--train-file", "/no/such.csv", "--eval-file", "/no/such.csv"], "does not exist"),
+    (["--train-file", "/", "--eval-file", "/"], "data file '/' is a folder; give the data file itself"),
     (["--lora-dropout", "1.5"], "--lora-dropout 1.5"),
     (["--option", "nonsense=1"], "has no field 'nonsense'"),
     (["--epochs", "2"], "--epochs 2 and --max-steps 1 both set the run's length; give one of them"),

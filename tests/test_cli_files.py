@@ -136,7 +136,7 @@ def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, c
 
 
 @pytest.mark.parametrize("command", ["merge", "export"])
-def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command):
+def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -147,15 +147,15 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command):
     # says so with or without it (it once advised --overwrite, which was then refused)
     for flags in ([], ["--overwrite"]):
         assert error_line(capsys, *argv, *flags) == (
-            f"peftkit: error: --output '{out}' holds notes.txt, which an earlier `peftkit {command}` did not write "
-            "there; --overwrite replaces only such a folder and would delete them: move them away, or give another "
-            "folder")
+            f"peftkit: error: --output '{out}' holds notes.txt, which no earlier `peftkit merge` or `peftkit export` "
+            "wrote there; --overwrite replaces only such a folder and would delete them: move them away, or give "
+            "another folder")
     assert snapshot(tmp_path) == before
     (out / "notes.txt").unlink()
     assert cli(*argv) == 0
     assert error_line(capsys, *argv) == (
-        f"peftkit: error: --output '{out}' holds an earlier {command}; pass --overwrite to replace it, or give a new "
-        "folder")
+        f"peftkit: error: --output '{out}' holds the output of an earlier `peftkit merge` or `peftkit export`; pass "
+        "--overwrite to replace it, or give a new folder")
     assert cli(*argv, "--overwrite") == 0  # an earlier output is replaced
     # a user's file named like an output file (README.md, tokenizer_notes.txt) is not taken for one
     for name in ("README.md", "tokenizer_notes.txt"):
@@ -170,6 +170,12 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli(*argv[:-1], empty) == 0 and (empty / names[0]).is_file()
+    # "." and "" failed after all the work ("PosixPath('.') has an empty name", exit 1)
+    assert error_line(capsys, *argv[:-1], "") == "peftkit: error: --output '' is empty; give the folder to write"
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert cli(*argv[:-1], ".") == 0 and (here / names[0]).is_file()
 
 
 def test_merge_of_a_non_lora_adapter_is_refused(runs, tmp_path, capsys):
@@ -345,6 +351,28 @@ def test_merge_heads_from_an_adapter_without_a_head_is_refused(runs, tmp_path, c
         f"0 ('{runs / 'lora'}')")
     assert not (tmp_path / "m").exists()
     assert cli("merge", runs / "lora", tmp_path / "nohead", "--output", tmp_path / "m") == 0
+
+
+def test_merge_takes_the_run_config_of_the_adapter_whose_head_it_keeps(tiny_model_dir, runs, tmp_path, capsys):
+    """--heads-from 1 kept the RTE run's head but wrote the first (SST-2) run's run_config.json, so predict and
+    eval then read one sentence for a sentence-pair head; and --heads-from on adapters without heads was taken."""
+    assert cli(*train_args(tiny_model_dir, tmp_path / "rte", "--task", "rte")) == 0
+    assert cli("merge", runs / "lora", tmp_path / "rte", "--heads-from", 1, "--output", tmp_path / "m") == 0
+    assert json.loads((tmp_path / "m" / "run_config.json").read_text())["task"] == "rte"
+    from peftkit import LoraConfig, get_peft_model
+    from peftkit.artifacts import load_base_for
+
+    base, _ = load_base_for(runs / "lora")  # (its encoder: what a plain adapter with no task type loads onto)
+    model = get_peft_model(base.bert, LoraConfig(r=2, target_modules=["query"],
+                                                 base_model_name_or_path=str(tiny_model_dir)))
+    model.save_pretrained(tmp_path / "h0")
+    model.save_pretrained(tmp_path / "h1")
+    capsys.readouterr()
+    assert error_line(capsys, "merge", tmp_path / "h0", tmp_path / "h1", "--heads-from", 1, "--output",
+                      tmp_path / "m2") == (
+        "peftkit: error: --heads-from 1 has no effect: the adapters train no whole modules (no classifier head or "
+        "other modules_to_save); leave it out")
+    assert not (tmp_path / "m2").exists()
 
 
 def test_paths_that_do_not_exist_are_named_as_such(runs, tmp_path, capsys):

@@ -139,6 +139,9 @@ def test_merging_errors():
         (dict(adapters=["default", "b"], weights=[1, 1], svd_clamp=1.5), "svd_clamp=1.5 is not valid"),
         (dict(adapters=["default", "b"], weights=[1, 1], svd_clamp=0.0), "svd_clamp=0.0 is not valid"),
         (dict(adapters=["default", "b"], weights=[1, 1], svd_rank=2.5), "svd_rank=2.5 is not valid"),
+        # padded with zero directions, a huge rank wrote gigabytes of zeros (peftkit merge --svd-rank 100000)
+        (dict(adapters=["default", "b"], weights=[1, 1], svd_rank=13), "svd_rank=13 is more than any adapted layer "
+                                                                       "can hold: the widest has 12 singular directions"),
         (dict(adapters=["default", "c"], weights=[1, 1], combination_type="ties", density="0.5"),
          "density='0.5' is not valid"),
         (dict(adapters=["default", "c"], weights=[1, 1], combination_type="dare_linear", density=0.5, seed="x"),

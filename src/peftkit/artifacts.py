@@ -42,6 +42,18 @@ def _inside(path: Path, folder: Path) -> bool:
 MANIFEST = ".peftkit-output.json"
 
 
+def _output_path(output_dir: str | os.PathLike) -> Path:
+    """``output_dir`` as a path with a name: one ending in ``.`` or ``..`` is made absolute (it names that
+    folder, which is then replaced whole like any other output folder).
+
+    Raises:
+        ConfigError: an empty path.
+    """
+    check(str(output_dir).strip() != "", f"--output {str(output_dir)!r} is empty; give the folder to write")
+    path = Path(output_dir)
+    return Path(os.path.abspath(path)) if path.name in ("", "..") else path
+
+
 def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike | None], what: str) -> None:
     """Refuse an output folder that would lose data: a file, a non-empty folder without ``overwrite``, a folder
     holding anything but the files an earlier merge/export wrote (its :data:`MANIFEST`), or a folder that is or
@@ -67,12 +79,11 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike
         foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != MANIFEST
                          and (p.is_symlink() or not p.is_file() or p.name not in written))
         check(not foreign, f"--output {str(out)!r} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, "
-                           f"which an earlier `peftkit {'merge' if what == 'the adapter' else 'export'}` did not "
-                           "write there; --overwrite replaces only such a folder and would delete them: move them "
-                           "away, or give another folder")
+                           "which no earlier `peftkit merge` or `peftkit export` wrote there; --overwrite replaces "
+                           "only such a folder and would delete them: move them away, or give another folder")
     check(overwrite or not out.exists() or not any(out.iterdir()),
-          f"--output {str(out)!r} holds an earlier {'merge' if what == 'the adapter' else 'export'}; pass --overwrite "
-          "to replace it, or give a new folder")
+          f"--output {str(out)!r} holds the output of an earlier `peftkit merge` or `peftkit export`; pass "
+          "--overwrite to replace it, or give a new folder")
 
 
 def _check_writable(out: Path) -> None:
@@ -199,7 +210,9 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
         output_dir: where the new adapter goes (a new or empty folder, or with ``overwrite`` one holding an
             earlier merge's files and nothing else).
         combination_type: ``cat`` (default, exact), ``svd``, ``ties``, ``dare_linear``, ...
-        heads_from: index of the adapter whose ``modules_to_save`` (e.g. classifier head) is kept.
+        heads_from: index of the adapter whose ``modules_to_save`` (e.g. classifier head) is kept, and whose
+            ``run_config.json`` (task, labels) the output gets when it is a run folder; must be 0 when the
+            adapters train no such modules.
         overwrite: replace a non-empty ``output_dir`` that holds an earlier merge's files only (never a file,
             a folder holding an input, or one holding anything else: that is refused, not deleted).
 
@@ -216,7 +229,7 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     check(len(adapter_dirs) >= 2, f"merge needs at least two adapters, got {len(adapter_dirs)}")
     check(len(weights) == len(adapter_dirs), f"got {len(adapter_dirs)} adapters and {len(weights)} weights")
     check(0 <= heads_from < len(adapter_dirs), f"heads_from={heads_from} must index one of the adapters")
-    out = Path(output_dir)
+    out = _output_path(output_dir)
     _check_output(out, overwrite, [*adapter_dirs, *_base_sources(adapter_dirs[0], model_dir)[1:]], "the adapter")
     configs = []
     for folder in adapter_dirs:
@@ -234,7 +247,12 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
                                          "adapters of one task type (one model head) can be combined")
     base, _ = load_base_for(adapter_dirs[0], model_dir)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
-    model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
+    except (AdapterLoadError, ConfigError) as err:  # name the folder, not the internal adapter name
+        detail = str(err).removeprefix(f"adapter {names[0]!r} does not fit the model: ")
+        where = f"--model {model_dir!r}" if model_dir else "its base model"
+        raise AdapterLoadError(f"{str(adapter_dirs[0])!r} does not fit {where}: {detail}") from None
     for name, folder, config in zip(names[1:], adapter_dirs[1:], configs[1:]):
         try:
             model.load_adapter(folder, adapter_name=name)
@@ -245,6 +263,9 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
             raise AdapterLoadError(f"{str(folder)!r} does not fit the base model of {str(adapter_dirs[0])!r}{bases}: "
                                    f"{detail}") from None
     has_heads = bool(model.base_model.modules_to_save_names())
+    check(has_heads or heads_from == 0,
+          f"--heads-from {heads_from} has no effect: the adapters train no whole modules (no classifier head or "
+          "other modules_to_save); leave it out")
     if has_heads:
         wrappers = [w for _, w in model.base_model.wrappers() if isinstance(w, ModulesToSaveWrapper)
                     and any(n in w.modules_to_save for n in names)]
@@ -255,8 +276,10 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
               + ", ".join(f"{i} ({str(adapter_dirs[i])!r})" for i in owners))
     model.add_weighted_adapter(names, list(weights), "merged", combination_type,
                                modules_to_save_from=names[heads_from] if has_heads else None, **kwargs)
-    # the first input that is a run folder lends its run_config.json (task, labels), so that `eval` works
-    run_dir = next((r for r in (_run_dir(Path(d)) for d in adapter_dirs) if r is not None), None)
+    # the input whose head is kept lends its run_config.json (task, labels), so that `eval` and `predict` read
+    # inputs for that head; else the first input that is a run folder
+    order = [adapter_dirs[heads_from], *(d for i, d in enumerate(adapter_dirs) if i != heads_from)]
+    run_dir = next((r for r in (_run_dir(Path(d)) for d in order) if r is not None), None)
 
     def write(folder: Path) -> None:
         save_adapter(model, "merged", folder)
@@ -287,7 +310,7 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     from peftkit.model import PeftModel
     from peftkit.quant.base import dequantize_base
 
-    out = Path(output_dir)
+    out = _output_path(output_dir)
     full = Path(adapter_dir) / "model"
     check(Path(adapter_dir, "adapter_config.json").exists() or not (full / "config.json").is_file(),
           f"{str(adapter_dir)!r} is a full fine-tuning run: it holds no adapter to merge, and its model is already a "

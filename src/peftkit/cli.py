@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--combination", default="cat", help="combination type (default cat)")
     m.add_argument("--output", required=True, help="new adapter folder (new or empty unless --overwrite)")
     m.add_argument("--overwrite", action="store_true",
-                   help="replace an output folder that holds an earlier merge (a folder with other files is refused)")
+                   help="replace an output folder that holds an earlier merge or export (a folder with other files is "
+                        "refused)")
     m.add_argument("--model", help="base model folder (default: from the first adapter)")
     m.add_argument("--svd-rank", type=_positive_int, help="rank of *svd results (default: largest source rank)")
     m.add_argument("--density", type=_finite_float, help="kept fraction for ties/dare/magnitude_prune")
@@ -257,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--save-every", type=_count, default=100, metavar="N",
                    help="each cell writes a checkpoint every N steps, so an interrupted sweep continues its "
                         "unfinished cells from there (default 100; 0: never; writing is not counted as step time)")
-    b.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
+    b.add_argument("--report-only", action="store_true",
+                   help="only rebuild the report of the sweep in --output-dir from its finished cells (its settings "
+                        "are read from the folder; other options are refused)")
     b.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="write a plain transformers model with an adapter merged in")
@@ -266,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True, help="model folder to write (new or empty unless --overwrite)")
     x.add_argument("--model", help="base model folder (default: from the adapter)")
     x.add_argument("--overwrite", action="store_true",
-                   help="replace an output folder that holds an earlier export (a folder with other files is refused)")
+                   help="replace an output folder that holds an earlier export or merge (a folder with other files is "
+                        "refused)")
     return parser
 
 
@@ -670,25 +674,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     def split(value: str) -> list[str]:
         return [v.strip() for v in value.split(",") if v.strip()]
 
-    try:
-        seeds = [int(s) for s in split(args.seeds)]
-    except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
-    cfg = BenchConfig(methods=split(args.methods), tasks=split(args.tasks), seeds=seeds, output_dir=args.output_dir,
-                      model=args.model, data_dir=args.data_dir, max_steps=args.max_steps, batch_size=args.batch_size,
-                      max_length=args.max_length, train_args=list(args.train_arg), save_every=args.save_every)
-    if args.report_only:
-        cfg.check_folder()  # (run_sweep checks it itself)
-        if not (Path(cfg.output_dir) / "bench_config.json").is_file():
-            raise ConfigError(f"--output-dir {cfg.output_dir!r} holds no sweep (no bench_config.json); give the folder "
-                              "of a sweep, or run it without --report-only first")
+    if args.report_only:  # the sweep as it ran: its settings from its folder, none retyped
+        saved = Path(args.output_dir) / "bench_config.json"
+        check(not Path(args.output_dir).exists() or Path(args.output_dir).is_dir(),
+              f"--output-dir {args.output_dir!r} is a file, not a folder; give a new folder or the folder of a sweep "
+              "to resume")
+        if not saved.is_file():
+            raise ConfigError(f"--output-dir {args.output_dir!r} holds no sweep (no bench_config.json); give the "
+                              "folder of a sweep, or run it without --report-only first")
+        defaults = vars(build_parser().parse_args(["bench"]))
+        given = [f"--{k.replace('_', '-')}" for k in ("methods", "tasks", "seeds", "model", "data_dir", "max_steps",
+                                                      "batch_size", "max_length", "train_arg", "save_every", "jobs")
+                 if getattr(args, k) != defaults[k]]
+        check(not given, f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with --report-only: the "
+                         "report describes the sweep as it ran, whose settings are read from its bench_config.json; "
+                         "leave them out")
+        settings = read_json_object(saved, "it holds the sweep's settings, written by `peftkit bench`")
+        fields = {f.name for f in dataclasses.fields(BenchConfig)} - {"output_dir"}
+        cfg = BenchConfig(**{k: v for k, v in settings.items() if k in fields}, output_dir=args.output_dir)
+    else:
+        try:
+            seeds = [int(s) for s in split(args.seeds)]
+        except ValueError:
+            raise ConfigError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+        cfg = BenchConfig(methods=split(args.methods), tasks=split(args.tasks), seeds=seeds,
+                          output_dir=args.output_dir, model=args.model, data_dir=args.data_dir,
+                          max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
+                          train_args=list(args.train_arg), save_every=args.save_every)
     records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
     extra = f" plus `{' '.join(cfg.train_args)}`" if cfg.train_args else ""
     jobs = args.jobs
     if args.report_only:  # the cells ran with the jobs of the last run, not of this command
         saved = Path(cfg.output_dir) / "bench_config.json"
         jobs = read_json_object(saved, "it holds the sweep's settings").get("jobs", "?")
-    notes = (f"Base model: {args.model or 'all-MiniLM-L6-v2 (embedded)'}; {cfg.max_steps} steps of {cfg.batch_size} "
+    notes = (f"Base model: {cfg.model or 'all-MiniLM-L6-v2 (embedded)'}; {cfg.max_steps} steps of {cfg.batch_size} "
              f"rows per cell; seeds {cfg.seeds}; each method at its `peftkit train` defaults{extra}; {jobs} "
              "cell(s) at a time.")
     path = write_report(records, cfg.output_dir, notes=notes)

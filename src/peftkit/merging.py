@@ -122,6 +122,12 @@ def combine(tensors: Sequence[Tensor], weights: Sequence[float], rule: str, dens
 
 
 # --- LoRA factor views ---------------------------------------------------------------------------------
+def _directions(adapter: Any) -> int:
+    """How many singular directions a delta of ``adapter``'s layer has: ``g * min(out/g, fan_in)``."""
+    a, b, g = _views(adapter)
+    return g * min(b.shape[1], a.shape[2])
+
+
 def _views(adapter: Any) -> tuple[Tensor, Tensor, int]:
     """``(A: (g, r/g, fan_in), B: (g, out/g, r/g), g)`` float32 copies of a LoRA adapter, scaling not applied."""
     from peftkit.methods.lora import LoraConv, LoraEmbedding, LoraLinear
@@ -454,6 +460,11 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         # peft's default: the largest rank of any source, its rank_pattern included
         svd_rank = svd_rank or max(max([c.r, *getattr(c, "rank_pattern", {}).values()]) for c in configs)
         check(svd_rank > 0, f"svd_rank={svd_rank!r} must be > 0")
+    if combination_type in SVD_TYPES:  # (padding with zero directions up to any rank would write huge zero files)
+        room = max((_directions(layer.adapters[a]) for _, layer in host.wrappers() if isinstance(layer, AdaptedLayer)
+                    for a in adapters if a in layer.adapters), default=0)
+        check(svd_rank <= room, f"svd_rank={svd_rank} is more than any adapted layer can hold: the widest has "
+                                f"{room} singular directions (its smaller dimension); give svd_rank <= {room}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     plan: list[tuple[str, AdaptedLayer, Tensor, Tensor]] = []
     for name, layer in host.wrappers():

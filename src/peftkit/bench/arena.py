@@ -214,6 +214,8 @@ INTERRUPTED = (130, -2, -15)
 REFUSED = 2
 #: the settings every cell of one sweep folder shares
 CELL_SETTINGS = ("model", "data_dir", "max_steps", "batch_size", "max_length", "train_args")
+# what the report reads of every finished cell's metrics.json, besides its metric
+REPORTED = ("trainable_params", "total_params", "seconds_per_step", "peak_memory_mib")
 
 
 def cells(cfg: BenchConfig) -> list[Cell]:
@@ -436,8 +438,14 @@ def collect(cfg: BenchConfig) -> list[dict[str, Any]]:
         folder = cell.folder(root)
         record: dict[str, Any] = {"method": cell.method, "task": cell.task, "seed": cell.seed}
         if (folder / "metrics.json").is_file():
-            record.update(read_json_object(folder / "metrics.json", "it holds a finished cell's results; delete the "
-                                                                    "cell's folder and run the sweep again to redo it"))
+            redo = "delete the cell's folder and run the sweep again to redo it"
+            record.update(read_json_object(folder / "metrics.json", f"it holds a finished cell's results; {redo}"))
+            metric = record.get("metric")
+            check(isinstance(metric, str) and isinstance(record.get(f"dev_{metric}"), (int, float)),
+                  f"{folder / 'metrics.json'} is damaged: it names no metric with its value (metric="
+                  f"{metric!r}); {redo}")
+            lacking = [k for k in REPORTED if not isinstance(record.get(k), (int, float))]
+            check(not lacking, f"{folder / 'metrics.json'} is damaged: it lacks {', '.join(lacking)}; {redo}")
             record["method"] = cell.method
             record["adapter_bytes"] = _saved_bytes(folder, cell.method)
         elif (folder / "error.txt").is_file():

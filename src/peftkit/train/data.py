@@ -78,7 +78,7 @@ def _read_tsv(path: Path, header: bool = True, encoding: str = "utf-8-sig") -> t
         DataError: a missing file, text that is not UTF-8, or a file with no row of data.
     """
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
+        raise DataError(_not_a_file(path))
     try:
         with open(path, encoding=encoding, newline="") as fh:
             rows = [r for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
@@ -241,7 +241,7 @@ def read_table(path: str | os.PathLike) -> list[Row]:
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file {str(p)!r} does not exist")
+        raise DataError(_not_a_file(p))
     suffix = p.suffix.lower()
     if suffix not in (".jsonl", ".csv", ".tsv"):
         raise DataError(f"{p}: unknown file type {suffix!r}; expected .csv, .tsv or .jsonl")
@@ -490,3 +490,10 @@ def collate_causal(pad_token_id: int) -> Callable[[list[dict[str, list[int]]]], 
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
     return fn
+
+
+def _not_a_file(path: Path) -> str:
+    """The message for a data file path that is not a file: a folder, or nothing."""
+    if path.is_dir():
+        return f"data file {str(path)!r} is a folder; give the data file itself"
+    return f"data file {str(path)!r} does not exist"
