@@ -236,3 +236,64 @@ def test_training_arguments_take_a_path_and_check_seed_and_device(tmp_path):
         with pytest.raises(ConfigError, match="device 'cuda': this machine has no cuda device"):
             Trainer(lora_model("classifier"), ITEMS, collate_classification, TrainingArguments(progress=False),
                     device="cuda")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-rng", r"holds no rng.torch state; the checkpoint is damaged"),
+    ("short-python-rng", r"holds a random-generator state that cannot be restored"),
+    ("moment-shape", r"has 'optim.0.exp_avg' of shape \[3\] for a parameter of shape \[4, 16\]"),
+    ("no-moments", r"has 6 entries where 18 were written"),
+    ("step-past-end", r"has total_steps of the wrong form"),
+    ("base-lrs", r"has scheduler of the wrong form"),
+])
+def test_a_damaged_checkpoint_that_still_parses_is_refused_before_any_change(tmp_path, damage, message):
+    """Damage that kept the files readable gave raw KeyErrors and RuntimeErrors mid-resume, or was taken
+    silently (no optimiser moments: fresh ones; a step past the end: the run "finished" early)."""
+    from safetensors.torch import save_file
+
+    _trainer(tmp_path, max_steps=6).train()
+    folder = latest_checkpoint(tmp_path)
+    tensors = load_file(folder / "rank0.safetensors")
+    meta = json.loads((folder / "rank0.json").read_text())
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if damage == "no-rng":
+        del tensors["rng.torch"]
+    elif damage == "short-python-rng":
+        meta["python"][1] = meta["python"][1][:10]
+    elif damage == "moment-shape":
+        tensors["optim.0.exp_avg"] = torch.zeros(3)
+    elif damage == "no-moments":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("optim.") or k.endswith(".step")}
+        meta["optim_scalars"] = {}
+    elif damage == "step-past-end":
+        state["step"] = 99
+    elif damage == "base-lrs":
+        state["scheduler"]["base_lrs"] = ["x"]
+    save_file(tensors, folder / "rank0.safetensors", metadata={"format": "pt"})
+    (folder / "rank0.json").write_text(json.dumps(meta))
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    resumed = _trainer(tmp_path, max_steps=6)
+    before = _state(resumed)
+    with pytest.raises(ConfigError, match=message):
+        resumed.train(resume_from_checkpoint=folder)
+    assert all(torch.equal(before[k], v) for k, v in _state(resumed).items())
+
+
+def test_a_checkpoint_put_in_place_before_latest_json_was_written_is_found(tmp_path):
+    """A stop between a checkpoint folder's rename and latest.json's write left a complete checkpoint that
+    --resume did not find ("no checkpoint ... to resume from")."""
+    _trainer(tmp_path, max_steps=6).train()
+    (tmp_path / "checkpoints" / "latest.json").unlink()
+    (tmp_path / "checkpoints" / "step-00000003").mkdir()  # an older name with no state: not a checkpoint
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-00000006"
+
+
+def test_a_new_run_does_not_delete_another_runs_checkpoints(tmp_path):
+    """A second Trainer in the same output_dir, not resuming, deleted the first run's checkpoints at its own
+    first save (step-00000006 replaced by step-00000002)."""
+    _trainer(tmp_path, max_steps=6).train()
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=r"holds the checkpoints of another run \(latest: step-00000006\)"):
+        _trainer(tmp_path, max_steps=4, save_every=2).train()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    _trainer(tmp_path, max_steps=6).train(resume_from_checkpoint=tmp_path)  # continuing it is fine

@@ -4,7 +4,9 @@ folders on --resume and eval; refusals are one line and leave every byte on disk
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 
@@ -106,6 +108,21 @@ def test_an_interrupted_overwrite_run_with_checkpoints_is_kept_for_resume(tiny_m
     interrupt_training(monkeypatch, after=2)
     assert cli(*train_args(tiny_model_dir, again, "--max-steps", 3, "--overwrite")) == 130
     assert snapshot(again) == before
+    monkeypatch.undo()
+    # SIGTERM (kill, SLURM, docker stop) likewise: it killed the run outright, leaving the earlier run hidden,
+    # and the next --overwrite run deleted it
+    step, calls = Trainer._step, []
+
+    def terminated(self, indices, n):
+        calls.append(n)
+        if len(calls) > 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, indices, n)
+
+    monkeypatch.setattr(Trainer, "_step", terminated)
+    assert cli(*train_args(tiny_model_dir, again, "--max-steps", 3, "--overwrite")) == 130
+    assert snapshot(again) == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was for the run only
 
 
 def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, capsys):

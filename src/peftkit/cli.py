@@ -19,7 +19,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -722,6 +724,10 @@ COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "eval": _cmd_eval, "predic
             "methods": _cmd_methods, "merge": _cmd_merge, "export": _cmd_export}
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("terminated (SIGTERM)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peftkit`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -735,6 +741,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
+    previous = None
+    if args.command == "train" and threading.current_thread() is threading.main_thread():
+        # SIGTERM (kill, SLURM, docker stop, torchrun stopping its workers) ends a run as Ctrl-C does: an earlier
+        # run moved aside by --overwrite is put back unless a checkpoint was written, and the note is printed
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, NotADirectoryError, AdapterLoadError,
@@ -758,6 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peftkit: error: {type(err).__name__}: {_one_line(err)} (set PEFTKIT_TRACEBACK=1 for the "
               f"traceback){'; ' + note if note else ''}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -400,4 +400,7 @@ for _name, _cls in _CONFIGS.items():
                                paper=_PAPERS[_name], tuner=_TUNER, cli_config=_cli(_cls),
                                aliases=_ALIASES.get(_name, ()),
                                # PHM layers have few parameters and want a larger step (measured on SST-2)
-                               default_lr=5e-3 if _name.startswith("compacter") else None))
+                               default_lr=5e-3 if _name.startswith("compacter") else None,
+                               # Compacter's PHM rule is one tensor shared by every block's adapter, which FSDP's
+                               # per-block groups cannot hold (refused before anything is written)
+                               shards=not _name.startswith("compacter")))

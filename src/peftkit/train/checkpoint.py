@@ -73,6 +73,51 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _check_optimizer_state(folder: Path, tensors: dict[str, Tensor], meta: dict[str, Any], params: list[Tensor]
+                           ) -> None:
+    """Refuse optimiser state that does not fit: an index with no parameter, a moment whose shape is not its
+    parameter's, or fewer entries than were written (``optim_entries``; a file without it is not counted).
+
+    Raises:
+        ConfigError: naming the checkpoint folder and the first entry that does not fit.
+    """
+    where = f"the optimiser state in {str(folder)!r}"
+    count = sum(k.startswith("optim.") for k in tensors) + len(meta["optim_scalars"])
+    written = meta.get("optim_entries")
+    check(written is None or written == count,
+          f"{where} has {count} entries where {written} were written; {DAMAGED}")
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        _, index, _ = key.split(".", 2)
+        check(index.isdigit() and int(index) < len(params),
+              f"{where} has {key!r}, for no parameter of this optimiser; {DAMAGED}")
+        local = D.local(params[int(index)])
+        check(value.dim() == 0 or value.shape == local.shape,
+              f"{where} has {key!r} of shape {list(value.shape)} for a parameter of shape {list(local.shape)}; "
+              f"{DAMAGED}")
+
+
+def _check_rng_state(folder: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Refuse random-generator states that could not be restored (tried on throwaway generators).
+
+    Raises:
+        ConfigError: naming the generator whose saved state does not fit.
+    """
+    for name in ("rng.torch", "rng.numpy"):
+        check(name in tensors, f"{str(folder)!r} holds no {name} state; {DAMAGED}")
+    try:
+        torch.Generator().set_state(tensors["rng.torch"])
+        kind, pos, has_gauss, cached = meta["numpy"]
+        np.random.RandomState().set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss,
+                                           cached))
+        version, internal, gauss = meta["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ConfigError(f"{str(folder)!r} holds a random-generator state that cannot be restored ({err}); "
+                          f"{DAMAGED}") from None
+
+
 def _buffers(model: nn.Module) -> dict[str, Tensor]:
     names = {n for n, _ in model.named_buffers()}
     return {k: v for k, v in model.state_dict(keep_vars=True).items() if k in names}
@@ -118,7 +163,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     rng, meta = _rng_state()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in (tensors | rng).items()}
     atomic_write_bytes(tmp / f"rank{info.rank}.safetensors", save(tensors, metadata={"format": "pt"}))
-    _write_json(tmp / f"rank{info.rank}.json", {**meta, "optim_scalars": scalars})
+    entries = sorted(k for k in tensors if k.startswith("optim.")) + sorted(scalars)
+    _write_json(tmp / f"rank{info.rank}.json", {**meta, "optim_scalars": scalars, "optim_entries": len(entries)})
     D.barrier()
     if info.is_main:
         _write_json(tmp / STATE, {**state, "step": step, "world_size": info.world_size,
@@ -134,14 +180,18 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``root/checkpoints``, or None when there is none.
+    """The newest complete checkpoint under ``root/checkpoints`` (the one ``latest.json`` names; without it, the
+    newest ``step-*`` folder holding its state), or None when there is none.
 
     Raises:
         ConfigError: ``latest.json`` is damaged or names a folder that is not a complete checkpoint.
     """
     pointer = Path(root) / CHECKPOINTS / LATEST
     if not pointer.is_file():
-        return None
+        # a stop between a checkpoint's folder being put in place and latest.json being written: the newest
+        # folder whose state (written last inside it) is there is complete
+        done = sorted(p for p in (Path(root) / CHECKPOINTS).glob("step-*") if (p / STATE).is_file())
+        return done[-1] if done else None
     name = read_json_object(pointer, DAMAGED).get("folder")
     check(isinstance(name, str) and name.startswith("step-") and "/" not in name and "\\" not in name,
           f"{str(pointer)!r} names no checkpoint folder (expected \"folder\": \"step-<N>\", got {name!r}); {DAMAGED}")
@@ -160,7 +210,9 @@ def _read_state(folder: Path) -> dict[str, Any]:
         "samples": _whole(state["samples"]), "seconds": _number(state["seconds"]),
         "history": isinstance(state["history"], list) and all(_number(v) for v in state["history"]),
         "scheduler": isinstance(sched, dict) and {"base_lrs", "last_epoch", "lr_lambdas"} <= set(sched)
-        and _whole(sched["last_epoch"]) and isinstance(sched["base_lrs"], list),
+        and _whole(sched["last_epoch"]) and isinstance(sched["base_lrs"], list)
+        and all(_number(v) for v in sched["base_lrs"]),
+        "total_steps": _whole(state["total_steps"]) and _whole(state["step"]) and state["step"] <= state["total_steps"],
         "optimizer_param_groups": isinstance(state["optimizer_param_groups"], list) and all(
             isinstance(g, dict) and isinstance(g.get("params"), list) and _number(g.get("lr"))
             for g in state["optimizer_param_groups"]),
@@ -278,6 +330,8 @@ def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torc
     for key, value in meta["optim_scalars"].items():
         index, name = key.split(".", 1)
         opt_state.setdefault(int(index), {})[name] = value
+    _check_optimizer_state(folder, tensors, meta, params)
+    _check_rng_state(folder, tensors, meta)
     saved_groups = []
     for live, stored in zip(groups, state["optimizer_param_groups"], strict=True):
         saved_groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in stored.items()})

@@ -38,6 +38,7 @@ from peftkit.train.checks import (
     output_dir_problem,
     restore_run_files,
     set_aside_run_files,
+    unwritable_problem,
 )
 from peftkit.train.data import (
     GLUE_FILES,
@@ -335,6 +336,11 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
             raise FileNotFoundError(f"no checkpoint in {str(out_dir / 'checkpoints')!r} to resume from; a run "
                                     "writes them when trained with --save-every N")
         check_checkpoint(checkpoint, info.rank, info.world_size)
+        # the run's log, checkpoints and results are written there: refused before any work (rank 0's answer)
+        problem = D.broadcast(unwritable_problem(out_dir, "--resume")
+                              or unwritable_problem(out_dir / "checkpoints", "--resume (its checkpoints)"))
+        if problem:
+            raise ConfigError(problem)
     else:
         problem = D.broadcast(output_dir_problem(out_dir, overwrite))
         if problem:

@@ -338,7 +338,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if not self.dist.enabled:
             return loss.item()
-        return D.all_reduce_sum([loss.item() * share])[0]
+        # (a rank whose rows carry no loss item has a NaN mean loss and a share of 0: it adds nothing)
+        return D.all_reduce_sum([loss.item() * share if share else 0.0])[0]
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, seconds: float) -> None:
@@ -390,7 +391,8 @@ class Trainer:
             from scratch).
 
         Raises:
-            ConfigError: the checkpoint belongs to another setup (length, batch, seed, processes, model).
+            ConfigError: the checkpoint belongs to another setup (length, batch, seed, processes, model); or,
+                starting a new run that writes checkpoints, ``output_dir`` holds another run's checkpoints.
             RuntimeError: this Trainer has trained already (its schedule has run; a second call would train
                 at learning rate 0): build a new one.
             ValueError: the model returns no ``loss`` (the batches lack ``labels``).
@@ -399,8 +401,15 @@ class Trainer:
             raise RuntimeError(f"this Trainer has already trained (its {self.total_steps} steps and learning-rate "
                                "schedule are spent); build a new Trainer to train again, or give a new one "
                                "resume_from_checkpoint to continue a run")
-        self._started = True
         args = self.args
+        if resume_from_checkpoint is None and args.save_every and args.output_dir:
+            # a new run's first checkpoint deletes the folder's others: another run's would be lost unasked
+            found = latest_checkpoint(args.output_dir)
+            check(found is None, f"output_dir {str(args.output_dir)!r} holds the checkpoints of another run (latest: "
+                                 f"{found.name if found else ''}), which this run's checkpoints would replace; pass "
+                                 "resume_from_checkpoint=output_dir to continue that run, or give another output_dir "
+                                 "(or delete its checkpoints folder) to start a new one")
+        self._started = True
         if resume_from_checkpoint is None:
             seed_everything(D.rank_seed(args.seed, self.dist.rank))
             first = 1
