@@ -133,6 +133,17 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
     capsys.readouterr()
+    # a second resume while one runs was taken, and the two deleted each other's checkpoint writes
+    import fcntl
+    import os
+
+    held = os.open(tmp_path / "run" / ".peftkit-train.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
+        assert "is being trained by another process" in capsys.readouterr().err
+    finally:
+        os.close(held)
     assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "(this session, resumed at step 3; training over all sessions " in out
@@ -297,3 +308,12 @@ def test_a_new_run_does_not_delete_another_runs_checkpoints(tmp_path):
         _trainer(tmp_path, max_steps=4, save_every=2).train()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     _trainer(tmp_path, max_steps=6).train(resume_from_checkpoint=tmp_path)  # continuing it is fine
+
+
+def test_a_run_resumed_on_other_training_data_is_refused(tmp_path):
+    """Rows added to the training file between the interruption and --resume made the run a mix of two datasets
+    and two batch orders; the row count is recorded and checked."""
+    _trainer(tmp_path, max_steps=6).train()
+    more = _trainer(tmp_path, max_steps=6, data=classification_items(20))
+    with pytest.raises(ConfigError, match=r"has train_rows=13 but this run has 20; the training data changed"):
+        more.train(resume_from_checkpoint=tmp_path)

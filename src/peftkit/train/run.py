@@ -13,13 +13,14 @@ split and gathered, and only rank 0 writes files and logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,8 +321,43 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) 
     """
     cfg.validate()
     check_device(cfg.device)
-    with D.process_group(cfg.device) as info:
+    with D.process_group(cfg.device) as info, _resume_lock(cfg, resume, info):
         return _run(cfg, resume, overwrite, info)
+
+
+@contextlib.contextmanager
+def _resume_lock(cfg: RunConfig, resume: bool, info: D.DistInfo) -> Iterator[None]:
+    """With ``resume``, hold a lock on the run folder (``.peftkit-train.lock``, rank 0) for the whole run: two
+    resumes of one run at once deleted each other's checkpoint writes. Where file locks are not available,
+    or the folder does not exist (the run's own checks say so), nothing is locked.
+
+    Raises:
+        ConfigError: another process holds the run.
+    """
+    fd = None
+    problem = None
+    if resume and info.is_main and cfg.output_dir and Path(cfg.output_dir).is_dir():
+        try:
+            import fcntl
+
+            fd = os.open(Path(cfg.output_dir) / ".peftkit-train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+            problem = (f"{cfg.output_dir!r} is being trained by another process (a `peftkit train --resume` of the "
+                       "same run); wait for it to end or stop it")
+    problem = D.broadcast(problem) if resume else None
+    if problem:
+        raise ConfigError(problem)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dict[str, Any]:

@@ -355,8 +355,10 @@ class Trainer:
         """The arguments a resumed run must share with the checkpoint besides length, batch and seed (the
         optimiser's and scheduler's settings: changed, they were silently replaced or applied)."""
         a = self.args
+        # (train_rows: a training set that grew or shrank would mix two batch orders into one run)
         return {"learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "warmup_ratio": a.warmup_ratio,
-                "max_grad_norm": a.max_grad_norm, "loraplus_lr_ratio": a.loraplus_lr_ratio}
+                "max_grad_norm": a.max_grad_norm, "loraplus_lr_ratio": a.loraplus_lr_ratio,
+                "train_rows": len(self.dataset)}
 
     def _resume(self, folder: str | os.PathLike) -> int:
         saved = read_checkpoint_state(folder)  # checked before anything is loaded
@@ -368,7 +370,9 @@ class Trainer:
             default = None if key == "loraplus_lr_ratio" else value
             have = training.get(key, default) if key in self._resume_settings() else saved[key]
             check(have == value, f"checkpoint {str(folder)!r} has {key}={have!r} but this run has {value!r}; "
-                                 "resume with the run's own arguments")
+                                 + ("the training data changed since the run started: resume it with the data it "
+                                    "started with, or start a new run" if key == "train_rows" else
+                                    "resume with the run's own arguments"))
         state = load_checkpoint(folder, D.unwrap(self.wrapped), self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.samples, self._seconds_before = list(state["history"]), state["samples"], state["seconds"]
