@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import ConfigError, PeftConfig, check
+from peftkit.config import PeftConfig, check
 from peftkit.host import AdapterModel
 from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
 from peftkit.methods.lora_init import check_trainable_init
@@ -629,10 +629,9 @@ def _check_device(caller: str, model: nn.Module, kwargs: dict[str, Any]) -> None
     wanted = kwargs.get("torch_device")
     if wanted is None:
         return
-    try:
-        device = torch.device(wanted)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"torch_device={wanted!r} is not a device; give one such as 'cpu' or 'cuda:0'") from None
+    from peftkit.train.checks import as_device
+
+    device = as_device(wanted, f"torch_device={wanted!r}")
     here = next((p.device for p in model.parameters()), torch.device("cpu"))
     check(device.type == here.type and (device.index is None or here.index is None or device.index == here.index),
           f"torch_device={wanted!r} is not where the model is ({here}); peftkit loads adapter weights beside the "

@@ -52,6 +52,18 @@ def check_field_types(obj: Any, where: str = "", names: typing.Iterable[str] | N
             check(fits(value, hints[f.name]), f"{where}{f.name}={value!r} is not valid: numbers must be finite")
 
 
+def as_device(value: Any, label: str) -> torch.device:
+    """``value`` as a ``torch.device``.
+
+    Raises:
+        ConfigError: ``"<label> is not a device; ..."`` when torch does not read it as one.
+    """
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{label} is not a device; use cpu, cuda, cuda:N or mps") from None
+
+
 def check_device(device: str | None, option: str = "--device") -> None:
     """Check that ``device`` names a device this machine has (None: automatic, always fine).
 
@@ -60,10 +72,7 @@ def check_device(device: str | None, option: str = "--device") -> None:
     """
     if device is None:
         return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"{option} {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    dev = as_device(device, f"{option} {device!r}")
     if dev.type == "cpu":
         return
     backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
