@@ -137,10 +137,13 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
     import fcntl
     import os
 
-    held = os.open(tmp_path / "run" / ".peftkit-train.lock", os.O_RDWR | os.O_CREAT)
+    held = os.open(tmp_path / "run", os.O_RDONLY)  # what a running `peftkit train` there holds
     fcntl.flock(held, fcntl.LOCK_EX)
     try:
         assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
+        assert "is being trained by another process" in capsys.readouterr().err
+        # nor may a new run replace it meanwhile (it set the resumed run's files aside and mixed the two)
+        assert main([*common, "--output-dir", str(tmp_path / "run"), "--overwrite"]) == 2
         assert "is being trained by another process" in capsys.readouterr().err
     finally:
         os.close(held)

@@ -223,3 +223,6 @@ def test_the_fold_is_reused_across_steps_and_never_while_a_graph_holds_it(method
     assert twin.base_model.model[0].adapters["default"]._spare._buf is None
     model.eval()
     assert adapter._spare._buf is None
+    adapter._spare = None  # no buffer kept at all: eval() and a training step still work
+    model.train()
+    model.eval()

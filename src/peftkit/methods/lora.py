@@ -209,8 +209,9 @@ class LoraLinear(Adapter):
         self._spare = SpareBuffer()  # the fused path's folded weight, from one training step to the next
 
     def train(self, mode: bool = True) -> LoraLinear:
-        if not mode:  # the spare fold is a training-time buffer: dropped for evaluation and serving
-            getattr(self, "_spare", SpareBuffer()).clear()
+        spare = getattr(self, "_spare", None)
+        if not mode and spare is not None:  # the spare fold is a training-time buffer: dropped for evaluation
+            spare.clear()
         return super().train(mode)
 
     def reset(self, init: bool | str) -> None:

@@ -321,26 +321,28 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) 
     """
     cfg.validate()
     check_device(cfg.device)
-    with D.process_group(cfg.device) as info, _resume_lock(cfg, resume, info):
+    with D.process_group(cfg.device) as info, _run_lock(cfg, info):
         return _run(cfg, resume, overwrite, info)
 
 
 @contextlib.contextmanager
-def _resume_lock(cfg: RunConfig, resume: bool, info: D.DistInfo) -> Iterator[None]:
-    """With ``resume``, hold a lock on the run folder (``.peftkit-train.lock``, rank 0) for the whole run: two
-    resumes of one run at once deleted each other's checkpoint writes. Where file locks are not available,
-    or the folder does not exist (the run's own checks say so), nothing is locked.
+def _run_lock(cfg: RunConfig, info: D.DistInfo) -> Iterator[None]:
+    """Hold a lock on the run folder (rank 0; ``flock`` on the folder itself, so no file is made) for the
+    whole run, when the folder exists: two runs in one folder at once (two ``--resume`` of a run, or an
+    ``--overwrite`` run beside a resumed one) deleted each other's checkpoint writes or mixed their files.
+    Where file locks are not available, nothing is locked.
 
     Raises:
-        ConfigError: another process holds the run.
+        ConfigError: another process is training in the folder.
     """
     fd = None
     problem = None
-    if resume and info.is_main and cfg.output_dir and Path(cfg.output_dir).is_dir():
+    folder = Path(cfg.output_dir) if cfg.output_dir else None
+    if info.is_main and folder is not None and folder.is_dir():
         try:
             import fcntl
 
-            fd = os.open(Path(cfg.output_dir) / ".peftkit-train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(folder, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - not POSIX
             pass
@@ -348,9 +350,9 @@ def _resume_lock(cfg: RunConfig, resume: bool, info: D.DistInfo) -> Iterator[Non
             if fd is not None:
                 os.close(fd)
                 fd = None
-            problem = (f"{cfg.output_dir!r} is being trained by another process (a `peftkit train --resume` of the "
-                       "same run); wait for it to end or stop it")
-    problem = D.broadcast(problem) if resume else None
+            problem = (f"{cfg.output_dir!r} is being trained by another process (a `peftkit train` in the same "
+                       "folder); wait for it to end or stop it")
+    problem = D.broadcast(problem)
     if problem:
         raise ConfigError(problem)
     try:
