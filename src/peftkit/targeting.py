@@ -126,25 +126,37 @@ def hidden_targets(model: nn.Module, inside: Sequence[str], target_modules: str 
     """
     from peftkit.layers import unwrap
 
-    if isinstance(layers_to_transform, int):
-        layers_to_transform = [layers_to_transform]
-    output_layer = model.get_output_embeddings() if target_modules == ALL_LINEAR and hasattr(
-        model, "get_output_embeddings") else None
+    select = _selector(model, target_modules, exclude_modules, layers_to_transform, layers_pattern)
     hits: list[str] = []
     for wrapper_name in inside:
         for sub, module in unwrap(model.get_submodule(wrapper_name)).named_modules():
             name = f"{wrapper_name}.{sub}" if sub else wrapper_name
-            module = unwrap(module)
-            if target_modules == ALL_LINEAR:
-                hit = isinstance(module, linear_types()) and module is not output_layer
-            else:
-                hit = matches(name, target_modules)
-            if not hit or matches(name, exclude_modules) or not isinstance(module, supported):
-                continue
-            if layers_to_transform is not None and layer_index(name, layers_pattern) not in layers_to_transform:
-                continue
-            hits.append(name)
+            if select(name, unwrap(module)) == "selected" and isinstance(unwrap(module), supported):
+                hits.append(name)
     return hits
+
+
+def _selector(model: nn.Module, target_modules: str | Sequence[str] | None,
+              exclude_modules: str | Sequence[str] | None, layers_to_transform: int | Sequence[int] | None,
+              layers_pattern: str | Sequence[str] | None):
+    """``select(name, module)``: ``"selected"``, ``"excluded"`` (matched, then removed by ``exclude_modules``)
+    or None (not matched, or outside ``layers_to_transform``), as :func:`find_targets` selects."""
+    layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    all_linear = target_modules == ALL_LINEAR
+    output_layer = model.get_output_embeddings() if all_linear and hasattr(model, "get_output_embeddings") else None
+    lin = linear_types()
+
+    def select(name: str, module: nn.Module) -> str | None:
+        hit = (isinstance(module, lin) and module is not output_layer) if all_linear else matches(name, target_modules)
+        if not hit:
+            return None
+        if matches(name, exclude_modules):
+            return "excluded"
+        if layers is not None and layer_index(name, layers_pattern) not in layers:
+            return None
+        return "selected"
+
+    return select
 
 
 def find_targets(
@@ -186,11 +198,7 @@ def find_targets(
                                   f"({err}); give a list of module names or a valid regex") from None
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
-    all_linear = target_modules == ALL_LINEAR
-    output_layer = None
-    if all_linear and hasattr(model, "get_output_embeddings"):
-        output_layer = model.get_output_embeddings()
-    lin = linear_types()
+    select = _selector(model, target_modules, exclude_modules, layers_to_transform, layers_pattern)
     found: list[str] = []
     candidates: list[str] = []
     names: list[str] = []
@@ -201,19 +209,11 @@ def find_targets(
             continue
         if isinstance(module, supported):
             candidates.append(name)
-        if all_linear:
-            hit = isinstance(module, lin) and module is not output_layer
-        else:
-            hit = matches(name, target_modules)
-        if not hit:
-            continue
-        if matches(name, exclude_modules):
+        verdict = select(name, module)
+        if verdict == "excluded":
             excluded.append(name)
+        if verdict != "selected":
             continue
-        if layers_to_transform is not None:
-            idx = layer_index(name, layers_pattern)
-            if idx is None or idx not in layers_to_transform:
-                continue
         if not isinstance(module, supported):
             raise ConfigError(
                 f"{method} cannot adapt module {name!r} of type {type(module).__name__}; "

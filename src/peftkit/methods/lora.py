@@ -35,7 +35,7 @@ from peftkit.methods.lora_init import (
     principal_factors,
 )
 from peftkit.ops import Dropout
-from peftkit.targeting import LORA_TARGET_DEFAULTS, linear_types, pattern_key
+from peftkit.targeting import LORA_TARGET_DEFAULTS, check_target_fields, linear_types, pattern_key
 from peftkit.tuners import WrapTuner
 
 LORA_PAPER = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685)"
@@ -129,19 +129,11 @@ class LoraConfig(PeftConfig):
         check(not (self.lora_bias and (self.use_dora or changes_base(self.init_lora_weights))),
               f"lora_bias=True is not supported with use_dora={self.use_dora} and "
               f"init_lora_weights={self.init_lora_weights!r}; use it with plain LoRA initialisations only")
-        check(self.target_modules != [],
-              "target_modules=[] adapts nothing; give module names/suffixes, a regex, 'all-linear', or "
-              "None for the model type's defaults")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
+        check_target_fields(self)
         for key, value in self.rank_pattern.items():
             check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}]={value!r} must be an integer > 0")
         for key, value in self.alpha_pattern.items():
             check(isinstance(value, (int, float)) and value > 0, f"alpha_pattern[{key!r}]={value!r} must be > 0")
-        if self.layers_to_transform is not None:
-            layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
-            check(all(isinstance(i, int) and i >= 0 for i in layers),
-                  f"layers_to_transform={self.layers_to_transform!r} must be a block index >= 0 or a list of them")
         from peftkit.quant.loftq import validate_lora_options
 
         validate_lora_options(self)
