@@ -27,7 +27,7 @@ TRAIN_HELP = "(see `peftkit train --help`)"
     (["--target-modules", "(query"],
      "argument --target-modules: '(query' is read as a regular expression, and it is not a valid one (missing ), "
      f"unterminated subpattern at position 0); give names separated by commas or a valid regex {TRAIN_HELP}"),
-    (["--no-such-option"], "unrecognized arguments: --no-such-option (see `peftkit --help`)"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option (see `peftkit train --help`)"),  # (it named `peftkit --help`)
 ])
 def test_argument_errors_are_one_line(tmp_path, capsys, argv, message):
     assert error_line(capsys, "train", "--output-dir", tmp_path / "x", *argv) == f"peftkit: error: {message}"

@@ -49,6 +49,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"peftkit: error: {_one_line(message)} (see `{self.prog} --help`)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                   ) -> argparse.Namespace:
+        """As argparse's, but an option no sub-command takes is reported with that sub-command's help (the
+        top-level parser, which finds them, pointed to `peftkit --help`)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            action = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            chosen = action.choices.get(getattr(ns, "command", None)) if action is not None else None
+            (chosen or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
 
 def _target_modules(value: str) -> list[str] | str:
     """``a,b,c`` -> list; ``all-linear`` or anything with regex characters stays a string (a regex)."""
