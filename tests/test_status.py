@@ -147,3 +147,19 @@ def test_inner_model_and_plain_modules():
     with pytest.raises(TypeError, match="not str"):
         get_layer_status("model")
     assert dataclasses.is_dataclass(inner)
+
+
+def test_a_layer_inside_a_parallel_adapters_sub_layer_is_named_by_its_plain_name():
+    """get_layer_status named LoRA's layer inside a parallel adapter's sub-layer by its physical path
+    (``...output.base_layer.dense``), while targeting and the saved file use ``...output.dense``."""
+    from transformers import BertConfig, BertModel
+
+    import peftkit
+
+    model = peftkit.get_peft_model(BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                        num_attention_heads=2, intermediate_size=32)),
+                                   peftkit.ParallelConfig(), adapter_name="p")
+    model.add_adapter("l", peftkit.LoraConfig(r=2, target_modules=["dense"]))
+    names = [s.name for s in model.get_layer_status()]
+    assert "model.encoder.layer.0.output" in names and "model.encoder.layer.0.output.dense" in names
+    assert not any(".base_layer." in n for n in names)

@@ -168,7 +168,12 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     owner = host.owner if host is not None else (lambda n: n)
     in_use = host.in_use if host is not None else []
     found: list[TunerLayerStatus] = []
-    for name, module in root.named_modules():
+    renamed: list[tuple[str, str]] = []  # a parallel adapter's sub-layer keeps its modules' plain names
+    for physical, module in root.named_modules():
+        name = next((logical + physical[len(real):] for real, logical in renamed if physical.startswith(real)),
+                    physical)
+        if getattr(module, "holds_adaptable_modules", False):
+            renamed.insert(0, (physical + ".base_layer.", name + "."))
         if isinstance(module, AdaptedLayer):
             adapters, base = dict(module.adapters.items()), module.base_layer
         elif isinstance(module, ModulesToSaveWrapper):
