@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from peftkit.bench.report import NOT_RUN
 from peftkit.config import ConfigError, check, get_method
 from peftkit.train.checkpoint import CHECKPOINTS, latest_checkpoint
-from peftkit.train.checks import SEED_MAX, check_model_dir, read_json_object
+from peftkit.train.checks import SEED_MAX, check_model_dir, hold_lock, read_json_object
 from peftkit.train.data import TASK_SPECS, TASKS
 from peftkit.train.options import resolve_model_dir
 
@@ -399,20 +399,13 @@ def _lock_cell(folder: Path) -> int | None:
     Raises:
         ConfigError: another process holds the cell (a sweep running it, or a cell left running).
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return None
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+        return hold_lock(folder / ".lock")  # (a file: the cell's `peftkit train` locks the folder itself)
+    except BlockingIOError:
         raise ConfigError(f"the cell in {folder} is being trained by another process (a sweep running in the same "
                           "folder, or a cell left running): wait for it to end or stop it, then run the sweep "
                           "again") from None
-    return fd
 
 
 def _unlock(fd: int | None) -> None:

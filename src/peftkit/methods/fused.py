@@ -231,7 +231,8 @@ class SpareBuffer:
 
     The CPU has no caching allocator: each step's fold ``W + s B A`` (``(out, in)``) was a fresh allocation,
     and a fresh weight-sized buffer costs a page fault per 4 KiB page when first written (about 2 us each
-    on the machines here: some 15,000 a step on the ~20M Llama benchmark). The backward gives the buffer
+    on the machines here; reusing the folds took the ~20M Llama benchmark's step from about 32,800 faults
+    to 24,600, and from 444 to 436 ms). The backward gives the buffer
     back once it has used it (the forward does, for a layer with no input gradient), and the next
     forward folds into it. Peak memory is unchanged (every fold is alive between a forward and its
     backward anyway); between steps the layer holds one weight-sized buffer, which is dropped in

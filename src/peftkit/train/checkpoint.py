@@ -73,6 +73,11 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _optim_entries(tensors: dict[str, Tensor], scalars: dict[str, Any]) -> int:
+    """How many optimiser-state entries a rank's checkpoint holds (tensors ``optim.*`` and scalars)."""
+    return sum(k.startswith("optim.") for k in tensors) + len(scalars)
+
+
 def _check_optimizer_state(folder: Path, tensors: dict[str, Tensor], meta: dict[str, Any], params: list[Tensor]
                            ) -> None:
     """Refuse optimiser state that does not fit: an index with no parameter, a moment whose shape is not its
@@ -82,7 +87,7 @@ def _check_optimizer_state(folder: Path, tensors: dict[str, Tensor], meta: dict[
         ConfigError: naming the checkpoint folder and the first entry that does not fit.
     """
     where = f"the optimiser state in {str(folder)!r}"
-    count = sum(k.startswith("optim.") for k in tensors) + len(meta["optim_scalars"])
+    count = _optim_entries(tensors, meta["optim_scalars"])
     written = meta.get("optim_entries")
     check(written is None or written == count,
           f"{where} has {count} entries where {written} were written; {DAMAGED}")
@@ -163,8 +168,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     rng, meta = _rng_state()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in (tensors | rng).items()}
     atomic_write_bytes(tmp / f"rank{info.rank}.safetensors", save(tensors, metadata={"format": "pt"}))
-    entries = sorted(k for k in tensors if k.startswith("optim.")) + sorted(scalars)
-    _write_json(tmp / f"rank{info.rank}.json", {**meta, "optim_scalars": scalars, "optim_entries": len(entries)})
+    _write_json(tmp / f"rank{info.rank}.json", {**meta, "optim_scalars": scalars,
+                                                 "optim_entries": _optim_entries(tensors, scalars)})
     D.barrier()
     if info.is_main:
         _write_json(tmp / STATE, {**state, "step": step, "world_size": info.world_size,

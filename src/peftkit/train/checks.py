@@ -132,6 +132,27 @@ def check_model_dir(path: str, option: str = "--model", tokenizer: bool = True) 
                                 "save the model's tokenizer into it with tokenizer.save_pretrained")
 
 
+def hold_lock(path: Path) -> int | None:
+    """An exclusive, non-blocking ``flock`` on ``path`` (a folder is locked itself, no file is made; a file
+    is created if missing): the open descriptor, to be closed to let go (a child process that inherits it
+    holds the lock too). None where file locks are not available.
+
+    Raises:
+        BlockingIOError: another open of ``path`` holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise BlockingIOError(f"{str(path)!r} is locked by another process") from None
+    return fd
+
+
 def unwritable_problem(out: Path, option: str, beside: bool = False) -> str | None:
     """Why no folder ``out`` can be written (None when one can): a file stands where a parent folder would go,
     or no folder can be made in the nearest folder that exists (``out`` itself, when it exists; with ``beside``

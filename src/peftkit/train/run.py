@@ -36,6 +36,7 @@ from peftkit.train.checks import (
     check_field_types,
     check_model_dir,
     drop_set_aside_runs,
+    hold_lock,
     output_dir_problem,
     restore_run_files,
     set_aside_run_files,
@@ -340,16 +341,8 @@ def _run_lock(cfg: RunConfig, info: D.DistInfo) -> Iterator[None]:
     folder = Path(cfg.output_dir) if cfg.output_dir else None
     if info.is_main and folder is not None and folder.is_dir():
         try:
-            import fcntl
-
-            fd = os.open(folder, os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX
-            pass
-        except OSError:
-            if fd is not None:
-                os.close(fd)
-                fd = None
+            fd = hold_lock(folder)
+        except BlockingIOError:
             problem = (f"{cfg.output_dir!r} is being trained by another process (a `peftkit train` in the same "
                        "folder); wait for it to end or stop it")
     problem = D.broadcast(problem)
