@@ -123,22 +123,26 @@ def combine(tensors: Sequence[Tensor], weights: Sequence[float], rule: str, dens
 
 # --- LoRA factor views ---------------------------------------------------------------------------------
 def _directions(adapter: Any) -> int:
-    """How many singular directions a delta of ``adapter``'s layer has: ``g * min(out/g, fan_in)``."""
-    a, b, g = _views(adapter)
-    return g * min(b.shape[1], a.shape[2])
+    """How many singular directions a delta of ``adapter``'s layer has: ``g * min(out/g, fan_in)`` (from the
+    factors' shapes; nothing is copied)."""
+    a, b, g = _factors(adapter)
+    return g * min(b.shape[0] // g, a[0].numel())
+
+
+def _factors(adapter: Any) -> tuple[Tensor, Tensor, int]:
+    """``(A, B, g)``: a LoRA adapter's factors as stored, and its groups."""
+    from peftkit.methods.lora import LoraConv, LoraEmbedding, LoraLinear
+
+    if isinstance(adapter, LoraEmbedding):
+        return adapter.lora_embedding_A, adapter.lora_embedding_B, 1
+    if isinstance(adapter, (LoraLinear, LoraConv)):
+        return adapter.lora_A.weight, adapter.lora_B.weight, adapter.lora_A.groups if isinstance(adapter, LoraConv) else 1
+    raise ConfigError(f"add_weighted_adapter combines LoRA adapters only, not {type(adapter).__name__}")
 
 
 def _views(adapter: Any) -> tuple[Tensor, Tensor, int]:
     """``(A: (g, r/g, fan_in), B: (g, out/g, r/g), g)`` float32 copies of a LoRA adapter, scaling not applied."""
-    from peftkit.methods.lora import LoraConv, LoraEmbedding, LoraLinear
-
-    if isinstance(adapter, LoraEmbedding):
-        a, b, g = adapter.lora_embedding_A, adapter.lora_embedding_B, 1
-    elif isinstance(adapter, (LoraLinear, LoraConv)):
-        a, b = adapter.lora_A.weight, adapter.lora_B.weight
-        g = adapter.lora_A.groups if isinstance(adapter, LoraConv) else 1
-    else:
-        raise ConfigError(f"add_weighted_adapter combines LoRA adapters only, not {type(adapter).__name__}")
+    a, b, g = _factors(adapter)
     a, b = a.detach().float(), b.detach().float()
     return a.reshape(g, a.shape[0] // g, -1), b.reshape(g, b.shape[0] // g, -1), g
 
