@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from peftkit import PeftModel, get_peft_model_state_dict
 from peftkit.train import distributed as D
 from peftkit.train.checkpoint import latest_checkpoint
-from peftkit.train.trainer import Trainer, TrainingArguments, count_rows, count_target_tokens
+from peftkit.train.trainer import Trainer, TrainingArguments, batch_order, count_rows, count_target_tokens
 from tests.tiny_train import (
     Interrupted,
     StopAfter,
@@ -38,6 +38,8 @@ STEPS = 6
 SCENARIOS = {
     "ddp_classifier": dict(kind="classifier", fsdp=False),
     "ddp_lm": dict(kind="lm", fsdp=False),  # loss is a mean over target tokens, uneven across rows
+    # most rows without a target token: some steps leave one rank none (a NaN mean loss, a share of 0)
+    "ddp_lm_sparse": dict(kind="lm_sparse", fsdp=False),
     "fsdp_classifier": dict(kind="classifier", fsdp=True),
     "ddp_dropout_a": dict(kind="classifier", fsdp=False, dropout=0.3),
     "ddp_dropout_b": dict(kind="classifier", fsdp=False, dropout=0.3),
@@ -73,10 +75,15 @@ def _method_model(method: str):
     return get_peft_model(_DictClassifier(), config)
 
 
+def _sparse_lm_items() -> list[dict]:
+    """Ten causal-LM rows of which only rows 0 and 1 have target tokens."""
+    return [it if i < 2 else {**it, "labels": [-100] * len(it["labels"])} for i, it in enumerate(lm_items(10))]
+
+
 def _train(kind: str, fsdp: bool = False, dropout: float = 0.0, save_every: int | None = None,
            out: str | None = None, resume=None, stop_after: int | None = None, method: str | None = None):
-    model = lora_model(kind, dropout) if method is None else _method_model(method)
-    items = classification_items(21) if kind == "classifier" else lm_items()
+    model = lora_model("lm" if kind == "lm_sparse" else kind, dropout) if method is None else _method_model(method)
+    items = {"classifier": lambda: classification_items(21), "lm": lm_items, "lm_sparse": _sparse_lm_items}[kind]()
     data = items if stop_after is None else StopAfter(items, stop_after)
     args = TrainingArguments(max_steps=STEPS, batch_size=5, warmup_ratio=0.2, progress=False, fsdp=fsdp,
                              save_every=save_every, output_dir=out)
@@ -140,7 +147,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max().item() for k in a if a[k].numel()), default=0.0)
 
 
-@pytest.mark.parametrize("name", ["ddp_classifier", "ddp_lm", "fsdp_classifier"])
+@pytest.mark.parametrize("name", ["ddp_classifier", "ddp_lm", "ddp_lm_sparse", "fsdp_classifier"])
 def test_two_processes_give_one_process_result(two_ranks, name):
     spec = SCENARIOS[name]
     _, reference, ref_stats = _train(spec["kind"])
@@ -151,6 +158,22 @@ def test_two_processes_give_one_process_result(two_ranks, name):
         assert stats["steps"] == STEPS
     # the adapters did train (B started at zero)
     assert max(v.abs().max().item() for k, v in reference.items() if "lora_B" in k) > 1e-4
+
+
+def test_a_rank_without_target_tokens_adds_nothing_to_the_loss(two_ranks):
+    # the scenario does leave each rank without a target token in some step (where its mean loss is NaN)
+    targets = [any(t != -100 for t in it["labels"][1:]) for it in _sparse_lm_items()]
+    empty = set()
+    for step, rows in zip(range(STEPS), batch_order(10, 5, TrainingArguments().seed), strict=False):
+        for rank in (0, 1):
+            lo, hi = D.shard_rows(len(rows), D.DistInfo(rank=rank, world_size=2, local_rank=rank))
+            if not any(targets[i] for i in rows[lo:hi]):
+                empty.add(rank)
+    assert empty == {0, 1}
+    for rank in (0, 1):
+        state, stats = _result(two_ranks, "ddp_lm_sparse", rank)
+        assert all(torch.isfinite(v).all() for v in state.values())
+        assert stats["train_loss"] == pytest.approx(_train("lm_sparse")[2]["train_loss"], abs=1e-6)
 
 
 def test_fsdp_saves_one_adapter_that_loads(two_ranks):
