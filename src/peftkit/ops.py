@@ -23,11 +23,16 @@ _LEVELS = 65536
 class _MaskedScale(torch.autograd.Function):
     """``y = where(keep, x, 0) * scale``; the backward applies the same mask and scale."""
 
+    generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
+
     @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
+    def forward(x: Tensor, keep: Tensor, scale: float) -> Tensor:
         return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+        ctx.scale = inputs[2]
 
     @staticmethod
     def backward(ctx, grad: Tensor):

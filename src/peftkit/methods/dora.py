@@ -92,10 +92,15 @@ def factored_norm(w: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
 class _Rescale(torch.autograd.Function):
     """``out = g * (y - b) + b`` with ``g`` and ``b`` broadcast over ``y``; backward saves only ``y``."""
 
+    generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
+
     @staticmethod
-    def forward(ctx, y: Tensor, g: Tensor, b: Tensor | None) -> Tensor:
-        ctx.save_for_backward(y, g, b)
+    def forward(y: Tensor, g: Tensor, b: Tensor | None) -> Tensor:
         return y * g if b is None else torch.addcmul(b * (1 - g), y, g)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -285,6 +285,14 @@ def _unshared(t: Tensor) -> bool:
 
 
 def can_fuse(x: Tensor, weight: Tensor, a: Tensor) -> bool:
-    """Whether :func:`low_rank_linear` applies: one dtype throughout, a frozen base weight, no autocast."""
+    """Whether :func:`low_rank_linear` applies: one dtype throughout, a frozen base weight, no autocast, and no
+    ``torch.func`` transform (``grad``, ``vmap``, ...) running: the fused node decides in its forward what
+    the backward needs, which those transforms do not allow, so under them the layer runs as plain ops."""
     return (x.dtype == weight.dtype == a.dtype and not weight.requires_grad
-            and not torch.is_autocast_enabled(x.device.type))
+            and not torch.is_autocast_enabled(x.device.type) and not func_transforms_active())
+
+
+def func_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform is running (torch's private check; False when torch lacks it)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False

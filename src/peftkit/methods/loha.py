@@ -63,11 +63,16 @@ class _Hadamard(torch.autograd.Function):
     """``(w1a @ w1b) * (w2a @ w2b) * scale``; backward recomputes the two products instead of keeping
     them, so training holds no ``(out, in)`` tensor beyond the delta itself."""
 
+    generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
+
     @staticmethod
-    def forward(ctx, w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(w1a, w1b, w2a, w2b)
-        ctx.scale = scale
+    def forward(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: float) -> Tensor:
         return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(*inputs[:4])
+        ctx.scale = inputs[4]
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, wide
-from peftkit.methods.fused import SpareBuffer, can_fuse, low_rank_linear
+from peftkit.methods.fused import SpareBuffer, can_fuse, func_transforms_active, low_rank_linear
 from peftkit.methods.lora_init import (
     OLORA_PAPER,
     PISSA_PAPER,
@@ -159,8 +159,9 @@ def _dropout(p: float) -> nn.Module:
 
 def fresh_output(layer: AdaptedLayer) -> bool:
     """Whether the base layer's output may be updated in place: true for ``nn.Linear`` and GPT-2
-    ``Conv1D``, whose backward does not read their output."""
-    return type(layer.base_layer) in _INPLACE_SAFE
+    ``Conv1D``, whose backward does not read their output, unless a ``torch.func`` transform runs (``vmap``
+    has no batching rule for the in-place GEMM)."""
+    return type(layer.base_layer) in _INPLACE_SAFE and not func_transforms_active()
 
 
 _INPLACE_SAFE = set(linear_types())

@@ -115,10 +115,15 @@ def budget(fraction: float, total: int, what: str) -> int:
 class _BernoulliGrad(torch.autograd.Function):
     """Identity forward; backward keeps each gradient entry with probability ``p`` and scales by 1/p."""
 
+    generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
-        ctx.p = p
+    def forward(x: Tensor, p: float) -> Tensor:
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.p = inputs[1]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:

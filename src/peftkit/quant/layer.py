@@ -35,10 +35,15 @@ from peftkit.quant.formats import AffineFormat, QuantFormat
 class _DequantLinear(torch.autograd.Function):
     """``y = x W^T`` with ``W`` dequantised in forward and again in backward (never saved)."""
 
+    generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: QuantLinear) -> Tensor:
-        ctx.layer = layer
+    def forward(x: Tensor, layer: QuantLinear) -> Tensor:
         return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.layer = inputs[1]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
