@@ -3,7 +3,8 @@ per-example gradients (as differential-privacy training uses) that equal one bac
 
 The fused LoRA/DoRA node decides in its forward what its backward needs, which ``torch.func`` does not allow:
 under a transform those layers run as plain ops; the other custom autograd nodes (LoHa's product, DoRA's
-rescale, the quantised base's linear, peftkit's dropout) define ``setup_context``."""
+rescale, the quantised base's linear, Child-Tuning's gradient mask) define ``setup_context``, and dropout is
+torch's own (which ``vmap`` can batch)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from peftkit import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig, get_peft_model
-from peftkit.methods.fused import func_transforms_active
+from peftkit.ops import func_transforms_active
 
 TARGETS = ["fc", "out"]
 CONFIGS = {
@@ -95,14 +96,30 @@ def test_func_grad_through_a_quantized_base():
     _assert_close(grad(lambda p: _loss(model, p, x))(_trainable(model)), _backward_grads(model, x))
 
 
-def test_func_grad_with_dropout_draws_the_masks_backward_draws():
+def test_func_grad_with_dropout_is_seeded_and_drops():
     model = get_peft_model(_Net(), LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.3,
                                                init_lora_weights=False)).train()
     x = torch.randn(40, 64)
-    torch.manual_seed(5)
-    got = grad(lambda p: _loss(model, p, x))(_trainable(model))
-    torch.manual_seed(5)
-    _assert_close(got, _backward_grads(model, x))
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(grad(lambda p: _loss(model, p, x))(_trainable(model)))
+    model.eval()  # no dropout
+    plain = grad(lambda p: _loss(model, p, x))(_trainable(model))
+    a_key = "base_model.model.fc.adapters.default.lora_A.weight"
+    assert torch.equal(runs[0][a_key], runs[1][a_key])
+    assert not torch.allclose(runs[0][a_key], runs[2][a_key]) and not torch.allclose(runs[0][a_key], plain[a_key])
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_vmap_with_dropout_draws_per_its_randomness_flag(randomness):
+    model = get_peft_model(_Net(), LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.5,
+                                               init_lora_weights=False)).train()
+    row = torch.randn(1, 64).expand(8, 64)  # one example eight times: only the dropout masks differ
+    per_example = vmap(grad(lambda p, r: _loss(model, p, r[None])), in_dims=(None, 0), randomness=randomness)(
+        _trainable(model), row)
+    spread = max((v - v[:1]).abs().max().item() for v in per_example.values())
+    assert spread > 1e-2 if randomness == "different" else spread < 1e-4  # (batched rounding: ~1e-5)
 
 
 def test_transforms_are_seen_only_inside_them():

@@ -52,11 +52,19 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torc
     return fields >= (-32768 + drop_levels)
 
 
+def func_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running (torch's private check; False
+    when torch lacks it)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Functional form of :class:`Dropout`."""
+    """Functional form of :class:`Dropout` (torch's own dropout on a GPU and under ``torch.func``, whose
+    ``vmap(randomness="different")`` needs a random op it can batch)."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or func_transforms_active():
         return F.dropout(x, p, True)
     p_eff = round(p * _LEVELS) / _LEVELS
     if p_eff >= 1:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from peftkit.ops import func_transforms_active
+
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
@@ -291,8 +293,3 @@ def can_fuse(x: Tensor, weight: Tensor, a: Tensor) -> bool:
     return (x.dtype == weight.dtype == a.dtype and not weight.requires_grad
             and not torch.is_autocast_enabled(x.device.type) and not func_transforms_active())
 
-
-def func_transforms_active() -> bool:
-    """Whether a ``torch.func`` transform is running (torch's private check; False when torch lacks it)."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, wide
-from peftkit.methods.fused import SpareBuffer, can_fuse, func_transforms_active, low_rank_linear
+from peftkit.methods.fused import SpareBuffer, can_fuse, low_rank_linear
 from peftkit.methods.lora_init import (
     OLORA_PAPER,
     PISSA_PAPER,
@@ -34,7 +34,7 @@ from peftkit.methods.lora_init import (
     convert_to_plain_lora,
     principal_factors,
 )
-from peftkit.ops import Dropout
+from peftkit.ops import Dropout, func_transforms_active
 from peftkit.targeting import LORA_TARGET_DEFAULTS, check_target_fields, linear_types, pattern_key
 from peftkit.tuners import WrapTuner
 
