@@ -207,3 +207,75 @@ def test_feedforward_modules_outside_the_targets_warn_when_a_regex_hides_it(kw):
 
     with pytest.warns(UnmatchedTargetWarning, match=r"feedforward_modules \[.*down_proj'\] match none of the 2 "):
         get_peft_model(tiny_llama(), IA3Config(**kw))
+
+
+class _ConvNet(torch.nn.Module):
+    """Grouped and plain 2-d convolutions with padding, then a 3-d and a 1-d one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.grouped = torch.nn.Conv2d(6, 4, 3, padding=1, groups=2, padding_mode="reflect")
+        self.vol = torch.nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.seq = torch.nn.Conv1d(4, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.vol(torch.tanh(self.grouped(torch.tanh(self.stem(x)))).unsqueeze(2)).squeeze(2)
+        return self.seq(h.flatten(2))
+
+
+CONV_CONFIGS = {
+    "output": dict(target_modules=["stem", "grouped", "vol", "seq"], feedforward_modules=[]),
+    "input": dict(target_modules=["stem", "grouped", "vol", "seq"], feedforward_modules=["stem", "grouped", "vol",
+                                                                                         "seq"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONV_CONFIGS))
+def test_convolutions_scale_channels_and_merge_exactly(kind):
+    torch.manual_seed(0)
+    model = get_peft_model(_ConvNet(), IA3Config(**CONV_CONFIGS[kind]))
+    shapes = {n.split(".")[2]: tuple(p.shape) for n, p in model.named_parameters() if "ia3_l" in n}
+    channels = "in" if kind == "input" else "out"
+    inputs = channels == "in"
+    assert shapes == {"stem": (1, 4 if inputs else 6, 1, 1), "grouped": (1, 6 if inputs else 4, 1, 1),
+                      "vol": (1, 4, 1, 1, 1), "seq": (1, 4 if inputs else 3, 1)}
+    perturb(model, std=0.5)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        layer = model.base_model.model.stem
+        scale = layer.adapters["default"].ia3_l.flatten()
+        if kind == "input":  # the stem's input channels are scaled before the convolution
+            assert torch.allclose(layer(x), layer.base_layer(x * scale[:, None, None]), atol=1e-6)
+        else:
+            assert torch.allclose(layer(x), layer.base_layer(x) * scale[:, None, None], atol=1e-6)
+        assert (layer(x[0]) - layer(x)[0]).abs().max() <= 1e-6  # an unbatched input (C, H, W) is scaled alike
+        unmerged = model(x)
+        with model.disable_adapter():
+            assert (model(x) - unmerged).abs().max() > 1e-2  # the scales do change the output
+        model.merge_adapter()
+        assert (model(x) - unmerged).abs().max() <= 1e-5
+        model.unmerge_adapter()
+        assert (model(x) - unmerged).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", list(CONV_CONFIGS))
+def test_convolution_adapters_move_both_ways_with_peft(kind, tmp_path):
+    kw = dict(target_modules=["stem", "grouped", "vol"],
+              feedforward_modules=["stem", "grouped", "vol"] if kind == "input" else [])
+    torch.manual_seed(0)
+    base = _ConvNet()
+    x = torch.randn(2, 4, 5, 5)
+    ours = get_peft_model(copy.deepcopy(base), IA3Config(**kw))
+    perturb(ours, std=0.5)
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+        perturb(theirs, std=0.5)
+        theirs.save_pretrained(tmp_path / "theirs")
+        loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "theirs")
+        assert (loaded(x) - theirs(x)).abs().max() <= 1e-5
+        theirs.merge_adapter()
+        assert (loaded(x) - theirs(x)).abs().max() <= 1e-5

@@ -6,8 +6,12 @@ Learning", 2022, arXiv:2205.05638.
 Equation: on an attention projection ``y = l (.) (W x + b)``; on a feed-forward down projection
 ``y = W (l (.) x) + b``. Both fold into ``W`` exactly: ``W' = diag(l) W, b' = l (.) b`` or
 ``W' = W diag(l)``. Trainable parameters: ``out`` per attention target, ``in`` per feed-forward
-target. Field names, defaults and the file layout (``ia3_l``, shape ``(out, 1)`` or ``(1, in)``)
-are peft's, so adapters move both ways.
+target. Field names, defaults and the file layout (``ia3_l``, shape ``(out, 1)`` or ``(1, in)``; on an
+``nn.Conv1d/2d/3d`` ``(1, out_channels, 1, ...)`` or ``(1, in_channels, 1, ...)``, one 1 per spatial
+dimension) are peft's, so adapters move both ways. On a convolution the vector scales channels: the
+output's, or the input's before the convolution (exactly foldable, since zero, reflected or replicated
+padding of a scaled channel is the scaled padding); a grouped convolution's input scale folds into each
+group's own input channels.
 """
 
 from __future__ import annotations
@@ -86,24 +90,41 @@ class IA3Config(PeftConfig):
                              f"target_modules={self.target_modules!r} (feedforward modules must be targets too)")
 
 
+def _vector(features: int, spatial: int | None, init: bool, linear_shape: tuple[int, int]) -> nn.Parameter:
+    """``ia3_l``: ones (or Gaussian without ``init``) of ``linear_shape`` on a linear layer, ``(1, features, 1,
+    ...)`` with ``spatial`` ones on a convolution."""
+    shape = linear_shape if spatial is None else (1, features) + (1,) * spatial
+    return nn.Parameter(torch.ones(shape) if init else torch.randn(shape))
+
+
+def _channels(lv: Tensor, spatial: int | None) -> Tensor:
+    """The vector shaped to scale a layer's channels: ``(C,)`` on a linear layer's last dimension,
+    ``(C, 1, ...)`` on a convolution's channel dimension (batched ``(N, C, ...)`` or not, ``(C, ...)``)."""
+    return lv.flatten() if spatial is None else lv.reshape(-1, *(1,) * spatial)
+
+
 class IA3Output(Adapter):
     """(IA)^3 on an attention projection: ``y <- l (.) y``.
 
-    Shapes: ``ia3_l: (out, 1)``; the layer maps ``(..., in) -> (..., out)``.
+    Shapes: ``ia3_l: (out, 1)``; the layer maps ``(..., in) -> (..., out)``. On a convolution
+    (``spatial`` = its number of spatial dimensions) ``ia3_l: (1, out_channels, 1, ...)`` scales the output
+    channels of ``(N, out_channels, ...)``.
     """
 
-    def __init__(self, out_features: int, transposed: bool, init: bool) -> None:
+    def __init__(self, out_features: int, transposed: bool, init: bool, spatial: int | None = None) -> None:
         super().__init__()
-        self.transposed = transposed
-        self.ia3_l = nn.Parameter(torch.ones(out_features, 1) if init else torch.randn(out_features, 1))
+        self.transposed, self.spatial = transposed, spatial
+        self.ia3_l = _vector(out_features, spatial, init, (out_features, 1))
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
-        return y * self.ia3_l.flatten().to(y.dtype)
+        return y * _channels(self.ia3_l, self.spatial).to(y.dtype)
 
     def _scale(self, undo: bool = False) -> Tensor:
         lv = wide(self.ia3_l.detach())
         if undo:  # dividing by a zero entry: the merge cannot be undone (merge_adapter refuses it up front)
             check_nonzero(lv)
+        if self.spatial is not None:  # convolution weight (out, in / groups, *kernel)
+            return lv.reshape(-1, *(1,) * (self.spatial + 1))
         return lv.T if self.transposed else lv  # Linear weight (out, in); Conv1D weight (in, out)
 
     def merge_problem(self) -> str | None:
@@ -121,36 +142,42 @@ class IA3Output(Adapter):
 class IA3Input(Adapter):
     """(IA)^3 on a feed-forward down projection: ``y = W (l (.) x) + b``.
 
-    Shapes: ``ia3_l: (1, in)``.
+    Shapes: ``ia3_l: (1, in)``. On a convolution (``spatial`` = its number of spatial dimensions, ``groups``
+    its groups) ``ia3_l: (1, in_channels, 1, ...)`` scales the input channels of ``(N, in_channels, ...)``.
     """
 
     transforms_input = True
 
-    def __init__(self, in_features: int, transposed: bool, init: bool) -> None:
+    def __init__(self, in_features: int, transposed: bool, init: bool, spatial: int | None = None,
+                 groups: int = 1) -> None:
         super().__init__()
-        self.transposed = transposed
-        self.ia3_l = nn.Parameter(torch.ones(1, in_features) if init else torch.randn(1, in_features))
+        self.transposed, self.spatial, self.groups = transposed, spatial, groups
+        self.ia3_l = _vector(in_features, spatial, init, (1, in_features))
 
     def transform_input(self, x: Tensor) -> Tensor:
-        return x * self.ia3_l.flatten().to(x.dtype)
+        return x * _channels(self.ia3_l, self.spatial).to(x.dtype)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         return y
 
-    def _scale(self, undo: bool = False) -> Tensor:
+    def _scale(self, undo: bool = False, out_channels: int = 0) -> Tensor:
         lv = wide(self.ia3_l.detach())
         if undo:  # dividing by a zero entry: the merge cannot be undone (merge_adapter refuses it up front)
             check_nonzero(lv)
+        if self.spatial is not None:  # convolution weight (out, in / groups, *kernel): group g reads inputs g
+            per_group = lv.numel() // self.groups
+            lv = lv.reshape(self.groups, 1, per_group).expand(self.groups, out_channels // self.groups, per_group)
+            return lv.reshape(out_channels, per_group, *(1,) * self.spatial)
         return lv.T if self.transposed else lv
 
     def merge_problem(self) -> str | None:
         return zero_scale_problem("ia3_l", self.ia3_l)
 
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return weight * self._scale(), bias
+        return weight * self._scale(out_channels=weight.shape[0]), bias
 
     def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return weight / self._scale(undo=True), bias
+        return weight / self._scale(undo=True, out_channels=weight.shape[0]), bias
 
 
 def check_nonzero(scale: Tensor) -> None:
@@ -168,13 +195,16 @@ def zero_scale_problem(name: str, scale: Tensor) -> str | None:
     return None
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 class IA3Tuner(WrapTuner):
     """Builds one (IA)^3 vector per target; resolves peft's default modules by model type."""
 
     method = "(IA)^3"
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
-        return linear_types()
+        return (*linear_types(), *_CONVS)
 
     def inject(self, host: Any, config: IA3Config, adapter_name: str) -> None:
         kind = model_type(host.model)
@@ -210,10 +240,16 @@ class IA3Tuner(WrapTuner):
 
     def make_adapter(self, base: nn.Module, config: IA3Config, module_name: str) -> Adapter:
         """:class:`IA3Input` (``ia3_l: (1, in)``) when ``module_name`` matches ``feedforward_modules``, else
-        :class:`IA3Output` (``ia3_l: (out, 1)``)."""
+        :class:`IA3Output` (``ia3_l: (out, 1)``); on a convolution ``(1, channels, 1, ...)``."""
+        ff = matches(module_name, config.feedforward_modules)
+        if isinstance(base, _CONVS):
+            spatial = base.weight.dim() - 2
+            if ff:
+                return IA3Input(base.in_channels, False, config.init_ia3_weights, spatial, base.groups)
+            return IA3Output(base.out_channels, False, config.init_ia3_weights, spatial)
         transposed = not isinstance(base, nn.Linear)
         in_f, out_f = base.weight.shape[::-1] if not transposed else base.weight.shape
-        if matches(module_name, config.feedforward_modules):
+        if ff:
             return IA3Input(in_f, transposed, config.init_ia3_weights)
         return IA3Output(out_f, transposed, config.init_ia3_weights)
 
