@@ -253,3 +253,39 @@ def test_rank_and_alpha_pattern_keys_that_match_no_adapted_module_warn():
 def test_modules_to_save_entries_that_are_not_module_names_are_refused(entry):
     with pytest.raises(ConfigError, match=r"modules_to_save entries \[.*\] are not module names"):
         LoraConfig(r=2, target_modules=["query"], modules_to_save=[entry])
+
+
+class _TorchAttentionNet(nn.Module):
+    """torch's own attention and Transformer layer, which read some sub-layers' tensors directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x + self.attn(x, x, x, need_weights=False)[0]))
+
+
+def test_wrapped_layers_inside_torch_attention_act_in_eval_mode_or_are_refused():
+    """LoRA on an nn.TransformerEncoderLayer's linear layers did nothing in eval mode without gradients (its fast
+    path reads their weights directly), and on nn.MultiheadAttention's out_proj nothing at all unmerged."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = get_peft_model(_TorchAttentionNet(), LoraConfig(r=2, target_modules=["linear1", "linear2"],
+                                                            init_lora_weights=False)).eval()
+    with torch.no_grad():
+        out = model(x)
+        with model.disable_adapter():
+            assert (model(x) - out).abs().max() > 1e-2
+        model.train()
+        assert (model(x) - out).abs().max() <= 1e-6  # (no dropout) the same path in both modes
+        model.eval()
+        model.merge_adapter()
+        assert (model(x) - out).abs().max() <= 1e-5
+    with pytest.raises(ConfigError, match=r"'attn.out_proj': it is the out_proj of a torch.nn.MultiheadAttention"):
+        get_peft_model(_TorchAttentionNet(), LoraConfig(r=2, target_modules=["out_proj", "head"]))
+    adapted = get_peft_model(_TorchAttentionNet(), LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = {n.rsplit(".adapters", 1)[0] for n, _ in adapted.named_modules() if n.endswith(".adapters")}
+    assert wrapped == {"base_model.model.block.linear1", "base_model.model.block.linear2", "base_model.model.head"}

@@ -244,6 +244,17 @@ class AdaptedLayer(nn.Module):
         self._live_params: dict[str, Tensor] | None = None  # parameter substitutions of the running forward
         self.train(base_layer.training)
 
+    def __getattr__(self, name: str) -> Any:
+        """An attribute of the base layer the wrapper lacks (``in_features``, a LayerNorm's ``eps``, ...), so that
+        code reading the layer's settings (torch's Transformer layers, model code) sees the base layer's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer") if not name.startswith("_") else None
+            if base is None:
+                raise
+            return getattr(base, name)
+
     # --- the base weight, in its own layout --------------------------------------------------------
     @property
     def weight(self) -> Tensor:
@@ -622,8 +633,33 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where module ``name`` is (works inside ``nn.ModuleList``/``nn.Sequential`` too)."""
+    """Put ``new`` where module ``name`` is (works inside ``nn.ModuleList``/``nn.Sequential`` too).
+
+    A torch ``nn.TransformerEncoderLayer``/``DecoderLayer`` around ``name`` gets a no-op forward pre-hook, which
+    turns off its eval-mode fast path: that path reads its sub-layers' weights directly instead of calling
+    them, so a wrapped (adapted, quantised, copied) sub-layer would be skipped. The hook stays after the
+    original module is put back (the layer then runs its regular path, with the same outputs)."""
     parent, child = get_submodule_parent(model, name)
     while isinstance(parent, AdaptedLayer) and child not in parent._modules:
         parent = parent.base_layer  # a module inside a wrapped sub-layer (see SublayerLayer.__getattr__)
     setattr(parent, child, new)
+    _regular_path_for_torch_transformer_layers(model, name)
+
+
+def _regular_path_for_torch_transformer_layers(model: nn.Module, name: str) -> None:
+    """Give each torch Transformer layer around module ``name`` a no-op forward pre-hook (once): torch skips its
+    fast path for a layer with hooks."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        try:
+            outer = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            continue
+        if isinstance(outer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not getattr(
+                outer, "_peftkit_regular_path", False):
+            outer.register_forward_pre_hook(_no_op_hook)
+            outer._peftkit_regular_path = True
+
+
+def _no_op_hook(module: nn.Module, args: tuple) -> None:
+    return None

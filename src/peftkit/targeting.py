@@ -6,7 +6,9 @@ Matching rules (the same as HF PEFT's, on whole dotted segments, never on substr
   ``"." + entry`` (``"query"`` matches ``bert.encoder.layer.0.attention.self.query``, not ``query_proj``).
 * ``target_modules`` as a string: a regular expression that must match the *whole* module name.
 * ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the model's output layer
-  (``get_output_embeddings()``, e.g. ``lm_head``).
+  (``get_output_embeddings()``, e.g. ``lm_head``) and the ``out_proj`` of a ``torch.nn.MultiheadAttention``.
+* That ``out_proj`` is never adapted: the attention reads its weight directly and never calls it, so an
+  adapter there would change nothing until merged. Naming it is an error.
 * ``exclude_modules`` takes the same forms and wins over ``target_modules``.
 * ``layers_to_transform`` keeps only modules inside the listed block indices, found after a segment
   named by ``layers_pattern`` (default: any of ``layers``, ``layer``, ``h``, ``block``, ``blocks``).
@@ -199,6 +201,7 @@ def find_targets(
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
     select = _selector(model, target_modules, exclude_modules, layers_to_transform, layers_pattern)
+    bypassed = bypassed_modules(model)
     found: list[str] = []
     candidates: list[str] = []
     names: list[str] = []
@@ -219,6 +222,12 @@ def find_targets(
                 f"{method} cannot adapt module {name!r} of type {type(module).__name__}; "
                 f"supported types: {', '.join(t.__name__ for t in supported)}"
             )
+        if id(module) in bypassed:
+            check(target_modules == ALL_LINEAR,
+                  f"{method} cannot adapt {name!r}: it is the out_proj of a torch.nn.MultiheadAttention, whose forward "
+                  "reads that weight directly and never calls the module, so an adapter there would change nothing "
+                  f"until merged; leave it out (e.g. exclude_modules=[{name!r}])")
+            continue
         found.append(name)
     if not found and excluded:
         raise ConfigError(f"target_modules={target_modules!r} matched {excluded[:3]}{'...' if len(excluded) > 3 else ''}"
@@ -245,6 +254,12 @@ def find_targets(
                 f"target_modules entries {unmatched} match no module of the model (a typo?); the other entries "
                 f"matched {len(found)} module(s)"), stacklevel=2)
     return found
+
+
+def bypassed_modules(model: nn.Module) -> set[int]:
+    """``id``s of submodules whose forward their parent never calls: ``out_proj`` of every
+    ``nn.MultiheadAttention`` (``F.multi_head_attention_forward`` reads its weight and bias)."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def _check_single_path(model: nn.Module, found: list[str]) -> None:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from peftkit.config import ConfigError, PeftConfig, check
 from peftkit.formats.hf_peft import PREFIX, AdapterLoadError
 from peftkit.layers import AdaptedLayer, Adapter, replace_module, wide
-from peftkit.targeting import ALL_LINEAR, iter_logical_modules, layer_index, linear_types, matches
+from peftkit.targeting import ALL_LINEAR, bypassed_modules, iter_logical_modules, layer_index, linear_types, matches
 from peftkit.tuners import Tuner
 
 log = logging.getLogger("peftkit")
@@ -280,6 +280,7 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
     seen: set[int] = set()
     found: list[tuple[str, tuple[str, ...]]] = []
     bypassed: list[str] = []
+    bypassed_ids = bypassed_modules(model)
     for name, module in iter_logical_modules(model):
         if not name or name in skip:
             continue
@@ -294,11 +295,11 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
             continue
         if layers is not None and layer_index(name, config.layers_pattern) not in layers:
             continue
-        if _read_by_parent(model, name):
+        if id(module) in bypassed_ids:
             check(target is None or target == ALL_LINEAR,
-                  f"{method} cannot change {name!r}: a parent of it (torch's MultiheadAttention, or a Transformer "
-                  "layer in eval mode) reads its weight and bias directly instead of calling it, so a difference "
-                  "on it would act only once merged; leave it out of target_modules")
+                  f"{method} cannot change {name!r}: it is the out_proj of a torch.nn.MultiheadAttention, which reads "
+                  "its weight and bias directly instead of calling it, so a difference on it would act only once "
+                  "merged; leave it out of target_modules")
             bypassed.append(name)
             continue
         own = [n for n in own if id(module._parameters[n]) not in seen]
@@ -316,7 +317,7 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
     if bypassed and found:
         warnings.warn(f"{method}: {len(bypassed)} module(s) left out ({', '.join(bypassed[:3])}"
                       f"{', ...' if len(bypassed) > 3 else ''}): their parent reads their weights directly "
-                      "(torch's MultiheadAttention / Transformer layers), so a difference there would act only once "
+                      "(torch's MultiheadAttention), so a difference there would act only once "
                       "merged", stacklevel=3)
     if not found:
         raise ConfigError(f"{method}: no {'/'.join(names)} parameter found in modules matching "
@@ -342,21 +343,6 @@ def _sparse_problem(idx: Tensor, values: Tensor | None, size: int) -> str | None
         if unique.numel() != idx.numel():
             return f"index {int(unique[counts > 1][0])} is repeated"
     return None
-
-
-def _read_by_parent(model: nn.Module, name: str) -> bool:
-    """Whether module ``name``'s parent uses its parameters without calling it: ``nn.MultiheadAttention``'s
-    ``out_proj`` (``F.multi_head_attention_forward`` reads the tensors), and the layers of
-    ``nn.TransformerEncoderLayer``/``DecoderLayer``, whose eval-mode fast path does the same."""
-    parent_name, _, _ = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.MultiheadAttention):
-        return True
-    while parent_name:  # inside a torch Transformer layer, at any depth (its self_attn.out_proj too)
-        if isinstance(model.get_submodule(parent_name), (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            return True
-        parent_name = parent_name.rpartition(".")[0]
-    return False
 
 
 def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
