@@ -578,3 +578,95 @@ def test_a_text_started_prompt_loads_trainable_without_its_tokenizer(tmp_path):
     assert any(p.requires_grad for p in again.parameters())
     with pytest.raises(ConfigError, match="gives no tokenizer"):  # a new adapter still needs it
         get_peft_model(stories(), config)
+
+
+def test_generate_refuses_to_continue_from_a_cache_holding_virtual_tokens():
+    """generate() took the cache's virtual positions for input tokens already seen and fed the wrong tokens."""
+    model, _ = adapted("llama", "prompt")
+    x = ids(1, 5)
+    with torch.no_grad():
+        first = model.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=PAD,
+                               return_dict_in_generate=True)
+        with pytest.raises(ValueError, match="cannot continue from past_key_values with soft-prompt adapter 'default'"):
+            model.generate(input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=2,
+                           do_sample=False, pad_token_id=PAD)
+        with model.disable_adapter():  # the base model's own cache continues as transformers does
+            base = model.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=PAD,
+                                  return_dict_in_generate=True)
+            more = model.generate(input_ids=base.sequences, past_key_values=base.past_key_values, max_new_tokens=2,
+                                  do_sample=False, pad_token_id=PAD)
+            assert torch.equal(more, greedy(model, x, steps=5))
+
+
+@pytest.mark.parametrize("method", ["prompt", "p-mlp"])
+def test_input_embeddings_narrower_than_the_hidden_size(method, tmp_path):
+    """ELECTRA-small/ALBERT/OPT-350m embed tokens narrower than the hidden size: the virtual tokens were built at
+    the hidden size and the first forward failed."""
+    import peft
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    torch.manual_seed(0)
+    base = ElectraForSequenceClassification(ElectraConfig(vocab_size=64, embedding_size=16, hidden_size=32,
+                                                          num_hidden_layers=1, num_attention_heads=4,
+                                                          intermediate_size=32, max_position_embeddings=32)).eval()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, METHODS[method](task_type="SEQ_CLS"))
+    assert model.peft_config["default"].token_dim == 16
+    perturb(model, 0.5)
+    x = ids(2, 6, vocab=64)
+    with torch.no_grad():
+        out = model(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+    with torch.no_grad():
+        assert (theirs(input_ids=x).logits - out).abs().max() <= 1e-5
+
+
+def test_question_answering_logits_and_loss_cover_the_real_tokens_only():
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    base = BertForQuestionAnswering(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=4, intermediate_size=32, max_position_embeddings=40))
+    model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=4, task_type="QUESTION_ANS"))
+    perturb(model, 0.5)
+    x = ids(2, 7, vocab=64)
+    start, end = torch.tensor([1, 2]), torch.tensor([3, 9])  # 9 lies outside the 7 tokens: ignored, as in transformers
+    with torch.no_grad():
+        out = model(input_ids=x, start_positions=start, end_positions=end)
+    assert out.start_logits.shape == out.end_logits.shape == (2, 7)
+    expected = (F.cross_entropy(out.start_logits, start) + F.cross_entropy(out.end_logits, end.clamp(0, 7),
+                                                                           ignore_index=7)) / 2
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_prefix_tuning_on_falcon_with_one_key_value_head():
+    """Falcon-7B's layout (multi_query, not the new decoder architecture) has one key/value head whatever its
+    config's num_kv_heads says: the prefixes had 4 and the first forward failed."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    base = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          multi_query=True, new_decoder_architecture=False))
+    model = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    assert model.peft_config["default"].num_attention_heads == 1 and model.peft_config["default"].token_dim == 8
+    perturb(model, 0.5)
+    x = ids(1, 5, vocab=64)
+    with torch.no_grad():
+        cached = greedy(model, x, steps=4)
+        assert torch.equal(cached, greedy(model, x, steps=4, use_cache=False))
+
+
+def test_multiple_choice_models_and_a_foreign_tokenizer_are_refused_by_name():
+    from transformers import BertConfig, BertForMultipleChoice
+
+    from peftkit.train.run import default_model_dir
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                     max_position_embeddings=40)
+    with pytest.raises(ConfigError, match=r"BertForMultipleChoice takes \(batch, choices, length\) inputs"):
+        get_peft_model(BertForMultipleChoice(cfg), PromptTuningConfig(num_virtual_tokens=3))
+    with pytest.raises(ConfigError, match=r"gives token id \d+ for prompt_tuning_init_text, past the model's 64 input"):
+        get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                                        prompt_tuning_init_text="great movie",
+                                                        tokenizer_name_or_path=default_model_dir()))

@@ -488,7 +488,22 @@ class PeftModel(nn.Module):
         return out
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``)."""
+        """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``).
+
+        Raises:
+            ValueError: ``past_key_values`` holding positions while a soft prompt is active: its cache also holds
+                the virtual tokens, which ``generate`` would count as input tokens already seen (a forward call
+                takes such a cache; ``generate`` would feed the wrong tokens).
+        """
+        cache = kwargs.get("past_key_values")
+        seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        host = self.base_model
+        prompts = [] if host.disabled else [n for n in host.in_use if self.peft_config[n].is_prompt_learning]
+        if seen and prompts and adapter_names is None:
+            raise ValueError(f"generate() cannot continue from past_key_values with soft-prompt adapter {prompts[0]!r} "
+                             f"active: the cache also holds its {self.peft_config[prompts[0]].num_virtual_tokens} "
+                             "virtual tokens, which generate() would take for input tokens; pass the whole sequence "
+                             "without past_key_values")
         with self._rows(adapter_names, _batch_size(args, kwargs)):
             return self.get_base_model().generate(*args, **kwargs)
 

@@ -40,7 +40,7 @@ class PromptEncoderConfig(PromptLearningConfig):
     Args:
         num_virtual_tokens: ``P`` (required, > 0); other size fields: see :class:`PromptLearningConfig`.
         encoder_reparameterization_type: ``"MLP"`` (default) or ``"LSTM"``.
-        encoder_hidden_size: ``h``, > 0; None uses the model's hidden size.
+        encoder_hidden_size: ``h``, > 0; None uses ``token_dim`` (the model's input embedding width).
         encoder_num_layers: LSTM layers, > 0 (default 2). The MLP always has two hidden layers: another
             value warns and is ignored there (as in peft).
         encoder_dropout: dropout between LSTM layers, in [0, 1) (default 0).
@@ -63,7 +63,7 @@ class PromptEncoderConfig(PromptLearningConfig):
         check(kind in ENCODERS, f"encoder_reparameterization_type={kind!r} is not valid; expected one of {ENCODERS}")
         h = self.encoder_hidden_size
         check(h is None or (isinstance(h, int) and not isinstance(h, bool) and h > 0),
-              f"encoder_hidden_size={h!r} is not valid; it must be an integer > 0 or None (the model's hidden size)")
+              f"encoder_hidden_size={h!r} is not valid; it must be an integer > 0 or None (token_dim)")
         n = self.encoder_num_layers
         check(isinstance(n, int) and not isinstance(n, bool) and n > 0,
               f"encoder_num_layers={n!r} is not valid; it must be an integer > 0")
@@ -106,9 +106,9 @@ class PTuningTuner(PromptTuner):
     method = "P-tuning"
 
     def complete_config(self, config: PromptEncoderConfig, shape: ModelShape) -> None:
-        """As the base (``token_dim`` is the model's hidden size); ``encoder_hidden_size`` defaults to
+        """As the base (``token_dim`` is the model's input embedding width); ``encoder_hidden_size`` defaults to
         ``token_dim``."""
-        settle(config, token_dim=shape.hidden_size, num_transformer_submodules=1,
+        settle(config, token_dim=shape.embed_dim, num_transformer_submodules=1,
                num_attention_heads=shape.num_heads, num_layers=shape.num_layers)
         if config.encoder_hidden_size is None:
             config.encoder_hidden_size = config.token_dim

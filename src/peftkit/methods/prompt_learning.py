@@ -81,7 +81,7 @@ class PromptLearningConfig(PeftConfig):
 
     Args:
         num_virtual_tokens: ``P``, the number of virtual tokens, > 0 (required).
-        token_dim: width of one virtual token; None reads it from the model (its hidden size; for prefix
+        token_dim: width of one virtual token; None reads it from the model (its input embedding width; for prefix
             tuning the key/value width ``num_key_value_heads * head_dim``).
         num_transformer_submodules: 1 (decoder-only and encoder-only models); None means 1.
         num_attention_heads / num_layers: read from the model when None; written to the file for peft.
@@ -121,6 +121,7 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    embed_dim: int  # the input embeddings' width: the hidden size, or less (ALBERT, ELECTRA-small, OPT-350m)
 
 
 def model_shape(model: nn.Module) -> ModelShape:
@@ -135,11 +136,18 @@ def model_shape(model: nn.Module) -> ModelShape:
     check(not getattr(cfg, "is_encoder_decoder", False),
           f"{type(model).__name__} is an encoder-decoder model; soft prompts support decoder-only and "
           "encoder-only models for now")
+    check(not type(model).__name__.endswith("ForMultipleChoice"),
+          f"{type(model).__name__} takes (batch, choices, length) inputs; soft prompts support models whose inputs "
+          "are (batch, length) for now")
     text = cfg.get_text_config()
     hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", True):
+        kv_heads = 1  # Falcon-7B's layout: one key/value head, whatever its config's num_kv_heads says
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
-    return ModelShape(hidden, int(text.num_hidden_layers), heads, kv_heads, head_dim)
+    words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed = int(getattr(words, "embedding_dim", None) or hidden)
+    return ModelShape(hidden, int(text.num_hidden_layers), heads, kv_heads, head_dim, embed)
 
 
 def position_table(model: nn.Module) -> tuple[int | None, int]:
@@ -179,7 +187,8 @@ def settle(config: Any, **model_values: int) -> None:
     for name, value in model_values.items():
         given = getattr(config, name)
         check(given is None or given == value,
-              f"{name}={given!r} does not fit the model, which needs {value}; leave it None to read it")
+              f"{name}={given!r} does not fit the model, which needs {value}; leave it None to read it from the model "
+              "(an adapter file's value is that of the model it was trained on)")
     for name, value in model_values.items():
         setattr(config, name, value)
 
@@ -322,6 +331,7 @@ class PromptCall:
         self.causal = bool(getattr(model, "can_generate", lambda: False)())
         self.strip = 0
         self.made_cache = False
+        self.spans: dict[str, Tensor] = {}  # a question-answering model's span targets, scored after the call
 
     def prepend_embeddings(self, tokens: Tensor) -> None:
         """Insert ``tokens`` ``(P, hidden)`` before the input embeddings, with padded type ids and labels."""
@@ -334,6 +344,9 @@ class PromptCall:
         if kw.get("token_type_ids") is not None:
             types = kw["token_type_ids"]
             kw["token_type_ids"] = torch.cat([types.new_zeros(batch, p), types], dim=1)
+        self.strip = p
+        if type(self.model).__name__.endswith("ForQuestionAnswering"):  # the span loss is taken on the real tokens
+            self.spans = {k: kw.pop(k) for k in ("start_positions", "end_positions") if kw.get(k) is not None}
         labels = kw.get("labels")
         # token-level labels get -100 over the virtual tokens; a sequence classifier's (multi-label (B, classes),
         # regression (B, 1)) are per row, whatever their width
@@ -343,7 +356,6 @@ class PromptCall:
             if self.causal:
                 padded[:, p] = -100  # no real token predicts the first one in the base model either
             kw["labels"] = padded
-        self.strip = p
 
 
 class PromptHooks:
@@ -520,6 +532,15 @@ def _move_trailing_padding_in_front(call: PromptCall, ids: Tensor, pad_token_id:
             kw[key] = rotate(kw[key])
 
 
+def _span_loss(start_logits: Tensor, end_logits: Tensor, start: Tensor, end: Tensor) -> Tensor:
+    """transformers' question-answering loss over ``(B, L)`` logits: the mean of the start and end cross-entropies,
+    positions outside ``0..L-1`` ignored."""
+    length = start_logits.shape[1]
+    score = torch.nn.CrossEntropyLoss(ignore_index=length)
+    start, end = start.reshape(-1).clamp(0, length), end.reshape(-1).clamp(0, length)
+    return (score(start_logits, start) + score(end_logits, end)) / 2
+
+
 def _finisher(call: PromptCall, drop_cache: bool, as_tuple: bool = False) -> Callable[[Any], Any]:
     strip = call.strip
 
@@ -527,6 +548,11 @@ def _finisher(call: PromptCall, drop_cache: bool, as_tuple: bool = False) -> Cal
         logits = getattr(output, "logits", None)
         if strip and isinstance(logits, Tensor) and logits.dim() >= 3 and logits.shape[1] == strip + call.length:
             output.logits = logits[:, strip:]
+        if strip and getattr(output, "start_logits", None) is not None:  # question answering: (B, P + L) -> (B, L)
+            output.start_logits, output.end_logits = output.start_logits[:, strip:], output.end_logits[:, strip:]
+            if len(call.spans) == 2:
+                output["loss"] = _span_loss(output.start_logits, output.end_logits, call.spans["start_positions"],
+                                            call.spans["end_positions"])
         if drop_cache and getattr(output, "cache", None) is not None:
             output["cache"] = None  # item assignment: a ModelOutput ignores attribute assignment of None
         if as_tuple and hasattr(output, "to_tuple"):  # what return_dict=False gives: the fields that are set

@@ -90,6 +90,10 @@ def _init_ids(config: PromptTuningConfig, vocab_size: int) -> torch.Tensor:
                           "a tokenizer, e.g. the base model's") from None
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]  # special tokens included, as peft does
     check(len(ids) > 0, f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} gives no tokens")
+    check(max(ids) < vocab_size,
+          f"tokenizer_name_or_path={config.tokenizer_name_or_path!r} gives token id {max(ids)} for "
+          f"prompt_tuning_init_text, past the model's {vocab_size} input embeddings: it is not this model's "
+          "tokenizer; give the base model's")
     return torch.tensor((ids * math.ceil(total / len(ids)))[:total])
 
 
@@ -99,7 +103,7 @@ class PromptTuningTuner(PromptTuner):
     method = "prompt tuning"
 
     def complete_config(self, config: PromptTuningConfig, shape: ModelShape) -> None:
-        settle(config, token_dim=shape.hidden_size, num_transformer_submodules=1,
+        settle(config, token_dim=shape.embed_dim, num_transformer_submodules=1,
                num_attention_heads=shape.num_heads, num_layers=shape.num_layers)
 
     def build(self, config: PromptTuningConfig, model: nn.Module, shape: ModelShape) -> VirtualTokens:
