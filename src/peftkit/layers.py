@@ -220,6 +220,14 @@ def _additive(adapter: Adapter) -> bool:
     return adapter.mergeable and type(adapter).merge_into is Adapter.merge_into and not adapter.transforms_input
 
 
+# the settings of torch's layers that a wrapper answers for its base layer (see AdaptedLayer.__getattr__)
+BASE_SETTINGS = frozenset({
+    "in_features", "out_features", "nf", "eps", "normalized_shape", "elementwise_affine", "in_channels",
+    "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "output_padding",
+    "num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse",
+})
+
+
 class AdaptedLayer(nn.Module):
     """A frozen base module plus named adapters.
 
@@ -245,12 +253,13 @@ class AdaptedLayer(nn.Module):
         self.train(base_layer.training)
 
     def __getattr__(self, name: str) -> Any:
-        """An attribute of the base layer the wrapper lacks (``in_features``, a LayerNorm's ``eps``, ...), so that
-        code reading the layer's settings (torch's Transformer layers, model code) sees the base layer's."""
+        """The base layer's settings (``in_features``, a LayerNorm's ``eps``, a convolution's ``kernel_size``, ...:
+        :data:`BASE_SETTINGS`), so that code reading them (torch's Transformer layers, model code) finds them on
+        the wrapper; other attributes are the wrapper's own."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            base = self._modules.get("base_layer") if not name.startswith("_") else None
+            base = self._modules.get("base_layer") if name in BASE_SETTINGS else None
             if base is None:
                 raise
             return getattr(base, name)
