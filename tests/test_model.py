@@ -289,3 +289,42 @@ def test_wrapped_layers_inside_torch_attention_act_in_eval_mode_or_are_refused()
     adapted = get_peft_model(_TorchAttentionNet(), LoraConfig(r=2, target_modules="all-linear"))
     wrapped = {n.rsplit(".adapters", 1)[0] for n, _ in adapted.named_modules() if n.endswith(".adapters")}
     assert wrapped == {"base_model.model.block.linear1", "base_model.model.block.linear2", "base_model.model.head"}
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=24, num_layers=2, num_heads=2, d_kv=8))
+
+
+def _adapted(model) -> set[str]:
+    return {n for n, _ in model.base_model.wrappers()}
+
+
+def _peft_adapted(model) -> set[str]:
+    return {n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q", "v"], layers_to_transform=[1]),  # T5: block 1 (encoder.block.1.layer.0...), as peft
+    dict(target_modules=["q", "v"], layers_to_transform=[0], layers_pattern="bl.ck"),  # a regex, as in peft
+    dict(target_modules=["encoder.block.0.layer.0.SelfAttention.q", "v"], layers_to_transform=[1]),  # named in full
+    dict(target_modules=["q"], layers_to_transform=[]),  # every block
+    dict(target_modules="ALL-LINEAR"),  # any letter case
+], ids=["t5-block", "regex-pattern", "full-name", "empty-list", "all-linear-case"])
+def test_block_selection_is_peft_s(kw, tmp_path):
+    """peftkit read T5's sub-layer index (layer.M) as the block and adapted cross-attention in every decoder
+    block; a regex layers_pattern, [] and a full module name differed from peft too, so peft's files did not load."""
+    import peft
+
+    ours = get_peft_model(_t5(), LoraConfig(r=2, **kw))
+    theirs = peft.get_peft_model(_t5(), peft.LoraConfig(r=2, **kw))
+    assert _adapted(ours) == _peft_adapted(theirs) and _adapted(ours)
+    theirs.save_pretrained(tmp_path)
+    PeftModel.from_pretrained(_t5(), tmp_path)  # peft's file fits the modules peftkit adapts
+
+
+def test_an_invalid_layers_pattern_regex_is_refused():
+    with pytest.raises(ConfigError, match=r"layers_pattern='layers\[' is read as regular expression"):
+        LoraConfig(target_modules=["q"], layers_to_transform=[0], layers_pattern="layers[")

@@ -10,8 +10,12 @@ Matching rules (the same as HF PEFT's, on whole dotted segments, never on substr
 * That ``out_proj`` is never adapted: the attention reads its weight directly and never calls it, so an
   adapter there would change nothing until merged. Naming it is an error.
 * ``exclude_modules`` takes the same forms and wins over ``target_modules``.
-* ``layers_to_transform`` keeps only modules inside the listed block indices, found after a segment
-  named by ``layers_pattern`` (default: any of ``layers``, ``layer``, ``h``, ``block``, ``blocks``).
+* ``layers_to_transform`` keeps only modules inside the listed block indices (``[]`` keeps all), as peft
+  finds them: the first number segment that follows another segment and precedes one
+  (``model.layers.3.self_attn.q_proj`` -> 3, T5's ``encoder.block.1.layer.0.SelfAttention.q`` -> 1), or with
+  ``layers_pattern`` (a regex, or a list tried in order) the number after the first segment it matches.
+  A module named in full in a ``target_modules`` list is adapted whatever its block, as in peft.
+* ``target_modules="all-linear"`` is read in any letter case, as peft does.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from torch import nn
 from peftkit.config import ConfigError, check
 
 ALL_LINEAR = "all-linear"
-DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "block", "blocks")
 
 
 def linear_types() -> tuple[type[nn.Module], ...]:
@@ -60,13 +63,17 @@ def pattern_key(name: str, patterns: dict[str, object]) -> str | None:
 
 
 def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | None:
-    """The block index in ``name`` after a segment named by ``layers_pattern``, or None."""
-    candidates = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or DEFAULT_LAYER_PATTERNS)
-    for pat in candidates:
-        found = re.match(rf"(?:.*\.)?{re.escape(pat)}\.(\d+)(?:\.|$)", name)
-        if found:
-            return int(found.group(1))
-    return None
+    """The block index of module ``name``, or None, by peft's rule: without ``layers_pattern`` the first number
+    segment that follows another segment and precedes one; with it (a regex, or a list tried in order) the
+    number after the first segment the pattern matches."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        for pat in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            found = re.match(rf"(?:^|.*?\.){pat}\.(\d+)\.", name)
+            if found:
+                break
+    return int(found.group(1)) if found else None
 
 
 def iter_logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -110,6 +117,16 @@ def check_target_fields(config: Any) -> None:
                          "None for the model type's defaults")
     if isinstance(targets, (set, tuple)):
         config.target_modules = sorted(targets)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:  # peft reads it in any letter case
+        config.target_modules = ALL_LINEAR
+    pattern = getattr(config, "layers_pattern", None)
+    for pat in [pattern] if isinstance(pattern, str) else (pattern or []):
+        try:
+            re.compile(pat)
+        except (re.error, TypeError) as err:
+            raise ConfigError(f"layers_pattern={pattern!r} is read as regular expression(s), and {pat!r} is not a "
+                              f"valid one ({err}); give the name of the segment before the block index, e.g. "
+                              "'layers'") from None
     layers = getattr(config, "layers_to_transform", None)
     if layers is not None:
         layers = [layers] if isinstance(layers, int) else layers
@@ -145,6 +162,11 @@ def _selector(model: nn.Module, target_modules: str | Sequence[str] | None,
     or None (not matched, or outside ``layers_to_transform``), as :func:`find_targets` selects."""
     layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
     all_linear = target_modules == ALL_LINEAR
+    named = set(target_modules) if isinstance(target_modules, (list, tuple)) else set()
+
+    def exact(name: str) -> bool:  # peft adapts a module named in full whatever its block
+        return name in named
+
     output_layer = model.get_output_embeddings() if all_linear and hasattr(model, "get_output_embeddings") else None
     lin = linear_types()
 
@@ -154,7 +176,7 @@ def _selector(model: nn.Module, target_modules: str | Sequence[str] | None,
             return None
         if matches(name, exclude_modules):
             return "excluded"
-        if layers is not None and layer_index(name, layers_pattern) not in layers:
+        if layers and not exact(name) and layer_index(name, layers_pattern) not in layers:
             return None
         return "selected"
 

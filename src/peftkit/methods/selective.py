@@ -293,7 +293,7 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
             hit = target is None or matches(name, target)
         if not hit or matches(name, config.exclude_modules):
             continue
-        if layers is not None and layer_index(name, config.layers_pattern) not in layers:
+        if layers and layer_index(name, config.layers_pattern) not in layers:  # ([] keeps all, as in peft)
             continue
         if id(module) in bypassed_ids:
             check(target is None or target == ALL_LINEAR,
