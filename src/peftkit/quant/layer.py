@@ -65,7 +65,22 @@ class QuantWeight:
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         # a cast of the module (model.to(torch.bfloat16), .half()) casts its float tensors: the dequantised weight
         # follows, as a float layer's weight would (it stayed float32, and merging met a bf16 input)
-        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        # the format's own buffers only move, never change dtype: NF4's float32 block scales can exceed float16's
+        # range (a .half() turned them into inf and doubled the weight error)
+        order = list(self._buffers)
+        own = {n: self._buffers.pop(n) for n in self.fmt.buffer_names if self._buffers.get(n) is not None}
+        try:
+            result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            if own:
+                anchor = next(iter(own.values()))
+                moved = fn(torch.empty(0, device=anchor.device))
+                device = moved.device if isinstance(moved, Tensor) else anchor.device
+                rest = dict(self._buffers)
+                self._buffers.clear()
+                for n in order:
+                    self._buffers[n] = own[n].to(device) if n in own else rest.pop(n)
+                self._buffers.update(rest)
         probe = fn(torch.empty(0, dtype=self.compute_dtype))
         if isinstance(probe, Tensor) and probe.is_floating_point():
             self.compute_dtype = probe.dtype
