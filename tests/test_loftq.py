@@ -138,3 +138,22 @@ def test_loftq_config_without_loftq_init_is_dropped_with_a_warning():
     with pytest.warns(UserWarning, match="loftq_config is ignored"):
         cfg = LoraConfig(target_modules="all-linear", loftq_config={"loftq_bits": 4})
     assert cfg.loftq_config == {}
+
+
+def test_loftq_refuses_layers_another_adapter_uses_and_bad_values_name_the_field():
+    """A LoftQ adapter added next to another one re-quantised the shared base weights: the other adapter's
+    outputs moved by 0.09, silently."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+                           adapter_name="a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"adapter\(s\) \['a'\] already use those weights"):
+        model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="loftq",
+                                          loftq_config={"loftq_bits": 4}))
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="loftq_iter=True is not valid"):
+        LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_iter": True})
+    with pytest.raises(ConfigError, match="not a multiple of loftq_config block_size=64"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(100, 64)), LoraConfig(
+            r=4, target_modules=["0"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "quantizer": "int4"}))

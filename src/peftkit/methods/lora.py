@@ -491,7 +491,19 @@ class LoraTuner(WrapTuner):
     def inject(self, host: Any, config: LoraConfig, adapter_name: str) -> None:
         """Inject as every wrap method does, then (PiSSA, OLoRA) leave only the residual in the base
         weights, or (LoftQ) replace them by their quantised form. Both happen after every adapter was
-        built, so a bad value still leaves the model as it was."""
+        built, so a bad value still leaves the model as it was.
+
+        Raises:
+            ConfigError: LoftQ on layers that already hold another adapter (the quantised base would change
+                that adapter's outputs).
+        """
+        if config.init_lora_weights == "loftq":
+            targets = set(self.find(host, config))
+            shared = sorted({n for name, layer in host.wrappers() if name in targets and isinstance(layer, AdaptedLayer)
+                             for n in layer.adapters})
+            check(not shared, f"init_lora_weights='loftq' replaces the base weights of the layers it adapts by their "
+                              f"quantised form, and adapter(s) {shared} already use those weights (their outputs would "
+                              "change); add the LoftQ adapter first, or to a model without adapters on those layers")
         super().inject(host, config, adapter_name)
         if config.init_lora_weights == "loftq":
             from peftkit.quant.loftq import apply_pending

@@ -19,6 +19,9 @@ loftq_iter=1))`` on a full-precision model (LoftQ quantises the base itself). Qu
 the scaling ``s = lora_alpha / r`` is divided out (``B = U sqrt(S) / sqrt(s)``, ``A = sqrt(S) V^T /
 sqrt(s)``), so ``s B A`` is the SVD term for any alpha. LoftQ is deterministic: loading a LoftQ
 adapter onto the original model re-derives the same base before the saved ``A``, ``B`` are copied in.
+With ``loftq_iter >= 2`` the later quantisations read an SVD, whose last bits depend on the thread
+count (and the device): a reload on another machine setting can flip a few codes (logits about 1e-3
+apart on a 256-wide toy model); ``loftq_iter=1`` (the default) re-derives the base exactly.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class LoftQConfig:
     def __post_init__(self) -> None:
         check(isinstance(self.loftq_bits, int) and 2 <= self.loftq_bits <= 8,
               f"loftq_bits={self.loftq_bits!r} is not valid; expected an integer in 2..8")
-        check(isinstance(self.loftq_iter, int) and self.loftq_iter >= 1,
+        check(isinstance(self.loftq_iter, int) and not isinstance(self.loftq_iter, bool) and self.loftq_iter >= 1,
               f"loftq_iter={self.loftq_iter!r} is not valid; expected an integer >= 1")
         check(self.quantizer in QUANTIZERS, f"quantizer={self.quantizer!r} is not valid; expected one of {QUANTIZERS}")
         check(isinstance(self.block_size, int) and self.block_size > 0 and self.block_size % 2 == 0,
@@ -155,6 +158,8 @@ def _quantizer(config: LoftQConfig, shape: tuple[int, int]) -> tuple[Callable[[T
         return (lambda t: (simple_fake_quantize(t, config.loftq_bits, kind, config.block_size), None)), None
     fmt = make_format(kind, block_size=config.block_size, group_size=config.block_size if kind == "int4" else None)
     reason = fmt.unsupported(shape)
+    if reason is not None and kind == "int4":  # its groups are LoftQConfig's block_size
+        reason = reason.replace("group_size=", "loftq_config block_size=")
     check(reason is None, f"LoftQ quantizer {kind!r} cannot store a {shape} weight: {reason}")
 
     def real(t: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
