@@ -156,7 +156,12 @@ class PeftModel(nn.Module):
         self.base_model._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter; its layers return to the base modules when no other adapter uses them."""
+        """Remove an adapter; its layers return to the base modules when no other adapter uses them (see
+        :meth:`peftkit.host.AdapterModel.delete_adapter`).
+
+        Raises:
+            ConfigError: an unknown or merged adapter, or one a fusion uses; nothing is removed then.
+        """
         self.base_model.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
@@ -498,10 +503,11 @@ class PeftModel(nn.Module):
         cache = kwargs.get("past_key_values")
         seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         host = self.base_model
-        prompts = [] if host.disabled else [n for n in host.in_use if self.peft_config[n].is_prompt_learning]
+        prompts = [] if host.disabled else [n for n in host.in_use if host.peft_config[n].is_prompt_learning]
         if seen and prompts and adapter_names is None:
-            raise ValueError(f"generate() cannot continue from past_key_values with soft-prompt adapter {prompts[0]!r} "
-                             f"active: the cache also holds its {self.peft_config[prompts[0]].num_virtual_tokens} "
+            raise ValueError(f"generate() cannot continue from past_key_values with soft-prompt adapter "
+                             f"{host.owner(prompts[0])!r} "
+                             f"active: the cache also holds its {host.peft_config[prompts[0]].num_virtual_tokens} "
                              "virtual tokens, which generate() would take for input tokens; pass the whole sequence "
                              "without past_key_values")
         with self._rows(adapter_names, _batch_size(args, kwargs)):
