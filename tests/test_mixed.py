@@ -544,3 +544,28 @@ def test_a_one_dimensional_position_ids_is_shared_when_rows_are_regrouped():
         out = model(input_ids=x, adapter_names=rows, position_ids=torch.tensor([3, 1, 0, 2])).logits
         want = _rows_alone(model, x, rows, position_ids=torch.tensor([[3, 1, 0, 2]]))
     assert torch.allclose(out, want, atol=1e-6, rtol=0)
+
+
+def test_a_batch_that_is_a_multiple_of_the_names_is_refused_outside_generate():
+    """A custom model's input passed under its own keyword hid the batch size from the model-level check; the
+    layers took 4 rows for 2 names as generate's repeated rows and ran rows 0-1 with 'a', 2-3 with 'b'."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin1, self.lin = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.lin(self.lin1(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["lin1", "lin"], init_lora_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["lin1"], init_lora_weights=False))
+    model.eval()
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="adapter_names has 2 entries but a layer saw 4 rows"):
+        model(x=x, adapter_names=["a", "b"])
+    out = model(x=x, adapter_names=["a", "b", "__base__", "a"])
+    model.set_adapter("a")
+    assert (out[[0, 3]] - model(x=x[[0, 3]])).abs().max() <= 1e-6

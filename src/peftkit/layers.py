@@ -44,13 +44,16 @@ class AdapterContext:
         self.forward_id = 0
         self.caller_adds_loss_terms = False
         self.row_names: list[str] | None = None
+        self.copies = False  # whether a layer may see each row repeated (generate's beams and return sequences)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
         self._spans: dict[int, dict[str, slice] | None] = {}
 
-    def set_rows(self, names: list[str] | None) -> None:
+    def set_rows(self, names: list[str] | None, copies: bool = False) -> None:
         """Start a mixed-adapter batch with one adapter name per row (``"__base__"``: no adapter), or end
-        it with None; clears the cached row groups either way."""
-        self.row_names = names
+        it with None; clears the cached row groups either way. With ``copies`` a layer may see each row
+        repeated in place (generate's beams, a multiple-choice model's choices): ``k * len(names)`` rows, row
+        ``i`` from name ``i // k``."""
+        self.row_names, self.copies = names, copies and names is not None
         self._groups = {}
         self._spans = {}
 
@@ -58,12 +61,12 @@ class AdapterContext:
     def only(self, names: list[str]) -> Iterator[None]:
         """Within the block the batch is ``names`` (the rows of one group, which a wrapper runs on their
         own); the outer batch's names and cached groups come back afterwards."""
-        saved = self.row_names, self._groups, self._spans
-        self.set_rows(names)
+        saved = self.row_names, self.copies, self._groups, self._spans
+        self.set_rows(names, self.copies)
         try:
             yield
         finally:
-            self.row_names, self._groups, self._spans = saved
+            self.row_names, self.copies, self._groups, self._spans = saved
 
     def spans(self, batch: int) -> dict[str, slice] | None:
         """``{adapter_name: slice of rows}`` when each adapter's rows of a ``batch``-row batch are one
@@ -89,8 +92,9 @@ class AdapterContext:
         key = (batch, device)
         if key not in self._groups:
             names = self.row_names or []
-            if batch % len(names):
-                raise ValueError(f"adapter_names has {len(names)} entries but a layer saw {batch} rows")
+            if batch % len(names) or (batch != len(names) and not self.copies):
+                raise ValueError(f"adapter_names has {len(names)} entries but a layer saw {batch} rows; give one "
+                                 "adapter name (or '__base__') per row")
             copies = batch // len(names)
             rows: dict[str, list[int]] = {}
             for i in range(batch):

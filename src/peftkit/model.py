@@ -350,9 +350,11 @@ class PeftModel(nn.Module):
 
     # --- running ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _rows(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> Iterator[list[str] | None]:
+    def _rows(self, adapter_names: Sequence[str] | None, batch_size: int | None, copies: bool = False
+              ) -> Iterator[list[str] | None]:
         """Run a block with one adapter name per row, checked here before anything runs; yields the names
-        as a list (None without ``adapter_names``) and clears them from the layers afterwards."""
+        as a list (None without ``adapter_names``) and clears them from the layers afterwards. ``copies``
+        (``generate``): the layers may see each row repeated (beams), as they may when ``batch_size`` is known."""
         if adapter_names is None:
             yield None
             return
@@ -389,7 +391,9 @@ class PeftModel(nn.Module):
                              "Turn it off (activation_checkpointing_disable(), or gradient_checkpointing_disable() in "
                              "transformers without it), or train on batches of one adapter (set_adapter)")
         ctx = self.base_model.ctx
-        ctx.set_rows(names)
+        # a layer may see each row repeated (generate's beams, a multiple-choice model's choices) once the batch
+        # is known to have one row per name; a batch the model cannot size must match the names row for row
+        ctx.set_rows(names, copies or batch_size is not None)
         try:
             yield names
         finally:
@@ -427,7 +431,7 @@ class PeftModel(nn.Module):
                      or not _regroupable(base, args, kwargs) else _grouped_order(names))
             if order is None:
                 return self._with_forward_terms(base(*args, **kwargs))
-            self.base_model.ctx.set_rows([names[i] for i in order])
+            self.base_model.ctx.set_rows([names[i] for i in order], copies=True)
             return self._with_forward_terms(self._regrouped(base, order, rows, args, kwargs))
 
     def _with_forward_terms(self, out: Any) -> Any:
@@ -510,7 +514,7 @@ class PeftModel(nn.Module):
                              f"active: the cache also holds its {host.peft_config[prompts[0]].num_virtual_tokens} "
                              "virtual tokens, which generate() would take for input tokens; pass the whole sequence "
                              "without past_key_values")
-        with self._rows(adapter_names, _batch_size(args, kwargs)):
+        with self._rows(adapter_names, _batch_size(args, kwargs), copies=True):
             return self.get_base_model().generate(*args, **kwargs)
 
     # --- files --------------------------------------------------------------------------------------
