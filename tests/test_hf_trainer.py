@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
-from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit import ConfigError, LoraConfig, PeftModel, get_peft_model
 from peftkit.train.hf_trainer import PeftTrainer
 from tests.conftest import perturb, tiny_bert_classifier
 
@@ -272,3 +272,34 @@ def test_a_pruned_adalora_checkpoint_loads_back_into_the_training_model(tmp_path
     resumed._load_from_checkpoint(best)
     with torch.no_grad():
         assert torch.allclose(resumed.model.eval()(input_ids=batch).logits, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["p-tuning", "prefix-projection", "diff-pruning"])
+def test_resume_of_adapters_saved_in_another_form_than_they_train_in(method, tmp_path):
+    """P-tuning's and prefix tuning's encoders are saved folded, diff pruning's dense differences as their
+    non-zero entries: resuming loaded that form, replaced the trainable parameters and failed on the optimiser
+    state, after changing the model."""
+    from peftkit import DiffPruningConfig, PrefixTuningConfig, PromptEncoderConfig
+
+    configs = {"p-tuning": lambda: PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8, task_type="SEQ_CLS"),
+               "prefix-projection": lambda: PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True,
+                                                               encoder_hidden_size=8, task_type="SEQ_CLS"),
+               "diff-pruning": lambda: DiffPruningConfig(target_modules=["query", "value"])}
+
+    def model():
+        torch.manual_seed(0)
+        return get_peft_model(tiny_bert_classifier(), configs[method]())
+
+    whole = _trainer(tmp_path / "whole", model())
+    whole.train()
+    resumed = _trainer(tmp_path / "resumed", model())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
+    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    (tmp_path / "whole" / "checkpoint-3" / "training_state.safetensors").unlink()
+    again = _trainer(tmp_path / "again", model())
+    before = {n: p.detach().clone() for n, p in again.model.named_parameters()}
+    with pytest.raises(ConfigError, match="has no training_state.safetensors"):
+        again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
+    assert all(torch.equal(p, before[n]) for n, p in again.model.named_parameters())

@@ -20,7 +20,11 @@ the base model's ``activation_checkpointing_enable``, callbacks, logging) is tra
     trainer.save_model("out")             # out/adapter_config.json + adapter_model.safetensors
 
 Saved folders hold the adapter in HF PEFT format (``save_pretrained``), the tokenizer or processor,
-and ``training_args.json`` (JSON instead of transformers' pickled ``training_args.bin``). Models that
+and ``training_args.json`` (JSON instead of transformers' pickled ``training_args.bin``). Checkpoints of
+an adapter whose file holds another form than it trains in (P-tuning's and prefix tuning's encoder, which
+the file holds folded into the tokens; diff pruning's dense differences, written as their non-zero entries)
+also hold the trainable parameters as they are (``training_state.safetensors``), from which a resumed run
+continues exactly. Models that
 are not peftkit models are handled exactly as by ``transformers.Trainer``.
 
 It also runs peftkit's training hooks, as :class:`peftkit.train.Trainer` does: the adapters' loss terms
@@ -45,7 +49,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
 
-from peftkit.config import WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
+
+from peftkit.config import ConfigError, WEIGHTS_NAME
 from peftkit.formats.hf_peft import atomic_write_bytes, read_adapter_files, set_peft_model_state_dict
 from peftkit.model import PeftModel
 from peftkit.train.trainer import check_optimizer_after_prepare
@@ -119,6 +125,43 @@ def _unpruned(model: PeftModel, name: str, config: Any, tensors: dict[str, Any])
             widened[file_key] = value.new_zeros(shape).index_copy_(dim, rows, value)
         masks[module] = kept
     return widened, masks
+
+
+TRAINING_STATE = "training_state.safetensors"
+
+
+def saved_form_differs(model: PeftModel) -> bool:
+    """Whether loading ``model``'s adapter files back would replace its trainable parameters by another form:
+    a soft prompt's encoder not folded yet (the file holds the folded tokens), dense diff-pruning differences
+    (the file holds their non-zero entries)."""
+    host = model.base_model
+    if any(getattr(m, "head_names", ()) and not getattr(m, "folded", True) for m in host.extra_modules.values()):
+        return True
+    return any(getattr(a, "save_sparse", False) and not all(getattr(a, "is_sparse", {}).values())
+               for _, layer in host.wrappers() for a in getattr(layer, "adapters", {}).values())
+
+
+def _load_training_state(model: PeftModel, folder: str) -> None:
+    """Copy the trainable parameters from ``folder``'s :data:`TRAINING_STATE` (checked whole first).
+
+    Raises:
+        ConfigError: the file is missing, or its names or shapes differ from the model's trainable parameters.
+    """
+    path = os.path.join(folder, TRAINING_STATE)
+    check_msg = (f"{folder!r} cannot resume this model: its adapter file holds the saved form (folded prompt "
+                 "encoder, or sparse diff-pruning differences), which would replace the form the model trains in")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{check_msg}, and it has no {TRAINING_STATE} (written by PeftTrainer checkpoints) to "
+                          "resume from")
+    saved = load_file(path)
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    wrong = sorted(set(saved) ^ set(own)) or [n for n in own if saved[n].shape != own[n].shape]
+    if wrong:
+        raise ConfigError(f"{path!r} does not fit the model's trainable parameters (e.g. {wrong[:2]}); resume with "
+                          "the model and config the checkpoint was written by")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(saved[n])
 
 
 class PeftTrainer(Trainer):
@@ -202,6 +245,10 @@ class PeftTrainer(Trainer):
         peft.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
+        if saved_form_differs(peft):  # what a resumed run needs: the parameters as they train
+            save_file({n: p.detach().contiguous() for n, p in peft.named_parameters() if p.requires_grad},
+                      os.path.join(output_dir, TRAINING_STATE + ".tmp"))
+            os.replace(os.path.join(output_dir, TRAINING_STATE + ".tmp"), os.path.join(output_dir, TRAINING_STATE))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         atomic_write_bytes(os.path.join(output_dir, "training_args.json"), self.args.to_json_string().encode())
@@ -210,6 +257,9 @@ class PeftTrainer(Trainer):
         peft = self._peft_model(model)
         if peft is None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        if saved_form_differs(peft):
+            _load_training_state(peft, resume_from_checkpoint)
             return
         load_adapter_weights(peft, resume_from_checkpoint)
 
