@@ -513,3 +513,26 @@ def test_saved_config_says_inference_mode_as_peft_writes_it(tmp_path):
         theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     theirs.save_pretrained(tmp_path / "peft")
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["inference_mode"] is True
+
+
+def test_a_base_tensor_peft_named_inside_another_adapters_wrapper_loads(tmp_path):
+    """peft writes a targeted embedding's whole base tensors; with another adapter wrapping lm_head the key reads
+    lm_head.base_layer.weight, which peftkit refused as a tensor it had no place for."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    twin = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"],
+                                                           init_lora_weights=False))
+        theirs.add_adapter("other", peft.LoraConfig(r=4, target_modules=["lm_head"]))
+        theirs.save_pretrained(tmp_path, selected_adapters=["default"])
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert "base_model.model.lm_head.base_layer.weight" in keys
+    x = ids()
+    with torch.no_grad():
+        expected = theirs(input_ids=x).logits
+        ours = peftkit.PeftModel.from_pretrained(twin, tmp_path)
+        assert (ours(input_ids=x).logits - expected).abs().max() <= 1e-5

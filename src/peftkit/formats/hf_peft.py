@@ -143,6 +143,12 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     prefix = key_prefix(model.peft_config[adapter_name])
     params = {prefix + k: v for k, v in model.base_model.model.named_parameters(remove_duplicate=False)}
     _fold_copy_aliases(model, state_dict, own, adapter_name, params)
+    # a whole base tensor of a layer another adapter wrapped when the file was written (peft's
+    # lm_head.base_layer.weight) names the plain parameter here
+    for key in [k for k in state_dict if ".base_layer." in k and k not in own and k not in params]:
+        plain = key.replace(".base_layer.", ".")
+        if plain in params and plain not in own and plain not in state_dict:
+            state_dict[plain] = state_dict.pop(key)
     # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``); such keys name
     # a base-model parameter and are loaded into it
     base = {k: params[k] for k in state_dict if k not in own and k in params}
