@@ -158,6 +158,13 @@ def test_merging_errors():
          "svd_rank=2 has no effect with combination_type='cat'"),
         (dict(adapters=["default", "c"], weights=[1, 1], combination_type="linear", svd_clamp=0.9),
          "svd_clamp=0.9 has no effect with combination_type='linear'"),
+        (dict(adapters=["default", "c"], weights=[1, 1], combination_type="dare_linear", density=0.5,
+              majority_sign_method="frequency"),
+         "majority_sign_method='frequency' has no effect with combination_type='dare_linear'"),
+        (dict(adapters=["default", "b"], weights=[1, 1], combination_type="cat", seed=123),
+         "seed=123 has no effect with combination_type='cat'"),
+        (dict(adapters=["default", "b"], weights=[1, 1], combination_type="cat", modules_to_save_from="b"),
+         "modules_to_save_from='b' has no effect: the adapters ['default', 'b'] train no whole modules"),
     ]
     for kw, msg in cases:
         kw.setdefault("adapter_name", "new")

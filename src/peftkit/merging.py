@@ -290,10 +290,14 @@ def source_heads(host: Any, adapters: list[str], modules_to_save_from: str | Non
 
     Raises:
         ConfigError: the sources train such modules and no ``modules_to_save_from`` is given, or it names an
-            adapter that is not a source or has no trained copy of all of them.
+            adapter that is not a source or has no trained copy of all of them; ``modules_to_save_from`` given
+            where the sources train no such module (it would have no effect).
     """
     heads = [n for n, w in host.wrappers() if isinstance(w, ModulesToSaveWrapper)
              and any(a in w.modules_to_save for a in adapters)]
+    check(heads or modules_to_save_from is None,
+          f"modules_to_save_from={modules_to_save_from!r} has no effect: the adapters {adapters} train no whole "
+          "modules (modules_to_save); leave it out")
     check(not heads or modules_to_save_from is not None,
           f"the adapters train whole modules {heads} (modules_to_save); pass modules_to_save_from=<adapter> "
           "to take them from one adapter")
@@ -401,8 +405,10 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
             (IA)^3, with no LoRA-only option; scaling the same side of each layer), mismatched lengths,
             a bad ``combination_type``/``density``/``svd_rank``/``svd_full_matrices``/``svd_driver``/
             ``majority_sign_method``, an option the combination type does not use (``density`` with ``cat``
-            or ``svd``, ``svd_rank`` with ``cat`` or ``linear``, ...), or sources with ``modules_to_save`` and
-            no ``modules_to_save_from``. Nothing is added on error.
+            or ``svd``, ``svd_rank`` with ``cat`` or ``linear``, ``majority_sign_method`` or ``seed`` off their
+            defaults where no sign election or random draw happens, ...), sources with ``modules_to_save`` and
+            no ``modules_to_save_from``, or ``modules_to_save_from`` for sources without them. Nothing is added
+            on error.
     """
     from peftkit.methods.ia3 import IA3Config
     from peftkit.methods.lora import LoraConfig
@@ -436,7 +442,10 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         _add_ia3_weighted(host, adapters, configs, weights, adapter_name, modules_to_save_from)
         return
     combination_type = combination_type or "svd"
-    _check_options_apply(combination_type, density=density, svd_rank=svd_rank, svd_clamp=svd_clamp)
+    # (the sign election and the seed count as given when not at their defaults)
+    _check_options_apply(combination_type, density=density, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                         majority_sign_method=None if majority_sign_method == "total" else majority_sign_method,
+                         seed=None if seed == 0 else seed)
     if len(adapters) == 1:  # as peft: one adapter can only be combined linearly
         combination_type, density = "linear", None
     check_plain_start(adapters, configs)
