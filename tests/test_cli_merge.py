@@ -249,3 +249,49 @@ def test_opt_declares_merged_biases_with_enable_bias(tmp_path):
     plain.save_pretrained(tmp_path)
     with torch.no_grad():
         assert (AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=x).logits - expected).abs().max() <= 1e-5
+
+
+def test_export_and_merge_of_adapters_saved_without_a_task_type(tmp_path, capsys):
+    """peft's default task_type=None: the base was loaded as AutoModel (a LlamaModel), which the file's keys
+    (base_model.model.model.layers...) did not fit; it is now loaded as the class the base folder was saved as."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                               LoraConfig(r=2, target_modules=["q_proj"]))
+        model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+        perturb(model)
+        model.save_pretrained(tmp_path / name)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    assert run("export", "--adapter", tmp_path / "b", "--merge", "--output", tmp_path / "exp") == 0
+    with torch.no_grad():
+        assert (LlamaForCausalLM.from_pretrained(tmp_path / "exp")(input_ids=x).logits - expected).abs().max() <= 1e-5
+    assert run("merge", tmp_path / "a", tmp_path / "b", "--output", tmp_path / "merged") == 0
+
+
+def test_merge_refuses_adapters_of_different_base_models(tmp_path, capsys):
+    """Two bases of one shape but different weights: the merge went through silently, naming only the first."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama
+
+    for seed, name in ((0, "base_a"), (1, "base_b")):
+        torch.manual_seed(seed)
+        tiny_llama().save_pretrained(tmp_path / name)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / name),
+                               LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        model.peft_config["default"].base_model_name_or_path = str(tmp_path / name)
+        model.save_pretrained(tmp_path / f"on_{name}")
+    assert run("merge", tmp_path / "on_base_a", tmp_path / "on_base_b", "--output", tmp_path / "out") == 2
+    assert "the adapters name different base models" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert run("merge", tmp_path / "on_base_a", tmp_path / "on_base_b", "--model", tmp_path / "base_a",
+               "--output", tmp_path / "out") == 0

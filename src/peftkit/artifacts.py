@@ -4,7 +4,9 @@ new one (``peftkit merge``), and export a plain transformers model with an adapt
 
 An adapter folder is either a run folder written by ``peftkit train`` (its ``run_config.json`` says
 which base model and task it belongs to) or any HF PEFT adapter folder, for which the base comes from
-``--model`` or the adapter's ``base_model_name_or_path`` and the model class from its ``task_type``.
+``--model`` or the adapter's ``base_model_name_or_path`` and the model class from its ``task_type`` (without
+one, peft's default, the class the base folder was saved as). ``merge`` refuses adapters that name different
+base models unless ``--model`` says which one to load.
 """
 
 from __future__ import annotations
@@ -180,9 +182,19 @@ def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) 
         model = AutoModelForQuestionAnswering.from_pretrained(source, use_safetensors=True)
     elif config.task_type == "CAUSAL_LM":
         model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
-    else:
-        model = AutoModel.from_pretrained(source, use_safetensors=True)
+    else:  # no task type (peft's default): the class the base folder was saved as, as peft's users load it
+        import transformers
+        from transformers import AutoConfig
+
+        names = getattr(AutoConfig.from_pretrained(source), "architectures", None) or []
+        saved_as = getattr(transformers, names[0], None) if names else None
+        model = (saved_as or AutoModel).from_pretrained(source, use_safetensors=True)
     return model, AutoTokenizer.from_pretrained(source) if has_tokenizer_files(source) else None
+
+
+def _resolved(name: str) -> str:
+    """A base model's name as a resolved path when it names a folder here, else as written."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
 def _head_rows(folder: Path) -> int | None:
@@ -245,6 +257,13 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     tasks = {str(folder): config.task_type for folder, config in zip(adapter_dirs, configs) if config.task_type}
     check(len(set(tasks.values())) <= 1, f"the adapters were trained for different task types ({tasks}); only "
                                          "adapters of one task type (one model head) can be combined")
+    if model_dir is None:  # adapters trained on different weights of one shape would combine silently
+        bases = {str(folder): _resolved(c.base_model_name_or_path) for folder, c in zip(adapter_dirs, configs)
+                 if c.base_model_name_or_path}
+        check(len(set(bases.values())) <= 1,
+              f"the adapters name different base models ({bases}); combining weight "
+              "changes learned on different weights matches neither model. If they are one model at two paths, "
+              "pass --model DIR to say which folder to load")
     base, _ = load_base_for(adapter_dirs[0], model_dir)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
     try:
