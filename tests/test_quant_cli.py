@@ -62,6 +62,12 @@ def test_quantize_errors(tiny_model_dir, tmp_path, capsys):
     assert run("train", "--model", tiny_model_dir, "--quantize", "nf4", "--full-finetune", "--max-steps", 1,
                "--output-dir", tmp_path / "x", "--no-progress") == 2
     assert "cannot be combined with --full-finetune" in capsys.readouterr().err
+    # a QA-LoRA run's quantisation groups are its qalora_group_size: the message named only group_size
+    assert run("train", "--model", tiny_model_dir, "--method", "qalora", "--option", "qalora_group_size=48",
+               "--max-steps", 1, "--output-dir", tmp_path / "q", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "quantisation groups are qalora_group_size=48" in err and "--option qalora_group_size=N" in err
+    assert not (tmp_path / "q").exists()
 
 
 def test_a_qalora_run_quantises_with_its_group_so_that_its_merge_stays_integer(tiny_model_dir, tmp_path):

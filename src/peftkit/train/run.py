@@ -112,7 +112,16 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
     if cfg.quantize:
         from peftkit.quant import quantize_base
 
-        quantize_base(model, cfg.quantize, quantize_embeddings=cfg.quantize_embeddings, group_size=cfg.quant_group_size)
+        try:
+            quantize_base(model, cfg.quantize, quantize_embeddings=cfg.quantize_embeddings,
+                          group_size=cfg.quant_group_size)
+        except ConfigError as err:
+            if cfg.quant_group_size is None:
+                raise
+            # the group size is no option of its own: a QA-LoRA run quantises in groups of its qalora_group_size
+            raise ConfigError(f"{err}. The quantisation groups are qalora_group_size={cfg.quant_group_size} (a QA-LoRA "
+                              "run quantises in groups of its own size); give --option qalora_group_size=N with N "
+                              "dividing the layers' input widths") from None
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tokenizer
 
