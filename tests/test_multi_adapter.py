@@ -19,7 +19,7 @@ from peftkit import (
     get_peft_model,
 )
 from peftkit.layers import AdaptedLayer
-from tests.conftest import ids, tiny_bert_classifier, tiny_llama
+from tests.conftest import ids, tiny_bert_classifier
 
 CONFIGS = {
     "lora": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value", "output.dense"]),
@@ -418,23 +418,3 @@ def test_an_adapter_cannot_target_inside_another_adapters_modules_to_save_copies
     two = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
     two.add_adapter("y", LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
     assert sorted(two.base_model.model.classifier.modules_to_save) == ["default", "y"]
-
-
-def test_a_merged_adapter_cannot_be_deleted():
-    """Deleting a merged adapter unmerged the others, with a warning about a switch nobody asked for; peft refuses."""
-    from peftkit import ConfigError
-
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
-                           adapter_name="a")
-    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
-    model.set_adapter(["a", "b"])
-    model.merge_adapter()
-    with pytest.raises(ConfigError, match="cannot delete adapter 'a' while it is merged; unmerge it first"):
-        model.delete_adapter("a")
-    assert set(model.peft_config) == {"a", "b"}
-    merged = {n for _, layer in model.base_model.wrappers() for n in layer.merged_adapters}
-    assert merged == {"a", "b"}
-    model.unmerge_adapter()
-    model.delete_adapter("a")
-    assert list(model.peft_config) == ["b"] and model.active_adapters == ["b"]

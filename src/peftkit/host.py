@@ -302,18 +302,13 @@ class AdapterModel(nn.Module):
             del self.extra_modules[adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; layers left with no adapter get their base module back. The other active
-        adapters stay active; when none is left, the first remaining adapter becomes active.
+        """Remove an adapter everywhere; layers left with no adapter get their base module back.
 
         Raises:
-            ConfigError: unknown name; an adapter that another one builds on (a fusion's fused adapters: delete
-                the fusion first); a merged adapter (unmerge it first, as peft asks); nothing is removed then.
+            ConfigError: unknown name, or an adapter that another one builds on (a fusion's fused
+                adapters: delete the fusion first); nothing is removed then.
         """
         self.check_known([adapter_name])
-        merged = any(adapter_name in getattr(layer, "merged_adapters", ()) for _, layer in self.wrappers())
-        if merged:
-            raise ConfigError(f"cannot delete adapter {adapter_name!r} while it is merged; unmerge it first "
-                              "(unmerge_adapter()), as peft asks")
         users = [other for other in self.public_names() if other != adapter_name
                  and adapter_name in [name for _, name in self.tuner(other).bundled(self, other)]]
         if users:
