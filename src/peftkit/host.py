@@ -302,7 +302,9 @@ class AdapterModel(nn.Module):
             del self.extra_modules[adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; layers left with no adapter get their base module back.
+        """Remove an adapter everywhere; layers left with no adapter get their base module back. A merged adapter
+        is unmerged first (peft refuses to delete it); the other active adapters stay active, and merged if they
+        were; when none is left, the first remaining adapter becomes active.
 
         Raises:
             ConfigError: unknown name, or an adapter that another one builds on (a fusion's fused
@@ -317,9 +319,14 @@ class AdapterModel(nn.Module):
         self._remove_everywhere(adapter_name)
         del self.peft_config[adapter_name]
         remaining = [a for a in self.active_adapters if a != adapter_name]
-        if not remaining and self.peft_config and self.active_adapters:
-            remaining = self.public_names()[:1]
-        self.set_adapter(remaining)
+        if remaining or not self.peft_config or not self.active_adapters:
+            # the others stay active, and merged: deleting one is no switch (set_adapter would unmerge them)
+            self.active_adapters = remaining
+            for _, w in self.wrappers():
+                w.set_active(self.in_use)
+            self._set_trainable()
+        else:
+            self.set_adapter(self.public_names()[:1])
 
     def check_known(self, names: Sequence[str], rows: bool = False) -> None:
         """Raise :class:`ConfigError` naming any of ``names`` that is not an adapter of this model (the parts
