@@ -189,12 +189,23 @@ def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) 
         names = getattr(AutoConfig.from_pretrained(source), "architectures", None) or []
         saved_as = getattr(transformers, names[0], None) if names else None
         model = (saved_as or AutoModel).from_pretrained(source, use_safetensors=True)
+        # an adapter made on the bare model inside it (AutoModel's) names that model's modules at its top
+        inner = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+        first = _first_module(folder)
+        if first and isinstance(inner, torch.nn.Module) and first not in model._modules and first in inner._modules:
+            model = inner
     return model, AutoTokenizer.from_pretrained(source) if has_tokenizer_files(source) else None
 
 
-def _resolved(name: str) -> str:
-    """A base model's name as a resolved path when it names a folder here, else as written."""
-    return str(Path(name).resolve()) if Path(name).is_dir() else name
+def _first_module(folder: Path) -> str | None:
+    """The top-level module name the first tensor of the adapter file in ``folder`` sits in (``encoder`` for
+    ``base_model.model.encoder.layer.0...``), or None."""
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as fh:
+        key = next((k for k in fh.keys() if k.startswith("base_model.model.")), None)
+    return key[len("base_model.model."):].split(".", 1)[0] if key else None
 
 
 def _head_rows(folder: Path) -> int | None:
@@ -258,8 +269,9 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     check(len(set(tasks.values())) <= 1, f"the adapters were trained for different task types ({tasks}); only "
                                          "adapters of one task type (one model head) can be combined")
     if model_dir is None:  # adapters trained on different weights of one shape would combine silently
-        bases = {str(folder): _resolved(c.base_model_name_or_path) for folder, c in zip(adapter_dirs, configs)
-                 if c.base_model_name_or_path}
+        # (only names of folders here: another name may be the same model under a hub id)
+        bases = {str(folder): str(Path(c.base_model_name_or_path).resolve()) for folder, c in zip(adapter_dirs, configs)
+                 if c.base_model_name_or_path and Path(c.base_model_name_or_path).is_dir()}
         check(len(set(bases.values())) <= 1,
               f"the adapters name different base models ({bases}); combining weight "
               "changes learned on different weights matches neither model. If they are one model at two paths, "
