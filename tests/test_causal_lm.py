@@ -150,3 +150,14 @@ def test_perplexity_is_exp_of_the_mean_loss_uncapped(gap, want):
     loss = gap + math.log1p(7 * math.exp(-gap))
     assert out["loss"] == pytest.approx(loss, rel=1e-9)
     assert out["perplexity"] == pytest.approx(want, rel=1e-6)
+
+
+def test_an_encoder_is_refused_for_causal_lm(tiny_model_dir, tmp_path, capsys):
+    """BERT loaded for causal LM attends both ways: it trained to copy the next token (dev perplexity 58779 ->
+    1.6) with no warning (transformers' own was silenced)."""
+    out = tmp_path / "run"
+    assert main(["train", "--task", "causal-lm", "--model", str(tiny_model_dir), "--max-steps", "1",
+                 "--output-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a causal decoder" in err and "(BertLMHeadModel) lets each position see later tokens" in err
+    assert not out.exists()

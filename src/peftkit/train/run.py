@@ -83,6 +83,26 @@ __all__ = ["CAUSAL_LM", "DEFAULT_CAUSAL_MODEL_NAME", "DEFAULT_MODEL_NAME", "RunC
 log = logging.getLogger("peftkit")
 
 
+def _check_causal(model: torch.nn.Module, model_dir: Any) -> None:
+    """Refuse a model whose logits at a position change with later tokens: an encoder (BERT, MiniLM) loaded with
+    a language-model head attends both ways, so it would learn to copy the next token and report a meaningless
+    perplexity (transformers' own warning about it is silenced here).
+
+    Raises:
+        ConfigError: naming the model folder and class.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % vocab
+    was = model.training
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+    model.train(was)
+    check(torch.allclose(logits[0, :3], logits[1, :3], atol=1e-4),
+          f"--task causal-lm needs a causal decoder, and {str(model_dir)!r} ({type(model).__name__}) lets each "
+          "position see later tokens (an encoder such as BERT): it would learn to copy the next token and its "
+          "perplexity would mean nothing. Give a decoder model, e.g. --model stories260K")
+
+
 def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression: bool = False,
                               label_names: list[str] | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -98,6 +118,7 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
     torch.manual_seed(cfg.seed)  # the new classification head is initialised from the seed
     if cfg.task == CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        _check_causal(model, model_dir)
     else:
         extra = {"problem_type": "regression"} if regression else {}
         # a checkpoint whose head has another number of labels gets a fresh head of the right size
