@@ -53,7 +53,10 @@ def test_cli_checks_tasks_and_model_before_running_a_cell(tmp_path, capsys):
         "peftkit: error: unknown task 'nope'; the arena's tasks: sst2, rte, cola, stsb, mrpc")
     assert error_line(capsys, "bench", "--model", tmp_path / "nonexist", "--output-dir", out) == (
         f"peftkit: error: --model '{tmp_path / 'nonexist'}' is not a folder; give a local HF model folder "
-        "(config.json + model.safetensors); nothing is downloaded")
+        "(config.json + model.safetensors); nothing is downloaded (a hub id names no folder here: the embedded "
+        "all-MiniLM-L6-v2 is the default, stories260K is shipped)")
+    assert error_line(capsys, "bench", "--model", "stories260k", "--output-dir", out).startswith(
+        "peftkit: error: --model 'stories260k' is neither a folder nor a shipped model (did you mean 'stories260K'?)")
     assert error_line(capsys, "bench", "--seeds", "0,x", "--output-dir", out) == (
         "peftkit: error: --seeds '0,x' must be comma-separated integers")
     assert not out.exists()

@@ -109,7 +109,8 @@ def check_model_dir(path: str, option: str = "--model", tokenizer: bool = True) 
     needs = "a model folder needs config.json, model.safetensors and tokenizer files, as save_pretrained writes them"
     if not folder.is_dir():
         raise FileNotFoundError(f"{option} {str(path)!r} is not a folder; give a local HF model folder "
-                                "(config.json + model.safetensors); nothing is downloaded")
+                                "(config.json + model.safetensors); nothing is downloaded (a hub id names no folder "
+                                "here: the embedded all-MiniLM-L6-v2 is the default, stories260K is shipped)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{option} {str(path)!r} has no config.json; {needs}")
     config = read_json_object(folder / "config.json", needs)

@@ -4,6 +4,7 @@ from a run folder's ``run_config.json``."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,15 @@ def resolve_model_dir(model: str | None, task: str) -> str:
         return str(shipped_model_dir()) if task == CAUSAL_LM else default_model_dir()
     if not Path(model).is_dir() and model in SHIPPED_MODELS:
         return str(shipped_model_dir(model))
+    if not Path(model).exists() and "/" not in model and os.sep not in model:  # a name, neither folder nor shipped
+        import difflib
+
+        close = difflib.get_close_matches(model.lower(), [m.lower() for m in SHIPPED_MODELS], n=1, cutoff=0.6)
+        hint = next((f" (did you mean {m!r}?)" for m in SHIPPED_MODELS if close and m.lower() == close[0]), "")
+        raise FileNotFoundError(f"--model {model!r} is neither a folder nor a shipped model{hint}; shipped: "
+                                f"{sorted(SHIPPED_MODELS)}, or leave --model out for the embedded all-MiniLM-L6-v2 "
+                                "(stories260K with --task causal-lm); any other model is a local HF model folder "
+                                "(config.json + model.safetensors): nothing is downloaded")
     return model
 
 
