@@ -262,3 +262,48 @@ def test_merge_and_unload_with_one_name_as_a_string_keeps_its_trained_head():
         before = model(input_ids=x).logits
         plain = model.merge_and_unload(adapter_names="myad")
         assert (plain(input_ids=x).logits - before).abs().max() <= 1e-5
+
+
+class _Volume(nn.Module):
+    """A plain and a grouped 3-d convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vol = nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1))
+        self.grouped = nn.Conv3d(6, 4, 3, padding=1, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grouped(torch.tanh(self.vol(x)))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_conv3d_merges_exactly_over_fifty_cycles_and_moves_to_peft(dora, tmp_path):
+    """The README lists nn.Conv3d among LoRA's layers; no test had one. (peft's lora_A on a grouped convolution is
+    not grouped, see the README, so only the plain convolution's adapter moves to peft.)"""
+    import warnings
+
+    import peft
+
+    from tests.zoo import assert_fifty_cycles
+
+    torch.manual_seed(0)
+    base = _Volume()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["vol", "grouped"], use_dora=dora))
+    perturb(model)
+    x = (torch.randn(2, 4, 3, 5, 5),)
+    assert_fifty_cycles(base, model, x)
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert (model(*x) - twin(*x)).abs().max() <= 1e-6
+        expected = model(*x)
+    model.save_pretrained(tmp_path / "both")
+    loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "both")
+    plain = get_peft_model(copy.deepcopy(twin), LoraConfig(r=2, target_modules=["vol"], use_dora=dora))
+    perturb(plain)
+    plain.save_pretrained(tmp_path / "plain")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        assert (loaded(*x) - expected).abs().max() <= 1e-5
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "plain")
+        assert (theirs(*x) - plain(*x)).abs().max() <= 1e-5
