@@ -536,3 +536,15 @@ def test_a_base_tensor_peft_named_inside_another_adapters_wrapper_loads(tmp_path
         expected = theirs(input_ids=x).logits
         ours = peftkit.PeftModel.from_pretrained(twin, tmp_path)
         assert (ours(input_ids=x).logits - expected).abs().max() <= 1e-5
+
+
+def test_a_model_peft_already_wrapped_is_named_as_such():
+    """peft wraps the base in place; peftkit then said "cannot adapt module '0' of type Linear; supported types:
+    Linear, ...", which contradicts itself (peft's layer class is also called Linear)."""
+    from torch import nn
+
+    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(peftkit.ConfigError, match=r"module '0' is a layer of the peft package \(peft\.tuners\.lora"
+                                                  r".*start from a fresh copy of the base model"):
+        peftkit.get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["0"]))

@@ -240,6 +240,11 @@ def find_targets(
         if verdict != "selected":
             continue
         if not isinstance(module, supported):
+            kind = type(module)
+            check(not kind.__module__.startswith("peft."),
+                  f"module {name!r} is a layer of the peft package ({kind.__module__}.{kind.__name__}): this model "
+                  "already holds peft adapters (peft changes the base model in place); start from a fresh copy of "
+                  "the base model")
             raise ConfigError(
                 f"{method} cannot adapt module {name!r} of type {type(module).__name__}; "
                 f"supported types: {', '.join(t.__name__ for t in supported)}"
