@@ -101,10 +101,10 @@ def in_processes(model_name: str, n_adapters: int, rows: int, reps: int, process
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--models", default="llama20m,minilm")
+    parser.add_argument("--reps", type=int, default=10, help="timed rounds per contender (default 10)")
+    parser.add_argument("--adapters", type=int, default=8, help="LoRA adapters on the model (default 8)")
+    parser.add_argument("--rows", type=int, default=32, help="batch rows, spread over the adapters (default 32)")
+    parser.add_argument("--models", default="llama20m,minilm", help="comma-separated: llama20m, minilm")
     parser.add_argument("--processes", type=int, default=1,
                         help="run the timing in N fresh processes and report medians over them (default 1)")
     parser.add_argument("--json", help="also write the results here")

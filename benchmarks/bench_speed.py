@@ -254,11 +254,12 @@ def _speed_in_processes(model_name: str, reps: int, inference_reps: int, process
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=20, help="timed rounds of training steps per contender (default 20)")
     parser.add_argument("--inference-reps", type=int,
                         help="rounds of the inference timing (default 3x --reps: a forward costs about a third "
                              "of a training step, and the inference targets are the tightest)")
-    parser.add_argument("--models", default="llama20m,minilm")
+    parser.add_argument("--models", default="llama20m,minilm",
+                        help="comma-separated: llama20m (~20M Llama, batch 8 x 128), minilm (MiniLM-shaped, 32 x 64)")
     parser.add_argument("--processes", type=int, default=1,
                         help="run the timing in N fresh processes and report medians over them (default 1)")
     parser.add_argument("--json", help="also write the results here")

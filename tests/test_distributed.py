@@ -164,7 +164,7 @@ def test_a_rank_without_target_tokens_adds_nothing_to_the_loss(two_ranks):
     # the scenario does leave each rank without a target token in some step (where its mean loss is NaN)
     targets = [any(t != -100 for t in it["labels"][1:]) for it in _sparse_lm_items()]
     empty = set()
-    for step, rows in zip(range(STEPS), batch_order(10, 5, TrainingArguments().seed), strict=False):
+    for _, rows in zip(range(STEPS), batch_order(10, 5, TrainingArguments().seed), strict=False):
         for rank in (0, 1):
             lo, hi = D.shard_rows(len(rows), D.DistInfo(rank=rank, world_size=2, local_rank=rank))
             if not any(targets[i] for i in rows[lo:hi]):

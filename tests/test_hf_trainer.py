@@ -300,6 +300,6 @@ def test_resume_of_adapters_saved_in_another_form_than_they_train_in(method, tmp
     (tmp_path / "whole" / "checkpoint-3" / "training_state.safetensors").unlink()
     again = _trainer(tmp_path / "again", model())
     before = {n: p.detach().clone() for n, p in again.model.named_parameters()}
-    with pytest.raises(ConfigError, match="has no training_state.safetensors"):
+    with pytest.raises(ConfigError, match=r"has no training_state\.safetensors"):
         again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
     assert all(torch.equal(p, before[n]) for n, p in again.model.named_parameters())

@@ -104,6 +104,17 @@ _positive_int = _int_at_least(1, "a positive integer")
 _count = _int_at_least(0, "an integer >= 0")
 
 
+def _weight(value: str) -> float:
+    """One ``merge --weights`` entry; the error shows where the weights go."""
+    try:
+        float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number, got {value!r}: give one number per adapter, space-separated, after the adapter "
+            "folders (peftkit merge A B --weights 0.5 0.5 --output OUT)") from None
+    return _finite_float(value)
+
+
 def _finite_float(value: str) -> float:
     try:
         x = float(value)
@@ -201,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun/accelerate launch: shard the model with FSDP2 instead of DDP")
 
-    e = sub.add_parser("eval", help="reload a run folder and report its dev metrics again")
+    e = sub.add_parser("eval", help="reload a run folder and report its dev metrics again",
+                       description="Reload a run folder written by `peftkit train` (or `merge`) and report its dev "
+                                   "metrics again, or those of another file (--eval-file).")
     e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="folder written by `peftkit train`")
     e.add_argument("--eval-file", help="evaluate on this whole file instead of the run's dev set (labels as in "
                                        "the run's data: class ids, or class names)")
@@ -227,14 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="classification: inputs per forward (default 32)")
     p.add_argument("--device", help="cpu, cuda, ...")
 
-    sub.add_parser("methods", help="list every registered PEFT method")
+    sub.add_parser("methods", help="list every registered PEFT method",
+                   description="List every registered PEFT method: name, family, whether it merges, and its paper.")
 
     m = sub.add_parser("merge", help="combine saved LoRA adapters into a new adapter folder",
                        description="Combine LoRA adapters (run folders or HF PEFT adapter folders) into a new "
                                    "adapter: cat (exact), svd, linear, ties, dare_linear, dare_ties, "
                                    "magnitude_prune and the *_svd forms, as in peft's add_weighted_adapter.")
     m.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="two or more adapter folders")
-    m.add_argument("--weights", type=_finite_float, nargs="+", help="one weight per adapter (default: all 1)")
+    m.add_argument("--weights", type=_weight, nargs="+",
+                   help="one weight per adapter, space-separated, after the adapter folders (default: all 1)")
     m.add_argument("--combination", default="cat", help="combination type (default cat)")
     m.add_argument("--output", required=True, help="new adapter folder (new or empty unless --overwrite)")
     m.add_argument("--overwrite", action="store_true",
@@ -274,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report-only", action="store_true",
                    help="only rebuild the report of the sweep in --output-dir from its finished cells (its settings "
                         "are read from the folder; other options are refused)")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress display")
 
-    x = sub.add_parser("export", help="write a plain transformers model with an adapter merged in")
+    x = sub.add_parser("export", help="write a plain transformers model with an adapter merged in",
+                       description="Write a plain transformers model folder (save_pretrained) with an adapter merged "
+                                   "into its base weights, loadable without peftkit.")
     x.add_argument("--adapter", required=True, metavar="DIR", help="run folder or adapter folder")
     x.add_argument("--merge", action="store_true", help="merge the adapter into the weights (required)")
     x.add_argument("--output", required=True, help="model folder to write (new or empty unless --overwrite)")

@@ -40,7 +40,14 @@ from torch import Tensor, nn
 from peftkit.config import ConfigError, PeftConfig, check
 from peftkit.formats.hf_peft import PREFIX, AdapterLoadError
 from peftkit.layers import AdaptedLayer, Adapter, replace_module, wide
-from peftkit.targeting import ALL_LINEAR, bypassed_modules, iter_logical_modules, layer_index, linear_types, matches
+from peftkit.targeting import (
+    ALL_LINEAR,
+    bypassed_modules,
+    iter_logical_modules,
+    layer_index,
+    linear_types,
+    matches,
+)
 from peftkit.tuners import Tuner
 
 log = logging.getLogger("peftkit")

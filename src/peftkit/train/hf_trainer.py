@@ -46,12 +46,11 @@ import os
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
 
-from safetensors.torch import load_file, save_file
-
-from peftkit.config import ConfigError, WEIGHTS_NAME
+from peftkit.config import WEIGHTS_NAME, ConfigError
 from peftkit.formats.hf_peft import atomic_write_bytes, read_adapter_files, set_peft_model_state_dict
 from peftkit.model import PeftModel
 from peftkit.train.trainer import check_optimizer_after_prepare
