@@ -168,7 +168,7 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
         "peftkit: error: --pair-column, --label-column do not apply to causal-LM files, whose rows are text (or "
         "prompt/response); --text-column names the text field")
     assert error_line(capsys, "train", "--fsdp", "--output-dir", tmp_path / "x") == (
-        "peftkit: error: --fsdp shards the model over several processes, and this run has one (it ran unsharded); "
+        "peftkit: error: --fsdp shards the model over several processes, and this run would have one (nothing ran); "
         "start it with torchrun --nproc-per-node N or accelerate launch, or leave --fsdp out")
     assert error_line(capsys, "train", "--output-dir", "") == (  # it was taken as no --output-dir
         "peftkit: error: --output-dir '' is empty; give a folder (or leave the option out for "
@@ -310,3 +310,11 @@ def test_an_option_refining_a_preset_is_accepted():
 
     config = build_peft_config(RunConfig(method="pissa", method_options={"init_lora_weights": "pissa_niter_4"}))
     assert config.init_lora_weights == "pissa_niter_4"
+
+
+@pytest.mark.parametrize(("given", "canonical"), [("SST-2", "sst2"), ("sts-b", "stsb"), ("causal_lm", "causal-lm"),
+                                                  ("Causal-LM", "causal-lm"), ("nope", "nope")])
+def test_task_names_take_their_canonical_spelling(given, canonical):
+    """--task SST-2 was accepted but written as typed into run_config.json and the folder name, while the metrics
+    said sst2; causal_lm was refused."""
+    assert cli_module._task_name(given) == canonical

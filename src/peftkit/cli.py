@@ -104,6 +104,15 @@ _positive_int = _int_at_least(1, "a positive integer")
 _count = _int_at_least(0, "an integer >= 0")
 
 
+def _task_name(value: str) -> str:
+    """A ``--task`` value in its canonical spelling (``SST-2`` -> ``sst2``, ``causal_lm`` -> ``causal-lm``), so
+    that folder names, run_config.json and metrics agree; an unknown name is kept for the task loader's error."""
+    from peftkit.train.data import TASKS
+
+    key = value.lower().replace("-", "").replace("_", "")
+    return "causal-lm" if key == "causallm" else key if key in TASKS else value
+
+
 def _weight(value: str) -> float:
     """One ``merge --weights`` entry; the error shows where the weights go."""
     try:
@@ -158,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="local HF model folder or a shipped model (stories260K) (default: embedded "
                                    "all-MiniLM-L6-v2; stories260K for causal-lm)")
     t.add_argument("--method", default="lora", help="PEFT method (see `peftkit methods`; default lora)")
-    t.add_argument("--task", help="sst2, rte, cola, stsb, mrpc or causal-lm (default sst2; with --train-file "
+    t.add_argument("--task", type=_task_name, help="sst2, rte, cola, stsb, mrpc or causal-lm (default sst2; with --train-file "
                                   "only causal-lm may be given: otherwise the file is the task)")
     t.add_argument("--train-file", help="CSV/TSV/JSONL training file (text + label columns); for causal-lm also "
                                         ".txt, or rows with text or prompt/response (default: shipped TREC)")
@@ -392,7 +401,7 @@ def train_config(args: argparse.Namespace) -> Any:
     if args.float_embeddings and not args.quantize:
         raise ConfigError("--float-embeddings only applies with --quantize (it keeps the embeddings float32)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        raise ConfigError("--fsdp shards the model over several processes, and this run has one (it ran unsharded); "
+        raise ConfigError("--fsdp shards the model over several processes, and this run would have one (nothing ran); "
                           "start it with torchrun --nproc-per-node N or accelerate launch, or leave --fsdp out")
     if args.epochs and args.max_steps:
         raise ConfigError(f"--epochs {args.epochs:g} and --max-steps {args.max_steps} both set the run's length; "
