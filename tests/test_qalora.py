@@ -10,6 +10,7 @@ from peftkit import ConfigError, LoraConfig, PeftModel, get_peft_model
 from peftkit.quant import QuantLinear, merge_and_unload_quantized, quantize_base
 from peftkit.quant.qalora import QALoraLinear
 from tests.conftest import perturb, tiny_llama
+from tests.zoo import cycled_logits
 
 
 def qalora(model, group=8, **kw):
@@ -36,15 +37,7 @@ def test_forward_pools_groups_as_peft_does_and_counts_parameters():
 def test_merge_into_a_float_base_is_exact_and_fifty_cycles_restore_it():
     model = qalora(tiny_llama())
     base = model.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight.detach().clone()
-    x = torch.randint(3, 64, (2, 8))
-    with torch.no_grad():
-        before = model(input_ids=x).logits
-        for _ in range(50):
-            model.merge_adapter()
-            model.unmerge_adapter()
-        model.merge_adapter()
-        merged = model(input_ids=x).logits
-        model.unmerge_adapter()
+    before, merged = cycled_logits(model, torch.randint(3, 64, (2, 8)))
     assert (before - merged).abs().max() <= 1e-5
     assert (model.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight - base).abs().max() <= 1e-6
 

@@ -60,6 +60,20 @@ def assert_merge_exact(model, x, tol: float = 1e-5) -> None:
     assert (before - after).abs().max().item() <= tol
 
 
+def cycled_logits(model, input_ids, cycles: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unmerged, merged)`` logits of an HF model after ``cycles`` merge/unmerge cycles and one more merge; the
+    model is left unmerged."""
+    with torch.no_grad():
+        unmerged = model(input_ids=input_ids).logits
+        for _ in range(cycles):
+            model.merge_adapter()
+            model.unmerge_adapter()
+        model.merge_adapter()
+        merged = model(input_ids=input_ids).logits
+        model.unmerge_adapter()
+    return unmerged, merged
+
+
 def assert_fifty_cycles(base, model, x) -> None:
     """50 merge/unmerge cycles restore the base weights; merged output equals unmerged."""
     model.eval()
