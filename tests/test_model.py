@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -328,3 +329,70 @@ def test_block_selection_is_peft_s(kw, tmp_path):
 def test_an_invalid_layers_pattern_regex_is_refused():
     with pytest.raises(ConfigError, match=r"layers_pattern='layers\[' is read as regular expression"):
         LoraConfig(target_modules=["q"], layers_to_transform=[0], layers_pattern="layers[")
+
+
+def test_a_torch_encoder_with_a_padding_mask_runs_the_adapters_in_eval():
+    """nn.TransformerEncoder turns a padded eval input into a nested tensor for the fast path, which the layers'
+    regular path (taken for their adapters) cannot read: it raised."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 2)
+    model = get_peft_model(enc, LoraConfig(r=2, target_modules=["linear1"], init_lora_weights=False))
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        trained_path = model.train()(x, src_key_padding_mask=mask)
+        out = model.eval()(x, src_key_padding_mask=mask)
+        with model.disable_adapter():
+            assert (model(x, src_key_padding_mask=mask)[0] - out[0]).abs().max() > 1e-3
+    assert (out[0] - trained_path[0]).abs().max() <= 1e-5 and (out[1, :3] - trained_path[1, :3]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("copied", ["norm1", "self_attn", "out_proj"])
+def test_modules_to_save_inside_torch_transformer_layers(copied):
+    """A copied LayerNorm, attention or attention output projection answered none of the attributes torch's layer
+    reads (eps, batch_first, weight): every eval forward raised; peft forwards them to the copy."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 1,
+                                enable_nested_tensor=False)
+    model = get_peft_model(enc, LoraConfig(r=2, target_modules=["linear1"], modules_to_save=[copied]))
+    perturb(model)  # the copies too
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        trained_path = model.train()(x)
+        out = model.eval()(x)
+    assert (out - trained_path).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("pattern", ["(layers|h)", "lay(er)s", "layers|h"])
+def test_a_layers_pattern_with_groups_of_its_own_selects_as_peft(pattern):
+    """layer_index read the pattern's own first group as the block index (int('layers') raised)."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1))
+
+    kw = dict(r=2, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern=pattern)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            theirs = peft.get_peft_model(llama(), peft.LoraConfig(**kw))
+        except ValueError:  # an alternation that matches without the index: no block, and nothing to adapt
+            with pytest.raises(ConfigError, match="matched no module"):
+                get_peft_model(llama(), LoraConfig(**kw))
+            return
+        ours = get_peft_model(llama(), LoraConfig(**kw))
+    wanted = {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert {n for n, _ in ours.base_model.wrappers()} == wanted
+
+
+def test_loha_ignores_layers_to_transform_with_a_regex_as_peft(tmp_path):
+    """peft's LoHa takes layers_to_transform next to a regex and selects by the regex; its file was refused."""
+    from peftkit import LoHaConfig
+
+    with pytest.warns(UserWarning, match=r"layers_to_transform=\[0\] is ignored with target_modules given as a string"):
+        model = get_peft_model(tiny_bert_classifier(), LoHaConfig(r=2, target_modules=r".*\.(query|value)",
+                                                                  layers_to_transform=[0]))
+    assert len(list(model.base_model.wrappers())) == 4  # both blocks' query and value

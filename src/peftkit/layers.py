@@ -229,7 +229,14 @@ BASE_SETTINGS = frozenset({
     "in_features", "out_features", "nf", "eps", "normalized_shape", "elementwise_affine", "in_channels",
     "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "output_padding",
     "num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse",
+    # nn.MultiheadAttention's, which torch's Transformer layers read before choosing their path
+    "batch_first", "num_heads", "embed_dim", "kdim", "vdim", "head_dim", "dropout", "add_zero_attn", "bias_k",
+    "bias_v", "in_proj_weight", "in_proj_bias", "_qkv_same_embed_dim",
 })
+
+
+# a ModulesToSaveWrapper's own names, never looked up in the module it wraps
+_WRAPPER_OWN = frozenset({"original_module", "modules_to_save", "active_adapters", "disabled"})
 
 
 class AdaptedLayer(nn.Module):
@@ -561,6 +568,21 @@ class ModulesToSaveWrapper(nn.Module):
         batches only the first one's copy runs (the original module when none is active)."""
         self.active_adapters = [n for n in names if n in self.modules_to_save]
 
+    def __getattr__(self, name: str) -> Any:
+        """An attribute the wrapper lacks comes from the module that runs now (the active copy, else the original),
+        as in peft: code reading a module's settings or tensors (torch's Transformer layers read a LayerNorm's
+        ``eps``, an attention's ``batch_first`` and ``out_proj.weight``) sees that module's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if (name.startswith("_") and name not in BASE_SETTINGS) or name in _WRAPPER_OWN:
+                raise
+            state = self.__dict__
+            if "active_adapters" not in state or "disabled" not in state:  # still being built
+                raise
+            active = state["active_adapters"]
+            return getattr(self._pick(active[0] if active else None), name)
+
     def _pick(self, name: str | None) -> nn.Module:
         if self.disabled or name is None or name not in self.modules_to_save:
             return self.original_module
@@ -650,8 +672,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
     A torch ``nn.TransformerEncoderLayer``/``DecoderLayer`` around ``name`` gets a no-op forward pre-hook, which
     turns off its eval-mode fast path: that path reads its sub-layers' weights directly instead of calling
-    them, so a wrapped (adapted, quantised, copied) sub-layer would be skipped. The hook stays after the
-    original module is put back (the layer then runs its regular path, with the same outputs)."""
+    them, so a wrapped (adapted, quantised, copied) sub-layer would be skipped; an ``nn.TransformerEncoder``
+    around it stops converting padded inputs to nested tensors, which only the fast path takes. Both stay
+    after the original module is put back (the regular path gives the same outputs)."""
     parent, child = get_submodule_parent(model, name)
     while isinstance(parent, AdaptedLayer) and child not in parent._modules:
         parent = parent.base_layer  # a module inside a wrapped sub-layer (see SublayerLayer.__getattr__)
@@ -663,7 +686,7 @@ def _regular_path_for_torch_transformer_layers(model: nn.Module, name: str) -> N
     """Give each torch Transformer layer around module ``name`` a no-op forward pre-hook (once): torch skips its
     fast path for a layer with hooks."""
     parts = name.split(".")
-    for i in range(1, len(parts)):
+    for i in range(len(parts)):  # the model itself (i = 0) and every module around ``name``
         try:
             outer = model.get_submodule(".".join(parts[:i]))
         except AttributeError:
@@ -672,6 +695,8 @@ def _regular_path_for_torch_transformer_layers(model: nn.Module, name: str) -> N
                 outer, "_peftkit_regular_path", False):
             outer.register_forward_pre_hook(_no_op_hook)
             outer._peftkit_regular_path = True
+        if isinstance(outer, nn.TransformerEncoder):  # its nested-tensor input is for the fast path only
+            outer.use_nested_tensor = False
 
 
 def _no_op_hook(module: nn.Module, args: tuple) -> None:

@@ -67,13 +67,15 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | 
     segment that follows another segment and precedes one; with it (a regex, or a list tried in order) the
     number after the first segment the pattern matches."""
     if not layers_pattern:
-        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
         for pat in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            found = re.match(rf"(?:^|.*?\.){pat}\.(\d+)\.", name)
+            found = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
             if found:
                 break
-    return int(found.group(1)) if found else None
+    # (the pattern may hold groups of its own, or an alternation that matches without the index: no block)
+    index = found.groupdict().get("idx") if found else None
+    return int(index) if index is not None else None
 
 
 def iter_logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -95,6 +95,11 @@ class Tuner:
         raise ValueError(f"{self.method} adapters cannot be saved with path_initial_model_for_weight_conversion")
 
 
+# peft types whose configs take layers_to_transform next to a regex target_modules and then ignore it (peft's
+# LoRA-family configs refuse the pair)
+_BLOCKS_IGNORED_WITH_A_REGEX = frozenset({"LOHA", "LOKR", "VERA", "IA3"})
+
+
 class WrapTuner(Tuner):
     """Tuner of methods that wrap target layers; subclasses give :meth:`supported_types` and :meth:`make_adapter`."""
 
@@ -127,10 +132,18 @@ class WrapTuner(Tuner):
 
         Raises:
             ConfigError: none match; or block options peft refuses (its files would not load there):
-            ``layers_to_transform`` with ``target_modules`` given as one string, ``layers_pattern`` without
+            ``layers_to_transform`` with ``target_modules`` given as one string (LoRA-family configs; LoHa, LoKr,
+            VeRA and (IA)^3 ignore it then with a warning, as peft does), ``layers_pattern`` without
             ``layers_to_transform``.
         """
         blocks, pattern = getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
+        if blocks is not None and isinstance(config.target_modules, str) and getattr(
+                config, "peft_type", None) in _BLOCKS_IGNORED_WITH_A_REGEX:
+            # peft's LoHa/LoKr/VeRA/(IA)^3 accept the pair and select by the regex alone: their files must load
+            warnings.warn(f"layers_to_transform={blocks!r} is ignored with target_modules given as a string "
+                          f"({config.target_modules!r}), as peft ignores it for {config.peft_type}; select the blocks "
+                          "inside the regular expression", stacklevel=3)
+            blocks = pattern = None
         check(blocks is None or not isinstance(config.target_modules, str),
               f"layers_to_transform={blocks!r} cannot be used with target_modules given as a string "
               f"({config.target_modules!r}), as in peft; give target_modules as a list of names, or select the "

@@ -30,8 +30,9 @@ class PartialConfig(SelectiveConfig):
     base, so the base model stays recoverable); everything else is frozen.
 
     Args:
-        num_top_layers: train the last ``k`` transformer blocks (found after a segment named by
-            ``layers_pattern``, default ``layers``/``layer``/``h``/``block``/``blocks``), >= 1.
+        num_top_layers: train the last ``k`` transformer blocks, >= 1 (block indices as ``layers_to_transform``
+            finds them, peft's rule: after the segment ``layers_pattern`` matches, by default the first number
+            segment that follows another segment).
         target_modules: train only modules matching these names/suffixes or regex (within the
             chosen blocks when a block choice is given), e.g. ``["attention.output.dense"]``.
         layers_to_transform: explicit block indices instead of ``num_top_layers``.
