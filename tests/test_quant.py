@@ -393,3 +393,21 @@ def test_casting_a_quantised_model_keeps_the_format_scales():
     assert model[0].weight.dtype == torch.float16 and list(model.state_dict()) == keys
     assert (model[0].weight.float() - before).abs().max() <= 4e-6  # float16 rounding of weights of ~4e-3 at most
     assert model(torch.randn(2, 256, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_a_failed_move_leaves_the_quantised_storage_in_place():
+    """A cast or move that raised (no such device, out of memory) left the format's buffers unregistered: the
+    state dict lost them and the next forward raised AttributeError."""
+    model = quantize_base(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)), "nf4",
+                          skip_modules=[])
+    keys, x = list(model.state_dict()), torch.randn(1, 64)
+    before = model(x)
+
+    def boom(t):
+        if t.is_floating_point():
+            raise RuntimeError("no such device")
+        return t
+
+    with pytest.raises(RuntimeError, match="no such device"):
+        model._apply(boom)
+    assert list(model.state_dict()) == keys and torch.equal(model(x), before)

@@ -71,20 +71,32 @@ class QuantWeight:
         own = {n: self._buffers.pop(n) for n in self.fmt.buffer_names if self._buffers.get(n) is not None}
         try:
             result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
-        finally:
-            if own:
-                anchor = next(iter(own.values()))
+        except BaseException:
+            self._put_back(order, own, None)  # a failed move (no such device, out of memory) keeps the storage
+            raise
+        if own:
+            anchor = next(iter(own.values()))
+            try:
                 moved = fn(torch.empty(0, device=anchor.device))
-                device = moved.device if isinstance(moved, Tensor) else anchor.device
-                rest = dict(self._buffers)
-                self._buffers.clear()
-                for n in order:
-                    self._buffers[n] = own[n].to(device) if n in own else rest.pop(n)
-                self._buffers.update(rest)
+            except BaseException:
+                self._put_back(order, own, None)
+                raise
+            self._put_back(order, own, moved.device if isinstance(moved, Tensor) else None)
         probe = fn(torch.empty(0, dtype=self.compute_dtype))
         if isinstance(probe, Tensor) and probe.is_floating_point():
             self.compute_dtype = probe.dtype
         return result
+
+    def _put_back(self, order: list[str], own: dict[str, Tensor], device: torch.device | None) -> None:
+        """Register the format's buffers ``own`` again, moved to ``device`` (None: where they are), in ``order``."""
+        if not own:
+            return
+        moved = {n: t if device is None else t.to(device) for n, t in own.items()}
+        rest = dict(self._buffers)
+        self._buffers.clear()
+        for n in order:
+            self._buffers[n] = moved[n] if n in moved else rest.pop(n)
+        self._buffers.update(rest)
 
     def quantized_state(self) -> dict[str, Tensor]:
         """The format's buffers (what the layer stores instead of the float weight)."""
