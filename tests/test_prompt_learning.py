@@ -670,3 +670,18 @@ def test_multiple_choice_models_and_a_foreign_tokenizer_are_refused_by_name():
         get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT",
                                                         prompt_tuning_init_text="great movie",
                                                         tokenizer_name_or_path=default_model_dir()))
+
+
+def test_question_answering_loss_comes_first_as_in_the_models_own_output():
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    base = BertForQuestionAnswering(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=4, intermediate_size=32, max_position_embeddings=40))
+    model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=4, task_type="QUESTION_ANS")).eval()
+    x, start, end = ids(2, 7, vocab=64), torch.tensor([1, 2]), torch.tensor([3, 4])
+    with torch.no_grad():
+        out = model(input_ids=x, start_positions=start, end_positions=end)
+        plain = model(input_ids=x, start_positions=start, end_positions=end, return_dict=False)
+    assert list(out.keys()) == ["loss", "start_logits", "end_logits"]
+    assert plain[0].dim() == 0 and plain[1].shape == (2, 7)

@@ -550,9 +550,10 @@ def _finisher(call: PromptCall, drop_cache: bool, as_tuple: bool = False) -> Cal
             output.logits = logits[:, strip:]
         if strip and getattr(output, "start_logits", None) is not None:  # question answering: (B, P + L) -> (B, L)
             output.start_logits, output.end_logits = output.start_logits[:, strip:], output.end_logits[:, strip:]
-            if len(call.spans) == 2:
-                output["loss"] = _span_loss(output.start_logits, output.end_logits, call.spans["start_positions"],
-                                            call.spans["end_positions"])
+            if len(call.spans) == 2:  # the loss first, as the model's own output has it
+                loss = _span_loss(output.start_logits, output.end_logits, call.spans["start_positions"],
+                                  call.spans["end_positions"])
+                output = type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
         if drop_cache and getattr(output, "cache", None) is not None:
             output["cache"] = None  # item assignment: a ModelOutput ignores attribute assignment of None
         if as_tuple and hasattr(output, "to_tuple"):  # what return_dict=False gives: the fields that are set
