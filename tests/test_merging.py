@@ -266,6 +266,8 @@ def test_ia3_adapters_combine_as_in_peft(tmp_path):
     (dict(combination_type="cat"), r"\(IA\)\^3 adapters combine only linearly .*got combination_type='cat'"),
     (dict(combination_type="svd"), r"\(IA\)\^3 adapters combine only linearly .*got combination_type='svd'"),
     (dict(density=0.5), r"give no LoRA option; got option\(s\) \['density'\]"),
+    (dict(majority_sign_method="frequency"), r"got option\(s\) \['majority_sign_method'\]"),
+    (dict(seed=4), r"got option\(s\) \['seed'\]"),
     (dict(ff_b=()), r"on layer 'model.layers.0.mlp.down_proj' the adapters scale different sides"),
 ])
 def test_ia3_combinations_that_cannot_be_made_are_refused(call, message):

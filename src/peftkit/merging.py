@@ -433,7 +433,9 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
           f"svd_driver={svd_driver!r} is not valid; expected None, 'gesvd', 'gesvdj' or 'gesvda'")
     configs = [host.peft_config[a] for a in adapters]
     if any(type(c) is IA3Config for c in configs):
-        options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density)
+        options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density,
+                       majority_sign_method=None if majority_sign_method == "total" else majority_sign_method,
+                       seed=None if seed == 0 else seed)
         given_options = [k for k, v in options.items() if v is not None]
         check(combination_type in (None, "linear") and not given_options,
               "(IA)^3 adapters combine only linearly (peft's IA3 add_weighted_adapter): leave combination_type out "

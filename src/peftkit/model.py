@@ -160,7 +160,8 @@ class PeftModel(nn.Module):
         :meth:`peftkit.host.AdapterModel.delete_adapter`).
 
         Raises:
-            ConfigError: an unknown or merged adapter, or one a fusion uses; nothing is removed then.
+            ConfigError: an unknown adapter, or one a fusion uses; nothing is removed then. (A merged adapter is
+                unmerged and deleted; the other merged adapters stay merged.)
         """
         self.base_model.delete_adapter(adapter_name)
 

@@ -494,16 +494,15 @@ class LoraTuner(WrapTuner):
         built, so a bad value still leaves the model as it was.
 
         Raises:
-            ConfigError: LoftQ on layers that already hold another adapter (the quantised base would change
-                that adapter's outputs).
+            ConfigError: LoftQ on a model that already holds another adapter (the quantised base would change
+                that adapter's outputs, through the layers it adapts or the layers before them).
         """
         if config.init_lora_weights == "loftq":
-            targets = set(self.find(host, config))
-            shared = sorted({n for name, layer in host.wrappers() if name in targets and isinstance(layer, AdaptedLayer)
-                             for n in layer.adapters})
-            check(not shared, f"init_lora_weights='loftq' replaces the base weights of the layers it adapts by their "
-                              f"quantised form, and adapter(s) {shared} already use those weights (their outputs would "
-                              "change); add the LoftQ adapter first, or to a model without adapters on those layers")
+            others = [n for n in host.peft_config if n != adapter_name]
+            check(not others, f"init_lora_weights='loftq' replaces the base weights of the layers it adapts by their "
+                              f"quantised form, and the model already holds adapter(s) {others}, whose outputs that "
+                              "would change (through those layers or the ones they feed); add the LoftQ adapter first, "
+                              "or to a fresh model")
         super().inject(host, config, adapter_name)
         if config.init_lora_weights == "loftq":
             from peftkit.quant.loftq import apply_pending
