@@ -161,3 +161,21 @@ def test_an_encoder_is_refused_for_causal_lm(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "needs a causal decoder" in err and "(BertLMHeadModel) lets each position see later tokens" in err
     assert not out.exists()
+
+
+def test_a_tiny_encoder_is_refused_too(tmp_path, capsys):
+    """The probe's fixed tolerance (1e-4) let tiny random encoders through (their logits, ~0.2, moved by 5e-5)."""
+    from transformers import AutoTokenizer, BertConfig, BertLMHeadModel
+
+    from peftkit.train.run import _check_causal, default_model_dir
+
+    torch.manual_seed(17)
+    model = BertLMHeadModel(BertConfig(vocab_size=30522, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32))
+    with pytest.raises(Exception, match="needs a causal decoder"):
+        _check_causal(model, "bert8")
+    model.save_pretrained(tmp_path / "bert8")
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(tmp_path / "bert8")
+    assert main(["train", "--task", "causal-lm", "--model", str(tmp_path / "bert8"), "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "needs a causal decoder" in capsys.readouterr().err

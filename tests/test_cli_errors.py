@@ -318,3 +318,11 @@ def test_task_names_take_their_canonical_spelling(given, canonical):
     """--task SST-2 was accepted but written as typed into run_config.json and the folder name, while the metrics
     said sst2; causal_lm was refused."""
     assert cli_module._task_name(given) == canonical
+
+
+def test_empty_model_and_task_are_refused(tmp_path, capsys):
+    """--model '' read as the current folder; --task '' trained sst2."""
+    assert error_line(capsys, "train", "--model", "", "--output-dir", tmp_path / "a").startswith(
+        "peftkit: error: --model '' is empty")
+    assert "expected a task name" in error_line(capsys, "train", "--task", "", "--output-dir", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

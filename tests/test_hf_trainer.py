@@ -303,3 +303,21 @@ def test_resume_of_adapters_saved_in_another_form_than_they_train_in(method, tmp
     with pytest.raises(ConfigError, match=r"has no training_state\.safetensors"):
         again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
     assert all(torch.equal(p, before[n]) for n, p in again.model.named_parameters())
+
+
+def test_a_folded_model_cannot_resume_a_checkpoint_of_the_unfolded_form(tmp_path):
+    """A P-tuning model loaded from a checkpoint is folded already: resuming copied the checkpoint's tokens into it,
+    then failed on the optimiser state (saved for the encoder)."""
+    from peftkit import PromptEncoderConfig
+
+    torch.manual_seed(0)
+    whole = _trainer(tmp_path / "whole", get_peft_model(tiny_bert_classifier(), PromptEncoderConfig(
+        num_virtual_tokens=3, encoder_hidden_size=8, task_type="SEQ_CLS")))
+    whole.train()
+    torch.manual_seed(0)
+    folded = PeftModel.from_pretrained(tiny_bert_classifier(), str(tmp_path / "whole" / "checkpoint-6"),
+                                       is_trainable=True)
+    before = {n: p.detach().clone() for n, p in folded.named_parameters()}
+    with pytest.raises(ConfigError, match="was written while the adapter trained in another form"):
+        _trainer(tmp_path / "again", folded).train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
+    assert all(torch.equal(p, before[n]) for n, p in folded.named_parameters())

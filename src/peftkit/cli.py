@@ -109,6 +109,8 @@ def _task_name(value: str) -> str:
     that folder names, run_config.json and metrics agree; an unknown name is kept for the task loader's error."""
     from peftkit.train.data import TASKS
 
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a task name (sst2, rte, cola, stsb, mrpc or causal-lm), got ''")
     key = value.lower().replace("-", "").replace("_", "")
     return "causal-lm" if key == "causallm" else key if key in TASKS else value
 

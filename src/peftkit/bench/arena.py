@@ -88,9 +88,10 @@ class BenchConfig:
         # get_method raises ConfigError naming the registered methods
         methods = [FULL if m.lower() == FULL else get_method(m).name for m in self.methods]
         self.methods = _unique([FULL, *methods] if FULL not in methods else methods)
+        key = lambda t: t.lower().replace("-", "").replace("_", "")  # noqa: E731 - as peftkit train --task reads it
         for t in self.tasks:
-            check(t.lower().replace("-", "") in TASKS, f"unknown task {t!r}; the arena's tasks: {', '.join(TASKS)}")
-        self.tasks = _unique([t.lower().replace("-", "") for t in self.tasks])
+            check(key(t) in TASKS, f"unknown task {t!r}; the arena's tasks: {', '.join(TASKS)}")
+        self.tasks = _unique([key(t) for t in self.tasks])
         for s in self.seeds:
             check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX,
                   f"seed {s!r} must be an integer in 0..{SEED_MAX}")

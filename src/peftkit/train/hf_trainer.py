@@ -46,6 +46,7 @@ import os
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
@@ -260,6 +261,15 @@ class PeftTrainer(Trainer):
         if saved_form_differs(peft):
             _load_training_state(peft, resume_from_checkpoint)
             return
+        state = os.path.join(resume_from_checkpoint, TRAINING_STATE)
+        if os.path.isfile(state):  # written for a model in training form: this one is folded or sparse already
+            with safe_open(state, "pt") as fh:
+                names = set(fh.keys())
+            own = {n for n, p in peft.named_parameters() if p.requires_grad}
+            if names != own:
+                raise ConfigError(f"{resume_from_checkpoint!r} was written while the adapter trained in another form "
+                                  "(an unfolded prompt encoder, or dense diff-pruning differences) than this model "
+                                  "holds; resume into a model built with get_peft_model and the same config")
         load_adapter_weights(peft, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
