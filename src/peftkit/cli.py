@@ -107,11 +107,11 @@ _count = _int_at_least(0, "an integer >= 0")
 def _task_name(value: str) -> str:
     """A ``--task`` value in its canonical spelling (``SST-2`` -> ``sst2``, ``causal_lm`` -> ``causal-lm``), so
     that folder names, run_config.json and metrics agree; an unknown name is kept for the task loader's error."""
-    from peftkit.train.data import TASKS
+    from peftkit.train.data import TASKS, task_key
 
     if not value.strip():
         raise argparse.ArgumentTypeError("expected a task name (sst2, rte, cola, stsb, mrpc or causal-lm), got ''")
-    key = value.lower().replace("-", "").replace("_", "")
+    key = task_key(value)
     return "causal-lm" if key == "causallm" else key if key in TASKS else value
 
 

@@ -432,10 +432,11 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     check(svd_driver in (None, "gesvd", "gesvdj", "gesvda"),
           f"svd_driver={svd_driver!r} is not valid; expected None, 'gesvd', 'gesvdj' or 'gesvda'")
     configs = [host.peft_config[a] for a in adapters]
+    # the options given (the sign election and the seed count as given when not at their defaults)
+    options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density,
+                   majority_sign_method=None if majority_sign_method == "total" else majority_sign_method,
+                   seed=None if seed == 0 else seed)
     if any(type(c) is IA3Config for c in configs):
-        options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density,
-                       majority_sign_method=None if majority_sign_method == "total" else majority_sign_method,
-                       seed=None if seed == 0 else seed)
         given_options = [k for k, v in options.items() if v is not None]
         check(combination_type in (None, "linear") and not given_options,
               "(IA)^3 adapters combine only linearly (peft's IA3 add_weighted_adapter): leave combination_type out "
@@ -444,10 +445,7 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         _add_ia3_weighted(host, adapters, configs, weights, adapter_name, modules_to_save_from)
         return
     combination_type = combination_type or "svd"
-    # (the sign election and the seed count as given when not at their defaults)
-    _check_options_apply(combination_type, density=density, svd_rank=svd_rank, svd_clamp=svd_clamp,
-                         majority_sign_method=None if majority_sign_method == "total" else majority_sign_method,
-                         seed=None if seed == 0 else seed)
+    _check_options_apply(combination_type, **options)
     if len(adapters) == 1:  # as peft: one adapter can only be combined linearly
         combination_type, density = "linear", None
     check_plain_start(adapters, configs)

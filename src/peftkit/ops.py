@@ -52,11 +52,13 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torc
     return fields >= (-32768 + drop_levels)
 
 
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)  # looked up once: asked per forward
+
+
 def func_transforms_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running (torch's private check; False
     when torch lacks it)."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
+    return bool(_TRANSFORMS_ACTIVE()) if _TRANSFORMS_ACTIVE is not None else False
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:

@@ -29,7 +29,7 @@ from peftkit.bench.report import NOT_RUN
 from peftkit.config import ConfigError, check, get_method
 from peftkit.train.checkpoint import CHECKPOINTS, latest_checkpoint
 from peftkit.train.checks import SEED_MAX, check_model_dir, hold_lock, read_json_object
-from peftkit.train.data import TASK_SPECS, TASKS
+from peftkit.train.data import TASK_SPECS, TASKS, task_key
 from peftkit.train.options import resolve_model_dir
 
 FULL = "full"
@@ -88,10 +88,9 @@ class BenchConfig:
         # get_method raises ConfigError naming the registered methods
         methods = [FULL if m.lower() == FULL else get_method(m).name for m in self.methods]
         self.methods = _unique([FULL, *methods] if FULL not in methods else methods)
-        key = lambda t: t.lower().replace("-", "").replace("_", "")  # noqa: E731 - as peftkit train --task reads it
         for t in self.tasks:
-            check(key(t) in TASKS, f"unknown task {t!r}; the arena's tasks: {', '.join(TASKS)}")
-        self.tasks = _unique([key(t) for t in self.tasks])
+            check(task_key(t) in TASKS, f"unknown task {t!r}; the arena's tasks: {', '.join(TASKS)}")
+        self.tasks = _unique([task_key(t) for t in self.tasks])
         for s in self.seeds:
             check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX,
                   f"seed {s!r} must be an integer in 0..{SEED_MAX}")

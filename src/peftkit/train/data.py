@@ -208,13 +208,19 @@ TASKS: dict[str, Callable[[str | None], Task]] = {
 }
 
 
+def task_key(name: str) -> str:
+    """``name`` as the task tables key it (``SST-2``, ``sts_b`` -> ``sst2``, ``stsb``; ``causal_lm`` -> ``causallm``):
+    lower case, without ``-`` and ``_``."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
     """Load a GLUE task by name (``sst2``, ``rte``, ``cola``, ``stsb`` shipped; ``mrpc`` from ``data_dir``).
 
     Raises:
         DataError: unknown task name (the message lists the known ones) or unreadable files.
     """
-    key = name.lower().replace("-", "")
+    key = task_key(name)
     if key not in TASKS:
         raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, causal-lm (or give --train-file)")
     return TASKS[key](data_dir)

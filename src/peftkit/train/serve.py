@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from peftkit.config import ConfigError
-from peftkit.train.data import TASK_SPECS, DataError, TokenizedDataset, collate
+from peftkit.train.data import TASK_SPECS, DataError, TokenizedDataset, collate, task_key
 from peftkit.train.options import CAUSAL_LM
 
 __all__ = ["predict_run"]
@@ -109,7 +109,7 @@ def run_shape(cfg: Any, raw: dict[str, Any]) -> dict[str, Any]:
         pair = raw.get("sentence_pair")
         return {"num_labels": num_labels, "label_names": names, "regression": False,
                 "pair": bool(cfg.pair_column) if not isinstance(pair, bool) else pair}
-    spec = TASK_SPECS.get(str(cfg.task).lower().replace("-", ""))
+    spec = TASK_SPECS.get(task_key(str(cfg.task)))
     if spec is None:
         raise ConfigError(f"run_config.json: task={cfg.task!r} is not a known task ({', '.join(TASK_SPECS)}, "
                           "causal-lm); the run folder is damaged")
