@@ -39,16 +39,24 @@ def test_a_mixed_batch_while_an_adapter_is_merged_is_refused():
     assert model(torch.randn(2, 6), adapter_names=["b", "__base__"]).shape == (2, 4)
 
 
-def test_deleting_one_merged_adapter_keeps_the_other_merged_and_exact():
+@pytest.mark.parametrize("both_active", [False, True], ids=["b-active", "both-active"])
+def test_deleting_one_merged_adapter_keeps_the_other_merged_and_exact(both_active):
+    """With both active and merged, deleting one also unmerged the other, warning about a switch nobody asked for."""
+    import warnings
+
     model = two_adapters()
     x = torch.randn(5, 6)
     with torch.no_grad():
         model.set_adapter("b")
         only_b = model(x)
+        if both_active:
+            model.set_adapter(["default", "b"])
         model.merge_adapter(["default", "b"])
-        model.delete_adapter("default")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.delete_adapter("default")
         layer = model.get_base_model()[0]
-        assert isinstance(layer, AdaptedLayer) and layer.merged_adapters == ["b"]
+        assert isinstance(layer, AdaptedLayer) and layer.merged_adapters == ["b"] and model.active_adapters == ["b"]
         torch.testing.assert_close(model(x), only_b, atol=1e-6, rtol=1e-5)
         model.unmerge_adapter()
         torch.testing.assert_close(model(x), only_b, atol=1e-6, rtol=1e-5)
@@ -422,22 +430,3 @@ def test_targets_a_wrapper_could_not_adapt_exactly_are_refused(make, targets, me
         unmerged = model(x)
         model.merge_adapter()
         assert (model(x) - unmerged).abs().max() <= 1e-6
-
-
-def test_deleting_one_of_two_active_merged_adapters_keeps_the_other_merged():
-    """With both active and merged, deleting one unmerged the other too, warning about a switch nobody asked for."""
-    import warnings
-
-    model = two_adapters()
-    x = torch.randn(5, 6)
-    with torch.no_grad():
-        model.set_adapter("b")
-        only_b = model(x)
-        model.set_adapter(["default", "b"])
-        model.merge_adapter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            model.delete_adapter("default")
-        layer = model.get_base_model()[0]
-        assert model.active_adapters == ["b"] and layer.merged_adapters == ["b"]
-        torch.testing.assert_close(model(x), only_b, atol=1e-6, rtol=1e-5)
