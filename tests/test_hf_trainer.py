@@ -321,3 +321,24 @@ def test_a_folded_model_cannot_resume_a_checkpoint_of_the_unfolded_form(tmp_path
     with pytest.raises(ConfigError, match="was written while the adapter trained in another form"):
         _trainer(tmp_path / "again", folded).train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
     assert all(torch.equal(p, before[n]) for n, p in folded.named_parameters())
+
+
+def test_each_method_declares_whether_its_saved_form_differs():
+    """The model asks every layer adapter and every module kept outside the layers (nested ones too: UniPELT's
+    gated prefix sits inside a composition); folding the prompt encoder ends the difference."""
+    from peftkit import DiffPruningConfig, IA3Config, PromptEncoderConfig, unipelt_config
+
+    def model(config):
+        torch.manual_seed(0)
+        return get_peft_model(tiny_bert_classifier(), config)
+
+    assert not model(LoraConfig(r=2, target_modules=["query"])).base_model.saved_form_differs()
+    assert not model(IA3Config(target_modules=["key"], feedforward_modules=[])).base_model.saved_form_differs()
+    assert model(DiffPruningConfig(target_modules=["query"])).base_model.saved_form_differs()
+    assert model(unipelt_config(r=2, encoder_hidden_size=8, task_type="SEQ_CLS")).base_model.saved_form_differs()
+    assert not model(unipelt_config(r=2, encoder_hidden_size=None,
+                                    task_type="SEQ_CLS")).base_model.saved_form_differs()
+    ptuning = model(PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8, task_type="SEQ_CLS"))
+    assert ptuning.base_model.saved_form_differs()
+    ptuning.base_model.extra_modules["default"].fold()
+    assert not ptuning.base_model.saved_form_differs()

@@ -409,6 +409,14 @@ class AdapterModel(nn.Module):
         for _, w in self.wrappers():
             w.disabled = disabled
 
+    def saved_form_differs(self) -> bool:
+        """Whether loading this model's adapter files back would replace some trainable parameters by another
+        form (a soft prompt's encoder not folded yet, dense diff-pruning differences): asked of every layer
+        adapter (:attr:`Adapter.saved_form_differs`) and every module kept outside the layers."""
+        holders = [*self.extra_modules.values(),
+                   *(w.adapters for _, w in self.wrappers() if isinstance(w, AdaptedLayer))]
+        return any(getattr(m, "saved_form_differs", False) for holder in holders for m in holder.modules())
+
     # --- merging ------------------------------------------------------------------------------------
     def merged_adapters(self) -> list[str]:
         """Adapters merged into at least one layer, by owner (a composed adapter, not its parts), in the

@@ -169,6 +169,13 @@ class Adapter(nn.Module):
         """
         return params
 
+    @property
+    def saved_form_differs(self) -> bool:
+        """Whether this adapter's file holds its trainable parameters in another form than the one they train
+        in, so that loading the file back would replace them by that form (diff pruning's dense differences,
+        written as their non-zero entries). False by default."""
+        return False
+
     def merge_problem(self) -> str | None:
         """Why merging this adapter now could not be undone (e.g. a zero scale), or None; checked on every
         layer before any layer merges."""

@@ -209,6 +209,11 @@ class VirtualTokens(nn.Module):
         self.embedding = nn.Embedding(num_tokens, width)
         self.folded = True
 
+    @property
+    def saved_form_differs(self) -> bool:
+        """True until :meth:`fold`: files hold the projected tokens, not the table and heads that train."""
+        return not self.folded
+
     def project(self, table: Tensor) -> Tensor:
         """The reparameterisation ``(P, in_width) -> (P, width)``; identity by default."""
         return table

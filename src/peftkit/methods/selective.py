@@ -156,6 +156,11 @@ class SelectAdapter(Adapter):
 
     substitutes_params = True
 
+    @property
+    def saved_form_differs(self) -> bool:
+        """True while a dense difference is written to files as its non-zero entries (``save_sparse``)."""
+        return self.save_sparse and not all(self.is_sparse.values())
+
     def __init__(self, base: nn.Module, names: Sequence[str], sparse: bool = False, save_sparse: bool = False,
                  grad_keep: float | None = None) -> None:
         super().__init__()

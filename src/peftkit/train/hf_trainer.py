@@ -131,14 +131,9 @@ TRAINING_STATE = "training_state.safetensors"
 
 
 def saved_form_differs(model: PeftModel) -> bool:
-    """Whether loading ``model``'s adapter files back would replace its trainable parameters by another form:
-    a soft prompt's encoder not folded yet (the file holds the folded tokens), dense diff-pruning differences
-    (the file holds their non-zero entries)."""
-    host = model.base_model
-    if any(getattr(m, "head_names", ()) and not getattr(m, "folded", True) for m in host.extra_modules.values()):
-        return True
-    return any(getattr(a, "save_sparse", False) and not all(getattr(a, "is_sparse", {}).values())
-               for _, layer in host.wrappers() for a in getattr(layer, "adapters", {}).values())
+    """Whether loading ``model``'s adapter files back would replace its trainable parameters by another form
+    (see :meth:`peftkit.host.AdapterModel.saved_form_differs`)."""
+    return model.base_model.saved_form_differs()
 
 
 def _load_training_state(model: PeftModel, folder: str) -> None:
