@@ -277,6 +277,38 @@ def test_export_and_merge_of_adapters_saved_without_a_task_type(tmp_path, capsys
     assert run("merge", tmp_path / "a", tmp_path / "b", "--output", tmp_path / "merged") == 0
 
 
+def test_export_of_a_no_task_adapter_made_on_another_head_class_says_why_and_how(tmp_path, capsys):
+    """An adapter made on LlamaForSequenceClassification without a task_type: the base folder loads as the
+    LlamaForCausalLM it was saved as, and the error only said modules_to_save matched nothing; setting the
+    task_type it names makes the export work."""
+    import json
+
+    from transformers import LlamaForSequenceClassification
+
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    cls = LlamaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2)
+    cls.config.pad_token_id = 0
+    model = get_peft_model(cls, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["score"]))
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    perturb(model)
+    model.save_pretrained(tmp_path / "ad")
+    assert run("export", "--adapter", tmp_path / "ad", "--merge", "--output", tmp_path / "exp") == 2
+    err = capsys.readouterr().err
+    assert "(LlamaForCausalLM), which has no module 'score'" in err and 'Set "task_type"' in err
+    assert not (tmp_path / "exp").exists()
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
+    assert run("export", "--adapter", tmp_path / "ad", "--merge", "--output", tmp_path / "exp") == 0
+    x = ids()
+    with torch.no_grad():
+        want = model.eval()(input_ids=x).logits
+        got = LlamaForSequenceClassification.from_pretrained(tmp_path / "exp").eval()(input_ids=x).logits
+    assert (got - want).abs().max() <= 1e-5
+
+
 def test_merge_refuses_adapters_of_different_base_models(tmp_path, capsys):
     """Two bases of one shape but different weights: the merge went through silently, naming only the first."""
     from transformers import LlamaForCausalLM

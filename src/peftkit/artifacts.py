@@ -191,21 +191,31 @@ def load_base_for(adapter_dir: str | os.PathLike, model_dir: str | None = None) 
         model = (saved_as or AutoModel).from_pretrained(source, use_safetensors=True)
         # an adapter made on the bare model inside it (AutoModel's) names that model's modules at its top
         inner = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
-        first = _first_module(folder)
+        tops = _file_modules(folder)
+        first = tops[0] if tops else None
         if first and isinstance(inner, torch.nn.Module) and first not in model._modules and first in inner._modules:
             model = inner
+        missing = [name for name in tops if name not in model._modules]
+        if missing:
+            raise ConfigError(
+                f"the adapter in {str(folder)!r} has no task_type, so its base {str(source)!r} is loaded as the class "
+                f"the folder was saved as ({type(model).__name__}), which has no module {missing[0]!r}: the adapter "
+                "was made on another class of that model (a head such as 'score' or 'classifier' comes with "
+                "...ForSequenceClassification). Set \"task_type\" in its adapter_config.json to the task it was "
+                "trained for: SEQ_CLS, TOKEN_CLS, QUESTION_ANS or CAUSAL_LM")
     return model, AutoTokenizer.from_pretrained(source) if has_tokenizer_files(source) else None
 
 
-def _first_module(folder: Path) -> str | None:
-    """The top-level module name the first tensor of the adapter file in ``folder`` sits in (``encoder`` for
-    ``base_model.model.encoder.layer.0...``), or None."""
+def _file_modules(folder: Path) -> list[str]:
+    """The top-level module names the tensors of the adapter file in ``folder`` sit in, in file order
+    (``encoder`` for ``base_model.model.encoder.layer.0...``); empty without a file."""
     path = folder / WEIGHTS_NAME
     if not path.is_file():
-        return None
+        return []
+    prefix = "base_model.model."
     with safe_open(path, "pt") as fh:
-        key = next((k for k in fh.keys() if k.startswith("base_model.model.")), None)
-    return key[len("base_model.model."):].split(".", 1)[0] if key else None
+        names = [k[len(prefix):].split(".", 1)[0] for k in fh.keys() if k.startswith(prefix)]
+    return list(dict.fromkeys(names))
 
 
 def _head_rows(folder: Path) -> int | None:
