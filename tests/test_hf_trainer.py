@@ -274,6 +274,34 @@ def test_a_pruned_adalora_checkpoint_loads_back_into_the_training_model(tmp_path
         assert torch.allclose(resumed.model.eval()(input_ids=batch).logits, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("checkpoint", [1, 3, 5])  # before, in and after AdaLoRA's pruning phase
+def test_an_adalora_run_resumed_by_peft_trainer_ends_as_the_uninterrupted_one(tmp_path, checkpoint):
+    """The checkpoint holds the pruned ranks and importance averages (method_state.safetensors) and, once ranks are
+    pruned, the full-rank parameters (training_state.safetensors): the pruned triplets' rows came back as zeros
+    and the importance averages started afresh."""
+    from peftkit import AdaLoraConfig
+
+    def model():
+        torch.manual_seed(0)
+        return get_peft_model(tiny_bert_classifier(), AdaLoraConfig(
+            init_r=4, target_r=1, total_step=6, tinit=1, tfinal=2, deltaT=1, target_modules=["query", "value"],
+            task_type="SEQ_CLS"))
+
+    options = dict(save_steps=1, eval_strategy="no", learning_rate=5e-2)
+    whole = _trainer(tmp_path / "whole", model(), **options)
+    whole.train()
+    folder = tmp_path / "whole" / f"checkpoint-{checkpoint}"
+    assert (folder / "method_state.safetensors").is_file()
+    assert (folder / "training_state.safetensors").is_file() == (checkpoint > 1)
+    resumed = _trainer(tmp_path / "resumed", model(), **options)
+    resumed.train(resume_from_checkpoint=str(folder))
+    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    pattern = whole.model.peft_config["default"].rank_pattern
+    assert pattern == resumed.model.peft_config["default"].rank_pattern and sum(map(sum, pattern.values())) < 16
+
+
 @pytest.mark.parametrize("method", ["p-tuning", "prefix-projection", "diff-pruning"])
 def test_resume_of_adapters_saved_in_another_form_than_they_train_in(method, tmp_path):
     """P-tuning's and prefix tuning's encoders are saved folded, diff pruning's dense differences as their

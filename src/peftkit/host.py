@@ -417,6 +417,32 @@ class AdapterModel(nn.Module):
                    *(w.adapters for _, w in self.wrappers() if isinstance(w, AdaptedLayer))]
         return any(getattr(m, "saved_form_differs", False) for holder in holders for m in holder.modules())
 
+    def method_state(self) -> dict[str, Tensor]:
+        """Every adapter's :meth:`~peftkit.tuners.Tuner.method_state` (what a resumed run needs beyond parameters
+        and buffers), keyed ``<adapter name>:<method's key>``; empty for most methods."""
+        return {f"{name}:{key}": value for name in self.peft_config
+                for key, value in self.tuner(name).method_state(self, name).items()}
+
+    def load_method_state(self, tensors: dict[str, Tensor], check_only: bool = False) -> None:
+        """Restore :meth:`method_state`'s tensors, all checked before any is applied (``check_only``: only check).
+
+        Raises:
+            ConfigError: a key of no adapter of this model, or tensors an adapter's method does not keep or
+                that do not fit it.
+        """
+        names = sorted(self.peft_config, key=len, reverse=True)  # the longest name that prefixes a key owns it
+        grouped: dict[str, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            owner = next((n for n in names if key.startswith(f"{n}:")), None)
+            check(owner is not None, f"the checkpoint holds training state {key!r} of an adapter this model does "
+                                     f"not have (it has {list(self.peft_config)}); resume with the run's own options")
+            grouped.setdefault(owner, {})[key[len(owner) + 1:]] = value
+        for name, part in grouped.items():
+            self.tuner(name).load_method_state(self, name, part, check_only=True)
+        if not check_only:
+            for name, part in grouped.items():
+                self.tuner(name).load_method_state(self, name, part)
+
     # --- merging ------------------------------------------------------------------------------------
     def merged_adapters(self) -> list[str]:
         """Adapters merged into at least one layer, by owner (a composed adapter, not its parts), in the

@@ -79,6 +79,24 @@ class Tuner:
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
         """Drop state kept outside wrapped layers when the adapter is deleted or the model unloaded."""
 
+    def method_state(self, host: AdapterModel, adapter_name: str) -> dict[str, Tensor]:
+        """State that training changes outside parameters and persistent buffers and that a resumed run
+        needs to continue exactly (AdaLoRA's rank masks and importance averages), keyed as the method
+        likes; written into checkpoints, never into adapter files. None by default."""
+        return {}
+
+    def load_method_state(self, host: AdapterModel, adapter_name: str, tensors: dict[str, Tensor],
+                          check_only: bool = False) -> None:
+        """Restore what :meth:`method_state` returned; with ``check_only`` only check that it fits.
+
+        Raises:
+            ConfigError: a tensor this method does not keep, or one that does not fit the adapter (always
+                checked before anything changes).
+        """
+        check(not tensors, f"{self.method} adapter {adapter_name!r} keeps no training state beyond its parameters, "
+                           f"but the checkpoint holds some for it (e.g. {sorted(tensors)[:2]}); resume with the "
+                           "run's own options")
+
     def export_config(self, host: AdapterModel, adapter_name: str) -> PeftConfig:
         """The config written next to the adapter's file tensors (default: the adapter's config as is). A
         method whose saved shapes depend on training (SoRA's pruned ranks) returns an updated copy."""

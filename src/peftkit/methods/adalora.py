@@ -195,6 +195,11 @@ class AdaLoraAdapter(Adapter):
         self.register_buffer("origin", torch.tensor(origin, dtype=torch.long), persistent=False)
         self.importance: dict[str, tuple[Tensor, Tensor]] = {}
 
+    @property
+    def saved_form_differs(self) -> bool:
+        """True once ranks are pruned: files hold only the kept triplets, training holds all ``r``."""
+        return not bool(self.rank_mask.all())
+
     def delta(self) -> Tensor:
         """``scaling * B @ (A * E)``, canonical shape, differentiable."""
         return (self.lora_B @ (self.lora_A * self.lora_E) * self.scaling).reshape(self.layout.canonical_shape())
@@ -256,6 +261,9 @@ class AdaLoraAdapter(Adapter):
         return full.tolist()
 
 
+DAMAGED_STATE = "the checkpoint is damaged; resume from an earlier copy of the run or train again"
+
+
 class AdaLoraTuner(WrapTuner):
     """Builds AdaLoRA adapters, adds the orthogonality penalty and allocates the rank budget."""
 
@@ -301,7 +309,12 @@ class AdaLoraTuner(WrapTuner):
 
         Raises:
             RuntimeError: a step that updates the importance finds no gradient on the adapter (nothing changes).
+            ConfigError: the adapter is merged into a layer (nothing changes).
         """
+        merged = [n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.merged_adapters]
+        check(not merged, f"AdaLoRA adapter {adapter_name!r} is merged (into {merged[0]!r}{' and others' if merged[1:] else ''})"
+                          ": unmerge it (unmerge_adapter()) before update_and_allocate / peft_step_end, whose masks "
+                          "change the weights that unmerging subtracts" if merged else "")
         config = host.peft_config[adapter_name]
         adapters = self.adapters(host, adapter_name)
         end = config.total_step - config.tfinal
@@ -359,6 +372,56 @@ class AdaLoraTuner(WrapTuner):
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
         for a in self.adapters(host, adapter_name).values():
             a.importance.clear()
+
+    def method_state(self, host: AdapterModel, adapter_name: str) -> dict[str, Tensor]:
+        """``<module>.rank_mask`` (once a budget was applied: ``rank_pattern`` is set) and the importance
+        averages ``<module>.<lora_A|lora_E|lora_B>.importance_avg/_unc`` (while the allocation runs)."""
+        out: dict[str, Tensor] = {}
+        masked = host.peft_config[adapter_name].rank_pattern is not None
+        for module, a in self.adapters(host, adapter_name).items():
+            if masked:
+                out[f"{module}.rank_mask"] = a.rank_mask
+            for name, (avg, unc) in a.importance.items():
+                out[f"{module}.{name}.importance_avg"], out[f"{module}.{name}.importance_unc"] = avg, unc
+        return out
+
+    def load_method_state(self, host: AdapterModel, adapter_name: str, tensors: dict[str, Tensor],
+                          check_only: bool = False) -> None:
+        """Restore the rank masks (and ``rank_pattern``) and the importance averages :meth:`method_state` wrote.
+
+        Raises:
+            ConfigError: a key of no AdaLoRA layer of this adapter, or a tensor of the wrong shape (checked first).
+        """
+        adapters = self.adapters(host, adapter_name)
+        masks: dict[str, Tensor] = {}
+        importance: dict[str, dict[str, dict[str, Tensor]]] = {}
+        for key, value in tensors.items():
+            head, _, field = key.rpartition(".")
+            module, factor = head, None
+            if field in ("importance_avg", "importance_unc"):
+                module, _, factor = head.rpartition(".")
+            a = adapters.get(module)
+            fits = a is not None and (
+                (field == "rank_mask" and value.shape == a.rank_mask.shape) or
+                (factor in ("lora_A", "lora_E", "lora_B") and value.shape == getattr(a, factor).shape))
+            check(fits, f"the checkpoint's AdaLoRA state {key!r} of shape {tuple(value.shape)} does not fit adapter "
+                        f"{adapter_name!r} of this model; resume with the run's own options")
+            if field == "rank_mask":
+                masks[module] = value.to(torch.bool)
+            else:
+                importance.setdefault(module, {}).setdefault(factor, {})[field] = value
+        for module, factors in importance.items():
+            for factor, pair in factors.items():
+                check(len(pair) == 2, f"the checkpoint holds only {sorted(pair)} of AdaLoRA's importance of "
+                                      f"{module}.{factor}; {DAMAGED_STATE}")
+        if check_only:
+            return
+        for module, factors in importance.items():
+            a = adapters[module]
+            a.importance = {f: (pair["importance_avg"].to(a.lora_A), pair["importance_unc"].to(a.lora_A))
+                            for f, pair in factors.items()}
+        if masks:
+            self.set_rank_masks(host, adapter_name, masks)
 
 
 def adalora_from_cli(args: Any) -> AdaLoraConfig:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from peftkit.config import ConfigError, MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, unwrap
@@ -344,13 +344,41 @@ class BottleneckTuner(WrapTuner):
             config.residual_before_ln, config.init_weights, rule=self._rule, phm_rank=config.phm_rank,
             block=_block(module_name, config), drop=self._drop)
 
-    def on_step_end(self, host: Any, adapter_name: str, step: int) -> None:
-        """Robust AdapterDrop: draw the number of dropped blocks for the next step."""
+    @staticmethod
+    def _drop_state(host: Any, adapter_name: str) -> DropState | None:
+        """The random-AdapterDrop state the adapter's layers share, or None."""
         for _, w in host.wrappers():
             adapter = w.adapters[adapter_name] if isinstance(w, AdaptedLayer) and adapter_name in w.adapters else None
             if isinstance(adapter, BottleneckAdapter) and adapter.drop is not None:
-                adapter.drop.redraw()
-                return
+                return adapter.drop
+        return None
+
+    def on_step_end(self, host: Any, adapter_name: str, step: int) -> None:
+        """Robust AdapterDrop: draw the number of dropped blocks for the next step."""
+        drop = self._drop_state(host, adapter_name)
+        if drop is not None:
+            drop.redraw()
+
+    def method_state(self, host: Any, adapter_name: str) -> dict[str, Tensor]:
+        """Robust AdapterDrop: ``adapterdrop_n``, the number of blocks the next step drops (``(1,)`` int64)."""
+        drop = self._drop_state(host, adapter_name)
+        return {} if drop is None else {"adapterdrop_n": torch.tensor([drop.n])}
+
+    def load_method_state(self, host: Any, adapter_name: str, tensors: dict[str, Tensor],
+                          check_only: bool = False) -> None:
+        """Restore the number of blocks the next step drops.
+
+        Raises:
+            ConfigError: other keys, or a number outside ``0..adapterdrop_layers`` (checked first).
+        """
+        drop = self._drop_state(host, adapter_name)
+        value = tensors.get("adapterdrop_n")
+        fits = set(tensors) <= {"adapterdrop_n"} and (value is None or (
+            drop is not None and value.shape == (1,) and 0 <= int(value[0]) <= drop.max_layers))
+        check(fits, f"the checkpoint's state of bottleneck adapter {adapter_name!r} ({sorted(tensors)}) does not fit "
+                    "this model's (random AdapterDrop); resume with the run's own options")
+        if not check_only and value is not None:
+            drop.n = int(value[0])
 
 
 def _container(module: nn.Module) -> bool:

@@ -5,7 +5,8 @@ A checkpoint is a folder ``<root>/checkpoints/step-<N>/`` holding
 - ``trainer_state.json`` (written by rank 0): the step, the loss history and counters, the
   scheduler's state and the optimiser's hyper-parameters (``param_groups``), the world size;
 - ``rank<R>.safetensors`` (one per rank): the trainable parameters (``param.<name>``; a rank's own
-  shard under FSDP), persistent buffers (``buffer.<name>``), the optimiser's state tensors
+  shard under FSDP), persistent buffers (``buffer.<name>``), what a method keeps outside both
+  (``method.<adapter>:<key>``, e.g. AdaLoRA's rank masks), the optimiser's state tensors
   (``optim.<index>.<key>``, e.g. AdamW's ``exp_avg``) and the random generators' states
   (``rng.torch``, ``rng.cuda.<i>``, ``rng.numpy``);
 - ``rank<R>.json``: the rest of that rank's state (python ``random``, numpy's position, scalar
@@ -128,6 +129,12 @@ def _buffers(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict(keep_vars=True).items() if k in names}
 
 
+def _method_host(model: nn.Module) -> Any:
+    """The peftkit adapter host of ``model`` (a :class:`~peftkit.PeftModel`), or None for another module."""
+    host = getattr(model, "base_model", None)
+    return host if callable(getattr(host, "method_state", None)) else None
+
+
 def _params_by_index(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -157,6 +164,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     D.barrier()
     tensors = {f"param.{n}": D.local(p) for n, p in model.named_parameters() if p.requires_grad}
     tensors |= {f"buffer.{n}": b for n, b in _buffers(model).items()}
+    host = _method_host(model)
+    if host is not None:  # what a method keeps outside parameters and buffers (AdaLoRA's rank masks)
+        tensors |= {f"method.{k}": v for k, v in host.method_state().items()}
     scalars: dict[str, Any] = {}
     opt = optimizer.state_dict()
     for index, entries in opt["state"].items():
@@ -337,6 +347,12 @@ def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torc
         opt_state.setdefault(int(index), {})[name] = value
     _check_optimizer_state(folder, tensors, meta, params)
     _check_rng_state(folder, tensors, meta)
+    method = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
+    host = _method_host(model)
+    if method:
+        check(host is not None, f"checkpoint {str(folder)!r} holds adapter training state ({sorted(method)[:2]}) "
+                                "but the model is not a peftkit PeftModel; resume with the run's own options")
+        host.load_method_state(method, check_only=True)
     saved_groups = []
     for live, stored in zip(groups, state["optimizer_param_groups"], strict=True):
         saved_groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in stored.items()})
@@ -344,5 +360,7 @@ def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torc
     with torch.no_grad():
         for key, dst in targets.items():
             D.local(dst).copy_(tensors[key])
+    if method:
+        host.load_method_state(method)
     _set_rng_state(tensors, meta)
     return state

@@ -23,8 +23,10 @@ Saved folders hold the adapter in HF PEFT format (``save_pretrained``), the toke
 and ``training_args.json`` (JSON instead of transformers' pickled ``training_args.bin``). Checkpoints of
 an adapter whose file holds another form than it trains in (P-tuning's and prefix tuning's encoder, which
 the file holds folded into the tokens; diff pruning's dense differences, written as their non-zero entries)
-also hold the trainable parameters as they are (``training_state.safetensors``), from which a resumed run
-continues exactly. Models that
+also hold the trainable parameters as they are (``training_state.safetensors``), as do those of an AdaLoRA
+adapter once it pruned ranks (the file holds only the kept triplets); what a method keeps outside its parameters
+(AdaLoRA's rank masks and importance averages) goes to ``method_state.safetensors``. A resumed run continues
+exactly from them. Models that
 are not peftkit models are handled exactly as by ``transformers.Trainer``.
 
 It also runs peftkit's training hooks, as :class:`peftkit.train.Trainer` does: the adapters' loss terms
@@ -79,8 +81,9 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
     the model it was trained in, which holds all ``init_r``, the kept ones go to their places, the pruned
     ones are zero and masked, and the rank pattern is the file's: the adapter computes what was saved.
     (What the file does not hold starts afresh: the pruned triplets' ``A``/``B`` rows, which still enter
-    the orthogonality penalty, and the importance averages of the rank allocation; a run resumed in
-    the pruning phase therefore differs slightly from an uninterrupted one.)
+    the orthogonality penalty, and the importance averages of the rank allocation. ``PeftTrainer``'s
+    ``resume_from_checkpoint`` restores both from the checkpoint's ``training_state.safetensors`` and
+    ``method_state.safetensors`` instead.)
 
     Raises:
         FileNotFoundError: an adapter's ``adapter_model.safetensors`` is missing.
@@ -128,6 +131,12 @@ def _unpruned(model: PeftModel, name: str, config: Any, tensors: dict[str, Any])
 
 
 TRAINING_STATE = "training_state.safetensors"
+METHOD_STATE = "method_state.safetensors"
+
+
+def _save_atomically(tensors: dict[str, torch.Tensor], path: str) -> None:
+    save_file(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def saved_form_differs(model: PeftModel) -> bool:
@@ -144,7 +153,8 @@ def _load_training_state(model: PeftModel, folder: str) -> None:
     """
     path = os.path.join(folder, TRAINING_STATE)
     check_msg = (f"{folder!r} cannot resume this model: its adapter file holds the saved form (folded prompt "
-                 "encoder, or sparse diff-pruning differences), which would replace the form the model trains in")
+                 "encoder, sparse diff-pruning differences, pruned AdaLoRA ranks), which would replace the form the "
+                 "model trains in")
     if not os.path.isfile(path):
         raise ConfigError(f"{check_msg}, and it has no {TRAINING_STATE} (written by PeftTrainer checkpoints) to "
                           "resume from")
@@ -241,9 +251,12 @@ class PeftTrainer(Trainer):
         if not self.args.should_save:
             return
         if saved_form_differs(peft):  # what a resumed run needs: the parameters as they train
-            save_file({n: p.detach().contiguous() for n, p in peft.named_parameters() if p.requires_grad},
-                      os.path.join(output_dir, TRAINING_STATE + ".tmp"))
-            os.replace(os.path.join(output_dir, TRAINING_STATE + ".tmp"), os.path.join(output_dir, TRAINING_STATE))
+            _save_atomically({n: p.detach().contiguous() for n, p in peft.named_parameters() if p.requires_grad},
+                             os.path.join(output_dir, TRAINING_STATE))
+        method = peft.base_model.method_state()
+        if method:  # and what the methods keep beside them (AdaLoRA's rank masks and importance averages)
+            _save_atomically({k: v.detach().contiguous() for k, v in method.items()},
+                             os.path.join(output_dir, METHOD_STATE))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         atomic_write_bytes(os.path.join(output_dir, "training_args.json"), self.args.to_json_string().encode())
@@ -253,19 +266,24 @@ class PeftTrainer(Trainer):
         if peft is None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        if saved_form_differs(peft):
-            _load_training_state(peft, resume_from_checkpoint)
-            return
+        method_path = os.path.join(resume_from_checkpoint, METHOD_STATE)
+        method = load_file(method_path) if os.path.isfile(method_path) else {}
+        peft.base_model.load_method_state(method, check_only=True)
         state = os.path.join(resume_from_checkpoint, TRAINING_STATE)
-        if os.path.isfile(state):  # written for a model in training form: this one is folded or sparse already
+        if os.path.isfile(state):  # the parameters in the form they train in
             with safe_open(state, "pt") as fh:
                 names = set(fh.keys())
             own = {n for n, p in peft.named_parameters() if p.requires_grad}
-            if names != own:
+            if names != own:  # written for a model in training form: this one is folded or sparse already
                 raise ConfigError(f"{resume_from_checkpoint!r} was written while the adapter trained in another form "
                                   "(an unfolded prompt encoder, or dense diff-pruning differences) than this model "
                                   "holds; resume into a model built with get_peft_model and the same config")
-        load_adapter_weights(peft, resume_from_checkpoint)
+            _load_training_state(peft, resume_from_checkpoint)
+        elif saved_form_differs(peft):
+            _load_training_state(peft, resume_from_checkpoint)  # refused: the file is missing
+        else:
+            load_adapter_weights(peft, resume_from_checkpoint)
+        peft.base_model.load_method_state(method)
 
     def _load_best_model(self) -> None:
         peft = self._peft_model()
