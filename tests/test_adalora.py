@@ -127,6 +127,31 @@ def test_rank_allocation_matches_peft_step_by_step(call):
         assert torch.equal(a.lora_E[~a.rank_mask], torch.zeros_like(a.lora_E[~a.rank_mask]))
 
 
+def test_a_pruned_state_dict_goes_back_into_the_training_model_as_in_peft():
+    """get_peft_model_state_dict of a pruned adapter holds the kept triplets only; setting it back (restoring a
+    snapshot in a loop of one's own) was refused with a shape mismatch, where peft resizes by rank_pattern."""
+    _, ours = _pair(8)
+    x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
+    for step in range(1, 6):
+        ours(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        ours.peft_step_end(step)
+        opt.zero_grad()
+    pattern = ours.peft_config["default"].rank_pattern
+    assert any(not all(m) for m in pattern.values())
+    snapshot = {k: v.clone() for k, v in peftkit.get_peft_model_state_dict(ours).items()}
+    assert any(v.shape[0] < 4 for k, v in snapshot.items() if k.endswith("lora_A"))  # compact
+    want = _logits(ours, x)
+    perturb(ours)
+    assert not torch.allclose(_logits(ours, x), want, atol=1e-4)
+    peftkit.set_peft_model_state_dict(ours, snapshot)
+    assert torch.allclose(_logits(ours, x), want, atol=1e-6)
+    assert ours.peft_config["default"].rank_pattern == pattern
+    for a in AdaLoraTuner.adapters(ours.base_model, "default").values():  # pruned triplets are zero and masked
+        assert torch.equal(a.lora_E[~a.rank_mask], torch.zeros_like(a.lora_E[~a.rank_mask]))
+
+
 def test_allocation_without_gradients_is_refused_and_changes_nothing():
     model = get_peft_model(Zoo(), config())
     x = zoo_inputs()

@@ -12,7 +12,7 @@ trainability, merging, saving) is generic.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -69,6 +69,14 @@ class Tuner:
         copied in: switch to the layout the file holds (fold a training-time reparameterisation, since
         peft files keep only its output; resize data-dependent tensors such as sparse indices). Raise
         ``AdapterLoadError`` for tensors that cannot be right (the caller removes the adapter)."""
+
+    def widen_loaded(self, host: AdapterModel, adapter_name: str, tensors: dict[str, Tensor], saved: PeftConfig
+                     ) -> tuple[dict[str, Tensor], Callable[[], None] | None]:
+        """File tensors (file keys) saved in a compact form, described by ``saved`` (the config they were saved
+        with), widened to the adapter's shapes in this model, and what to run once they are copied in; the
+        default: as given, nothing. (AdaLoRA: a pruned file holds only the kept triplets; they go to their
+        places among the model's, the others are zero and masked.) Must not change anything itself."""
+        return tensors, None
 
     def bundled(self, host: AdapterModel, adapter_name: str) -> list[tuple[str, str]]:
         """``(namespace, other adapter)`` pairs whose tensors are saved in this adapter's file and loaded

@@ -129,14 +129,25 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
 
     Every expected tensor must be present with the right shape and no tensor may be left over; all
     checks run before any value is copied. A key naming a base-model parameter (peft saves targeted
-    embedding matrices whole) is copied into that parameter.
+    embedding matrices whole) is copied into that parameter. A pruned AdaLoRA state dict (the kept
+    triplets of the adapter's ``rank_pattern``, as ``get_peft_model_state_dict`` returns it) goes back into
+    the full-rank training adapter: the kept triplets to their places, the others zero and masked.
 
     Raises:
         AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
     """
+    load_saved_state(model, state_dict, adapter_name, model.peft_config[adapter_name] if adapter_name in
+                     model.peft_config else None)
+
+
+def load_saved_state(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str, saved: PeftConfig | None
+                     ) -> None:
+    """:func:`set_peft_model_state_dict` for tensors saved with config ``saved`` (a file's own, whose
+    ``rank_pattern`` may differ from the model's)."""
     host = model.base_model
     host.check_known([adapter_name])
     _before_load(host, adapter_name, state_dict)
+    state_dict, after = host.tuner(adapter_name).widen_loaded(host, adapter_name, state_dict, saved)
     own = _tensors(model, adapter_name, export=False)
     # every parameter of the model by file key; every name of a tied parameter (lm_head.weight is
     # embed_tokens.weight): peft names the one it wrapped
@@ -186,6 +197,8 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     with torch.no_grad():
         for k, dst in expected.items():
             dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
+    if after is not None:
+        after()
 
 
 def _fold_copy_aliases(model: PeftModel, state_dict: dict[str, Tensor], own: dict[str, Tensor],

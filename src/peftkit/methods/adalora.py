@@ -27,6 +27,7 @@ layer pruned to rank 0 saves, loads and merges. Trainable parameters per layer: 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -372,6 +373,36 @@ class AdaLoraTuner(WrapTuner):
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
         for a in self.adapters(host, adapter_name).values():
             a.importance.clear()
+
+    def widen_loaded(self, host: AdapterModel, adapter_name: str, tensors: dict[str, Tensor], saved: PeftConfig
+                     ) -> tuple[dict[str, Tensor], Callable[[], None] | None]:
+        """A pruned file's kept triplets (``saved.rank_pattern``) put in their places among the ``r`` of each of
+        this model's adapters (the others zero), and the masks to apply once copied; tensors that do not have
+        the kept count are left for the loader to name."""
+        pattern = getattr(saved, "rank_pattern", None)
+        if not pattern:
+            return tensors, None
+        adapters = self.adapters(host, adapter_name)
+        widened, masks = dict(tensors), {}
+        for key, keep in pattern.items():
+            module = key.removesuffix(".lora_E")
+            adapter = adapters.get(module)
+            kept = torch.tensor(keep, dtype=torch.bool)
+            if adapter is None or adapter.r != kept.numel() or int(kept.sum()) == kept.numel():
+                continue
+            rows = kept.nonzero().squeeze(1)
+            for factor, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                file_key = f"base_model.model.{module}.{factor}"
+                value = widened.get(file_key)
+                if value is None or value.shape[dim] != rows.numel():
+                    continue
+                shape = list(value.shape)
+                shape[dim] = kept.numel()
+                widened[file_key] = value.new_zeros(shape).index_copy_(dim, rows, value)
+            masks[module] = kept
+        if not masks:
+            return tensors, None
+        return widened, lambda: self.set_rank_masks(host, adapter_name, masks)
 
     def method_state(self, host: AdapterModel, adapter_name: str) -> dict[str, Tensor]:
         """``<module>.rank_mask`` (once a budget was applied: ``rank_pattern`` is set) and the importance

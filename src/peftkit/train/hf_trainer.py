@@ -54,7 +54,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
 
 from peftkit.config import WEIGHTS_NAME, ConfigError
-from peftkit.formats.hf_peft import atomic_write_bytes, read_adapter_files, set_peft_model_state_dict
+from peftkit.formats.hf_peft import atomic_write_bytes, load_saved_state, read_adapter_files
 from peftkit.model import PeftModel
 from peftkit.train.trainer import check_optimizer_after_prepare
 
@@ -95,39 +95,7 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
             raise FileNotFoundError(f"{source!r} holds no {WEIGHTS_NAME} for adapter {name!r}; was it written by "
                                     "PeftTrainer (or PeftModel.save_pretrained)?")
         config, tensors = read_adapter_files(source)
-        tensors, masks = _unpruned(model, name, config, tensors)
-        set_peft_model_state_dict(model, tensors, name)
-        if masks:
-            model.base_model.tuner(name).set_rank_masks(model.base_model, name, masks)
-
-
-def _unpruned(model: PeftModel, name: str, config: Any, tensors: dict[str, Any]) -> tuple[dict[str, Any], dict]:
-    """``tensors`` of a pruned AdaLoRA file widened to the model's full-rank adapters ``name`` (kept triplets
-    in place, the rest zero) and the masks to apply; ``(tensors, {})`` when nothing needs widening."""
-    from peftkit.methods.adalora import AdaLoraTuner
-
-    pattern = getattr(config, "rank_pattern", None)
-    if not pattern or not isinstance(model.base_model.tuner(name), AdaLoraTuner):
-        return tensors, {}
-    adapters = AdaLoraTuner.adapters(model.base_model, name)
-    widened, masks = dict(tensors), {}
-    for key, keep in pattern.items():
-        module = key.removesuffix(".lora_E")
-        adapter = adapters.get(module)
-        kept = torch.tensor(keep, dtype=torch.bool)
-        if adapter is None or adapter.r != kept.numel() or int(kept.sum()) == kept.numel():
-            continue
-        rows = kept.nonzero().squeeze(1)
-        for factor, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
-            file_key = f"base_model.model.{module}.{factor}"
-            value = widened.get(file_key)
-            if value is None or value.shape[dim] != rows.numel():
-                continue  # set_peft_model_state_dict names what does not fit
-            shape = list(value.shape)
-            shape[dim] = kept.numel()
-            widened[file_key] = value.new_zeros(shape).index_copy_(dim, rows, value)
-        masks[module] = kept
-    return widened, masks
+        load_saved_state(model, tensors, name, config)
 
 
 TRAINING_STATE = "training_state.safetensors"
