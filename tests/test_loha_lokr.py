@@ -236,6 +236,8 @@ def test_peft_adapter_loads_in_peftkit(case, tmp_path):
     (LoKrConfig, dict(decompose_factor=0), "decompose_factor=0"),
     (LoKrConfig, dict(init_weights="pissa"), "init_weights='pissa'"),
     (LoKrConfig, dict(alpha_pattern={"lin": -2}), "alpha_pattern['lin']=-2"),
+    (LoKrConfig, dict(alpha_pattern={"[lin": 2}), "alpha_pattern key '[lin' is not a valid regular expression"),
+    (LoHaConfig, dict(rank_pattern={"lin[": 2}), "rank_pattern key 'lin[' is not a valid regular expression"),
 ])
 def test_bad_values_raise_config_error(cls, kw, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -173,6 +173,9 @@ def test_gradient_checkpointing_with_frozen_base_gives_adapter_gradients():
     ("lora_dropout", float("inf"), "lora_dropout=inf is not valid: numbers must be finite"),
     ("use_rslora", "yes", "use_rslora='yes' is not valid: expected true or false"),
     ("rank_pattern", {"q": "4"}, "rank_pattern="),
+    ("rank_pattern", {"q_proj(": 2}, "rank_pattern key 'q_proj(' is not a valid regular expression (missing ), "
+                                     "unterminated subpattern at position 6 of the key)"),
+    ("alpha_pattern", {"": 2}, "alpha_pattern key '' must be a non-empty string"),
 ])
 def test_fields_of_the_wrong_type_or_not_finite_are_refused_by_name(field, value, expected):
     from peftkit import ConfigError, LoraConfig

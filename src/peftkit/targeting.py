@@ -50,6 +50,24 @@ def matches(name: str, pattern: str | Sequence[str] | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in pattern)
 
 
+def check_pattern_keys(field: str, patterns: dict[str, object]) -> None:
+    """Check that every key of ``rank_pattern``/``alpha_pattern`` (``field``) is a non-empty string that compiles as
+    a regular expression (see :func:`pattern_key`).
+
+    Raises:
+        ConfigError: a key that is not a string, is empty, or is not a valid regular expression (named, with why).
+    """
+    for key in patterns:
+        check(isinstance(key, str) and key != "", f"{field} key {key!r} must be a non-empty string: a module name or "
+                                                  "a regular expression matched against the end of module names")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ConfigError(f"{field} key {key!r} is not a valid regular expression ({err.msg} at position "
+                              f"{err.pos} of the key); escape special characters (re.escape) for a literal "
+                              "module name") from None
+
+
 def pattern_key(name: str, patterns: dict[str, object]) -> str | None:
     """The key of ``rank_pattern``/``alpha_pattern`` that applies to module ``name``, or None.
 

@@ -35,7 +35,13 @@ from peftkit.methods.lora_init import (
     principal_factors,
 )
 from peftkit.ops import Dropout, func_transforms_active
-from peftkit.targeting import LORA_TARGET_DEFAULTS, check_target_fields, linear_types, pattern_key
+from peftkit.targeting import (
+    LORA_TARGET_DEFAULTS,
+    check_pattern_keys,
+    check_target_fields,
+    linear_types,
+    pattern_key,
+)
 from peftkit.tuners import WrapTuner
 
 LORA_PAPER = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685)"
@@ -130,6 +136,8 @@ class LoraConfig(PeftConfig):
               f"lora_bias=True is not supported with use_dora={self.use_dora} and "
               f"init_lora_weights={self.init_lora_weights!r}; use it with plain LoRA initialisations only")
         check_target_fields(self)
+        check_pattern_keys("rank_pattern", self.rank_pattern)
+        check_pattern_keys("alpha_pattern", self.alpha_pattern)
         for key, value in self.rank_pattern.items():
             check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}]={value!r} must be an integer > 0")
         for key, value in self.alpha_pattern.items():

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from peftkit.config import PeftConfig, check
 from peftkit.layers import AdaptedLayer, Adapter, skipped, wide
 from peftkit.methods import _reparam as rp
-from peftkit.targeting import linear_types, pattern_key
+from peftkit.targeting import check_pattern_keys, linear_types, pattern_key
 from peftkit.tuners import WrapTuner
 
 
@@ -76,6 +76,8 @@ class LycorisConfig(PeftConfig):
         rp.check_common(self)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
+        check_pattern_keys("rank_pattern", self.rank_pattern)
+        check_pattern_keys("alpha_pattern", self.alpha_pattern)
         for key, value in self.rank_pattern.items():
             rp.check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():

@@ -29,7 +29,7 @@ from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods import _reparam as rp
 from peftkit.ops import Dropout
-from peftkit.targeting import LORA_TARGET_DEFAULTS, pattern_key
+from peftkit.targeting import LORA_TARGET_DEFAULTS, check_pattern_keys, pattern_key
 from peftkit.tuners import WrapTuner
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class SoraConfig(PeftConfig):
               f"init_lora_weights={self.init_lora_weights!r} must be True or False")
         rp.check_common(self)
         self.rank_pattern = dict(self.rank_pattern or {})
+        check_pattern_keys("rank_pattern", self.rank_pattern)
         for key, value in self.rank_pattern.items():
             rp.check_positive_int(f"rank_pattern[{key!r}]", value, allow_zero=True)
 
