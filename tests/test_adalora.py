@@ -321,7 +321,7 @@ def test_a_peft_file_with_lora_fields_peft_adalora_ignores_loads(tmp_path):
     x = ids()
     ours = PeftModel.from_pretrained(twin, tmp_path)
     assert (_logits(theirs, x) - _logits(ours, x)).abs().max() <= 1e-5
-    with pytest.raises(ConfigError, match=r"sets fields peftkit does not support: use_dora=True"):
+    with pytest.raises(ConfigError, match=r"use_dora=True is not supported by AdaLoRA"):
         AdaLoraConfig.from_dict({**ours.peft_config["default"].to_dict(), "use_dora": True})
 
 
@@ -336,10 +336,21 @@ def test_a_peft_file_with_lora_fields_peft_adalora_ignores_loads(tmp_path):
     (dict(lora_dropout=1.5), "lora_dropout=1.5"),
     (dict(bias="some"), "bias='some'"),
     (dict(rank_pattern={"lin.lora_E": [True, False]}), "must be a list of init_r=4 booleans"),
+    (dict(use_dora=True), "use_dora=True is not supported by AdaLoRA"),
+    (dict(lora_bias=True), "lora_bias=True is not supported by AdaLoRA"),
+    (dict(use_rslora=True), "use_rslora=True is not supported by AdaLoRA"),
+    (dict(alpha_pattern={"lin": 2}), "alpha_pattern=.* is not supported by AdaLoRA"),
 ])
 def test_bad_values_raise_config_error(kw, message):
     with pytest.raises(ConfigError, match=message):
         config(**kw)
+
+
+def test_the_lora_fields_peft_adalora_inherits_are_taken_at_their_defaults():
+    """A ported call that spells out peft's inherited LoRA fields was a TypeError (unexpected keyword)."""
+    kw = dict(use_rslora=False, alpha_pattern={}, lora_bias=False, use_dora=False)
+    assert config(**kw) == config()
+    assert peft.AdaLoraConfig(total_step=10, **kw).use_dora is False  # peft takes them too
 
 
 def test_unused_r_warns_like_peft():

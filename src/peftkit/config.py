@@ -232,7 +232,8 @@ class PeftConfig:
                            + ", ".join(f"{k}={unknown[k]!r}" for k in ignored)
                            + "; without them the adapter would compute something else than the file describes, so "
                              "it is refused (only empty values, e.g. None or False, of such fields are accepted)")
-        return target(**{k: v for k, v in data.items() if k in names})
+        inert = getattr(target, "inert_peft_fields", frozenset())  # ignored by peft, whatever the value: dropped
+        return target(**{k: v for k, v in data.items() if k in names and k not in inert})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into ``directory`` atomically (temporary file, then rename)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -86,6 +86,9 @@ class AdaLoraConfig(PeftConfig):
             ``target_modules`` (None takes the model type's defaults), a schedule with no pruning phase, or a
             ``rank_pattern`` entry that is not a list of ``init_r`` booleans.
 
+        use_rslora / alpha_pattern / lora_bias / use_dora: fields peft's ``AdaLoraConfig`` inherits from
+            ``LoraConfig``; accepted at their defaults (False, ``{}``) so that peft code ports, refused otherwise.
+
     A file written by peft may carry LoRA fields that peft's AdaLoRA ignores (``use_rslora``,
     ``alpha_pattern``: its scale is ``lora_alpha`` whatever they say); they are accepted and dropped.
     """
@@ -114,8 +117,18 @@ class AdaLoraConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     r: int = 8
+    use_rslora: bool = False
+    alpha_pattern: dict[str, float] | None = field(default_factory=dict)
+    lora_bias: bool = False
+    use_dora: bool = False
 
     def validate(self) -> None:
+        for name, value in (("use_rslora", self.use_rslora), ("lora_bias", self.lora_bias), ("use_dora", self.use_dora),
+                            ("alpha_pattern", self.alpha_pattern)):
+            check(value in (False, None) or value == {},
+                  f"{name}={value!r} is not supported by AdaLoRA (peft's AdaLoraConfig inherits the field from "
+                  f"LoraConfig: it refuses use_dora and lora_bias and ignores use_rslora and alpha_pattern, its scale "
+                  "being lora_alpha / init_r); leave it at its default")
         rp.check_positive_int("init_r", self.init_r)
         rp.check_positive_int("target_r", self.target_r, allow_zero=True)
         check(self.target_r <= self.init_r, f"target_r={self.target_r} must not exceed init_r={self.init_r}")
