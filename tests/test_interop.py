@@ -461,9 +461,10 @@ def test_default_targets_are_peft_s_for_every_model_type_both_know():
     from peft.utils import constants as c
 
     from peftkit.methods.ia3 import IA3_DEFAULTS
-    from peftkit.targeting import ADALORA_TARGET_DEFAULTS, LORA_TARGET_DEFAULTS
+    from peftkit.targeting import ADALORA_TARGET_DEFAULTS, LORA_TARGET_DEFAULTS, VERA_TARGET_DEFAULTS
 
     pairs = [(LORA_TARGET_DEFAULTS, c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+             (VERA_TARGET_DEFAULTS, c.TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING),
              (ADALORA_TARGET_DEFAULTS, c.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING),
              ({k: v[0] for k, v in IA3_DEFAULTS.items()}, c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
              ({k: v[1] for k, v in IA3_DEFAULTS.items()}, c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING)]
@@ -471,6 +472,9 @@ def test_default_targets_are_peft_s_for_every_model_type_both_know():
         differ = {k: (list(v), list(theirs[k])) for k, v in ours.items() if k in theirs and list(v) != list(theirs[k])}
         assert not differ
     assert {"roberta", "t5", "bart"} <= ADALORA_TARGET_DEFAULTS.keys() and "bart" in IA3_DEFAULTS
+    # every model type peft's LoRA table knows, but Gemma 4's (a regex for its language model only)
+    assert set(c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) - set(LORA_TARGET_DEFAULTS) <= {"gemma4"}
+    assert VERA_TARGET_DEFAULTS["phi"] == ("q_proj", "v_proj") != LORA_TARGET_DEFAULTS["phi"]
 
 
 def test_peft_s_utility_names_import_from_peftkit(tmp_path):

@@ -339,12 +339,24 @@ LORA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
     "deberta-v2": ("query_proj", "value_proj"),
     "deberta": ("in_proj",),
     "gpt2": ("c_attn",),
-    **dict.fromkeys(("gpt_neox", "bloom", "falcon"), ("query_key_value",)),
-    **dict.fromkeys(("llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "opt", "gptj", "gpt_neo",
-                     "bart"), ("q_proj", "v_proj")),
+    **dict.fromkeys(("gpt_neox", "bloom", "falcon", "RefinedWeb", "RefinedWebModel", "chatglm"), ("query_key_value",)),
+    **dict.fromkeys(("llama", "llama4", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "opt",
+                     "gptj", "gpt_neo", "bart", "stablelm"), ("q_proj", "v_proj")),
     "phi": ("q_proj", "v_proj", "fc1", "fc2"),
     **dict.fromkeys(("t5", "mt5"), ("q", "v")),
+    "layoutlm": ("query", "value"),
+    "gpt_bigcode": ("c_attn",),
+    "btlm": ("c_proj", "c_attn"),
+    "codegen": ("qkv_proj",),
+    "mpt": ("Wqkv",),
+    "blip-2": ("q", "v", "q_proj", "v_proj"),
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
 }
+
+#: VeRA's defaults: LoRA's, except Phi's attention only (peft's VeRA table).
+VERA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {**LORA_TARGET_DEFAULTS, "phi": ("q_proj", "v_proj")}
 
 
 #: AdaLoRA's defaults: peft adapts more layers than LoRA's query/value on these model types.

@@ -28,7 +28,7 @@ from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter, unwrap, wide
 from peftkit.methods.lora import fresh_output, trainable_biases
 from peftkit.ops import Dropout
-from peftkit.targeting import LORA_TARGET_DEFAULTS, check_target_fields, linear_types
+from peftkit.targeting import VERA_TARGET_DEFAULTS, check_target_fields, linear_types
 from peftkit.tuners import WrapTuner
 
 VERA_PAPER = "VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al., 2023, arXiv:2310.11454)"
@@ -43,7 +43,7 @@ class VeraConfig(PeftConfig):
         r: rank of the shared random projections, > 0. Default 256 (VeRA needs far larger ranks than
             LoRA; its parameter count grows only by one per unit of rank and layer).
         target_modules: names/suffixes, a full-match regex, or ``"all-linear"`` (Linear and Conv1D only);
-            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
+            None (default) takes the model type's usual targets, as peft (:data:`~peftkit.targeting.VERA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
         projection_prng_key: seed of the generator that draws ``vera_A`` and ``vera_B``. Default 0.
         save_projection: write ``vera_A``/``vera_B`` into the file (default True); when False they are
@@ -63,7 +63,7 @@ class VeraConfig(PeftConfig):
     """
 
     peft_type = "VERA"
-    default_target_modules = LORA_TARGET_DEFAULTS
+    default_target_modules = VERA_TARGET_DEFAULTS
     r: int = 256
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
