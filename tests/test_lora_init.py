@@ -236,3 +236,26 @@ def test_fifty_merge_cycles_restore_the_base(make):
     assert (merged - unmerged).abs().max() <= 1e-5
     now = base.state_dict()
     assert max((now[k] - v).abs().max().item() for k, v in snapshot.items()) <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_principal_adapter_next_to_another_warns_that_it_changes_its_outputs(init):
+    """Moving the top-r part into the new adapter's factors changes the base the other adapter runs on (peft does
+    it silently); deleting the new adapter gives the other its outputs back."""
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    with pytest.warns(UserWarning, match=r"other adapter\(s\) \['default'\] also run on: their outputs change"):
+        model.add_adapter("p", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    with torch.no_grad():
+        assert (model(input_ids=x).logits - before).abs().max() > 1e-3
+        model.delete_adapter("p")
+        assert (model(input_ids=x).logits - before).abs().max() <= 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init))

@@ -172,7 +172,11 @@ class PeftModel(nn.Module):
         values, as in peft, since they are the model's own parameters). The previous state, merges included,
         is restored on exit, even after an exception; it nests. If the active adapters were changed inside
         it (``set_adapter``), adapters merged before stay unmerged, with a warning, as ``set_adapter`` leaves
-        them outside it."""
+        them outside it.
+
+        One exception, as in peft: a PiSSA or OLoRA adapter (``init_lora_weights="pissa"``/``"olora"``) moved the
+        top-r part of the weights it adapts into its factors, so inside the context those layers run on the
+        residual, not on the original base weights (``unload()`` or deleting the adapter gives them back)."""
         host = self.base_model
         was_disabled = host.disabled
         merged, active = host.merged_adapters(), list(host.active_adapters)

@@ -10,7 +10,10 @@ is ``init_r`` (peft's scaling, kept after pruning). Training (:class:`AdaLoraTun
 * the loss gets ``orth_reg_weight * mean(||Q Q^T - I||_F, ||P^T P - I||_F)`` over all matrices
   (:meth:`AdaLoraTuner.regularizer`). As in peft, ``PeftModel.forward`` adds it to the returned ``loss``
   while the adapter is active and not in inference mode, so a plain training loop needs nothing more;
-  peftkit's trainers add it themselves (once per optimiser step) and report eval losses without it;
+  peftkit's trainers add it themselves (once per optimiser step) and report eval losses without it. (One
+  difference: peft's ``PeftModel`` without a ``task_type`` skips its AdaLoRA model's forward and so the
+  penalty; peftkit adds it whatever the task type, so such a ported loop trains on the objective of the paper;
+  ``loss_terms_added_by_caller()`` leaves it out.)
 * after each optimiser step (:meth:`AdaLoraTuner.on_step_end`) every entry's sensitivity
   ``I = |w * grad|`` is smoothed, ``Ibar <- b1 Ibar + (1 - b1) I`` and ``U <- b2 U + (1 - b2)|I - Ibar|``;
   triplet ``i`` scores ``S_i = s(E_i) + mean_j s(Q_ij) + mean_j s(P_ji)`` with ``s = Ibar * U``, and the

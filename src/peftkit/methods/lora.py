@@ -16,6 +16,7 @@ Options on the same config: ``use_dora`` (:mod:`peftkit.methods.dora`), ``init_l
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -519,6 +520,13 @@ class LoraTuner(WrapTuner):
             return
         if not changes_base(config.init_lora_weights):
             return
+        others = [n for n in host.peft_config if n != adapter_name]
+        if others:  # peft does the same silently
+            warnings.warn(f"init_lora_weights={config.init_lora_weights!r} leaves only the residual of the top-r part in "
+                          f"the base weights of the layers it adapts, which the model's other adapter(s) {others} also "
+                          "run on: their outputs change while this adapter exists (deleting it gives the base weights "
+                          "back). Add such an adapter first, or to a fresh model, to keep the others' outputs",
+                          UserWarning, stacklevel=4)
         for _, layer in host.wrappers():
             if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters:
                 adapter = layer.adapters[adapter_name]
