@@ -464,3 +464,21 @@ def test_empty_target_modules_is_refused_when_the_config_is_made(config_cls):
     LoRA family refuses it when the config is made."""
     with pytest.raises(ConfigError, match=r"target_modules=\[\] adapts nothing"):
         config_cls(target_modules=[])
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "identity"])
+def test_adapters_with_every_activation_pickle(activation):
+    """Two activations were lambdas, and torch.save(model) of a model holding them failed."""
+    import io
+
+    from peftkit import HoulsbyConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), HoulsbyConfig(non_linearity=activation, reduction_factor=4))
+    perturb(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(torch.load(buf, weights_only=False)(input_ids=x).logits, model(input_ids=x).logits)

@@ -108,6 +108,27 @@ def test_unipelt_pools_gates_over_real_tokens_only():
         assert (batch[i] - alone[0]).abs().max() <= 1e-5
 
 
+def test_a_unipelt_copy_or_pickle_runs_on_its_own_gates():
+    """The prefix gates' attention hooks were closures: a deep copy's hooks read the original's gate (the original
+    got the copy's gradient) and mask (None: the copy pooled over padding); torch.save(model) failed on them."""
+    import io
+
+    model, _ = adapted(unipelt(task_type="SEQ_CLS"))
+    x, mask = padded_batch()
+    want = logits(model, x, attention_mask=mask)
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert (logits(other, x, attention_mask=mask) - want).abs().max() <= 1e-6
+    twin(input_ids=x, attention_mask=mask, labels=torch.tensor([0, 1, 0])).loss.backward()
+    gate = next(p for n, p in model.named_parameters() if n.endswith("prefix_gate.weight"))
+    twin_gate = next(p for n, p in twin.named_parameters() if n.endswith("prefix_gate.weight"))
+    assert gate.grad is None and twin_gate.grad is not None and twin_gate.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("config", [GatedLoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False),
                                     GatedBottleneckConfig(bottleneck_size=4, mh_adapter=True)],
                          ids=["lora", "adapter"])

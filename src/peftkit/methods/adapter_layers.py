@@ -27,9 +27,21 @@ from torch import Tensor, nn
 from peftkit.layers import AdaptedLayer, Adapter, skipped
 from peftkit.ops import Dropout
 
+
+def gelu_tanh(t: Tensor) -> Tensor:
+    """GELU with the tanh approximation (transformers' ``gelu_new``)."""
+    return F.gelu(t, approximate="tanh")
+
+
+def identity(t: Tensor) -> Tensor:
+    """``t`` itself (no non-linearity)."""
+    return t
+
+
+# module-level functions, not lambdas: a model holding them pickles (torch.save(model))
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu, "gelu": F.gelu, "gelu_new": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
-    "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda t: t,
+    "relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_tanh, "silu": F.silu,
+    "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": identity,
 }
 
 

@@ -266,24 +266,32 @@ class _PrefixGates:
         for h in self.handles:
             h.remove()
 
-    def _hook(self, layer: int, module: nn.Module):
-        names = list(inspect.signature(module.forward).parameters)
+    def _hook(self, layer: int, module: nn.Module) -> _ScalePrefix:
+        return _ScalePrefix(self, layer, list(inspect.signature(module.forward).parameters))
 
-        def scale_prefix(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            bound = {**dict(zip(names, args, strict=False)), **kwargs}
-            cache, h = bound.get("cache"), bound.get("hidden_states")
-            if cache is None or h is None or not self.encoder.hooks.applies():
-                return
-            kv = cache.layers[layer]
-            if kv.get_seq_length() != self.num_virtual:  # not the first call: the gate is already applied
-                return
-            gate = self.encoder.prefix_gate
-            g = self.seq.pool(F.linear(h.to(gate.weight.dtype), gate.weight[layer:layer + 1],
-                                       gate.bias[layer:layer + 1]).sigmoid())
-            kv.keys = kv.keys * broadcast(g, kv.keys)
-            kv.values = kv.values * broadcast(g, kv.values)
 
-        return scale_prefix
+class _ScalePrefix:
+    """The pre-hook of one attention module: on the first call of a sequence, scale layer ``layer``'s prefixes in
+    the cache by its gate. An object rather than a closure, so that a deep copy or pickle of the model carries
+    a hook that reads the copy's gate and mask (a closure would keep reading the original's)."""
+
+    def __init__(self, gates: _PrefixGates, layer: int, names: list[str]) -> None:
+        self.gates, self.layer, self.names = gates, layer, names
+
+    def __call__(self, mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        gates, layer = self.gates, self.layer
+        bound = {**dict(zip(self.names, args, strict=False)), **kwargs}
+        cache, h = bound.get("cache"), bound.get("hidden_states")
+        if cache is None or h is None or not gates.encoder.hooks.applies():
+            return
+        kv = cache.layers[layer]
+        if kv.get_seq_length() != gates.num_virtual:  # not the first call: the gate is already applied
+            return
+        gate = gates.encoder.prefix_gate
+        g = gates.seq.pool(F.linear(h.to(gate.weight.dtype), gate.weight[layer:layer + 1],
+                                    gate.bias[layer:layer + 1]).sigmoid())
+        kv.keys = kv.keys * broadcast(g, kv.keys)
+        kv.values = kv.values * broadcast(g, kv.values)
 
 
 def gated_lora_from_cli(args: Any) -> GatedLoraConfig:

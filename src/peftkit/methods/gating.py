@@ -52,6 +52,8 @@ class SequenceMask:
         _MASKS.setdefault(model, weakref.WeakSet()).add(self)
 
     def _record(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        # (registered here too: a deep copy or an unpickled model calls the copy of this object, not known yet)
+        _MASKS.setdefault(model, weakref.WeakSet()).add(self)
         if trains_with_checkpointing(model):
             # the layers recomputed in backward run after this call ended, without its mask: their gates would
             # pool over the padding too, and the gradients would be wrong
