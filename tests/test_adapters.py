@@ -482,3 +482,21 @@ def test_adapters_with_every_activation_pickle(activation):
     x = ids()
     with torch.no_grad():
         assert torch.equal(torch.load(buf, weights_only=False)(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_a_frozen_random_adapterdrop_adapter_is_never_dropped():
+    """A robust-AdapterDrop adapter that does not train (loaded for a fusion, or active beside one in training)
+    was still skipped in the blocks below its last draw whenever the model was in training mode."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), AdapterDropConfig(adapterdrop_layers=2, adapterdrop_mode="random"))
+    perturb(model)
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    adapters[0].drop.n = 2
+    model.train()
+    assert [a.dropped for a in adapters] == [True, True]
+    model.requires_grad_(False)
+    assert [a.dropped for a in adapters] == [False, False]
+    x = ids()
+    with torch.no_grad():
+        train_mode = model(input_ids=x).logits
+        assert torch.equal(train_mode, model.eval()(input_ids=x).logits)

@@ -147,8 +147,11 @@ class BottleneckAdapter(Adapter):
 
     @property
     def dropped(self) -> bool:
-        """Whether robust AdapterDrop skips this adapter in the current training step."""
-        return self.drop is not None and self.training and self.block is not None and self.block < self.drop.n
+        """Whether robust AdapterDrop skips this adapter in the current training step: in training mode, while the
+        adapter itself trains (a frozen one, e.g. loaded for a fusion or active beside the adapter in training, is
+        always applied: its draw is never renewed, and what trains beside it must see it as it is used)."""
+        return (self.drop is not None and self.training and self.block is not None and self.block < self.drop.n
+                and next(self.adapter_up.parameters()).requires_grad)
 
     def bottleneck(self, h: Tensor) -> Tensor:
         """``s * up(dropout(f(down(h))))``, in the adapter's dtype; ``h`` is already normalised."""
