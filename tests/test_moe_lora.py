@@ -147,3 +147,20 @@ def test_a_trained_moe_model_deep_copies_and_pickles():
         assert torch.equal(model(input_ids=x).logits, twin(input_ids=x).logits)
     moe = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"]
     assert moe.last_aux is None  # the eval forward let go of the training forward's graph
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only", "none"])
+def test_the_bias_option_trains_base_biases_as_with_lora(bias):
+    """bias="all" was saved in the config and ignored: no bias trained."""
+    from peftkit import LoraConfig
+    from tests.conftest import tiny_bert_classifier
+
+    counts = []
+    for config in (MoeLoraConfig(r=2, num_experts=2, top_k=1, target_modules=["query", "value"], bias=bias),
+                   LoraConfig(r=2, target_modules=["query", "value"], bias=bias)):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_bert_classifier(), config)
+        counts.append(sorted(n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")
+                             and "lora" not in n))
+    assert counts[0] == counts[1]
+    assert bool(counts[0]) == (bias != "none")

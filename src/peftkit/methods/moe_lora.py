@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter
-from peftkit.methods.lora import LoraConfig, _dropout
+from peftkit.methods.lora import LoraConfig, LoraTuner, _dropout
 from peftkit.targeting import linear_types
 from peftkit.tuners import WrapTuner
 
@@ -160,6 +160,8 @@ class MoeLoraTuner(WrapTuner):
     """Builds MoE-LoRA adapters; adds the routers' load-balancing loss while training."""
 
     method = "MoE-LoRA"
+    # bias="all" / "lora_only": the base biases train, as with LoRA (they were saved in the config and ignored)
+    trainable_base_params = LoraTuner.trainable_base_params
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
         return linear_types()
