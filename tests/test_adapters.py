@@ -211,7 +211,7 @@ def test_bert_init_is_near_identity():
 
 def test_random_adapterdrop_skips_lower_blocks_only_in_training_and_redraws_each_step():
     torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), AdapterDropConfig(adapterdrop_layers=2, adapterdrop_mode="random"))
+    model = get_peft_model(tiny_llama(), AdapterDropConfig(adapterdrop_layers=1, adapterdrop_mode="random"))
     perturb(model)
     adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
     state = adapters[0].drop
@@ -232,7 +232,7 @@ def test_random_adapterdrop_skips_lower_blocks_only_in_training_and_redraws_each
     for step in range(1, 40):
         model.peft_step_end(step)
         seen.add(state.n)
-    assert seen == {0, 1, 2}
+    assert seen == {0, 1}
 
 
 def test_mixed_adapter_batch_gives_each_row_its_adapter():
@@ -401,6 +401,20 @@ def test_lora_and_a_parallel_adapter_in_either_order_adapt_the_same_layers_and_u
         assert torch.equal(bare(input_ids=x).logits, base(input_ids=x).logits)
 
 
+@pytest.mark.parametrize("mode, message", [("fixed", "leaves out every block"),
+                                           ("random", r"lets a step drop the adapters of every block \(the model's "
+                                                      r"adapted blocks are 0..1\).*use at most 1")])
+def test_adapterdrop_of_every_block_is_refused(mode, message):
+    """Random mode accepted adapterdrop_layers=100 on 2 blocks: most steps trained no adapter at all."""
+    from peftkit import AdapterDropConfig, ConfigError, get_peft_model
+
+    model = tiny_llama()
+    for layers in (2, 100):
+        with pytest.raises(ConfigError, match=message):
+            get_peft_model(model, AdapterDropConfig(adapterdrop_layers=layers, adapterdrop_mode=mode))
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+
+
 @pytest.mark.parametrize("mode", ["fixed", "random"])
 def test_adapterdrop_without_a_block_index_is_refused(mode):
     """With a layers_pattern that finds no block index, every adapter was kept and never dropped, silently."""
@@ -488,12 +502,12 @@ def test_a_frozen_random_adapterdrop_adapter_is_never_dropped():
     """A robust-AdapterDrop adapter that does not train (loaded for a fusion, or active beside one in training)
     was still skipped in the blocks below its last draw whenever the model was in training mode."""
     torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), AdapterDropConfig(adapterdrop_layers=2, adapterdrop_mode="random"))
+    model = get_peft_model(tiny_llama(), AdapterDropConfig(adapterdrop_layers=1, adapterdrop_mode="random"))
     perturb(model)
     adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
-    adapters[0].drop.n = 2
+    adapters[0].drop.n = 1
     model.train()
-    assert [a.dropped for a in adapters] == [True, True]
+    assert [a.dropped for a in adapters] == [True, False]
     model.requires_grad_(False)
     assert [a.dropped for a in adapters] == [False, False]
     x = ids()

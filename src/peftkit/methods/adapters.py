@@ -306,6 +306,12 @@ class BottleneckTuner(WrapTuner):
                   f"adapterdrop_layers={config.adapterdrop_layers} drops the adapters of the first blocks, but no block "
                   f"index was found in the targets ({names[:3]}...); set layers_pattern to the name that precedes the "
                   "block index (e.g. 'layers', 'h', 'block')")
+        if config.adapterdrop_mode == "random" and config.adapterdrop_layers:
+            last = max(b for b in (_block(n, config) for n in names) if b is not None)
+            check(config.adapterdrop_layers <= last,
+                  f"adapterdrop_layers={config.adapterdrop_layers} lets a step drop the adapters of every block (the "
+                  f"model's adapted blocks are 0..{last}): each step drops the first n blocks, n drawn from "
+                  f"0..adapterdrop_layers; use at most {last}")
         if config.adapterdrop_mode == "fixed" and config.adapterdrop_layers:
             names = [n for n in names if _block(n, config) is None or _block(n, config) >= config.adapterdrop_layers]
             check(bool(names), f"adapterdrop_layers={config.adapterdrop_layers} leaves out every block; "
