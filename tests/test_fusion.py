@@ -71,6 +71,17 @@ def test_fusion_of_one_adapter_is_that_adapter():
     assert (logits(model, x) - alone).abs().max() > 1e-5 and (logits(model, x) - b_only).abs().max() > 1e-5
 
 
+def test_a_fusion_with_an_adapter_it_fuses_is_refused_before_any_change():
+    """set_adapter(["f", "a"]) applied "a" twice (and trained it), silently."""
+    model, _ = two_adapters()
+    add_fusion(model, ["a", "b"], "f")
+    model.set_adapter("f")
+    for names in (["f", "a"], ["b", "f"]):
+        with pytest.raises(ConfigError, match=r"adapter 'f' already applies \['(a|b)'\]; .* activate 'f' alone"):
+            model.set_adapter(names)
+        assert model.active_adapters == ["f"]
+
+
 def test_sites_with_one_fused_adapter_pass_it_through_and_weights_are_a_softmax():
     model, _ = two_adapters()
     add_fusion(model, ["a", "b"], "f")

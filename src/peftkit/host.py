@@ -364,12 +364,17 @@ class AdapterModel(nn.Module):
         their config says ``inference_mode``. Other adapters are frozen and unused.
 
         Raises:
-            ConfigError: an unknown or repeated name, or more than one soft-prompt adapter (counting the parts
-                of composed adapters); the active adapters stay as they were.
+            ConfigError: an unknown or repeated name, more than one soft-prompt adapter (counting the parts
+                of composed adapters), or a fusion with one of the adapters it fuses; the active adapters stay as
+                they were.
         """
         names = self.name_list(adapter_names)
         self.check_known(names)
         _check_unique(names)
+        for name in names:  # an adapter that runs others (a fusion) beside one of them would apply it twice
+            inside = [other for _, other in self.tuner(name).bundled(self, name) if other in names]
+            check(not inside, f"adapter {name!r} already applies {inside}; activating them together would apply "
+                              f"{'it' if len(inside) == 1 else 'them'} twice: activate {name!r} alone")
         prompts = [self.owner(n) for n in self.parts(names) if self.peft_config[n].is_prompt_learning]
         if len(prompts) > 1:
             raise ConfigError(f"adapters {list(dict.fromkeys(prompts))} are soft-prompt adapters; activate at most one "
