@@ -514,3 +514,13 @@ def test_a_frozen_random_adapterdrop_adapter_is_never_dropped():
     with torch.no_grad():
         train_mode = model(input_ids=x).logits
         assert torch.equal(train_mode, model.eval()(input_ids=x).logits)
+
+
+def test_parallel_adapters_on_a_float64_model_are_float64():
+    """A parallel adapter's wrapper looked for the sub-layer's own weight, found none and left it float32."""
+    from peftkit import ParallelConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama().double(), ParallelConfig(reduction_factor=4))
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert dtypes == {torch.float64}

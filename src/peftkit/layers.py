@@ -307,6 +307,8 @@ class AdaptedLayer(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         adapter.to(self._device_of_base())
         weight = getattr(self.base_layer, "weight", None)
+        if not isinstance(weight, Tensor):  # a sub-layer (a parallel adapter's): its first floating parameter
+            weight = next((p for p in self.base_layer.parameters() if p.is_floating_point()), None)
         if isinstance(weight, Tensor) and weight.dtype == torch.float64:
             # as peft: a float64 model gets float64 adapters (merged and unmerged then agree to float64
             # round-off); half-precision models keep float32 adapters
