@@ -524,3 +524,17 @@ def test_parallel_adapters_on_a_float64_model_are_float64():
     model = get_peft_model(tiny_llama().double(), ParallelConfig(reduction_factor=4))
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     assert dtypes == {torch.float64}
+
+
+def test_a_parallel_adapter_beside_a_sub_layer_that_changes_shape_is_refused():
+    """BERT's intermediate (16 -> 32 features here) was accepted and every forward failed on a matrix product; the pooler
+    ((batch, length, d) -> (batch, d)) failed on a broadcast."""
+    from peftkit import ConfigError, ParallelConfig
+
+    model = tiny_bert_classifier()
+    with pytest.raises(ConfigError, match=r"layer\.0\.intermediate: .* BertIntermediate maps 16 features to 32"):
+        get_peft_model(model, ParallelConfig(target_modules=r".*\.intermediate", reduction_factor=4))
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+    pooled = get_peft_model(model, ParallelConfig(target_modules=r".*\.pooler", reduction_factor=4))
+    with pytest.raises(ValueError, match=r"sub-layer's output has shape \(3, 16\)"):
+        pooled(input_ids=ids())

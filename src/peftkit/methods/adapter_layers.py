@@ -273,6 +273,10 @@ def _on_output(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 def _add_branches(jobs: list[tuple[BottleneckAdapter, Tensor | None]], x: Tensor, out: Tensor) -> Tensor:
     """``out + sum_j A_j(x)``, each ``A_j`` on its rows only (all rows when its index is None)."""
     for adapter, idx in jobs:
+        if x.shape[:-1] != out.shape[:-1]:  # e.g. a pooler: (batch, length, d) in, (batch, d) out
+            raise ValueError(f"a parallel adapter adds A(x) of the sub-layer's input {tuple(x.shape)} to its output, "
+                             f"but the sub-layer's output has shape {tuple(out.shape)}; target a sub-layer whose "
+                             "output has its input's shape (a block's whole attention or MLP module)")
         if idx is None:
             out = out + adapter.delta(x)
         else:

@@ -23,6 +23,7 @@ follow AdapterHub's (``HoulsbyConfig``, ``PfeifferConfig``, ``ParallelConfig``, 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,6 +255,16 @@ def output_width(module: nn.Module) -> int:
     raise ConfigError(f"cannot find the hidden size of a {type(module).__name__} (it holds no linear layer)")
 
 
+def input_width(module: nn.Module) -> int | None:
+    """The input features of the first linear module inside a sub-layer, or None when it holds none."""
+    for _, m in iter_logical_modules(module):
+        if isinstance(m, nn.Linear):
+            return m.in_features
+        if isinstance(m, linear_types()):
+            return m.weight.shape[0]
+    return None
+
+
 class BottleneckTuner(WrapTuner):
     """Builds bottleneck adapters at the table's (or the given) sites."""
 
@@ -301,6 +312,13 @@ class BottleneckTuner(WrapTuner):
                       and (isinstance(module, SublayerLayer) or not isinstance(module, AdaptedLayer)),
                       f"{n}: a parallel adapter sits beside a whole attention or feed-forward sub-layer, not a "
                       f"single {type(unwrap(module)).__name__}; target the module that holds it")
+                # (a BERT-style output sub-layer takes the residual input_tensor, which the adapter reads instead)
+                residual = "input_tensor" in inspect.signature(unwrap(module).forward).parameters
+                width_in, width_out = input_width(unwrap(module)), output_width(unwrap(module))
+                check(residual or width_in in (None, width_out),
+                      f"{n}: a parallel adapter adds A(x) of the sub-layer's input x to its output, but "
+                      f"{type(unwrap(module)).__name__} maps {width_in} features to {width_out}; target a sub-layer "
+                      "that keeps the hidden size (a block's whole attention or MLP module)")
         if config.adapterdrop_layers:  # it drops by block index: without one it would drop nothing, silently
             check(any(_block(n, config) is not None for n in names),
                   f"adapterdrop_layers={config.adapterdrop_layers} drops the adapters of the first blocks, but no block "
