@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -150,10 +151,15 @@ def test_save_and_load_with_the_fused_adapters(tmp_path):
     loaded.set_adapter("a")
     model.set_adapter("a")
     assert (logits(loaded, x) - logits(model, x)).abs().max() <= 1e-6
-    # onto a model that already has the fused adapters: the saved copies are loaded into them
+    # onto a model that already has the fused adapters: the saved copies are loaded into them, with a warning that
+    # names the adapters whose weights this replaces (it did so silently)
     other = get_peft_model(fresh, HoulsbyConfig(bottleneck_size=4), adapter_name="a")
     other.add_adapter("b", PfeifferConfig(bottleneck_size=3))
-    other.load_adapter(tmp_path / "f", adapter_name="f")
+    with pytest.warns(UserWarning, match=r"replaces the weights of the model's adapter\(s\) \['a', 'b'\]"):
+        other.load_adapter(tmp_path / "f", adapter_name="f")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the copies equal them now: nothing to say
+        other.load_adapter(tmp_path / "f", adapter_name="f2")
     other.set_adapter("f")
     assert (logits(other, x) - fused).abs().max() <= 1e-6
 

@@ -18,12 +18,14 @@ A fusion is an adapter of its own (``add_fusion`` or ``AdapterFusionConfig``) th
 itself: activate the fusion alone (``set_adapter(fusion_name)``). Its file holds the fusion layers and a
 copy of every fused adapter (``fused.<name>.<that adapter's file key>``; their configs in
 ``adapter_config.json``), so loading it onto a fresh model restores the fused adapters under their
-names as well; loading it where they exist loads the saved copies into them.
+names as well; loading it where they exist loads the saved copies into them, with a warning naming those
+whose weights this changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +148,30 @@ class FusionTuner(Tuner):
                   and any(n in w.adapters for n in config.adapters)]
         for w in layers:
             present = [n for n in config.adapters if n in w.adapters]
-            w.add(adapter_name, FusionAdapter(present, w.adapters[present[0]].width))
+            fusion = FusionAdapter(present, w.adapters[present[0]].width)
+            fusion.found = [n for n in present if n not in missing]  # the model's own before this fusion came
+            w.add(adapter_name, fusion)
+
+    def before_load(self, host: Any, adapter_name: str, tensors: dict[str, Tensor]) -> None:
+        """Warn when the file's copy of a fused adapter the model already had (not one this load created)
+        differs from that adapter's weights, which loading replaces by the copy (as the fusion was trained with
+        it)."""
+        from peftkit.formats.hf_peft import _file_tensors
+
+        found = {n for _, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.adapters
+                 for n in getattr(w.adapters[adapter_name], "found", ())}
+        replaced = []
+        for space, other in self.bundled(host, adapter_name):
+            if other in found:
+                head = space + "."
+                live = _file_tensors(host, other, export=False)
+                if any(head + k in tensors and not torch.equal(tensors[head + k].to(v), v.detach())
+                       for k, v in live.items()):
+                    replaced.append(other)
+        if replaced:
+            warnings.warn(f"loading fusion {adapter_name!r} replaces the weights of the model's adapter(s) {replaced} by "
+                          "the copies saved with the fusion, which differ (the fusion was trained with them); save "
+                          "those adapters first to keep their current weights", UserWarning, stacklevel=2)
 
     def bundled(self, host: Any, adapter_name: str) -> list[tuple[str, str]]:
         return [(f"fused.{n}", n) for n in host.peft_config[adapter_name].adapters]
