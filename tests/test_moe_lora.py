@@ -164,3 +164,23 @@ def test_the_bias_option_trains_base_biases_as_with_lora(bias):
                              and "lora" not in n))
     assert counts[0] == counts[1]
     assert bool(counts[0]) == (bias != "none")
+
+
+def test_a_load_balancing_loss_without_gradient_is_refused_with_advice():
+    """Under reentrant activation checkpointing the checkpointed layers' first pass runs without autograd:
+    peft_regularization() returned a constant and the routers never learned to balance, silently."""
+    for reentrant in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), MoeLoraConfig(r=2, num_experts=2, top_k=1, target_modules=["q_proj"],
+                                                           router_aux_loss_coef=1.0))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        x = ids()
+        model(input_ids=x, labels=x)
+        if reentrant:
+            with pytest.raises(RuntimeError, match=r"has no gradient .*'use_reentrant': False"):
+                model.peft_regularization()
+        else:
+            model.peft_regularization().backward()
+            router = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].lora_router
+            assert router.weight.grad.abs().sum() > 0

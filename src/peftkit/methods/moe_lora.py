@@ -187,6 +187,15 @@ class MoeLoraTuner(WrapTuner):
         terms = [a.last_aux for a in adapters if a.last_aux is not None and a.aux_forward_id == host.ctx.forward_id]
         if not coef or not terms:
             return None
+        trains = any(p.requires_grad for a in adapters for p in a.lora_router.parameters())
+        if trains and torch.is_grad_enabled() and not any(t.requires_grad for t in terms):
+            # the training forward ran without autograd: reentrant activation checkpointing runs the layers'
+            # first pass under no_grad (and their recomputation only in backward, after this term is taken)
+            raise RuntimeError(f"MoE-LoRA adapter {adapter_name!r}: the routers' load-balancing loss of the latest "
+                               "forward has no gradient (the forward ran without autograd, e.g. under reentrant "
+                               "gradient checkpointing), so the routers would not learn to balance; use "
+                               "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+                               "or set router_aux_loss_coef=0")
         return coef * torch.stack(terms).mean()
 
 
