@@ -430,3 +430,30 @@ def test_targets_a_wrapper_could_not_adapt_exactly_are_refused(make, targets, me
         unmerged = model(x)
         model.merge_adapter()
         assert (model(x) - unmerged).abs().max() <= 1e-6
+
+
+def test_an_input_scale_merges_under_a_serial_adapter_that_reads_only_the_output():
+    """(IA)^3's input scale on down_proj with an unmergeable serial adapter there was refused with "merge 'h' too",
+    which cannot be done; the serial adapter reads only the layer's output, so the partial merge is exact. A
+    composed adapter's refusal named its internal parts ('default#1')."""
+    from tests.conftest import ids, tiny_llama
+
+    model = get_peft_model(tiny_llama(), peftkit.IA3Config(init_ia3_weights=False), adapter_name="i")
+    model.add_adapter("h", peftkit.PfeifferConfig(reduction_factor=4))
+    model.set_adapter(["i", "h"])
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        model.merge_adapter(["i"])
+        assert (model(input_ids=x).logits - expected).abs().max() <= 1e-5
+    model.unmerge_adapter()
+    composed = get_peft_model(tiny_llama(), [LoraConfig(r=2, target_modules=["q_proj"]),
+                                             peftkit.IA3Config(target_modules=["down_proj"],
+                                                               feedforward_modules=["down_proj"])])
+    composed.add_adapter("l", peftkit.LoHaConfig(r=2, target_modules=["down_proj"]))
+    composed.set_adapter(["default", "l"])
+    with pytest.raises(ValueError, match=r"cannot merge \['default'\] on layer .*merging 'default' \(its IA3 part\), "
+                                         r"which transforms the layer's input, while 'l' stays unmerged") as err:
+        composed.merge_adapter(["default"])
+    assert "#" not in str(err.value)

@@ -494,15 +494,19 @@ class AdapterModel(nn.Module):
             for part in self.members.get(n) or [n]:
                 peft_type = self.peft_config[part].peft_type
                 if not get_method(peft_type).mergeable:
-                    what = f"its part {part!r} uses {peft_type}" if part != n else f"it uses {peft_type}"
+                    what = f"one of its parts uses {peft_type}" if part != n else f"it uses {peft_type}"
                     raise ValueError(f"adapter {n!r} cannot be merged: {what}, which cannot be merged (its effect is "
                                      "not a fixed change of the weights); keep it unmerged (it runs as it is), "
                                      "unload() it, or name the adapters to merge (adapter_names=[...])")
+        public = list(names)
         names = self.parts(names)
         for layer_name, w in self.wrappers():
             problem = w.check_partial_merge(names, dropping) if isinstance(w, AdaptedLayer) else None
             if problem:
-                raise ValueError(f"cannot merge {names} on layer {layer_name!r}: {problem}; nothing was merged")
+                for part in {p for p in names if self.owner(p) != p}:  # users name composed adapters, not parts
+                    problem = problem.replace(repr(part), f"{self.owner(part)!r} (its {self.peft_config[part].peft_type} "
+                                                          "part)")
+                raise ValueError(f"cannot merge {public} on layer {layer_name!r}: {problem}; nothing was merged")
             for n in names if isinstance(w, AdaptedLayer) and not dropping else ():  # (dropping: never unmerged)
                 problem = w.adapters[n].merge_problem() if n in w.adapters and n not in w.merged_adapters else None
                 if problem:

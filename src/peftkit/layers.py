@@ -137,6 +137,8 @@ class Adapter(nn.Module):
 
     Class attributes:
         mergeable: whether :meth:`merge_into` is exact.
+        reads_input: whether :meth:`forward` reads the layer's input ``x`` (False: it changes the output ``y``
+            from ``y`` alone, as serial bottleneck adapters do, so an input transform merged under it is exact).
         transforms_input: whether :meth:`transform_input` changes the layer's input.
         fuses_base: whether :meth:`fused_forward` may compute the whole layer output when this adapter
             is the only one in use (one autograd node for the base and the adapter).
@@ -145,6 +147,7 @@ class Adapter(nn.Module):
     """
 
     mergeable: ClassVar[bool] = True
+    reads_input: ClassVar[bool] = True
     transforms_input: ClassVar[bool] = False
     fuses_base: ClassVar[bool] = False
     substitutes_params: ClassVar[bool] = False
@@ -488,10 +491,13 @@ class AdaptedLayer(nn.Module):
         for i, m in enumerate(live):
             if m not in merging:
                 continue
-            rest = [n for n in live if n not in merging]
-            if self.adapters[m].transforms_input and rest:  # every adapter of the layer sees the scaled input
+            # every adapter of the layer that reads the input sees the scaled one
+            rest = [n for n in live if n not in merging and self.adapters[n].reads_input]
+            if self.adapters[m].transforms_input and rest:
+                advice = (f"merge {rest[0]!r} too" if self.adapters[rest[0]].mergeable else
+                          f"keep {m!r} unmerged ({rest[0]!r} cannot be merged)")
                 return (f"merging {m!r}, which transforms the layer's input, while {rest[0]!r} stays unmerged would "
-                        f"change the input {rest[0]!r} sees; merge {rest[0]!r} too")
+                        f"change the input {rest[0]!r} sees; {advice}")
             for n in live[:i]:  # (an unmerged input transform still scales the input the merged weight sees)
                 if (n not in merging and not self.adapters[n].transforms_input
                         and not (_additive(self.adapters[n]) and _additive(self.adapters[m]))):

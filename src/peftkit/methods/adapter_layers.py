@@ -117,6 +117,8 @@ class BottleneckAdapter(Adapter):
 
     mergeable = False
 
+    reads_input = False  # serial: the output y alone (a parallel adapter's wrapper runs it on its own)
+
     def __init__(self, width: int, bottleneck: int, non_linearity: str, scaling: float, dropout: float,
                  ln_before: bool, residual_before_ln: bool, init_weights: str, rule: nn.Parameter | None = None,
                  phm_rank: int = 1, block: int | None = None, drop: DropState | None = None) -> None:
