@@ -179,7 +179,10 @@ def _number(v: Any) -> bool:
 @dataclass
 class HoulsbyConfig(BottleneckConfig):
     """Houlsby et al. 2019 (arXiv:1902.00751): serial adapters after the attention and after the FFN
-    output projections, swish non-linearity, ``m = d // 16``; see :class:`BottleneckConfig`."""
+    output projections, swish non-linearity, ``m = d // 16``; see :class:`BottleneckConfig`.
+
+    Paper: Parameter-Efficient Transfer Learning for NLP (Houlsby et al., 2019, arXiv:1902.00751).
+    """
 
     peft_type = "HOULSBY"
     non_linearity: str = "swish"
@@ -198,7 +201,10 @@ class PfeifferConfig(BottleneckConfig):
 class ParallelConfig(BottleneckConfig):
     """He et al. 2021 (arXiv:2110.04366): a parallel adapter beside the FFN with ``s = 4`` and
     ``m = d // 2`` (AdapterHub's ``ParBnConfig`` defaults); ``mh_adapter=True`` adds one beside the
-    attention. See :class:`BottleneckConfig`."""
+    attention. See :class:`BottleneckConfig`.
+
+    Paper: Towards a Unified View of Parameter-Efficient Transfer Learning (He et al., 2021, arXiv:2110.04366).
+    """
 
     peft_type = "PARALLEL_ADAPTER"
     mh_adapter: bool = False
@@ -210,7 +216,10 @@ class ParallelConfig(BottleneckConfig):
 @dataclass
 class CompacterConfig(BottleneckConfig):
     """Mahabadi et al. 2021 (arXiv:2106.04647): Houlsby placement with PHM projections (``n = 4``,
-    rank 1, one shared rule tensor), GELU, ``m = d // 32``. See :class:`BottleneckConfig`."""
+    rank 1, one shared rule tensor), GELU, ``m = d // 32``. See :class:`BottleneckConfig`.
+
+    Paper: Compacter: Efficient Low-Rank Hypercomplex Adapter Layers (Mahabadi et al., 2021, arXiv:2106.04647).
+    """
 
     peft_type = "COMPACTER"
     phm_layer: bool = True

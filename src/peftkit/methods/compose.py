@@ -48,6 +48,8 @@ class ComposedConfig(PeftConfig):
     Raises:
         ConfigError: no parts, a part that is not a config, one of the limits above, parts with
             ``modules_to_save``, or parts whose ``task_type`` differs from the composition's.
+
+    Paper: Towards a Unified View of Parameter-Efficient Transfer Learning (He et al., 2021, arXiv:2110.04366); AdapterHub: A Framework for Adapting Transformers (Pfeiffer et al., 2020, arXiv:2007.07779).
     """
 
     peft_type = "COMPOSED"

@@ -57,6 +57,8 @@ class AdapterFusionConfig(PeftConfig):
         ConfigError: an empty or repeated ``adapters`` list, a negative ``regularization_weight``; when
             added, a name that is not an adapter of the model (and not saved with the fusion) or an adapter
             that is not a serial bottleneck adapter.
+
+    Paper: AdapterFusion: Non-Destructive Task Composition for Transfer Learning (Pfeiffer et al., 2020, arXiv:2005.00247).
     """
 
     peft_type = "ADAPTER_FUSION"
@@ -201,6 +203,8 @@ def add_fusion(model: Any, adapters: list[str], fusion_name: str = "fusion", **o
 
     Raises:
         ConfigError: see :class:`AdapterFusionConfig`; the model is left unchanged.
+
+    Paper: AdapterFusion: Non-Destructive Task Composition for Transfer Learning (Pfeiffer et al., 2020, arXiv:2005.00247).
     """
     # a string stays one (refused) value rather than becoming a list of its letters
     fused = adapters if isinstance(adapters, str) else list(adapters)

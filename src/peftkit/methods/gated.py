@@ -47,6 +47,8 @@ class GatedLoraConfig(LoraConfig):
     Raises:
         ConfigError: as :class:`~peftkit.LoraConfig`, or DoRA, ``lora_bias``, QA-LoRA, or an initialisation
             other than True, ``"gaussian"`` or False.
+
+    Paper: UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning (Mao et al., 2021, arXiv:2110.07577).
     """
 
     peft_type = "GATED_LORA"
@@ -112,6 +114,8 @@ class GatedBottleneckConfig(BottleneckConfig):
 
     Serial: ``u + g(u) * A(u)``; parallel: ``y + g(x) * A(x)``; ``g = mean_t sigmoid(W_g h_t + b_g)``,
     ``W_g: (1, d)``. Trainable parameters per site: ``2 d m + m + d`` (+ ``d + 1`` for the gate).
+
+    Paper: UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning (Mao et al., 2021, arXiv:2110.07577).
     """
 
     peft_type = "GATED_BOTTLENECK"
@@ -197,6 +201,8 @@ class GatedPrefixTuningConfig(PrefixTuningConfig):
     size), saved as ``prefix_gate.weight``/``prefix_gate.bias`` next to ``prompt_embeddings``. Trainable
     parameters: prefix tuning's plus ``N * (d + 1)``. Needs attention modules with an integer
     ``layer_idx`` that take ``cache`` (transformers' BERT, GPT-2, Llama families).
+
+    Paper: UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning (Mao et al., 2021, arXiv:2110.07577).
     """
 
     peft_type = "GATED_PREFIX_TUNING"

@@ -53,6 +53,8 @@ def unipelt_config(r: int = 8, lora_alpha: float | None = None, lora_target_modu
 
     Raises:
         ConfigError: an invalid value of any part.
+
+    Paper: UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning (Mao et al., 2021, arXiv:2110.07577).
     """
     return ComposedConfig(task_type=task_type, modules_to_save=modules_to_save, configs=[
         GatedLoraConfig(r=r, lora_alpha=r if lora_alpha is None else lora_alpha,
@@ -80,6 +82,8 @@ def mam_config(num_virtual_tokens: int = 16, encoder_hidden_size: int | None = 1
 
     Raises:
         ConfigError: an invalid value of any part.
+
+    Paper: Towards a Unified View of Parameter-Efficient Transfer Learning (He et al., 2021, arXiv:2110.04366).
     """
     return ComposedConfig(task_type=task_type, modules_to_save=modules_to_save, configs=[
         PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, prefix_projection=encoder_hidden_size is not None,

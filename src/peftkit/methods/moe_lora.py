@@ -53,6 +53,8 @@ class MoeLoraConfig(LoraConfig):
 
     Raises:
         ConfigError: as LoraConfig, or num_experts < 2, top_k outside [1, num_experts], coef < 0.
+
+    Paper: Pushing Mixture of Experts to the Limit: Extremely Parameter Efficient MoE for Instruction Tuning (Zadouri et al., 2023, arXiv:2309.05444).
     """
 
     peft_type = "MOELORA"
