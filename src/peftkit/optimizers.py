@@ -42,6 +42,8 @@ def create_loraplus_optimizer(model: Any, optimizer_cls: type[Optimizer], lr: fl
 
     Raises:
         ConfigError: a non-positive ``lr``, ratio or embedding learning rate, or no trainable parameter.
+
+    Paper: LoRA+: Efficient Low Rank Adaptation of Large Models (Hayou et al., 2024, arXiv:2402.12354).
     """
     check(lr > 0, f"lr={lr!r} must be > 0")
     check(loraplus_lr_ratio > 0, f"loraplus_lr_ratio={loraplus_lr_ratio!r} must be > 0 (usually >= 1)")

@@ -94,6 +94,9 @@ class AdaLoraConfig(PeftConfig):
 
     A file written by peft may carry LoRA fields that peft's AdaLoRA ignores (``use_rslora``,
     ``alpha_pattern``: its scale is ``lora_alpha`` whatever they say); they are accepted and dropped.
+
+    Paper: AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (Zhang et al., 2023,
+        arXiv:2303.10512).
     """
 
     peft_type = "ADALORA"

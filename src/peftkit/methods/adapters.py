@@ -106,6 +106,8 @@ class BottleneckConfig(PeftConfig):
 
     Raises:
         ConfigError: on any out-of-range or unknown value (the message names it and what is valid).
+
+    Paper: Parameter-Efficient Transfer Learning for NLP (Houlsby et al., 2019, arXiv:1902.00751).
     """
 
     peft_type = "BOTTLENECK"

@@ -39,6 +39,9 @@ class BitFitConfig(SelectiveConfig):
 
     Raises:
         ConfigError: an invalid field, or (when added to a model) no selected module has a bias.
+
+    Paper: BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked Language-models (Ben Zaken et
+        al., 2021, arXiv:2106.10199).
     """
 
     peft_type = "BITFIT"

@@ -56,6 +56,9 @@ class ChildTuningConfig(SelectiveConfig):
     Raises:
         ConfigError: an unknown ``child_tuning_type``, ``reserve_p`` outside (0, 1],
             ``num_fisher_samples < 1``, or a budget that rounds to 0 entries.
+
+    Paper: Raise a Child in Large Language Model: Towards Effective and Generalizable Fine-tuning (Xu et al., 2021,
+        arXiv:2109.05687).
     """
 
     peft_type = "CHILD_TUNING"

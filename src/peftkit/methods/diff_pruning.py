@@ -58,6 +58,8 @@ class DiffPruningConfig(SelectiveConfig):
 
     Raises:
         ConfigError: ``target_sparsity`` outside [0, 1), or a budget that rounds to 0 entries.
+
+    Paper: Parameter-Efficient Transfer Learning with Diff Pruning (Guo et al., 2020, arXiv:2012.07463).
     """
 
     peft_type = "DIFF_PRUNING"

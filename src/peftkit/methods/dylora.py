@@ -46,6 +46,9 @@ class DyLoraConfig(LoraConfig):
     Raises:
         ConfigError: as :class:`~peftkit.methods.lora.LoraConfig`, and for ``use_dora``, ``use_qalora``, ``lora_bias`` or an
             initialisation other than True, False or ``"gaussian"`` (they do not nest over ranks).
+
+    Paper: DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation
+        (Valipour et al., 2022, arXiv:2210.07558).
     """
 
     peft_type = "DYLORA"
@@ -187,6 +190,9 @@ def set_dylora_rank(model: Any, rank: int, adapter_name: str = "default") -> Non
     Raises:
         ConfigError: unknown adapter, not a DyLoRA adapter, or ``rank`` out of range.
         ValueError: the adapter is merged (unmerge it first).
+
+    Paper: DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation
+        (Valipour et al., 2022, arXiv:2210.07558).
     """
     host = model.base_model
     host.check_known([adapter_name])

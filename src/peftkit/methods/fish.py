@@ -44,6 +44,8 @@ class FishMaskConfig(SelectiveConfig):
     Raises:
         ConfigError: ``keep_ratio`` outside (0, 1], ``num_fisher_samples < 1``, or a budget that
             rounds to 0 entries.
+
+    Paper: Training Neural Networks with Fixed Sparse Masks (Sung et al., 2021, arXiv:2111.09839).
     """
 
     peft_type = "FISH_MASK"

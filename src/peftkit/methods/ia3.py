@@ -66,6 +66,9 @@ class IA3Config(PeftConfig):
     Raises:
         ConfigError: ``feedforward_modules`` is not a subset of ``target_modules`` (both lists), a
             non-boolean flag, or (when injected) a model type with no default and no explicit lists.
+
+    Paper: Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning (Liu et al., 2022,
+        arXiv:2205.05638).
     """
 
     peft_type = "IA3"

@@ -56,6 +56,8 @@ class KronaConfig(PeftConfig):
         ConfigError: ``a1``/``a2`` not None or an integer > 0, ``scale <= 0``, a dropout outside
             [0, 1), ``target_modules=[]`` (None takes the model type's defaults); when injecting, an ``a1``/``a2`` that does not divide a
             target's ``out``/``in`` (the message names the module).
+
+    Paper: KronA: Parameter Efficient Tuning with Kronecker Adapter (Edalati et al., 2022, arXiv:2212.10650).
     """
 
     peft_type = "KRONA"

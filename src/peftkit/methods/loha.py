@@ -48,6 +48,9 @@ class LoHaConfig(LycorisConfig):
 
     Raises:
         ConfigError: as :class:`LycorisConfig`, or ``init_weights`` not a bool.
+
+    Paper: FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated Learning (Hyeon-Woo et al., 2021,
+        arXiv:2108.06098).
     """
 
     peft_type = "LOHA"

@@ -57,6 +57,9 @@ class LoKrConfig(LycorisConfig):
     Raises:
         ConfigError: as :class:`LycorisConfig`, ``decompose_factor`` neither -1 nor > 0, or an
             ``init_weights`` outside ``(True, False, "lycoris")``.
+
+    Paper: Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model Evaluation (Yeh et al., 2023,
+        arXiv:2309.14859).
     """
 
     peft_type = "LOKR"

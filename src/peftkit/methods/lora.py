@@ -93,6 +93,10 @@ class LoraConfig(PeftConfig):
         ConfigError: ``r <= 0``, ``lora_alpha <= 0``, dropout outside [0, 1), an unknown ``bias`` or
             ``init_lora_weights``, a non-positive pattern rank, ``lora_bias`` with DoRA/PiSSA/OLoRA, or a
             ``target_modules=[]``.
+
+    Paper: LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685); with use_rslora, A
+        Rank Stabilization Scaling Factor for Fine-Tuning with LoRA (Kalajdzievski, 2023, arXiv:2312.03732); with
+        use_dora, DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., 2024, arXiv:2402.09353).
     """
 
     peft_type = "LORA"

@@ -39,6 +39,9 @@ class LoraFAConfig(LoraConfig):
     Raises:
         ConfigError: as :class:`~peftkit.methods.lora.LoraConfig`; ``use_qalora=True`` (QA-LoRA's pooled
             input has no separate A factor to freeze).
+
+    Paper: LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models Fine-tuning (Zhang et al., 2023,
+        arXiv:2308.03303).
     """
 
     peft_type = "LORAFA"

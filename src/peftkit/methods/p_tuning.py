@@ -48,6 +48,8 @@ class PromptEncoderConfig(PromptLearningConfig):
     Raises:
         ConfigError: an unknown encoder type, a non-positive size, a dropout outside [0, 1); plus
             :class:`PromptLearningConfig`'s checks.
+
+    Paper: GPT Understands, Too (Liu et al., 2021, arXiv:2103.10385).
     """
 
     peft_type = "P_TUNING"

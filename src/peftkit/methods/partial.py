@@ -46,6 +46,8 @@ class PartialConfig(SelectiveConfig):
         ConfigError: none of ``num_top_layers``/``layers_to_transform``/``target_modules`` is given,
             both block choices are given, ``num_top_layers < 1``, or (when added to a model) the model
             has fewer blocks than ``num_top_layers`` or no block at all.
+
+    Paper: What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning (Lee et al., 2019, arXiv:1911.03090).
     """
 
     peft_type = "PARTIAL"

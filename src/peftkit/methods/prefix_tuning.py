@@ -62,6 +62,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     Raises:
         ConfigError: ``init_weights`` other than None/``"zero"``, a non-positive ``encoder_hidden_size``;
             plus :class:`PromptLearningConfig`'s checks.
+
+    Paper: Prefix-Tuning: Optimizing Continuous Prompts for Generation (Li & Liang, 2021, arXiv:2101.00190).
     """
 
     peft_type = "PREFIX_TUNING"

@@ -49,6 +49,8 @@ class PromptTuningConfig(PromptLearningConfig):
     Raises:
         ConfigError: an unknown ``prompt_tuning_init``; ``"TEXT"`` without a text or tokenizer;
             ``tokenizer_kwargs`` without ``"TEXT"``; plus :class:`PromptLearningConfig`'s checks.
+
+    Paper: The Power of Scale for Parameter-Efficient Prompt Tuning (Lester et al., 2021, arXiv:2104.08691).
     """
 
     peft_type = "PROMPT_TUNING"

@@ -62,6 +62,8 @@ class SoraConfig(PeftConfig):
     Raises:
         ConfigError: ``r <= 0``, a negative ``sparse_lambda`` or pattern rank, a dropout outside
             [0, 1), ``target_modules=[]``; when injecting, a grouped convolution.
+
+    Paper: Sparse Low-rank Adaptation of Pre-trained Language Models (Ding et al., 2023, arXiv:2311.11696).
     """
 
     peft_type = "SORA"

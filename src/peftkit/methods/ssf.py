@@ -44,6 +44,9 @@ class SSFConfig(PeftConfig):
     Raises:
         ConfigError: an unknown ``init_ssf_weights``, empty ``target_modules``, a bad block index, or
             (when injected) a LayerNorm without affine weights.
+
+    Paper: Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning (Lian et al., 2022,
+        arXiv:2210.08823).
     """
 
     peft_type = "SSF"

@@ -60,6 +60,8 @@ class VeraConfig(PeftConfig):
     Raises:
         ConfigError: ``r <= 0``, dropout outside [0, 1), a non-integer ``projection_prng_key`` or one outside
             ``[-2**63, 2**64)``, a non-numeric ``d_initial``, an unknown ``bias``, or ``target_modules=[]``.
+
+    Paper: VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al., 2023, arXiv:2310.11454).
     """
 
     peft_type = "VERA"

@@ -80,6 +80,8 @@ def quantize_base(model: nn.Module, method: str = "nf4", *, block_size: int = 64
     Raises:
         ConfigError: unknown method or invalid sizes, or no linear layer to quantise (nothing changed).
         ImportError: torchao is missing.
+
+    Paper: QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al., 2023, arXiv:2305.14314).
     """
     fmt = make_format(method, block_size=block_size, scaler_block_size=scaler_block_size, group_size=group_size,
                       symmetric=symmetric)

@@ -61,6 +61,8 @@ class LoftQConfig:
 
     Raises:
         ConfigError: a value outside those ranges, or bits that the quantiser does not have.
+
+    Paper: LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models (Li et al., 2023, arXiv:2310.08659).
     """
 
     loftq_bits: int = 4
