@@ -160,6 +160,32 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_a_run_that_creates_its_folder_locks_it_at_once(tiny_model_dir, tmp_path, monkeypatch):
+    """The lock was taken only on a folder that existed when the run started: a second run started in the folder
+    the first one had made (--overwrite) set its files aside and replaced them, and both reported success."""
+    import os
+
+    from peftkit.train.checks import hold_lock
+
+    seen = []
+    train = Trainer.train
+
+    def probe(self, *args, **kwargs):
+        try:
+            fd = hold_lock(tmp_path / "new")  # what a second `peftkit train` there tries
+        except BlockingIOError:
+            seen.append("locked")
+        else:
+            os.close(fd)
+            seen.append("free")
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", probe)
+    assert main(["train", "--model", tiny_model_dir, "--max-steps", "1", "--batch-size", "4", "--max-train-samples",
+                 "8", "--max-eval-samples", "8", "--no-progress", "--output-dir", str(tmp_path / "new")]) == 0
+    assert seen == ["locked"]
+
+
 def test_cli_resume_refuses_other_options(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "50", "--method", "ia3",
                  "--output-dir", str(tmp_path / "elsewhere")]) == 2

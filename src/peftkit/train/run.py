@@ -354,40 +354,62 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) 
     """
     cfg.validate()
     check_device(cfg.device)
-    with D.process_group(cfg.device) as info, _run_lock(cfg, info):
-        return _run(cfg, resume, overwrite, info)
+    with D.process_group(cfg.device) as info, _run_lock(cfg, info) as lock:
+        return _run(cfg, resume, overwrite, info, lock)
+
+
+class _FolderLock:
+    """Rank 0's ``flock`` on the run folder (on the folder itself, so no file is made), held until closed."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder, self.fd = folder, None
+
+    def take(self) -> None:
+        """Lock the folder (once it exists); a no-op when already held or without a folder.
+
+        Raises:
+            ConfigError: another process holds the lock (it is training in the folder).
+        """
+        if self.fd is not None or self.folder is None or not self.folder.is_dir():
+            return
+        try:
+            self.fd = hold_lock(self.folder)
+        except BlockingIOError:
+            raise ConfigError(f"{str(self.folder)!r} is being trained by another process (a `peftkit train` in the "
+                              "same folder); wait for it to end or stop it") from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @contextlib.contextmanager
-def _run_lock(cfg: RunConfig, info: D.DistInfo) -> Iterator[None]:
-    """Hold a lock on the run folder (rank 0; ``flock`` on the folder itself, so no file is made) for the
-    whole run, when the folder exists: two runs in one folder at once (two ``--resume`` of a run, or an
-    ``--overwrite`` run beside a resumed one) deleted each other's checkpoint writes or mixed their files.
-    Where file locks are not available, nothing is locked.
+def _run_lock(cfg: RunConfig, info: D.DistInfo) -> Iterator[_FolderLock]:
+    """Hold a lock on the run folder (rank 0) for the whole run: taken here when the folder exists, else by the
+    run right after it creates the folder (:meth:`_FolderLock.take`). Two runs in one folder at once (two
+    ``--resume`` of a run, or an ``--overwrite`` run beside a running one) deleted each other's checkpoint
+    writes or mixed their files. Where file locks are not available, nothing is locked.
 
     Raises:
         ConfigError: another process is training in the folder.
     """
-    fd = None
+    lock = _FolderLock(Path(cfg.output_dir) if cfg.output_dir and info.is_main else None)
     problem = None
-    folder = Path(cfg.output_dir) if cfg.output_dir else None
-    if info.is_main and folder is not None and folder.is_dir():
-        try:
-            fd = hold_lock(folder)
-        except BlockingIOError:
-            problem = (f"{cfg.output_dir!r} is being trained by another process (a `peftkit train` in the same "
-                       "folder); wait for it to end or stop it")
+    try:
+        lock.take()
+    except ConfigError as err:
+        problem = str(err)
     problem = D.broadcast(problem)
     if problem:
         raise ConfigError(problem)
     try:
-        yield
+        yield lock
     finally:
-        if fd is not None:
-            os.close(fd)
+        lock.close()
 
 
-def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dict[str, Any]:
+def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo, lock: _FolderLock) -> dict[str, Any]:
     wall = time.perf_counter()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir or D.broadcast(f"runs/{cfg.label()}-{cfg.task if not cfg.train_file else 'file'}-"
@@ -432,7 +454,10 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo) -> dic
     handler = aside = None
     done = False
     if info.is_main:  # every check has passed: now the folder is written
-        if not resume and out_dir.is_dir():
+        if not out_dir.is_dir():  # a new folder: locked as soon as it exists
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock.take()
+        elif not resume:
             # an earlier run (--overwrite) is moved aside, and put back should this run fail
             aside = set_aside_run_files(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
