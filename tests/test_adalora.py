@@ -384,3 +384,20 @@ def test_peftkit_trainer_adds_the_penalty_once(tmp_path, monkeypatch):
             TrainingArguments(max_steps=2, batch_size=4, progress=False, output_dir=str(tmp_path))).train()
     assert seen == [True, True] and len(terms) == 2 and all(t.item() > 0 for t in terms)
     assert not model.base_model.ctx.caller_adds_loss_terms
+
+
+def test_a_second_allocation_call_for_one_step_is_ignored_with_a_warning():
+    """PeftTrainer's own call plus a ported peft callback allocated twice per step: at the final-budget step the
+    second call ran on cleared importance and dropped every triplet, silently."""
+    _, ours = _pair(8)
+    x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
+    for step in range(1, 7):
+        ours(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        ours.peft_step_end(step)
+        with pytest.warns(UserWarning, match=f"step {step} was already allocated; this call is ignored"):
+            ours.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    kept = [sum(m) for m in ours.peft_config["default"].rank_pattern.values()]
+    assert sum(kept) == 2 * len(kept)  # target_r=2 per layer on average, not every triplet dropped

@@ -214,6 +214,7 @@ class AdaLoraAdapter(Adapter):
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool), persistent=False)
         self.register_buffer("origin", torch.tensor(origin, dtype=torch.long), persistent=False)
         self.importance: dict[str, tuple[Tensor, Tensor]] = {}
+        self.last_step: int | None = None  # the step the last allocation call was for
 
     @property
     def saved_form_differs(self) -> bool:
@@ -337,6 +338,15 @@ class AdaLoraTuner(WrapTuner):
                           "change the weights that unmerging subtracts" if merged else "")
         config = host.peft_config[adapter_name]
         adapters = self.adapters(host, adapter_name)
+        if adapters and all(getattr(a, "last_step", None) == step for a in adapters.values()):
+            # a second call for one step (PeftTrainer's own plus a ported peft callback) would allocate again on
+            # importance the first one may have cleared, dropping every triplet
+            warnings.warn(f"AdaLoRA adapter {adapter_name!r}: step {step} was already allocated; this call is ignored "
+                          "(PeftTrainer and peftkit's Trainer call update_and_allocate after every optimiser step: "
+                          "drop a callback that calls it too)", UserWarning, stacklevel=3)
+            return
+        for a in adapters.values():
+            a.last_step = step
         end = config.total_step - config.tfinal
         if step > end:
             for a in adapters.values():
