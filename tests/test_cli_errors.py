@@ -320,9 +320,39 @@ def test_task_names_take_their_canonical_spelling(given, canonical):
     assert cli_module._task_name(given) == canonical
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--resume", ""], "--resume '' is empty; give the run folder to continue"),
+    (["eval", "--adapter", ""], "--adapter '' is empty; give the run folder"),
+    (["predict", "--adapter", "", "some text"], "--adapter '' is empty; give the run folder"),
+    (["export", "--adapter", " ", "--merge", "--output", "x"], "--adapter ' ' is empty; give the run or adapter folder"),
+    (["bench", "--output-dir", ""], "--output-dir '' is empty; give the sweep folder"),
+])
+def test_empty_folders_are_refused_by_name(argv, message, tmp_path, capsys, monkeypatch):
+    """--resume '' started a fresh default run; --adapter '' used the current folder; bench --output-dir '' wrote
+    its sweep into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert error_line(capsys, *argv).startswith(f"peftkit: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_model_and_task_are_refused(tmp_path, capsys):
     """--model '' read as the current folder; --task '' trained sst2."""
     assert error_line(capsys, "train", "--model", "", "--output-dir", tmp_path / "a").startswith(
         "peftkit: error: --model '' is empty")
     assert "expected a task name" in error_line(capsys, "train", "--task", "", "--output-dir", tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_run_into_its_base_model_folder_is_refused(tiny_model_dir, tmp_path, capsys):
+    """--output-dir equal to --model (with --overwrite) trained and wrote adapter files beside config.json: from then
+    on transformers loaded that folder as an adapter, and the run could never be evaluated."""
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = sorted(os.listdir(model))
+    for out in (model, model / "runs" / "a", tmp_path):
+        line = error_line(capsys, "train", "--model", model, "--output-dir", out, "--overwrite", "--max-steps", "1")
+        assert "the base model's folder" in line and "Give a folder outside it" in line
+    assert sorted(os.listdir(model)) == before

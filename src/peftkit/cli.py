@@ -767,6 +767,26 @@ def _terminated(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt("terminated (SIGTERM)")
 
 
+#: options whose empty value was taken as "not given" or as the current folder: refused by name
+_NOT_EMPTY = {"train": [("resume", "--resume", "the run folder to continue")],
+              "eval": [("adapter", "--adapter", "the run folder")],
+              "predict": [("adapter", "--adapter", "the run folder")],
+              "export": [("adapter", "--adapter", "the run or adapter folder")],
+              "bench": [("output_dir", "--output-dir", "the sweep folder (or leave the option out for bench)")]}
+
+
+def _check_not_empty(args: argparse.Namespace) -> None:
+    """Refuse an option of :data:`_NOT_EMPTY` given as an empty string.
+
+    Raises:
+        ConfigError: such an option, named with what to give.
+    """
+    for dest, option, what in _NOT_EMPTY.get(args.command, ()):
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{option} {value!r} is empty; give {what}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peftkit`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -786,6 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # run moved aside by --overwrite is put back unless a checkpoint was written, and the note is printed
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
+        _check_not_empty(args)
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, NotADirectoryError, AdapterLoadError,
             UnmatchedTargetWarning) as err:

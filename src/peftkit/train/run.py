@@ -409,6 +409,20 @@ def _run_lock(cfg: RunConfig, info: D.DistInfo) -> Iterator[_FolderLock]:
         lock.close()
 
 
+def _model_dir_overlap(out_dir: Path, cfg: RunConfig) -> str | None:
+    """Why ``out_dir`` cannot take the run because it is, holds or lies in the base model's folder (the adapter
+    files written there make transformers load that folder as an adapter from then on), or None."""
+    try:
+        model = Path(resolve_model_dir(cfg.model, cfg.task)).resolve()
+    except (ConfigError, OSError, ValueError):
+        return None  # an unknown model is named by its own check
+    out = out_dir.resolve()
+    if out == model or model in out.parents or out in model.parents:
+        return (f"--output-dir {str(out_dir)!r} {'is' if out == model else 'overlaps'} the base model's folder "
+                f"{str(model)!r}; the run's adapter files there would change that model folder. Give a folder outside it")
+    return None
+
+
 def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo, lock: _FolderLock) -> dict[str, Any]:
     wall = time.perf_counter()
     seed_everything(cfg.seed)
@@ -427,7 +441,7 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo, lock: 
         if problem:
             raise ConfigError(problem)
     else:
-        problem = D.broadcast(output_dir_problem(out_dir, overwrite))
+        problem = D.broadcast(output_dir_problem(out_dir, overwrite) or _model_dir_overlap(out_dir, cfg))
         if problem:
             raise ConfigError(problem)
     if not cfg.full_finetune:  # a method's run defaults (QLoRA: an NF4 base) fill options left unset
