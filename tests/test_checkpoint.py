@@ -158,6 +158,12 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     b = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # resuming the finished run trained nothing but rewrote its metrics.json (this session's time, resumed step)
+    finished = (tmp_path / "run" / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "is a finished run (it has metrics.json): there is nothing to resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == finished
 
 
 def test_a_run_that_creates_its_folder_locks_it_at_once(tiny_model_dir, tmp_path, monkeypatch):

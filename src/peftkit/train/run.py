@@ -529,10 +529,13 @@ def resume_run(run_dir: str | os.PathLike, progress: bool = True, device: str | 
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a run folder, or holds no checkpoint.
-        ConfigError: a damaged ``run_config.json`` or checkpoint file (named), or a checkpoint that does
-            not fit (another number of processes, ...).
+        ConfigError: a damaged ``run_config.json`` or checkpoint file (named), a checkpoint that does
+            not fit (another number of processes, ...), or a finished run (``metrics.json`` written).
     """
     cfg, _ = read_run_config(Path(run_dir))
+    check(not (Path(run_dir) / "metrics.json").is_file(),
+          f"{str(run_dir)!r} is a finished run (it has metrics.json): there is nothing to resume, and resuming would "
+          "rewrite its results. `peftkit eval --adapter` scores it again; to train it again, start a new run")
     cfg.output_dir, cfg.progress, cfg.device = str(run_dir), progress, device or cfg.device
     return run_training(cfg, resume=True)
 
