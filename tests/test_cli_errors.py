@@ -293,6 +293,12 @@ def test_a_max_length_beyond_the_models_positions_is_refused_before_writing(tiny
                       "--output-dir", tmp_path / "run") == (
         "peftkit: error: --max-length 120 is more than the 108 positions the model has after the 20 virtual tokens; "
         "give --max-length 108 or less")
+    # more virtual tokens than positions: the message spoke of -72 positions and --max-length 1
+    assert error_line(capsys, "train", "--model", tiny_model_dir, "--train-file", rows, "--eval-file", rows,
+                      "--method", "prompt-tuning", "--option", "num_virtual_tokens=200", "--max-length", 16,
+                      "--max-steps", 1, "--output-dir", tmp_path / "run") == (
+        "peftkit: error: num_virtual_tokens=200 leaves 0 of the model's 128 positions for the text; use at most 125 "
+        "virtual tokens (and --max-length at most 128 minus that)")
     # a causal LM with a learned table (GPT-2): an IndexError in the perplexity before training
     gpt = tiny_gpt2_dir
     text = tmp_path / "long.txt"

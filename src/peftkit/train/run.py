@@ -299,6 +299,10 @@ def _check_positions(model: torch.nn.Module, max_length: int, reserved: int) -> 
     if usable is None:
         return
     room = usable - reserved
+    if room < 3:  # a row needs a few real tokens (a classifier's [CLS] text [SEP]) beside the virtual ones
+        raise ConfigError(f"num_virtual_tokens={reserved} leaves {max(room, 0)} of the model's {usable} positions for "
+                          f"the text; use at most {usable - 3} virtual tokens (and --max-length at most {usable} "
+                          "minus that)")
     if max_length > room:
         after = f" after the {reserved} virtual tokens" if reserved else ""
         raise ConfigError(f"--max-length {max_length} is more than the {room} positions the model has{after}; give "
