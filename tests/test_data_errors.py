@@ -319,3 +319,22 @@ def test_train_and_dev_files_of_different_shapes_are_refused(tiny_model_dir, tmp
         f"peftkit: error: --eval-file {str(pairs)!r} gives sentence pairs (sentence1, sentence2), but task 'sst2' "
         "classifies single sentences; name the text column with --text-column")
     assert snapshot(tmp_path) == before
+
+
+def test_a_causal_lm_text_column_is_read_or_refused(tmp_path):
+    """--text-column was recorded and ignored for prompt/response rows (the shipped TREC ones too) and plain text."""
+    import json
+
+    from peftkit.train.data import DataError
+    from peftkit.train.run import _read_lm_records
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"body": "one two", "prompt": "q", "response": "a"}) + "\n")
+    assert _read_lm_records(str(rows), "body", column_given=True) == [{"body": "one two"}]
+    assert _read_lm_records(str(rows), "body")[0]["prompt"] == "q"  # without the option: prompt/response, as before
+    with pytest.raises(DataError, match=r"line 1 has no 'nope' \(--text-column\) \(a prompt/response row\)"):
+        _read_lm_records(str(rows), "nope", column_given=True)
+    text = tmp_path / "plain.txt"
+    text.write_text("one\n\ntwo\n")
+    with pytest.raises(DataError, match=r"--text-column 'body' names a field of JSONL/CSV/TSV rows, but .* plain text"):
+        _read_lm_records(str(text), "body", column_given=True)

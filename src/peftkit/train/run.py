@@ -553,12 +553,12 @@ def _lm_records(cfg: RunConfig, train_too: bool = True) -> tuple[list[Any], list
         DataError: see :func:`_read_lm_records`; a file with no record (named).
     """
     trec = shipped_data_dir() / "TREC"
-    text_key = cfg.text_column or "text"
+    text_key, given = cfg.text_column or "text", cfg.text_column is not None
     if cfg.eval_file and not train_too:
-        return [], _read_lm_records(cfg.eval_file, text_key)
-    train = _read_lm_records(cfg.train_file or str(trec / "train.jsonl"), text_key)
+        return [], _read_lm_records(cfg.eval_file, text_key, given)
+    train = _read_lm_records(cfg.train_file or str(trec / "train.jsonl"), text_key, given)
     if cfg.eval_file or not cfg.train_file:
-        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"), text_key)
+        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"), text_key, given)
     else:
         cut = max(1, len(train) // 10)
         train, dev = train[:-cut], train[-cut:]
@@ -572,29 +572,39 @@ def _lm_records(cfg: RunConfig, train_too: bool = True) -> tuple[list[Any], list
     return train, dev
 
 
-def _read_lm_records(path: str, text_key: str = "text") -> list[Any]:
+def _read_lm_records(path: str, text_key: str = "text", column_given: bool = False) -> list[Any]:
     """The records of a causal-LM file: rows of a table, each with ``text_key`` or ``prompt`` and ``response``;
-    or a plain-text file's paragraphs (lines when it has one paragraph).
+    or a plain-text file's paragraphs (lines when it has one paragraph). With ``column_given`` (``--text-column``)
+    every row must have ``text_key``, which is what it trains on (its prompt/response fields, if any, are not read).
 
     Raises:
         DataError: a missing file, text that is not UTF-8, a file with no record, a row with neither field, or
-            one whose field is not text (null, a list, an object), naming file and line.
+            one whose field is not text (null, a list, an object), naming file and line; with ``column_given``, a
+            plain-text file or a row without ``text_key``.
     """
     p = Path(path)
+    if column_given and p.suffix.lower() not in (".jsonl", ".csv", ".tsv"):
+        raise DataError(f"--text-column {text_key!r} names a field of JSONL/CSV/TSV rows, but {p} is plain text (every "
+                        "paragraph is trained on); leave the option out")
     if p.suffix.lower() in (".jsonl", ".csv", ".tsv"):
         rows = read_table(p)
         for n, row in enumerate(rows, start=1):
             where = f"line {row.line}" if isinstance(row, Row) else f"row {n}"
+            if column_given and text_key not in row:
+                kind = " (a prompt/response row)" if "prompt" in row and "response" in row else ""
+                raise DataError(f"{p}: {where} has no {text_key!r} (--text-column){kind}: keys {sorted(row)}; leave "
+                                "--text-column out to train on prompt/response rows")
             if text_key not in row and not ("prompt" in row and "response" in row):
                 raise DataError(f"{p}: {where} has neither {text_key!r} nor 'prompt'/'response': keys {sorted(row)}"
                                 + ("" if text_key != "text" else "; --text-column names another text field"))
-            fields = ("prompt", "response") if "prompt" in row and "response" in row else (text_key,)
+            fields = ("prompt", "response") if "prompt" in row and "response" in row and not column_given else (
+                text_key,)
             for field in fields:  # a null or an object would be trained on as the text "None" or "{'a': 1}"
                 if not isinstance(row[field], (str, int, float)) or isinstance(row[field], bool):
                     raise DataError(f"{p}: {where}: {field!r} holds {row[field]!r}, not text")
         if not rows:
             raise DataError(f"{p}: the file holds no record")
-        return rows
+        return [{text_key: row[text_key]} for row in rows] if column_given else rows
     if not p.is_file():
         raise DataError(f"data file {path!r} does not exist")
     raw = p.read_bytes()
