@@ -370,3 +370,18 @@ def test_each_method_declares_whether_its_saved_form_differs():
     assert ptuning.base_model.saved_form_differs()
     ptuning.base_model.extra_modules["default"].fold()
     assert not ptuning.base_model.saved_form_differs()
+
+
+def test_gradient_checkpointing_enable_passes_transformers_options_on():
+    """every_n_layers / offload were a TypeError (peft passes them on to transformers)."""
+    model = _model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=2)
+    base = model.get_base_model()
+    assert base.is_activation_checkpointing
+    flags = [m.gradient_checkpointing for m in base.bert.encoder.layer]
+    assert flags == [True, False]
+    model.train()
+    x = Rows(4, 0)
+    batch = {"input_ids": x.ids[:4], "labels": x.labels[:4]}
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

@@ -290,14 +290,20 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """Enable the base model's gradient checkpointing so that adapters still get gradients with a
-        frozen base (input embeddings are made to require grad for re-entrant checkpointing)."""
+        frozen base (input embeddings are made to require grad for re-entrant checkpointing). Other keyword
+        arguments (transformers' ``every_n_layers``, ``offload``) go to the base model's method, as in peft.
+
+        Raises:
+            TypeError: a keyword argument the base model's method does not take (transformers' error).
+        """
         model = self.get_base_model()
         if callable(getattr(model, "activation_checkpointing_enable", None)):  # its new name (transformers 5.x)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                  **kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
