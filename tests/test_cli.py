@@ -156,3 +156,16 @@ def test_a_bench_cell_runs_without_lora_plus_where_it_does_not_apply(tiny_model_
                        "--unused-options-warn", "--max-steps", 1, "--max-train-samples", 8, "--max-eval-samples", 8,
                        "--output-dir", out, "--no-progress") == 0
         assert read_run_config(out)[0].loraplus_lr_ratio == want
+
+
+def test_the_rank_has_a_spelling_that_torchrun_leaves_alone():
+    """`torchrun ... -m peftkit train --r 4` failed in torchrun's own parser (--r abbreviates its --rdzv-* options)."""
+    from torch.distributed.run import get_args_parser
+
+    from peftkit.cli import build_parser, train_config
+
+    launcher = get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "peftkit", "train", "--lora-r", "4"])
+    assert launcher.training_script_args == ["train", "--lora-r", "4"]
+    args = build_parser().parse_args(launcher.training_script_args)
+    args.argv = launcher.training_script_args
+    assert train_config(args).r == 4

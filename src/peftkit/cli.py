@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pair-column", help="second-sentence column for sentence-pair tasks")
     t.add_argument("--label-column", default="label", help="label column (default label)")
     t.add_argument("--data-dir", help="folder with GLUE task folders (needed for mrpc)")
-    t.add_argument("--r", type=_positive_int, help="adapter rank (default: the method's, 8 for LoRA, 256 for VeRA)")
+    t.add_argument("--r", "--lora-r", dest="r", type=_positive_int,
+                   help="adapter rank (default: the method's, 8 for LoRA, 256 for VeRA); --lora-r under torchrun, "
+                        "whose own parser takes --r for one of its options")
     t.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (default 16)")
     t.add_argument("--lora-dropout", type=_finite_float, default=0.0, help="LoRA dropout (default 0)")
     t.add_argument("--target-modules", type=_target_modules, default=None,
