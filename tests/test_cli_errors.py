@@ -362,3 +362,21 @@ def test_a_run_into_its_base_model_folder_is_refused(tiny_model_dir, tmp_path, c
         line = error_line(capsys, "train", "--model", model, "--output-dir", out, "--overwrite", "--max-steps", "1")
         assert "the base model's folder" in line and "Give a folder outside it" in line
     assert sorted(os.listdir(model)) == before
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("ACCELERATE_USE_FSDP", "true", r"accelerate launch --use_fsdp \(ACCELERATE_USE_FSDP=true\) is not read"),
+    ("ACCELERATE_MIXED_PRECISION", "bf16", r"accelerate launch --mixed_precision bf16 \(ACCELERATE_MIXED_PRECISION\)"),
+])
+def test_accelerate_settings_peftkit_does_not_read_are_refused(variable, value, message, tmp_path, capsys, monkeypatch):
+    """accelerate launch --use_fsdp trained full replicas and --mixed_precision bf16 trained float32, silently."""
+    import re
+
+    monkeypatch.setenv(variable, value)
+    assert re.search(message, error_line(capsys, "train", "--output-dir", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate sets without the option
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    args = cli_module.build_parser().parse_args(["train", "--output-dir", str(tmp_path / "run")])
+    args.argv = ["train", "--output-dir", str(tmp_path / "run")]
+    assert cli_module.train_config(args).method == "lora"

@@ -404,6 +404,16 @@ def train_config(args: argparse.Namespace) -> Any:
                           "--task out (or give --task causal-lm for a causal-LM file)")
     if args.float_embeddings and not args.quantize:
         raise ConfigError("--float-embeddings only applies with --quantize (it keeps the embeddings float32)")
+    # accelerate launch passes its choices to the workers in the environment, which peftkit does not read: a user
+    # who asked it for FSDP got full replicas, one who asked for bf16 got float32, silently
+    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("true", "1", "yes") and not args.fsdp:
+        raise ConfigError("accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true) is not read by peftkit train, which "
+                          "would train full replicas: pass --fsdp to peftkit train instead (torch's FSDP, sharded by "
+                          "the model's blocks) and launch without --use_fsdp")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if precision not in ("", "no"):
+        raise ConfigError(f"accelerate launch --mixed_precision {precision} (ACCELERATE_MIXED_PRECISION) is not read "
+                          "by peftkit train, which trains in the model's own dtype: launch with --mixed_precision no")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         raise ConfigError("--fsdp shards the model over several processes, and this run would have one (nothing ran); "
                           "start it with torchrun --nproc-per-node N or accelerate launch, or leave --fsdp out")
