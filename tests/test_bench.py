@@ -54,6 +54,20 @@ def test_summary_statistics():
     assert s["failures"][0]["error"] == "boom"
 
 
+def test_cells_short_of_seeds_show_their_count_and_mark_averages_over_them(tmp_path):
+    """A cell with 1 of 2 seeds read "75.0 ± 0.0", like two seeds that agreed, and its method's average ranked
+    beside complete ones unmarked."""
+    base = {"metric": "accuracy", "trainable_params": 10, "total_params": 100, "seconds_per_step": 0.1,
+            "peak_memory_mib": 500, "adapter_bytes": 2048}
+    records = [{**base, "method": m, "task": "rte", "seed": seed, "dev_accuracy": acc}
+               for m, seed, acc in (("full", 0, 0.6), ("full", 1, 0.7), ("lora", 0, 0.75))]
+    records.append({"method": "lora", "task": "rte", "seed": 1, "error": "boom"})
+    text = write_report(records, tmp_path).read_text()
+    assert "| full | 65.0 ± 7.1 | 65.0 |" in text
+    assert "| lora | 75.0 (n=1) | 75.0* |" in text
+    assert "(n=k): only k of the 2 seeds of that cell finished; * an average over such cells." in text
+
+
 def test_bad_sweeps():
     with pytest.raises(ConfigError, match="unknown PEFT method 'nope'"):
         BenchConfig(methods=["nope"])
@@ -71,7 +85,7 @@ def test_cells_not_run_yet_are_not_failures(tmp_path):
     assert [r["task"] for r in s["pending"]] == ["cola"] and [r["task"] for r in s["failures"]] == ["stsb"]
     assert s["metric_of"] == {"sst2": "accuracy", "cola": "matthews", "stsb": "pearson"}
     text = write_report(records, tmp_path).read_text()
-    assert "| lora | 80.0 ± 0.0 | not run yet | failed |" in text
+    assert "| lora | 80.0 | not run yet | failed |" in text  # one seed: no spread (it read "± 0.0")
     assert "| method | sst2 (acc) | cola (MCC) | stsb (Pearson) |" in text
     assert "1 cell(s) have not run yet" in text and "- lora / stsb / seed 0: boom" in text
 

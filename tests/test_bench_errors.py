@@ -136,7 +136,7 @@ def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, problem", [
     ("--bogus", "unrecognized arguments: --bogus (see `peftkit train --help`)"),
-    ("--r=abc", "argument --r: expected a positive integer, got 'abc' (see `peftkit train --help`)"),
+    ("--r=abc", "argument --r/--lora-r: expected a positive integer, got 'abc' (see `peftkit train --help`)"),
     # values only `peftkit train`'s own checks refuse (every cell failed with the message in its log)
     ("--lora-dropout=1.5", "--lora-dropout 1.5 must lie in [0, 1)"),
     ("--option=bogus_field=1", "LoraConfig has no field 'bogus_field'"),

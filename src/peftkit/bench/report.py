@@ -103,17 +103,27 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
     head = "| method | " + " | ".join(f"{t} ({METRIC_LABEL.get(s['metric_of'].get(t, ''), '?')})" for t in s["tasks"])
     lines += ["## Quality (dev set, x100, mean ± std over seeds)", "", head + " | average |",
               "|---|" + "---:|" * (len(s["tasks"]) + 1)]
+    seeds = max((c["n"] for c in s["cells"].values()), default=0)  # the seeds a complete cell has
+    short = False  # a cell with fewer seeds than that (failed or not run yet): its spread is over fewer, or none
     for m in s["methods"]:
         row = []
         for t in s["tasks"]:
             c = s["cells"].get((m, t))
             if c is not None:
-                row.append(f"{c['mean']:.1f} ± {c['std']:.1f}")
+                text = f"{c['mean']:.1f} ± {c['std']:.1f}" if c["n"] > 1 else f"{c['mean']:.1f}"
+                if c["n"] < seeds:
+                    text += f" (n={c['n']})"
+                    short = True
+                row.append(text)
             else:
                 failed = any(r["method"] == m and r["task"] == t for r in s["failures"])
                 row.append("failed" if failed else "not run yet")
         avg = s["per_method"].get(m, {}).get("average")
-        lines.append(f"| {m} | " + " | ".join(row) + f" | {'' if avg is None else f'{avg:.1f}'} |")
+        partial = any(s["cells"][(m, t)]["n"] < seeds for t in s["tasks"] if (m, t) in s["cells"])
+        avg_text = "" if avg is None else f"{avg:.1f}" + ("*" if partial else "")
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {avg_text} |")
+    if short:
+        lines += ["", f"(n=k): only k of the {seeds} seeds of that cell finished; * an average over such cells."]
     lines += ["", "## Cost", "", "| method | trainable params | % of model | train step (ms, median) | "
               "peak memory (MiB) | saved size | parameters saved |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m, c in s["per_method"].items():
@@ -182,9 +192,10 @@ def _plots(s: dict[str, Any], out: Path) -> list[str]:
         means = [s["cells"][(m, t)]["mean"] for t in s["tasks"] if (m, t) in s["cells"]]
         if not means:
             continue
-        y = c["average"] if c["average"] is not None else statistics.fmean(means)
-        ax.scatter(c["trainable_params"], y, s=40)
-        points.append((m, c["trainable_params"], y))
+        partial = c["average"] is None  # some task not finished: an average over fewer tasks, drawn hollow
+        y = statistics.fmean(means) if partial else c["average"]
+        ax.scatter(c["trainable_params"], y, s=40, **({"facecolors": "none", "edgecolors": "C0"} if partial else {}))
+        points.append((f"{m} (partial)" if partial else m, c["trainable_params"], y))
     for m, x, y, offset, align in _label_places(points):
         ax.annotate(m, (x, y), textcoords="offset points", xytext=offset, fontsize=8, ha=align)
     ax.set_xscale("log")
