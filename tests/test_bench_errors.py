@@ -140,6 +140,9 @@ def test_a_sweep_folder_keeps_its_settings(tmp_path, capsys):
     # values only `peftkit train`'s own checks refuse (every cell failed with the message in its log)
     ("--lora-dropout=1.5", "--lora-dropout 1.5 must lie in [0, 1)"),
     ("--option=bogus_field=1", "LoraConfig has no field 'bogus_field'"),
+    # data paths: every cell loaded its model, then failed on them
+    ("--eval-file=/nonexistent.csv", "--eval-file '/nonexistent.csv' is not a file (it does not exist); give an "
+                                     "existing file"),
 ])
 def test_a_bad_train_arg_is_refused_before_any_cell_runs(tmp_path, capsys, extra, problem):
     """Before, every cell ran and failed, the reason was only in report.md, and the sweep folder then refused

@@ -718,7 +718,14 @@ def check_cell_command(argv: list[str]) -> None:
     args.argv = list(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the cell's --unused-options-warn: an unused option is no error
-        train_config(args)
+        cfg = train_config(args)
+    # the data paths too: each cell would load its model, then fail on them
+    for option, value, folder in (("--train-file", cfg.train_file, False), ("--eval-file", cfg.eval_file, False),
+                                  ("--data-dir", cfg.data_dir, True)):
+        if value and not (Path(value).is_dir() if folder else Path(value).is_file()):
+            what = "folder" if folder else "file"
+            raise ConfigError(f"{option} {value!r} is not a {what}{'' if Path(value).exists() else ' (it does not exist)'}"
+                              f"; give an existing {what}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
