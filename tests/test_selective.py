@@ -289,3 +289,39 @@ def test_a_fish_adapter_reports_trainable_and_warns_when_saved_unprepared(tmp_pa
     fresh = get_peft_model(tiny_bert_classifier(), FishMaskConfig(keep_ratio=0.1))
     with pytest.warns(UserWarning, match="saved before its mask was chosen"):
         fresh.save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["fish", "diff-pruning"])
+def test_a_refused_state_dict_changes_nothing_and_a_fitting_one_keeps_the_live_parameters(key):
+    """A file with one stray key was refused only after the sparse differences had been re-made as zeros (the
+    trained values were lost); a fitting one replaced the parameter objects (an optimiser kept stepping dead ones,
+    and diff pruning became a fixed mask)."""
+    from peftkit import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+
+    _, model = trained(key)
+    x = batch()["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    snapshot = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    with pytest.raises(AdapterLoadError, match="no place for"):
+        set_peft_model_state_dict(model, {**snapshot, "base_model.model.stray": torch.zeros(1)})
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, want)
+    perturb(model)  # then restore the snapshot into the live adapter
+    set_peft_model_state_dict(model, snapshot)
+    with torch.no_grad():
+        assert (model(input_ids=x).logits - want).abs().max() <= 1e-6
+    now = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert now.keys() == params.keys() and all(now[n] is params[n] for n in now)
+
+
+def test_diff_pruning_keeps_the_dense_form_in_module_state_dicts_and_float64():
+    """state_dict() held the file's sparse form, so load_state_dict(state_dict()) (accelerate, Lightning) failed;
+    sparse differences were float32 on a float64 model."""
+    _, model = trained("diff-pruning")
+    model.load_state_dict(model.state_dict())
+    assert any(k.endswith("diff_weight") for k in model.state_dict())
+    double = get_peft_model(tiny_bert_classifier().double(), CONFIGS["fish"]())
+    double.peft_prepare(iter([batch(seed=s) for s in range(6)]))
+    assert {p.dtype for p in double.parameters() if p.requires_grad} == {torch.float64}

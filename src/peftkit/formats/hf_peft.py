@@ -15,12 +15,13 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
-from torch import Tensor
+from torch import Tensor, nn
 
 from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 
@@ -146,7 +147,52 @@ def load_saved_state(model: PeftModel, state_dict: dict[str, Tensor], adapter_na
     ``rank_pattern`` may differ from the model's)."""
     host = model.base_model
     host.check_known([adapter_name])
-    _before_load(host, adapter_name, state_dict)
+    # the before-load hooks switch adapters to the file's layout (a folded prompt encoder, sparse differences);
+    # should the file then not fit, that is undone: nothing changes when loading is refused
+    undo = _layout_snapshot(host, adapter_name)
+    try:
+        _before_load(host, adapter_name, state_dict)
+        _check_and_copy(model, state_dict, adapter_name, saved)
+    except AdapterLoadError:
+        undo()
+        raise
+
+
+def _layout_snapshot(host: AdapterModel, adapter_name: str) -> Callable[[], None]:
+    """A function that puts every module of adapter ``adapter_name`` (and of the adapters its file bundles) back as it
+    is now: its attributes, parameters, buffers and sub-modules (the objects themselves, so values are kept)."""
+    from peftkit.layers import AdaptedLayer
+
+    roots: list[nn.Module] = []
+    names = [adapter_name]
+    while names:
+        name = names.pop()
+        names += [other for _, other in host.tuner(name).bundled(host, name)]
+        roots += [w.adapters[name] for _, w in host.wrappers() if isinstance(w, AdaptedLayer) and name in w.adapters]
+        if name in host.extra_modules:
+            roots.append(host.extra_modules[name])
+    def attrs(m: nn.Module) -> dict:  # containers a hook may change in place (a dict of forms) are copied
+        return {k: copy.copy(v) if isinstance(v, (dict, list, set)) and not k.startswith("_") else v
+                for k, v in m.__dict__.items()}
+
+    saved = [(m, attrs(m), dict(m._parameters), dict(m._buffers), dict(m._modules),
+              set(m._non_persistent_buffers_set)) for root in roots for m in root.modules()]
+
+    def undo() -> None:
+        for m, attrs, params, buffers, modules, non_persistent in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for live, kept in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules),
+                               (m._non_persistent_buffers_set, non_persistent)):
+                live.clear()
+                live.update(kept)
+
+    return undo
+
+
+def _check_and_copy(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str, saved: PeftConfig | None
+                    ) -> None:
+    host = model.base_model
     state_dict, after = host.tuner(adapter_name).widen_loaded(host, adapter_name, state_dict, saved)
     own = _tensors(model, adapter_name, export=False)
     # every parameter of the model by file key; every name of a tied parameter (lm_head.weight is

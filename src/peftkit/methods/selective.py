@@ -192,20 +192,29 @@ class SelectAdapter(Adapter):
             if attr in self._parameters or attr in self._buffers:
                 delattr(self, attr)
 
+    def _dtype(self, name: str) -> torch.dtype:
+        """The dtype ``name``'s difference has now (float64 on a float64 model), else the adapter's, else float32."""
+        for attr in (f"diff_{name}", f"diff_{name}_values"):
+            if attr in self._parameters:
+                return self._parameters[attr].dtype
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
     def set_dense(self, name: str, device: torch.device | None = None) -> None:
-        """Make ``name``'s difference a dense zero parameter."""
-        device = device or self._device()
+        """Make ``name``'s difference a dense zero parameter (in the dtype it has: float64 stays float64)."""
+        device, dtype = device or self._device(), self._dtype(name)
         self._drop(name)
-        self.register_parameter(f"diff_{name}", nn.Parameter(torch.zeros(self.shapes[name], device=device)))
+        self.register_parameter(f"diff_{name}", nn.Parameter(torch.zeros(self.shapes[name], device=device, dtype=dtype)))
         self.is_sparse[name] = False
 
     def set_sparse(self, name: str, indices: Tensor) -> None:
-        """Make ``name``'s difference a zero sparse parameter at flat ``indices`` (``(k,)``, unique)."""
+        """Make ``name``'s difference a zero sparse parameter at flat ``indices`` (``(k,)``, unique), in the dtype it
+        has."""
+        dtype = self._dtype(name)
         self._drop(name)
         # nothing selected: an empty parameter that never requires grad (multi-process training wants a gradient
         # for every parameter that requires one, and this one takes no part in the forward)
-        self.register_parameter(f"diff_{name}_values", nn.Parameter(torch.zeros(indices.numel(), device=indices.device),
-                                                                    requires_grad=indices.numel() > 0))
+        self.register_parameter(f"diff_{name}_values", nn.Parameter(
+            torch.zeros(indices.numel(), device=indices.device, dtype=dtype), requires_grad=indices.numel() > 0))
         self.register_buffer(f"diff_{name}_indices", indices.to(index_dtype(self.numel(name))))
         self.is_sparse[name] = True
 
@@ -251,16 +260,20 @@ class SelectAdapter(Adapter):
         return self.dense("bias") if "bias" in self.names else None
 
     # --- files --------------------------------------------------------------------------------------
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def export_state(self) -> dict[str, Tensor]:
+        """The file's tensors: with ``save_sparse`` each dense difference as its non-zero entries
+        (``diff_<name>_values``/``_indices``); the module's own ``state_dict`` keeps the dense form, so that
+        ``load_state_dict(state_dict())`` (torch, accelerate and Lightning checkpoints) round-trips."""
+        out = dict(self.state_dict())
         if not self.save_sparse:
-            return
+            return out
         for n in self.names:
             if not self.is_sparse[n]:
-                flat = destination.pop(prefix + f"diff_{n}").reshape(-1)
+                flat = out.pop(f"diff_{n}").reshape(-1)
                 idx = flat.nonzero().squeeze(1)
-                destination[prefix + f"diff_{n}_values"] = flat[idx]
-                destination[prefix + f"diff_{n}_indices"] = idx.to(index_dtype(self.numel(n)))
+                out[f"diff_{n}_values"] = flat[idx]
+                out[f"diff_{n}_indices"] = idx.to(index_dtype(self.numel(n)))
+        return out
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {'sparse k=' + str(getattr(self, f'diff_{n}_values').numel()) if self.is_sparse[n] else 'dense'}"
@@ -526,10 +539,18 @@ class SelectTuner(Tuner):
                 differs from the values'. Nothing is changed unless every tensor is valid.
         """
         plan: list[tuple[SelectAdapter, str, Tensor | None]] = []
+        seen: list[SelectAdapter] = []
+        densified: dict[str, Tensor] = {}
+        # a dense adapter that has trained (diff pruning restoring a snapshot) keeps its dense form; a fresh one
+        # (from_pretrained) takes the file's fixed mask
+        trained = any(not a.is_sparse[n] and bool(getattr(a, f"diff_{n}").detach().any())
+                      for _, a in self.adapters(host, adapter_name) for n in a.names)
         for name, adapter in self.adapters(host, adapter_name):
             for n in adapter.names:
                 key = f"{PREFIX}{name}.diff_{n}"
                 idx, values = tensors.get(key + "_indices"), tensors.get(key + "_values")
+                if key in tensors or idx is not None:
+                    seen.append(adapter)
                 if idx is None:
                     if key in tensors and adapter.is_sparse[n]:
                         plan.append((adapter, n, None))
@@ -540,13 +561,27 @@ class SelectTuner(Tuner):
                     raise AdapterLoadError(f"adapter {adapter_name!r}: {key}_indices/_values are not a valid sparse "
                                            f"difference of a tensor with {size:,} entries: {problem} (it needs 1-D "
                                            "integer indices in [0, size), no repeats, as many values as indices)")
+                current = getattr(adapter, f"diff_{n}_indices", None) if adapter.is_sparse[n] else None
+                if current is not None and torch.equal(current.long(), idx.long().to(current.device)):
+                    continue  # the same entries: the values are copied into the live parameter (an optimiser keeps it)
+                dense = None if adapter.is_sparse[n] else getattr(adapter, f"diff_{n}")
+                if dense is not None and dense.requires_grad and trained:
+                    # the file's entries are written into a dense tensor copied into the live one (training and its
+                    # optimiser go on as they were)
+                    densified[key] = torch.zeros(size, dtype=values.dtype).index_add_(
+                        0, idx.long().cpu(), values.cpu()).view(adapter.shapes[n])
+                    continue
                 plan.append((adapter, n, idx.long()))
         for adapter, n, idx in plan:
             if idx is None:
                 adapter.set_dense(n)
             else:
                 adapter.set_sparse(n, idx.to(adapter._device()))
+        for adapter in seen:  # its entries come from the file: nothing left to choose from data
             adapter.prepared = True
+        for key, value in densified.items():
+            del tensors[key + "_indices"], tensors[key + "_values"]
+            tensors[key] = value
 
 
 class FisherMaskTuner(SelectTuner):
