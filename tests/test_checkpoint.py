@@ -192,6 +192,39 @@ def test_a_run_that_creates_its_folder_locks_it_at_once(tiny_model_dir, tmp_path
     assert seen == ["locked"]
 
 
+@pytest.mark.parametrize("locks", [True, False])
+def test_a_folder_another_run_made_after_the_checks_is_not_taken_over(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                     locks):
+    """A run whose folder did not exist at its checks found it made (and locked) by another run once it had loaded
+    its model, set that run's files aside and trained into the folder: it now refuses, and a folder made meanwhile
+    but not locked is checked again (not empty: refused without --overwrite)."""
+    import os
+
+    from peftkit.train import run as run_module
+    from peftkit.train.checks import hold_lock
+
+    out, held, adapt = tmp_path / "run", [], run_module._adapt
+
+    def adapt_while_another_run_starts(*args, **kwargs):
+        model = adapt(*args, **kwargs)
+        out.mkdir()
+        if locks:
+            held.append(hold_lock(out))
+        (out / "run_config.json").write_text('{"who": "the other run"}')
+        return model
+
+    monkeypatch.setattr(run_module, "_adapt", adapt_while_another_run_starts)
+    try:
+        assert main(["train", "--model", tiny_model_dir, "--max-steps", "1", "--batch-size", "4", "--max-train-samples",
+                     "8", "--max-eval-samples", "8", "--no-progress", "--output-dir", str(out)]) == 2
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert ("being trained by another process" if locks else "is not empty") in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]
+    assert (out / "run_config.json").read_text() == '{"who": "the other run"}'
+
+
 def test_cli_resume_refuses_other_options(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "50", "--method", "ia3",
                  "--output-dir", str(tmp_path / "elsewhere")]) == 2

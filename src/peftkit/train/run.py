@@ -433,6 +433,7 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo, lock: 
     out_dir = Path(cfg.output_dir or D.broadcast(f"runs/{cfg.label()}-{cfg.task if not cfg.train_file else 'file'}-"
                                                  f"{time.strftime('%Y%m%d-%H%M%S')}"))
     checkpoint = None
+    existed_at_check = out_dir.is_dir()
     if resume:
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is None:
@@ -471,14 +472,24 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo, lock: 
                       count_loss_items=job.count_loss_items)
     handler = aside = None
     done = False
-    if info.is_main:  # every check has passed: now the folder is written
-        if not out_dir.is_dir():  # a new folder: locked as soon as it exists
+    problem, existed = None, False
+    if info.is_main:  # the folder is locked before anything is written there, also one made since the checks
+        try:
+            existed = out_dir.is_dir()
             out_dir.mkdir(parents=True, exist_ok=True)
+            lock.folder = lock.folder or out_dir  # (a default run folder is named only now)
             lock.take()
-        elif not resume:
+            if not resume and not existed_at_check and existed:  # another run made it meanwhile
+                problem = output_dir_problem(out_dir, overwrite)
+        except ConfigError as err:
+            problem = str(err)
+    problem = D.broadcast(problem)
+    if problem:
+        raise ConfigError(problem)
+    if info.is_main:  # every check has passed: now the folder is written
+        if not resume and existed:
             # an earlier run (--overwrite) is moved aside, and put back should this run fail
             aside = set_aside_run_files(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         handler = _file_log(out_dir)
         _write_json(out_dir / "run_config.json", {**dataclasses.asdict(cfg), **job.config_extra})
     try:
