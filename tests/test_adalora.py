@@ -401,3 +401,14 @@ def test_a_second_allocation_call_for_one_step_is_ignored_with_a_warning():
         opt.zero_grad()
     kept = [sum(m) for m in ours.peft_config["default"].rank_pattern.values()]
     assert sum(kept) == 2 * len(kept)  # target_r=2 per layer on average, not every triplet dropped
+
+
+def test_a_refused_allocation_can_be_made_again():
+    """The no-gradient refusal recorded the step first: the corrected call was then ignored as a repeat."""
+    _, ours = _pair(8)
+    with pytest.raises(RuntimeError, match="has no gradients at step 1"):
+        ours.peft_step_end(1)
+    x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
+    ours(input_ids=x, labels=labels).loss.backward()
+    ours.peft_step_end(1)  # no "already allocated" warning: the importance is taken now
+    assert all(a.importance for a in AdaLoraTuner.adapters(ours.base_model, "default").values())

@@ -538,3 +538,24 @@ def test_a_parallel_adapter_beside_a_sub_layer_that_changes_shape_is_refused():
     pooled = get_peft_model(model, ParallelConfig(target_modules=r".*\.pooler", reduction_factor=4))
     with pytest.raises(ValueError, match=r"sub-layer's output has shape \(3, 16\)"):
         pooled(input_ids=ids())
+
+
+def test_a_saved_random_adapterdrop_adapter_that_could_drop_every_block_still_loads_for_inference(tmp_path):
+    """Such adapters were accepted before that check; inference never drops, so loading one for it works."""
+    import json
+
+    from peftkit import PeftModel
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), AdapterDropConfig(adapterdrop_layers=1, adapterdrop_mode="random"))
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "adapterdrop_layers": 2}))
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, model.eval()(input_ids=x).logits)
+    with pytest.raises(ConfigError, match="lets a step drop the adapters of every block"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)

@@ -64,8 +64,12 @@ def test_cells_short_of_seeds_show_their_count_and_mark_averages_over_them(tmp_p
     records.append({"method": "lora", "task": "rte", "seed": 1, "error": "boom"})
     text = write_report(records, tmp_path).read_text()
     assert "| full | 65.0 ± 7.1 | 65.0 |" in text
-    assert "| lora | 75.0 (n=1) | 75.0* |" in text
-    assert "(n=k): only k of the 2 seeds of that cell finished; * an average over such cells." in text
+    assert "| lora | 75.0 (n=1 of 2) | 75.0* |" in text
+    assert "(n=k of N): only k of that cell's N seeds finished; * an average over such cells." in text
+    # a seed not run yet anywhere: every cell is short of it (the count was taken from the finished cells)
+    pending = [*records, *({"method": m, "task": "rte", "seed": 2, "error": "not run"} for m in ("full", "lora"))]
+    text = write_report(pending, tmp_path).read_text()
+    assert "| full | 65.0 ± 7.1 (n=2 of 3) | 65.0* |" in text
 
 
 def test_bad_sweeps():

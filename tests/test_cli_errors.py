@@ -358,10 +358,14 @@ def test_a_run_into_its_base_model_folder_is_refused(tiny_model_dir, tmp_path, c
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     before = sorted(os.listdir(model))
-    for out in (model, model / "runs" / "a", tmp_path):
+    for out in (model, tmp_path):
         line = error_line(capsys, "train", "--model", model, "--output-dir", out, "--overwrite", "--max-steps", "1")
         assert "the base model's folder" in line and "Give a folder outside it" in line
     assert sorted(os.listdir(model)) == before
+    from peftkit.train.run import RunConfig, _model_dir_overlap
+
+    # a sub-folder is not read when the model loads: allowed
+    assert _model_dir_overlap(model / "runs" / "a", RunConfig(model=str(model))) is None
 
 
 @pytest.mark.parametrize("variable, value, message", [
@@ -380,3 +384,13 @@ def test_accelerate_settings_peftkit_does_not_read_are_refused(variable, value, 
     args = cli_module.build_parser().parse_args(["train", "--output-dir", str(tmp_path / "run")])
     args.argv = ["train", "--output-dir", str(tmp_path / "run")]
     assert cli_module.train_config(args).method == "lora"
+
+
+def test_accelerate_settings_are_refused_on_resume_too(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--resume went around the check: a bf16 launch trained float32, silently."""
+    assert cli_module.main(["train", "--model", tiny_model_dir, "--max-steps", "1", "--batch-size", "4",
+                            "--max-train-samples", "8", "--max-eval-samples", "8", "--no-progress",
+                            "--output-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert "accelerate launch --mixed_precision bf16" in error_line(capsys, "train", "--resume", tmp_path / "run")

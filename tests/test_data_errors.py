@@ -338,3 +338,14 @@ def test_a_causal_lm_text_column_is_read_or_refused(tmp_path):
     text.write_text("one\n\ntwo\n")
     with pytest.raises(DataError, match=r"--text-column 'body' names a field of JSONL/CSV/TSV rows, but .* plain text"):
         _read_lm_records(str(text), "body", column_given=True)
+
+
+def test_a_causal_lm_run_with_a_text_column_is_evaluated_on_other_files(tmp_path):
+    """The run's --text-column was applied strictly to an --eval-file given to eval, which has no such option: a
+    plain-text or prompt/response file was refused."""
+    from peftkit.train.run import RunConfig, _lm_records
+
+    text = tmp_path / "dev.txt"
+    text.write_text("one two\n\nthree four\n")
+    cfg = RunConfig(task="causal-lm", text_column="body", eval_file=str(text))
+    assert _lm_records(cfg, train_too=False)[1] == ["one two", "three four"]

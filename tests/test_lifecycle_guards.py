@@ -457,3 +457,20 @@ def test_an_input_scale_merges_under_a_serial_adapter_that_reads_only_the_output
                                          r"which transforms the layer's input, while 'l' stays unmerged") as err:
         composed.merge_adapter(["default"])
     assert "#" not in str(err.value)
+
+
+@pytest.mark.parametrize("order", [["i", "h"], ["h", "i"]])
+def test_an_input_scale_merges_under_a_serial_adapter_in_either_order(order):
+    """With the serial adapter first in the active list the same exact merge was refused, advising to merge the
+    serial adapter, which cannot be merged."""
+    from tests.conftest import ids, tiny_llama
+
+    model = get_peft_model(tiny_llama(), peftkit.IA3Config(init_ia3_weights=False), adapter_name="i")
+    model.add_adapter("h", peftkit.PfeifferConfig(reduction_factor=4))
+    model.set_adapter(order)
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        model.merge_adapter(["i"])
+        assert (model(input_ids=x).logits - expected).abs().max() <= 1e-5

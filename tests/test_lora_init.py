@@ -259,3 +259,14 @@ def test_a_principal_adapter_next_to_another_warns_that_it_changes_its_outputs(i
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init))
+
+
+def test_the_principal_adapter_warning_names_composed_adapters_not_their_parts():
+    import peftkit
+    from tests.conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), [LoraConfig(r=2, target_modules=["q_proj"]),
+                                          peftkit.IA3Config(target_modules=["down_proj"], feedforward_modules=[])])
+    with pytest.warns(UserWarning, match=r"other adapter\(s\) \['default'\] also run on") as caught:
+        model.add_adapter("p", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights="pissa"))
+    assert not any("#" in str(w.message) for w in caught)

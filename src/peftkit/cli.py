@@ -362,6 +362,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues {args.resume} with the options it was started with; "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)} cannot be given with it "
                               "(only --device and --no-progress can)")
+        if any(os.environ.get(v) for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_MIXED_PRECISION")):
+            from peftkit.train.run import read_run_config
+
+            _check_accelerate_env(read_run_config(Path(args.resume))[0].fsdp)
         if main_rank:
             print(f"peftkit train: resuming {args.resume}", flush=True)
         return _summary(resume_run(args.resume, progress=not args.no_progress, device=args.device), main_rank)
@@ -387,6 +391,24 @@ def _given_options(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv))) - {"command"}
 
 
+def _check_accelerate_env(fsdp: bool) -> None:
+    """Refuse the choices ``accelerate launch`` passes to its workers in the environment, which peftkit does not
+    read: a user who asked it for FSDP got full replicas, one who asked for bf16 got float32, silently.
+
+    Raises:
+        ConfigError: ``ACCELERATE_USE_FSDP`` true without ``--fsdp`` (``fsdp``), or ``ACCELERATE_MIXED_PRECISION``
+            other than ``no``.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("true", "1", "yes") and not fsdp:
+        raise ConfigError("accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true) is not read by peftkit train, which "
+                          "would train full replicas: pass --fsdp to peftkit train instead (torch's FSDP, sharded by "
+                          "the model's blocks) and launch without --use_fsdp")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if precision not in ("", "no"):
+        raise ConfigError(f"accelerate launch --mixed_precision {precision} (ACCELERATE_MIXED_PRECISION) is not read "
+                          "by peftkit train, which trains in the model's own dtype: launch with --mixed_precision no")
+
+
 def train_config(args: argparse.Namespace) -> Any:
     """The :class:`~peftkit.train.RunConfig` of parsed ``peftkit train`` options (not ``--resume``), after every
     check that needs no model or data: conflicting or ineffective options, the method and its options
@@ -404,16 +426,7 @@ def train_config(args: argparse.Namespace) -> Any:
                           "--task out (or give --task causal-lm for a causal-LM file)")
     if args.float_embeddings and not args.quantize:
         raise ConfigError("--float-embeddings only applies with --quantize (it keeps the embeddings float32)")
-    # accelerate launch passes its choices to the workers in the environment, which peftkit does not read: a user
-    # who asked it for FSDP got full replicas, one who asked for bf16 got float32, silently
-    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("true", "1", "yes") and not args.fsdp:
-        raise ConfigError("accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true) is not read by peftkit train, which "
-                          "would train full replicas: pass --fsdp to peftkit train instead (torch's FSDP, sharded by "
-                          "the model's blocks) and launch without --use_fsdp")
-    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
-    if precision not in ("", "no"):
-        raise ConfigError(f"accelerate launch --mixed_precision {precision} (ACCELERATE_MIXED_PRECISION) is not read "
-                          "by peftkit train, which trains in the model's own dtype: launch with --mixed_precision no")
+    _check_accelerate_env(args.fsdp)
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         raise ConfigError("--fsdp shards the model over several processes, and this run would have one (nothing ran); "
                           "start it with torchrun --nproc-per-node N or accelerate launch, or leave --fsdp out")

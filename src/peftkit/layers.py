@@ -500,10 +500,14 @@ class AdaptedLayer(nn.Module):
                         f"change the input {rest[0]!r} sees; {advice}")
             for n in live[:i]:  # (an unmerged input transform still scales the input the merged weight sees)
                 if (n not in merging and not self.adapters[n].transforms_input
-                        and not (_additive(self.adapters[n]) and _additive(self.adapters[m]))):
+                        and not (_additive(self.adapters[n]) and _additive(self.adapters[m]))
+                        # an input transform under an adapter that reads only the output commutes with it
+                        and not (self.adapters[m].transforms_input and not self.adapters[n].reads_input)):
+                    advice = (f"merge {n!r} too" if self.adapters[n].mergeable else
+                              f"keep {m!r} unmerged ({n!r} cannot be merged)")
                     return (f"merging {m!r} while {n!r}, which the forward applies before it, stays unmerged would "
                             f"change the outputs ({type(self.adapters[n]).__name__} and "
-                            f"{type(self.adapters[m]).__name__} do not commute); merge {n!r} too")
+                            f"{type(self.adapters[m]).__name__} do not commute); {advice}")
         return None
 
     @torch.no_grad()

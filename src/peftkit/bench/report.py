@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -103,27 +103,29 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
     head = "| method | " + " | ".join(f"{t} ({METRIC_LABEL.get(s['metric_of'].get(t, ''), '?')})" for t in s["tasks"])
     lines += ["## Quality (dev set, x100, mean ± std over seeds)", "", head + " | average |",
               "|---|" + "---:|" * (len(s["tasks"]) + 1)]
-    seeds = max((c["n"] for c in s["cells"].values()), default=0)  # the seeds a complete cell has
-    short = False  # a cell with fewer seeds than that (failed or not run yet): its spread is over fewer, or none
+    # the seeds each cell has in the sweep (finished, failed or not run yet): a cell short of them (some failed or
+    # have not run) shows its count, and its spread is over fewer seeds, or none
+    expected = Counter((r["method"], r["task"]) for r in records)
+    short = False
     for m in s["methods"]:
         row = []
         for t in s["tasks"]:
             c = s["cells"].get((m, t))
             if c is not None:
                 text = f"{c['mean']:.1f} ± {c['std']:.1f}" if c["n"] > 1 else f"{c['mean']:.1f}"
-                if c["n"] < seeds:
-                    text += f" (n={c['n']})"
+                if c["n"] < expected[(m, t)]:
+                    text += f" (n={c['n']} of {expected[(m, t)]})"
                     short = True
                 row.append(text)
             else:
                 failed = any(r["method"] == m and r["task"] == t for r in s["failures"])
                 row.append("failed" if failed else "not run yet")
         avg = s["per_method"].get(m, {}).get("average")
-        partial = any(s["cells"][(m, t)]["n"] < seeds for t in s["tasks"] if (m, t) in s["cells"])
+        partial = any(s["cells"][(m, t)]["n"] < expected[(m, t)] for t in s["tasks"] if (m, t) in s["cells"])
         avg_text = "" if avg is None else f"{avg:.1f}" + ("*" if partial else "")
         lines.append(f"| {m} | " + " | ".join(row) + f" | {avg_text} |")
     if short:
-        lines += ["", f"(n=k): only k of the {seeds} seeds of that cell finished; * an average over such cells."]
+        lines += ["", "(n=k of N): only k of that cell's N seeds finished; * an average over such cells."]
     lines += ["", "## Cost", "", "| method | trainable params | % of model | train step (ms, median) | "
               "peak memory (MiB) | saved size | parameters saved |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m, c in s["per_method"].items():

@@ -336,7 +336,6 @@ class AdaLoraTuner(WrapTuner):
         check(not merged, f"AdaLoRA adapter {adapter_name!r} is merged (into {merged[0]!r}{' and others' if merged[1:] else ''})"
                           ": unmerge it (unmerge_adapter()) before update_and_allocate / peft_step_end, whose masks "
                           "change the weights that unmerging subtracts" if merged else "")
-        config = host.peft_config[adapter_name]
         adapters = self.adapters(host, adapter_name)
         if adapters and all(getattr(a, "last_step", None) == step for a in adapters.values()):
             # a second call for one step (PeftTrainer's own plus a ported peft callback) would allocate again on
@@ -345,8 +344,13 @@ class AdaLoraTuner(WrapTuner):
                           "(PeftTrainer and peftkit's Trainer call update_and_allocate after every optimiser step: "
                           "drop a callback that calls it too)", UserWarning, stacklevel=3)
             return
-        for a in adapters.values():
+        self._allocate(host, adapter_name, step)
+        for a in adapters.values():  # (only once it went through: a refused call may be made again)
             a.last_step = step
+
+    def _allocate(self, host: AdapterModel, adapter_name: str, step: int) -> None:
+        config = host.peft_config[adapter_name]
+        adapters = self.adapters(host, adapter_name)
         end = config.total_step - config.tfinal
         if step > end:
             for a in adapters.values():

@@ -335,7 +335,8 @@ class BottleneckTuner(WrapTuner):
                   f"adapterdrop_layers={config.adapterdrop_layers} drops the adapters of the first blocks, but no block "
                   f"index was found in the targets ({names[:3]}...); set layers_pattern to the name that precedes the "
                   "block index (e.g. 'layers', 'h', 'block')")
-        if config.adapterdrop_mode == "random" and config.adapterdrop_layers:
+        # (dropping happens in training only: an adapter loaded for inference never drops, whatever it says)
+        if config.adapterdrop_mode == "random" and config.adapterdrop_layers and not config.inference_mode:
             last = max(b for b in (_block(n, config) for n in names) if b is not None)
             check(config.adapterdrop_layers <= last,
                   f"adapterdrop_layers={config.adapterdrop_layers} lets a step drop the adapters of every block (the "

@@ -524,7 +524,7 @@ class LoraTuner(WrapTuner):
             return
         if not changes_base(config.init_lora_weights):
             return
-        others = [n for n in host.peft_config if n != adapter_name]
+        others = [n for n in host.public_names() if n != host.owner(adapter_name)]
         if others:  # peft does the same silently
             warnings.warn(f"init_lora_weights={config.init_lora_weights!r} leaves only the residual of the top-r part in "
                           f"the base weights of the layers it adapts, which the model's other adapter(s) {others} also "

@@ -414,15 +414,15 @@ def _run_lock(cfg: RunConfig, info: D.DistInfo) -> Iterator[_FolderLock]:
 
 
 def _model_dir_overlap(out_dir: Path, cfg: RunConfig) -> str | None:
-    """Why ``out_dir`` cannot take the run because it is, holds or lies in the base model's folder (the adapter
-    files written there make transformers load that folder as an adapter from then on), or None."""
+    """Why ``out_dir`` cannot take the run because it is or holds the base model's folder (the adapter files
+    written there make transformers load that folder as an adapter from then on), or None."""
     try:
         model = Path(resolve_model_dir(cfg.model, cfg.task)).resolve()
     except (ConfigError, OSError, ValueError):
         return None  # an unknown model is named by its own check
     out = out_dir.resolve()
-    if out == model or model in out.parents or out in model.parents:
-        return (f"--output-dir {str(out_dir)!r} {'is' if out == model else 'overlaps'} the base model's folder "
+    if out == model or out in model.parents:  # (a sub-folder is not read when the model is loaded)
+        return (f"--output-dir {str(out_dir)!r} {'is' if out == model else 'holds'} the base model's folder "
                 f"{str(model)!r}; the run's adapter files there would change that model folder. Give a folder outside it")
     return None
 
@@ -564,12 +564,14 @@ def _lm_records(cfg: RunConfig, train_too: bool = True) -> tuple[list[Any], list
         DataError: see :func:`_read_lm_records`; a file with no record (named).
     """
     trec = shipped_data_dir() / "TREC"
+    # --text-column is what the training rows train on (refused where they lack it); an evaluation file is read
+    # with it where its rows have it, as plain text or prompt/response rows otherwise (eval has no such option)
     text_key, given = cfg.text_column or "text", cfg.text_column is not None
     if cfg.eval_file and not train_too:
-        return [], _read_lm_records(cfg.eval_file, text_key, given)
+        return [], _read_lm_records(cfg.eval_file, text_key)
     train = _read_lm_records(cfg.train_file or str(trec / "train.jsonl"), text_key, given)
     if cfg.eval_file or not cfg.train_file:
-        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"), text_key, given)
+        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"), text_key, given and not cfg.eval_file)
     else:
         cut = max(1, len(train) // 10)
         train, dev = train[:-cut], train[-cut:]
