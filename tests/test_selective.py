@@ -325,3 +325,49 @@ def test_diff_pruning_keeps_the_dense_form_in_module_state_dicts_and_float64():
     double = get_peft_model(tiny_bert_classifier().double(), CONFIGS["fish"]())
     double.peft_prepare(iter([batch(seed=s) for s in range(6)]))
     assert {p.dtype for p in double.parameters() if p.requires_grad} == {torch.float64}
+
+
+def test_a_diff_pruning_step_while_merged_is_refused_before_any_change():
+    """The projection changed the difference after it was merged, and unmerging then subtracted the new one."""
+    from peftkit import ConfigError
+
+    base, model = trained("diff-pruning", steps=2)
+    model.merge_adapter()
+    with pytest.raises(ConfigError, match=r"is merged .*unmerge it \(unmerge_adapter\(\)\) before peft_step_end"):
+        model.peft_step_end(3)
+    model.unmerge_adapter()
+    x = batch()["input_ids"]
+    with torch.no_grad(), model.disable_adapter():
+        assert (model(input_ids=x).logits - base.eval()(input_ids=x).logits).abs().max() <= 1e-5
+
+
+def test_selective_targets_are_checked_as_the_wrapping_methods_check_them():
+    """A bad regex was a bare re.error naming no field; a list entry naming no module passed silently."""
+    import warnings
+
+    from peftkit import ConfigError
+    from peftkit.targeting import UnmatchedTargetWarning
+
+    with pytest.raises(ConfigError, match=r"target_modules='\(query' is read as a regular expression"):
+        BitFitConfig(target_modules="(query")
+    with pytest.raises(ConfigError, match=r"exclude_modules='\[layer' is read as a regular expression"):
+        FishMaskConfig(exclude_modules="[layer")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(tiny_bert_classifier(), BitFitConfig(target_modules=["query", "valeu"]))
+    assert any(isinstance(w.message, UnmatchedTargetWarning) and "['valeu']" in str(w.message) for w in caught)
+
+
+def test_two_data_driven_adapters_prepare_on_the_same_batches():
+    """They shared one iterator: the second found it used up ("no training example") or got other rows."""
+    from peftkit.methods.selective import SelectTuner
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert_classifier(), FishMaskConfig(keep_ratio=0.02, num_fisher_samples=4,
+                                                                   target_modules=["query"]), adapter_name="f")
+    model.add_adapter("c", ChildTuningConfig(reserve_p=0.02, num_fisher_samples=4, target_modules=["query"]))
+    model.set_adapter(["f", "c"])
+    model.peft_prepare(iter([batch(rows=4, seed=s) for s in range(1)]))  # one batch of 4 rows: enough for each
+    picks = [sorted((n, tuple(a.diff_weight_indices.tolist())) for n, a in SelectTuner.adapters(model.base_model, name))
+             for name in ("f", "c")]
+    assert picks[0] == picks[1]  # same data, same Fisher information, same ratio: the same entries

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from peftkit.config import check
+from peftkit.config import ConfigError, check
 from peftkit.host import TASK_HEADS
 from peftkit.layers import AdaptedLayer, Adapter, replace_module
 from peftkit.targeting import UnmatchedTargetWarning, find_targets, hidden_targets, pattern_key
@@ -25,6 +25,20 @@ from peftkit.targeting import UnmatchedTargetWarning, find_targets, hidden_targe
 if TYPE_CHECKING:
     from peftkit.config import PeftConfig
     from peftkit.host import AdapterModel
+
+
+def check_unmerged(host: AdapterModel, adapter_name: str, what: str) -> None:
+    """Refuse a step that changes adapter ``adapter_name``'s weights while it is merged into a layer (unmerging
+    would then subtract another change than the one merged, and the base weights would drift).
+
+    Raises:
+        ConfigError: the adapter is merged (naming the first layer and ``what`` would change it).
+    """
+    merged = [n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.merged_adapters]
+    if merged:
+        raise ConfigError(f"adapter {adapter_name!r} is merged (into {merged[0]!r}{' and others' if merged[1:] else ''})"
+                          f": unmerge it (unmerge_adapter()) before {what}, which changes the weights that unmerging "
+                          "subtracts")
 
 
 class Tuner:

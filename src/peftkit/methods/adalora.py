@@ -43,7 +43,7 @@ from peftkit.methods import _reparam as rp
 from peftkit.methods.lora import LoraTuner
 from peftkit.ops import Dropout
 from peftkit.targeting import ADALORA_TARGET_DEFAULTS
-from peftkit.tuners import WrapTuner
+from peftkit.tuners import WrapTuner, check_unmerged
 
 if TYPE_CHECKING:
     from peftkit.host import AdapterModel
@@ -332,10 +332,7 @@ class AdaLoraTuner(WrapTuner):
             RuntimeError: a step that updates the importance finds no gradient on the adapter (nothing changes).
             ConfigError: the adapter is merged into a layer (nothing changes).
         """
-        merged = [n for n, w in host.wrappers() if isinstance(w, AdaptedLayer) and adapter_name in w.merged_adapters]
-        check(not merged, f"AdaLoRA adapter {adapter_name!r} is merged (into {merged[0]!r}{' and others' if merged[1:] else ''})"
-                          ": unmerge it (unmerge_adapter()) before update_and_allocate / peft_step_end, whose masks "
-                          "change the weights that unmerging subtracts" if merged else "")
+        check_unmerged(host, adapter_name, "update_and_allocate / peft_step_end (AdaLoRA's rank masks)")
         adapters = self.adapters(host, adapter_name)
         if adapters and all(getattr(a, "last_step", None) == step for a in adapters.values()):
             # a second call for one step (PeftTrainer's own plus a ported peft callback) would allocate again on

@@ -34,6 +34,7 @@ from peftkit.methods.selective import (
     check_fraction,
     global_topk,
 )
+from peftkit.tuners import check_unmerged
 
 DIFF_PRUNING_PAPER = ("Parameter-Efficient Transfer Learning with Diff Pruning "
                       "(Guo et al., 2020, arXiv:2012.07463)")
@@ -83,7 +84,12 @@ class DiffPruningTuner(SelectTuner):
         budget(1 - config.target_sparsity, total, f"target_sparsity={config.target_sparsity!r}")
 
     def on_step_end(self, host: Any, adapter_name: str, step: int) -> None:
-        """Project the dense differences onto the ``k`` largest magnitudes (the rest become 0)."""
+        """Project the dense differences onto the ``k`` largest magnitudes (the rest become 0).
+
+        Raises:
+            ConfigError: the adapter is merged (the projection would change what unmerging subtracts).
+        """
+        check_unmerged(host, adapter_name, "peft_step_end (diff pruning's projection)")
         params = [getattr(a, f"diff_{n}") for _, a in self.adapters(host, adapter_name) for n in a.names
                   if not a.is_sparse[n]]
         if not params:

@@ -29,6 +29,7 @@ before training (FISH, Child-Tuning-D: :meth:`peftkit.PeftModel.peft_prepare`).
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from peftkit.formats.hf_peft import PREFIX, AdapterLoadError
 from peftkit.layers import AdaptedLayer, Adapter, replace_module, wide
 from peftkit.targeting import (
     ALL_LINEAR,
+    UnmatchedTargetWarning,
     bypassed_modules,
     iter_logical_modules,
     layer_index,
@@ -92,6 +94,12 @@ class SelectiveConfig(PeftConfig):
             check(value is None or isinstance(value, str) or (isinstance(value, list) and value
                                                               and all(isinstance(v, str) for v in value)),
                   f"{field_name}={value!r} is not valid; give a list of module names/suffixes, a regex, or None")
+            if isinstance(value, str) and value.lower() != ALL_LINEAR:
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ConfigError(f"{field_name}={value!r} is read as a regular expression, and it is not a valid "
+                                      f"one ({err}); give a valid regex or a list of module names/suffixes") from None
         if self.layers_to_transform is not None:
             layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
             check(isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
@@ -339,6 +347,13 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
                  "it has no 'weight' parameter to fold the difference into"))
         seen.update(id(module._parameters[n]) for n in own)
         found.append((name, tuple(own)))
+    if isinstance(target, list):  # as the layer-wrapping methods: an entry that names no module is probably a typo
+        modules = [n for n, _ in iter_logical_modules(model) if n]
+        unmatched = [p for p in target if not any(n == p or n.endswith("." + p) for n in modules)]
+        if unmatched:
+            warnings.warn(UnmatchedTargetWarning(
+                f"{method}: target_modules entries {unmatched} match no module of the model (a typo?); the other "
+                f"entries selected {len(found)} module(s)"), stacklevel=3)
     if bypassed and found:
         warnings.warn(f"{method}: {len(bypassed)} module(s) left out ({', '.join(bypassed[:3])}"
                       f"{', ...' if len(bypassed) > 3 else ''}): their parent reads their weights directly "
