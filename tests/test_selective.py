@@ -371,3 +371,17 @@ def test_two_data_driven_adapters_prepare_on_the_same_batches():
     picks = [sorted((n, tuple(a.diff_weight_indices.tolist())) for n, a in SelectTuner.adapters(model.base_model, name))
              for name in ("f", "c")]
     assert picks[0] == picks[1]  # same data, same Fisher information, same ratio: the same entries
+
+
+def test_a_module_another_adapter_trains_whole_is_excluded_in_the_saved_config(tmp_path):
+    """BitFit added after a LoRA adapter with modules_to_save=["classifier"] left classifier.bias out silently, and
+    its file did not load into a plain base (which selected that bias)."""
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(target_modules=["query"], modules_to_save=["classifier"]),
+                           adapter_name="b")
+    with pytest.warns(UserWarning, match=r"\['classifier'\] left out: another adapter trains it whole"):
+        model.add_adapter("a", BitFitConfig())
+    assert model.peft_config["a"].exclude_modules == ["classifier"]
+    perturb(model)
+    model.save_pretrained(tmp_path, selected_adapters=["a"])
+    loaded = PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path / "a")
+    assert loaded.peft_config["default"].exclude_modules == ["classifier"]

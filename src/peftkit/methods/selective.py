@@ -314,10 +314,16 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
     found: list[tuple[str, tuple[str, ...]]] = []
     bypassed: list[str] = []
     bypassed_ids = bypassed_modules(model)
+    mine = list(getattr(config, "modules_to_save", None) or [])
+    left_out: list[str] = []  # modules another adapter trains whole (modules_to_save): not selectable here
     for name, module in iter_logical_modules(model):
-        if not name or name in skip:
+        if not name:
             continue
         own = [n for n in names if isinstance(module._parameters.get(n), nn.Parameter)]
+        if name in skip:
+            if own and not any(name == m or name.endswith("." + m) for m in mine):
+                left_out.append(name)
+            continue
         if not own:
             continue
         if target == ALL_LINEAR:
@@ -347,6 +353,16 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
                  "it has no 'weight' parameter to fold the difference into"))
         seen.update(id(module._parameters[n]) for n in own)
         found.append((name, tuple(own)))
+    left_out = [n for n in left_out if target is None or (target == ALL_LINEAR and isinstance(
+        model.get_submodule(n), linear_types())) or (target != ALL_LINEAR and matches(n, target))]
+    if left_out and found:
+        # the config says so, so that its file loads into a model without that other adapter (it lacked them)
+        excluded = config.exclude_modules
+        config.exclude_modules = (list(excluded or []) + left_out if not isinstance(excluded, str) else
+                                  "|".join([f"(?:{excluded})", *(re.escape(n) for n in left_out)]))
+        warnings.warn(f"{method}: {left_out} left out: another adapter trains {'it' if len(left_out) == 1 else 'them'} "
+                      "whole (modules_to_save); the config's exclude_modules now names "
+                      f"{'it' if len(left_out) == 1 else 'them'}", UserWarning, stacklevel=3)
     if isinstance(target, list):  # as the layer-wrapping methods: an entry that names no module is probably a typo
         modules = [n for n, _ in iter_logical_modules(model) if n]
         unmatched = [p for p in target if not any(n == p or n.endswith("." + p) for n in modules)]
