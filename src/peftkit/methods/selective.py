@@ -6,7 +6,9 @@ difference ``delta`` for each of them, and the wrapped layer runs the untouched 
 ``W + delta`` (:meth:`Adapter.substitute_params`; ``torch.func.functional_call``, so any module
 type works: Linear, GPT-2 Conv1D, Conv, Embedding, LayerNorm, RMSNorm, ...). Hence:
 
-* ``disable_adapter()`` and ``unload()`` give the base model exactly (its tensors were never touched);
+* ``disable_adapter()`` and ``unload()`` give the base model exactly (its tensors were never touched), unless
+  the adapter was merged: unmerging subtracts the difference again, exact to float rounding (about 1e-7 in
+  float32; in a bfloat16 model ``W + delta - delta`` can round a weight by one bfloat16 step, up to ~4e-3);
 * ``merge_and_unload()`` folds ``W + delta`` into the weights (bit-identical in float32);
 * several named selective adapters (of any methods) coexist; active ones add their deltas;
 * mixed-adapter batches run each row group with its own deltas.
