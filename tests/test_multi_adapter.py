@@ -418,3 +418,31 @@ def test_an_adapter_cannot_target_inside_another_adapters_modules_to_save_copies
     two = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
     two.add_adapter("y", LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
     assert sorted(two.base_model.model.classifier.modules_to_save) == ["default", "y"]
+
+
+def test_load_adapter_under_an_existing_name_reloads_its_weights(tmp_path):
+    """As peft (and transformers' Trainer, which reloads checkpoints so): it was refused as "already exists"."""
+    from peftkit import AdapterLoadError, ConfigError, IA3Config, LoraConfig, get_peft_model
+    from tests.conftest import ids, perturb, tiny_llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    perturb(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    x = ids()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    perturb(model)
+    model.load_adapter(tmp_path / "ckpt", adapter_name="default", is_trainable=True)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, want)
+    assert all(p is params[n] for n, p in model.named_parameters() if p.requires_grad)  # the optimiser's tensors
+    other = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match="shape mismatch"):
+        other.load_adapter(tmp_path / "ckpt", adapter_name="default")
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    get_peft_model(tiny_llama(), IA3Config()).save_pretrained(tmp_path / "ia3")
+    with pytest.raises(ConfigError, match=r"is LORA and .* holds a IA3 adapter"):
+        model.load_adapter(tmp_path / "ia3", adapter_name="default")

@@ -621,9 +621,11 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      **kwargs: Any) -> None:
-        """Load another adapter folder under ``adapter_name`` (not activated; see :meth:`set_adapter`).
-        Keywords: ``config`` (instead of the folder's ``adapter_config.json``), ``subfolder``,
-        ``low_cpu_mem_usage`` and peft's loading keywords at their defaults, as for :meth:`from_pretrained`.
+        """Load another adapter folder under ``adapter_name`` (not activated; see :meth:`set_adapter`); when the
+        model already has an adapter of that name, load the folder's weights into it, as peft does (its files must
+        fit that adapter: same method, names and shapes). Keywords: ``config`` (instead of the folder's
+        ``adapter_config.json``), ``subfolder``, ``low_cpu_mem_usage`` and peft's loading keywords at their defaults,
+        as for :meth:`from_pretrained`.
 
         Raises:
             as :meth:`from_pretrained`; on error the model is left as it was.
@@ -635,6 +637,18 @@ class PeftModel(nn.Module):
         folder = _adapter_folder("load_adapter", model_id, kwargs)
         _check_device("load_adapter", self.base_model.model, kwargs)
         config, tensors = read_adapter_files(folder, config)
+        if adapter_name in self.base_model.public_names():
+            # as peft: the folder's weights go into the adapter of that name (how transformers' Trainer reloads a
+            # checkpoint, and a loop restores its best one); its files must fit it, or nothing changes
+            check(config.peft_type == self.peft_config[adapter_name].peft_type,
+                  f"adapter {adapter_name!r} is {self.peft_config[adapter_name].peft_type} and {str(folder)!r} holds a "
+                  f"{config.peft_type} adapter; load it under another adapter_name")
+            from peftkit.formats.hf_peft import load_saved_state
+
+            load_saved_state(self, tensors, adapter_name, config)
+            if not is_trainable:  # as peft
+                self.eval()
+            return
         config.inference_mode = not is_trainable
         before = set(self.base_model.public_names())
         with loading_values():
