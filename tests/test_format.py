@@ -210,3 +210,28 @@ def test_loading_a_folder_of_adapter_folders_names_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"holds the adapter folder\(s\) \['a', 'b'\].*give one of those"):
         PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path, adapter_name="a")
     PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path / "a", adapter_name="a")
+
+
+def test_the_state_dict_functions_take_pefts_arguments(tmp_path):
+    """state_dict= (FSDP/DeepSpeed saving), save_embedding_layers, ignore_mismatched_sizes, low_cpu_mem_usage and
+    key_mapping were TypeErrors; a state dict given positionally was printed whole in an unknown-name error."""
+    from peftkit import ConfigError, LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+    from peftkit import get_peft_model_state_dict as get_sd
+    from tests.conftest import perturb, tiny_llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    perturb(model)
+    own = get_sd(model)
+    doubled = {k: 2 * v for k, v in model.state_dict().items()}  # what a gather would hand over
+    taken = get_sd(model, state_dict=doubled, save_embedding_layers="auto", unwrap_compiled=True)
+    assert taken.keys() == own.keys() and all(torch.equal(taken[k], 2 * own[k]) for k in own)
+    assert get_sd(model, "default").keys() == own.keys()  # peftkit's earlier positional adapter name
+    with pytest.raises(ConfigError, match="save_embedding_layers=True is not supported"):
+        get_sd(model, save_embedding_layers=True)
+    set_peft_model_state_dict(model, own, low_cpu_mem_usage=False, ignore_mismatched_sizes=False)
+    with pytest.raises(ConfigError, match="ignore_mismatched_sizes=True is not supported"):
+        set_peft_model_state_dict(model, own, ignore_mismatched_sizes=True)
+    model.save_pretrained(tmp_path)
+    renamed = load_peft_weights(tmp_path, key_mapping={r"\.q_proj\.": ".query."})
+    assert sorted(renamed) == sorted(k.replace(".q_proj.", ".query.") for k in own)

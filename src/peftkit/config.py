@@ -54,6 +54,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is valid."""
 
 
+class AdapterNotFoundError(FileNotFoundError, ValueError):
+    """An adapter folder or its ``adapter_config.json`` is missing: a ``FileNotFoundError``, and a ``ValueError`` as
+    peft's "Can't find 'adapter_config.json'" is, so that code catching either ports."""
+
+
 def check(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:
@@ -250,7 +255,8 @@ class PeftConfig:
         """Read ``adapter_config.json`` from ``directory`` (``directory/subfolder`` when given, as peft).
 
         Raises:
-            FileNotFoundError: the folder or its ``adapter_config.json`` is missing.
+            AdapterNotFoundError: the folder or its ``adapter_config.json`` is missing (a ``FileNotFoundError`` and,
+                as peft raises, a ``ValueError``).
             NotADirectoryError: ``directory`` is a file (e.g. the adapter's weights file).
             ConfigError: the JSON is malformed or describes an invalid config.
         """
@@ -263,12 +269,12 @@ class PeftConfig:
                                      f"{CONFIG_NAME} and {WEIGHTS_NAME}"
                                      + (f" ({parent!r}?)" if os.path.isfile(os.path.join(parent, CONFIG_NAME)) else ""))
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"adapter folder {os.fspath(directory)!r} does not exist")
+            raise AdapterNotFoundError(f"adapter folder {os.fspath(directory)!r} does not exist")
         if not os.path.isfile(path):
             inside = sorted(e for e in os.listdir(directory) if os.path.isfile(os.path.join(directory, e, CONFIG_NAME)))
             hint = (f"; it holds the adapter folder(s) {inside} (save_pretrained writes adapters other than "
                     "'default' into sub-folders): give one of those" if inside else "")
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}; an adapter folder holds "
+            raise AdapterNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}; an adapter folder holds "
                                     f"{CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
         try:
             with open(path, encoding="utf-8") as fh:

@@ -85,13 +85,50 @@ def key_prefix(config: PeftConfig) -> str:
     return "base_model." if config.is_prompt_learning else PREFIX
 
 
-def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, Tensor]:
-    """The tensors of one adapter keyed as in the file (mirrors ``peft.get_peft_model_state_dict``).
+def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | str | None = None,
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: str | bool = "auto") -> dict[str, Tensor]:
+    """The tensors of one adapter keyed as in the file (``peft.get_peft_model_state_dict``'s signature).
+
+    Args:
+        state_dict: the model's full state dict to take the values from (peft's way of saving a gathered FSDP or
+            DeepSpeed model): keyed by ``model.state_dict()``'s names; None (default) reads the live tensors. A
+            string here is taken as ``adapter_name`` (peftkit's earlier positional form).
+        adapter_name: which adapter (default ``"default"``).
+        unwrap_compiled: accepted as in peft (a ``torch.compile``'d model is unwrapped either way).
+        save_embedding_layers: ``"auto"`` (default) or False; peftkit never writes whole embedding matrices.
 
     Raises:
-        ConfigError: unknown adapter name.
+        ConfigError: unknown adapter name, a name that is not a string, ``save_embedding_layers=True``, or a
+            ``state_dict`` that lacks one of the adapter's tensors.
     """
-    return _tensors(model, adapter_name, export=True)
+    from peftkit.config import ConfigError
+
+    if isinstance(state_dict, str):
+        state_dict, adapter_name = None, state_dict
+    if not isinstance(adapter_name, str):
+        raise ConfigError(f"adapter_name must be a string, got {type(adapter_name).__name__}; pass a state dict as "
+                          "state_dict= (peft's second argument)")
+    if save_embedding_layers not in ("auto", False):
+        raise ConfigError(f"save_embedding_layers={save_embedding_layers!r} is not supported: peftkit writes the "
+                          "adapter's own tensors only; use 'auto' or False")
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    out = _tensors(model, adapter_name, export=True)
+    if state_dict is None:
+        return out
+    own = _tensors(model, adapter_name, export=False)
+    if own.keys() != out.keys():
+        raise ConfigError(f"state_dict= is not supported for adapter {adapter_name!r}: its file holds another form than "
+                          "its parameters (pruned ranks, sparse differences, folded prompts); call it without state_dict")
+    names = {(t.data_ptr(), t.shape): n for n, t in model.state_dict().items() if t.numel()}
+    taken = {}
+    for key, tensor in own.items():
+        name = names.get((tensor.data_ptr(), tensor.shape))
+        if name is None or name not in state_dict:
+            raise ConfigError(f"state_dict holds no value for the adapter's {key!r} (model name {name!r}); give the "
+                              "model's own state dict (model.state_dict(), or one gathered from it)")
+        taken[key] = state_dict[name]
+    return taken
 
 
 def _tensors(model: PeftModel, adapter_name: str, export: bool) -> dict[str, Tensor]:
@@ -125,7 +162,8 @@ def _before_load(host: AdapterModel, adapter_name: str, tensors: dict[str, Tenso
         tensors.update({head + k: v for k, v in part.items()})
 
 
-def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str = "default") -> None:
+def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str = "default",
+                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False) -> None:
     """Copy file-keyed tensors into adapter ``adapter_name`` (mirrors ``peft.set_peft_model_state_dict``).
 
     Every expected tensor must be present with the right shape and no tensor may be left over; all
@@ -134,9 +172,18 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     triplets of the adapter's ``rank_pattern``, as ``get_peft_model_state_dict`` returns it) goes back into
     the full-rank training adapter: the kept triplets to their places, the others zero and masked.
 
+    ``ignore_mismatched_sizes`` (peft's) must stay False: a tensor of another shape is refused, never skipped;
+    ``low_cpu_mem_usage`` is accepted and changes nothing (the adapter exists already).
+
     Raises:
         AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
+        ConfigError: ``ignore_mismatched_sizes=True``.
     """
+    from peftkit.config import ConfigError
+
+    if ignore_mismatched_sizes:
+        raise ConfigError("ignore_mismatched_sizes=True is not supported: a tensor of another shape than the adapter's "
+                          "is refused (with the names), never skipped")
     load_saved_state(model, state_dict, adapter_name, model.peft_config[adapter_name] if adapter_name in
                      model.peft_config else None)
 
@@ -376,7 +423,7 @@ def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None =
 
 
 def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
-                      subfolder: str | None = None) -> dict[str, Tensor]:
+                      subfolder: str | None = None, key_mapping: dict[str, str] | None = None) -> dict[str, Tensor]:
     """The tensors of an adapter folder's ``adapter_model.safetensors``, keyed as in the file (peft's
     ``load_peft_weights``; a local folder only, nothing is downloaded).
 
@@ -384,10 +431,23 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
         model_id: the adapter folder.
         device: where to put the tensors (default ``"cpu"``).
         subfolder: read ``model_id/subfolder`` instead (as peft).
+        key_mapping: as peft, ``{regex: replacement}`` applied to each key (the first pattern that matches
+            renames it), for files of models whose module names changed; None (default) keeps the keys.
 
     Raises:
         FileNotFoundError: no weights file. AdapterLoadError: only a pickle checkpoint, or a corrupt file.
     """
+    if key_mapping:
+        import re
+
+        renamed = {}
+        for key, value in load_peft_weights(model_id, device, subfolder).items():
+            for pattern, replacement in key_mapping.items():
+                key, hits = re.subn(pattern, replacement, key)
+                if hits:
+                    break
+            renamed[key] = value
+        return renamed
     directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
