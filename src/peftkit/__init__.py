@@ -7,6 +7,7 @@ The public API mirrors HuggingFace PEFT so that code ports by changing the impor
 
 from peftkit._version import __version__
 from peftkit.config import (
+    AdapterNotFoundError,
     ConfigError,
     MethodSpec,
     PeftConfig,
@@ -66,6 +67,7 @@ __all__ = [
     "AdapterDropConfig",
     "AdapterFusionConfig",
     "AdapterLoadError",
+    "AdapterNotFoundError",
     "BitFitConfig",
     "BottleneckConfig",
     "ChildTuningConfig",
