@@ -127,17 +127,26 @@ def test_rank_allocation_matches_peft_step_by_step(call):
         assert torch.equal(a.lora_E[~a.rank_mask], torch.zeros_like(a.lora_E[~a.rank_mask]))
 
 
+def _allocate_steps(model, steps, after_each=None):
+    """``steps`` SGD steps of ``model`` with its rank allocation after each (then ``after_each(step)``); returns the
+    inputs used."""
+    x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for step in range(1, steps + 1):
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        model.peft_step_end(step)
+        if after_each is not None:
+            after_each(step)
+        opt.zero_grad()
+    return x
+
+
 def test_a_pruned_state_dict_goes_back_into_the_training_model_as_in_peft():
     """get_peft_model_state_dict of a pruned adapter holds the kept triplets only; setting it back (restoring a
     snapshot in a loop of one's own) was refused with a shape mismatch, where peft resizes by rank_pattern."""
     _, ours = _pair(8)
-    x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
-    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
-    for step in range(1, 6):
-        ours(input_ids=x, labels=labels).loss.backward()
-        opt.step()
-        ours.peft_step_end(step)
-        opt.zero_grad()
+    x = _allocate_steps(ours, 5)
     pattern = ours.peft_config["default"].rank_pattern
     assert any(not all(m) for m in pattern.values())
     snapshot = {k: v.clone() for k, v in peftkit.get_peft_model_state_dict(ours).items()}
@@ -390,15 +399,12 @@ def test_a_second_allocation_call_for_one_step_is_ignored_with_a_warning():
     """PeftTrainer's own call plus a ported peft callback allocated twice per step: at the final-budget step the
     second call ran on cleared importance and dropped every triplet, silently."""
     _, ours = _pair(8)
-    x, labels = ids(8, 10), torch.tensor([0, 1] * 4)
-    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
-    for step in range(1, 7):
-        ours(input_ids=x, labels=labels).loss.backward()
-        opt.step()
-        ours.peft_step_end(step)
+
+    def again(step):
         with pytest.warns(UserWarning, match=f"step {step} was already allocated; this call is ignored"):
             ours.base_model.update_and_allocate(step)
-        opt.zero_grad()
+
+    _allocate_steps(ours, 6, after_each=again)
     kept = [sum(m) for m in ours.peft_config["default"].rank_pattern.values()]
     assert sum(kept) == 2 * len(kept)  # target_r=2 per layer on average, not every triplet dropped
 
