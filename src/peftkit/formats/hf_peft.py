@@ -218,6 +218,7 @@ def _layout_snapshot(host: AdapterModel, adapter_name: str) -> Callable[[], None
         roots += [w.adapters[name] for _, w in host.wrappers() if isinstance(w, AdaptedLayer) and name in w.adapters]
         if name in host.extra_modules:
             roots.append(host.extra_modules[name])
+
     def attrs(m: nn.Module) -> dict:  # containers a hook may change in place (a dict of forms) are copied
         return {k: copy.copy(v) if isinstance(v, (dict, list, set)) and not k.startswith("_") else v
                 for k, v in m.__dict__.items()}

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
 
@@ -103,8 +103,7 @@ METHOD_STATE = "method_state.safetensors"
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: str) -> None:
-    save_file(tensors, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
 def saved_form_differs(model: PeftModel) -> bool:
