@@ -457,20 +457,20 @@ class AdaLoraTuner(WrapTuner):
         masks: dict[str, Tensor] = {}
         importance: dict[str, dict[str, dict[str, Tensor]]] = {}
         for key, value in tensors.items():
-            head, _, field = key.rpartition(".")
+            head, _, kind = key.rpartition(".")
             module, factor = head, None
-            if field in ("importance_avg", "importance_unc"):
+            if kind in ("importance_avg", "importance_unc"):
                 module, _, factor = head.rpartition(".")
             a = adapters.get(module)
             fits = a is not None and (
-                (field == "rank_mask" and value.shape == a.rank_mask.shape) or
+                (kind == "rank_mask" and value.shape == a.rank_mask.shape) or
                 (factor in ("lora_A", "lora_E", "lora_B") and value.shape == getattr(a, factor).shape))
             check(fits, f"the checkpoint's AdaLoRA state {key!r} of shape {tuple(value.shape)} does not fit adapter "
                         f"{adapter_name!r} of this model; resume with the run's own options")
-            if field == "rank_mask":
+            if kind == "rank_mask":
                 masks[module] = value.to(torch.bool)
             else:
-                importance.setdefault(module, {}).setdefault(factor, {})[field] = value
+                importance.setdefault(module, {}).setdefault(factor, {})[kind] = value
         for module, factors in importance.items():
             for factor, pair in factors.items():
                 check(len(pair) == 2, f"the checkpoint holds only {sorted(pair)} of AdaLoRA's importance of "
