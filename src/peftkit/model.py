@@ -11,6 +11,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import os
 import types
 import warnings
@@ -351,9 +352,10 @@ class PeftModel(nn.Module):
         give one pass over the training data; a method uses up to what it needs).
         :class:`peftkit.train.Trainer` calls it; methods that need nothing ignore it."""
         host = self.base_model
-        shared = _Replay(batches)  # each method sees the batches from the first (two data-driven masks share them)
-        for name in host.training_parts():
-            host.tuner(name).prepare(host, name, iter(shared))
+        parts = host.training_parts()
+        # each method sees the batches from the first (two data-driven masks share them); tee keeps what one read
+        for name, own in zip(parts, itertools.tee(batches, len(parts)) if parts else (), strict=True):
+            host.tuner(name).prepare(host, name, own)
 
     def peft_step_end(self, step: int) -> None:
         """Tell the active adapters' methods that optimiser step ``step`` (1-based) has been taken; call
@@ -907,25 +909,6 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
     if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
     return PeftModel(model, peft_config, adapter_name)
-
-
-class _Replay:
-    """An iterable over ``batches`` that every iteration reads from the start: the batches read so far are kept and
-    given again, the rest read on demand (one pass over the source at most)."""
-
-    def __init__(self, batches: Iterator[Any]) -> None:
-        self.source, self.kept = iter(batches), []
-
-    def __iter__(self) -> Iterator[Any]:
-        i = 0
-        while True:
-            if i == len(self.kept):
-                try:
-                    self.kept.append(next(self.source))
-                except StopIteration:
-                    return
-            yield self.kept[i]
-            i += 1
 
 
 class _SignedForward:
