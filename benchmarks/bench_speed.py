@@ -14,7 +14,8 @@ linears where a method has a rank:
   rounds (default three times ``--reps``);
 * merge time (``merge_adapter`` + ``unmerge_adapter``);
 * peak memory of a LoRA/DoRA training step per library, each measured in its own fresh process
-  (peak RSS on CPU cannot be reset inside a process).
+  (peak RSS on CPU cannot be reset inside a process), the median over three such processes per
+  library, run interleaved.
 
     python -m benchmarks.bench_speed [--reps 20] [--inference-reps 60] [--processes 1] [--models llama20m,minilm]
         [--json out.json]
@@ -216,13 +217,21 @@ def memory_child(lib_name: str, model_name: str, label: str) -> None:
     print(json.dumps({"peak_mib": _peak_rss_mib(), "before_mib": before}))
 
 
-def memory(model_name: str) -> dict[str, Any]:
-    out = {}
+def memory(model_name: str, children: int = 3) -> dict[str, Any]:
+    """Peak RSS (MiB) of a short training run per library and method, each the median over ``children``
+    fresh processes run interleaved (peftkit, peft, peftkit, ...). One child alone is not enough: the same
+    child measured twice here differed by up to ~40 MiB, which is the size of the gap being compared."""
+    peaks: dict[str, list[float]] = {}
     for label in ("lora_d0.0", "dora_d0.0"):
-        for lib in ("peftkit", "peft"):
-            cmd = [sys.executable, "-m", "benchmarks.bench_speed", "--memory-child", lib, model_name, label]
-            text = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip().splitlines()
-            out[f"{lib}:{label}"] = json.loads(text[-1])["peak_mib"] if text else None
+        for _ in range(children):
+            for lib in ("peftkit", "peft"):
+                cmd = [sys.executable, "-m", "benchmarks.bench_speed", "--memory-child", lib, model_name, label]
+                text = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip().splitlines()
+                peak = json.loads(text[-1])["peak_mib"] if text else None
+                if peak is not None:
+                    peaks.setdefault(f"{lib}:{label}", []).append(peak)
+    out: dict[str, Any] = {key: statistics.median(values) for key, values in peaks.items()}
+    out["children"] = children
     return out
 
 
