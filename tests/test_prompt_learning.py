@@ -407,7 +407,8 @@ def test_prefix_refuses_gradient_checkpointing_in_training():
     (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="WORDS"), "prompt_tuning_init='WORDS'"),
     (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT"), "needs prompt_tuning_init_text"),
     (lambda: PromptTuningConfig(num_virtual_tokens=2, tokenizer_kwargs={"a": 1}), "only used with"),
-    (lambda: PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2), "encoder-decoder"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=3),
+     "num_transformer_submodules=3 is not valid; use 1 "),
     (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU"), "'GRU'"),
     (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=-1), "encoder_hidden_size=-1"),
     (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_dropout=1.0), "encoder_dropout=1.0"),
@@ -423,6 +424,8 @@ def test_bad_values_raise_config_error(config, message):
     (PromptTuningConfig(num_virtual_tokens=2, token_dim=12), "token_dim=12 does not fit the model, which needs 16"),
     (PrefixTuningConfig(num_virtual_tokens=2, token_dim=16), "token_dim=16 does not fit the model, which needs 8"),
     (PrefixTuningConfig(num_virtual_tokens=2, num_layers=3), "num_layers=3 does not fit the model, which needs 2"),
+    (PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2),
+     "num_transformer_submodules=2 does not fit the model, which needs 1"),
 ])
 def test_sizes_that_do_not_fit_the_model_leave_it_unchanged(config, message):
     base = tiny_llama()

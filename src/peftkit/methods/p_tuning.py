@@ -9,7 +9,8 @@ training-time reparameterisation: :meth:`PromptEncoder.fold` replaces it by its 
 folded. Trainable parameters (``h`` = ``encoder_hidden_size``, ``n`` = ``encoder_num_layers``):
 MLP ``P*d + (d*h + h) + (h*h + h) + (h*d + d)``; LSTM ``P*d + sum over n layers of
 2 * (4h*(in + h) + 8h)`` (``in`` = ``d`` for the first layer, ``2h`` after) ``+ (2h*2h + 2h) +
-(2h*d + d)``; folded ``P*d``.
+(2h*d + d)``; folded ``P*d``. On an encoder-decoder model the table has ``S * P`` rows (``S`` =
+``num_transformer_submodules``, 2 by default, as peft) and the first ``P`` outputs go before the encoder's input.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from peftkit.methods.prompt_learning import (
     PromptTuner,
     VirtualTokens,
     settle,
+    submodules,
 )
 
 P_TUNING_PAPER = "GPT Understands, Too (Liu et al., 2021, arXiv:2103.10385)"
@@ -77,14 +79,14 @@ class PromptEncoderConfig(PromptLearningConfig):
 
 
 class PromptEncoder(VirtualTokens):
-    """P-tuning's encoder: ``embedding.weight: (P, d)`` through ``mlp_head`` (and ``lstm_head`` before it
-    for the LSTM type); ``forward() -> (P, d)``. Built folded (table only) when ``folded=True``."""
+    """P-tuning's encoder: ``embedding.weight: (S * P, d)`` through ``mlp_head`` (and ``lstm_head`` before it
+    for the LSTM type); ``forward() -> (S * P, d)``. Built folded (table only) when ``folded=True``."""
 
     head_names = ("lstm_head", "mlp_head")
 
     def __init__(self, config: PromptEncoderConfig, folded: bool = False) -> None:
         d, h = config.token_dim, config.encoder_hidden_size
-        super().__init__(config.num_virtual_tokens, d)
+        super().__init__(config.total_virtual_tokens, d)
         if folded:
             return
         self.folded = False
@@ -106,11 +108,12 @@ class PTuningTuner(PromptTuner):
     """Builds a :class:`PromptEncoder` (folded when loaded for inference) and prepends its output."""
 
     method = "P-tuning"
+    supports_encoder_decoder = True
 
     def complete_config(self, config: PromptEncoderConfig, shape: ModelShape) -> None:
         """As the base (``token_dim`` is the model's input embedding width); ``encoder_hidden_size`` defaults to
         ``token_dim``."""
-        settle(config, token_dim=shape.embed_dim, num_transformer_submodules=1,
+        settle(config, token_dim=shape.embed_dim, num_transformer_submodules=submodules(config, shape),
                num_attention_heads=shape.num_heads, num_layers=shape.num_layers)
         if config.encoder_hidden_size is None:
             config.encoder_hidden_size = config.token_dim

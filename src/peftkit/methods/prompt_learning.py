@@ -83,13 +83,16 @@ class PromptLearningConfig(PeftConfig):
         num_virtual_tokens: ``P``, the number of virtual tokens, > 0 (required).
         token_dim: width of one virtual token; None reads it from the model (its input embedding width; for prefix
             tuning the key/value width ``num_key_value_heads * head_dim``).
-        num_transformer_submodules: 1 (decoder-only and encoder-only models); None means 1.
+        num_transformer_submodules: ``S``, 1 (decoder-only and encoder-only models) or 2 (encoder-decoder
+            models, peft's ``SEQ_2_SEQ_LM`` layout); None reads it from the model (2 for an encoder-decoder).
+            The trained table has ``S * P`` rows, as peft's; only the first ``P`` are prepended (to the encoder's
+            input), as peft does with prompt tuning and P-tuning.
         num_attention_heads / num_layers: read from the model when None; written to the file for peft.
         modules_to_save: modules trained in full and saved with the adapter (``SEQ_CLS`` adds the head).
 
     Raises:
         ConfigError: a missing or non-positive ``num_virtual_tokens``, a non-positive size, or
-            ``num_transformer_submodules`` other than 1 (encoder-decoder models are not supported yet).
+            ``num_transformer_submodules`` other than 1 or 2 (2 is checked against the model at injection).
     """
 
     num_virtual_tokens: int | None = None
@@ -99,14 +102,19 @@ class PromptLearningConfig(PeftConfig):
     num_layers: int | None = None
     modules_to_save: list[str] | None = None
 
+    @property
+    def total_virtual_tokens(self) -> int:
+        """``S * P``, the rows of the trained table (``S`` = ``num_transformer_submodules``, 1 when None)."""
+        return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
+
     def validate(self) -> None:
         check(self.num_virtual_tokens is not None, "num_virtual_tokens is required: the number P of virtual "
                                                    "tokens, an integer > 0 (e.g. 20)")
         for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
             _positive_or_none(self, name, required=name == "num_virtual_tokens")
-        check(self.num_transformer_submodules in (None, 1),
-              f"num_transformer_submodules={self.num_transformer_submodules!r} is not supported; use 1 or None "
-              "(encoder-decoder models, which need 2, are not supported yet)")
+        check(self.num_transformer_submodules in (None, 1, 2),
+              f"num_transformer_submodules={self.num_transformer_submodules!r} is not valid; use 1 (decoder-only "
+              "and encoder-only models), 2 (encoder-decoder models) or None (read from the model)")
         check(self.modules_to_save is None or (isinstance(self.modules_to_save, list)
                                                and all(isinstance(m, str) for m in self.modules_to_save)),
               f"modules_to_save={self.modules_to_save!r} must be a list of module names or None")
@@ -122,20 +130,37 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     embed_dim: int  # the input embeddings' width: the hidden size, or less (ALBERT, ELECTRA-small, OPT-350m)
+    encoder_decoder: bool = False  # T5, BART, ...: the virtual tokens go before the encoder's input
 
 
-def model_shape(model: nn.Module) -> ModelShape:
+def submodules(config: Any, shape: ModelShape) -> int:
+    """The ``num_transformer_submodules`` a config gets on a model: for an encoder-decoder model the given
+    value, 2 when None (peft's ``SEQ_2_SEQ_LM`` default); else 1 (a given 2 is then refused by :func:`settle`)."""
+    given = config.num_transformer_submodules
+    return (2 if given is None else given) if shape.encoder_decoder else 1
+
+
+def model_shape(model: nn.Module, method: str | None = None) -> ModelShape:
     """Read the sizes from a transformers model's config.
 
+    Args:
+        method: the name of a method that supports encoder-decoder models (prompt tuning, P-tuning), or None
+            for one that does not (prefix tuning, LLaMA-Adapter), which refuses them.
+
     Raises:
-        ConfigError: the model has no transformers config, or it is an encoder-decoder model.
+        ConfigError: the model has no transformers config; an encoder-decoder model when ``method`` is None,
+            or one without ``get_encoder()`` / ``get_decoder()``.
     """
     cfg = getattr(model, "config", None)
     check(cfg is not None and hasattr(cfg, "get_text_config"),
           f"soft-prompt methods need a transformers model (with .config); got {type(model).__name__}")
-    check(not getattr(cfg, "is_encoder_decoder", False),
-          f"{type(model).__name__} is an encoder-decoder model; soft prompts support decoder-only and "
-          "encoder-only models for now")
+    encoder_decoder = bool(getattr(cfg, "is_encoder_decoder", False))
+    check(not encoder_decoder or method is not None,
+          f"{type(model).__name__} is an encoder-decoder model; this method supports decoder-only and "
+          "encoder-only models (prompt tuning and P-tuning also support encoder-decoder ones)")
+    check(not encoder_decoder or (hasattr(model, "get_encoder") and hasattr(model, "get_decoder")),
+          f"{type(model).__name__} is an encoder-decoder model without get_encoder()/get_decoder(); {method} "
+          "needs both to put the virtual tokens before the encoder's input")
     check(not type(model).__name__.endswith("ForMultipleChoice"),
           f"{type(model).__name__} takes (batch, choices, length) inputs; soft prompts support models whose inputs "
           "are (batch, length) for now")
@@ -147,7 +172,7 @@ def model_shape(model: nn.Module) -> ModelShape:
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     embed = int(getattr(words, "embedding_dim", None) or hidden)
-    return ModelShape(hidden, int(text.num_hidden_layers), heads, kv_heads, head_dim, embed)
+    return ModelShape(hidden, int(text.num_hidden_layers), heads, kv_heads, head_dim, embed, encoder_decoder)
 
 
 def position_table(model: nn.Module) -> tuple[int | None, int]:
@@ -265,6 +290,8 @@ class PromptTuner(Tuner):
     """
 
     inserts_embeddings = True
+    method = "soft prompt"
+    supports_encoder_decoder = False  # prompt tuning and P-tuning prepend to an encoder-decoder's encoder input
 
     def complete_config(self, config: Any, shape: ModelShape) -> None:  # pragma: no cover - abstract
         """Fill ``config``'s model-dependent sizes (``token_dim``, ``num_layers``, ...) from ``shape``, in
@@ -287,7 +314,7 @@ class PromptTuner(Tuner):
 
     def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
         model = host.model
-        shape = model_shape(model)
+        shape = model_shape(model, self.method if self.supports_encoder_decoder else None)
         positions = position_table(model)[0]
         check(positions is None or config.num_virtual_tokens < positions,
               f"num_virtual_tokens={config.num_virtual_tokens} leaves no position for the input: "
@@ -297,7 +324,8 @@ class PromptTuner(Tuner):
         weight = model.get_input_embeddings().weight
         module = self.build(config, model, shape).to(weight.device)
         host.extra_modules[adapter_name] = module
-        module.hooks = PromptHooks(host, adapter_name, self)
+        hooks = EncoderPromptHooks if shape.encoder_decoder else PromptHooks
+        module.hooks = hooks(host, adapter_name, self)
 
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
         if adapter_name in host.extra_modules:
@@ -494,6 +522,86 @@ class PromptHooks:
             kw["position_ids"] = positions
         return not past
 
+
+
+class EncoderPromptHooks:
+    """The hooks that apply one soft-prompt adapter to an encoder-decoder model (T5, BART, ...), as peft's
+    ``PeftModelForSeq2SeqLM`` does for prompt tuning and P-tuning: the first ``P`` of the ``S * P`` virtual
+    tokens go before the encoder's input embeddings, ``(B, L, d) -> (B, P + L, d)``, its mask gets ``P``
+    leading ones, and the decoder's cross-attention mask gets the same ``P`` ones; decoder inputs, labels and
+    logits are left as they are. The hooks sit on ``get_encoder()`` and ``get_decoder()``, not on the whole
+    model, so ``generate()``, which runs the encoder once by itself and then only the decoder, is covered too.
+    """
+
+    def __init__(self, host: AdapterModel, adapter_name: str, tuner: PromptTuner) -> None:
+        self.host, self.name, self.tuner = host, adapter_name, tuner
+        model = host.model
+        self.encoder, self.decoder = model.get_encoder(), model.get_decoder()
+        self.encoder_args = _positional_names(self.encoder)
+        self.decoder_args = _positional_names(self.decoder)
+        self.handles = (self.encoder.register_forward_pre_hook(self.before_encoder, with_kwargs=True),
+                        self.decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True))
+
+    remove = PromptHooks.remove
+    applies = PromptHooks.applies
+
+    def before_encoder(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """Encoder pre-hook: when :meth:`applies`, ``inputs_embeds`` with the virtual tokens in front and the
+        mask (if given) extended; else None.
+
+        Raises:
+            ValueError: as :meth:`PromptHooks.applies`; neither or both of ``input_ids`` and ``inputs_embeds``;
+                an ``attention_mask`` that is not ``(B, L)``.
+        """
+        if not self.applies():
+            return None
+        kw = _as_keywords(module, self.encoder_args, args, kwargs)
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        if (ids is None) == (embeds is None):
+            raise ValueError("a soft-prompt adapter needs exactly one of input_ids and inputs_embeds for the "
+                             f"encoder of {type(self.host.model).__name__}; got "
+                             + ("neither" if ids is None else "both"))
+        if embeds is None:
+            embeds = self.host.model.get_input_embeddings()(ids)
+        batch, length = embeds.shape[:2]
+        p = self.host.peft_config[self.name].num_virtual_tokens
+        tokens = self.host.extra_modules[self.name]()[:p].to(embeds.dtype)
+        kw["input_ids"] = None
+        kw["inputs_embeds"] = torch.cat([tokens.expand(batch, -1, -1), embeds], dim=1)
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2 or tuple(mask.shape) != (batch, length):
+                raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not fit: a soft-prompt adapter "
+                                 f"needs a 2-D mask over the encoder's real tokens, ({batch}, {length})")
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, p), mask], dim=1)
+        return (), kw
+
+    def before_decoder(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """Decoder pre-hook: when :meth:`applies` and the encoder's states are ``P`` longer than the given
+        ``encoder_attention_mask`` (they hold the virtual tokens), that mask with ``P`` leading ones; else None."""
+        if not self.applies():
+            return None
+        kw = _as_keywords(module, self.decoder_args, args, kwargs)
+        states, mask = kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask")
+        p = self.host.peft_config[self.name].num_virtual_tokens
+        if states is None or mask is None or mask.dim() != 2 or states.shape[1] != mask.shape[1] + p:
+            return None
+        kw["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
+        return (), kw
+
+
+def _positional_names(module: nn.Module) -> list[str]:
+    params = inspect.signature(module.forward).parameters
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _as_keywords(module: nn.Module, names: list[str], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments as keywords (``TypeError`` for more positional arguments than ``forward`` takes)."""
+    if len(args) > len(names):
+        raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
+    kw = dict(zip(names, args, strict=False))
+    kw.update(kwargs)
+    return kw
 
 def _pools_last_non_pad_token(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers sequence classifier that pools the last token that is not

@@ -4,7 +4,8 @@ Paper: Lester, Al-Rfou and Constant, "The Power of Scale for Parameter-Efficient
 2021, arXiv:2104.08691.
 
 Equation: ``h_0 = [E_prompt ; E x]`` with ``E_prompt: (P, d)`` trained and the whole model frozen.
-Trainable parameters: ``P * d`` (``d`` = the model's hidden size), plus any ``modules_to_save``.
+Trainable parameters: ``P * d`` (``d`` = the model's hidden size; ``2 * P * d`` on an encoder-decoder model,
+whose table has peft's two halves, the first prepended to the encoder's input), plus any ``modules_to_save``.
 How calls are rewritten (masks, positions, labels, ``generate()``): :mod:`peftkit.methods.prompt_learning`.
 """
 
@@ -25,6 +26,7 @@ from peftkit.methods.prompt_learning import (
     PromptTuner,
     VirtualTokens,
     settle,
+    submodules,
 )
 
 PROMPT_TUNING_PAPER = ("The Power of Scale for Parameter-Efficient Prompt Tuning (Lester et al., 2021, "
@@ -74,11 +76,12 @@ class PromptTuningConfig(PromptLearningConfig):
 
 
 class PromptEmbedding(VirtualTokens):
-    """Prompt tuning's table ``embedding.weight: (P, d)``; ``forward() -> (P, d)``."""
+    """Prompt tuning's table ``embedding.weight: (S * P, d)``; ``forward() -> (S * P, d)`` (``S`` =
+    ``num_transformer_submodules``: 1, or 2 on an encoder-decoder model)."""
 
 
 def _init_ids(config: PromptTuningConfig, vocab_size: int) -> torch.Tensor:
-    total = config.num_virtual_tokens
+    total = config.total_virtual_tokens
     if config.prompt_tuning_init == "SAMPLE_VOCAB":
         return torch.randint(0, vocab_size, (total,))
     from transformers import AutoTokenizer
@@ -103,13 +106,14 @@ class PromptTuningTuner(PromptTuner):
     """Builds a :class:`PromptEmbedding` and prepends it to every first call's input embeddings."""
 
     method = "prompt tuning"
+    supports_encoder_decoder = True
 
     def complete_config(self, config: PromptTuningConfig, shape: ModelShape) -> None:
-        settle(config, token_dim=shape.embed_dim, num_transformer_submodules=1,
+        settle(config, token_dim=shape.embed_dim, num_transformer_submodules=submodules(config, shape),
                num_attention_heads=shape.num_heads, num_layers=shape.num_layers)
 
     def build(self, config: PromptTuningConfig, model: nn.Module, shape: ModelShape) -> VirtualTokens:
-        """A :class:`PromptEmbedding` ``(P, hidden)``: random (``RANDOM``, or ``inference_mode``, whose values
+        """A :class:`PromptEmbedding` ``(S * P, hidden)``: random (``RANDOM``, or ``inference_mode``, whose values
         are loaded), else the model's input embeddings of ``P`` random vocabulary ids (``SAMPLE_VOCAB``) or
         of ``prompt_tuning_init_text``'s tokens repeated to length ``P`` (``TEXT``, with the tokenizer at
         ``tokenizer_name_or_path``).
@@ -117,7 +121,7 @@ class PromptTuningTuner(PromptTuner):
         Raises:
             ConfigError: the text gives no tokens.
         """
-        module = PromptEmbedding(config.num_virtual_tokens, config.token_dim)
+        module = PromptEmbedding(config.total_virtual_tokens, config.token_dim)
         # (a start the file's values replace is skipped: a trainable load needs no tokenizer)
         if config.prompt_tuning_init != "RANDOM" and not config.inference_mode and not LOADING_VALUES.get():
             words = model.get_input_embeddings()

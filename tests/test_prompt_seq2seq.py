@@ -1,0 +1,160 @@
+"""Prompt tuning and P-tuning on encoder-decoder models (tiny random T5 and BART): the virtual tokens go
+before the encoder's input as in peft's ``PeftModelForSeq2SeqLM``; files move both ways with peft; padding,
+generation, disabling and refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import peftkit
+from peftkit import ConfigError, PeftModel, get_peft_model
+from tests.conftest import perturb
+
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+MODELS = {"t5": tiny_t5, "bart": tiny_bart}
+
+
+def configs(lib, **kw):
+    return {
+        "prompt": lib.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, **kw),
+        "p-mlp": lib.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, encoder_hidden_size=8, **kw),
+        "p-lstm": lib.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2, encoder_hidden_size=6,
+                                          encoder_reparameterization_type="LSTM", **kw),
+    }
+
+
+def batch():
+    torch.manual_seed(1)
+    x = torch.randint(3, 64, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    return x, mask, torch.randint(3, 64, (2, 4))
+
+
+def greedy(model, x, mask):
+    with torch.no_grad():
+        return model.generate(input_ids=x, attention_mask=mask, max_new_tokens=4, do_sample=False)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("method", ["prompt", "p-mlp", "p-lstm"])
+def test_files_move_both_ways_with_peft_and_give_peft_outputs(arch, method, tmp_path):
+    base = MODELS[arch]()
+    x, mask, labels = batch()
+    torch.manual_seed(2)
+    ours = get_peft_model(copy.deepcopy(base), configs(peftkit)[method])
+    perturb(ours, 0.5)
+    ours.eval()
+    config = ours.peft_config["default"]
+    assert config.num_transformer_submodules == 2  # peft's SEQ_2_SEQ_LM layout: a table of 2P rows
+    theirs_fresh = peft.get_peft_model(copy.deepcopy(base), configs(peft)[method])
+    count = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    assert count == sum(p.numel() for p in theirs_fresh.parameters() if p.requires_grad)
+    with torch.no_grad():
+        out = ours(input_ids=x, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, 4, 64)  # the decoder's logits, nothing cut
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        ref = theirs(input_ids=x, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours, x, mask), greedy(theirs, x, mask))
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=x, attention_mask=mask, decoder_input_ids=labels).logits,
+                                   ours(input_ids=x, attention_mask=mask, decoder_input_ids=labels).logits,
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_padding_masks_the_encoder_and_the_cross_attention(arch):
+    """A right-padded row gives what it gives alone: the encoder's mask and the decoder's cross-attention mask
+    both cover the virtual tokens, and the padding stays masked in both. (Left padding would move the real
+    tokens away from the virtual ones, which T5's relative and BART's learned positions see, as in peft.)"""
+    model = get_peft_model(MODELS[arch](), configs(peftkit)["prompt"])
+    perturb(model, 0.5)
+    model.eval()
+    x, mask, labels = batch()
+    mask = mask.flip(1)  # row 1: 4 real tokens, then 2 of padding
+    with torch.no_grad():
+        padded = model(input_ids=x, attention_mask=mask, decoder_input_ids=labels).logits[1]
+        alone = model(input_ids=x[1:, :4], attention_mask=mask[1:, :4], decoder_input_ids=labels[1:]).logits[0]
+        states = model(input_ids=x, attention_mask=mask, decoder_input_ids=labels).encoder_last_hidden_state
+    assert states.shape == (2, 3 + 6, 16)
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+    assert torch.equal(greedy(model, x, mask)[1], greedy(model, x[1:, :4], mask[1:, :4])[0])
+
+
+def test_disabled_adapter_gives_the_base_and_only_the_prompt_learns():
+    base = tiny_t5()
+    model = get_peft_model(copy.deepcopy(base), configs(peftkit)["prompt"])
+    perturb(model, 0.5)
+    x, mask, labels = batch()
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=x, attention_mask=mask, labels=labels).logits,
+                                   base(input_ids=x, attention_mask=mask, labels=labels).logits, atol=1e-6, rtol=0)
+    model.train()
+    model(input_ids=x, attention_mask=mask, labels=labels).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {"base_model.extra_modules.default.embedding.weight"}
+    table = model.base_model.extra_modules["default"].embedding.weight
+    assert table.shape == (6, 16) and table.grad[3:].abs().sum() == 0  # peft's second half is unused
+    assert table.grad[:3].abs().sum() > 0
+
+
+def test_one_submodule_gives_a_table_of_p_rows_as_peft():
+    base = tiny_t5()
+    x, mask, labels = batch()
+    ours = get_peft_model(copy.deepcopy(base), configs(peftkit, num_transformer_submodules=1)["prompt"]).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), configs(peft, num_transformer_submodules=1)["prompt"]).eval()
+    table = ours.base_model.extra_modules["default"].embedding.weight
+    assert table.shape == (3, 16)
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(table)
+        torch.testing.assert_close(ours(input_ids=x, attention_mask=mask, labels=labels).logits,
+                                   theirs(input_ids=x, attention_mask=mask, labels=labels).logits, atol=1e-5, rtol=0)
+
+
+def test_prefix_tuning_refuses_an_encoder_decoder_model_by_name_and_leaves_it_unchanged():
+    base = tiny_t5()
+    x, mask, labels = batch()
+    with torch.no_grad():
+        before = base(input_ids=x, attention_mask=mask, labels=labels).logits
+    with pytest.raises(ConfigError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        get_peft_model(base, peftkit.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
+    assert not base._forward_pre_hooks and not base.get_encoder()._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=x, attention_mask=mask, labels=labels).logits, before)
+
+
+def test_an_encoder_mask_that_does_not_fit_is_a_clear_error():
+    model = get_peft_model(tiny_t5(), configs(peftkit)["prompt"]).eval()
+    x, mask, labels = batch()
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 5\) does not fit.*\(2, 6\)"):
+        model(input_ids=x, attention_mask=mask[:, 1:], labels=labels)
