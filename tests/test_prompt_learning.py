@@ -688,3 +688,70 @@ def test_question_answering_loss_comes_first_as_in_the_models_own_output():
         plain = model(input_ids=x, start_positions=start, end_positions=end, return_dict=False)
     assert list(out.keys()) == ["loss", "start_logits", "end_logits"]
     assert plain[0].dim() == 0 and plain[1].shape == (2, 7)
+
+
+def test_prefix_without_cache_returns_no_cache_key_and_beam_search_works():
+    """A forward with use_cache=False gives the base model's keys (no "cache" holding None, which beam search
+    would try to reorder)."""
+    model, twin = adapted("llama", "prefix")
+    x = ids(2, 5)
+    with torch.no_grad():
+        out = model(input_ids=x, use_cache=False)
+        assert list(out.keys()) == list(twin(input_ids=x, use_cache=False).keys()) == ["logits"]
+        beams = model.generate(input_ids=x, max_new_tokens=3, num_beams=2, do_sample=False, use_cache=False,
+                               pad_token_id=PAD)
+    assert beams.shape == (2, 8)
+
+
+@pytest.mark.parametrize("method", ["prompt", "p-mlp"])
+def test_one_row_of_position_ids_is_shared_by_the_batch(method):
+    model, _ = adapted("gpt2", method)
+    x = ids(2, 7)
+    with torch.no_grad():
+        shared = model(input_ids=x, position_ids=torch.arange(7)).logits
+        given = model(input_ids=x, position_ids=torch.arange(7).expand(2, -1)).logits
+        plain = model(input_ids=x).logits
+    assert torch.equal(shared, given) and torch.allclose(shared, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    lambda: PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+    lambda: PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8),
+])
+def test_loading_values_into_a_training_reparameterisation_warns_that_it_folds(config):
+    from peftkit import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model = get_peft_model(tiny_llama(), config())
+    before = model.get_nb_trainable_parameters()[0]
+    with pytest.warns(UserWarning, match=r"replaced its reparameterisation \((mlp_head|transform)\).* build it again"):
+        set_peft_model_state_dict(model, get_peft_model_state_dict(model))
+    table = model.base_model.extra_modules["default"].embedding.weight
+    assert table.shape[0] == 3 and model.get_nb_trainable_parameters()[0] == table.numel() < before
+
+
+def test_a_trainable_load_folds_without_a_warning(tmp_path):
+    import warnings
+
+    get_peft_model(tiny_llama(), PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8)).save_pretrained(
+        tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+
+
+def test_a_refused_adapter_leaves_the_callers_config_as_it_was(tmp_path):
+    config = PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
+                                tokenizer_name_or_path=str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="gives no tokenizer"):
+        get_peft_model(tiny_llama(), config)
+    assert (config.token_dim, config.num_layers, config.num_attention_heads, config.num_transformer_submodules) == (
+        None, None, None, None)
+
+
+def test_a_task_type_changed_after_the_config_was_built_is_checked_when_the_adapter_is_added():
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    config.task_type = "causal_lm"
+    base = tiny_llama()
+    with pytest.raises(ConfigError, match="task_type='causal_lm' is not valid"):
+        get_peft_model(base, config)
+    assert not base._forward_pre_hooks

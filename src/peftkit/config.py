@@ -174,13 +174,23 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a path given for a folder field (tokenizer, base model) is its str
+            if f.name.endswith("_name_or_path") and isinstance(getattr(self, f.name), os.PathLike):
+                setattr(self, f.name, os.fspath(getattr(self, f.name)))
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Check every field: ``task_type``, the field types, ``modules_to_save`` and the method's
+        :meth:`validate`. Run when the config is built and again when an adapter is added from it (its
+        fields may have been changed since).
+
+        Raises:
+            ConfigError: the first value that is not valid, named with what would be.
+        """
         if self.task_type is not None:
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
             check(self.task_type in TASK_TYPES,
                   f"task_type={self.task_type!r} is not valid; expected one of {TASK_TYPES} or None")
-        for f in dataclasses.fields(self):  # a path given for a folder field (tokenizer, base model) is its str
-            if f.name.endswith("_name_or_path") and isinstance(getattr(self, f.name), os.PathLike):
-                setattr(self, f.name, os.fspath(getattr(self, f.name)))
         check_fields(self)
         saved = getattr(self, "modules_to_save", None)
         if isinstance(saved, (list, tuple, set)):

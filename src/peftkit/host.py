@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import ConfigError, PeftConfig, check, check_fields, get_method
+from peftkit.config import ConfigError, PeftConfig, check, get_method
 from peftkit.layers import BASE_ROWS, AdaptedLayer, AdapterContext, ModulesToSaveWrapper, replace_module
 from peftkit.targeting import default_target_modules
 
@@ -214,8 +214,7 @@ class AdapterModel(nn.Module):
             raise ConfigError(f"adapter {adapter_name!r} already exists; existing: {list(self.peft_config)}")
         if not isinstance(config, PeftConfig):
             raise ConfigError(f"expected a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
-        check_fields(config)  # again: fields may have been changed since the config was built
-        config.validate()
+        config.check_values()  # again: fields may have been changed since the config was built
         spec = get_method(config.peft_type)
         filled = self._fill_targets(config)
         before = set(self.peft_config)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -320,9 +321,15 @@ class PromptTuner(Tuner):
               f"num_virtual_tokens={config.num_virtual_tokens} leaves no position for the input: "
               f"{type(model).__name__} has {positions} learned positions and the virtual tokens take one each; "
               f"use fewer than {positions} (an input then has up to {positions} - num_virtual_tokens tokens)")
-        self.complete_config(config, shape)
-        weight = model.get_input_embeddings().weight
-        module = self.build(config, model, shape).to(weight.device)
+        before = dict(config.__dict__)
+        try:
+            self.complete_config(config, shape)
+            weight = model.get_input_embeddings().weight
+            module = self.build(config, model, shape).to(weight.device)
+        except BaseException:  # the sizes read from the model are not left in the caller's config
+            config.__dict__.update(before)
+            raise
+        module.built_for_load = LOADING_VALUES.get()  # its first load folds it silently: that is how files load
         host.extra_modules[adapter_name] = module
         hooks = EncoderPromptHooks if shape.encoder_decoder else PromptHooks
         module.hooks = hooks(host, adapter_name, self)
@@ -335,7 +342,18 @@ class PromptTuner(Tuner):
         return {"prompt_embeddings": host.extra_modules[adapter_name].saved()}
 
     def before_load(self, host: AdapterModel, adapter_name: str, tensors: dict[str, Tensor]) -> None:
-        host.extra_modules[adapter_name].fold()
+        """Fold the adapter (files hold the tokens only); warn when it was training its reparameterisation, not
+        built to take a file's values: from then on the table trains directly, without the heads."""
+        module = host.extra_modules[adapter_name]
+        if not module.folded and not getattr(module, "built_for_load", False):
+            warnings.warn(f"loading values into {self.method} adapter {adapter_name!r} replaced its reparameterisation "
+                          f"({', '.join(n for n in module.head_names if getattr(module, n, None) is not None)}) by "
+                          "the loaded tokens, since files hold only the tokens (as peft's); from now on the table of "
+                          "tokens trains directly, and an optimizer built before still holds the removed parameters: "
+                          "build it again. To resume training with the reparameterisation, restore a training "
+                          "checkpoint (peftkit train --resume) instead", stacklevel=4)
+        module.built_for_load = False
+        module.fold()
 
 
 class PromptCall:
@@ -513,6 +531,8 @@ class PromptHooks:
         kw["attention_mask"] = torch.cat([mask.new_ones(batch, p), mask], dim=1)
         if self.takes_positions:
             positions = kw.get("position_ids")
+            if positions is not None and positions.dim() == 1:  # one row of positions for the whole batch
+                positions = positions.unsqueeze(0).expand(batch, -1)
             if positions is None:  # as transformers' generate() computes them (from the model's first position)
                 positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:] + self.offset
             positions = positions + p
@@ -668,7 +688,9 @@ def _finisher(call: PromptCall, drop_cache: bool, as_tuple: bool = False) -> Cal
                                   call.spans["end_positions"])
                 output = type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
         if drop_cache and getattr(output, "cache", None) is not None:
-            output["cache"] = None  # item assignment: a ModelOutput ignores attribute assignment of None
+            # rebuilt without it, as the model's own output is: a "cache" key holding None makes beam search try to
+            # reorder it (and a ModelOutput allows neither deleting a key nor setting one to None as an attribute)
+            output = type(output)(**{k: v for k, v in output.items() if k != "cache"})
         if as_tuple and hasattr(output, "to_tuple"):  # what return_dict=False gives: the fields that are set
             return tuple(v for v in output.values() if v is not None)
         return output
