@@ -446,3 +446,76 @@ def test_load_adapter_under_an_existing_name_reloads_its_weights(tmp_path):
     get_peft_model(tiny_llama(), IA3Config()).save_pretrained(tmp_path / "ia3")
     with pytest.raises(ConfigError, match=r"is LORA and .* holds a IA3 adapter"):
         model.load_adapter(tmp_path / "ia3", adapter_name="default")
+
+
+def _llama_with(config, *names):
+    from tests.conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), config, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config)
+    return model
+
+
+def test_one_config_object_for_two_adapters_keeps_their_trainability_apart():
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    model = _llama_with(config, "a", "b")
+    assert model.peft_config["a"] is config and model.peft_config["b"] is not config
+    model.set_adapter("a")
+    model.set_requires_grad("b", requires_grad=False)
+    assert not model.peft_config["a"].inference_mode and model.peft_config["b"].inference_mode
+    per_layer = (16 * 2 + 2 * 16) + (16 * 2 + 2 * 8)  # r=2 on q_proj (16 -> 16) and v_proj (16 -> 8)
+    assert model.get_nb_trainable_parameters()[0] == 2 * per_layer  # a's only, in 2 layers
+
+
+def test_two_active_adapters_that_each_train_the_head_are_refused_as_in_peft():
+    from tests.conftest import tiny_llama
+
+    def classifier():
+        from transformers import LlamaForSequenceClassification
+
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(tiny_llama().config)
+
+    model = get_peft_model(classifier(), LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    with pytest.raises(peftkit.ConfigError, match=r"adapters \['a', 'b'\] each train their own copy of 'score'"):
+        model.set_adapter(["a", "b"])
+    assert model.active_adapters == ["a"]
+    model.set_adapter("b")
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["b"].weight.add_(1.0)
+        x = ids(2, 5)
+        running = model(input_ids=x).logits
+        merged = copy.deepcopy(model).merge_and_unload(adapter_names=["a", "b"])(input_ids=x).logits
+    # the active adapter's head is the one kept, whatever the order of the names
+    torch.testing.assert_close(merged, running, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["load_adapter", "set_peft_model_state_dict"])
+def test_loading_values_into_a_merged_adapter_merges_the_new_values(how, tmp_path):
+    from tests.conftest import tiny_llama
+
+    base = tiny_llama()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "a")
+    nudge(model, "a", 1)
+    model.save_pretrained(tmp_path)
+    saved_state = {k: v.clone() for k, v in peftkit.get_peft_model_state_dict(model, adapter_name="a").items()}
+    x = ids(2, 5)
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    nudge(model, "a", 2)
+    model.merge_adapter()
+    if how == "load_adapter":
+        model.load_adapter(tmp_path / "a", "a")
+    else:
+        peftkit.set_peft_model_state_dict(model, saved_state, adapter_name="a")
+    assert model.base_model.merged_adapters() == ["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-5, rtol=0)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-5, rtol=0)
+    plain = model.unload()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(value, original[key], atol=1e-6, rtol=0)

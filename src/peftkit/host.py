@@ -7,6 +7,7 @@ wraps it with HF PEFT's public API.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import numbers
 import warnings
@@ -215,6 +216,10 @@ class AdapterModel(nn.Module):
         if not isinstance(config, PeftConfig):
             raise ConfigError(f"expected a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
         config.check_values()  # again: fields may have been changed since the config was built
+        if any(c is config for c in self.peft_config.values()):
+            # one config object for two adapters (get_peft_model(m, c, "a"); add_adapter("b", c)): the second gets
+            # a copy, since per-adapter state lives in it (inference_mode: set_requires_grad, set_adapter)
+            config = copy.deepcopy(config)
         spec = get_method(config.peft_type)
         filled = self._fill_targets(config)
         before = set(self.peft_config)
@@ -364,8 +369,8 @@ class AdapterModel(nn.Module):
 
         Raises:
             ConfigError: an unknown or repeated name, more than one soft-prompt adapter (counting the parts
-                of composed adapters), or a fusion with one of the adapters it fuses; the active adapters stay as
-                they were.
+                of composed adapters), a fusion with one of the adapters it fuses, or two adapters with their own
+                copies of one module (``modules_to_save``, as peft refuses); the active adapters stay as they were.
         """
         names = self.name_list(adapter_names)
         self.check_known(names)
@@ -378,6 +383,11 @@ class AdapterModel(nn.Module):
         if len(prompts) > 1:
             raise ConfigError(f"adapters {list(dict.fromkeys(prompts))} are soft-prompt adapters; activate at most one "
                               "of them at a time (stacking soft prompts is not supported)")
+        for module_name, w in self.wrappers():  # as peft: one trained copy of a module runs at a time
+            copies = [n for n in names if isinstance(w, ModulesToSaveWrapper) and n in w.modules_to_save]
+            check(len(copies) <= 1,
+                  f"adapters {copies} each train their own copy of {module_name!r} (modules_to_save), and only one "
+                  "copy can run: activate one of them, or add the others without that module in modules_to_save")
         merged = self.merged_adapters()
         if merged and names != self.active_adapters:
             warnings.warn(f"adapter(s) {merged} are merged; unmerging them before switching to {names} (as peft "
@@ -533,7 +543,8 @@ class AdapterModel(nn.Module):
     def unload(self, merge: bool = False, adapter_names: Sequence[str] | None = None,
                safe_merge: bool = False) -> nn.Module:
         """Return the bare model: wrappers replaced by their base modules (merged first if ``merge``);
-        ``modules_to_save`` become the active adapter's trained copy when merging, else the original.
+        ``modules_to_save`` become, when merging, the trained copy of a merged adapter (an active one's first,
+        then the first named in ``adapter_names``), else the original.
         When merging, exactly ``adapter_names`` (default: the active adapters) end up in the weights: an
         adapter merged earlier (``merge_adapter``) but not named is taken out again. Without merging,
         base parameters an adapter trained or loaded (e.g. ``bias="all"``) get their own values back;
@@ -560,7 +571,8 @@ class AdapterModel(nn.Module):
             self.unmerge()
         for name in list(self.peft_config):  # while the layers still hold their adapters (gates find their hooks)
             self.tuner(name).remove(self, name)
-        keep = names  # the adapters merged in: their trained copies (modules_to_save) stay
+        # the adapters merged in keep their trained copies (modules_to_save): an active one's first, as peft
+        keep = [n for n in self.active_adapters if n in names] + [n for n in names if n not in self.active_adapters]
         # innermost first: a wrapper inside a wrapped sub-layer (LoRA on the dense layer inside a parallel
         # adapter's attention.output) is addressed through the outer wrapper, which must still be there
         for name, w in reversed(list(self.wrappers())):

@@ -200,11 +200,25 @@ class PeftModel(nn.Module):
 
     # --- merging ------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters (default: active) into the base weights; outputs are unchanged to float tolerance."""
+        """Fold adapters into the base weights (``W <- W + delta``), keeping their layers for :meth:`unmerge_adapter`.
+
+        Args:
+            adapter_names: the adapters to fold in (default: the active ones). With the default the outputs are
+                unchanged to float tolerance; an inactive adapter named here is folded in beside the active
+                ones, which keep running, so it then adds to the outputs (peft instead stops the active ones).
+            safe_merge: first compute every merged weight and refuse (nothing merged) if one is not finite.
+
+        Raises:
+            ConfigError: an unknown adapter name. ValueError: a method that cannot merge (soft prompts, MoE-LoRA,
+            fusion), a merge that could not be undone (a zero (IA)^3/SSF scale), or with ``safe_merge`` a merged
+            weight that is not finite; all checked before any layer changes.
+        """
         self.base_model.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        """Undo :meth:`merge_adapter`."""
+        """Undo :meth:`merge_adapter`: every merged adapter's delta is taken out of the base weights again
+        (``W <- W - delta``; in float32 the base comes back to ~1e-6, an (IA)^3/SSF scale is divided out); the
+        adapters stay and run unmerged. Nothing happens when none is merged."""
         self.base_model.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,

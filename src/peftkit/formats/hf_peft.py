@@ -191,11 +191,20 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
 def load_saved_state(model: PeftModel, state_dict: dict[str, Tensor], adapter_name: str, saved: PeftConfig | None
                      ) -> None:
     """:func:`set_peft_model_state_dict` for tensors saved with config ``saved`` (a file's own, whose
-    ``rank_pattern`` may differ from the model's)."""
+    ``rank_pattern`` may differ from the model's). A merged adapter is unmerged for the load and merged again
+    with its new values."""
     host = model.base_model
     host.check_known([adapter_name])
     # the before-load hooks switch adapters to the file's layout (a folded prompt encoder, sparse differences);
     # should the file then not fit, that is undone: nothing changes when loading is refused
+    merged = host.merged_adapters()
+    touched = [adapter_name, *(other for _, other in host.tuner(adapter_name).bundled(host, adapter_name))]
+    if any(name in host.parts(merged) for name in touched):
+        # the base weights hold the old values' delta: take it out first and fold the new values in after, or
+        # the merged outputs would stay stale and a later unmerge would take out a delta never put in
+        host.unmerge()
+    else:
+        merged = []
     undo = _layout_snapshot(host, adapter_name)
     try:
         _before_load(host, adapter_name, state_dict)
@@ -203,6 +212,9 @@ def load_saved_state(model: PeftModel, state_dict: dict[str, Tensor], adapter_na
     except AdapterLoadError:
         undo()
         raise
+    finally:
+        if merged:
+            host.merge(merged)
 
 
 def _layout_snapshot(host: AdapterModel, adapter_name: str) -> Callable[[], None]:
