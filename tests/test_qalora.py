@@ -133,3 +133,27 @@ def test_on_an_nf4_base_the_warning_says_only_int_bases_fold():
     with pytest.warns(UserWarning, match=r"could not be folded into the quantised zero points: only int4/int8 bases "
                                          r"fold, and an nf4 base"):
         merge_and_unload_quantized(model)
+
+
+def test_a_group_of_constant_weights_is_merged_in_float_not_folded_into_an_infinite_zero_point():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, :8] = 0  # a pruned group: its scale is ~0
+    quantize_base(model, "int4", group_size=8)
+    peft_model = qalora(model)
+    perturb(peft_model, 2.0)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():  # a delta over ~4 on that group overflows float32 at a scale of 1.2e-38
+        layer.adapters["default"].lora_B.weight.mul_(10)
+    x = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        expected = peft_model(input_ids=x).logits
+    with pytest.raises(ValueError, match="zero point would not be finite"):
+        layer.base_layer.fold_group_delta(layer.adapters["default"].group_delta(layer) * 1e3)
+    with pytest.warns(UserWarning, match="constant weights"):
+        merged = merge_and_unload_quantized(peft_model, safe_merge=True)
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear  # merged in float
+    assert isinstance(merged.model.layers[1].self_attn.q_proj, QuantLinear)  # folded
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, expected, atol=1e-4, rtol=0)

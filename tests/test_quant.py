@@ -411,3 +411,52 @@ def test_a_failed_move_leaves_the_quantised_storage_in_place():
     with pytest.raises(RuntimeError, match="no such device"):
         model._apply(boom)
     assert list(model.state_dict()) == keys and torch.equal(model(x), before)
+
+
+def test_gpt2_conv1d_layers_come_back_as_conv1d_so_a_merged_export_loads_in_transformers(tmp_path):
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from peftkit.quant import dequantize_base
+
+    model = quantize_base(tiny_gpt2(), "nf4")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                  init_lora_weights=False))
+    x = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        expected = peft_model(input_ids=x).logits
+    # under adapters a dequantised layer stays linear (the adapters' layout)
+    live = dequantize_base(copy.deepcopy(peft_model))
+    assert isinstance(live.base_model.model.transformer.h[0].attn.c_attn.base_layer, nn.Linear)
+    merged = dequantize_base(peft_model.merge_and_unload())
+    block = merged.transformer.h[0]
+    assert all(type(m) is Conv1D for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj))
+    merged.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["unload", "delete_adapter"])
+def test_a_pissa_start_quantised_after_gives_the_original_back_up_to_one_rounding(how):
+    """PiSSA on the float model, then quantize_base on the PeftModel: removing the adapter puts the principal
+    part back into the (quantised again) base, not into a decoded copy that is thrown away."""
+    original = tiny_llama()
+    x = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        reference = original(input_ids=x).logits
+    rounding = (quantize_base(copy.deepcopy(original), "int8")(input_ids=x).logits - reference).abs().max()
+    model = get_peft_model(copy.deepcopy(original), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights="pissa"))
+    quantize_base(model, "int8")
+    with torch.no_grad():
+        if how == "unload":
+            plain = model.unload()
+        else:
+            model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+            model.delete_adapter("default")
+            plain = model
+        assert isinstance(plain.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+                          if how != "unload" else plain.model.layers[0].self_attn.q_proj, QuantLinear)
+        drift = (plain(input_ids=x).logits - reference).abs().max()
+    assert drift < 4 * rounding + 1e-3, (drift, rounding)

@@ -292,11 +292,25 @@ class LoraLinear(Adapter):
     @torch.no_grad()
     def restore_base(self, layer: AdaptedLayer) -> None:
         """PiSSA/OLoRA: add ``scaling * B0 A0`` (the initial factors) back, so the base weight is the
-        user's original again (to float tolerance)."""
+        user's original again (to float tolerance). A base quantised after the start (``quantize_base`` on the
+        PeftModel) decodes its weight afresh on each read, so it is quantised again from the restored weight (the
+        user's original up to one rounding)."""
         if self.mutates_base and hasattr(self, "initial_A"):
             delta = (self.initial_B.float() @ self.initial_A.float()) * self.scaling
+            delta = delta.T if self.transposed else delta
+            base = layer.base_layer
+            if hasattr(base, "quantized_state"):
+                from peftkit.quant.layer import QuantLinear
+
+                restored = QuantLinear.quantize((base.weight.float() + delta).to(base.compute_dtype), base.bias,
+                                                base.fmt)
+                restored.conv1d = base.conv1d
+                if base.merged_weight is not None:  # other adapters merged into this layer stay merged
+                    restored.merged_weight = (base.merged_weight.float() + delta).to(base.merged_weight.dtype)
+                layer.base_layer = restored
+                return
             weight = layer.weight
-            weight.copy_((weight.float() + (delta.T if self.transposed else delta)).to(weight.dtype))
+            weight.copy_((weight.float() + delta).to(weight.dtype))
 
     @staticmethod
     def mixed_forward(layer: AdaptedLayer, x: Tensor, y: Tensor, parts: list[tuple[LoraLinear, Tensor]],

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from peftkit.config import check, get_method
@@ -124,15 +125,29 @@ def quantize_base(model: nn.Module, method: str = "nf4", *, block_size: int = 64
     return model
 
 
-def _dequantized(module: QuantWeight, requantize: bool = False) -> nn.Module:
+def _dequantized(module: QuantWeight, requantize: bool = False, linear: bool = False) -> nn.Module:
     """A float ``nn.Linear``/``nn.Embedding`` holding ``module``'s current weight (merged copy or
-    dequantised codes), or with ``requantize`` a new quantised layer made from that weight."""
+    dequantised codes), or with ``requantize`` a new quantised layer made from that weight. A layer that was
+    a GPT-2 ``Conv1D`` becomes one again (weight ``(in, out)``), unless ``linear`` (adapters wrap it as a linear)."""
     weight = module.weight
     if isinstance(module, QuantLinear):
         if requantize:
-            return QuantLinear.quantize(weight, module.bias, module.fmt)
-        plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                     device=weight.device, dtype=module.compute_dtype)
+            layer = QuantLinear.quantize(weight, module.bias, module.fmt)
+            layer.conv1d = module.conv1d
+            return layer
+        if module.conv1d and not linear:
+            from transformers.pytorch_utils import Conv1D
+
+            plain: nn.Module = Conv1D(module.out_features, module.in_features).to(weight.device, module.compute_dtype)
+            plain.weight.data.copy_(weight.T)
+            if module.bias is not None:
+                plain.bias = module.bias
+            else:
+                plain.bias = None
+            plain.requires_grad_(False)
+            return plain
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=weight.device, dtype=module.compute_dtype)
         if module.bias is not None:
             plain.bias = module.bias
     else:
@@ -146,11 +161,13 @@ def _dequantized(module: QuantWeight, requantize: bool = False) -> nn.Module:
 def dequantize_base(model: nn.Module) -> nn.Module:
     """Replace every quantised layer by a frozen float ``nn.Linear``/``nn.Embedding`` holding its current
     weight (the merged copy when adapters are merged into it, else the dequantised codes), in place;
-    returns ``model``."""
+    returns ``model``. A layer that was a GPT-2 ``Conv1D`` becomes a ``Conv1D`` again (so that a model saved
+    after ``merge_and_unload`` loads in transformers), except under adapters, which wrap it as a linear."""
     root = getattr(model, "get_base_model", lambda: model)()
+    wrapped = {id(m.base_layer) for m in root.modules() if isinstance(m, AdaptedLayer)}
     for name, module in list(_base_modules(root)):
         if isinstance(module, QuantWeight):
-            replace_module(root, name, _dequantized(module))
+            replace_module(root, name, _dequantized(module, linear=id(module) in wrapped))
     return model
 
 
@@ -256,7 +273,8 @@ def merge_and_unload_quantized(model: PeftModel, requantize: bool = False,
     if unfolded:
         shown = ", ".join(n for n, _ in unfolded[:3]) + (", ..." if len(unfolded) > 3 else "")
         why = ("their quantisation group does not divide qalora_group_size (quantise with quantize_base(..., "
-               "group_size=qalora_group_size))" if all(affine for _, affine in unfolded) else
+               "group_size=qalora_group_size)), or a group of constant weights (scale ~0) would take an infinite "
+               "zero point" if all(affine for _, affine in unfolded) else
                "only int4/int8 bases fold, and an nf4 base or a quantisation group that does not divide "
                "qalora_group_size cannot (quantise with quantize_base(..., 'int4', group_size=qalora_group_size))")
         warnings.warn(f"{len(unfolded)} QA-LoRA layer(s) ({shown}) could not be folded into the quantised zero points: "
@@ -274,5 +292,8 @@ def _can_fold(layer: AdaptedLayer, adapter: Adapter) -> bool:
     base = layer.base_layer
     if not hasattr(adapter, "group_delta") or not isinstance(base.fmt, AffineFormat):
         return False
-    adapter_group = base.in_features // adapter.group_delta(layer).shape[1]
-    return adapter_group % base.fmt.group(base.in_features) == 0
+    delta = adapter.group_delta(layer)
+    if (base.in_features // delta.shape[1]) % base.fmt.group(base.in_features):
+        return False
+    with torch.no_grad():  # a group of constant weights (scale ~0) would take an infinite zero point
+        return bool(torch.isfinite(base.folded_zero_points(delta)).all())

@@ -151,7 +151,11 @@ class QuantLinear(QuantWeight, nn.Linear):
 
     Shapes: ``x: (..., in_features) -> (..., out_features)``, like ``nn.Linear``.
     Buffers: the format's (e.g. ``nf4_data``: uint8 ``(out*in/2,)``); ``merged_weight`` while merged.
+    Attributes: ``conv1d``: the layer was a GPT-2 ``Conv1D`` (dequantising gives one back, so that a saved
+    model loads in transformers).
     """
+
+    conv1d = False
 
     def __init__(self, shape: tuple[int, int], state: dict[str, Tensor], bias: nn.Parameter | None,
                  fmt: QuantFormat, compute_dtype: torch.dtype = torch.float32) -> None:
@@ -169,7 +173,9 @@ class QuantLinear(QuantWeight, nn.Linear):
     def from_module(cls, module: nn.Module, fmt: QuantFormat) -> QuantLinear:
         """Quantise an ``nn.Linear`` or GPT-2 ``Conv1D`` (weight ``(in, out)``, transposed here)."""
         weight = module.weight.detach()
-        return cls.quantize(weight if isinstance(module, nn.Linear) else weight.T, module.bias, fmt)
+        layer = cls.quantize(weight if isinstance(module, nn.Linear) else weight.T, module.bias, fmt)
+        layer.conv1d = not isinstance(module, nn.Linear)
+        return layer
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -178,12 +184,9 @@ class QuantLinear(QuantWeight, nn.Linear):
         y = _DequantLinear.apply(x, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def fold_group_delta(self, delta: Tensor) -> None:
-        """Add a weight change that is constant over input groups to the zero points, in place.
-
-        ``delta: (out_features, groups)`` where column ``g`` applies to input columns
-        ``[g * in/groups, (g + 1) * in/groups)``; the codes and scales stay as they are (QA-LoRA's merge
-        in the quantised domain). Only for affine formats whose group divides ``in/groups``.
+    def folded_zero_points(self, delta: Tensor) -> Tensor:
+        """The zero points with ``delta: (out_features, groups)`` folded in (see :meth:`fold_group_delta`), not
+        stored. Not finite where a quantisation group's scale is ~0 (a group of constant weights).
 
         Raises:
             ValueError: the format or the group sizes do not allow it.
@@ -196,7 +199,24 @@ class QuantLinear(QuantWeight, nn.Linear):
             raise ValueError(f"adapter group of {a_group} columns is not a multiple of the quantisation "
                              f"group_size={q_group}")
         idx = torch.arange(self.qzero.shape[1], device=delta.device) * q_group // a_group
-        self.qzero.sub_(delta[:, idx].to(self.qzero) / self.qscale)
+        return self.qzero - delta[:, idx].to(self.qzero) / self.qscale
+
+    def fold_group_delta(self, delta: Tensor) -> None:
+        """Add a weight change that is constant over input groups to the zero points, in place.
+
+        ``delta: (out_features, groups)`` where column ``g`` applies to input columns
+        ``[g * in/groups, (g + 1) * in/groups)``; the codes and scales stay as they are (QA-LoRA's merge
+        in the quantised domain). Only for affine formats whose group divides ``in/groups``.
+
+        Raises:
+            ValueError: the format or the group sizes do not allow it, or a zero point would not be finite (a
+                group of constant weights, whose scale is ~0); nothing changes then.
+        """
+        zero = self.folded_zero_points(delta)
+        if not bool(torch.isfinite(zero).all()):
+            raise ValueError("the group delta cannot be folded into the zero points: a quantisation group of constant "
+                             "weights has a scale of ~0, so its zero point would not be finite; merge in float")
+        self.qzero.copy_(zero)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant={self.fmt}"

@@ -259,6 +259,7 @@ def apply_pending(model: nn.Module, adapter_name: str) -> None:
                 continue
             quantized = QuantLinear(tuple(result.dequantized.shape), result.state, base.bias, result.fmt,
                                     base.weight.dtype)
+            quantized.conv1d = not isinstance(base, nn.Linear)
         layer.base_layer = quantized
         adapter.transposed = False
 
