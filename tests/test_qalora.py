@@ -93,6 +93,9 @@ def test_save_and_load_round_trip(tmp_path):
     (dict(target_modules=["q_proj"], qalora_group_size=0), "qalora_group_size=0 is not valid"),
     (dict(target_modules=["q_proj"], lora_bias=True), "does not support lora_bias"),
     (dict(target_modules=["q_proj"], init_lora_weights="loftq"), "cannot start from init_lora_weights='loftq'"),
+    (dict(target_modules=["q_proj"], init_lora_weights="pissa"),
+     "use_qalora=True cannot be combined with init_lora_weights='pissa'"),
+    (dict(target_modules=["q_proj"], use_dora=True), "use_qalora=True cannot be combined with use_dora=True"),
 ])
 def test_bad_values_raise_config_error(kwargs, message):
     model = tiny_llama()

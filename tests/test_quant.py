@@ -246,6 +246,7 @@ def test_layers_that_cannot_be_blocked_stay_float_with_a_warning():
     (dict(method="nf4", block_size=7), "block_size=7 is not valid"),
     (dict(method="nf4", scaler_block_size=0), "scaler_block_size=0 is not valid"),
     (dict(method="int4", group_size=0), "group_size=0 is not valid"),
+    (dict(method="int8", group_size=1), "group_size=1 is not valid; expected an integer >= 2"),
     (dict(method="int4", group_size=True), "group_size=True is not valid"),  # bool: failed later in torchao
     (dict(method="nf4", scaler_block_size=True), "scaler_block_size=True is not valid"),
     (dict(method="int8", symmetric="yes"), "symmetric=.yes. is not valid; expected True or False"),
@@ -460,3 +461,23 @@ def test_a_pissa_start_quantised_after_gives_the_original_back_up_to_one_roundin
                           if how != "unload" else plain.model.layers[0].self_attn.q_proj, QuantLinear)
         drift = (plain(input_ids=x).logits - reference).abs().max()
     assert drift < 4 * rounding + 1e-3, (drift, rounding)
+
+
+@pytest.mark.parametrize("target", [None, "all-linear", ["q_proj"]])
+def test_diff_pruning_on_a_bias_free_quantised_layer_is_refused_as_on_one_with_a_bias(target):
+    from peftkit import DiffPruningConfig
+
+    model = quantize_base(tiny_llama(), "int8")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="a quantised layer holds its weight as integer codes"):
+        get_peft_model(model, DiffPruningConfig(target_modules=target))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_state_dict_taken_while_merged_loads_into_an_unmerged_model():
+    model = get_peft_model(quantize_base(tiny_llama(), "nf4"), LoraConfig(r=2, target_modules=["q_proj"]))
+    twin = copy.deepcopy(model)
+    model.merge_adapter()
+    state = model.state_dict()
+    assert not any(k.endswith("merged_weight") for k in state)
+    twin.load_state_dict(state)  # strict

@@ -150,10 +150,12 @@ class LoraConfig(PeftConfig):
         from peftkit.quant.loftq import validate_lora_options
 
         validate_lora_options(self)
-        special = self.use_qalora or self.init_lora_weights == "loftq"
-        check(not (special and (self.use_dora or changes_base(self.init_lora_weights))),
-              f"use_qalora={self.use_qalora} / init_lora_weights={self.init_lora_weights!r} cannot be combined "
-              f"with use_dora={self.use_dora} or a PiSSA/OLoRA start")
+        special = "use_qalora=True" if self.use_qalora else "init_lora_weights='loftq'"
+        if self.use_qalora or self.init_lora_weights == "loftq":
+            check(not self.use_dora, f"{special} cannot be combined with use_dora=True; use one of them")
+            check(not changes_base(self.init_lora_weights),
+                  f"{special} cannot be combined with init_lora_weights={self.init_lora_weights!r} (a PiSSA/OLoRA "
+                  "start); use the default start")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The ``(r, lora_alpha)`` that apply to ``module_name`` after the patterns."""

@@ -326,7 +326,9 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
             if own and not any(name == m or name.endswith("." + m) for m in mine):
                 left_out.append(name)
             continue
-        if not own:
+        # a quantised layer's weight is not a Parameter: it must still be refused, not skipped, when wanted
+        codes = hasattr(module, "quantized_numel") and "weight" in names
+        if not own and not codes:
             continue
         if target == ALL_LINEAR:
             hit = isinstance(module, linear_types()) and module is not output_layer
@@ -344,7 +346,7 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
             bypassed.append(name)
             continue
         own = [n for n in own if id(module._parameters[n]) not in seen]
-        if not own:
+        if not own and not codes:
             continue
         quantised = hasattr(module, "quantized_numel")
         # a bias alone (BitFit) is a float parameter also on a quantised layer

@@ -119,9 +119,11 @@ def quantize_base(model: nn.Module, method: str = "nf4", *, block_size: int = 64
     if kept:
         warnings.warn(f"{len(kept)} layer(s) stay in full precision for {fmt.method}: "
                       + "; ".join(kept[:5]), stacklevel=2)
-    for name, module in todo:
-        new = QuantEmbedding(module, fmt) if isinstance(module, nn.Embedding) else QuantLinear.from_module(module, fmt)
-        replace_module(root, name, new)
+    # every layer quantised before the first is replaced: a layer that fails leaves the model as it was
+    new = [QuantEmbedding(module, fmt) if isinstance(module, nn.Embedding) else QuantLinear.from_module(module, fmt)
+           for _, module in todo]
+    for (name, _), layer in zip(todo, new, strict=True):
+        replace_module(root, name, layer)
     return model
 
 

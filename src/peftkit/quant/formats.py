@@ -174,8 +174,9 @@ class AffineFormat(QuantFormat):
 
     def __post_init__(self) -> None:
         check(self.bits in (4, 8), f"bits={self.bits!r} is not valid for affine quantisation; expected 4 or 8")
-        check(self.group_size is None or _positive_int(self.group_size),
-              f"group_size={self.group_size!r} is not valid; expected an integer > 0 or None (per channel)")
+        check(self.group_size is None or (_positive_int(self.group_size) and self.group_size >= 2),
+              f"group_size={self.group_size!r} is not valid; expected an integer >= 2 (columns sharing one scale; "
+              "a group of one column would store a scale per weight) or None (per channel)")
         check(isinstance(self.symmetric, bool), f"symmetric={self.symmetric!r} is not valid; expected True or False")
 
     @property

@@ -134,7 +134,8 @@ class QuantWeight:
         self.weight_shape, self.fmt, self.compute_dtype = tuple(shape), fmt, compute_dtype
         for name in fmt.buffer_names:
             self.register_buffer(name, state[name])
-        self.register_buffer("merged_weight", None)
+        # not persistent: a state_dict taken while merged loads into an unmerged model (and the codes are the truth)
+        self.register_buffer("merged_weight", None, persistent=False)
 
 
 class QuantLinear(QuantWeight, nn.Linear):
