@@ -250,3 +250,23 @@ def test_missing_targets_raise_config_error():
     # None means the model type's defaults (as peft); a plain module has none
     with pytest.raises(ConfigError, match="there are no default targets for model_type=None"):
         get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoKrConfig())
+
+
+@pytest.mark.parametrize("config", [LoHaConfig, LoKrConfig])
+def test_rank_dropout_on_an_unbatched_convolution_drops_output_channels(config):
+    net = nn.Sequential(nn.Conv1d(4, 5, 3, padding=1))
+    model = get_peft_model(net, config(r=2, rank_dropout=0.5, target_modules=["0"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p))
+    model.train()
+    layer = model.base_model.model[0]
+    x = torch.randn(4, 5)  # (channels, length): length == out channels, so a misplaced mask would broadcast
+    torch.manual_seed(1)  # keeps 2 of the 5 channels
+    side = model(x) - layer.base_layer(x)
+    torch.manual_seed(1)
+    batched = model(x[None])[0] - layer.base_layer(x[None])[0]
+    torch.testing.assert_close(side, batched, atol=1e-6, rtol=0)
+    dropped = (side.abs().sum(dim=1) == 0)  # whole output channels (rows) are zero, not positions
+    assert dropped.any() and not (side.abs().sum(dim=0) == 0).any()

@@ -115,3 +115,24 @@ def test_grouped_convolution_is_refused_before_any_change():
 def test_bad_values_raise_config_error(kw, message):
     with pytest.raises(ConfigError, match=message):
         SoraConfig(target_modules=TARGETS, **kw)
+
+
+def test_step_end_on_a_merged_adapter_is_refused_before_the_gates_change():
+    model = get_peft_model(Zoo(groups=1), SoraConfig(r=4, sparse_lambda=0.05, target_modules=["lin"]))
+    gate = gates(model)["lin"]
+    with torch.no_grad():
+        gate.copy_(torch.tensor([0.5, -0.01, -0.3, 0.02]))
+    model.merge_adapter()
+    before = gate.clone()
+    with pytest.raises(ConfigError, match=r"adapter 'default' is merged .* unmerge it .* before peft_step_end"):
+        model.peft_step_end(1)
+    assert torch.equal(gate, before)
+
+
+def test_an_unbatched_convolution_input_gives_the_batched_result():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1))
+    model = get_peft_model(conv, SoraConfig(r=4, target_modules=["0"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        gates(model)["0"].copy_(torch.tensor([0.5, -0.2, 0.3, 0.9]))
+        for x in (torch.randn(4, 5, 5), torch.randn(4, 4, 4)):  # H != r, and H == r (broadcast by accident)
+            torch.testing.assert_close(model(x), model(x[None])[0], atol=1e-6, rtol=0)

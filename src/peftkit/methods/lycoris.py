@@ -124,7 +124,8 @@ class LycorisAdapter(Adapter):
         out = self.side(layer, x.to(dtype))
         if self.training and self.rank_dropout > 0:
             keep = rp.rank_drop(self.layout.out_features, self.rank_dropout, self.rescale_rank_dropout, out.device)
-            out = out * keep.view(-1, *[1] * (out.dim() - 2)) if self.layout.kind == "conv" else out * keep
+            # a convolution's channels come before its len(kernel) spatial dims, batched or not
+            out = out * keep.view(-1, *[1] * len(self.layout.kernel)) if self.layout.kind == "conv" else out * keep
         return y + out.to(y.dtype)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:

@@ -30,7 +30,7 @@ from peftkit.layers import AdaptedLayer, Adapter, wide
 from peftkit.methods import _reparam as rp
 from peftkit.ops import Dropout
 from peftkit.targeting import LORA_TARGET_DEFAULTS, check_pattern_keys, pattern_key
-from peftkit.tuners import WrapTuner
+from peftkit.tuners import WrapTuner, check_unmerged
 
 if TYPE_CHECKING:
     from peftkit.host import AdapterModel
@@ -133,7 +133,7 @@ class SoraAdapter(Adapter):
         gate = self.lora_gate
         z = self.lora_A(self.lora_dropout(x.to(gate.dtype)))
         if self.layout.kind == "conv":
-            gate = gate.view(-1, *[1] * (z.dim() - 2))
+            gate = gate.view(-1, *[1] * len(self.layout.kernel))  # channels, then the spatial dims (batched or not)
         return y + self.lora_B(z * gate).to(y.dtype)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
@@ -186,6 +186,7 @@ class SoraTuner(WrapTuner):
     def on_step_end(self, host: AdapterModel, adapter_name: str, step: int) -> None:
         lam = host.peft_config[adapter_name].sparse_lambda
         if lam > 0:
+            check_unmerged(host, adapter_name, "peft_step_end (SoRA's soft-thresholding of the gates)")
             for adapter in self.adapters(host, adapter_name).values():
                 adapter.soft_threshold(lam)
 
