@@ -93,3 +93,17 @@ def test_trainer_refuses_lora_plus_without_lora_b():
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="loraplus_lr_ratio"):
             TrainingArguments(loraplus_lr_ratio=bad)
+
+
+def test_the_four_groups_are_peft_s_empty_ones_included():
+    kw = dict(r=4, target_modules=["c_attn"])
+    ours = create_loraplus_optimizer(get_peft_model(tiny_gpt2(), peftkit.LoraConfig(**kw)), torch.optim.AdamW,
+                                     lr=1e-3, loraplus_lr_ratio=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft_loraplus(peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**kw)), torch.optim.AdamW,
+                               lr=1e-3, loraplus_lr_ratio=8)
+    shape = [(g["lr"], g["weight_decay"], len(g["params"])) for g in ours.param_groups]
+    assert shape == [(g["lr"], g["weight_decay"], len(g["params"])) for g in theirs.param_groups]
+    assert len(shape) == 4 and shape[1][2] == 0  # no embedding adapter: an empty group, as in peft
+    torch.optim.lr_scheduler.LambdaLR(ours, [lambda step: 1.0] * 4)

@@ -38,7 +38,8 @@ def create_loraplus_optimizer(model: Any, optimizer_cls: type[Optimizer], lr: fl
         **kwargs: passed to ``optimizer_cls``; ``loraplus_weight_decay`` (default 0.0) is taken out first.
 
     Returns:
-        the optimiser (empty groups left out).
+        the optimiser, with peft's four groups in its order (A, embedding, B, B without weight decay), empty
+        ones included.
 
     Raises:
         ConfigError: a non-positive ``lr``, ratio or embedding learning rate, or no trainable parameter.
@@ -68,7 +69,8 @@ def create_loraplus_optimizer(model: Any, optimizer_cls: type[Optimizer], lr: fl
             groups["A"].append(p)
     settings = {"A": (lr, decay), "embedding": (loraplus_lr_embedding, decay), "B": (lr * loraplus_lr_ratio, decay),
                 "B_no_decay": (lr * loraplus_lr_ratio, 0.0)}
-    param_groups = [{"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1]} for k, ps in groups.items()
-                    if ps]
-    check(bool(param_groups), "the model has no trainable parameter")
+    # always the four groups, in peft's order (an empty one too), so that per-group code ported from peft (a LambdaLR
+    # with four lambdas, param_groups[2]) keeps working
+    param_groups = [{"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1]} for k, ps in groups.items()]
+    check(any(groups.values()), "the model has no trainable parameter")
     return optimizer_cls(param_groups, lr=lr, **kwargs)
