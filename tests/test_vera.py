@@ -187,3 +187,25 @@ def test_gpt2_conv1d_layers_merge_exactly():
     with torch.no_grad():
         before = model(input_ids=x).logits
         assert (before - model.merge_and_unload()(input_ids=x).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+def test_excluded_modules_are_written_as_the_adapted_list_so_peft_loads_the_same_adapter(save_projection, tmp_path):
+    from tests.conftest import tiny_llama
+
+    x = ids(2, 5)
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), VeraConfig(r=4, target_modules="all-linear",
+                                                           exclude_modules=["down_proj"], save_projection=save_projection))
+    perturb(model, 0.5)
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: exclude_modules (written as null) is not one of its fields
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert not any("down_proj" in name and "vera_lambda" in name for name, _ in theirs.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, expected, atol=1e-5, rtol=0)
+        back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        torch.testing.assert_close(back(input_ids=x).logits, expected, atol=1e-6, rtol=0)

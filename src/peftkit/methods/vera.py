@@ -16,6 +16,7 @@ regenerates them from the saved seed. Adapters: ``nn.Linear`` and GPT-2 ``Conv1D
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -196,6 +197,16 @@ class VeraTuner(WrapTuner):
 
     def trainable_base_params(self, model: nn.Module, config: VeraConfig, targets: list[str]) -> list[str]:
         return trainable_biases(model, config.bias, targets)
+
+    def export_config(self, host: Any, adapter_name: str) -> VeraConfig:
+        """The config as is, except that ``exclude_modules`` (which peft's ``VeraConfig`` lacks: peft would drop it,
+        adapt the excluded layers too and size the shared projection from them) is written out as the explicit
+        list of adapted modules in ``target_modules``."""
+        config = host.peft_config[adapter_name]
+        if not config.exclude_modules:
+            return config
+        names = list(host.adapters_of(adapter_name, VeraLinear))
+        return dataclasses.replace(config, target_modules=names, exclude_modules=None)
 
     def extra_tensors(self, host: Any, adapter_name: str) -> dict[str, Any]:
         """``base_model.vera_A`` / ``base_model.vera_B`` (peft's keys) when ``save_projection`` is true."""
