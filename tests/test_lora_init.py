@@ -270,3 +270,13 @@ def test_the_principal_adapter_warning_names_composed_adapters_not_their_parts()
     with pytest.warns(UserWarning, match=r"other adapter\(s\) \['default'\] also run on") as caught:
         model.add_adapter("p", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights="pissa"))
     assert not any("#" in str(w.message) for w in caught)
+
+
+def test_a_rank_above_a_layers_size_names_the_layer_and_changes_nothing():
+    from tests.conftest import tiny_llama
+
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"v_proj: init_lora_weights='pissa' needs r <= min\(out, in\) = 8 .*got r=12"):
+        get_peft_model(base, LoraConfig(r=12, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

@@ -503,6 +503,9 @@ class LoraTuner(WrapTuner):
                   "initialise on the float model and quantise after (quantize_base on the PeftModel), or use "
                   "init_lora_weights='loftq'")
             weight = base.weight.T if adapter.transposed else base.weight
+            check(r <= min(weight.shape),
+                  f"{module_name}: init_lora_weights={init!r} needs r <= min(out, in) = {min(weight.shape)} for this "
+                  f"{tuple(weight.shape)} layer; got r={r} (lower r, or give this layer a smaller rank in rank_pattern)")
             a, b = principal_factors(weight, r, scaling, init)
             with torch.no_grad():
                 adapter.lora_A.weight.copy_(a)
