@@ -164,3 +164,13 @@ def test_lorahub_checks_its_sources_as_add_weighted_adapter_does():
                 loss_fn=lambda m, b: torch.tensor(float("nan")))
     assert list(model.peft_config) == ["default", "b", "c", "p"]
     assert model.active_adapters == ["default"] and model.base_model.merged_adapters() == ["default"]
+
+
+def test_batches_without_labels_are_refused_before_merged_weights_are_touched():
+    model = upstream()
+    model.merge_adapter()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"batch\(es\) \[1\] hold no labels"):
+        lorahub(model, ["default", "b"], [{"input_ids": ids(), "labels": ids()}, {"input_ids": ids()}])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # bit for bit: nothing unmerged
+    assert model.base_model.merged_adapters() == ["default"]

@@ -556,6 +556,7 @@ class AdapterModel(nn.Module):
         names: list[str] = []
         if merge:
             names = self.named(adapter_names)
+            _check_unique(names)  # before anything is unmerged below
             before = self.merged_adapters()
             if all(n in self.parts(names) for n in before):
                 self.merge(names, safe_merge=safe_merge, dropping=True)

@@ -116,6 +116,11 @@ def lorahub(model: PeftModel, adapters: Sequence[str], batches: Sequence[dict[st
         real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
         check(real and (value > 0 or (low_ok and value == 0)),
               f"{name}={value!r} is not valid; give a finite number {'>= 0' if low_ok else '> 0'}")
+    if loss_fn is None:  # checked here, before the new adapter is added (and merged adapters unmerged)
+        unlabelled = [i for i, b in enumerate(batches) if not isinstance(b, dict)
+                      or all(b.get(k) is None for k in ("labels", "start_positions"))]
+        check(not unlabelled, f"batch(es) {unlabelled[:5]} hold no labels, so the model returns no loss for them: give "
+                              "batches with labels, or pass loss_fn(model, batch)")
     check_plain_start(adapters, [host.peft_config[a] for a in adapters])
     layers = _factors(model, adapters)
     names = {id(w): n for n, w in host.wrappers()}
