@@ -481,3 +481,15 @@ def test_a_state_dict_taken_while_merged_loads_into_an_unmerged_model():
     state = model.state_dict()
     assert not any(k.endswith("merged_weight") for k in state)
     twin.load_state_dict(state)  # strict
+
+
+def test_a_second_pass_with_another_method_is_refused_rather_than_mixing_formats():
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match="stay in full precision"):
+        quantize_base(model, "int4", group_size=24)  # only the layers with 24 | in_features (down_proj)
+    methods = {m.fmt.method for m in model.modules() if isinstance(m, QuantLinear)}
+    assert methods == {"int4"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"quantised layers use int4; quantising .* with nf4 would mix formats"):
+        quantize_base(model, "nf4")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

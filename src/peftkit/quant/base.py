@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from peftkit.config import check, get_method
+from peftkit.config import ConfigError, check, get_method
 from peftkit.layers import AdaptedLayer, Adapter, ModulesToSaveWrapper, get_submodule_parent, replace_module
 from peftkit.quant.formats import AffineFormat, make_format
 from peftkit.quant.layer import QuantEmbedding, QuantLinear, QuantWeight
@@ -79,7 +79,8 @@ def quantize_base(model: nn.Module, method: str = "nf4", *, block_size: int = 64
         ``model`` itself, its linear weights (and embeddings) quantised.
 
     Raises:
-        ConfigError: unknown method or invalid sizes, or no linear layer to quantise (nothing changed).
+        ConfigError: unknown method or invalid sizes, no linear layer to quantise, or layers left to quantise in a
+            model whose quantised layers use another method (formats would mix); nothing changed.
         ImportError: torchao is missing.
 
     Paper: QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al., 2023, arXiv:2305.14314).
@@ -112,6 +113,11 @@ def quantize_base(model: nn.Module, method: str = "nf4", *, block_size: int = 64
             kept.append(f"{name} ({reason})")
         else:
             todo.append((name, module))
+    mixed = [m for m in already if m != fmt.method]
+    if todo and mixed:
+        raise ConfigError(f"the model's quantised layers use {', '.join(mixed)}; quantising {len(todo)} more layer(s) "
+                          f"(e.g. {todo[0][0]}) with {fmt.method} would mix formats in one model: dequantize_base "
+                          f"first, or quantise with {mixed[0]}")
     check(bool(todo), f"no layer of the model can be quantised with {fmt.method}"
           + (f" (its linear layers are quantised already, with {', '.join(already)}; dequantize_base first to "
              "change the format)" if already else "")
