@@ -158,3 +158,35 @@ def test_an_encoder_mask_that_does_not_fit_is_a_clear_error():
     x, mask, labels = batch()
     with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 5\) does not fit.*\(2, 6\)"):
         model(input_ids=x, attention_mask=mask[:, 1:], labels=labels)
+
+
+def test_an_encoder_that_scales_its_token_embeddings_gets_them_scaled():
+    """Pegasus (and Marian, ...) multiply the token embeddings by embed_scale inside the encoder, only when it
+    embeds the ids itself: the real tokens are embedded as the encoder would (peft 0.21.2 leaves the factor out)."""
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = PegasusForConditionalGeneration(PegasusConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        scale_embedding=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    model = get_peft_model(copy.deepcopy(base), configs(peftkit)["prompt"]).eval()
+    x, _, labels = batch()
+    encoder = base.get_encoder()
+    assert encoder.embed_scale == 4.0
+    with torch.no_grad():
+        states = model(input_ids=x, decoder_input_ids=labels).encoder_last_hidden_state
+        prompt = model.base_model.extra_modules["default"].embedding.weight[:3].expand(2, -1, -1)
+        scaled = encoder(inputs_embeds=torch.cat([prompt, encoder.embed_tokens(x) * 4.0], 1)).last_hidden_state
+    torch.testing.assert_close(states, scaled, atol=1e-6, rtol=0)
+
+
+def test_an_input_too_long_for_barts_positions_after_the_virtual_tokens_is_a_clear_error():
+    model = get_peft_model(tiny_bart(), configs(peftkit)["prompt"]).eval()  # 64 learned positions, P = 3
+    x = torch.randint(3, 64, (1, 63))
+    with pytest.raises(ValueError, match="an input of 63 tokens does not fit after num_virtual_tokens=3: "
+                                         "BartForConditionalGeneration has 64 learned positions; truncate inputs to 61"):
+        model(input_ids=x, decoder_input_ids=x[:, :4])
+    with pytest.raises(ValueError, match="truncate inputs to 61"):
+        model.generate(input_ids=x, max_new_tokens=2)
+    assert model(input_ids=x[:, :61], decoder_input_ids=x[:, :4]).logits.shape == (1, 4, 64)

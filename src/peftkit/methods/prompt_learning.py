@@ -559,6 +559,12 @@ class EncoderPromptHooks:
         self.encoder, self.decoder = model.get_encoder(), model.get_decoder()
         self.encoder_args = _positional_names(self.encoder)
         self.decoder_args = _positional_names(self.decoder)
+        self.positions = position_table(model)[0]  # BART's learned table; None for T5's relative positions
+        # Pegasus, Marian, ... scale the token embeddings in the encoder's forward, only when it embeds the ids
+        words = getattr(self.encoder, "embed_tokens", None)
+        scale = getattr(self.encoder, "embed_scale", None)
+        self.scale = scale if isinstance(scale, (int, float)) and scale != 1 and not hasattr(words, "embed_scale") \
+            else None
         self.handles = (self.encoder.register_forward_pre_hook(self.before_encoder, with_kwargs=True),
                         self.decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True))
 
@@ -571,7 +577,8 @@ class EncoderPromptHooks:
 
         Raises:
             ValueError: as :meth:`PromptHooks.applies`; neither or both of ``input_ids`` and ``inputs_embeds``;
-                an ``attention_mask`` that is not ``(B, L)``.
+                an ``attention_mask`` that is not ``(B, L)``; more tokens than the learned positions leave room
+                for after the virtual tokens (BART's table).
         """
         if not self.applies():
             return None
@@ -581,10 +588,16 @@ class EncoderPromptHooks:
             raise ValueError("a soft-prompt adapter needs exactly one of input_ids and inputs_embeds for the "
                              f"encoder of {type(self.host.model).__name__}; got "
                              + ("neither" if ids is None else "both"))
-        if embeds is None:
+        if embeds is None:  # embedded as the encoder would (peft 0.21.2 leaves out an encoder's embed_scale)
             embeds = self.host.model.get_input_embeddings()(ids)
+            if self.scale is not None:
+                embeds = embeds * self.scale
         batch, length = embeds.shape[:2]
         p = self.host.peft_config[self.name].num_virtual_tokens
+        if self.positions is not None and length + p > self.positions:
+            raise ValueError(f"an input of {length} tokens does not fit after num_virtual_tokens={p}: "
+                             f"{type(self.host.model).__name__} has {self.positions} learned positions; truncate "
+                             f"inputs to {self.positions - p} tokens")
         tokens = self.host.extra_modules[self.name]()[:p].to(embeds.dtype)
         kw["input_ids"] = None
         kw["inputs_embeds"] = torch.cat([tokens.expand(batch, -1, -1), embeds], dim=1)
