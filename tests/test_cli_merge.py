@@ -327,3 +327,34 @@ def test_merge_refuses_adapters_of_different_base_models(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert run("merge", tmp_path / "on_base_a", tmp_path / "on_base_b", "--model", tmp_path / "base_a",
                "--output", tmp_path / "out") == 0
+
+
+def test_merge_of_ia3_adapters_sums_their_vectors_and_mixed_kinds_are_refused(tmp_path, capsys):
+    from transformers import LlamaForCausalLM
+
+    from peftkit import IA3Config
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    for seed, name, config in ((1, "a", IA3Config(task_type="CAUSAL_LM")), (2, "b", IA3Config(task_type="CAUSAL_LM")),
+                               (3, "lora", LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))):
+        torch.manual_seed(seed)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), config)
+        model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+        perturb(model)
+        model.save_pretrained(tmp_path / name)
+    assert run("merge", tmp_path / "a", tmp_path / "b", "--weights", 0.25, 0.75, "--output", tmp_path / "m") == 0
+    assert "(linear, weights [0.25, 0.75])" in capsys.readouterr().out
+    a, b, m = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("a", "b", "m"))
+    assert set(m) == set(a) == set(b)
+    for key in m:
+        torch.testing.assert_close(m[key], 0.25 * a[key] + 0.75 * b[key], atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    assert run("merge", tmp_path / "a", tmp_path / "lora", "--output", tmp_path / "mixed") == 2
+    assert "the adapters are of different types" in capsys.readouterr().err
+    assert run("merge", tmp_path / "a", tmp_path / "b", "--combination", "cat", "--output", tmp_path / "cat") == 2
+    assert "(IA)^3 adapters combine only linearly" in capsys.readouterr().err
+    assert run("merge", tmp_path / "a", tmp_path / "b", "--density", 0.5, "--output", tmp_path / "d") == 2
+    assert "--density 0.5 has no effect with --combination cat" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("mixed", "cat", "d"))

@@ -230,9 +230,10 @@ def _head_rows(folder: Path) -> int | None:
 
 
 def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[float], output_dir: str,
-                          combination_type: str = "cat", model_dir: str | None = None, heads_from: int = 0,
+                          combination_type: str | None = None, model_dir: str | None = None, heads_from: int = 0,
                           overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
-    """Combine saved LoRA adapters into a new adapter folder (see :func:`peftkit.merging.add_weighted_adapter`).
+    """Combine saved LoRA or (IA)^3 adapters into a new adapter folder (see
+    :func:`peftkit.merging.add_weighted_adapter`).
 
     The new folder holds the combined adapter in HF PEFT format and, when an adapter came from a run
     folder, a copy of the first such ``run_config.json`` so that ``peftkit eval --adapter`` works on it. It is
@@ -242,7 +243,8 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
         adapter_dirs / weights: the adapters and one weight each.
         output_dir: where the new adapter goes (a new or empty folder, or with ``overwrite`` one holding an
             earlier merge's files and nothing else).
-        combination_type: ``cat`` (default, exact), ``svd``, ``ties``, ``dare_linear``, ...
+        combination_type: LoRA: ``cat`` (the default, exact), ``svd``, ``ties``, ``dare_linear``, ...; (IA)^3:
+            ``linear`` (the default and the only one: the vectors' weighted sum, as peft's).
         heads_from: index of the adapter whose ``modules_to_save`` (e.g. classifier head) is kept, and whose
             ``run_config.json`` (task, labels) the output gets when it is a run folder; must be 0 when the
             adapters train no such modules.
@@ -252,10 +254,11 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     Raises:
         ConfigError: mismatched arguments; an output that is a file, a non-empty folder without
             ``overwrite``, one that holds an input folder or other files than an earlier merge writes;
-            adapters that cannot be combined (only plain LoRA adapters can). FileNotFoundError. All before
-            anything is written.
+            adapters that cannot be combined (only plain LoRA adapters, or (IA)^3 adapters, all of one kind).
+            FileNotFoundError. All before anything is written.
     """
     from peftkit.layers import ModulesToSaveWrapper
+    from peftkit.methods.ia3 import IA3Config
     from peftkit.methods.lora import LoraConfig
     from peftkit.model import PeftModel
 
@@ -271,10 +274,17 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
         extra = [f for f in ("use_dora", "lora_bias") if getattr(config, f, False)]
         if getattr(config, "bias", "none") != "none":
             extra.append(f"bias={config.bias!r}")
-        check(type(config) is LoraConfig and not extra,
+        check(type(config) in (LoraConfig, IA3Config) and not extra,
               f"{str(folder)!r} holds an adapter of type {config.peft_type}"
               f"{' with ' + ' and '.join(extra) if extra else ''}; only plain LoRA adapters (without use_dora, "
-              "lora_bias or trained biases) can be combined: the combination keeps the low-rank factors alone")
+              "lora_bias or trained biases) or (IA)^3 adapters can be combined: the combination keeps the "
+              "low-rank factors or the scaling vectors alone")
+    kinds = {str(folder): c.peft_type for folder, c in zip(adapter_dirs, configs)}
+    check(len(set(kinds.values())) == 1, f"the adapters are of different types ({kinds}); combine adapters of one "
+                                         "type (all LoRA or all (IA)^3)")
+    ia3 = type(configs[0]) is IA3Config
+    if combination_type is None:
+        combination_type = "linear" if ia3 else "cat"
     tasks = {str(folder): config.task_type for folder, config in zip(adapter_dirs, configs) if config.task_type}
     check(len(set(tasks.values())) <= 1, f"the adapters were trained for different task types ({tasks}); only "
                                          "adapters of one task type (one model head) can be combined")
@@ -331,7 +341,8 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
             atomic_write_bytes(folder / "run_config.json", (json.dumps(run, indent=2) + "\n").encode())
 
     _write_folder(out, write)
-    return {"output_dir": str(out), "rank": model.peft_config["merged"].r,
+    return {"output_dir": str(out), "combination_type": combination_type,
+            "rank": getattr(model.peft_config["merged"], "r", None),
             "tensors": len(model.base_model.adapter_tensors("merged"))}
 
 

@@ -256,14 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list every registered PEFT method",
                    description="List every registered PEFT method: name, family, whether it merges, and its paper.")
 
-    m = sub.add_parser("merge", help="combine saved LoRA adapters into a new adapter folder",
+    m = sub.add_parser("merge", help="combine saved LoRA or (IA)^3 adapters into a new adapter folder",
                        description="Combine LoRA adapters (run folders or HF PEFT adapter folders) into a new "
                                    "adapter: cat (exact), svd, linear, ties, dare_linear, dare_ties, "
-                                   "magnitude_prune and the *_svd forms, as in peft's add_weighted_adapter.")
+                                   "magnitude_prune and the *_svd forms, as in peft's add_weighted_adapter; or "
+                                   "(IA)^3 adapters, linearly (their vectors' weighted sum).")
     m.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="two or more adapter folders")
     m.add_argument("--weights", type=_weight, nargs="+",
                    help="one weight per adapter, space-separated, after the adapter folders (default: all 1)")
-    m.add_argument("--combination", default="cat", help="combination type (default cat)")
+    m.add_argument("--combination", help="combination type (default: cat for LoRA, linear for (IA)^3)")
     m.add_argument("--output", required=True, help="new adapter folder (new or empty unless --overwrite)")
     m.add_argument("--overwrite", action="store_true",
                    help="replace an output folder that holds an earlier merge or export (a folder with other files is "
@@ -680,8 +681,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
              "majority_sign_method": args.majority_sign or "total", "seed": 0 if args.seed is None else args.seed}
     info = merge_adapter_folders(args.adapters, weights, args.output, args.combination, model_dir=args.model,
                                  heads_from=args.heads_from, overwrite=args.overwrite, **extra)
-    print(f"merged {len(args.adapters)} adapters ({args.combination}, weights {weights}) into {info['output_dir']}: "
-          f"rank {info['rank']}, {info['tensors']} tensors")
+    rank = f"rank {info['rank']}, " if info["rank"] is not None else ""
+    print(f"merged {len(args.adapters)} adapters ({info['combination_type']}, weights {weights}) into "
+          f"{info['output_dir']}: {rank}{info['tensors']} tensors")
     return 0
 
 
@@ -694,17 +696,18 @@ def _check_merge_options(args: argparse.Namespace) -> None:
         return option_applies({"--density": "density", "--svd-rank": "svd_rank",
                                "--majority-sign": "majority_sign_method", "--seed": "seed"}[option], rule)
 
-    if args.combination not in COMBINATION_TYPES:
+    combination = args.combination or "cat"  # LoRA's default ((IA)^3 adapters refuse every such option later)
+    if combination not in COMBINATION_TYPES:
         return  # merge_adapter_folders names the valid types
     given = {"--density": args.density, "--svd-rank": args.svd_rank, "--majority-sign": args.majority_sign,
              "--seed": args.seed}
     for option, value in given.items():
-        if value is not None and not applies(option, args.combination):
+        if value is not None and not applies(option, combination):
             users = ", ".join(t for t in COMBINATION_TYPES if applies(option, t))
-            raise ConfigError(f"{option} {value} has no effect with --combination {args.combination}; it applies "
+            raise ConfigError(f"{option} {value} has no effect with --combination {combination}; it applies "
                               f"to {users}")
-    if args.density is None and applies("--density", args.combination):
-        raise ConfigError(f"--combination {args.combination} needs --density, the fraction of each delta to keep, "
+    if args.density is None and applies("--density", combination):
+        raise ConfigError(f"--combination {combination} needs --density, the fraction of each delta to keep, "
                           "in (0, 1]")
 
 
