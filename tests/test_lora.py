@@ -310,3 +310,25 @@ def test_conv3d_merges_exactly_over_fifty_cycles_and_moves_to_peft(dora, tmp_pat
         assert (loaded(*x) - expected).abs().max() <= 1e-5
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "plain")
         assert (theirs(*x) - plain(*x)).abs().max() <= 1e-5
+
+
+def test_gemma4_defaults_to_peft_s_regex_over_its_language_model():
+    import warnings
+
+    import peft
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    def model():
+        torch.manual_seed(0)
+        text = Gemma4TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+        return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text.to_dict()))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = peftkit.get_peft_model(model(), peftkit.LoraConfig(r=2))
+        theirs = peft.get_peft_model(model(), peft.LoraConfig(r=2))
+    assert ours.peft_config["default"].target_modules == r".*language_model\..*\.(q_proj|v_proj)"
+    adapted = sorted(n.removesuffix(".lora_A.default.weight") for n, _ in theirs.named_parameters() if "lora_A" in n)
+    assert sorted(f"base_model.model.{n}" for n, _ in ours.base_model.adapters_of("default", object).items()) == adapted
+    assert len(adapted) == 4

@@ -168,7 +168,7 @@ class PeftConfig:
     #: whether rows of a mixed-adapter batch (``adapter_names=...``) may use this method's adapters
     mixed_batches: ClassVar[bool] = True
     #: ``target_modules`` by ``model_type`` for a config that leaves them None (the LoRA family, as peft)
-    default_target_modules: ClassVar[dict[str, tuple[str, ...]] | None] = None
+    default_target_modules: ClassVar[dict[str, tuple[str, ...] | str] | None] = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False

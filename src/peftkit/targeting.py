@@ -333,7 +333,7 @@ class UnmatchedTargetWarning(UserWarning):
 
 #: ``target_modules`` that the LoRA family (LoRA, AdaLoRA, VeRA, LoHa, LoKr, ...) adapts when a config
 #: leaves it None, by ``model.config.model_type``: the query and value projections, as peft chooses.
-LORA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
+LORA_TARGET_DEFAULTS: dict[str, tuple[str, ...] | str] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), ("query", "value")),
     "distilbert": ("q_lin", "v_lin"),
     "deberta-v2": ("query_proj", "value_proj"),
@@ -353,14 +353,16 @@ LORA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
     "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "rwkv": ("key", "value", "receptance", "output"),
     "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
+    # a regex (peft's): the language model's query/value projections, not the vision tower's
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
 }
 
 #: VeRA's defaults: LoRA's, except Phi's attention only (peft's VeRA table).
-VERA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {**LORA_TARGET_DEFAULTS, "phi": ("q_proj", "v_proj")}
+VERA_TARGET_DEFAULTS: dict[str, tuple[str, ...] | str] = {**LORA_TARGET_DEFAULTS, "phi": ("q_proj", "v_proj")}
 
 
 #: AdaLoRA's defaults: peft adapts more layers than LoRA's query/value on these model types.
-ADALORA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
+ADALORA_TARGET_DEFAULTS: dict[str, tuple[str, ...] | str] = {
     **LORA_TARGET_DEFAULTS,
     "roberta": ("query", "key", "value", "dense"),
     "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
@@ -370,9 +372,9 @@ ADALORA_TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def default_target_modules(model: nn.Module, defaults: dict[str, tuple[str, ...]]) -> list[str]:
+def default_target_modules(model: nn.Module, defaults: dict[str, tuple[str, ...] | str]) -> list[str] | str:
     """The ``target_modules`` a config left as None gets on ``model``, from ``defaults`` by the HF
-    ``config.model_type``.
+    ``config.model_type``: a list of names, or a regex string where peft's table has one (Gemma 4).
 
     Raises:
         ConfigError: the model type has no default (a plain module, or a type not in ``defaults``).
@@ -381,4 +383,5 @@ def default_target_modules(model: nn.Module, defaults: dict[str, tuple[str, ...]
     check(kind in defaults, f"target_modules=None: there are no default targets for model_type={kind!r} (known: "
                             f"{', '.join(sorted(defaults))}); give target_modules: module names/suffixes, a regex, "
                             "or 'all-linear'")
-    return list(defaults[kind])
+    found = defaults[kind]
+    return found if isinstance(found, str) else list(found)
