@@ -57,7 +57,7 @@ def test_merge_argument_errors(tiny_model_dir, tmp_path, capsys):
         assert "the adapters were trained for different task types" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
     assert run("merge", tmp_path / "r1", tmp_path / "r1", "--combination", "avg", "--output", tmp_path / "m") == 2
-    assert "combination_type='avg'" in capsys.readouterr().err
+    assert "--combination 'avg' is not valid; expected one of cat, " in capsys.readouterr().err
     # an option the combination would ignore is refused, naming the combinations it applies to
     pair = (tmp_path / "r1", tmp_path / "r1", "--output", tmp_path / "m")
     assert run("merge", *pair, "--density", 0.5) == 2
@@ -358,3 +358,22 @@ def test_merge_of_ia3_adapters_sums_their_vectors_and_mixed_kinds_are_refused(tm
     assert run("merge", tmp_path / "a", tmp_path / "b", "--density", 0.5, "--output", tmp_path / "d") == 2
     assert "--density 0.5 has no effect with --combination cat" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in ("mixed", "cat", "d"))
+
+
+def test_merge_option_errors_name_the_flags(tmp_path, capsys):
+    for extra, message in ((("--heads-from", 5), "--heads-from 5 is not valid: it indexes the 2 adapter folders given, "
+                                                 "0 to 1"),
+                           (("--heads-from", -1), "--heads-from -1 is not valid"),
+                           (("--combination", "ties", "--density", 1.5), "--density 1.5 is not valid; it is the kept "
+                                                                         "fraction of each delta, a number in (0, 1]")):
+        assert run("merge", tmp_path / "a", tmp_path / "b", *extra, "--output", tmp_path / "m") == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_adapter_config_without_peft_type_names_the_file(tmp_path):
+    from peftkit import ConfigError, PeftConfig
+
+    (tmp_path / "adapter_config.json").write_text('{"r": 8}')
+    with pytest.raises(ConfigError, match=r"adapter_config.json has no 'peft_type' field"):
+        PeftConfig.from_pretrained(tmp_path)

@@ -262,3 +262,13 @@ def test_eval_names_the_runs_own_model_folder(sst2_run, tmp_path, capsys):
     line = error_line(capsys, "eval", "--adapter", run)
     assert f"the run's model folder (run_config.json) '{tmp_path / 'gone'}' is not a folder" in line
     assert "--model" not in line.split("is not a folder")[0]  # it named an option eval does not have
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
+def test_predict_refuses_a_file_of_rows_rather_than_classifying_its_syntax(suffix, tmp_path, capsys):
+    from peftkit.cli import main
+
+    rows = tmp_path / f"in{suffix}"
+    rows.write_text('{"text": "a great movie"}\n')
+    assert main(["predict", "--adapter", str(tmp_path / "run"), "--input", str(rows)]) == 2
+    assert f"is a {suffix} file of rows; predict reads plain text" in capsys.readouterr().err

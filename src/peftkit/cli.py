@@ -591,6 +591,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.texts:
         lines = list(args.texts)
     else:
+        suffix = Path(args.input).suffix.lower() if args.input not in (None, "-") else ""
+        if suffix in (".jsonl", ".csv", ".tsv"):  # read as text, each row would be classified with its syntax
+            raise ConfigError(f"--input {args.input!r} is a {suffix} file of rows; predict reads plain text, one input "
+                              "per line (a sentence pair as two texts separated by a tab): write the texts out one per "
+                              "line, or score a labelled file with `peftkit eval --adapter RUN --eval-file FILE`")
         if args.input in (None, "-") and sys.stdin.isatty():
             raise ConfigError("no input: give TEXT arguments, --input FILE, or pipe lines into standard input")
         try:
@@ -696,9 +701,16 @@ def _check_merge_options(args: argparse.Namespace) -> None:
         return option_applies({"--density": "density", "--svd-rank": "svd_rank",
                                "--majority-sign": "majority_sign_method", "--seed": "seed"}[option], rule)
 
+    count = len(args.adapters)
+    if not 0 <= args.heads_from < max(count, 1):
+        raise ConfigError(f"--heads-from {args.heads_from} is not valid: it indexes the {count} adapter folders given, "
+                          f"0 to {count - 1}")
+    if args.density is not None and not 0 < args.density <= 1:
+        raise ConfigError(f"--density {args.density} is not valid; it is the kept fraction of each delta, a number in "
+                          "(0, 1]")
     combination = args.combination or "cat"  # LoRA's default ((IA)^3 adapters refuse every such option later)
     if combination not in COMBINATION_TYPES:
-        return  # merge_adapter_folders names the valid types
+        raise ConfigError(f"--combination {combination!r} is not valid; expected one of {', '.join(COMBINATION_TYPES)}")
     given = {"--density": args.density, "--svd-rank": args.svd_rank, "--majority-sign": args.majority_sign,
              "--seed": args.seed}
     for option, value in given.items():

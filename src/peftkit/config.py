@@ -292,6 +292,8 @@ class PeftConfig:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON: {err}") from err
         check(isinstance(data, dict), f"{path} must hold a JSON object, got {type(data).__name__}")
+        check(cls is not PeftConfig or data.get("peft_type") is not None,
+              f"{path} has no 'peft_type' field (e.g. \"LORA\"); it is not an adapter config peftkit or peft wrote")
         return cls.from_dict(data)
 
 
