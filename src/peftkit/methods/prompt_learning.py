@@ -415,10 +415,8 @@ class PromptHooks:
     def __init__(self, host: AdapterModel, adapter_name: str, tuner: PromptTuner) -> None:
         self.host, self.name, self.tuner = host, adapter_name, tuner
         model = host.model
-        params = inspect.signature(model.forward).parameters
-        self.positional = [n for n, p in params.items()
-                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self.takes_positions = "position_ids" in params
+        self.positional = _positional_names(model)
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self.pools_last_token = _pools_last_non_pad_token(model)
         # read once (a walk over the modules, not one per call); RoBERTa numbers positions from padding_idx + 1
         self.positions, self.offset = position_table(model)
@@ -466,10 +464,7 @@ class PromptHooks:
         self.pending = None
         if not self.applies():
             return None
-        if len(args) > len(self.positional):
-            raise TypeError(f"{type(model).__name__}.forward got {len(args)} positional arguments")
-        kw = dict(zip(self.positional, args, strict=False))
-        kw.update(kwargs)
+        kw = _as_keywords(model, self.positional, args, kwargs)
         if "past_key_values" in kw:  # the pre-5 name of transformers' cache argument
             kw["cache"] = kw.pop("past_key_values")
         config = self.host.peft_config[self.name]
