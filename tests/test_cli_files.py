@@ -195,10 +195,10 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command, mon
     assert cli(*argv[:-1], ".") == 0 and (here / names[0]).is_file()
 
 
-def test_merge_of_a_non_lora_adapter_is_refused(runs, tmp_path, capsys):
+def test_merge_of_adapters_of_different_types_is_refused(runs, tmp_path, capsys):
     assert error_line(capsys, "merge", runs / "lora", runs / "ia3", "--output", tmp_path / "m") == (
-        f"peftkit: error: '{runs / 'ia3'}' holds an adapter of type IA3; only plain LoRA adapters (without use_dora, "
-        "lora_bias or trained biases) can be combined: the combination keeps the low-rank factors alone")
+        f"peftkit: error: the adapters are of different types ({{'{runs / 'lora'}': 'LORA', '{runs / 'ia3'}': 'IA3'}}); "
+        "combine adapters of one type (all LoRA or all (IA)^3)")
     assert not (tmp_path / "m").exists()
 
 
