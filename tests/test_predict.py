@@ -98,6 +98,11 @@ def test_causal_lm_continuation_is_the_greedy_decoding(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"input": prompt, "completion": got[0]["completion"]}
     assert cli("predict", "--adapter", out, "--max-new-tokens", 6, prompt) == 0
     assert capsys.readouterr().out == (prompt + got[0]["completion"]).replace("\n", "\\n") + "\n"
+    # a JSONL table of prompt/response rows (the training format): each row's prompt, its newline kept as is
+    table = tmp_path / "prompts.jsonl"
+    table.write_text(json.dumps({"prompt": prompt, "response": " DESC"}) + "\n")
+    assert cli("predict", "--adapter", out, "--max-new-tokens", 6, "--input", table, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"input": prompt, "completion": got[0]["completion"]}
     # a prompt too long for the model's positions is refused, naming the limit
     with pytest.raises(DataError, match=r"exceeds the model.s \d+ positions"):
         predict_run(out, ["Once"], max_new_tokens=100_000)
@@ -265,10 +270,60 @@ def test_eval_names_the_runs_own_model_folder(sst2_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
-def test_predict_refuses_a_file_of_rows_rather_than_classifying_its_syntax(suffix, tmp_path, capsys):
-    from peftkit.cli import main
-
+def test_a_table_input_predicts_one_row_each_from_its_text_column(sst2_run, suffix, tmp_path, capsys):
+    """A .jsonl/.csv/.tsv --input was refused (before that, each of its lines was classified with its syntax, the
+    JSON braces and the label included): now each row's text column is the input, as on the command line."""
+    texts = ["a joyless mess", "sheer delight", "it, sadly, is not funny"]
     rows = tmp_path / f"in{suffix}"
-    rows.write_text('{"text": "a great movie"}\n')
-    assert main(["predict", "--adapter", str(tmp_path / "run"), "--input", str(rows)]) == 2
-    assert f"is a {suffix} file of rows; predict reads plain text" in capsys.readouterr().err
+    if suffix == ".jsonl":
+        rows.write_text("".join(json.dumps({"label": 1, "sentence": t}) + "\n" for t in texts))
+    else:
+        sep = "\t" if suffix == ".tsv" else ","
+        quote = (lambda t: t) if suffix == ".tsv" else (lambda t: f'"{t}"')
+        rows.write_text(f"label{sep}sentence\n" + "".join(f"1{sep}{quote(t)}\n" for t in texts))
+    assert cli("predict", "--adapter", sst2_run, "--input", rows) == 0
+    got = capsys.readouterr().out.splitlines()
+    want = predict_run(sst2_run, texts)
+    assert got == [f"{r['label']}\t{r['probability']:.4f}\t{t}" for r, t in zip(want, texts)]
+
+
+def test_a_table_input_of_a_pair_run_takes_its_two_columns(stsb_run, tmp_path, capsys):
+    dev = load_task("stsb").dev[:3]
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text("".join(json.dumps({"a": e["text"], "b": e["text_pair"]}) + "\n" for e in dev))
+    assert cli("predict", "--adapter", stsb_run, "--input", rows, "--text-column", "a", "--pair-column", "b",
+               "--json") == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = predict_run(stsb_run, [(e["text"], e["text_pair"]) for e in dev])
+    assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-6)
+    assert got[0]["input"] == [dev[0]["text"], dev[0]["text_pair"]]
+    # sentence1/sentence2 are found without naming them
+    glue = tmp_path / "glue.tsv"
+    glue.write_text("sentence1\tsentence2\n" + "".join(f"{e['text']}\t{e['text_pair']}\n" for e in dev))
+    assert cli("predict", "--adapter", stsb_run, "--input", glue) == 0
+    scores = [float(line.split("\t")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert scores == pytest.approx([w["score"] for w in want], abs=1e-4)
+
+
+@pytest.mark.parametrize("content, argv, message", [
+    ('{"review": "fine"}\n', [], "line 1 has no text column (looked for sentence, text, sentence1); columns "
+                                 "present: ['review']; name it with --text-column"),
+    ('{"text": "fine"}\n{"txt": "x"}\n', [], "line 2 has no column 'text'; columns present: ['txt']"),
+    ('{"text": ["a", "b"]}\n', [], "line 1's column 'text' holds ['a', 'b'], not text"),
+    ('{"text": "fine"}\n', ["--pair-column", "b"], "--pair-column 'b' does not apply"),
+    ("\n", [], "the table has no rows"),
+    ('{"text": "fine"\n', [], "line 1 is not valid JSON"),
+])
+def test_bad_table_inputs_are_one_line_errors(sst2_run, tmp_path, capsys, content, argv, message):
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(content)
+    assert message in error_line(capsys, "predict", "--adapter", sst2_run, "--input", rows, *argv)
+
+
+def test_column_options_need_a_table_input(sst2_run, tmp_path, capsys):
+    texts = tmp_path / "in.txt"
+    texts.write_text("fine\n")
+    assert "--text-column 'x' applies to a .jsonl, .csv or .tsv --input" in error_line(
+        capsys, "predict", "--adapter", sst2_run, "--input", texts, "--text-column", "x")
+    assert "the TEXT arguments are one input per argument" in error_line(
+        capsys, "predict", "--adapter", sst2_run, "--pair-column", "x", "fine")

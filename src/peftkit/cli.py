@@ -242,10 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(STS-B), or the greedy continuation of a prompt (causal-LM runs). Inputs "
                                    "are the TEXT arguments, else the lines of --input (- or none: standard "
                                    "input); for a sentence-pair task, the two sentences of an input are "
-                                   "separated by a tab.")
+                                   "separated by a tab. A .jsonl, .csv or .tsv --input is a table: one input "
+                                   "per row, from its text (and pair) column.")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="inputs (default: read from --input)")
     p.add_argument("--adapter", required=True, metavar="RUN_DIR", help="folder written by `peftkit train`")
-    p.add_argument("--input", metavar="FILE", help="UTF-8 text file, one input per line (- : standard input)")
+    p.add_argument("--input", metavar="FILE", help="UTF-8 text file, one input per line (- : standard input); or a "
+                                                   ".jsonl/.csv/.tsv table, one input per row")
+    p.add_argument("--text-column", help="a table --input's text column (default: the run's, else sentence, text or "
+                                         "sentence1; causal-LM runs: prompt, else text)")
+    p.add_argument("--pair-column", help="a table --input's second-sentence column (pair tasks; default: the run's, "
+                                         "else sentence2)")
     p.add_argument("--json", action="store_true", help="print one JSON object per input instead of tab-separated "
                                                        "columns")
     p.add_argument("--max-new-tokens", type=_positive_int,
@@ -588,14 +594,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.texts and args.input:
         raise ConfigError("give inputs either as TEXT arguments or with --input, not both")
+    suffix = Path(args.input).suffix.lower() if args.input not in (None, "-") else ""
+    table = suffix in (".jsonl", ".csv", ".tsv")
+    for flag, value in (("--text-column", args.text_column), ("--pair-column", args.pair_column)):
+        if value is not None and not table:
+            raise ConfigError(f"{flag} {value!r} applies to a .jsonl, .csv or .tsv --input (a table of rows); "
+                              f"{'the TEXT arguments are' if args.texts else 'plain-text input is'} one input per "
+                              "argument or line")
+    cfg, raw = read_run_config(Path(args.adapter))
+    causal = cfg.task == CAUSAL_LM
+    pair = run_shape(cfg, raw)["pair"]
     if args.texts:
         lines = list(args.texts)
+    elif table:
+        lines = []
     else:
-        suffix = Path(args.input).suffix.lower() if args.input not in (None, "-") else ""
-        if suffix in (".jsonl", ".csv", ".tsv"):  # read as text, each row would be classified with its syntax
-            raise ConfigError(f"--input {args.input!r} is a {suffix} file of rows; predict reads plain text, one input "
-                              "per line (a sentence pair as two texts separated by a tab): write the texts out one per "
-                              "line, or score a labelled file with `peftkit eval --adapter RUN --eval-file FILE`")
         if args.input in (None, "-") and sys.stdin.isatty():
             raise ConfigError("no input: give TEXT arguments, --input FILE, or pipe lines into standard input")
         try:
@@ -611,8 +624,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise DataError(f"--input {args.input!r} cannot be read ({err.strerror}); give a text file") from None
         # lines end at \n, \r\n or \r only (str.splitlines also breaks at \x0c, \x1c, \x85, U+2028, ...)
         lines = [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
-    cfg, raw = read_run_config(Path(args.adapter))
-    causal = cfg.task == CAUSAL_LM
     if not causal and args.max_new_tokens is not None:
         kind = "file" if cfg.train_file else str(cfg.task)
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} has no effect: {args.adapter!r} is a {kind} "
@@ -622,8 +633,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                           "prompts are continued one at a time")
     if causal and not args.texts:  # a prompt line from a file may hold newlines as \n (how the output writes them)
         lines = [_unescape(line) for line in lines]
-    pair = run_shape(cfg, raw)["pair"]
-    inputs: list[Any] = []
+    inputs: list[Any] = _table_inputs(args, cfg, causal, pair) if table else []
     for n, line in enumerate(lines):
         if pair:
             parts = line.split("\t")
@@ -646,6 +656,49 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{res['label']}\t{res['probability']:.4f}\t{text}")
     return 0
+
+
+def _table_inputs(args: argparse.Namespace, cfg: Any, causal: bool, pair: bool) -> list[Any]:
+    """The inputs of a ``.jsonl``/``.csv``/``.tsv`` ``--input``, one per row: its text column (``--text-column``,
+    else the run's own, else the first of ``sentence``, ``text``, ``sentence1``; for a causal-LM run ``prompt``,
+    else ``text``) and, for a sentence-pair run, the ``(text, pair)`` tuple (``--pair-column``, else the run's,
+    else ``sentence2``). Other columns (a label, say) are ignored.
+
+    Raises:
+        ConfigError: ``--pair-column`` for a run on single sentences.
+        DataError: an unreadable table (see :func:`~peftkit.train.data.read_table`), a row without the column,
+            or a value that is not text (the line and the columns present are named).
+    """
+    from peftkit.train.data import DataError, read_table
+
+    if args.pair_column is not None and not pair:
+        raise ConfigError(f"--pair-column {args.pair_column!r} does not apply: {args.adapter!r} is a "
+                          f"{'causal-lm' if causal else 'single-sentence'} run")
+    rows = read_table(args.input)
+    if not rows:
+        raise DataError(f"--input {args.input}: the table has no rows, so there is no input to predict on")
+    first = rows[0]
+    usual = ("prompt", "text") if causal else ("sentence", "text", "sentence1")
+    text_col = args.text_column or cfg.text_column or next((c for c in usual if c in first), None)
+    if text_col is None:
+        raise DataError(f"--input {args.input}: line {first.line} has no text column (looked for "
+                        f"{', '.join(usual)}); columns present: {list(first)}; name it with --text-column")
+    cols = [(text_col, "--text-column")]
+    if pair:
+        cols.append((args.pair_column or cfg.pair_column or "sentence2", "--pair-column"))
+    inputs: list[Any] = []
+    for row in rows:
+        values = []
+        for col, flag in cols:
+            if col not in row:
+                raise DataError(f"--input {args.input}: line {row.line} has no column {col!r}; columns present: "
+                                f"{list(row)}; name the right one with {flag}")
+            value = row[col]
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise DataError(f"--input {args.input}: line {row.line}'s column {col!r} holds {value!r}, not text")
+            values.append(str(value))
+        inputs.append(tuple(values) if pair else values[0])
+    return inputs
 
 
 #: characters other than \n and \r at which readers (Python's str.splitlines) also break lines
