@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,29 @@ def test_a_cell_held_by_another_process_is_not_started_twice(tmp_path):
         os.close(fd)
     finally:
         os.close(held)
+
+
+def test_an_interrupted_sweep_brings_its_report_up_to_date(tmp_path, monkeypatch, capsys):
+    """Ctrl-C left the report.md of an earlier run of the sweep in place, describing fewer cells than the folder
+    holds; now the report is rewritten from the cells finished so far, and the message says so."""
+    from dataclasses import asdict
+
+    import peftkit.bench
+    from peftkit.cli import main
+
+    def interrupted_sweep(cfg, progress=True, jobs=1):  # the sweep as Ctrl-C leaves it: settings written, no cell
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "bench_config.json").write_text(json.dumps({**asdict(cfg), "jobs": jobs}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peftkit.bench, "run_sweep", interrupted_sweep)
+    argv = ["bench", "--methods", "lora", "--tasks", "sst2", "--seeds", "0", "--output-dir", str(tmp_path),
+            "--no-progress"]
+    (tmp_path / "bench_config.json").write_text("{}")  # an earlier run of this sweep, with its report
+    (tmp_path / "report.md").write_text("# stale report\n")
+    monkeypatch.setattr(peftkit.bench.BenchConfig, "check_folder", lambda self: None)
+    assert main(argv) == 130
+    report = (tmp_path / "report.md").read_text()
+    assert "stale" not in report and "| lora | not run yet |" in report and "| full | not run yet |" in report
+    err = capsys.readouterr().err
+    assert f"peftkit: interrupted; {tmp_path / 'report.md'} shows the cells finished so far" in err

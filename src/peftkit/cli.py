@@ -842,7 +842,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                           output_dir=args.output_dir, model=args.model, data_dir=args.data_dir,
                           max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
                           train_args=list(args.train_arg), save_every=args.save_every)
-    records = collect(cfg) if args.report_only else run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
     extra = f" plus `{' '.join(cfg.train_args)}`" if cfg.train_args else ""
     jobs = args.jobs
     if args.report_only:  # the cells ran with the jobs of the last run, not of this command
@@ -851,6 +850,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     notes = (f"Base model: {cfg.model or 'all-MiniLM-L6-v2 (embedded)'}; {cfg.max_steps} steps of {cfg.batch_size} "
              f"rows per cell; seeds {cfg.seeds}; each method at its `peftkit train` defaults{extra}; {jobs} "
              "cell(s) at a time.")
+    if args.report_only:
+        records = collect(cfg)
+    else:
+        started = False
+        try:
+            cfg.check_folder()  # (run_sweep checks it again) a folder of another sweep keeps its report untouched
+            started = True
+            records = run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
+        except KeyboardInterrupt as err:
+            # the report of the folder (an earlier run's, or none) is brought up to the cells finished so far
+            if started and (Path(cfg.output_dir) / "bench_config.json").is_file():
+                try:
+                    path = write_report(collect(cfg), cfg.output_dir, notes=notes)
+                    err.peftkit_note = (f"{path} shows the cells finished so far; run the same command again to "
+                                        "continue the sweep")
+                except (ConfigError, OSError):  # a damaged cell: the next run names it
+                    pass
+            raise
     path = write_report(records, cfg.output_dir, notes=notes)
     pending = sum(r.get("error") == NOT_RUN for r in records)
     failed = sum("error" in r for r in records) - pending

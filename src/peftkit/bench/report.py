@@ -15,6 +15,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from peftkit.formats.hf_peft import atomic_write_bytes
+
 #: the error text of a cell that has not run yet (see :func:`peftkit.bench.arena.collect`)
 NOT_RUN = "not run"
 
@@ -95,7 +97,7 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = summarise(records)
-    (out / "report.json").write_text(json.dumps({"cells": records}, indent=2, default=str) + "\n")
+    atomic_write_bytes(out / "report.json", (json.dumps({"cells": records}, indent=2, default=str) + "\n").encode())
     plots = _plots(s, out)
     lines = [f"# {title}", ""]
     if notes:
@@ -140,7 +142,7 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
         lines += [f"- {r['method']} / {r['task']} / seed {r['seed']}: {r['error']}" for r in s["failures"]]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 
