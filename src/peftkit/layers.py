@@ -346,6 +346,11 @@ class AdaptedLayer(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The base layer's output on ``x`` with the active adapters applied, in order; the base layer alone
+        when disabled or no adapter is active. With per-row adapter names set on the shared
+        :class:`AdapterContext` (mixed batches), each group of rows gets its own adapter (a batch of one
+        row is broadcast to all names). Shapes are the base layer's (``(..., in) -> (..., out)`` for a
+        linear layer); ``args``/``kwargs`` go to the base layer unchanged."""
         ctx = self._ctx
         if ctx is not None and ctx.row_names is not None and not self.disabled:
             rows = len(ctx.row_names) if x.shape[0] == 1 else x.shape[0]  # one row shared by all: broadcast
@@ -608,6 +613,10 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The first active adapter's trained copy of the module on the arguments (the original module when
+        none is active); with per-row adapter names set (mixed batches), each group of rows runs through its
+        own adapter's copy and the outputs are put back in row order. The original module runs when the
+        wrapper is disabled."""
         ctx = self._ctx
         if ctx is not None and ctx.row_names is not None and not self.disabled:
             return self._mixed_forward(ctx, args, kwargs)

@@ -93,6 +93,7 @@ class PHMLinear(nn.Module):
         return torch.einsum("kab,kij->aibj", self.phm_rule, w).reshape(n * p, n * q)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x H + b``: ``x: (..., in) -> (..., out)``."""
         return torch.addmm(self.b, x.reshape(-1, x.shape[-1]), self.matrix()).reshape(*x.shape[:-1], -1)
 
 
@@ -234,6 +235,9 @@ class SublayerLayer(AdaptedLayer):
         return [(a, None) for a in self._plan]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The sub-layer's output (same structure and shapes as the wrapped module's: ``(batch, seq, hidden)``
+        or a tuple starting with it) with the active adapters' branches added; adapters AdapterDrop skips in
+        this step join the graph at weight zero. Arguments go to the wrapped module."""
         planned = self._jobs(args, kwargs)
         jobs = [(a, idx) for a, idx in planned if not a.dropped]
         if len(jobs) < len(planned):  # the dropped ones join the graph at weight zero (see layers.skipped)

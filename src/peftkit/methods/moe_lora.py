@@ -133,8 +133,9 @@ class MoeLoraLinear(Adapter):
         nn.init.zeros_(self.lora_B.weight)
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(gates, probs)``: per-token expert weights ``(..., E)`` (top-k renormalised for ``top_k >= 2``,
-        ``p_e`` itself for ``top_k = 1``; zero elsewhere) and the full router probabilities."""
+        """``(gates, probs)`` for ``x: (..., in)``: per-token expert weights ``(..., E)`` (top-k renormalised for
+        ``top_k >= 2``, ``p_e`` itself for ``top_k = 1``; zero elsewhere) and the full router probabilities
+        ``(..., E)``, both float32."""
         probs = F.softmax(self.lora_router(x).float(), dim=-1)
         top, idx = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:

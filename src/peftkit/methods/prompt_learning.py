@@ -245,6 +245,7 @@ class VirtualTokens(nn.Module):
         return table
 
     def forward(self) -> Tensor:
+        """The virtual-token embeddings ``(P, width)``: the table itself once folded, else :meth:`project` of it."""
         table = self.embedding.weight
         return table if self.folded else self.project(table)
 
