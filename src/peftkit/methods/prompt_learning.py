@@ -31,6 +31,14 @@ How a call is rewritten (``L`` real tokens, ``B`` rows):
 
 While the adapter is inactive, ``disable_adapter()`` is in force, or the model is unloaded, nothing
 is rewritten. Mixed-adapter batches (``adapter_names=``) naming a prompt adapter raise ``ValueError``.
+
+Papers of the methods built on this machinery (each method's module gives the details):
+  Lester et al., "The Power of Scale for Parameter-Efficient Prompt Tuning", 2021, arXiv:2104.08691
+    (:mod:`peftkit.methods.prompt_tuning`).
+  Liu et al., "GPT Understands, Too", 2021, arXiv:2103.10385 (P-tuning, :mod:`peftkit.methods.p_tuning`).
+  Li and Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", 2021, arXiv:2101.00190, and
+    Liu et al., "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across Scales and
+    Tasks", 2021, arXiv:2110.07602 (:mod:`peftkit.methods.prefix_tuning`).
 """
 
 from __future__ import annotations

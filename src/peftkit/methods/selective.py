@@ -26,6 +26,18 @@ Files hold exactly these tensors under ``base_model.model.<module>.diff_<name>[_
 diff pruning's dense training form is written sparse (its non-zero entries). The trainable set is
 chosen when the adapter is added (BitFit, partial, diff pruning, Child-Tuning-F) or from data once
 before training (FISH, Child-Tuning-D: :meth:`peftkit.PeftModel.peft_prepare`).
+
+Papers of the methods built on this machinery (each method's module gives the details):
+  Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
+    Language-models", 2021, arXiv:2106.10199 (:mod:`peftkit.methods.bitfit`).
+  Lee et al., "What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning", 2019, arXiv:1911.03090
+    (:mod:`peftkit.methods.partial`).
+  Guo et al., "Parameter-Efficient Transfer Learning with Diff Pruning", 2020, arXiv:2012.07463
+    (:mod:`peftkit.methods.diff_pruning`).
+  Sung et al., "Training Neural Networks with Fixed Sparse Masks", 2021, arXiv:2111.09839
+    (FISH mask, :mod:`peftkit.methods.fish`; the Fisher-information selection of :class:`FisherMaskTuner`).
+  Xu et al., "Raise a Child in Large Language Model: Towards Effective and Generalizable Fine-tuning", 2021,
+    arXiv:2109.05687 (Child-Tuning, :mod:`peftkit.methods.child_tuning`).
 """
 
 from __future__ import annotations
