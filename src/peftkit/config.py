@@ -60,7 +60,11 @@ class AdapterNotFoundError(FileNotFoundError, ValueError):
 
 
 def check(condition: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds.
+
+    Raises:
+        ConfigError: ``condition`` is false; the error's message is ``message``.
+    """
     if not condition:
         raise ConfigError(message)
 

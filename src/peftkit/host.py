@@ -62,6 +62,13 @@ class AdapterModel(nn.Module):
         members: adapter name -> the names of its *parts* (a composed adapter, see :meth:`add_member`). A
             part is an adapter like any other for layers and tuners (its config is in ``peft_config``), but
             users only address its owner, with which it is activated, trained, merged, saved and deleted.
+
+    Args:
+        model: the model to adapt (a ``transformers`` model or any ``nn.Module``); it is held, not copied.
+
+    Raises:
+        ConfigError: ``model`` already holds peftkit adapters (a wrapped layer, or a soft-prompt hook); add
+            more through its ``PeftModel.add_adapter``, or start from ``unload()``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -335,7 +342,11 @@ class AdapterModel(nn.Module):
     def check_known(self, names: Sequence[str], rows: bool = False) -> None:
         """Raise :class:`ConfigError` naming any of ``names`` that is not an adapter of this model (the parts
         of composed adapters are not addressable); with ``rows`` (names of batch rows) the message also
-        offers ``'__base__'``."""
+        offers ``'__base__'``. Default ``rows=False``.
+
+        Raises:
+            ConfigError: some of ``names`` are unknown; the message lists them and this model's adapters.
+        """
         public = self.public_names()
         unknown = [n for n in names if n not in public]
         if unknown:

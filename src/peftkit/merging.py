@@ -71,7 +71,12 @@ def dare_drop(t: Tensor, density: float, generator: torch.Generator | None = Non
 
 
 def elect_sign(stacked: Tensor, method: str = "total") -> Tensor:
-    """Per-entry elected sign (+1/-1) of ``stacked: (n, ...)``; ``total`` or ``frequency``; 0 goes to +1."""
+    """Per-entry elected sign (+1/-1) of ``stacked: (n, ...)``, shape ``(...)``; ``method`` ``"total"``
+    (default: sign of the sum, TIES) or ``"frequency"`` (sign of the count of signs); a tie (0) goes to +1.
+
+    Raises:
+        ConfigError: ``method`` is neither ``"total"`` nor ``"frequency"``.
+    """
     check(method in ("total", "frequency"), f"majority_sign_method={method!r} must be 'total' or 'frequency'")
     votes = stacked.sum(0) if method == "total" else stacked.sign().sum(0)
     return torch.where(votes >= 0, 1.0, -1.0)

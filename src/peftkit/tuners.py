@@ -47,7 +47,12 @@ class Tuner:
     method = "PEFT method"
 
     def inject(self, host: AdapterModel, config: PeftConfig, adapter_name: str) -> None:  # pragma: no cover
-        """Add adapter ``adapter_name`` described by ``config`` to ``host.model``."""
+        """Add adapter ``adapter_name`` described by ``config`` to ``host.model``.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it. Implementations raise
+                :class:`~peftkit.config.ConfigError` when the config does not fit the model.
+        """
         raise NotImplementedError
 
     def trainable_base_params(self, model: nn.Module, config: Any, targets: list[str]) -> list[str]:
@@ -145,7 +150,11 @@ class WrapTuner(Tuner):
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:  # pragma: no cover - abstract
         """The module classes the method can wrap; a target matched by the config's patterns that is of
-        another class makes :meth:`find` raise ``ConfigError``."""
+        another class makes :meth:`find` raise ``ConfigError``.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def make_adapter(self, base: nn.Module, config: Any, module_name: str) -> Adapter:  # pragma: no cover

@@ -424,7 +424,12 @@ def _saved_bytes(folder: Path, method: str) -> int:
 
 
 def collect(cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Records of every cell of ``cfg`` from disk (see :func:`run_sweep`)."""
+    """Records of every cell of ``cfg`` from disk (see :func:`run_sweep`).
+
+    Raises:
+        ConfigError: a cell's ``metrics.json`` is damaged (not a JSON object, no metric with its value, or a
+            reported field missing); the message says to delete the cell's folder and run the sweep again.
+    """
     root = Path(cfg.output_dir)
     out = []
     for cell in cells(cfg):

@@ -249,7 +249,16 @@ class SublayerLayer(AdaptedLayer):
         return self.forward_jobs(jobs, args, kwargs)
 
     def forward_jobs(self, jobs: list[tuple[BottleneckAdapter, Tensor | None]], args: tuple, kwargs: dict) -> Any:
-        """The sub-layer's output with ``jobs``' branches added (the base output when there are none)."""
+        """The sub-layer's output with ``jobs``' branches added (the base output when there are none).
+
+        ``jobs``: ``(adapter, row indices or None)`` pairs (None: all rows); ``args``/``kwargs``: the call's.
+
+        Raises:
+            TypeError: the sub-layer was called without its input (no positional argument and no
+                ``hidden_states=``).
+            ValueError: the input's leading dimensions differ from the output's (e.g. a pooler, ``(batch, seq,
+                d) -> (batch, d)``), so ``A(x)`` cannot be added.
+        """
         if not jobs:
             return self.base_layer(*args, **kwargs)
         if self.residual_arg:

@@ -136,6 +136,13 @@ class DyLoraTuner(WrapTuner):
         return linear_types()
 
     def inject(self, host: Any, config: DyLoraConfig, adapter_name: str) -> None:
+        """As :meth:`WrapTuner.inject`, with one :class:`RankState` shared by the adapter's layers (its rank
+        drawn before each training forward by a pre-hook on the model, kept in ``host.tuner_state``).
+
+        Raises:
+            ConfigError: ``eval_rank`` is larger than the adapter's largest rank, or as
+                :meth:`WrapTuner.inject`.
+        """
         state = RankState(max(config.rank_and_alpha(t)[0] for t in self.find(host, config)))
         if config.eval_rank is not None:
             check(config.eval_rank <= state.max_rank, f"eval_rank={config.eval_rank} is more than the largest rank of "

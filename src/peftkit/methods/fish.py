@@ -59,7 +59,11 @@ class FishMaskConfig(SelectiveConfig):
 
 
 def check_num_samples(value: Any) -> None:
-    """Raise ConfigError unless ``value`` is an integer >= 1."""
+    """Check ``num_fisher_samples``: ``value`` must be an integer >= 1.
+
+    Raises:
+        ConfigError: ``value`` is not an integer (bool excluded) >= 1.
+    """
     check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
           f"num_fisher_samples={value!r} is not valid; it must be an integer >= 1")
 

@@ -106,7 +106,11 @@ class LycorisAdapter(Adapter):
 
     def delta(self, dtype: torch.dtype | None = None) -> Tensor:  # pragma: no cover - abstract
         """The canonical delta, scaled, built from the parameters cast to ``dtype`` (default: as they
-        are); differentiable."""
+        are); differentiable.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def weights(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -156,8 +160,12 @@ class LycorisTuner(WrapTuner):
 
     def config_from_cli(self, config_cls: type[LycorisConfig]) -> Any:
         """The ``cli_config`` of the method: ``config_cls`` from ``peftkit train`` options (``--r``,
-        ``--lora-alpha`` as ``alpha``, ``--target-modules``); a ``--lora-dropout`` other than 0 is refused
-        (ConfigError), as these methods drop ranks or whole modules instead."""
+        ``--lora-alpha`` as ``alpha``, ``--target-modules``; defaults ``r=8``, ``"all-linear"``); a
+        ``--lora-dropout`` other than 0 is refused, as these methods drop ranks or whole modules instead.
+
+        Raises:
+            ConfigError: (when the returned function is called) ``--lora-dropout`` is not 0.
+        """
         def from_cli(args: Any) -> LycorisConfig:
             check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout} has no meaning for {self.method}; "
                                           "use --option rank_dropout=P or --option module_dropout=P")

@@ -183,7 +183,12 @@ class MoeLoraTuner(WrapTuner):
     def regularizer(self, host: Any, adapter_name: str) -> Tensor | None:
         """``coef`` times the mean load-balancing term of the routers that ran in the latest forward (in
         training mode, on rows of this adapter); None when none did (an eval forward, a mixed batch
-        without this adapter's rows, a forward under ``disable_adapter``)."""
+        without this adapter's rows, a forward under ``disable_adapter``).
+
+        Raises:
+            RuntimeError: the routers train but the latest forward's terms carry no gradient (e.g. reentrant
+                gradient checkpointing ran the layers under ``no_grad``), so they could not learn to balance.
+        """
         coef = host.peft_config[adapter_name].router_aux_loss_coef
         adapters = [layer.adapters[adapter_name] for _, layer in host.wrappers()
                     if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters]

@@ -71,6 +71,14 @@ class PartialTuner(SelectTuner):
     method = "partial fine-tuning"
 
     def select(self, host: Any, config: PartialConfig) -> list[tuple[str, tuple[str, ...]]]:
+        """``(module name, parameter names)`` to train: the selectable parameters of the targeted modules, in
+        the top ``num_top_layers`` blocks when that is set.
+
+        Raises:
+            ConfigError: ``num_top_layers`` is set but no block index is found in the model's module names
+                (set ``layers_pattern``), or it exceeds the number of blocks; or as
+                :func:`~peftkit.methods.selective.select_parameters`.
+        """
         layers = None
         if config.num_top_layers is not None:
             found = {layer_index(name, config.layers_pattern) for name, _ in iter_logical_modules(host.model)}

@@ -315,7 +315,11 @@ class PromptTuner(Tuner):
     def build(self, config: Any, model: nn.Module, shape: ModelShape) -> VirtualTokens:  # pragma: no cover
         """A new adapter's :class:`VirtualTokens` for the completed ``config``: ``forward() -> (P, width)``.
         Built folded (the table only, no reparameterisation) when ``config.inference_mode``; ``inject``
-        then moves it to the device of the model's input embeddings."""
+        then moves it to the device of the model's input embeddings.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def insert(self, call: PromptCall, tokens: Tensor) -> None:
@@ -323,6 +327,14 @@ class PromptTuner(Tuner):
         call.prepend_embeddings(tokens)
 
     def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
+        """Complete ``config`` from the model's shape (sizes it reads; restored on failure), build the
+        :class:`VirtualTokens` into ``host.extra_modules[adapter_name]`` and install the hooks that rewrite
+        each call of the model.
+
+        Raises:
+            ConfigError: ``num_virtual_tokens`` leaves no learned position for the input, the model's shape
+                cannot be read (see :func:`model_shape`), or the config does not fit it.
+        """
         model = host.model
         shape = model_shape(model, self.method if self.supports_encoder_decoder else None)
         positions = position_table(model)[0]
@@ -375,6 +387,13 @@ class PromptCall:
         strip: how many leading positions of the token-level logits to drop afterwards.
         made_cache: whether the rewrite created the cache (it is dropped from the output unless the call
             asked for caching).
+
+    Args:
+        model: the adapted model. kwargs: the call's keyword arguments (rewritten in place).
+        num_virtual: ``P``, the number of virtual tokens.
+
+    Raises:
+        ValueError: the call has neither ``input_ids`` nor ``inputs_embeds``, or both.
     """
 
     def __init__(self, model: nn.Module, kwargs: dict[str, Any], num_virtual: int) -> None:

@@ -122,7 +122,12 @@ class SelectiveConfig(PeftConfig):
 
 
 def check_fraction(name: str, value: Any, low_open: bool, high_open: bool) -> None:
-    """Raise ConfigError unless ``value`` is a number in the interval (open/closed ends as given)."""
+    """Check that ``value`` (the field ``name``) is a number in the interval from 0 to 1, its ends open or
+    closed as ``low_open`` / ``high_open`` say (e.g. both False: ``[0, 1]``).
+
+    Raises:
+        ConfigError: ``value`` is not a number (bool excluded) in that interval; the message names ``name``.
+    """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
     interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
