@@ -29,7 +29,7 @@ from peftkit.ops import Dropout
 
 
 def gelu_tanh(t: Tensor) -> Tensor:
-    """GELU with the tanh approximation (transformers' ``gelu_new``)."""
+    """GELU with the tanh approximation (transformers' ``gelu_new``), elementwise on ``t`` (any shape)."""
     return F.gelu(t, approximate="tanh")
 
 

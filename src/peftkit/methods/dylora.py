@@ -214,7 +214,8 @@ def set_dylora_rank(model: Any, rank: int, adapter_name: str = "default") -> Non
 
 
 def dylora_from_cli(args: Any) -> DyLoraConfig:
-    """Build a :class:`DyLoraConfig` from ``peftkit train`` options."""
+    """Build a :class:`DyLoraConfig` from ``peftkit train`` options ``args``, as :func:`~peftkit.methods.lora.lora_from_cli`
+    (defaults ``r=8``, ``target_modules="all-linear"``)."""
     return lora_from_cli(args, DyLoraConfig)
 
 

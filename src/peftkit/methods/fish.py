@@ -76,7 +76,7 @@ class FishMaskTuner(FisherMaskTuner):
 
 
 def fish_from_cli(args: Any) -> FishMaskConfig:
-    """Build a :class:`FishMaskConfig` from ``peftkit train`` options (``--option keep_ratio=0.01``)."""
+    """Build a :class:`FishMaskConfig` from ``peftkit train`` options ``args`` (``--option keep_ratio=0.01``; other fields at their defaults)."""
     return FishMaskConfig(target_modules=args.target_modules, task_type=args.task_type)
 
 

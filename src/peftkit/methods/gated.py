@@ -301,19 +301,22 @@ class _ScalePrefix:
 
 
 def gated_lora_from_cli(args: Any) -> GatedLoraConfig:
-    """``peftkit train --method gated-lora``: rank 8 (``--r``), ``s = lora_alpha / r`` from the options."""
+    """``peftkit train --method gated-lora``: options ``args``; rank ``--r`` (default 8), ``s = lora_alpha / r``,
+    ``--lora-dropout``, ``--target-modules`` (default ``"all-linear"``)."""
     return GatedLoraConfig(r=args.r or 8, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                            target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 
 
 def gated_prefix_from_cli(args: Any) -> GatedPrefixTuningConfig:
-    """``peftkit train --method gated-prefix``: 20 prefixes trained through the MLP (width 128)."""
+    """``peftkit train --method gated-prefix``: 20 prefixes trained through the MLP (width 128); of the options
+    ``args`` only ``--task-type`` is read."""
     return GatedPrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128,
                                    task_type=args.task_type)
 
 
 def gated_adapter_from_cli(args: Any) -> GatedBottleneckConfig:
-    """``peftkit train --method gated-adapter``: Pfeiffer placement, ``m = d // 16``."""
+    """``peftkit train --method gated-adapter``: Pfeiffer placement, ``m = d // 16``; of the options ``args``
+    ``--target-modules`` and ``--task-type`` are read."""
     return GatedBottleneckConfig(target_modules=args.target_modules, task_type=args.task_type)
 
 

@@ -208,7 +208,9 @@ class MoeLoraTuner(WrapTuner):
 
 
 def moe_lora_from_cli(args: Any) -> MoeLoraConfig:
-    """MoE-LoRA from ``peftkit train`` options (4 experts, top-2 unless ``--option`` says otherwise)."""
+    """MoE-LoRA from ``peftkit train`` options ``args`` (``--r`` default 8, ``--lora-alpha``, ``--lora-dropout``,
+    ``--target-modules`` default ``"all-linear"``; the config's defaults of 4 experts, top-2, unless ``--option``
+    says otherwise)."""
     return MoeLoraConfig(r=args.r or 8, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                          target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 

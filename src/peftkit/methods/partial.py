@@ -94,7 +94,7 @@ class PartialTuner(SelectTuner):
 
 
 def partial_from_cli(args: Any) -> PartialConfig:
-    """Build a :class:`PartialConfig` from ``peftkit train`` options: the top 2 blocks unless
+    """Build a :class:`PartialConfig` from ``peftkit train`` options ``args``: the top 2 blocks unless
     ``--target-modules`` or ``--option layers_to_transform=[...]`` says otherwise."""
     layers = args.method_options.get("layers_to_transform")
     explicit = args.target_modules is not None or layers is not None
