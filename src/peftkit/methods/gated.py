@@ -66,7 +66,11 @@ class GatedLoraConfig(LoraConfig):
 
 class GatedLoraLinear(LoraLinear):
     """LoRA on a linear layer times the gate ``g(x)``; ``lora_gate: Linear(in, 1)``. Shapes as
-    :class:`~peftkit.methods.lora.LoraLinear`; ``seq`` is the :class:`SequenceMask` its gate pools with."""
+    :class:`~peftkit.methods.lora.LoraLinear`; ``seq`` is the :class:`SequenceMask` its gate pools with.
+
+    Args: as :class:`~peftkit.methods.lora.LoraLinear` (``in_features``, ``out_features``, ``r``, ``scaling``,
+    ``dropout``, ``lora_bias`` default False, ``transposed`` default False); the gate reads ``in_features``.
+    """
 
     mergeable = False
     fuses_base = False
@@ -124,7 +128,11 @@ class GatedBottleneckConfig(BottleneckConfig):
 
 
 class GatedBottleneckAdapter(BottleneckAdapter):
-    """A bottleneck adapter times the gate of its input; ``adapter_gate: Linear(d, 1)``."""
+    """A bottleneck adapter times the gate of its input; ``adapter_gate: Linear(d, 1)``.
+
+    Args:
+        width: the hidden size ``d``; the other arguments are :class:`BottleneckAdapter`'s.
+    """
 
     def __init__(self, width: int, *args: Any, **kwargs: Any) -> None:
         super().__init__(width, *args, **kwargs)
@@ -210,7 +218,13 @@ class GatedPrefixTuningConfig(PrefixTuningConfig):
 
 
 class GatedPrefixEncoder(PrefixEncoder):
-    """:class:`PrefixEncoder` plus the per-layer gates ``prefix_gate: Linear(d, N)`` (row ``l`` gates layer ``l``)."""
+    """:class:`PrefixEncoder` plus the per-layer gates ``prefix_gate: Linear(d, N)`` (row ``l`` gates layer ``l``).
+
+    Args:
+        config: the adapter's config (``N = config.num_layers``).
+        hidden_size: ``d``, the width of the hidden states the gates read.
+        folded: build without the reparameterisation (as :class:`PrefixEncoder`). Default False.
+    """
 
     def __init__(self, config: GatedPrefixTuningConfig, hidden_size: int, folded: bool = False) -> None:
         super().__init__(config, folded)

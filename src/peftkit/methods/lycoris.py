@@ -95,6 +95,11 @@ class LycorisAdapter(Adapter):
 
     Subclasses give :meth:`delta` (the canonical delta, see :mod:`peftkit.methods._reparam`) and may
     override :meth:`side` to apply it to ``x`` without building it.
+
+    Args:
+        layout: the base layer's weight layout (:class:`~peftkit.methods._reparam.Layout`).
+        r: the rank; alpha: the scaling numerator (``scaling = alpha / r``).
+        config: the adapter's config, for ``rank_dropout`` and ``module_dropout``.
     """
 
     rescale_rank_dropout = True
@@ -175,7 +180,8 @@ class LycorisTuner(WrapTuner):
 
 
 def effective_conv(layout: rp.Layout, config: LycorisConfig) -> bool:
-    """Whether the kernel gets its own core tensor: asked for, a convolution, kernel not all ones."""
+    """Whether the kernel gets its own core tensor: asked for in ``config`` (``use_effective_conv2d``), the
+    ``layout`` is a convolution's, and its kernel is not all ones."""
     return config.use_effective_conv2d and layout.kind == "conv" and any(k != 1 for k in layout.kernel)
 
 

@@ -131,7 +131,14 @@ class PromptLearningConfig(PeftConfig):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a transformer that virtual tokens must fit (from ``model.config``)."""
+    """The sizes of a transformer that virtual tokens must fit (from ``model.config``).
+
+    Attributes:
+        hidden_size: width of the hidden states. num_layers: transformer blocks (of the decoder, or of each
+            stack). num_heads / num_kv_heads: attention and key/value heads. head_dim: width of one head.
+        embed_dim: the input embeddings' width (the hidden size, or less: ALBERT, ELECTRA-small, OPT-350m).
+        encoder_decoder: T5, BART, ...: the virtual tokens go before the encoder's input. Default False.
+    """
 
     hidden_size: int
     num_layers: int
@@ -438,7 +445,12 @@ class PromptCall:
 
 
 class PromptHooks:
-    """The pre-hook and hook on the adapted model that apply one soft-prompt adapter to every call."""
+    """The pre-hook and hook on the adapted model that apply one soft-prompt adapter to every call.
+
+    Args:
+        host: the :class:`~peftkit.host.AdapterModel` holding the adapter (hooks go on ``host.model``).
+        adapter_name: the adapter they apply. tuner: its :class:`PromptTuner` (which inserts the tokens).
+    """
 
     def __init__(self, host: AdapterModel, adapter_name: str, tuner: PromptTuner) -> None:
         self.host, self.name, self.tuner = host, adapter_name, tuner
@@ -574,6 +586,8 @@ class EncoderPromptHooks:
     leading ones, and the decoder's cross-attention mask gets the same ``P`` ones; decoder inputs, labels and
     logits are left as they are. The hooks sit on ``get_encoder()`` and ``get_decoder()``, not on the whole
     model, so ``generate()``, which runs the encoder once by itself and then only the decoder, is covered too.
+
+    Args: as :class:`PromptHooks` (``host``, ``adapter_name``, ``tuner``).
     """
 
     def __init__(self, host: AdapterModel, adapter_name: str, tuner: PromptTuner) -> None:
@@ -595,8 +609,9 @@ class EncoderPromptHooks:
     applies = PromptHooks.applies
 
     def before_encoder(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        """Encoder pre-hook: when :meth:`applies`, ``inputs_embeds`` with the virtual tokens in front and the
-        mask (if given) extended; else None.
+        """Encoder pre-hook: when :meth:`applies`, ``inputs_embeds`` ``(B, P + L, d)`` with the virtual tokens in
+        front and the mask (if given) extended; else None. ``module``/``args``/``kwargs``: the encoder and its
+        call.
 
         Raises:
             ValueError: as :meth:`PromptHooks.applies`; neither or both of ``input_ids`` and ``inputs_embeds``;
@@ -634,7 +649,8 @@ class EncoderPromptHooks:
 
     def before_decoder(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         """Decoder pre-hook: when :meth:`applies` and the encoder's states are ``P`` longer than the given
-        ``encoder_attention_mask`` (they hold the virtual tokens), that mask with ``P`` leading ones; else None."""
+        ``encoder_attention_mask`` (they hold the virtual tokens), that mask with ``P`` leading ones; else None.
+        ``module``/``args``/``kwargs``: the decoder and its call, as for any ``with_kwargs`` pre-hook."""
         if not self.applies():
             return None
         kw = _as_keywords(module, self.decoder_args, args, kwargs)

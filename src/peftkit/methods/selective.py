@@ -71,7 +71,8 @@ SELECTABLE = ("weight", "bias")
 
 
 def index_dtype(numel: int) -> torch.dtype:
-    """int32 indices for tensors with fewer than 2**31 entries, else int64 (halves the file size)."""
+    """The index dtype for a tensor of ``numel`` entries: int32 below 2**31 entries (halves the file size),
+    else int64."""
     return torch.int32 if numel < 2**31 else torch.int64
 
 

@@ -395,7 +395,14 @@ def examples_from_rows(rows: list[dict[str, Any]], text_column: str | None, labe
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Examples tokenised once; items are dicts of 1-D ``input_ids`` (and friends) plus ``labels``."""
+    """Examples tokenised once; items are dicts of 1-D ``input_ids`` (and friends) plus ``labels``.
+
+    Args:
+        examples: dicts with ``text``, ``text_pair`` (None for single sentences) and ``label``.
+        tokenizer: a transformers tokenizer; texts are truncated to ``max_length`` tokens, not padded
+            (:func:`collate` pads a batch).
+        regression: whether labels are floats (kept as ``self.regression``). Default False.
+    """
 
     def __init__(self, examples: list[Example], tokenizer: Any, max_length: int, regression: bool = False) -> None:
         texts = [e["text"] for e in examples]
