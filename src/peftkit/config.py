@@ -146,7 +146,7 @@ def _misfit_entry(value: Any, tp: Any) -> str:
 
 
 def describe_type(tp: Any) -> str:
-    """A type annotation in words for error messages (``"an integer"``, ``"list[str] | None"``)."""
+    """The type annotation ``tp`` in words for error messages (``"an integer"``, ``"list[str] | None"``)."""
     text = str(tp).replace("typing.", "")
     return {"<class 'bool'>": "true or false", "<class 'int'>": "an integer", "<class 'float'>": "a number",
             "<class 'str'>": "a string"}.get(text, text)

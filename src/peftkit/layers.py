@@ -199,7 +199,7 @@ class Adapter(nn.Module):
         return None
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:  # pragma: no cover - abstract
-        """The additive change to the base weight, in the base weight's layout (e.g. ``(out, in)`` for
+        """The additive change to the base weight of ``layer``, in the base weight's layout (e.g. ``(out, in)`` for
         ``nn.Linear``, ``(in, out)`` for GPT-2 ``Conv1D``), in float32.
 
         Raises:
@@ -208,7 +208,8 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta_bias(self, layer: AdaptedLayer) -> Tensor | None:
-        """The additive change to the base bias (float32), or None when the adapter has none."""
+        """The additive change to the base bias of ``layer`` (float32, ``(out,)``), or None when the adapter has
+        none (the default)."""
         return None
 
     def export_state(self) -> dict[str, Tensor]:
@@ -637,7 +638,7 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The first active adapter's trained copy of the module on the arguments (the original module when
+        """The first active adapter's trained copy of the module on the arguments ``args``/``kwargs`` (the original module when
         none is active); with per-row adapter names set (mixed batches), each group of rows runs through its
         own adapter's copy and the outputs are put back in row order. The original module runs when the
         wrapper is disabled."""

@@ -318,7 +318,7 @@ def source_heads(host: Any, adapters: list[str], modules_to_save_from: str | Non
 
 
 def check_plain_start(adapters: Sequence[str], configs: Sequence[Any]) -> None:
-    """Refuse sources made with PiSSA/OLoRA-style starts (``init_lora_weights`` that moved part of the base
+    """Refuse sources (``adapters``, with their ``configs`` in the same order) made with PiSSA/OLoRA-style starts (``init_lora_weights`` that moved part of the base
     weight into the adapter): combining them would count that part twice.
 
     Raises:
