@@ -219,7 +219,8 @@ REPORTED = ("trainable_params", "total_params", "seconds_per_step", "peak_memory
 
 
 def cells(cfg: BenchConfig) -> list[Cell]:
-    """All cells of the sweep, task-major so that a partial sweep covers whole tasks first."""
+    """All cells of the sweep ``cfg`` (methods x tasks x seeds), task-major so that a partial sweep covers whole
+    tasks first."""
     return [Cell(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in cfg.methods]
 
 

@@ -488,7 +488,7 @@ class AdaLoraTuner(WrapTuner):
 
 
 def adalora_from_cli(args: Any) -> AdaLoraConfig:
-    """An :class:`AdaLoraConfig` from ``peftkit train`` options: ``target_r = --r``, ``init_r`` 1.5x that,
+    """An :class:`AdaLoraConfig` from ``peftkit train`` options ``args``: ``target_r = --r``, ``init_r`` 1.5x that,
     ``total_step`` the run's ``--max-steps`` (or ``--option total_step=N``), ``tinit`` 10% and ``tfinal``
     20% of it.
 

@@ -194,6 +194,10 @@ class SublayerLayer(AdaptedLayer):
       output joins the residual sum before the LayerNorm.
 
     Nothing merges here; other methods' layers inside the sub-layer keep working, added before or after it.
+
+    Args:
+        base_layer: the attention or feed-forward sub-layer module; its ``forward`` signature decides the
+            convention (*residual* when it takes ``input_tensor``).
     """
 
     #: the modules inside the sub-layer stay targets of other adapters, under their own names

@@ -81,7 +81,8 @@ class RankState:
         self.hook: Any = None
 
     def before_forward(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook on the model: in training mode draw ``sampled`` from ``U{1..max_rank}`` (torch's
+        """Forward pre-hook on the model (``module``; the call's ``args`` are not read): in training mode draw
+        ``sampled`` from ``U{1..max_rank}`` (torch's
         global generator); in eval mode leave it."""
         if module.training:
             self.sampled = int(torch.randint(1, self.max_rank + 1, ()).item())

@@ -239,7 +239,8 @@ MAX_CLASSES = 10_000
 
 
 def read_table(path: str | os.PathLike) -> list[Row]:
-    """Rows of a ``.csv``, ``.tsv`` (header row required) or ``.jsonl`` file (one JSON object per line).
+    """Rows of the ``.csv``, ``.tsv`` (header row required) or ``.jsonl`` file ``path`` (one JSON object per
+    line), each a dict column -> value.
 
     Raises:
         DataError: missing file, unknown extension, text that is not UTF-8, a line that is not a JSON
