@@ -417,7 +417,7 @@ def _check_accelerate_env(fsdp: bool) -> None:
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    """The :class:`~peftkit.train.RunConfig` of parsed ``peftkit train`` options (not ``--resume``), after every
+    """The :class:`~peftkit.train.RunConfig` of parsed ``peftkit train`` options ``args`` (not ``--resume``), after every
     check that needs no model or data: conflicting or ineffective options, the method and its options
     (``--option``), the device. Paths that exist (``--model``, data files and folders) are made absolute, so
     that the run folder can be evaluated from anywhere. Nothing is written.
@@ -905,7 +905,8 @@ def _check_not_empty(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``peftkit`` console script; returns the exit status."""
+    """Entry point of the ``peftkit`` console script; returns the exit status. ``argv``: the arguments after
+    the program name (default None: ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what was given, for checks that must tell a default from an option given at it

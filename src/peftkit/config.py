@@ -60,7 +60,11 @@ class AdapterNotFoundError(FileNotFoundError, ValueError):
 
 
 def check(condition: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds.
+
+    Raises:
+        ConfigError: ``condition`` is false; the error's message is ``message``.
+    """
     if not condition:
         raise ConfigError(message)
 
@@ -142,7 +146,7 @@ def _misfit_entry(value: Any, tp: Any) -> str:
 
 
 def describe_type(tp: Any) -> str:
-    """A type annotation in words for error messages (``"an integer"``, ``"list[str] | None"``)."""
+    """The type annotation ``tp`` in words for error messages (``"an integer"``, ``"list[str] | None"``)."""
     text = str(tp).replace("typing.", "")
     return {"<class 'bool'>": "true or false", "<class 'int'>": "an integer", "<class 'float'>": "a number",
             "<class 'str'>": "a string"}.get(text, text)

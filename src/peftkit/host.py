@@ -62,6 +62,13 @@ class AdapterModel(nn.Module):
         members: adapter name -> the names of its *parts* (a composed adapter, see :meth:`add_member`). A
             part is an adapter like any other for layers and tuners (its config is in ``peft_config``), but
             users only address its owner, with which it is activated, trained, merged, saved and deleted.
+
+    Args:
+        model: the model to adapt (a ``transformers`` model or any ``nn.Module``); it is held, not copied.
+
+    Raises:
+        ConfigError: ``model`` already holds peftkit adapters (a wrapped layer, or a soft-prompt hook); add
+            more through its ``PeftModel.add_adapter``, or start from ``unload()``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -205,7 +212,8 @@ class AdapterModel(nn.Module):
 
     # --- adding and removing --------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
-        """Inject a new adapter (not yet active). On any error the model is left exactly as it was.
+        """Inject a new adapter ``adapter_name`` described by ``config`` (not yet active). On any error the model
+        is left exactly as it was.
 
         Raises:
             ConfigError: invalid or duplicate name, no matching module, a value the model cannot take.
@@ -306,7 +314,7 @@ class AdapterModel(nn.Module):
             del self.extra_modules[adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; layers left with no adapter get their base module back. A merged adapter
+        """Remove adapter ``adapter_name`` everywhere; layers left with no adapter get their base module back. A merged adapter
         is unmerged first (peft refuses to delete it); the other active adapters stay active, and merged if they
         were; when none is left, the first remaining adapter becomes active.
 
@@ -335,7 +343,11 @@ class AdapterModel(nn.Module):
     def check_known(self, names: Sequence[str], rows: bool = False) -> None:
         """Raise :class:`ConfigError` naming any of ``names`` that is not an adapter of this model (the parts
         of composed adapters are not addressable); with ``rows`` (names of batch rows) the message also
-        offers ``'__base__'``."""
+        offers ``'__base__'``. Default ``rows=False``.
+
+        Raises:
+            ConfigError: some of ``names`` are unknown; the message lists them and this model's adapters.
+        """
         public = self.public_names()
         unknown = [n for n in names if n not in public]
         if unknown:
@@ -417,7 +429,7 @@ class AdapterModel(nn.Module):
                 self.extra_parameter(pname).requires_grad_(True)
 
     def set_disabled(self, disabled: bool) -> None:
-        """Switch every wrapper to its base module (True) or back (False); soft-prompt hooks also stop
+        """Switch every wrapper to its base module (``disabled=True``) or back (False); soft-prompt hooks also stop
         rewriting calls. Merged weights are not touched (``PeftModel.disable_adapter`` unmerges first)."""
         self.disabled = disabled
         for _, w in self.wrappers():
@@ -493,7 +505,12 @@ class AdapterModel(nn.Module):
     def check_merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False,
                     dropping: bool = False) -> list[str]:
         """Every check :meth:`merge` makes, changing nothing; returns the adapters (and their parts) it would
-        merge. Raises as :meth:`merge`."""
+        merge. ``adapter_names`` (default None: the active ones), ``safe_merge`` (default False) and ``dropping``
+        (default False; True: the unmerged adapters not named are about to be removed) as for :meth:`merge`.
+
+        Raises:
+            ValueError: the adapters are disabled (inside ``disable_adapter()``); otherwise as :meth:`merge`.
+        """
         if self.disabled:
             raise ValueError("cannot merge while the adapters are disabled (inside disable_adapter()); "
                              "merge after the with-block")

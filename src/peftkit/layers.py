@@ -88,7 +88,14 @@ class AdapterContext:
         return self._spans[batch]
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[str, Tensor]]:
-        """Row groups for a batch of ``batch`` rows (raises ValueError when it does not fit the names)."""
+        """Row groups for a batch of ``batch`` rows: ``(adapter name, row indices (n,) int64 on device)`` in
+        order of first appearance, cached per ``(batch, device)``. With ``copies`` (set by :meth:`set_rows`) a
+        batch may hold each named row repeated ``batch // len(row_names)`` times in a row (beam search).
+
+        Raises:
+            ValueError: ``batch`` does not fit the names (not their number, or, with ``copies``, not a
+                multiple of it).
+        """
         key = (batch, device)
         if key not in self._groups:
             names = self.row_names or []
@@ -153,7 +160,14 @@ class Adapter(nn.Module):
     substitutes_params: ClassVar[bool] = False
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Return the layer output with this adapter applied, given the input ``x`` and output ``y``."""
+        """Return the layer output with this adapter applied, given the input ``x`` and output ``y``.
+
+        Shapes: ``x`` as the base layer takes it (``(..., in_features)`` for a linear layer), ``y`` the output
+        so far (the base output, plus adapters earlier in the plan), ``(..., out_features)``; same shape out.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def fused_forward(self, layer: AdaptedLayer, x: Tensor) -> Tensor | None:
@@ -185,11 +199,17 @@ class Adapter(nn.Module):
         return None
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:  # pragma: no cover - abstract
-        """The additive change to the base weight, in the base weight's layout, in float32."""
+        """The additive change to the base weight of ``layer``, in the base weight's layout (e.g. ``(out, in)`` for
+        ``nn.Linear``, ``(in, out)`` for GPT-2 ``Conv1D``), in float32.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it (an adapter that cannot merge).
+        """
         raise NotImplementedError
 
     def delta_bias(self, layer: AdaptedLayer) -> Tensor | None:
-        """The additive change to the base bias (float32), or None when the adapter has none."""
+        """The additive change to the base bias of ``layer`` (float32, ``(out,)``), or None when the adapter has
+        none (the default)."""
         return None
 
     def export_state(self) -> dict[str, Tensor]:
@@ -305,7 +325,12 @@ class AdaptedLayer(nn.Module):
 
     # --- adapters ------------------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter) -> None:
-        """Register ``adapter`` under ``name`` (not yet active)."""
+        """Register ``adapter`` under ``name`` (not yet active); it is moved to the base layer's device, to
+        float64 when the base weight is float64, and to the layer's train/eval mode.
+
+        Raises:
+            ValueError: an adapter ``name`` already exists on this layer.
+        """
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         adapter.to(self._device_of_base())
@@ -346,6 +371,11 @@ class AdaptedLayer(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The base layer's output on ``x`` with the active adapters applied, in order; the base layer alone
+        when disabled or no adapter is active. With per-row adapter names set on the shared
+        :class:`AdapterContext` (mixed batches), each group of rows gets its own adapter (a batch of one
+        row is broadcast to all names). Shapes are the base layer's (``(..., in) -> (..., out)`` for a
+        linear layer); ``args``/``kwargs`` go to the base layer unchanged."""
         ctx = self._ctx
         if ctx is not None and ctx.row_names is not None and not self.disabled:
             rows = len(ctx.row_names) if x.shape[0] == 1 else x.shape[0]  # one row shared by all: broadcast
@@ -608,6 +638,10 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The first active adapter's trained copy of the module on the arguments ``args``/``kwargs`` (the original module when
+        none is active); with per-row adapter names set (mixed batches), each group of rows runs through its
+        own adapter's copy and the outputs are put back in row order. The original module runs when the
+        wrapper is disabled."""
         ctx = self._ctx
         if ctx is not None and ctx.row_names is not None and not self.disabled:
             return self._mixed_forward(ctx, args, kwargs)

@@ -71,7 +71,12 @@ def dare_drop(t: Tensor, density: float, generator: torch.Generator | None = Non
 
 
 def elect_sign(stacked: Tensor, method: str = "total") -> Tensor:
-    """Per-entry elected sign (+1/-1) of ``stacked: (n, ...)``; ``total`` or ``frequency``; 0 goes to +1."""
+    """Per-entry elected sign (+1/-1) of ``stacked: (n, ...)``, shape ``(...)``; ``method`` ``"total"``
+    (default: sign of the sum, TIES) or ``"frequency"`` (sign of the count of signs); a tie (0) goes to +1.
+
+    Raises:
+        ConfigError: ``method`` is neither ``"total"`` nor ``"frequency"``.
+    """
     check(method in ("total", "frequency"), f"majority_sign_method={method!r} must be 'total' or 'frequency'")
     votes = stacked.sum(0) if method == "total" else stacked.sign().sum(0)
     return torch.where(votes >= 0, 1.0, -1.0)
@@ -313,7 +318,7 @@ def source_heads(host: Any, adapters: list[str], modules_to_save_from: str | Non
 
 
 def check_plain_start(adapters: Sequence[str], configs: Sequence[Any]) -> None:
-    """Refuse sources made with PiSSA/OLoRA-style starts (``init_lora_weights`` that moved part of the base
+    """Refuse sources (``adapters``, with their ``configs`` in the same order) made with PiSSA/OLoRA-style starts (``init_lora_weights`` that moved part of the base
     weight into the adapter): combining them would count that part twice.
 
     Raises:

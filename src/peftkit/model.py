@@ -157,7 +157,7 @@ class PeftModel(nn.Module):
         self.base_model._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter; its layers return to the base modules when no other adapter uses them (see
+        """Remove adapter ``adapter_name``; its layers return to the base modules when no other adapter uses them (see
         :meth:`peftkit.host.AdapterModel.delete_adapter`).
 
         Raises:
@@ -307,8 +307,9 @@ class PeftModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """Enable the base model's gradient checkpointing so that adapters still get gradients with a
-        frozen base (input embeddings are made to require grad for re-entrant checkpointing). Other keyword
-        arguments (transformers' ``every_n_layers``, ``offload``) go to the base model's method, as in peft.
+        frozen base (input embeddings are made to require grad for re-entrant checkpointing).
+        ``gradient_checkpointing_kwargs`` (default None) goes to the base model's method (e.g.
+        ``{"use_reentrant": False}``); other keyword arguments (transformers' ``every_n_layers``, ``offload``) go to the base model's method, as in peft.
 
         Raises:
             TypeError: a keyword argument the base model's method does not take (transformers' error).

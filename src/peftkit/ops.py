@@ -63,7 +63,14 @@ def func_transforms_active() -> bool:
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Functional form of :class:`Dropout` (torch's own dropout on a GPU and under ``torch.func``, whose
-    ``vmap(randomness="different")`` needs a random op it can batch)."""
+    ``vmap(randomness="different")`` needs a random op it can batch).
+
+    Args:
+        x: any shape; the result has the same shape.
+        p: drop probability in [0, 1]. On CPU it is rounded to the mask's resolution (1 / 65536); a
+            rounded ``p`` of 1 returns zeros.
+        training: False (or ``p == 0``) returns ``x`` itself. Default True.
+    """
     if not training or p == 0:
         return x
     if x.device.type != "cpu" or func_transforms_active():
@@ -78,4 +85,6 @@ class Dropout(nn.Dropout):
     """Drop-in ``nn.Dropout`` (same ``p``, same ``train()``/``eval()`` behaviour) with the fast CPU mask."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` with entries zeroed with probability ``p`` and the rest scaled by ``1 / (1 - p)`` in training
+        mode; ``x`` itself in eval mode or at ``p = 0``. Any shape; same shape out."""
         return dropout(x, self.p, self.training)

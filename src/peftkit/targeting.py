@@ -304,7 +304,7 @@ def find_targets(
 
 
 def bypassed_modules(model: nn.Module) -> set[int]:
-    """``id``s of submodules whose forward their parent never calls: ``out_proj`` of every
+    """``id``s of the submodules of ``model`` whose forward their parent never calls: ``out_proj`` of every
     ``nn.MultiheadAttention`` (``F.multi_head_attention_forward`` reads its weight and bias)."""
     return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 

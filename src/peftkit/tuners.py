@@ -47,7 +47,12 @@ class Tuner:
     method = "PEFT method"
 
     def inject(self, host: AdapterModel, config: PeftConfig, adapter_name: str) -> None:  # pragma: no cover
-        """Add adapter ``adapter_name`` described by ``config`` to ``host.model``."""
+        """Add adapter ``adapter_name`` described by ``config`` to ``host.model``.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it. Implementations raise
+                :class:`~peftkit.config.ConfigError` when the config does not fit the model.
+        """
         raise NotImplementedError
 
     def trainable_base_params(self, model: nn.Module, config: Any, targets: list[str]) -> list[str]:
@@ -56,7 +61,7 @@ class Tuner:
 
     # --- optional hooks; the defaults do nothing -------------------------------------------------------
     def extra_tensors(self, host: AdapterModel, adapter_name: str) -> dict[str, Any]:
-        """Tensors the adapter keeps outside wrapped layers, keyed exactly as on disk (e.g. peft's
+        """Tensors adapter ``adapter_name`` keeps outside wrapped layers of ``host``, keyed exactly as on disk (e.g. peft's
         ``prompt_embeddings``). Saving writes them; loading copies file values into them."""
         return {}
 
@@ -65,8 +70,8 @@ class Tuner:
     regularizer_in_forward = False
 
     def regularizer(self, host: AdapterModel, adapter_name: str) -> Any:
-        """A scalar tensor added to the training loss while the adapter is active and training (e.g.
-        AdaLoRA's orthogonality penalty), or None."""
+        """A scalar tensor added to the training loss while adapter ``adapter_name`` is active and training (e.g.
+        AdaLoRA's orthogonality penalty), or None (the default)."""
         return None
 
     def on_step_end(self, host: AdapterModel, adapter_name: str, step: int) -> None:
@@ -99,7 +104,8 @@ class Tuner:
         return []
 
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
-        """Drop state kept outside wrapped layers when the adapter is deleted or the model unloaded."""
+        """Drop state kept outside wrapped layers for ``adapter_name`` when it is deleted or the model unloaded
+        (default: nothing to drop)."""
 
     def method_state(self, host: AdapterModel, adapter_name: str) -> dict[str, Tensor]:
         """State that training changes outside parameters and persistent buffers and that a resumed run
@@ -145,7 +151,11 @@ class WrapTuner(Tuner):
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:  # pragma: no cover - abstract
         """The module classes the method can wrap; a target matched by the config's patterns that is of
-        another class makes :meth:`find` raise ``ConfigError``."""
+        another class makes :meth:`find` raise ``ConfigError``.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def make_adapter(self, base: nn.Module, config: Any, module_name: str) -> Adapter:  # pragma: no cover

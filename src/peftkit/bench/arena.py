@@ -219,7 +219,8 @@ REPORTED = ("trainable_params", "total_params", "seconds_per_step", "peak_memory
 
 
 def cells(cfg: BenchConfig) -> list[Cell]:
-    """All cells of the sweep, task-major so that a partial sweep covers whole tasks first."""
+    """All cells of the sweep ``cfg`` (methods x tasks x seeds), task-major so that a partial sweep covers whole
+    tasks first."""
     return [Cell(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in cfg.methods]
 
 
@@ -424,7 +425,12 @@ def _saved_bytes(folder: Path, method: str) -> int:
 
 
 def collect(cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Records of every cell of ``cfg`` from disk (see :func:`run_sweep`)."""
+    """Records of every cell of ``cfg`` from disk (see :func:`run_sweep`).
+
+    Raises:
+        ConfigError: a cell's ``metrics.json`` is damaged (not a JSON object, no metric with its value, or a
+            reported field missing); the message says to delete the cell's folder and run the sweep again.
+    """
     root = Path(cfg.output_dir)
     out = []
     for cell in cells(cfg):

@@ -32,7 +32,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (method, task): metric mean/std/n; per method: params, step time, memory, size, average metric."""
+    """From the cells' ``records`` (see :func:`~peftkit.bench.arena.collect`): per (method, task) metric
+    mean/std/n; per method params, step time, memory, size, average metric."""
     by: dict[tuple[str, str], list[float]] = defaultdict(list)
     methods: list[str] = []
     tasks: list[str] = []

@@ -80,7 +80,8 @@ def atomic_write_folders(plan: dict[str, dict[str, bytes]]) -> None:
 
 
 def key_prefix(config: PeftConfig) -> str:
-    """``base_model.model.`` before module paths, or ``base_model.`` for prompt-learning methods, whose
+    """The file-key prefix for ``config``'s method: ``base_model.model.`` before module paths, or ``base_model.``
+    for prompt-learning methods, whose
     peft model holds the user's model directly (``base_model.classifier.weight``)."""
     return "base_model." if config.is_prompt_learning else PREFIX
 

@@ -137,19 +137,31 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 def check_unit_interval(name: str, value: object) -> None:
-    """Raise ``ConfigError`` unless ``value`` is a probability in ``[0, 1)``."""
+    """Check that ``value`` (the field ``name``) is a probability in ``[0, 1)``.
+
+    Raises:
+        ConfigError: ``value`` is not a number (bool excluded) in ``[0, 1)``; the message names ``name``.
+    """
     check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
           f"{name}={value!r} is not valid; it must lie in [0, 1)")
 
 
 def check_positive_int(name: str, value: object, allow_zero: bool = False) -> None:
-    """Raise ``ConfigError`` unless ``value`` is an integer > 0 (>= 0 with ``allow_zero``)."""
+    """Check that ``value`` (the field ``name``) is an integer > 0 (>= 0 with ``allow_zero``, default False).
+
+    Raises:
+        ConfigError: ``value`` is not such an integer (bool excluded); the message names ``name``.
+    """
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     check(ok, f"{name}={value!r} is not valid; it must be an integer {'>= 0' if allow_zero else '> 0'}")
 
 
 def check_common(config: object) -> None:
-    """Checks shared by the configs here: see :func:`peftkit.targeting.check_target_fields`."""
+    """Checks shared by the configs here on ``config``: see :func:`peftkit.targeting.check_target_fields`.
+
+    Raises:
+        ConfigError: as :func:`~peftkit.targeting.check_target_fields`.
+    """
     check_target_fields(config)
 
 

@@ -246,8 +246,9 @@ class AdaLoraAdapter(Adapter):
 
     @torch.no_grad()
     def update_importance(self, beta1: float, beta2: float) -> None:
-        """Fold ``|w * grad|`` of ``lora_A``, ``lora_E``, ``lora_B`` into the sensitivity EMA and its
-        uncertainty EMA (parameters without a gradient are skipped)."""
+        """Fold ``I = |w * grad|`` of ``lora_A``, ``lora_E``, ``lora_B`` into the sensitivity EMA
+        ``Ibar <- beta1 Ibar + (1 - beta1) I`` and its uncertainty EMA ``U <- beta2 U + (1 - beta2) |I - Ibar|``
+        (AdaLoRA's smoothed sensitivity and uncertainty; parameters without a gradient are skipped)."""
         for name in ("lora_A", "lora_E", "lora_B"):
             p = getattr(self, name)
             if p.grad is None:
@@ -270,7 +271,8 @@ class AdaLoraAdapter(Adapter):
 
     @torch.no_grad()
     def apply_mask(self, mask: Tensor | None = None) -> None:
-        """Set ``rank_mask`` (when given) and zero ``lora_E`` outside it."""
+        """Set ``rank_mask`` to ``mask`` (``(r,)`` bool; default None keeps the current one) and zero ``lora_E``
+        outside it."""
         if mask is not None:
             self.rank_mask.copy_(mask)
         self.lora_E.masked_fill_(~self.rank_mask.view(-1, 1), 0.0)
@@ -486,7 +488,7 @@ class AdaLoraTuner(WrapTuner):
 
 
 def adalora_from_cli(args: Any) -> AdaLoraConfig:
-    """An :class:`AdaLoraConfig` from ``peftkit train`` options: ``target_r = --r``, ``init_r`` 1.5x that,
+    """An :class:`AdaLoraConfig` from ``peftkit train`` options ``args``: ``target_r = --r``, ``init_r`` 1.5x that,
     ``total_step`` the run's ``--max-steps`` (or ``--option total_step=N``), ``tinit`` 10% and ``tfinal``
     20% of it.
 

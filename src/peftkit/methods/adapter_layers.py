@@ -29,7 +29,7 @@ from peftkit.ops import Dropout
 
 
 def gelu_tanh(t: Tensor) -> Tensor:
-    """GELU with the tanh approximation (transformers' ``gelu_new``)."""
+    """GELU with the tanh approximation (transformers' ``gelu_new``), elementwise on ``t`` (any shape)."""
     return F.gelu(t, approximate="tanh")
 
 
@@ -93,6 +93,7 @@ class PHMLinear(nn.Module):
         return torch.einsum("kab,kij->aibj", self.phm_rule, w).reshape(n * p, n * q)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x H + b``: ``x: (..., in) -> (..., out)``."""
         return torch.addmm(self.b, x.reshape(-1, x.shape[-1]), self.matrix()).reshape(*x.shape[:-1], -1)
 
 
@@ -193,6 +194,10 @@ class SublayerLayer(AdaptedLayer):
       output joins the residual sum before the LayerNorm.
 
     Nothing merges here; other methods' layers inside the sub-layer keep working, added before or after it.
+
+    Args:
+        base_layer: the attention or feed-forward sub-layer module; its ``forward`` signature decides the
+            convention (*residual* when it takes ``input_tensor``).
     """
 
     #: the modules inside the sub-layer stay targets of other adapters, under their own names
@@ -234,6 +239,9 @@ class SublayerLayer(AdaptedLayer):
         return [(a, None) for a in self._plan]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The sub-layer's output (same structure and shapes as the wrapped module's: ``(batch, seq, hidden)``
+        or a tuple starting with it) with the active adapters' branches added; adapters AdapterDrop skips in
+        this step join the graph at weight zero. Arguments go to the wrapped module."""
         planned = self._jobs(args, kwargs)
         jobs = [(a, idx) for a, idx in planned if not a.dropped]
         if len(jobs) < len(planned):  # the dropped ones join the graph at weight zero (see layers.skipped)
@@ -245,7 +253,16 @@ class SublayerLayer(AdaptedLayer):
         return self.forward_jobs(jobs, args, kwargs)
 
     def forward_jobs(self, jobs: list[tuple[BottleneckAdapter, Tensor | None]], args: tuple, kwargs: dict) -> Any:
-        """The sub-layer's output with ``jobs``' branches added (the base output when there are none)."""
+        """The sub-layer's output with ``jobs``' branches added (the base output when there are none).
+
+        ``jobs``: ``(adapter, row indices or None)`` pairs (None: all rows); ``args``/``kwargs``: the call's.
+
+        Raises:
+            TypeError: the sub-layer was called without its input (no positional argument and no
+                ``hidden_states=``).
+            ValueError: the input's leading dimensions differ from the output's (e.g. a pooler, ``(batch, seq,
+                d) -> (batch, d)``), so ``A(x)`` cannot be added.
+        """
         if not jobs:
             return self.base_layer(*args, **kwargs)
         if self.residual_arg:

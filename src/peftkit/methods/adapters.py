@@ -183,6 +183,14 @@ class HoulsbyConfig(BottleneckConfig):
     """Houlsby et al. 2019 (arXiv:1902.00751): serial adapters after the attention and after the FFN
     output projections, swish non-linearity, ``m = d // 16``; see :class:`BottleneckConfig`.
 
+    Args:
+        non_linearity: default ``"swish"`` (instead of ``"relu"``). Every other field and default is
+            :class:`BottleneckConfig`'s (``mh_adapter=True``, ``output_adapter=True``,
+            ``reduction_factor=16``, serial).
+
+    Raises:
+        ConfigError: as :class:`BottleneckConfig`.
+
     Paper: Parameter-Efficient Transfer Learning for NLP (Houlsby et al., 2019, arXiv:1902.00751).
     """
 
@@ -193,7 +201,18 @@ class HoulsbyConfig(BottleneckConfig):
 @dataclass
 class PfeifferConfig(BottleneckConfig):
     """Pfeiffer et al. 2020 (arXiv:2005.00247): one serial adapter after the FFN output projection,
-    ReLU, ``m = d // 16``; see :class:`BottleneckConfig`."""
+    ReLU, ``m = d // 16``; see :class:`BottleneckConfig`.
+
+    Args:
+        mh_adapter: default False (no adapter at the attention sub-layer). Every other field and
+            default is :class:`BottleneckConfig`'s (``non_linearity="relu"``, ``reduction_factor=16``).
+
+    Raises:
+        ConfigError: as :class:`BottleneckConfig`.
+
+    Paper: AdapterFusion: Non-Destructive Task Composition for Transfer Learning (Pfeiffer et al., 2020,
+        arXiv:2005.00247).
+    """
 
     peft_type = "PFEIFFER"
     mh_adapter: bool = False
@@ -204,6 +223,17 @@ class ParallelConfig(BottleneckConfig):
     """He et al. 2021 (arXiv:2110.04366): a parallel adapter beside the FFN with ``s = 4`` and
     ``m = d // 2`` (AdapterHub's ``ParBnConfig`` defaults); ``mh_adapter=True`` adds one beside the
     attention. See :class:`BottleneckConfig`.
+
+    Args:
+        mh_adapter: default False (only the FFN gets an adapter).
+        is_parallel: default True (beside the sub-layer, fed its input).
+        reduction_factor: default 2 (``m = d // 2``).
+        scaling: ``s``, default 4.0.
+
+    Every other field and default is :class:`BottleneckConfig`'s.
+
+    Raises:
+        ConfigError: as :class:`BottleneckConfig`.
 
     Paper: Towards a Unified View of Parameter-Efficient Transfer Learning (He et al., 2021, arXiv:2110.04366).
     """
@@ -220,6 +250,16 @@ class CompacterConfig(BottleneckConfig):
     """Mahabadi et al. 2021 (arXiv:2106.04647): Houlsby placement with PHM projections (``n = 4``,
     rank 1, one shared rule tensor), GELU, ``m = d // 32``. See :class:`BottleneckConfig`.
 
+    Args:
+        phm_layer: default True (PHM down/up projections with ``phm_dim=4``, ``phm_rank=1``).
+        reduction_factor: default 32 (``m = d // 32``, rounded up to a multiple of ``phm_dim``).
+        non_linearity: default ``"gelu"``.
+
+    Every other field and default is :class:`BottleneckConfig`'s (both sites, serial).
+
+    Raises:
+        ConfigError: as :class:`BottleneckConfig`.
+
     Paper: Compacter: Efficient Low-Rank Hypercomplex Adapter Layers (Mahabadi et al., 2021, arXiv:2106.04647).
     """
 
@@ -231,7 +271,17 @@ class CompacterConfig(BottleneckConfig):
 
 @dataclass
 class CompacterPlusPlusConfig(CompacterConfig):
-    """Compacter++ (arXiv:2106.04647): Compacter with the adapter after the FFN only."""
+    """Compacter++ (arXiv:2106.04647): Compacter with the adapter after the FFN only.
+
+    Args:
+        mh_adapter: default False (no adapter at the attention sub-layer). Every other field and default
+            is :class:`CompacterConfig`'s.
+
+    Raises:
+        ConfigError: as :class:`BottleneckConfig`.
+
+    Paper: Compacter: Efficient Low-Rank Hypercomplex Adapter Layers (Mahabadi et al., 2021, arXiv:2106.04647).
+    """
 
     peft_type = "COMPACTER_PP"
     mh_adapter: bool = False
@@ -240,7 +290,16 @@ class CompacterPlusPlusConfig(CompacterConfig):
 @dataclass
 class AdapterDropConfig(PfeifferConfig):
     """Rücklé et al. 2020 (arXiv:2010.11918): Pfeiffer adapters with none in the lowest 2 blocks
-    (``adapterdrop_layers=2``, ``adapterdrop_mode="fixed"``; ``"random"`` is robust AdapterDrop)."""
+    (``adapterdrop_layers=2``, ``adapterdrop_mode="fixed"``; ``"random"`` is robust AdapterDrop).
+
+    Args:
+        adapterdrop_layers: default 2. Every other field and default is :class:`PfeifferConfig`'s.
+
+    Raises:
+        ConfigError: as :class:`BottleneckConfig`.
+
+    Paper: AdapterDrop: On the Efficiency of Adapters in Transformers (Rücklé et al., 2020, arXiv:2010.11918).
+    """
 
     peft_type = "ADAPTERDROP"
     adapterdrop_layers: int = 2

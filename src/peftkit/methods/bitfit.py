@@ -57,7 +57,7 @@ class BitFitTuner(SelectTuner):
 
 
 def bitfit_from_cli(args: Any) -> BitFitConfig:
-    """Build a :class:`BitFitConfig` from ``peftkit train`` options (``--target-modules`` picks biases)."""
+    """Build a :class:`BitFitConfig` from ``peftkit train`` options ``args`` (``--target-modules`` picks biases; other fields at their defaults)."""
     return BitFitConfig(target_modules=args.target_modules, task_type=args.task_type)
 
 

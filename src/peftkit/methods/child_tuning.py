@@ -97,7 +97,7 @@ class ChildTuningTuner(FisherMaskTuner):
 
 
 def child_tuning_from_cli(args: Any) -> ChildTuningConfig:
-    """Build a :class:`ChildTuningConfig` from ``peftkit train`` options (``--option child_tuning_type=F``)."""
+    """Build a :class:`ChildTuningConfig` from ``peftkit train`` options ``args`` (``--option child_tuning_type=F``; other fields at their defaults)."""
     return ChildTuningConfig(target_modules=args.target_modules, task_type=args.task_type)
 
 

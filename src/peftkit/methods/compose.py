@@ -113,7 +113,7 @@ class ComposedTuner(Tuner):
 
 def composed_from_cli(args: Any) -> ComposedConfig:
     """``peftkit train --method composed --option 'configs=[{"peft_type": "LORA", ...}, ...]'``: the parts
-    as JSON dicts (each with its ``peft_type``).
+    as JSON dicts (each with its ``peft_type``), read from the options ``args``.
 
     Raises:
         ConfigError: no ``configs`` option.

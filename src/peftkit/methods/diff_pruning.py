@@ -106,7 +106,7 @@ class DiffPruningTuner(SelectTuner):
 
 
 def diff_pruning_from_cli(args: Any) -> DiffPruningConfig:
-    """Build a :class:`DiffPruningConfig` from ``peftkit train`` options (``--option target_sparsity=0.99``)."""
+    """Build a :class:`DiffPruningConfig` from ``peftkit train`` options ``args`` (``--option target_sparsity=0.99``; other fields at their defaults)."""
     return DiffPruningConfig(target_modules=args.target_modules, task_type=args.task_type)
 
 

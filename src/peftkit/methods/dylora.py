@@ -81,7 +81,8 @@ class RankState:
         self.hook: Any = None
 
     def before_forward(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook on the model: in training mode draw ``sampled`` from ``U{1..max_rank}`` (torch's
+        """Forward pre-hook on the model (``module``; the call's ``args`` are not read): in training mode draw
+        ``sampled`` from ``U{1..max_rank}`` (torch's
         global generator); in eval mode leave it."""
         if module.training:
             self.sampled = int(torch.randint(1, self.max_rank + 1, ()).item())
@@ -136,6 +137,13 @@ class DyLoraTuner(WrapTuner):
         return linear_types()
 
     def inject(self, host: Any, config: DyLoraConfig, adapter_name: str) -> None:
+        """As :meth:`WrapTuner.inject`, with one :class:`RankState` shared by the adapter's layers (its rank
+        drawn before each training forward by a pre-hook on the model, kept in ``host.tuner_state``).
+
+        Raises:
+            ConfigError: ``eval_rank`` is larger than the adapter's largest rank, or as
+                :meth:`WrapTuner.inject`.
+        """
         state = RankState(max(config.rank_and_alpha(t)[0] for t in self.find(host, config)))
         if config.eval_rank is not None:
             check(config.eval_rank <= state.max_rank, f"eval_rank={config.eval_rank} is more than the largest rank of "
@@ -207,7 +215,8 @@ def set_dylora_rank(model: Any, rank: int, adapter_name: str = "default") -> Non
 
 
 def dylora_from_cli(args: Any) -> DyLoraConfig:
-    """Build a :class:`DyLoraConfig` from ``peftkit train`` options."""
+    """Build a :class:`DyLoraConfig` from ``peftkit train`` options ``args``, as :func:`~peftkit.methods.lora.lora_from_cli`
+    (defaults ``r=8``, ``target_modules="all-linear"``)."""
     return lora_from_cli(args, DyLoraConfig)
 
 

@@ -59,7 +59,11 @@ class FishMaskConfig(SelectiveConfig):
 
 
 def check_num_samples(value: Any) -> None:
-    """Raise ConfigError unless ``value`` is an integer >= 1."""
+    """Check ``num_fisher_samples``: ``value`` must be an integer >= 1.
+
+    Raises:
+        ConfigError: ``value`` is not an integer (bool excluded) >= 1.
+    """
     check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
           f"num_fisher_samples={value!r} is not valid; it must be an integer >= 1")
 
@@ -72,7 +76,7 @@ class FishMaskTuner(FisherMaskTuner):
 
 
 def fish_from_cli(args: Any) -> FishMaskConfig:
-    """Build a :class:`FishMaskConfig` from ``peftkit train`` options (``--option keep_ratio=0.01``)."""
+    """Build a :class:`FishMaskConfig` from ``peftkit train`` options ``args`` (``--option keep_ratio=0.01``; other fields at their defaults)."""
     return FishMaskConfig(target_modules=args.target_modules, task_type=args.task_type)
 
 

@@ -130,6 +130,13 @@ class FusionTuner(Tuner):
     method = "AdapterFusion"
 
     def inject(self, host: Any, config: AdapterFusionConfig, adapter_name: str) -> None:
+        """Add a fusion layer over ``config.adapters`` on every layer that holds one of them; fused adapters the
+        model lacks are added from ``config.adapter_configs`` (in inference mode: frozen).
+
+        Raises:
+            ConfigError: ``adapter_name`` is one of the fused adapters' names, a fused adapter is neither in the
+                model nor in ``adapter_configs``, or one is not a serial bottleneck adapter.
+        """
         check(adapter_name not in config.adapters,
               f"the fusion cannot be named {adapter_name!r}: that is the name of one of the adapters it fuses "
               f"{config.adapters}; give it another adapter_name")

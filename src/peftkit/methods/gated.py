@@ -66,7 +66,11 @@ class GatedLoraConfig(LoraConfig):
 
 class GatedLoraLinear(LoraLinear):
     """LoRA on a linear layer times the gate ``g(x)``; ``lora_gate: Linear(in, 1)``. Shapes as
-    :class:`~peftkit.methods.lora.LoraLinear`; ``seq`` is the :class:`SequenceMask` its gate pools with."""
+    :class:`~peftkit.methods.lora.LoraLinear`; ``seq`` is the :class:`SequenceMask` its gate pools with.
+
+    Args: as :class:`~peftkit.methods.lora.LoraLinear` (``in_features``, ``out_features``, ``r``, ``scaling``,
+    ``dropout``, ``lora_bias`` default False, ``transposed`` default False); the gate reads ``in_features``.
+    """
 
     mergeable = False
     fuses_base = False
@@ -124,7 +128,11 @@ class GatedBottleneckConfig(BottleneckConfig):
 
 
 class GatedBottleneckAdapter(BottleneckAdapter):
-    """A bottleneck adapter times the gate of its input; ``adapter_gate: Linear(d, 1)``."""
+    """A bottleneck adapter times the gate of its input; ``adapter_gate: Linear(d, 1)``.
+
+    Args:
+        width: the hidden size ``d``; the other arguments are :class:`BottleneckAdapter`'s.
+    """
 
     def __init__(self, width: int, *args: Any, **kwargs: Any) -> None:
         super().__init__(width, *args, **kwargs)
@@ -210,7 +218,13 @@ class GatedPrefixTuningConfig(PrefixTuningConfig):
 
 
 class GatedPrefixEncoder(PrefixEncoder):
-    """:class:`PrefixEncoder` plus the per-layer gates ``prefix_gate: Linear(d, N)`` (row ``l`` gates layer ``l``)."""
+    """:class:`PrefixEncoder` plus the per-layer gates ``prefix_gate: Linear(d, N)`` (row ``l`` gates layer ``l``).
+
+    Args:
+        config: the adapter's config (``N = config.num_layers``).
+        hidden_size: ``d``, the width of the hidden states the gates read.
+        folded: build without the reparameterisation (as :class:`PrefixEncoder`). Default False.
+    """
 
     def __init__(self, config: GatedPrefixTuningConfig, hidden_size: int, folded: bool = False) -> None:
         super().__init__(config, folded)
@@ -301,19 +315,22 @@ class _ScalePrefix:
 
 
 def gated_lora_from_cli(args: Any) -> GatedLoraConfig:
-    """``peftkit train --method gated-lora``: rank 8 (``--r``), ``s = lora_alpha / r`` from the options."""
+    """``peftkit train --method gated-lora``: options ``args``; rank ``--r`` (default 8), ``s = lora_alpha / r``,
+    ``--lora-dropout``, ``--target-modules`` (default ``"all-linear"``)."""
     return GatedLoraConfig(r=args.r or 8, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                            target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 
 
 def gated_prefix_from_cli(args: Any) -> GatedPrefixTuningConfig:
-    """``peftkit train --method gated-prefix``: 20 prefixes trained through the MLP (width 128)."""
+    """``peftkit train --method gated-prefix``: 20 prefixes trained through the MLP (width 128); of the options
+    ``args`` only ``--task-type`` is read."""
     return GatedPrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128,
                                    task_type=args.task_type)
 
 
 def gated_adapter_from_cli(args: Any) -> GatedBottleneckConfig:
-    """``peftkit train --method gated-adapter``: Pfeiffer placement, ``m = d // 16``."""
+    """``peftkit train --method gated-adapter``: Pfeiffer placement, ``m = d // 16``; of the options ``args``
+    ``--target-modules`` and ``--task-type`` are read."""
     return GatedBottleneckConfig(target_modules=args.target_modules, task_type=args.task_type)
 
 

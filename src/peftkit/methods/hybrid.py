@@ -93,7 +93,8 @@ def mam_config(num_virtual_tokens: int = 16, encoder_hidden_size: int | None = 1
 
 
 def unipelt_from_cli(args: Any) -> ComposedConfig:
-    """``peftkit train --method unipelt`` (``--r`` sets the LoRA rank, ``--target-modules`` LoRA's targets)."""
+    """``peftkit train --method unipelt`` from the options ``args`` (``--r`` sets the LoRA rank, default 8;
+    ``--target-modules`` LoRA's targets)."""
     return unipelt_config(r=args.r or 8, lora_target_modules=args.target_modules, task_type=args.task_type)
 
 

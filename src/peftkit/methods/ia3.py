@@ -184,7 +184,11 @@ class IA3Input(Adapter):
 
 
 def check_nonzero(scale: Tensor) -> None:
-    """Raise ValueError when a rescaling vector has a zero entry (its merge could not be undone)."""
+    """Check that the rescaling vector ``scale`` (any shape) has no zero entry (its merge could not be undone).
+
+    Raises:
+        ValueError: ``scale`` has a zero entry; the message says how many.
+    """
     problem = zero_scale_problem("scale", scale)
     if problem:
         raise ValueError(f"an (IA)^3/SSF {problem}")
@@ -210,6 +214,15 @@ class IA3Tuner(WrapTuner):
         return (*linear_types(), *_CONVS)
 
     def inject(self, host: Any, config: IA3Config, adapter_name: str) -> None:
+        """As :meth:`WrapTuner.inject`, after filling in peft's default ``target_modules`` and
+        ``feedforward_modules`` for the model type (written into ``config``; restored on failure). Given
+        ``feedforward_modules`` entries that match no adapted module only warn
+        (:class:`~peftkit.targeting.UnmatchedTargetWarning`).
+
+        Raises:
+            ConfigError: ``target_modules`` is None and the model type has no defaults, or as
+                :meth:`WrapTuner.inject`.
+        """
         kind = model_type(host.model)
         given = config.target_modules, config.feedforward_modules
         if config.target_modules is None:

@@ -144,8 +144,8 @@ class KronaTuner(WrapTuner):
 
 
 def krona_from_cli(args: Any) -> KronaConfig:
-    """A :class:`KronaConfig` from ``peftkit train`` options (``--lora-dropout`` as ``dropout``; ``a1``,
-    ``a2`` and ``scale`` through ``--option``)."""
+    """A :class:`KronaConfig` from ``peftkit train`` options ``args`` (``--lora-dropout`` as ``dropout``;
+    ``--target-modules``, default ``"all-linear"``; ``a1``, ``a2`` and ``scale`` through ``--option``)."""
     return KronaConfig(dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                        task_type=args.task_type)
 

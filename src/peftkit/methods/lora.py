@@ -223,7 +223,7 @@ class LoraLinear(Adapter):
         return super().train(mode)
 
     def reset(self, init: bool | str) -> None:
-        """Initialise A and B (see :class:`LoraConfig` ``init_lora_weights``)."""
+        """Initialise A and B from ``init``, the config's ``init_lora_weights`` (see :class:`LoraConfig`)."""
         if init is False:
             return
         if init == "orthogonal":
@@ -378,7 +378,8 @@ class LoraEmbedding(Adapter):
         self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r))
 
     def reset(self, init: bool | str) -> None:
-        """Initialise as HF PEFT does: A zero and B normal, so the adapter starts as identity."""
+        """Initialise as HF PEFT does: A zero and B normal, so the adapter starts as identity; ``init=False``
+        draws both from N(0, 1) (for tests)."""
         if init is False:
             nn.init.normal_(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
@@ -585,7 +586,13 @@ def trainable_biases(model: nn.Module, bias: str, targets: list[str]) -> list[st
 
 
 def lora_from_cli(args: Any, config_cls: type[LoraConfig] = LoraConfig) -> LoraConfig:
-    """Build a :class:`LoraConfig` (or a subclass) from ``peftkit train`` options."""
+    """Build a ``config_cls`` (default :class:`LoraConfig`, or a subclass) from ``peftkit train`` options ``args``:
+    ``--r`` (default 8), ``--lora-alpha``, ``--lora-dropout``, ``--target-modules`` (default ``"all-linear"``),
+    ``--task-type``.
+
+    Raises:
+        ConfigError: invalid values (from the config's validation).
+    """
     return config_cls(r=args.r or 8, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 

@@ -54,7 +54,12 @@ LOAD_ONLY_INITS = ("eva",)
 
 
 def check_init(value: Any) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is a known ``init_lora_weights``."""
+    """Check that ``value`` is a known ``init_lora_weights`` (True, False, ``"gaussian"``, ``"orthogonal"``,
+    ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"loftq"`` or the load-only ``"eva"``).
+
+    Raises:
+        ConfigError: any other value; the message lists the valid ones.
+    """
     check(value in PLAIN_INITS or value in LOAD_ONLY_INITS or value in ("pissa", "olora")
           or (isinstance(value, str) and _NITER.fullmatch(value)),
           f"init_lora_weights={value!r} is not valid; expected one of {PLAIN_INITS + BASE_INITS + LOAD_ONLY_INITS} "
@@ -62,8 +67,12 @@ def check_init(value: Any) -> None:
 
 
 def check_trainable_init(config: Any) -> None:
-    """Raise :class:`ConfigError` when ``config`` (or a part of a composed config) asks for an initialisation
-    peftkit accepts only when loading a trained adapter (:data:`LOAD_ONLY_INITS`)."""
+    """Check that ``config`` (or a part of a composed config) asks for no initialisation peftkit accepts only
+    when loading a trained adapter (:data:`LOAD_ONLY_INITS`).
+
+    Raises:
+        ConfigError: ``init_lora_weights="eva"`` (peftkit has no EVA step).
+    """
     for part in getattr(config, "configs", None) or [config]:
         init = getattr(part, "init_lora_weights", None)
         check(not (isinstance(init, str) and init in LOAD_ONLY_INITS),

@@ -70,7 +70,8 @@ class LoraFATuner(LoraTuner):
 
 
 def lorafa_from_cli(args: Any) -> LoraFAConfig:
-    """Build a :class:`LoraFAConfig` from ``peftkit train`` options."""
+    """Build a :class:`LoraFAConfig` from ``peftkit train`` options ``args``, as
+    :func:`~peftkit.methods.lora.lora_from_cli` (defaults ``r=8``, ``target_modules="all-linear"``)."""
     return lora_from_cli(args, LoraFAConfig)
 
 

@@ -95,6 +95,11 @@ class LycorisAdapter(Adapter):
 
     Subclasses give :meth:`delta` (the canonical delta, see :mod:`peftkit.methods._reparam`) and may
     override :meth:`side` to apply it to ``x`` without building it.
+
+    Args:
+        layout: the base layer's weight layout (:class:`~peftkit.methods._reparam.Layout`).
+        r: the rank; alpha: the scaling numerator (``scaling = alpha / r``).
+        config: the adapter's config, for ``rank_dropout`` and ``module_dropout``.
     """
 
     rescale_rank_dropout = True
@@ -106,7 +111,11 @@ class LycorisAdapter(Adapter):
 
     def delta(self, dtype: torch.dtype | None = None) -> Tensor:  # pragma: no cover - abstract
         """The canonical delta, scaled, built from the parameters cast to ``dtype`` (default: as they
-        are); differentiable."""
+        are); differentiable.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def weights(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -156,8 +165,12 @@ class LycorisTuner(WrapTuner):
 
     def config_from_cli(self, config_cls: type[LycorisConfig]) -> Any:
         """The ``cli_config`` of the method: ``config_cls`` from ``peftkit train`` options (``--r``,
-        ``--lora-alpha`` as ``alpha``, ``--target-modules``); a ``--lora-dropout`` other than 0 is refused
-        (ConfigError), as these methods drop ranks or whole modules instead."""
+        ``--lora-alpha`` as ``alpha``, ``--target-modules``; defaults ``r=8``, ``"all-linear"``); a
+        ``--lora-dropout`` other than 0 is refused, as these methods drop ranks or whole modules instead.
+
+        Raises:
+            ConfigError: (when the returned function is called) ``--lora-dropout`` is not 0.
+        """
         def from_cli(args: Any) -> LycorisConfig:
             check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout} has no meaning for {self.method}; "
                                           "use --option rank_dropout=P or --option module_dropout=P")
@@ -167,7 +180,8 @@ class LycorisTuner(WrapTuner):
 
 
 def effective_conv(layout: rp.Layout, config: LycorisConfig) -> bool:
-    """Whether the kernel gets its own core tensor: asked for, a convolution, kernel not all ones."""
+    """Whether the kernel gets its own core tensor: asked for in ``config`` (``use_effective_conv2d``), the
+    ``layout`` is a convolution's, and its kernel is not all ones."""
     return config.use_effective_conv2d and layout.kind == "conv" and any(k != 1 for k in layout.kernel)
 
 

@@ -133,8 +133,9 @@ class MoeLoraLinear(Adapter):
         nn.init.zeros_(self.lora_B.weight)
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(gates, probs)``: per-token expert weights ``(..., E)`` (top-k renormalised for ``top_k >= 2``,
-        ``p_e`` itself for ``top_k = 1``; zero elsewhere) and the full router probabilities."""
+        """``(gates, probs)`` for ``x: (..., in)``: per-token expert weights ``(..., E)`` (top-k renormalised for
+        ``top_k >= 2``, ``p_e`` itself for ``top_k = 1``; zero elsewhere) and the full router probabilities
+        ``(..., E)``, both float32."""
         probs = F.softmax(self.lora_router(x).float(), dim=-1)
         top, idx = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:
@@ -182,7 +183,12 @@ class MoeLoraTuner(WrapTuner):
     def regularizer(self, host: Any, adapter_name: str) -> Tensor | None:
         """``coef`` times the mean load-balancing term of the routers that ran in the latest forward (in
         training mode, on rows of this adapter); None when none did (an eval forward, a mixed batch
-        without this adapter's rows, a forward under ``disable_adapter``)."""
+        without this adapter's rows, a forward under ``disable_adapter``).
+
+        Raises:
+            RuntimeError: the routers train but the latest forward's terms carry no gradient (e.g. reentrant
+                gradient checkpointing ran the layers under ``no_grad``), so they could not learn to balance.
+        """
         coef = host.peft_config[adapter_name].router_aux_loss_coef
         adapters = [layer.adapters[adapter_name] for _, layer in host.wrappers()
                     if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters]
@@ -202,7 +208,9 @@ class MoeLoraTuner(WrapTuner):
 
 
 def moe_lora_from_cli(args: Any) -> MoeLoraConfig:
-    """MoE-LoRA from ``peftkit train`` options (4 experts, top-2 unless ``--option`` says otherwise)."""
+    """MoE-LoRA from ``peftkit train`` options ``args`` (``--r`` default 8, ``--lora-alpha``, ``--lora-dropout``,
+    ``--target-modules`` default ``"all-linear"``; the config's defaults of 4 experts, top-2, unless ``--option``
+    says otherwise)."""
     return MoeLoraConfig(r=args.r or 8, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                          target_modules=args.target_modules or "all-linear", task_type=args.task_type)
 

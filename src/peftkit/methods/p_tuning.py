@@ -123,7 +123,8 @@ class PTuningTuner(PromptTuner):
 
 
 def p_tuning_from_cli(args: Any) -> PromptEncoderConfig:
-    """``peftkit train --method p-tuning``: 20 virtual tokens from an MLP encoder of width 128."""
+    """``peftkit train --method p-tuning``: 20 virtual tokens from an MLP encoder of width 128; of the options
+    ``args`` only ``--task-type`` is read."""
     return PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128, task_type=args.task_type)
 
 

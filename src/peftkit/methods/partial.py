@@ -71,6 +71,14 @@ class PartialTuner(SelectTuner):
     method = "partial fine-tuning"
 
     def select(self, host: Any, config: PartialConfig) -> list[tuple[str, tuple[str, ...]]]:
+        """``(module name, parameter names)`` to train: the selectable parameters of the targeted modules, in
+        the top ``num_top_layers`` blocks when that is set.
+
+        Raises:
+            ConfigError: ``num_top_layers`` is set but no block index is found in the model's module names
+                (set ``layers_pattern``), or it exceeds the number of blocks; or as
+                :func:`~peftkit.methods.selective.select_parameters`.
+        """
         layers = None
         if config.num_top_layers is not None:
             found = {layer_index(name, config.layers_pattern) for name, _ in iter_logical_modules(host.model)}
@@ -86,7 +94,7 @@ class PartialTuner(SelectTuner):
 
 
 def partial_from_cli(args: Any) -> PartialConfig:
-    """Build a :class:`PartialConfig` from ``peftkit train`` options: the top 2 blocks unless
+    """Build a :class:`PartialConfig` from ``peftkit train`` options ``args``: the top 2 blocks unless
     ``--target-modules`` or ``--option layers_to_transform=[...]`` says otherwise."""
     layers = args.method_options.get("layers_to_transform")
     explicit = args.target_modules is not None or layers is not None

@@ -143,6 +143,14 @@ class PrefixTuner(PromptTuner):
         super().inject(host, config, adapter_name)
 
     def insert(self, call: PromptCall, tokens: Tensor) -> None:
+        """Write the prefixes into the first call's key/value cache (a new ``DynamicCache`` when the call has
+        none): ``tokens: (P, num_layers * 2 * num_kv_heads * head_dim)`` becomes, per layer, keys and values
+        ``(batch, num_kv_heads, P, head_dim)``.
+
+        Raises:
+            ValueError: the model trains with gradient checkpointing (transformers then drops the cache that
+                holds the prefixes).
+        """
         from transformers import Cache, DynamicCache
 
         model = call.model

@@ -31,6 +31,14 @@ How a call is rewritten (``L`` real tokens, ``B`` rows):
 
 While the adapter is inactive, ``disable_adapter()`` is in force, or the model is unloaded, nothing
 is rewritten. Mixed-adapter batches (``adapter_names=``) naming a prompt adapter raise ``ValueError``.
+
+Papers of the methods built on this machinery (each method's module gives the details):
+  Lester et al., "The Power of Scale for Parameter-Efficient Prompt Tuning", 2021, arXiv:2104.08691
+    (:mod:`peftkit.methods.prompt_tuning`).
+  Liu et al., "GPT Understands, Too", 2021, arXiv:2103.10385 (P-tuning, :mod:`peftkit.methods.p_tuning`).
+  Li and Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", 2021, arXiv:2101.00190, and
+    Liu et al., "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across Scales and
+    Tasks", 2021, arXiv:2110.07602 (:mod:`peftkit.methods.prefix_tuning`).
 """
 
 from __future__ import annotations
@@ -123,7 +131,14 @@ class PromptLearningConfig(PeftConfig):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a transformer that virtual tokens must fit (from ``model.config``)."""
+    """The sizes of a transformer that virtual tokens must fit (from ``model.config``).
+
+    Attributes:
+        hidden_size: width of the hidden states. num_layers: transformer blocks (of the decoder, or of each
+            stack). num_heads / num_kv_heads: attention and key/value heads. head_dim: width of one head.
+        embed_dim: the input embeddings' width (the hidden size, or less: ALBERT, ELECTRA-small, OPT-350m).
+        encoder_decoder: T5, BART, ...: the virtual tokens go before the encoder's input. Default False.
+    """
 
     hidden_size: int
     num_layers: int
@@ -245,6 +260,7 @@ class VirtualTokens(nn.Module):
         return table
 
     def forward(self) -> Tensor:
+        """The virtual-token embeddings ``(P, width)``: the table itself once folded, else :meth:`project` of it."""
         table = self.embedding.weight
         return table if self.folded else self.project(table)
 
@@ -306,7 +322,11 @@ class PromptTuner(Tuner):
     def build(self, config: Any, model: nn.Module, shape: ModelShape) -> VirtualTokens:  # pragma: no cover
         """A new adapter's :class:`VirtualTokens` for the completed ``config``: ``forward() -> (P, width)``.
         Built folded (the table only, no reparameterisation) when ``config.inference_mode``; ``inject``
-        then moves it to the device of the model's input embeddings."""
+        then moves it to the device of the model's input embeddings.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def insert(self, call: PromptCall, tokens: Tensor) -> None:
@@ -314,6 +334,14 @@ class PromptTuner(Tuner):
         call.prepend_embeddings(tokens)
 
     def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
+        """Complete ``config`` from the model's shape (sizes it reads; restored on failure), build the
+        :class:`VirtualTokens` into ``host.extra_modules[adapter_name]`` and install the hooks that rewrite
+        each call of the model.
+
+        Raises:
+            ConfigError: ``num_virtual_tokens`` leaves no learned position for the input, the model's shape
+                cannot be read (see :func:`model_shape`), or the config does not fit it.
+        """
         model = host.model
         shape = model_shape(model, self.method if self.supports_encoder_decoder else None)
         positions = position_table(model)[0]
@@ -366,6 +394,13 @@ class PromptCall:
         strip: how many leading positions of the token-level logits to drop afterwards.
         made_cache: whether the rewrite created the cache (it is dropped from the output unless the call
             asked for caching).
+
+    Args:
+        model: the adapted model. kwargs: the call's keyword arguments (rewritten in place).
+        num_virtual: ``P``, the number of virtual tokens.
+
+    Raises:
+        ValueError: the call has neither ``input_ids`` nor ``inputs_embeds``, or both.
     """
 
     def __init__(self, model: nn.Module, kwargs: dict[str, Any], num_virtual: int) -> None:
@@ -410,7 +445,12 @@ class PromptCall:
 
 
 class PromptHooks:
-    """The pre-hook and hook on the adapted model that apply one soft-prompt adapter to every call."""
+    """The pre-hook and hook on the adapted model that apply one soft-prompt adapter to every call.
+
+    Args:
+        host: the :class:`~peftkit.host.AdapterModel` holding the adapter (hooks go on ``host.model``).
+        adapter_name: the adapter they apply. tuner: its :class:`PromptTuner` (which inserts the tokens).
+    """
 
     def __init__(self, host: AdapterModel, adapter_name: str, tuner: PromptTuner) -> None:
         self.host, self.name, self.tuner = host, adapter_name, tuner
@@ -546,6 +586,8 @@ class EncoderPromptHooks:
     leading ones, and the decoder's cross-attention mask gets the same ``P`` ones; decoder inputs, labels and
     logits are left as they are. The hooks sit on ``get_encoder()`` and ``get_decoder()``, not on the whole
     model, so ``generate()``, which runs the encoder once by itself and then only the decoder, is covered too.
+
+    Args: as :class:`PromptHooks` (``host``, ``adapter_name``, ``tuner``).
     """
 
     def __init__(self, host: AdapterModel, adapter_name: str, tuner: PromptTuner) -> None:
@@ -567,8 +609,9 @@ class EncoderPromptHooks:
     applies = PromptHooks.applies
 
     def before_encoder(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        """Encoder pre-hook: when :meth:`applies`, ``inputs_embeds`` with the virtual tokens in front and the
-        mask (if given) extended; else None.
+        """Encoder pre-hook: when :meth:`applies`, ``inputs_embeds`` ``(B, P + L, d)`` with the virtual tokens in
+        front and the mask (if given) extended; else None. ``module``/``args``/``kwargs``: the encoder and its
+        call.
 
         Raises:
             ValueError: as :meth:`PromptHooks.applies`; neither or both of ``input_ids`` and ``inputs_embeds``;
@@ -606,7 +649,8 @@ class EncoderPromptHooks:
 
     def before_decoder(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         """Decoder pre-hook: when :meth:`applies` and the encoder's states are ``P`` longer than the given
-        ``encoder_attention_mask`` (they hold the virtual tokens), that mask with ``P`` leading ones; else None."""
+        ``encoder_attention_mask`` (they hold the virtual tokens), that mask with ``P`` leading ones; else None.
+        ``module``/``args``/``kwargs``: the decoder and its call, as for any ``with_kwargs`` pre-hook."""
         if not self.applies():
             return None
         kw = _as_keywords(module, self.decoder_args, args, kwargs)

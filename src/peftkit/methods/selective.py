@@ -26,6 +26,18 @@ Files hold exactly these tensors under ``base_model.model.<module>.diff_<name>[_
 diff pruning's dense training form is written sparse (its non-zero entries). The trainable set is
 chosen when the adapter is added (BitFit, partial, diff pruning, Child-Tuning-F) or from data once
 before training (FISH, Child-Tuning-D: :meth:`peftkit.PeftModel.peft_prepare`).
+
+Papers of the methods built on this machinery (each method's module gives the details):
+  Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
+    Language-models", 2021, arXiv:2106.10199 (:mod:`peftkit.methods.bitfit`).
+  Lee et al., "What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning", 2019, arXiv:1911.03090
+    (:mod:`peftkit.methods.partial`).
+  Guo et al., "Parameter-Efficient Transfer Learning with Diff Pruning", 2020, arXiv:2012.07463
+    (:mod:`peftkit.methods.diff_pruning`).
+  Sung et al., "Training Neural Networks with Fixed Sparse Masks", 2021, arXiv:2111.09839
+    (FISH mask, :mod:`peftkit.methods.fish`; the Fisher-information selection of :class:`FisherMaskTuner`).
+  Xu et al., "Raise a Child in Large Language Model: Towards Effective and Generalizable Fine-tuning", 2021,
+    arXiv:2109.05687 (Child-Tuning, :mod:`peftkit.methods.child_tuning`).
 """
 
 from __future__ import annotations
@@ -59,7 +71,8 @@ SELECTABLE = ("weight", "bias")
 
 
 def index_dtype(numel: int) -> torch.dtype:
-    """int32 indices for tensors with fewer than 2**31 entries, else int64 (halves the file size)."""
+    """The index dtype for a tensor of ``numel`` entries: int32 below 2**31 entries (halves the file size),
+    else int64."""
     return torch.int32 if numel < 2**31 else torch.int64
 
 
@@ -110,7 +123,12 @@ class SelectiveConfig(PeftConfig):
 
 
 def check_fraction(name: str, value: Any, low_open: bool, high_open: bool) -> None:
-    """Raise ConfigError unless ``value`` is a number in the interval (open/closed ends as given)."""
+    """Check that ``value`` (the field ``name``) is a number in the interval from 0 to 1, its ends open or
+    closed as ``low_open`` / ``high_open`` say (e.g. both False: ``[0, 1]``).
+
+    Raises:
+        ConfigError: ``value`` is not a number (bool excluded) in that interval; the message names ``name``.
+    """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
     interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")

@@ -191,7 +191,7 @@ class SoraTuner(WrapTuner):
                 adapter.soft_threshold(lam)
 
     def kept_ranks(self, host: AdapterModel, adapter_name: str) -> dict[str, int]:
-        """Module name -> number of ranks whose gate is not zero."""
+        """Module name -> number of ranks whose gate is not zero, over the layers of ``adapter_name``."""
         return {name: int(a.kept().numel()) for name, a in self.adapters(host, adapter_name).items()}
 
     def export_config(self, host: AdapterModel, adapter_name: str) -> SoraConfig:
@@ -202,7 +202,8 @@ class SoraTuner(WrapTuner):
 
 
 def sora_from_cli(args: Any) -> SoraConfig:
-    """A :class:`SoraConfig` from ``peftkit train`` options (``--r``, ``--lora-dropout``)."""
+    """A :class:`SoraConfig` from ``peftkit train`` options ``args`` (``--r``, default 8; ``--lora-dropout``;
+    ``--target-modules``, default ``"all-linear"``)."""
     return SoraConfig(r=args.r or 8, lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                       task_type=args.task_type)
 

@@ -220,7 +220,8 @@ class VeraTuner(WrapTuner):
 
 
 def vera_from_cli(args: Any) -> VeraConfig:
-    """Build a :class:`VeraConfig` from ``peftkit train`` options (``--r`` is the shared rank)."""
+    """Build a :class:`VeraConfig` from ``peftkit train`` options ``args`` (``--r`` is the shared rank,
+    default 256; ``--lora-dropout`` as ``vera_dropout``; ``--target-modules`` default ``"all-linear"``)."""
     return VeraConfig(r=args.r or 256, vera_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                       task_type=args.task_type)
 

@@ -69,23 +69,40 @@ class QuantFormat:
 
     def unsupported(self, shape: tuple[int, int], rows: bool = False) -> str | None:  # pragma: no cover
         """Why a weight of ``shape`` ``(out_features, in_features)`` cannot be stored, or None when it can.
-        With ``rows`` it must also be decodable row by row (an embedding table, :meth:`dequantize_rows`)."""
+        With ``rows`` it must also be decodable row by row (an embedding table, :meth:`dequantize_rows`).
+        Default ``rows=False``.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def quantize(self, w: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         """The buffers (keys: ``buffer_names``) storing ``w: (out_features, in_features)``, any float dtype
-        (detached and computed in float32), on ``w``'s device. Only for shapes :meth:`unsupported` accepts."""
+        (detached and computed in float32), on ``w``'s device. Only for shapes :meth:`unsupported` accepts.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def dequantize(self, q: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:  # pragma: no cover
         """The float32 weight ``(out_features, in_features)`` = ``shape`` rebuilt from :meth:`quantize`'s
-        buffers ``q``, on their device."""
+        buffers ``q``, on their device.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
     def dequantize_rows(self, q: dict[str, Tensor], shape: tuple[int, int], rows: Tensor) -> Tensor:  # pragma: no cover
         """Only rows ``rows`` (``(n,)`` integer indices, repeats allowed) of the weight of ``shape``, as
         float32 ``(n, in_features)``; decodes just those rows (embedding lookups). Needs
-        ``unsupported(shape, rows=True)`` to be None."""
+        ``unsupported(shape, rows=True)`` to be None.
+
+        Raises:
+            NotImplementedError: a subclass that does not override it.
+        """
         raise NotImplementedError
 
 
@@ -98,6 +115,11 @@ class NF4Format(QuantFormat):
             element count must be a multiple of it.
         scaler_block_size: scales per second-level int8 group (default 256; lowered to the largest
             divisor of the number of blocks when that is not a multiple, e.g. on tiny layers).
+
+    Raises:
+        ConfigError: ``block_size`` is not an even integer > 0, or ``scaler_block_size`` not an integer > 0.
+
+    Paper: QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al., 2023, arXiv:2305.14314).
     """
 
     method: ClassVar[str] = "nf4"
@@ -165,6 +187,13 @@ class AffineFormat(QuantFormat):
         bits: 8 (codes in [-128, 127]) or 4 (codes in [0, 15], packed two per byte).
         group_size: input columns sharing one scale and zero point per output row; None = per channel.
         symmetric: symmetric mapping (zero point in the middle) instead of min/max (asymmetric).
+            Default True.
+
+    Defaults: ``bits=8``, ``group_size=None``.
+
+    Raises:
+        ConfigError: ``bits`` not 4 or 8, ``group_size`` neither None nor an integer >= 2, or a non-bool
+            ``symmetric``.
     """
 
     buffer_names: ClassVar[tuple[str, ...]] = ("qdata", "qscale", "qzero")

@@ -172,7 +172,8 @@ class QuantLinear(QuantWeight, nn.Linear):
 
     @classmethod
     def from_module(cls, module: nn.Module, fmt: QuantFormat) -> QuantLinear:
-        """Quantise an ``nn.Linear`` or GPT-2 ``Conv1D`` (weight ``(in, out)``, transposed here)."""
+        """Quantise ``module``, an ``nn.Linear`` or GPT-2 ``Conv1D`` (weight ``(in, out)``, transposed here),
+        with ``fmt``; its bias is kept (shared, not copied) and ``conv1d`` records the original layout."""
         weight = module.weight.detach()
         layer = cls.quantize(weight if isinstance(module, nn.Linear) else weight.T, module.bias, fmt)
         layer.conv1d = not isinstance(module, nn.Linear)
@@ -180,6 +181,8 @@ class QuantLinear(QuantWeight, nn.Linear):
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        """``x W^T + b`` with ``W`` dequantised on the fly (or the merged float weight, when one is set):
+        ``x: (..., in_features) -> (..., out_features)``."""
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight, self.bias)
         y = _DequantLinear.apply(x, self)
@@ -228,6 +231,11 @@ class QuantEmbedding(QuantWeight, nn.Embedding):
 
     Shapes: ``ids: (...)`` integers ``-> (..., embedding_dim)``;
     ``weight``: ``(num_embeddings, embedding_dim)``. ``max_norm`` (which rewrites rows) is not supported.
+
+    Args:
+        module: the ``nn.Embedding`` to quantise (its table is read, not changed); its ``padding_idx``,
+            ``norm_type``, ``scale_grad_by_freq`` and ``sparse`` are kept, ``max_norm`` is dropped.
+        fmt: the :class:`~peftkit.quant.formats.QuantFormat` to store the table in.
     """
 
     def __init__(self, module: nn.Embedding, fmt: QuantFormat) -> None:
@@ -241,7 +249,11 @@ class QuantEmbedding(QuantWeight, nn.Embedding):
     @property
     def num_embeddings(self) -> int:  # type: ignore[override]
         """Rows of the table; fixed once quantised (transformers' ``resize_token_embeddings`` sets it after
-        writing a new ``weight.data``, which a quantised table cannot take: refused, nothing changed)."""
+        writing a new ``weight.data``, which a quantised table cannot take: refused, nothing changed).
+
+        Raises:
+            ConfigError: (on assignment) a value other than the quantised table's row count.
+        """
         return self._num_embeddings
 
     @num_embeddings.setter
@@ -253,6 +265,8 @@ class QuantEmbedding(QuantWeight, nn.Embedding):
         self._num_embeddings = value
 
     def forward(self, ids: Tensor) -> Tensor:
+        """The rows ``ids`` of the table, dequantised (only those rows), in ``compute_dtype``:
+        ``ids: (...)`` integers ``-> (..., embedding_dim)``."""
         if self.merged_weight is not None:
             return F.embedding(ids, self.merged_weight, self.padding_idx)
         rows = self.fmt.dequantize_rows(self.quantized_state(), self.weight_shape, ids.reshape(-1))

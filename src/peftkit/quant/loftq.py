@@ -90,7 +90,12 @@ class LoftQConfig:
 
     @classmethod
     def from_value(cls, value: Any) -> LoftQConfig:
-        """Accept a :class:`LoftQConfig`, peft's ``LoftQConfig`` or a dict; unknown keys are errors."""
+        """``value`` as a :class:`LoftQConfig`: one is returned as is; peft's ``LoftQConfig`` (its attributes) or a
+        dict is converted.
+
+        Raises:
+            ConfigError: ``value`` has keys :class:`LoftQConfig` lacks, or (from its validation) invalid values.
+        """
         if isinstance(value, cls):
             return value
         data = dict(value) if isinstance(value, dict) else dict(vars(value))

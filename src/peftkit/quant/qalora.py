@@ -56,7 +56,7 @@ class QALoraLinear(Adapter):
         return torch.add(y, self.lora_B(self.lora_A(pooled)).to(y.dtype), alpha=self.scaling)
 
     def group_delta(self, layer: AdaptedLayer) -> Tensor:
-        """The weight change per input group, ``(out, in / L)``, float32."""
+        """The weight change per input group of this adapter on ``layer``, ``(out, in / L)``, float32."""
         ba = self.lora_B.weight.float() @ self.lora_A.weight.float()
         return ba * (self.scaling * self.groups / self.group_size)
 

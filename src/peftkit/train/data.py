@@ -239,7 +239,8 @@ MAX_CLASSES = 10_000
 
 
 def read_table(path: str | os.PathLike) -> list[Row]:
-    """Rows of a ``.csv``, ``.tsv`` (header row required) or ``.jsonl`` file (one JSON object per line).
+    """Rows of the ``.csv``, ``.tsv`` (header row required) or ``.jsonl`` file ``path`` (one JSON object per
+    line), each a dict column -> value.
 
     Raises:
         DataError: missing file, unknown extension, text that is not UTF-8, a line that is not a JSON
@@ -395,7 +396,14 @@ def examples_from_rows(rows: list[dict[str, Any]], text_column: str | None, labe
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Examples tokenised once; items are dicts of 1-D ``input_ids`` (and friends) plus ``labels``."""
+    """Examples tokenised once; items are dicts of 1-D ``input_ids`` (and friends) plus ``labels``.
+
+    Args:
+        examples: dicts with ``text``, ``text_pair`` (None for single sentences) and ``label``.
+        tokenizer: a transformers tokenizer; texts are truncated to ``max_length`` tokens, not padded
+            (:func:`collate` pads a batch).
+        regression: whether labels are floats (kept as ``self.regression``). Default False.
+    """
 
     def __init__(self, examples: list[Example], tokenizer: Any, max_length: int, regression: bool = False) -> None:
         texts = [e["text"] for e in examples]

@@ -180,15 +180,16 @@ def shard_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP wrapper (FSDP2 shards in place, so it is the module itself)."""
+    """The user's module inside ``model``, a DDP wrapper (FSDP2 shards in place, so it is the module itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def local(t: Tensor) -> Tensor:
-    """This rank's shard of a sharded (``DTensor``) parameter or state; other tensors as they are."""
+    """This rank's shard of ``t``, a sharded (``DTensor``) parameter or state; other tensors as they are."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
 def full(t: Tensor) -> Tensor:
-    """The whole tensor of a sharded (``DTensor``) one; a collective, so every rank must call it."""
+    """The whole tensor of ``t``, a sharded (``DTensor``) one (other tensors as they are); a collective, so every
+    rank must call it."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -184,7 +184,8 @@ class PeftTrainer(Trainer):
 
     def create_optimizer(self, model: Any = None) -> Any:
         """Before transformers builds the optimiser, the adapters that choose their parameters from data (FISH,
-        Child-Tuning) see the training batches (``peft_prepare``); the batches are drawn only if one does."""
+        Child-Tuning) see the training batches (``peft_prepare``); the batches are drawn only if one does.
+        ``model``: as transformers' ``create_optimizer`` (default None: the trainer's model)."""
         peft = self._peft_model(model)
         if peft is not None and self.train_dataset is not None:
             def batches() -> Any:  # lazy: methods that need no data never create the loader; one pass at most

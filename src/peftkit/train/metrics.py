@@ -14,7 +14,7 @@ import numpy as np
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
-    """Fraction of exact matches, in [0, 1]."""
+    """Fraction of entries where ``pred`` equals ``gold`` (same length), in [0, 1]; 0 for empty inputs."""
     p, g = np.asarray(pred), np.asarray(gold)
     return float((p == g).mean()) if len(g) else 0.0
 
@@ -28,7 +28,8 @@ def f1(pred: Sequence[int], gold: Sequence[int], positive: int = 1) -> float:
 
 
 def matthews(pred: Sequence[int], gold: Sequence[int]) -> float:
-    """Matthews correlation coefficient of binary labels, in [-1, 1] (0 when undefined)."""
+    """Matthews correlation coefficient of ``pred`` against ``gold`` as binary labels (1 is positive, any other
+    value negative), in [-1, 1] (0 when undefined)."""
     p, g = np.asarray(pred) == 1, np.asarray(gold) == 1
     tp, tn = float((p & g).sum()), float((~p & ~g).sum())
     fp, fn = float((p & ~g).sum()), float((~p & g).sum())
@@ -37,7 +38,8 @@ def matthews(pred: Sequence[int], gold: Sequence[int]) -> float:
 
 
 def pearson(pred: Sequence[float], gold: Sequence[float]) -> float:
-    """Pearson correlation (0 when either side is constant)."""
+    """Pearson correlation of ``pred`` and ``gold`` (same length), in [-1, 1]; 0 when either side is constant,
+    NaN when a value is NaN."""
     p, g = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
     if p.std() == 0 or g.std() == 0:
         return 0.0
@@ -56,7 +58,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(pred: Sequence[float], gold: Sequence[float]) -> float:
-    """Spearman rank correlation (ties get average ranks); NaN when a value is NaN (a diverged regression),
+    """Spearman rank correlation of ``pred`` and ``gold`` (ties get average ranks); NaN when a value is NaN (a diverged regression),
     as Pearson's is, rather than ranking NaN as the largest value."""
     if np.isnan(np.asarray(pred, dtype=np.float64)).any() or np.isnan(np.asarray(gold, dtype=np.float64)).any():
         return float("nan")

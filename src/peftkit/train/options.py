@@ -27,7 +27,13 @@ def default_model_dir() -> str:
 
 def resolve_model_dir(model: str | None, task: str) -> str:
     """The model folder for ``--model``: a local folder, the name of a shipped model (``stories260K``),
-    or None for the default (stories260K for ``causal-lm``, all-MiniLM-L6-v2 otherwise)."""
+    or None for the default (stories260K for ``causal-lm``, all-MiniLM-L6-v2 otherwise). ``task`` is the
+    ``--task`` value. Returns the folder's path; a path that does not exist yet is returned unchanged.
+
+    Raises:
+        FileNotFoundError: ``model`` is empty, or a bare name (no path separator) that is neither an existing
+            folder nor a shipped model (the message suggests a close shipped name).
+    """
     if model is None:
         return str(shipped_model_dir()) if task == CAUSAL_LM else default_model_dir()
     if not model.strip():  # '' would read as the current folder

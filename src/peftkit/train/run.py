@@ -215,7 +215,7 @@ def load_classification_task(cfg: RunConfig, classes: tuple[int, list[str] | Non
 
 
 def build_peft_config(cfg: RunConfig) -> PeftConfig:
-    """The method's config from the run options (via the method's registered ``cli_config``).
+    """The method's config from the run options ``cfg`` (via the method's registered ``cli_config``).
 
     Raises:
         ConfigError: unknown method or invalid values.
@@ -770,7 +770,8 @@ def evaluate_run(run_dir: str | os.PathLike, eval_file: str | None = None, devic
 
 
 def read_finished_run(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
-    """:func:`read_run_config` of a run that finished: it holds its adapter (or ``model/``, fully fine-tuned).
+    """:func:`read_run_config` of the run folder ``run_dir``, which must hold a finished run: its adapter (or
+    ``model/``, fully fine-tuned).
 
     Raises:
         FileNotFoundError: no ``run_config.json``, or the run did not finish (the message says how to go on).

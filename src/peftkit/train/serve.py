@@ -92,7 +92,8 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
 
 
 def run_shape(cfg: Any, raw: dict[str, Any]) -> dict[str, Any]:
-    """What a finished run's inputs and outputs are: ``{"num_labels", "label_names", "regression", "pair"}``
+    """What a finished run's inputs and outputs are (``cfg``: its RunConfig; ``raw``: its ``run_config.json`` as
+    read): ``{"num_labels", "label_names", "regression", "pair"}``
     (classes None and pair False for a causal-LM run). A file run's come from its ``run_config.json`` (its files
     may be gone): ``sentence_pair`` as found in training (runs saved before it was recorded: a pair column
     given by name).

@@ -139,7 +139,7 @@ def _checkpoint_folder(path: Path) -> Path:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch."""
+    """Seed python's ``random``, numpy (with ``seed % 2**32``) and torch (all devices) with ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -154,7 +154,8 @@ def peak_memory_mib() -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into decayed (2-D and up) and not decayed (biases, norms, vectors)."""
+    """Trainable parameters of ``model`` as optimiser groups: decayed (2-D and up) with ``weight_decay``, and
+    not decayed (biases, norms, vectors) with 0; an empty group is left out."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
