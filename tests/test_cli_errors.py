@@ -343,8 +343,11 @@ def test_empty_folders_are_refused_by_name(argv, message, tmp_path, capsys, monk
 
 def test_empty_model_and_task_are_refused(tmp_path, capsys):
     """--model '' read as the current folder; --task '' trained sst2."""
-    assert error_line(capsys, "train", "--model", "", "--output-dir", tmp_path / "a").startswith(
-        "peftkit: error: --model '' is empty")
+    line = error_line(capsys, "train", "--model", "", "--output-dir", tmp_path / "a")
+    assert line.startswith("peftkit: error: --model '' is empty") and line.endswith("the embedded all-MiniLM-L6-v2")
+    # the default it names is the task's (it named MiniLM for a causal-LM run too)
+    assert error_line(capsys, "train", "--task", "causal-lm", "--model", " ",
+                      "--output-dir", tmp_path / "a").endswith("leave --model out for the shipped stories260K")
     assert "expected a task name" in error_line(capsys, "train", "--task", "", "--output-dir", tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -38,7 +38,8 @@ def resolve_model_dir(model: str | None, task: str) -> str:
         return str(shipped_model_dir()) if task == CAUSAL_LM else default_model_dir()
     if not model.strip():  # '' would read as the current folder
         raise FileNotFoundError(f"--model {model!r} is empty; give a local HF model folder or a shipped model "
-                                f"({sorted(SHIPPED_MODELS)}), or leave --model out for the embedded all-MiniLM-L6-v2")
+                                f"({sorted(SHIPPED_MODELS)}), or leave --model out for "
+                                f"{'the shipped stories260K' if task == CAUSAL_LM else 'the embedded all-MiniLM-L6-v2'}")
     if not Path(model).is_dir() and model in SHIPPED_MODELS:
         return str(shipped_model_dir(model))
     if not Path(model).exists() and "/" not in model and os.sep not in model:  # a name, neither folder nor shipped
