@@ -227,8 +227,14 @@ def test_the_state_dict_functions_take_pefts_arguments(tmp_path):
     taken = get_sd(model, state_dict=doubled, save_embedding_layers="auto", unwrap_compiled=True)
     assert taken.keys() == own.keys() and all(torch.equal(taken[k], 2 * own[k]) for k in own)
     assert get_sd(model, "default").keys() == own.keys()  # peftkit's earlier positional adapter name
-    with pytest.raises(ConfigError, match="save_embedding_layers=True is not supported"):
-        get_sd(model, save_embedding_layers=True)
+    # the embedding matrices are written on request, their values also taken from the given state dict
+    embed = "base_model.model.model.embed_tokens.weight"
+    # (both ends of the tied embedding, as peft writes them)
+    assert get_sd(model, save_embedding_layers=True).keys() == own.keys() | {embed, "base_model.model.lm_head.weight"}
+    assert torch.equal(get_sd(model, state_dict=doubled, save_embedding_layers=True)[embed],
+                       2 * model.get_input_embeddings().weight)
+    with pytest.raises(ConfigError, match="save_embedding_layers='yes' is not valid; use 'auto', True or False"):
+        get_sd(model, save_embedding_layers="yes")
     set_peft_model_state_dict(model, own, low_cpu_mem_usage=False, ignore_mismatched_sizes=False)
     with pytest.raises(ConfigError, match="ignore_mismatched_sizes=True is not supported"):
         set_peft_model_state_dict(model, own, ignore_mismatched_sizes=True)

@@ -552,3 +552,115 @@ def test_a_model_peft_already_wrapped_is_named_as_such():
     with pytest.raises(peftkit.ConfigError, match=r"module '0' is a layer of the peft package \(peft\.tuners\.lora"
                                                   r".*start from a fresh copy of the base model"):
         peftkit.get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["0"]))
+
+
+def _resized_llama(new_rows_seed: int):
+    """A tiny Llama whose vocabulary was resized from 64 to 70 tokens (the new input rows drawn from the seed)."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    torch.manual_seed(new_rows_seed)
+    model.resize_token_embeddings(70, mean_resizing=False)
+    with torch.no_grad():
+        model.lm_head.weight[64:] = 0
+    return model
+
+
+@pytest.mark.parametrize("saver", ["peftkit", "peft"])
+def test_save_embedding_layers_restores_a_resized_vocabulary_in_either_library(saver, tmp_path):
+    """save_pretrained(save_embedding_layers=True) was swallowed by **kwargs: the file held no embedding matrix, so
+    the added tokens' rows were lost on reloading (logits off by about 1e-2). Now peftkit writes what peft writes,
+    and either library restores the model whole from the other's file."""
+    from safetensors import safe_open
+
+    lib, other = (peftkit, peft) if saver == "peftkit" else (peft, peftkit)
+    x = torch.tensor([[64, 65, 66, 67, 68, 69]])
+    trained = lib.get_peft_model(_resized_llama(1), lib.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                                   init_lora_weights=False))
+    trained.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained.save_pretrained(tmp_path / "explicit", save_embedding_layers=True)
+        trained.save_pretrained(tmp_path / "none", save_embedding_layers=False)
+        # "auto" writes them too when target_modules names an embedding layer (with a warning, as peft)
+        trained.save_pretrained(tmp_path / "auto")
+    keys = {}
+    for name in ("explicit", "none", "auto"):
+        with safe_open(tmp_path / name / "adapter_model.safetensors", "pt") as fh:
+            keys[name] = {k for k in fh.keys() if "lora" not in k}
+    assert keys == {"explicit": {"base_model.model.model.embed_tokens.base_layer.weight"}, "none": set(),
+                    "auto": {"base_model.model.model.embed_tokens.base_layer.weight"}}
+    with torch.no_grad():
+        want = trained(input_ids=x).logits
+        for loader in (lib, other):
+            back = loader.PeftModel.from_pretrained(_resized_llama(2), tmp_path / "explicit").eval()
+            assert (back(input_ids=x).logits - want).abs().max() <= 1e-6, loader.__name__
+        lost = peftkit.PeftModel.from_pretrained(_resized_llama(2), tmp_path / "none").eval()
+        assert (lost(input_ids=x).logits - want).abs().max() > 1e-4  # without them the new rows are the base's
+
+
+def test_save_embedding_layers_auto_follows_a_resized_vocabulary(tmp_path):
+    """With an untargeted embedding, "auto" writes the embedding matrices when the vocabulary differs from the
+    base model folder's (as peft checks it, here on the local folder only), and not otherwise."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    plain = peftkit.get_peft_model(transformers_model(tmp_path / "base"), peftkit.LoraConfig(r=2,
+                                                                                              target_modules=["q_proj"]))
+    resized = transformers_model(tmp_path / "base")
+    resized.resize_token_embeddings(70, mean_resizing=False)
+    resized = peftkit.get_peft_model(resized, peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert resized.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.warns(UserWarning, match="the vocabulary was resized"):
+        resized.save_pretrained(tmp_path / "resized")
+    found = {}
+    for name in ("plain", "resized"):
+        with safe_open(tmp_path / name / "adapter_model.safetensors", "pt") as fh:
+            found[name] = sorted(k for k in fh.keys() if "lora" not in k)
+    # untargeted: the modules themselves (peft's names), both ends of the tied embedding
+    assert found == {"plain": [], "resized": ["base_model.model.lm_head.weight",
+                                              "base_model.model.model.embed_tokens.weight"]}
+    back = peftkit.PeftModel.from_pretrained(_resized_llama(3), tmp_path / "resized")
+    assert torch.equal(back.get_input_embeddings().weight, resized.get_input_embeddings().weight)
+
+
+def transformers_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_an_adapter_on_a_compiled_model_saves_the_models_own_keys(tmp_path):
+    """get_peft_model(torch.compile(model)): saving crashed (AttributeError: 'LlamaModel' object has no attribute
+    'check_known'), and loading onto a compiled model failed on "_orig_mod." keys. The compiled module itself is
+    adapted now (the compiled wrapper runs the adapters too), so files are the plain model's, which peft loads."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    plain = copy.deepcopy(base)
+    compiled = torch.compile(base, backend="eager")
+    model = peftkit.get_peft_model(compiled, peftkit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    assert model.get_base_model() is base
+    model.save_pretrained(tmp_path)
+    x = ids()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        assert torch.equal(compiled(input_ids=x).logits, want)  # the user's compiled handle has the adapter too
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path)
+        assert (theirs(input_ids=x).logits - want).abs().max() <= 1e-6
+        ours = peftkit.PeftModel.from_pretrained(torch.compile(copy.deepcopy(plain), backend="eager"), tmp_path)
+        assert (ours(input_ids=x).logits - want).abs().max() <= 1e-6
+
+
+def test_a_peft_config_object_and_pefts_peft_type_attribute():
+    """A peft config left over from porting read "expected a PeftConfig (e.g. LoraConfig), got LoraConfig"; and
+    model.peft_type, peft's attribute, raised AttributeError naming the base model."""
+    with pytest.raises(peftkit.ConfigError, match=r"got peft\.tuners\.lora\.config\.LoraConfig: a config of the "
+                                                  r"'peft' package; build it with peftkit's own \(from peftkit import "
+                                                  r"LoraConfig\)"):
+        peftkit.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"]))
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("ia3", peftkit.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    assert model.peft_type == "LORA"
+    model.set_adapter("ia3")
+    assert model.peft_type == "IA3"

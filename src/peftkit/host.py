@@ -73,6 +73,10 @@ class AdapterModel(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        # a torch.compile wrapper: the module it compiles is adapted (the wrapper shares it, so it runs the adapters
+        # too), and the file keys are the model's own (no "_orig_mod." that a plain model would not fit)
+        while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
         wrapped = next((n for n, m in model.named_modules() if isinstance(m, (AdaptedLayer, ModulesToSaveWrapper))), None)
         if wrapped is None:  # a soft-prompt adapter wraps no layer: its hooks on the model hold their host
             wrapped = next((n or type(model).__name__ for n, m in model.named_modules()
@@ -222,7 +226,12 @@ class AdapterModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter {adapter_name!r} already exists; existing: {list(self.peft_config)}")
         if not isinstance(config, PeftConfig):
-            raise ConfigError(f"expected a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
+            kind = type(config)
+            where = kind.__module__.split(".")[0]
+            hint = (f": a config of the {where!r} package; build it with peftkit's own (from peftkit import "
+                    f"{kind.__name__})" if where != "peftkit" and kind.__name__.endswith("Config") else "")
+            raise ConfigError(f"expected a peftkit PeftConfig (e.g. peftkit.LoraConfig), got "
+                              f"{kind.__module__}.{kind.__qualname__}{hint}")
         config.check_values()  # again: fields may have been changed since the config was built
         if any(c is config for c in self.peft_config.values()):
             # one config object for two adapters (get_peft_model(m, c, "a"); add_adapter("b", c)): the second gets

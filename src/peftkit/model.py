@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import PeftConfig, check
+from peftkit.config import ConfigError, PeftConfig, check
 from peftkit.host import AdapterModel
 from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
 from peftkit.methods.lora_init import check_trainable_init
@@ -94,6 +94,18 @@ class PeftModel(nn.Module):
             raise ValueError(f"no adapter is active; this model has {self.base_model.public_names()} "
                              "(add one with add_adapter, then set_adapter)")
         return self.base_model.active_adapters[0]
+
+    @property
+    def peft_type(self) -> str:
+        """The ``peft_type`` of the active adapter's config (of the first adapter when none is active), e.g.
+        ``"LORA"``: peft's attribute, a plain string here (peft's is a ``PeftType`` enum whose value is this).
+
+        Raises:
+            ValueError: the model holds no adapter (all were deleted)."""
+        names = self.base_model.active_adapters or self.base_model.public_names()
+        if not names:
+            raise ValueError("this model holds no adapter, so it has no peft_type; add one with add_adapter")
+        return self.base_model.peft_config[names[0]].peft_type
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -550,7 +562,7 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
-                        **kwargs: Any) -> None:
+                        save_embedding_layers: str | bool = "auto", **kwargs: Any) -> None:
         """Write each adapter in HF PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``
         in ``save_directory`` for ``"default"`` and in ``save_directory/<name>`` for the others. Every
         file of every adapter is written to a temporary name before the first is renamed into place, so
@@ -563,8 +575,14 @@ class PeftModel(nn.Module):
         written as an equivalent plain adapter for the unchanged base model (its method's
         ``convert_for_initial_model``).
 
+        ``save_embedding_layers`` (as in peft): also write the base model's embedding matrices, for a model whose
+        vocabulary was resized; ``"auto"`` (default) does when ``target_modules`` names ``embed_tokens`` or
+        ``lm_head``, or when ``config.vocab_size`` differs from the local base model folder's (see
+        :func:`peftkit.get_peft_model_state_dict`).
+
         Raises:
-            ConfigError: unknown adapter name. ValueError: ``safe_serialization=False`` (pickle is refused), or
+            ConfigError: unknown adapter name, or a ``save_embedding_layers`` other than ``"auto"``, True or False.
+            ValueError: ``safe_serialization=False`` (pickle is refused), or
             a conversion the method does not support. NotADirectoryError: ``save_directory`` (or an adapter's
             sub-folder) is an existing file. Nothing is written when any of these is raised.
         """
@@ -578,6 +596,8 @@ class PeftModel(nn.Module):
             raise ValueError("there is no adapter to save: this model has none" if not self.peft_config
                              else "selected_adapters is empty; name at least one of " + repr(list(self.peft_config)))
         self.base_model.check_known(names)
+        if save_embedding_layers not in ("auto", True, False) or not isinstance(save_embedding_layers, (str, bool)):
+            raise ConfigError(f"save_embedding_layers={save_embedding_layers!r} is not valid; use 'auto', True or False")
         # every adapter's files are made first and staged together: a failure on any (a conversion it does
         # not support, a path that is a file) leaves all files already in the folder as they were
         plan: dict[str, dict[str, bytes]] = {}
@@ -587,7 +607,8 @@ class PeftModel(nn.Module):
             if path_initial_model_for_weight_conversion is not None:
                 converted = self.base_model.tuner(name).convert_for_initial_model(
                     self, name, os.fspath(path_initial_model_for_weight_conversion))
-            files = adapter_files(self, name, write=is_main_process, converted=converted)
+            files = adapter_files(self, name, write=is_main_process, converted=converted,
+                                  save_embedding_layers=save_embedding_layers)
             if files is not None:
                 plan[target] = files
         if plan:

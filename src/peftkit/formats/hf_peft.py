@@ -97,11 +97,17 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
             string here is taken as ``adapter_name`` (peftkit's earlier positional form).
         adapter_name: which adapter (default ``"default"``).
         unwrap_compiled: accepted as in peft (a ``torch.compile``'d model is unwrapped either way).
-        save_embedding_layers: ``"auto"`` (default) or False; peftkit never writes whole embedding matrices.
+        save_embedding_layers: also write the base model's input and output embedding matrices, as peft
+            does (keyed as they are in the model: ``...embed_tokens.base_layer.weight`` when wrapped by an
+            adapter), so that a model whose vocabulary was resized is restored whole by either library.
+            True writes them; False never; ``"auto"`` (default) writes them, with a warning, when
+            ``target_modules`` names ``embed_tokens`` or ``lm_head`` (a list holding one of those names, or a
+            regex matching such a module), or when the model's ``config.vocab_size`` differs from that of
+            the local folder ``base_model_name_or_path`` (the Hub is never asked).
 
     Raises:
-        ConfigError: unknown adapter name, a name that is not a string, ``save_embedding_layers=True``, or a
-            ``state_dict`` that lacks one of the adapter's tensors.
+        ConfigError: unknown adapter name, a name that is not a string, ``save_embedding_layers`` not
+            ``"auto"``/True/False, or a ``state_dict`` that lacks one of the tensors to write.
     """
     from peftkit.config import ConfigError
 
@@ -110,26 +116,109 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
     if not isinstance(adapter_name, str):
         raise ConfigError(f"adapter_name must be a string, got {type(adapter_name).__name__}; pass a state dict as "
                           "state_dict= (peft's second argument)")
-    if save_embedding_layers not in ("auto", False):
-        raise ConfigError(f"save_embedding_layers={save_embedding_layers!r} is not supported: peftkit writes the "
-                          "adapter's own tensors only; use 'auto' or False")
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    if save_embedding_layers not in ("auto", True, False) or not isinstance(save_embedding_layers, (str, bool)):
+        raise ConfigError(f"save_embedding_layers={save_embedding_layers!r} is not valid; use 'auto', True or False")
+    model = _unwrap_compiled(model)
     out = _tensors(model, adapter_name, export=True)
+    embeddings = _embedding_tensors(model, adapter_name, save_embedding_layers)
     if state_dict is None:
-        return out
+        return {**out, **embeddings}
     own = _tensors(model, adapter_name, export=False)
     if own.keys() != out.keys():
         raise ConfigError(f"state_dict= is not supported for adapter {adapter_name!r}: its file holds another form than "
                           "its parameters (pruned ranks, sparse differences, folded prompts); call it without state_dict")
     names = {(t.data_ptr(), t.shape): n for n, t in model.state_dict().items() if t.numel()}
     taken = {}
-    for key, tensor in own.items():
+    for key, tensor in {**own, **embeddings}.items():
         name = names.get((tensor.data_ptr(), tensor.shape))
         if name is None or name not in state_dict:
             raise ConfigError(f"state_dict holds no value for the adapter's {key!r} (model name {name!r}); give the "
                               "model's own state dict (model.state_dict(), or one gathered from it)")
         taken[key] = state_dict[name]
     return taken
+
+
+def _unwrap_compiled(model: PeftModel) -> PeftModel:
+    """The PeftModel itself when ``model`` is one, else the module a ``torch.compile`` wrapper holds. (Reading
+    ``_orig_mod`` off a PeftModel built on a compiled model would pass through to the user's model inside.)"""
+    from peftkit.model import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model
+    return getattr(model, "_orig_mod", model)
+
+
+#: module names whose targeting makes ``save_embedding_layers="auto"`` write the embedding matrices (peft's)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_tensors(model: PeftModel, adapter_name: str, save_embedding_layers: str | bool) -> dict[str, Tensor]:
+    """The base model's input and output embedding tensors as peft's ``save_embedding_layers`` writes them (see
+    :func:`get_peft_model_state_dict`), keyed for the file; empty when they are not to be written."""
+    import re
+    import warnings
+
+    config = model.peft_config[adapter_name]
+    hf = model.base_model.model
+    targets = getattr(config, "target_modules", None)
+    targeted = False
+    if isinstance(targets, str) and targets != "all-linear":
+        targeted = any(re.fullmatch(targets, name) for name, _ in hf.named_modules()
+                       if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES))
+    elif targets and not isinstance(targets, str):
+        targeted = any(e in targets for e in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers == "auto":
+        if targeted:
+            warnings.warn("save_embedding_layers='auto': writing the embedding layers too, as target_modules names "
+                          "one (pass save_embedding_layers=False to leave them out)", UserWarning, stacklevel=3)
+            save_embedding_layers = True
+        else:
+            save_embedding_layers = _vocab_resized(hf, config)
+            if save_embedding_layers:
+                warnings.warn("save_embedding_layers='auto': writing the embedding layers too, as the vocabulary "
+                              "was resized from the base model's", UserWarning, stacklevel=3)
+    if not save_embedding_layers or not hasattr(hf, "get_input_embeddings"):
+        return {}
+    from peftkit.layers import unwrap
+    from peftkit.targeting import iter_logical_modules
+
+    def innermost(module: nn.Module) -> nn.Module:  # through every wrapper (a copy to save around a LoRA layer)
+        while unwrap(module) is not module:
+            module = unwrap(module)
+        return module
+
+    prefix = key_prefix(config)
+    out: dict[str, Tensor] = {}
+    logical = [(n, innermost(m)) for n, m in iter_logical_modules(hf)]
+    for layer in (hf.get_input_embeddings(), hf.get_output_embeddings()):
+        if layer is None:
+            continue
+        base = innermost(layer)
+        wrapped = base is not layer
+        if targeted and not (wrapped and isinstance(base, (nn.Linear, nn.Embedding))):
+            continue  # peft writes a targeted embedding's base only
+        # the module's name as the user sees it (under any wrapper), keyed as peft keys it: a wrapped layer's
+        # own tensors under ``base_layer.`` when targeted, the plain module's otherwise
+        name = next((n for n, m in logical if m is base), None)
+        if name is None:
+            continue
+        inner = f"{name}.base_layer" if targeted else name
+        out.update({f"{prefix}{inner}.{k}": v for k, v in base.state_dict(keep_vars=True).items()})
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _vocab_resized(hf: nn.Module, config: PeftConfig) -> bool:
+    """Whether ``hf.config.vocab_size`` differs from that of the local model folder ``base_model_name_or_path``
+    (False when either is unknown: the Hub is not asked)."""
+    vocab = getattr(getattr(hf, "config", None), "vocab_size", None)
+    folder = getattr(config, "base_model_name_or_path", None)
+    if not vocab or not folder or not os.path.isfile(os.path.join(folder, "config.json")):
+        return False
+    try:
+        base = type(hf.config).from_pretrained(folder)
+    except (OSError, ValueError):
+        return False
+    return getattr(base, "vocab_size", vocab) != vocab
 
 
 def _tensors(model: PeftModel, adapter_name: str, export: bool) -> dict[str, Tensor]:
@@ -361,18 +450,22 @@ def _fold_copy_aliases(model: PeftModel, state_dict: dict[str, Tensor], own: dic
 
 
 def adapter_files(model: PeftModel, adapter_name: str, write: bool = True,
-                  converted: tuple[PeftConfig, dict[str, Tensor]] | None = None) -> dict[str, bytes] | None:
+                  converted: tuple[PeftConfig, dict[str, Tensor]] | None = None,
+                  save_embedding_layers: str | bool = "auto") -> dict[str, bytes] | None:
     """One adapter's two files as bytes, ``{"adapter_model.safetensors": ..., "adapter_config.json": ...}``.
 
     Sharded tensors (FSDP2 ``DTensor``) are gathered whole first, which is a collective: in a process
     group every rank calls this, and only the one with ``write=True`` gets the bytes (the others None).
     ``converted`` gives the ``(config, tensors)`` to write instead of the adapter's own (PiSSA/OLoRA
-    conversion).
+    conversion). ``save_embedding_layers`` as in :func:`get_peft_model_state_dict`.
     """
     host = model.base_model
     if converted is None:
         converted = (host.tuner(adapter_name).export_config(host, adapter_name),
-                     get_peft_model_state_dict(model, adapter_name))
+                     get_peft_model_state_dict(model, adapter_name, save_embedding_layers=save_embedding_layers))
+    else:
+        converted = (converted[0], {**converted[1], **_embedding_tensors(_unwrap_compiled(model), adapter_name,
+                                                                         save_embedding_layers)})
     config, state = converted
     tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").contiguous().clone()
                for k, v in state.items()}
