@@ -187,6 +187,13 @@ def test_causal_lm_files_are_checked_where_they_are_read(tmp_path, capsys):
     body.write_text("".join(f'{{"body": "story {i}"}}\n' for i in range(20)))
     train, dev = _lm_records(RunConfig(task="causal-lm", train_file=str(body), text_column="body"))
     assert [r["body"] for r in train] == [f"story {i}" for i in range(18)] and len(dev) == 2
+    # an evaluation file's rows are read with the column too where they have it, before their prompt/response
+    # (it scored the prompt/response of rows trained on their body; `peftkit eval --text-column` the same)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "q", "response": " a", "body": "story x"}\n{"prompt": "q2", "response": " a2"}\n')
+    cfg = RunConfig(task="causal-lm", train_file=str(body), text_column="body", eval_file=str(mixed))
+    for train_too in (True, False):
+        assert _lm_records(cfg, train_too=train_too)[1] == [{"body": "story x"}, {"prompt": "q2", "response": " a2"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join('{"text": "story"}\n' for _ in range(19)) + '{"txt": "oops"}\n')
     text = tmp_path / "latin1.txt"

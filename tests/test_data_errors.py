@@ -250,6 +250,7 @@ def test_a_tsv_row_with_a_tab_in_a_field_says_tsv_has_no_quoting(tmp_path):
 
 def test_train_options_that_cannot_work_are_refused_before_writing(tiny_model_dir, tmp_path, capsys):
     one = jsonl(tmp_path / "one.jsonl", [{"text": "good", "label": "pos"}, {"text": "nice", "label": "pos"}])
+    ids = jsonl(tmp_path / "ids.jsonl", [{"text": "good", "label": 0}, {"text": "nice", "label": 0}])
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("sentence\tother\tlabel\na film\tterrible\t1\nawful\tsuperb\t0\n")
     before = snapshot(tmp_path)
@@ -257,6 +258,10 @@ def test_train_options_that_cannot_work_are_refused_before_writing(tiny_model_di
     # one class: the run was trained, then eval/predict refused its run_config.json as damaged
     assert error_line(capsys, "train", "--train-file", one, "--eval-file", one, *common) == (
         f"peftkit: error: {one}: every label is 'pos'; a classifier needs at least two classes in the training file")
+    # one class id: it trained a two-class head on one class, where class names were refused
+    assert error_line(capsys, "train", "--train-file", ids, "--eval-file", ids, *common) == (
+        f"peftkit: error: {ids}: every label is the class id 0; a classifier needs at least two classes in the "
+        "training file")
     # SST-2 trained on sentences and scored on pairs
     assert "--pair-column 'other': task 'sst2' classifies single sentences" in error_line(
         capsys, "train", "--eval-file", pairs, "--pair-column", "other", *common)
@@ -349,3 +354,51 @@ def test_a_causal_lm_run_with_a_text_column_is_evaluated_on_other_files(tmp_path
     text.write_text("one two\n\nthree four\n")
     cfg = RunConfig(task="causal-lm", text_column="body", eval_file=str(text))
     assert _lm_records(cfg, train_too=False)[1] == ["one two", "three four"]
+
+
+def test_metric_edges_match_the_reference_formulas():
+    """Pearson read 0.0 for predictions scaled by 1e160 (the variance overflowed) and 0.9935 at 1e-160; inputs of
+    different lengths were broadcast (F1 1.33); a NaN next to a constant side read 0 for Pearson, NaN for Spearman."""
+    import math
+
+    from peftkit.train.metrics import accuracy, f1, matthews, pearson, spearman
+
+    for scale in (1.0, 1e160, 1e-160, 1e300):
+        assert pearson([scale, 2 * scale, 3.5 * scale], [1, 2, 3]) == pytest.approx(0.9933992677987828, abs=1e-12)
+    assert pearson([0.1, 0.1, 0.1], [1, 2, 3]) == 0.0  # constant (its mean has rounding)
+    assert math.isnan(pearson([float("nan"), 1, 2], [1, 1, 1]))
+    assert math.isnan(spearman([float("nan"), 1, 2], [1, 1, 1]))
+    for metric in (accuracy, f1, matthews, pearson, spearman):
+        with pytest.raises(ValueError, match=r"one length; got shapes \(1,\) and \(3,\)"):
+            metric([1], [1, 0, 1])
+        assert math.isnan(metric([1, float("nan"), 0], [1, 0, 0]))  # a diverged model's prediction
+
+
+def test_a_diverged_classifier_scores_nan_not_the_first_class(tiny_model_dir):
+    """NaN logits have argmax 0, so a diverged classifier scored as if it always answered class 0 (CoLA: accuracy
+    0.35, MCC 0.0, with no warning from eval); and a causal LM with a NaN loss read perplexity inf."""
+    import math
+
+    import torch
+
+    from peftkit.train.data import collate
+    from peftkit.train.trainer import perplexity, predict
+
+    class Diverged(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask=None, **_):
+            out = self.logits[: len(input_ids)].clone()
+            return type("Out", (), {"logits": out})()
+
+    rows = [{"input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1]), "labels": torch.tensor(i % 2)}
+            for i in range(3)]
+    logits = torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [2.0, 1.0]])
+    preds, gold = predict(Diverged(logits), rows, collate(0))
+    assert preds[0] == 1 and preds[2] == 0 and math.isnan(preds[1]) and gold == [0, 1, 0]
+    lm_rows = [{"input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1]), "labels": torch.tensor([1, 2])}]
+    nan_lm = Diverged(torch.full((1, 2, 3), float("nan")))
+    assert math.isnan(perplexity(nan_lm, lm_rows, lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})["perplexity"])

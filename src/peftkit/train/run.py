@@ -179,6 +179,9 @@ def load_classification_task(cfg: RunConfig, classes: tuple[int, list[str] | Non
         if classes is None and names is not None and len(names) < 2:
             raise DataError(f"{cfg.train_file}: every label is {names[0]!r}; a classifier needs at least two classes "
                             "in the training file")
+        if classes is None and names is None and len({e["label"] for e in train}) == 1:  # ids, as for names
+            raise DataError(f"{cfg.train_file}: every label is the class id {train[0]['label']}; a classifier needs at "
+                            "least two classes in the training file")
         num = classes[0] if classes is not None else len(names) if names else max(e["label"] for e in train + dev) + 1
         task = Task(name=Path(cfg.train_file).stem, num_labels=max(num, 2), metric="accuracy", train=train,
                     dev=dev, label_names=names)
@@ -565,13 +568,15 @@ def _lm_records(cfg: RunConfig, train_too: bool = True) -> tuple[list[Any], list
     """
     trec = shipped_data_dir() / "TREC"
     # --text-column is what the training rows train on (refused where they lack it); an evaluation file is read
-    # with it where its rows have it, as plain text or prompt/response rows otherwise (eval has no such option)
+    # with it where its rows have it (before their prompt/response fields, as training reads them), as plain
+    # text or prompt/response rows otherwise
     text_key, given = cfg.text_column or "text", cfg.text_column is not None
     if cfg.eval_file and not train_too:
-        return [], _read_lm_records(cfg.eval_file, text_key)
+        return [], _read_lm_records(cfg.eval_file, text_key, prefer_column=given)
     train = _read_lm_records(cfg.train_file or str(trec / "train.jsonl"), text_key, given)
     if cfg.eval_file or not cfg.train_file:
-        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"), text_key, given and not cfg.eval_file)
+        dev = _read_lm_records(cfg.eval_file or str(trec / "dev.jsonl"), text_key, given and not cfg.eval_file,
+                               prefer_column=given)
     else:
         cut = max(1, len(train) // 10)
         train, dev = train[:-cut], train[-cut:]
@@ -585,10 +590,13 @@ def _lm_records(cfg: RunConfig, train_too: bool = True) -> tuple[list[Any], list
     return train, dev
 
 
-def _read_lm_records(path: str, text_key: str = "text", column_given: bool = False) -> list[Any]:
+def _read_lm_records(path: str, text_key: str = "text", column_given: bool = False,
+                     prefer_column: bool = False) -> list[Any]:
     """The records of a causal-LM file: rows of a table, each with ``text_key`` or ``prompt`` and ``response``;
     or a plain-text file's paragraphs (lines when it has one paragraph). With ``column_given`` (``--text-column``)
     every row must have ``text_key``, which is what it trains on (its prompt/response fields, if any, are not read).
+    With ``prefer_column`` (an evaluation file of a run given ``--text-column``) a row with ``text_key`` is read as
+    that text only, and a row without it as its prompt/response.
 
     Raises:
         DataError: a missing file, text that is not UTF-8, a file with no record, a row with neither field, or
@@ -610,14 +618,17 @@ def _read_lm_records(path: str, text_key: str = "text", column_given: bool = Fal
             if text_key not in row and not ("prompt" in row and "response" in row):
                 raise DataError(f"{p}: {where} has neither {text_key!r} nor 'prompt'/'response': keys {sorted(row)}"
                                 + ("" if text_key != "text" else "; --text-column names another text field"))
-            fields = ("prompt", "response") if "prompt" in row and "response" in row and not column_given else (
+            only_text = column_given or (prefer_column and text_key in row)
+            fields = ("prompt", "response") if "prompt" in row and "response" in row and not only_text else (
                 text_key,)
             for field in fields:  # a null or an object would be trained on as the text "None" or "{'a': 1}"
                 if not isinstance(row[field], (str, int, float)) or isinstance(row[field], bool):
                     raise DataError(f"{p}: {where}: {field!r} holds {row[field]!r}, not text")
         if not rows:
             raise DataError(f"{p}: the file holds no record")
-        return [{text_key: row[text_key]} for row in rows] if column_given else rows
+        if column_given or prefer_column:
+            return [{text_key: row[text_key]} if text_key in row else row for row in rows]
+        return rows
     if not p.is_file():
         raise DataError(f"data file {path!r} does not exist")
     raw = p.read_bytes()

@@ -470,6 +470,8 @@ def predict(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Cal
             ) -> tuple[list[float], list[float]]:
     """Predictions and gold labels over ``dataset`` in order: class ids (argmax) or regression scores.
 
+    A row whose logits are not all finite (a diverged model) gets the class NaN rather than the argmax (which
+    would read 0 and score as a guess), so that the metrics of :mod:`peftkit.train.metrics` come out NaN.
     With ``distributed=True`` in a process group, every rank must call it: each predicts its slice
     and every rank gets the whole lists.
     """
@@ -482,7 +484,11 @@ def predict(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Cal
     for batch in loader:
         labels = batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        preds += (logits.squeeze(-1) if regression else logits.argmax(-1)).tolist()
+        if regression:
+            preds += logits.squeeze(-1).tolist()
+        else:
+            finite = torch.isfinite(logits).all(-1)
+            preds += [c if ok else math.nan for c, ok in zip(logits.argmax(-1).tolist(), finite.tolist())]
         gold += labels.tolist()
     if part is dataset:
         return preds, gold
@@ -494,7 +500,7 @@ def predict(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Cal
 def perplexity(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: Callable, batch_size: int = 16,
                device: torch.device | str | None = None, distributed: bool = False) -> dict[str, float]:
     """Token-weighted mean loss over ``dataset`` and its perplexity ``exp(loss)`` (labels of -100 ignored; inf
-    when the mean loss exceeds 709, past float range).
+    when the mean loss exceeds 709, past float range; NaN when the loss is NaN, a diverged model).
 
     With ``distributed=True`` in a process group, every rank must call it; the sums are reduced.
 
@@ -523,4 +529,5 @@ def perplexity(model: nn.Module, dataset: torch.utils.data.Dataset, collate_fn: 
         raise ValueError("the perplexity dataset has no target token (every label is -100, or it has no rows)")
     mean = total / tokens
     # exp overflows a float past a mean loss of about 709.78: the perplexity is then inf, not an OverflowError
-    return {"loss": mean, "perplexity": math.exp(mean) if mean < 709.0 else math.inf, "tokens": tokens}
+    ppl = math.nan if math.isnan(mean) else math.exp(mean) if mean < 709.0 else math.inf
+    return {"loss": mean, "perplexity": ppl, "tokens": tokens}
