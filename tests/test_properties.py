@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -98,8 +98,7 @@ class Case:
     trains_base_bias: bool = False  # bias="all"/"lora_only"/"vera_only": disable_adapter() keeps them
     needs_data: bool = False      # FISH / Child-Tuning-D choose their mask from data (peft_prepare)
     noop: bool = False            # the drawn adapter is the identity on purpose (every SoRA gate pruned)
-    loose: float = 1.0            # tolerance factor: DoRA divides by a column norm, ~1.4e-5 relative seen in float32
-    extra: dict = field(default_factory=dict)
+    loose: float = 1.0            # tolerance factor: DoRA divides by column norms (float32: ~7e-5 seen)
 
     def base(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -248,7 +247,7 @@ def lora_case(draw, variant: str = "lora"):
     # ~3e-8), so their float64 cases are left out
     dtype = torch.float32 if variant == "pissa" else draw(common["dtype"])
     return Case(arch, config, draw(common["seed"]), dtype, draw(common["sizes"]), groups=groups,
-                mutates_base=mutates, trains_base_bias=bias != "none", loose=5.0 if kw.get("use_dora") else 1.0)
+                mutates_base=mutates, trains_base_bias=bias != "none", loose=10.0 if kw.get("use_dora") else 1.0)
 
 
 @st.composite
