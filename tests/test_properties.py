@@ -126,7 +126,9 @@ class Case:
                      for _ in range(n)])
 
     def tol(self) -> float:
-        return self.loose * (1e-5 if self.dtype == torch.float32 else 1e-10)
+        # float32: a few layers of a transformer (attention, norms) round the same sum two ways to ~1.3e-5 of
+        # its scale; a wrong merge is off by far more (1e-3 and up)
+        return self.loose * (3e-5 if self.dtype == torch.float32 else 1e-10)
 
 
 def out(model: nn.Module, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -165,8 +167,12 @@ def adapted(case: Case) -> tuple[Any, torch.Tensor]:
     if case.needs_data:
         model.peft_prepare(case.batches())
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                # a DoRA magnitude is a column norm: scaled, not shifted (a shift of 0.3 on norms of ~0.07 brings some
+                # near 0, and merging then divides float32 rounding by them: ill-conditioned, not wrong)
+                p.mul_(1 + torch.rand_like(p) * case.std)
+            elif p.requires_grad:
                 p.add_(torch.randn_like(p) * case.std)
     if case.after is not None:
         case.after(model)
@@ -227,10 +233,8 @@ def lora_case(draw, variant: str = "lora"):
         kw["init_lora_weights"] = draw(st.sampled_from([True, False, "gaussian"]))
         kw["eval_rank"] = draw(st.one_of(st.none(), st.integers(1, r)))
     else:
-        # BUG 1 (reported): "orthogonal" on a convolution raises AttributeError (LoraConv has no _orthogonal_init)
-        # instead of taking the default init as documented; the region is left out until it is fixed
-        conv = any(t.startswith("conv") for t in targets)
-        inits = [True, False, "gaussian"] + (["orthogonal"] if r % 2 == 0 and not conv else [])
+        # "orthogonal" on a convolution raised AttributeError; it takes the default init there, as documented
+        inits = [True, False, "gaussian"] + (["orthogonal"] if r % 2 == 0 else [])
         kw["init_lora_weights"] = draw(st.sampled_from(inits))
         kw["use_dora"] = variant == "dora"
         if variant != "dora" and "emb" not in targets and draw(st.booleans()):  # no lora_bias on embeddings
@@ -243,9 +247,8 @@ def lora_case(draw, variant: str = "lora"):
         kw["task_type"] = draw(st.sampled_from([None, "SEQ_CLS"]))  # SEQ_CLS also trains a copy of the head
     cls = {"dylora": peftkit.DyLoraConfig, "lorafa": peftkit.LoraFAConfig}.get(variant, peftkit.LoraConfig)
     config = cls(**kw)
-    # BUG 3 (reported): PiSSA/OLoRA on a float64 base restore the base weight in float32 (unload() is off by
-    # ~3e-8), so their float64 cases are left out
-    dtype = torch.float32 if variant == "pissa" else draw(common["dtype"])
+    # (PiSSA/OLoRA on a float64 base restored the base weight in float32: unload() was off by ~3e-8)
+    dtype = draw(common["dtype"])
     return Case(arch, config, draw(common["seed"]), dtype, draw(common["sizes"]), groups=groups,
                 mutates_base=mutates, trains_base_bias=bias != "none", loose=10.0 if kw.get("use_dora") else 1.0)
 
@@ -367,10 +370,8 @@ def ssf_case(draw):
 
 
 def _bert(draw, config, **kw):
-    # BUG 2 (reported): a sparse difference (FISH, Child-Tuning-D, diff pruning once projected or reloaded) on
-    # a float64 model cannot be merged (SelectAdapter.dense index_add_s float64 values into float32 zeros)
-    sparse = kw.get("needs_data") or isinstance(config, peftkit.DiffPruningConfig)
-    dtype = torch.float32 if sparse else draw(common["dtype"])
+    # (a sparse difference on a float64 model could not be merged: float64 values index_add_ed into float32 zeros)
+    dtype = draw(common["dtype"])
     return Case("bert", config, draw(common["seed"]), dtype, draw(common["sizes"]), **kw)
 
 
@@ -481,10 +482,7 @@ def test_save_and_load_on_a_fresh_base_gives_the_same_output(method, data, merge
     model, _ = adapted(case)
     x = case.inputs()
     expected = out(model, x)
-    config = case.config
-    # BUG 4 (reported): saved while merged, a trained base bias (bias="all"/"lora_only") is written with the
-    # merged lora_B bias in it, so the reloaded model counts that bias twice; left out until fixed
-    merged = merged and not (getattr(config, "lora_bias", False) and getattr(config, "bias", "none") != "none")
+    # (saved while merged, a trained base bias was written with the merged lora_B bias in it: counted twice)
     if merged:
         model.merge_adapter()
     with tempfile.TemporaryDirectory() as folder:
@@ -543,8 +541,12 @@ def test_two_active_adapters_merge_in_parts_and_delete_exactly(method, data):
     if case.needs_data:
         model.peft_prepare(case.batches())
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                # a DoRA magnitude is a column norm: scaled, not shifted (a shift of 0.3 on norms of ~0.07 brings some
+                # near 0, and merging then divides float32 rounding by them: ill-conditioned, not wrong)
+                p.mul_(1 + torch.rand_like(p) * case.std)
+            elif p.requires_grad:
                 p.add_(torch.randn_like(p) * case.std)
     if case.after is not None:
         case.after(model)
@@ -574,3 +576,68 @@ def test_two_active_adapters_merge_in_parts_and_delete_exactly(method, data):
         return
     assert_close(out(model, x), alone, case.tol(), "after deleting 'other' vs 'default' alone")
     assert_close(out(model.merge_and_unload(), x), alone, case.tol(), "merge_and_unload of 'default'")
+
+
+# --- the defects these properties found, each as a fixed case ---------------------------------------------------
+
+def test_orthogonal_init_on_a_convolution_takes_the_default():
+    """It raised AttributeError ('LoraConv' object has no attribute '_orthogonal_init')."""
+    model = get_peft_model(nn.Sequential(nn.Conv2d(4, 8, 3)), peftkit.LoraConfig(r=2, target_modules=["0"],
+                                                                                 init_lora_weights="orthogonal"))
+    adapter = model.base_model.model[0].adapters["default"]
+    assert adapter.lora_A.weight.abs().sum() > 0 and adapter.lora_B.weight.abs().sum() == 0
+
+
+def test_a_sparse_difference_on_a_float64_model_merges():
+    """index_add_ of float64 values into float32 zeros: RuntimeError on merging FISH / Child-Tuning-D."""
+    from types import SimpleNamespace
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x, labels=None):
+            return SimpleNamespace(loss=self.lin(x).pow(2).sum(), logits=self.lin(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(M().double(), peftkit.FishMaskConfig(keep_ratio=0.5, num_fisher_samples=2,
+                                                                target_modules=["lin"]))
+    model.peft_prepare(iter([{"x": torch.randn(2, 4, dtype=torch.float64), "labels": torch.zeros(2)}] * 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    want = model(x).logits.detach()
+    assert (model.merge_and_unload()(x).logits - want).abs().max() <= 1e-12
+
+
+def test_pissa_on_a_float64_base_unloads_to_the_exact_weight():
+    """restore_base added B0 A0 back in float32: unload() was off by ~3e-8 on a float64 base."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8)).double()
+    w0 = base[0].weight.detach().clone()
+    for init in ("pissa", "olora"):
+        model = get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(r=2, target_modules=["0"],
+                                                                       init_lora_weights=init))
+        assert (model.unload()[0].weight - w0).abs().max() <= 1e-14, init
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_trained_bias_saved_while_merged_is_not_counted_twice(bias, tmp_path):
+    """The file held the live base bias, which held the merged lora_B bias: reloaded, it was added twice (4.35)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4))
+    fresh = copy.deepcopy(base)
+    model = get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["0"], bias=bias, lora_bias=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    x = torch.randn(2, 4)
+    want = model(x).detach()
+    model.merge_adapter()
+    model.save_pretrained(tmp_path)
+    assert (PeftModel.from_pretrained(fresh, tmp_path)(x) - want).abs().max() <= 1e-6
+    assert (model(x) - want).abs().max() <= 1e-6  # saving changed nothing in the merged model

@@ -647,8 +647,14 @@ class AdapterModel(nn.Module):
             elif isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save:
                 for k, t in _plain_state(w.modules_to_save[adapter_name]).items():
                     out[f"{logical}.{k}"] = t
+        # a trained base bias (bias="all"/"lora_only") of a layer with merged adapters holds their bias deltas: the
+        # file gets its unmerged value, which loading (unmerged) expects
+        merged_biases = {id(w.base_layer.bias): w for _, w in wrapped if isinstance(w, AdaptedLayer)
+                         and w.merged_adapters and getattr(w.base_layer, "bias", None) is not None} if export else {}
         for pname in self.extra_trainable(adapter_name):
-            out[self._file_name(pname, adapter_name)] = self.extra_parameter(pname)
+            param = self.extra_parameter(pname)
+            layer = merged_biases.get(id(param))
+            out[self._file_name(pname, adapter_name)] = param if layer is None else layer.unmerged_bias()
         return out
 
     def _outside_sublayers(self, name: str) -> str:

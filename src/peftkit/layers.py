@@ -548,6 +548,20 @@ class AdaptedLayer(nn.Module):
         _, new_bias = self.adapters[name].merge_into(self, weight, bias)
         return new_bias is not None and (bias is None or not torch.equal(new_bias, bias))
 
+    @torch.no_grad()
+    def unmerged_bias(self) -> Tensor:
+        """The base bias as it is with nothing merged (a dry run of :meth:`unmerge` on copies; the layer is not
+        changed), in the bias's dtype, ``(out,)``; the bias itself when nothing is merged. A trained bias is saved
+        with this value."""
+        bias = self.base_layer.bias
+        if not self.merged_adapters:
+            return bias.detach()
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        weight, plain = self.weight.detach().to(dtype), bias.detach().to(dtype)
+        for n in reversed(self.merged_adapters):
+            weight, plain = self.adapters[n].unmerge_from(self, weight, plain)
+        return plain.to(bias.dtype)
+
     def unmerge(self) -> None:
         """Undo every merge, last merged first, restoring the base weight to float tolerance."""
         while self.merged_adapters:

@@ -226,13 +226,15 @@ class LoraLinear(Adapter):
         """Initialise A and B from ``init``, the config's ``init_lora_weights`` (see :class:`LoraConfig`)."""
         if init is False:
             return
-        if init == "orthogonal":
-            self._orthogonal_init()
+        # "orthogonal" is a start for linear layers (2-D factors); a convolution's adapter takes the default
+        orthogonal = init == "orthogonal" and self.lora_A.weight.dim() == 2
+        if orthogonal:
+            LoraLinear._orthogonal_init(self)
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        if init != "orthogonal":
+        if not orthogonal:
             nn.init.zeros_(self.lora_B.weight)
         if self.lora_B.bias is not None:
             nn.init.zeros_(self.lora_B.bias)
@@ -298,7 +300,7 @@ class LoraLinear(Adapter):
         PeftModel) decodes its weight afresh on each read, so it is quantised again from the restored weight (the
         user's original up to one rounding)."""
         if self.mutates_base and hasattr(self, "initial_A"):
-            delta = (self.initial_B.float() @ self.initial_A.float()) * self.scaling
+            delta = (wide(self.initial_B) @ wide(self.initial_A)) * self.scaling  # float64 stays float64
             delta = delta.T if self.transposed else delta
             base = layer.base_layer
             if hasattr(base, "quantized_state"):
@@ -312,7 +314,7 @@ class LoraLinear(Adapter):
                 layer.base_layer = restored
                 return
             weight = layer.weight
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            weight.copy_((wide(weight) + delta).to(weight.dtype))
 
     @staticmethod
     def mixed_forward(layer: AdaptedLayer, x: Tensor, y: Tensor, parts: list[tuple[LoraLinear, Tensor]],

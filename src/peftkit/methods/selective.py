@@ -247,10 +247,11 @@ class SelectAdapter(Adapter):
         self.is_sparse[name] = True
 
     def dense(self, name: str) -> Tensor:
-        """The dense float32 difference of ``name`` (detached), in the base tensor's shape."""
+        """The dense difference of ``name`` (detached) in the base tensor's shape: float32, or float64 for float64
+        values."""
         if self.is_sparse[name]:
             values = wide(getattr(self, f"diff_{name}_values").detach())
-            flat = torch.zeros(self.numel(name), device=values.device).index_add_(
+            flat = torch.zeros(self.numel(name), device=values.device, dtype=values.dtype).index_add_(
                 0, getattr(self, f"diff_{name}_indices"), values)
             return flat.view(self.shapes[name])
         return wide(getattr(self, f"diff_{name}").detach())
