@@ -366,6 +366,8 @@ def test_metric_edges_match_the_reference_formulas():
     for scale in (1.0, 1e160, 1e-160, 1e300):
         assert pearson([scale, 2 * scale, 3.5 * scale], [1, 2, 3]) == pytest.approx(0.9933992677987828, abs=1e-12)
     assert pearson([0.1, 0.1, 0.1], [1, 2, 3]) == 0.0  # constant (its mean has rounding)
+    # a large common offset keeps its precision (scaling by the largest value itself rounded it away: 0.853)
+    assert pearson([1e16, 1e16 + 2, 1e16 + 4], [1, 2, 3]) == pytest.approx(1.0, abs=1e-12)
     assert math.isnan(pearson([float("nan"), 1, 2], [1, 1, 1]))
     assert math.isnan(spearman([float("nan"), 1, 2], [1, 1, 1]))
     for metric in (accuracy, f1, matthews, pearson, spearman):

@@ -664,3 +664,55 @@ def test_a_peft_config_object_and_pefts_peft_type_attribute():
     assert model.peft_type == "LORA"
     model.set_adapter("ia3")
     assert model.peft_type == "IA3"
+
+
+def test_embedding_layers_next_to_trained_copies_and_conversions(tmp_path):
+    """Found in review of save_embedding_layers: (1) with modules_to_save=["embed_tokens", "lm_head"] on a resized
+    vocabulary, "auto" wrote the untrained base matrix under the trained copy's key (reloaded logits off by 16);
+    (2) a targeted embed_tokens next to modules_to_save=["lm_head"] wrote lm_head.base_layer.weight, which
+    peftkit refused to load; (3) a PiSSA conversion with lm_head targeted wrote the residual lm_head."""
+    from transformers import AutoModelForCausalLM
+
+    x = torch.tensor([[3, 4, 65, 66]])
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+
+    def resized():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        model.resize_token_embeddings(70, mean_resizing=False)
+        return model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copies = peftkit.get_peft_model(resized(), peftkit.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                      modules_to_save=["embed_tokens", "lm_head"]))
+        with torch.no_grad():
+            for p in copies.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
+        copies.save_pretrained(tmp_path / "copies")  # "auto", vocabulary resized
+        for lib in (peftkit, peft):
+            back = lib.PeftModel.from_pretrained(resized(), tmp_path / "copies").eval()
+            with torch.no_grad():
+                assert (back(input_ids=x).logits - copies.eval()(input_ids=x).logits).abs().max() <= 1e-6, lib
+
+        torch.manual_seed(0)
+        mixed = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(
+            r=2, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+        mixed.save_pretrained(tmp_path / "mixed")
+        for lib in (peftkit, peft):
+            torch.manual_seed(0)
+            back = lib.PeftModel.from_pretrained(tiny_llama(), tmp_path / "mixed").eval()
+            with torch.no_grad():
+                assert (back(input_ids=x[:, :2]).logits - mixed.eval()(input_ids=x[:, :2]).logits).abs().max() <= 1e-6
+
+        torch.manual_seed(0)
+        pissa = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["lm_head", "q_proj"],
+                                                                        init_lora_weights="pissa"))
+        pissa.save_pretrained(tmp_path / "init", save_embedding_layers=False)
+        perturb(pissa)
+        pissa.save_pretrained(tmp_path / "conv", path_initial_model_for_weight_conversion=tmp_path / "init")
+    torch.manual_seed(0)
+    back = peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "conv").eval()
+    with torch.no_grad():
+        assert (back(input_ids=x[:, :2]).logits - pissa.eval()(input_ids=x[:, :2]).logits).abs().max() <= 1e-5

@@ -327,3 +327,11 @@ def test_column_options_need_a_table_input(sst2_run, tmp_path, capsys):
         capsys, "predict", "--adapter", sst2_run, "--input", texts, "--text-column", "x")
     assert "the TEXT arguments are one input per argument" in error_line(
         capsys, "predict", "--adapter", sst2_run, "--pair-column", "x", "fine")
+
+
+def test_a_blank_cell_of_a_table_input_is_refused(sst2_run, tmp_path, capsys):
+    """It was predicted on as the empty text (a causal run continued from BOS alone)."""
+    rows = tmp_path / "in.csv"
+    rows.write_text("sentence,label\nfine,1\n ,0\n")
+    assert "line 3's column 'sentence' is empty; give every row a text" in error_line(
+        capsys, "predict", "--adapter", sst2_run, "--input", rows)

@@ -667,7 +667,7 @@ def _table_inputs(args: argparse.Namespace, cfg: Any, causal: bool, pair: bool) 
     Raises:
         ConfigError: ``--pair-column`` for a run on single sentences.
         DataError: an unreadable table (see :func:`~peftkit.train.data.read_table`), a row without the column,
-            or a value that is not text (the line and the columns present are named).
+            or a value that is not text or is blank (the line and the columns present are named).
     """
     from peftkit.train.data import DataError, read_table
 
@@ -696,6 +696,9 @@ def _table_inputs(args: argparse.Namespace, cfg: Any, causal: bool, pair: bool) 
             value = row[col]
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise DataError(f"--input {args.input}: line {row.line}'s column {col!r} holds {value!r}, not text")
+            if not str(value).strip():  # (skipping it would shift every later output line against its row)
+                raise DataError(f"--input {args.input}: line {row.line}'s column {col!r} is empty; give every row a "
+                                "text, or remove the row")
             values.append(str(value))
         inputs.append(tuple(values) if pair else values[0])
     return inputs

@@ -121,6 +121,8 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
     model = _unwrap_compiled(model)
     out = _tensors(model, adapter_name, export=True)
     embeddings = _embedding_tensors(model, adapter_name, save_embedding_layers)
+    # an adapter's own tensor under the same key (none is expected) is never replaced by a base tensor
+    embeddings = {k: v for k, v in embeddings.items() if k not in out}
     if state_dict is None:
         return {**out, **embeddings}
     own = _tensors(model, adapter_name, export=False)
@@ -179,26 +181,21 @@ def _embedding_tensors(model: PeftModel, adapter_name: str, save_embedding_layer
                               "was resized from the base model's", UserWarning, stacklevel=3)
     if not save_embedding_layers or not hasattr(hf, "get_input_embeddings"):
         return {}
-    from peftkit.layers import unwrap
+    from peftkit.layers import AdaptedLayer, ModulesToSaveWrapper
     from peftkit.targeting import iter_logical_modules
-
-    def innermost(module: nn.Module) -> nn.Module:  # through every wrapper (a copy to save around a LoRA layer)
-        while unwrap(module) is not module:
-            module = unwrap(module)
-        return module
 
     prefix = key_prefix(config)
     out: dict[str, Tensor] = {}
-    logical = [(n, innermost(m)) for n, m in iter_logical_modules(hf)]
+    logical = list(iter_logical_modules(hf))
     for layer in (hf.get_input_embeddings(), hf.get_output_embeddings()):
-        if layer is None:
-            continue
-        base = innermost(layer)
-        wrapped = base is not layer
+        if layer is None or isinstance(layer, ModulesToSaveWrapper):
+            continue  # a trained copy (modules_to_save) is written as the adapter's own tensor
+        wrapped = isinstance(layer, AdaptedLayer)
+        base = layer.base_layer if wrapped else layer
         if targeted and not (wrapped and isinstance(base, (nn.Linear, nn.Embedding))):
-            continue  # peft writes a targeted embedding's base only
-        # the module's name as the user sees it (under any wrapper), keyed as peft keys it: a wrapped layer's
-        # own tensors under ``base_layer.`` when targeted, the plain module's otherwise
+            continue  # peft writes a targeted embedding's base only (a layer LoRA wraps directly)
+        # the module's name as the user sees it, keyed as peft keys it: a wrapped layer's own tensors under
+        # ``base_layer.`` when targeted, the plain module's otherwise
         name = next((n for n, m in logical if m is base), None)
         if name is None:
             continue
@@ -460,12 +457,9 @@ def adapter_files(model: PeftModel, adapter_name: str, write: bool = True,
     conversion). ``save_embedding_layers`` as in :func:`get_peft_model_state_dict`.
     """
     host = model.base_model
-    if converted is None:
+    if converted is None:  # (a PiSSA/OLoRA conversion writes its LoRA tensors only, as peft's does)
         converted = (host.tuner(adapter_name).export_config(host, adapter_name),
                      get_peft_model_state_dict(model, adapter_name, save_embedding_layers=save_embedding_layers))
-    else:
-        converted = (converted[0], {**converted[1], **_embedding_tensors(_unwrap_compiled(model), adapter_name,
-                                                                         save_embedding_layers)})
     config, state = converted
     tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").contiguous().clone()
                for k, v in state.items()}

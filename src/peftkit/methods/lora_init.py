@@ -160,7 +160,9 @@ def convert_to_plain_lora(model: PeftModel, adapter_name: str, initial_dir: str)
         raise ValueError("path_initial_model_for_weight_conversion is not supported with use_rslora=True together "
                          "with rank_pattern/alpha_pattern (as in peft)")
     _, initial = read_adapter_files(initial_dir)
-    tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name).items()}
+    # the LoRA tensors only (as peft's conversion): a targeted lm_head's base here is the residual, not the user's
+    own = get_peft_model_state_dict(model, adapter_name, save_embedding_layers=False)
+    tensors = {k: v.detach().clone() for k, v in own.items()}
     for module_name, layer in model.base_model.wrappers():
         if not isinstance(layer, AdaptedLayer) or adapter_name not in layer.adapters:
             continue

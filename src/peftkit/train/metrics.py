@@ -70,7 +70,7 @@ def matthews(pred: Sequence[int], gold: Sequence[int]) -> float:
 
 def pearson(pred: Sequence[float], gold: Sequence[float]) -> float:
     """Pearson correlation of ``pred`` and ``gold`` (same length), in [-1, 1]; NaN when a value is NaN, else 0
-    when either side is constant. Each side is scaled by its largest magnitude first, so values near the float
+    when either side is constant. Each side is scaled by a power of two near its largest magnitude first, so values near the float
     range's ends (1e160, 1e-160) neither overflow nor underflow.
 
     Raises:
@@ -87,7 +87,7 @@ def pearson(pred: Sequence[float], gold: Sequence[float]) -> float:
         top = np.abs(x).max()
         if not np.isfinite(top):
             return math.nan
-        x = x / top
+        x = np.ldexp(x, -np.frexp(top)[1])  # divided by a power of two: exact, so offsets keep their precision
         x = x - x.mean()
         scaled.append(x / np.linalg.norm(x))
     return float(np.clip(np.dot(*scaled), -1.0, 1.0))

@@ -7,6 +7,7 @@ new inputs are encoded exactly as the dev set was.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Sequence
@@ -46,7 +47,8 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
         one dict per input:
 
         * classification: ``{"label": class name (or id when the classes have no names), "label_id": int,
-          "probability": float, "probabilities": list of num_labels floats}`` (softmax of the logits);
+          "probability": float, "probabilities": list of num_labels floats}`` (softmax of the logits; label and
+          label_id None and probability NaN where a logit is not finite, a diverged model);
         * regression (STS-B): ``{"score": float}``;
         * causal LM: ``{"completion": str}`` (the generated text, the prompt not repeated; special tokens
           dropped).
@@ -153,7 +155,10 @@ def _classify(model: torch.nn.Module, tokenizer: Any, inputs: list[Any], pair: b
         if regression:
             out += [{"score": s} for s in logits.squeeze(-1).tolist()]
             continue
-        for probs in logits.softmax(-1).tolist():
+        for probs, finite in zip(logits.softmax(-1).tolist(), torch.isfinite(logits).all(-1).tolist()):
+            if not finite:  # a diverged model: no class (the argmax of NaNs would read as the first class)
+                out.append({"label": None, "label_id": None, "probability": math.nan, "probabilities": probs})
+                continue
             best = max(range(len(probs)), key=probs.__getitem__)
             out.append({"label": names[best] if names else best, "label_id": best, "probability": probs[best],
                         "probabilities": probs})
