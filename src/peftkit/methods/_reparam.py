@@ -91,13 +91,18 @@ def kron_linear(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     ``x`` viewed as ``X: (c, d)`` equals ``(w1 X w2^T)[i, k]``. Cost per row: ``a*c*d + a*d*b``
     multiply-adds instead of ``a*b*c*d``.
 
+    Both products run as explicit 2-D GEMMs: ``torch.matmul`` of a matrix with a batch picks its kernel by
+    whether the matrix requires grad, so the same weights gave other roundings in training than after
+    loading (an evaluation re-run differed in the 7th digit).
+
     Shapes: ``x: (..., c*d) -> (..., a*b)``.
     """
     a, c = w1.shape
     b, d = w2.shape
     lead = x.shape[:-1]
-    mixed = torch.matmul(w1, x.reshape(-1, c, d))          # (n, a, d)
-    return torch.matmul(mixed, w2.T).reshape(*lead, a * b)  # (n, a, b)
+    xt = x.reshape(-1, c, d).transpose(1, 2).reshape(-1, c)            # (n*d, c): X^T of each row
+    mixed = (xt @ w1.T).reshape(-1, d, a).transpose(1, 2).reshape(-1, d)  # (n*a, d): w1 X of each row
+    return (mixed @ w2.T).reshape(*lead, a * b)                         # (n, a, b)
 
 
 def kron(a: Tensor, b: Tensor) -> Tensor:
