@@ -267,7 +267,13 @@ def test_train_from_the_cli_and_reload(method, peft_type, tiny_model_dir, tmp_pa
 def test_composed_from_the_cli_needs_its_parts(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--model", tiny_model_dir, "--method", "composed", "--max-steps", "1",
                  "--output-dir", str(tmp_path / "x"), "--no-progress"]) == 2
-    assert "needs its parts" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs its parts" in err
+    # the example the message gives trains (it named LoRA on "all-linear", which clashed with the trained head)
+    example = err.split("--option '")[1].split("'")[0]
+    assert main(["train", "--model", tiny_model_dir, "--method", "composed", "--option", example, "--max-steps", "1",
+                 "--max-train-samples", "8", "--max-eval-samples", "8", "--output-dir", str(tmp_path / "ex"),
+                 "--no-progress"]) == 0
     parts = '[{"peft_type": "LORA", "r": 2, "target_modules": ["query"]}, {"peft_type": "IA3"}]'
     assert main(["train", "--model", tiny_model_dir, "--method", "composed", "--option", f"configs={parts}",
                  "--max-steps", "1", "--max-train-samples", "8", "--max-eval-samples", "8", "--output-dir",

@@ -123,9 +123,11 @@ def composed_from_cli(args: Any) -> ComposedConfig:
           f"--option configs={configs!r} is not valid; give a JSON list of part configs, e.g. "
           "'configs=[{\"peft_type\": \"LORA\"}, {\"peft_type\": \"PREFIX_TUNING\", \"num_virtual_tokens\": 10}]'")
     if not configs:
-        raise ConfigError("--method composed needs its parts: --option 'configs=[{\"peft_type\": \"LORA\", "
-                          "\"target_modules\": \"all-linear\"}, {\"peft_type\": \"PREFIX_TUNING\", "
-                          "\"num_virtual_tokens\": 10}]'")
+        # (LoRA on the model type's default targets: "all-linear" would also take a classifier head, which the
+        # classification task's modules_to_save trains whole)
+        raise ConfigError("--method composed needs its parts, e.g. --option 'configs=[{\"peft_type\": \"LORA\"}, "
+                          "{\"peft_type\": \"PREFIX_TUNING\", \"num_virtual_tokens\": 10}]' (each part a JSON "
+                          "object with its peft_type and that config's fields)")
     return ComposedConfig(configs=list(configs), task_type=args.task_type)
 
 
