@@ -353,7 +353,9 @@ def test_errors_found_at_injection_leave_the_model_unchanged():
     before = {n: type(m) for n, m in base.named_modules()}
     with pytest.raises(ConfigError, match="phm_dim=3 must divide the hidden size 16"):
         get_peft_model(base, CompacterConfig(phm_dim=3, bottleneck_size=3))
-    with pytest.raises(ConfigError, match="leaves out every block"):
+    # the message says which blocks there are and how to set the option from the command line
+    with pytest.raises(ConfigError, match=r"leaves out every block \(the model's adapted blocks are 0\.\.1\); use a "
+                                          r"smaller number \(on the command line: --option adapterdrop_layers=N\)"):
         get_peft_model(base, AdapterDropConfig(adapterdrop_layers=2))
     assert {n: type(m) for n, m in base.named_modules()} == before
 

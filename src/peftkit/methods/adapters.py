@@ -402,9 +402,12 @@ class BottleneckTuner(WrapTuner):
                   f"model's adapted blocks are 0..{last}): each step drops the first n blocks, n drawn from "
                   f"0..adapterdrop_layers; use at most {last}")
         if config.adapterdrop_mode == "fixed" and config.adapterdrop_layers:
+            before = names
             names = [n for n in names if _block(n, config) is None or _block(n, config) >= config.adapterdrop_layers]
-            check(bool(names), f"adapterdrop_layers={config.adapterdrop_layers} leaves out every block; "
-                               "use a smaller number")
+            blocks = sorted({b for n in before if (b := _block(n, config)) is not None})
+            check(bool(names), f"adapterdrop_layers={config.adapterdrop_layers} leaves out every block (the model's "
+                               f"adapted blocks are {blocks[0] if blocks else 0}..{blocks[-1] if blocks else 0}); use "
+                               "a smaller number (on the command line: --option adapterdrop_layers=N)")
         return names
 
     def inject(self, host: Any, config: BottleneckConfig, adapter_name: str) -> None:
