@@ -158,14 +158,9 @@ def assert_close(a, b, tol, what):
     assert ok, f"{what}: max |diff| of {key} = {diff:.3e} > {allowed:.3e}"
 
 
-def adapted(case: Case) -> tuple[Any, torch.Tensor]:
-    """``(peft_model, bare_base_output)``: the peft model in eval mode, every trainable parameter perturbed."""
-    x = case.inputs()
-    bare = out(case.base(), x)
-    torch.manual_seed(case.seed + 1)
-    model = get_peft_model(case.base(), copy.deepcopy(case.config))
-    if case.needs_data:
-        model.peft_prepare(case.batches())
+def perturb_trainable(model, case: Case) -> None:
+    """Move every trainable parameter off its start (``case.std``), run ``case.after``, and put the model in eval
+    mode."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -177,6 +172,17 @@ def adapted(case: Case) -> tuple[Any, torch.Tensor]:
     if case.after is not None:
         case.after(model)
     model.eval()
+
+
+def adapted(case: Case) -> tuple[Any, torch.Tensor]:
+    """``(peft_model, bare_base_output)``: the peft model in eval mode, every trainable parameter perturbed."""
+    x = case.inputs()
+    bare = out(case.base(), x)
+    torch.manual_seed(case.seed + 1)
+    model = get_peft_model(case.base(), copy.deepcopy(case.config))
+    if case.needs_data:
+        model.peft_prepare(case.batches())
+    perturb_trainable(model, case)
     return model, bare
 
 
@@ -540,17 +546,7 @@ def test_two_active_adapters_merge_in_parts_and_delete_exactly(method, data):
     model.set_adapter(["default", "other"])
     if case.needs_data:
         model.peft_prepare(case.batches())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                # a DoRA magnitude is a column norm: scaled, not shifted (a shift of 0.3 on norms of ~0.07 brings some
-                # near 0, and merging then divides float32 rounding by them: ill-conditioned, not wrong)
-                p.mul_(1 + torch.rand_like(p) * case.std)
-            elif p.requires_grad:
-                p.add_(torch.randn_like(p) * case.std)
-    if case.after is not None:
-        case.after(model)
-    model.eval()
+    perturb_trainable(model, case)
     both = out(model, x)
     snapshot = base_snapshot(model)
     for part in ("other", "default"):
