@@ -485,9 +485,9 @@ def test_a_copy_over_another_adapters_lora_saves_and_loads(tmp_path):
     model.save_pretrained(tmp_path)
     keys = {n: sorted(k for k in load_file(tmp_path / n / "adapter_model.safetensors") if "embed_tokens" in k)
             for n in ("a", "b")}
-    # (a targets embed_tokens, so its file also holds the embedding matrix, as peft's save_embedding_layers="auto")
-    assert keys == {"a": ["base_model.model.model.embed_tokens.base_layer.weight",
-                          "base_model.model.model.embed_tokens.lora_embedding_A",
+    # (a targets embed_tokens, but the input embedding is b's trained copy now: save_embedding_layers="auto" writes
+    # no base matrix for a layer inside a copy, whose own tensor is the trained one)
+    assert keys == {"a": ["base_model.model.model.embed_tokens.lora_embedding_A",
                           "base_model.model.model.embed_tokens.lora_embedding_B"],
                     "b": ["base_model.model.model.embed_tokens.weight"]}
     loaded = PeftModel.from_pretrained(fresh, tmp_path / "a", adapter_name="a")
