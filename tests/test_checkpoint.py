@@ -162,7 +162,9 @@ def test_cli_resume_after_ctrl_c_gives_the_uninterrupted_result(tiny_model_dir, 
     finished = (tmp_path / "run" / "metrics.json").read_bytes()
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
-    assert "is a finished run (it has metrics.json): there is nothing to resume" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "is a finished run (it has metrics.json): there is nothing to resume" in refused.err
+    assert refused.out == ""  # the refusal is the only output (it came after a "resuming RUN" line)
     assert (tmp_path / "run" / "metrics.json").read_bytes() == finished
 
 

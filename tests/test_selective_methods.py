@@ -157,7 +157,9 @@ def test_bad_values_raise_config_error_naming_them(make, fragment):
 
 
 @pytest.mark.parametrize("model_fn, config, fragment", [
-    (tiny_llama, BitFitConfig(), "no bias parameter found"),
+    # a model without biases: the message says so and names methods that do apply
+    (tiny_llama, BitFitConfig(), r"no bias parameter found .*; this model has no bias at all \(as Llama-style "
+                                 r"models\): SSF or \(IA\)\^3 also train a few vectors per layer"),
     (tiny_bert_classifier, PartialConfig(num_top_layers=5), "num_top_layers=5 but the model has 2 blocks"),
     (tiny_bert_classifier, FishMaskConfig(keep_ratio=1e-9), "keep_ratio=1e-09 keeps .* rounds to 0"),
     (tiny_bert_classifier, DiffPruningConfig(target_sparsity=0.9999999), "target_sparsity=0.9999999 keeps"),

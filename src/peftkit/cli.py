@@ -373,6 +373,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             from peftkit.train.run import read_run_config
 
             _check_accelerate_env(read_run_config(Path(args.resume))[0].fsdp)
+        from peftkit.train.run import check_unfinished
+
+        check_unfinished(args.resume)  # before the "resuming" line: the refusal is the only output
         if main_rank:
             print(f"peftkit train: resuming {args.resume}", flush=True)
         return _summary(resume_run(args.resume, progress=not args.no_progress, device=args.device), main_rank)

@@ -402,7 +402,10 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
         raise ConfigError(f"{method}: no {'/'.join(names)} parameter found in modules matching "
                           f"target_modules={target!r}, exclude_modules={config.exclude_modules!r}"
                           + (f", layers {list(layers)}" if layers is not None else "")
-                          + " (modules_to_save are never selected)")
+                          + " (modules_to_save are never selected)"
+                          + ("; this model has no bias at all (as Llama-style models): SSF or (IA)^3 also train "
+                             "a few vectors per layer" if tuple(names) == ("bias",) and not any(
+                                 n.rsplit(".", 1)[-1] == "bias" for n, _ in model.named_parameters()) else ""))
     return found
 
 

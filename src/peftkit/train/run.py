@@ -540,6 +540,17 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, info: D.DistInfo, lock: 
     return result
 
 
+def check_unfinished(run_dir: str | os.PathLike) -> None:
+    """Refuse to resume a finished run.
+
+    Raises:
+        ConfigError: ``run_dir`` holds ``metrics.json`` (the run finished; resuming would rewrite its results).
+    """
+    check(not (Path(run_dir) / "metrics.json").is_file(),
+          f"{str(run_dir)!r} is a finished run (it has metrics.json): there is nothing to resume, and resuming would "
+          "rewrite its results. `peftkit eval --adapter` scores it again; to train it again, start a new run")
+
+
 def resume_run(run_dir: str | os.PathLike, progress: bool = True, device: str | None = None) -> dict[str, Any]:
     """Continue the interrupted run in ``run_dir`` from its latest checkpoint with the run's own options
     (``run_config.json``); the result equals that of an uninterrupted run. Under a multi-process
@@ -551,9 +562,7 @@ def resume_run(run_dir: str | os.PathLike, progress: bool = True, device: str | 
             not fit (another number of processes, ...), or a finished run (``metrics.json`` written).
     """
     cfg, _ = read_run_config(Path(run_dir))
-    check(not (Path(run_dir) / "metrics.json").is_file(),
-          f"{str(run_dir)!r} is a finished run (it has metrics.json): there is nothing to resume, and resuming would "
-          "rewrite its results. `peftkit eval --adapter` scores it again; to train it again, start a new run")
+    check_unfinished(run_dir)
     cfg.output_dir, cfg.progress, cfg.device = str(run_dir), progress, device or cfg.device
     return run_training(cfg, resume=True)
 
