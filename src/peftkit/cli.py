@@ -859,14 +859,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.report_only:
         records = collect(cfg)
     else:
-        started = False
+        cfg.check_folder()  # (run_sweep checks it again) a folder of another sweep keeps its report untouched
         try:
-            cfg.check_folder()  # (run_sweep checks it again) a folder of another sweep keeps its report untouched
-            started = True
             records = run_sweep(cfg, progress=not args.no_progress, jobs=args.jobs)
         except KeyboardInterrupt as err:
             # the report of the folder (an earlier run's, or none) is brought up to the cells finished so far
-            if started and (Path(cfg.output_dir) / "bench_config.json").is_file():
+            if (Path(cfg.output_dir) / "bench_config.json").is_file():
                 try:
                     path = write_report(collect(cfg), cfg.output_dir, notes=notes)
                     err.peftkit_note = (f"{path} shows the cells finished so far; run the same command again to "

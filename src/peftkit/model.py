@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.config import ConfigError, PeftConfig, check
+from peftkit.config import PeftConfig, check
 from peftkit.host import AdapterModel
 from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
 from peftkit.methods.lora_init import check_trainable_init
@@ -586,7 +586,7 @@ class PeftModel(nn.Module):
             a conversion the method does not support. NotADirectoryError: ``save_directory`` (or an adapter's
             sub-folder) is an existing file. Nothing is written when any of these is raised.
         """
-        from peftkit.formats.hf_peft import adapter_files, atomic_write_folders
+        from peftkit.formats.hf_peft import adapter_files, atomic_write_folders, check_save_embedding_layers
 
         if not safe_serialization:
             raise ValueError("peftkit writes safetensors only; safe_serialization=False (pickle) is not supported")
@@ -596,8 +596,7 @@ class PeftModel(nn.Module):
             raise ValueError("there is no adapter to save: this model has none" if not self.peft_config
                              else "selected_adapters is empty; name at least one of " + repr(list(self.peft_config)))
         self.base_model.check_known(names)
-        if save_embedding_layers not in ("auto", True, False) or not isinstance(save_embedding_layers, (str, bool)):
-            raise ConfigError(f"save_embedding_layers={save_embedding_layers!r} is not valid; use 'auto', True or False")
+        check_save_embedding_layers(save_embedding_layers)
         # every adapter's files are made first and staged together: a failure on any (a conversion it does
         # not support, a path that is a file) leaves all files already in the folder as they were
         plan: dict[str, dict[str, bytes]] = {}

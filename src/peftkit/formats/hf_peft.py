@@ -116,9 +116,8 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
     if not isinstance(adapter_name, str):
         raise ConfigError(f"adapter_name must be a string, got {type(adapter_name).__name__}; pass a state dict as "
                           "state_dict= (peft's second argument)")
-    if save_embedding_layers not in ("auto", True, False) or not isinstance(save_embedding_layers, (str, bool)):
-        raise ConfigError(f"save_embedding_layers={save_embedding_layers!r} is not valid; use 'auto', True or False")
-    model = _unwrap_compiled(model)
+    check_save_embedding_layers(save_embedding_layers)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper (a PeftModel's base never is one)
     out = _tensors(model, adapter_name, export=True)
     embeddings = _embedding_tensors(model, adapter_name, save_embedding_layers)
     # an adapter's own tensor under the same key (none is expected) is never replaced by a base tensor
@@ -140,14 +139,12 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
     return taken
 
 
-def _unwrap_compiled(model: PeftModel) -> PeftModel:
-    """The PeftModel itself when ``model`` is one, else the module a ``torch.compile`` wrapper holds. (Reading
-    ``_orig_mod`` off a PeftModel built on a compiled model would pass through to the user's model inside.)"""
-    from peftkit.model import PeftModel
+def check_save_embedding_layers(value: object) -> None:
+    """Raises ConfigError unless ``value`` is ``"auto"``, True or False (``save_embedding_layers``)."""
+    from peftkit.config import ConfigError
 
-    if isinstance(model, PeftModel):
-        return model
-    return getattr(model, "_orig_mod", model)
+    if value not in ("auto", True, False) or not isinstance(value, (str, bool)):
+        raise ConfigError(f"save_embedding_layers={value!r} is not valid; use 'auto', True or False")
 
 
 #: module names whose targeting makes ``save_embedding_layers="auto"`` write the embedding matrices (peft's)
