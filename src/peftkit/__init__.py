@@ -6,6 +6,15 @@ The public API mirrors HuggingFace PEFT so that code ports by changing the impor
 """
 
 from peftkit._version import __version__
+from peftkit.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from peftkit.config import (
     AdapterNotFoundError,
     ConfigError,
@@ -50,7 +59,16 @@ from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
 from peftkit.methods.ssf import SSFConfig
 from peftkit.methods.vera import VeraConfig
-from peftkit.model import PeftModel, get_peft_model
+from peftkit.model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
 from peftkit.optimizers import create_loraplus_optimizer
 from peftkit.quant import LoftQConfig, merge_and_unload_quantized, quantize_base
 from peftkit.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -60,6 +78,7 @@ from peftkit.utils import (
     PromptTuningInit,
     get_peft_config,
     load_peft_weights,
+    prepare_model_for_kbit_training,
 )
 
 __all__ = [
@@ -68,6 +87,13 @@ __all__ = [
     "AdapterFusionConfig",
     "AdapterLoadError",
     "AdapterNotFoundError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BitFitConfig",
     "BottleneckConfig",
     "ChildTuningConfig",
@@ -95,6 +121,12 @@ __all__ = [
     "PartialConfig",
     "PeftConfig",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
     "PeftType",
     "PfeifferConfig",
     "PrefixTuningConfig",
@@ -121,6 +153,7 @@ __all__ = [
     "load_peft_weights",
     "mam_config",
     "merge_and_unload_quantized",
+    "prepare_model_for_kbit_training",
     "quantize_base",
     "register_method",
     "set_dylora_rank",

@@ -57,7 +57,7 @@ class PeftModel(nn.Module):
     def _get_name(self) -> str:
         """The wrapped model's class name: code that dispatches on a model's name (transformers' ``Trainer``
         shifts labels for a causal LM's label smoothing by it) treats the adapted model as its base model, as
-        it does for a peft model. ``repr`` still reads ``PeftModel(...)``."""
+        it does for a peft model. ``repr`` still reads ``PeftModel(...)`` (or the task class's name)."""
         return self.get_base_model()._get_name()
 
     def __repr__(self) -> str:
@@ -326,14 +326,7 @@ class PeftModel(nn.Module):
         Raises:
             TypeError: a keyword argument the base model's method does not take (transformers' error).
         """
-        model = self.get_base_model()
-        if callable(getattr(model, "activation_checkpointing_enable", None)):  # its new name (transformers 5.x)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
-                                                  **kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_checkpointing(self.get_base_model(), gradient_checkpointing_kwargs, **kwargs)
 
     # --- training hooks -----------------------------------------------------------------------------
     def peft_regularization(self) -> Tensor | None:
@@ -645,7 +638,7 @@ class PeftModel(nn.Module):
         config, tensors = read_adapter_files(model_id, config)
         config.inference_mode = not is_trainable
         with loading_values():  # built to take the file's values: no start that needs more than the model
-            peft_model = cls(model, config, adapter_name)
+            peft_model = _model_class(config, cls)(model, config, adapter_name)
         try:
             load_adapter_into(peft_model, adapter_name, tensors)
         except BaseException:
@@ -700,6 +693,73 @@ class PeftModel(nn.Module):
         self.base_model._set_trainable()
         if not is_trainable:  # as peft
             self.eval()
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A :class:`PeftModel` whose adapters have ``task_type="SEQ_CLS"`` (mirrors
+    ``peft.PeftModelForSequenceClassification``): what :func:`get_peft_model` and :meth:`PeftModel.from_pretrained`
+    return for that task type. It behaves as :class:`PeftModel` in every way; the class exists so that code naming
+    peft's task classes (``PeftModelForSequenceClassification.from_pretrained(base, folder)``, ``isinstance``
+    checks) ports by changing the import."""
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A :class:`PeftModel` for ``task_type="CAUSAL_LM"`` (mirrors ``peft.PeftModelForCausalLM``); see
+    :class:`PeftModelForSequenceClassification`."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """A :class:`PeftModel` for ``task_type="SEQ_2_SEQ_LM"`` (mirrors ``peft.PeftModelForSeq2SeqLM``); see
+    :class:`PeftModelForSequenceClassification`."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """A :class:`PeftModel` for ``task_type="TOKEN_CLS"`` (mirrors ``peft.PeftModelForTokenClassification``); see
+    :class:`PeftModelForSequenceClassification`."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """A :class:`PeftModel` for ``task_type="QUESTION_ANS"`` (mirrors ``peft.PeftModelForQuestionAnswering``); see
+    :class:`PeftModelForSequenceClassification`."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """A :class:`PeftModel` for ``task_type="FEATURE_EXTRACTION"`` (mirrors ``peft.PeftModelForFeatureExtraction``);
+    see :class:`PeftModelForSequenceClassification`."""
+
+
+#: task_type -> the PeftModel class get_peft_model and from_pretrained build for it (peft's
+#: MODEL_TYPE_TO_PEFT_MODEL_MAPPING); a config without a task type gets PeftModel itself
+TASK_MODEL_CLASSES: dict[str, type[PeftModel]] = {
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+
+def _model_class(config: PeftConfig, default: type[PeftModel] = PeftModel) -> type[PeftModel]:
+    """The class to build for ``config``: its task type's (as peft, whichever class was asked for), else
+    ``default``."""
+    return TASK_MODEL_CLASSES.get(getattr(config, "task_type", None) or "", default)
+
+
+def enable_checkpointing(model: nn.Module, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+    """Turn on a transformers model's gradient checkpointing (``activation_checkpointing_enable`` where
+    transformers has that newer name) and make its input embeddings' output require grad, so that a frozen
+    base still passes gradients to adapters through re-entrant checkpointing.
+
+    Raises:
+        TypeError: a keyword argument the model's method does not take (transformers' error).
+    """
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # its new name (transformers 5.x)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 # peft's loading keywords that are not hub options, taken at peft's defaults (others are refused by name)
@@ -943,7 +1003,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
     check_trainable_init(peft_config)
     if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
-    return PeftModel(model, peft_config, adapter_name)
+    return _model_class(peft_config)(model, peft_config, adapter_name)
 
 
 class _SignedForward:
