@@ -60,6 +60,18 @@ def test_classification_probabilities_are_the_adapted_models_softmax(sst2_run, t
     assert got == pytest.approx(want, abs=1e-6)
 
 
+def test_a_run_folder_loads_with_auto_peft_model_as_predict_serves_it(sst2_run, tiny_model_dir):
+    """A run folder names its base model and task, so peft's one-line loading works on it."""
+    from peftkit import AutoPeftModelForSequenceClassification, PeftModelForSequenceClassification
+
+    model = AutoPeftModelForSequenceClassification.from_pretrained(sst2_run)
+    assert type(model) is PeftModelForSequenceClassification and not model.training
+    text = "an utterly charming and hilarious film"
+    with torch.no_grad():
+        got = model(**AutoTokenizer.from_pretrained(tiny_model_dir)(text, return_tensors="pt")).logits.softmax(-1)
+    assert got[0].tolist() == pytest.approx(predict_run(sst2_run, [text])[0]["probabilities"], abs=1e-6)
+
+
 def test_sentence_pair_regression_reproduces_the_runs_pearson(stsb_run, capsys):
     metrics = json.loads((stsb_run / "metrics.json").read_text())
     dev = load_task("stsb").dev[:30]
