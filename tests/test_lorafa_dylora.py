@@ -231,3 +231,21 @@ def test_dylora_state_goes_with_a_deep_copy():
     assert layer.ranks is state  # the copy's layers read the copy's state
     plain = twin.unload()
     assert not plain._forward_pre_hooks and len(model.get_base_model()._forward_pre_hooks) == 1
+
+
+def test_a_frozen_dylora_adapter_keeps_its_chosen_rank_in_training_mode(tmp_path):
+    """Only an adapter that trains samples its rank: one loaded for inference (beside a head or another adapter
+    that trains) used a random rank in each training-mode forward instead of the one chosen with set_dylora_rank."""
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), DyLoraConfig(r=4, lora_alpha=3, target_modules=["0"]))
+    perturb(model)
+    set_dylora_rank(model, 2)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(model.base_model.unload(), tmp_path)
+    layer = loaded.base_model.model[0]
+    a, b = layer.adapters["default"].lora_A.weight, layer.adapters["default"].lora_B.weight
+    x = torch.randn(5, 8)
+    expected = layer.base_layer(x) + (3 / 2) * x @ a[:2].T @ b[:, :2].T  # lora_alpha / k
+    loaded.train()
+    with torch.no_grad():
+        for _ in range(10):
+            assert (loaded(x) - expected).abs().max() <= 1e-6

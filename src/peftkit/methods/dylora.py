@@ -3,12 +3,12 @@
 Paper: Valipour, Rezagholizadeh, Kobyzev and Ghodsi, "DyLoRA: Parameter-Efficient Tuning of
 Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation", 2022, arXiv:2210.07558.
 
-Equation: ``h = W0 x + (alpha / b) * B[:, :b] A[:b] dropout(x)``. While the model trains, each forward
+Equation: ``h = W0 x + (alpha / b) * B[:, :b] A[:b] dropout(x)``. While the adapter trains, each forward
 of the model draws ``b ~ U{1, ..., r}`` (torch's global generator, so seeding torch makes it
 reproducible) and every layer of the adapter uses its first ``b`` rank components (``min(b, r_layer)``
-with ``rank_pattern``); rsLoRA scales by ``alpha / sqrt(b)``. In eval mode and for merging the rank
-chosen with :func:`set_dylora_rank` is used (default: the full ``r``), so after training any rank can
-be picked without retraining. Trainable parameters per adapted ``(out, in)`` layer: ``r * (in + out)``.
+with ``rank_pattern``); rsLoRA scales by ``alpha / sqrt(b)``. In eval mode, for merging and while the
+adapter is frozen the rank chosen with :func:`set_dylora_rank` is used (default: the full ``r``), so after
+training any rank can be picked without retraining. Trainable parameters per adapted ``(out, in)`` layer: ``r * (in + out)``.
 
 Files use LoRA's layout (``lora_A``/``lora_B`` with the full rank) with ``peft_type: "DYLORA"``.
 Adapters: ``nn.Linear`` and GPT-2 ``Conv1D``.
@@ -99,8 +99,11 @@ class DyLoraLinear(LoraLinear):
         self.alpha, self.rslora, self.ranks = alpha, rslora, ranks
 
     def rank(self) -> int:
-        """The rank in use: the sampled one while training, else the chosen one (never above ``r``)."""
-        return min(self.ranks.sampled if self.training else self.ranks.rank, self.r)
+        """The rank in use: the sampled one while this adapter trains (training mode and its factors take
+        gradients), else the chosen one (also for a frozen adapter, e.g. one loaded for inference beside a
+        part that trains); never above ``r``."""
+        trains = self.training and self.lora_B.weight.requires_grad
+        return min(self.ranks.sampled if trains else self.ranks.rank, self.r)
 
     def _scale(self, k: int) -> float:
         return self.alpha / (math.sqrt(k) if self.rslora else k)
