@@ -209,6 +209,10 @@ def test_prefix_training_reaches_the_prefixes_that_peft_reads_and_disabling_give
     with torch.no_grad(), model.disable_adapter():
         torch.testing.assert_close(model(input_ids=x, attention_mask=mask, labels=labels).logits,
                                    base(input_ids=x, attention_mask=mask, labels=labels).logits, atol=1e-6, rtol=0)
+    with torch.no_grad():  # the cache made for the prefixes is returned only when asked for, as the base model's
+        assert model(input_ids=x, attention_mask=mask, labels=labels, use_cache=False).past_key_values is None
+        cached = model(input_ids=x, attention_mask=mask, decoder_input_ids=labels).past_key_values
+    assert cached.self_attention_cache.get_seq_length() == 3 + 4 and cached.cross_attention_cache.get_seq_length() == 6
 
 
 @pytest.mark.parametrize("arch", MODELS)

@@ -678,8 +678,10 @@ class DecoderPrefixHooks:
     call of a sequence (no cache, or the empty one ``generate()`` passes) gets the prefixes written into the
     self-attention part of its ``EncoderDecoderCache`` (see :meth:`PrefixTuner.decoder_cache`), and every call's
     ``attention_mask`` (the decoder's, over its real tokens) gets ``P`` leading ones. The decoder's positions
-    (T5's relative ones, BART's learned ones) then start after the ``P`` prefixes, as in peft. The hook sits on
-    ``get_decoder()``, so ``PeftModel.forward``, ``generate()`` and a direct call of the base model are covered.
+    (T5's relative ones, BART's learned ones) then start after the ``P`` prefixes, as in peft. A cache the hook
+    made for a call that did not ask for one (``use_cache`` false) is left out of the output, as the base model
+    leaves it out (peft returns it). The hooks sit on ``get_decoder()``, so ``PeftModel.forward``, ``generate()``
+    and a direct call of the base model are covered.
 
     Args: as :class:`PromptHooks` (``host``, ``adapter_name``, ``tuner``: a prefix tuner).
     """
@@ -689,7 +691,9 @@ class DecoderPrefixHooks:
         self.decoder = host.model.get_decoder()
         self.decoder_args = _positional_names(self.decoder)
         self.positions = position_table(host.model)[0]  # BART's learned table; None for T5's relative positions
-        self.handles = (self.decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True),)
+        self.drop_cache = False
+        self.handles = (self.decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True),
+                        self.decoder.register_forward_hook(self.after_decoder))
 
     remove = PromptHooks.remove
     applies = PromptHooks.applies
@@ -704,6 +708,7 @@ class DecoderPrefixHooks:
                 the learned positions leave room for after the prefixes (BART's table); training with gradient
                 checkpointing (see :meth:`PrefixTuner.decoder_cache`).
         """
+        self.drop_cache = False
         if not self.applies():
             return None
         kw = _as_keywords(module, self.decoder_args, args, kwargs)
@@ -736,7 +741,17 @@ class DecoderPrefixHooks:
             kw["attention_mask"] = torch.cat([mask.new_ones(batch, p), mask], dim=1)
         if not past:
             kw["cache"] = self.tuner.decoder_cache(self.host.model, self.host.extra_modules[self.name](), batch, cache)
+            use_cache = kw.get("use_cache")
+            self.drop_cache = cache is None and not (self.host.model.config.use_cache if use_cache is None else use_cache)
         return (), kw
+
+    def after_decoder(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        """Decoder hook: the output without the cache when :meth:`before_decoder` made one that the call did not
+        ask for; else None (output unchanged)."""
+        drop, self.drop_cache = self.drop_cache, False
+        if not drop or getattr(output, "cache", None) is None:
+            return None
+        return type(output)(**{k: v for k, v in output.items() if k != "cache"})
 
 
 def _positional_names(module: nn.Module) -> list[str]:
