@@ -256,6 +256,8 @@ def test_prefix_refusals_on_encoder_decoders_are_clear_and_change_nothing():
     with pytest.raises(ValueError, match="prefix tuning cannot train with gradient checkpointing"):
         model(input_ids=x, attention_mask=mask, labels=labels)
     model.eval()
+    with pytest.raises(ValueError, match=r"needs a growing cache .* StaticCache has no room for the prefixes"):
+        model.generate(input_ids=x, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
     with pytest.raises(ValueError, match=r"decoder attention mask of shape \(2, 3\) does not fit.*\(2, 4\)"):
         model(input_ids=x, attention_mask=mask, labels=labels, decoder_attention_mask=mask[:, :3])
 

@@ -722,8 +722,8 @@ class DecoderPrefixHooks:
         cache = kw.get("cache")
         if getattr(cache, "is_compileable", False):
             raise ValueError(f"prefix-tuning adapter {self.name!r} needs a growing cache (transformers' "
-                             f"EncoderDecoderCache of DynamicCaches, the default); {type(cache).__name__} has no room "
-                             "for the prefixes")
+                             "EncoderDecoderCache of DynamicCaches, the default); "
+                             f"{type(getattr(cache, 'self_attention_cache', cache)).__name__} has no room for the prefixes")
         past = cache.get_seq_length() if cache is not None else 0
         if past and past < p:
             raise ValueError(f"the cache holds {past} positions, fewer than the {p} prefixes of adapter "
