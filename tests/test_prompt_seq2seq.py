@@ -243,6 +243,25 @@ def test_prefix_generate_equals_greedy_decoding_by_full_forwards(arch):
     assert not torch.equal(greedy(base, x, mask), tokens)
 
 
+def test_prefix_tuning_on_a_t5_whose_heads_are_narrower_than_d_model_sizes_them_by_d_kv():
+    """flan-t5-small's layout (6 heads of d_kv=64 in d_model=512): the prefixes are num_heads * d_kv wide, the width of
+    the keys. (peft 0.21.2 sizes them by d_model and fails in the first forward.)"""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=4,
+                                               decoder_start_token_id=0)).eval()
+    model = get_peft_model(copy.deepcopy(base), prefix(peftkit))
+    assert model.peft_config["default"].token_dim == 32
+    assert model.base_model.extra_modules["default"].embedding.weight.shape == (3, 2 * 2 * 32)
+    x, mask, labels = batch()
+    model.train()
+    model(input_ids=x, attention_mask=mask, labels=labels).loss.backward()
+    assert model.base_model.extra_modules["default"].embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="token_dim=16 does not fit the model, which needs 32"):
+        get_peft_model(copy.deepcopy(base), prefix(peftkit, token_dim=16))
+
+
 def test_prefix_refusals_on_encoder_decoders_are_clear_and_change_nothing():
     from transformers import T5Config, T5ForConditionalGeneration
 
