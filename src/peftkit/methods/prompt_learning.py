@@ -313,7 +313,7 @@ class PromptTuner(Tuner):
 
     inserts_embeddings = True
     method = "soft prompt"
-    supports_encoder_decoder = False  # prompt tuning and P-tuning prepend to an encoder-decoder's encoder input
+    supports_encoder_decoder = False  # prompt tuning, P-tuning (encoder input) and prefix tuning (decoder cache) set it
 
     def encoder_decoder_hooks(self) -> type:
         """The hooks class that applies an adapter to an encoder-decoder model (when
