@@ -10,6 +10,11 @@ prefixes are reparameterised during training as ``[Pk ; Pv] = W2 tanh(W1 E' + b1
 MLP); :meth:`PrefixEncoder.fold` replaces the MLP by its output exactly, which is also what the file
 holds (peft's ``prompt_embeddings``), so a loaded adapter is folded.
 
+On an encoder-decoder model (T5, BART; Li & Liang's summarisation setting) the prefixes are laid out as peft
+0.21.2 lays them out, so that files move both ways with the same outputs: ``N`` is the encoder's number of
+layers, the encoder and the decoder's cross-attention get no prefix, and decoder layer ``l`` attends to stored
+layer ``2l mod N``'s prefixes in its self-attention (:meth:`PrefixTuner.decoder_cache`).
+
 Trainable parameters (``N`` layers, ``d_kv`` = ``num_key_value_heads * head_dim``, ``h`` =
 ``encoder_hidden_size``): ``P * 2 * N * d_kv``; with the projection ``P*d_kv + (d_kv*h + h) +
 (h*2*N*d_kv + 2*N*d_kv)``.
@@ -32,6 +37,7 @@ from torch import Tensor, nn
 from peftkit.config import MethodSpec, check, register_method
 from peftkit.layers import trains_with_checkpointing
 from peftkit.methods.prompt_learning import (
+    DecoderPrefixHooks,
     ModelShape,
     PromptCall,
     PromptLearningConfig,
@@ -109,20 +115,29 @@ class PrefixEncoder(VirtualTokens):
 
 class PrefixTuner(PromptTuner):
     """Writes the prefixes into the cache of every first call (a fresh ``DynamicCache``, or the empty
-    cache that ``generate()`` passes), so the real tokens attend to them at every layer."""
+    cache that ``generate()`` passes), so the real tokens attend to them at every layer. On an encoder-decoder
+    model (T5, BART) only the decoder's self-attention gets them, as in peft (see :meth:`decoder_cache`)."""
 
     method = "prefix tuning"
     inserts_embeddings = False
+    supports_encoder_decoder = True  # the prefixes go into the decoder's self-attention, as peft lays them out
+
+    def encoder_decoder_hooks(self) -> type:
+        """:class:`DecoderPrefixHooks`: on an encoder-decoder model the prefixes go to the decoder only."""
+        return DecoderPrefixHooks
 
     def complete_config(self, config: PrefixTuningConfig, shape: ModelShape) -> None:
         """Sizes of the key/value prefixes: ``token_dim = num_key_value_heads * head_dim`` and
-        ``num_attention_heads = num_key_value_heads``; ``encoder_hidden_size`` defaults to ``token_dim``.
+        ``num_attention_heads = num_key_value_heads``; ``encoder_hidden_size`` defaults to ``token_dim``;
+        ``num_transformer_submodules`` is 2 on an encoder-decoder model (peft's value), else 1. ``num_layers`` is
+        the model's ``num_hidden_layers`` (an encoder-decoder's encoder layers, as peft reads it).
 
         Raises:
             ConfigError: a given size differs from the model's.
         """
         settle(config, num_layers=shape.num_layers, num_attention_heads=shape.num_kv_heads,
-               token_dim=shape.num_kv_heads * shape.head_dim, num_transformer_submodules=1)
+               token_dim=shape.num_kv_heads * shape.head_dim,
+               num_transformer_submodules=2 if shape.encoder_decoder else 1)
         if config.encoder_hidden_size is None:
             config.encoder_hidden_size = config.token_dim
 
@@ -134,12 +149,23 @@ class PrefixTuner(PromptTuner):
 
         Raises:
             ConfigError: the model's transformer (``model.base_model``) takes no ``cache`` argument (MPNet, ESM,
-                DistilBERT, DeBERTa-v2): the prefixes would be dropped unread (peft refuses such models too).
+                DistilBERT, DeBERTa-v2): the prefixes would be dropped unread (peft refuses such models too); an
+                encoder-decoder model whose decoder has other numbers of layers or heads than its encoder (the
+                prefixes are sized by the encoder's, as peft sizes them).
         """
         inner = getattr(host.model, "base_model", host.model)
         check("cache" in inspect.signature(inner.forward).parameters,
               f"{self.method} needs a model whose layers take a key/value cache, and {type(inner).__name__}.forward "
               "takes no 'cache' argument (the prefixes would never be read); use prompt tuning or P-tuning")
+        cfg = host.model.config
+        if getattr(cfg, "is_encoder_decoder", False):
+            shape = model_shape(host.model, self.method)
+            layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None) or shape.num_layers
+            heads = getattr(cfg, "decoder_attention_heads", None) or shape.num_heads
+            check((layers, heads) == (shape.num_layers, shape.num_heads),
+                  f"{self.method} on {type(host.model).__name__} needs a decoder as deep and wide as the encoder (the "
+                  f"prefixes are sized by the encoder, as peft sizes them); its decoder has {layers} layers and {heads} "
+                  f"heads, its encoder {shape.num_layers} and {shape.num_heads}")
         super().inject(host, config, adapter_name)
 
     def insert(self, call: PromptCall, tokens: Tensor) -> None:
@@ -154,23 +180,61 @@ class PrefixTuner(PromptTuner):
         from transformers import Cache, DynamicCache
 
         model = call.model
-        if trains_with_checkpointing(model):
-            raise ValueError("prefix tuning cannot train with gradient checkpointing: transformers drops the cache "
-                             "that holds the prefixes; disable gradient checkpointing")
-        shape = model_shape(model)
-        layers, heads, head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
-        p = call.num_virtual
-        kv = tokens.to(model.get_input_embeddings().weight.dtype).view(p, layers, 2, heads, head_dim)
-        kv = kv.permute(1, 2, 3, 0, 4).unsqueeze(2)  # (layers, 2, 1, heads, P, head_dim)
+        kv = _key_values(model, tokens)
         cache = call.kwargs.get("cache")
         if not isinstance(cache, Cache):
             cache = DynamicCache(config=model.config)
             call.made_cache = True
-        size = (call.batch, heads, p, head_dim)
-        for layer in range(layers):
+        size = (call.batch, *kv.shape[3:])
+        for layer in range(kv.shape[0]):
             cache.update(kv[layer, 0].expand(size), kv[layer, 1].expand(size), layer)
         call.kwargs["cache"] = cache
 
+    def decoder_cache(self, model: nn.Module, tokens: Tensor, batch: int, cache: Any) -> Any:
+        """The cache of an encoder-decoder's first decoder call with the prefixes in its self-attention part, laid
+        out as peft 0.21.2 does: decoder layer ``l`` gets the keys and values ``(batch, num_heads, P, head_dim)``
+        of stored layer ``2l mod N`` (``N`` = ``num_layers``), and the cross-attention none. (peft doubles the
+        table along the layers and splits it into groups of four, self-attention key and value then
+        cross-attention key and value of one decoder layer, and then empties the cross-attention cache, so the
+        stored layers ``2l+1 mod N`` are read nowhere: with ``N`` even, the odd ones get no gradient.)
+
+        Args:
+            tokens: the prefixes, ``(P, N * 2 * num_heads * head_dim)``. batch: ``B``. cache: the decoder's
+                ``EncoderDecoderCache`` (empty) or None (a new one is made).
+
+        Raises:
+            ValueError: a cache that is not an ``EncoderDecoderCache``; the model trains with gradient
+                checkpointing (transformers then drops the cache that holds the prefixes).
+        """
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        kv = _key_values(model, tokens)
+        if cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+        if not isinstance(cache, EncoderDecoderCache):
+            raise ValueError(f"prefix tuning on {type(model).__name__} needs the decoder's cache to be an "
+                             f"EncoderDecoderCache (or None); got {type(cache).__name__}")
+        n, size = kv.shape[0], (batch, *kv.shape[3:])
+        for layer in range(n):
+            keys, values = kv[2 * layer % n]
+            cache.self_attention_cache.update(keys.expand(size), values.expand(size), layer)
+        return cache
+
+
+def _key_values(model: nn.Module, tokens: Tensor) -> Tensor:
+    """The prefixes ``(P, N * 2 * heads * head_dim)`` as ``(N, 2, 1, heads, P, head_dim)`` (keys then values of each
+    layer) in the dtype of the model's input embeddings.
+
+    Raises:
+        ValueError: the model trains with gradient checkpointing.
+    """
+    if trains_with_checkpointing(model):
+        raise ValueError("prefix tuning cannot train with gradient checkpointing: transformers drops the cache "
+                         "that holds the prefixes; disable gradient checkpointing")
+    shape = model_shape(model, PrefixTuner.method)
+    kv = tokens.to(model.get_input_embeddings().weight.dtype)
+    kv = kv.view(tokens.shape[0], shape.num_layers, 2, shape.num_kv_heads, shape.head_dim)
+    return kv.permute(1, 2, 3, 0, 4).unsqueeze(2)
 
 def prefix_tuning_from_cli(args: Any) -> PrefixTuningConfig:
     """``peftkit train --method prefix-tuning``: 20 prefixes trained through the MLP (width 128), at the

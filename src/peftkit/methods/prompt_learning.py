@@ -29,6 +29,11 @@ How a call is rewritten (``L`` real tokens, ``B`` rows):
   would pool; positions are taken before the move, so each row equals the row alone. Its hidden states,
   if returned, are in that order.
 
+On an encoder-decoder model (T5, BART) hooks on its encoder and decoder do this instead, as peft's
+``PeftModelForSeq2SeqLM``: prompt tuning and P-tuning put the virtual tokens before the encoder's input
+(:class:`EncoderPromptHooks`), prefix tuning writes its prefixes into the decoder's self-attention cache
+(:class:`DecoderPrefixHooks`).
+
 While the adapter is inactive, ``disable_adapter()`` is in force, or the model is unloaded, nothing
 is rewritten. Mixed-adapter batches (``adapter_names=``) naming a prompt adapter raise ``ValueError``.
 
@@ -160,8 +165,8 @@ def model_shape(model: nn.Module, method: str | None = None) -> ModelShape:
     """Read the sizes from a transformers model's config.
 
     Args:
-        method: the name of a method that supports encoder-decoder models (prompt tuning, P-tuning), or None
-            for one that does not (prefix tuning, LLaMA-Adapter), which refuses them.
+        method: the name of a method that supports encoder-decoder models (prompt tuning, P-tuning, prefix
+            tuning), or None for one that does not (LLaMA-Adapter), which refuses them.
 
     Raises:
         ConfigError: the model has no transformers config; an encoder-decoder model when ``method`` is None,
@@ -173,10 +178,10 @@ def model_shape(model: nn.Module, method: str | None = None) -> ModelShape:
     encoder_decoder = bool(getattr(cfg, "is_encoder_decoder", False))
     check(not encoder_decoder or method is not None,
           f"{type(model).__name__} is an encoder-decoder model; this method supports decoder-only and "
-          "encoder-only models (prompt tuning and P-tuning also support encoder-decoder ones)")
+          "encoder-only models (prompt tuning, P-tuning and prefix tuning also support encoder-decoder ones)")
     check(not encoder_decoder or (hasattr(model, "get_encoder") and hasattr(model, "get_decoder")),
           f"{type(model).__name__} is an encoder-decoder model without get_encoder()/get_decoder(); {method} "
-          "needs both to put the virtual tokens before the encoder's input")
+          "needs both to reach the encoder and the decoder")
     check(not type(model).__name__.endswith("ForMultipleChoice"),
           f"{type(model).__name__} takes (batch, choices, length) inputs; soft prompts support models whose inputs "
           "are (batch, length) for now")
@@ -308,7 +313,12 @@ class PromptTuner(Tuner):
 
     inserts_embeddings = True
     method = "soft prompt"
-    supports_encoder_decoder = False  # prompt tuning and P-tuning prepend to an encoder-decoder's encoder input
+    supports_encoder_decoder = False  # prompt tuning, P-tuning (encoder input) and prefix tuning (decoder cache) set it
+
+    def encoder_decoder_hooks(self) -> type:
+        """The hooks class that applies an adapter to an encoder-decoder model (when
+        ``supports_encoder_decoder``): :class:`EncoderPromptHooks`, the virtual tokens before the encoder's input."""
+        return EncoderPromptHooks
 
     def complete_config(self, config: Any, shape: ModelShape) -> None:  # pragma: no cover - abstract
         """Fill ``config``'s model-dependent sizes (``token_dim``, ``num_layers``, ...) from ``shape``, in
@@ -359,7 +369,7 @@ class PromptTuner(Tuner):
             raise
         module.built_for_load = LOADING_VALUES.get()  # its first load folds it silently: that is how files load
         host.extra_modules[adapter_name] = module
-        hooks = EncoderPromptHooks if shape.encoder_decoder else PromptHooks
+        hooks = self.encoder_decoder_hooks() if shape.encoder_decoder else PromptHooks
         module.hooks = hooks(host, adapter_name, self)
 
     def remove(self, host: AdapterModel, adapter_name: str) -> None:
@@ -660,6 +670,88 @@ class EncoderPromptHooks:
             return None
         kw["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
         return (), kw
+
+
+class DecoderPrefixHooks:
+    """The hook that applies one prefix-tuning adapter to an encoder-decoder model (T5, BART, ...), as peft
+    0.21.2's ``PeftModelForSeq2SeqLM`` does: the encoder and the cross-attention get nothing; the decoder's first
+    call of a sequence (no cache, or the empty one ``generate()`` passes) gets the prefixes written into the
+    self-attention part of its ``EncoderDecoderCache`` (see :meth:`PrefixTuner.decoder_cache`), and every call's
+    ``attention_mask`` (the decoder's, over its real tokens) gets ``P`` leading ones. The decoder's positions
+    (T5's relative ones, BART's learned ones) then start after the ``P`` prefixes, as in peft. A cache the hook
+    made for a call that did not ask for one (``use_cache`` false) is left out of the output, as the base model
+    leaves it out (peft returns it). The hooks sit on ``get_decoder()``, so ``PeftModel.forward``, ``generate()``
+    and a direct call of the base model are covered.
+
+    Args: as :class:`PromptHooks` (``host``, ``adapter_name``, ``tuner``: a prefix tuner).
+    """
+
+    def __init__(self, host: AdapterModel, adapter_name: str, tuner: Any) -> None:
+        self.host, self.name, self.tuner = host, adapter_name, tuner
+        self.decoder = host.model.get_decoder()
+        self.decoder_args = _positional_names(self.decoder)
+        self.positions = position_table(host.model)[0]  # BART's learned table; None for T5's relative positions
+        self.drop_cache = False
+        self.handles = (self.decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True),
+                        self.decoder.register_forward_hook(self.after_decoder))
+
+    remove = PromptHooks.remove
+    applies = PromptHooks.applies
+
+    def before_decoder(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """Decoder pre-hook: when :meth:`applies`, the call as keywords with the mask extended and, on a first
+        call, the prefixes in the cache; else None. ``module``/``args``/``kwargs``: the decoder and its call.
+
+        Raises:
+            ValueError: as :meth:`PromptHooks.applies`; a cache that cannot grow or holds fewer positions than the
+                prefixes; an ``attention_mask`` that is not ``(B, earlier + new tokens)``; more decoder tokens than
+                the learned positions leave room for after the prefixes (BART's table); training with gradient
+                checkpointing (see :meth:`PrefixTuner.decoder_cache`).
+        """
+        self.drop_cache = False
+        if not self.applies():
+            return None
+        kw = _as_keywords(module, self.decoder_args, args, kwargs)
+        if "past_key_values" in kw:  # the pre-5 name of transformers' cache argument
+            kw["cache"] = kw.pop("past_key_values")
+        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        if ref is None:
+            return None  # the decoder raises its own error
+        batch, length = ref.shape[:2]
+        p = self.host.peft_config[self.name].num_virtual_tokens
+        cache = kw.get("cache")
+        if getattr(cache, "is_compileable", False):
+            raise ValueError(f"prefix-tuning adapter {self.name!r} needs a growing cache (transformers' "
+                             "EncoderDecoderCache of DynamicCaches, the default); "
+                             f"{type(getattr(cache, 'self_attention_cache', cache)).__name__} has no room for the prefixes")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past and past < p:
+            raise ValueError(f"the cache holds {past} positions, fewer than the {p} prefixes of adapter "
+                             f"{self.name!r}; pass the cache returned by this adapted model")
+        if self.positions is not None and (past or p) + length > self.positions:
+            raise ValueError(f"{max(past - p, 0)} earlier and {length} new decoder token(s) do not fit after "
+                             f"num_virtual_tokens={p}: {type(self.host.model).__name__} has {self.positions} learned "
+                             f"positions, so at most {self.positions - p} decoder tokens (labels or generated ones)")
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            width = (past - p if past else 0) + length
+            if mask.dim() != 2 or tuple(mask.shape) != (batch, width):
+                raise ValueError(f"decoder attention mask of shape {tuple(mask.shape)} does not fit: a prefix-tuning "
+                                 f"adapter needs a 2-D mask over the decoder's real tokens, ({batch}, {width})")
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, p), mask], dim=1)
+        if not past:
+            kw["cache"] = self.tuner.decoder_cache(self.host.model, self.host.extra_modules[self.name](), batch, cache)
+            use_cache = kw.get("use_cache")
+            self.drop_cache = cache is None and not (self.host.model.config.use_cache if use_cache is None else use_cache)
+        return (), kw
+
+    def after_decoder(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        """Decoder hook: the output without the cache when :meth:`before_decoder` made one that the call did not
+        ask for; else None (output unchanged)."""
+        drop, self.drop_cache = self.drop_cache, False
+        if not drop or getattr(output, "cache", None) is None:
+            return None
+        return type(output)(**{k: v for k, v in output.items() if k != "cache"})
 
 
 def _positional_names(module: nn.Module) -> list[str]:
