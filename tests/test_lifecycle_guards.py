@@ -97,6 +97,35 @@ def test_a_model_that_already_holds_adapters_is_refused():
         get_peft_model(model.get_base_model(), lora())
 
 
+@pytest.mark.parametrize("config", [None, "lora", {"peft_type": "LORA", "r": 2}], ids=["none", "name", "dict"])
+def test_get_peft_model_names_a_config_that_is_not_one(config):
+    """A method name, a dict or None failed with AttributeError ('str' object has no attribute
+    'base_model_name_or_path') on a model with a name_or_path (any transformers model) instead of saying what a
+    config is."""
+    base = mlp()
+    base.name_or_path = "some/model"
+    with pytest.raises(ConfigError, match=rf"expected a peftkit PeftConfig .*got builtins\.{type(config).__name__}"):
+        get_peft_model(base, config)
+
+
+@pytest.mark.parametrize("model", [None, "gpt2"], ids=["none", "name"])
+def test_get_peft_model_names_a_model_that_is_not_a_module(model):
+    with pytest.raises(TypeError, match=rf"model={model!r} is a {type(model).__name__}; give the torch.nn.Module"):
+        get_peft_model(model, lora())
+
+
+def test_a_refused_get_peft_model_leaves_the_callers_config_as_it_was():
+    """The base model's name_or_path was written into the config before the adapter was refused."""
+    base = mlp()
+    base.name_or_path = "some/model"
+    config = LoraConfig(r=2, target_modules=["zzz"])
+    with pytest.raises(ConfigError, match="matched no module"):
+        get_peft_model(base, config)
+    assert config.base_model_name_or_path is None
+    config.target_modules = ["0"]
+    assert get_peft_model(base, config).peft_config["default"].base_model_name_or_path == "some/model"
+
+
 @pytest.mark.parametrize("second", [peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
                                     peftkit.IA3Config()])
 def test_a_model_that_already_holds_a_soft_prompt_is_refused(second):

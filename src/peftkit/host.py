@@ -49,6 +49,21 @@ def _check_name(name: Any) -> str:
     return name
 
 
+def check_config(config: Any) -> None:
+    """Refuse anything but a peftkit :class:`PeftConfig` (a ``peft`` package config, a dict, a method name).
+
+    Raises:
+        ConfigError: naming the type given, and peftkit's class of that name for a config of another package.
+    """
+    if not isinstance(config, PeftConfig):
+        kind = type(config)
+        where = kind.__module__.split(".")[0]
+        hint = (f": a config of the {where!r} package; build it with peftkit's own (from peftkit import "
+                f"{kind.__name__})" if where != "peftkit" and kind.__name__.endswith("Config") else "")
+        raise ConfigError(f"expected a peftkit PeftConfig (e.g. peftkit.LoraConfig), got "
+                          f"{kind.__module__}.{kind.__qualname__}{hint}")
+
+
 class AdapterModel(nn.Module):
     """Holds the user's model as ``.model`` and drives every adapter's lifecycle (peft's "tuner model").
 
@@ -69,10 +84,14 @@ class AdapterModel(nn.Module):
     Raises:
         ConfigError: ``model`` already holds peftkit adapters (a wrapped layer, or a soft-prompt hook); add
             more through its ``PeftModel.add_adapter``, or start from ``unload()``.
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model={model!r:.80} is a {type(model).__name__}; give the torch.nn.Module to adapt (e.g. a "
+                            "transformers model)")
         # a torch.compile wrapper: the module it compiles is adapted (the wrapper shares it, so it runs the adapters
         # too), and the file keys are the model's own (no "_orig_mod." that a plain model would not fit)
         while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
@@ -225,13 +244,7 @@ class AdapterModel(nn.Module):
         _check_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter {adapter_name!r} already exists; existing: {list(self.peft_config)}")
-        if not isinstance(config, PeftConfig):
-            kind = type(config)
-            where = kind.__module__.split(".")[0]
-            hint = (f": a config of the {where!r} package; build it with peftkit's own (from peftkit import "
-                    f"{kind.__name__})" if where != "peftkit" and kind.__name__.endswith("Config") else "")
-            raise ConfigError(f"expected a peftkit PeftConfig (e.g. peftkit.LoraConfig), got "
-                              f"{kind.__module__}.{kind.__qualname__}{hint}")
+        check_config(config)
         config.check_values()  # again: fields may have been changed since the config was built
         if any(c is config for c in self.peft_config.values()):
             # one config object for two adapters (get_peft_model(m, c, "a"); add_adapter("b", c)): the second gets

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig, check
-from peftkit.host import AdapterModel
+from peftkit.host import AdapterModel, check_config
 from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
 from peftkit.methods.lora_init import check_trainable_init
 
@@ -928,9 +928,11 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
         revision, low_cpu_mem_usage: accepted for peft's signature; they change nothing here.
 
     Raises:
-        ConfigError: invalid config, or no module of ``model`` matches its targets (the message lists
-            module names that exist); ``autocast_adapter_dtype=False``. The model is left unchanged on error.
-        TypeError: a keyword peft's ``get_peft_model`` does not take either (e.g. a misspelt ``adapter_name``).
+        ConfigError: ``peft_config`` is not a peftkit config (nor a list of them), is invalid, or no module of
+            ``model`` matches its targets (the message lists module names that exist);
+            ``autocast_adapter_dtype=False``. The model and the config are left unchanged on error.
+        TypeError: ``model`` is not a ``torch.nn.Module``, or a keyword peft's ``get_peft_model`` does not take
+            either (e.g. a misspelt ``adapter_name``).
     """
     check(autocast_adapter_dtype is True, f"autocast_adapter_dtype={autocast_adapter_dtype!r} is not supported: "
           "peftkit keeps adapter weights in float32 on a half-precision base (peft's default, True)")
@@ -940,10 +942,17 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
         from peftkit.methods.compose import ComposedConfig
 
         peft_config = ComposedConfig(configs=list(peft_config))
+    check_config(peft_config)
     check_trainable_init(peft_config)
-    if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
+    named = bool(getattr(model, "name_or_path", None)) and peft_config.base_model_name_or_path is None
+    if named:
         peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
-    return PeftModel(model, peft_config, adapter_name)
+    try:
+        return PeftModel(model, peft_config, adapter_name)
+    except BaseException:  # the caller's config is left as it was
+        if named:
+            peft_config.base_model_name_or_path = None
+        raise
 
 
 class _SignedForward:
