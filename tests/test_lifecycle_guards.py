@@ -461,6 +461,20 @@ def test_targets_a_wrapper_could_not_adapt_exactly_are_refused(make, targets, me
         assert (model(x) - unmerged).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("kw", [dict(modules_to_save=["2"]), dict(task_type="SEQ_CLS")], ids=["listed", "task-head"])
+def test_targets_that_modules_to_save_all_take_are_named_as_such(kw):
+    """A target that modules_to_save trains whole is skipped; when that left nothing, the error said the targets
+    'matched no module of the model' and listed the other modules, though they named one that exists."""
+    base = mlp()
+    if "task_type" in kw:  # the head a classification task trains whole
+        base = nn.ModuleDict({"body": base[0], "classifier": base[2]})
+    target = "classifier" if "task_type" in kw else "2"
+    with pytest.raises(ConfigError, match=rf"target_modules=\['{target}'\] matched only \['{target}'\], which "
+                                          "modules_to_save trains whole"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=[target], **kw))
+    assert not any(isinstance(m, (AdaptedLayer, peftkit.layers.ModulesToSaveWrapper)) for m in base.modules())
+
+
 def test_a_composed_adapters_merge_refusal_names_it_not_its_parts():
     """The refusal named the composition's internal parts ('default#1')."""
     from tests.conftest import tiny_llama
