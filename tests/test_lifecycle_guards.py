@@ -114,6 +114,32 @@ def test_get_peft_model_names_a_model_that_is_not_a_module(model):
         get_peft_model(model, lora())
 
 
+@pytest.mark.parametrize("call", ["from_pretrained", "load_adapter"])
+def test_loading_refuses_bad_arguments_before_reading_anything(tmp_path, call):
+    """is_trainable="no" loaded the adapter trainable (a truthy string); a dict config and a None folder failed
+    with AttributeError/TypeError that did not name them."""
+    get_peft_model(mlp(), lora()).save_pretrained(tmp_path)
+    base = mlp()
+    model = get_peft_model(mlp(), lora()) if call == "load_adapter" else None
+    before = {k: v.clone() for k, v in (model or base).state_dict().items()}
+
+    def load(folder=tmp_path, **kw):
+        if model is None:
+            return PeftModel.from_pretrained(base, folder, **kw)
+        return model.load_adapter(folder, "other", **kw)
+
+    with pytest.raises(ConfigError, match=rf"{call}\(\): is_trainable='no' must be True or False"):
+        load(is_trainable="no")
+    with pytest.raises(ConfigError, match=r"expected a peftkit PeftConfig .*got builtins\.dict"):
+        load(config={"peft_type": "LORA", "r": 2})
+    with pytest.raises(TypeError, match=rf"{call}\(\): model_id=None is a NoneType; give the adapter folder"):
+        load(folder=None)
+    after = (model or base).state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
+    assert model is None or list(model.peft_config) == ["default"]
+
+
 def test_a_refused_get_peft_model_leaves_the_callers_config_as_it_was():
     """The base model's name_or_path was written into the config before the adapter was refused."""
     base = mlp()

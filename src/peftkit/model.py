@@ -634,12 +634,14 @@ class PeftModel(nn.Module):
             FileNotFoundError: missing folder or files. AdapterLoadError: unreadable/corrupt weights, or
             tensors whose names or shapes do not fit the model (the model is left unadapted).
             ConfigError: one of peft's keywords at a value other than its default (a ``torch_device`` other
-            than the model's).
-            TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders).
+            than the model's), an ``is_trainable`` that is not a bool, a ``config`` that is not a peftkit config.
+            TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders), or a
+            ``model_id`` that is not a path.
         """
         from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
         from peftkit.methods.prompt_learning import loading_values
 
+        _check_load_args("from_pretrained", model_id, is_trainable, config)
         model_id = _adapter_folder("from_pretrained", model_id, kwargs)
         _check_device("from_pretrained", model, kwargs)
         config, tensors = read_adapter_files(model_id, config)
@@ -671,6 +673,7 @@ class PeftModel(nn.Module):
         from peftkit.methods.prompt_learning import loading_values
 
         config = kwargs.pop("config", None)
+        _check_load_args("load_adapter", model_id, is_trainable, config)
         folder = _adapter_folder("load_adapter", model_id, kwargs)
         _check_device("load_adapter", self.base_model.model, kwargs)
         config, tensors = read_adapter_files(folder, config)
@@ -724,6 +727,22 @@ def _check_device(caller: str, model: nn.Module, kwargs: dict[str, Any]) -> None
     check(device.type == here.type and (device.index is None or here.index is None or device.index == here.index),
           f"torch_device={wanted!r} is not where the model is ({here}); peftkit loads adapter weights beside the "
           "layers they adapt: move the model there first, or leave torch_device out")
+
+
+def _check_load_args(caller: str, model_id: Any, is_trainable: Any, config: Any) -> None:
+    """Check ``from_pretrained``'s / ``load_adapter``'s arguments before anything is read or changed.
+
+    Raises:
+        TypeError: ``model_id`` is not a folder path (``str`` or ``os.PathLike``).
+        ConfigError: ``is_trainable`` is not a bool (a string such as ``"no"`` would load the adapter trainable),
+            or ``config`` is neither None nor a peftkit config.
+    """
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"{caller}(): model_id={model_id!r:.80} is a {type(model_id).__name__}; give the adapter "
+                        "folder (a str or os.PathLike)")
+    check(isinstance(is_trainable, bool), f"{caller}(): is_trainable={is_trainable!r} must be True or False")
+    if config is not None:
+        check_config(config)
 
 
 def _adapter_folder(caller: str, model_id: str | os.PathLike, kwargs: dict[str, Any]) -> str | os.PathLike:
