@@ -371,7 +371,7 @@ class AdapterModel(nn.Module):
             ConfigError: some of ``names`` are unknown; the message lists them and this model's adapters.
         """
         public = self.public_names()
-        unknown = [n for n in names if n not in public]
+        unknown = list(dict.fromkeys(n for n in names if n not in public))  # each once (rows repeat names)
         if unknown:
             raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}"
                               + (f" (and '{BASE_ROWS}' for rows without an adapter)" if rows else ""))
