@@ -3,6 +3,7 @@ had (base weights, biases, requires_grad, saved files) is given back or left who
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -138,6 +139,25 @@ def test_loading_refuses_bad_arguments_before_reading_anything(tmp_path, call):
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
     assert model is None or list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("call", ["from_pretrained", "load_adapter"])
+def test_a_refused_load_leaves_the_callers_config_as_it_was(tmp_path, call):
+    """A config given to a load whose file did not fit came back in inference mode, with the model type's targets
+    and the task's head filled in."""
+    from tests.conftest import tiny_bert_classifier
+
+    get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path)
+    config = LoraConfig(r=4, task_type="SEQ_CLS")  # another rank than the file's: its tensors do not fit
+    given = copy.deepcopy(vars(config))
+    with pytest.raises(peftkit.AdapterLoadError, match="shape mismatch"):
+        if call == "from_pretrained":
+            PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path, config=config)
+        else:
+            model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["value"]))
+            model.load_adapter(tmp_path, "other", config=config)
+    assert vars(config) == given
+    assert config.target_modules is None and config.modules_to_save is None and config.inference_mode is False
 
 
 def test_a_refused_get_peft_model_leaves_the_callers_config_as_it_was():

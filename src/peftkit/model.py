@@ -645,14 +645,15 @@ class PeftModel(nn.Module):
         model_id = _adapter_folder("from_pretrained", model_id, kwargs)
         _check_device("from_pretrained", model, kwargs)
         config, tensors = read_adapter_files(model_id, config)
-        config.inference_mode = not is_trainable
-        with loading_values():  # built to take the file's values: no start that needs more than the model
-            peft_model = cls(model, config, adapter_name)
-        try:
-            load_adapter_into(peft_model, adapter_name, tensors)
-        except BaseException:
-            peft_model.unload()
-            raise
+        with _fields_kept_on_error(config):
+            config.inference_mode = not is_trainable
+            with loading_values():  # built to take the file's values: no start that needs more than the model
+                peft_model = cls(model, config, adapter_name)
+            try:
+                load_adapter_into(peft_model, adapter_name, tensors)
+            except BaseException:
+                peft_model.unload()
+                raise
         peft_model.base_model._set_trainable()
         if not is_trainable:  # as peft: loaded for inference, the whole model in eval mode (no dropout)
             peft_model.eval()
@@ -689,17 +690,18 @@ class PeftModel(nn.Module):
             if not is_trainable:  # as peft
                 self.eval()
             return
-        config.inference_mode = not is_trainable
-        before = set(self.base_model.public_names())
-        with loading_values():
-            self.base_model.add_adapter(adapter_name, config)
-        try:
-            load_adapter_into(self, adapter_name, tensors)
-        except BaseException:  # also drop adapters the load created (those a fusion is saved with)
-            created = [n for n in self.base_model.public_names() if n not in before and n != adapter_name]
-            for name in [adapter_name, *reversed(created)]:  # the fusion before the adapters it fuses
-                self.base_model.delete_adapter(name)
-            raise
+        with _fields_kept_on_error(config):
+            config.inference_mode = not is_trainable
+            before = set(self.base_model.public_names())
+            with loading_values():
+                self.base_model.add_adapter(adapter_name, config)
+            try:
+                load_adapter_into(self, adapter_name, tensors)
+            except BaseException:  # also drop adapters the load created (those a fusion is saved with)
+                created = [n for n in self.base_model.public_names() if n not in before and n != adapter_name]
+                for name in [adapter_name, *reversed(created)]:  # the fusion before the adapters it fuses
+                    self.base_model.delete_adapter(name)
+                raise
         self.base_model._set_trainable()
         if not is_trainable:  # as peft
             self.eval()
@@ -727,6 +729,19 @@ def _check_device(caller: str, model: nn.Module, kwargs: dict[str, Any]) -> None
     check(device.type == here.type and (device.index is None or here.index is None or device.index == here.index),
           f"torch_device={wanted!r} is not where the model is ({here}); peftkit loads adapter weights beside the "
           "layers they adapt: move the model there first, or leave torch_device out")
+
+
+@contextlib.contextmanager
+def _fields_kept_on_error(config: PeftConfig) -> Iterator[None]:
+    """Put every field of ``config`` back as it was when the block raises: a config the caller gave to a load that
+    failed is left as given (not in inference mode, without the targets and heads the adapter filled in)."""
+    saved = copy.deepcopy(vars(config))
+    try:
+        yield
+    except BaseException:
+        vars(config).clear()
+        vars(config).update(saved)
+        raise
 
 
 def _check_load_args(caller: str, model_id: Any, is_trainable: Any, config: Any) -> None:
