@@ -236,6 +236,21 @@ def test_set_adapter_and_set_requires_grad_name_a_value_that_is_not_a_name(bad):
     assert model.active_adapters == ["default"]
 
 
+def test_merging_and_deleting_name_a_value_that_is_not_a_name():
+    """merge_adapter(3) / merge_and_unload(adapter_names=3) raised a bare "'int' object is not iterable"; a list given
+    to delete_adapter must be named too, not fail on hashing."""
+    model = two_adapters()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="adapter_names=3 is not valid; give an adapter's name, a list of names"):
+        model.merge_adapter(3)
+    with pytest.raises(ConfigError, match="adapter_names=3 is not valid"):
+        model.merge_and_unload(adapter_names=3)
+    with pytest.raises(ConfigError, match=r"unknown adapter name\(s\) \[\['b'\]\]; this model has \['default', 'b'\]"):
+        model.delete_adapter(["b"])
+    assert list(model.peft_config) == ["default", "b"] and not model.base_model.merged_adapters()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_unload_gives_back_biases_and_requires_grad_as_the_user_had_them():
     base = mlp()
     base[2].weight.requires_grad_(False)  # the user's own choice

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -371,7 +371,10 @@ class AdapterModel(nn.Module):
             ConfigError: some of ``names`` are unknown; the message lists them and this model's adapters.
         """
         public = self.public_names()
-        unknown = list(dict.fromkeys(n for n in names if n not in public))  # each once (rows repeat names)
+        unknown: list[Any] = []
+        for n in names:  # each once (rows repeat names); a value given by mistake may be unhashable (a list)
+            if n not in public and n not in unknown:
+                unknown.append(n)
         if unknown:
             raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}"
                               + (f" (and '{BASE_ROWS}' for rows without an adapter)" if rows else ""))
@@ -391,6 +394,9 @@ class AdapterModel(nn.Module):
     def named(self, adapter_names: str | Sequence[str] | None) -> list[str]:
         """``adapter_names`` as a list (one name given as a ``str``; None: the active adapters), each checked
         to exist (ConfigError otherwise, naming the known ones)."""
+        if adapter_names is not None and not isinstance(adapter_names, (str, Iterable)):
+            raise ConfigError(f"adapter_names={adapter_names!r} is not valid; give an adapter's name, a list of names, "
+                              "or None for the active adapters")
         names = list(self.active_adapters if adapter_names is None else
                      [adapter_names] if isinstance(adapter_names, str) else adapter_names)
         self.check_known(names)
