@@ -212,6 +212,30 @@ def test_loading_a_folder_of_adapter_folders_names_them(tmp_path):
     PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path / "a", adapter_name="a")
 
 
+def test_set_peft_model_state_dict_refuses_values_it_cannot_copy_before_copying_any():
+    """A non-tensor value failed with AttributeError ('str' object has no attribute 'shape'), None with TypeError;
+    a meta tensor after a good one failed half-way, with the first tensor already copied in."""
+    from peftkit import ConfigError, LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peftkit import get_peft_model_state_dict as get_sd
+    from tests.conftest import perturb, tiny_llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    perturb(model)
+    own = get_sd(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first, last = sorted(own)[0], sorted(own)[-1]
+    with pytest.raises(ConfigError, match=rf"state_dict\['{first}'\] is a str, not a tensor"):
+        set_peft_model_state_dict(model, {**own, first: "weights"})
+    with pytest.raises(ConfigError, match=r"state_dict must be a dict of tensors .*got NoneType"):
+        set_peft_model_state_dict(model, None)
+    half = {k: v + 1 for k, v in own.items()}
+    half[last] = torch.empty_like(own[last], device="meta")
+    with pytest.raises(NotImplementedError):
+        set_peft_model_state_dict(model, half)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_the_state_dict_functions_take_pefts_arguments(tmp_path):
     """state_dict= (FSDP/DeepSpeed saving), save_embedding_layers, ignore_mismatched_sizes, low_cpu_mem_usage and
     key_mapping were TypeErrors; a state dict given positionally was printed whole in an unknown-name error."""

@@ -503,6 +503,16 @@ def test_peft_s_utility_names_import_from_peftkit(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in get_peft_model_state_dict(model).items())
 
 
+@pytest.mark.parametrize("bad", [None, "lora", [("peft_type", "LORA")]], ids=["none", "name", "pairs"])
+def test_get_peft_config_names_a_value_that_is_not_a_dict(bad):
+    """None and a method name failed with TypeError/ValueError from dict() ('dictionary update sequence element #0
+    has length 1'), and a list of pairs was taken for a dict (peft refuses all three)."""
+    with pytest.raises(peftkit.ConfigError, match=rf"an adapter config must be a dict .*got {type(bad).__name__} "):
+        peftkit.get_peft_config(bad)
+    with pytest.raises(peftkit.ConfigError, match="an adapter config must be a dict"):
+        peftkit.LoraConfig.from_dict(bad)
+
+
 def test_saved_config_says_inference_mode_as_peft_writes_it(tmp_path):
     """peft writes ``"inference_mode": true`` whatever the live config says; a config read back and given to
     peft's ``get_peft_model`` then makes the same frozen adapter either way."""

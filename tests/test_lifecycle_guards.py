@@ -3,6 +3,7 @@ had (base weights, biases, requires_grad, saved files) is given back or left who
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -97,6 +98,80 @@ def test_a_model_that_already_holds_adapters_is_refused():
         get_peft_model(model.get_base_model(), lora())
 
 
+@pytest.mark.parametrize("config", [None, "lora", {"peft_type": "LORA", "r": 2}], ids=["none", "name", "dict"])
+def test_get_peft_model_names_a_config_that_is_not_one(config):
+    """A method name, a dict or None failed with AttributeError ('str' object has no attribute
+    'base_model_name_or_path') on a model with a name_or_path (any transformers model) instead of saying what a
+    config is."""
+    base = mlp()
+    base.name_or_path = "some/model"
+    with pytest.raises(ConfigError, match=rf"expected a peftkit PeftConfig .*got builtins\.{type(config).__name__}"):
+        get_peft_model(base, config)
+
+
+@pytest.mark.parametrize("model", [None, "gpt2"], ids=["none", "name"])
+def test_get_peft_model_names_a_model_that_is_not_a_module(model):
+    with pytest.raises(TypeError, match=rf"model={model!r} is a {type(model).__name__}; give the torch.nn.Module"):
+        get_peft_model(model, lora())
+
+
+@pytest.mark.parametrize("call", ["from_pretrained", "load_adapter"])
+def test_loading_refuses_bad_arguments_before_reading_anything(tmp_path, call):
+    """is_trainable="no" loaded the adapter trainable (a truthy string); a dict config and a None folder failed
+    with AttributeError/TypeError that did not name them."""
+    get_peft_model(mlp(), lora()).save_pretrained(tmp_path)
+    base = mlp()
+    model = get_peft_model(mlp(), lora()) if call == "load_adapter" else None
+    before = {k: v.clone() for k, v in (model or base).state_dict().items()}
+
+    def load(folder=tmp_path, **kw):
+        if model is None:
+            return PeftModel.from_pretrained(base, folder, **kw)
+        return model.load_adapter(folder, "other", **kw)
+
+    with pytest.raises(ConfigError, match=rf"{call}\(\): is_trainable='no' must be True or False"):
+        load(is_trainable="no")
+    with pytest.raises(ConfigError, match=r"expected a peftkit PeftConfig .*got builtins\.dict"):
+        load(config={"peft_type": "LORA", "r": 2})
+    with pytest.raises(TypeError, match=rf"{call}\(\): model_id=None is a NoneType; give the adapter folder"):
+        load(folder=None)
+    after = (model or base).state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
+    assert model is None or list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("call", ["from_pretrained", "load_adapter"])
+def test_a_refused_load_leaves_the_callers_config_as_it_was(tmp_path, call):
+    """A config given to a load whose file did not fit came back in inference mode, with the model type's targets
+    and the task's head filled in."""
+    from tests.conftest import tiny_bert_classifier
+
+    get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path)
+    config = LoraConfig(r=4, task_type="SEQ_CLS")  # another rank than the file's: its tensors do not fit
+    given = copy.deepcopy(vars(config))
+    with pytest.raises(peftkit.AdapterLoadError, match="shape mismatch"):
+        if call == "from_pretrained":
+            PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path, config=config)
+        else:
+            model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["value"]))
+            model.load_adapter(tmp_path, "other", config=config)
+    assert vars(config) == given
+    assert config.target_modules is None and config.modules_to_save is None and config.inference_mode is False
+
+
+def test_a_refused_get_peft_model_leaves_the_callers_config_as_it_was():
+    """The base model's name_or_path was written into the config before the adapter was refused."""
+    base = mlp()
+    base.name_or_path = "some/model"
+    config = LoraConfig(r=2, target_modules=["zzz"])
+    with pytest.raises(ConfigError, match="matched no module"):
+        get_peft_model(base, config)
+    assert config.base_model_name_or_path is None
+    config.target_modules = ["0"]
+    assert get_peft_model(base, config).peft_config["default"].base_model_name_or_path == "some/model"
+
+
 @pytest.mark.parametrize("second", [peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
                                     peftkit.IA3Config()])
 def test_a_model_that_already_holds_a_soft_prompt_is_refused(second):
@@ -159,6 +234,21 @@ def test_set_adapter_and_set_requires_grad_name_a_value_that_is_not_a_name(bad):
     with pytest.raises(ConfigError, match=rf"adapter_names={bad!r} is not valid".replace("[", r"\[")):
         model.set_requires_grad(bad)
     assert model.active_adapters == ["default"]
+
+
+def test_merging_and_deleting_name_a_value_that_is_not_a_name():
+    """merge_adapter(3) / merge_and_unload(adapter_names=3) raised a bare "'int' object is not iterable"; a list given
+    to delete_adapter must be named too, not fail on hashing."""
+    model = two_adapters()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="adapter_names=3 is not valid; give an adapter's name, a list of names"):
+        model.merge_adapter(3)
+    with pytest.raises(ConfigError, match="adapter_names=3 is not valid"):
+        model.merge_and_unload(adapter_names=3)
+    with pytest.raises(ConfigError, match=r"unknown adapter name\(s\) \[\['b'\]\]; this model has \['default', 'b'\]"):
+        model.delete_adapter(["b"])
+    assert list(model.peft_config) == ["default", "b"] and not model.base_model.merged_adapters()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_unload_gives_back_biases_and_requires_grad_as_the_user_had_them():
@@ -430,6 +520,20 @@ def test_targets_a_wrapper_could_not_adapt_exactly_are_refused(make, targets, me
         unmerged = model(x)
         model.merge_adapter()
         assert (model(x) - unmerged).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("kw", [dict(modules_to_save=["2"]), dict(task_type="SEQ_CLS")], ids=["listed", "task-head"])
+def test_targets_that_modules_to_save_all_take_are_named_as_such(kw):
+    """A target that modules_to_save trains whole is skipped; when that left nothing, the error said the targets
+    'matched no module of the model' and listed the other modules, though they named one that exists."""
+    base = mlp()
+    if "task_type" in kw:  # the head a classification task trains whole
+        base = nn.ModuleDict({"body": base[0], "classifier": base[2]})
+    target = "classifier" if "task_type" in kw else "2"
+    with pytest.raises(ConfigError, match=rf"target_modules=\['{target}'\] matched only \['{target}'\], which "
+                                          "modules_to_save trains whole"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=[target], **kw))
+    assert not any(isinstance(m, (AdaptedLayer, peftkit.layers.ModulesToSaveWrapper)) for m in base.modules())
 
 
 def test_a_composed_adapters_merge_refusal_names_it_not_its_parts():

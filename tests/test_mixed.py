@@ -85,6 +85,8 @@ def test_unknown_name_and_wrong_length():
     with pytest.raises(ConfigError, match=r"unknown adapter name\(s\) \['nope'\]; this model has \['default', 'b', "
                                           r"'c'\] \(and '__base__' for rows without an adapter\)"):
         model(input_ids=ids(batch=2), adapter_names=["b", "nope"])
+    with pytest.raises(ConfigError, match=r"unknown adapter name\(s\) \['nope', 'bb'\]; this model"):  # each once
+        model(input_ids=ids(batch=4), adapter_names=["nope", "bb", "nope", "nope"])
     with pytest.raises(ValueError, match="3 entries but the batch has 2 rows; give one adapter name"):
         model(input_ids=ids(batch=2), adapter_names=["b", "c", "b"])
     with pytest.raises(ValueError, match="adapter_names has 1 entry but the batch has 2 rows"):

@@ -235,8 +235,12 @@ class PeftConfig:
         loading the adapter without it would give other outputs than peft's.
 
         Raises:
-            ConfigError: unknown ``peft_type``, an invalid field value, or an unknown field with a value.
+            ConfigError: ``data`` is not a mapping, an unknown ``peft_type``, an invalid field value, or an unknown
+                field with a value.
         """
+        check(isinstance(data, collections.abc.Mapping),
+              f"an adapter config must be a dict of its fields with 'peft_type' (e.g. {{'peft_type': 'LORA', 'r': 8}}), "
+              f"got {type(data).__name__} {data!r:.80}")
         data = dict(data)
         peft_type = data.pop("peft_type", None)
         target = cls

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,21 @@ def _check_name(name: Any) -> str:
     return name
 
 
+def check_config(config: Any) -> None:
+    """Refuse anything but a peftkit :class:`PeftConfig` (a ``peft`` package config, a dict, a method name).
+
+    Raises:
+        ConfigError: naming the type given, and peftkit's class of that name for a config of another package.
+    """
+    if not isinstance(config, PeftConfig):
+        kind = type(config)
+        where = kind.__module__.split(".")[0]
+        hint = (f": a config of the {where!r} package; build it with peftkit's own (from peftkit import "
+                f"{kind.__name__})" if where != "peftkit" and kind.__name__.endswith("Config") else "")
+        raise ConfigError(f"expected a peftkit PeftConfig (e.g. peftkit.LoraConfig), got "
+                          f"{kind.__module__}.{kind.__qualname__}{hint}")
+
+
 class AdapterModel(nn.Module):
     """Holds the user's model as ``.model`` and drives every adapter's lifecycle (peft's "tuner model").
 
@@ -69,10 +84,14 @@ class AdapterModel(nn.Module):
     Raises:
         ConfigError: ``model`` already holds peftkit adapters (a wrapped layer, or a soft-prompt hook); add
             more through its ``PeftModel.add_adapter``, or start from ``unload()``.
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model={model!r:.80} is a {type(model).__name__}; give the torch.nn.Module to adapt (e.g. a "
+                            "transformers model)")
         # a torch.compile wrapper: the module it compiles is adapted (the wrapper shares it, so it runs the adapters
         # too), and the file keys are the model's own (no "_orig_mod." that a plain model would not fit)
         while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
@@ -225,13 +244,7 @@ class AdapterModel(nn.Module):
         _check_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter {adapter_name!r} already exists; existing: {list(self.peft_config)}")
-        if not isinstance(config, PeftConfig):
-            kind = type(config)
-            where = kind.__module__.split(".")[0]
-            hint = (f": a config of the {where!r} package; build it with peftkit's own (from peftkit import "
-                    f"{kind.__name__})" if where != "peftkit" and kind.__name__.endswith("Config") else "")
-            raise ConfigError(f"expected a peftkit PeftConfig (e.g. peftkit.LoraConfig), got "
-                              f"{kind.__module__}.{kind.__qualname__}{hint}")
+        check_config(config)
         config.check_values()  # again: fields may have been changed since the config was built
         if any(c is config for c in self.peft_config.values()):
             # one config object for two adapters (get_peft_model(m, c, "a"); add_adapter("b", c)): the second gets
@@ -358,7 +371,10 @@ class AdapterModel(nn.Module):
             ConfigError: some of ``names`` are unknown; the message lists them and this model's adapters.
         """
         public = self.public_names()
-        unknown = [n for n in names if n not in public]
+        unknown: list[Any] = []
+        for n in names:  # each once (rows repeat names); a value given by mistake may be unhashable (a list)
+            if n not in public and n not in unknown:
+                unknown.append(n)
         if unknown:
             raise ConfigError(f"unknown adapter name(s) {unknown}; this model has {public}"
                               + (f" (and '{BASE_ROWS}' for rows without an adapter)" if rows else ""))
@@ -378,6 +394,9 @@ class AdapterModel(nn.Module):
     def named(self, adapter_names: str | Sequence[str] | None) -> list[str]:
         """``adapter_names`` as a list (one name given as a ``str``; None: the active adapters), each checked
         to exist (ConfigError otherwise, naming the known ones)."""
+        if adapter_names is not None and not isinstance(adapter_names, (str, Iterable)):
+            raise ConfigError(f"adapter_names={adapter_names!r} is not valid; give an adapter's name, a list of names, "
+                              "or None for the active adapters")
         names = list(self.active_adapters if adapter_names is None else
                      [adapter_names] if isinstance(adapter_names, str) else adapter_names)
         self.check_known(names)

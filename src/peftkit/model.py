@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig, check
-from peftkit.host import AdapterModel
+from peftkit.host import AdapterModel, check_config
 from peftkit.layers import BASE_ROWS, AdaptedLayer, ModulesToSaveWrapper
 from peftkit.methods.lora_init import check_trainable_init
 
@@ -627,23 +627,26 @@ class PeftModel(nn.Module):
             FileNotFoundError: missing folder or files. AdapterLoadError: unreadable/corrupt weights, or
             tensors whose names or shapes do not fit the model (the model is left unadapted).
             ConfigError: one of peft's keywords at a value other than its default (a ``torch_device`` other
-            than the model's).
-            TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders).
+            than the model's), an ``is_trainable`` that is not a bool, a ``config`` that is not a peftkit config.
+            TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders), or a
+            ``model_id`` that is not a path.
         """
         from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
         from peftkit.methods.prompt_learning import loading_values
 
+        _check_load_args("from_pretrained", model_id, is_trainable, config)
         model_id = _adapter_folder("from_pretrained", model_id, kwargs)
         _check_device("from_pretrained", model, kwargs)
         config, tensors = read_adapter_files(model_id, config)
-        config.inference_mode = not is_trainable
-        with loading_values():  # built to take the file's values: no start that needs more than the model
-            peft_model = _model_class(config, cls)(model, config, adapter_name)
-        try:
-            load_adapter_into(peft_model, adapter_name, tensors)
-        except BaseException:
-            peft_model.unload()
-            raise
+        with _fields_kept_on_error(config):
+            config.inference_mode = not is_trainable
+            with loading_values():  # built to take the file's values: no start that needs more than the model
+                peft_model = _model_class(config, cls)(model, config, adapter_name)
+            try:
+                load_adapter_into(peft_model, adapter_name, tensors)
+            except BaseException:
+                peft_model.unload()
+                raise
         peft_model.base_model._set_trainable()
         if not is_trainable:  # as peft: loaded for inference, the whole model in eval mode (no dropout)
             peft_model.eval()
@@ -664,6 +667,7 @@ class PeftModel(nn.Module):
         from peftkit.methods.prompt_learning import loading_values
 
         config = kwargs.pop("config", None)
+        _check_load_args("load_adapter", model_id, is_trainable, config)
         folder = _adapter_folder("load_adapter", model_id, kwargs)
         _check_device("load_adapter", self.base_model.model, kwargs)
         config, tensors = read_adapter_files(folder, config)
@@ -679,17 +683,18 @@ class PeftModel(nn.Module):
             if not is_trainable:  # as peft
                 self.eval()
             return
-        config.inference_mode = not is_trainable
-        before = set(self.base_model.public_names())
-        with loading_values():
-            self.base_model.add_adapter(adapter_name, config)
-        try:
-            load_adapter_into(self, adapter_name, tensors)
-        except BaseException:  # also drop adapters the load created (those a fusion is saved with)
-            created = [n for n in self.base_model.public_names() if n not in before and n != adapter_name]
-            for name in [adapter_name, *reversed(created)]:  # the fusion before the adapters it fuses
-                self.base_model.delete_adapter(name)
-            raise
+        with _fields_kept_on_error(config):
+            config.inference_mode = not is_trainable
+            before = set(self.base_model.public_names())
+            with loading_values():
+                self.base_model.add_adapter(adapter_name, config)
+            try:
+                load_adapter_into(self, adapter_name, tensors)
+            except BaseException:  # also drop adapters the load created (those a fusion is saved with)
+                created = [n for n in self.base_model.public_names() if n not in before and n != adapter_name]
+                for name in [adapter_name, *reversed(created)]:  # the fusion before the adapters it fuses
+                    self.base_model.delete_adapter(name)
+                raise
         self.base_model._set_trainable()
         if not is_trainable:  # as peft
             self.eval()
@@ -784,6 +789,35 @@ def _check_device(caller: str, model: nn.Module, kwargs: dict[str, Any]) -> None
     check(device.type == here.type and (device.index is None or here.index is None or device.index == here.index),
           f"torch_device={wanted!r} is not where the model is ({here}); peftkit loads adapter weights beside the "
           "layers they adapt: move the model there first, or leave torch_device out")
+
+
+@contextlib.contextmanager
+def _fields_kept_on_error(config: PeftConfig) -> Iterator[None]:
+    """Put every field of ``config`` back as it was when the block raises: a config the caller gave to a load that
+    failed is left as given (not in inference mode, without the targets and heads the adapter filled in)."""
+    saved = copy.deepcopy(vars(config))
+    try:
+        yield
+    except BaseException:
+        vars(config).clear()
+        vars(config).update(saved)
+        raise
+
+
+def _check_load_args(caller: str, model_id: Any, is_trainable: Any, config: Any) -> None:
+    """Check ``from_pretrained``'s / ``load_adapter``'s arguments before anything is read or changed.
+
+    Raises:
+        TypeError: ``model_id`` is not a folder path (``str`` or ``os.PathLike``).
+        ConfigError: ``is_trainable`` is not a bool (a string such as ``"no"`` would load the adapter trainable),
+            or ``config`` is neither None nor a peftkit config.
+    """
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"{caller}(): model_id={model_id!r:.80} is a {type(model_id).__name__}; give the adapter "
+                        "folder (a str or os.PathLike)")
+    check(isinstance(is_trainable, bool), f"{caller}(): is_trainable={is_trainable!r} must be True or False")
+    if config is not None:
+        check_config(config)
 
 
 def _adapter_folder(caller: str, model_id: str | os.PathLike, kwargs: dict[str, Any]) -> str | os.PathLike:
@@ -988,9 +1022,11 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
         revision, low_cpu_mem_usage: accepted for peft's signature; they change nothing here.
 
     Raises:
-        ConfigError: invalid config, or no module of ``model`` matches its targets (the message lists
-            module names that exist); ``autocast_adapter_dtype=False``. The model is left unchanged on error.
-        TypeError: a keyword peft's ``get_peft_model`` does not take either (e.g. a misspelt ``adapter_name``).
+        ConfigError: ``peft_config`` is not a peftkit config (nor a list of them), is invalid, or no module of
+            ``model`` matches its targets (the message lists module names that exist);
+            ``autocast_adapter_dtype=False``. The model and the config are left unchanged on error.
+        TypeError: ``model`` is not a ``torch.nn.Module``, or a keyword peft's ``get_peft_model`` does not take
+            either (e.g. a misspelt ``adapter_name``).
     """
     check(autocast_adapter_dtype is True, f"autocast_adapter_dtype={autocast_adapter_dtype!r} is not supported: "
           "peftkit keeps adapter weights in float32 on a half-precision base (peft's default, True)")
@@ -1000,10 +1036,17 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
         from peftkit.methods.compose import ComposedConfig
 
         peft_config = ComposedConfig(configs=list(peft_config))
+    check_config(peft_config)
     check_trainable_init(peft_config)
-    if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
+    named = bool(getattr(model, "name_or_path", None)) and peft_config.base_model_name_or_path is None
+    if named:
         peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
-    return _model_class(peft_config)(model, peft_config, adapter_name)
+    try:
+        return _model_class(peft_config)(model, peft_config, adapter_name)
+    except BaseException:  # the caller's config is left as it was
+        if named:
+            peft_config.base_model_name_or_path = None
+        raise
 
 
 class _SignedForward:

@@ -231,7 +231,8 @@ def find_targets(
 
     Raises:
         ConfigError: a string pattern that is not a valid regex; nothing matches (the message lists module
-            names that do exist), or a matched module has a type the method cannot wrap.
+            names that do exist, or the ``skip`` modules that were all it matched), or a matched module has a
+            type the method cannot wrap.
     """
     for field, pattern in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
         if isinstance(pattern, str) and pattern != ALL_LINEAR:
@@ -248,9 +249,12 @@ def find_targets(
     candidates: list[str] = []
     names: list[str] = []
     excluded: list[str] = []
+    saved: list[str] = []  # selected, but skipped (trained whole as modules_to_save)
     for name, module in iter_logical_modules(model):
         names.append(name)
         if not name or any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip):
+            if name and select(name, module) == "selected":
+                saved.append(name)
             continue
         if isinstance(module, supported):
             candidates.append(name)
@@ -280,6 +284,10 @@ def find_targets(
         raise ConfigError(f"target_modules={target_modules!r} matched {excluded[:3]}{'...' if len(excluded) > 3 else ''}"
                           f", but exclude_modules={exclude_modules!r} removes every one of them, which leaves "
                           "nothing to adapt; narrow exclude_modules")
+    check(found or not saved,
+          f"target_modules={target_modules!r} matched only {saved[:3]}{'...' if len(saved) > 3 else ''}, which "
+          "modules_to_save trains whole (this adapter's or another's; a classification or QA task_type puts its head "
+          "there), so nothing is left to adapt; target other modules, or leave these out of modules_to_save")
     if not found:
         suffixes = sorted({c.rsplit(".", 1)[-1] for c in candidates})
         raise ConfigError(

@@ -47,9 +47,9 @@ def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
     peft's ``get_peft_config``.
 
     Raises:
-        ConfigError: no or an unknown ``peft_type``, or invalid values.
+        ConfigError: ``config_dict`` is not a mapping, has no or an unknown ``peft_type``, or invalid values.
     """
-    return PeftConfig.from_dict(dict(config_dict))
+    return PeftConfig.from_dict(config_dict)
 
 
 __all__ = ["PeftType", "PromptEncoderReparameterizationType", "PromptTuningInit", "TaskType", "get_peft_config",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -261,10 +261,18 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
 
     Raises:
         AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
-        ConfigError: ``ignore_mismatched_sizes=True``.
+        ConfigError: ``ignore_mismatched_sizes=True``; ``state_dict`` is not a dict of tensors (naming the first
+            entry that is not one).
     """
     from peftkit.config import ConfigError
 
+    if not isinstance(state_dict, Mapping):
+        raise ConfigError(f"state_dict must be a dict of tensors keyed as in the file (get_peft_model_state_dict's "
+                          f"form), got {type(state_dict).__name__}")
+    odd = next(((k, v) for k, v in state_dict.items() if not isinstance(v, Tensor)), None)
+    if odd is not None:
+        raise ConfigError(f"state_dict[{odd[0]!r}] is a {type(odd[1]).__name__}, not a tensor; give the tensors "
+                          "keyed as in the file (get_peft_model_state_dict's form)")
     if ignore_mismatched_sizes:
         raise ConfigError("ignore_mismatched_sizes=True is not supported: a tensor of another shape than the adapter's "
                           "is refused (with the names), never skipped")
@@ -384,9 +392,11 @@ def _check_and_copy(model: PeftModel, state_dict: dict[str, Tensor], adapter_nam
                                f"({changed[:3]}; peft writes them with save_embedding_layers=True); loading it next to "
                                f"the adapters {others} would change their base too: load it into a fresh model with "
                                "PeftModel.from_pretrained")
+    # every value converted before any is copied: one that cannot be (a meta tensor) leaves the adapter whole
+    values = {k: state_dict[k].to(device=dst.device, dtype=dst.dtype) for k, dst in expected.items()}
     with torch.no_grad():
         for k, dst in expected.items():
-            dst.copy_(state_dict[k].to(device=dst.device, dtype=dst.dtype))
+            dst.copy_(values[k])
     if after is not None:
         after()
 
