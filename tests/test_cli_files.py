@@ -125,6 +125,19 @@ def test_an_interrupted_overwrite_run_with_checkpoints_is_kept_for_resume(tiny_m
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was for the run only
 
 
+def test_overwrite_beside_an_earlier_run_kept_aside_under_the_same_process_id(tiny_model_dir, runs, tmp_path, capsys):
+    """A run kept for --resume leaves the run it replaced in .peftkit-replaced-<suffix>; a later --overwrite run
+    whose process has the same id (a container's entrypoint gets the same pid every time) failed with
+    FileExistsError, as the hidden folder was named by the pid."""
+    run = shutil.copytree(runs / "lora", tmp_path / "run")
+    aside = run / f".peftkit-replaced-{os.getpid()}"
+    shutil.copytree(runs / "ia3", aside)
+    assert cli(*train_args(tiny_model_dir, run, "--overwrite")) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "metrics.json", "run_config.json", "train.log"]
+    assert json.loads((run / "metrics.json").read_text())["method"] == "lora"
+
+
 def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, capsys):
     target = tmp_path / "model.bin"
     target.write_bytes(b"user data")
