@@ -208,6 +208,31 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command, mon
     assert cli(*argv[:-1], ".") == 0 and (here / names[0]).is_file()
 
 
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_overwrite_that_fails_to_put_the_new_output_in_place_keeps_the_earlier_one(runs, tmp_path, capsys, command,
+                                                                                   monkeypatch):
+    """The earlier output was moved aside, then the new one failed to take its place (an interrupt, an error):
+    the output folder was gone, the earlier output hidden in .out.old-<pid> and the new one deleted."""
+    import peftkit.artifacts
+
+    out = tmp_path / "out"
+    argv = (["merge", runs / "lora", runs / "lora"] if command == "merge" else
+            ["export", "--adapter", runs / "lora", "--merge"]) + ["--output", out, "--overwrite"]
+    assert cli(*argv) == 0
+    before = snapshot(tmp_path)
+    real = os.replace
+
+    def new_output_fails(src, dst):
+        if os.fspath(dst) == os.fspath(out) and ".tmp-" in os.fspath(src):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(peftkit.artifacts.os, "replace", new_output_fails)
+    assert cli(*argv) == 130
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
+
+
 def test_merge_of_adapters_of_different_types_is_refused(runs, tmp_path, capsys):
     assert error_line(capsys, "merge", runs / "lora", runs / "ia3", "--output", tmp_path / "m") == (
         f"peftkit: error: the adapters are of different types ({{'{runs / 'lora'}': 'LORA', '{runs / 'ia3'}': 'IA3'}}); "

@@ -108,9 +108,15 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
         files = sorted(p.name for p in staging.iterdir())
         atomic_write_bytes(staging / MANIFEST, (json.dumps({"files": files}, indent=1) + "\n").encode())
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            # a fresh name (one named by the pid could be a leftover of an interrupted run of the same pid),
+            # and the earlier output is put back should the new one not take its place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old)
-            os.replace(staging, out)
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(staging, out)
