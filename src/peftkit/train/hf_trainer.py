@@ -87,14 +87,17 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
 
     Raises:
         FileNotFoundError: an adapter's ``adapter_model.safetensors`` is missing.
-        AdapterLoadError: the tensors do not fit the model (nothing is copied for that adapter).
+        AdapterLoadError: a file is unreadable (checked for every adapter before any is copied), or the tensors
+            do not fit the model (nothing is copied for that adapter).
     """
+    files = {}
     for name in model.peft_config:
         source = os.fspath(folder) if name == "default" else os.path.join(folder, name)
         if not os.path.isfile(os.path.join(source, WEIGHTS_NAME)):
             raise FileNotFoundError(f"{source!r} holds no {WEIGHTS_NAME} for adapter {name!r}; was it written by "
                                     "PeftTrainer (or PeftModel.save_pretrained)?")
-        config, tensors = read_adapter_files(source)
+        files[name] = read_adapter_files(source)
+    for name, (config, tensors) in files.items():
         load_saved_state(model, tensors, name, config)
 
 
