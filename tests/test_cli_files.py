@@ -392,6 +392,19 @@ def test_merge_names_the_adapter_that_does_not_fit(runs, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_merge_of_a_damaged_adapter_file_says_it_is_damaged(runs, tmp_path, capsys):
+    """A truncated weights file was reported as an adapter that "does not fit its base model" (after loading
+    the base), which sends the user looking for another base model."""
+    run = shutil.copytree(runs / "lora", tmp_path / "run")
+    weights = run / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for adapters in ([run, runs / "lora"], [runs / "lora", run]):
+        assert error_line(capsys, "merge", *adapters, "--output", tmp_path / "m") == (
+            f"peftkit: error: {weights} is not a readable safetensors file (Error while deserializing header: "
+            "incomplete metadata, file not fully covered); the adapter was not loaded")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_merge_heads_from_an_adapter_without_a_head_is_refused(runs, tmp_path, capsys):
     """The head is never taken from an adapter that did not train one (that wrote the untrained head)."""
     from peftkit import LoraConfig, get_peft_model
