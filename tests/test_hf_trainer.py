@@ -147,6 +147,18 @@ def test_a_checkpoint_missing_one_adapters_file_loads_none_of_them(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("name", ["method_state.safetensors", "training_state.safetensors"])
+def test_a_damaged_state_file_in_a_checkpoint_is_named(tmp_path, name):
+    """A truncated method or training state file gave safetensors' bare "incomplete metadata" error, naming no file."""
+    trainer = _trainer(tmp_path, max_steps=1)
+    checkpoint = tmp_path / "checkpoint-3"
+    trainer.model.save_pretrained(checkpoint)
+    (checkpoint / name).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+    with pytest.raises(ConfigError, match=rf"'{checkpoint / name}' is not a readable safetensors file \(.*\); the "
+                                          "checkpoint is damaged"):
+        trainer._load_from_checkpoint(str(checkpoint))
+
+
 def test_activation_checkpointing_still_trains_the_adapter(tmp_path):
     trainer = _trainer(tmp_path, activation_checkpointing=True, max_steps=2, save_strategy="no", eval_strategy="no")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
