@@ -138,6 +138,31 @@ def test_overwrite_beside_an_earlier_run_kept_aside_under_the_same_process_id(ti
     assert json.loads((run / "metrics.json").read_text())["method"] == "lora"
 
 
+def test_overwrite_that_cannot_move_every_earlier_file_aside_puts_them_back(tiny_model_dir, runs, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A run file that cannot be moved (checkpoints/ on another mount: EXDEV) stopped the run after the files
+    before it had been hidden in .peftkit-replaced-*: the folder held half of the earlier run."""
+    import errno
+
+    import peftkit.train.checks
+
+    run = shutil.copytree(runs / "ckpt", tmp_path / "run")
+    before = snapshot(tmp_path)
+    real = os.replace
+
+    def other_mount(src, dst):
+        if os.path.basename(src) == "checkpoints":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(peftkit.train.checks.os, "replace", other_mount)
+    monkeypatch.delenv("PEFTKIT_TRACEBACK", raising=False)
+    assert cli(*train_args(tiny_model_dir, run, "--overwrite")) == 1
+    monkeypatch.undo()
+    assert "Invalid cross-device link" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
 def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, capsys):
     target = tmp_path / "model.bin"
     target.write_bytes(b"user data")

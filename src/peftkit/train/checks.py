@@ -209,13 +209,22 @@ def set_aside_run_files(out: Path) -> Path | None:
     hidden folder ``out/.peftkit-replaced-<random suffix>`` (never one that an earlier interrupted run left
     there), so that a new run can be written in their place and they can be put back if it fails
     (:func:`restore_run_files`); returns that folder, or None when ``out`` holds no run file. Renames only:
-    nothing is copied or deleted."""
+    nothing is copied or deleted; should one fail (a run file on another mount, an interrupt), those already
+    moved are put back before the error is raised."""
     present = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
     if not present:
         return None
     aside = Path(tempfile.mkdtemp(prefix=ASIDE_PREFIX, dir=out))
-    for name in present:
-        os.replace(out / name, aside / name)
+    moved: list[str] = []
+    try:
+        for name in present:
+            os.replace(out / name, aside / name)
+            moved.append(name)
+    except BaseException:
+        for name in reversed(moved):
+            os.replace(aside / name, out / name)
+        aside.rmdir()
+        raise
     return aside
 
 
