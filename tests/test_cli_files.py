@@ -258,6 +258,34 @@ def test_overwrite_that_fails_to_put_the_new_output_in_place_keeps_the_earlier_o
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_sigterm_during_merge_or_export_removes_the_staging_folder(runs, tmp_path, capsys, command, monkeypatch):
+    """SIGTERM (docker stop, kill) ended merge/export outright: the staging folder (for export a whole merged
+    model) stayed hidden beside the output. Now it stops as Ctrl-C does."""
+    import peftkit.artifacts
+
+    out = tmp_path / "out"
+    argv = (["merge", runs / "lora", runs / "lora"] if command == "merge" else
+            ["export", "--adapter", runs / "lora", "--merge"]) + ["--output", out, "--overwrite"]
+    assert cli(*argv) == 0
+    before = snapshot(tmp_path)
+    write, unhandled = peftkit.artifacts.atomic_write_bytes, []
+
+    def terminated(path, data):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(path, data)
+
+    monkeypatch.setattr(peftkit.artifacts, "atomic_write_bytes", terminated)
+    previous = signal.signal(signal.SIGTERM, lambda *_: unhandled.append(1))  # (the default would end pytest)
+    try:
+        assert cli(*argv) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not unhandled
+    assert "peftkit: interrupted" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
 def test_merge_of_adapters_of_different_types_is_refused(runs, tmp_path, capsys):
     assert error_line(capsys, "merge", runs / "lora", runs / "ia3", "--output", tmp_path / "m") == (
         f"peftkit: error: the adapters are of different types ({{'{runs / 'lora'}': 'LORA', '{runs / 'ia3'}': 'IA3'}}); "
