@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 from dataclasses import asdict
 
 import pytest
 
 from peftkit import ConfigError
-from peftkit.bench import BenchConfig
+from peftkit.bench import BenchConfig, run_sweep
 from peftkit.bench.arena import Cell, cell_command
 from tests.cli_util import cli, error_line
 
@@ -202,3 +204,40 @@ def test_a_sweep_saved_with_relative_paths_resumes_with_its_own_command(tmp_path
     moved = BenchConfig(methods=["lora"], tasks=["mrpc"], seeds=[0], data_dir="other", output_dir="out")
     with pytest.raises(ConfigError, match="holds a sweep run with other settings"):
         moved.check_folder()
+
+
+def test_a_full_disk_while_a_resumed_sweep_writes_its_settings_keeps_them(tmp_path, monkeypatch):
+    """Every run of a sweep rewrites bench_config.json; it was truncated first, so a full disk (or Ctrl-C) at that
+    moment left an empty file, and the sweep could no longer be resumed or reported ("not valid JSON")."""
+    cfg = BenchConfig(methods=["lora"], tasks=["sst2"], seeds=[0], output_dir=str(tmp_path))
+    saved = json.dumps({**asdict(cfg), "jobs": 1}, indent=2) + "\n"
+    (tmp_path / "bench_config.json").write_text(saved)
+    real_open = io.open
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        return FullDisk(fh) if any(c in mode for c in "wax+") else fh
+
+    monkeypatch.setattr(io, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run_sweep(cfg, progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "bench_config.json").read_text() == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_config.json"]
+    cfg.check_folder()  # the sweep can still be resumed

@@ -125,6 +125,44 @@ def test_an_interrupted_overwrite_run_with_checkpoints_is_kept_for_resume(tiny_m
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was for the run only
 
 
+def test_overwrite_beside_an_earlier_run_kept_aside_under_the_same_process_id(tiny_model_dir, runs, tmp_path, capsys):
+    """A run kept for --resume leaves the run it replaced in .peftkit-replaced-<suffix>; a later --overwrite run
+    whose process has the same id (a container's entrypoint gets the same pid every time) failed with
+    FileExistsError, as the hidden folder was named by the pid."""
+    run = shutil.copytree(runs / "lora", tmp_path / "run")
+    aside = run / f".peftkit-replaced-{os.getpid()}"
+    shutil.copytree(runs / "ia3", aside)
+    assert cli(*train_args(tiny_model_dir, run, "--overwrite")) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "metrics.json", "run_config.json", "train.log"]
+    assert json.loads((run / "metrics.json").read_text())["method"] == "lora"
+
+
+def test_overwrite_that_cannot_move_every_earlier_file_aside_puts_them_back(tiny_model_dir, runs, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A run file that cannot be moved (checkpoints/ on another mount: EXDEV) stopped the run after the files
+    before it had been hidden in .peftkit-replaced-*: the folder held half of the earlier run."""
+    import errno
+
+    import peftkit.train.checks
+
+    run = shutil.copytree(runs / "ckpt", tmp_path / "run")
+    before = snapshot(tmp_path)
+    real = os.replace
+
+    def other_mount(src, dst):
+        if os.path.basename(src) == "checkpoints":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(peftkit.train.checks.os, "replace", other_mount)
+    monkeypatch.delenv("PEFTKIT_TRACEBACK", raising=False)
+    assert cli(*train_args(tiny_model_dir, run, "--overwrite")) == 1
+    monkeypatch.undo()
+    assert "Invalid cross-device link" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
 def test_export_and_merge_never_replace_a_file_or_their_inputs(runs, tmp_path, capsys):
     target = tmp_path / "model.bin"
     target.write_bytes(b"user data")
@@ -193,6 +231,59 @@ def test_a_non_empty_output_needs_overwrite(runs, tmp_path, capsys, command, mon
     here.mkdir()
     monkeypatch.chdir(here)
     assert cli(*argv[:-1], ".") == 0 and (here / names[0]).is_file()
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_overwrite_that_fails_to_put_the_new_output_in_place_keeps_the_earlier_one(runs, tmp_path, capsys, command,
+                                                                                   monkeypatch):
+    """The earlier output was moved aside, then the new one failed to take its place (an interrupt, an error):
+    the output folder was gone, the earlier output hidden in .out.old-<pid> and the new one deleted."""
+    import peftkit.artifacts
+
+    out = tmp_path / "out"
+    argv = (["merge", runs / "lora", runs / "lora"] if command == "merge" else
+            ["export", "--adapter", runs / "lora", "--merge"]) + ["--output", out, "--overwrite"]
+    assert cli(*argv) == 0
+    before = snapshot(tmp_path)
+    real = os.replace
+
+    def new_output_fails(src, dst):
+        if os.fspath(dst) == os.fspath(out) and ".tmp-" in os.fspath(src):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(peftkit.artifacts.os, "replace", new_output_fails)
+    assert cli(*argv) == 130
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_sigterm_during_merge_or_export_removes_the_staging_folder(runs, tmp_path, capsys, command, monkeypatch):
+    """SIGTERM (docker stop, kill) ended merge/export outright: the staging folder (for export a whole merged
+    model) stayed hidden beside the output. Now it stops as Ctrl-C does."""
+    import peftkit.artifacts
+
+    out = tmp_path / "out"
+    argv = (["merge", runs / "lora", runs / "lora"] if command == "merge" else
+            ["export", "--adapter", runs / "lora", "--merge"]) + ["--output", out, "--overwrite"]
+    assert cli(*argv) == 0
+    before = snapshot(tmp_path)
+    write, unhandled = peftkit.artifacts.atomic_write_bytes, []
+
+    def terminated(path, data):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(path, data)
+
+    monkeypatch.setattr(peftkit.artifacts, "atomic_write_bytes", terminated)
+    previous = signal.signal(signal.SIGTERM, lambda *_: unhandled.append(1))  # (the default would end pytest)
+    try:
+        assert cli(*argv) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not unhandled
+    assert "peftkit: interrupted" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
 
 
 def test_merge_of_adapters_of_different_types_is_refused(runs, tmp_path, capsys):
@@ -352,6 +443,19 @@ def test_merge_names_the_adapter_that_does_not_fit(runs, tmp_path, capsys):
                            f"'tiny-gpt2', the first on {first!r}): ")
     assert "'a1'" not in line  # not the internal name
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_of_a_damaged_adapter_file_says_it_is_damaged(runs, tmp_path, capsys):
+    """A truncated weights file was reported as an adapter that "does not fit its base model" (after loading
+    the base), which sends the user looking for another base model."""
+    run = shutil.copytree(runs / "lora", tmp_path / "run")
+    weights = run / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for adapters in ([run, runs / "lora"], [runs / "lora", run]):
+        assert error_line(capsys, "merge", *adapters, "--output", tmp_path / "m") == (
+            f"peftkit: error: {weights} is not a readable safetensors file (Error while deserializing header: "
+            "incomplete metadata, file not fully covered); the adapter was not loaded")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_merge_heads_from_an_adapter_without_a_head_is_refused(runs, tmp_path, capsys):

@@ -186,6 +186,10 @@ def test_bad_config_json(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "NOPE"}))
     with pytest.raises(ConfigError, match="unknown PEFT method 'NOPE'"):
         PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
+    # re-saved as UTF-16 (as some Windows editors and shells do): was a bare UnicodeDecodeError naming no file
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}), encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"adapter_config.json is not UTF-8 text \(.*\); an adapter config is UTF-8"):
+        PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
 
 
 def test_pickle_saving_is_refused(tmp_path):

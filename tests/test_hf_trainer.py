@@ -127,6 +127,38 @@ def test_missing_adapter_in_a_checkpoint_is_an_error(tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "empty"))
 
 
+def test_a_checkpoint_missing_one_adapters_file_loads_none_of_them(tmp_path):
+    """The adapters were loaded one by one: the first came from the checkpoint before the second's missing file
+    (a copy that skipped sub-folders) stopped the load, leaving the model half-loaded."""
+    from peftkit.train.hf_trainer import load_adapter_weights
+
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"]))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["value"]))
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "b" / "adapter_model.safetensors").unlink()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FileNotFoundError, match=r"holds no adapter_model\.safetensors for adapter 'b'"):
+        load_adapter_weights(model, tmp_path)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["method_state.safetensors", "training_state.safetensors"])
+def test_a_damaged_state_file_in_a_checkpoint_is_named(tmp_path, name):
+    """A truncated method or training state file gave safetensors' bare "incomplete metadata" error, naming no file."""
+    trainer = _trainer(tmp_path, max_steps=1)
+    checkpoint = tmp_path / "checkpoint-3"
+    trainer.model.save_pretrained(checkpoint)
+    (checkpoint / name).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+    with pytest.raises(ConfigError, match=rf"'{checkpoint / name}' is not a readable safetensors file \(.*\); the "
+                                          "checkpoint is damaged"):
+        trainer._load_from_checkpoint(str(checkpoint))
+
+
 def test_activation_checkpointing_still_trains_the_adapter(tmp_path):
     trainer = _trainer(tmp_path, activation_checkpointing=True, max_steps=2, save_strategy="no", eval_strategy="no")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}

@@ -23,7 +23,13 @@ import torch
 from safetensors import safe_open
 
 from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, PeftConfig, check, get_method
-from peftkit.formats.hf_peft import AdapterLoadError, atomic_write_bytes, current_umask, save_adapter
+from peftkit.formats.hf_peft import (
+    AdapterLoadError,
+    atomic_write_bytes,
+    check_adapter_weights,
+    current_umask,
+    save_adapter,
+)
 from peftkit.train.checks import check_model_dir, has_tokenizer_files, unwritable_problem
 
 HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
@@ -108,9 +114,15 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
         files = sorted(p.name for p in staging.iterdir())
         atomic_write_bytes(staging / MANIFEST, (json.dumps({"files": files}, indent=1) + "\n").encode())
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            # a fresh name (one named by the pid could be a leftover of an interrupted run of the same pid),
+            # and the earlier output is put back should the new one not take its place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old)
-            os.replace(staging, out)
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(staging, out)
@@ -255,7 +267,8 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
         ConfigError: mismatched arguments; an output that is a file, a non-empty folder without
             ``overwrite``, one that holds an input folder or other files than an earlier merge writes;
             adapters that cannot be combined (only plain LoRA adapters, or (IA)^3 adapters, all of one kind).
-            FileNotFoundError. All before anything is written.
+            AdapterLoadError: an adapter's weights file is damaged (named, before the base model is loaded) or
+            does not fit the base model. FileNotFoundError. All before anything is written.
     """
     from peftkit.layers import ModulesToSaveWrapper
     from peftkit.methods.ia3 import IA3Config
@@ -270,6 +283,7 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     configs = []
     for folder in adapter_dirs:
         config = PeftConfig.from_pretrained(folder)
+        check_adapter_weights(folder)  # a damaged file is named as such, before the base model is loaded
         configs.append(config)
         extra = [f for f in ("use_dora", "lora_bias") if getattr(config, f, False)]
         if getattr(config, "bias", "none") != "none":

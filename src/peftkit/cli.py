@@ -923,9 +923,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
     previous = None
-    if args.command == "train" and threading.current_thread() is threading.main_thread():
+    if args.command in ("train", "merge", "export") and threading.current_thread() is threading.main_thread():
         # SIGTERM (kill, SLURM, docker stop, torchrun stopping its workers) ends a run as Ctrl-C does: an earlier
-        # run moved aside by --overwrite is put back unless a checkpoint was written, and the note is printed
+        # run moved aside by --overwrite is put back unless a checkpoint was written, and the note is printed;
+        # a merge or export removes its staging folder (a whole merged model, left hidden beside the output)
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         _check_not_empty(args)

@@ -276,7 +276,7 @@ class PeftConfig:
             AdapterNotFoundError: the folder or its ``adapter_config.json`` is missing (a ``FileNotFoundError`` and,
                 as peft raises, a ``ValueError``).
             NotADirectoryError: ``directory`` is a file (e.g. the adapter's weights file).
-            ConfigError: the JSON is malformed or describes an invalid config.
+            ConfigError: the file is not UTF-8, the JSON is malformed, or it describes an invalid config.
         """
         if subfolder:
             directory = os.path.join(directory, subfolder)
@@ -299,6 +299,8 @@ class PeftConfig:
                 data = json.load(fh)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        except UnicodeDecodeError as err:  # a damaged file, or one re-saved as UTF-16 by an editor
+            raise ConfigError(f"{path} is not UTF-8 text ({err}); an adapter config is UTF-8 JSON") from err
         check(isinstance(data, dict), f"{path} must hold a JSON object, got {type(data).__name__}")
         check(cls is not PeftConfig or data.get("peft_type") is not None,
               f"{path} has no 'peft_type' field (e.g. \"LORA\"); it is not an adapter config peftkit or peft wrote")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from peftkit.bench.report import NOT_RUN
 from peftkit.config import ConfigError, check, get_method
+from peftkit.formats.hf_peft import atomic_write_bytes
 from peftkit.train.checkpoint import CHECKPOINTS, latest_checkpoint
 from peftkit.train.checks import SEED_MAX, check_model_dir, hold_lock, read_json_object
 from peftkit.train.data import TASK_SPECS, TASKS, task_key
@@ -283,7 +284,8 @@ def run_sweep(cfg: BenchConfig, progress: bool = True, jobs: int = 1) -> list[di
     root = Path(cfg.output_dir)
     cfg.check_folder()
     root.mkdir(parents=True, exist_ok=True)
-    (root / "bench_config.json").write_text(json.dumps({**asdict(cfg), "jobs": jobs}, indent=2) + "\n")
+    # rewritten by every run of the sweep: a half-written one (a full disk, Ctrl-C) would make it unresumable
+    atomic_write_bytes(root / "bench_config.json", (json.dumps({**asdict(cfg), "jobs": jobs}, indent=2) + "\n").encode())
     todo = [c for c in cells(cfg) if not (c.folder(root) / "metrics.json").is_file()]
     done = len(cells(cfg)) - len(todo)
     bar = tqdm(total=len(cells(cfg)), initial=done, desc="bench", unit="cell", disable=not progress,

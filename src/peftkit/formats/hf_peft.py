@@ -557,16 +557,37 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
             renamed[key] = value
         return renamed
     directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+    path = _weights_path(directory)
+    try:
+        return load_file(path, device=device or "cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterLoadError(f"{path} is not a readable safetensors file ({err}); the adapter was not loaded") from err
+
+
+def check_adapter_weights(directory: str | os.PathLike) -> None:
+    """Check that ``directory``'s ``adapter_model.safetensors`` can be read, from its header alone (which
+    covers the whole file: a truncated file fails), before any work that needs it.
+
+    Raises:
+        FileNotFoundError: no weights file. AdapterLoadError: only a pickle checkpoint, or a corrupt file.
+    """
+    path = _weights_path(os.fspath(directory))
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterLoadError(f"{path} is not a readable safetensors file ({err}); the adapter was not loaded") from err
+
+
+def _weights_path(directory: str) -> str:
+    """``directory``'s weights file. Raises FileNotFoundError, or AdapterLoadError when only a pickle is there."""
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
             raise AdapterLoadError(f"{directory!r} holds only adapter_model.bin (pickle); peftkit loads "
                                    f"{WEIGHTS_NAME} only. Re-save it with peft's save_pretrained(safe_serialization=True)")
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
-    try:
-        return load_file(path, device=device or "cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterLoadError(f"{path} is not a readable safetensors file ({err}); the adapter was not loaded") from err
+    return path
 
 
 def load_adapter_into(model: PeftModel, adapter_name: str, tensors: dict[str, Tensor]) -> None:

@@ -206,16 +206,25 @@ ASIDE_PREFIX = ".peftkit-replaced-"
 
 def set_aside_run_files(out: Path) -> Path | None:
     """Move the files of an earlier run in ``out`` (those in :data:`RUN_FILES`, in that order) into a new
-    hidden folder ``out/.peftkit-replaced-<pid>``, so that a new run can be written in their place and they
-    can be put back if it fails (:func:`restore_run_files`); returns that folder, or None when ``out``
-    holds no run file. Renames only: nothing is copied or deleted."""
+    hidden folder ``out/.peftkit-replaced-<random suffix>`` (never one that an earlier interrupted run left
+    there), so that a new run can be written in their place and they can be put back if it fails
+    (:func:`restore_run_files`); returns that folder, or None when ``out`` holds no run file. Renames only:
+    nothing is copied or deleted; should one fail (a run file on another mount, an interrupt), those already
+    moved are put back before the error is raised."""
     present = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
     if not present:
         return None
-    aside = out / f"{ASIDE_PREFIX}{os.getpid()}"
-    aside.mkdir()
-    for name in present:
-        os.replace(out / name, aside / name)
+    aside = Path(tempfile.mkdtemp(prefix=ASIDE_PREFIX, dir=out))
+    moved: list[str] = []
+    try:
+        for name in present:
+            os.replace(out / name, aside / name)
+            moved.append(name)
+    except BaseException:
+        for name in reversed(moved):
+            os.replace(aside / name, out / name)
+        aside.rmdir()
+        raise
     return aside
 
 

@@ -48,7 +48,7 @@ import os
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
@@ -87,14 +87,17 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
 
     Raises:
         FileNotFoundError: an adapter's ``adapter_model.safetensors`` is missing.
-        AdapterLoadError: the tensors do not fit the model (nothing is copied for that adapter).
+        AdapterLoadError: a file is unreadable (checked for every adapter before any is copied), or the tensors
+            do not fit the model (nothing is copied for that adapter).
     """
+    files = {}
     for name in model.peft_config:
         source = os.fspath(folder) if name == "default" else os.path.join(folder, name)
         if not os.path.isfile(os.path.join(source, WEIGHTS_NAME)):
             raise FileNotFoundError(f"{source!r} holds no {WEIGHTS_NAME} for adapter {name!r}; was it written by "
                                     "PeftTrainer (or PeftModel.save_pretrained)?")
-        config, tensors = read_adapter_files(source)
+        files[name] = read_adapter_files(source)
+    for name, (config, tensors) in files.items():
         load_saved_state(model, tensors, name, config)
 
 
@@ -104,6 +107,19 @@ METHOD_STATE = "method_state.safetensors"
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: str) -> None:
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+
+
+def _read_state_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's :data:`TRAINING_STATE` or :data:`METHOD_STATE` file.
+
+    Raises:
+        ConfigError: the file is not a readable safetensors file (truncated, damaged), naming it.
+    """
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path!r} is not a readable safetensors file ({err}); the checkpoint is damaged: resume "
+                          "from another checkpoint") from None
 
 
 def saved_form_differs(model: PeftModel) -> bool:
@@ -116,7 +132,8 @@ def _load_training_state(model: PeftModel, folder: str) -> None:
     """Copy the trainable parameters from ``folder``'s :data:`TRAINING_STATE` (checked whole first).
 
     Raises:
-        ConfigError: the file is missing, or its names or shapes differ from the model's trainable parameters.
+        ConfigError: the file is missing or unreadable, or its names or shapes differ from the model's trainable
+            parameters.
     """
     path = os.path.join(folder, TRAINING_STATE)
     check_msg = (f"{folder!r} cannot resume this model: its adapter file holds the saved form (folded prompt "
@@ -125,7 +142,7 @@ def _load_training_state(model: PeftModel, folder: str) -> None:
     if not os.path.isfile(path):
         raise ConfigError(f"{check_msg}, and it has no {TRAINING_STATE} (written by PeftTrainer checkpoints) to "
                           "resume from")
-    saved = load_file(path)
+    saved = _read_state_file(path)
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     wrong = sorted(set(saved) ^ set(own)) or [n for n in own if saved[n].shape != own[n].shape]
     if wrong:
@@ -235,12 +252,11 @@ class PeftTrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
         method_path = os.path.join(resume_from_checkpoint, METHOD_STATE)
-        method = load_file(method_path) if os.path.isfile(method_path) else {}
+        method = _read_state_file(method_path) if os.path.isfile(method_path) else {}
         peft.base_model.load_method_state(method, check_only=True)
         state = os.path.join(resume_from_checkpoint, TRAINING_STATE)
         if os.path.isfile(state):  # the parameters in the form they train in
-            with safe_open(state, "pt") as fh:
-                names = set(fh.keys())
+            names = set(_read_state_file(state))
             own = {n for n, p in peft.named_parameters() if p.requires_grad}
             if names != own:  # written for a model in training form: this one is folded or sparse already
                 raise ConfigError(f"{resume_from_checkpoint!r} was written while the adapter trained in another form "
