@@ -226,3 +226,42 @@ def test_the_fold_is_reused_across_steps_and_never_while_a_graph_holds_it(method
     adapter._spare = None  # no buffer kept at all: eval() and a training step still work
     model.train()
     model.eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "dylora"])
+def test_hooks_on_the_adapted_module_run_and_see_the_base_output_as_in_peft(method):
+    """A forward pre-hook (halving the input) and a forward hook registered on a module before it was adapted
+    run on every call, on the base layer alone: the adapter sees the unhooked input, and the output the hook
+    kept is not changed afterwards (peft's behaviour; the fused path and in-place update would skip both)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    seen = []
+    model[0].register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    model[0].register_forward_hook(lambda module, args, out: seen.append((out, out.detach().clone())))
+    model = get_peft_model(model, CONFIGS[method](0.0))
+    perturb(model)
+    model.train()
+    x = torch.randn(4, 8, 16)  # 32 rows: enough for the fused path to fold
+    layer = model.get_base_model()[0]
+    adapter = layer.adapters["default"]
+    base = nn.Linear(16, 16)
+    base.load_state_dict(layer.base_layer.state_dict())  # the same layer (its bias trained too) without hooks
+    torch.manual_seed(1)  # DyLoRA draws its rank in the forward
+    out = model(x)
+    assert len(seen) == 1
+    kept, at_call = seen[0]
+    assert torch.equal(kept, at_call)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        # the module-by-module path: the adapter on the unhooked input, given the hooked base output
+        expected = adapter(layer, x, base(0.5 * x))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert adapter.lora_A.weight.grad is not None
+
+    model.add_adapter("other", CONFIGS["lora"](0.0))
+    model.base_model.set_adapter(["default", "other"])  # two adapters: the output is updated, never in place
+    seen.clear()
+    model(x)
+    kept, at_call = seen[0]
+    assert torch.equal(kept, at_call)

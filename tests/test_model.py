@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import re
 import warnings
 
@@ -157,6 +159,27 @@ def test_merge_and_unload_and_unload_return_plain_models():
         plain = tiny_bert_classifier()
         plain.load_state_dict(model2.unload().state_dict())
         assert not any(isinstance(m, AdaptedLayer) for m in reference.modules())
+
+
+def test_base_model_answers_the_wrapped_models_attributes_as_peft_s_tuner_model():
+    """``model.base_model.config`` / ``.device`` / ``.get_input_embeddings()`` / a submodule reach the adapted model,
+    as on peft's ``LoraModel``; the host's own attributes win, and a missing one is still an AttributeError."""
+    base = tiny_bert_classifier()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    host = model.base_model
+    assert host.config is base.config and host.config.num_labels == 2
+    assert host.device == torch.device("cpu") and host.dtype == torch.float32
+    assert host.get_input_embeddings() is base.bert.embeddings.word_embeddings
+    assert host.bert is base.bert and host.model is base
+    assert host.peft_config is not base.config and list(host.peft_config) == ["default"]  # the host's own
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        _ = host.no_such_attribute
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert twin.base_model.config.num_labels == 2
+            assert torch.equal(twin(input_ids=x).logits, expected)
 
 
 def test_print_trainable_parameters(capsys):

@@ -120,6 +120,19 @@ class AdapterModel(nn.Module):
         self._originals: dict[str, tuple[Tensor, Tensor]] = {}
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
+    def __getattr__(self, name: str) -> Any:
+        """An attribute this host lacks is the adapted model's (``model.base_model.config``, ``.device``,
+        ``.get_input_embeddings()``, ``.lm_head``), as on peft's tuner model.
+
+        Raises:
+            AttributeError: neither has it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not set yet (a half-built or unpickling host): no recursion
+                raise
+            return getattr(self.model, name)
+
     # --- structure ----------------------------------------------------------------------------------
     def wrappers(self) -> Iterator[tuple[str, nn.Module]]:
         """``(name, wrapper)`` for every AdaptedLayer and ModulesToSaveWrapper in the model."""

@@ -385,8 +385,17 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         return self._run_plan(plan, x, args, kwargs)
 
+    def base_is_hooked(self) -> bool:
+        """Whether calling the base layer does more than its class's ``forward``: it has forward (pre-)hooks or
+        backward hooks (e.g. registered on the module before it was adapted), or an instance-level ``forward``
+        (accelerate's device hooks). Adapters then call it and leave its output as returned (no fused path, no
+        in-place update), so the hooks run and see what they see on the base model, as in peft."""
+        base = self.base_layer
+        return bool(base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                    or base._backward_pre_hooks) or "forward" in vars(base)
+
     def _run_plan(self, plan: Sequence[Adapter], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        if len(plan) == 1 and plan[0].fuses_base and not args and not kwargs:
+        if len(plan) == 1 and plan[0].fuses_base and not args and not kwargs and not self.base_is_hooked():
             out = plan[0].fused_forward(self, x)
             if out is not None:
                 return out
