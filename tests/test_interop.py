@@ -716,3 +716,15 @@ def test_embedding_layers_next_to_trained_copies_and_conversions(tmp_path):
     back = peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "conv").eval()
     with torch.no_grad():
         assert (back(input_ids=x[:, :2]).logits - pissa.eval()(input_ids=x[:, :2]).logits).abs().max() <= 1e-5
+
+
+def test_load_peft_weights_key_mapping_renames_module_paths_as_peft(tmp_path):
+    """peft applies key_mapping to the module path, with the ``base_model.model.`` prefix taken off: a pattern anchored
+    with ``^`` (as transformers' conversion mappings are) never matched in peftkit, which kept the prefix on."""
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    mapping = {r"^model\.layers\.0\.": "model.blocks.0.", r"q_proj": "query"}
+    ours = peftkit.load_peft_weights(tmp_path, key_mapping=mapping)
+    assert ours.keys() == peft.utils.load_peft_weights(str(tmp_path), key_mapping=mapping).keys()
+    assert "base_model.model.model.blocks.0.self_attn.q_proj.lora_A.weight" in ours
+    assert "base_model.model.model.layers.1.self_attn.query.lora_A.weight" in ours

@@ -529,8 +529,11 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
         model_id: the adapter folder.
         device: where to put the tensors (default ``"cpu"``).
         subfolder: read ``model_id/subfolder`` instead (as peft).
-        key_mapping: as peft, ``{regex: replacement}`` applied to each key (the first pattern that matches
-            renames it), for files of models whose module names changed; None (default) keeps the keys.
+        key_mapping: as peft, ``{regex: replacement}`` applied to each key's module path, i.e. with the
+            ``base_model.model.`` (or ``base_model.``) prefix taken off first and put back after, so ``^model\\.``
+            anchors at the module path (the first pattern that matches renames it), for files of models whose
+            module names changed; a key without that prefix (``prompt_embeddings``) is kept; None (default) keeps
+            the keys.
 
     Raises:
         FileNotFoundError: no weights file. AdapterLoadError: only a pickle checkpoint, or a corrupt file.
@@ -540,10 +543,15 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
 
         renamed = {}
         for key, value in load_peft_weights(model_id, device, subfolder).items():
-            for pattern, replacement in key_mapping.items():
-                key, hits = re.subn(pattern, replacement, key)
-                if hits:
-                    break
+            # the prefix (after a bundled adapter's namespace, ``parts.0.``) is not part of the module path
+            prefix = re.search(r"base_model\.(model\.)?", key)
+            if prefix:
+                path = key[prefix.end():]
+                for pattern, replacement in key_mapping.items():
+                    path, hits = re.subn(pattern, replacement, path)
+                    if hits:
+                        break
+                key = key[:prefix.end()] + path
             renamed[key] = value
         return renamed
     directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
