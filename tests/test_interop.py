@@ -728,3 +728,28 @@ def test_load_peft_weights_key_mapping_renames_module_paths_as_peft(tmp_path):
     assert ours.keys() == peft.utils.load_peft_weights(str(tmp_path), key_mapping=mapping).keys()
     assert "base_model.model.model.blocks.0.self_attn.q_proj.lora_A.weight" in ours
     assert "base_model.model.model.layers.1.self_attn.query.lora_A.weight" in ours
+
+
+def test_from_pretrained_and_load_adapter_take_pefts_key_mapping(tmp_path):
+    """An adapter trained on a causal LM loads onto its bare decoder (``LlamaModel``: no ``model.`` in the paths) with
+    peft's ``key_mapping``, giving peft's outputs; peftkit refused any key_mapping but None."""
+    lm = tiny_llama()
+    bare = copy.deepcopy(lm.model)
+    ours = peftkit.get_peft_model(lm, peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    perturb(ours)
+    ours.save_pretrained(tmp_path)
+    x = ids()
+    mapping = {r"^model\.": ""}
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = peft.PeftModel.from_pretrained(copy.deepcopy(bare), tmp_path, key_mapping=mapping)(
+                input_ids=x).last_hidden_state
+        loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(bare), tmp_path, key_mapping=mapping)
+        assert (loaded(input_ids=x).last_hidden_state - expected).abs().max() <= 1e-5
+        loaded.load_adapter(tmp_path, adapter_name="again", key_mapping=mapping)
+        loaded.set_adapter("again")
+        assert (loaded(input_ids=x).last_hidden_state - expected).abs().max() <= 1e-5
+    with pytest.raises(peftkit.ConfigError, match=r"key_mapping=\['model'\] is not valid; give None or a dict"):
+        loaded.load_adapter(tmp_path, adapter_name="bad", key_mapping=["model"])
+    assert "bad" not in loaded.peft_config

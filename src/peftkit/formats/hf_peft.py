@@ -502,9 +502,10 @@ def _stage(folder: str | os.PathLike, name: str, data: bytes) -> str:
     return tmp
 
 
-def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None
-                       ) -> tuple[PeftConfig, dict[str, Tensor]]:
-    """Read and check an adapter folder before anything touches the model.
+def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None,
+                       key_mapping: dict[str, str] | None = None) -> tuple[PeftConfig, dict[str, Tensor]]:
+    """Read and check an adapter folder before anything touches the model (``key_mapping`` renames the keys'
+    module paths, as in :func:`load_peft_weights`).
 
     Returns:
         ``(config, tensors)`` with file keys.
@@ -517,7 +518,7 @@ def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None =
     directory = os.fspath(directory)
     if config is None:
         config = PeftConfig.from_pretrained(directory)
-    return config, load_peft_weights(directory)
+    return config, load_peft_weights(directory, key_mapping=key_mapping)
 
 
 def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
