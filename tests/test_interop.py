@@ -726,3 +726,87 @@ def test_embedding_layers_next_to_trained_copies_and_conversions(tmp_path):
     back = peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "conv").eval()
     with torch.no_grad():
         assert (back(input_ids=x[:, :2]).logits - pissa.eval()(input_ids=x[:, :2]).logits).abs().max() <= 1e-5
+
+
+def test_load_peft_weights_key_mapping_renames_module_paths_as_peft(tmp_path):
+    """peft applies key_mapping to the module path, with the ``base_model.model.`` prefix taken off: a pattern anchored
+    with ``^`` (as transformers' conversion mappings are) never matched in peftkit, which kept the prefix on."""
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    mapping = {r"^model\.layers\.0\.": "model.blocks.0.", r"q_proj": "query"}
+    ours = peftkit.load_peft_weights(tmp_path, key_mapping=mapping)
+    assert ours.keys() == peft.utils.load_peft_weights(str(tmp_path), key_mapping=mapping).keys()
+    assert "base_model.model.model.blocks.0.self_attn.q_proj.lora_A.weight" in ours
+    assert "base_model.model.model.layers.1.self_attn.query.lora_A.weight" in ours
+
+
+def test_from_pretrained_and_load_adapter_take_pefts_key_mapping(tmp_path):
+    """An adapter trained on a causal LM loads onto its bare decoder (``LlamaModel``: no ``model.`` in the paths) with
+    peft's ``key_mapping``, giving peft's outputs; peftkit refused any key_mapping but None."""
+    lm = tiny_llama()
+    bare = copy.deepcopy(lm.model)
+    ours = peftkit.get_peft_model(lm, peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    perturb(ours)
+    ours.save_pretrained(tmp_path)
+    x = ids()
+    mapping = {r"^model\.": ""}
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = peft.PeftModel.from_pretrained(copy.deepcopy(bare), tmp_path, key_mapping=mapping)(
+                input_ids=x).last_hidden_state
+        loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(bare), tmp_path, key_mapping=mapping)
+        assert (loaded(input_ids=x).last_hidden_state - expected).abs().max() <= 1e-5
+        loaded.load_adapter(tmp_path, adapter_name="again", key_mapping=mapping)
+        loaded.set_adapter("again")
+        assert (loaded(input_ids=x).last_hidden_state - expected).abs().max() <= 1e-5
+    with pytest.raises(peftkit.ConfigError, match=r"key_mapping=\['model'\] is not valid; give None or a dict"):
+        loaded.load_adapter(tmp_path, adapter_name="bad", key_mapping=["model"])
+    assert "bad" not in loaded.peft_config
+
+
+SEQ2SEQ_CASES = {
+    "t5_lora": ("t5", "LoraConfig", dict(r=2, lora_alpha=3, target_modules="all-linear", use_rslora=True, bias="lora_only")),
+    "t5_dora": ("t5", "LoraConfig", dict(r=2, target_modules=["q", "v", "wo"], use_dora=True, layers_to_transform=[1])),
+    "t5_adalora": ("t5", "AdaLoraConfig", dict(init_r=3, target_r=2, total_step=10, target_modules=["q", "k", "wi"])),
+    "t5_ia3": ("t5", "IA3Config", dict()),
+    "bart_lora": ("bart", "LoraConfig", dict(r=2, target_modules=["q_proj", "fc1", "embed_tokens"],
+                                             rank_pattern={"fc1": 3}, alpha_pattern={"q_proj": 5})),
+    "bart_vera": ("bart", "VeraConfig", dict(r=4, target_modules=["q_proj", "v_proj"])),
+    "bart_loha": ("bart", "LoHaConfig", dict(r=2, alpha=3, target_modules=["q_proj", "out_proj"])),
+    "bart_lokr": ("bart", "LoKrConfig", dict(r=2, alpha=3, target_modules=["k_proj", "fc2"])),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQ2SEQ_CASES))
+def test_weight_methods_on_encoder_decoders_move_both_ways_and_merge_alike(case, tmp_path):
+    """Every weight method both libraries have, on T5 and BART (encoder, decoder and cross attention): files move
+    both ways with the saver's outputs, and the merged models agree. (peft's merge of BART's embed_tokens also
+    changes the LM head tied to it, so there only peftkit's merged model is compared with the unmerged outputs.)"""
+    from tests.test_prompt_seq2seq import tiny_bart, tiny_t5
+
+    arch, name, kw = SEQ2SEQ_CASES[case]
+    x, y = ids(), ids(seq=5)
+
+    def out(model):
+        with torch.no_grad():
+            return model(input_ids=x, decoder_input_ids=y).logits
+
+    for saver, loader in ((peftkit, peft), (peft, peftkit)):
+        base = (tiny_t5 if arch == "t5" else tiny_bart)()
+        twin = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trained = saver.get_peft_model(base, getattr(saver, name)(task_type="SEQ_2_SEQ_LM", **copy.deepcopy(kw)))
+            perturb(trained)
+            trained.save_pretrained(tmp_path / saver.__name__)
+            loaded = loader.PeftModel.from_pretrained(twin, tmp_path / saver.__name__)
+        expected = out(trained)
+        with trained.disable_adapter():
+            assert (out(trained) - expected).abs().max() > 1e-3  # the adapter changes the outputs
+        assert (out(loaded) - expected).abs().max() <= 1e-5, saver.__name__
+        with torch.no_grad():
+            merged = {lib: out(model.merge_and_unload()) for lib, model in ((saver, trained), (loader, loaded))}
+        assert (merged[peftkit] - expected).abs().max() <= 1e-5
+        if "embed_tokens" not in kw.get("target_modules", ()):
+            assert (merged[peft] - expected).abs().max() <= 1e-5

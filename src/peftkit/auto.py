@@ -19,7 +19,7 @@ from torch import nn
 
 from peftkit.config import PeftConfig, check
 from peftkit.model import (
-    _PEFT_LOAD_DEFAULTS,
+    LOAD_KEYWORDS,
     TASK_MODEL_CLASSES,
     PeftModel,
     PeftModelForCausalLM,
@@ -30,10 +30,6 @@ from peftkit.model import (
     PeftModelForTokenClassification,
     _adapter_folder,
 )
-
-# keywords that go to the adapter loading (PeftModel.from_pretrained); every other keyword goes to the base
-# model's from_pretrained (dtype, attn_implementation, num_labels, ...)
-_ADAPTER_KEYWORDS = ("subfolder", "low_cpu_mem_usage", *_PEFT_LOAD_DEFAULTS)
 
 
 class _BaseAutoPeftModel:
@@ -58,8 +54,8 @@ class _BaseAutoPeftModel:
             is_trainable: False (default) loads it frozen, in eval mode; True to train it further.
             config: use this config instead of the folder's ``adapter_config.json``.
             revision: accepted for peft's signature; only None (nothing is downloaded).
-            **kwargs: ``subfolder`` (the adapter is in ``folder/subfolder``), ``low_cpu_mem_usage`` and peft's
-                loading keywords at their defaults go to :meth:`PeftModel.from_pretrained`; every other keyword
+            **kwargs: ``subfolder`` (the adapter is in ``folder/subfolder``), ``low_cpu_mem_usage``, ``key_mapping``
+                and peft's loading keywords at their defaults go to :meth:`PeftModel.from_pretrained`; every other keyword
                 goes to the base model's ``from_pretrained`` (e.g. ``dtype``, ``num_labels``).
 
         Returns:
@@ -77,7 +73,8 @@ class _BaseAutoPeftModel:
         """
         check(revision is None, f"revision={revision!r} is not supported: peftkit reads local folders only; "
               "give the folder of the revision you want")
-        adapter_kwargs = {k: kwargs.pop(k) for k in _ADAPTER_KEYWORDS if k in kwargs}
+        # the adapter's keywords go to PeftModel.from_pretrained; every other one to the base model's from_pretrained
+        adapter_kwargs = {k: kwargs.pop(k) for k in LOAD_KEYWORDS if k in kwargs}
         folder = os.fspath(_adapter_folder(f"{cls.__name__}.from_pretrained", pretrained_model_name_or_path,
                                            dict(adapter_kwargs)))
         peft_config = config if config is not None else PeftConfig.from_pretrained(folder)

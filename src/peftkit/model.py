@@ -620,14 +620,18 @@ class PeftModel(nn.Module):
             config: use this config instead of the folder's ``adapter_config.json``.
             subfolder: keyword only; read the adapter from ``model_id/subfolder`` (as peft does).
             low_cpu_mem_usage: keyword only, accepted for peft's signature; it changes nothing here.
-            autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping: keyword only, peft's; taken at peft's
-                defaults (True, False, None) only. torch_device: keyword only; None, or the model's device.
+            key_mapping: keyword only, as peft's: ``{regex: replacement}`` renaming the file's module paths (see
+                :func:`peftkit.load_peft_weights`), for an adapter saved on a model whose module names differ;
+                None (default) keeps them.
+            autocast_adapter_dtype, ephemeral_gpu_offload: keyword only, peft's; taken at peft's defaults (True,
+                False) only. torch_device: keyword only; None, or the model's device.
 
         Raises:
             FileNotFoundError: missing folder or files. AdapterLoadError: unreadable/corrupt weights, or
             tensors whose names or shapes do not fit the model (the model is left unadapted).
             ConfigError: one of peft's keywords at a value other than its default (a ``torch_device`` other
-            than the model's), an ``is_trainable`` that is not a bool, a ``config`` that is not a peftkit config.
+            than the model's), an ``is_trainable`` that is not a bool, a ``config`` that is not a peftkit config, or
+            a ``key_mapping`` that is not a dict of strings.
             TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders), or a
             ``model_id`` that is not a path.
         """
@@ -637,7 +641,7 @@ class PeftModel(nn.Module):
         _check_load_args("from_pretrained", model_id, is_trainable, config)
         model_id = _adapter_folder("from_pretrained", model_id, kwargs)
         _check_device("from_pretrained", model, kwargs)
-        config, tensors = read_adapter_files(model_id, config)
+        config, tensors = read_adapter_files(model_id, config, kwargs.get("key_mapping"))
         with _fields_kept_on_error(config):
             config.inference_mode = not is_trainable
             with loading_values():  # built to take the file's values: no start that needs more than the model
@@ -657,8 +661,8 @@ class PeftModel(nn.Module):
         """Load another adapter folder under ``adapter_name`` (not activated; see :meth:`set_adapter`); when the
         model already has an adapter of that name, load the folder's weights into it, as peft does (its files must
         fit that adapter: same method, names and shapes). Keywords: ``config`` (instead of the folder's
-        ``adapter_config.json``), ``subfolder``, ``low_cpu_mem_usage`` and peft's loading keywords at their defaults,
-        as for :meth:`from_pretrained`.
+        ``adapter_config.json``), ``subfolder``, ``low_cpu_mem_usage``, ``key_mapping`` and peft's other loading
+        keywords at their defaults, as for :meth:`from_pretrained`.
 
         Raises:
             as :meth:`from_pretrained`; on error the model is left as it was.
@@ -670,7 +674,7 @@ class PeftModel(nn.Module):
         _check_load_args("load_adapter", model_id, is_trainable, config)
         folder = _adapter_folder("load_adapter", model_id, kwargs)
         _check_device("load_adapter", self.base_model.model, kwargs)
-        config, tensors = read_adapter_files(folder, config)
+        config, tensors = read_adapter_files(folder, config, kwargs.get("key_mapping"))
         if adapter_name in self.base_model.public_names():
             # as peft: the folder's weights go into the adapter of that name (how transformers' Trainer reloads a
             # checkpoint, and a loop restores its best one); its files must fit it, or nothing changes
@@ -769,7 +773,9 @@ def enable_checkpointing(model: nn.Module, gradient_checkpointing_kwargs: dict |
 
 # peft's loading keywords that are not hub options, taken at peft's defaults (others are refused by name)
 _PEFT_LOAD_DEFAULTS: dict[str, Any] = {"autocast_adapter_dtype": True, "ephemeral_gpu_offload": False,
-                                       "torch_device": None, "key_mapping": None}
+                                       "torch_device": None}
+#: every keyword from_pretrained / load_adapter take besides their named arguments
+LOAD_KEYWORDS = ("subfolder", "low_cpu_mem_usage", "key_mapping", *_PEFT_LOAD_DEFAULTS)
 
 
 def _check_device(caller: str, model: nn.Module, kwargs: dict[str, Any]) -> None:
@@ -822,12 +828,13 @@ def _check_load_args(caller: str, model_id: Any, is_trainable: Any, config: Any)
 
 def _adapter_folder(caller: str, model_id: str | os.PathLike, kwargs: dict[str, Any]) -> str | os.PathLike:
     """The folder that ``from_pretrained`` / ``load_adapter`` read: ``model_id``, joined with ``subfolder``
-    when given. Raises TypeError, naming them, for keywords other than ``subfolder`` and
-    ``low_cpu_mem_usage`` (peft's hub options, or a typo, which would otherwise be dropped unread)."""
-    unknown = sorted(k for k in kwargs if k not in ("subfolder", "low_cpu_mem_usage", *_PEFT_LOAD_DEFAULTS))
+    when given. Raises TypeError, naming them, for keywords other than ``subfolder``, ``low_cpu_mem_usage`` and
+    ``key_mapping`` (peft's hub options, or a typo, which would otherwise be dropped unread), and ConfigError for a
+    ``key_mapping`` that is not None or a dict of strings."""
+    unknown = sorted(k for k in kwargs if k not in LOAD_KEYWORDS)
     if unknown:
         raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; besides its named arguments it "
-                        f"takes subfolder=..., low_cpu_mem_usage=... and, at peft's defaults, "
+                        f"takes subfolder=..., low_cpu_mem_usage=..., key_mapping=... and, at peft's defaults, "
                         f"{', '.join(f'{k}={v!r}' for k, v in _PEFT_LOAD_DEFAULTS.items())} (peftkit reads local "
                         "adapter folders, so peft's hub options such as revision or token do not apply)")
     for key, default in _PEFT_LOAD_DEFAULTS.items():
@@ -837,6 +844,10 @@ def _adapter_folder(caller: str, model_id: str | os.PathLike, kwargs: dict[str, 
         check(value == default and type(value) is type(default),
               f"{key}={value!r} is not supported by {caller}(); peftkit takes only peft's default, {default!r}"
               + (" (adapter weights stay float32 on a half-precision base)" if key == "autocast_adapter_dtype" else ""))
+    mapping = kwargs.get("key_mapping")
+    check(mapping is None or (isinstance(mapping, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                for k, v in mapping.items())),
+          f"key_mapping={mapping!r} is not valid; give None or a dict of {{regex: replacement}} strings")
     subfolder = kwargs.get("subfolder")
     if subfolder in (None, ""):
         return model_id

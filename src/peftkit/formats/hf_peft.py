@@ -512,9 +512,10 @@ def _stage(folder: str | os.PathLike, name: str, data: bytes) -> str:
     return tmp
 
 
-def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None
-                       ) -> tuple[PeftConfig, dict[str, Tensor]]:
-    """Read and check an adapter folder before anything touches the model.
+def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None = None,
+                       key_mapping: dict[str, str] | None = None) -> tuple[PeftConfig, dict[str, Tensor]]:
+    """Read and check an adapter folder before anything touches the model (``key_mapping`` renames the keys'
+    module paths, as in :func:`load_peft_weights`).
 
     Returns:
         ``(config, tensors)`` with file keys.
@@ -527,7 +528,7 @@ def read_adapter_files(directory: str | os.PathLike, config: PeftConfig | None =
     directory = os.fspath(directory)
     if config is None:
         config = PeftConfig.from_pretrained(directory)
-    return config, load_peft_weights(directory)
+    return config, load_peft_weights(directory, key_mapping=key_mapping)
 
 
 def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
@@ -539,8 +540,11 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
         model_id: the adapter folder.
         device: where to put the tensors (default ``"cpu"``).
         subfolder: read ``model_id/subfolder`` instead (as peft).
-        key_mapping: as peft, ``{regex: replacement}`` applied to each key (the first pattern that matches
-            renames it), for files of models whose module names changed; None (default) keeps the keys.
+        key_mapping: as peft, ``{regex: replacement}`` applied to each key's module path, i.e. with the
+            ``base_model.model.`` (or ``base_model.``) prefix taken off first and put back after, so ``^model\\.``
+            anchors at the module path (the first pattern that matches renames it), for files of models whose
+            module names changed; a key without that prefix (``prompt_embeddings``) is kept; None (default) keeps
+            the keys.
 
     Raises:
         FileNotFoundError: no weights file. AdapterLoadError: only a pickle checkpoint, or a corrupt file.
@@ -550,10 +554,15 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
 
         renamed = {}
         for key, value in load_peft_weights(model_id, device, subfolder).items():
-            for pattern, replacement in key_mapping.items():
-                key, hits = re.subn(pattern, replacement, key)
-                if hits:
-                    break
+            # the prefix (after a bundled adapter's namespace, ``parts.0.``) is not part of the module path
+            prefix = re.search(r"base_model\.(model\.)?", key)
+            if prefix:
+                path = key[prefix.end():]
+                for pattern, replacement in key_mapping.items():
+                    path, hits = re.subn(pattern, replacement, path)
+                    if hits:
+                        break
+                key = key[:prefix.end()] + path
             renamed[key] = value
         return renamed
     directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
