@@ -184,6 +184,21 @@ def test_a_prompt_too_long_after_the_virtual_tokens_is_refused(tiny_gpt2_dir, tm
     assert len(predict_run(out, ["Once"], max_new_tokens=3)) == 1
 
 
+def test_a_composed_runs_prefix_part_reserves_its_positions_too(tiny_gpt2_dir, tmp_path, capsys):
+    """MAM (a prefix part + parallel adapters): the up-front check counted only a top-level adapter's virtual
+    tokens, so a prompt too long after the part's 16 failed inside generate, after the inputs before it had run."""
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Once upon a time {i}." for i in range(12)))
+    out = tmp_path / "mam"
+    assert cli("train", "--task", "causal-lm", "--model", tiny_gpt2_dir, "--train-file", text, "--method", "mam",
+               "--max-length", 8, "--max-steps", 1, "--output-dir", out, "--no-progress") == 0
+    capsys.readouterr()
+    with pytest.raises(DataError, match=r"prompt 2 has 7 tokens; with 12 new tokens .* exceeds the model.s 16 "
+                                        r"positions after the adapter's 16 virtual tokens"):
+        predict_run(out, ["Once", "Once upon a time there was"], max_new_tokens=12)
+    assert len(predict_run(out, ["Once upon a time there was"], max_new_tokens=3)[0]["completion"]) > 0
+
+
 def test_a_file_run_with_found_pair_columns_takes_pairs(tiny_model_dir, tmp_path, capsys):
     """sentence1/sentence2 columns: sentence2 was dropped unread in training (sentence1 found as the text), and
     predict and eval could not tell a pair run; now the pair is found, recorded and required."""

@@ -177,8 +177,10 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_ne
     # active_adapters *method*: only a PeftModel's adapters reserve positions)
     from peftkit.model import PeftModel
 
-    configs = model.peft_config if isinstance(model, PeftModel) else {}
-    reserved = sum(getattr(configs[n], "num_virtual_tokens", 0) or 0 for n in (model.active_adapters if configs else ()))
+    # the virtual tokens of every active soft prompt, a composed adapter's soft-prompt part too (MAM's prefix)
+    host = model.base_model if isinstance(model, PeftModel) else None
+    reserved = 0 if host is None else sum(getattr(host.peft_config[n], "num_virtual_tokens", 0) or 0
+                                          for n in host.parts(host.active_adapters))
     encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
     for n, ids in enumerate(encoded):  # every check before the first generation
         if ids.shape[1] == 0:
