@@ -191,11 +191,16 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_ne
                             f"(max_new_tokens, --max-new-tokens) that exceeds the model's {limit - reserved} "
                             f"positions{after}: shorten it or ask for fewer new tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # stop at the model's own end-of-sequence tokens and at the tokenizer's, which training appends to every row
+    # (a model folder whose config names another one would otherwise run on past it)
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [] if own is None else [own] if isinstance(own, int) else list(own)
+    eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos else []
     out = []
     for ids in encoded:
         ids = ids.to(device)
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+                             do_sample=False, pad_token_id=pad, eos_token_id=eos or None)
         # decoded whole and cut after the prompt's text: decoding the new tokens alone would drop a
         # SentencePiece tokenizer's leading space of the first one ("Type: human" read "Type:human")
         whole = tokenizer.decode(gen[0], skip_special_tokens=True)
