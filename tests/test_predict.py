@@ -4,6 +4,7 @@ and greedy continuations the trained model gives, and bad input is refused befor
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 
@@ -194,6 +195,51 @@ def test_a_prompt_too_long_after_the_virtual_tokens_is_refused(tiny_gpt2_dir, tm
                                         "positions after the adapter's 20 virtual tokens"):
         predict_run(out, [prompt], max_new_tokens=5)
     assert len(predict_run(out, ["Once"], max_new_tokens=3)) == 1
+
+
+def test_a_composed_runs_prefix_part_reserves_its_positions_too(tiny_gpt2_dir, tmp_path, capsys):
+    """MAM (a prefix part + parallel adapters): the up-front check counted only a top-level adapter's virtual
+    tokens, so a prompt too long after the part's 16 failed inside generate, after the inputs before it had run."""
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Once upon a time {i}." for i in range(12)))
+    out = tmp_path / "mam"
+    assert cli("train", "--task", "causal-lm", "--model", tiny_gpt2_dir, "--train-file", text, "--method", "mam",
+               "--max-length", 8, "--max-steps", 1, "--output-dir", out, "--no-progress") == 0
+    capsys.readouterr()
+    with pytest.raises(DataError, match=r"prompt 2 has 7 tokens; with 12 new tokens .* exceeds the model.s 16 "
+                                        r"positions after the adapter's 16 virtual tokens \(it reads 18 tokens"):
+        predict_run(out, ["Once", "Once upon a time there was"], max_new_tokens=12)
+    # 7 + 10 new tokens fit: the model reads 16 of them (the check refused it, counting the last one it never reads)
+    assert len(predict_run(out, ["Once upon a time there was"], max_new_tokens=10)[0]["completion"]) > 0
+
+
+def test_the_continuation_stops_at_the_tokenizers_end_of_sequence_too(tmp_path, capsys):
+    """Training appends the tokenizer's EOS to every row, but generation stopped only at the model config's: with a
+    config naming another token (a tiny GPT-2's default 50256 here: 3), predict ran on past the EOS the run learned."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    once, upon, time = (tok(w)["input_ids"][-1] for w in ("Once", " upon", " time"))
+    chain = [once, upon, tok.eos_token_id, time]  # each token's most likely successor is the next one
+    model = GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=len(tok),
+                                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=3))
+    with torch.no_grad():
+        for p in [*model.transformer.h.parameters(), model.transformer.wpe.weight, model.transformer.wte.weight,
+                  model.lm_head.weight]:
+            p.zero_()
+        for i, (now, nxt) in enumerate(itertools.pairwise(chain)):
+            model.transformer.wte.weight[now, 4 * i] = 1.0
+            model.lm_head.weight[nxt] = 10 * model.transformer.ln_f(model.transformer.wte.weight[now])
+    folder = tmp_path / "chain"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time.\n\nOnce upon.\n")
+    out = tmp_path / "run"
+    assert cli("train", "--task", "causal-lm", "--model", folder, "--train-file", text, "--max-length", 16,
+               "--max-steps", 1, "--lr", 1e-9, "--output-dir", out, "--no-progress") == 0
+    capsys.readouterr()
+    assert predict_run(out, ["Once"], max_new_tokens=5) == [{"completion": " upon"}]  # was " upon time"
 
 
 def test_a_file_run_with_found_pair_columns_takes_pairs(tiny_model_dir, tmp_path, capsys):

@@ -454,6 +454,10 @@ class AdaptedLayer(nn.Module):
         return y
 
     # --- merging -------------------------------------------------------------------------------------
+    # (merging and unmerging run outside inference mode even when called inside it: the tensors a merge creates (a
+    # quantised layer's float copy, an untied weight, a bias it gives the layer) would otherwise be inference
+    # tensors, which the unmerge after the ``torch.inference_mode()`` block, or training, cannot write or use)
+    @torch.inference_mode(False)
     def merge(self, names: Iterable[str], tied: bool = False) -> None:
         """Fold the named adapters into the base weight (computed in float32, cast back).
 
@@ -571,6 +575,7 @@ class AdaptedLayer(nn.Module):
             weight, plain = self.adapters[n].unmerge_from(self, weight, plain)
         return plain.to(bias.dtype)
 
+    @torch.inference_mode(False)
     def unmerge(self) -> None:
         """Undo every merge, last merged first, restoring the base weight to float tolerance."""
         while self.merged_adapters:

@@ -133,10 +133,12 @@ def quantize_base(model: nn.Module, method: str = "nf4", *, block_size: int = 64
     return model
 
 
+@torch.inference_mode(False)
 def _dequantized(module: QuantWeight, requantize: bool = False, linear: bool = False) -> nn.Module:
     """A float ``nn.Linear``/``nn.Embedding`` holding ``module``'s current weight (merged copy or
     dequantised codes), or with ``requantize`` a new quantised layer made from that weight. A layer that was
-    a GPT-2 ``Conv1D`` becomes one again (weight ``(in, out)``), unless ``linear`` (adapters wrap it as a linear)."""
+    a GPT-2 ``Conv1D`` becomes one again (weight ``(in, out)``), unless ``linear`` (adapters wrap it as a linear).
+    Built outside inference mode even inside it, so that the new layer can train afterwards."""
     weight = module.weight
     if isinstance(module, QuantLinear):
         if requantize:

@@ -57,8 +57,8 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[str | tuple[str, st
         FileNotFoundError: no ``run_config.json``, or the run did not finish (no adapter / model).
         ConfigError: bad ``max_new_tokens``/``batch_size``, unavailable device, damaged run files.
         DataError: no inputs or too many; an input of the wrong shape for the run (a pair for a
-            single-sentence run or the other way round, a non-string); a prompt that, with
-            ``max_new_tokens``, exceeds the model's positions.
+            single-sentence run or the other way round, a non-string); a prompt that, with the
+            ``max_new_tokens`` but the last (which the model never reads), exceeds the model's positions.
     """
     from peftkit.train.run import _load_adapter, _load_model_and_tokenizer, check_run_model, read_finished_run
 
@@ -177,23 +177,32 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_ne
     # active_adapters *method*: only a PeftModel's adapters reserve positions)
     from peftkit.model import PeftModel
 
-    configs = model.peft_config if isinstance(model, PeftModel) else {}
-    reserved = sum(getattr(configs[n], "num_virtual_tokens", 0) or 0 for n in (model.active_adapters if configs else ()))
+    # the virtual tokens of every active soft prompt, a composed adapter's soft-prompt part too (MAM's prefix)
+    host = model.base_model if isinstance(model, PeftModel) else None
+    reserved = 0 if host is None else sum(getattr(host.peft_config[n], "num_virtual_tokens", 0) or 0
+                                          for n in host.parts(host.active_adapters))
     encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
     for n, ids in enumerate(encoded):  # every check before the first generation
         if ids.shape[1] == 0:
             raise DataError(f"prompt {n + 1} ({prompts[n]!r}) encodes to no token; give some text")
-        if limit is not None and reserved + ids.shape[1] + max_new_tokens > limit:
+        read = ids.shape[1] + max_new_tokens - 1  # the tokens the model reads: the last new one is only output
+        if limit is not None and reserved + read > limit:
             after = f" after the adapter's {reserved} virtual tokens" if reserved else ""
             raise DataError(f"prompt {n + 1} has {ids.shape[1]} tokens; with {max_new_tokens} new tokens "
                             f"(max_new_tokens, --max-new-tokens) that exceeds the model's {limit - reserved} "
-                            f"positions{after}: shorten it or ask for fewer new tokens")
+                            f"positions{after} (it reads {read} tokens: all but the last new one): shorten it or ask "
+                            "for fewer new tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # stop at the model's own end-of-sequence tokens and at the tokenizer's, which training appends to every row
+    # (a model folder whose config names another one would otherwise run on past it)
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [] if own is None else [own] if isinstance(own, int) else list(own)
+    eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos else []
     out = []
     for ids in encoded:
         ids = ids.to(device)
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+                             do_sample=False, pad_token_id=pad, eos_token_id=eos or None)
         # decoded whole and cut after the prompt's text: decoding the new tokens alone would drop a
         # SentencePiece tokenizer's leading space of the first one ("Type: human" read "Type:human")
         whole = tokenizer.decode(gen[0], skip_special_tokens=True)
