@@ -92,6 +92,20 @@ def test_auto_classes_refuse_an_adapter_of_another_task_naming_the_right_class(t
         AutoPeftModel()
 
 
+def test_auto_classes_check_their_arguments_before_loading_the_base(tmp_path):
+    """is_trainable='no' and a dict config were named only after the base model had been loaded (or, with a base
+    that cannot be found, not at all: the missing base was reported instead)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "gone")
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ConfigError, match=r"AutoPeftModelForCausalLM\.from_pretrained\(\): is_trainable='no' must be"):
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", is_trainable="no")
+    with pytest.raises(ConfigError, match=r"expected a peftkit PeftConfig .*got builtins\.dict"):
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", config={"peft_type": "LORA"})
+    with pytest.raises(TypeError, match=r"model_id=None is a NoneType; give the adapter folder"):
+        AutoPeftModelForCausalLM.from_pretrained(None)
+
+
 def test_auto_peft_model_names_a_base_it_cannot_find(tmp_path):
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(tmp_path / "no-name")

@@ -49,3 +49,25 @@ def test_a_merge_inside_inference_mode_unmerges_and_trains_outside_it(make):
         merged = model.merge_and_unload()
     merged.train()
     merged(input_ids=x, labels=x).loss.backward()
+
+
+@pytest.mark.parametrize("make", [_lora_on_tied_embedding, _ssf_on_bias_free_layers, _lora_on_nf4])
+def test_a_model_built_inside_inference_mode_merges_inside_and_after_it(make):
+    """A serving script that builds the model inside ``torch.inference_mode()`` has inference-tensor weights, which
+    only inference mode may update: merging there failed with "Inplace update to inference tensor outside
+    InferenceMode" once merges ran outside inference mode."""
+    x = ids(batch=2, seq=6)
+    with torch.inference_mode():
+        model = make()
+        perturb(model)
+        model.eval()
+        unmerged = model(input_ids=x).logits
+        model.merge_adapter()
+        assert (model(input_ids=x).logits - unmerged).abs().max() <= 1e-4
+        model.unmerge_adapter()
+        assert (model(input_ids=x).logits - unmerged).abs().max() <= 1e-5
+    model.merge_adapter()  # after the block too
+    model.unmerge_adapter()
+    with torch.inference_mode():
+        assert (model(input_ids=x).logits - unmerged).abs().max() <= 1e-5
+        assert (model.merge_and_unload()(input_ids=x).logits - unmerged).abs().max() <= 1e-4

@@ -765,6 +765,24 @@ def test_from_pretrained_and_load_adapter_take_pefts_key_mapping(tmp_path):
     assert "bad" not in loaded.peft_config
 
 
+@pytest.mark.parametrize("mapping, named", [({"[": ""}, r"entry '\[': '' is not a valid regex and replacement"),
+                                            ({"a": r"\1"}, r"entry 'a': '\\\\1' is not a valid regex and replacement"),
+                                            ([("a", "b")], r"key_mapping=\[\('a', 'b'\)\] is not valid")],
+                         ids=["pattern", "group", "list"])
+def test_a_key_mapping_that_cannot_rename_is_named_before_loading(tmp_path, mapping, named):
+    """A pattern that is not a regex, or a replacement naming a group the pattern lacks, raised a bare re.error from
+    inside the renaming (load_peft_weights: an AttributeError for a list), not naming key_mapping."""
+    adapted = peftkit.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                                     peftkit.LoraConfig(r=2, target_modules=["0"]))
+    adapted.save_pretrained(tmp_path)
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(peftkit.ConfigError, match=named):
+        peftkit.PeftModel.from_pretrained(base, tmp_path, key_mapping=mapping)
+    assert type(base[0]) is torch.nn.Linear
+    with pytest.raises(peftkit.ConfigError, match=named):
+        peftkit.load_peft_weights(tmp_path, key_mapping=mapping)
+
+
 SEQ2SEQ_CASES = {
     "t5_lora": ("t5", "LoraConfig", dict(r=2, lora_alpha=3, target_modules="all-linear", use_rslora=True, bias="lora_only")),
     "t5_dora": ("t5", "LoraConfig", dict(r=2, target_modules=["q", "v", "wo"], use_dora=True, layers_to_transform=[1])),

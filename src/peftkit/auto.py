@@ -29,6 +29,7 @@ from peftkit.model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
     _adapter_folder,
+    _check_load_args,
 )
 
 
@@ -66,13 +67,17 @@ class _BaseAutoPeftModel:
         Raises:
             ConfigError: the config has no ``base_model_name_or_path``; its ``task_type`` belongs to another
                 class (``AutoPeftModel`` itself takes only configs without a task type, as in peft);
-                ``revision`` is not None.
+                ``revision`` is not None; ``is_trainable`` is not a bool or ``config`` not a peftkit config (both
+                checked before anything is read).
+            TypeError: ``pretrained_model_name_or_path`` is not a path.
             FileNotFoundError: the adapter folder or its files are missing, or the base model cannot be found
                 locally (the message names the path).
             AdapterLoadError: the adapter's tensors do not fit the base model.
         """
         check(revision is None, f"revision={revision!r} is not supported: peftkit reads local folders only; "
               "give the folder of the revision you want")
+        # before the base model is loaded (minutes for a large one), not after it
+        _check_load_args(f"{cls.__name__}.from_pretrained", pretrained_model_name_or_path, is_trainable, config)
         # the adapter's keywords go to PeftModel.from_pretrained; every other one to the base model's from_pretrained
         adapter_kwargs = {k: kwargs.pop(k) for k in LOAD_KEYWORDS if k in kwargs}
         folder = os.fspath(_adapter_folder(f"{cls.__name__}.from_pretrained", pretrained_model_name_or_path,

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -269,6 +271,23 @@ BASE_SETTINGS = frozenset({
 _WRAPPER_OWN = frozenset({"original_module", "modules_to_save", "active_adapters", "disabled"})
 
 
+def _in_merge_mode(method: Callable[..., None]) -> Callable[..., None]:
+    """Run an :class:`AdaptedLayer` merge method outside ``torch.inference_mode()`` even when called inside it: the
+    tensors a merge creates (a quantised layer's float copy, an untied weight, a bias it gives the layer) would
+    otherwise be inference tensors, which the unmerge after the block, or training, cannot write or use. A base
+    layer that holds inference tensors itself (a model built inside the block) can only be updated in inference
+    mode, so its merges run there (also when called after the block)."""
+
+    @functools.wraps(method)
+    def run(self: AdaptedLayer, *args: Any, **kwargs: Any) -> None:
+        inference = any(t.is_inference() for t in itertools.chain(self.base_layer.parameters(),
+                                                                   self.base_layer.buffers()))
+        with torch.inference_mode(inference):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class AdaptedLayer(nn.Module):
     """A frozen base module plus named adapters.
 
@@ -454,10 +473,7 @@ class AdaptedLayer(nn.Module):
         return y
 
     # --- merging -------------------------------------------------------------------------------------
-    # (merging and unmerging run outside inference mode even when called inside it: the tensors a merge creates (a
-    # quantised layer's float copy, an untied weight, a bias it gives the layer) would otherwise be inference
-    # tensors, which the unmerge after the ``torch.inference_mode()`` block, or training, cannot write or use)
-    @torch.inference_mode(False)
+    @_in_merge_mode
     def merge(self, names: Iterable[str], tied: bool = False) -> None:
         """Fold the named adapters into the base weight (computed in float32, cast back).
 
@@ -575,7 +591,7 @@ class AdaptedLayer(nn.Module):
             weight, plain = self.adapters[n].unmerge_from(self, weight, plain)
         return plain.to(bias.dtype)
 
-    @torch.inference_mode(False)
+    @_in_merge_mode
     def unmerge(self) -> None:
         """Undo every merge, last merged first, restoring the base weight to float tolerance."""
         while self.merged_adapters:

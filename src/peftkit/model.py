@@ -631,7 +631,7 @@ class PeftModel(nn.Module):
             tensors whose names or shapes do not fit the model (the model is left unadapted).
             ConfigError: one of peft's keywords at a value other than its default (a ``torch_device`` other
             than the model's), an ``is_trainable`` that is not a bool, a ``config`` that is not a peftkit config, or
-            a ``key_mapping`` that is not a dict of strings.
+            a ``key_mapping`` that is not a dict of valid ``{regex: replacement}`` strings.
             TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders), or a
             ``model_id`` that is not a path.
         """
@@ -830,7 +830,7 @@ def _adapter_folder(caller: str, model_id: str | os.PathLike, kwargs: dict[str, 
     """The folder that ``from_pretrained`` / ``load_adapter`` read: ``model_id``, joined with ``subfolder``
     when given. Raises TypeError, naming them, for keywords other than ``subfolder``, ``low_cpu_mem_usage`` and
     ``key_mapping`` (peft's hub options, or a typo, which would otherwise be dropped unread), and ConfigError for a
-    ``key_mapping`` that is not None or a dict of strings."""
+    ``key_mapping`` that is not None or a dict of valid ``{regex: replacement}`` strings."""
     unknown = sorted(k for k in kwargs if k not in LOAD_KEYWORDS)
     if unknown:
         raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; besides its named arguments it "
@@ -844,10 +844,9 @@ def _adapter_folder(caller: str, model_id: str | os.PathLike, kwargs: dict[str, 
         check(value == default and type(value) is type(default),
               f"{key}={value!r} is not supported by {caller}(); peftkit takes only peft's default, {default!r}"
               + (" (adapter weights stay float32 on a half-precision base)" if key == "autocast_adapter_dtype" else ""))
-    mapping = kwargs.get("key_mapping")
-    check(mapping is None or (isinstance(mapping, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                                for k, v in mapping.items())),
-          f"key_mapping={mapping!r} is not valid; give None or a dict of {{regex: replacement}} strings")
+    from peftkit.formats.hf_peft import check_key_mapping
+
+    check_key_mapping(kwargs.get("key_mapping"))
     subfolder = kwargs.get("subfolder")
     if subfolder in (None, ""):
         return model_id

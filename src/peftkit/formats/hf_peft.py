@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
+from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, PeftConfig
 
 if TYPE_CHECKING:
     from peftkit.host import AdapterModel
@@ -548,7 +548,10 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
 
     Raises:
         FileNotFoundError: no weights file. AdapterLoadError: only a pickle checkpoint, or a corrupt file.
+        ConfigError: a ``key_mapping`` that is not None or a dict of valid ``{regex: replacement}`` strings
+            (checked before the file is read).
     """
+    check_key_mapping(key_mapping)
     if key_mapping:
         import re
 
@@ -571,6 +574,29 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
         return load_file(path, device=device or "cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterLoadError(f"{path} is not a readable safetensors file ({err}); the adapter was not loaded") from err
+
+
+def check_key_mapping(key_mapping: object) -> None:
+    """Check a ``key_mapping`` (see :func:`load_peft_weights`): None, or a dict of ``{regex: replacement}``
+    strings whose patterns compile and whose replacements refer only to the pattern's groups.
+
+    Raises:
+        ConfigError: naming the value, or the entry that is not valid and why.
+    """
+    import re
+
+    if key_mapping is None:
+        return
+    if not isinstance(key_mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in key_mapping.items()):
+        raise ConfigError(f"key_mapping={key_mapping!r:.200} is not valid; give None or a dict of "
+                          "{regex: replacement} strings")
+    for pattern, replacement in key_mapping.items():
+        try:
+            re.compile(pattern).sub(replacement, "")  # the replacement's group references are checked too
+        except re.error as err:
+            raise ConfigError(f"key_mapping entry {pattern!r}: {replacement!r} is not a valid regex and "
+                              f"replacement ({err})") from None
 
 
 def check_adapter_weights(directory: str | os.PathLike) -> None:
