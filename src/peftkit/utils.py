@@ -53,7 +53,8 @@ def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
 
 
 __all__ = ["PeftType", "PromptEncoderReparameterizationType", "PromptTuningInit", "TaskType", "get_peft_config",
-           "get_peft_model_state_dict", "load_peft_weights", "set_peft_model_state_dict"]
+           "get_peft_model_state_dict", "load_peft_weights", "prepare_model_for_kbit_training",
+           "set_peft_model_state_dict"]
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
