@@ -95,7 +95,14 @@ def test_causal_lm_continuation_is_the_greedy_decoding(tmp_path, capsys):
     # the same continuation by hand: the adapted model's most likely next token, six times
     tok = AutoTokenizer.from_pretrained(shipped_model_dir())
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(shipped_model_dir()), out).eval()
+    # the run folder names its base and task: peft's one-line loading gives the same model
+    from peftkit import AutoPeftModelForCausalLM, PeftModelForCausalLM
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert type(auto) is PeftModelForCausalLM and type(model) is PeftModelForCausalLM
     ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(auto(input_ids=ids).logits, model(input_ids=ids).logits)
     start = ids.shape[1]
     with torch.no_grad():
         for _ in range(6):
