@@ -42,3 +42,20 @@ def test_cpu_offloaded_mixed_batch_gives_each_row_its_adapter():
         expected = model(input_ids=x, adapter_names=names).logits
         accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
         assert (model(input_ids=x, adapter_names=names).logits - expected).abs().max() <= 1e-5
+
+
+def test_merging_an_offloaded_model_is_refused_before_anything_changes():
+    """The merge folded into meta tensors, which hold nothing: the weights the hooks load stayed the base ones,
+    and merge_and_unload returned the base model's outputs, silently."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=TARGETS))
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        for merge in (model.merge_adapter, model.merge_and_unload):
+            with pytest.raises(ValueError, match=r"cannot merge \['default'\]: the layers to merge into are "
+                                                 r"offloaded .*'model\.layers\.0\.self_attn\.q_proj\.base_layer\.weight'"):
+                merge()
+        assert model.base_model.merged_adapters() == []
+        assert (model(input_ids=x).logits - expected).abs().max() <= 1e-5
