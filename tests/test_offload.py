@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit import IA3Config, LoHaConfig, LoraConfig, get_peft_model
+from peftkit import IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from tests.conftest import ids, perturb, tiny_llama
 
 accelerate = pytest.importorskip("accelerate")
@@ -58,4 +58,18 @@ def test_merging_an_offloaded_model_is_refused_before_anything_changes():
                                                  r"offloaded .*'model\.layers\.0\.self_attn\.q_proj\.base_layer\.weight'"):
                 merge()
         assert model.base_model.merged_adapters() == []
+        assert (model(input_ids=x).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("config", [PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+                                    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)],
+                         ids=["prompt", "prefix"])
+def test_cpu_offloaded_virtual_tokens_give_the_outputs_of_the_model_in_memory(config):
+    """The virtual-token table was read as embedding.weight, on the meta device (RuntimeError in torch.cat)."""
+    model = get_peft_model(tiny_llama(), config)
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
         assert (model(input_ids=x).logits - expected).abs().max() <= 1e-5
