@@ -239,6 +239,28 @@ def test_tied_embedding_merge_keeps_output_layer_exact():
         assert base.transformer.wte.base_layer.weight is shared  # the tie is back
 
 
+def test_merge_and_unload_of_a_tied_embedding_declares_it_untied(tmp_path):
+    """The merge unties GPT-2's wte from lm_head, but the config still said tie_word_embeddings=True: a saved
+    copy loaded with a warning, and tie_weights() (resize_token_embeddings calls it) silently tied them again."""
+    from transformers import GPT2LMHeadModel
+
+    from tests.conftest import tiny_gpt2
+
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["wte"]))
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        adapted = model(input_ids=x).logits
+        merged = model.merge_and_unload()
+        assert merged.config.tie_word_embeddings is False
+        merged.tie_weights()
+        assert (merged(input_ids=x).logits - adapted).abs().max() <= 1e-5
+        merged.save_pretrained(tmp_path)
+        reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+        assert reloaded.config.tie_word_embeddings is False
+        assert (reloaded(input_ids=x).logits - adapted).abs().max() <= 1e-5
+
+
 def test_a_misspelt_target_module_warns():
     from peftkit.targeting import UnmatchedTargetWarning
 

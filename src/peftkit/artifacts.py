@@ -398,7 +398,6 @@ def export_merged(adapter_dir: str | os.PathLike, output_dir: str, model_dir: st
     except ValueError as err:  # the adapter's values (NaN/inf, a merge the stack cannot take): bad input, exit 2
         raise ConfigError(f"{str(adapter_dir)!r}: {err}") from None
     plain = dequantize_base(merged)
-    _mark_untied(plain)
     dropped = declare_merged_biases(plain)
     check(not dropped, f"the merged model has biases its transformers config does not describe, which "
                        f"from_pretrained would drop (e.g. {dropped[:3]}): the merge gave these layers a bias the "
@@ -471,12 +470,19 @@ def _expected_keys(model: torch.nn.Module, unset: str | None = None) -> set[str]
         return {k for k in type(model)(config).state_dict() if k.endswith(".bias")}
 
 
-def _mark_untied(model: torch.nn.Module) -> None:
-    """A merged input embedding no longer shares its tensor with the output layer: record that in the
-    config so that loading does not tie them again."""
+def declare_untied_embeddings(model: torch.nn.Module) -> None:
+    """Make a merged transformers model's config say that its input embedding and output layer no longer share
+    a tensor (a merge into either end of a tied pair unties them, so that the other end keeps the base values):
+    ``tie_word_embeddings`` is set to False in the config and its text config. With it still True, a saved copy
+    loaded with a warning, and ``tie_weights()`` (``resize_token_embeddings`` calls it) tied the output layer to
+    the input embedding again, silently replacing one of them. Models without these methods or a
+    ``tie_word_embeddings`` flag, and pairs that still share their tensor, are left as they are."""
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    if get_in is None or get_out is None or get_out() is None or get_in() is None:
+    config = getattr(model, "config", None)
+    if get_in is None or get_out is None or config is None or get_out() is None or get_in() is None:
         return
-    if get_in().weight is not get_out().weight and getattr(model.config, "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False
-
+    if get_in().weight is not get_out().weight:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for c in {id(config): config, id(text): text}.values():
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False

@@ -550,7 +550,9 @@ class AdapterModel(nn.Module):
         (default False; True: the unmerged adapters not named are about to be removed) as for :meth:`merge`.
 
         Raises:
-            ValueError: the adapters are disabled (inside ``disable_adapter()``); otherwise as :meth:`merge`.
+            ValueError: the adapters are disabled (inside ``disable_adapter()``); a layer to merge into is offloaded
+                (accelerate's ``cpu_offload``/``dispatch_model``: tensors on the meta device); otherwise as
+                :meth:`merge`.
         """
         if self.disabled:
             raise ValueError("cannot merge while the adapters are disabled (inside disable_adapter()); "
@@ -567,6 +569,14 @@ class AdapterModel(nn.Module):
                                      "unload() it, or name the adapters to merge (adapter_names=[...])")
         public = list(names)
         names = self.parts(names)
+        offloaded = [f"{layer_name}.{key}" for layer_name, w in self.wrappers()
+                     if isinstance(w, AdaptedLayer) and any(n in w.adapters for n in names)
+                     for key, t in w.state_dict(keep_vars=True).items() if t.is_meta]
+        if offloaded:
+            raise ValueError(f"cannot merge {public}: the layers to merge into are offloaded by accelerate's hooks "
+                             f"(their tensors are on the meta device, e.g. {offloaded[:3]}), where a merge changes "
+                             "nothing; merge before cpu_offload/dispatch_model, or load the model without offloading; "
+                             "nothing was merged")
         for layer_name, w in self.wrappers():
             problem = w.check_partial_merge(names, dropping) if isinstance(w, AdaptedLayer) else None
             if problem:

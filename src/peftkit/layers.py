@@ -288,6 +288,33 @@ def _in_merge_mode(method: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+@contextlib.contextmanager
+def onloaded(adapters: Iterable[nn.Module]) -> Iterator[None]:
+    """Run with the tensors of ``adapters`` on their execution device.
+
+    accelerate's hooks (``cpu_offload``, ``dispatch_model`` with a CPU- or disk-offloaded part) keep an
+    offloaded module's tensors on the meta device and load them only while that module is called; adapters
+    read their parameters (``lora_A.weight``) without calling the modules holding them, and read meta tensors.
+    Here each hooked submodule's pre-forward step (loading) runs first and its post-forward step
+    (offloading again) after; modules without a hook are left as they are. A hooked adapter itself is called
+    without its hook meanwhile (the hook would move the layer passed to it, offloaded tensors and all). Used
+    only while the base layer has an instance-level ``forward`` (how accelerate hooks a module), so the
+    ordinary path pays nothing.
+    """
+    adapters = list(adapters)
+    hooked = [m for a in adapters for m in a.modules() if getattr(m, "_hf_hook", None) is not None]
+    bypassed = {a: vars(a).pop("forward") for a in adapters if a in hooked and "forward" in vars(a)}
+    for m in hooked:
+        m._hf_hook.pre_forward(m)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m._hf_hook.post_forward(m, None)
+        for a, forward in bypassed.items():
+            a.forward = forward
+
+
 class AdaptedLayer(nn.Module):
     """A frozen base module plus named adapters.
 
@@ -398,10 +425,16 @@ class AdaptedLayer(nn.Module):
         ctx = self._ctx
         if ctx is not None and ctx.row_names is not None and not self.disabled:
             rows = len(ctx.row_names) if x.shape[0] == 1 else x.shape[0]  # one row shared by all: broadcast
+            if "forward" in vars(self.base_layer):  # accelerate's device hooks: see :func:`onloaded`
+                with onloaded(self.adapters.values()):
+                    return self._mixed_forward(x, ctx.groups(rows, x.device), args, kwargs)
             return self._mixed_forward(x, ctx.groups(rows, x.device), args, kwargs)
         plan = self._plan
         if self.disabled or not plan:
             return self.base_layer(x, *args, **kwargs)
+        if "forward" in vars(self.base_layer):  # accelerate's device hooks: see :func:`onloaded`
+            with onloaded(plan):
+                return self._run_plan(plan, x, args, kwargs)
         return self._run_plan(plan, x, args, kwargs)
 
     def base_is_hooked(self) -> bool:

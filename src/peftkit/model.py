@@ -245,7 +245,8 @@ class PeftModel(nn.Module):
 
         A merge that gives a bias-free layer of a transformers model a bias (SSF, ``lora_bias``) sets the
         config's flags for it (``attention_bias``/``mlp_bias``; uncovered layers get a zero bias), so that a
-        saved copy loads back whole. On a quantised base (:func:`~peftkit.quantize_base`) this is
+        saved copy loads back whole; a merge that untied a tied input embedding and output layer sets the
+        config's ``tie_word_embeddings`` to False. On a quantised base (:func:`~peftkit.quantize_base`) this is
         :func:`~peftkit.merge_and_unload_quantized` (exact): each layer an adapter merges into becomes a float
         layer holding the merged weight (a quantised layer cannot hold it: peft, with bitsandbytes, quantises
         it again, which ``merge_and_unload_quantized(model, requantize=True)`` does); the other layers stay
@@ -255,7 +256,7 @@ class PeftModel(nn.Module):
             ValueError: an adapter that cannot be merged (a soft prompt, a non-invertible rescale, a stack
                 whose merged form would differ from its outputs), checked before any layer changes.
         """
-        from peftkit.artifacts import declare_merged_biases
+        from peftkit.artifacts import declare_merged_biases, declare_untied_embeddings
         from peftkit.quant.layer import QuantWeight
 
         if any(isinstance(getattr(w, "base_layer", None), QuantWeight) for _, w in self.base_model.wrappers()):
@@ -264,6 +265,7 @@ class PeftModel(nn.Module):
             plain = merge_and_unload_quantized(self, adapter_names=adapter_names, safe_merge=safe_merge)
         else:
             plain = self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        declare_untied_embeddings(plain)  # a merge into a tied embedding or output layer unties them
         # a bias the merge gave a bias-free layer: declared in a transformers config (attention_bias, mlp_bias),
         # so that save_pretrained + from_pretrained keep it
         dropped = declare_merged_biases(plain)
