@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig, check
+from peftkit.layers import onloaded
 from peftkit.methods.gating import rewritten_mask
 from peftkit.tuners import Tuner
 
@@ -266,8 +267,11 @@ class VirtualTokens(nn.Module):
 
     def forward(self) -> Tensor:
         """The virtual-token embeddings ``(P, width)``: the table itself once folded, else :meth:`project` of it."""
-        table = self.embedding.weight
-        return table if self.folded else self.project(table)
+        # accelerate's hooks (cpu_offload) load an offloaded table only while it is read here
+        hooked = "forward" in vars(self.embedding)
+        with onloaded([self.embedding]) if hooked else contextlib.nullcontext():
+            table = self.embedding.weight
+            return table if self.folded else self.project(table)
 
     @torch.no_grad()
     def fold(self) -> None:
