@@ -189,3 +189,34 @@ def test_prepare_model_for_kbit_training_refuses_a_peft_model_and_a_quantised_pl
     assert plain[1].weight.requires_grad and plain[1].weight.dtype == torch.bfloat16
     prepare_model_for_kbit_training(plain, use_gradient_checkpointing=False)
     assert plain[1].weight.dtype == torch.float32 and not plain[1].weight.requires_grad
+
+
+def test_auto_peft_model_gives_a_run_folder_the_head_and_padding_the_run_trained_with(tmp_path):
+    """A ``peftkit train`` classification run on a decoder (no pad token in its config) with three named classes:
+    loading the run folder needs no keywords, and a padded batch gives the run's own logits."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from peftkit.train.data import shipped_model_dir
+
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3,
+                                                              ignore_mismatched_sizes=True)  # as the run loads it
+    assert base.config.pad_token_id is None and tok.pad_token_id is None
+    base.config.pad_token_id = tok.eos_token_id  # what the run does
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    perturb(model)
+    model.save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"num_labels": 3, "label_names": ["a", "b", "c"]}))
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "run")
+    assert loaded.config.id2label == {0: "a", 1: "b", 2: "c"} and loaded.config.pad_token_id == tok.eos_token_id
+    x = torch.tensor([[5, 9, 14, 20], [7, 3, tok.eos_token_id, tok.eos_token_id]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits, atol=1e-6, rtol=0)
+    assert AutoPeftModelForSequenceClassification.from_pretrained(
+        tmp_path / "run", id2label={0: "x", 1: "y", 2: "z"}).config.id2label[0] == "x"  # the caller's keywords win

@@ -15,20 +15,21 @@ from peftkit import ConfigError, PeftModel, get_peft_model
 from tests.conftest import perturb
 
 
-def tiny_t5(layers=2):
+def tiny_t5(layers=2, decoder_layers=None):
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=layers, num_decoder_layers=layers,
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=layers,
+                   num_decoder_layers=decoder_layers or layers,
                    num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     return T5ForConditionalGeneration(cfg).eval()
 
 
-def tiny_bart():
+def tiny_bart(decoder_layers=2):
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = BartConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    cfg = BartConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=decoder_layers, encoder_attention_heads=4,
                      decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
                      pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
     return BartForConditionalGeneration(cfg).eval()
@@ -141,7 +142,9 @@ def test_one_submodule_gives_a_table_of_p_rows_as_peft():
                                    theirs(input_ids=x, attention_mask=mask, labels=labels).logits, atol=1e-5, rtol=0)
 
 
-PREFIX_MODELS = {**MODELS, "t5-3-layers": lambda: tiny_t5(layers=3)}  # decoder layers read stored 0, 2, 1
+# decoder layers read stored 0, 2, 1; a decoder shallower than the encoder (distilled BARTs) reads the first of them
+PREFIX_MODELS = {**MODELS, "t5-3-layers": lambda: tiny_t5(layers=3), "t5-3-2": lambda: tiny_t5(3, decoder_layers=2),
+                 "bart-2-1": lambda: tiny_bart(decoder_layers=1)}
 
 
 def prefix(lib, **kw):
@@ -197,6 +200,14 @@ def test_prefix_tuning_gives_peft_outputs_and_files_move_both_ways(arch, project
         torch.testing.assert_close(back(input_ids=x, attention_mask=mask, decoder_input_ids=labels).logits,
                                    fresh(input_ids=x, attention_mask=mask, decoder_input_ids=labels).logits,
                                    atol=1e-5, rtol=0)
+
+
+def test_prefix_tuning_refuses_a_decoder_deeper_than_the_encoder_unchanged():
+    base = tiny_t5(2, decoder_layers=3)
+    with pytest.raises(ConfigError, match=r"needs a decoder no deeper than the encoder.*decoder has 3 layers and 4 heads, "
+                                          r"its encoder 2 and 4"):
+        get_peft_model(base, prefix(peftkit))
+    assert not any(isinstance(m, PeftModel) for m in base.modules()) and not base._forward_hooks
 
 
 def test_prefix_training_reaches_the_prefixes_that_peft_reads_and_disabling_gives_the_base():

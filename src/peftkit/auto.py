@@ -12,6 +12,7 @@ Paper context: none of its own; this is HF PEFT's loading convenience, for the m
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -62,7 +63,10 @@ class _BaseAutoPeftModel:
         Returns:
             The :class:`PeftModel` subclass of the config's ``task_type`` (``PeftModel`` itself without one).
             When the adapter folder holds a tokenizer with more tokens than the base's input embeddings, the
-            embeddings are first resized to it, as peft does.
+            embeddings are first resized to it, as peft does. A ``peftkit train`` classification run folder (with
+            ``run_config.json``) gets the head the run trained: its ``num_labels`` and class names, unless given, and,
+            when the base config has no ``pad_token_id``, the padding id the run used (the base tokenizer's pad,
+            else EOS, else UNK token).
 
         Raises:
             ConfigError: the config has no ``base_model_name_or_path``; its ``task_type`` belongs to another
@@ -98,6 +102,8 @@ class _BaseAutoPeftModel:
         import transformers
 
         auto = getattr(transformers, cls._auto_class)
+        run = _run_config(folder) if cls._auto_class == "AutoModelForSequenceClassification" else {}
+        kwargs = {**_run_head_keywords(run), **kwargs}
         try:
             base = auto.from_pretrained(base_path, **kwargs)
         except OSError as err:
@@ -106,6 +112,8 @@ class _BaseAutoPeftModel:
                                     "load the base yourself and call PeftModel.from_pretrained(base, folder), or "
                                     "pass config= with base_model_name_or_path set to a local folder") from err
         _resize_to_saved_tokenizer(base, folder)
+        if run and getattr(base.config, "pad_token_id", None) is None:
+            _set_run_pad_token(base, base_path)
         peft_class = TASK_MODEL_CLASSES.get(task or "", cls._peft_class)
         return peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
                                           is_trainable=is_trainable, config=config, **adapter_kwargs)
@@ -125,6 +133,45 @@ def _resize_to_saved_tokenizer(base: nn.Module, folder: str) -> None:
     size = len(AutoTokenizer.from_pretrained(folder))
     if size > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(size)
+
+
+def _run_config(folder: str) -> dict[str, Any]:
+    """The ``run_config.json`` object of a ``peftkit train`` run folder, or {} (another folder, or a damaged file:
+    then the adapter loads as any other)."""
+    try:
+        with open(os.path.join(folder, "run_config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _run_head_keywords(run: dict[str, Any]) -> dict[str, Any]:
+    """The base keywords a classification run built its head with: ``num_labels`` (a base folder's head of another
+    size is replaced, as the run replaced it; the trained head comes from the adapter) and, when the run names its
+    classes, ``id2label``/``label2id`` (the caller's own keywords win)."""
+    num_labels, names = run.get("num_labels"), run.get("label_names")
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+        return {}
+    keywords: dict[str, Any] = {"num_labels": num_labels, "ignore_mismatched_sizes": True}  # as the run loaded it
+    if isinstance(names, list) and len(names) == num_labels:
+        keywords["id2label"] = dict(enumerate(map(str, names)))
+        keywords["label2id"] = {str(n): i for i, n in enumerate(names)}
+    return keywords
+
+
+def _set_run_pad_token(base: nn.Module, base_path: str) -> None:
+    """Give ``base`` the padding id a ``peftkit train`` run gave it: its tokenizer's pad token, else its EOS, else
+    its UNK (a decoder such as Llama has none in its config, and its classifier reads the last non-padding token)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base_path)
+    except (OSError, ValueError):
+        return
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if t is not None), None)
+    if pad is not None:
+        base.config.pad_token_id = pad
 
 
 class AutoPeftModel(_BaseAutoPeftModel):

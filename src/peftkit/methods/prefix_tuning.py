@@ -150,8 +150,9 @@ class PrefixTuner(PromptTuner):
         Raises:
             ConfigError: the model's transformer (``model.base_model``) takes no ``cache`` argument (MPNet, ESM,
                 DistilBERT, DeBERTa-v2): the prefixes would be dropped unread (peft refuses such models too); an
-                encoder-decoder model whose decoder has other numbers of layers or heads than its encoder (the
-                prefixes are sized by the encoder's, as peft sizes them).
+                encoder-decoder model whose decoder has more layers than its encoder, or other numbers of heads (the
+                prefixes are sized by the encoder's, as peft sizes them; a shallower decoder, as in distilled BARTs,
+                reads the first of them as in peft).
         """
         inner = getattr(host.model, "base_model", host.model)
         check("cache" in inspect.signature(inner.forward).parameters,
@@ -160,12 +161,12 @@ class PrefixTuner(PromptTuner):
         cfg = host.model.config
         if getattr(cfg, "is_encoder_decoder", False):
             shape = model_shape(host.model, self.method)
-            layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None) or shape.num_layers
+            layers = _decoder_layers(host.model)
             heads = getattr(cfg, "decoder_attention_heads", None) or shape.num_heads
-            check((layers, heads) == (shape.num_layers, shape.num_heads),
-                  f"{self.method} on {type(host.model).__name__} needs a decoder as deep and wide as the encoder (the "
-                  f"prefixes are sized by the encoder, as peft sizes them); its decoder has {layers} layers and {heads} "
-                  f"heads, its encoder {shape.num_layers} and {shape.num_heads}")
+            check(layers <= shape.num_layers and heads == shape.num_heads,
+                  f"{self.method} on {type(host.model).__name__} needs a decoder no deeper than the encoder and as wide "
+                  f"(the prefixes are sized by the encoder, as peft sizes them); its decoder has {layers} layers and "
+                  f"{heads} heads, its encoder {shape.num_layers} and {shape.num_heads}")
         super().inject(host, config, adapter_name)
 
     def insert(self, call: PromptCall, tokens: Tensor) -> None:
@@ -193,7 +194,8 @@ class PrefixTuner(PromptTuner):
     def decoder_cache(self, model: nn.Module, tokens: Tensor, batch: int, cache: Any) -> Any:
         """The cache of an encoder-decoder's first decoder call with the prefixes in its self-attention part, laid
         out as peft 0.21.2 does: decoder layer ``l`` gets the keys and values ``(batch, num_heads, P, head_dim)``
-        of stored layer ``2l mod N`` (``N`` = ``num_layers``), and the cross-attention none. (peft doubles the
+        of stored layer ``2l mod N`` (``N`` = ``num_layers``, the encoder's; a decoder may have fewer layers), and the
+        cross-attention none. (peft doubles the
         table along the layers and splits it into groups of four, self-attention key and value then
         cross-attention key and value of one decoder layer, and then empties the cross-attention cache, so the
         stored layers ``2l+1 mod N`` are read nowhere: with ``N`` even, the odd ones get no gradient.)
@@ -215,10 +217,18 @@ class PrefixTuner(PromptTuner):
             raise ValueError(f"prefix tuning on {type(model).__name__} needs the decoder's cache to be an "
                              f"EncoderDecoderCache (or None); got {type(cache).__name__}")
         n, size = kv.shape[0], (batch, *kv.shape[3:])
-        for layer in range(n):
+        for layer in range(_decoder_layers(model)):
             keys, values = kv[2 * layer % n]
             cache.self_attention_cache.update(keys.expand(size), values.expand(size), layer)
         return cache
+
+
+def _decoder_layers(model: nn.Module) -> int:
+    """The number of decoder layers of an encoder-decoder ``model`` (T5's ``num_decoder_layers``, BART's
+    ``decoder_layers``; else its ``num_hidden_layers``)."""
+    cfg = model.config
+    return (getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None)
+            or model_shape(model, PrefixTuner.method).num_layers)
 
 
 def _key_values(model: nn.Module, tokens: Tensor) -> Tensor:
