@@ -48,7 +48,7 @@ import os
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from transformers import Trainer, TrainerCallback
 from transformers.utils import can_return_loss, find_labels
@@ -109,13 +109,17 @@ def _save_atomically(tensors: dict[str, torch.Tensor], path: str) -> None:
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
-def _read_state_file(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint's :data:`TRAINING_STATE` or :data:`METHOD_STATE` file.
+def _read_state_file(path: str, names_only: bool = False) -> dict[str, torch.Tensor] | set[str]:
+    """The tensors of a checkpoint's :data:`TRAINING_STATE` or :data:`METHOD_STATE` file, or with ``names_only``
+    just their names (read from the header; the tensors are not loaded).
 
     Raises:
         ConfigError: the file is not a readable safetensors file (truncated, damaged), naming it.
     """
     try:
+        if names_only:
+            with safe_open(path, "pt") as fh:
+                return set(fh.keys())
         return load_file(path)
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{path!r} is not a readable safetensors file ({err}); the checkpoint is damaged: resume "
@@ -256,7 +260,7 @@ class PeftTrainer(Trainer):
         peft.base_model.load_method_state(method, check_only=True)
         state = os.path.join(resume_from_checkpoint, TRAINING_STATE)
         if os.path.isfile(state):  # the parameters in the form they train in
-            names = set(_read_state_file(state))
+            names = _read_state_file(state, names_only=True)
             own = {n for n, p in peft.named_parameters() if p.requires_grad}
             if names != own:  # written for a model in training form: this one is folded or sparse already
                 raise ConfigError(f"{resume_from_checkpoint!r} was written while the adapter trained in another form "
