@@ -26,6 +26,7 @@ from peftkit.config import (
     register_method,
 )
 from peftkit.formats.hf_peft import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.inject import inject_adapter_in_model
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.adapters import (
     AdapterDropConfig,
@@ -59,6 +60,7 @@ from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
 from peftkit.methods.ssf import SSFConfig
 from peftkit.methods.vera import VeraConfig
+from peftkit.mixed import PeftMixedModel
 from peftkit.model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -120,6 +122,7 @@ __all__ = [
     "ParallelConfig",
     "PartialConfig",
     "PeftConfig",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -150,6 +153,7 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "load_peft_weights",
     "mam_config",
     "merge_and_unload_quantized",

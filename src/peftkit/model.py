@@ -623,8 +623,10 @@ class PeftModel(nn.Module):
             subfolder: keyword only; read the adapter from ``model_id/subfolder`` (as peft does).
             low_cpu_mem_usage: keyword only, accepted for peft's signature; it changes nothing here.
             key_mapping: keyword only, as peft's: ``{regex: replacement}`` renaming the file's module paths (see
-                :func:`peftkit.load_peft_weights`), for an adapter saved on a model whose module names differ;
-                None (default) keeps them.
+                :func:`peftkit.load_peft_weights`), for an adapter saved on a model whose module names differ.
+                None (default) takes, as peft does, the model's ``_checkpoint_conversion_mapping`` (the renames
+                transformers applies to the model's own old checkpoints) unless the adapter is a prompt-learning
+                one (its keys hold no module paths); a model without that attribute keeps the keys as they are.
             autocast_adapter_dtype, ephemeral_gpu_offload: keyword only, peft's; taken at peft's defaults (True,
                 False) only. torch_device: keyword only; None, or the model's device.
 
@@ -637,17 +639,26 @@ class PeftModel(nn.Module):
             TypeError: another keyword (peft's hub options do not apply: peftkit reads local folders), or a
             ``model_id`` that is not a path.
         """
-        from peftkit.formats.hf_peft import load_adapter_into, read_adapter_files
+        from peftkit.formats.hf_peft import check_key_mapping, load_adapter_into, read_adapter_files
         from peftkit.methods.prompt_learning import loading_values
 
         _check_load_args("from_pretrained", model_id, is_trainable, config)
         model_id = _adapter_folder("from_pretrained", model_id, kwargs)
         _check_device("from_pretrained", model, kwargs)
-        config, tensors = read_adapter_files(model_id, config, kwargs.get("key_mapping"))
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id)
+        cls._check_new_config(config)
+        key_mapping = kwargs.get("key_mapping")
+        if key_mapping is None and not config.is_prompt_learning:
+            # as peft: renames of module paths that transformers applies to this model's older checkpoints apply to
+            # its adapters too
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
+            check_key_mapping(key_mapping)
+        config, tensors = read_adapter_files(model_id, config, key_mapping)
         with _fields_kept_on_error(config):
             config.inference_mode = not is_trainable
             with loading_values():  # built to take the file's values: no start that needs more than the model
-                peft_model = _model_class(config, cls)(model, config, adapter_name)
+                peft_model = cls._class_for(config)(model, config, adapter_name)
             try:
                 load_adapter_into(peft_model, adapter_name, tensors)
             except BaseException:
@@ -657,6 +668,15 @@ class PeftModel(nn.Module):
         if not is_trainable:  # as peft: loaded for inference, the whole model in eval mode (no dropout)
             peft_model.eval()
         return peft_model
+
+    @classmethod
+    def _class_for(cls, config: PeftConfig) -> type[PeftModel]:
+        """The class :meth:`from_pretrained` builds for ``config``: its task type's (as peft), else ``cls``."""
+        return _model_class(config, cls)
+
+    @classmethod
+    def _check_new_config(cls, config: PeftConfig) -> None:
+        """Refuse a config this class cannot hold, before anything is read or changed (every config here)."""
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      **kwargs: Any) -> None:
@@ -676,6 +696,9 @@ class PeftModel(nn.Module):
         _check_load_args("load_adapter", model_id, is_trainable, config)
         folder = _adapter_folder("load_adapter", model_id, kwargs)
         _check_device("load_adapter", self.base_model.model, kwargs)
+        if config is None:
+            config = PeftConfig.from_pretrained(folder)
+        self._check_new_config(config)
         config, tensors = read_adapter_files(folder, config, kwargs.get("key_mapping"))
         if adapter_name in self.base_model.public_names():
             # as peft: the folder's weights go into the adapter of that name (how transformers' Trainer reloads a
@@ -1028,7 +1051,9 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
     of configs makes one composed adapter of them (:class:`peftkit.ComposedConfig`).
 
     Args:
-        mixed: accepted for peft's signature (a peftkit model always takes several methods; True warns).
+        mixed: False (default) returns a :class:`PeftModel` (or its task class), which takes adapters of any methods
+            side by side; True returns a :class:`peftkit.PeftMixedModel`, as peft does, which takes LoRA, LoHa, LoKr
+            and AdaLoRA adapters only (a ValueError for another method).
         autocast_adapter_dtype: True (peft's default): adapter weights are float32 on a float16/bfloat16
             base, as peftkit always keeps them; False (keep them in the base's dtype) is refused.
         revision, low_cpu_mem_usage: accepted for peft's signature; they change nothing here.
@@ -1037,24 +1062,27 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
         ConfigError: ``peft_config`` is not a peftkit config (nor a list of them), is invalid, or no module of
             ``model`` matches its targets (the message lists module names that exist);
             ``autocast_adapter_dtype=False``. The model and the config are left unchanged on error.
+        ValueError: ``mixed=True`` with a config of a method :class:`peftkit.PeftMixedModel` does not take.
         TypeError: ``model`` is not a ``torch.nn.Module``, or a keyword peft's ``get_peft_model`` does not take
             either (e.g. a misspelt ``adapter_name``).
     """
     check(autocast_adapter_dtype is True, f"autocast_adapter_dtype={autocast_adapter_dtype!r} is not supported: "
           "peftkit keeps adapter weights in float32 on a half-precision base (peft's default, True)")
-    if mixed:
-        warnings.warn("peftkit models always allow several methods; 'mixed' is ignored", stacklevel=2)
     if isinstance(peft_config, (list, tuple)):
         from peftkit.methods.compose import ComposedConfig
 
         peft_config = ComposedConfig(configs=list(peft_config))
     check_config(peft_config)
+    if mixed:
+        from peftkit.mixed import PeftMixedModel, check_mixed_compatible
+
+        check_mixed_compatible(peft_config)
     check_trainable_init(peft_config)
     named = bool(getattr(model, "name_or_path", None)) and peft_config.base_model_name_or_path is None
     if named:
         peft_config.base_model_name_or_path = os.fspath(model.name_or_path)
     try:
-        return _model_class(peft_config)(model, peft_config, adapter_name)
+        return (PeftMixedModel if mixed else _model_class(peft_config))(model, peft_config, adapter_name)
     except BaseException:  # the caller's config is left as it was
         if named:
             peft_config.base_model_name_or_path = None

@@ -1,0 +1,115 @@
+"""``PeftMixedModel``: adapters of several low-rank and Kronecker methods on one model, several active at once
+(mirrors ``peft.PeftMixedModel``, which ``get_peft_model(model, config, mixed=True)`` returns).
+
+A :class:`~peftkit.PeftModel` already holds adapters of any methods side by side and runs a list of active
+adapters together (``set_adapter(["a", "b"])``); this class is that model restricted, as peft's is, to the
+methods peft lets one mix: LoRA (its variants included: DoRA, rsLoRA, ...), LoHa, LoKr and AdaLoRA (peft's
+``COMPATIBLE_TUNER_TYPES`` also lists OFT and SHiRA, which peftkit does not implement). Each of them adds a
+weight change to the layer's output, so several active adapters on one layer sum their changes, in whatever
+order they are listed.
+
+Papers: LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685); LoHa:
+FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated Learning (Hyeon-Woo et al., 2021,
+arXiv:2108.06098); LoKr: Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model Evaluation
+(Yeh et al., 2023, arXiv:2309.14859); AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning
+(Zhang et al., 2023, arXiv:2303.10512).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from peftkit.config import PeftConfig, check
+from peftkit.host import check_config
+from peftkit.model import PeftModel
+
+#: the methods a mixed model takes (peft's ``COMPATIBLE_TUNER_TYPES`` that peftkit implements), by ``peft_type``
+COMPATIBLE_TUNER_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA")
+
+
+def check_mixed_compatible(config: PeftConfig) -> None:
+    """Raise ValueError, as peft does, unless ``config``'s method is one a :class:`PeftMixedModel` takes
+    (:data:`COMPATIBLE_TUNER_TYPES`).
+
+    Raises:
+        ConfigError: ``config`` is not a peftkit config. ValueError: another method (a soft prompt, (IA)^3, VeRA, a
+            bottleneck adapter, a composed config, ...), naming it and the methods allowed.
+    """
+    check_config(config)
+    if config.peft_type not in COMPATIBLE_TUNER_TYPES:
+        raise ValueError(f"a PeftMixedModel takes {list(COMPATIBLE_TUNER_TYPES)} adapters, not {config.peft_type} "
+                         f"({type(config).__name__}), as in peft; use get_peft_model without mixed=True, whose "
+                         "PeftModel also holds several methods at once")
+
+
+class PeftMixedModel(PeftModel):
+    """A model holding LoRA, LoHa, LoKr and AdaLoRA adapters together, any of them active at once (mirrors
+    ``peft.PeftMixedModel``). Build it with ``get_peft_model(model, config, mixed=True)``, or
+    :meth:`from_pretrained`; add adapters with :meth:`add_adapter` / :meth:`load_adapter` and activate several with
+    ``set_adapter(["a", "b"])``: each adapted layer then adds every active adapter's change,
+    ``y = W x + sum_a delta_a(x)`` with ``x: (..., in_features)``.
+
+    :meth:`load_adapter` and :meth:`from_pretrained` refuse a folder of another method before reading its weights.
+    It is a :class:`~peftkit.PeftModel` in every other way (``forward``, ``generate``, ``disable_adapter``,
+    ``merge_and_unload``, ``unload``, ``set_adapter``, mixed-adapter batches, ...). Beyond peft's class it also saves
+    (``save_pretrained`` writes each adapter in peft's format, which ``PeftModel.from_pretrained`` of either library
+    loads) and reports ``get_layer_status`` / ``get_model_status``, which peft's refuses.
+
+    Args:
+        model: any ``torch.nn.Module`` (a ``transformers`` model first).
+        peft_config: the first adapter's config, of a method in :data:`COMPATIBLE_TUNER_TYPES`.
+        adapter_name: its name (default ``"default"``).
+
+    Raises:
+        ValueError: a config of another method (checked first, nothing changes). ConfigError: as
+            :class:`~peftkit.PeftModel`.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        check_mixed_compatible(peft_config)
+        super().__init__(model, peft_config, adapter_name)
+
+    @classmethod
+    def _class_for(cls, config: PeftConfig) -> type[PeftModel]:
+        """Always this class (peft's ``PeftMixedModel.from_pretrained`` returns no task class)."""
+        return cls
+
+    @classmethod
+    def _check_new_config(cls, config: PeftConfig) -> None:
+        """Refuse a method a mixed model does not take (see :func:`check_mixed_compatible`)."""
+        check_mixed_compatible(config)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter, inactive until :meth:`set_adapter` (peft's signature).
+
+        Args:
+            adapter_name: a new name.
+            peft_config: its config, of a method in :data:`COMPATIBLE_TUNER_TYPES`.
+            low_cpu_mem_usage: accepted for peft's signature (default False); it changes nothing here.
+            autocast_adapter_dtype: True (default, peft's): adapter weights stay float32 on a half-precision base;
+                False is refused.
+
+        Raises:
+            ValueError: a method a mixed model does not take. ConfigError: a duplicate or invalid name, a config the
+                model cannot take, or ``autocast_adapter_dtype=False``. The model is unchanged on error.
+        """
+        check_mixed_compatible(peft_config)
+        check(autocast_adapter_dtype is True, f"autocast_adapter_dtype={autocast_adapter_dtype!r} is not supported: "
+              "peftkit keeps adapter weights in float32 on a half-precision base (peft's default, True)")
+        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
+
+    def delete_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Remove one adapter, or several (a list, as peft's mixed model takes); see
+        :meth:`peftkit.PeftModel.delete_adapter`.
+
+        Raises:
+            ConfigError: an unknown name (every name is checked before any adapter is removed), or a value that is
+                neither a name nor a list of names.
+        """
+        names = self.base_model.name_list(adapter_name)
+        self.base_model.check_known(names)
+        for name in dict.fromkeys(names):
+            super().delete_adapter(name)
