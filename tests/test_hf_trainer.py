@@ -417,3 +417,24 @@ def test_gradient_checkpointing_enable_passes_transformers_options_on():
     batch = {"input_ids": x.ids[:4], "labels": x.labels[:4]}
     model(**batch).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_child_tuning_f_under_gradient_accumulation_masks_each_step_once(tmp_path):
+    """PeftTrainer with 2 micro-batches per step: both backward passes of a step send the gradient through one
+    mask, and the next step has a new one (every backward drew its own before)."""
+    from peftkit.methods.child_tuning import ChildTuningConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert_classifier(), ChildTuningConfig(child_tuning_type="F", reserve_p=0.5,
+                                                                     target_modules=["query"], task_type="SEQ_CLS"))
+    delta = next(p for n, p in model.named_parameters() if n.endswith("layer.0.attention.self.query.adapters."
+                                                                     "default.diff_weight"))
+    kept = []
+    delta.register_hook(lambda g: kept.append(g != 0))  # each backward's gradient, after the mask
+    _trainer(tmp_path, model=model, max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+             eval_strategy="no", save_strategy="no").train()
+    assert len(kept) == 6
+    for step in range(3):
+        assert torch.equal(kept[2 * step], kept[2 * step + 1])
+        assert abs(kept[2 * step].float().mean().item() - 0.5) < 0.1
+    assert (kept[0] != kept[2]).float().mean() > 0.3 and (kept[2] != kept[4]).float().mean() > 0.3

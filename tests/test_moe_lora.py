@@ -184,3 +184,104 @@ def test_a_load_balancing_loss_without_gradient_is_refused_with_advice():
             model.peft_regularization().backward()
             router = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].lora_router
             assert router.weight.grad.abs().sum() > 0
+
+
+def _routed_inputs(model):
+    """Record the input of every MoE-LoRA layer per call: {layer: [x, ...]}, and the hook handles."""
+    seen, handles = {}, []
+    for _, layer in model.base_model.wrappers():
+        if "default" in getattr(layer, "adapters", {}):
+            seen[layer] = []
+            handles.append(layer.register_forward_hook(lambda m, a, out: seen[m].append(a[0].detach())))
+    return seen, handles
+
+
+def _hand_term(moe, tokens):
+    """E * sum_e f_e * P_e over ``tokens: (n, in)``, as Switch Transformers writes it (f_e: share of the top-k
+    slots, P_e: mean router probability)."""
+    gates, probs = moe.gates(tokens)
+    return moe.num_experts * ((gates > 0).float().mean(0) / moe.top_k * probs.mean(0)).sum()
+
+
+def _padded_batch():
+    lengths = [8, 5, 3, 6]
+    x = ids(batch=4, seq=8)
+    mask = (torch.arange(8)[None] < torch.tensor(lengths)[:, None]).long()
+    return x.masked_fill(mask == 0, 0), mask, lengths
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_load_balancing_loss_counts_only_the_real_tokens_of_a_padded_batch(checkpointing):
+    """Padding tokens were routed and counted: with a quarter of this batch padding, the term moved by
+    ~1e-2 of its value. Reference: each row run alone, unpadded, its tokens' routing pooled by hand."""
+    model, _ = adapted(router_aux_loss_coef=0.5)
+    if checkpointing:  # the layers run again in backward(), after the call and its mask are gone
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    x, mask, lengths = _padded_batch()
+    seen, handles = _routed_inputs(model)
+    with torch.no_grad():
+        for row, n in enumerate(lengths):
+            model(input_ids=x[row:row + 1, :n])
+    expected = 0.5 * torch.stack([_hand_term(layer.adapters["default"], torch.cat([t.reshape(-1, t.shape[-1])
+                                                                                   for t in calls]))
+                                  for layer, calls in seen.items()]).mean()
+    for h in handles:
+        h.remove()
+    out = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100))
+    got = model.peft_regularization()
+    assert abs(got.item() - expected.item()) <= 1e-6
+    out.loss.backward()  # a recomputation in backward() leaves the forward's record as it was
+    assert model.peft_regularization().item() == got.item()
+    model(input_ids=x, labels=x)
+    assert abs(model.peft_regularization().item() - got.item()) > 1e-5  # the padding did count before
+    # the router's gradient from the term is the same with and without recomputation in backward
+    routers = [layer.adapters["default"].lora_router.weight for layer in seen]
+    model(input_ids=x, attention_mask=mask)
+    grads = torch.autograd.grad(model.peft_regularization(), routers)
+    model.gradient_checkpointing_disable()
+    model(input_ids=x, attention_mask=mask)
+    plain = torch.autograd.grad(model.peft_regularization(), routers)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads, plain, strict=True))
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_without_a_mask_or_with_all_ones_every_token_counts_as_before():
+    model, _ = adapted()
+    model.train()
+    x = ids(batch=3, seq=6)
+    seen, handles = _routed_inputs(model)
+    model(input_ids=x)
+    for h in handles:
+        h.remove()
+    before = 0.01 * torch.stack([_hand_term(layer.adapters["default"], calls[0].reshape(-1, calls[0].shape[-1]))
+                                 for layer, calls in seen.items()]).mean()
+    plain = model.peft_regularization()
+    assert abs(plain.item() - before.item()) <= 1e-7
+    model(input_ids=x, attention_mask=torch.ones_like(x))
+    assert abs(model.peft_regularization().item() - plain.item()) <= 1e-7
+    x, mask, _ = _padded_batch()
+    model(input_ids=x, attention_mask=mask)
+    keyword = model.peft_regularization().item()
+    model(x, mask)  # a positional mask is read too
+    assert abs(model.peft_regularization().item() - keyword) <= 1e-7
+    model(x)
+    assert abs(model.peft_regularization().item() - keyword) > 1e-5
+
+
+def test_a_mixed_batch_counts_the_real_tokens_of_the_moe_rows_only():
+    from peftkit import LoraConfig
+
+    model, _ = adapted()
+    model.add_adapter("lo", LoraConfig(r=2, target_modules=["q_proj"]))
+    model.train()
+    x, mask, _ = _padded_batch()
+    names = ["lo", "default", "lo", "default"]  # scattered: the forward regroups the rows (and the mask)
+    model(input_ids=x, attention_mask=mask, adapter_names=names)
+    mixed = model.peft_regularization()
+    model.set_adapter("default")
+    model(input_ids=x[[1, 3]], attention_mask=mask[[1, 3]])
+    alone = model.peft_regularization()
+    assert abs(mixed.item() - alone.item()) <= 1e-6
+    model(input_ids=x[[1, 3]])
+    assert abs(model.peft_regularization().item() - alone.item()) > 1e-5

@@ -91,10 +91,101 @@ def test_child_tuning_f_keeps_a_fraction_p_of_gradient_entries_scaled_by_one_ove
         assert torch.allclose(delta.grad[kept], torch.full_like(delta.grad[kept], 1 / 0.3))
         masks.append(kept)
         delta.grad = None
-    assert (masks[0] != masks[1]).float().mean() > 0.3  # a fresh mask each backward pass
+    assert (masks[0] != masks[1]).float().mean() > 0.3  # a fresh mask once the gradient was cleared
     peft_model.eval()
     peft_model(x).sum().backward()
     assert torch.equal(delta.grad, torch.ones_like(delta.grad))  # no mask outside training
+
+
+def _child_f(p=0.3, seed=3):
+    torch.manual_seed(seed)
+    model = get_peft_model(nn.Sequential(nn.Linear(200, 200)), ChildTuningConfig(child_tuning_type="F", reserve_p=p))
+    model.train()
+    return model, adapters_of(model)["0"].diff_weight
+
+
+@pytest.mark.parametrize("renew", ["zero_grad", "peft_step_end"])
+def test_child_tuning_f_draws_one_gradient_mask_per_optimiser_step(renew):
+    """Under gradient accumulation every backward drew its own mask, so the step's gradient was masked by
+    neither (52% of the entries kept after two micro-batches at p = 0.4, not 40%); the reference ChildTuningAdamW
+    masks the accumulated gradient once per step."""
+    model, delta = _child_f(p=0.4)
+    opt = torch.optim.SGD([delta], lr=0.1)
+    x = torch.ones(1, 200)
+    kept = []
+    for step in (1, 2):
+        model(x).sum().backward()  # the gradient of W is all ones
+        first = delta.grad.clone()
+        model(2 * x).sum().backward()  # the second micro-batch: all twos, under the same mask
+        mask = first != 0
+        assert torch.equal(delta.grad != 0, mask)
+        assert torch.allclose(delta.grad[mask], torch.full_like(delta.grad[mask], 3 / 0.4))  # (1 + 2) / p
+        assert abs(mask.float().mean().item() - 0.4) < 0.015
+        kept.append(mask)
+        opt.step()
+        if renew == "peft_step_end":  # a loop that keeps zeroed gradients says when a step was taken
+            model.peft_step_end(step)
+            opt.zero_grad(set_to_none=False)
+        else:
+            opt.zero_grad()
+    assert (kept[0] != kept[1]).float().mean() > 0.3  # the next step has its own mask
+
+
+def test_child_tuning_f_without_accumulation_draws_its_masks_as_before():
+    """One backward per step consumes the random stream as the per-backward draw did: the same seed gives the
+    same gradients (each mask is torch.empty_like(grad).bernoulli_(p), drawn in backward)."""
+    model, delta = _child_f()
+    x = torch.ones(1, 200)
+    state = torch.get_rng_state()
+    grads = []
+    for step in (1, 2):
+        model(x).sum().backward()
+        grads.append(delta.grad.clone())
+        model.peft_step_end(step)
+        delta.grad = None
+    torch.set_rng_state(state)
+    for got in grads:
+        torch.empty(200).bernoulli_(0.3)  # the bias difference's mask, drawn first (its gradient comes first)
+        assert torch.equal(got, torch.empty(200, 200).bernoulli_(0.3) / 0.3)
+
+
+def test_child_tuning_f_a_module_run_twice_in_one_forward_gets_one_mask():
+    """Both uses of a shared weight (and its recomputation under checkpointing) share the step's mask."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(100, 100)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Twice(), ChildTuningConfig(child_tuning_type="F", reserve_p=0.3))
+    model.train()
+    delta = next(p for n, p in model.named_parameters() if n.endswith("diff_weight"))
+    model(torch.randn(4, 100)).sum().backward()
+    assert abs((delta.grad != 0).float().mean().item() - 0.3) < 0.02  # two masks would keep 1 - 0.7^2 = 51%
+
+
+@pytest.mark.parametrize("reentrant", [None, False, True])
+def test_child_tuning_f_micro_batches_share_the_mask_under_gradient_checkpointing(reentrant):
+    """The checkpointed layers run again in backward(), outside the model call: the recomputation keeps the step's
+    mask (re-entrant checkpointing runs the whole forward of the layers there)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), ChildTuningConfig(child_tuning_type="F", reserve_p=0.5,
+                                                           target_modules=["q_proj"]))
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    delta = next(p for n, p in model.named_parameters() if n.endswith("layers.0.self_attn.q_proj.adapters.default"
+                                                                     ".diff_weight"))
+    x = torch.randint(3, 64, (2, 6))
+    model(input_ids=x, labels=x).loss.backward()
+    first = delta.grad != 0
+    model(input_ids=x.flip(0), labels=x.flip(0)).loss.backward()
+    assert torch.equal(delta.grad != 0, first)
+    assert abs(first.float().mean().item() - 0.5) < 0.1  # 256 entries
 
 
 @pytest.mark.parametrize("steps", [1, 3])

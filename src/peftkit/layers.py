@@ -40,11 +40,18 @@ class AdapterContext:
     during a forward (MoE-LoRA's load-balancing loss) can be told apart from an earlier forward's.
     ``caller_adds_loss_terms`` is True while a trainer that adds every loss term itself runs the forward
     (see :meth:`peftkit.PeftModel.loss_terms_added_by_caller`).
+
+    ``in_call`` is True while a :meth:`peftkit.PeftModel.forward` call runs (see :meth:`call`), and
+    ``attention_mask`` then holds the call's 2-D ``(batch, seq)`` attention mask in the row order the layers
+    see (None without one): what MoE-LoRA's load-balancing loss averages over. A layer running while no call
+    does (activation checkpointing's recomputation in ``backward()``) can tell it is not a new forward.
     """
 
     def __init__(self) -> None:
         self.forward_id = 0
         self.caller_adds_loss_terms = False
+        self.in_call = False
+        self.attention_mask: Tensor | None = None
         self.row_names: list[str] | None = None
         self.copies = False  # whether a layer may see each row repeated (generate's beams and return sequences)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
@@ -58,6 +65,18 @@ class AdapterContext:
         self.row_names, self.copies = names, copies and names is not None
         self._groups = {}
         self._spans = {}
+
+    @contextlib.contextmanager
+    def call(self, attention_mask: Any) -> Iterator[None]:
+        """Within the block a model call runs (:attr:`in_call`) with ``attention_mask`` (kept when it is a 2-D
+        tensor, else None); the previous state comes back afterwards, also after an exception."""
+        saved = self.in_call, self.attention_mask
+        self.in_call = True
+        self.attention_mask = attention_mask if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 else None
+        try:
+            yield
+        finally:
+            self.in_call, self.attention_mask = saved
 
     @contextlib.contextmanager
     def only(self, names: list[str]) -> Iterator[None]:

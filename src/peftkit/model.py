@@ -460,14 +460,18 @@ class PeftModel(nn.Module):
                                 "wrapped model")
             kwargs["labels"] = labels
         rows = _batch_size(args, kwargs)
-        self.base_model.ctx.forward_id += 1
-        with self._rows(adapter_names, rows) as names:
-            base = self.get_base_model()
+        ctx = self.base_model.ctx
+        ctx.forward_id += 1
+        base = self.get_base_model()
+        with self._rows(adapter_names, rows) as names, ctx.call(_call_mask(base, args, kwargs)):
             order = (None if names is None or rows is None or _holds_cache(args, kwargs)
                      or not _regroupable(base, args, kwargs) else _grouped_order(names))
             if order is None:
                 return self._with_forward_terms(base(*args, **kwargs))
-            self.base_model.ctx.set_rows([names[i] for i in order], copies=True)
+            ctx.set_rows([names[i] for i in order], copies=True)
+            mask = ctx.attention_mask
+            if mask is not None and mask.shape[0] == rows:  # in the rows' new order, as the layers see them
+                ctx.attention_mask = mask.index_select(0, torch.tensor(order, device=mask.device))
             return self._with_forward_terms(self._regrouped(base, order, rows, args, kwargs))
 
     def _with_forward_terms(self, out: Any) -> Any:
@@ -1030,6 +1034,23 @@ def _cache_rows(cache: Any) -> int | None:
             if isinstance(keys, Tensor) and keys.dim() > 0:
                 return keys.shape[0]
     return None
+
+
+def _call_mask(base: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+    """The 2-D ``attention_mask`` ``(batch, seq)`` of a call to ``base`` (a keyword or the positional argument of
+    that name), or None: without one, or on an encoder-decoder model (its encoder's mask does not describe the
+    decoder's tokens, which the same adapters see)."""
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:
+        try:
+            params = list(inspect.signature(base.forward).parameters)
+        except (TypeError, ValueError):  # a forward without a readable signature
+            params = []
+        if "attention_mask" in params and params.index("attention_mask") < len(args):
+            mask = args[params.index("attention_mask")]
+    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -7,7 +7,11 @@ Equation: ``w <- w - lr * (dL/dw * M)``.
 * Child-Tuning-D (task-driven): ``M`` is fixed, 1 on the ``round(p_D * N)`` entries of largest
   empirical Fisher information ``(1/N) sum_n (dL_n/dw)^2`` over all selected tensors together.
   Trainable parameters: ``round(reserve_p * N_sel)``, stored as indices + values.
-* Child-Tuning-F (task-free): ``M ~ Bernoulli(p_F) / p_F``, a fresh mask every backward pass.
+* Child-Tuning-F (task-free): ``M ~ Bernoulli(p_F) / p_F``, a fresh mask every optimiser step. As in the
+  reference ``ChildTuningAdamW``, which masks the accumulated gradient in ``step()``, the micro-batches
+  accumulated into one step share their mask (:class:`~peftkit.methods.selective.StepMask`; a new one is
+  drawn at the first backward after the gradients were cleared or ``peft_step_end`` ran; a loop that
+  clears them with ``zero_grad(set_to_none=False)`` must call ``model.peft_step_end(step)``).
   Trainable parameters: ``N_sel`` (every selected entry may change over the run), stored dense.
 
 As everywhere in the selective family the update lives in a difference ``delta`` from the frozen
@@ -41,7 +45,7 @@ class ChildTuningConfig(SelectiveConfig):
 
     Args:
         child_tuning_type: ``"D"`` (default; Fisher-chosen fixed child network) or ``"F"`` (random
-            Bernoulli gradient mask each step).
+            Bernoulli gradient mask each optimiser step, shared by the micro-batches it accumulates).
         reserve_p: ``p_D`` (fraction of entries in the child network) or ``p_F`` (probability that a
             gradient entry is kept), in (0, 1]. Default 0.3.
         num_fisher_samples: examples the Fisher information of type D is averaged over, >= 1.
@@ -94,6 +98,11 @@ class ChildTuningTuner(FisherMaskTuner):
     def prepare(self, host: Any, adapter_name: str, batches: Iterator[dict[str, Tensor]]) -> None:
         if host.peft_config[adapter_name].child_tuning_type == "D":
             super().prepare(host, adapter_name, batches)
+
+    def on_step_end(self, host: Any, adapter_name: str, step: int) -> None:
+        """Type F: the next backward draws new gradient masks (one mask per optimiser step)."""
+        for _, adapter in self.adapters(host, adapter_name):
+            adapter.renew_grad_masks()
 
 
 def child_tuning_from_cli(args: Any) -> ChildTuningConfig:

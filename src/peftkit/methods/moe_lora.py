@@ -15,7 +15,13 @@ projection; the router's gates zero the columns of unselected experts, so no tok
 scattered. The router depends on the input, so MoE-LoRA does not merge into the base weight.
 The auxiliary load-balancing loss ``coef * E * sum_e f_e * P_e`` (``f_e``: fraction of routing slots
 given to expert ``e``, ``P_e``: its mean router probability) is added to the training loss through
-the tuner's ``regularizer`` hook.
+the tuner's ``regularizer`` hook. When the call to :class:`~peftkit.PeftModel` has a 2-D
+``attention_mask``, ``f_e`` and ``P_e`` are averaged over the real tokens only, as in transformers'
+``load_balancing_loss_func(..., attention_mask)`` (padding would otherwise pull the balance towards the
+experts the pad token goes to). Each layer records its per-token choices and probabilities and the
+call's mask; the average is taken when the loss term is asked for, outside the layers, so a layer that
+activation checkpointing recomputes in ``backward()`` (re-entrant or not) needs no mask, and its
+recomputation does not replace the record of the forward that the loss term came from.
 """
 
 from __future__ import annotations
@@ -109,20 +115,28 @@ class MoeLoraLinear(Adapter):
         self.lora_A = nn.Linear(in_features, num_experts * r, bias=False)
         self.lora_B = nn.Linear(num_experts * r, out_features, bias=False)
         self.lora_router = nn.Linear(in_features, num_experts, bias=False)
-        #: the load-balancing term of the latest training forward that ran this router (see :attr:`last_aux`)
+        #: the routing of the latest training forward that ran this router (see :attr:`last_aux`)
         self._aux = _Transient()
         #: that forward's ``AdapterContext.forward_id`` (the tuner's regulariser uses only current terms)
         self.aux_forward_id: int | None = None
 
     @property
     def last_aux(self) -> Tensor | None:
-        """The load-balancing term of the latest training forward (with its graph), or None. It is not
-        copied with the model (``copy.deepcopy``, pickling): a copy starts without one."""
-        return self._aux.get("aux")
-
-    @last_aux.setter
-    def last_aux(self, value: Tensor | None) -> None:
-        self._aux["aux"] = value
+        """The load-balancing term ``E * sum_e f_e * P_e`` of the latest training forward (a scalar with its
+        graph to the router), or None after an eval forward or before any. ``f_e`` and ``P_e`` are averaged
+        over the tokens the call's ``attention_mask`` marks as real (all tokens without one; none real gives 0).
+        The record it is computed from is not copied with the model (``copy.deepcopy``, pickling): a copy starts
+        without one."""
+        if "probs" not in self._aux:
+            return None
+        chosen, probs, weights = self._aux["chosen"].float(), self._aux["probs"], self._aux["weights"]
+        if weights is None:
+            load, share = chosen.mean(0) / self.top_k, probs.mean(0)
+        else:
+            real = weights.sum().clamp_min(1)
+            load = (chosen * weights[:, None]).sum(0) / (real * self.top_k)
+            share = (probs * weights[:, None]).sum(0) / real
+        return self.num_experts * (load * share).sum()
 
     def reset(self, init: bool | str) -> None:
         """A Kaiming-uniform, B zero (identity at start) unless ``init`` is False; router small normal."""
@@ -147,16 +161,40 @@ class MoeLoraLinear(Adapter):
         if x.dtype != self.lora_A.weight.dtype:
             x = x.to(self.lora_A.weight.dtype)
         gates, probs = self.gates(x)
+        ctx = layer._ctx
         if not self.training:
-            self.last_aux = None  # not keeping the graph of a training forward alive after it
-        else:
-            flat_g, flat_p = gates.reshape(-1, self.num_experts), probs.reshape(-1, self.num_experts)
-            load = (flat_g > 0).float().mean(0) / self.top_k
-            self.last_aux = self.num_experts * (load * flat_p.mean(0)).sum()
-            self.aux_forward_id = None if layer._ctx is None else layer._ctx.forward_id
+            self._aux.clear()  # not keeping the graph of a training forward alive after it
+        elif ctx is None or ctx.in_call:  # (not a checkpointed layer's recomputation in backward: keep the record)
+            self._aux.update(chosen=(gates > 0).reshape(-1, self.num_experts),
+                             probs=probs.reshape(-1, self.num_experts), weights=_token_weights(self, layer, x))
+            self.aux_forward_id = None if ctx is None else ctx.forward_id
         z = self.lora_A(self.lora_dropout(x))
         z = z * gates.to(z.dtype).repeat_interleave(self.r, dim=-1)
         return torch.add(y, self.lora_B(z).to(y.dtype), alpha=self.scaling)
+
+
+def _token_weights(adapter: MoeLoraLinear, layer: AdaptedLayer, x: Tensor) -> Tensor | None:
+    """Per-token weights ``(batch * seq,)`` float32, 1 for a real token and 0 for padding, for the input
+    ``x: (batch, seq, in)`` of ``adapter`` on ``layer``: the running call's attention mask (see
+    :class:`~peftkit.layers.AdapterContext`), its rows of this adapter's group in a mixed-adapter batch. None
+    (every token counts) without a mask, or when ``x`` is not laid out as the mask's tokens (a per-example
+    input ``(batch, in)``, a decoder of an encoder-decoder model)."""
+    ctx = layer._ctx
+    mask = None if ctx is None else ctx.attention_mask
+    if mask is None or x.dim() != 3:
+        return None
+    if ctx.row_names is not None and x.shape[0] != mask.shape[0]:  # one adapter's rows of a mixed batch
+        name = next(n for n, a in layer.adapters.items() if a is adapter)
+        try:
+            rows = dict(ctx.groups(mask.shape[0], mask.device)).get(name)
+        except ValueError:  # a mask of another number of rows than the adapter names describe
+            return None
+        if rows is None:
+            return None
+        mask = mask.index_select(0, rows)
+    if mask.shape != x.shape[:2]:
+        return None
+    return mask.reshape(-1).to(device=x.device, dtype=torch.float32)
 
 
 class MoeLoraTuner(WrapTuner):
@@ -181,19 +219,23 @@ class MoeLoraTuner(WrapTuner):
         return adapter
 
     def regularizer(self, host: Any, adapter_name: str) -> Tensor | None:
-        """``coef`` times the mean load-balancing term of the routers that ran in the latest forward (in
-        training mode, on rows of this adapter); None when none did (an eval forward, a mixed batch
-        without this adapter's rows, a forward under ``disable_adapter``).
+        """``coef`` times the mean load-balancing term (:attr:`MoeLoraLinear.last_aux`: over the real tokens when
+        the call had an attention mask) of the routers that ran in the latest forward (in training mode, on rows
+        of this adapter); None when none did (an eval forward, a mixed batch without this adapter's rows, a
+        forward under ``disable_adapter``) or when ``router_aux_loss_coef`` is 0.
 
         Raises:
             RuntimeError: the routers train but the latest forward's terms carry no gradient (e.g. reentrant
                 gradient checkpointing ran the layers under ``no_grad``), so they could not learn to balance.
         """
         coef = host.peft_config[adapter_name].router_aux_loss_coef
+        if not coef:
+            return None
         adapters = [layer.adapters[adapter_name] for _, layer in host.wrappers()
                     if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters]
-        terms = [a.last_aux for a in adapters if a.last_aux is not None and a.aux_forward_id == host.ctx.forward_id]
-        if not coef or not terms:
+        current = (a.last_aux for a in adapters if a.aux_forward_id == host.ctx.forward_id)
+        terms = [t for t in current if t is not None]
+        if not terms:
             return None
         trains = any(p.requires_grad for a in adapters for p in a.lora_router.parameters())
         if trains and torch.is_grad_enabled() and not any(t.requires_grad for t in terms):

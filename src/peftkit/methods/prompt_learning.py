@@ -550,6 +550,8 @@ class PromptHooks:
             use_cache = getattr(model.config, "use_cache", True)
         self.pending = _finisher(call, drop_cache=call.made_cache and not use_cache, as_tuple=want_tuple)
         rewritten_mask(model, kw["attention_mask"])  # gates recorded the user's mask if their hook ran first
+        if self.host.ctx.attention_mask is not None:  # the call's mask, as MoE-LoRA's load balancing reads it
+            self.host.ctx.attention_mask = kw["attention_mask"]
         return (), kw
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:

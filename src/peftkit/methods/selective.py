@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from peftkit.config import ConfigError, PeftConfig, check
 from peftkit.formats.hf_peft import PREFIX, AdapterLoadError
 from peftkit.layers import AdaptedLayer, Adapter, replace_module, wide
+from peftkit.ops import func_transforms_active
 from peftkit.targeting import (
     ALL_LINEAR,
     UnmatchedTargetWarning,
@@ -147,23 +148,60 @@ def budget(fraction: float, total: int, what: str) -> int:
     return min(k, total)
 
 
+class StepMask:
+    """Child-Tuning-F's Bernoulli gradient mask of one difference for the current optimiser step.
+
+    Args:
+        p: the probability that a gradient entry is kept, in (0, 1].
+
+    :meth:`masked` draws ``M ~ Bernoulli(p)`` (shaped like the gradient) at the first backward of a step and
+    applies the same ``M`` in every later backward until :meth:`renew`, so that under gradient accumulation the
+    step's summed gradient is ``M * sum_i g_i / p``, as the reference ``ChildTuningAdamW`` masks the accumulated
+    gradient once per step. The draw is ``torch.empty_like(grad).bernoulli_(p)``, made in backward, as when
+    the mask was drawn every backward: one backward per step draws from the random stream exactly as before.
+
+    Paper: Raise a Child in Large Language Model: Towards Effective and Generalizable Fine-tuning (Xu et al.,
+    2021, arXiv:2109.05687).
+    """
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.mask: Tensor | None = None
+
+    def renew(self) -> None:
+        """Forget the mask: the next backward draws a new one."""
+        self.mask = None
+
+    def masked(self, grad: Tensor) -> Tensor:
+        """``grad * M / p`` for ``grad`` shaped like the difference; draws ``M`` when there is none for this step
+        (or the one held no longer fits ``grad``'s shape, dtype or device, e.g. after ``model.to(...)``)."""
+        m = self.mask
+        if m is None or m.shape != grad.shape or m.dtype != grad.dtype or m.device != grad.device:
+            m = self.mask = torch.empty_like(grad).bernoulli_(self.p)
+        return grad * m / self.p
+
+
 class _BernoulliGrad(torch.autograd.Function):
-    """Identity forward; backward keeps each gradient entry with probability ``p`` and scales by 1/p."""
+    """Identity forward; backward keeps each gradient entry with probability ``p`` and scales by 1/p: with the
+    step's :class:`StepMask` when one is given, else with a mask drawn for this backward alone (under
+    ``torch.func`` transforms, whose tensors may not outlive the transform)."""
 
     generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
 
     @staticmethod
-    def forward(x: Tensor, p: float) -> Tensor:
+    def forward(x: Tensor, p: float, step_mask: StepMask | None) -> Tensor:
         return x.view_as(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        ctx.p = inputs[1]
+        ctx.p, ctx.step_mask = inputs[1], inputs[2]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.step_mask is not None:
+            return ctx.step_mask.masked(grad), None, None
         keep = torch.empty_like(grad).bernoulli_(ctx.p)
-        return grad * keep / ctx.p, None
+        return grad * keep / ctx.p, None, None
 
 
 class SelectAdapter(Adapter):
@@ -176,7 +214,11 @@ class SelectAdapter(Adapter):
             of dense zeros.
         save_sparse: write dense differences as their non-zero entries (diff pruning).
         grad_keep: Child-Tuning-F's ``p``: in training, each gradient entry of a dense difference is
-            kept with probability ``p`` and scaled by ``1/p`` (a fresh Bernoulli mask each backward).
+            kept with probability ``p`` and scaled by ``1/p``, with one Bernoulli mask per optimiser step
+            (:class:`StepMask`): a new one is drawn at the first backward after a training forward through
+            :class:`~peftkit.PeftModel` found the difference's gradient cleared (``zero_grad()``, which sets it
+            to None by default), or after :meth:`renew_grad_masks` (``peft_step_end``); micro-batches
+            accumulated into one step share it.
 
     Shapes: ``diff_<name>`` like the base tensor; ``diff_<name>_values``/``_indices``: ``(k,)``.
     ``delta_weight``/``delta_bias`` are the dense float32 differences.
@@ -195,6 +237,7 @@ class SelectAdapter(Adapter):
         self.names = tuple(names)
         self.shapes = {n: tuple(base._parameters[n].shape) for n in self.names}
         self.save_sparse, self.grad_keep = save_sparse, grad_keep
+        self._grad_masks: dict[str, StepMask] = {}  # Child-Tuning-F's mask of each difference for this step
         self.is_sparse: dict[str, bool] = {}
         self.prepared = not sparse
         self._warned = False
@@ -274,10 +317,27 @@ class SelectAdapter(Adapter):
                                                     values.to(w.dtype)).view_as(w)
             else:
                 d = getattr(self, f"diff_{n}")
-                if self.grad_keep is not None and self.training and d.requires_grad and torch.is_grad_enabled():
-                    d = _BernoulliGrad.apply(d, self.grad_keep)
+                if self.grad_keep is not None and self.training and d.requires_grad:
+                    d = self._masked_grad(layer, n, d)
                 params[n] = w + d.to(w.dtype)
         return params
+
+    def _masked_grad(self, layer: AdaptedLayer, name: str, d: Tensor) -> Tensor:
+        """``d`` whose gradient gets this step's Child-Tuning-F mask (``d`` itself outside autograd)."""
+        step_mask = self._grad_masks.setdefault(name, StepMask(self.grad_keep))
+        ctx = layer._ctx
+        # a forward of a model call that finds the gradient cleared starts a new step (not a checkpointed
+        # layer's recomputation in backward, which runs outside the call, before the gradient is accumulated)
+        if d.grad is None and (ctx is None or ctx.in_call):
+            step_mask.renew()
+        if not torch.is_grad_enabled():
+            return d
+        return _BernoulliGrad.apply(d, self.grad_keep, None if func_transforms_active() else step_mask)
+
+    def renew_grad_masks(self) -> None:
+        """Child-Tuning-F: draw new gradient masks at the next backward (an optimiser step was taken)."""
+        for step_mask in self._grad_masks.values():
+            step_mask.renew()
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         return y  # everything happened in substitute_params
