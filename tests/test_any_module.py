@@ -443,3 +443,23 @@ def test_channels_last_conv2d(method):
         assert (model(x.to(memory_format=torch.channels_last)) - out).abs().max() <= 1e-5
         model.unmerge_adapter()
     assert base[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=4, target_modules=["emb"], init_lora_weights=False),
+                                    PartialConfig(target_modules=["emb"])], ids=["lora", "partial"])
+def test_merging_into_an_embedding_with_max_norm_is_refused(config):
+    """``max_norm`` renormalises the looked-up rows of the table in place, so ``renorm(W + dW)`` (merged) is not
+    ``renorm(W) + dW`` (unmerged): merging changed this model's outputs by 0.78, and the rows renormalised while
+    merged stayed changed after unmerging (base off by 0.6)."""
+    torch.manual_seed(0)
+    model = get_peft_model(Embedder(max_norm=1.0), config).eval()
+    perturb(model)
+    with torch.no_grad():
+        out = model(*IDS)  # (renormalises the rows it looks up: the base table's own behaviour)
+        weight = model.base_model.model.emb.weight.detach().clone()
+        for merge in (model.merge_adapter, model.merge_and_unload):
+            with pytest.raises(ValueError, match=r"on layer 'emb': its base nn.Embedding has max_norm=1.0"):
+                merge()
+        assert torch.equal(model(*IDS), out)
+    assert torch.equal(model.base_model.model.emb.weight, weight)
+    assert isinstance(model.base_model.model.emb, AdaptedLayer)
