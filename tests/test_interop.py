@@ -655,7 +655,8 @@ def test_an_adapter_on_a_compiled_model_saves_the_models_own_keys(tmp_path):
     x = ids()
     with torch.no_grad():
         want = model(input_ids=x).logits
-        assert torch.equal(compiled(input_ids=x).logits, want)  # the user's compiled handle has the adapter too
+        # the user's compiled handle has the adapter too (as plain ops: rounding differs from the fused node)
+        assert (compiled(input_ids=x).logits - want).abs().max() <= 1e-6
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path)
         assert (theirs(input_ids=x).logits - want).abs().max() <= 1e-6
         ours = peftkit.PeftModel.from_pretrained(torch.compile(copy.deepcopy(plain), backend="eager"), tmp_path)

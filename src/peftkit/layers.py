@@ -574,8 +574,16 @@ class AdaptedLayer(nn.Module):
         (LoRA and its family commute); a rescale (DoRA, (IA)^3, SSF) or an input transform does not commute.
         With ``dropping`` (``merge_and_unload(adapter_names=...)``) the active adapters not in ``names`` are
         about to be removed, so the output to keep is that of the merged ones alone and the others do not count.
+        Merging anything into an ``nn.Embedding`` with ``max_norm`` set is never exact (its lookup renormalises
+        the table's rows in place).
         """
         merging = {n for n in names if n in self.adapters}
+        max_norm = getattr(self.base_layer, "max_norm", None) if isinstance(self.base_layer, nn.Embedding) else None
+        if merging and max_norm is not None:
+            return (f"its base nn.Embedding has max_norm={max_norm}, which renormalises the rows it looks up, in "
+                    "place: a merged table renormalises base plus adapter together (other outputs than the adapted "
+                    "layer, which renormalises the base rows alone) and leaves rows that unmerging cannot restore; "
+                    "keep the adapter unmerged, or set the embedding's max_norm to None before adapting it")
         # parameter substitutions run first (before the base layer), the output adapters after, in order
         live = sorted((n for n in self.active_adapters if n not in self.merged_adapters
                        and (not dropping or n in merging)),

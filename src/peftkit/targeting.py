@@ -301,7 +301,7 @@ def find_targets(
         raise ConfigError(f"target_modules selects both {nested[0]!r} and {nested[1]!r}, which lies inside it; the "
                           f"wrapper of {nested[0]!r} runs that module whole, so an adapter on {nested[1]!r} would never "
                           "run (and merging would apply it): adapt one of them (exclude_modules can drop the other)")
-    _check_single_path(model, found)
+    check_single_path(model, found)
     if target_modules is not None and not isinstance(target_modules, str):
         unmatched = [p for p in target_modules if not any(n == p or n.endswith("." + p) for n in names)]
         if unmatched:
@@ -317,10 +317,19 @@ def bypassed_modules(model: nn.Module) -> set[int]:
     return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
-def _check_single_path(model: nn.Module, found: list[str]) -> None:
-    """Refuse a target module that the model also holds under another name (``self.b = self.a``, T5's shared
-    embedding): the wrapper replaces one path, so calls through the others would run the base module without
-    the adapter, while merging changes the module for every path."""
+def check_single_path(model: nn.Module, found: list[str]) -> None:
+    """Refuse a target module that the model also holds under another name (``self.b = self.a``, one layer
+    placed twice in an ``nn.Sequential``): the wrapper replaces one path, so calls through the others would run
+    the base module without the adapter, while merging changes the module for every path. (Modules that only
+    share a weight tensor, tied embeddings, are separate modules and pass.)
+
+    Args:
+        model: the model ``found`` names modules of.
+        found: module names about to be wrapped.
+
+    Raises:
+        ConfigError: naming the first such module and its other names; nothing is changed.
+    """
     wanted = {id(model.get_submodule(n)): n for n in found}
     paths: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):

@@ -176,8 +176,10 @@ def fresh_output(layer: AdaptedLayer) -> bool:
     """Whether the base layer's output may be updated in place: true for ``nn.Linear`` and GPT-2
     ``Conv1D``, whose backward does not read their output, unless a ``torch.func`` transform runs (``vmap``
     has no batching rule for the in-place GEMM) or the base layer has hooks (a forward hook may keep the
-    output it saw; see :meth:`~peftkit.layers.AdaptedLayer.base_is_hooked`)."""
-    return type(layer.base_layer) in _INPLACE_SAFE and not func_transforms_active() and not layer.base_is_hooked()
+    output it saw; see :meth:`~peftkit.layers.AdaptedLayer.base_is_hooked`), or ``torch.compile`` traces (the
+    traced in-place GEMM on a view lost the gradients of DoRA's A and B)."""
+    return (type(layer.base_layer) in _INPLACE_SAFE and not func_transforms_active() and not layer.base_is_hooked()
+            and not torch.compiler.is_compiling())
 
 
 _INPLACE_SAFE = set(linear_types())

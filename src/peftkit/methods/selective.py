@@ -60,6 +60,7 @@ from peftkit.targeting import (
     ALL_LINEAR,
     UnmatchedTargetWarning,
     bypassed_modules,
+    check_single_path,
     iter_logical_modules,
     layer_index,
     linear_types,
@@ -380,8 +381,9 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
     is selected once, on the first module that owns it.
 
     Raises:
-        ConfigError: nothing is selected (the message says what was looked for), or a selected
-            module has a bias but no weight (differences fold into ``weight``/``bias``).
+        ConfigError: nothing is selected (the message says what was looked for), a selected
+            module has a bias but no weight (differences fold into ``weight``/``bias``), or a selected module
+            is also part of the model under another name (one layer object placed twice).
     """
     model = host.model
     skip = set(host.modules_to_save_names())
@@ -436,6 +438,9 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
                  "it has no 'weight' parameter to fold the difference into"))
         seen.update(id(module._parameters[n]) for n in own)
         found.append((name, tuple(own)))
+    # a module the model also holds under another name would be wrapped under one of them only (checked before
+    # the config is changed below)
+    check_single_path(model, [n for n, _ in found])
     left_out = [n for n in left_out if target is None or (target == ALL_LINEAR and isinstance(
         model.get_submodule(n), linear_types())) or (target != ALL_LINEAR and matches(n, target))]
     if left_out and found:
