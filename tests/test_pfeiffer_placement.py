@@ -267,3 +267,20 @@ def test_a_skip_after_the_layer_norm_is_refused_at_an_add_norm_before_any_change
     assert {n: type(m) for n, m in base.named_modules()} == before
     # on a pre-LN model the adapter stays on the projection, where that skip works as before
     get_peft_model(tiny_llama(), PfeifferConfig(residual_before_ln=False, ln_before=True))
+
+
+@pytest.mark.parametrize("option, at_norm", [(None, True), ("original_ln_before=false", False)])
+def test_cli_pfeiffer_trains_at_the_add_norm_and_saves_the_placement(tiny_model_dir, tmp_path, option, at_norm):
+    from safetensors.torch import load_file
+
+    from peftkit.cli import main
+
+    out = tmp_path / "run"
+    extra = ["--option", option] if option else []
+    assert main(["train", "--model", tiny_model_dir, "--method", "pfeiffer", *extra, "--max-steps", "1",
+                 "--max-train-samples", "8", "--max-eval-samples", "8", "--output-dir", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "PFEIFFER" and saved["original_ln_before"] is at_norm
+    sites = {k.rsplit(".adapter_", 1)[0].split("layer.0.")[-1] for k in load_file(out / "adapter_model.safetensors")
+             if ".adapter_up." in k and "layer.0." in k}
+    assert sites == {"output.LayerNorm" if at_norm else "output.dense"}
