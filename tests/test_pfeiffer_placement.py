@@ -102,6 +102,24 @@ def test_distilbert_gets_the_placement_at_its_output_layer_norm():
         assert (norm(z) - expected).abs().max() <= 1e-6
 
 
+def test_roberta_shares_berts_sites_and_two_active_adapters_each_renormalise():
+    from transformers import RobertaConfig, RobertaModel
+
+    base = RobertaModel(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=40)).eval()
+    model = get_peft_model(base, PfeifferConfig(reduction_factor=4), adapter_name="a")
+    model.add_adapter("b", PfeifferConfig(reduction_factor=8))
+    assert adapted(base) == [f"encoder.layer.{i}.output.LayerNorm" for i in (0, 1)]
+    model.set_adapter(["a", "b"])
+    perturb(model)
+    norm = base.encoder.layer[1].output.LayerNorm
+    a, b = norm.adapters["a"], norm.adapters["b"]
+    z = torch.randn(2, 5, 16)
+    with torch.no_grad():  # y_k = LN(z + A_k(y_{k-1})), y_0 = LN(z)
+        y1 = norm.base_layer(z + a.bottleneck(norm.base_layer(z)))
+        assert (norm(z) - norm.base_layer(z + b.bottleneck(y1))).abs().max() <= 1e-6
+
+
 def test_pre_ln_decoders_keep_the_adapter_on_the_ffn_projection():
     """No module of a pre-LN block receives the residual sum (AdapterHub adds A(x + u) there): documented."""
     base = tiny_llama()
