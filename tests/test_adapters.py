@@ -76,7 +76,9 @@ def test_sites_follow_the_architecture_table(arch):
     houlsby = get_peft_model(MODELS[arch](), HoulsbyConfig())
     assert adapted_names(houlsby.get_base_model()) == [f"{layers}.{i}.{s[k]}" for i in (0, 1) for k in ("attn", "ffn")]
     pfeiffer = get_peft_model(MODELS[arch](), PfeifferConfig())
-    assert adapted_names(pfeiffer.get_base_model()) == [f"{layers}.{i}.{s['ffn']}" for i in (0, 1)]
+    # post-LN BERT: after the FFN's Add & Norm (its LayerNorm); pre-LN decoders: on the FFN's output projection
+    ffn = "output.LayerNorm" if arch == "bert" else s["ffn"]
+    assert adapted_names(pfeiffer.get_base_model()) == [f"{layers}.{i}.{ffn}" for i in (0, 1)]
     parallel = get_peft_model(MODELS[arch](), ParallelConfig(mh_adapter=True)).get_base_model()
     blocks = [f"{layers}.{i}.{s[k]}" for i in (0, 1) for k in ("attn_block", "ffn_block")]
     assert adapted_names(parallel) == blocks

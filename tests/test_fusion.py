@@ -31,11 +31,12 @@ D = 16
 
 
 def two_adapters():
-    """A tiny BERT with trained-looking Houlsby adapter "a" (both sites) and Pfeiffer adapter "b" (FFN)."""
+    """A tiny BERT with trained-looking Houlsby adapter "a" (both sites) and Pfeiffer-style adapter "b" (FFN; on its
+    output projection, where "a" sits too, so that the two share sites)."""
     base = tiny_bert_classifier()
     twin = copy.deepcopy(base)
     model = get_peft_model(base, HoulsbyConfig(bottleneck_size=4), adapter_name="a")
-    model.add_adapter("b", PfeifferConfig(bottleneck_size=3))
+    model.add_adapter("b", PfeifferConfig(bottleneck_size=3, original_ln_before=False))
     model.set_adapter(["a", "b"])
     perturb(model)
     return model, twin
@@ -154,7 +155,7 @@ def test_save_and_load_with_the_fused_adapters(tmp_path):
     # onto a model that already has the fused adapters: the saved copies are loaded into them, with a warning that
     # names the adapters whose weights this replaces (it did so silently)
     other = get_peft_model(fresh, HoulsbyConfig(bottleneck_size=4), adapter_name="a")
-    other.add_adapter("b", PfeifferConfig(bottleneck_size=3))
+    other.add_adapter("b", PfeifferConfig(bottleneck_size=3, original_ln_before=False))
     with pytest.warns(UserWarning, match=r"replaces the weights of the model's adapter\(s\) \['a', 'b'\]"):
         other.load_adapter(tmp_path / "f", adapter_name="f")
     with warnings.catch_warnings():

@@ -173,6 +173,9 @@ class PeftConfig:
     mixed_batches: ClassVar[bool] = True
     #: ``target_modules`` by ``model_type`` for a config that leaves them None (the LoRA family, as peft)
     default_target_modules: ClassVar[dict[str, tuple[str, ...] | str] | None] = None
+    #: fields added after adapters of this method were first saved, with the value those files meant: a saved
+    #: config (one with ``peft_version``) that lacks such a field loads with it, not with today's default
+    saved_before_defaults: ClassVar[dict[str, Any]] = {}
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -230,7 +233,9 @@ class PeftConfig:
 
         Keys peftkit does not know are dropped when their value is empty (None, False, 0, ``{}``, ``[]``, ``""``)
         or when they do not change what the adapter computes (``peft_version``, ``revision``, ..., and the fields
-        a method's ``inert_peft_fields`` names: ones peft writes for it but ignores). Any other
+        a method's ``inert_peft_fields`` names: ones peft writes for it but ignores). A saved config (one with
+        ``peft_version``) that lacks a field named in the method's ``saved_before_defaults`` gets that value: the
+        behaviour it was saved with, from before the field existed. Any other
         unknown key is refused: it is a feature peftkit lacks (e.g. peft's ``alora_invocation_tokens``), and
         loading the adapter without it would give other outputs than peft's.
 
@@ -248,6 +253,8 @@ class PeftConfig:
             check(peft_type is not None, "adapter config has no 'peft_type' field")
             target = get_method(peft_type).config_cls
         names = {f.name for f in dataclasses.fields(target)}
+        if "peft_version" in data:  # written by a save: a field it lacks did not exist yet
+            data = {**target.saved_before_defaults, **data}
         unknown = {k: v for k, v in data.items() if k not in names}
         harmless = _FOREIGN_HARMLESS | getattr(target, "inert_peft_fields", frozenset())
         ignored = sorted(k for k, v in unknown.items() if k not in harmless and v not in (None, False, {}, [], "", 0))

@@ -8,7 +8,10 @@ Rücklé et al., "AdapterDrop: On the Efficiency of Adapters in Transformers", 2
 
 Bottleneck: ``A(h) = s * W_up f(W_down LN?(h) + b_down) + b_up`` with ``W_down: (m, d)``, ``W_up: (d, m)``.
 A serial adapter maps a sub-layer output ``u`` to ``u + A(u)``; a parallel one adds ``A(x)`` of the
-sub-layer's input ``x`` to its output. A PHM layer builds its ``(in, out)`` matrix as
+sub-layer's input ``x`` to its output. A serial adapter at a post-LN block's Add & Norm (AdapterHub's
+``original_ln_before=True``, Pfeiffer et al. 2020, arXiv:2005.00247) wraps that LayerNorm: with
+``z = u + x`` (sub-layer output plus residual) and ``h = LN(z)`` it gives ``LN(z + A(h))``, which is
+AdapterHub's ``LN((u + A(h)) + x)``: the transformer's own LayerNorm before and after the adapter. A PHM layer builds its ``(in, out)`` matrix as
 ``H = sum_i phm_rule[i] (x) (W_left[i] @ W_right[i])`` (Kronecker products with ``n`` shared
 ``n x n`` rule matrices and rank-``r`` factors).
 """
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from peftkit.layers import AdaptedLayer, Adapter, skipped
 from peftkit.ops import Dropout
@@ -43,6 +47,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_tanh, "silu": F.silu,
     "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": identity,
 }
+
+
+#: where a serial adapter sits (see :class:`BottleneckAdapter`): an output projection (None), or a post-LN
+#: block's Add & Norm LayerNorm, run again after the adapter ("add_norm") or not ("after_norm")
+NORM_SITES = (None, "add_norm", "after_norm")
 
 
 class DropState:
@@ -111,6 +120,11 @@ class BottleneckAdapter(Adapter):
         rule / phm_rank: with a shared PHM rule the projections are :class:`PHMLinear` (Compacter).
         block: the transformer block index of the site (None if unknown). drop: the robust AdapterDrop
             state, or None.
+        norm_site: where a serial adapter sits. None (default): on an output projection, ``y + A(y)``.
+            ``"add_norm"``: on a post-LN block's Add & Norm LayerNorm (AdapterHub's ``original_ln_before`` and
+            ``original_ln_after``): the layer's input ``z`` and output ``h = LN(z)`` give ``LN(z + A(h))``.
+            ``"after_norm"``: on that LayerNorm without the second pass (``original_ln_after=False``):
+            ``h + A(h)``.
 
     Shapes: ``(..., d) -> (..., d)``. Trainable parameters: ``2 d m + m + d`` (plain) or
     ``2 r (d + m) + m + d`` (PHM, plus the shared ``n^3`` once per adapter); ``+ 2 d`` with ``ln_before``.
@@ -122,8 +136,14 @@ class BottleneckAdapter(Adapter):
 
     def __init__(self, width: int, bottleneck: int, non_linearity: str, scaling: float, dropout: float,
                  ln_before: bool, residual_before_ln: bool, init_weights: str, rule: nn.Parameter | None = None,
-                 phm_rank: int = 1, block: int | None = None, drop: DropState | None = None) -> None:
+                 phm_rank: int = 1, block: int | None = None, drop: DropState | None = None,
+                 norm_site: str | None = None) -> None:
         super().__init__()
+        if norm_site not in NORM_SITES:
+            raise ValueError(f"norm_site={norm_site!r} is not valid; expected one of {NORM_SITES}")
+        self.norm_site = norm_site
+        # at an Add & Norm the layer's input z (sub-layer output plus residual) is read again
+        self.reads_input = norm_site == "add_norm"
         self.scaling, self.residual_before_ln = scaling, residual_before_ln
         self.width, self.r = width, bottleneck
         self.block, self.drop = block, drop
@@ -168,16 +188,40 @@ class BottleneckAdapter(Adapter):
         """The parallel branch ``A(x)`` (no skip), cast to ``x``'s dtype."""
         return self.bottleneck(self._normed(x)).to(x.dtype)
 
+    def change(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        """What the serial adapter adds to ``y`` before :meth:`finish` (AdapterFusion weighs these): on a
+        projection the output's change ``forward(layer, x, y) - y``; at an Add & Norm site ``A(y)``, which joins
+        the LayerNorm's input. In ``y``'s dtype; zero (joined to the graph) when AdapterDrop skips the adapter.
+
+        Shapes: ``x``: the wrapped layer's input, ``y``: its output so far, ``(..., d)``; out ``(..., d)``.
+        """
+        if self.norm_site is None or self.dropped:
+            return self(layer, x, y) - y
+        return self.bottleneck(self._normed(y)).to(y.dtype)
+
+    def finish(self, layer: AdaptedLayer, x: Tensor, y: Tensor, change: Tensor) -> Tensor:
+        """The layer's output given a (possibly fused) ``change``: ``y + change``, or at an ``"add_norm"`` site
+        ``LN(x + change)`` with the wrapped LayerNorm and the parameters it runs with in this forward."""
+        if self.norm_site != "add_norm":
+            return y + change
+        params = layer._live_params  # another adapter's substitutes for the LayerNorm's own (LN tuning)
+        z = x + change
+        return layer.base_layer(z) if params is None else functional_call(layer.base_layer, params, (z,))
+
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
-        """Serial use: the wrapped projection's output ``y`` becomes ``skip(y) + A(y)``."""
+        """Serial use: the wrapped projection's output ``y`` becomes ``skip(y) + A(y)``; at an Add & Norm
+        LayerNorm with input ``x = z`` and output ``y = LN(z)``, ``LN(z + A(y))`` (see ``norm_site``)."""
         if self.dropped:
             return skipped(self, y)
+        if self.norm_site is not None:
+            return self.finish(layer, x, y, self.bottleneck(self._normed(y)).to(y.dtype))
         h = self._normed(y)
         skip = y if self.adapter_norm is None or self.residual_before_ln else h.to(y.dtype)
         return skip + self.bottleneck(h).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, bottleneck={self.r}, scaling={self.scaling}, block={self.block}"
+        site = f", norm_site={self.norm_site}" if self.norm_site else ""
+        return f"width={self.width}, bottleneck={self.r}, scaling={self.scaling}, block={self.block}{site}"
 
 
 class SublayerLayer(AdaptedLayer):

@@ -4,14 +4,17 @@ Papers:
   Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", 2019, arXiv:1902.00751 (serial,
     after attention and after the FFN).
   Pfeiffer et al., "AdapterFusion: Non-Destructive Task Composition for Transfer Learning", 2020,
-    arXiv:2005.00247 (serial, after the FFN only).
+    arXiv:2005.00247 (serial, after the FFN only, between the transformer's own Add & Norm and a second
+    pass through it).
   He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning", 2021, arXiv:2110.04366
     (parallel, beside the FFN or the attention, scaled).
   Mahabadi et al., "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers", 2021, arXiv:2106.04647.
   Rücklé et al., "AdapterDrop: On the Efficiency of Adapters in Transformers", 2020, arXiv:2010.11918.
 
 Equation: serial ``u <- u + s * W_up f(W_down u)`` on a sub-layer's output ``u`` before the residual
-add; parallel ``y <- y + s * W_up f(W_down x)`` with ``x`` the sub-layer's input. Trainable parameters
+add; parallel ``y <- y + s * W_up f(W_down x)`` with ``x`` the sub-layer's input. Pfeiffer placement
+(AdapterHub's ``original_ln_before=True``) on a post-LN encoder: with the block's Add & Norm
+``LN(u + x)`` (``x`` the residual), ``h = LN(u + x)`` and the output is ``LN(u + A(h) + x)``. Trainable parameters
 per site: ``2 d m + d + m`` (``d`` hidden size, ``m`` bottleneck); Compacter ``2 r (d + m) + d + m``
 per site plus ``n^3`` shared.
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -51,21 +54,26 @@ class Sites:
     """Where adapters go in one architecture: full-match regexes over module names.
 
     ``attn_output`` / ``ffn_output``: the output projections serial adapters wrap; ``attn_block`` /
-    ``ffn_block``: the sub-layers parallel adapters sit beside.
+    ``ffn_block``: the sub-layers parallel adapters sit beside; ``attn_norm`` / ``ffn_norm``: the LayerNorm of
+    each sub-layer's Add & Norm, where serial adapters with ``original_ln_before`` go (None on pre-LN models,
+    whose residual sum no module receives).
     """
 
     attn_output: str
     ffn_output: str
     attn_block: str
     ffn_block: str
+    attn_norm: str | None = None
+    ffn_norm: str | None = None
 
 
 _BERT = Sites(r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense", r".*\.attention\.output",
-              r".*\.layer\.\d+\.output")
+              r".*\.layer\.\d+\.output", r".*\.attention\.output\.LayerNorm", r".*\.layer\.\d+\.output\.LayerNorm")
 _LLAMA = Sites(r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj", r".*\.self_attn", r".*\.mlp")
 ADAPTER_SITES: dict[str, Sites] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), _BERT),
-    "distilbert": Sites(r".*\.attention\.out_lin", r".*\.ffn\.lin2", r".*\.attention", r".*\.ffn"),
+    "distilbert": Sites(r".*\.attention\.out_lin", r".*\.ffn\.lin2", r".*\.attention", r".*\.ffn",
+                        r".*\.sa_layer_norm", r".*\.output_layer_norm"),
     "gpt2": Sites(r".*\.attn\.c_proj", r".*\.mlp\.c_proj", r".*\.attn", r".*\.mlp"),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma"), _LLAMA),
 }
@@ -84,6 +92,18 @@ class BottleneckConfig(PeftConfig):
         mh_adapter: put an adapter at the attention sub-layer (table sites only). Default True.
         output_adapter: put an adapter at the feed-forward sub-layer (table sites only). Default True.
         is_parallel: beside the sub-layer (He et al.) instead of serial after its output projection.
+        original_ln_before: (AdapterHub's name) a serial adapter sits after the sub-layer's Add & Norm: on
+            a post-LN encoder (BERT, RoBERTa, ELECTRA, DistilBERT, ...: the ``attn_norm``/``ffn_norm`` of
+            :data:`ADAPTER_SITES`) it wraps that LayerNorm, reads ``h = LN(u + x)`` (``u`` the sub-layer's
+            output, ``x`` its residual) and, with ``original_ln_after``, gives ``LN(u + A(h) + x)``: the
+            transformer's own LayerNorm runs before and after the adapter. Default False (the adapter on the
+            output projection, before the Add & Norm); ignored for parallel adapters, and on models without
+            such sites in the table (pre-LN decoders: GPT-2, Llama, ...), where the adapter stays on the
+            output projection. With explicit ``target_modules`` a LayerNorm target gets this placement.
+        original_ln_after: (AdapterHub's name) with ``original_ln_before``, the Add & Norm runs again after the
+            adapter (True, default: ``LN(u + A(h) + x)``) or not (False: ``h + A(h)``, which needs
+            ``residual_before_ln=False`` and ``ln_before=False``). Without ``original_ln_before`` it must be
+            True (the adapter's output then goes through the block's own Add & Norm, as it always did).
         reduction_factor: bottleneck ``m = d // reduction_factor`` (> 0). Default 16.
         bottleneck_size: ``m`` directly (overrides ``reduction_factor``) or None. With ``phm_layer`` a
             ``reduction_factor``-derived ``m`` is rounded up to a multiple of ``phm_dim``.
@@ -91,7 +111,10 @@ class BottleneckConfig(PeftConfig):
         scaling: ``s``, multiplies the adapter's output (> 0). Default 1.
         adapter_dropout: dropout on the bottleneck activations, in [0, 1). Default 0.
         ln_before: a trainable LayerNorm on the adapter input. residual_before_ln: with ``ln_before``,
-            the serial skip connection carries the input before (True, default) or after the LayerNorm.
+            the serial skip connection carries the input before (True, default) or after the LayerNorm. With
+            ``original_ln_before`` the skip is AdapterHub's: True carries ``u`` (the output becomes
+            ``LN(u + A(h) + x)``; the only choice there with ``original_ln_after``: False is refused when the
+            adapter is injected at an Add & Norm), False carries ``h``.
         init_weights: ``"identity"`` (default: up-projection zero, the model is unchanged at step 0, except
             with ``ln_before`` and ``residual_before_ln=False``, whose skip carries the normalised input, as
             in AdapterHub) or ``"bert"`` (all weights N(0, 0.01^2): near identity).
@@ -111,11 +134,15 @@ class BottleneckConfig(PeftConfig):
     """
 
     peft_type = "BOTTLENECK"
+    # files saved before the Add & Norm placement existed put every serial adapter on the output projection
+    saved_before_defaults: ClassVar[dict[str, Any]] = {"original_ln_before": False, "original_ln_after": True}
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     mh_adapter: bool = True
     output_adapter: bool = True
     is_parallel: bool = False
+    original_ln_before: bool = False
+    original_ln_after: bool = True
     reduction_factor: float = 16
     bottleneck_size: int | None = None
     non_linearity: str = "relu"
@@ -135,8 +162,18 @@ class BottleneckConfig(PeftConfig):
 
     def validate(self) -> None:
         check_target_fields(self)
-        for name in ("mh_adapter", "output_adapter", "is_parallel", "ln_before", "residual_before_ln", "phm_layer"):
+        for name in ("mh_adapter", "output_adapter", "is_parallel", "original_ln_before", "original_ln_after",
+                     "ln_before", "residual_before_ln", "phm_layer"):
             check(isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be True or False")
+        if not self.is_parallel:
+            check(self.original_ln_before or self.original_ln_after,
+                  "original_ln_before=False with original_ln_after=False would drop the block's residual and "
+                  "LayerNorm; set original_ln_after=True (the adapter before the Add & Norm) or "
+                  "original_ln_before=True (after it)")
+            check(self.original_ln_after or not (self.residual_before_ln or self.ln_before),
+                  f"original_ln_after=False needs residual_before_ln=False and ln_before=False (the output is "
+                  f"h + A(h), h = LN(u + x)); got residual_before_ln={self.residual_before_ln}, "
+                  f"ln_before={self.ln_before}")
         check(self.target_modules is not None or self.mh_adapter or self.output_adapter,
               "mh_adapter=False and output_adapter=False leave no site; enable one or give target_modules")
         check(_number(self.reduction_factor) and self.reduction_factor > 0,
@@ -200,12 +237,23 @@ class HoulsbyConfig(BottleneckConfig):
 
 @dataclass
 class PfeifferConfig(BottleneckConfig):
-    """Pfeiffer et al. 2020 (arXiv:2005.00247): one serial adapter after the FFN output projection,
-    ReLU, ``m = d // 16``; see :class:`BottleneckConfig`.
+    """Pfeiffer et al. 2020 (arXiv:2005.00247): one serial adapter after the FFN, ReLU, ``m = d // 16``;
+    AdapterHub's ``SeqBnConfig``/``PfeifferConfig``. See :class:`BottleneckConfig`.
+
+    On a post-LN encoder (BERT, RoBERTa, ELECTRA, DistilBERT, ...) the adapter re-uses the FFN's own Add &
+    Norm: with ``u`` the FFN output and ``x`` its residual, ``h = LN(u + x)`` and the block's output is
+    ``LN(u + A(h) + x)`` (the adapter wraps that LayerNorm). On pre-LN decoders (GPT-2, Llama, ...) it stays on
+    the FFN's output projection (``u + A(u)`` before the residual add); AdapterHub there adds ``A`` of the
+    residual sum, ``x + u + A(x + u)``, which no single module's output gives (a follow-up).
 
     Args:
-        mh_adapter: default False (no adapter at the attention sub-layer). Every other field and
-            default is :class:`BottleneckConfig`'s (``non_linearity="relu"``, ``reduction_factor=16``).
+        mh_adapter: default False (no adapter at the attention sub-layer).
+        original_ln_before: default True (after the Add & Norm, as above); ``original_ln_after`` stays True
+            and ``residual_before_ln`` True, as AdapterHub's. A file saved before these fields existed loads
+            with ``original_ln_before=False``, the placement it was trained with (adapter on the projection).
+
+    Every other field and default is :class:`BottleneckConfig`'s (``non_linearity="relu"``,
+    ``reduction_factor=16``, ``ln_before=False``).
 
     Raises:
         ConfigError: as :class:`BottleneckConfig`.
@@ -216,6 +264,7 @@ class PfeifferConfig(BottleneckConfig):
 
     peft_type = "PFEIFFER"
     mh_adapter: bool = False
+    original_ln_before: bool = True
 
 
 @dataclass
@@ -271,11 +320,15 @@ class CompacterConfig(BottleneckConfig):
 
 @dataclass
 class CompacterPlusPlusConfig(CompacterConfig):
-    """Compacter++ (arXiv:2106.04647): Compacter with the adapter after the FFN only.
+    """Compacter++ (arXiv:2106.04647): Compacter with the adapter after the FFN only, placed as
+    :class:`PfeifferConfig`'s (AdapterHub's ``CompacterPlusPlusConfig`` derives from ``SeqBnConfig``).
 
     Args:
-        mh_adapter: default False (no adapter at the attention sub-layer). Every other field and default
-            is :class:`CompacterConfig`'s.
+        mh_adapter: default False (no adapter at the attention sub-layer).
+        original_ln_before: default True (after the FFN's Add & Norm on post-LN encoders; see
+            :class:`PfeifferConfig`; files saved before the field existed load with False).
+
+    Every other field and default is :class:`CompacterConfig`'s.
 
     Raises:
         ConfigError: as :class:`BottleneckConfig`.
@@ -285,12 +338,13 @@ class CompacterPlusPlusConfig(CompacterConfig):
 
     peft_type = "COMPACTER_PP"
     mh_adapter: bool = False
+    original_ln_before: bool = True
 
 
 @dataclass
 class AdapterDropConfig(PfeifferConfig):
-    """Rücklé et al. 2020 (arXiv:2010.11918): Pfeiffer adapters with none in the lowest 2 blocks
-    (``adapterdrop_layers=2``, ``adapterdrop_mode="fixed"``; ``"random"`` is robust AdapterDrop).
+    """Rücklé et al. 2020 (arXiv:2010.11918): Pfeiffer adapters (and placement) with none in the lowest 2
+    blocks (``adapterdrop_layers=2``, ``adapterdrop_mode="fixed"``; ``"random"`` is robust AdapterDrop).
 
     Args:
         adapterdrop_layers: default 2. Every other field and default is :class:`PfeifferConfig`'s.
@@ -346,11 +400,13 @@ class BottleneckTuner(WrapTuner):
         self._drop: DropState | None = None
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
-        """Linear and GPT-2 ``Conv1D`` (serial adapters); :meth:`find` takes any module for parallel ones."""
-        return linear_types()
+        """Linear and GPT-2 ``Conv1D`` (serial adapters) and ``nn.LayerNorm`` (serial adapters with
+        ``original_ln_before``); :meth:`find` takes any module for parallel ones."""
+        return (*linear_types(), nn.LayerNorm)
 
     def new_wrapper(self, module: nn.Module) -> AdaptedLayer:
-        return AdaptedLayer(module) if isinstance(module, linear_types()) else SublayerLayer(module)
+        serial = isinstance(module, (*linear_types(), nn.LayerNorm))
+        return AdaptedLayer(module) if serial else SublayerLayer(module)
 
     def find(self, host: Any, config: BottleneckConfig) -> list[str]:
         model = host.model
@@ -362,11 +418,15 @@ class BottleneckTuner(WrapTuner):
                   f"{type(config).__name__}: no adapter sites known for model_type={kind!r} (known: "
                   f"{sorted(ADAPTER_SITES)}); give target_modules: the attention/FFN output projections for "
                   "serial adapters, or the attention/FFN sub-layer modules for parallel ones")
-            pairs = ((config.mh_adapter, sites.attn_block if config.is_parallel else sites.attn_output),
-                     (config.output_adapter, sites.ffn_block if config.is_parallel else sites.ffn_output))
-            targets = "|".join(f"(?:{regex})" for on, regex in pairs if on)
+            # (a pre-LN model has no Add & Norm sites: serial adapters stay on the output projections there)
+            norm = config.original_ln_before and sites.ffn_norm is not None and sites.attn_norm is not None
+            attn, ffn = ((sites.attn_block, sites.ffn_block) if config.is_parallel else
+                         (sites.attn_norm, sites.ffn_norm) if norm else (sites.attn_output, sites.ffn_output))
+            targets = "|".join(f"(?:{regex})" for on, regex in ((config.mh_adapter, attn), (config.output_adapter, ffn))
+                               if on)
+        serial = (*linear_types(), nn.LayerNorm) if config.original_ln_before else linear_types()
         names = find_targets(
-            model, targets, supported=(nn.Module,) if config.is_parallel else linear_types(),
+            model, targets, supported=(nn.Module,) if config.is_parallel else serial,
             exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
             layers_pattern=config.layers_pattern,
             skip=list(config.modules_to_save or []) + host.modules_to_save_names(), method=type(config).__name__)
@@ -423,14 +483,23 @@ class BottleneckTuner(WrapTuner):
 
     def make_adapter(self, base: nn.Module, config: BottleneckConfig, module_name: str) -> Adapter:
         """An ``adapter_cls`` of the target's output width ``d`` (for a sub-layer, that of its last linear
-        layer) and bottleneck ``m = config.bottleneck_for(d)``; the PHM rule and random-AdapterDrop state,
-        when used, are shared by all targets of this injection.
+        layer; for a LayerNorm, its normalised size) and bottleneck ``m = config.bottleneck_for(d)``; the PHM
+        rule and random-AdapterDrop state, when used, are shared by all targets of this injection. A serial
+        adapter on a LayerNorm (``original_ln_before``) sits at that Add & Norm (``norm_site``).
 
         Raises:
-            ConfigError: no linear layer gives the width, or with ``phm_layer`` ``phm_dim`` does not divide
-                both ``d`` and ``m``.
+            ConfigError: no linear layer gives the width, with ``phm_layer`` ``phm_dim`` does not divide
+                both ``d`` and ``m``, or a LayerNorm target with ``original_ln_after`` and
+                ``residual_before_ln=False``.
         """
-        width = output_width(base)
+        at_norm = isinstance(base, nn.LayerNorm) and not config.is_parallel
+        # (checked here, not in the config: on a pre-LN model the adapter stays on the projection, where it works)
+        check(not (at_norm and config.original_ln_after and not config.residual_before_ln),
+              f"{module_name}: residual_before_ln=False is not supported after an Add & Norm with "
+              "original_ln_after=True (the adapter's skip would carry LN(u + x), and the residual x be added once "
+              "more); use residual_before_ln=True (AdapterHub's Pfeiffer placement), original_ln_after=False, or "
+              "original_ln_before=False (the adapter on the output projection)")
+        width = base.normalized_shape[-1] if at_norm else output_width(base)
         m = config.bottleneck_for(width)
         if config.phm_layer:
             n = config.phm_dim
@@ -440,7 +509,8 @@ class BottleneckTuner(WrapTuner):
         return self.adapter_cls(
             width, m, config.non_linearity, config.scaling, config.adapter_dropout, config.ln_before,
             config.residual_before_ln, config.init_weights, rule=self._rule, phm_rank=config.phm_rank,
-            block=_block(module_name, config), drop=self._drop)
+            block=_block(module_name, config), drop=self._drop,
+            norm_site=("add_norm" if config.original_ln_after else "after_norm") if at_norm else None)
 
     @staticmethod
     def _drop_state(host: Any, adapter_name: str) -> DropState | None:

@@ -105,14 +105,17 @@ class FusionAdapter(Adapter):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         # the fused adapters cannot be deleted while the fusion exists (AdapterModel.delete_adapter refuses)
-        changes = [layer.adapters[name](layer, x, y) - y for name in self.fused]
+        # each adapter's change before its site's finish: at a post-LN Add & Norm (Pfeiffer placement) A_n(h),
+        # and the fused sum then goes through the LayerNorm with the residual, as in AdapterHub
+        adapters = [layer.adapters[name] for name in self.fused]
+        changes = [a.change(layer, x, y) for a in adapters]
         dtype = self.fusion_value.weight.dtype
         if self.fusion_key is None:
-            return y + self.fusion_value(changes[0].to(dtype)).to(y.dtype)
+            return adapters[0].finish(layer, x, y, self.fusion_value(changes[0].to(dtype)).to(y.dtype))
         o = torch.stack(changes, dim=-2).to(dtype)  # (..., N, d)
         q = self.fusion_query(y.to(dtype)).unsqueeze(-1)  # (..., d, 1)
         p = torch.softmax((self.fusion_key(o) @ q).squeeze(-1), dim=-1)  # (..., N)
-        return y + (p.unsqueeze(-2) @ self.fusion_value(o)).squeeze(-2).to(y.dtype)
+        return adapters[0].finish(layer, x, y, (p.unsqueeze(-2) @ self.fusion_value(o)).squeeze(-2).to(y.dtype))
 
     def value_penalty(self) -> Tensor:
         """``||I - W_V||^2`` (squared Frobenius norm)."""
@@ -135,7 +138,8 @@ class FusionTuner(Tuner):
 
         Raises:
             ConfigError: ``adapter_name`` is one of the fused adapters' names, a fused adapter is neither in the
-                model nor in ``adapter_configs``, or one is not a serial bottleneck adapter.
+                model nor in ``adapter_configs``, one is not a serial bottleneck adapter, or adapters at the
+                Add & Norm LayerNorms (``original_ln_before``) differ in ``original_ln_after``.
         """
         check(adapter_name not in config.adapters,
               f"the fusion cannot be named {adapter_name!r}: that is the name of one of the adapters it fuses "
@@ -150,6 +154,10 @@ class FusionTuner(Tuner):
             check(isinstance(cfg, BottleneckConfig) and not cfg.is_parallel,
                   f"adapter {n!r} is {cfg.peft_type}{' (parallel)' if getattr(cfg, 'is_parallel', False) else ''}; "
                   "AdapterFusion fuses serial bottleneck adapters (Houlsby, Pfeiffer, Compacter, ...)")
+        after = {n: cfg.original_ln_after for n, cfg in parts.items() if cfg.original_ln_before}
+        check(len(set(after.values())) <= 1,
+              f"adapters {sorted(after)} sit at the Add & Norm LayerNorms but differ in original_ln_after ({after}); "
+              "AdapterFusion sums their changes before one LayerNorm pass, so fuse adapters that agree on it")
         for n in missing:
             parts[n].inference_mode = True
             host.add_adapter(n, parts[n])

@@ -5,7 +5,8 @@ arXiv:2110.07577. Each sub-module's contribution is multiplied by a learned gate
 ``g = mean_t sigmoid(W_g h_t + b_g)`` of the sub-module's input ``h`` (:mod:`peftkit.methods.gating`):
 
 * gated LoRA (on ``W x``): ``y = W x + s * g(x) * B A x`` (the reference code uses ``s = 1``);
-* gated adapter (serial, on a sub-layer output ``u``): ``u + g(u) * A(u)``; parallel: ``y + g(x) * A(x)``;
+* gated adapter (serial, on a sub-layer output ``u``): ``u + g(u) * A(u)``, after a post-LN Add & Norm
+  ``h = LN(u + x)``: ``LN(u + g(h) * A(h) + x)``; parallel: ``y + g(x) * A(x)``;
 * gated prefix (at layer ``l`` with input ``h_l``): the prefix keys and values become ``g_l(h_l) * P_k,l``
   and ``g_l(h_l) * P_v,l`` (the gate is computed once per sequence, on its first call, and stays in the
   cache for the following generation steps).
@@ -114,10 +115,14 @@ class GatedLoraTuner(LoraTuner):
 @dataclass
 class GatedBottleneckConfig(BottleneckConfig):
     """Bottleneck adapters whose output is scaled by a learned per-example gate (UniPELT); placed as
-    Pfeiffer's (after the FFN; ``mh_adapter=True`` adds the attention site). See :class:`BottleneckConfig`.
+    Pfeiffer's (after the FFN's Add & Norm on post-LN encoders, ``original_ln_before=True``, as AdapterHub's
+    UniPELT, whose adapter is a gated ``SeqBnConfig``; ``mh_adapter=True`` adds the attention site). See
+    :class:`BottleneckConfig` and :class:`~peftkit.methods.adapters.PfeifferConfig`.
 
-    Serial: ``u + g(u) * A(u)``; parallel: ``y + g(x) * A(x)``; ``g = mean_t sigmoid(W_g h_t + b_g)``,
-    ``W_g: (1, d)``. Trainable parameters per site: ``2 d m + m + d`` (+ ``d + 1`` for the gate).
+    Serial: ``u + g(u) * A(u)`` on an output projection ``u``; after an Add & Norm ``h = LN(u + x)``:
+    ``LN(u + g(h) * A(h) + x)``; parallel: ``y + g(x) * A(x)``; ``g = mean_t sigmoid(W_g h_t + b_g)``,
+    ``W_g: (1, d)``. Trainable parameters per site: ``2 d m + m + d`` (+ ``d + 1`` for the gate). A file saved
+    before ``original_ln_before`` existed loads with False (the adapter on the FFN's output projection).
 
     Paper: UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning (Mao et al., 2021, arXiv:2110.07577).
     """
@@ -125,6 +130,7 @@ class GatedBottleneckConfig(BottleneckConfig):
     peft_type = "GATED_BOTTLENECK"
     mixed_batches = False  # the gates pool over the whole batch's attention mask
     mh_adapter: bool = False
+    original_ln_before: bool = True
 
 
 class GatedBottleneckAdapter(BottleneckAdapter):
