@@ -1,0 +1,69 @@
+"""Break tests of inject_adapter_in_model and PeftMixedModel: odd inputs and lifecycles, each checked against peft
+where peft has the feature."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+from peftkit import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+
+class _Nested(nn.Module):
+    """Two linears whose paths end alike: ``lin`` and ``sub.lin``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.sub = nn.Sequential()
+        self.sub.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sub.lin(self.lin(x))
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m).__name__ for m in model.modules()]
+
+
+def _unchanged(model: nn.Module, snapshot: tuple[dict[str, torch.Tensor], list[str]]) -> bool:
+    tensors, kinds = snapshot
+    now = model.state_dict()
+    return (now.keys() == tensors.keys() and all(torch.equal(now[k], tensors[k]) for k in now)
+            and kinds == [type(m).__name__ for m in model.modules()])
+
+
+# --- inject_adapter_in_model(state_dict=...) ----------------------------------------------------------------------
+def test_injection_from_a_state_dict_adapts_only_the_named_module_not_one_ending_alike():
+    keys = {"lin.lora_A.weight": torch.zeros(2, 4), "lin.lora_B.weight": torch.zeros(4, 2)}
+    base = _Nested()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that the state dict names other modules than target_modules
+        theirs = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["zzz"], init_lora_weights=False),
+                                              copy.deepcopy(base), state_dict=keys)
+    ours = inject_adapter_in_model(peftkit.LoraConfig(r=2, target_modules=["zzz"]), copy.deepcopy(base), state_dict=keys)
+    assert sorted(peft.get_peft_model_state_dict(theirs)) == sorted(keys)
+    assert sorted(get_peft_model_state_dict(ours)) == sorted(keys)  # sub.lin is left alone, as in peft
+    assert isinstance(ours.sub.lin, nn.Linear)
+    set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-6
+        assert (ours(x) - base(x)).abs().max() > 1e-3
+
+
+def test_injection_from_the_models_own_state_dict_is_refused_as_in_peft():
+    model = _Nested()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="not found"):
+        peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["lin"]), _Nested(),
+                                     state_dict=_Nested().state_dict())
+    with pytest.raises(ValueError, match=r"names no module .*'lin\.weight'"):
+        inject_adapter_in_model(peftkit.LoraConfig(r=2, target_modules=["lin"]), model, state_dict=model.state_dict())
+    assert _unchanged(model, before) and not hasattr(model, "peft_config")
