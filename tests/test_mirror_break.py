@@ -4,6 +4,7 @@ where peft has the feature."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import peft
@@ -13,6 +14,7 @@ from torch import nn
 
 import peftkit
 from peftkit import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from tests.conftest import tiny_llama
 
 
 class _Nested(nn.Module):
@@ -67,3 +69,32 @@ def test_injection_from_the_models_own_state_dict_is_refused_as_in_peft():
     with pytest.raises(ValueError, match=r"names no module .*'lin\.weight'"):
         inject_adapter_in_model(peftkit.LoraConfig(r=2, target_modules=["lin"]), model, state_dict=model.state_dict())
     assert _unchanged(model, before) and not hasattr(model, "peft_config")
+
+
+# --- a composed adapter injected --------------------------------------------------------------------------------
+def _composed() -> peftkit.ComposedConfig:
+    return peftkit.ComposedConfig(configs=[peftkit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                                           peftkit.IA3Config(target_modules=["k_proj"], feedforward_modules=[],
+                                                             init_ia3_weights=False)])
+
+
+def test_injected_composition_lists_its_name_and_round_trips_its_state_dict():
+    model = inject_adapter_in_model(_composed(), tiny_llama(), "c")
+    assert list(model.peft_config) == ["c"] and model.peft_config["c"].peft_type == "COMPOSED"
+    status = peftkit.get_model_status(model)
+    assert status.available_adapters == ["c"] and status.active_adapters == ["c"]
+    assert {s.name for s in peftkit.get_layer_status(model)} >= {"model.layers.0.self_attn.q_proj"}
+    saved = get_peft_model_state_dict(model, adapter_name="c")
+    # the parts' namespaces stay in front, the module paths follow without base_model.model.
+    assert "parts.0.model.layers.0.self_attn.q_proj.lora_A.weight" in saved
+    assert "parts.1.model.layers.1.self_attn.k_proj.ia3_l" in saved
+    assert not any("base_model" in k for k in saved)
+    changed = {k: v + 0.25 for k, v in saved.items()}
+    set_peft_model_state_dict(model, changed, adapter_name="c")
+    got = get_peft_model_state_dict(model, adapter_name="c")
+    assert got.keys() == changed.keys() and all(torch.equal(got[k], changed[k]) for k in got)
+    # a PeftModel's keys (base_model.model. after the namespace) load too
+    prefixed = {re.sub(r"^(parts\.\d\.)", r"\1base_model.model.", k): torch.full_like(v, 0.5) for k, v in saved.items()}
+    assert "parts.0.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in prefixed
+    set_peft_model_state_dict(model, prefixed, adapter_name="c")
+    assert torch.all(model.model.layers[1].self_attn.k_proj.adapters["c#1"].ia3_l == 0.5)

@@ -36,6 +36,27 @@ def injected(model: Any) -> Any:
     return vars(model).get(_HOLDER) if isinstance(model, nn.Module) else None
 
 
+def file_keys(holder: Any, adapter_name: str, tensors: Mapping[str, Tensor], injected_form: bool) -> dict[str, Tensor]:
+    """``tensors`` of adapter ``adapter_name`` of an injected model re-keyed between its PeftModel ``holder``'s file
+    keys (``base_model.model.<module path>...``) and the injected model's own (``<module path>...``, peft's keys
+    for it): to the injected form when ``injected_form``, else to the holder's (a key already in that form is
+    kept). A bundled adapter's namespace (a composition's ``parts.<i>.``, a fusion's ``fused.<name>.``) stays in
+    front: ``parts.0.base_model.model.lin.lora_A.weight`` <-> ``parts.0.lin.lora_A.weight``."""
+    host = holder.base_model
+    spaces = ([f"{space}." for space, _ in host.tuner(adapter_name).bundled(host, adapter_name)]
+              if adapter_name in host.peft_config else [])
+    out = {}
+    for key, value in tensors.items():
+        space = next((s for s in spaces if key.startswith(s)), "")
+        rest = key[len(space):]
+        if injected_form:
+            rest = rest.removeprefix(PREFIX)
+        elif not rest.startswith(PREFIX):
+            rest = PREFIX + rest
+        out[space + rest] = value
+    return out
+
+
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: Mapping[str, Tensor] | None = None
                             ) -> nn.Module:
@@ -99,7 +120,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         holder.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
     holder.base_model._set_trainable()
     base = holder.get_base_model()
-    base.peft_config = holder.base_model.peft_config
+    base.peft_config = holder.peft_config  # the adapters' names: a composition's parts are not listed
     return model
 
 
