@@ -98,3 +98,60 @@ def test_injected_composition_lists_its_name_and_round_trips_its_state_dict():
     assert "parts.0.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in prefixed
     set_peft_model_state_dict(model, prefixed, adapter_name="c")
     assert torch.all(model.model.layers[1].self_attn.k_proj.adapters["c#1"].ia3_l == 0.5)
+
+
+# --- peftkit.functional: the lifecycle of an injected model --------------------------------------------------------
+def _two_injected(lib, base: nn.Module) -> nn.Module:
+    model = lib.inject_adapter_in_model(lib.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                                        copy.deepcopy(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that the model already holds a peft_config
+        return lib.inject_adapter_in_model(lib.LoHaConfig(r=2, target_modules=["q_proj", "down_proj"], init_weights=False),
+                                           model, "h")
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def test_functional_set_adapter_and_delete_adapter_match_peft():
+    import peft.functional as theirs_f
+
+    import peftkit.functional as ours_f
+
+    base = tiny_llama()
+    ours, theirs = _two_injected(peftkit, base), _two_injected(peft, base)
+    for name in ("default", "h"):
+        set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs, adapter_name=name), adapter_name=name)
+    x = torch.randint(3, 64, (2, 6))
+    for active in (["default", "h"], "default", ["h"]):
+        ours_f.set_adapter(ours, active)
+        theirs_f.set_adapter(theirs, active)
+        assert (_logits(ours, x) - _logits(theirs, x)).abs().max() <= 1e-5
+    assert (_logits(ours, x) - _logits(base, x)).abs().max() > 1e-3
+    # gradients reach only the active adapter; set_requires_grad freezes it
+    ours(input_ids=x, labels=x).loss.backward()
+    touched = {n.split(".adapters.")[1].split(".")[0] for n, p in ours.named_parameters() if p.grad is not None}
+    assert touched == {"h"}
+    ours_f.set_requires_grad(ours, "h", requires_grad=False)
+    assert not any(p.requires_grad for p in ours.parameters())
+    # refusals change nothing
+    before = _snapshot(ours)
+    with pytest.raises(peftkit.ConfigError, match=r"unknown adapter name\(s\) \['nope'\]; this model has \['default', 'h'\]"):
+        ours_f.set_adapter(ours, ["default", "nope"])
+    with pytest.raises(peftkit.ConfigError, match="unknown adapter"):
+        ours_f.delete_adapter(ours, "nope", prefix="lora_")
+    assert _unchanged(ours, before) and peftkit.get_model_status(ours).active_adapters == ["h"]
+    with pytest.raises(ValueError, match=r"holds no adapter put in by peftkit\.inject_adapter_in_model"):
+        ours_f.set_adapter(copy.deepcopy(base), "default")
+    # deleting the active adapter leaves the other one active, as in peft; the last one gives the base model back
+    assert ours_f.delete_adapter(ours, "h") == ["default"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that it sets 'default' active
+        theirs_f.delete_adapter(theirs, "h", prefix="hada_")
+    assert list(ours.peft_config) == ["default"]
+    assert (_logits(ours, x) - _logits(theirs, x)).abs().max() <= 1e-5
+    assert ours_f.delete_adapter(ours, "default") is None
+    assert (_logits(ours, x) - _logits(base, x)).abs().max() <= 1e-6
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, nn.Linear)
