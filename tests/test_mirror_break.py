@@ -155,3 +155,13 @@ def test_functional_set_adapter_and_delete_adapter_match_peft():
     assert ours_f.delete_adapter(ours, "default") is None
     assert (_logits(ours, x) - _logits(base, x)).abs().max() <= 1e-6
     assert isinstance(ours.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_get_peft_model_on_an_injected_model_says_how_to_add_more(mixed):
+    model = inject_adapter_in_model(peftkit.LoraConfig(r=2, target_modules=["q_proj"]), tiny_llama())
+    before = _snapshot(model)
+    with pytest.raises(peftkit.ConfigError, match=r"put in by inject_adapter_in_model .*inject_adapter_in_model\(config, "
+                                                  r"model, '<new name>'\)"):
+        peftkit.get_peft_model(model, peftkit.LoraConfig(r=2, target_modules=["v_proj"]), mixed=mixed)
+    assert _unchanged(model, before) and list(model.peft_config) == ["default"]
