@@ -101,6 +101,12 @@ class AdapterModel(nn.Module):
             wrapped = next((n or type(model).__name__ for n, m in model.named_modules()
                             for h in m._forward_pre_hooks.values()
                             if isinstance(getattr(getattr(h, "__self__", None), "host", None), AdapterModel)), None)
+        from peftkit.inject import injected
+
+        if wrapped is not None and injected(model) is not None:
+            raise ConfigError(f"the model already holds peftkit adapters put in by inject_adapter_in_model (module "
+                              f"{wrapped!r}); add more with inject_adapter_in_model(config, model, '<new name>'), or "
+                              "start from a fresh copy of the base model")
         if wrapped is not None:
             raise ConfigError(f"the model already holds peftkit adapters (module {wrapped!r}); add more to its "
                               "PeftModel with add_adapter(), or start from peft_model.unload()")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,27 @@ def injected(model: Any) -> Any:
     return vars(model).get(_HOLDER) if isinstance(model, nn.Module) else None
 
 
+def file_keys(holder: Any, adapter_name: str, tensors: Mapping[str, Tensor], injected_form: bool) -> dict[str, Tensor]:
+    """``tensors`` of adapter ``adapter_name`` of an injected model re-keyed between its PeftModel ``holder``'s file
+    keys (``base_model.model.<module path>...``) and the injected model's own (``<module path>...``, peft's keys
+    for it): to the injected form when ``injected_form``, else to the holder's (a key already in that form is
+    kept). A bundled adapter's namespace (a composition's ``parts.<i>.``, a fusion's ``fused.<name>.``) stays in
+    front: ``parts.0.base_model.model.lin.lora_A.weight`` <-> ``parts.0.lin.lora_A.weight``."""
+    host = holder.base_model
+    spaces = ([f"{space}." for space, _ in host.tuner(adapter_name).bundled(host, adapter_name)]
+              if adapter_name in host.peft_config else [])
+    out = {}
+    for key, value in tensors.items():
+        space = next((s for s in spaces if key.startswith(s)), "")
+        rest = key[len(space):]
+        if injected_form:
+            rest = rest.removeprefix(PREFIX)
+        elif not rest.startswith(PREFIX):
+            rest = PREFIX + rest
+        out[space + rest] = value
+    return out
+
+
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: Mapping[str, Tensor] | None = None
                             ) -> nn.Module:
@@ -56,8 +78,10 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         low_cpu_mem_usage: accepted for peft's signature (default False); it changes nothing here.
         state_dict: optional, as in peft: adapt exactly the modules named by this adapter state dict's keys
             (``{module path}.{adapter tensor}``, with or without ``base_model.model.``) instead of those
-            ``target_modules`` selects; only the keys are read, not the values. The adapter's config is then a
-            copy of ``peft_config`` whose ``target_modules`` lists those modules.
+            ``target_modules`` selects; only the keys are read, not the values, and keys of the model's own
+            tensors (``lin.weight``) are skipped. The adapter's config is then a copy of ``peft_config`` whose
+            ``target_modules`` is a regex matching exactly those module paths (no other module whose path merely
+            ends in one of them).
 
     Returns:
         ``model``, with the adapter's layers inside.
@@ -66,8 +90,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         ValueError: a prompt-learning config (prompt tuning, P-tuning, prefix tuning, or a composed config with
             such a part), whose adapter changes the model's inputs rather than its layers and needs a
             :class:`~peftkit.PeftModel` (use :func:`peftkit.get_peft_model`), as peft refuses it; a VeRA config, whose
-            projection is shared by every layer (peft refuses it too); a ``state_dict`` none of whose keys names a
-            module of ``model``.
+            projection is shared by every layer (peft refuses it too); a ``state_dict`` none of whose keys names an
+            adapter tensor of a module of ``model`` (e.g. the model's own state dict, which peft refuses too).
         ConfigError: an invalid config or adapter name, a name already in use, no module matching the targets.
         TypeError: ``model`` is not a ``torch.nn.Module``, or ``state_dict`` is not a mapping of names.
         The model is left unchanged on every error.
@@ -96,7 +120,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         holder.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
     holder.base_model._set_trainable()
     base = holder.get_base_model()
-    base.peft_config = holder.base_model.peft_config
+    base.peft_config = holder.peft_config  # the adapters' names: a composition's parts are not listed
     return model
 
 
@@ -113,22 +137,30 @@ def _prompt_learning_part(config: PeftConfig) -> str | None:
 
 def _targets_from_state_dict(config: PeftConfig, model: nn.Module, state_dict: Mapping[str, Tensor]) -> PeftConfig:
     """A copy of ``config`` adapting exactly the modules that ``state_dict``'s keys name: for each key (without
-    ``base_model.model.`` or ``_orig_mod.``) the longest dotted prefix that is a module path of ``model``."""
+    ``base_model.model.`` or ``_orig_mod.``) that is not one of the model's own tensors, the longest dotted prefix
+    that is a module path of ``model``. Its ``target_modules`` is a regex matching those full paths only."""
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise TypeError(f"state_dict must be a mapping of tensor names (an adapter state dict), got "
                         f"{type(state_dict).__name__}")
-    modules = {n for n, _ in getattr(model, "_orig_mod", model).named_modules() if n}
+    root = getattr(model, "_orig_mod", model)
+    modules = {n for n, _ in root.named_modules() if n}
+    own = set(root.state_dict())  # the model's own tensors ('lin.weight'): such a key names no adapter tensor
     names: list[str] = []
     for key in state_dict:
-        path = key.removeprefix(PREFIX).removeprefix("_orig_mod.").split(".")
+        key = key.removeprefix(PREFIX).removeprefix("_orig_mod.")
+        if key in own:
+            continue
+        path = key.split(".")
         found = next((".".join(path[:i]) for i in range(len(path) - 1, 0, -1) if ".".join(path[:i]) in modules), None)
         if found is not None and found not in names:
             names.append(found)
     if not names:
-        raise ValueError(f"state_dict names no module of the model (e.g. {list(state_dict)[:3]}); give the adapter "
-                         "state dict of this model (keys '<module path>.<adapter tensor>')")
+        raise ValueError(f"state_dict names no module of the model by an adapter tensor (e.g. {list(state_dict)[:3]}); "
+                         "give the adapter state dict of this model (keys '<module path>.<adapter tensor>'; the "
+                         "model's own tensors, such as '<module path>.weight', are skipped)")
     config = copy.deepcopy(config)
-    config.target_modules = names
+    # anchored full paths: a list entry also matches any module whose path ends in it ('sub.lin' for 'lin')
+    config.target_modules = "(?:" + "|".join(re.escape(n) for n in names) + ")"
     for field in ("layers_to_transform", "layers_pattern", "exclude_modules"):
         if any(f.name == field for f in dataclasses.fields(config)):
             setattr(config, field, None)

@@ -139,14 +139,18 @@ def _backend(base: nn.Module) -> str | None:
 
 
 def _host_of(model: nn.Module) -> tuple[nn.Module, Any]:
-    """``(module to walk, AdapterModel or None)`` for a PeftModel or a plain module."""
+    """``(module to walk, AdapterModel or None)`` for a PeftModel or a plain module (for a model from
+    :func:`peftkit.inject_adapter_in_model`, the host of its adapters, which names a composition's parts by their
+    owner)."""
+    from peftkit.inject import injected
     from peftkit.model import PeftModel
 
     if isinstance(model, PeftModel):
         return model.base_model, model.base_model
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_layer_status() takes a PeftModel or a torch.nn.Module, not {type(model).__name__}")
-    return model, None
+    holder = injected(model)
+    return model, None if holder is None else holder.base_model
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:

@@ -117,13 +117,13 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
         raise ConfigError(f"adapter_name must be a string, got {type(adapter_name).__name__}; pass a state dict as "
                           "state_dict= (peft's second argument)")
     check_save_embedding_layers(save_embedding_layers)
-    from peftkit.inject import PREFIX, injected
+    from peftkit.inject import file_keys, injected
 
     holder = injected(model)
     if holder is not None:  # a model from inject_adapter_in_model: peft's keys there are its module paths
         taken = get_peft_model_state_dict(holder, None if state_dict is None else _with_prefix(state_dict), adapter_name,
                                           save_embedding_layers=save_embedding_layers)
-        return {k.removeprefix(PREFIX): v for k, v in taken.items()}
+        return file_keys(holder, adapter_name, taken, injected_form=True)
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper (a PeftModel's base never is one)
     out = _tensors(model, adapter_name, export=True)
     embeddings = _embedding_tensors(model, adapter_name, save_embedding_layers)
@@ -291,11 +291,11 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     if ignore_mismatched_sizes:
         raise ConfigError("ignore_mismatched_sizes=True is not supported: a tensor of another shape than the adapter's "
                           "is refused (with the names), never skipped")
-    from peftkit.inject import injected
+    from peftkit.inject import file_keys, injected
 
     holder = injected(model)
     if holder is not None:  # a model from inject_adapter_in_model: keys with or without base_model.model., as peft
-        model, state_dict = holder, _with_prefix(state_dict)
+        model, state_dict = holder, file_keys(holder, adapter_name, state_dict, injected_form=False)
     load_saved_state(model, state_dict, adapter_name, model.peft_config[adapter_name] if adapter_name in
                      model.peft_config else None)
 
