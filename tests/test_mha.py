@@ -331,3 +331,30 @@ def test_a_float64_model_gets_float64_factors_and_merges_to_round_off():
         out = model(*x)[0]
         model.merge_adapter()
         assert (model(*x)[0] - out).abs().max() <= 1e-12
+
+
+def test_bias_all_saves_the_out_proj_bias_under_peft_key(tmp_path):
+    """With bias="all" the attention's out_proj bias trains; peft wraps out_proj inside the attention and keys it
+    ``attn.base_layer.out_proj.base_layer.bias``. It was saved as ``attn.base_layer.out_proj.bias``, which peft
+    dropped silently (outputs 0.19 apart) and which refused peft's file; now either file loads on the other side."""
+    torch.manual_seed(0)
+    base, x = Attn(), inputs()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["attn"], bias="all",
+                                                           init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.attn.adapters["default"].base_layer["out_proj"].lora_B.weight.zero_()  # (peft's bug)
+        model.base_model.model.attn.base_layer.out_proj.bias.add_(0.3)
+        out = model.eval()(*x)[0]
+    model.save_pretrained(tmp_path / "ours")
+    key = "base_model.model.attn.base_layer.out_proj.base_layer.bias"
+    assert torch.equal(load_file(tmp_path / "ours" / "adapter_model.safetensors")[key],
+                       model.base_model.model.attn.base_layer.out_proj.bias)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").train()
+    with torch.no_grad():
+        assert (theirs(*x)[0] - out).abs().max() <= 1e-5
+    theirs.save_pretrained(tmp_path / "peft")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert (back(*x)[0] - out).abs().max() <= 1e-5
+        plain = model.unload()  # the trained bias goes back to the base's
+    assert torch.equal(plain.attn.out_proj.bias, base.attn.out_proj.bias)

@@ -138,7 +138,13 @@ class MultiheadAttentionLayer(AdaptedLayer):
     parameters in place, so ``unload()`` gives back the plain attention module. It answers the attention's
     settings (``embed_dim``, ``num_heads``, ``batch_first``, ``in_proj_weight``, ``out_proj``, ``merge_masks``,
     ...), as the base module's own (without unmerged adapters).
+
+    Attributes:
+        peft_wrapped_children: sub-modules of the attention that peft wraps too (``out_proj``): a trained base
+            parameter there (``bias="all"``) is saved under peft's key, ``<attn>.base_layer.out_proj.base_layer.bias``.
     """
+
+    peft_wrapped_children = ("out_proj",)
 
     def __getattr__(self, name: str) -> Any:
         if name in _ATTENTION_ATTRIBUTES:
