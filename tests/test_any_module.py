@@ -232,15 +232,22 @@ def test_torch_transformer_layers(config, tmp_path):
     assert (peft_output(base, tmp_path, x, train=True) - out).abs().max() <= 1e-5
 
 
-def test_multihead_attention_is_refused_with_its_reason():
+def test_multihead_attention_is_adapted_by_lora_and_refused_by_others():
+    """LoRA adapts an nn.MultiheadAttention named as a whole (tests/test_mha.py has the rest); other methods refuse
+    it by class, and its out_proj alone is refused with the way to adapt it."""
+    from peftkit.methods.lora_mha import MultiheadAttentionLayer
+
     class Attn(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
 
-    with pytest.raises(ConfigError, match="cannot adapt module 'attn' of type MultiheadAttention; supported types"):
-        get_peft_model(Attn(), LoraConfig(target_modules=["attn"]))
-    with pytest.raises(ConfigError, match=r"'attn\.out_proj': it is the out_proj of a torch\.nn\.MultiheadAttention"):
+    assert isinstance(get_peft_model(Attn(), LoraConfig(target_modules=["attn"])).base_model.model.attn,
+                      MultiheadAttentionLayer)
+    with pytest.raises(ConfigError, match="LoHa cannot adapt module 'attn' of type MultiheadAttention; supported types"):
+        get_peft_model(Attn(), LoHaConfig(target_modules=["attn"]))
+    with pytest.raises(ConfigError, match=r"'attn\.out_proj': it is the out_proj of a torch\.nn\.MultiheadAttention.*"
+                                          r"with LoRA, target the attention module itself \('attn'\)"):
         get_peft_model(Attn(), LoraConfig(target_modules=["out_proj"]))
 
 

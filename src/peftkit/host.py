@@ -714,9 +714,18 @@ class AdapterModel(nn.Module):
     def _file_name(self, pname: str, adapter_name: str) -> str:
         """The file key of a base parameter that ``adapter_name`` trains (``bias="all"``): its name with the
         ``base_layer.`` of layers that only *other* adapters wrap left out, i.e. its name in a model holding
-        this adapter alone, whichever adapters were added before or after it (peft's layout)."""
-        return self._drop_base_layers(
+        this adapter alone, whichever adapters were added before or after it (peft's layout). A parameter of a
+        sub-module that peft wraps too when it wraps the layer (``AdaptedLayer.peft_wrapped_children``: an attention's
+        ``out_proj``) gets that wrapper's ``base_layer.`` as well (``attn.base_layer.out_proj.base_layer.bias``)."""
+        key = self._drop_base_layers(
             pname, lambda layer: isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters)
+        head, child, leaf = pname.rsplit(".", 2) if pname.count(".") >= 2 else ("", "", pname)
+        if head.endswith(".base_layer"):
+            layer = self.model.get_submodule(head[: -len(".base_layer")])
+            if (isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters
+                    and child in getattr(layer, "peft_wrapped_children", ())):
+                key = f"{key.rpartition('.')[0]}.base_layer.{leaf}"
+        return key
 
     def _drop_base_layers(self, name: str, keep: Any) -> str:
         """``name`` with each ``.base_layer.`` segment left out unless ``keep(the module before it)``."""

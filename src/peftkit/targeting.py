@@ -7,8 +7,9 @@ Matching rules (the same as HF PEFT's, on whole dotted segments, never on substr
 * ``target_modules`` as a string: a regular expression that must match the *whole* module name.
 * ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the model's output layer
   (``get_output_embeddings()``, e.g. ``lm_head``) and the ``out_proj`` of a ``torch.nn.MultiheadAttention``.
-* That ``out_proj`` is never adapted: the attention reads its weight directly and never calls it, so an
-  adapter there would change nothing until merged. Naming it is an error.
+* That ``out_proj`` is never adapted on its own: the attention reads its weight directly and never calls it,
+  so an adapter there would change nothing until merged. Naming it is an error; LoRA adapts it, with the
+  packed input projection, when the attention module itself is targeted (:mod:`peftkit.methods.lora_mha`).
 * ``exclude_modules`` takes the same forms and wins over ``target_modules``.
 * ``layers_to_transform`` keeps only modules inside the listed block indices (``[]`` keeps all), as peft
   finds them: the first number segment that follows another segment and precedes one
@@ -277,7 +278,8 @@ def find_targets(
             check(target_modules == ALL_LINEAR,
                   f"{method} cannot adapt {name!r}: it is the out_proj of a torch.nn.MultiheadAttention, whose forward "
                   "reads that weight directly and never calls the module, so an adapter there would change nothing "
-                  f"until merged; leave it out (e.g. exclude_modules=[{name!r}])")
+                  f"until merged; leave it out (e.g. exclude_modules=[{name!r}]), or, with LoRA, target the attention "
+                  f"module itself ({name.rpartition('.')[0]!r}), which adapts its input and output projections together")
             continue
         found.append(name)
     if not found and excluded:

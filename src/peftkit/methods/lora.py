@@ -1,4 +1,5 @@
-"""LoRA: low-rank adaptation of Linear, GPT-2 Conv1D, Conv1d/2d/3d and Embedding layers.
+"""LoRA: low-rank adaptation of Linear, GPT-2 Conv1D, Conv1d/2d/3d and Embedding layers (and torch's
+nn.MultiheadAttention: :mod:`peftkit.methods.lora_mha`).
 
 Paper: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021, arXiv:2106.09685.
 rsLoRA scaling: Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA",
@@ -455,7 +456,16 @@ class LoraTuner(WrapTuner):
     method = "LoRA"
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
-        return (*linear_types(), nn.Embedding, *CONV_TYPES)
+        return (*linear_types(), nn.Embedding, *CONV_TYPES, nn.MultiheadAttention)
+
+    def new_wrapper(self, module: nn.Module) -> AdaptedLayer:
+        """An ``nn.MultiheadAttention`` gets a :class:`~peftkit.methods.lora_mha.MultiheadAttentionLayer` (its
+        weights are read, not called); other modules the generic :class:`~peftkit.layers.AdaptedLayer`."""
+        if isinstance(module, nn.MultiheadAttention):
+            from peftkit.methods.lora_mha import MultiheadAttentionLayer
+
+            return MultiheadAttentionLayer(module)
+        return super().new_wrapper(module)
 
     def adapter_classes(self, config: LoraConfig) -> tuple[type, type, type]:
         """The ``(linear, embedding, conv)`` adapter classes this config builds."""
@@ -470,14 +480,20 @@ class LoraTuner(WrapTuner):
         ``use_qalora``) with this module's ``(r, alpha)`` after the patterns, initialised by
         ``init_lora_weights``: LoftQ (:func:`~peftkit.quant.loftq.loftq_init`), PiSSA/OLoRA factors of the
         base weight on linear layers (the base weight itself changes only in :meth:`inject`), else the
-        adapter's ``reset``; with DoRA, the magnitude from the base weight.
+        adapter's ``reset``; with DoRA, the magnitude from the base weight. An ``nn.MultiheadAttention`` gets
+        a :class:`~peftkit.methods.lora_mha.LoraMultiheadAttention` (plain LoRA only).
 
         Raises:
             ConfigError: ``r`` not divisible by a convolution's ``groups``, PiSSA/OLoRA with
-                ``r > min(out, in)``, ``lora_bias`` on an embedding, or a layer QA-LoRA or LoftQ cannot adapt.
+                ``r > min(out, in)``, ``lora_bias`` on an embedding, a layer QA-LoRA or LoftQ cannot adapt, or
+                an attention LoRA cannot adapt (see :func:`~peftkit.methods.lora_mha.make_attention_adapter`).
         """
         r, alpha = config.rank_and_alpha(module_name)
         scaling = config.scaling_for(r, alpha)
+        if isinstance(base, nn.MultiheadAttention):
+            from peftkit.methods.lora_mha import make_attention_adapter
+
+            return make_attention_adapter(base, config, module_name, r, scaling)
         linear, embedding, conv_cls = self.adapter_classes(config)
         init = config.init_lora_weights
         if config.use_qalora:

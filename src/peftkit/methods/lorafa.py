@@ -58,10 +58,11 @@ class LoraFATuner(LoraTuner):
     method = "LoRA-FA"
 
     def make_adapter(self, base: nn.Module, config: LoraConfig, module_name: str) -> Adapter:
-        """LoRA's adapter with its A factor (``a_key``) in ``frozen_parameters``, so that it never trains; an
+        """LoRA's adapter with its A factor(s) (``a_key``; an attention's two, ``a_keys``) in ``frozen_parameters``,
+        so that they never train; an
         embedding's factors are re-drawn as A ~ N(0, 1), B = 0 (unless ``init_lora_weights=False``)."""
         adapter = super().make_adapter(base, config, module_name)
-        adapter.frozen_parameters = (adapter.a_key,)
+        adapter.frozen_parameters = getattr(adapter, "a_keys", (adapter.a_key,))
         if isinstance(adapter, LoraEmbedding) and config.init_lora_weights is not False:
             with torch.no_grad():  # LoRA's embedding init trains from a zero A: with A frozen, nothing would learn
                 nn.init.normal_(adapter.lora_embedding_A)
