@@ -138,6 +138,31 @@ def check_both_ways(arch: str, make_config, tmp_path, task: str | None = None) -
     return ours
 
 
+def test_default_target_tables_hold_every_model_type_peft_knows():
+    """(IA)^3 had no defaults for Gemma 2, Gemma 3, Phi, GPT-J, GPT-Neo, GPT-BigCode, Mixtral, Llama 4, DeBERTa and
+    the RefinedWeb names, where peft 0.21.2 has them: a config without target_modules was refused there."""
+    from peft.utils import constants as c
+
+    from peftkit.methods.ia3 import IA3_DEFAULTS
+    from peftkit.targeting import LORA_TARGET_DEFAULTS
+
+    pairs = [(LORA_TARGET_DEFAULTS, c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+             ({k: v[0] for k, v in IA3_DEFAULTS.items()}, c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
+             ({k: v[1] for k, v in IA3_DEFAULTS.items()}, c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING)]
+    for ours, theirs in pairs:
+        assert sorted(set(theirs) - set(ours)) == []
+        assert {k: v for k, v in theirs.items() if list(v) != list(ours[k])} == {}
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "phi", "gptj"])
+def test_ia3_defaults_on_decoders_peft_covers(arch, tmp_path):
+    """(IA)^3 with peft's default targets and feed-forward modules on Gemma 2, Phi and GPT-J (refused before)."""
+    ours = check_both_ways(arch, lambda lib: lib.IA3Config(task_type="CAUSAL_LM"), tmp_path)
+    ff = {"gemma2": ["down_proj"], "phi": ["fc2"], "gptj": ["fc_out"]}[arch]
+    assert ours.peft_config["default"].feedforward_modules == ff
+    assert len(adapted(ours, AdaptedLayer)) == 6  # 2 blocks x 3 targets
+
+
 @pytest.mark.parametrize("arch", ["falcon", "bloom", "mpt", "opt", "qwen3"])
 def test_lora_defaults_on_decoders_match_peft_and_generate_alike(arch, tmp_path):
     ours = check_both_ways(arch, lambda lib: lib.LoraConfig(r=2, lora_alpha=4, task_type="CAUSAL_LM",
