@@ -191,6 +191,27 @@ def test_lora_with_explicit_targets_where_no_defaults(arch, tmp_path):
         assert ours.generate(input_features=inputs(arch)["input_features"], max_new_tokens=2).shape[0] == 2
 
 
+@pytest.mark.parametrize("arch, method", [
+    ("vit", "PromptTuningConfig"), ("vit", "PrefixTuningConfig"), ("clip", "PromptTuningConfig"),
+    ("clip_vision", "PromptEncoderConfig"), ("wav2vec2", "PrefixTuningConfig"), ("clip_text", "PromptTuningConfig"),
+    ("whisper", "PromptTuningConfig")])
+def test_soft_prompts_refuse_models_without_token_inputs(arch, method):
+    """Vision and audio models have no token table (ViT crashed with an AttributeError, CLIP and Wav2Vec2 with
+    transformers' NotImplementedError); CLIP's text model and Whisper's encoder take no inputs_embeds (both were
+    adapted and failed at the first forward). The refusal comes at get_peft_model, names the model type and what
+    works, and leaves the model untouched."""
+    model = build(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = getattr(peftkit, method)(num_virtual_tokens=2, **({"encoder_hidden_size": 8}
+                                                                if method == "PromptEncoderConfig" else {}))
+    what = "takes no inputs_embeds" if arch in ("clip_text", "whisper") else "has no token-embedding table"
+    kind = {"clip_text": "clip_text_model", "clip_vision": "clip_vision_model"}.get(arch, arch)
+    with pytest.raises(peftkit.ConfigError, match=rf"model_type='{kind}'.*{what}.*LoRA, \(IA\)\^3, BitFit"):
+        peftkit.get_peft_model(model, config)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_prefix_tuning_on_whisper_writes_the_decoder_cache(tmp_path):
     """Whisper's encoder reads audio, yet prefix tuning applies: its prefixes go to the decoder's cache."""
     x = inputs("whisper")
