@@ -230,3 +230,22 @@ def test_prefix_tuning_on_whisper_writes_the_decoder_cache(tmp_path):
                          .argmax(-1)], dim=1)
     generated = loaded.generate(input_features=x["input_features"], max_new_tokens=3, min_new_tokens=3)
     assert torch.equal(generated, dec[:, 1:])
+
+
+def test_bitfit_trains_the_bias_of_a_weight_normed_convolution(tmp_path):
+    """Wav2Vec2's positional convolution keeps its weight as a weight-norm parametrisation: BitFit's default (every
+    bias) was refused there ("no 'weight' parameter"); its bias trains, merges exactly and the weight is untouched."""
+    x = inputs("wav2vec2")
+    base = build("wav2vec2")
+    conv = base.wav2vec2.encoder.pos_conv_embed.conv
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    model = peftkit.get_peft_model(base, peftkit.BitFitConfig())
+    assert any("pos_conv_embed.conv." in n for n, p in model.named_parameters() if p.requires_grad)
+    perturb(model)
+    y = out(model, x)
+    model.save_pretrained(tmp_path)
+    merged = model.merge_and_unload()
+    conv = merged.wav2vec2.encoder.pos_conv_embed.conv
+    assert (out(merged, x) - y).abs().max() <= 1e-5
+    assert torch.equal(conv.weight, weight) and (conv.bias - bias).abs().max() > 1e-2
+    assert (out(peftkit.PeftModel.from_pretrained(build("wav2vec2"), tmp_path), x) - y).abs().max() <= 1e-6
