@@ -249,3 +249,22 @@ def test_bitfit_trains_the_bias_of_a_weight_normed_convolution(tmp_path):
     assert (out(merged, x) - y).abs().max() <= 1e-5
     assert torch.equal(conv.weight, weight) and (conv.bias - bias).abs().max() > 1e-2
     assert (out(peftkit.PeftModel.from_pretrained(build("wav2vec2"), tmp_path), x) - y).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("arch, sites", [
+    ("deberta-v2", ["deberta.encoder.layer.0.attention.output.dense", "deberta.encoder.layer.0.output.dense"]),
+    ("gemma2", ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"]),
+    ("phi3", ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"]),
+    ("starcoder2", ["model.layers.0.mlp.c_proj", "model.layers.0.self_attn.o_proj"]),
+    ("vit", ["vit.layers.0.attention.o_proj", "vit.layers.0.mlp.fc2"])])
+def test_houlsby_default_sites(arch, sites, tmp_path):
+    """Houlsby adapters after each block's attention and FFN output projections, from the model type alone (these
+    types had no sites: a config without target_modules was refused)."""
+    x = inputs(arch)
+    model = peftkit.get_peft_model(build(arch), peftkit.HoulsbyConfig(reduction_factor=4))
+    assert adapted(model, AdaptedLayer) == sorted(sites + [s.replace(".0.", ".1.") for s in sites])
+    assert (out(model, x) - out(build(arch), x)).abs().max() == 0  # identity at the start
+    perturb(model)
+    y = out(model, x)
+    model.save_pretrained(tmp_path)
+    assert (out(peftkit.PeftModel.from_pretrained(build(arch), tmp_path), x) - y).abs().max() <= 1e-6
