@@ -74,8 +74,11 @@ ADAPTER_SITES: dict[str, Sites] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), _BERT),
     "distilbert": Sites(r".*\.attention\.out_lin", r".*\.ffn\.lin2", r".*\.attention", r".*\.ffn",
                         r".*\.sa_layer_norm", r".*\.output_layer_norm"),
+    "deberta-v2": _BERT,
     "gpt2": Sites(r".*\.attn\.c_proj", r".*\.mlp\.c_proj", r".*\.attn", r".*\.mlp"),
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma"), _LLAMA),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"), _LLAMA),
+    "starcoder2": Sites(r".*\.self_attn\.o_proj", r".*\.mlp\.c_proj", r".*\.self_attn", r".*\.mlp"),
+    "vit": Sites(r".*\.attention\.o_proj", r".*\.mlp\.fc2", r".*\.layers\.\d+\.attention", r".*\.mlp"),
 }
 
 

@@ -148,16 +148,20 @@ class PrefixTuner(PromptTuner):
         """As :meth:`PromptTuner.inject`, for a model whose layers take a key/value cache.
 
         Raises:
-            ConfigError: the model's transformer (``model.base_model``) takes no ``cache`` argument (MPNet, ESM,
+            ConfigError: a model without token embeddings (:meth:`PromptTuner.check_reads_tokens`: ViT, CLIP,
+                Wav2Vec2); the model's transformer (``model.base_model``) takes no ``cache`` argument (MPNet, ESM,
                 DistilBERT, DeBERTa-v2): the prefixes would be dropped unread (peft refuses such models too); an
                 encoder-decoder model whose decoder has more layers than its encoder, or other numbers of heads (the
                 prefixes are sized by the encoder's, as peft sizes them; a shallower decoder, as in distilled BARTs,
                 reads the first of them as in peft).
         """
+        self.check_reads_tokens(host.model)
         inner = getattr(host.model, "base_model", host.model)
         check("cache" in inspect.signature(inner.forward).parameters,
               f"{self.method} needs a model whose layers take a key/value cache, and {type(inner).__name__}.forward "
-              "takes no 'cache' argument (the prefixes would never be read); use prompt tuning or P-tuning")
+              "takes no 'cache' argument (the prefixes would never be read); "
+              + ("use prompt tuning or P-tuning" if "inputs_embeds" in inspect.signature(host.model.forward).parameters
+                 else "LoRA, (IA)^3, BitFit or bottleneck adapters apply to it"))
         cfg = host.model.config
         if getattr(cfg, "is_encoder_decoder", False):
             shape = model_shape(host.model, self.method)

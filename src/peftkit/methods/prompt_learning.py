@@ -347,16 +347,53 @@ class PromptTuner(Tuner):
         """Put the virtual ``tokens`` (``forward()`` of the module) into a first call's arguments."""
         call.prepend_embeddings(tokens)
 
+    def check_reads_tokens(self, model: nn.Module) -> None:
+        """Refuse a model that soft prompts cannot reach: one without a token-embedding table
+        (``get_input_embeddings()`` an ``nn.Embedding``: vision and audio models such as ViT, CLIP, Wav2Vec2 have
+        patch or feature encoders instead) or, for a method that prepends embeddings (``inserts_embeddings``), whose
+        forward (the encoder's, on an encoder-decoder model) takes no ``inputs_embeds`` argument (CLIP's text model;
+        Whisper, whose encoder reads audio features).
+
+        Raises:
+            ConfigError: naming the model class, its ``model_type``, what it lacks and the methods that do apply.
+        """
+        if not hasattr(getattr(model, "config", None), "get_text_config"):
+            return  # not a transformers model: model_shape says so
+        kind = model.config.model_type
+        where = f"{type(model).__name__} (model_type={kind!r})"
+        encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        others = ("LoRA, (IA)^3, BitFit or bottleneck adapters apply to it (give target_modules where the model "
+                  "type has no defaults)")
+        try:
+            words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            found = f"get_input_embeddings() gives {type(words).__name__}"
+        except NotImplementedError:
+            words, found = None, "get_input_embeddings() is not implemented"
+        check(isinstance(words, nn.Embedding),
+              f"{self.method} needs a model that reads token embeddings, and {where} has no token-embedding table "
+              f"({found}): soft prompts cannot reach its inputs; {others}")
+        if not self.inserts_embeddings:
+            return
+        reader = model.get_encoder() if encoder_decoder and hasattr(model, "get_encoder") else model
+        check("inputs_embeds" in inspect.signature(reader.forward).parameters,
+              f"{self.method} prepends virtual tokens to the input embeddings, and {where}'s "
+              f"{'encoder (' + type(reader).__name__ + ')' if reader is not model else 'forward'} takes no "
+              f"inputs_embeds argument, so they cannot be passed in; {others}"
+              + ("; prefix tuning, which writes the decoder's key/value cache, may also apply" if encoder_decoder
+                 else ""))
+
     def inject(self, host: AdapterModel, config: Any, adapter_name: str) -> None:
         """Complete ``config`` from the model's shape (sizes it reads; restored on failure), build the
         :class:`VirtualTokens` into ``host.extra_modules[adapter_name]`` and install the hooks that rewrite
         each call of the model.
 
         Raises:
-            ConfigError: ``num_virtual_tokens`` leaves no learned position for the input, the model's shape
+            ConfigError: the model has no token embeddings to extend (:meth:`check_reads_tokens`),
+                ``num_virtual_tokens`` leaves no learned position for the input, the model's shape
                 cannot be read (see :func:`model_shape`), or the config does not fit it.
         """
         model = host.model
+        self.check_reads_tokens(model)
         shape = model_shape(model, self.method if self.supports_encoder_decoder else None)
         positions = position_table(model)[0]
         check(positions is None or config.num_virtual_tokens < positions,

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from peftkit.config import ConfigError, PeftConfig, check
 from peftkit.formats.hf_peft import PREFIX, AdapterLoadError
@@ -431,7 +432,11 @@ def select_parameters(host: Any, config: SelectiveConfig, names: Sequence[str], 
             continue
         quantised = hasattr(module, "quantized_numel")
         # a bias alone (BitFit) is a float parameter also on a quantised layer
-        check(isinstance(module._parameters.get("weight"), nn.Parameter) or (quantised and "weight" not in names),
+        # a weight computed by a parametrisation (Wav2Vec2's weight-normed positional convolution) is read, never
+        # changed, when only the bias is selected: the bias is a plain parameter, and the weight's delta is zero
+        computed = "weight" not in names and parametrize.is_parametrized(module, "weight")
+        check(isinstance(module._parameters.get("weight"), nn.Parameter) or (quantised and "weight" not in names)
+              or computed,
               f"{method} cannot select parameters of module {name!r} ({type(module).__name__}): "
               + ("a quantised layer holds its weight as integer codes, and the selective methods change float layers "
                  "only (a method that wraps layers, e.g. LoRA, trains on a quantised base)" if quantised else
