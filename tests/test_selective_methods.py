@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit import ConfigError, get_peft_model
+from peftkit import ConfigError, get_peft_model, inject_adapter_in_model
 from peftkit.cli import main
 from peftkit.formats.hf_peft import adapter_file_stats
 from peftkit.methods.bitfit import BitFitConfig
@@ -177,6 +177,49 @@ def test_child_tuning_f_micro_batches_share_the_mask_under_gradient_checkpointin
                                                            target_modules=["q_proj"]))
     if reentrant is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    delta = next(p for n, p in model.named_parameters() if n.endswith("layers.0.self_attn.q_proj.adapters.default"
+                                                                     ".diff_weight"))
+    x = torch.randint(3, 64, (2, 6))
+    model(input_ids=x, labels=x).loss.backward()
+    first = delta.grad != 0
+    model(input_ids=x.flip(0), labels=x.flip(0)).loss.backward()
+    assert torch.equal(delta.grad != 0, first)
+    assert abs(first.float().mean().item() - 0.5) < 0.1  # 256 entries
+
+
+@pytest.mark.parametrize("entry", ["inject_adapter_in_model", "base model"])
+def test_child_tuning_f_draws_a_new_mask_each_step_outside_a_peft_model_call(entry):
+    """A model driven by its own forward (one from inject_adapter_in_model, or a PeftModel's base model called
+    directly) kept the first step's mask for the whole run: only a PeftModel call counted as a new forward."""
+    torch.manual_seed(3)
+    config = ChildTuningConfig(child_tuning_type="F", reserve_p=0.4)
+    if entry == "inject_adapter_in_model":
+        model = inject_adapter_in_model(config, nn.Sequential(nn.Linear(200, 200)))
+    else:
+        model = get_peft_model(nn.Sequential(nn.Linear(200, 200)), config).get_base_model()
+    model.train()
+    delta = next(p for n, p in model.named_parameters() if n.endswith("diff_weight"))
+    opt = torch.optim.SGD([delta], lr=0.1)
+    kept = []
+    for _ in range(2):
+        model(torch.ones(1, 200)).sum().backward()
+        model(torch.ones(1, 200)).sum().backward()  # a second micro-batch: the same mask
+        kept.append(delta.grad != 0)
+        assert torch.allclose(delta.grad[kept[-1]], torch.full_like(delta.grad[kept[-1]], 2 / 0.4))
+        assert abs(kept[-1].float().mean().item() - 0.4) < 0.015
+        opt.step()
+        opt.zero_grad()
+    assert (kept[0] != kept[1]).float().mean() > 0.3  # the next step has its own mask
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_child_tuning_f_injected_model_keeps_the_step_mask_under_gradient_checkpointing(reentrant):
+    """Without a PeftModel call around the forward, the recomputation in backward() still keeps the step's mask."""
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(ChildTuningConfig(child_tuning_type="F", reserve_p=0.5,
+                                                      target_modules=["q_proj"]), tiny_llama())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     delta = next(p for n, p in model.named_parameters() if n.endswith("layers.0.self_attn.q_proj.adapters.default"
                                                                      ".diff_weight"))
