@@ -168,6 +168,29 @@ def test_child_tuning_f_a_module_run_twice_in_one_forward_gets_one_mask():
     assert abs((delta.grad != 0).float().mean().item() - 0.3) < 0.02  # two masks would keep 1 - 0.7^2 = 51%
 
 
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_child_tuning_f_a_checkpointed_use_recomputed_after_the_draw_keeps_the_mask(injected):
+    """The first use runs under activation checkpointing, the second does not: backward draws the mask for the
+    second, then recomputes the first (the gradient still cleared); that recomputation must not start a new step."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(100, 100)
+
+        def forward(self, x):
+            return self.lin(checkpoint(self.lin, x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    config = ChildTuningConfig(child_tuning_type="F", reserve_p=0.3)
+    model = inject_adapter_in_model(config, Twice()) if injected else get_peft_model(Twice(), config)
+    model.train()
+    delta = next(p for n, p in model.named_parameters() if n.endswith("diff_weight"))
+    model(torch.randn(4, 100)).sum().backward()
+    assert abs((delta.grad != 0).float().mean().item() - 0.3) < 0.02  # two masks would keep 1 - 0.7^2 = 51%
+
 @pytest.mark.parametrize("injected", [False, True])
 @pytest.mark.parametrize("reentrant", [None, False, True])
 def test_child_tuning_f_micro_batches_share_the_mask_under_gradient_checkpointing(reentrant, injected):
