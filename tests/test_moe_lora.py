@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from peftkit import ConfigError, MoeLoraConfig, PeftModel, get_peft_model
 from tests.conftest import ids, perturb, tiny_llama
@@ -285,3 +286,18 @@ def test_a_mixed_batch_counts_the_real_tokens_of_the_moe_rows_only():
     assert abs(mixed.item() - alone.item()) <= 1e-6
     model(input_ids=x[[1, 3]])
     assert abs(model.peft_regularization().item() - alone.item()) > 1e-5
+
+
+def test_a_model_from_inject_adapter_in_model_records_the_load_balancing_term():
+    """Only a PeftModel call counted as a forward: an injected model's routers kept no term (last_aux None)."""
+    from peftkit import inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(MoeLoraConfig(r=2, target_modules=["0"]), nn.Sequential(nn.Linear(8, 8)))
+    model.train()
+    x = torch.randn(2, 3, 8)
+    model(x).sum().backward()
+    moe = model[0].adapters["default"]
+    assert moe.last_aux is not None
+    assert abs(moe.last_aux.item() - _hand_term(moe, x.reshape(-1, 8)).item()) <= 1e-6
+    assert moe.last_aux.requires_grad

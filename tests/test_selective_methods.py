@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit import ConfigError, get_peft_model
+from peftkit import ConfigError, get_peft_model, inject_adapter_in_model
 from peftkit.cli import main
 from peftkit.formats.hf_peft import adapter_file_stats
 from peftkit.methods.bitfit import BitFitConfig
@@ -168,13 +168,38 @@ def test_child_tuning_f_a_module_run_twice_in_one_forward_gets_one_mask():
     assert abs((delta.grad != 0).float().mean().item() - 0.3) < 0.02  # two masks would keep 1 - 0.7^2 = 51%
 
 
-@pytest.mark.parametrize("reentrant", [None, False, True])
-def test_child_tuning_f_micro_batches_share_the_mask_under_gradient_checkpointing(reentrant):
-    """The checkpointed layers run again in backward(), outside the model call: the recomputation keeps the step's
-    mask (re-entrant checkpointing runs the whole forward of the layers there)."""
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_child_tuning_f_a_checkpointed_use_recomputed_after_the_draw_keeps_the_mask(injected):
+    """The first use runs under activation checkpointing, the second does not: backward draws the mask for the
+    second, then recomputes the first (the gradient still cleared); that recomputation must not start a new step."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(100, 100)
+
+        def forward(self, x):
+            return self.lin(checkpoint(self.lin, x, use_reentrant=False))
+
     torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), ChildTuningConfig(child_tuning_type="F", reserve_p=0.5,
-                                                           target_modules=["q_proj"]))
+    config = ChildTuningConfig(child_tuning_type="F", reserve_p=0.3)
+    model = inject_adapter_in_model(config, Twice()) if injected else get_peft_model(Twice(), config)
+    model.train()
+    delta = next(p for n, p in model.named_parameters() if n.endswith("diff_weight"))
+    model(torch.randn(4, 100)).sum().backward()
+    assert abs((delta.grad != 0).float().mean().item() - 0.3) < 0.02  # two masks would keep 1 - 0.7^2 = 51%
+
+@pytest.mark.parametrize("injected", [False, True])
+@pytest.mark.parametrize("reentrant", [None, False, True])
+def test_child_tuning_f_micro_batches_share_the_mask_under_gradient_checkpointing(reentrant, injected):
+    """The checkpointed layers run again in backward(), outside the model call: the recomputation keeps the step's
+    mask (re-entrant checkpointing runs the whole forward of the layers there), also on a model from
+    inject_adapter_in_model, whose forward no PeftModel call surrounds."""
+    torch.manual_seed(0)
+    config = ChildTuningConfig(child_tuning_type="F", reserve_p=0.5, target_modules=["q_proj"])
+    model = inject_adapter_in_model(config, tiny_llama()) if injected else get_peft_model(tiny_llama(), config)
     if reentrant is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
@@ -186,6 +211,31 @@ def test_child_tuning_f_micro_batches_share_the_mask_under_gradient_checkpointin
     model(input_ids=x.flip(0), labels=x.flip(0)).loss.backward()
     assert torch.equal(delta.grad != 0, first)
     assert abs(first.float().mean().item() - 0.5) < 0.1  # 256 entries
+
+
+@pytest.mark.parametrize("entry", ["inject_adapter_in_model", "base model"])
+def test_child_tuning_f_draws_a_new_mask_each_step_outside_a_peft_model_call(entry):
+    """A model driven by its own forward (one from inject_adapter_in_model, or a PeftModel's base model called
+    directly) kept the first step's mask for the whole run: only a PeftModel call counted as a new forward."""
+    torch.manual_seed(3)
+    config = ChildTuningConfig(child_tuning_type="F", reserve_p=0.4)
+    if entry == "inject_adapter_in_model":
+        model = inject_adapter_in_model(config, nn.Sequential(nn.Linear(200, 200)))
+    else:
+        model = get_peft_model(nn.Sequential(nn.Linear(200, 200)), config).get_base_model()
+    model.train()
+    delta = next(p for n, p in model.named_parameters() if n.endswith("diff_weight"))
+    opt = torch.optim.SGD([delta], lr=0.1)
+    kept = []
+    for _ in range(2):
+        model(torch.ones(1, 200)).sum().backward()
+        model(torch.ones(1, 200)).sum().backward()  # a second micro-batch: the same mask
+        kept.append(delta.grad != 0)
+        assert torch.allclose(delta.grad[kept[-1]], torch.full_like(delta.grad[kept[-1]], 2 / 0.4))
+        assert abs(kept[-1].float().mean().item() - 0.4) < 0.015
+        opt.step()
+        opt.zero_grad()
+    assert (kept[0] != kept[1]).float().mean() > 0.3  # the next step has its own mask
 
 
 @pytest.mark.parametrize("steps", [1, 3])

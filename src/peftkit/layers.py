@@ -44,7 +44,8 @@ class AdapterContext:
     ``in_call`` is True while a :meth:`peftkit.PeftModel.forward` call runs (see :meth:`call`), and
     ``attention_mask`` then holds the call's 2-D ``(batch, seq)`` attention mask in the row order the layers
     see (None without one): what MoE-LoRA's load-balancing loss averages over. A layer running while no call
-    does (activation checkpointing's recomputation in ``backward()``) can tell it is not a new forward.
+    does, inside a backward pass (activation checkpointing's recomputation), can tell it is not a new forward
+    (:meth:`recomputing`).
     """
 
     def __init__(self) -> None:
@@ -77,6 +78,13 @@ class AdapterContext:
             yield
         finally:
             self.in_call, self.attention_mask = saved
+
+    def recomputing(self) -> bool:
+        """Whether a layer running now is recomputed by autograd rather than run by a new forward: no
+        :meth:`call` runs and a backward pass does (activation checkpointing, re-entrant or not, recomputes its
+        layers inside ``backward()``). A forward outside any ``PeftModel`` call (a model from
+        :func:`peftkit.inject_adapter_in_model`, a base model called directly) is a new forward."""
+        return not self.in_call and torch._C._current_graph_task_id() != -1
 
     @contextlib.contextmanager
     def only(self, names: list[str]) -> Iterator[None]:

@@ -164,7 +164,7 @@ class MoeLoraLinear(Adapter):
         ctx = layer._ctx
         if not self.training:
             self._aux.clear()  # not keeping the graph of a training forward alive after it
-        elif ctx is None or ctx.in_call:  # (not a checkpointed layer's recomputation in backward: keep the record)
+        elif ctx is None or not ctx.recomputing():  # (a checkpointed layer's recomputation keeps the record)
             self._aux.update(chosen=(gates > 0).reshape(-1, self.num_experts),
                              probs=probs.reshape(-1, self.num_experts), weights=_token_weights(self, layer, x))
             self.aux_forward_id = None if ctx is None else ctx.forward_id

@@ -217,8 +217,8 @@ class SelectAdapter(Adapter):
         save_sparse: write dense differences as their non-zero entries (diff pruning).
         grad_keep: Child-Tuning-F's ``p``: in training, each gradient entry of a dense difference is
             kept with probability ``p`` and scaled by ``1/p``, with one Bernoulli mask per optimiser step
-            (:class:`StepMask`): a new one is drawn at the first backward after a training forward through
-            :class:`~peftkit.PeftModel` found the difference's gradient cleared (``zero_grad()``, which sets it
+            (:class:`StepMask`): a new one is drawn at the first backward after a training forward (not a
+            checkpointed layer's recomputation in backward) found the difference's gradient cleared (``zero_grad()``, which sets it
             to None by default), or after :meth:`renew_grad_masks` (``peft_step_end``); micro-batches
             accumulated into one step share it.
 
@@ -328,9 +328,9 @@ class SelectAdapter(Adapter):
         """``d`` whose gradient gets this step's Child-Tuning-F mask (``d`` itself outside autograd)."""
         step_mask = self._grad_masks.setdefault(name, StepMask(self.grad_keep))
         ctx = layer._ctx
-        # a forward of a model call that finds the gradient cleared starts a new step (not a checkpointed
-        # layer's recomputation in backward, which runs outside the call, before the gradient is accumulated)
-        if d.grad is None and (ctx is None or ctx.in_call):
+        # a forward that finds the gradient cleared starts a new step (not a checkpointed layer's recomputation in
+        # backward, which runs before the gradient is accumulated)
+        if d.grad is None and (ctx is None or not ctx.recomputing()):
             step_mask.renew()
         if not torch.is_grad_enabled():
             return d
