@@ -1044,13 +1044,29 @@ def _call_mask(base: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
         return None
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1:
+        forward = base.forward
+        where = _mask_position(getattr(forward, "__func__", forward), forward)
+        if where is not None and where < len(args):
+            mask = args[where]
+    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+_MASK_POSITIONS: dict[Any, int | None] = {}
+
+
+def _mask_position(key: Any, forward: Any) -> int | None:
+    """The position of ``attention_mask`` among ``forward``'s positional parameters (None: it has none, or no
+    readable signature), remembered per forward function ``key``: reading a signature costs about 20 us, which a
+    model call should not pay each time."""
+    if key not in _MASK_POSITIONS:
         try:
-            params = list(inspect.signature(base.forward).parameters)
+            params = list(inspect.signature(forward).parameters)
         except (TypeError, ValueError):  # a forward without a readable signature
             params = []
-        if "attention_mask" in params and params.index("attention_mask") < len(args):
-            mask = args[params.index("attention_mask")]
-    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        if len(_MASK_POSITIONS) > 256:  # forwards made per instance (partials, wrappers): do not grow without end
+            _MASK_POSITIONS.clear()
+        _MASK_POSITIONS[key] = params.index("attention_mask") if "attention_mask" in params else None
+    return _MASK_POSITIONS[key]
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
