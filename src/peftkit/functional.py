@@ -1,6 +1,6 @@
 """Functions for a model that holds adapters without a :class:`~peftkit.PeftModel` around it, one from
 :func:`peftkit.inject_adapter_in_model` (mirrors ``peft.functional``, the API that transformers and diffusers
-use for such models): switch, freeze and delete its adapters, and read or write their state dicts.
+use for such models): switch, freeze, delete and upcast its adapters, and read or write their state dicts.
 
 Each function also takes a :class:`~peftkit.PeftModel` (or a ``torch.compile`` wrapper of either model), where it
 does what the PeftModel's method of the same name does.
@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from peftkit.config import check
 from peftkit.formats.hf_peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.inject import inject_adapter_in_model, injected
 
 __all__ = [
+    "cast_adapter_dtype",
     "delete_adapter",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
@@ -99,3 +102,52 @@ def set_requires_grad(model: nn.Module, adapter_names: str | Sequence[str], requ
             ``model`` is not a module / holds no injected adapter.
     """
     _holder(model, "set_requires_grad").set_requires_grad(adapter_names, requires_grad=requires_grad)
+
+
+#: the dtypes :func:`cast_adapter_dtype` upcasts to float32, as peft's (half precision and the float8 kinds this
+#: torch has)
+_UPCAST = {torch.float16, torch.bfloat16} | {getattr(torch, n) for n in (
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, n)}
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Upcast the float16, bfloat16 and float8 tensors of adapter ``adapter_name`` to float32, as
+    ``peft.functional.cast_adapter_dtype``: its tensors in every wrapped layer. As in peft (and as
+    :func:`peftkit.get_peft_model` creates them), its trained copies of ``modules_to_save`` modules and its soft
+    prompts keep the base model's dtype, and so do the base model's own tensors.
+
+    peftkit creates adapters in float32 on a half-precision base already, so this matters after the whole model
+    was cast (``model.to(torch.bfloat16)`` casts the adapters too). Each parameter keeps its identity (its
+    ``.data`` is replaced; peft assigns new parameters), so an optimiser built before still holds it; buffers are
+    replaced.
+
+    Args:
+        model: a model from :func:`inject_adapter_in_model`, or a :class:`~peftkit.PeftModel`.
+        adapter_name: the adapter to upcast.
+        autocast_adapter_dtype: False does nothing, as in peft (default True).
+
+    Raises:
+        ConfigError: an unknown adapter name (peft ignores it), a name that is not a string, or a non-bool ``autocast_adapter_dtype``; nothing
+            changes then. TypeError / ValueError: ``model`` is not a module / holds no injected adapter.
+    """
+    holder = _holder(model, "cast_adapter_dtype")
+    check(isinstance(autocast_adapter_dtype, bool),
+          f"autocast_adapter_dtype={autocast_adapter_dtype!r} must be True or False")
+    check(isinstance(adapter_name, str), f"adapter_name={adapter_name!r} is not valid; give one adapter's name")
+    host = holder.base_model
+    host.check_known([adapter_name])
+    if not autocast_adapter_dtype:
+        return
+    from peftkit.layers import AdaptedLayer
+
+    names = host.parts([adapter_name])  # a composed adapter runs its parts too
+    owners = [w.adapters[n] for _, w in host.wrappers() if isinstance(w, AdaptedLayer) for n in names if n in w.adapters]
+    with torch.no_grad():
+        for owner in owners:
+            for module in owner.modules():
+                for param in module.parameters(recurse=False):
+                    if param.dtype in _UPCAST:
+                        param.data = param.data.to(torch.float32)
+                for key, buf in list(module._buffers.items()):
+                    if buf is not None and buf.dtype in _UPCAST:
+                        module._buffers[key] = buf.to(torch.float32)

@@ -108,6 +108,8 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
     Raises:
         ConfigError: unknown adapter name, a name that is not a string, ``save_embedding_layers`` not
             ``"auto"``/True/False, or a ``state_dict`` that lacks one of the tensors to write.
+        TypeError / ValueError: ``model`` is not a module / is neither a PeftModel nor a model from
+            :func:`peftkit.inject_adapter_in_model`.
     """
     from peftkit.config import ConfigError
 
@@ -124,7 +126,7 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
         taken = get_peft_model_state_dict(holder, None if state_dict is None else _with_prefix(state_dict), adapter_name,
                                           save_embedding_layers=save_embedding_layers)
         return file_keys(holder, adapter_name, taken, injected_form=True)
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper (a PeftModel's base never is one)
+    model = _peft_model(model, "get_peft_model_state_dict")
     out = _tensors(model, adapter_name, export=True)
     embeddings = _embedding_tensors(model, adapter_name, save_embedding_layers)
     # an adapter's own tensor under the same key (none is expected) is never replaced by a base tensor
@@ -144,6 +146,28 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
                               "model's own state dict (model.state_dict(), or one gathered from it)")
         taken[key] = state_dict[name]
     return taken
+
+
+def _peft_model(model: object, caller: str) -> PeftModel:
+    """``model`` as the :class:`~peftkit.PeftModel` the state-dict calls work on (a ``torch.compile`` wrapper is looked
+    through; a PeftModel's base never is one).
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``. ValueError: a module that is neither a PeftModel nor a
+            model from :func:`peftkit.inject_adapter_in_model` (one adapted by the ``peft`` package, say).
+    """
+    from peftkit.model import PeftModel
+
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, PeftModel):
+        return inner
+    if not isinstance(inner, nn.Module):
+        raise TypeError(f"{caller}() takes a torch.nn.Module holding adapters, not a {type(model).__name__}")
+    foreign = any(type(m).__module__.split(".")[0] == "peft" for m in inner.modules())
+    raise ValueError(f"{caller}() takes a peftkit PeftModel or a model from peftkit.inject_adapter_in_model; this "
+                     f"{type(inner).__name__} " + ("holds adapters of the peft package: use peft's own function on it, "
+                     "or adapt the plain model with peftkit" if foreign else "holds no adapter: adapt it first "
+                     "(peftkit.get_peft_model or peftkit.inject_adapter_in_model)"))
 
 
 def _with_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -278,6 +302,8 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
         AdapterLoadError: missing, unexpected or wrongly shaped tensors (listed in the message).
         ConfigError: ``ignore_mismatched_sizes=True``; ``state_dict`` is not a dict of tensors (naming the first
             entry that is not one).
+        TypeError / ValueError: ``model`` is not a module / is neither a PeftModel nor a model from
+            :func:`peftkit.inject_adapter_in_model`.
     """
     from peftkit.config import ConfigError
 
@@ -296,6 +322,7 @@ def set_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor], a
     holder = injected(model)
     if holder is not None:  # a model from inject_adapter_in_model: keys with or without base_model.model., as peft
         model, state_dict = holder, file_keys(holder, adapter_name, state_dict, injected_form=False)
+    model = _peft_model(model, "set_peft_model_state_dict")
     load_saved_state(model, state_dict, adapter_name, model.peft_config[adapter_name] if adapter_name in
                      model.peft_config else None)
 
