@@ -76,9 +76,9 @@ def test_sites_follow_the_architecture_table(arch):
     houlsby = get_peft_model(MODELS[arch](), HoulsbyConfig())
     assert adapted_names(houlsby.get_base_model()) == [f"{layers}.{i}.{s[k]}" for i in (0, 1) for k in ("attn", "ffn")]
     pfeiffer = get_peft_model(MODELS[arch](), PfeifferConfig())
-    # post-LN BERT: after the FFN's Add & Norm (its LayerNorm); pre-LN decoders: on the FFN's output projection
-    ffn = "output.LayerNorm" if arch == "bert" else s["ffn"]
-    assert adapted_names(pfeiffer.get_base_model()) == [f"{layers}.{i}.{ffn}" for i in (0, 1)]
+    # post-LN BERT: after the FFN's Add & Norm (its LayerNorm); pre-LN decoders: on the block's output (x + u)
+    ffn = ".output.LayerNorm" if arch == "bert" else ""
+    assert adapted_names(pfeiffer.get_base_model()) == [f"{layers}.{i}{ffn}" for i in (0, 1)]
     parallel = get_peft_model(MODELS[arch](), ParallelConfig(mh_adapter=True)).get_base_model()
     blocks = [f"{layers}.{i}.{s[k]}" for i in (0, 1) for k in ("attn_block", "ffn_block")]
     assert adapted_names(parallel) == blocks
@@ -188,7 +188,7 @@ def test_parallel_adapter_equations():
 def test_serial_adapter_equation_and_residual_placement():
     for before in (True, False):
         model = get_peft_model(tiny_llama(), PfeifferConfig(bottleneck_size=3, ln_before=True, residual_before_ln=before,
-                                                            non_linearity="gelu", scaling=0.5))
+                                                            non_linearity="gelu", scaling=0.5, pre_ln_site="projection"))
         perturb(model)
         layer = model.get_base_model().model.layers[1].mlp.down_proj
         a = layer.adapters["default"]
@@ -223,7 +223,7 @@ def test_random_adapterdrop_skips_lower_blocks_only_in_training_and_redraws_each
     model.train()
     assert [a.dropped for a in adapters] == [True, False]
     dropped_out = model(input_ids=x).logits.detach()
-    first = model.get_base_model().model.layers[0].mlp.down_proj
+    first = model.get_base_model().model.layers[0]  # the block, whose output the adapter changes
     first.set_active([])
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, dropped_out)  # the dropped adapter did nothing

@@ -217,7 +217,8 @@ def test_merging_lora_under_an_unmerged_bottleneck_adapter_is_refused(first):
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    cfg = peftkit.HoulsbyConfig() if first == "houlsby" else peftkit.PfeifferConfig()
+    # (on the FFN's projection, beside the LoRA: by default a Pfeiffer adapter wraps the whole block)
+    cfg = peftkit.HoulsbyConfig() if first == "houlsby" else peftkit.PfeifferConfig(pre_ln_site="projection")
     model = peftkit.get_peft_model(base, cfg, adapter_name="h")
     model.add_adapter("l", peftkit.LoraConfig(target_modules=["o_proj", "down_proj"], init_lora_weights=False))
     with torch.no_grad():

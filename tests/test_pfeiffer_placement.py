@@ -120,10 +120,14 @@ def test_roberta_shares_berts_sites_and_two_active_adapters_each_renormalise():
         assert (norm(z) - norm.base_layer(z + b.bottleneck(y1))).abs().max() <= 1e-6
 
 
-def test_pre_ln_decoders_keep_the_adapter_on_the_ffn_projection():
-    """No module of a pre-LN block receives the residual sum (AdapterHub adds A(x + u) there): documented."""
+def test_pre_ln_decoders_put_the_adapter_on_the_block_output_or_on_request_the_ffn_projection():
+    """AdapterHub adds A(x + u) on a pre-LN block, and x + u is the block's output (tests/test_pfeiffer_pre_ln.py)."""
     base = tiny_llama()
     get_peft_model(base, PfeifferConfig(reduction_factor=4))
+    assert adapted(base) == [f"model.layers.{i}" for i in (0, 1)]
+    assert base.model.layers[0].adapters["default"].norm_site == "layer"
+    base = tiny_llama()
+    get_peft_model(base, PfeifferConfig(reduction_factor=4, pre_ln_site="projection"))
     assert adapted(base) == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
     assert base.model.layers[0].mlp.down_proj.adapters["default"].norm_site is None
 
@@ -283,8 +287,8 @@ def test_a_skip_after_the_layer_norm_is_refused_at_an_add_norm_before_any_change
     with pytest.raises(ConfigError, match=r"layer\.0\.output\.LayerNorm: residual_before_ln=False is not supported"):
         get_peft_model(base, PfeifferConfig(residual_before_ln=False, ln_before=True))
     assert {n: type(m) for n, m in base.named_modules()} == before
-    # on a pre-LN model the adapter stays on the projection, where that skip works as before
-    get_peft_model(tiny_llama(), PfeifferConfig(residual_before_ln=False, ln_before=True))
+    # on a pre-LN model's FFN projection that skip works as before
+    get_peft_model(tiny_llama(), PfeifferConfig(residual_before_ln=False, ln_before=True, pre_ln_site="projection"))
 
 
 @pytest.mark.parametrize("option, at_norm", [(None, True), ("original_ln_before=false", False)])

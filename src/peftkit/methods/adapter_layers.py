@@ -11,7 +11,10 @@ A serial adapter maps a sub-layer output ``u`` to ``u + A(u)``; a parallel one a
 sub-layer's input ``x`` to its output. A serial adapter at a post-LN block's Add & Norm (AdapterHub's
 ``original_ln_before=True``, Pfeiffer et al. 2020, arXiv:2005.00247) wraps that LayerNorm: with
 ``z = u + x`` (sub-layer output plus residual) and ``h = LN(z)`` it gives ``LN(z + A(h))``, which is
-AdapterHub's ``LN((u + A(h)) + x)``: the transformer's own LayerNorm before and after the adapter. A PHM layer builds its ``(in, out)`` matrix as
+AdapterHub's ``LN((u + A(h)) + x)``: the transformer's own LayerNorm before and after the adapter. On a pre-LN
+block (GPT-2, Llama, ...) AdapterHub's placement gives ``x + u + A(x + u)``, and ``x + u`` is the block's output
+``z``: the adapter wraps the whole block (a :class:`SublayerLayer`) and maps ``z`` to ``z + A(z)``. A PHM layer
+builds its ``(in, out)`` matrix as
 ``H = sum_i phm_rule[i] (x) (W_left[i] @ W_right[i])`` (Kronecker products with ``n`` shared
 ``n x n`` rule matrices and rank-``r`` factors).
 """
@@ -49,9 +52,10 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-#: where a serial adapter sits (see :class:`BottleneckAdapter`): an output projection (None), or a post-LN
-#: block's Add & Norm LayerNorm, run again after the adapter ("add_norm") or not ("after_norm")
-NORM_SITES = (None, "add_norm", "after_norm")
+#: where a serial adapter sits (see :class:`BottleneckAdapter`): an output projection (None), a post-LN
+#: block's Add & Norm LayerNorm, run again after the adapter ("add_norm") or not ("after_norm"), or the output
+#: of a whole pre-LN block ("layer")
+NORM_SITES = (None, "add_norm", "after_norm", "layer")
 
 
 class DropState:
@@ -124,7 +128,9 @@ class BottleneckAdapter(Adapter):
             ``"add_norm"``: on a post-LN block's Add & Norm LayerNorm (AdapterHub's ``original_ln_before`` and
             ``original_ln_after``): the layer's input ``z`` and output ``h = LN(z)`` give ``LN(z + A(h))``.
             ``"after_norm"``: on that LayerNorm without the second pass (``original_ln_after=False``):
-            ``h + A(h)``.
+            ``h + A(h)``. ``"layer"``: on a whole pre-LN block (wrapped by :class:`SublayerLayer`), whose
+            output ``z = x + u`` (residual plus FFN output) becomes ``z + A(z)`` (AdapterHub's Pfeiffer placement
+            there, ``x + u + A(x + u)``).
 
     Shapes: ``(..., d) -> (..., d)``. Trainable parameters: ``2 d m + m + d`` (plain) or
     ``2 r (d + m) + m + d`` (PHM, plus the shared ``n^3`` once per adapter); ``+ 2 d`` with ``ln_before``.
@@ -142,6 +148,8 @@ class BottleneckAdapter(Adapter):
         if norm_site not in NORM_SITES:
             raise ValueError(f"norm_site={norm_site!r} is not valid; expected one of {NORM_SITES}")
         self.norm_site = norm_site
+        #: whether a :class:`SublayerLayer` runs it on the wrapped module's output (serial) rather than beside it
+        self.on_output = norm_site == "layer"
         # at an Add & Norm the layer's input z (sub-layer output plus residual) is read again
         self.reads_input = norm_site == "add_norm"
         self.scaling, self.residual_before_ln = scaling, residual_before_ln
@@ -210,7 +218,8 @@ class BottleneckAdapter(Adapter):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         """Serial use: the wrapped projection's output ``y`` becomes ``skip(y) + A(y)``; at an Add & Norm
-        LayerNorm with input ``x = z`` and output ``y = LN(z)``, ``LN(z + A(y))`` (see ``norm_site``)."""
+        LayerNorm with input ``x = z`` and output ``y = LN(z)``, ``LN(z + A(y))``; on a block's output
+        ``y = z``, ``z + A(z)`` (see ``norm_site``)."""
         if self.dropped:
             return skipped(self, y)
         if self.norm_site is not None:
@@ -225,7 +234,8 @@ class BottleneckAdapter(Adapter):
 
 
 class SublayerLayer(AdaptedLayer):
-    """A whole attention or feed-forward sub-layer wrapped for parallel adapters.
+    """A whole attention or feed-forward sub-layer wrapped for parallel adapters, or a whole pre-LN block
+    wrapped for serial adapters on its output.
 
     Two calling conventions are handled, found from the wrapped module's signature:
 
@@ -236,6 +246,12 @@ class SublayerLayer(AdaptedLayer):
       ``(hidden_states, input_tensor)`` and returns ``LayerNorm(f(hidden_states) + input_tensor)``): the
       sub-layer's input is ``input_tensor``; it becomes ``input_tensor + A(input_tensor)``, so the adapter
       output joins the residual sum before the LayerNorm.
+
+    Serial adapters here (``on_output``: a :class:`BottleneckAdapter` with ``norm_site="layer"``, or a fusion
+    of them) run on the output after the parallel branches, in order: a pre-LN block's output ``z`` (its
+    hidden states, the first element of a tuple output) becomes ``z + A(z)``; the rest of a tuple (attention
+    weights, a cache) passes unchanged, and the wrapped module, with its gradient checkpointing and cache
+    handling, runs as it would unwrapped.
 
     Nothing merges here; other methods' layers inside the sub-layer keep working, added before or after it.
 
@@ -287,45 +303,54 @@ class SublayerLayer(AdaptedLayer):
         or a tuple starting with it) with the active adapters' branches added; adapters AdapterDrop skips in
         this step join the graph at weight zero. Arguments go to the wrapped module."""
         planned = self._jobs(args, kwargs)
-        jobs = [(a, idx) for a, idx in planned if not a.dropped]
+        jobs = [(a, idx) for a, idx in planned if not getattr(a, "dropped", False)]  # (a fusion never drops)
         if len(jobs) < len(planned):  # the dropped ones join the graph at weight zero (see layers.skipped)
             out = self.forward_jobs(jobs, args, kwargs) if jobs else self.base_layer(*args, **kwargs)
             for a, _ in planned:
-                if a.dropped:
+                if getattr(a, "dropped", False):
                     out = _on_output(out, lambda t, a=a: skipped(a, t))
             return out
         return self.forward_jobs(jobs, args, kwargs)
 
     def forward_jobs(self, jobs: list[tuple[BottleneckAdapter, Tensor | None]], args: tuple, kwargs: dict) -> Any:
-        """The sub-layer's output with ``jobs``' branches added (the base output when there are none).
+        """The sub-layer's output with ``jobs``' parallel branches added, then its serial (``on_output``) adapters
+        applied (the base output when there are none).
 
         ``jobs``: ``(adapter, row indices or None)`` pairs (None: all rows); ``args``/``kwargs``: the call's.
 
         Raises:
-            TypeError: the sub-layer was called without its input (no positional argument and no
-                ``hidden_states=``).
+            TypeError: a parallel adapter's sub-layer was called without its input (no positional argument and
+                no ``hidden_states=``).
             ValueError: the input's leading dimensions differ from the output's (e.g. a pooler, ``(batch, seq,
                 d) -> (batch, d)``), so ``A(x)`` cannot be added.
         """
-        if not jobs:
-            return self.base_layer(*args, **kwargs)
-        if self.residual_arg:
+        beside = [(a, idx) for a, idx in jobs if not getattr(a, "on_output", False)]
+        after = [(a, idx) for a, idx in jobs if getattr(a, "on_output", False)]
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not beside:
+            out = self.base_layer(*args, **kwargs)
+        elif self.residual_arg:
             if len(args) > 1:
-                args = (args[0], _add_branches(jobs, args[1], args[1]), *args[2:])
+                args = (args[0], _add_branches(beside, args[1], args[1]), *args[2:])
             else:
-                kwargs["input_tensor"] = _add_branches(jobs, kwargs["input_tensor"], kwargs["input_tensor"])
-            return self.base_layer(*args, **kwargs)
-        if args:
-            x = args[0]
-        elif "hidden_states" in kwargs:
-            x = kwargs["hidden_states"]
+                kwargs["input_tensor"] = _add_branches(beside, kwargs["input_tensor"], kwargs["input_tensor"])
+            out = self.base_layer(*args, **kwargs)
         else:
-            raise TypeError(f"{type(self.base_layer).__name__} was called without a positional input or "
-                            "hidden_states=; a parallel adapter cannot find the sub-layer's input")
-        out = self.base_layer(*args, **kwargs)
-        if isinstance(out, tuple):
-            return (_add_branches(jobs, x, out[0]), *out[1:])
-        return _add_branches(jobs, x, out)
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{type(self.base_layer).__name__} was called without a positional input or "
+                                "hidden_states=; a parallel adapter cannot find the sub-layer's input")
+            out = _on_output(self.base_layer(*args, **kwargs), lambda t: _add_branches(beside, x, t))
+        return _on_output(out, lambda t: self._run_serial(after, x, t)) if after else out
+
+    def _run_serial(self, jobs: list[tuple[BottleneckAdapter, Tensor | None]], x: Any, y: Tensor) -> Tensor:
+        """``y`` through each serial adapter of ``jobs`` in turn, each on its rows only (all when None)."""
+        for adapter, idx in jobs:
+            if idx is None:
+                y = adapter(self, x, y)
+                continue
+            rows = x.index_select(0, idx) if isinstance(x, Tensor) and x.shape[0] == y.shape[0] else x
+            y = y.index_copy(0, idx, adapter(self, rows, y.index_select(0, idx)).to(y.dtype))
+        return y
 
 
 def _on_output(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:

@@ -47,6 +47,7 @@ from peftkit.tuners import WrapTuner
 
 INIT_CHOICES = ("identity", "bert")
 DROP_MODES = ("fixed", "random")
+PRE_LN_SITES = ("layer", "projection")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class Sites:
     ``attn_output`` / ``ffn_output``: the output projections serial adapters wrap; ``attn_block`` /
     ``ffn_block``: the sub-layers parallel adapters sit beside; ``attn_norm`` / ``ffn_norm``: the LayerNorm of
     each sub-layer's Add & Norm, where serial adapters with ``original_ln_before`` go (None on pre-LN models,
-    whose residual sum no module receives).
+    which have none); ``layer``: on a pre-LN model, the transformer block (decoder layer) itself, whose output
+    is the FFN sub-layer's residual sum ``x + u``, where serial FFN adapters with ``original_ln_before`` go
+    (None on post-LN models).
     """
 
     attn_output: str
@@ -65,20 +68,24 @@ class Sites:
     ffn_block: str
     attn_norm: str | None = None
     ffn_norm: str | None = None
+    layer: str | None = None
 
 
 _BERT = Sites(r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense", r".*\.attention\.output",
               r".*\.layer\.\d+\.output", r".*\.attention\.output\.LayerNorm", r".*\.layer\.\d+\.output\.LayerNorm")
-_LLAMA = Sites(r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj", r".*\.self_attn", r".*\.mlp")
+_LLAMA = Sites(r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj", r".*\.self_attn", r".*\.mlp",
+               layer=r".*\.layers\.\d+")
 ADAPTER_SITES: dict[str, Sites] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), _BERT),
     "distilbert": Sites(r".*\.attention\.out_lin", r".*\.ffn\.lin2", r".*\.attention", r".*\.ffn",
                         r".*\.sa_layer_norm", r".*\.output_layer_norm"),
     "deberta-v2": _BERT,
-    "gpt2": Sites(r".*\.attn\.c_proj", r".*\.mlp\.c_proj", r".*\.attn", r".*\.mlp"),
+    "gpt2": Sites(r".*\.attn\.c_proj", r".*\.mlp\.c_proj", r".*\.attn", r".*\.mlp", layer=r"(?:.*\.)?h\.\d+"),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"), _LLAMA),
-    "starcoder2": Sites(r".*\.self_attn\.o_proj", r".*\.mlp\.c_proj", r".*\.self_attn", r".*\.mlp"),
-    "vit": Sites(r".*\.attention\.o_proj", r".*\.mlp\.fc2", r".*\.layers\.\d+\.attention", r".*\.mlp"),
+    "starcoder2": Sites(r".*\.self_attn\.o_proj", r".*\.mlp\.c_proj", r".*\.self_attn", r".*\.mlp",
+                        layer=r".*\.layers\.\d+"),
+    "vit": Sites(r".*\.attention\.o_proj", r".*\.mlp\.fc2", r".*\.layers\.\d+\.attention", r".*\.mlp",
+                 layer=r".*\.layers\.\d+"),
 }
 
 
@@ -99,14 +106,23 @@ class BottleneckConfig(PeftConfig):
             a post-LN encoder (BERT, RoBERTa, ELECTRA, DistilBERT, ...: the ``attn_norm``/``ffn_norm`` of
             :data:`ADAPTER_SITES`) it wraps that LayerNorm, reads ``h = LN(u + x)`` (``u`` the sub-layer's
             output, ``x`` its residual) and, with ``original_ln_after``, gives ``LN(u + A(h) + x)``: the
-            transformer's own LayerNorm runs before and after the adapter. Default False (the adapter on the
-            output projection, before the Add & Norm); ignored for parallel adapters, and on models without
-            such sites in the table (pre-LN decoders: GPT-2, Llama, ...), where the adapter stays on the
-            output projection. With explicit ``target_modules`` a LayerNorm target gets this placement.
+            transformer's own LayerNorm runs before and after the adapter. On a pre-LN model (GPT-2, Llama,
+            Mistral, Qwen, Gemma, Phi-3, StarCoder2, ViT: the ``layer`` of :data:`ADAPTER_SITES`) the FFN's
+            adapter wraps the whole block and maps its output ``z = x + u`` to ``z + A(z)``: AdapterHub's
+            ``x + u + A(x + u)`` there (see ``pre_ln_site``); the attention's adapter (``mh_adapter``) stays on
+            its output projection, as no module's output is the attention's residual sum. Default False (the
+            adapter on the output projection, before the Add & Norm); ignored for parallel adapters. With
+            explicit ``target_modules`` a LayerNorm target gets this placement.
         original_ln_after: (AdapterHub's name) with ``original_ln_before``, the Add & Norm runs again after the
             adapter (True, default: ``LN(u + A(h) + x)``) or not (False: ``h + A(h)``, which needs
             ``residual_before_ln=False`` and ``ln_before=False``). Without ``original_ln_before`` it must be
-            True (the adapter's output then goes through the block's own Add & Norm, as it always did).
+            True (the adapter's output then goes through the block's own Add & Norm, as it always did). At a
+            pre-LN block's output both give ``z + A(z)``, as in AdapterHub.
+        pre_ln_site: where ``original_ln_before`` puts the FFN's serial adapter on a pre-LN model of the table:
+            ``"layer"`` (default: on the block's output, ``z + A(z)``, as above) or ``"projection"`` (on the
+            FFN's output projection, ``u + A(u)`` before the residual add). A file saved without this field
+            (by peftkit 0.1.0 before it existed) loads with ``"projection"``, the placement it was trained
+            with; ignored elsewhere (post-LN models, parallel adapters, explicit ``target_modules``).
         reduction_factor: bottleneck ``m = d // reduction_factor`` (> 0). Default 16.
         bottleneck_size: ``m`` directly (overrides ``reduction_factor``) or None. With ``phm_layer`` a
             ``reduction_factor``-derived ``m`` is rounded up to a multiple of ``phm_dim``.
@@ -138,7 +154,9 @@ class BottleneckConfig(PeftConfig):
 
     peft_type = "BOTTLENECK"
     # files saved before the Add & Norm placement existed put every serial adapter on the output projection
-    saved_before_defaults: ClassVar[dict[str, Any]] = {"original_ln_before": False, "original_ln_after": True}
+    # and files saved before pre_ln_site existed kept it there on pre-LN models even with original_ln_before
+    saved_before_defaults: ClassVar[dict[str, Any]] = {"original_ln_before": False, "original_ln_after": True,
+                                                       "pre_ln_site": "projection"}
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     mh_adapter: bool = True
@@ -146,6 +164,7 @@ class BottleneckConfig(PeftConfig):
     is_parallel: bool = False
     original_ln_before: bool = False
     original_ln_after: bool = True
+    pre_ln_site: str = "layer"
     reduction_factor: float = 16
     bottleneck_size: int | None = None
     non_linearity: str = "relu"
@@ -177,6 +196,8 @@ class BottleneckConfig(PeftConfig):
                   f"original_ln_after=False needs residual_before_ln=False and ln_before=False (the output is "
                   f"h + A(h), h = LN(u + x)); got residual_before_ln={self.residual_before_ln}, "
                   f"ln_before={self.ln_before}")
+        check(self.pre_ln_site in PRE_LN_SITES,
+              f"pre_ln_site={self.pre_ln_site!r} is not valid; expected one of {PRE_LN_SITES}")
         check(self.target_modules is not None or self.mh_adapter or self.output_adapter,
               "mh_adapter=False and output_adapter=False leave no site; enable one or give target_modules")
         check(_number(self.reduction_factor) and self.reduction_factor > 0,
@@ -367,13 +388,25 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def output_width(module: nn.Module) -> int:
-    """The hidden size a site works at: the output features of a linear module, or of the last linear
-    module inside a sub-layer.
+def _widths(m: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` features of a linear module (``nn.Linear`` or GPT-2 ``Conv1D``), else None."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if isinstance(m, linear_types()):
+        return m.weight.shape[0], m.weight.shape[1]
+    return None
+
+
+def output_width(module: nn.Module, hidden: int | None = None) -> int:
+    """The hidden size a site works at: the output features of a linear module; inside a sub-layer, the model's
+    ``hidden`` size when one of its linear modules outputs that many features (modules register in any order:
+    Phi-3's attention registers ``o_proj`` before ``qkv_proj``), else those of its last linear module.
 
     Raises:
         ConfigError: the module holds no linear layer.
     """
+    if hidden is not None and any((w := _widths(m)) and w[1] == hidden for _, m in iter_logical_modules(module)):
+        return hidden
     for _, m in reversed(list(iter_logical_modules(module))):
         if isinstance(m, nn.Linear):
             return m.out_features
@@ -382,8 +415,11 @@ def output_width(module: nn.Module) -> int:
     raise ConfigError(f"cannot find the hidden size of a {type(module).__name__} (it holds no linear layer)")
 
 
-def input_width(module: nn.Module) -> int | None:
-    """The input features of the first linear module inside a sub-layer, or None when it holds none."""
+def input_width(module: nn.Module, hidden: int | None = None) -> int | None:
+    """The input features of a sub-layer: the model's ``hidden`` size when one of its linear modules reads that
+    many, else those of its first linear module; None when it holds none."""
+    if hidden is not None and any((w := _widths(m)) and w[0] == hidden for _, m in iter_logical_modules(module)):
+        return hidden
     for _, m in iter_logical_modules(module):
         if isinstance(m, nn.Linear):
             return m.in_features
@@ -401,6 +437,7 @@ class BottleneckTuner(WrapTuner):
     def __init__(self) -> None:
         self._rule: nn.Parameter | None = None
         self._drop: DropState | None = None
+        self._hidden: int | None = None
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
         """Linear and GPT-2 ``Conv1D`` (serial adapters) and ``nn.LayerNorm`` (serial adapters with
@@ -421,18 +458,40 @@ class BottleneckTuner(WrapTuner):
                   f"{type(config).__name__}: no adapter sites known for model_type={kind!r} (known: "
                   f"{sorted(ADAPTER_SITES)}); give target_modules: the attention/FFN output projections for "
                   "serial adapters, or the attention/FFN sub-layer modules for parallel ones")
-            # (a pre-LN model has no Add & Norm sites: serial adapters stay on the output projections there)
+            # (a pre-LN model has no Add & Norm: the FFN's adapter goes on the block's output, x + u, and the
+            # attention's stays on its output projection, as no module returns the attention's residual sum)
             norm = config.original_ln_before and sites.ffn_norm is not None and sites.attn_norm is not None
+            layer = (config.original_ln_before and not norm and not config.is_parallel and sites.layer is not None
+                     and config.pre_ln_site == "layer" and config.output_adapter)
             attn, ffn = ((sites.attn_block, sites.ffn_block) if config.is_parallel else
-                         (sites.attn_norm, sites.ffn_norm) if norm else (sites.attn_output, sites.ffn_output))
+                         (sites.attn_norm, sites.ffn_norm) if norm else
+                         (sites.attn_output, sites.layer if layer else sites.ffn_output))
             targets = "|".join(f"(?:{regex})" for on, regex in ((config.mh_adapter, attn), (config.output_adapter, ffn))
                                if on)
+        else:
+            layer = False
         serial = (*linear_types(), nn.LayerNorm) if config.original_ln_before else linear_types()
-        names = find_targets(
-            model, targets, supported=(nn.Module,) if config.is_parallel else serial,
-            exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
-            layers_pattern=config.layers_pattern,
-            skip=list(config.modules_to_save or []) + host.modules_to_save_names(), method=type(config).__name__)
+        search = dict(exclude_modules=config.exclude_modules, layers_pattern=config.layers_pattern,
+                      skip=list(config.modules_to_save or []) + host.modules_to_save_names(),
+                      method=type(config).__name__)
+        if layer:
+            # the attention's projection lies inside the block, which is found on its own (the block's wrapper runs
+            # the modules inside it, adapted or not); peft's block index needs a segment after it, which a block's
+            # own name lacks: layers_to_transform is applied below
+            names = find_targets(model, sites.layer, supported=(nn.Module,), **search)
+            if config.mh_adapter:
+                names += find_targets(model, sites.attn_output, supported=serial, **search)
+                order = {n: i for i, (n, _) in enumerate(iter_logical_modules(model))}
+                names.sort(key=order.__getitem__)
+        else:
+            names = find_targets(model, targets, supported=(nn.Module,) if config.is_parallel else serial,
+                                 layers_to_transform=config.layers_to_transform, **search)
+        if layer and config.layers_to_transform is not None:
+            keep = config.layers_to_transform
+            keep = [keep] if _int(keep) else keep
+            names = [n for n in names if _block(n, config) in keep]
+            check(bool(names), f"{type(config).__name__}: layers_to_transform={config.layers_to_transform!r} keeps no "
+                               "block of this model; give indices of its blocks")
         if config.is_parallel:
             for n in names:
                 module = model.get_submodule(n)
@@ -447,7 +506,8 @@ class BottleneckTuner(WrapTuner):
                       f"single {type(unwrap(module)).__name__}; target the module that holds it")
                 # (a BERT-style output sub-layer takes the residual input_tensor, which the adapter reads instead)
                 residual = "input_tensor" in inspect.signature(unwrap(module).forward).parameters
-                width_in, width_out = input_width(unwrap(module)), output_width(unwrap(module))
+                hidden = _hidden_size(model)
+                width_in, width_out = input_width(unwrap(module), hidden), output_width(unwrap(module), hidden)
                 check(residual or width_in in (None, width_out),
                       f"{n}: a parallel adapter adds A(x) of the sub-layer's input x to its output, but "
                       f"{type(unwrap(module)).__name__} maps {width_in} features to {width_out}; target a sub-layer "
@@ -479,10 +539,11 @@ class BottleneckTuner(WrapTuner):
             self._rule = nn.Parameter(torch.randn(n, n, n) / n ** 0.5)
         if config.adapterdrop_mode == "random" and config.adapterdrop_layers:
             self._drop = DropState(config.adapterdrop_layers)
+        self._hidden = _hidden_size(host.model)
         try:
             super().inject(host, config, adapter_name)
         finally:
-            self._rule, self._drop = None, None
+            self._rule, self._drop, self._hidden = None, None, None
 
     def make_adapter(self, base: nn.Module, config: BottleneckConfig, module_name: str) -> Adapter:
         """An ``adapter_cls`` of the target's output width ``d`` (for a sub-layer, that of its last linear
@@ -496,13 +557,19 @@ class BottleneckTuner(WrapTuner):
                 ``residual_before_ln=False``.
         """
         at_norm = isinstance(base, nn.LayerNorm) and not config.is_parallel
-        # (checked here, not in the config: on a pre-LN model the adapter stays on the projection, where it works)
+        at_layer = not config.is_parallel and not isinstance(base, (*linear_types(), nn.LayerNorm))
+        # (checked here, not in the config: on an output projection that skip works as documented)
         check(not (at_norm and config.original_ln_after and not config.residual_before_ln),
               f"{module_name}: residual_before_ln=False is not supported after an Add & Norm with "
               "original_ln_after=True (the adapter's skip would carry LN(u + x), and the residual x be added once "
               "more); use residual_before_ln=True (AdapterHub's Pfeiffer placement), original_ln_after=False, or "
               "original_ln_before=False (the adapter on the output projection)")
-        width = base.normalized_shape[-1] if at_norm else output_width(base)
+        check(not (at_layer and config.original_ln_after and not config.residual_before_ln),
+              f"{module_name}: residual_before_ln=False is not supported on a pre-LN block's output with "
+              "original_ln_after=True (AdapterHub's skip would then carry x + u, and add the residual x once more); "
+              "use residual_before_ln=True (AdapterHub's Pfeiffer placement), or pre_ln_site='projection' or "
+              "original_ln_before=False (the adapter on the FFN's output projection)")
+        width = base.normalized_shape[-1] if at_norm else output_width(base, self._hidden)
         m = config.bottleneck_for(width)
         if config.phm_layer:
             n = config.phm_dim
@@ -513,7 +580,8 @@ class BottleneckTuner(WrapTuner):
             width, m, config.non_linearity, config.scaling, config.adapter_dropout, config.ln_before,
             config.residual_before_ln, config.init_weights, rule=self._rule, phm_rank=config.phm_rank,
             block=_block(module_name, config), drop=self._drop,
-            norm_site=("add_norm" if config.original_ln_after else "after_norm") if at_norm else None)
+            norm_site="layer" if at_layer else ("add_norm" if config.original_ln_after else "after_norm") if at_norm
+            else None)
 
     @staticmethod
     def _drop_state(host: Any, adapter_name: str) -> DropState | None:
@@ -564,8 +632,17 @@ def _container(module: nn.Module) -> bool:
     return isinstance(module, PreTrainedModel)
 
 
+def _hidden_size(model: nn.Module) -> int | None:
+    """``model.config.hidden_size`` of an HF model (an int), else None."""
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    return size if _int(size) else None
+
+
 def _block(module_name: str, config: BottleneckConfig) -> int | None:
-    return layer_index(module_name, config.layers_pattern)
+    """The block index of a site: peft's rule, read with a segment after the name, so that a whole block's own
+    name (``model.layers.3``, a pre-LN FFN site) gives its index (names that do not end in a number give what
+    they gave before)."""
+    return layer_index(module_name + ".", config.layers_pattern)
 
 
 def _cli(config_cls: type[BottleneckConfig]):

@@ -166,6 +166,8 @@ class FusionTuner(Tuner):
         for w in layers:
             present = [n for n in config.adapters if n in w.adapters]
             fusion = FusionAdapter(present, w.adapters[present[0]].width)
+            # (on a pre-LN block's output the fused adapters are serial there, and so is their fusion)
+            fusion.on_output = getattr(w.adapters[present[0]], "on_output", False)
             fusion.found = [n for n in present if n not in missing]  # the model's own before this fusion came
             w.add(adapter_name, fusion)
 
