@@ -321,3 +321,25 @@ def test_phi3_parallel_adapter_at_the_attention_reads_the_hidden_size():
         branch = 4.0 * (F.relu(h @ a.adapter_down.weight.T + a.adapter_down.bias) @ a.adapter_up.weight.T
                         + a.adapter_up.bias)
         assert (attn(h, position_embeddings=pos, attention_mask=None)[0] - (plain + branch)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_output_hidden_states_are_the_adapted_block_outputs(build):
+    """transformers records hidden states with hooks on the block class, i.e. on the wrapped block: each recorded
+    state between blocks must be what the next block reads (the output after ``z + A(z)``), not the block's raw
+    output."""
+    model = get_peft_model(build(), PfeifferConfig(reduction_factor=4))
+    perturb(model)
+    blocks = [m.base_layer for m in model.modules() if isinstance(m, AdaptedLayer) and hasattr(m, "residual_arg")]
+    assert len(blocks) >= 2
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()),
+                                         with_kwargs=True) for b in blocks]
+    x = ids(2, 6)
+    with torch.no_grad():
+        states = model(input_ids=x, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    assert len(states) == len(blocks) + 1
+    for i in range(1, len(blocks)):  # the state recorded after block i-1 is block i's input
+        torch.testing.assert_close(states[i], seen[i], rtol=0, atol=0)

@@ -340,7 +340,7 @@ class SublayerLayer(AdaptedLayer):
                 raise TypeError(f"{type(self.base_layer).__name__} was called without a positional input or "
                                 "hidden_states=; a parallel adapter cannot find the sub-layer's input")
             out = _on_output(self.base_layer(*args, **kwargs), lambda t: _add_branches(beside, x, t))
-        return _on_output(out, lambda t: self._run_serial(after, x, t)) if after else out
+        return _on_output(out, lambda t: _recorded_as(t, self._run_serial(after, x, t))) if after else out
 
     def _run_serial(self, jobs: list[tuple[BottleneckAdapter, Tensor | None]], x: Any, y: Tensor) -> Tensor:
         """``y`` through each serial adapter of ``jobs`` in turn, each on its rows only (all when None)."""
@@ -351,6 +351,25 @@ class SublayerLayer(AdaptedLayer):
             rows = x.index_select(0, idx) if isinstance(x, Tensor) and x.shape[0] == y.shape[0] else x
             y = y.index_copy(0, idx, adapter(self, rows, y.index_select(0, idx)).to(y.dtype))
         return y
+
+
+def _recorded_as(before: Tensor, after: Tensor) -> Tensor:
+    """``after``, also put in ``before``'s place among the hidden states transformers is collecting for
+    ``output_hidden_states=True``, if it holds ``before``. transformers (5.x) records them with forward hooks on
+    the block class, so the hook on a wrapped block saw its output before the serial adapters ran; the next block
+    reads ``after``, and so must the recorded state."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older transformers, which collects the hidden states the blocks return
+        return after
+    collected = _active_collector.get()
+    states = collected.get("hidden_states") if isinstance(collected, dict) else None
+    if isinstance(states, list):
+        for i in range(len(states) - 1, max(-1, len(states) - 3), -1):  # the block's own entry is among the last
+            if states[i] is before:
+                states[i] = after
+                break
+    return after
 
 
 def _on_output(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:
