@@ -71,6 +71,13 @@ class PeftMixedModel(PeftModel):
         check_mixed_compatible(peft_config)
         super().__init__(model, peft_config, adapter_name)
 
+    @property
+    def active_adapter(self) -> list[str]:
+        """The active adapters' names, as a list, as peft's mixed model gives them (its ``active_adapter`` is the
+        list :attr:`active_adapters` also gives, one name or several); a copy, empty when no adapter is left. It never
+        raises (:attr:`peftkit.PeftModel.active_adapter` is the first name, a string, as in peft's ``PeftModel``)."""
+        return self.active_adapters
+
     @classmethod
     def _class_for(cls, config: PeftConfig) -> type[PeftModel]:
         """Always this class (peft's ``PeftMixedModel.from_pretrained`` returns no task class)."""

@@ -90,6 +90,10 @@ class PeftModel(nn.Module):
 
         Raises:
             ValueError: no adapter is active (all were deleted)."""
+        return self._first_active()
+
+    def _first_active(self) -> str:
+        """The first active adapter's name; ValueError when none is active."""
         if not self.base_model.active_adapters:
             raise ValueError(f"no adapter is active; this model has {self.base_model.public_names()} "
                              "(add one with add_adapter, then set_adapter)")
@@ -109,11 +113,11 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> PeftConfig:
-        """The config of the first active adapter (:attr:`active_adapter`).
+        """The config of the first active adapter (the first of :attr:`active_adapters`).
 
         Raises:
             ValueError: no adapter is active."""
-        return self.peft_config[self.active_adapter]
+        return self.peft_config[self._first_active()]
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with wrapped layers inside)."""
