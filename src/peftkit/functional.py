@@ -1,6 +1,6 @@
 """Functions for a model that holds adapters without a :class:`~peftkit.PeftModel` around it, one from
 :func:`peftkit.inject_adapter_in_model` (mirrors ``peft.functional``, the API that transformers and diffusers
-use for such models): switch, freeze and delete its adapters, and read or write their state dicts.
+use for such models): switch, freeze, delete and upcast its adapters, and read or write their state dicts.
 
 Each function also takes a :class:`~peftkit.PeftModel` (or a ``torch.compile`` wrapper of either model), where it
 does what the PeftModel's method of the same name does.
@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from peftkit.config import check
 from peftkit.formats.hf_peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.inject import inject_adapter_in_model, injected
+from peftkit.layers import AdaptedLayer
 
 __all__ = [
+    "cast_adapter_dtype",
     "delete_adapter",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
@@ -99,3 +103,53 @@ def set_requires_grad(model: nn.Module, adapter_names: str | Sequence[str], requ
             ``model`` is not a module / holds no injected adapter.
     """
     _holder(model, "set_requires_grad").set_requires_grad(adapter_names, requires_grad=requires_grad)
+
+
+#: the dtypes :func:`cast_adapter_dtype` upcasts to float32, as peft's: half precision and the float8 formats this
+#: torch build has
+_UPCAST = frozenset({torch.float16, torch.bfloat16} | {
+    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, n)})
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Upcast the weights of adapter ``adapter_name`` of ``model`` to float32 where they are float16, bfloat16 or
+    float8 (``peft.functional.cast_adapter_dtype``), e.g. after ``model.to(torch.bfloat16)`` also narrowed them;
+    float32 and float64 weights, the base model and the other adapters are left as they are.
+
+    Unlike peft, which puts new parameter objects in place, each parameter keeps its identity (an optimiser that
+    holds it sees the float32 values; its gradient, if any, is upcast too), and an unknown name is refused rather
+    than ignored. As peft's, it reaches the adapters that live in wrapped layers (LoRA and the other weight
+    methods, bottleneck adapters, ...), not ``modules_to_save`` copies or a soft prompt's encoder.
+
+    Args:
+        model: a model from :func:`inject_adapter_in_model`, or a :class:`~peftkit.PeftModel`.
+        adapter_name: the adapter to upcast (a composed adapter: all its parts).
+        autocast_adapter_dtype: False does nothing, as in peft (default True).
+
+    Raises:
+        ConfigError: a non-bool ``autocast_adapter_dtype``, or an unknown (or non-string) name; nothing changes
+            then. TypeError / ValueError: ``model`` is not a module / holds no injected adapter.
+    """
+    holder = _holder(model, "cast_adapter_dtype")
+    check(isinstance(autocast_adapter_dtype, bool),
+          f"autocast_adapter_dtype={autocast_adapter_dtype!r} must be True or False")
+    host = holder.base_model
+    host.check_known(host.name_list(adapter_name))
+    if not autocast_adapter_dtype:
+        return
+    parts = set(host.parts([adapter_name]))
+    with torch.no_grad():
+        for module in holder.modules():
+            if not isinstance(module, AdaptedLayer):
+                continue
+            for name in parts & set(module.adapters):
+                for owner in module.adapters[name].modules():
+                    for param in owner.parameters(recurse=False):
+                        if param.dtype in _UPCAST:
+                            param.data = param.data.float()
+                            if param.grad is not None:
+                                param.grad = param.grad.float()
+                    for key, buffer in list(owner.named_buffers(recurse=False)):
+                        if buffer.dtype in _UPCAST:
+                            setattr(owner, key, buffer.float())
