@@ -62,12 +62,16 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str], inference_m
         adapter_name: a name, or a list of names.
         inference_mode: freeze the activated adapters (default False).
 
+    An empty list is taken, as by ``peft.functional.set_adapter`` (and unlike ``PeftModel.set_adapter``): no adapter
+    is active, and the model runs as its base.
+
     Raises:
-        ConfigError: an unknown or repeated name, or a value that is neither a name nor a list of names (peft
-            ignores an unknown name); nothing changes then. TypeError / ValueError: ``model`` is not a module /
-            holds no injected adapter.
+        ConfigError: an unknown or repeated name, a value that is neither a name nor a list of names (peft
+            ignores an unknown name), or a non-bool ``inference_mode``; nothing changes then. TypeError / ValueError:
+            ``model`` is not a module / holds no injected adapter.
     """
-    _holder(model, "set_adapter").set_adapter(adapter_name, inference_mode=inference_mode)
+    holder = _holder(model, "set_adapter")
+    holder._activate(holder._names_to_activate(adapter_name, inference_mode), inference_mode)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str, prefix: str | None = None) -> list[str] | None:

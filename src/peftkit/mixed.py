@@ -78,6 +78,15 @@ class PeftMixedModel(PeftModel):
         raises (:attr:`peftkit.PeftModel.active_adapter` is the first name, a string, as in peft's ``PeftModel``)."""
         return self.active_adapters
 
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several (a list); see :meth:`peftkit.PeftModel.set_adapter`. As peft's mixed model
+        (unlike its ``PeftModel``), an empty list is taken: no adapter is active and the model runs as its base.
+
+        Raises:
+            ConfigError: as :meth:`peftkit.PeftModel.set_adapter`, an empty list excepted; nothing changes then.
+        """
+        self._activate(self._names_to_activate(adapter_name, inference_mode), inference_mode)
+
     @classmethod
     def _class_for(cls, config: PeftConfig) -> type[PeftModel]:
         """Always this class (peft's ``PeftMixedModel.from_pretrained`` returns no task class)."""
