@@ -220,3 +220,45 @@ def test_auto_peft_model_gives_a_run_folder_the_head_and_padding_the_run_trained
         torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits, atol=1e-6, rtol=0)
     assert AutoPeftModelForSequenceClassification.from_pretrained(
         tmp_path / "run", id2label={0: "x", 1: "y", 2: "z"}).config.id2label[0] == "x"  # the caller's keywords win
+
+
+def test_a_run_and_auto_loading_share_one_padding_and_class_name_rule(tmp_path):
+    """``peftkit train`` builds its model and ``AutoPeftModelForSequenceClassification`` loads its folder with the
+    same rule (:mod:`peftkit.train.heads`): pad token, else EOS, else UNK; class names only when they fit."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from peftkit.train.data import shipped_model_dir
+    from peftkit.train.heads import label_maps, set_pad_token
+    from peftkit.train.run import RunConfig, _load_model_and_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    eos, unk = tok.eos_token_id, tok.unk_token_id
+    assert tok.pad_token is None and eos != unk
+    assert set_pad_token(tok) == eos and tok.pad_token_id == eos
+    tok.pad_token = tok.unk_token
+    assert set_pad_token(tok) == unk  # a pad token is kept
+    tok.pad_token, tok.eos_token = None, None
+    assert set_pad_token(tok) == unk and tok.pad_token_id == unk
+    tok.pad_token, tok.unk_token = None, None
+    assert set_pad_token(tok) is None and tok.pad_token is None
+    assert label_maps(2, ["neg", 1]) == {"id2label": {0: "neg", 1: "1"}, "label2id": {"neg": 0, "1": 1}}
+    assert label_maps(3, ["a", "b"]) == label_maps(2, None) == label_maps(0, []) == {}
+    # no pad token and no EOS: the run and the loaded folder both pad with UNK and name the classes alike
+    tok = AutoTokenizer.from_pretrained(shipped_model_dir())
+    tok.eos_token = None
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    run_model, run_tok = _load_model_and_tokenizer(RunConfig(model=str(tmp_path / "base"), device="cpu"), 3, False,
+                                                   ["x", "y", "z"])
+    assert run_model.config.pad_token_id == run_tok.pad_token_id == unk
+    get_peft_model(run_model, LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS")).save_pretrained(
+        tmp_path / "run")
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"num_labels": 3, "label_names": ["x", "y", "z"]}))
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "run")
+    assert loaded.config.pad_token_id == unk
+    assert loaded.config.id2label == run_model.config.id2label == {0: "x", 1: "y", 2: "z"}
+    assert loaded.config.label2id == run_model.config.label2id == {"x": 0, "y": 1, "z": 2}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -234,6 +235,35 @@ def test_set_adapter_and_set_requires_grad_name_a_value_that_is_not_a_name(bad):
     with pytest.raises(ConfigError, match=rf"adapter_names={bad!r} is not valid".replace("[", r"\[")):
         model.set_requires_grad(bad)
     assert model.active_adapters == ["default"]
+
+
+@pytest.mark.parametrize("empty", [[], ()])
+def test_set_adapter_refuses_an_empty_list_as_peft_but_the_mixed_model_and_functional_take_it(empty):
+    """``set_adapter([])`` left a PeftModel with no active adapter, silently running the base model (peft's PeftModel
+    refuses it); peft's mixed model and ``peft.functional.set_adapter`` take it, and so do peftkit's."""
+    import peftkit.functional
+
+    model = two_adapters()
+    model.set_adapter("b")
+    model.merge_adapter()
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ValueError, match=rf"set_adapter\(\) needs at least one adapter name, not {re.escape(repr(empty))}; this "
+                                         r"model has \['default', 'b'\] .*disable_adapter\(\)"):
+        model.set_adapter(empty)
+    assert model.active_adapters == ["b"] and model.base_model.merged_adapters() == ["b"]  # nothing changed
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+        plain = mlp()(x)
+        mixed = get_peft_model(mlp(), lora(), mixed=True)
+        injected = peftkit.inject_adapter_in_model(lora(), mlp())
+        assert (mixed(x) - plain).abs().max() > 1e-3 and (injected(x) - plain).abs().max() > 1e-3
+        mixed.set_adapter(empty)
+        peftkit.functional.set_adapter(injected, empty)
+        for taker in (mixed, injected):  # no adapter active: the base model's output
+            assert peftkit.get_model_status(taker).active_adapters == [] and torch.equal(taker(x), plain)
+        assert mixed.active_adapter == []
 
 
 def test_merging_and_deleting_name_a_value_that_is_not_a_name():

@@ -197,6 +197,31 @@ def test_mixed_model_unload_and_delete():
     assert (_logits(ours.unload(), x) - _logits(base, x)).abs().max() <= 1e-6
 
 
+def test_mixed_model_active_adapter_is_the_list_of_active_names_as_in_peft():
+    base = tiny_llama()
+    ours, theirs = _mixed_pair(base)
+    seen = []
+    for model in (ours, theirs):
+        steps = [list(model.active_adapter)]
+        model.set_adapter("h")
+        steps.append(model.active_adapter)
+        model.set_adapter(["k", "default"])
+        steps.append(model.active_adapter)
+        model.delete_adapter("k")
+        steps.append(model.active_adapter)
+        model.delete_adapter("default")
+        steps.append(model.active_adapter)  # the last active one deleted: another becomes active
+        model.delete_adapter("h")
+        steps.append(model.active_adapter)  # none left: an empty list, no error
+        seen.append(steps)
+    assert seen[0] == seen[1] == [["default", "h", "k"], ["h"], ["k", "default"], ["default"], ["h"], []]
+    # a fresh mixed model's one adapter is a list too; a plain PeftModel keeps peft's string
+    fresh = get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(target_modules=["q_proj"]), mixed=True)
+    assert fresh.active_adapter == ["default"] and fresh.active_peft_config.target_modules == ["q_proj"]
+    plain = get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(target_modules=["q_proj"]))
+    assert plain.active_adapter == "default"
+
+
 @pytest.mark.parametrize("name, kw", [("IA3Config", dict(target_modules=["q_proj"], feedforward_modules=[])),
                                       ("PromptTuningConfig", dict(num_virtual_tokens=4, task_type="CAUSAL_LM")),
                                       ("VeraConfig", dict(r=4, target_modules=["q_proj"]))])

@@ -165,3 +165,56 @@ def test_get_peft_model_on_an_injected_model_says_how_to_add_more(mixed):
                                                   r"model, '<new name>'\)"):
         peftkit.get_peft_model(model, peftkit.LoraConfig(r=2, target_modules=["v_proj"]), mixed=mixed)
     assert _unchanged(model, before) and list(model.peft_config) == ["default"]
+
+
+def test_functional_cast_adapter_dtype_upcasts_one_adapter_as_in_peft():
+    import peft.functional as theirs_f
+
+    import peftkit.functional as ours_f
+
+    base = tiny_llama()
+    ours, theirs = _two_injected(peftkit, base), _two_injected(peft, base)
+    for name in ("default", "h"):
+        set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs, adapter_name=name), adapter_name=name)
+    ours.to(torch.bfloat16)
+    theirs.to(torch.bfloat16)
+    ours_f.set_adapter(ours, ["default", "h"])
+    theirs_f.set_adapter(theirs, ["default", "h"])
+    before = _snapshot(ours)
+    with pytest.raises(peftkit.ConfigError, match=r"unknown adapter name\(s\) \['nope'\]; this model has \['default', 'h'\]"):
+        ours_f.cast_adapter_dtype(ours, "nope")
+    with pytest.raises(peftkit.ConfigError, match="autocast_adapter_dtype='yes' must be True or False"):
+        ours_f.cast_adapter_dtype(ours, "default", autocast_adapter_dtype="yes")
+    ours_f.cast_adapter_dtype(ours, "default", autocast_adapter_dtype=False)  # does nothing, as in peft
+    assert _unchanged(ours, before)
+    params = {n: p for n, p in ours.named_parameters() if ".adapters.default." in n}
+    ours_f.cast_adapter_dtype(ours, "default")
+    theirs_f.cast_adapter_dtype(theirs, "default")
+
+    def dtypes(lib, model, name):
+        return sorted(str(t.dtype) for t in lib.get_peft_model_state_dict(model, adapter_name=name).values())
+
+    assert dtypes(peftkit, ours, "default") == ["torch.float32"] * 8 == dtypes(peft, theirs, "default")
+    assert set(dtypes(peftkit, ours, "h")) == {"torch.bfloat16"} == set(dtypes(peft, theirs, "h"))  # others are left
+    assert {str(p.dtype) for n, p in ours.named_parameters() if ".adapters." not in n} == {"torch.bfloat16"}
+    # the parameters keep their identity (an optimiser holding them sees the new values) and their trainability
+    now = dict(ours.named_parameters())
+    assert all(now[n] is p and p.requires_grad for n, p in params.items())
+    x = torch.randint(3, 64, (2, 6))
+    assert (_logits(ours, x).float() - _logits(theirs, x).float()).abs().max() <= 1e-2
+    with pytest.raises(TypeError, match=r"cast_adapter_dtype\(\) takes a torch.nn.Module"):
+        ours_f.cast_adapter_dtype("model", "default")
+
+
+@pytest.mark.parametrize("call", ["set_adapter", "set_requires_grad"])
+@pytest.mark.parametrize("flag", ["yes", 1, None])
+def test_functional_flags_must_be_bools_and_nothing_changes_otherwise(call, flag):
+    import peftkit.functional as ours_f
+
+    model = _two_injected(peftkit, tiny_llama())
+    before = _snapshot(model), [p.requires_grad for p in model.parameters()]
+    keyword = "inference_mode" if call == "set_adapter" else "requires_grad"
+    with pytest.raises(peftkit.ConfigError, match=rf"{keyword}={flag!r} must be True or False"):
+        getattr(ours_f, call)(model, "h", **{keyword: flag})
+    assert _unchanged(model, before[0]) and [p.requires_grad for p in model.parameters()] == before[1]
+    assert peftkit.get_model_status(model).active_adapters == ["h"]

@@ -491,3 +491,65 @@ def test_sub_layers_that_torch_attention_reads_directly_are_not_selected():
             assert (model(input_ids=x) - out).abs().max() > 1e-3
         model.merge_adapter()
         assert (model(input_ids=x) - out).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_fn", ["gpt2", "llama"])
+def test_fish_scores_a_tied_tensor_once_and_changes_it_at_both_names(model_fn, tmp_path):
+    """GPT-2's wte and lm_head (and a Llama with tie_word_embeddings=True) share one tensor: it is scored once, by
+    the square of its whole gradient (both uses), as the paper's code ranks ``named_parameters()``; its chosen
+    entries then change at both names, as the tensor itself would: the output layer ran on the base values before."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit import PeftModel, get_peft_model_state_dict
+    from peftkit.methods.selective import SelectTuner, budget
+
+    if model_fn == "gpt2":
+        base, emb, head = tiny_gpt2(), "transformer.wte", "lm_head"
+    else:
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                            tie_word_embeddings=True)).eval()
+        emb, head = "model.embed_tokens", "lm_head"
+    assert base.get_submodule(head).weight is base.get_submodule(emb).weight
+    twin = copy.deepcopy(base)
+    x = torch.randint(3, 64, (4, 6), generator=torch.Generator().manual_seed(0))
+    # the reference: per example, the squared gradient of every distinct tensor (the tied one once: both uses)
+    fisher = {n: torch.zeros_like(p) for n, p in twin.named_parameters()}
+    for i in range(4):
+        twin.zero_grad()
+        twin(input_ids=x[i:i + 1], labels=x[i:i + 1]).loss.backward()
+        for n, p in twin.named_parameters():
+            fisher[n] += p.grad ** 2 / 4
+    config = FishMaskConfig(keep_ratio=0.01, num_fisher_samples=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "shared with another module" warning: the tensor changes everywhere
+        model = get_peft_model(base, config)
+    model.peft_prepare(iter([{"input_ids": x, "labels": x}]))
+    selected = dict(SelectTuner.adapters(model.base_model, "default"))
+    assert head not in selected  # one difference, held by the embedding
+    flat = torch.cat([fisher[f"{name}.{n}"].reshape(-1) for name, a in selected.items() for n in a.names])
+    k = budget(0.01, flat.numel(), "keep_ratio")
+    assert sum(getattr(a, f"diff_{n}_indices").numel() for a in selected.values() for n in a.names) == k
+    chosen = selected[emb].diff_weight_indices.long().sort().values
+    threshold = flat.topk(k).values[-1]
+    want = (fisher[f"{emb}.weight"].reshape(-1) >= threshold).nonzero().squeeze(1)
+    assert chosen.numel() > 0 and torch.equal(chosen, want)
+    # train the chosen entries: the model equals the base whose shared tensor itself got the difference
+    with torch.no_grad():
+        selected[emb].diff_weight_values.normal_(0, 0.5)  # the other tensors' entries stay 0
+    delta = selected[emb].dense("weight")
+    with torch.no_grad():
+        twin.get_submodule(emb).weight.add_(delta)  # tied: the output layer sees it too
+        want_logits = twin(input_ids=x).logits
+        assert (model(input_ids=x).logits - want_logits).abs().max() <= 1e-5
+        model.save_pretrained(tmp_path)
+        keys = list(get_peft_model_state_dict(model))
+        assert any(emb in key for key in keys) and not any(head in key for key in keys)  # saved once
+        loaded = PeftModel.from_pretrained(copy.deepcopy(twin).eval(), tmp_path)  # twin holds base + delta
+        loaded.get_base_model().get_submodule(emb).base_layer.weight.sub_(delta)  # the base again, still tied
+        assert (loaded(input_ids=x).logits - want_logits).abs().max() <= 1e-5
+        merged = model.merge_and_unload()
+        assert torch.equal(merged.get_submodule(head).weight, merged.get_submodule(emb).weight)
+        assert (merged(input_ids=x).logits - want_logits).abs().max() <= 1e-5

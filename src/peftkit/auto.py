@@ -153,23 +153,25 @@ def _run_head_keywords(run: dict[str, Any]) -> dict[str, Any]:
     num_labels, names = run.get("num_labels"), run.get("label_names")
     if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
         return {}
-    keywords: dict[str, Any] = {"num_labels": num_labels, "ignore_mismatched_sizes": True}  # as the run loaded it
-    if isinstance(names, list) and len(names) == num_labels:
-        keywords["id2label"] = dict(enumerate(map(str, names)))
-        keywords["label2id"] = {str(n): i for i, n in enumerate(names)}
-    return keywords
+    from peftkit.train.heads import label_maps
+
+    # as the run loaded it, with the class names it wrote into its config
+    return {"num_labels": num_labels, "ignore_mismatched_sizes": True,
+            **label_maps(num_labels, names if isinstance(names, list) else None)}
 
 
 def _set_run_pad_token(base: nn.Module, base_path: str) -> None:
-    """Give ``base`` the padding id a ``peftkit train`` run gave it: its tokenizer's pad token, else its EOS, else
-    its UNK (a decoder such as Llama has none in its config, and its classifier reads the last non-padding token)."""
+    """Give ``base`` the padding id a ``peftkit train`` run gave it (:func:`peftkit.train.heads.set_pad_token`: its
+    tokenizer's pad token, else its EOS, else its UNK); nothing when the base has no tokenizer or none of them."""
     from transformers import AutoTokenizer
+
+    from peftkit.train.heads import set_pad_token
 
     try:
         tok = AutoTokenizer.from_pretrained(base_path)
     except (OSError, ValueError):
         return
-    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if t is not None), None)
+    pad = set_pad_token(tok)
     if pad is not None:
         base.config.pad_token_id = pad
 

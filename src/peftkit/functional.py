@@ -17,6 +17,7 @@ from torch import nn
 from peftkit.config import check
 from peftkit.formats.hf_peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.inject import inject_adapter_in_model, injected
+from peftkit.layers import AdaptedLayer
 
 __all__ = [
     "cast_adapter_dtype",
@@ -61,12 +62,16 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str], inference_m
         adapter_name: a name, or a list of names.
         inference_mode: freeze the activated adapters (default False).
 
+    An empty list is taken, as by ``peft.functional.set_adapter`` (and unlike ``PeftModel.set_adapter``): no adapter
+    is active, and the model runs as its base.
+
     Raises:
-        ConfigError: an unknown or repeated name, or a value that is neither a name nor a list of names (peft
-            ignores an unknown name); nothing changes then. TypeError / ValueError: ``model`` is not a module /
-            holds no injected adapter.
+        ConfigError: an unknown or repeated name, a value that is neither a name nor a list of names (peft
+            ignores an unknown name), or a non-bool ``inference_mode``; nothing changes then. TypeError / ValueError:
+            ``model`` is not a module / holds no injected adapter.
     """
-    _holder(model, "set_adapter").set_adapter(adapter_name, inference_mode=inference_mode)
+    holder = _holder(model, "set_adapter")
+    holder._activate(holder._names_to_activate(adapter_name, inference_mode), inference_mode)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str, prefix: str | None = None) -> list[str] | None:
@@ -138,8 +143,6 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dty
     host.check_known([adapter_name])
     if not autocast_adapter_dtype:
         return
-    from peftkit.layers import AdaptedLayer
-
     names = host.parts([adapter_name])  # a composed adapter runs its parts too
     owners = [w.adapters[n] for _, w in host.wrappers() if isinstance(w, AdaptedLayer) for n in names if n in w.adapters]
     with torch.no_grad():
@@ -148,6 +151,8 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dty
                 for param in module.parameters(recurse=False):
                     if param.dtype in _UPCAST:
                         param.data = param.data.to(torch.float32)
+                        if param.grad is not None:
+                            param.grad = param.grad.float()
                 for key, buf in list(module._buffers.items()):
                     if buf is not None and buf.dtype in _UPCAST:
                         module._buffers[key] = buf.to(torch.float32)

@@ -71,6 +71,22 @@ class PeftMixedModel(PeftModel):
         check_mixed_compatible(peft_config)
         super().__init__(model, peft_config, adapter_name)
 
+    @property
+    def active_adapter(self) -> list[str]:
+        """The active adapters' names, as a list, as peft's mixed model gives them (its ``active_adapter`` is the
+        list :attr:`active_adapters` also gives, one name or several); a copy, empty when no adapter is left. It never
+        raises (:attr:`peftkit.PeftModel.active_adapter` is the first name, a string, as in peft's ``PeftModel``)."""
+        return self.active_adapters
+
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several (a list); see :meth:`peftkit.PeftModel.set_adapter`. As peft's mixed model
+        (unlike its ``PeftModel``), an empty list is taken: no adapter is active and the model runs as its base.
+
+        Raises:
+            ConfigError: as :meth:`peftkit.PeftModel.set_adapter`, an empty list excepted; nothing changes then.
+        """
+        self._activate(self._names_to_activate(adapter_name, inference_mode), inference_mode)
+
     @classmethod
     def _class_for(cls, config: PeftConfig) -> type[PeftModel]:
         """Always this class (peft's ``PeftMixedModel.from_pretrained`` returns no task class)."""

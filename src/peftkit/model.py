@@ -90,6 +90,10 @@ class PeftModel(nn.Module):
 
         Raises:
             ValueError: no adapter is active (all were deleted)."""
+        return self._first_active()
+
+    def _first_active(self) -> str:
+        """The first active adapter's name; ValueError when none is active."""
         if not self.base_model.active_adapters:
             raise ValueError(f"no adapter is active; this model has {self.base_model.public_names()} "
                              "(add one with add_adapter, then set_adapter)")
@@ -109,11 +113,11 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> PeftConfig:
-        """The config of the first active adapter (:attr:`active_adapter`).
+        """The config of the first active adapter (the first of :attr:`active_adapters`).
 
         Raises:
             ValueError: no adapter is active."""
-        return self.peft_config[self.active_adapter]
+        return self.peft_config[self._first_active()]
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with wrapped layers inside)."""
@@ -143,11 +147,23 @@ class PeftModel(nn.Module):
         are all unmerged first (with a warning, as peft does).
 
         Raises:
-            ConfigError: an unknown or repeated name, a value that is neither a name nor a list of names,
-                more than one soft prompt, or a non-bool ``inference_mode``; nothing changes then.
+            ConfigError: an unknown or repeated name, a value that is neither a name nor a list of names, an empty
+                list (as peft's ``PeftModel`` refuses it; use :meth:`disable_adapter` to run the base model), more
+                than one soft prompt, or a non-bool ``inference_mode``; nothing changes then.
         """
+        names = self._names_to_activate(adapter_name, inference_mode)
+        check(bool(names), f"set_adapter() needs at least one adapter name, not {adapter_name!r}; this model has "
+              f"{self.base_model.public_names()} (to run the base model, use `with model.disable_adapter():`)")
+        self._activate(names, inference_mode)
+
+    def _names_to_activate(self, adapter_name: Any, inference_mode: Any) -> list[str]:
+        """``adapter_name`` as a list of names, once ``inference_mode`` is known to be a bool (ConfigError
+        otherwise; nothing changes)."""
         check(isinstance(inference_mode, bool), f"inference_mode={inference_mode!r} must be True or False")
-        names = self.base_model.name_list(adapter_name)
+        return self.base_model.name_list(adapter_name)
+
+    def _activate(self, names: list[str], inference_mode: bool) -> None:
+        """Activate ``names`` (none: the model runs as its base), setting their configs' ``inference_mode``."""
         self.base_model.set_adapter(names)  # checks the names before anything changes
         for name in names:
             self.base_model.peft_config[name].inference_mode = inference_mode

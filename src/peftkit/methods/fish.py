@@ -12,6 +12,11 @@ The mask is chosen once, before training, by :meth:`peftkit.PeftModel.peft_prepa
 :class:`~peftkit.train.Trainer` calls it with training batches); each example's gradient is taken
 alone, in eval mode, as in the reference code (batch size 1). Unlike the reference code, the
 classifier head is not part of the budget: it is a ``modules_to_save`` module trained in full.
+
+A tensor that several modules share (GPT-2's ``wte``/``lm_head``, a model with ``tie_word_embeddings``) is scored
+once, by the square of its whole gradient (every use), as the reference code ranks ``named_parameters()``; its
+chosen entries change at every module that shares it (:class:`~peftkit.methods.selective.TiedDifference`), and
+are stored once, under the module it was selected on (the first in the model, the input embedding).
 """
 
 from __future__ import annotations

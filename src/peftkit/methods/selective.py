@@ -309,20 +309,21 @@ class SelectAdapter(Adapter):
                           "trains nothing; call model.peft_prepare(batches) first (peftkit's Trainer does)",
                           stacklevel=2)
         for n in self.names:
-            w = params[n] if n in params else layer.base_layer._parameters[n]
-            if self.is_sparse[n]:
-                values = getattr(self, f"diff_{n}_values")
-                if values.numel() == 0:  # nothing selected in this tensor: no copy of it
-                    params[n] = w
-                    continue
-                params[n] = w.reshape(-1).index_add(0, getattr(self, f"diff_{n}_indices"),
-                                                    values.to(w.dtype)).view_as(w)
-            else:
-                d = getattr(self, f"diff_{n}")
-                if self.grad_keep is not None and self.training and d.requires_grad:
-                    d = self._masked_grad(layer, n, d)
-                params[n] = w + d.to(w.dtype)
+            params[n] = self.substituted(layer, n, params[n] if n in params else layer.base_layer._parameters[n])
         return params
+
+    def substituted(self, layer: AdaptedLayer, name: str, w: Tensor) -> Tensor:
+        """``w + difference`` for the tensor ``name``, ``w`` (the base tensor, or what adapters earlier in
+        ``layer``'s plan made of it) in its own shape and dtype; ``w`` itself when nothing of it is selected."""
+        if self.is_sparse[name]:
+            values = getattr(self, f"diff_{name}_values")
+            if values.numel() == 0:  # nothing selected in this tensor: no copy of it
+                return w
+            return w.reshape(-1).index_add(0, getattr(self, f"diff_{name}_indices"), values.to(w.dtype)).view_as(w)
+        d = getattr(self, f"diff_{name}")
+        if self.grad_keep is not None and self.training and d.requires_grad:
+            d = self._masked_grad(layer, name, d)
+        return w + d.to(w.dtype)
 
     def _masked_grad(self, layer: AdaptedLayer, name: str, d: Tensor) -> Tensor:
         """``d`` whose gradient gets this step's Child-Tuning-F mask (``d`` itself outside autograd)."""
@@ -369,6 +370,69 @@ class SelectAdapter(Adapter):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {'sparse k=' + str(getattr(self, f'diff_{n}_values').numel()) if self.is_sparse[n] else 'dense'}"
                          for n in self.names)
+
+
+class TiedDifference(Adapter):
+    """A selected tensor's difference where another module shares that tensor (a tied output layer, whose weight
+    is the input embedding's): this module runs with the same ``base + difference`` as the module the tensor was
+    selected on, so the tensor changes alike at both names, as the tensor itself would if it were trained. It holds
+    nothing of its own: the difference lives, trains and is saved once, in ``owner``.
+
+    Args:
+        owner: the :class:`SelectAdapter` of the module the tensor was selected on.
+        names: the shared tensors, by their names on both modules (``"weight"``).
+
+    Shapes: as ``owner``'s; ``delta_weight``/``delta_bias`` are ``owner``'s dense float32 differences.
+    """
+
+    substitutes_params = True
+
+    def __init__(self, owner: SelectAdapter, names: Sequence[str]) -> None:
+        super().__init__()
+        self._owner = (owner,)  # not a submodule: its tensors belong (and are saved) under the owner's module
+        self.names = tuple(names)
+
+    @property
+    def owner(self) -> SelectAdapter:
+        """The adapter that holds the difference."""
+        return self._owner[0]
+
+    def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        for n in self.names:
+            params[n] = self.owner.substituted(layer, n, params[n] if n in params else layer.base_layer._parameters[n])
+        return params
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        return y  # everything happened in substitute_params
+
+    def delta_weight(self, layer: AdaptedLayer) -> Tensor:
+        return self.owner.delta_weight(layer) if "weight" in self.names else torch.zeros_like(layer.weight,
+                                                                                              dtype=torch.float32)
+
+    def delta_bias(self, layer: AdaptedLayer) -> Tensor | None:
+        return self.owner.dense("bias") if "bias" in self.names else None
+
+    def extra_repr(self) -> str:
+        return f"ties {', '.join(self.names)} to the selected module's difference"
+
+
+def tied_partners(host: Any, chosen: Sequence[tuple[str, nn.Module, Sequence[str]]]
+                  ) -> list[tuple[str, int, tuple[str, ...]]]:
+    """The other modules that share a selected tensor under the same name (a tied output layer), as ``(module
+    name, index in chosen, tensor names)``: ``chosen`` holds ``(module name, base module, selected names)``.
+    Modules trained whole by an adapter (``modules_to_save``) are left out."""
+    skip = set(host.modules_to_save_names())
+    owners = {id(base._parameters[n]): (i, n) for i, (_, base, names) in enumerate(chosen) for n in names}
+    selected = {name for name, _, _ in chosen}
+    found: dict[tuple[str, int], list[str]] = {}
+    for name, module in iter_logical_modules(host.model):
+        if not name or name in selected or name in skip:
+            continue
+        for pname, p in module._parameters.items():
+            hit = owners.get(id(p)) if isinstance(p, nn.Parameter) else None
+            if hit is not None and hit[1] == pname:
+                found.setdefault((name, hit[0]), []).append(pname)
+    return [(name, i, tuple(names)) for (name, i), names in found.items()]
 
 
 # --- choosing parameters -----------------------------------------------------------------------------
@@ -622,6 +686,9 @@ class SelectTuner(Tuner):
     override :meth:`make_adapter` and :meth:`check_budget`."""
 
     method = "selective method"
+    #: whether a selected tensor that other modules share (tied embeddings) gets its difference at those modules
+    #: too (:class:`TiedDifference`); otherwise only the selected module runs with it, with a warning
+    follows_ties = False
 
     def select(self, host: Any, config: Any) -> list[tuple[str, tuple[str, ...]]]:
         """The selected ``(module, parameter names)``; default: weights and biases of the targets."""
@@ -643,8 +710,15 @@ class SelectTuner(Tuner):
             base = module.base_layer if isinstance(module, AdaptedLayer) else module
             built.append((name, module, self.make_adapter(base, names, config)))
         self.check_budget(config, sum(a.numel(n) for _, _, a in built for n in a.names))
-        _warn_shared(model, [(name, module.base_layer if isinstance(module, AdaptedLayer) else module, adapter.names)
-                             for name, module, adapter in built], self.method)
+        chosen = [(name, module.base_layer if isinstance(module, AdaptedLayer) else module, adapter.names)
+                  for name, module, adapter in built]
+        if self.follows_ties:
+            partners = tied_partners(host, chosen)
+            built += [(name, model.get_submodule(name), TiedDifference(built[i][2], names))
+                      for name, i, names in partners]
+            tied = {(chosen[i][0], n) for _, i, names in partners for n in names}
+            chosen = [(name, base, tuple(n for n in names if (name, n) not in tied)) for name, base, names in chosen]
+        _warn_shared(model, chosen, self.method)
         for name, module, adapter in built:
             if not isinstance(module, AdaptedLayer):
                 wrapper = AdaptedLayer(module)
@@ -716,6 +790,7 @@ class FisherMaskTuner(SelectTuner):
     information over all selected tensors (chosen once, by :meth:`prepare`)."""
 
     fraction_name = "keep_ratio"
+    follows_ties = True  # a tied tensor is scored once, by its whole gradient, and its entries change at every name
 
     def keep_fraction(self, config: Any) -> float:
         """The fraction of selected entries that train (the config field named by ``fraction_name``)."""

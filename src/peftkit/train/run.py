@@ -56,6 +56,7 @@ from peftkit.train.data import (
     read_table,
     shipped_data_dir,
 )
+from peftkit.train.heads import label_maps, set_pad_token
 from peftkit.train.metrics import compute
 from peftkit.train.options import (
     CAUSAL_LM,
@@ -115,8 +116,7 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
     model_dir = resolve_model_dir(cfg.model, cfg.task)
     check_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    pad_token_id = set_pad_token(tokenizer)
     torch.manual_seed(cfg.seed)  # the new classification head is initialised from the seed
     if cfg.task == CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
@@ -127,10 +127,9 @@ def _load_model_and_tokenizer(cfg: RunConfig, num_labels: int | None, regression
                                                                    dtype=torch.float32, ignore_mismatched_sizes=True,
                                                                    use_safetensors=True, **extra)
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if label_names and not regression and len(label_names) == num_labels:  # saved and exported models name them
-        model.config.id2label = dict(enumerate(map(str, label_names)))
-        model.config.label2id = {str(n): i for i, n in enumerate(label_names)}
+        model.config.pad_token_id = pad_token_id
+    for key, value in label_maps(num_labels, None if regression else label_names).items():
+        setattr(model.config, key, value)  # saved and exported models name their classes
     if cfg.quantize:
         from peftkit.quant import quantize_base
 
