@@ -593,10 +593,12 @@ class BottleneckTuner(WrapTuner):
         return None
 
     def on_step_end(self, host: Any, adapter_name: str, step: int) -> None:
-        """Robust AdapterDrop: draw the number of dropped blocks for the next step."""
+        """Robust AdapterDrop: draw the number of dropped blocks for the next step (rank 0's draw on every rank of
+        a process group)."""
         drop = self._drop_state(host, adapter_name)
         if drop is not None:
             drop.redraw()
+            drop.share_rank0()
 
     def method_state(self, host: Any, adapter_name: str) -> dict[str, Tensor]:
         """Robust AdapterDrop: ``adapterdrop_n``, the number of blocks the next step drops (``(1,)`` int64)."""
