@@ -266,9 +266,10 @@ class PfeifferConfig(BottleneckConfig):
 
     On a post-LN encoder (BERT, RoBERTa, ELECTRA, DistilBERT, ...) the adapter re-uses the FFN's own Add &
     Norm: with ``u`` the FFN output and ``x`` its residual, ``h = LN(u + x)`` and the block's output is
-    ``LN(u + A(h) + x)`` (the adapter wraps that LayerNorm). On pre-LN decoders (GPT-2, Llama, ...) it stays on
-    the FFN's output projection (``u + A(u)`` before the residual add); AdapterHub there adds ``A`` of the
-    residual sum, ``x + u + A(x + u)``, which no single module's output gives (a follow-up).
+    ``LN(u + A(h) + x)`` (the adapter wraps that LayerNorm). On pre-LN models (GPT-2, Llama, ...) AdapterHub adds
+    ``A`` of the FFN's residual sum, ``x + u + A(x + u)``, and ``x + u`` is the block's output ``z``: the adapter
+    wraps the whole block and gives ``z + A(z)`` (``pre_ln_site="projection"``: ``u + A(u)`` on the FFN's output
+    projection, before the residual add, as files saved without ``pre_ln_site`` load).
 
     Args:
         mh_adapter: default False (no adapter at the attention sub-layer).
