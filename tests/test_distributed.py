@@ -48,6 +48,8 @@ SCENARIOS = {
     # with "Expected to have finished reduction in the prior iteration"
     "ddp_fish": dict(kind="classifier", fsdp=False, method="fish"),
     "ddp_loha_module_dropout": dict(kind="classifier", fsdp=False, method="loha"),
+    # robust AdapterDrop draws the blocks a step drops: every rank must drop the same ones, rank 0's (one process's)
+    "ddp_adapterdrop_random": dict(kind="classifier", fsdp=False, method="adapterdrop"),
 }
 
 
@@ -67,11 +69,13 @@ class _DictClassifier(TinyClassifier):
 
 
 def _method_model(method: str):
-    from peftkit import FishMaskConfig, LoHaConfig, get_peft_model
+    from peftkit import AdapterDropConfig, FishMaskConfig, LoHaConfig, get_peft_model
 
     torch.manual_seed(0)
     config = {"fish": FishMaskConfig(keep_ratio=0.02, num_fisher_samples=10, target_modules=["fc", "classifier"]),
-              "loha": LoHaConfig(r=2, target_modules=["fc"], module_dropout=0.5, init_weights=False)}[method]
+              "loha": LoHaConfig(r=2, target_modules=["fc"], module_dropout=0.5, init_weights=False),
+              "adapterdrop": AdapterDropConfig(target_modules=["fc"], adapterdrop_layers=1, adapterdrop_mode="random", layers_pattern="blocks",
+                                               bottleneck_size=4, init_weights="bert")}[method]
     return get_peft_model(_DictClassifier(), config)
 
 
@@ -227,6 +231,21 @@ def test_methods_that_leave_parameters_unused_train_on_two_processes(two_ranks, 
     moved = [k for k in rank0 if rank0[k].numel() and (k not in start or start[k].shape != rank0[k].shape
                                                        or (rank0[k] - start[k]).abs().max() > 1e-6)]
     assert moved  # it trained
+
+
+def test_random_adapterdrop_drops_rank_0s_blocks_on_every_rank(two_ranks):
+    """Each rank drew the number of dropped blocks from its own seeded stream (distributed.rank_seed), so in one
+    step the ranks trained different sub-networks and averaged their gradients: the two-process run ended 5.4e-4
+    away from the one-process run. Every rank now takes rank 0's draw, which is the one process's."""
+    model = _method_model("adapterdrop")
+    args = TrainingArguments(max_steps=STEPS, batch_size=5, warmup_ratio=0.2, progress=False)
+    reference = Trainer(model, classification_items(21), collate_classification, args).train()
+    state = get_peft_model_state_dict(model)
+    assert max(v.abs().max().item() for k, v in state.items() if "adapter_up" in k) > 1e-3  # trained
+    for rank in (0, 1):
+        saved, stats = _result(two_ranks, "ddp_adapterdrop_random", rank)
+        assert _max_diff(saved, state) <= 1e-5
+        assert abs(stats["train_loss"] - reference["train_loss"]) <= 1e-6
 
 
 @pytest.mark.parametrize("method", ["adalora", "sora", "diff-pruning", "compacter", "compacter++"])

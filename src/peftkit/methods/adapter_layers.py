@@ -63,7 +63,8 @@ class DropState:
 
     ``n`` is redrawn uniformly from ``{0, ..., max_layers}`` after every optimiser step; adapters in
     blocks ``< n`` are skipped while the model is in training mode. All adapters of one injected
-    adapter share one state, so a step drops the same blocks everywhere.
+    adapter share one state, so a step drops the same blocks everywhere; on several processes every rank
+    takes rank 0's draw (:meth:`share_rank0`).
     """
 
     def __init__(self, max_layers: int) -> None:
@@ -74,6 +75,19 @@ class DropState:
     def redraw(self) -> None:
         """Draw a new ``n`` from torch's global generator (seeded by the trainer)."""
         self.n = int(torch.randint(0, self.max_layers + 1, (1,)).item())
+
+    def share_rank0(self) -> None:
+        """Take rank 0's ``n`` on every rank of a running process group (DDP, FSDP): each rank's generator is
+        seeded apart (its dropout masks differ), but a step must drop the same blocks everywhere, as one process
+        with the whole batch would. A collective: every rank calls it (after each optimiser step); nothing to do
+        in a single process."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        nccl = dist.get_backend() == "nccl"
+        n = torch.tensor([self.n], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+        dist.broadcast(n, src=0)
+        self.n = int(n.item())
 
 
 class PHMLinear(nn.Module):

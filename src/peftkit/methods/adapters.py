@@ -266,9 +266,10 @@ class PfeifferConfig(BottleneckConfig):
 
     On a post-LN encoder (BERT, RoBERTa, ELECTRA, DistilBERT, ...) the adapter re-uses the FFN's own Add &
     Norm: with ``u`` the FFN output and ``x`` its residual, ``h = LN(u + x)`` and the block's output is
-    ``LN(u + A(h) + x)`` (the adapter wraps that LayerNorm). On pre-LN decoders (GPT-2, Llama, ...) it stays on
-    the FFN's output projection (``u + A(u)`` before the residual add); AdapterHub there adds ``A`` of the
-    residual sum, ``x + u + A(x + u)``, which no single module's output gives (a follow-up).
+    ``LN(u + A(h) + x)`` (the adapter wraps that LayerNorm). On pre-LN models (GPT-2, Llama, ...) AdapterHub adds
+    ``A`` of the FFN's residual sum, ``x + u + A(x + u)``, and ``x + u`` is the block's output ``z``: the adapter
+    wraps the whole block and gives ``z + A(z)`` (``pre_ln_site="projection"``: ``u + A(u)`` on the FFN's output
+    projection, before the residual add, as files saved without ``pre_ln_site`` load).
 
     Args:
         mh_adapter: default False (no adapter at the attention sub-layer).
@@ -458,11 +459,7 @@ class BottleneckTuner(WrapTuner):
                   f"{type(config).__name__}: no adapter sites known for model_type={kind!r} (known: "
                   f"{sorted(ADAPTER_SITES)}); give target_modules: the attention/FFN output projections for "
                   "serial adapters, or the attention/FFN sub-layer modules for parallel ones")
-            # (a pre-LN model has no Add & Norm: the FFN's adapter goes on the block's output, x + u, and the
-            # attention's stays on its output projection, as no module returns the attention's residual sum)
-            norm = config.original_ln_before and sites.ffn_norm is not None and sites.attn_norm is not None
-            layer = (config.original_ln_before and not norm and not config.is_parallel and sites.layer is not None
-                     and config.pre_ln_site == "layer" and config.output_adapter)
+            norm, layer = _placement(config, sites)
             attn, ffn = ((sites.attn_block, sites.ffn_block) if config.is_parallel else
                          (sites.attn_norm, sites.ffn_norm) if norm else
                          (sites.attn_output, sites.layer if layer else sites.ffn_output))
@@ -593,10 +590,12 @@ class BottleneckTuner(WrapTuner):
         return None
 
     def on_step_end(self, host: Any, adapter_name: str, step: int) -> None:
-        """Robust AdapterDrop: draw the number of dropped blocks for the next step."""
+        """Robust AdapterDrop: draw the number of dropped blocks for the next step (rank 0's draw on every rank of
+        a process group)."""
         drop = self._drop_state(host, adapter_name)
         if drop is not None:
             drop.redraw()
+            drop.share_rank0()
 
     def method_state(self, host: Any, adapter_name: str) -> dict[str, Tensor]:
         """Robust AdapterDrop: ``adapterdrop_n``, the number of blocks the next step drops (``(1,)`` int64)."""
@@ -618,6 +617,35 @@ class BottleneckTuner(WrapTuner):
                     "this model's (random AdapterDrop); resume with the run's own options")
         if not check_only and value is not None:
             drop.n = int(value[0])
+
+
+def _placement(config: BottleneckConfig, sites: Sites) -> tuple[bool, bool]:
+    """``(norm, layer)`` for a config placed by the table's ``sites``: whether its serial adapters sit at the Add &
+    Norm LayerNorms (a post-LN model), and whether its FFN adapter wraps the whole block (a pre-LN model). A pre-LN
+    model has no Add & Norm: the FFN's adapter goes on the block's output, ``x + u``, and the attention's stays on
+    its output projection, as no module returns the attention's residual sum."""
+    norm = config.original_ln_before and sites.ffn_norm is not None and sites.attn_norm is not None
+    layer = (config.original_ln_before and not norm and not config.is_parallel and sites.layer is not None
+             and config.pre_ln_site == "layer" and config.output_adapter)
+    return norm, layer
+
+
+def serial_sites(config: BottleneckConfig, model: nn.Module) -> dict[str, str]:
+    """Where the serial adapters of ``config`` sit on ``model``, by sub-layer, in words: ``{"attention": ...,
+    "FFN": ...}`` with ``"on the FFN's output projection"``, ``"after the FFN's Add & Norm"`` or ``"on the block's
+    output"`` (and the attention's likewise), for the sub-layers ``mh_adapter`` / ``output_adapter`` enable.
+    Empty for a parallel adapter, explicit ``target_modules`` or a model type :data:`ADAPTER_SITES` lacks (where
+    the sites are the named modules themselves)."""
+    sites = ADAPTER_SITES.get(model_type(model))
+    if config.is_parallel or config.target_modules is not None or sites is None:
+        return {}
+    norm, layer = _placement(config, sites)
+    out = {}
+    for on, part in ((config.mh_adapter, "attention"), (config.output_adapter, "FFN")):
+        if on:
+            out[part] = ("on the block's output" if layer and part == "FFN" else f"after the {part}'s Add & Norm"
+                         if norm else f"on the {part}'s output projection")
+    return out
 
 
 def _container(module: nn.Module) -> bool:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from peftkit.config import MethodSpec, PeftConfig, check, register_method
 from peftkit.layers import AdaptedLayer, Adapter
-from peftkit.methods.adapters import BottleneckConfig
+from peftkit.methods.adapters import BottleneckConfig, serial_sites
 from peftkit.tuners import Tuner
 
 FUSION_PAPER = ("AdapterFusion: Non-Destructive Task Composition for Transfer Learning (Pfeiffer et al., 2020, "
@@ -138,8 +138,10 @@ class FusionTuner(Tuner):
 
         Raises:
             ConfigError: ``adapter_name`` is one of the fused adapters' names, a fused adapter is neither in the
-                model nor in ``adapter_configs``, one is not a serial bottleneck adapter, or adapters at the
-                Add & Norm LayerNorms (``original_ln_before``) differ in ``original_ln_after``.
+                model nor in ``adapter_configs``, one is not a serial bottleneck adapter, adapters placed by the
+                model's table sit at different sites of one sub-layer (e.g. a Pfeiffer adapter after the FFN's
+                Add & Norm and a Houlsby one on its output projection), or adapters at the Add & Norm LayerNorms
+                (``original_ln_before``) differ in ``original_ln_after``.
         """
         check(adapter_name not in config.adapters,
               f"the fusion cannot be named {adapter_name!r}: that is the name of one of the adapters it fuses "
@@ -154,6 +156,14 @@ class FusionTuner(Tuner):
             check(isinstance(cfg, BottleneckConfig) and not cfg.is_parallel,
                   f"adapter {n!r} is {cfg.peft_type}{' (parallel)' if getattr(cfg, 'is_parallel', False) else ''}; "
                   "AdapterFusion fuses serial bottleneck adapters (Houlsby, Pfeiffer, Compacter, ...)")
+        placed = {n: serial_sites(cfg, host.model) for n, cfg in parts.items()}
+        for part in ("attention", "FFN"):
+            where = {n: p[part] for n, p in placed.items() if part in p}
+            check(len(set(where.values())) <= 1,
+                  f"adapters {sorted(where)} sit at different sites ({', '.join(f'{n!r} {w}' for n, w in where.items())}"
+                  f"); AdapterFusion attends over the adapters at one site, and these would each be fused alone. Fuse "
+                  "adapters placed alike: the same original_ln_before (Pfeiffer's True, Houlsby's False) and, on "
+                  "pre-LN models, the same pre_ln_site")
         after = {n: cfg.original_ln_after for n, cfg in parts.items() if cfg.original_ln_before}
         check(len(set(after.values())) <= 1,
               f"adapters {sorted(after)} sit at the Add & Norm LayerNorms but differ in original_ln_after ({after}); "

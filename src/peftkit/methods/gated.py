@@ -120,7 +120,7 @@ class GatedBottleneckConfig(BottleneckConfig):
     :class:`BottleneckConfig` and :class:`~peftkit.methods.adapters.PfeifferConfig`.
 
     Serial: ``u + g(u) * A(u)`` on an output projection ``u``; after an Add & Norm ``h = LN(u + x)``:
-    ``LN(u + g(h) * A(h) + x)``; parallel: ``y + g(x) * A(x)``; ``g = mean_t sigmoid(W_g h_t + b_g)``,
+    ``LN(u + g(h) * A(h) + x)``; on a pre-LN block's output ``z``: ``z + g(z) * A(z)``; parallel: ``y + g(x) * A(x)``; ``g = mean_t sigmoid(W_g h_t + b_g)``,
     ``W_g: (1, d)``. Trainable parameters per site: ``2 d m + m + d`` (+ ``d + 1`` for the gate). A file saved
     before ``original_ln_before`` existed loads with False (the adapter on the FFN's output projection).
 

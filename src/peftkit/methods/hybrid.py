@@ -5,7 +5,7 @@ Papers:
     arXiv:2110.07577: gated LoRA on the query/value projections + gated prefix tuning + a gated serial
     adapter after the FFN. ``h <- h + g_L s B A x``, prefixes ``g_P P_k, g_P P_v``, and on the FFN output ``u``
     (residual input ``x``) after its Add & Norm ``h = LN(u + x)``, ``LN(u + g_A A(h) + x)`` (AdapterHub's
-    placement on post-LN encoders; ``u <- u + g_A A(u)`` elsewhere), each gate ``g = mean_t sigmoid(W_g h_t + b_g)`` of the sub-module's input (:mod:`peftkit.methods.gated`).
+    placement on post-LN encoders; on a pre-LN block's output ``z``, ``z + g_A A(z)``), each gate ``g = mean_t sigmoid(W_g h_t + b_g)`` of the sub-module's input (:mod:`peftkit.methods.gated`).
   He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning", 2021, arXiv:2110.04366:
     the "Mix-And-Match" adapter, prefix tuning at the attention + a scaled parallel adapter beside the FFN,
     ``y <- FFN(x) + s W_up f(W_down x)``.
