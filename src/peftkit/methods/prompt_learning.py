@@ -349,10 +349,10 @@ class PromptTuner(Tuner):
 
     def check_reads_tokens(self, model: nn.Module) -> None:
         """Refuse a model that soft prompts cannot reach: one without a token-embedding table
-        (``get_input_embeddings()`` an ``nn.Embedding``, or a peftkit wrapper of one: vision and audio models such as ViT, CLIP, Wav2Vec2 have
-        patch or feature encoders instead) or, for a method that prepends embeddings (``inserts_embeddings``), whose
-        forward (the encoder's, on an encoder-decoder model) takes no ``inputs_embeds`` argument (CLIP's text model;
-        Whisper, whose encoder reads audio features).
+        (``get_input_embeddings()`` an ``nn.Embedding``, or a peftkit wrapper of one: vision and audio models such
+        as ViT, CLIP, Wav2Vec2 have patch or feature encoders instead) or, for a method that prepends embeddings
+        (``inserts_embeddings``), whose forward (the encoder's, on an encoder-decoder model) takes no ``inputs_embeds``
+        argument (CLIP's text model; Whisper, whose encoder reads audio features).
 
         Raises:
             ConfigError: naming the model class, its ``model_type``, what it lacks and the methods that do apply.
