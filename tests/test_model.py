@@ -441,3 +441,31 @@ def test_loha_ignores_layers_to_transform_with_a_regex_as_peft(tmp_path):
         model = get_peft_model(tiny_bert_classifier(), LoHaConfig(r=2, target_modules=r".*\.(query|value)",
                                                                   layers_to_transform=[0]))
     assert len(list(model.base_model.wrappers())) == 4  # both blocks' query and value
+
+
+def test_a_model_whose_forward_is_a_per_instance_partial_is_freed_and_its_positional_mask_found():
+    """accelerate's hooks (device_map, offloading) replace ``model.forward`` by ``partial(new_forward, model)``: the
+    remembered attention_mask position must not keep that partial, and with it the whole model, alive."""
+    import functools
+    import gc
+    import weakref
+
+    from peftkit.model import _call_mask
+    from tests.conftest import tiny_gpt2
+
+    base = tiny_gpt2()
+    plain = base.forward
+
+    def new_forward(module, *args, **kwargs):
+        return type(module).forward(module, *args, **kwargs)
+
+    base.forward = functools.update_wrapper(functools.partial(new_forward, base), plain)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"]))
+    x, mask = torch.randint(3, 64, (2, 5)), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert model(x, None, mask).logits.shape == (2, 5, 64)  # input_ids, past_key_values, attention_mask
+    assert _call_mask(base, (x, None, mask), {}) is mask
+    assert _call_mask(base, (x, None), {}) is None
+    alive = weakref.ref(base)
+    del model, base, plain
+    gc.collect()
+    assert alive() is None

@@ -755,3 +755,27 @@ def test_a_task_type_changed_after_the_config_was_built_is_checked_when_the_adap
     with pytest.raises(ConfigError, match="task_type='causal_lm' is not valid"):
         get_peft_model(base, config)
     assert not base._forward_pre_hooks
+
+
+@pytest.mark.parametrize("config_cls", [PromptTuningConfig, PrefixTuningConfig])
+@pytest.mark.parametrize("wrapped_by", ["modules_to_save", "lora"])
+def test_soft_prompts_take_a_model_whose_token_embeddings_another_adapter_wraps(config_cls, wrapped_by):
+    """The token-embedding table may sit in a peftkit wrapper (a modules_to_save copy, a LoRA of a composition): the
+    model still reads token embeddings (the refusal of models without any, ViT or CLIP, took the wrapper for one)."""
+    from peftkit import LoraConfig
+    from peftkit.methods.compose import ComposedConfig
+
+    x, base = ids(2, 5), tiny_gpt2()
+    alone = get_peft_model(copy.deepcopy(base), config_cls(num_virtual_tokens=3, task_type="CAUSAL_LM")).eval()
+    if wrapped_by == "modules_to_save":
+        config = config_cls(num_virtual_tokens=3, task_type="CAUSAL_LM", modules_to_save=["wte"])
+    else:  # LoRA on the embedding starts at zero (peft's init: A = 0)
+        config = ComposedConfig(task_type="CAUSAL_LM", configs=[LoraConfig(r=2, target_modules=["wte"]),
+                                                                config_cls(num_virtual_tokens=3)])
+    model = get_peft_model(base, config).eval()
+    assert type(model.get_input_embeddings()).__name__ != "Embedding"  # wrapped
+    prompts = [p for n, p in model.named_parameters() if "extra_modules" in n]
+    assert len(prompts) == 1
+    with torch.no_grad():
+        prompts[0].copy_(next(p for n, p in alone.named_parameters() if "extra_modules" in n))
+        assert torch.allclose(model(input_ids=x).logits, alone(input_ids=x).logits, atol=1e-6)

@@ -1067,22 +1067,28 @@ def _call_mask(base: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
     return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
-_MASK_POSITIONS: dict[Any, int | None] = {}
+#: weak keys: a forward made per instance (accelerate's hooks set ``model.forward = partial(new_forward, model)``)
+#: holds its model, which a strong key would keep alive after the user dropped it
+_MASK_POSITIONS: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
 
 
 def _mask_position(key: Any, forward: Any) -> int | None:
     """The position of ``attention_mask`` among ``forward``'s positional parameters (None: it has none, or no
-    readable signature), remembered per forward function ``key``: reading a signature costs about 20 us, which a
-    model call should not pay each time."""
-    if key not in _MASK_POSITIONS:
-        try:
-            params = list(inspect.signature(forward).parameters)
-        except (TypeError, ValueError):  # a forward without a readable signature
-            params = []
-        if len(_MASK_POSITIONS) > 256:  # forwards made per instance (partials, wrappers): do not grow without end
-            _MASK_POSITIONS.clear()
-        _MASK_POSITIONS[key] = params.index("attention_mask") if "attention_mask" in params else None
-    return _MASK_POSITIONS[key]
+    readable signature), remembered per forward function ``key`` for as long as ``key`` lives: reading a signature
+    costs about 20 us, which a model call should not pay each time (a ``key`` that cannot be weakly referenced is
+    read each time)."""
+    try:
+        return _MASK_POSITIONS[key]
+    except (KeyError, TypeError):
+        pass
+    try:
+        params = list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):  # a forward without a readable signature
+        params = []
+    where = params.index("attention_mask") if "attention_mask" in params else None
+    with contextlib.suppress(TypeError):
+        _MASK_POSITIONS[key] = where
+    return where
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig, check
-from peftkit.layers import onloaded
+from peftkit.layers import onloaded, unwrap
 from peftkit.methods.gating import rewritten_mask
 from peftkit.tuners import Tuner
 
@@ -349,10 +349,10 @@ class PromptTuner(Tuner):
 
     def check_reads_tokens(self, model: nn.Module) -> None:
         """Refuse a model that soft prompts cannot reach: one without a token-embedding table
-        (``get_input_embeddings()`` an ``nn.Embedding``: vision and audio models such as ViT, CLIP, Wav2Vec2 have
-        patch or feature encoders instead) or, for a method that prepends embeddings (``inserts_embeddings``), whose
-        forward (the encoder's, on an encoder-decoder model) takes no ``inputs_embeds`` argument (CLIP's text model;
-        Whisper, whose encoder reads audio features).
+        (``get_input_embeddings()`` an ``nn.Embedding``, or a peftkit wrapper of one: vision and audio models such
+        as ViT, CLIP, Wav2Vec2 have patch or feature encoders instead) or, for a method that prepends embeddings
+        (``inserts_embeddings``), whose forward (the encoder's, on an encoder-decoder model) takes no ``inputs_embeds``
+        argument (CLIP's text model; Whisper, whose encoder reads audio features).
 
         Raises:
             ConfigError: naming the model class, its ``model_type``, what it lacks and the methods that do apply.
@@ -369,7 +369,8 @@ class PromptTuner(Tuner):
             found = f"get_input_embeddings() gives {type(words).__name__}"
         except NotImplementedError:
             words, found = None, "get_input_embeddings() is not implemented"
-        check(isinstance(words, nn.Embedding),
+        # (another adapter may wrap the table: a modules_to_save copy, a LoRA of a composition)
+        check(isinstance(unwrap(words) if isinstance(words, nn.Module) else words, nn.Embedding),
               f"{self.method} needs a model that reads token embeddings, and {where} has no token-embedding table "
               f"({found}): soft prompts cannot reach its inputs; {others}")
         if not self.inserts_embeddings:

@@ -383,6 +383,10 @@ class TiedDifference(Adapter):
         names: the shared tensors, by their names on both modules (``"weight"``).
 
     Shapes: as ``owner``'s; ``delta_weight``/``delta_bias`` are ``owner``'s dense float32 differences.
+
+    Paper: Training Neural Networks with Fixed Sparse Masks (Sung et al., 2021, arXiv:2111.09839), whose code ranks
+    a tied tensor once among ``named_parameters()``; Child-Tuning (Xu et al., 2021, arXiv:2109.05687) shares the
+    tuner.
     """
 
     substitutes_params = True
