@@ -79,8 +79,15 @@ class DropState:
     def share_rank0(self) -> None:
         """Take rank 0's ``n`` on every rank of a running process group (DDP, FSDP): each rank's generator is
         seeded apart (its dropout masks differ), but a step must drop the same blocks everywhere, as one process
-        with the whole batch would. A collective: every rank calls it (after each optimiser step); nothing to do
-        in a single process."""
+        with the whole batch would. Nothing to do in a single process or a group of one.
+
+        A collective broadcast on the default process group (a CPU tensor on gloo, the current CUDA device on
+        NCCL): it blocks until every rank of the group calls it, so every rank must call it once per optimiser
+        step (``PeftModel.peft_step_end`` does, which peftkit's trainers call on every rank).
+
+        Raises:
+            RuntimeError: from ``torch.distributed`` when the broadcast fails (a rank gone, a timeout).
+        """
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return

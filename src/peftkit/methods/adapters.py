@@ -635,7 +635,9 @@ def serial_sites(config: BottleneckConfig, model: nn.Module) -> dict[str, str]:
     "FFN": ...}`` with ``"on the FFN's output projection"``, ``"after the FFN's Add & Norm"`` or ``"on the block's
     output"`` (and the attention's likewise), for the sub-layers ``mh_adapter`` / ``output_adapter`` enable.
     Empty for a parallel adapter, explicit ``target_modules`` or a model type :data:`ADAPTER_SITES` lacks (where
-    the sites are the named modules themselves)."""
+    the sites are the named modules themselves).
+
+    Raises nothing: a model without a ``config.model_type`` gets ``{}``."""
     sites = ADAPTER_SITES.get(model_type(model))
     if config.is_parallel or config.target_modules is not None or sites is None:
         return {}
