@@ -14,6 +14,7 @@ JMLR 2014 (no arXiv id).
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,7 +22,8 @@ _LEVELS = 65536
 
 
 class _MaskedScale(torch.autograd.Function):
-    """``y = where(keep, x, 0) * scale``; the backward applies the same mask and scale."""
+    """``y = where(keep, x, 0) * scale``; the backward and the forward-mode ``jvp`` apply the same mask and
+    scale (the map is linear in ``x``)."""
 
     generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
 
@@ -32,12 +34,18 @@ class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
         ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])
         ctx.scale = inputs[2]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (keep,) = ctx.saved_tensors
         return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor, keep_t: Tensor | None, scale_t: None) -> Tensor:
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, x_t, 0) * ctx.scale
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
@@ -52,13 +60,25 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torc
     return fields >= (-32768 + drop_levels)
 
 
-_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)  # looked up once: asked per forward
+# looked up once (asked per forward); a torch without the private check never reports a transform
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
 
 
 def func_transforms_active() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running (torch's private check; False
-    when torch lacks it)."""
-    return bool(_TRANSFORMS_ACTIVE()) if _TRANSFORMS_ACTIVE is not None else False
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacfwd``, ...) is running (torch's
+    private check; False when torch lacks it)."""
+    return _TRANSFORMS_ACTIVE()
+
+
+def transforms_or_forward_ad_active() -> bool:
+    """:func:`func_transforms_active`, or a forward-mode AD level is open outside ``torch.func``
+    (``with torch.autograd.forward_ad.dual_level():``, in which tensors may carry tangents).
+
+    The routing check of nodes that decide in their forward what their backward needs and define no ``jvp``
+    (the fused LoRA/DoRA node): under either, those layers run as plain differentiable ops. It costs what
+    :func:`func_transforms_active` costs plus one module-attribute read (torch keeps the open level in
+    ``forward_ad._current_level``, -1 when none is open)."""
+    return _forward_ad._current_level >= 0 or _TRANSFORMS_ACTIVE()
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peftkit.ops import func_transforms_active
+from peftkit.ops import transforms_or_forward_ad_active
 
 
 class _LowRankLinear(torch.autograd.Function):
@@ -287,12 +287,13 @@ def _unshared(t: Tensor) -> bool:
 
 
 def can_fuse(x: Tensor, weight: Tensor, a: Tensor) -> bool:
-    """Whether :func:`low_rank_linear` applies: one dtype throughout, a frozen base weight, no autocast, and no
-    ``torch.func`` transform (``grad``, ``vmap``, ...) running: the fused node decides in its forward what
-    the backward needs, which those transforms do not allow, so under them the layer runs as plain ops. Nor
+    """Whether :func:`low_rank_linear` applies: one dtype throughout, a frozen base weight, no autocast, no
+    ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) running and no forward-AD level open
+    (``torch.autograd.forward_ad.dual_level``): the fused node decides in its forward what the backward needs,
+    which those transforms do not allow, and defines no ``jvp``, so under them the layer runs as plain ops. Nor
     while ``torch.compile`` traces: the node's data-dependent branches (DoRA's zero-magnitude check) break the
     graph, and the compiler fuses the plain ops itself."""
     return (x.dtype == weight.dtype == a.dtype and not weight.requires_grad
-            and not torch.is_autocast_enabled(x.device.type) and not func_transforms_active()
+            and not torch.is_autocast_enabled(x.device.type) and not transforms_or_forward_ad_active()
             and not torch.compiler.is_compiling())
 

@@ -64,7 +64,9 @@ class LoHaConfig(LycorisConfig):
 
 class _Hadamard(torch.autograd.Function):
     """``(w1a @ w1b) * (w2a @ w2b) * scale``; backward recomputes the two products instead of keeping
-    them, so training holds no ``(out, in)`` tensor beyond the delta itself."""
+    them, so training holds no ``(out, in)`` tensor beyond the delta itself. The forward-mode ``jvp`` is the
+    product rule, ``scale * ((w1a' w1b + w1a w1b') * (w2a w2b) + (w1a w1b) * (w2a' w2b + w2a w2b'))``
+    (``'``: a tangent; a factor without one adds nothing)."""
 
     generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
 
@@ -75,7 +77,20 @@ class _Hadamard(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
         ctx.save_for_backward(*inputs[:4])
+        ctx.save_for_forward(*inputs[:4])
         ctx.scale = inputs[4]
+
+    @staticmethod
+    def jvp(ctx, w1a_t: Tensor | None, w1b_t: Tensor | None, w2a_t: Tensor | None, w2b_t: Tensor | None,
+            scale_t: None) -> Tensor:
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        d1, d2 = _product_tangent(w1a, w1b, w1a_t, w1b_t), _product_tangent(w2a, w2b, w2a_t, w2b_t)
+        out_t = torch.zeros(w1a.shape[0], w1b.shape[1], dtype=w1a.dtype, device=w1a.device)
+        if d1 is not None:
+            out_t = out_t + d1 * (w2a @ w2b)
+        if d2 is not None:
+            out_t = out_t + (w1a @ w1b) * d2
+        return out_t * ctx.scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -84,6 +99,13 @@ class _Hadamard(torch.autograd.Function):
         g1 = grad * (w2a @ w2b)   # d delta / d (w1a @ w1b)
         g2 = grad * (w1a @ w1b)
         return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
+
+
+def _product_tangent(a: Tensor, b: Tensor, a_t: Tensor | None, b_t: Tensor | None) -> Tensor | None:
+    """The tangent of ``a @ b`` (``(m, k) @ (k, n)``), ``a' b + a b'``, shape ``(m, n)``; None when neither has one."""
+    if a_t is None:
+        return None if b_t is None else a @ b_t
+    return a_t @ b if b_t is None else a_t @ b + a @ b_t
 
 
 class LoHaAdapter(LycorisAdapter):

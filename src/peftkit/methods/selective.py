@@ -186,7 +186,8 @@ class StepMask:
 class _BernoulliGrad(torch.autograd.Function):
     """Identity forward; backward keeps each gradient entry with probability ``p`` and scales by 1/p: with the
     step's :class:`StepMask` when one is given, else with a mask drawn for this backward alone (under
-    ``torch.func`` transforms, whose tensors may not outlive the transform)."""
+    ``torch.func`` transforms, whose tensors may not outlive the transform). Forward mode sees the identity: the
+    ``jvp`` passes the tangent through (the mask acts on gradients only)."""
 
     generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
 
@@ -197,6 +198,10 @@ class _BernoulliGrad(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         ctx.p, ctx.step_mask = inputs[1], inputs[2]
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor, p_t: None, step_mask_t: None) -> Tensor:
+        return x_t.view_as(x_t)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:

@@ -33,7 +33,8 @@ from peftkit.quant.formats import AffineFormat, QuantFormat
 
 
 class _DequantLinear(torch.autograd.Function):
-    """``y = x W^T`` with ``W`` dequantised in forward and again in backward (never saved)."""
+    """``y = x W^T`` with ``W`` dequantised in forward and again in backward and in the forward-mode ``jvp``
+    (``y' = x' W^T``: the frozen codes carry no tangent), never saved."""
 
     generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func may batch them
 
@@ -48,6 +49,10 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad @ ctx.layer.dequantize(grad.dtype), None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor, layer_t: None) -> Tensor:
+        return F.linear(x_t, ctx.layer.dequantize(x_t.dtype))
 
 
 class QuantWeight:
