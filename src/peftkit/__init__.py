@@ -37,6 +37,7 @@ from peftkit.methods.adapters import (
     ParallelConfig,
     PfeifferConfig,
 )
+from peftkit.methods.adaption_prompt import AdaptionPromptConfig
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.child_tuning import ChildTuningConfig
 from peftkit.methods.compose import ComposedConfig
@@ -89,6 +90,7 @@ __all__ = [
     "AdapterFusionConfig",
     "AdapterLoadError",
     "AdapterNotFoundError",
+    "AdaptionPromptConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",
