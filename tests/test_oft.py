@@ -275,19 +275,95 @@ def test_bad_values_raise_naming_the_value(kw, words):
         OFTConfig(**kw)
 
 
-@pytest.mark.parametrize("target", ["conv", "emb"])
-def test_conv2d_and_embedding_targets_are_refused_before_anything_changes(target):
+@pytest.mark.parametrize("target,words", [("emb", "emb: OFT in peftkit adapts nn.Linear, GPT-2 Conv1D and nn.Conv2d"),
+                                          ("grouped", "grouped: OFT cannot adapt an nn.Conv2d with groups=2")])
+def test_embedding_and_grouped_conv_targets_are_refused_before_anything_changes(target, words):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(8, 8)
-            self.conv = nn.Conv2d(4, 4, 3)
+            self.grouped = nn.Conv2d(4, 4, 3, groups=2)
             self.emb = nn.Embedding(10, 8)
 
     net = Net()
-    with pytest.raises(ConfigError, match=f"{target}: OFT in peftkit adapts nn.Linear and GPT-2 Conv1D layers only"):
+    with pytest.raises(ConfigError, match=re.escape(words)):
         get_peft_model(net, OFTConfig(oft_block_size=4, target_modules=["lin", target]))
     assert isinstance(net.lin, nn.Linear) and not any("adapters" in n for n, _ in net.named_modules())
+
+
+class ConvNet(nn.Module):
+    """A 1x1 and a 3x3 (padded, strided) Conv2d, then a Linear, on a (N, 4, 6, 6) image."""
+
+    def __init__(self):
+        super().__init__()
+        self.point = nn.Conv2d(4, 8, 1)
+        self.conv = nn.Conv2d(8, 6, 3, padding=1, stride=2)
+        self.head = nn.Linear(6 * 3 * 3, 5)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.tanh(self.point(x))).flatten(1))
+
+
+def test_conv2d_rotates_the_receptive_fields_and_merges_exactly():
+    torch.manual_seed(8)
+    net = ConvNet()
+    x = torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        plain = net(x)
+    model = get_peft_model(net, OFTConfig(oft_block_size=8, target_modules=["point", "conv", "head"]))
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)  # identity at init, whatever the kernel
+    conv = model.get_base_model().conv
+    assert conv.adapters["default"].oft_R.weight.shape == (9, 28)  # 8 * 3 * 3 = 72 = 9 blocks of 8
+    perturb(model)
+    with torch.no_grad():
+        adapted = model(x)
+        rot = conv.adapters["default"].rotations()
+        w = conv.base_layer.weight.reshape(6, 9, 8)
+        by_hand = torch.einsum("oic,ikc->oik", w, rot).reshape(6, 8, 3, 3)
+        inner = torch.tanh(model.get_base_model().point(x))
+        assert (conv(inner) - nn.functional.conv2d(inner, by_hand, conv.base_layer.bias, 2, 1)).abs().max() <= 1e-6
+    assert (adapted - plain).abs().max() > 1e-2
+    weights = {k: v.clone() for k, v in net.state_dict().items() if ".adapters." not in k}
+    for _ in range(50):
+        model.merge_adapter()
+        model.unmerge_adapter()
+    assert max((net.state_dict()[k] - v).abs().max().item() for k, v in weights.items()) <= 1e-5
+    with torch.no_grad():
+        merged = model.merge_and_unload()(x)
+    assert (merged - adapted).abs().max() <= 1e-5
+
+
+def test_conv2d_files_move_both_ways_with_peft(tmp_path):
+    """1x1 kernels: outputs equal peft's, merged or not. 3x3: peftkit's output is peft's merged output (peft's
+    unmerged Conv2d forward sums overlapping patches back, so it is not even the base model at the identity)."""
+    torch.manual_seed(9)
+    net = ConvNet()
+    x = torch.randn(3, 4, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(net), peft.OFTConfig(oft_block_size=8,
+                                                                         target_modules=["point", "conv"]))
+        perturb(theirs)
+        theirs.save_pretrained(tmp_path / "peft")
+        with torch.no_grad():
+            theirs_unmerged = theirs(x)
+            theirs_merged = theirs.merge_and_unload()(x)
+    ours = PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "peft")
+    with torch.no_grad():
+        assert (ours(x) - theirs_merged).abs().max() <= 1e-5
+        assert (ours(x) - theirs_unmerged).abs().max() > 1e-2  # peft's own merged/unmerged disagreement
+
+    ours = get_peft_model(copy.deepcopy(net), OFTConfig(oft_block_size=4, target_modules=["point"]))
+    perturb(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "ours")
+    with torch.no_grad():
+        expected = ours(x)
+        assert (expected - net(x)).abs().max() > 1e-3
+        assert (back(x) - expected).abs().max() <= 1e-5
 
 
 def test_cli_config_uses_r_or_the_default_block_size():
@@ -301,3 +377,52 @@ def test_cli_config_uses_r_or_the_default_block_size():
     with pytest.raises(ConfigError, match=r"--lora-dropout 0\.1 has no meaning for OFT"):
         oft_from_cli(types.SimpleNamespace(**{**vars(args), "lora_dropout": 0.1}))
     assert get_method("oft").family == "reparameterised"
+
+
+def test_two_stacked_oft_adapters_merge_exactly_and_mixed_batches_pick_each_rows_adapter():
+    torch.manual_seed(7)
+    model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=4, target_modules=["q_proj", "o_proj"]))
+    model.add_adapter("b", OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "oft_R" in name:
+                p.normal_(std=0.3)
+    x = ids(batch=3)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=["default", "b", "__base__"]).logits
+        alone = {}
+        for name in ("default", "b"):
+            model.set_adapter(name)
+            alone[name] = model(input_ids=x).logits
+        with model.disable_adapter():
+            plain = model(input_ids=x).logits
+        model.set_adapter(["default", "b"])
+        both = model(input_ids=x).logits
+        model.merge_adapter(["default", "b"])
+        merged = model(input_ids=x).logits
+    assert (alone["default"] - alone["b"]).abs().max() > 1e-2 and (both - alone["default"]).abs().max() > 1e-2
+    assert (mixed[0] - alone["default"][0]).abs().max() <= 1e-6
+    assert (mixed[1] - alone["b"][1]).abs().max() <= 1e-6
+    assert (mixed[2] - plain[2]).abs().max() <= 1e-6
+    assert (merged - both).abs().max() <= 1e-5
+
+
+def test_two_oft_adapters_on_a_conv2d_merge_together_exactly_but_not_the_later_one_alone():
+    torch.manual_seed(10)
+    model = get_peft_model(ConvNet(), OFTConfig(oft_block_size=8, target_modules=["conv"]))
+    model.add_adapter("other", OFTConfig(oft_block_size=4, target_modules=["conv"]))
+    model.set_adapter(["default", "other"])
+    perturb(model)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        both = model(x)
+        model.set_adapter("default")
+        assert (model(x) - both).abs().max() > 1e-3
+        model.set_adapter(["default", "other"])
+        with pytest.raises(ValueError, match="nothing was merged"):  # the rotations do not commute
+            model.merge_adapter(["other"])
+        model.merge_adapter(["default"])  # the first one alone is exact: the other rotates the merged kernel
+        assert (model(x) - both).abs().max() <= 1e-5
+        model.unmerge_adapter()
+        model.merge_adapter()
+        assert (model(x) - both).abs().max() <= 1e-5

@@ -10,7 +10,9 @@ skew-symmetric ``Q_i`` (``b x b``, ``b = oft_block_size``, ``r = in / b`` blocks
 ``r * b (b - 1) / 2`` (``b (b - 1) / 2`` with ``block_share``).
 
 Field names, defaults, parameter names and the file layout (``oft_R.weight``, ``(r, b (b - 1) / 2)``, or
-``(1, ...)`` with ``block_share``) are peft's ``OFTConfig``, so files move both ways.
+``(1, ...)`` with ``block_share``) are peft's ``OFTConfig``, so files move both ways. Layers: ``nn.Linear``,
+GPT-2 ``Conv1D`` (peftkit only) and ``nn.Conv2d`` (whose input side is ``in_channels * kh * kw``; see
+:class:`OFTConvAdapter` for where peft's unmerged Conv2d forward differs).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class OFTConfig(PeftConfig):
         ConfigError: both or neither of ``r`` and ``oft_block_size`` non-zero, a negative one, ``module_dropout``
             outside [0, 1), ``eps <= 0``, ``num_cayley_neumann_terms < 2``, an unknown ``bias``, non-boolean
             flags, ``layers_pattern`` without ``layers_to_transform``, ``target_modules=[]``; when injected, a
-            target that is an ``nn.Conv2d`` or ``nn.Embedding`` (peft adapts them; peftkit does not yet).
+            target that is an ``nn.Embedding`` (peft adapts it; peftkit does not yet) or a grouped ``nn.Conv2d``.
 
     Paper: Controlling Text-to-Image Diffusion by Orthogonal Finetuning (Qiu et al., 2023, arXiv:2306.07280).
     """
@@ -248,8 +250,11 @@ class OFTAdapter(Adapter):
         blocks = cayley(skew(w, self.block_size), self.neumann, self.terms)
         return blocks.expand(self.r, -1, -1) if self.block_share else blocks
 
-    def transform_input(self, x: Tensor) -> Tensor:
-        dtype = self.oft_R.weight.dtype
+    def training_rotations(self) -> Tensor:
+        """:meth:`rotations`, with ``module_dropout``'s share of blocks set to the identity while training.
+
+        Shapes: ``(r, b, b)``.
+        """
         rot = self.rotations()
         if self.training and self.module_dropout > 0 and not self.block_share:
             dropped = torch.randperm(self.r, device=rot.device)[: int(self.module_dropout * self.r)]
@@ -257,8 +262,12 @@ class OFTAdapter(Adapter):
             keep[dropped] = 0
             eye = torch.eye(self.block_size, dtype=rot.dtype, device=rot.device)
             rot = keep * rot + (1 - keep) * eye
+        return rot
+
+    def transform_input(self, x: Tensor) -> Tensor:
+        dtype = self.oft_R.weight.dtype
         xs = x.to(dtype).reshape(*x.shape[:-1], self.r, self.block_size)
-        return torch.einsum("...rk,rkc->...rc", xs, rot).reshape(x.shape).to(x.dtype)
+        return torch.einsum("...rk,rkc->...rc", xs, self.training_rotations()).reshape(x.shape).to(x.dtype)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
         return y
@@ -276,48 +285,82 @@ class OFTAdapter(Adapter):
                     "be undone")
         return None
 
-    def _rotate_weight(self, weight: Tensor, blocks: Tensor) -> Tensor:
-        """``weight`` (base layout) with its input side multiplied block by block: ``W[:, i] <- W[:, i] B_i^T``."""
-        r, b = self.r, self.block_size
-        w = weight.to(torch.float64)
-        if self.transposed:  # (in, out): W'[i] = B_i W[i]
-            out = torch.einsum("ikc,ico->iko", blocks, w.reshape(r, b, -1))
-        else:  # (out, in)
-            out = torch.einsum("oic,ikc->oik", w.reshape(-1, r, b), blocks)
-        return out.reshape(weight.shape).to(weight.dtype)
-
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return self._rotate_weight(weight, self._blocks64(inverse=False)), bias
+        return rotate_weight(weight, self._blocks64(inverse=False), self.transposed, torch.float64), bias
 
     def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return self._rotate_weight(weight, self._blocks64(inverse=True)), bias
+        return rotate_weight(weight, self._blocks64(inverse=True), self.transposed, torch.float64), bias
 
     def extra_repr(self) -> str:
         return f"r={self.r}, oft_block_size={self.block_size}, block_share={self.block_share}"
 
 
+def rotate_weight(weight: Tensor, blocks: Tensor, transposed: bool, dtype: torch.dtype) -> Tensor:
+    """``weight`` (base layout) with its input side multiplied block by block, ``W[:, i] <- W[:, i] B_i^T``,
+    computed in ``dtype`` and returned in the weight's; differentiable.
+
+    Shapes: ``weight``: ``(out, in)`` (Linear), ``(in, out)`` (GPT-2 ``Conv1D``, ``transposed``) or
+    ``(out, C, kh, kw)`` (Conv2d; its input side is ``C * kh * kw``); ``blocks: (r, b, b)`` with ``r * b`` that
+    input side.
+    """
+    r, b = blocks.shape[0], blocks.shape[-1]
+    w, blocks = weight.to(dtype), blocks.to(dtype)
+    if transposed:  # (in, out): W'[i] = B_i W[i]
+        out = torch.einsum("ikc,ico->iko", blocks, w.reshape(r, b, -1))
+    else:  # (out, in...)
+        out = torch.einsum("oic,ikc->oik", w.reshape(-1, r, b), blocks)
+    return out.reshape(weight.shape).to(weight.dtype)
+
+
+class OFTConvAdapter(OFTAdapter):
+    """OFT on an ``nn.Conv2d``: every receptive field (``C * kh * kw`` values, flattened as the weight's
+    ``(C, kh, kw)``) is rotated block by block, which is the convolution with the rotated kernel
+    ``W' = W R^T`` (weight ``(out, C * kh * kw)``); the forward runs the base convolution with ``W'``
+    (``substitute_params``), and merging writes ``W'``. peft's unmerged Conv2d forward folds the rotated patches
+    back by summing overlaps, which for a kernel larger than 1x1 is not ``W'`` (its output is not even the base
+    model's at the identity); peftkit's output equals peft's *merged* one for every kernel and its unmerged one
+    for 1x1 kernels. The file layout is peft's.
+
+    Shapes: ``oft_R.weight: (r, b (b - 1) / 2)``, ``r * b = C * kh * kw``.
+    """
+
+    transforms_input = False
+    substitutes_params = True
+    substitutes_bias = False
+
+    def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        weight = params["weight"] if "weight" in params else layer.base_layer._parameters["weight"]
+        params["weight"] = rotate_weight(weight, self.training_rotations(), False, self.oft_R.weight.dtype)
+        return params
+
+
 class OFTTuner(WrapTuner):
-    """Builds one :class:`OFTAdapter` per target (``nn.Linear`` and GPT-2 ``Conv1D``)."""
+    """Builds one :class:`OFTAdapter` per target (``nn.Linear``, GPT-2 ``Conv1D``; :class:`OFTConvAdapter` on
+    ``nn.Conv2d``)."""
 
     method = "OFT"
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
-        # convolutions and embeddings are matched so that make_adapter can refuse them by name
+        # embeddings are matched so that make_adapter can refuse them by name
         return (*linear_types(), nn.Conv2d, nn.Embedding)
 
     def make_adapter(self, base: nn.Module, config: OFTConfig, module_name: str) -> Adapter:
-        """An :class:`OFTAdapter` over the layer's input features, with ``r``/``oft_block_size`` moved to the
-        nearest divisor of ``in_features`` (warning) when they do not divide it, as peft.
+        """An :class:`OFTAdapter` over the layer's input features (an :class:`OFTConvAdapter` over a Conv2d's
+        ``in_channels * kh * kw``), with ``r``/``oft_block_size`` moved to the nearest divisor of that width
+        (warning) when they do not divide it, as peft.
 
         Raises:
-            ConfigError: the target is an ``nn.Conv2d`` or ``nn.Embedding``.
+            ConfigError: the target is an ``nn.Embedding``, or an ``nn.Conv2d`` with ``groups > 1``.
         """
-        if not isinstance(base, linear_types()):
-            raise ConfigError(f"{module_name}: OFT in peftkit adapts nn.Linear and GPT-2 Conv1D layers only, not "
-                              f"{type(base).__name__} (peft also adapts nn.Conv2d and nn.Embedding); leave it out "
-                              "of target_modules (or add it to exclude_modules)")
+        if isinstance(base, nn.Embedding):
+            raise ConfigError(f"{module_name}: OFT in peftkit adapts nn.Linear, GPT-2 Conv1D and nn.Conv2d layers, "
+                              "not nn.Embedding (peft also adapts embeddings); leave it out of target_modules (or add "
+                              "it to exclude_modules)")
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            raise ConfigError(f"{module_name}: OFT cannot adapt an nn.Conv2d with groups={base.groups} (nor can peft); "
+                              "only groups=1; leave it out of target_modules (or add it to exclude_modules)")
         layout = rp.layout_of(base)
-        n = layout.in_features
+        n = layout.flat_in
         if config.r == 0:
             size = nearest_divisor(n, config.oft_block_size)
             if size != config.oft_block_size:
@@ -330,6 +373,8 @@ class OFTTuner(WrapTuner):
                 warnings.warn(f"{module_name}: r={config.r} does not divide in_features={n}; using {r}, the nearest "
                               "divisor (as peft)", stacklevel=4)
             size = n // r
+        if isinstance(base, nn.Conv2d):
+            return OFTConvAdapter(n, r, size, config, False)
         return OFTAdapter(n, r, size, config, layout.transposed)
 
     def trainable_base_params(self, model: nn.Module, config: OFTConfig, targets: list[str]) -> list[str]:
