@@ -36,6 +36,7 @@ CASES = {
     "llama_exact": (tiny_llama, dict(oft_block_size=8, use_cayley_neumann=False, target_modules="all-linear")),
     "llama_terms3": (tiny_llama, dict(oft_block_size=4, num_cayley_neumann_terms=3, target_modules=["q_proj", "down_proj"])),
     "gpt2_conv1d": (tiny_gpt2, dict(oft_block_size=4, target_modules=["c_attn", "c_proj", "c_fc"])),
+    "gpt2_tied_embedding": (tiny_gpt2, dict(oft_block_size=8, target_modules=["wte", "c_fc"])),
 }
 
 
@@ -213,8 +214,25 @@ def test_save_and_load_round_trip(tmp_path):
     assert (outputs(loaded, x) - expected).abs().max() == 0
 
 
+def test_an_embedding_is_saved_under_peft_key_and_rotates_the_looked_up_rows(tmp_path):
+    model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=4, target_modules=["embed_tokens"]))
+    perturb(model)
+    emb = model.get_base_model().model.embed_tokens
+    x = ids()
+    with torch.no_grad():
+        rot = emb.adapters["default"].rotations()
+        table = emb.base_layer.weight.reshape(64, 4, 4)
+        by_hand = torch.einsum("nic,ick->nik", table, rot).reshape(64, 16)[x]
+        assert (emb(x) - by_hand).abs().max() <= 1e-6
+        assert (by_hand - emb.base_layer(x)).abs().max() > 1e-2
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert keys["base_model.model.model.embed_tokens.oft_embedding_R.weight"].shape == (4, 6)
+
+
 INTEROP = {k: v for k, v in CASES.items() if not k.startswith("gpt2")}  # peft's OFT does not take GPT-2's Conv1D
 INTEROP["llama_coft"] = (tiny_llama, dict(oft_block_size=4, coft=True, eps=0.5, target_modules=["q_proj", "o_proj"]))
+INTEROP["llama_embedding"] = (tiny_llama, dict(oft_block_size=4, target_modules=["embed_tokens", "v_proj"]))
 
 
 @pytest.mark.parametrize("case", list(INTEROP))
@@ -275,19 +293,16 @@ def test_bad_values_raise_naming_the_value(kw, words):
         OFTConfig(**kw)
 
 
-@pytest.mark.parametrize("target,words", [("emb", "emb: OFT in peftkit adapts nn.Linear, GPT-2 Conv1D and nn.Conv2d"),
-                                          ("grouped", "grouped: OFT cannot adapt an nn.Conv2d with groups=2")])
-def test_embedding_and_grouped_conv_targets_are_refused_before_anything_changes(target, words):
+def test_grouped_conv_targets_are_refused_before_anything_changes():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(8, 8)
             self.grouped = nn.Conv2d(4, 4, 3, groups=2)
-            self.emb = nn.Embedding(10, 8)
 
     net = Net()
-    with pytest.raises(ConfigError, match=re.escape(words)):
-        get_peft_model(net, OFTConfig(oft_block_size=4, target_modules=["lin", target]))
+    with pytest.raises(ConfigError, match=re.escape("grouped: OFT cannot adapt an nn.Conv2d with groups=2")):
+        get_peft_model(net, OFTConfig(oft_block_size=4, target_modules=["lin", "grouped"]))
     assert isinstance(net.lin, nn.Linear) and not any("adapters" in n for n, _ in net.named_modules())
 
 

@@ -378,9 +378,9 @@ def ssf_case(draw):
 @st.composite
 def oft_case(draw):
     arch = draw(st.sampled_from(["zoo", "bert", "llama"]))
-    targets = draw(subset([*ZOO_LINEAR, "conv2"] if arch == "zoo" else LINEAR_TARGETS[arch]))  # (conv2: groups=1)
-    # every input width here (8, 12, 16, 24, 32; the Conv2d's 4 * 3 * 3) is divisible by 2 and 4, and so by 1, 2
-    # or 4 blocks
+    targets = draw(subset([*ZOO_LINEAR, "conv2", "emb"] if arch == "zoo" else LINEAR_TARGETS[arch]))  # (groups=1)
+    # every input width here (8, 12, 16, 24, 32; the Conv2d's 4 * 3 * 3; the embedding's 8) is divisible by 2 and
+    # 4, and so by 1, 2 or 4 blocks
     size = draw(st.one_of(st.just(None), st.sampled_from([2, 4])))
     shape = dict(oft_block_size=size) if size else dict(r=draw(st.sampled_from([1, 2, 4])), oft_block_size=0)
     bias = draw(st.sampled_from(["none", "oft_only"])) if arch != "llama" else "none"

@@ -10,9 +10,10 @@ skew-symmetric ``Q_i`` (``b x b``, ``b = oft_block_size``, ``r = in / b`` blocks
 ``r * b (b - 1) / 2`` (``b (b - 1) / 2`` with ``block_share``).
 
 Field names, defaults, parameter names and the file layout (``oft_R.weight``, ``(r, b (b - 1) / 2)``, or
-``(1, ...)`` with ``block_share``) are peft's ``OFTConfig``, so files move both ways. Layers: ``nn.Linear``,
-GPT-2 ``Conv1D`` (peftkit only) and ``nn.Conv2d`` (whose input side is ``in_channels * kh * kw``; see
-:class:`OFTConvAdapter` for where peft's unmerged Conv2d forward differs).
+``(1, ...)`` with ``block_share``; ``oft_embedding_R.weight`` on an embedding) are peft's ``OFTConfig``, so
+files move both ways. Layers: ``nn.Linear``, GPT-2 ``Conv1D`` (peftkit only), ``nn.Conv2d`` (whose input side is
+``in_channels * kh * kw``; see :class:`OFTConvAdapter` for where peft's unmerged Conv2d forward differs) and
+``nn.Embedding`` (its looked-up vectors are rotated).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class OFTConfig(PeftConfig):
         ConfigError: both or neither of ``r`` and ``oft_block_size`` non-zero, a negative one, ``module_dropout``
             outside [0, 1), ``eps <= 0``, ``num_cayley_neumann_terms < 2``, an unknown ``bias``, non-boolean
             flags, ``layers_pattern`` without ``layers_to_transform``, ``target_modules=[]``; when injected, a
-            target that is an ``nn.Embedding`` (peft adapts it; peftkit does not yet) or a grouped ``nn.Conv2d``.
+            grouped ``nn.Conv2d`` target.
 
     Paper: Controlling Text-to-Image Diffusion by Orthogonal Finetuning (Qiu et al., 2023, arXiv:2306.07280).
     """
@@ -221,6 +222,8 @@ class OFTAdapter(Adapter):
     """
 
     transforms_input = True
+    #: the attribute holding the :class:`OFTRotation` (peft's name, so the file key: ``oft_R.weight``)
+    rotation_name = "oft_R"
 
     def __init__(self, in_features: int, r: int, block_size: int, config: OFTConfig, transposed: bool) -> None:
         super().__init__()
@@ -228,9 +231,14 @@ class OFTAdapter(Adapter):
         self.block_share, self.coft, self.eps = config.block_share, config.coft, config.eps
         self.neumann, self.terms = config.use_cayley_neumann, config.num_cayley_neumann_terms
         self.module_dropout = config.module_dropout
-        self.oft_R = OFTRotation(1 if config.block_share else r, block_size)
+        setattr(self, self.rotation_name, OFTRotation(1 if config.block_share else r, block_size))
         if not config.init_weights:
-            nn.init.normal_(self.oft_R.weight, mean=0.0, std=0.1)
+            nn.init.normal_(self.rotation.weight, mean=0.0, std=0.1)
+
+    @property
+    def rotation(self) -> OFTRotation:
+        """The :class:`OFTRotation` holding this adapter's parameter (``oft_R``, or ``oft_embedding_R``)."""
+        return getattr(self, self.rotation_name)
 
     def rotations(self, dtype: torch.dtype | None = None, project: bool = True) -> Tensor:
         """The ``r`` rotation blocks built from ``oft_R.weight`` (cast to ``dtype`` when given); with ``coft`` and
@@ -238,7 +246,7 @@ class OFTAdapter(Adapter):
 
         Shapes: ``(r, b, b)`` (one block repeated ``r`` times with ``block_share``).
         """
-        w = self.oft_R.weight
+        w = self.rotation.weight
         if self.coft:
             with torch.no_grad():
                 projected = coft_project(w, self.block_size, self.eps)
@@ -265,7 +273,7 @@ class OFTAdapter(Adapter):
         return rot
 
     def transform_input(self, x: Tensor) -> Tensor:
-        dtype = self.oft_R.weight.dtype
+        dtype = self.rotation.weight.dtype
         xs = x.to(dtype).reshape(*x.shape[:-1], self.r, self.block_size)
         return torch.einsum("...rk,rkc->...rc", xs, self.training_rotations()).reshape(x.shape).to(x.dtype)
 
@@ -330,37 +338,56 @@ class OFTConvAdapter(OFTAdapter):
 
     def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:
         weight = params["weight"] if "weight" in params else layer.base_layer._parameters["weight"]
-        params["weight"] = rotate_weight(weight, self.training_rotations(), False, self.oft_R.weight.dtype)
+        params["weight"] = rotate_weight(weight, self.training_rotations(), False, self.rotation.weight.dtype)
         return params
+
+
+class OFTEmbeddingAdapter(OFTAdapter):
+    """OFT on an ``nn.Embedding``, as peft: each looked-up vector is rotated block by block after the lookup
+    (``e_i <- e_i R_i``, row vectors); merged, the table becomes ``E R`` (``(num_embeddings, dim) @ R``).
+
+    Shapes: ``y: (..., dim)``; ``oft_embedding_R.weight: (r, b (b - 1) / 2)``, ``r * b = dim``.
+    """
+
+    transforms_input = False
+    reads_input = False
+    rotation_name = "oft_embedding_R"
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        dtype = self.rotation.weight.dtype
+        ys = y.to(dtype).reshape(*y.shape[:-1], self.r, self.block_size)
+        return torch.einsum("...rk,rkc->...rc", ys, self.training_rotations()).reshape(y.shape).to(y.dtype)
+
+    def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        # E R is (R^T E^T)^T: the transposed layout's rule with the transposed blocks
+        return rotate_weight(weight.T, self._blocks64(inverse=False).transpose(-1, -2), True, torch.float64).T, bias
+
+    def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return rotate_weight(weight.T, self._blocks64(inverse=True).transpose(-1, -2), True, torch.float64).T, bias
 
 
 class OFTTuner(WrapTuner):
     """Builds one :class:`OFTAdapter` per target (``nn.Linear``, GPT-2 ``Conv1D``; :class:`OFTConvAdapter` on
-    ``nn.Conv2d``)."""
+    ``nn.Conv2d``, :class:`OFTEmbeddingAdapter` on ``nn.Embedding``)."""
 
     method = "OFT"
 
     def supported_types(self) -> tuple[type[nn.Module], ...]:
-        # embeddings are matched so that make_adapter can refuse them by name
         return (*linear_types(), nn.Conv2d, nn.Embedding)
 
     def make_adapter(self, base: nn.Module, config: OFTConfig, module_name: str) -> Adapter:
         """An :class:`OFTAdapter` over the layer's input features (an :class:`OFTConvAdapter` over a Conv2d's
-        ``in_channels * kh * kw``), with ``r``/``oft_block_size`` moved to the nearest divisor of that width
-        (warning) when they do not divide it, as peft.
+        ``in_channels * kh * kw``, an :class:`OFTEmbeddingAdapter` over an embedding's ``embedding_dim``), with
+        ``r``/``oft_block_size`` moved to the nearest divisor of that width (warning) when they do not divide it,
+        as peft.
 
         Raises:
-            ConfigError: the target is an ``nn.Embedding``, or an ``nn.Conv2d`` with ``groups > 1``.
+            ConfigError: the target is an ``nn.Conv2d`` with ``groups > 1``.
         """
-        if isinstance(base, nn.Embedding):
-            raise ConfigError(f"{module_name}: OFT in peftkit adapts nn.Linear, GPT-2 Conv1D and nn.Conv2d layers, "
-                              "not nn.Embedding (peft also adapts embeddings); leave it out of target_modules (or add "
-                              "it to exclude_modules)")
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise ConfigError(f"{module_name}: OFT cannot adapt an nn.Conv2d with groups={base.groups} (nor can peft); "
                               "only groups=1; leave it out of target_modules (or add it to exclude_modules)")
-        layout = rp.layout_of(base)
-        n = layout.flat_in
+        n = base.embedding_dim if isinstance(base, nn.Embedding) else rp.layout_of(base).flat_in
         if config.r == 0:
             size = nearest_divisor(n, config.oft_block_size)
             if size != config.oft_block_size:
@@ -373,9 +400,11 @@ class OFTTuner(WrapTuner):
                 warnings.warn(f"{module_name}: r={config.r} does not divide in_features={n}; using {r}, the nearest "
                               "divisor (as peft)", stacklevel=4)
             size = n // r
+        if isinstance(base, nn.Embedding):
+            return OFTEmbeddingAdapter(n, r, size, config, False)
         if isinstance(base, nn.Conv2d):
             return OFTConvAdapter(n, r, size, config, False)
-        return OFTAdapter(n, r, size, config, layout.transposed)
+        return OFTAdapter(n, r, size, config, not isinstance(base, nn.Linear))
 
     def trainable_base_params(self, model: nn.Module, config: OFTConfig, targets: list[str]) -> list[str]:
         return trainable_biases(model, config.bias, targets)
