@@ -4,8 +4,9 @@ Paper: Qiu et al., "Controlling Text-to-Image Diffusion by Orthogonal Finetuning
 The parametrisation is peft 0.21's: a block size rather than a block count, and by default a truncated
 Cayley-Neumann series instead of the exact Cayley transform.
 
-Equation: ``h = W (R x) + b`` with ``R = diag(R_1, ..., R_r)`` block-diagonal, each ``R_i = cayley(Q_i)`` of a
-skew-symmetric ``Q_i`` (``b x b``, ``b = oft_block_size``, ``r = in / b`` blocks). Merged: ``W' = W R``.
+Equation (row vectors, as peft writes it): ``h = (x R) W^T + b`` with ``R = diag(R_1, ..., R_r)`` block-diagonal,
+each ``R_i = cayley(Q_i)`` of a skew-symmetric ``Q_i`` (``b x b``, ``b = oft_block_size``, ``r = in / b``
+blocks). Merged: ``W' = W R^T``.
 ``Q_i`` is stored as its ``b (b - 1) / 2`` strictly-upper entries. Trainable parameters per adapted layer:
 ``r * b (b - 1) / 2`` (``b (b - 1) / 2`` with ``block_share``).
 
@@ -289,7 +290,7 @@ class OFTAdapter(Adapter):
         rot = self._blocks64(inverse=False)
         cond = torch.linalg.cond(rot)
         if not bool(torch.isfinite(cond).all()) or float(cond.max()) > 1e8:
-            return (f"oft_R has a rotation block with condition number {float(cond.max()):.3g}; merging it could not "
+            return (f"{self.rotation_name} has a rotation block with condition number {float(cond.max()):.3g}; merging it could not "
                     "be undone")
         return None
 
