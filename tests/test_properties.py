@@ -267,7 +267,7 @@ def vera_case(draw):
                                 projection_prng_key=draw(st.integers(0, 2**31)),
                                 save_projection=draw(st.booleans()), d_initial=draw(st.floats(0.01, 1.0)),
                                 init_weights=draw(st.booleans()), bias=bias)
-    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]),
+    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]), groups=1,
                 trains_base_bias=bias != "none")
 
 
@@ -375,6 +375,23 @@ def ssf_case(draw):
     return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]))
 
 
+@st.composite
+def oft_case(draw):
+    arch = draw(st.sampled_from(["zoo", "bert", "llama"]))
+    targets = draw(subset([*ZOO_LINEAR, "conv2", "emb"] if arch == "zoo" else LINEAR_TARGETS[arch]))  # (groups=1)
+    # every input width here (8, 12, 16, 24, 32; the Conv2d's 4 * 3 * 3; the embedding's 8) is divisible by 2 and
+    # 4, and so by 1, 2 or 4 blocks
+    size = draw(st.one_of(st.just(None), st.sampled_from([2, 4])))
+    shape = dict(oft_block_size=size) if size else dict(r=draw(st.sampled_from([1, 2, 4])), oft_block_size=0)
+    bias = draw(st.sampled_from(["none", "oft_only"])) if arch != "llama" else "none"
+    coft = draw(st.booleans())
+    config = peftkit.OFTConfig(target_modules=targets, block_share=draw(st.booleans()), bias=bias,
+                               use_cayley_neumann=draw(st.booleans()), num_cayley_neumann_terms=draw(st.integers(2, 7)),
+                               coft=coft, eps=draw(st.floats(0.2, 2.0)) if coft else 6e-5, **shape)
+    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]), groups=1,
+                trains_base_bias=bias != "none")
+
+
 def _bert(draw, config, **kw):
     # (a sparse difference on a float64 model could not be merged: float64 values index_add_ed into float32 zeros)
     dtype = draw(common["dtype"])
@@ -425,6 +442,7 @@ STRATEGIES = {
     "lokr": lycoris_case("lokr"),
     "krona": krona_case(),
     "sora": sora_case(),
+    "oft": oft_case(),
     "ia3": ia3_case(),
     "ssf": ssf_case(),
     "bitfit": selective_case("bitfit"),
@@ -441,7 +459,7 @@ def test_every_mergeable_method_is_covered():
 
     mergeable = {spec.name for spec in all_methods() if spec.mergeable and spec.family != "quantisation"}
     covered = {"lora", "dora", "pissa", "olora", "lorafa", "dylora", "vera", "adalora", "loha", "lokr", "krona",
-               "sora", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish", "child-tuning"}
+               "sora", "oft", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish", "child-tuning"}
     assert mergeable <= covered, mergeable - covered
 
 

@@ -1,4 +1,4 @@
-"""``peftkit train --method adalora|loha|lokr|krona|sora`` on a tiny BERT: runs, saves, reloads identically."""
+"""``peftkit train --method adalora|loha|lokr|krona|sora|oft`` on a tiny BERT: runs, saves, reloads identically."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from peftkit.cli import main
     ("lokr", []),
     ("krona", ["--option", "scale=2"]),
     ("sora", ["--option", "sparse_lambda=0.5"]),   # large enough to prune ranks within 4 steps
+    ("oft", ["--option", "coft=true", "--option", "eps=0.5"]),  # --r 4: 4 blocks of 4 on the hidden size 16
 ])
 def test_train_and_eval_each_method(tiny_model_dir, tmp_path, capsys, method, options):
     out = tmp_path / method
@@ -29,6 +30,8 @@ def test_train_and_eval_each_method(tiny_model_dir, tmp_path, capsys, method, op
     assert config["peft_type"] == method.upper()
     if method == "sora":       # pruned ranks were dropped from the file
         assert min(config["rank_pattern"].values()) < 4
+    if method == "oft":        # --r sets the block count, so the block size is derived
+        assert (config["r"], config["oft_block_size"], config["coft"]) == (4, 0, True)
     if method == "adalora":    # the final mask: target_r = 4 per layer on average, out of init_r = 6
         masks = config["rank_pattern"].values()
         assert config["total_step"] == 4 and sum(map(sum, masks)) == 4 * len(masks)

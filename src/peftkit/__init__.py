@@ -54,6 +54,7 @@ from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lorafa import LoraFAConfig
 from peftkit.methods.moe_lora import MoeLoraConfig
+from peftkit.methods.oft import OFTConfig
 from peftkit.methods.p_tuning import PromptEncoderConfig
 from peftkit.methods.partial import PartialConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
@@ -121,6 +122,7 @@ __all__ = [
     "LoraFAConfig",
     "MethodSpec",
     "MoeLoraConfig",
+    "OFTConfig",
     "ParallelConfig",
     "PartialConfig",
     "PeftConfig",

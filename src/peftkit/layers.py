@@ -180,6 +180,8 @@ class Adapter(nn.Module):
             is the only one in use (one autograd node for the base and the adapter).
         substitutes_params: whether :meth:`substitute_params` changes the parameters the base layer
             runs with (selective methods: ``W + delta``); the base module itself is never modified.
+        substitutes_bias: whether such a substitution may change the base bias (True by default; False for
+            one that only replaces the weight, as OFT's rotated convolution kernel does).
     """
 
     mergeable: ClassVar[bool] = True
@@ -187,6 +189,7 @@ class Adapter(nn.Module):
     transforms_input: ClassVar[bool] = False
     fuses_base: ClassVar[bool] = False
     substitutes_params: ClassVar[bool] = False
+    substitutes_bias: ClassVar[bool] = True
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the layer output with this adapter applied, given the input ``x`` and output ``y``.
@@ -599,7 +602,8 @@ class AdaptedLayer(nn.Module):
         if not merging & set(live):
             return None
         rescales = [n for n in live if not _additive(self.adapters[n])]
-        bias = next((n for n in live if self.adapters[n].substitutes_params), None)
+        bias = next((n for n in live if self.adapters[n].substitutes_params and self.adapters[n].substitutes_bias),
+                    None)
         if len(rescales) > 1 and bias is not None:  # a rescale then reads a bias another rescale already scaled
             return (f"the merged form of {rescales} stacked on the parameters that {bias!r} substitutes is not "
                     "exact; keep them unmerged, or merge a set of active adapters without one of them")

@@ -4,7 +4,8 @@
 A :class:`~peftkit.PeftModel` already holds adapters of any methods side by side and runs a list of active
 adapters together (``set_adapter(["a", "b"])``); this class is that model restricted, as peft's is, to the
 methods peft lets one mix: LoRA (its variants included: DoRA, rsLoRA, ...), LoHa, LoKr and AdaLoRA (peft's
-``COMPATIBLE_TUNER_TYPES`` also lists OFT and SHiRA, which peftkit does not implement). Each of them adds a
+``COMPATIBLE_TUNER_TYPES`` also lists OFT, whose input rotation does not commute with the others' sums and is
+not mixed here yet, and SHiRA, which peftkit does not implement). Each of them adds a
 weight change to the layer's output, so several active adapters on one layer sum their changes, in whatever
 order they are listed.
 
