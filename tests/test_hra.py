@@ -220,3 +220,23 @@ def test_gram_schmidt_rank_above_the_input_dimension_is_refused():
         get_peft_model(Zoo(groups=1), HRAConfig(r=10, apply_GS=True, target_modules=["lin"]))
     model = get_peft_model(Zoo(groups=1), HRAConfig(r=10, target_modules=["lin"]))  # plain reflections: fine
     assert model.base_model.model.lin.adapters["default"].hra_u.shape == (8, 10)
+
+
+def test_two_adapters_on_a_convolution_merge_together_exactly():
+    """Two substitutions of the kernel (``W H1 H2``) leave the bias alone, so merging both is exact (it was
+    refused as if they were rescales reading a bias twice)."""
+    model = get_peft_model(conv_net(), HRAConfig(r=2, target_modules=["0"]))
+    model.add_adapter("other", HRAConfig(r=4, target_modules=["0"]))
+    model.set_adapter(["default", "other"])
+    perturb(model)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        both = model(x)
+        conv = model.base_model.model[0]
+        h1, h2 = (reference_h(conv.adapters[n].hra_u, False).float() for n in ("default", "other"))
+        w = conv.base_layer.weight
+        expected = torch.nn.functional.conv2d(x, (w.reshape(4, -1) @ h1 @ h2).reshape(w.shape), conv.base_layer.bias,
+                                              padding=1)
+        assert (conv(x) - expected).abs().max() <= 1e-5
+        model.merge_adapter()
+        assert (model(x) - both).abs().max() <= 1e-5

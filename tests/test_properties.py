@@ -333,6 +333,17 @@ def krona_case(draw):
     return Case("zoo", config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]), groups=groups)
 
 
+@st.composite
+def hra_case(draw):
+    arch = draw(st.sampled_from(["zoo", "zoo", "bert", "llama"]))
+    # (HRA refuses a grouped Conv2d and a Conv1d, as peft)
+    targets = draw(subset([*ZOO_LINEAR, "conv2"] if arch == "zoo" else LINEAR_TARGETS[arch]))
+    init = draw(st.booleans())
+    r = draw(st.sampled_from([2, 4, 6])) if init else draw(st.integers(1, 6))  # the paired init needs an even r
+    config = peftkit.HRAConfig(r=r, apply_GS=draw(st.booleans()), init_weights=init, target_modules=targets)
+    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]), groups=1)
+
+
 def _zero_gates(fraction: float):
     def apply(model):
         with torch.no_grad():
@@ -424,6 +435,7 @@ STRATEGIES = {
     "loha": lycoris_case("loha"),
     "lokr": lycoris_case("lokr"),
     "krona": krona_case(),
+    "hra": hra_case(),
     "sora": sora_case(),
     "ia3": ia3_case(),
     "ssf": ssf_case(),
@@ -441,7 +453,7 @@ def test_every_mergeable_method_is_covered():
 
     mergeable = {spec.name for spec in all_methods() if spec.mergeable and spec.family != "quantisation"}
     covered = {"lora", "dora", "pissa", "olora", "lorafa", "dylora", "vera", "adalora", "loha", "lokr", "krona",
-               "sora", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish", "child-tuning"}
+               "hra", "sora", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish", "child-tuning"}
     assert mergeable <= covered, mergeable - covered
 
 

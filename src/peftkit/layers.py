@@ -598,7 +598,9 @@ class AdaptedLayer(nn.Module):
                       key=lambda n: not self.adapters[n].substitutes_params)
         if not merging & set(live):
             return None
-        rescales = [n for n in live if not _additive(self.adapters[n])]
+        # (an adapter with ``merge_keeps_bias`` set, HRA's, folds into the weight alone: no bias to read twice)
+        rescales = [n for n in live if not _additive(self.adapters[n])
+                    and not getattr(self.adapters[n], "merge_keeps_bias", False)]
         bias = next((n for n in live if self.adapters[n].substitutes_params), None)
         if len(rescales) > 1 and bias is not None:  # a rescale then reads a bias another rescale already scaled
             return (f"the merged form of {rescales} stacked on the parameters that {bias!r} substitutes is not "

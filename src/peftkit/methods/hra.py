@@ -157,6 +157,7 @@ class HRALinear(Adapter):
     """
 
     transforms_input = True
+    merge_keeps_bias = True  # merging rotates the weight alone (see AdaptedLayer.check_partial_merge)
 
     def __init__(self, in_features: int, r: int, apply_gs: bool, init: bool, transposed: bool) -> None:
         super().__init__()
@@ -195,6 +196,7 @@ class HRAConv2d(Adapter):
     """
 
     substitutes_params = True
+    merge_keeps_bias = True  # merging rotates the kernel alone (see AdaptedLayer.check_partial_merge)
 
     def __init__(self, flat_in: int, r: int, apply_gs: bool, init: bool) -> None:
         super().__init__()
