@@ -43,6 +43,7 @@ from peftkit.methods.compose import ComposedConfig
 from peftkit.methods.diff_pruning import DiffPruningConfig
 from peftkit.methods.dylora import DyLoraConfig, set_dylora_rank
 from peftkit.methods.fish import FishMaskConfig
+from peftkit.methods.fourierft import FourierFTConfig
 from peftkit.methods.fusion import AdapterFusionConfig, add_fusion
 from peftkit.methods.gated import GatedBottleneckConfig, GatedLoraConfig, GatedPrefixTuningConfig
 from peftkit.methods.hra import HRAConfig
@@ -107,6 +108,7 @@ __all__ = [
     "DiffPruningConfig",
     "DyLoraConfig",
     "FishMaskConfig",
+    "FourierFTConfig",
     "GatedBottleneckConfig",
     "GatedLoraConfig",
     "GatedPrefixTuningConfig",

@@ -12,6 +12,7 @@ from peftkit.methods import loha  # noqa: F401
 from peftkit.methods import lokr  # noqa: F401
 from peftkit.methods import krona  # noqa: F401
 from peftkit.methods import hra  # noqa: F401
+from peftkit.methods import fourierft  # noqa: F401
 from peftkit.methods import sora  # noqa: F401
 from peftkit.methods import prompt_tuning  # noqa: F401
 from peftkit.methods import p_tuning  # noqa: F401
