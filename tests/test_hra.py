@@ -240,3 +240,20 @@ def test_two_adapters_on_a_convolution_merge_together_exactly():
         assert (conv(x) - expected).abs().max() <= 1e-5
         model.merge_adapter()
         assert (model(x) - both).abs().max() <= 1e-5
+
+
+def test_a_peft_file_with_an_odd_r_loads(tmp_path):
+    """peft only warns on an odd r with init_weights=True and draws every vector at random, which is
+    init_weights=False: such a saved file loads (as that), while a new config with it is refused."""
+    base = tiny_bert_classifier()
+    twin = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base, peft.HRAConfig(r=3, target_modules=["value"]))
+        theirs.save_pretrained(tmp_path)
+    x = ids()
+    ours = PeftModel.from_pretrained(twin, tmp_path)
+    assert ours.peft_config["default"].init_weights is False and ours.peft_config["default"].r == 3
+    assert (_out(theirs, dict(input_ids=x)) - _out(ours, dict(input_ids=x))).abs().max() <= 1e-5
+    with pytest.raises(ConfigError, match="r=3 is odd"):
+        HRAConfig(r=3, target_modules=["value"])

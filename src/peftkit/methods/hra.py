@@ -63,7 +63,8 @@ class HRAConfig(PeftConfig):
     (``r * in_channels * kh * kw`` on a ``Conv2d``).
 
     Raises:
-        ConfigError: ``r`` not an integer > 0, an odd ``r`` with ``init_weights=True``, ``apply_GS`` or
+        ConfigError: ``r`` not an integer > 0, an odd ``r`` with ``init_weights=True`` (a saved file with that pair,
+            which peft writes after a warning, loads as ``init_weights=False``: see :meth:`as_saved`), ``apply_GS`` or
             ``init_weights`` not a bool, ``bias`` other than ``"none"``, ``target_modules=[]``; when injecting, a
             grouped convolution, a module type HRA does not adapt, or with ``apply_GS`` an ``r`` above a target's input
             dimension (the message names the module).
@@ -95,6 +96,16 @@ class HRAConfig(PeftConfig):
               f"bias={self.bias!r} is not supported; HRA in peftkit takes bias='none' only (peft's 'all' and "
               "'hra_only' train base biases, which peftkit does not offer for HRA)")
         rp.check_common(self)
+
+    @classmethod
+    def as_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A saved config with an odd ``r`` and ``init_weights`` true (or absent) loads with ``init_weights=False``:
+        peft only warns on that pair and draws every vector at random, which is what ``init_weights=False`` does,
+        and the file's ``hra_u`` replaces the vectors anyway."""
+        r = data.get("r", 8)
+        if isinstance(r, int) and not isinstance(r, bool) and r % 2 and data.get("init_weights", True) is True:
+            return {**data, "init_weights": False}
+        return data
 
 
 def unit_columns(u: Tensor) -> Tensor:
