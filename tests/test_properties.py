@@ -333,6 +333,29 @@ def krona_case(draw):
     return Case("zoo", config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]), groups=groups)
 
 
+@st.composite
+def hra_case(draw):
+    arch = draw(st.sampled_from(["zoo", "zoo", "bert", "llama"]))
+    # (HRA refuses a grouped Conv2d and a Conv1d, as peft)
+    targets = draw(subset([*ZOO_LINEAR, "conv2"] if arch == "zoo" else LINEAR_TARGETS[arch]))
+    init = draw(st.booleans())
+    r = draw(st.sampled_from([2, 4, 6])) if init else draw(st.integers(1, 6))  # the paired init needs an even r
+    config = peftkit.HRAConfig(r=r, apply_GS=draw(st.booleans()), init_weights=init, target_modules=targets)
+    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]), groups=1)
+
+
+@st.composite
+def fourierft_case(draw):
+    arch = draw(st.sampled_from(["zoo", "bert", "llama"]))
+    targets = draw(subset(LINEAR_TARGETS[arch]))  # (Linear and GPT-2 Conv1D only, as peft)
+    # (a weight change's entries are ~ scaling sqrt(n) / (out in): at least ~0.05 on the 256-entry BERT layers, so
+    # that the adapter shows; at most ~1 on the 96-entry zoo layer, so that float32 rounding stays near 1e-5)
+    config = peftkit.FourierFTConfig(n_frequency=draw(st.integers(8, 60)), scaling=draw(st.floats(5, 10)),
+                                     random_loc_seed=draw(st.integers(0, 2**31)), init_weights=draw(st.booleans()),
+                                     target_modules=targets)
+    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]))
+
+
 def _zero_gates(fraction: float):
     def apply(model):
         with torch.no_grad():
@@ -441,6 +464,8 @@ STRATEGIES = {
     "loha": lycoris_case("loha"),
     "lokr": lycoris_case("lokr"),
     "krona": krona_case(),
+    "hra": hra_case(),
+    "fourierft": fourierft_case(),
     "sora": sora_case(),
     "oft": oft_case(),
     "ia3": ia3_case(),
@@ -459,7 +484,7 @@ def test_every_mergeable_method_is_covered():
 
     mergeable = {spec.name for spec in all_methods() if spec.mergeable and spec.family != "quantisation"}
     covered = {"lora", "dora", "pissa", "olora", "lorafa", "dylora", "vera", "adalora", "loha", "lokr", "krona",
-               "sora", "oft", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish", "child-tuning"}
+               "hra", "fourierft", "sora", "oft", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish", "child-tuning"}
     assert mergeable <= covered, mergeable - covered
 
 

@@ -44,8 +44,10 @@ from peftkit.methods.compose import ComposedConfig
 from peftkit.methods.diff_pruning import DiffPruningConfig
 from peftkit.methods.dylora import DyLoraConfig, set_dylora_rank
 from peftkit.methods.fish import FishMaskConfig
+from peftkit.methods.fourierft import FourierFTConfig
 from peftkit.methods.fusion import AdapterFusionConfig, add_fusion
 from peftkit.methods.gated import GatedBottleneckConfig, GatedLoraConfig, GatedPrefixTuningConfig
+from peftkit.methods.hra import HRAConfig
 from peftkit.methods.hybrid import mam_config, unipelt_config
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.krona import KronaConfig
@@ -109,9 +111,11 @@ __all__ = [
     "DiffPruningConfig",
     "DyLoraConfig",
     "FishMaskConfig",
+    "FourierFTConfig",
     "GatedBottleneckConfig",
     "GatedLoraConfig",
     "GatedPrefixTuningConfig",
+    "HRAConfig",
     "HoulsbyConfig",
     "IA3Config",
     "KronaConfig",

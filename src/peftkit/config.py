@@ -209,6 +209,13 @@ class PeftConfig:
     def validate(self) -> None:
         """Check the fields; subclasses extend this. Raises :class:`ConfigError`."""
 
+    @classmethod
+    def as_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a saved config (``data``, from a file written by peft or peftkit) as this class takes them,
+        for a value that a file may hold but a new config refuses because it would build the adapter otherwise
+        than the file's tensors say (HRA: an odd ``r`` with ``init_weights=True``). The identity by default."""
+        return data
+
     @property
     def is_prompt_learning(self) -> bool:
         """Whether the method changes inputs/attention rather than layers (peft's notion)."""
@@ -235,7 +242,8 @@ class PeftConfig:
         or when they do not change what the adapter computes (``peft_version``, ``revision``, ..., and the fields
         a method's ``inert_peft_fields`` names: ones peft writes for it but ignores). A saved config (one with
         ``peft_version``) that lacks a field named in the method's ``saved_before_defaults`` gets that value: the
-        behaviour it was saved with, from before the field existed. Any other
+        behaviour it was saved with, from before the field existed; it then goes through the method's
+        :meth:`as_saved`. Any other
         unknown key is refused: it is a feature peftkit lacks (e.g. peft's ``alora_invocation_tokens``), and
         loading the adapter without it would give other outputs than peft's.
 
@@ -254,7 +262,7 @@ class PeftConfig:
             target = get_method(peft_type).config_cls
         names = {f.name for f in dataclasses.fields(target)}
         if "peft_version" in data:  # written by a save: a field it lacks did not exist yet
-            data = {**target.saved_before_defaults, **data}
+            data = target.as_saved({**target.saved_before_defaults, **data})
         unknown = {k: v for k, v in data.items() if k not in names}
         harmless = _FOREIGN_HARMLESS | getattr(target, "inert_peft_fields", frozenset())
         ignored = sorted(k for k, v in unknown.items() if k not in harmless and v not in (None, False, {}, [], "", 0))

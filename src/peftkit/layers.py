@@ -182,6 +182,8 @@ class Adapter(nn.Module):
             runs with (selective methods: ``W + delta``); the base module itself is never modified.
         substitutes_bias: whether such a substitution may change the base bias (True by default; False for
             one that only replaces the weight, as OFT's rotated convolution kernel does).
+        merge_keeps_bias: whether a rescaling merge (not an additive delta) changes the weight alone and never
+            reads or rescales the bias (HRA's rotation), so stacking it with a bias substitution stays exact.
     """
 
     mergeable: ClassVar[bool] = True
@@ -190,6 +192,7 @@ class Adapter(nn.Module):
     fuses_base: ClassVar[bool] = False
     substitutes_params: ClassVar[bool] = False
     substitutes_bias: ClassVar[bool] = True
+    merge_keeps_bias: ClassVar[bool] = False
 
     def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the layer output with this adapter applied, given the input ``x`` and output ``y``.
@@ -601,7 +604,8 @@ class AdaptedLayer(nn.Module):
                       key=lambda n: not self.adapters[n].substitutes_params)
         if not merging & set(live):
             return None
-        rescales = [n for n in live if not _additive(self.adapters[n])]
+        # (an adapter with ``merge_keeps_bias`` set, HRA's, folds into the weight alone: no bias to read twice)
+        rescales = [n for n in live if not _additive(self.adapters[n]) and not self.adapters[n].merge_keeps_bias]
         bias = next((n for n in live if self.adapters[n].substitutes_params and self.adapters[n].substitutes_bias),
                     None)
         if len(rescales) > 1 and bias is not None:  # a rescale then reads a bias another rescale already scaled
