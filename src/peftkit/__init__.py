@@ -48,6 +48,7 @@ from peftkit.methods.gated import GatedBottleneckConfig, GatedLoraConfig, GatedP
 from peftkit.methods.hybrid import mam_config, unipelt_config
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.krona import KronaConfig
+from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
@@ -112,6 +113,7 @@ __all__ = [
     "HoulsbyConfig",
     "IA3Config",
     "KronaConfig",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoftQConfig",
