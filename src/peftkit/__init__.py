@@ -60,6 +60,7 @@ from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
 from peftkit.methods.ssf import SSFConfig
+from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.mixed import PeftMixedModel
 from peftkit.model import (
@@ -142,6 +143,7 @@ __all__ = [
     "SSFConfig",
     "SoraConfig",
     "TaskType",
+    "TrainableTokensConfig",
     "TunerLayerStatus",
     "TunerModelStatus",
     "VeraConfig",

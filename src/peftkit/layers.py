@@ -598,7 +598,8 @@ class AdaptedLayer(nn.Module):
                       key=lambda n: not self.adapters[n].substitutes_params)
         if not merging & set(live):
             return None
-        rescales = [n for n in live if not _additive(self.adapters[n])]
+        # (a substitution that replaces tensors, LN tuning's, merges as it runs: it rescales no output)
+        rescales = [n for n in live if not _additive(self.adapters[n]) and not self.adapters[n].substitutes_params]
         bias = next((n for n in live if self.adapters[n].substitutes_params), None)
         if len(rescales) > 1 and bias is not None:  # a rescale then reads a bias another rescale already scaled
             return (f"the merged form of {rescales} stacked on the parameters that {bias!r} substitutes is not "
