@@ -134,6 +134,26 @@ def test_files_move_both_ways_with_peft_and_have_peft_s_keys(kind, tmp_path):
     assert torch.equal(logits(loaded, x), expected_theirs)
 
 
+def test_two_adapters_share_the_embeddings_wrapper_and_run_in_order():
+    base, model = adapted("gpt2")
+    model.add_adapter("other", TrainableTokensConfig(token_indices=[9, 11]))
+    perturb(model)
+    emb = base.transformer.wte
+    assert list(emb.adapters) == ["default", "other"] and list(base.lm_head.adapters) == ["default", "other"]
+    model.base_model.set_adapter(["default", "other"])
+    x = inputs()
+    both = logits(model, x)
+    rows = emb.adapters["other"].trainable_tokens_delta
+    weight = emb.base_layer.weight.detach().clone()
+    weight[TOKENS] = emb.adapters["default"].trainable_tokens_delta.detach()
+    weight[[9, 11]] = rows.detach()  # the later adapter's row 9 wins
+    model.merge_adapter(["default", "other"])
+    assert torch.equal(emb.base_layer.weight, weight) and torch.equal(logits(model, x), both)
+    model.unmerge_adapter()
+    model.delete_adapter("other")
+    assert list(emb.adapters) == ["default"]
+
+
 def test_a_file_whose_tied_copies_disagree_is_refused(tmp_path):
     _, model = adapted("gpt2")
     model.save_pretrained(tmp_path)
@@ -208,3 +228,52 @@ def test_cli_requires_token_indices_and_trains_with_them(tiny_model_dir, tmp_pat
 def test_registered_as_a_selective_mergeable_method():
     spec = peftkit.get_method("trainable-tokens")
     assert (spec.family, spec.kind, spec.mergeable, spec.peft_type) == ("selective", "select", True, "TRAINABLE_TOKENS")
+
+
+# --- peft's LoraConfig(trainable_token_indices=...) -----------------------------------------------------------------
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_lora_with_trainable_token_indices_moves_both_ways_with_peft(kind, tmp_path):
+    base = MODELS[kind]()
+    twins = [copy.deepcopy(base) for _ in range(3)]
+    x = inputs()
+    ours = get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=LORA_TARGETS[kind],
+                                                   trainable_token_indices=TOKENS))
+    assert ours.get_nb_trainable_parameters()[0] == sum(
+        p.numel() for n, p in ours.named_parameters() if "lora_" in n) + len(TOKENS) * 16
+    perturb(ours)
+    expected = logits(ours.eval(), x)
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(twins[0], tmp_path / "ours")
+        assert (logits(theirs, x) - expected).abs().max() <= 1e-5
+        made = peft.get_peft_model(twins[1], peft.LoraConfig(r=2, target_modules=LORA_TARGETS[kind],
+                                                             trainable_token_indices=TOKENS))
+        perturb(made)
+        made.save_pretrained(tmp_path / "theirs")
+        expected_theirs = logits(made.eval(), x)
+    ours_keys = set(load_file(tmp_path / "ours/adapter_model.safetensors"))
+    assert ours_keys == set(load_file(tmp_path / "theirs/adapter_model.safetensors"))
+    assert {k for k in ours_keys if "lora_" not in k} == {  # peft writes a tied head's rows once, here
+        f"base_model.model.{'model.embed_tokens' if kind == 'llama' else 'transformer.wte'}"
+        ".token_adapter.trainable_tokens_delta"}
+    loaded = PeftModel.from_pretrained(twins[2], tmp_path / "theirs")
+    assert (logits(loaded, x) - expected_theirs).abs().max() <= 1e-5
+    assert (logits(loaded.merge_and_unload(), x) - expected_theirs).abs().max() <= 1e-5
+
+
+def test_lora_trainable_token_indices_by_module_name_and_its_refusals():
+    base = tiny_llama()
+    model = get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["q_proj"],
+                                                    trainable_token_indices={"embed_tokens": [1, 2]}))
+    assert isinstance(base.model.embed_tokens, AdaptedLayer)
+    with pytest.raises(ConfigError, match=r"'model.embed_tokens' already holds adapter 'b' .*not both"):
+        model.add_adapter("b", peftkit.LoraConfig(r=2, target_modules=["embed_tokens"], trainable_token_indices=[1]))
+    assert "b" not in model.peft_config and list(base.model.embed_tokens.adapters) == ["default"]
+    with pytest.raises(ConfigError, match=r"trainable_token_indices\['embed_tokens'\] repeats \[1\]"):
+        peftkit.LoraConfig(trainable_token_indices={"embed_tokens": [1, 1]})
+    with pytest.raises(ConfigError, match="trainable_token_indices=5 is not valid"):
+        peftkit.LoraConfig(trainable_token_indices=5)

@@ -65,19 +65,27 @@ class TrainableTokensConfig(PeftConfig):
     init_weights: bool = True
 
     def validate(self) -> None:
-        idx = self.token_indices
-        if isinstance(idx, tuple):
-            idx = self.token_indices = list(idx)
-        check(isinstance(idx, list) and len(idx) > 0,
-              f"token_indices={idx!r} is not valid: give the token ids whose embedding rows train, a non-empty list "
-              "of integers (e.g. the ids a tokenizer gave new tokens)")
-        bad = [i for i in idx if not isinstance(i, int) or isinstance(i, bool) or i < 0]
-        check(not bad, f"token_indices holds {bad[:3]!r}: every entry must be an integer >= 0 (a row of the embedding)")
-        repeated = sorted({i for i in idx if idx.count(i) > 1})
-        check(not repeated, f"token_indices repeats {repeated[:3]!r}: give each token once")
+        if isinstance(self.token_indices, tuple):
+            self.token_indices = list(self.token_indices)
+        check_token_indices(self.token_indices, "token_indices")
         targets = _TargetsOnly(self.target_modules)
         SelectiveConfig.validate(targets)  # type: ignore[arg-type]  (the same checks of target_modules)
         self.target_modules = targets.target_modules
+
+
+def check_token_indices(idx: Any, field_name: str) -> None:
+    """Check a list of token ids (``field_name`` names it in the message).
+
+    Raises:
+        ConfigError: not a non-empty list, an entry that is not an integer >= 0, or a repeated entry.
+    """
+    check(isinstance(idx, list) and len(idx) > 0,
+          f"{field_name}={idx!r} is not valid: give the token ids whose embedding rows train, a non-empty list of "
+          "integers (e.g. the ids a tokenizer gave new tokens)")
+    bad = [i for i in idx if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+    check(not bad, f"{field_name} holds {bad[:3]!r}: every entry must be an integer >= 0 (a row of the embedding)")
+    repeated = sorted({i for i in idx if idx.count(i) > 1})
+    check(not repeated, f"{field_name} repeats {repeated[:3]!r}: give each token once")
 
 
 @dataclass
@@ -153,6 +161,53 @@ class TrainableTokensAdapter(Adapter):
         return f"tokens={self.token_indices.numel()}"
 
 
+class LoraTokenAdapter(Adapter):
+    """The rows that ``LoraConfig(trainable_token_indices=...)`` trains on one embedding, held as peft holds them
+    there: a :class:`TrainableTokensAdapter` under ``token_adapter`` (file key
+    ``<embedding>.token_adapter.trainable_tokens_delta``, ``(k, dim)``). Runs and merges as that adapter.
+
+    Args:
+        rows: the :class:`TrainableTokensAdapter` it holds.
+    """
+
+    substitutes_params = True
+
+    def __init__(self, rows: TrainableTokensAdapter) -> None:
+        super().__init__()
+        self.token_adapter = rows
+
+    def substitute_params(self, layer: AdaptedLayer, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.token_adapter.substitute_params(layer, params)
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+    def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return self.token_adapter.merge_into(layer, weight, bias)
+
+    def unmerge_from(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return self.token_adapter.unmerge_from(layer, weight, bias)
+
+    def delta_weight(self, layer: AdaptedLayer) -> Tensor:
+        return self.token_adapter.delta_weight(layer)
+
+
+def add_lora_token_rows(host: Any, adapter_name: str, indices: list[int] | dict[str, list[int]]) -> None:
+    """Train the rows ``indices`` (peft's ``LoraConfig.trainable_token_indices``: a list for the input embedding,
+    or ``{module name: list}``) next to a LoRA adapter ``adapter_name``, as :class:`LoraTokenAdapter` s (a tied
+    LM head follows the rows, and is not written to files, as in peft). Every adapter is built before any is added.
+
+    Raises:
+        ConfigError: as :func:`plan_token_adapters`, or LoRA adapts one of these embeddings too.
+    """
+    plans = {default_embedding_name(host.model): indices} if isinstance(indices, list) else indices
+    built = [b for target, idx in plans.items()
+             for b in plan_token_adapters(host, [target] if isinstance(indices, dict) else target, idx,
+                                          explicit=isinstance(indices, dict), wrap=LoraTokenAdapter,
+                                          tied_written=False)]
+    attach(host, adapter_name, built)
+
+
 class TiedTokens(Adapter):
     """The trained rows where another module shares the embedding's weight (a tied LM head, ``(vocab, dim)``):
     it runs with the same rows, as peft ties its layer to the embedding's. It holds nothing of its own (nothing in
@@ -160,14 +215,17 @@ class TiedTokens(Adapter):
 
     Args:
         owner: the :class:`TrainableTokensAdapter` of the embedding.
+        written: write the rows under this module's name too (default True, as peft's trainable tokens; peft's
+            LoRA with ``trainable_token_indices`` writes them once).
     """
 
     substitutes_params = True
 
-    def __init__(self, owner: TrainableTokensAdapter) -> None:
+    def __init__(self, owner: TrainableTokensAdapter, written: bool = True) -> None:
         super().__init__()
         self._owner = (owner,)  # not a submodule: its tensors belong to (and are saved with) the embedding's
         self._kept: Tensor | None = None
+        self.written = written
 
     @property
     def owner(self) -> TrainableTokensAdapter:
@@ -184,7 +242,7 @@ class TiedTokens(Adapter):
     def export_state(self) -> dict[str, Tensor]:
         """The embedding's rows again under this module's name, as peft writes its tied layer's (its
         ``state_dict()`` stays empty: the rows train and load once, in the owner)."""
-        return {"trainable_tokens_delta": self.owner.trainable_tokens_delta}
+        return {"trainable_tokens_delta": self.owner.trainable_tokens_delta} if self.written else {}
 
     def merge_into(self, layer: AdaptedLayer, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         idx = self.owner.token_indices.to(weight.device)
@@ -228,51 +286,10 @@ class TrainableTokensTuner(Tuner):
     def inject(self, host: Any, config: TrainableTokensConfig, adapter_name: str) -> None:
         """Raises ConfigError (nothing changed): no module matches, one has no 2-D weight, an index is out of
         range, or a matched module is a ``modules_to_save`` copy."""
-        import warnings
-
-        model = host.model
-        target = config.target_modules if config.target_modules is not None else default_embedding_name(model)
-        skip = set(host.modules_to_save_names())
-        found: list[tuple[str, nn.Module, nn.Module]] = []
-        seen: set[int] = set()
-        for name, module in iter_logical_modules(model):
-            if not name or name in skip or not matches(name, target):
-                continue
-            base = module.base_layer if isinstance(module, AdaptedLayer) else module
-            weight = base._parameters.get("weight")
-            check(isinstance(weight, nn.Parameter) and weight.dim() == 2,
-                  f"trainable tokens: target_modules={target!r} selects {name!r} ({type(base).__name__}), which has no "
-                  "2-D weight of token rows; target the embedding (nn.Embedding)")
-            if id(weight) in seen:  # a tied output layer named too: it follows the embedding's rows (below)
-                continue
-            rows = weight.shape[0]
-            out = [i for i in config.token_indices if i >= rows]
-            check(not out, f"token_indices {out[:3]!r} are out of range for {name!r}, which has {rows} rows (0 to "
-                           f"{rows - 1}); resize the embedding first (model.resize_token_embeddings) for new tokens")
-            seen.add(id(weight))
-            found.append((name, module, base))
-        if not found:
-            raise ConfigError(f"trainable tokens: target_modules={target!r} matches no module of the model"
-                              + ("" if config.target_modules is not None else
-                                 " (the model has no get_input_embeddings(); give target_modules)"))
-        if isinstance(config.target_modules, list):
-            names = [n for n, _ in iter_logical_modules(model) if n]
-            unmatched = [p for p in config.target_modules if not any(n == p or n.endswith("." + p) for n in names)]
-            if unmatched:
-                warnings.warn(UnmatchedTargetWarning(f"trainable tokens: target_modules entries {unmatched} match no "
-                                                     "module of the model (a typo?)"), stacklevel=3)
-        check_single_path(model, [n for n, _, _ in found])
-        built = [(name, module, TrainableTokensAdapter(base, config.token_indices, config.init_weights))
-                 for name, module, base in found]
-        partners = tied_partners(host, [(name, base, ("weight",)) for name, _, base in found])
-        built += [(name, model.get_submodule(name), TiedTokens(built[i][2])) for name, i, _ in partners]
-        for name, module, adapter in built:
-            if not isinstance(module, AdaptedLayer):
-                wrapper = AdaptedLayer(module)
-                wrapper._ctx = host.ctx
-                replace_module(model, name, wrapper)
-                module = wrapper
-            module.add(adapter_name, adapter)
+        target = config.target_modules if config.target_modules is not None else default_embedding_name(host.model)
+        built = plan_token_adapters(host, target, config.token_indices, config.init_weights,
+                                    explicit=config.target_modules is not None)
+        attach(host, adapter_name, built)
         if config.target_modules is None:
             config.target_modules = target  # as peft, the name found is saved
 
@@ -296,6 +313,78 @@ class TrainableTokensTuner(Tuner):
             elif value.shape != tensors[owner].shape or not torch.equal(value, tensors[owner].to(value)):
                 raise AdapterLoadError(f"adapter {adapter_name!r}: {prefix + key} and {owner} name the rows of one "
                                        "tied embedding but hold different values; give a file whose copies agree")
+
+
+def plan_token_adapters(host: Any, target: str | list[str], token_indices: list[int], init_weights: bool = True,
+                        explicit: bool = True, wrap: Any = None, tied_written: bool = True
+                        ) -> list[tuple[str, nn.Module, Adapter]]:
+    """The adapters that train rows ``token_indices`` of the modules ``target`` names (changing nothing yet), as
+    ``(module name, module, adapter)``: a :class:`TrainableTokensAdapter` per embedding (``wrap(adapter)`` instead,
+    when given: LoRA's ``token_adapter``), and a :class:`TiedTokens` per module sharing its weight (written to
+    files when ``tied_written``). ``explicit``: the target was given by the user (not the default).
+
+    Raises:
+        ConfigError: no module matches, one has no 2-D weight, or an index is out of range.
+    """
+    import warnings
+
+    model = host.model
+    skip = set(host.modules_to_save_names())
+    found: list[tuple[str, nn.Module, nn.Module]] = []
+    seen: set[int] = set()
+    for name, module in iter_logical_modules(model):
+        if not name or name in skip or not matches(name, target):
+            continue
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        weight = base._parameters.get("weight")
+        check(isinstance(weight, nn.Parameter) and weight.dim() == 2,
+              f"trainable tokens: target_modules={target!r} selects {name!r} ({type(base).__name__}), which has no "
+              "2-D weight of token rows; target the embedding (nn.Embedding)")
+        if id(weight) in seen:  # a tied output layer named too: it follows the embedding's rows (below)
+            continue
+        rows = weight.shape[0]
+        out = [i for i in token_indices if i >= rows]
+        check(not out, f"token_indices {out[:3]!r} are out of range for {name!r}, which has {rows} rows (0 to "
+                       f"{rows - 1}); resize the embedding first (model.resize_token_embeddings) for new tokens")
+        seen.add(id(weight))
+        found.append((name, model.get_submodule(name), base))  # (the wrapper, when another adapter has one)
+    if not found:
+        raise ConfigError(f"trainable tokens: target_modules={target!r} matches no module of the model"
+                          + ("" if explicit else " (the model has no get_input_embeddings(); give target_modules)"))
+    if isinstance(target, list):
+        names = [n for n, _ in iter_logical_modules(model) if n]
+        unmatched = [p for p in target if not any(n == p or n.endswith("." + p) for n in names)]
+        if unmatched:
+            warnings.warn(UnmatchedTargetWarning(f"trainable tokens: target_modules entries {unmatched} match no "
+                                                 "module of the model (a typo?)"), stacklevel=4)
+    check_single_path(model, [n for n, _, _ in found])
+    rows_of = [TrainableTokensAdapter(base, token_indices, init_weights) for _, _, base in found]
+    built: list[tuple[str, nn.Module, Adapter]] = [
+        (name, module, a if wrap is None else wrap(a)) for (name, module, _), a in zip(found, rows_of, strict=True)]
+    partners = tied_partners(host, [(name, base, ("weight",)) for name, _, base in found])
+    built += [(name, model.get_submodule(name), TiedTokens(rows_of[i], written=tied_written)) for name, i, _ in partners]
+    return built
+
+
+def attach(host: Any, adapter_name: str, built: list[tuple[str, nn.Module, Adapter]]) -> None:
+    """Wrap each module of ``built`` (:func:`plan_token_adapters`) and add its adapter as ``adapter_name``.
+
+    Raises:
+        ConfigError: a module already holds an adapter of that name (e.g. LoRA targets the embedding whose rows
+            ``trainable_token_indices`` trains); nothing is added then.
+    """
+    taken = [name for name, module, _ in built if isinstance(module, AdaptedLayer) and adapter_name in module.adapters]
+    if taken:
+        raise ConfigError(f"trainable tokens: {taken[0]!r} already holds adapter {adapter_name!r} (target_modules "
+                          "adapts it too); train its rows with trainable_token_indices or adapt it with target_modules, "
+                          "not both")
+    for name, module, adapter in built:
+        if not isinstance(module, AdaptedLayer):
+            wrapper = AdaptedLayer(module)
+            wrapper._ctx = host.ctx
+            replace_module(host.model, name, wrapper)
+            module = wrapper
+        module.add(adapter_name, adapter)
 
 
 def trainable_tokens_from_cli(args: Any) -> TrainableTokensConfig:
