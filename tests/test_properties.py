@@ -453,6 +453,30 @@ def selective_case(draw, kind: str):
                  needs_data=kind_ct == "D")
 
 
+@st.composite
+def ln_tuning_case(draw):
+    arch = draw(st.sampled_from(["bert", "llama"]))
+    pool = ["LayerNorm", "attention.output.LayerNorm"] if arch == "bert" else ["input_layernorm",
+                                                                               "post_attention_layernorm", "norm"]
+    config = peftkit.LNTuningConfig(target_modules=draw(st.one_of(st.none(), subset(pool))),
+                                    task_type=draw(st.sampled_from([None, "SEQ_CLS"])) if arch == "bert" else None)
+    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]))
+
+
+@st.composite
+def trainable_tokens_case(draw):
+    arch = draw(st.sampled_from(["zoo", "llama"]))
+    case = Case(arch, None, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]))
+    rows = 20 if arch == "zoo" else 64
+    # at least one of the rows the inputs read, so that the adapter is not a no-op
+    first = int(case.inputs()["ids" if arch == "zoo" else "input_ids"][0, 0])
+    more = draw(st.lists(st.integers(0, rows - 1), max_size=6, unique=True))
+    case.config = peftkit.TrainableTokensConfig(token_indices=[first, *(i for i in more if i != first)],
+                                                target_modules=["emb"] if arch == "zoo" else None,
+                                                init_weights=draw(st.booleans()))
+    return case
+
+
 STRATEGIES = {
     "lora": lora_case("lora"),
     "dora": lora_case("dora"),
@@ -475,6 +499,8 @@ STRATEGIES = {
     "diff-pruning": selective_case("diff-pruning"),
     "fish": selective_case("fish"),
     "child-tuning": selective_case("child-tuning"),
+    "ln-tuning": ln_tuning_case(),
+    "trainable-tokens": trainable_tokens_case(),
 }
 METHODS = list(STRATEGIES)
 
@@ -484,7 +510,8 @@ def test_every_mergeable_method_is_covered():
 
     mergeable = {spec.name for spec in all_methods() if spec.mergeable and spec.family != "quantisation"}
     covered = {"lora", "dora", "pissa", "olora", "lorafa", "dylora", "vera", "adalora", "loha", "lokr", "krona",
-               "hra", "fourierft", "sora", "oft", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish", "child-tuning"}
+               "hra", "fourierft", "sora", "oft", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish",
+               "child-tuning", "ln-tuning", "trainable-tokens"}
     assert mergeable <= covered, mergeable - covered
 
 

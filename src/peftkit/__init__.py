@@ -51,6 +51,7 @@ from peftkit.methods.hra import HRAConfig
 from peftkit.methods.hybrid import mam_config, unipelt_config
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.krona import KronaConfig
+from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
@@ -63,6 +64,7 @@ from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
 from peftkit.methods.ssf import SSFConfig
+from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.mixed import PeftMixedModel
 from peftkit.model import (
@@ -119,6 +121,7 @@ __all__ = [
     "HoulsbyConfig",
     "IA3Config",
     "KronaConfig",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoftQConfig",
@@ -148,6 +151,7 @@ __all__ = [
     "SSFConfig",
     "SoraConfig",
     "TaskType",
+    "TrainableTokensConfig",
     "TunerLayerStatus",
     "TunerModelStatus",
     "VeraConfig",

@@ -176,6 +176,9 @@ class PeftConfig:
     #: fields added after adapters of this method were first saved, with the value those files meant: a saved
     #: config (one with ``peft_version``) that lacks such a field loads with it, not with today's default
     saved_before_defaults: ClassVar[dict[str, Any]] = {}
+    #: whether ``save_embedding_layers="auto"`` writes the base embeddings when ``target_modules`` names one (peft
+    #: does, but for trainable tokens, whose file holds the trained rows alone)
+    auto_saves_targeted_embeddings: ClassVar[bool] = True
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False

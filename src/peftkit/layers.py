@@ -604,8 +604,10 @@ class AdaptedLayer(nn.Module):
                       key=lambda n: not self.adapters[n].substitutes_params)
         if not merging & set(live):
             return None
-        # (an adapter with ``merge_keeps_bias`` set, HRA's, folds into the weight alone: no bias to read twice)
-        rescales = [n for n in live if not _additive(self.adapters[n]) and not self.adapters[n].merge_keeps_bias]
+        # not rescales: an adapter with ``merge_keeps_bias`` set (HRA's) folds into the weight alone, with no bias
+        # to read twice; a substitution that replaces tensors (LN tuning's) merges as it runs
+        rescales = [n for n in live if not _additive(self.adapters[n]) and not self.adapters[n].merge_keeps_bias
+                    and not self.adapters[n].substitutes_params]
         bias = next((n for n in live if self.adapters[n].substitutes_params and self.adapters[n].substitutes_bias),
                     None)
         if len(rescales) > 1 and bias is not None:  # a rescale then reads a bias another rescale already scaled

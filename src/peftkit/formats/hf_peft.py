@@ -206,7 +206,8 @@ def _embedding_tensors(model: PeftModel, adapter_name: str, save_embedding_layer
     elif targets and not isinstance(targets, str):
         targeted = any(e in targets for e in EMBEDDING_LAYER_NAMES)
     if save_embedding_layers == "auto":
-        if targeted:
+        # as peft, trainable tokens (which store a few rows) do not write a targeted embedding whole
+        if targeted and type(config).auto_saves_targeted_embeddings:
             warnings.warn("save_embedding_layers='auto': writing the embedding layers too, as target_modules names "
                           "one (pass save_embedding_layers=False to leave them out)", UserWarning, stacklevel=3)
             save_embedding_layers = True

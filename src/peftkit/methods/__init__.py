@@ -23,6 +23,8 @@ from peftkit.methods import ia3  # noqa: F401
 from peftkit.methods import ssf  # noqa: F401
 from peftkit.methods import adaption_prompt  # noqa: F401
 from peftkit.methods import bitfit  # noqa: F401
+from peftkit.methods import ln_tuning  # noqa: F401
+from peftkit.methods import trainable_tokens  # noqa: F401
 from peftkit.methods import partial  # noqa: F401
 from peftkit.methods import diff_pruning  # noqa: F401
 from peftkit.methods import fish  # noqa: F401

@@ -89,6 +89,10 @@ class LoraConfig(PeftConfig):
             matched against the end of the module name.
         lora_bias: give ``lora_B`` a trainable bias (merged into the base bias); not with DoRA, PiSSA or
             OLoRA (as in peft).
+        trainable_token_indices: also train these rows of the input embedding (a list of token ids), or of the
+            named embeddings (``{"embed_tokens": [ids]}``), as peft's (trainable tokens, see
+            :mod:`peftkit.methods.trainable_tokens`; file key ``<embedding>.token_adapter.trainable_tokens_delta``).
+            None (default): none. An embedding adapted this way cannot also be in ``target_modules``.
 
     Raises:
         ConfigError: ``r <= 0``, ``lora_alpha <= 0``, dropout outside [0, 1), an unknown ``bias`` or
@@ -122,8 +126,18 @@ class LoraConfig(PeftConfig):
     use_qalora: bool = False
     qalora_group_size: int = 16
     eva_config: Any = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def validate(self) -> None:
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            from peftkit.methods.trainable_tokens import check_token_indices
+
+            check(isinstance(tokens, (list, dict)) and bool(tokens),
+                  f"trainable_token_indices={tokens!r} is not valid: give a list of token ids (rows of the input "
+                  "embedding), or a dict {embedding module name: list of ids}, or None")
+            for name, idx in (tokens.items() if isinstance(tokens, dict) else [(None, tokens)]):
+                check_token_indices(idx, "trainable_token_indices" + (f"[{name!r}]" if name is not None else ""))
         check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
               f"r={self.r!r} is not valid; the rank must be an integer > 0")
         check(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
@@ -558,6 +572,10 @@ class LoraTuner(WrapTuner):
                               "would change (through those layers or the ones they feed); add the LoftQ adapter first, "
                               "or to a fresh model")
         super().inject(host, config, adapter_name)
+        if config.trainable_token_indices is not None:  # (a failure here: the host removes the adapter whole)
+            from peftkit.methods.trainable_tokens import add_lora_token_rows
+
+            add_lora_token_rows(host, adapter_name, config.trainable_token_indices)
         if config.init_lora_weights == "loftq":
             from peftkit.quant.loftq import apply_pending
 
