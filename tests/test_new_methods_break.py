@@ -6,10 +6,11 @@ from __future__ import annotations
 import copy
 
 import peft
+import pytest
 import torch
 
-from peftkit import OFTConfig, get_peft_model
-from tests.conftest import ids, perturb, tiny_llama
+from peftkit import AdaptionPromptConfig, LoraConfig, OFTConfig, get_peft_model
+from tests.conftest import ids, perturb, tiny_gpt2, tiny_llama
 
 
 def test_exact_cayley_oft_runs_on_a_model_cast_to_bfloat16_as_peft_does(tmp_path):
@@ -33,3 +34,36 @@ def test_exact_cayley_oft_runs_on_a_model_cast_to_bfloat16_as_peft_does(tmp_path
     assert (got.float() - want.float()).abs().max() <= 1e-2
     with torch.no_grad(), ours.disable_adapter():
         assert (ours(input_ids=x).logits.float() - got.float()).abs().max() > 0.05  # the rotation is not trivial
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])],
+                         ids=["llama", "gpt2"])
+def test_adaption_prompt_rows_of_a_mixed_batch_beside_a_lora_on_the_attention_projections(make, targets):
+    # the prompt's rows (and its own one-row key/value projection) ran the attention's adapted projections
+    # with the whole batch's adapter names: "3 entries but a layer saw 2 rows"
+    torch.manual_seed(0)
+    model = get_peft_model(make(), AdaptionPromptConfig(adapter_len=3, task_type="CAUSAL_LM"), adapter_name="ap")
+    model.add_adapter("lora", LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.fill_(1.0)
+    x = ids()
+    alone = {}
+    with torch.no_grad():
+        for adapter in ("ap", "lora"):
+            model.set_adapter(adapter)
+            alone[adapter] = model(input_ids=x).logits
+        with model.disable_adapter():
+            alone["__base__"] = model(input_ids=x).logits
+        assert (alone["ap"] - alone["lora"]).abs().max() > 1e-2
+        for names in (["ap", "lora", "ap"], ["lora", "ap", "__base__"], ["ap", "ap", "ap"]):
+            got = model(input_ids=x, adapter_names=names).logits
+            want = torch.stack([alone[n][i] for i, n in enumerate(names)])
+            assert (got - want).abs().max() <= 1e-5, names
+    names = ["lora", "ap", "ap"]
+    out = model.generate(input_ids=x[:, :3], adapter_names=names, max_new_tokens=3, do_sample=False, pad_token_id=2)
+    for i, n in enumerate(names):
+        model.set_adapter(n)
+        one = model.generate(input_ids=x[i:i + 1, :3], max_new_tokens=3, do_sample=False, pad_token_id=2)
+        assert torch.equal(out[i], one[0])
