@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 
-from peftkit import AdaptionPromptConfig, LoraConfig, OFTConfig, get_peft_model
+from peftkit import AdaptionPromptConfig, LoraConfig, OFTConfig, PeftModel, get_peft_model
 from tests.conftest import ids, perturb, tiny_gpt2, tiny_llama
 
 
@@ -67,3 +67,22 @@ def test_adaption_prompt_rows_of_a_mixed_batch_beside_a_lora_on_the_attention_pr
         model.set_adapter(n)
         one = model.generate(input_ids=x[i:i + 1, :3], max_new_tokens=3, do_sample=False, pad_token_id=2)
         assert torch.equal(out[i], one[0])
+
+
+def test_adaption_prompt_is_a_part_of_a_composition_that_saves_and_loads(tmp_path):
+    # ComposedConfig's check of the parts' modules_to_save read a field AdaptionPromptConfig does not have
+    torch.manual_seed(0)
+    base = tiny_llama()
+    twin = copy.deepcopy(base)
+    model = get_peft_model(base, [AdaptionPromptConfig(adapter_len=3, task_type="CAUSAL_LM"),
+                                  OFTConfig(oft_block_size=4, target_modules=["q_proj"], task_type="CAUSAL_LM")])
+    perturb(model)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        with model.disable_adapter():
+            assert (model(input_ids=x).logits - expected).abs().max() > 1e-2
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(twin, tmp_path)
+    with torch.no_grad():
+        assert (loaded(input_ids=x).logits - expected).abs().max() <= 1e-6
