@@ -21,7 +21,10 @@ output is not a fixed change of the weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,20 +134,25 @@ class AdaptionPromptAdapter(Adapter):
         self.adaption_prompt = nn.Parameter(torch.randn(1, adapter_len, hidden_size))
         self.adaption_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor, position_embeddings: Any = None) -> Tensor:
+    def forward(self, layer: AdaptedLayer, x: Tensor, y: Tensor, position_embeddings: Any = None,
+                scope: Callable[[int], AbstractContextManager] | None = None) -> Tensor:
         """``y`` plus the prompt's gated attention output for the attention input ``x`` (both ``(batch, seq, d)``);
         ``position_embeddings`` is the rotary ``(cos, sin)`` pair the attention was given (``(batch or 1, seq,
-        head_dim)`` each; unused by the ``gpt2`` style). Returns ``y``'s shape and dtype.
+        head_dim)`` each; unused by the ``gpt2`` style); ``scope(n)``, when given, is entered around each call of
+        the attention's projections on ``n`` rows (a mixed-adapter batch: the rows are this adapter's alone).
+        Returns ``y``'s shape and dtype.
 
         Raises:
             ValueError: a ``llama``-style attention called without ``position_embeddings``.
         """
-        return (y + self.delta(layer.base_layer, x, y.shape[-1], position_embeddings)).to(y.dtype)
+        return (y + self.delta(layer.base_layer, x, y.shape[-1], position_embeddings, scope)).to(y.dtype)
 
-    def delta(self, attn: nn.Module, x: Tensor, width: int, position_embeddings: Any = None) -> Tensor:
+    def delta(self, attn: nn.Module, x: Tensor, width: int, position_embeddings: Any = None,
+              scope: Callable[[int], AbstractContextManager] | None = None) -> Tensor:
         """The change of the attention's output for its input ``x`` ``(batch, seq, d)`` (``width``: the output's
         last dimension), ``(batch, seq, width)``, in the dtype the queries have (peft's arithmetic: the prompt's own
         softmax in float32, times the gate, over the prompt's values, then ``o_proj`` on the Llama family).
+        ``scope`` as in :meth:`forward`.
 
         Raises:
             ValueError: a ``llama``-style attention called without ``position_embeddings``.
@@ -152,15 +160,20 @@ class AdaptionPromptAdapter(Adapter):
         batch, seq, _ = x.shape
         head = attn.head_dim
         prompt = self.adaption_prompt.to(x.dtype)
+        scope = scope or (lambda n: contextlib.nullcontext())
         if self.style == "gpt2":
-            query = attn.c_attn(x).split(attn.split_size, dim=2)[0]
-            _, key, value = attn.c_attn(prompt).split(width, dim=2)
+            with scope(batch):
+                query = attn.c_attn(x).split(attn.split_size, dim=2)[0]
+            with scope(1):
+                _, key, value = attn.c_attn(prompt).split(width, dim=2)
         else:
             if position_embeddings is None:
                 raise ValueError(f"{type(attn).__name__} was called without position_embeddings=(cos, sin); the "
                                  "adaption prompt rotates its queries as the attention does")
-            query = attn.q_proj(x)
-            key, value = attn.k_proj(prompt), attn.v_proj(prompt)
+            with scope(batch):
+                query = attn.q_proj(x)
+            with scope(1):
+                key, value = attn.k_proj(prompt), attn.v_proj(prompt)
         query = query.view(batch, seq, -1, head).transpose(1, 2)  # (batch, H, seq, d_h)
         heads = query.shape[1]
         if self.style == "llama":
@@ -174,7 +187,10 @@ class AdaptionPromptAdapter(Adapter):
         scores = query @ key.transpose(2, 3).to(query.dtype) / math.sqrt(head)  # (batch, H, seq, L)
         weights = self.adaption_gate.to(query.dtype) * F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         out = (weights @ value.to(query.dtype)).transpose(1, 2).reshape(batch, seq, -1)
-        return out if self.style == "gpt2" else attn.o_proj(out)
+        if self.style == "gpt2":
+            return out
+        with scope(batch):
+            return attn.o_proj(out)
 
     def extra_repr(self) -> str:
         return f"style={self.style!r}, adapter_len={self.adapter_len}"
@@ -209,14 +225,20 @@ class AdaptionPromptLayer(SublayerLayer):
         if rotary is None and len(args) > 1 and isinstance(args[1], tuple):  # Llama's second positional argument
             rotary = args[1]
 
+        ctx = self._ctx
+
         def add(y: Tensor) -> Tensor:
             batch = y.shape[0]
             for adapter, idx in mine:
                 if idx is None:
                     y = adapter(self, x, y, rotary)
                     continue
+                # the projections it calls may be adapted layers: within each call the batch is this adapter's
+                # rows alone (or its one-row prompt)
+                name = next(n for n, a in self.adapters.items() if a is adapter)
                 pos = None if rotary is None else tuple(_rows(t, idx, batch) for t in rotary)
-                rows = adapter(self, _rows(x, idx, batch), y.index_select(0, idx), pos)
+                rows = adapter(self, _rows(x, idx, batch), y.index_select(0, idx), pos,
+                               lambda n, name=name: ctx.only([name] * n))
                 y = y.index_copy(0, idx, rows.to(y.dtype))
             return y
 

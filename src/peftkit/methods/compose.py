@@ -72,7 +72,7 @@ class ComposedConfig(PeftConfig):
             check(kind != "compose", f"configs[{i}] is a {type(part).__name__}; a composition cannot hold another "
                                      "composition or a fusion - list its parts directly")
             check(not getattr(part, "modules_to_save", None),
-                  f"configs[{i}] sets modules_to_save={part.modules_to_save!r}; set modules_to_save on the "
+                  f"configs[{i}] sets modules_to_save={getattr(part, 'modules_to_save', None)!r}; set modules_to_save on the "
                   "ComposedConfig instead (the composition trains and saves them once)")
         prompts = [i for i, k in enumerate(kinds) if k == "prompt"]
         check(len(prompts) <= 1, f"configs{prompts} are soft-prompt methods; a composition holds at most one "

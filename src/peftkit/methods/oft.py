@@ -162,11 +162,16 @@ def cayley(q: Tensor, neumann: bool, terms: int) -> Tensor:
     ``neumann``, the series ``I + 2 Q + ... + 2 Q^(m-1) + Q^m``, ``m = max(terms - 1, 3)`` (``I + 2 Q`` for
     ``terms = 2``), as peft computes them.
 
+    The exact transform is solved in at least float32 (as peft, whose float32 identity promotes a 16-bit ``q``;
+    the CPU has no 16-bit LU) and returned in ``q``'s dtype.
+
     Shapes: ``q: (n, b, b) -> (n, b, b)``.
     """
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
     if not neumann:
-        return torch.linalg.solve(eye + q, eye - q, left=False)
+        work = q.to(torch.promote_types(q.dtype, torch.float32))
+        eye = torch.eye(q.shape[-1], dtype=work.dtype, device=q.device).expand_as(work)
+        return torch.linalg.solve(eye + work, eye - work, left=False).to(q.dtype)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
     out = eye + 2 * q
     if terms == 2:
         return out
