@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import torch
 
-from peftkit import HRAConfig, get_peft_model
-from tests.conftest import ids, tiny_llama
+from peftkit import HRAConfig, LoraConfig, TrainableTokensConfig, get_peft_model
+from tests.conftest import ids, perturb, tiny_gpt2, tiny_llama
 
 
 def logits(model, x):
@@ -27,3 +28,32 @@ def test_hra_runs_a_bfloat16_model_and_agrees_with_float32():
     model(input_ids=x, labels=x).loss.backward()
     grad = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].hra_u.grad
     assert grad is not None and grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
+
+
+def test_trainable_tokens_merge_and_unload_keeps_a_tied_head_tied_as_peft():
+    x = ids()
+    x[:, :3] = torch.tensor([5, 9, 3])
+    pairs = [(TrainableTokensConfig(token_indices=[5, 9, 3]), peft.TrainableTokensConfig(token_indices=[5, 9, 3])),
+             (LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=[5, 9, 3]),
+              peft.LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=[5, 9, 3]))]
+    for ours, theirs in pairs:
+        model = get_peft_model(tiny_gpt2(), ours)
+        perturb(model)
+        want = logits(model.eval(), x)
+        merged = model.merge_and_unload()
+        assert merged.lm_head.weight is merged.transformer.wte.weight
+        assert torch.allclose(logits(merged, x), want, atol=1e-5)
+        reference = peft.get_peft_model(tiny_gpt2(), theirs).merge_and_unload()
+        assert reference.lm_head.weight is reference.transformer.wte.weight  # what peft gives
+
+
+def test_lora_on_a_tied_embedding_alone_still_unties_the_head_when_merged():
+    # the head does not share the change (peftkit's documented behaviour): it must keep the base table
+    base = tiny_gpt2()
+    table = base.transformer.wte.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["wte"]))
+    perturb(model)
+    merged = model.merge_and_unload()
+    assert merged.lm_head.weight is not merged.transformer.wte.weight
+    assert torch.equal(merged.lm_head.weight, table)
+    assert not torch.equal(merged.transformer.wte.weight, table)
