@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 
 import peft
+import pytest
 import torch
 
-from peftkit import HRAConfig, LoraConfig, TrainableTokensConfig, get_peft_model
+from peftkit import ConfigError, HRAConfig, LoraConfig, TrainableTokensConfig, get_peft_model
+from peftkit.artifacts import merge_adapter_folders
 from tests.conftest import ids, perturb, tiny_gpt2, tiny_llama
 
 
@@ -57,3 +59,17 @@ def test_lora_on_a_tied_embedding_alone_still_unties_the_head_when_merged():
     assert merged.lm_head.weight is not merged.transformer.wte.weight
     assert torch.equal(merged.lm_head.weight, table)
     assert not torch.equal(merged.transformer.wte.weight, table)
+
+
+def test_add_weighted_adapter_refuses_lora_with_trainable_token_indices_naming_the_option(tmp_path):
+    # the combination keeps the low-rank factors alone: the trained rows would be dropped; the refusal named an
+    # internal class (LoraTokenAdapter) instead of the option, from add_weighted_adapter and from `peftkit merge`
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=[5, 9]))
+    model.add_adapter("two", LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=[5, 9]))
+    with pytest.raises(ConfigError, match=r"adapter 'default' is LORA with trainable_token_indices; "
+                                          "add_weighted_adapter combines plain LoRA"):
+        model.add_weighted_adapter(["default", "two"], [0.5, 0.5], "mix")
+    assert "mix" not in model.peft_config
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"holds an adapter of type LORA with trainable_token_indices; only plain LoRA"):
+        merge_adapter_folders([tmp_path / "a", tmp_path / "a"], [0.5, 0.5], str(tmp_path / "out"))
