@@ -285,13 +285,13 @@ def merge_adapter_folders(adapter_dirs: Sequence[str | os.PathLike], weights: Se
         config = PeftConfig.from_pretrained(folder)
         check_adapter_weights(folder)  # a damaged file is named as such, before the base model is loaded
         configs.append(config)
-        extra = [f for f in ("use_dora", "lora_bias") if getattr(config, f, False)]
+        extra = [f for f in ("use_dora", "lora_bias", "trainable_token_indices") if getattr(config, f, None)]
         if getattr(config, "bias", "none") != "none":
             extra.append(f"bias={config.bias!r}")
         check(type(config) in (LoraConfig, IA3Config) and not extra,
               f"{str(folder)!r} holds an adapter of type {config.peft_type}"
               f"{' with ' + ' and '.join(extra) if extra else ''}; only plain LoRA adapters (without use_dora, "
-              "lora_bias or trained biases) or (IA)^3 adapters can be combined: the combination keeps the "
+              "lora_bias, trainable_token_indices or trained biases) or (IA)^3 adapters can be combined: the combination keeps the "
               "low-rank factors or the scaling vectors alone")
     kinds = {str(folder): c.peft_type for folder, c in zip(adapter_dirs, configs)}
     check(len(set(kinds.values())) == 1, f"the adapters are of different types ({kinds}); combine adapters of one "

@@ -528,6 +528,31 @@ class AdapterModel(nn.Module):
                         out.append(owner)
         return out
 
+    @torch.no_grad()
+    def _retie_merged(self) -> None:
+        """After a merge for :meth:`unload`: layers that shared one weight (tied input/output embeddings), which
+        merging untied, share it again when their merged weights are equal (trainable tokens write the same rows
+        into both, as peft's merged model keeps them tied). The shared tensor takes the merged value. Left untied:
+        merged weights that differ (LoRA on the embedding alone: the head keeps the base table) or a shared
+        tensor that a module outside these layers still uses."""
+        groups: dict[int, list[AdaptedLayer]] = {}
+        for _, w in self.wrappers():
+            if isinstance(w, AdaptedLayer) and w._tied_weight is not None:
+                groups.setdefault(id(w._tied_weight), []).append(w)
+        used = {id(p) for m in self.model.modules() for k, p in m._parameters.items()  # (not the kept shared ones)
+                if p is not None and not (isinstance(m, AdaptedLayer) and k == "_tied_weight")}
+        for layers in groups.values():
+            shared = layers[0]._tied_weight
+            merged = layers[0].base_layer.weight
+            if (len(layers) < 2 or id(shared) in used
+                    or any(w.base_layer.weight.shape != shared.shape or w.base_layer.weight.dtype != shared.dtype
+                           or not torch.equal(w.base_layer.weight, merged) for w in layers)):
+                continue
+            shared.copy_(merged)
+            for w in layers:
+                w.base_layer.weight = shared
+                w._tied_weight = None
+
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False,
               dropping: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights.
@@ -642,6 +667,7 @@ class AdapterModel(nn.Module):
                     self.unmerge()
                     self.merge(before)
                     raise
+            self._retie_merged()
         else:
             self.unmerge()
         for name in list(self.peft_config):  # while the layers still hold their adapters (gates find their hooks)

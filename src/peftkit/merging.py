@@ -455,7 +455,8 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
         combination_type, density = "linear", None
     check_plain_start(adapters, configs)
     for name, cfg in zip(adapters, configs):
-        extras = [k for k in ("use_dora", "lora_bias") if getattr(cfg, k, False)]
+        # (trainable_token_indices: the trained embedding rows are no low-rank factors to combine)
+        extras = [k for k in ("use_dora", "lora_bias", "trainable_token_indices") if getattr(cfg, k, None)]
         check(type(cfg) is LoraConfig and not extras,
               f"adapter {name!r} is {cfg.peft_type}{' with ' + ' and '.join(extras) if extras else ''}; "
               "add_weighted_adapter combines plain LoRA adapters (or (IA)^3 adapters, linearly)")

@@ -139,9 +139,12 @@ def wy_factor(v: Tensor) -> Tensor:
 
 def reflection_factors(u: Tensor, apply_gs: bool) -> tuple[Tensor, Tensor]:
     """``(V, T)`` with ``H = I - V T V^T``: ``V`` the unit (or, with ``apply_gs``, Gram-Schmidt) columns of ``u``,
-    ``T`` their WY factor (``2 I`` for orthonormal columns).
+    ``T`` their WY factor (``2 I`` for orthonormal columns), in ``u``'s dtype promoted to at least float32 (the
+    triangular solve has no half-precision kernel on CPU, and a bfloat16 ``T`` would lose the reflections'
+    orthogonality).
 
     Shapes: ``u: (d, r)`` -> ``V: (d, r)``, ``T: (r, r)``."""
+    u = u.to(torch.promote_types(u.dtype, torch.float32))
     if apply_gs:
         q = gram_schmidt(u)
         return q, 2 * torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
