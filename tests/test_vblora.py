@@ -184,6 +184,8 @@ def test_logits_from_topk_gives_the_saved_admixture_back():
     bank = torch.randn(9, 4)
     assert (topk_mix(back, bank, 3) - topk_mix(logits, bank, 3)).abs().max() <= 1e-6
     assert torch.isinf(back).sum() == 3 * 2 * 6
+    # a float64 adapter's weights are read back in float64 (float32 lost ~4e-8 on a reload)
+    assert logits_from_topk(index, weights.double(), 9).dtype == torch.float64
     with pytest.raises(ValueError, match="do not pair up"):
         logits_from_topk(index, weights[..., :1], 9)
 
@@ -271,3 +273,13 @@ def test_cli_config_fits_minilm_sizes():
     assert (config.r, config.topk, config.num_vectors, config.vector_length) == (4, 2, 90, 128)
     assert 384 % config.vector_length == 0 and 1536 % config.vector_length == 0
     assert spec.mergeable and spec.family == "reparameterised" and spec.default_lr == 1e-2
+
+
+def test_default_targets_are_peft_s():
+    from peft.utils import constants as c
+
+    from peftkit.methods.vblora import VBLORA_TARGET_DEFAULTS
+
+    theirs = c.TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING
+    assert {k: list(v) for k, v in VBLORA_TARGET_DEFAULTS.items()} == {
+        k: list(v) for k, v in theirs.items() if k != "gemma4"}

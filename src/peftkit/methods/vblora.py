@@ -248,7 +248,8 @@ def logits_from_topk(indices: Tensor, weights: Tensor, num_vectors: int) -> Tens
     """Logits that give the saved top-k admixture back: ``log`` of the ``k`` weights (the last one ``1 - sum`` of the
     saved ``k - 1``) at the saved indices, ``-inf`` elsewhere (peft's reading).
 
-    Shapes: ``indices: (..., k)`` (any integer type), ``weights: (..., k - 1)`` -> ``(..., num_vectors)`` float32.
+    Shapes: ``indices: (..., k)`` (any integer type), ``weights: (..., k - 1)`` -> ``(..., num_vectors)`` in
+    the weights' dtype, at least float32.
 
     Raises:
         ValueError: the shapes do not pair up, or an index lies outside ``[0, num_vectors)``.
@@ -260,9 +261,9 @@ def logits_from_topk(indices: Tensor, weights: Tensor, num_vectors: int) -> Tens
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_vectors):
         raise ValueError(f"top-k indices lie in [{int(index.min())}, {int(index.max())}], outside the bank's "
                          f"[0, {num_vectors})")
-    w = weights.float()
+    w = wide(weights)
     full = torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1)
-    out = torch.full((*index.shape[:-1], num_vectors), float("-inf"), device=w.device)
+    out = torch.full((*index.shape[:-1], num_vectors), float("-inf"), device=w.device, dtype=w.dtype)
     return out.scatter(-1, index, full.log())
 
 
