@@ -283,3 +283,26 @@ def test_default_targets_are_peft_s():
     theirs = c.TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING
     assert {k: list(v) for k, v in VBLORA_TARGET_DEFAULTS.items()} == {
         k: list(v) for k, v in theirs.items() if k != "gemma4"}
+
+
+def test_inject_adapter_in_model_refuses_it_as_peft_does():
+    """The bank lives beside the layers (peft's ``uses_shared_state``), so a model without a PeftModel around it
+    would not train, move or save it."""
+    from peftkit import inject_adapter_in_model
+
+    model = tiny_bert_classifier()
+    with pytest.raises(ValueError, match="does not support VBLORA, whose vector bank is shared"):
+        inject_adapter_in_model(VBLoRAConfig(**SMALL), model)
+    assert not any("vblora" in n for n, _ in model.named_parameters())
+
+
+def test_a_float64_model_gets_a_float64_bank_and_merges_to_float64_round_off():
+    model = get_peft_model(Zoo().double(), VBLoRAConfig(target_modules=TARGETS, **SMALL))
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    perturb(model)
+    x = tuple(t.double() for t in zoo_inputs())
+    with torch.no_grad():
+        unmerged = model(*x)
+        model.merge_adapter()
+        merged = model(*x)
+    assert (merged - unmerged).abs().max() <= 1e-12 * unmerged.abs().max()  # float32 maths would leave ~1e-7

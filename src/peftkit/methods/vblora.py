@@ -167,12 +167,14 @@ def topk_mix(logits: Tensor, bank: Tensor, k: int) -> Tensor:
 
 
 class VectorBank(nn.Module):
-    """The bank ``vblora_vector_bank: (num_vectors, vector_length)`` of one adapter, uniform in ``[-bound, bound]``;
-    kept in ``AdapterModel.extra_modules`` and shared by every layer of the adapter."""
+    """The bank ``vblora_vector_bank: (num_vectors, vector_length)`` of one adapter, uniform in ``[-bound, bound]``
+    (float32, or float64 for a float64 model, as the layers' adapters); kept in ``AdapterModel.extra_modules`` and
+    shared by every layer of the adapter."""
 
-    def __init__(self, num_vectors: int, vector_length: int, bound: float, device: torch.device | None = None) -> None:
+    def __init__(self, num_vectors: int, vector_length: int, bound: float, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        bank = torch.empty(num_vectors, vector_length, device=device).uniform_(-bound, bound)
+        bank = torch.empty(num_vectors, vector_length, device=device, dtype=dtype).uniform_(-bound, bound)
         self.vblora_vector_bank = nn.Parameter(bank)
 
 
@@ -282,8 +284,11 @@ class VBLoRATuner(WrapTuner):
     def inject(self, host: Any, config: VBLoRAConfig, adapter_name: str) -> None:
         targets = self.find(host, config)
         first = unwrap(host.model.get_submodule(targets[0])) if targets else None
-        device = first.weight.device if first is not None and first.weight.device.type != "meta" else None
-        self._bank = VectorBank(config.num_vectors, config.vector_length, config.init_vector_bank_bound, device)
+        weight = getattr(first, "weight", None)
+        device = weight.device if weight is not None and weight.device.type != "meta" else None
+        # the layers' adapters become float64 on a float64 base (AdaptedLayer.add); the bank follows them
+        dtype = torch.float64 if weight is not None and weight.dtype == torch.float64 else torch.float32
+        self._bank = VectorBank(config.num_vectors, config.vector_length, config.init_vector_bank_bound, device, dtype)
         try:
             super().inject(host, config, adapter_name)
             host.extra_modules[adapter_name] = self._bank
