@@ -356,6 +356,20 @@ def fourierft_case(draw):
     return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]))
 
 
+@st.composite
+def vblora_case(draw):
+    arch = draw(st.sampled_from(["zoo", "bert", "llama"]))
+    bias = "none" if arch == "llama" else draw(st.sampled_from(["none", "none", "vblora_only", "all"]))
+    num_vectors = draw(st.integers(2, 12))
+    # (vector lengths 2 and 4 divide every linear size of the three models: the zoo's 8/12/20, Llama's 8/16/24)
+    config = peftkit.VBLoRAConfig(r=draw(st.integers(1, 4)), num_vectors=num_vectors,
+                                  vector_length=draw(st.sampled_from([2, 4])), topk=draw(st.integers(1, num_vectors)),
+                                  save_only_topk_weights=draw(st.booleans()), target_modules=draw(subset(LINEAR_TARGETS[arch])),
+                                  bias=bias)
+    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]),
+                trains_base_bias=bias != "none")
+
+
 def _zero_gates(fraction: float):
     def apply(model):
         with torch.no_grad():
@@ -490,6 +504,7 @@ STRATEGIES = {
     "krona": krona_case(),
     "hra": hra_case(),
     "fourierft": fourierft_case(),
+    "vblora": vblora_case(),
     "sora": sora_case(),
     "oft": oft_case(),
     "ia3": ia3_case(),
@@ -510,7 +525,7 @@ def test_every_mergeable_method_is_covered():
 
     mergeable = {spec.name for spec in all_methods() if spec.mergeable and spec.family != "quantisation"}
     covered = {"lora", "dora", "pissa", "olora", "lorafa", "dylora", "vera", "adalora", "loha", "lokr", "krona",
-               "hra", "fourierft", "sora", "oft", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish",
+               "hra", "fourierft", "vblora", "sora", "oft", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish",
                "child-tuning", "ln-tuning", "trainable-tokens"}
     assert mergeable <= covered, mergeable - covered
 

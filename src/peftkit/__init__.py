@@ -65,6 +65,7 @@ from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.sora import SoraConfig
 from peftkit.methods.ssf import SSFConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
+from peftkit.methods.vblora import VBLoRAConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.mixed import PeftMixedModel
 from peftkit.model import (
@@ -154,6 +155,7 @@ __all__ = [
     "TrainableTokensConfig",
     "TunerLayerStatus",
     "TunerModelStatus",
+    "VBLoRAConfig",
     "VeraConfig",
     "__version__",
     "add_fusion",

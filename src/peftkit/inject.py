@@ -89,9 +89,10 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     Raises:
         ValueError: a prompt-learning config (prompt tuning, P-tuning, prefix tuning, or a composed config with
             such a part), whose adapter changes the model's inputs rather than its layers and needs a
-            :class:`~peftkit.PeftModel` (use :func:`peftkit.get_peft_model`), as peft refuses it; a VeRA config, whose
-            projection is shared by every layer (peft refuses it too); a ``state_dict`` none of whose keys names an
-            adapter tensor of a module of ``model`` (e.g. the model's own state dict, which peft refuses too).
+            :class:`~peftkit.PeftModel` (use :func:`peftkit.get_peft_model`), as peft refuses it; a VeRA or VB-LoRA
+            config, whose projection or vector bank is shared by every layer (peft refuses both too); a
+            ``state_dict`` none of whose keys names an adapter tensor of a module of ``model`` (e.g. the model's own
+            state dict, which peft refuses too).
         ConfigError: an invalid config or adapter name, a name already in use, no module matching the targets.
         TypeError: ``model`` is not a ``torch.nn.Module``, or ``state_dict`` is not a mapping of names.
         The model is left unchanged on every error.
@@ -105,9 +106,10 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     if prompt is not None:
         raise ValueError(f"inject_adapter_in_model does not support prompt-learning methods ({prompt}): their adapter "
                          "changes the model's inputs, which needs a PeftModel; use peftkit.get_peft_model instead")
-    if peft_config.peft_type == "VERA":
-        raise ValueError("inject_adapter_in_model does not support VERA, whose projection is shared by every adapted "
-                         "layer (peft refuses it too); use peftkit.get_peft_model instead")
+    shared = {"VERA": "projection", "VBLORA": "vector bank"}.get(peft_config.peft_type)
+    if shared is not None:
+        raise ValueError(f"inject_adapter_in_model does not support {peft_config.peft_type}, whose {shared} is shared by "
+                         "every adapted layer (peft refuses it too); use peftkit.get_peft_model instead")
     check_trainable_init(peft_config)
     if state_dict is not None:
         peft_config = _targets_from_state_dict(peft_config, model, state_dict)

@@ -13,6 +13,7 @@ from peftkit.methods import lokr  # noqa: F401
 from peftkit.methods import krona  # noqa: F401
 from peftkit.methods import hra  # noqa: F401
 from peftkit.methods import fourierft  # noqa: F401
+from peftkit.methods import vblora  # noqa: F401
 from peftkit.methods import sora  # noqa: F401
 from peftkit.methods import oft  # noqa: F401
 from peftkit.methods import prompt_tuning  # noqa: F401
