@@ -368,3 +368,21 @@ def test_fan_in_fan_out_is_set_back_to_false_with_a_warning_as_peft():
 def test_registered_for_the_cli():
     spec = get_method("shira")
     assert (spec.family, spec.kind, spec.mergeable, spec.config_cls.peft_type) == ("selective", "select", True, "SHIRA")
+
+
+def test_mixed_adapter_batch_rows_each_get_their_own_entries():
+    base = tiny_bert_classifier()
+    model = get_peft_model(copy.deepcopy(base), ShiraConfig(r=1, random_seed=1, init_weights=False), adapter_name="a")
+    model.add_adapter("b", ShiraConfig(r=2, random_seed=2, init_weights=False))
+    x = ids(4, 6)
+    rows = ["a", "b", "__base__", "a"]
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=rows).logits
+        alone = {}
+        for name in ("a", "b"):
+            model.set_adapter(name)
+            alone[name] = model(input_ids=x).logits
+        alone["__base__"] = base(input_ids=x).logits
+    for i, name in enumerate(rows):
+        assert (mixed[i] - alone[name][i]).abs().max() <= 1e-6
+    assert (alone["a"] - alone["b"]).abs().max() > 3e-4  # (the tiny BERT's logits are ~1e-2)
