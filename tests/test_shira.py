@@ -386,3 +386,13 @@ def test_mixed_adapter_batch_rows_each_get_their_own_entries():
     for i, name in enumerate(rows):
         assert (mixed[i] - alone[name][i]).abs().max() <= 1e-6
     assert (alone["a"] - alone["b"]).abs().max() > 3e-4  # (the tiny BERT's logits are ~1e-2)
+
+
+def test_a_quantised_target_is_refused_by_name_before_the_model_changes():
+    from peftkit import quantize_base
+
+    base = quantize_base(nn.Sequential(nn.Linear(64, 64)), "int8")
+    with pytest.raises(ConfigError, match=r"0: SHiRA changes entries of a float nn\.Linear weight, and this one is "
+                                          "quantised"):
+        get_peft_model(base, ShiraConfig(r=1, target_modules=["0"]))
+    assert type(base[0]).__name__ == "QuantLinear"
