@@ -478,6 +478,16 @@ def ln_tuning_case(draw):
 
 
 @st.composite
+def shira_case(draw):
+    arch = draw(st.sampled_from(["zoo", "bert", "llama"]))
+    targets = ["lin"] if arch == "zoo" else draw(subset(LINEAR_TARGETS[arch]))  # (nn.Linear only, as peft)
+    # (r * (in + out) <= out * in on every target: r <= 4 on the zoo's 12 x 8, r <= 5 on the Llama's 8 x 16)
+    config = peftkit.ShiraConfig(r=draw(st.integers(1, 3)), random_seed=draw(st.one_of(st.none(), st.integers(0, 2**31))),
+                                 init_weights=draw(st.booleans()), target_modules=targets)
+    return Case(arch, config, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]))
+
+
+@st.composite
 def trainable_tokens_case(draw):
     arch = draw(st.sampled_from(["zoo", "llama"]))
     case = Case(arch, None, draw(common["seed"]), draw(common["dtype"]), draw(common["sizes"]))
@@ -516,6 +526,7 @@ STRATEGIES = {
     "child-tuning": selective_case("child-tuning"),
     "ln-tuning": ln_tuning_case(),
     "trainable-tokens": trainable_tokens_case(),
+    "shira": shira_case(),
 }
 METHODS = list(STRATEGIES)
 
@@ -526,7 +537,7 @@ def test_every_mergeable_method_is_covered():
     mergeable = {spec.name for spec in all_methods() if spec.mergeable and spec.family != "quantisation"}
     covered = {"lora", "dora", "pissa", "olora", "lorafa", "dylora", "vera", "adalora", "loha", "lokr", "krona",
                "hra", "fourierft", "vblora", "sora", "oft", "ia3", "ssf", "bitfit", "partial", "diff-pruning", "fish",
-               "child-tuning", "ln-tuning", "trainable-tokens"}
+               "child-tuning", "ln-tuning", "trainable-tokens", "shira"}
     assert mergeable <= covered, mergeable - covered
 
 

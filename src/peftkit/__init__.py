@@ -62,6 +62,7 @@ from peftkit.methods.p_tuning import PromptEncoderConfig
 from peftkit.methods.partial import PartialConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.shira import ShiraConfig
 from peftkit.methods.sora import SoraConfig
 from peftkit.methods.ssf import SSFConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
@@ -150,6 +151,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "SSFConfig",
+    "ShiraConfig",
     "SoraConfig",
     "TaskType",
     "TrainableTokensConfig",

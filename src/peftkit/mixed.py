@@ -1,19 +1,19 @@
-"""``PeftMixedModel``: adapters of several low-rank and Kronecker methods on one model, several active at once
-(mirrors ``peft.PeftMixedModel``, which ``get_peft_model(model, config, mixed=True)`` returns).
+"""``PeftMixedModel``: adapters of several low-rank, Kronecker and sparse methods on one model, several active at
+once (mirrors ``peft.PeftMixedModel``, which ``get_peft_model(model, config, mixed=True)`` returns).
 
 A :class:`~peftkit.PeftModel` already holds adapters of any methods side by side and runs a list of active
 adapters together (``set_adapter(["a", "b"])``); this class is that model restricted, as peft's is, to the
-methods peft lets one mix: LoRA (its variants included: DoRA, rsLoRA, ...), LoHa, LoKr and AdaLoRA (peft's
+methods peft lets one mix: LoRA (its variants included: DoRA, rsLoRA, ...), LoHa, LoKr, AdaLoRA and SHiRA (peft's
 ``COMPATIBLE_TUNER_TYPES`` also lists OFT, whose input rotation does not commute with the others' sums and is
-not mixed here yet, and SHiRA, which peftkit does not implement). Each of them adds a
-weight change to the layer's output, so several active adapters on one layer sum their changes, in whatever
-order they are listed.
+not mixed here yet). Each of them adds a weight change (SHiRA's a sparse one, ``W0 + S``), so several active
+adapters on one layer sum their changes, in whatever order they are listed.
 
 Papers: LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685); LoHa:
 FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated Learning (Hyeon-Woo et al., 2021,
 arXiv:2108.06098); LoKr: Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model Evaluation
 (Yeh et al., 2023, arXiv:2309.14859); AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning
-(Zhang et al., 2023, arXiv:2303.10512).
+(Zhang et al., 2023, arXiv:2303.10512); SHiRA: Sparse High Rank Adapters (Bhardwaj et al., 2024,
+arXiv:2406.13175).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from peftkit.host import check_config
 from peftkit.model import PeftModel
 
 #: the methods a mixed model takes (peft's ``COMPATIBLE_TUNER_TYPES`` that peftkit implements), by ``peft_type``
-COMPATIBLE_TUNER_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA")
+COMPATIBLE_TUNER_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA", "SHIRA")
 
 
 def check_mixed_compatible(config: PeftConfig) -> None:
@@ -46,7 +46,7 @@ def check_mixed_compatible(config: PeftConfig) -> None:
 
 
 class PeftMixedModel(PeftModel):
-    """A model holding LoRA, LoHa, LoKr and AdaLoRA adapters together, any of them active at once (mirrors
+    """A model holding LoRA, LoHa, LoKr, AdaLoRA and SHiRA adapters together, any of them active at once (mirrors
     ``peft.PeftMixedModel``). Build it with ``get_peft_model(model, config, mixed=True)``, or
     :meth:`from_pretrained`; add adapters with :meth:`add_adapter` / :meth:`load_adapter` and activate several with
     ``set_adapter(["a", "b"])``: each adapted layer then adds every active adapter's change,

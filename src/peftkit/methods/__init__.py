@@ -30,6 +30,7 @@ from peftkit.methods import partial  # noqa: F401
 from peftkit.methods import diff_pruning  # noqa: F401
 from peftkit.methods import fish  # noqa: F401
 from peftkit.methods import child_tuning  # noqa: F401
+from peftkit.methods import shira  # noqa: F401
 from peftkit.methods import quantised  # noqa: F401
 from peftkit.methods import moe_lora  # noqa: F401
 from peftkit.methods import compose  # noqa: F401

@@ -79,6 +79,20 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+def add_sparse(w: Tensor, flat: Tensor, values: Tensor) -> Tensor:
+    """``w`` (any shape) plus ``values`` (``(k,)``, cast to ``w``'s dtype) at the flat indices ``flat`` (``(k,)``,
+    distinct) of ``w`` flattened: a new tensor shaped like ``w``, differentiable in both (the selective methods'
+    sparse differences, SHiRA)."""
+    return w.reshape(-1).index_add(0, flat, values.to(w.dtype)).view_as(w)
+
+
+def sparse_to_dense(flat: Tensor, values: Tensor, shape: Sequence[int]) -> Tensor:
+    """A zero tensor of ``shape`` with ``values`` (``(k,)``, its dtype kept) at the flat indices ``flat``
+    (``(k,)``)."""
+    numel = int(torch.Size(shape).numel())
+    return torch.zeros(numel, device=values.device, dtype=values.dtype).index_add_(0, flat, values).view(tuple(shape))
+
+
 @dataclass
 class SelectiveConfig(PeftConfig):
     """Fields shared by the selective methods (not a method itself).
@@ -300,10 +314,8 @@ class SelectAdapter(Adapter):
         """The dense difference of ``name`` (detached) in the base tensor's shape: float32, or float64 for float64
         values."""
         if self.is_sparse[name]:
-            values = wide(getattr(self, f"diff_{name}_values").detach())
-            flat = torch.zeros(self.numel(name), device=values.device, dtype=values.dtype).index_add_(
-                0, getattr(self, f"diff_{name}_indices"), values)
-            return flat.view(self.shapes[name])
+            return sparse_to_dense(getattr(self, f"diff_{name}_indices"),
+                                   wide(getattr(self, f"diff_{name}_values").detach()), self.shapes[name])
         return wide(getattr(self, f"diff_{name}").detach())
 
     # --- forward and merging ----------------------------------------------------------------------
@@ -324,7 +336,7 @@ class SelectAdapter(Adapter):
             values = getattr(self, f"diff_{name}_values")
             if values.numel() == 0:  # nothing selected in this tensor: no copy of it
                 return w
-            return w.reshape(-1).index_add(0, getattr(self, f"diff_{name}_indices"), values.to(w.dtype)).view_as(w)
+            return add_sparse(w, getattr(self, f"diff_{name}_indices"), values)
         d = getattr(self, f"diff_{name}")
         if self.grad_keep is not None and self.training and d.requires_grad:
             d = self._masked_grad(layer, name, d)
