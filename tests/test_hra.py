@@ -59,7 +59,8 @@ def test_gram_schmidt_columns_are_orthonormal_and_in_order():
 
 @pytest.mark.parametrize("apply_gs", [False, True])
 def test_linear_forward_is_the_weight_times_h(apply_gs):
-    model = get_peft_model(nn.Sequential(nn.Linear(10, 5)), HRAConfig(r=4, target_modules=["0"], apply_GS=apply_gs))
+    model = get_peft_model(nn.Sequential(nn.Linear(10, 5)), HRAConfig(r=4, target_modules=["0"], apply_GS=apply_gs,
+                                                                       init_weights=not apply_gs))
     perturb(model)
     layer = model.base_model.model[0]
     x = torch.randn(3, 2, 10)
@@ -94,7 +95,7 @@ def test_initial_adapter_is_the_identity_and_pairs_columns():
         assert (model(input_ids=x).logits - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(apply_GS=True), dict(r=3, init_weights=False)])
+@pytest.mark.parametrize("kw", [dict(), dict(apply_GS=True, init_weights=False), dict(r=3, init_weights=False)])
 def test_merge_and_unload_equals_unmerged(kw):
     _, model = adapted_zoo(HRAConfig(**{"r": 4, **kw}, target_modules=TARGETS), groups=1)
     assert_merge_exact(model, zoo_inputs())
@@ -102,7 +103,8 @@ def test_merge_and_unload_equals_unmerged(kw):
 
 @pytest.mark.parametrize("apply_gs", [False, True])
 def test_fifty_merge_cycles_restore_base_weights(apply_gs):
-    base, model = adapted_zoo(HRAConfig(r=4, apply_GS=apply_gs, target_modules=TARGETS), groups=1)
+    base, model = adapted_zoo(HRAConfig(r=4, apply_GS=apply_gs, init_weights=not apply_gs, target_modules=TARGETS),
+                                 groups=1)
     assert_fifty_cycles(base, model, zoo_inputs())
 
 
@@ -121,7 +123,7 @@ def test_training_reduces_loss_and_only_hra_vectors_get_gradients():
 def test_save_and_load_round_trip_with_peft_keys(tmp_path):
     base = Zoo(groups=1)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_peft_model(base, HRAConfig(r=4, apply_GS=True, target_modules=TARGETS))
+    model = get_peft_model(base, HRAConfig(r=4, apply_GS=True, init_weights=False, target_modules=TARGETS))
     perturb(model)
     x = zoo_inputs()
     with torch.no_grad():
@@ -142,7 +144,8 @@ def test_save_and_load_round_trip_with_peft_keys(tmp_path):
 INTEROP = {
     "bert": (tiny_bert_classifier, dict(r=4, target_modules=["query", "value", "dense"], modules_to_save=["classifier"]),
              lambda: dict(input_ids=ids())),
-    "bert_gs": (tiny_bert_classifier, dict(r=2, apply_GS=True, target_modules=["key"], task_type="SEQ_CLS"),
+    "bert_gs": (tiny_bert_classifier, dict(r=2, apply_GS=True, init_weights=False, target_modules=["key"],
+                                                     task_type="SEQ_CLS"),
                 lambda: dict(input_ids=ids())),
     "conv": (conv_net, dict(r=4, target_modules=["0", "3"]), lambda: dict(x=torch.randn(2, 3, 5, 5))),
 }
@@ -217,7 +220,7 @@ def test_conv1d_target_is_refused():
 
 def test_gram_schmidt_rank_above_the_input_dimension_is_refused():
     with pytest.raises(ConfigError, match=r"lin: r=10 exceeds the layer's input dimension 8"):
-        get_peft_model(Zoo(groups=1), HRAConfig(r=10, apply_GS=True, target_modules=["lin"]))
+        get_peft_model(Zoo(groups=1), HRAConfig(r=10, apply_GS=True, init_weights=False, target_modules=["lin"]))
     model = get_peft_model(Zoo(groups=1), HRAConfig(r=10, target_modules=["lin"]))  # plain reflections: fine
     assert model.base_model.model.lin.adapters["default"].hra_u.shape == (8, 10)
 
@@ -257,3 +260,19 @@ def test_a_peft_file_with_an_odd_r_loads(tmp_path):
     assert (_out(theirs, dict(input_ids=x)) - _out(ours, dict(input_ids=x))).abs().max() <= 1e-5
     with pytest.raises(ConfigError, match="r=3 is odd"):
         HRAConfig(r=3, target_modules=["value"])
+
+
+def test_gram_schmidt_with_the_paired_init_is_refused_but_such_a_saved_file_loads(tmp_path):
+    """apply_GS=True with init_weights=True Gram-Schmidts equal columns: a zero residual, so the direction came
+    from rounding or was NaN (`peftkit train --method hra --option apply_GS=true` ended with dev accuracy nan)."""
+    with pytest.raises(ConfigError, match=r"apply_GS=True with init_weights=True.*give init_weights=False"):
+        HRAConfig(r=4, apply_GS=True)
+    model = get_peft_model(Zoo(groups=1), HRAConfig(r=4, apply_GS=True, init_weights=False, target_modules=["lin"]))
+    model.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    saved = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**saved, "init_weights": True}))  # as peft writes that pair
+    again = PeftModel.from_pretrained(Zoo(groups=1), tmp_path)
+    u0 = model.base_model.model.lin.adapters["default"].hra_u
+    u1 = again.base_model.model.lin.adapters["default"].hra_u
+    assert torch.equal(u0, u1) and not torch.isnan(u1).any()

@@ -47,8 +47,9 @@ class HRAConfig(PeftConfig):
         r: the number of Householder reflections per layer, an integer > 0; even when ``init_weights`` is True
             (the symmetric initialisation pairs equal reflections). Default 8.
         apply_GS: orthonormalise the reflection vectors by Gram-Schmidt first (``H = I - 2 Q Q^T``). Default False.
-            With the symmetric initialisation the paired columns are equal, so Gram-Schmidt meets a zero residual
-            and, as in peft, takes its direction from rounding: such an adapter does not start at the base model.
+            It needs ``init_weights=False``: with the symmetric initialisation the paired columns are equal, so
+            Gram-Schmidt meets a zero residual and takes its direction from rounding, or gives NaN (peft accepts
+            the pair and does the same; a saved file with it loads, see :meth:`as_saved`).
         target_modules: module names/suffixes, a full-match regex, or ``"all-linear"``; None (default) takes the
             model type's usual targets, as peft (:data:`~peftkit.targeting.LORA_TARGET_DEFAULTS`).
         exclude_modules: names/suffixes or regex never adapted.
@@ -63,8 +64,8 @@ class HRAConfig(PeftConfig):
     (``r * in_channels * kh * kw`` on a ``Conv2d``).
 
     Raises:
-        ConfigError: ``r`` not an integer > 0, an odd ``r`` with ``init_weights=True`` (a saved file with that pair,
-            which peft writes after a warning, loads as ``init_weights=False``: see :meth:`as_saved`), ``apply_GS`` or
+        ConfigError: ``r`` not an integer > 0, an odd ``r`` or ``apply_GS=True`` with ``init_weights=True`` (a saved
+            file with that pair, which peft writes, loads as ``init_weights=False``: see :meth:`as_saved`), ``apply_GS`` or
             ``init_weights`` not a bool, ``bias`` other than ``"none"``, ``target_modules=[]``; when injecting, a
             grouped convolution, a module type HRA does not adapt, or with ``apply_GS`` an ``r`` above a target's input
             dimension (the message names the module).
@@ -92,6 +93,10 @@ class HRAConfig(PeftConfig):
         check(not (self.init_weights and self.r % 2),
               f"r={self.r!r} is odd, but init_weights=True pairs equal reflections (so that the adapter starts as "
               "the identity) and needs an even r; give an even r, or init_weights=False for random vectors")
+        check(not (self.init_weights and self.apply_GS),
+              "apply_GS=True with init_weights=True: the paired initial reflections are equal, so Gram-Schmidt "
+              "divides by a zero residual (its direction then comes from rounding, or is NaN); give "
+              "init_weights=False with apply_GS=True, or apply_GS=False")
         check(self.bias == "none",
               f"bias={self.bias!r} is not supported; HRA in peftkit takes bias='none' only (peft's 'all' and "
               "'hra_only' train base biases, which peftkit does not offer for HRA)")
@@ -99,11 +104,12 @@ class HRAConfig(PeftConfig):
 
     @classmethod
     def as_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A saved config with an odd ``r`` and ``init_weights`` true (or absent) loads with ``init_weights=False``:
-        peft only warns on that pair and draws every vector at random, which is what ``init_weights=False`` does,
-        and the file's ``hra_u`` replaces the vectors anyway."""
+        """A saved config with an odd ``r`` or ``apply_GS`` true, and ``init_weights`` true (or absent), loads with
+        ``init_weights=False``: peft accepts those pairs (an odd ``r`` after a warning, drawing every vector at
+        random, which is what ``init_weights=False`` does), and the file's ``hra_u`` replaces the vectors anyway."""
         r = data.get("r", 8)
-        if isinstance(r, int) and not isinstance(r, bool) and r % 2 and data.get("init_weights", True) is True:
+        odd = isinstance(r, int) and not isinstance(r, bool) and r % 2
+        if (odd or data.get("apply_GS") is True) and data.get("init_weights", True) is True:
             return {**data, "init_weights": False}
         return data
 
