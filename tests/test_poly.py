@@ -286,3 +286,13 @@ def test_cli_trains_one_task_and_reloads(tiny_model_dir, tmp_path, capsys):
     assert main(["methods"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("poly "))
     assert "multi-task" in line and "arXiv:2202.13914" in line
+
+
+def test_cli_refuses_several_tasks_before_training(tiny_model_dir, tmp_path, capsys):
+    from tests.cli_util import error_line
+
+    out = tmp_path / "run"
+    line = error_line(capsys, "train", "--model", tiny_model_dir, "--method", "poly", "--option", "n_tasks=3",
+                      "--max-steps", "1", "--output-dir", out, "--no-progress")
+    assert "--option n_tasks=3 undoes what --method poly is (n_tasks=1)" in line and "carry no task ids" in line
+    assert not out.exists()

@@ -33,7 +33,8 @@ class PeftModel(nn.Module):
 
     Build one with :func:`get_peft_model` or :meth:`from_pretrained`. ``forward`` and ``generate``
     pass through to the base model; ``adapter_names=[...]`` (one name per batch row, ``"__base__"``
-    for none) runs a mixed-adapter batch.
+    for none) runs a mixed-adapter batch; ``task_ids=[...]`` (one integer per row) gives Poly adapters each
+    row's task, as in peft.
 
     Args:
         model: any ``torch.nn.Module`` (HF transformers models first).

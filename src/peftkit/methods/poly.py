@@ -240,6 +240,13 @@ def poly_from_cli(args: Any) -> PolyConfig:
     return PolyConfig(r=args.r or 8, target_modules=args.target_modules, task_type=args.task_type)
 
 
+# the CLI's datasets carry no task ids: one task, every row task 0
+poly_from_cli.defining_fields = {"n_tasks": 1}  # type: ignore[attr-defined]
+poly_from_cli.defining_reason = ("the datasets of `peftkit train` carry no task ids, so every row is task 0; "  # type: ignore[attr-defined]
+                                 "for several tasks build PolyConfig(n_tasks=...) in Python and pass task_ids=... "
+                                 "to the model")
+
+
 register_method(MethodSpec(
     name="poly", config_cls=PolyConfig, family="multi-task", kind="wrap", mergeable=False, paper=PAPER,
     tuner=PolyTuner(), cli_config=poly_from_cli, aliases=("polytropon", "mhr"),
