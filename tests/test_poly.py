@@ -296,3 +296,15 @@ def test_cli_refuses_several_tasks_before_training(tiny_model_dir, tmp_path, cap
                       "--max-steps", "1", "--output-dir", out, "--no-progress")
     assert "--option n_tasks=3 undoes what --method poly is (n_tasks=1)" in line and "carry no task ids" in line
     assert not out.exists()
+
+
+def test_forward_signature_names_task_ids_for_trainers_that_filter_columns():
+    import inspect
+
+    model = adapted(n_tasks=2)
+    params = inspect.signature(model.forward).parameters
+    assert "task_ids" in params and "input_ids" in params
+    x = ids(batch=2, seq=4)
+    with torch.no_grad():  # an int32 tensor works as a list does
+        assert torch.equal(model(input_ids=x, task_ids=torch.tensor([1, 0], dtype=torch.int32)).logits,
+                           model(input_ids=x, task_ids=[1, 0]).logits)

@@ -234,7 +234,7 @@ class PolyTuner(WrapTuner):
 
 
 def poly_from_cli(args: Any) -> PolyConfig:
-    """Poly from ``peftkit train`` options ``args``: ``--r`` (default 8), ``--target-modules`` (default: the model
+    """Poly from ``peftkit train`` options ``args`` (default learning rate 1e-2): ``--r`` (default 8), ``--target-modules`` (default: the model
     type's LoRA targets) and one task (``n_tasks=1``: the datasets carry no task ids, so every row is task 0),
     4 skills, 1 split unless ``--option`` says otherwise."""
     return PolyConfig(r=args.r or 8, target_modules=args.target_modules, task_type=args.task_type)
@@ -250,4 +250,7 @@ poly_from_cli.defining_reason = ("the datasets of `peftkit train` carry no task 
 register_method(MethodSpec(
     name="poly", config_cls=PolyConfig, family="multi-task", kind="wrap", mergeable=False, paper=PAPER,
     tuner=PolyTuner(), cli_config=poly_from_cli, aliases=("polytropon", "mhr"),
+    # the skills' sum is divided by r (no alpha), so at LoRA's 1e-3 it barely moves in a short run: SST-2 on
+    # MiniLM, 150 steps of 16 rows, reached 0.524 at 1e-3 and 0.800 at 1e-2 (LoRA: 0.800)
+    default_lr=1e-2,
 ))
