@@ -60,6 +60,7 @@ from peftkit.methods.moe_lora import MoeLoraConfig
 from peftkit.methods.oft import OFTConfig
 from peftkit.methods.p_tuning import PromptEncoderConfig
 from peftkit.methods.partial import PartialConfig
+from peftkit.methods.poly import PolyConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.shira import ShiraConfig
@@ -145,6 +146,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "PfeifferConfig",
+    "PolyConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",

@@ -171,6 +171,8 @@ class PeftConfig:
     peft_type: ClassVar[str] = ""
     #: whether rows of a mixed-adapter batch (``adapter_names=...``) may use this method's adapters
     mixed_batches: ClassVar[bool] = True
+    #: whether the method's layers route each row by a task id (Poly): ``task_ids=`` of the model's forward
+    takes_task_ids: ClassVar[bool] = False
     #: ``target_modules`` by ``model_type`` for a config that leaves them None (the LoRA family, as peft)
     default_target_modules: ClassVar[dict[str, tuple[str, ...] | str] | None] = None
     #: fields added after adapters of this method were first saved, with the value those files meant: a saved

@@ -41,6 +41,9 @@ class AdapterContext:
     ``caller_adds_loss_terms`` is True while a trainer that adds every loss term itself runs the forward
     (see :meth:`peftkit.PeftModel.loss_terms_added_by_caller`).
 
+    ``task_ids`` holds the running call's task id per row (``task_ids=`` of :meth:`peftkit.PeftModel.forward`
+    or ``generate``), which Poly's layers route by; None without.
+
     ``in_call`` is True while a :meth:`peftkit.PeftModel.forward` call runs (see :meth:`call`), and
     ``attention_mask`` then holds the call's 2-D ``(batch, seq)`` attention mask in the row order the layers
     see (None without one): what MoE-LoRA's load-balancing loss averages over. A layer running while no call
@@ -54,6 +57,8 @@ class AdapterContext:
         self.in_call = False
         self.attention_mask: Tensor | None = None
         self.row_names: list[str] | None = None
+        #: the running call's ``task_ids`` ``(batch,)`` int64 (Poly's routing), checked by the model; None without
+        self.task_ids: Tensor | None = None
         self.copies = False  # whether a layer may see each row repeated (generate's beams and return sequences)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
         self._spans: dict[int, dict[str, slice] | None] = {}

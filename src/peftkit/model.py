@@ -33,7 +33,8 @@ class PeftModel(nn.Module):
 
     Build one with :func:`get_peft_model` or :meth:`from_pretrained`. ``forward`` and ``generate``
     pass through to the base model; ``adapter_names=[...]`` (one name per batch row, ``"__base__"``
-    for none) runs a mixed-adapter batch.
+    for none) runs a mixed-adapter batch; ``task_ids=[...]`` (one integer per row) gives Poly adapters each
+    row's task, as in peft.
 
     Args:
         model: any ``torch.nn.Module`` (HF transformers models first).
@@ -422,6 +423,11 @@ class PeftModel(nn.Module):
         if merged:
             raise ValueError(f"adapter(s) {merged} are merged into the base weights, which every row would then "
                              "use; call unmerge_adapter() before a mixed-adapter batch (adapter_names=...)")
+        routed = sorted({n for n in names if n in self.peft_config and self.peft_config[n].takes_task_ids})
+        if routed:
+            raise ValueError(f"adapter(s) {routed} route each row by its task id (Poly); mixed-adapter batches "
+                             "(adapter_names=...) do not support them: run their rows in batches of their own with "
+                             "task_ids=...")
         gated = sorted({n for n in names if n in self.peft_config and not self.peft_config[n].mixed_batches})
         if gated:
             raise ValueError(f"adapter(s) {gated} use gates that pool each row over its tokens with the call's "
@@ -451,8 +457,69 @@ class PeftModel(nn.Module):
         finally:
             ctx.set_rows(None)
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, labels: Any = None, **kwargs: Any) -> Any:
-        """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row.
+    @contextlib.contextmanager
+    def _tasks(self, task_ids: Any, batch_size: int | None, adapter_names: Any) -> Iterator[None]:
+        """Run a block with ``task_ids`` (one task id per row, for adapters that route by task: Poly) set on the
+        layers' context, checked here before anything runs; cleared afterwards.
+
+        Without ``task_ids`` every active such adapter must have ``n_tasks = 1`` (its rows are then task 0). With
+        the adapters disabled (``disable_adapter()``) the ids are not needed and not used.
+
+        Raises:
+            ValueError: ``task_ids`` missing while an active adapter has ``n_tasks > 1``; given with
+                ``adapter_names``, or while no active adapter routes by task; not a 1-D sequence of integers;
+                not one per row of the batch; or an id outside ``[0, n_tasks)`` of an active adapter.
+        """
+        host = self.base_model
+        takers = [] if host.disabled else [n for n in host.in_use if host.peft_config[n].takes_task_ids]
+        if task_ids is None:
+            need = [host.owner(n) for n in takers if host.peft_config[n].n_tasks > 1]
+            if need and adapter_names is None:
+                raise ValueError(f"adapter {need[0]!r} routes each row by its task (n_tasks="
+                                 f"{host.peft_config[need[0]].n_tasks}) and needs task_ids: pass task_ids=[...], one "
+                                 "integer in [0, n_tasks) per batch row")
+            yield
+            return
+        if adapter_names is not None:
+            raise ValueError("task_ids cannot be combined with adapter_names: adapters that route by task (Poly) do "
+                             "not run in mixed-adapter batches; run their rows in a batch of their own")
+        if not takers and not host.disabled:
+            raise ValueError(f"task_ids were given, but no active adapter routes by task (active: "
+                             f"{host.active_adapters}); task_ids are for Poly adapters (PolyConfig)")
+        if isinstance(task_ids, (list, tuple)) and any(isinstance(t, bool) or not isinstance(t, int)
+                                                        for t in task_ids):
+            bad = next(t for t in task_ids if isinstance(t, bool) or not isinstance(t, int))
+            raise ValueError(f"task_ids holds {bad!r} ({type(bad).__name__}); each task id must be an integer")
+        ids = torch.as_tensor(task_ids) if isinstance(task_ids, (list, tuple, Tensor)) else None
+        if ids is None or ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.is_complex() \
+                or ids.dtype == torch.bool:
+            shape = tuple(ids.shape) if ids is not None else None
+            raise ValueError(f"task_ids={task_ids!r} is not valid (shape {shape}); give a non-empty 1-D list or "
+                             "integer tensor with one task id per batch row")
+        if batch_size is not None and ids.numel() != batch_size:
+            raise ValueError(f"task_ids has {ids.numel()} entries but the batch has {batch_size} rows; give one task "
+                             "id per row")
+        ids = ids.long()
+        low, high = int(ids.min()), int(ids.max())
+        for n in takers:
+            n_tasks = host.peft_config[n].n_tasks
+            if low < 0 or high >= n_tasks:
+                bad = low if low < 0 else high
+                raise ValueError(f"task_ids holds {bad}, outside [0, {n_tasks}): adapter {host.owner(n)!r} has "
+                                 f"n_tasks={n_tasks}")
+        ctx = host.ctx
+        saved = ctx.task_ids
+        ctx.task_ids = ids
+        try:
+            yield
+        finally:
+            ctx.task_ids = saved
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, task_ids: Any = None,
+                labels: Any = None, **kwargs: Any) -> Any:
+        """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row; ``task_ids``
+        (one integer per row, a list or 1-D tensor) gives each row's task to adapters that route by task (Poly),
+        as in peft (checked as :meth:`_tasks` says).
 
         ``labels`` goes to the wrapped model when given (it is named here so that transformers'
         ``Trainer``, which looks for label arguments on the model's class, finds it).
@@ -479,7 +546,8 @@ class PeftModel(nn.Module):
         ctx = self.base_model.ctx
         ctx.forward_id += 1
         base = self.get_base_model()
-        with self._rows(adapter_names, rows) as names, ctx.call(_call_mask(base, args, kwargs)):
+        with self._tasks(task_ids, rows, adapter_names), self._rows(adapter_names, rows) as names, \
+                ctx.call(_call_mask(base, args, kwargs)):
             order = (None if names is None or rows is None or _holds_cache(args, kwargs)
                      or not _regroupable(base, args, kwargs) else _grouped_order(names))
             if order is None:
@@ -552,8 +620,11 @@ class PeftModel(nn.Module):
             out[k] = v
         return out
 
-    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``).
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, task_ids: Any = None,
+                 **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``; ``task_ids``, one
+        per prompt, for adapters that route by task, as in :meth:`forward`: each beam or returned sequence keeps
+        its prompt's task).
 
         Raises:
             ValueError: ``past_key_values`` holding positions while a soft prompt is active: its cache also holds
@@ -570,7 +641,8 @@ class PeftModel(nn.Module):
                              f"active: the cache also holds its {host.peft_config[prompts[0]].num_virtual_tokens} "
                              "virtual tokens, which generate() would take for input tokens; pass the whole sequence "
                              "without past_key_values")
-        with self._rows(adapter_names, _batch_size(args, kwargs), copies=True):
+        batch = _batch_size(args, kwargs)
+        with self._tasks(task_ids, batch, adapter_names), self._rows(adapter_names, batch, copies=True):
             return self.get_base_model().generate(*args, **kwargs)
 
     # --- files --------------------------------------------------------------------------------------
@@ -1150,7 +1222,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
 
 class _SignedForward:
     """Descriptor for :meth:`PeftModel.forward`: on a model it gives a bound method whose signature is the
-    wrapped model's forward arguments (plus ``adapter_names``), as for a peft model, so that tools which
+    wrapped model's forward arguments (plus ``adapter_names`` and ``task_ids``), as for a peft model, so that tools which
     keep only the arguments a model takes (transformers' ``Trainer`` with ``remove_unused_columns``) keep
     the right ones; on the class it gives the plain function (whose signature names ``labels``, where
     ``Trainer`` looks for label names).
@@ -1198,10 +1270,11 @@ class _SignedForward:
             return fn
         # whether labels may be passed on (PeftModel.forward refuses them otherwise)
         fn.takes_labels = any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        if "adapter_names" not in {p.name for p in params}:
-            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-            at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-            params.insert(at, extra)
+        for name in ("adapter_names", "task_ids"):
+            if name not in {p.name for p in params}:
+                extra = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+                params.insert(at, extra)
         self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
         fn.__signature__ = inspect.Signature([self_param, *params])
         return fn

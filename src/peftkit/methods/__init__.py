@@ -33,6 +33,7 @@ from peftkit.methods import child_tuning  # noqa: F401
 from peftkit.methods import shira  # noqa: F401
 from peftkit.methods import quantised  # noqa: F401
 from peftkit.methods import moe_lora  # noqa: F401
+from peftkit.methods import poly  # noqa: F401
 from peftkit.methods import compose  # noqa: F401
 from peftkit.methods import gated  # noqa: F401  (UniPELT's gated sub-modules)
 from peftkit.methods import hybrid  # noqa: F401  (UniPELT, MAM)

@@ -240,7 +240,8 @@ def build_peft_config(cfg: RunConfig) -> PeftConfig:
         check(key not in defining or value == fixed or (isinstance(value, str) and isinstance(fixed, str)
                                                         and value.startswith(fixed + "_")),
               f"--option {key}={value!r} undoes what --method {spec.name} is ({key}={defining.get(key)!r}); "
-              f"use --method {spec.variant_of} for that")
+              + (f"use --method {spec.variant_of} for that" if spec.variant_of
+                 else getattr(spec.cli_config, "defining_reason", "leave it out")))
         setattr(config, key, value)
     check_field_types(config, "--option ", cfg.method_options)
     check(not config.inference_mode, "--option inference_mode=true freezes the adapter, so nothing would train; "
