@@ -148,3 +148,36 @@ def test_state_dict_argument_while_merged(tmp_path):
     assert got.keys() == want.keys() == also.keys()
     for k in want:
         assert torch.equal(got[k], want[k]) and torch.equal(also[k], want[k]), k
+
+
+def test_training_checkpoint_while_merged(tmp_path):
+    """A trained base bias (bias="all") that a merged lora_bias changed is checkpointed unmerged; loading the
+    checkpoint into the merged model keeps it merged, with the same outputs."""
+    from peftkit.train.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], bias="all",
+                                                              lora_bias=True))
+    perturb(model)
+    x = ids()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model.merge_adapter()
+    with torch.no_grad():
+        merged_out = model(input_ids=x).logits
+    live = _live(model)
+    state = {"total_steps": 1, "batch_size": 1, "seed": 0, "history": [], "samples": 0, "seconds": 0.0,
+             "scheduler": {"base_lrs": [1e-3], "last_epoch": 1, "lr_lambdas": [None]}}
+    folder = save_checkpoint(tmp_path, 1, model, opt, state)
+    assert all(torch.equal(v, _live(model)[k]) for k, v in live.items())
+    saved = load_file(folder / "rank0.safetensors")
+    bias = "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"
+    assert bias in trained and not torch.equal(live[bias], trained[bias])  # the merge changed it
+    for n, v in trained.items():
+        assert (saved[f"param.{n}"] - v).abs().max().item() <= 1e-6, n
+    load_checkpoint(folder, model, opt)
+    assert model.base_model.merged_adapters() == ["default"]
+    now = _live(model)
+    assert all((now[k] - v).abs().max().item() <= 1e-6 for k, v in live.items() if v.is_floating_point())
+    with torch.no_grad():
+        assert (model(input_ids=x).logits - merged_out).abs().max().item() <= 1e-6

@@ -751,6 +751,35 @@ class AdaptedLayer(nn.Module):
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+def unmerged_base_values(model: nn.Module) -> dict[str, Tensor]:
+    """The values, with nothing merged, of the base weights and biases that merged adapters changed, keyed as in
+    ``model.named_parameters()`` (``<layer path>.base_layer.weight``), computed on copies
+    (:meth:`AdaptedLayer.unmerged_base_state`); ``model`` is not changed. A bias a merge created is not listed.
+    Training checkpoints write these in place of the live values, so that they hold what saving unmerged holds."""
+    out: dict[str, Tensor] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, AdaptedLayer) and m.merged_adapters:
+            pre = f"{path}.base_layer." if path else "base_layer."
+            state = m.unmerged_base_state()
+            out.update({pre + k: state[k] for k in ("weight", "bias") if k in state})
+    return out
+
+
+@contextlib.contextmanager
+def unmerged_for_load(model: nn.Module) -> Iterator[None]:
+    """Run a block that copies unmerged values (a training checkpoint's) into ``model``'s parameters with its merged
+    adapters unmerged, and merge them again after (also when the block raises)."""
+    host = getattr(model, "base_model", None)
+    merged = host.merged_adapters() if callable(getattr(host, "merged_adapters", None)) else []
+    if merged:
+        host.unmerge()
+    try:
+        yield
+    finally:
+        if merged:
+            host.merge(merged)
+
+
 class ModulesToSaveWrapper(nn.Module):
     """A whole module trained and saved with an adapter (``modules_to_save``, e.g. a classifier head).
 
