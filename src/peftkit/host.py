@@ -719,7 +719,7 @@ class AdapterModel(nn.Module):
                 for k, t in (adapter.export_state() if export else adapter.state_dict()).items():
                     out[f"{logical}.{k}"] = t
             elif isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save:
-                for k, t in _plain_state(w.modules_to_save[adapter_name]).items():
+                for k, t in _plain_state(w.modules_to_save[adapter_name], unmerged=export).items():
                     out[f"{logical}.{k}"] = t
         # a trained base bias (bias="all"/"lora_only") of a layer with merged adapters holds their bias deltas: the
         # file gets its unmerged value, which loading (unmerged) expects
@@ -777,13 +777,26 @@ def _outside_copies(name: str, saved: set[str]) -> str | None:
     return name
 
 
-def _plain_state(module: nn.Module) -> dict[str, Tensor]:
+def _plain_state(module: nn.Module, unmerged: bool = False) -> dict[str, Tensor]:
     """``module.state_dict()`` as if it held no adapted layers: another adapter's weights inside an
     adapted layer are left out and ``base_layer.`` is dropped from the keys (a trained copy of a module
-    that carries another adapter's LoRA saves just the module)."""
+    that carries another adapter's LoRA saves just the module). With ``unmerged`` (what files hold) the weight
+    and bias of an adapted layer with merged adapters are its unmerged values
+    (:meth:`AdaptedLayer.unmerged_base_state`, computed on copies; a bias the merge created is left out)."""
     inner = sorted((n for n, m in module.named_modules() if isinstance(m, AdaptedLayer)), key=len, reverse=True)
+    state = module.state_dict()
+    for n, m in module.named_modules() if unmerged else ():
+        if isinstance(m, AdaptedLayer) and m.merged_adapters:
+            pre = f"{n}.base_layer." if n else "base_layer."
+            fixed = m.unmerged_base_state()
+            for attr in ("weight", "bias"):
+                if pre + attr in state:
+                    if attr in fixed:
+                        state[pre + attr] = fixed[attr]
+                    else:
+                        del state[pre + attr]
     out: dict[str, Tensor] = {}
-    for key, t in module.state_dict().items():
+    for key, t in state.items():
         for n in inner:
             pre = f"{n}." if n else ""
             if key.startswith(pre + "adapters."):

@@ -18,7 +18,7 @@ import contextlib
 import copy
 import functools
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -674,6 +674,49 @@ class AdaptedLayer(nn.Module):
             weight, plain = self.adapters[n].unmerge_from(self, weight, plain)
         return plain.to(bias.dtype)
 
+    @torch.no_grad()
+    def unmerged_base_state(self, given: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The base layer's ``state_dict()`` as :meth:`unmerge` would leave it, computed on copies: the layer and
+        the model are not changed (saving while merged writes this, so the file equals one saved unmerged).
+
+        Nothing merged: the base layer's own (detached) tensors. Otherwise ``weight`` and ``bias`` run through each
+        merged adapter's ``unmerge_from``, last merged first, in the float type and with the casts of
+        :meth:`unmerge` (so the values are bit for bit those an unmerge gives); a tied weight that the merge untied
+        is the shared tensor it kept (exact); a bias the merge created is left out; a quantised base's codes were
+        never changed (its float copy is not in its state dict).
+
+        Args:
+            given: other values for the base's ``weight``/``bias`` to unmerge (a gathered state dict's, which holds
+                the merged values), keyed ``"weight"``/``"bias"``; None (default) or a missing key: the live ones.
+                A tied weight the merge untied is then taken from ``given["tied"]`` when present.
+
+        Returns:
+            ``{name: tensor}`` keyed as ``base_layer.state_dict()``; shapes as there (``weight (out, in)``, an
+            embedding's ``(num_embeddings, embedding_dim)``).
+        """
+        given = dict(given or {})
+        state = {k: v.detach() for k, v in self.base_layer.state_dict(keep_vars=True).items()}
+        if not self.merged_adapters:
+            return {**state, **{k: v for k, v in given.items() if k in state}}
+        live_w, live_b = self.weight, self.bias
+        dtype = torch.promote_types(live_w.dtype, torch.float32)  # as _fold
+        w = given.get("weight", live_w).detach()
+        b = None if live_b is None else given.get("bias", live_b).detach()
+        for n in reversed(self.merged_adapters):
+            new_w, new_b = self.adapters[n].unmerge_from(self, w.to(dtype), None if b is None else b.to(dtype))
+            w = new_w.to(live_w.dtype)
+            if new_b is not None and b is not None:
+                b = new_b.to(live_b.dtype)
+        if self._tied_weight is not None:
+            w = given.get("tied", self._tied_weight).detach()
+        if "weight" in state:
+            state["weight"] = w
+        if self._created_bias:
+            state.pop("bias", None)
+        elif "bias" in state and b is not None:
+            state["bias"] = b
+        return state
+
     @_in_merge_mode
     def unmerge(self) -> None:
         """Undo every merge, last merged first, restoring the base weight to float tolerance."""
@@ -706,6 +749,35 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def unmerged_base_values(model: nn.Module) -> dict[str, Tensor]:
+    """The values, with nothing merged, of the base weights and biases that merged adapters changed, keyed as in
+    ``model.named_parameters()`` (``<layer path>.base_layer.weight``), computed on copies
+    (:meth:`AdaptedLayer.unmerged_base_state`); ``model`` is not changed. A bias a merge created is not listed.
+    Training checkpoints write these in place of the live values, so that they hold what saving unmerged holds."""
+    out: dict[str, Tensor] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, AdaptedLayer) and m.merged_adapters:
+            pre = f"{path}.base_layer." if path else "base_layer."
+            state = m.unmerged_base_state()
+            out.update({pre + k: state[k] for k in ("weight", "bias") if k in state})
+    return out
+
+
+@contextlib.contextmanager
+def unmerged_for_load(model: nn.Module) -> Iterator[None]:
+    """Run a block that copies unmerged values (a training checkpoint's) into ``model``'s parameters with its merged
+    adapters unmerged, and merge them again after (also when the block raises)."""
+    host = getattr(model, "base_model", None)
+    merged = host.merged_adapters() if callable(getattr(host, "merged_adapters", None)) else []
+    if merged:
+        host.unmerge()
+    try:
+        yield
+    finally:
+        if merged:
+            host.merge(merged)
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -128,7 +128,8 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
         return file_keys(holder, adapter_name, taken, injected_form=True)
     model = _peft_model(model, "get_peft_model_state_dict")
     out = _tensors(model, adapter_name, export=True)
-    embeddings = _embedding_tensors(model, adapter_name, save_embedding_layers)
+    # base tensors are written as they are unmerged (a merge changed them; loading, unmerged, applies the adapter)
+    embeddings = _embedding_tensors(model, adapter_name, save_embedding_layers, live=state_dict is not None)
     # an adapter's own tensor under the same key (none is expected) is never replaced by a base tensor
     embeddings = {k: v for k, v in embeddings.items() if k not in out}
     if state_dict is None:
@@ -139,13 +140,35 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | 
                           "its parameters (pruned ranks, sparse differences, folded prompts); call it without state_dict")
     names = {(t.data_ptr(), t.shape): n for n, t in model.state_dict().items() if t.numel()}
     taken = {}
+    merged = _merged_base_tensors(model)
     for key, tensor in {**own, **embeddings}.items():
         name = names.get((tensor.data_ptr(), tensor.shape))
         if name is None or name not in state_dict:
             raise ConfigError(f"state_dict holds no value for the adapter's {key!r} (model name {name!r}); give the "
                               "model's own state dict (model.state_dict(), or one gathered from it)")
         taken[key] = state_dict[name]
+        if name in merged:  # the given value holds merged adapters' changes: the file gets it unmerged
+            layer, path, attr = merged[name]
+            given = {k: state_dict[f"{path}.base_layer.{k}"] for k in ("weight", "bias")
+                     if f"{path}.base_layer.{k}" in state_dict}
+            tied = layer._tied_weight
+            if tied is not None and names.get((tied.data_ptr(), tied.shape)) in state_dict:
+                given["tied"] = state_dict[names[(tied.data_ptr(), tied.shape)]]
+            unmerged = layer.unmerged_base_state(given)
+            if attr in unmerged:
+                taken[key] = unmerged[attr]
+            else:  # a bias the merge gave a bias-free layer
+                del taken[key]
     return taken
+
+
+def _merged_base_tensors(model: PeftModel) -> dict[str, tuple[nn.Module, str, str]]:
+    """``{state-dict name: (layer, layer path, "weight" | "bias")}`` of the base weights and biases that merged
+    adapters changed (those of every :class:`~peftkit.layers.AdaptedLayer` with something merged)."""
+    from peftkit.layers import AdaptedLayer
+
+    return {f"{path}.base_layer.{attr}": (m, path, attr) for path, m in model.named_modules()
+            if isinstance(m, AdaptedLayer) and m.merged_adapters for attr in ("weight", "bias")}
 
 
 def _peft_model(model: object, caller: str) -> PeftModel:
@@ -190,9 +213,12 @@ def check_save_embedding_layers(value: object) -> None:
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
-def _embedding_tensors(model: PeftModel, adapter_name: str, save_embedding_layers: str | bool) -> dict[str, Tensor]:
+def _embedding_tensors(model: PeftModel, adapter_name: str, save_embedding_layers: str | bool,
+                       live: bool = False) -> dict[str, Tensor]:
     """The base model's input and output embedding tensors as peft's ``save_embedding_layers`` writes them (see
-    :func:`get_peft_model_state_dict`), keyed for the file; empty when they are not to be written."""
+    :func:`get_peft_model_state_dict`), keyed for the file; empty when they are not to be written. A wrapped
+    layer's tensors are its unmerged ones (:meth:`~peftkit.layers.AdaptedLayer.unmerged_base_state`: what a merge
+    changed is computed back on copies), or with ``live`` the live tensors themselves (merged or not)."""
     import re
     import warnings
 
@@ -237,7 +263,8 @@ def _embedding_tensors(model: PeftModel, adapter_name: str, save_embedding_layer
         if name is None:
             continue
         inner = f"{name}.base_layer" if targeted else name
-        out.update({f"{prefix}{inner}.{k}": v for k, v in base.state_dict(keep_vars=True).items()})
+        state = (layer.unmerged_base_state() if wrapped and not live else base.state_dict(keep_vars=True))
+        out.update({f"{prefix}{inner}.{k}": v for k, v in state.items()})
     return {k: v.detach() for k, v in out.items()}
 
 
@@ -406,6 +433,14 @@ def _check_and_copy(model: PeftModel, state_dict: dict[str, Tensor], adapter_nam
         plain = key.replace(".base_layer.", ".")
         if plain in params and plain not in own and plain not in state_dict:
             state_dict[plain] = state_dict.pop(key)
+    # and the other way: a whole base tensor written under the plain name (save_embedding_layers=True of an
+    # embedding that target_modules does not name, e.g. trainable tokens on GPT-2's wte) when an adapter here
+    # wraps that module
+    for key in [k for k in state_dict if k not in own and k not in params]:
+        head, _, leaf = key.rpartition(".")
+        wrapped = f"{head}.base_layer.{leaf}"
+        if wrapped in params and wrapped not in own and wrapped not in state_dict:
+            state_dict[wrapped] = state_dict.pop(key)
     # peft also stores whole base tensors it considers changed (e.g. a targeted ``embed_tokens``); such keys name
     # a base-model parameter and are loaded into it
     base = {k: params[k] for k in state_dict if k not in own and k in params}

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from peftkit.config import ConfigError, check
 from peftkit.formats.hf_peft import atomic_write_bytes
+from peftkit.layers import unmerged_base_values, unmerged_for_load
 from peftkit.train import distributed as D
 from peftkit.train.checks import read_json_object
 
@@ -162,7 +163,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     D.barrier()
-    tensors = {f"param.{n}": D.local(p) for n, p in model.named_parameters() if p.requires_grad}
+    # a trained base tensor that a merged adapter changed (bias="all") is written unmerged, as adapter files are
+    unmerged = unmerged_base_values(model)
+    tensors = {f"param.{n}": unmerged[n] if n in unmerged and not hasattr(p, "device_mesh") else D.local(p)
+               for n, p in model.named_parameters() if p.requires_grad}
     tensors |= {f"buffer.{n}": b for n, b in _buffers(model).items()}
     host = _method_host(model)
     if host is not None:  # what a method keeps outside parameters and buffers (AdaLoRA's rank masks)
@@ -357,7 +361,7 @@ def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torc
     for live, stored in zip(groups, state["optimizer_param_groups"], strict=True):
         saved_groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in stored.items()})
     optimizer.load_state_dict({"state": opt_state, "param_groups": saved_groups})
-    with torch.no_grad():
+    with torch.no_grad(), unmerged_for_load(model):  # the values are unmerged ones
         for key, dst in targets.items():
             D.local(dst).copy_(tensors[key])
     if method:

@@ -55,6 +55,7 @@ from transformers.utils import can_return_loss, find_labels
 
 from peftkit.config import WEIGHTS_NAME, ConfigError
 from peftkit.formats.hf_peft import atomic_write_bytes, load_saved_state, read_adapter_files
+from peftkit.layers import unmerged_base_values, unmerged_for_load
 from peftkit.model import PeftModel
 from peftkit.train.trainer import check_optimizer_after_prepare
 
@@ -152,7 +153,7 @@ def _load_training_state(model: PeftModel, folder: str) -> None:
     if wrong:
         raise ConfigError(f"{path!r} does not fit the model's trainable parameters (e.g. {wrong[:2]}); resume with "
                           "the model and config the checkpoint was written by")
-    with torch.no_grad():
+    with torch.no_grad(), unmerged_for_load(model):  # the values are unmerged ones
         for n, p in own.items():
             p.copy_(saved[n])
 
@@ -240,8 +241,9 @@ class PeftTrainer(Trainer):
         if not self.args.should_save:
             return
         if saved_form_differs(peft):  # what a resumed run needs: the parameters as they train
-            _save_atomically({n: p.detach().contiguous() for n, p in peft.named_parameters() if p.requires_grad},
-                             os.path.join(output_dir, TRAINING_STATE))
+            unmerged = unmerged_base_values(peft)  # a trained base bias a merge changed is written unmerged
+            _save_atomically({n: unmerged.get(n, p).detach().contiguous() for n, p in peft.named_parameters()
+                              if p.requires_grad}, os.path.join(output_dir, TRAINING_STATE))
         method = peft.base_model.method_state()
         if method:  # and what the methods keep beside them (AdaLoRA's rank masks and importance averages)
             _save_atomically({k: v.detach().contiguous() for k, v in method.items()},
