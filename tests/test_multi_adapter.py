@@ -520,3 +520,30 @@ def test_loading_values_into_a_merged_adapter_merges_the_new_values(how, tmp_pat
     plain = model.unload()
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(value, original[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rotation", ["hra", "oft"])
+def test_a_weight_only_rotation_under_a_rescale_over_a_substituted_bias_merges_exactly(rotation):
+    """A rotation that folds into the weight alone (HRA's ``W H``, OFT's ``W R^T``) reads no bias, so with DoRA and
+    BitFit on the layer it is no second rescale: merging all three is exact (float64: any difference is a real
+    one). OFT's was refused as one ("the merged form of ['r', 'd'] stacked on ... 'b' substitutes"), HRA's not."""
+    t = ["output.dense"]
+    rot = (peftkit.HRAConfig(r=2, init_weights=False, target_modules=t) if rotation == "hra"
+           else peftkit.OFTConfig(oft_block_size=4, target_modules=t))
+    dora = peftkit.LoraConfig(r=4, target_modules=t, use_dora=True, init_lora_weights=False)
+    model = _stack(("r", rot), ("d", dora), ("b", peftkit.BitFitConfig(target_modules=t))).double()
+    x = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        expected = model(input_ids=x).last_hidden_state
+        with model.disable_adapter():
+            assert (model(input_ids=x).last_hidden_state - expected).abs().max() > 1e-2
+        model.merge_adapter()
+        assert sorted(model.base_model.merged_adapters()) == ["b", "d", "r"]
+        assert (model(input_ids=x).last_hidden_state - expected).abs().max() <= 1e-10
+    # a rescale that reads the bias (IA3's) in the rotation's place is still refused
+    model.unmerge_adapter()
+    model.delete_adapter("r")
+    model.add_adapter("i", peftkit.IA3Config(target_modules=t, feedforward_modules=[]))
+    model.set_adapter(["i", "d", "b"])
+    with pytest.raises(ValueError, match=r"the merged form of \['i', 'd'\] stacked"):
+        model.merge_adapter()
