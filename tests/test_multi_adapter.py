@@ -547,3 +547,31 @@ def test_a_weight_only_rotation_under_a_rescale_over_a_substituted_bias_merges_e
     model.set_adapter(["i", "d", "b"])
     with pytest.raises(ValueError, match=r"the merged form of \['i', 'd'\] stacked"):
         model.merge_adapter()
+
+
+@pytest.mark.parametrize("rotation", ["hra", "oft"])
+def test_a_kernel_rotation_with_two_rescales_on_a_conv2d_merges_exactly(rotation):
+    """HRA's and OFT's Conv2d adapters substitute the kernel alone (``W H``, ``W R^T``), never the bias, so they are
+    no substituted bias that DoRA and (IA)^3 after them would read twice: merging the three is exact (float64).
+    HRA's was refused ("the merged form of ['d', 'i'] stacked on the parameters that 'r' substitutes"), OFT's not."""
+    torch.manual_seed(0)
+    t = ["0"]
+    rot = (peftkit.HRAConfig(r=2, init_weights=False, target_modules=t) if rotation == "hra"
+           else peftkit.OFTConfig(oft_block_size=4, target_modules=t))
+    model = peftkit.get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1)).double(), rot,
+                                   adapter_name="r")
+    model.add_adapter("i", peftkit.IA3Config(target_modules=t, feedforward_modules=[]))
+    model.add_adapter("d", peftkit.LoraConfig(r=2, target_modules=t, use_dora=True, init_lora_weights=False))
+    model.set_adapter(["r", "d", "i"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        with model.disable_adapter():
+            assert (model(x) - expected).abs().max() > 1e-2
+        model.merge_adapter()
+        assert sorted(model.base_model.merged_adapters()) == ["d", "i", "r"]
+        assert (model(x) - expected).abs().max() <= 1e-10
