@@ -520,3 +520,58 @@ def test_loading_values_into_a_merged_adapter_merges_the_new_values(how, tmp_pat
     plain = model.unload()
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(value, original[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rotation", ["hra", "oft"])
+def test_a_weight_only_rotation_under_a_rescale_over_a_substituted_bias_merges_exactly(rotation):
+    """A rotation that folds into the weight alone (HRA's ``W H``, OFT's ``W R^T``) reads no bias, so with DoRA and
+    BitFit on the layer it is no second rescale: merging all three is exact (float64: any difference is a real
+    one). OFT's was refused as one ("the merged form of ['r', 'd'] stacked on ... 'b' substitutes"), HRA's not."""
+    t = ["output.dense"]
+    rot = (peftkit.HRAConfig(r=2, init_weights=False, target_modules=t) if rotation == "hra"
+           else peftkit.OFTConfig(oft_block_size=4, target_modules=t))
+    dora = peftkit.LoraConfig(r=4, target_modules=t, use_dora=True, init_lora_weights=False)
+    model = _stack(("r", rot), ("d", dora), ("b", peftkit.BitFitConfig(target_modules=t))).double()
+    x = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        expected = model(input_ids=x).last_hidden_state
+        with model.disable_adapter():
+            assert (model(input_ids=x).last_hidden_state - expected).abs().max() > 1e-2
+        model.merge_adapter()
+        assert sorted(model.base_model.merged_adapters()) == ["b", "d", "r"]
+        assert (model(input_ids=x).last_hidden_state - expected).abs().max() <= 1e-10
+    # a rescale that reads the bias (IA3's) in the rotation's place is still refused
+    model.unmerge_adapter()
+    model.delete_adapter("r")
+    model.add_adapter("i", peftkit.IA3Config(target_modules=t, feedforward_modules=[]))
+    model.set_adapter(["i", "d", "b"])
+    with pytest.raises(ValueError, match=r"the merged form of \['i', 'd'\] stacked"):
+        model.merge_adapter()
+
+
+@pytest.mark.parametrize("rotation", ["hra", "oft"])
+def test_a_kernel_rotation_with_two_rescales_on_a_conv2d_merges_exactly(rotation):
+    """HRA's and OFT's Conv2d adapters substitute the kernel alone (``W H``, ``W R^T``), never the bias, so they are
+    no substituted bias that DoRA and (IA)^3 after them would read twice: merging the three is exact (float64).
+    HRA's was refused ("the merged form of ['d', 'i'] stacked on the parameters that 'r' substitutes"), OFT's not."""
+    torch.manual_seed(0)
+    t = ["0"]
+    rot = (peftkit.HRAConfig(r=2, init_weights=False, target_modules=t) if rotation == "hra"
+           else peftkit.OFTConfig(oft_block_size=4, target_modules=t))
+    model = peftkit.get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1)).double(), rot,
+                                   adapter_name="r")
+    model.add_adapter("i", peftkit.IA3Config(target_modules=t, feedforward_modules=[]))
+    model.add_adapter("d", peftkit.LoraConfig(r=2, target_modules=t, use_dora=True, init_lora_weights=False))
+    model.set_adapter(["r", "d", "i"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        with model.disable_adapter():
+            assert (model(x) - expected).abs().max() > 1e-2
+        model.merge_adapter()
+        assert sorted(model.base_model.merged_adapters()) == ["d", "i", "r"]
+        assert (model(x) - expected).abs().max() <= 1e-10

@@ -188,7 +188,8 @@ class Adapter(nn.Module):
         substitutes_bias: whether such a substitution may change the base bias (True by default; False for
             one that only replaces the weight, as OFT's rotated convolution kernel does).
         merge_keeps_bias: whether a rescaling merge (not an additive delta) changes the weight alone and never
-            reads or rescales the bias (HRA's rotation), so stacking it with a bias substitution stays exact.
+            reads or rescales the bias (the rotations of HRA and OFT), so stacking it with a bias substitution
+            stays exact.
     """
 
     mergeable: ClassVar[bool] = True
@@ -609,8 +610,8 @@ class AdaptedLayer(nn.Module):
                       key=lambda n: not self.adapters[n].substitutes_params)
         if not merging & set(live):
             return None
-        # not rescales: an adapter with ``merge_keeps_bias`` set (HRA's) folds into the weight alone, with no bias
-        # to read twice; a substitution that replaces tensors (LN tuning's) merges as it runs
+        # not rescales: an adapter with ``merge_keeps_bias`` set (HRA's, OFT's) folds into the weight alone, with no
+        # bias to read twice; a substitution that replaces tensors (LN tuning's) merges as it runs
         rescales = [n for n in live if not _additive(self.adapters[n]) and not self.adapters[n].merge_keeps_bias
                     and not self.adapters[n].substitutes_params]
         bias = next((n for n in live if self.adapters[n].substitutes_params and self.adapters[n].substitutes_bias),

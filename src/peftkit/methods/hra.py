@@ -216,6 +216,7 @@ class HRAConv2d(Adapter):
     """
 
     substitutes_params = True
+    substitutes_bias = False  # the substitution replaces the kernel alone (see AdaptedLayer.check_partial_merge)
     merge_keeps_bias = True  # merging rotates the kernel alone (see AdaptedLayer.check_partial_merge)
 
     def __init__(self, flat_in: int, r: int, apply_gs: bool, init: bool) -> None:

@@ -228,6 +228,7 @@ class OFTAdapter(Adapter):
     """
 
     transforms_input = True
+    merge_keeps_bias = True  # merging rotates the weight alone (see AdaptedLayer.check_partial_merge)
     #: the attribute holding the :class:`OFTRotation` (peft's name, so the file key: ``oft_R.weight``)
     rotation_name = "oft_R"
 
