@@ -184,7 +184,9 @@ class Adapter(nn.Module):
         fuses_base: whether :meth:`fused_forward` may compute the whole layer output when this adapter
             is the only one in use (one autograd node for the base and the adapter).
         substitutes_params: whether :meth:`substitute_params` changes the parameters the base layer
-            runs with (selective methods: ``W + delta``); the base module itself is never modified.
+            runs with (selective methods: ``W + delta``); the base module itself is never modified. The merge
+            check never counts a substitution as an output rescale: one that scaled the bias would need its own
+            flag there.
         substitutes_bias: whether such a substitution may change the base bias (True by default; False for
             one that only replaces the weight, as OFT's rotated convolution kernel does).
         merge_keeps_bias: whether a rescaling merge (not an additive delta) changes the weight alone and never
