@@ -308,3 +308,17 @@ def test_forward_signature_names_task_ids_for_trainers_that_filter_columns():
     with torch.no_grad():  # an int32 tensor works as a list does
         assert torch.equal(model(input_ids=x, task_ids=torch.tensor([1, 0], dtype=torch.int32)).logits,
                            model(input_ids=x, task_ids=[1, 0]).logits)
+
+
+def test_forward_signature_names_task_ids_only_on_a_model_with_a_task_routed_adapter():
+    # transformers' Trainer (remove_unused_columns) keeps the dataset columns the forward's signature names: a
+    # LoRA model must not keep a ``task_ids`` column, which its forward would refuse, as before Poly came in
+    import inspect
+
+    lora = get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "task_ids" not in inspect.signature(lora.forward).parameters
+    assert "adapter_names" in inspect.signature(lora.forward).parameters
+    lora.add_adapter("poly", PolyConfig(r=2, n_tasks=2, target_modules=["q_proj"]))
+    assert "task_ids" in inspect.signature(lora.forward).parameters
+    lora.delete_adapter("poly")
+    assert "task_ids" not in inspect.signature(lora.forward).parameters

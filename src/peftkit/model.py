@@ -1222,9 +1222,9 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
 
 class _SignedForward:
     """Descriptor for :meth:`PeftModel.forward`: on a model it gives a bound method whose signature is the
-    wrapped model's forward arguments (plus ``adapter_names`` and ``task_ids``), as for a peft model, so that tools which
-    keep only the arguments a model takes (transformers' ``Trainer`` with ``remove_unused_columns``) keep
-    the right ones; on the class it gives the plain function (whose signature names ``labels``, where
+    wrapped model's forward arguments (plus ``adapter_names``, and ``task_ids`` while an adapter routes by task),
+    as for a peft model, so that tools which keep only the arguments a model takes (transformers' ``Trainer``
+    with ``remove_unused_columns``) keep the right ones; on the class it gives the plain function (whose signature names ``labels``, where
     ``Trainer`` looks for label names).
 
     The bound method is a real ``types.MethodType`` made at each access (nothing is stored on the model, so
@@ -1249,15 +1249,18 @@ class _SignedForward:
         except AttributeError:  # during construction or teardown
             return types.MethodType(self.fn, model)
         key = getattr(base_forward, "__func__", base_forward)
+        # task_ids is named only while an adapter routes by task (Poly): Trainer then keeps that column, and
+        # drops it, as before, for the other methods (whose forward refuses task_ids)
+        routed = any(c.takes_task_ids for c in getattr(model.base_model, "peft_config", {}).values())
         try:
-            fn = self._signed.get(key)
+            fns = self._signed.setdefault(key, {})
         except TypeError:  # not weakly referenceable: not cached
-            return types.MethodType(self._copy_with_signature(base_forward), model)
-        if fn is None:
-            fn = self._signed[key] = self._copy_with_signature(base_forward)
-        return types.MethodType(fn, model)
+            return types.MethodType(self._copy_with_signature(base_forward, routed), model)
+        if routed not in fns:
+            fns[routed] = self._copy_with_signature(base_forward, routed)
+        return types.MethodType(fns[routed], model)
 
-    def _copy_with_signature(self, base_forward: Any) -> Any:
+    def _copy_with_signature(self, base_forward: Any, routed: bool) -> Any:
         fn = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__, self.fn.__defaults__,
                                 self.fn.__closure__)
         functools.update_wrapper(fn, self.fn)
@@ -1270,7 +1273,7 @@ class _SignedForward:
             return fn
         # whether labels may be passed on (PeftModel.forward refuses them otherwise)
         fn.takes_labels = any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        for name in ("adapter_names", "task_ids"):
+        for name in ("adapter_names", "task_ids") if routed else ("adapter_names",):
             if name not in {p.name for p in params}:
                 extra = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
                 at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
