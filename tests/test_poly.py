@@ -322,3 +322,24 @@ def test_forward_signature_names_task_ids_only_on_a_model_with_a_task_routed_ada
     assert "task_ids" in inspect.signature(lora.forward).parameters
     lora.delete_adapter("poly")
     assert "task_ids" not in inspect.signature(lora.forward).parameters
+
+
+def test_task_ids_go_to_a_wrapped_model_whose_forward_takes_them_when_no_adapter_routes_by_task():
+    # before Poly, PeftModel passed task_ids on to the wrapped model; a model that reads them still gets them
+    class TaskNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.bias = torch.nn.Embedding(3, 4)
+
+        def forward(self, x, task_ids=None):
+            return self.proj(x) + (0 if task_ids is None else self.bias(torch.as_tensor(task_ids)))
+
+    torch.manual_seed(0)
+    net = TaskNet()
+    x = torch.randn(2, 4)
+    expected = net(x, task_ids=[2, 1]).detach()
+    model = get_peft_model(net, peftkit.LoraConfig(r=2, target_modules=["proj"]))
+    with torch.no_grad():
+        assert torch.allclose(model(x, task_ids=[2, 1]), expected)
+        assert not torch.allclose(model(x, task_ids=[0, 0]), expected)

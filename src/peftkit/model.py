@@ -515,11 +515,23 @@ class PeftModel(nn.Module):
         finally:
             ctx.task_ids = saved
 
+    def _own_task_ids(self, task_ids: Any, kwargs: dict[str, Any]) -> Any:
+        """``task_ids`` when they are the adapters' (see :meth:`_tasks`), else None after putting them in ``kwargs``
+        for the wrapped model: when no adapter of the model routes by task and its forward names ``task_ids``
+        (as before Poly came in, a model reading its own task ids still gets them)."""
+        if task_ids is None or any(c.takes_task_ids for c in self.base_model.peft_config.values()):  # (parts too)
+            return task_ids
+        if not getattr(getattr(self.forward, "__func__", None), "base_takes_task_ids", False):
+            return task_ids
+        kwargs["task_ids"] = task_ids
+        return None
+
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, task_ids: Any = None,
                 labels: Any = None, **kwargs: Any) -> Any:
         """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row; ``task_ids``
         (one integer per row, a list or 1-D tensor) gives each row's task to adapters that route by task (Poly),
-        as in peft (checked as :meth:`_tasks` says).
+        as in peft (checked as :meth:`_tasks` says); while no adapter of the model routes by task, a wrapped model
+        whose forward names ``task_ids`` gets them instead.
 
         ``labels`` goes to the wrapped model when given (it is named here so that transformers'
         ``Trainer``, which looks for label arguments on the model's class, finds it).
@@ -542,6 +554,7 @@ class PeftModel(nn.Module):
                                 "arguments, or use peftkit.train.hf_trainer.PeftTrainer, which reads them off the "
                                 "wrapped model")
             kwargs["labels"] = labels
+        task_ids = self._own_task_ids(task_ids, kwargs)
         rows = _batch_size(args, kwargs)
         ctx = self.base_model.ctx
         ctx.forward_id += 1
@@ -641,6 +654,7 @@ class PeftModel(nn.Module):
                              f"active: the cache also holds its {host.peft_config[prompts[0]].num_virtual_tokens} "
                              "virtual tokens, which generate() would take for input tokens; pass the whole sequence "
                              "without past_key_values")
+        task_ids = self._own_task_ids(task_ids, kwargs)
         batch = _batch_size(args, kwargs)
         with self._tasks(task_ids, batch, adapter_names), self._rows(adapter_names, batch, copies=True):
             return self.get_base_model().generate(*args, **kwargs)
@@ -1273,6 +1287,8 @@ class _SignedForward:
             return fn
         # whether labels may be passed on (PeftModel.forward refuses them otherwise)
         fn.takes_labels = any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        # whether the wrapped model reads task_ids itself (they go on to it while no adapter routes by task)
+        fn.base_takes_task_ids = any(p.name == "task_ids" for p in params)
         for name in ("adapter_names", "task_ids") if routed else ("adapter_names",):
             if name not in {p.name for p in params}:
                 extra = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
