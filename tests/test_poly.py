@@ -343,3 +343,16 @@ def test_task_ids_go_to_a_wrapped_model_whose_forward_takes_them_when_no_adapter
     with torch.no_grad():
         assert torch.allclose(model(x, task_ids=[2, 1]), expected)
         assert not torch.allclose(model(x, task_ids=[0, 0]), expected)
+
+
+def test_task_ids_of_numpy_integers_work_as_python_integers():
+    # a list read off a numpy array or a pandas column holds numpy integers; they were refused as not integers
+    import numpy as np
+
+    model = adapted(n_tasks=3)
+    x = ids(batch=3, seq=4)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x, task_ids=list(np.array([2, 0, 1]))).logits,
+                           model(input_ids=x, task_ids=[2, 0, 1]).logits)
+    with pytest.raises(ValueError, match=r"task_ids holds (np\.)?True_? \(bool_?\)"):
+        model(input_ids=x, task_ids=[0, np.bool_(True), 1])

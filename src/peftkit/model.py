@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 import itertools
+import numbers
 import os
 import types
 import warnings
@@ -486,9 +487,11 @@ class PeftModel(nn.Module):
         if not takers and not host.disabled:
             raise ValueError(f"task_ids were given, but no active adapter routes by task (active: "
                              f"{host.active_adapters}); task_ids are for Poly adapters (PolyConfig)")
-        if isinstance(task_ids, (list, tuple)) and any(isinstance(t, bool) or not isinstance(t, int)
-                                                        for t in task_ids):
-            bad = next(t for t in task_ids if isinstance(t, bool) or not isinstance(t, int))
+        def not_int(t: Any) -> bool:  # (numpy integers count; bools, numpy's too, do not)
+            return isinstance(t, bool) or not isinstance(t, numbers.Integral)
+
+        if isinstance(task_ids, (list, tuple)) and any(not_int(t) for t in task_ids):
+            bad = next(t for t in task_ids if not_int(t))
             raise ValueError(f"task_ids holds {bad!r} ({type(bad).__name__}); each task id must be an integer")
         ids = torch.as_tensor(task_ids) if isinstance(task_ids, (list, tuple, Tensor)) else None
         if ids is None or ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.is_complex() \
