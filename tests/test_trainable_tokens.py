@@ -295,3 +295,13 @@ def test_lora_trainable_token_indices_entries_on_one_embedding_or_its_tied_head(
     rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
     assert len(rows) == 1 and rows[0].shape == (2, 16)
     assert type(base.lm_head.adapters["default"]).__name__ == "TiedTokens"
+
+
+def test_trainable_token_indices_on_an_embedding_in_modules_to_save_is_refused_by_name():
+    # peft refuses both on one embedding; the message said "matches no module" / "has no get_input_embeddings()"
+    for tokens in ([1, 2], {"embed_tokens": [1, 2]}):
+        base = tiny_llama()
+        with pytest.raises(ConfigError, match=r"'model.embed_tokens' is in modules_to_save .*not both"):
+            get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                    trainable_token_indices=tokens))
+        assert not any(isinstance(m, (AdaptedLayer, peftkit.layers.ModulesToSaveWrapper)) for m in base.modules())

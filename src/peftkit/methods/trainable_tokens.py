@@ -339,7 +339,8 @@ def plan_token_adapters(host: Any, target: str | list[str], token_indices: list[
     files when ``tied_written``). ``explicit``: the target was given by the user (not the default).
 
     Raises:
-        ConfigError: no module matches, one has no 2-D weight, or an index is out of range.
+        ConfigError: no module matches, one is in ``modules_to_save``, one has no 2-D weight, or an index is out
+            of range.
     """
     import warnings
 
@@ -348,8 +349,10 @@ def plan_token_adapters(host: Any, target: str | list[str], token_indices: list[
     found: list[tuple[str, nn.Module, nn.Module]] = []
     seen: set[int] = set()
     for name, module in iter_logical_modules(model):
-        if not name or name in skip or not matches(name, target):
+        if not name or not matches(name, target):
             continue
+        check(name not in skip, f"trainable tokens: {name!r} is in modules_to_save (trained whole); train chosen rows "
+                                "of it or the whole module, not both (as peft)")
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         weight = base._parameters.get("weight")
         check(isinstance(weight, nn.Parameter) and weight.dim() == 2,
