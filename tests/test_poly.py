@@ -308,3 +308,51 @@ def test_forward_signature_names_task_ids_for_trainers_that_filter_columns():
     with torch.no_grad():  # an int32 tensor works as a list does
         assert torch.equal(model(input_ids=x, task_ids=torch.tensor([1, 0], dtype=torch.int32)).logits,
                            model(input_ids=x, task_ids=[1, 0]).logits)
+
+
+def test_forward_signature_names_task_ids_only_on_a_model_with_a_task_routed_adapter():
+    # transformers' Trainer (remove_unused_columns) keeps the dataset columns the forward's signature names: a
+    # LoRA model must not keep a ``task_ids`` column, which its forward would refuse, as before Poly came in
+    import inspect
+
+    lora = get_peft_model(tiny_llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "task_ids" not in inspect.signature(lora.forward).parameters
+    assert "adapter_names" in inspect.signature(lora.forward).parameters
+    lora.add_adapter("poly", PolyConfig(r=2, n_tasks=2, target_modules=["q_proj"]))
+    assert "task_ids" in inspect.signature(lora.forward).parameters
+    lora.delete_adapter("poly")
+    assert "task_ids" not in inspect.signature(lora.forward).parameters
+
+
+def test_task_ids_go_to_a_wrapped_model_whose_forward_takes_them_when_no_adapter_routes_by_task():
+    # before Poly, PeftModel passed task_ids on to the wrapped model; a model that reads them still gets them
+    class TaskNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.bias = torch.nn.Embedding(3, 4)
+
+        def forward(self, x, task_ids=None):
+            return self.proj(x) + (0 if task_ids is None else self.bias(torch.as_tensor(task_ids)))
+
+    torch.manual_seed(0)
+    net = TaskNet()
+    x = torch.randn(2, 4)
+    expected = net(x, task_ids=[2, 1]).detach()
+    model = get_peft_model(net, peftkit.LoraConfig(r=2, target_modules=["proj"]))
+    with torch.no_grad():
+        assert torch.allclose(model(x, task_ids=[2, 1]), expected)
+        assert not torch.allclose(model(x, task_ids=[0, 0]), expected)
+
+
+def test_task_ids_of_numpy_integers_work_as_python_integers():
+    # a list read off a numpy array or a pandas column holds numpy integers; they were refused as not integers
+    import numpy as np
+
+    model = adapted(n_tasks=3)
+    x = ids(batch=3, seq=4)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x, task_ids=list(np.array([2, 0, 1]))).logits,
+                           model(input_ids=x, task_ids=[2, 0, 1]).logits)
+    with pytest.raises(ValueError, match=r"task_ids holds (np\.)?True_? \(bool_?\)"):
+        model(input_ids=x, task_ids=[0, np.bool_(True), 1])

@@ -277,3 +277,31 @@ def test_lora_trainable_token_indices_by_module_name_and_its_refusals():
         peftkit.LoraConfig(trainable_token_indices={"embed_tokens": [1, 1]})
     with pytest.raises(ConfigError, match="trainable_token_indices=5 is not valid"):
         peftkit.LoraConfig(trainable_token_indices=5)
+
+
+def test_lora_trainable_token_indices_entries_on_one_embedding_or_its_tied_head():
+    # two dict entries that reach one weight (the same module by two names, or a head tied to the embedding): with
+    # different ids the second replaced the first's wrapper and its rows silently; now refused, model unchanged
+    for tokens in ({"wte": [1, 2], "lm_head": [3]}, {"wte": [1, 2], "transformer.wte": [3]}):
+        base = tiny_gpt2()
+        with pytest.raises(ConfigError, match=r"trainable_token_indices: 'lm_head' and 'wte'|"
+                                              r"trainable_token_indices: 'transformer.wte' and 'wte'"):
+            get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=tokens))
+        assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
+    # the same ids on the embedding and its tied head: one set of rows, the head follows them (as peft)
+    base = tiny_gpt2()
+    model = get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["c_attn"],
+                                                    trainable_token_indices={"wte": [1, 2], "lm_head": [1, 2]}))
+    rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert len(rows) == 1 and rows[0].shape == (2, 16)
+    assert type(base.lm_head.adapters["default"]).__name__ == "TiedTokens"
+
+
+def test_trainable_token_indices_on_an_embedding_in_modules_to_save_is_refused_by_name():
+    # peft refuses both on one embedding; the message said "matches no module" / "has no get_input_embeddings()"
+    for tokens in ([1, 2], {"embed_tokens": [1, 2]}):
+        base = tiny_llama()
+        with pytest.raises(ConfigError, match=r"'model.embed_tokens' is in modules_to_save .*not both"):
+            get_peft_model(base, peftkit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                    trainable_token_indices=tokens))
+        assert not any(isinstance(m, (AdaptedLayer, peftkit.layers.ModulesToSaveWrapper)) for m in base.modules())

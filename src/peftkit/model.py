@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 import itertools
+import numbers
 import os
 import types
 import warnings
@@ -486,9 +487,11 @@ class PeftModel(nn.Module):
         if not takers and not host.disabled:
             raise ValueError(f"task_ids were given, but no active adapter routes by task (active: "
                              f"{host.active_adapters}); task_ids are for Poly adapters (PolyConfig)")
-        if isinstance(task_ids, (list, tuple)) and any(isinstance(t, bool) or not isinstance(t, int)
-                                                        for t in task_ids):
-            bad = next(t for t in task_ids if isinstance(t, bool) or not isinstance(t, int))
+        def not_int(t: Any) -> bool:  # (numpy integers count; bools, numpy's too, do not)
+            return isinstance(t, bool) or not isinstance(t, numbers.Integral)
+
+        if isinstance(task_ids, (list, tuple)) and any(not_int(t) for t in task_ids):
+            bad = next(t for t in task_ids if not_int(t))
             raise ValueError(f"task_ids holds {bad!r} ({type(bad).__name__}); each task id must be an integer")
         ids = torch.as_tensor(task_ids) if isinstance(task_ids, (list, tuple, Tensor)) else None
         if ids is None or ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.is_complex() \
@@ -515,11 +518,23 @@ class PeftModel(nn.Module):
         finally:
             ctx.task_ids = saved
 
+    def _own_task_ids(self, task_ids: Any, kwargs: dict[str, Any]) -> Any:
+        """``task_ids`` when they are the adapters' (see :meth:`_tasks`), else None after putting them in ``kwargs``
+        for the wrapped model: when no adapter of the model routes by task and its forward names ``task_ids``
+        (as before Poly came in, a model reading its own task ids still gets them)."""
+        if task_ids is None or any(c.takes_task_ids for c in self.base_model.peft_config.values()):  # (parts too)
+            return task_ids
+        if not getattr(getattr(self.forward, "__func__", None), "base_takes_task_ids", False):
+            return task_ids
+        kwargs["task_ids"] = task_ids
+        return None
+
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, task_ids: Any = None,
                 labels: Any = None, **kwargs: Any) -> Any:
         """Run the adapted model; ``adapter_names`` (one per row) selects an adapter per batch row; ``task_ids``
         (one integer per row, a list or 1-D tensor) gives each row's task to adapters that route by task (Poly),
-        as in peft (checked as :meth:`_tasks` says).
+        as in peft (checked as :meth:`_tasks` says); while no adapter of the model routes by task, a wrapped model
+        whose forward names ``task_ids`` gets them instead.
 
         ``labels`` goes to the wrapped model when given (it is named here so that transformers'
         ``Trainer``, which looks for label arguments on the model's class, finds it).
@@ -542,6 +557,7 @@ class PeftModel(nn.Module):
                                 "arguments, or use peftkit.train.hf_trainer.PeftTrainer, which reads them off the "
                                 "wrapped model")
             kwargs["labels"] = labels
+        task_ids = self._own_task_ids(task_ids, kwargs)
         rows = _batch_size(args, kwargs)
         ctx = self.base_model.ctx
         ctx.forward_id += 1
@@ -641,6 +657,7 @@ class PeftModel(nn.Module):
                              f"active: the cache also holds its {host.peft_config[prompts[0]].num_virtual_tokens} "
                              "virtual tokens, which generate() would take for input tokens; pass the whole sequence "
                              "without past_key_values")
+        task_ids = self._own_task_ids(task_ids, kwargs)
         batch = _batch_size(args, kwargs)
         with self._tasks(task_ids, batch, adapter_names), self._rows(adapter_names, batch, copies=True):
             return self.get_base_model().generate(*args, **kwargs)
@@ -1222,9 +1239,9 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig | Sequence[PeftConf
 
 class _SignedForward:
     """Descriptor for :meth:`PeftModel.forward`: on a model it gives a bound method whose signature is the
-    wrapped model's forward arguments (plus ``adapter_names`` and ``task_ids``), as for a peft model, so that tools which
-    keep only the arguments a model takes (transformers' ``Trainer`` with ``remove_unused_columns``) keep
-    the right ones; on the class it gives the plain function (whose signature names ``labels``, where
+    wrapped model's forward arguments (plus ``adapter_names``, and ``task_ids`` while an adapter routes by task),
+    as for a peft model, so that tools which keep only the arguments a model takes (transformers' ``Trainer``
+    with ``remove_unused_columns``) keep the right ones; on the class it gives the plain function (whose signature names ``labels``, where
     ``Trainer`` looks for label names).
 
     The bound method is a real ``types.MethodType`` made at each access (nothing is stored on the model, so
@@ -1249,15 +1266,18 @@ class _SignedForward:
         except AttributeError:  # during construction or teardown
             return types.MethodType(self.fn, model)
         key = getattr(base_forward, "__func__", base_forward)
+        # task_ids is named only while an adapter routes by task (Poly): Trainer then keeps that column, and
+        # drops it, as before, for the other methods (whose forward refuses task_ids)
+        routed = any(c.takes_task_ids for c in getattr(model.base_model, "peft_config", {}).values())
         try:
-            fn = self._signed.get(key)
+            fns = self._signed.setdefault(key, {})
         except TypeError:  # not weakly referenceable: not cached
-            return types.MethodType(self._copy_with_signature(base_forward), model)
-        if fn is None:
-            fn = self._signed[key] = self._copy_with_signature(base_forward)
-        return types.MethodType(fn, model)
+            return types.MethodType(self._copy_with_signature(base_forward, routed), model)
+        if routed not in fns:
+            fns[routed] = self._copy_with_signature(base_forward, routed)
+        return types.MethodType(fns[routed], model)
 
-    def _copy_with_signature(self, base_forward: Any) -> Any:
+    def _copy_with_signature(self, base_forward: Any, routed: bool) -> Any:
         fn = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__, self.fn.__defaults__,
                                 self.fn.__closure__)
         functools.update_wrapper(fn, self.fn)
@@ -1270,7 +1290,9 @@ class _SignedForward:
             return fn
         # whether labels may be passed on (PeftModel.forward refuses them otherwise)
         fn.takes_labels = any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        for name in ("adapter_names", "task_ids"):
+        # whether the wrapped model reads task_ids itself (they go on to it while no adapter routes by task)
+        fn.base_takes_task_ids = any(p.name == "task_ids" for p in params)
+        for name in ("adapter_names", "task_ids") if routed else ("adapter_names",):
             if name not in {p.name for p in params}:
                 extra = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
                 at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))

@@ -197,14 +197,29 @@ def add_lora_token_rows(host: Any, adapter_name: str, indices: list[int] | dict[
     or ``{module name: list}``) next to a LoRA adapter ``adapter_name``, as :class:`LoraTokenAdapter` s (a tied
     LM head follows the rows, and is not written to files, as in peft). Every adapter is built before any is added.
 
+    Two dict entries that reach one weight (one module by two names, or an embedding and its tied head) are
+    one set of rows when their ids agree (the later entry adds nothing, as peft), and refused when they differ.
+
     Raises:
-        ConfigError: as :func:`plan_token_adapters`, or LoRA adapts one of these embeddings too.
+        ConfigError: as :func:`plan_token_adapters`; two entries reaching one weight with different ids; or LoRA
+            adapts one of these embeddings too.
     """
     plans = {default_embedding_name(host.model): indices} if isinstance(indices, list) else indices
-    built = [b for target, idx in plans.items()
-             for b in plan_token_adapters(host, [target] if isinstance(indices, dict) else target, idx,
-                                          explicit=isinstance(indices, dict), wrap=LoraTokenAdapter,
-                                          tied_written=False)]
+    built: list[tuple[str, nn.Module, Adapter]] = []
+    claimed: dict[str, str] = {}  # module name -> the entry whose rows it runs with
+    for target, idx in plans.items():
+        part = plan_token_adapters(host, [target] if isinstance(indices, dict) else target, idx,
+                                   explicit=isinstance(indices, dict), wrap=LoraTokenAdapter, tied_written=False)
+        clash = [name for name, _, _ in part if name in claimed]
+        if clash:
+            first = claimed[clash[0]]
+            check(plans[first] == idx and len(clash) == len(part),
+                  f"trainable_token_indices: {target!r} and {first!r} reach one weight ({clash[0]!r}: the same "
+                  f"module, or a tied one) with different token ids ({idx!r} and {plans[first]!r}); give them the "
+                  "same ids or one entry")
+            continue
+        claimed.update({name: target for name, _, _ in part})
+        built += part
     attach(host, adapter_name, built)
 
 
@@ -324,7 +339,8 @@ def plan_token_adapters(host: Any, target: str | list[str], token_indices: list[
     files when ``tied_written``). ``explicit``: the target was given by the user (not the default).
 
     Raises:
-        ConfigError: no module matches, one has no 2-D weight, or an index is out of range.
+        ConfigError: no module matches, one is in ``modules_to_save``, one has no 2-D weight, or an index is out
+            of range.
     """
     import warnings
 
@@ -333,8 +349,10 @@ def plan_token_adapters(host: Any, target: str | list[str], token_indices: list[
     found: list[tuple[str, nn.Module, nn.Module]] = []
     seen: set[int] = set()
     for name, module in iter_logical_modules(model):
-        if not name or name in skip or not matches(name, target):
+        if not name or not matches(name, target):
             continue
+        check(name not in skip, f"trainable tokens: {name!r} is in modules_to_save (trained whole); train chosen rows "
+                                "of it or the whole module, not both (as peft)")
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         weight = base._parameters.get("weight")
         check(isinstance(weight, nn.Parameter) and weight.dim() == 2,
