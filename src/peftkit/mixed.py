@@ -28,11 +28,14 @@ from peftkit.model import PeftModel
 
 #: the methods a mixed model takes (peft's ``COMPATIBLE_TUNER_TYPES`` that peftkit implements), by ``peft_type``
 COMPATIBLE_TUNER_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA", "SHIRA")
+#: methods peft's mixed model takes that peftkit's does not yet (its error must not say peft refuses them too)
+PEFT_ONLY_MIXED_TYPES = ("OFT",)
 
 
 def check_mixed_compatible(config: PeftConfig) -> None:
-    """Raise ValueError, as peft does, unless ``config``'s method is one a :class:`PeftMixedModel` takes
-    (:data:`COMPATIBLE_TUNER_TYPES`).
+    """Raise ValueError unless ``config``'s method is one a :class:`PeftMixedModel` takes
+    (:data:`COMPATIBLE_TUNER_TYPES`), as peft does, except for OFT, which peft mixes and peftkit does not yet
+    (:data:`PEFT_ONLY_MIXED_TYPES`; the error says so).
 
     Raises:
         ConfigError: ``config`` is not a peftkit config. ValueError: another method (a soft prompt, (IA)^3, VeRA, a
@@ -40,8 +43,10 @@ def check_mixed_compatible(config: PeftConfig) -> None:
     """
     check_config(config)
     if config.peft_type not in COMPATIBLE_TUNER_TYPES:
+        peft_too = (f"peft mixes {config.peft_type} but peftkit does not yet" if config.peft_type in PEFT_ONLY_MIXED_TYPES
+                    else "as in peft")
         raise ValueError(f"a PeftMixedModel takes {list(COMPATIBLE_TUNER_TYPES)} adapters, not {config.peft_type} "
-                         f"({type(config).__name__}), as in peft; use get_peft_model without mixed=True, whose "
+                         f"({type(config).__name__}), {peft_too}; use get_peft_model without mixed=True, whose "
                          "PeftModel also holds several methods at once")
 
 
