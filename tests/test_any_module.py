@@ -452,11 +452,13 @@ def test_channels_last_conv2d(method):
     assert base[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha"])
 def test_torch_compile(method):
     """The compiled model (eager backend: the graph capture, not a C compiler) gives the eager output and
     gradients, captures without graph breaks, and follows merge/unmerge. DoRA's fused node broke the graph
-    (10 breaks on this model); without it, the in-place GEMM of LoRA's path lost DoRA's A and B gradients."""
+    (10 breaks on this model); without it, the in-place GEMM of LoRA's path lost DoRA's A and B gradients.
+    DoRA's rescale and LoHa's product broke it again once they defined a forward-mode ``jvp`` (Dynamo does not
+    trace such autograd functions): under compile they run as plain ops."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -502,3 +504,21 @@ def test_merging_into_an_embedding_with_max_norm_is_refused(config):
         assert torch.equal(model(*IDS), out)
     assert torch.equal(model.base_model.model.emb.weight, weight)
     assert isinstance(model.base_model.model.emb, AdaptedLayer)
+
+
+def test_torch_compile_with_lora_dropout_captures_without_graph_breaks():
+    """The CPU dropout's mask (``random_``) and its autograd function (it defines a ``jvp``) broke the graph at every
+    adapted layer; while compiling, dropout is torch's own."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+    model = get_peft_model(MLP(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], lora_dropout=0.5))
+    perturb(model)
+    model.train()
+    out = torch.compile(model, backend="eager")(*mlp_inputs())
+    out.sum().backward()
+    assert not counters["graph_break"]
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

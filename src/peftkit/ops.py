@@ -82,8 +82,8 @@ def transforms_or_forward_ad_active() -> bool:
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Functional form of :class:`Dropout` (torch's own dropout on a GPU and under ``torch.func``, whose
-    ``vmap(randomness="different")`` needs a random op it can batch).
+    """Functional form of :class:`Dropout` (torch's own dropout on a GPU, under ``torch.func``, whose
+    ``vmap(randomness="different")`` needs a random op it can batch, and while ``torch.compile`` traces).
 
     Args:
         x: any shape; the result has the same shape.
@@ -93,8 +93,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """
     if not training or p == 0:
         return x
-    if x.device.type != "cpu" or func_transforms_active():
-        return F.dropout(x, p, True)
+    if x.device.type != "cpu" or func_transforms_active() or torch.compiler.is_compiling():
+        return F.dropout(x, p, True)  # (Dynamo breaks the graph on the mask's random_ and on a custom jvp)
     p_eff = round(p * _LEVELS) / _LEVELS
     if p_eff >= 1:
         return x * 0

@@ -135,9 +135,14 @@ class _Rescale(torch.autograd.Function):
 
 def rescale(y: Tensor, g: Tensor, bias: Tensor | None) -> Tensor:
     """``g * (y - bias) + bias``: ``y`` is the base output plus the low-rank path, ``g = m / n`` shaped to
-    broadcast over ``y`` (``(out,)`` or ``(1, out, 1, ...)``), ``bias`` the base bias or None."""
+    broadcast over ``y`` (``(out,)`` or ``(1, out, 1, ...)``), ``bias`` the base bias or None. While
+    ``torch.compile`` traces, plain ops (the same values and gradients): Dynamo breaks the graph on an autograd
+    function that defines a ``jvp``."""
     g = g.to(y.dtype)
-    return _Rescale.apply(y, g, None if bias is None else bias.to(y.dtype).view(g.shape))
+    b = None if bias is None else bias.to(y.dtype).view(g.shape)
+    if torch.compiler.is_compiling():
+        return y * g if b is None else torch.addcmul(b * (1 - g), y, g)
+    return _Rescale.apply(y, g, b)
 
 
 class _Dora:

@@ -138,6 +138,8 @@ class LoHaAdapter(LycorisAdapter):
         if self.cp:
             full = (rebuild_cp(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
                     * rebuild_cp(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"]) * self.scaling)
+        elif torch.compiler.is_compiling():  # plain ops: Dynamo breaks the graph on an autograd function with a jvp
+            full = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * self.scaling
         else:
             full = _Hadamard.apply(w["hada_w1_a"], w["hada_w1_b"], w["hada_w2_a"], w["hada_w2_b"], self.scaling)
         return full.reshape(self.layout.canonical_shape())
