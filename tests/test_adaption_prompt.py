@@ -329,7 +329,7 @@ def test_cli_refuses_a_classification_run_on_an_encoder(tiny_model_dir, tmp_path
                  "--max-train-samples", "8", "--max-eval-samples", "8", "--output-dir", str(out),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "decoder-only language models" in err and "model's type is 'bert'" in err
+    assert "decoder-only language models" in err and "model's type is 'bert'" in err and "--task causal-lm" in err
     assert not out.exists()
 
 

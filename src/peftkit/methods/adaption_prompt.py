@@ -301,7 +301,8 @@ class AdaptionPromptTuner(WrapTuner):
         check(kind in ADAPTION_PROMPT_MODELS,
               f"adaption prompts (LLaMA-Adapter) adapt the self-attention of decoder-only language models of types "
               f"{sorted(ADAPTION_PROMPT_MODELS)}, and this model's type is {kind!r}"
-              + (" (an encoder or encoder-decoder has no such decoder attention; use e.g. LoRA or prompt tuning)"
+              + (" (an encoder or encoder-decoder has no such decoder attention; use e.g. LoRA or prompt tuning "
+                 "there; `peftkit train --task causal-lm` trains adaption prompts on the shipped stories260K Llama)"
                  if kind is not None else " (not a transformers model)"))
         given = config.target_modules, config.adapter_layers
         target, self._style = ADAPTION_PROMPT_MODELS[kind]
