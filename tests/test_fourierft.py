@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit import ConfigError, FourierFTConfig, PeftModel, get_peft_model
 from peftkit.methods.fourierft import spectral_locations
 from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_gpt2
+from tests.interop_util import output, peft_file_in_peftkit, peftkit_file_in_peft
 from tests.zoo import Zoo, adapted_zoo, assert_fifty_cycles, assert_merge_exact, train_tiny_bert, zoo_inputs
 
 TARGETS = ["lin", "square", "wide"]  # Linear (12 x 8), square and wide GPT-2 Conv1D (12 x 12, 20 x 12)
@@ -148,43 +149,20 @@ INTEROP = {
 }
 
 
-def _logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
 
 @pytest.mark.parametrize("case", list(INTEROP))
 def test_peftkit_file_loads_in_peft(case, tmp_path):
     make, kw = INTEROP[case]
-    base = make()
-    twin = copy.deepcopy(base)
-    ours = get_peft_model(base, FourierFTConfig(**kw))
-    perturb(ours)
-    x = ids()
-    expected = _logits(ours, x)
-    ours.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
-    assert (expected - _logits(theirs, x)).abs().max() <= 1e-5
+    _, expected, theirs = peftkit_file_in_peft(make, FourierFTConfig(**kw), tmp_path)
+    assert (expected - theirs).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("case", list(INTEROP))
 def test_peft_file_loads_in_peftkit(case, tmp_path):
     make, kw = INTEROP[case]
-    base = make()
-    twin = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(base, peft.FourierFTConfig(**kw))
-        perturb(theirs)
-        theirs.save_pretrained(tmp_path)
-    x = ids()
-    expected = _logits(theirs, x)
-    ours = PeftModel.from_pretrained(twin, tmp_path)
-    assert (expected - _logits(ours, x)).abs().max() <= 1e-5
-    merged = ours.merge_and_unload()
-    assert (expected - _logits(merged, x)).abs().max() <= 1e-5
+    expected, ours, x = peft_file_in_peftkit(make, peft.FourierFTConfig(**kw), tmp_path)
+    assert (expected - output(ours, x)).abs().max() <= 1e-5
+    assert (expected - output(ours.merge_and_unload(), x)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -16,6 +16,7 @@ from torch import nn
 from peftkit import ConfigError, HRAConfig, PeftModel, get_peft_model
 from peftkit.methods.hra import gram_schmidt, householder_matrix
 from tests.conftest import ids, perturb, tiny_bert_classifier
+from tests.interop_util import output, peft_file_in_peftkit, peftkit_file_in_peft
 from tests.zoo import Zoo, adapted_zoo, assert_fifty_cycles, assert_merge_exact, train_tiny_bert, zoo_inputs
 
 TARGETS = ["lin", "square", "wide", "conv2"]  # Linear, two GPT-2 Conv1D, an ungrouped Conv2d
@@ -151,44 +152,19 @@ INTEROP = {
 }
 
 
-def _out(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs) if "input_ids" in inputs else model(inputs["x"])
-    return out.logits if hasattr(out, "logits") else out
-
-
 @pytest.mark.parametrize("case", list(INTEROP))
 def test_peftkit_file_loads_in_peft(case, tmp_path):
     make, kw, inputs = INTEROP[case]
-    base = make()
-    twin = copy.deepcopy(base)
-    ours = get_peft_model(base, HRAConfig(**kw))
-    perturb(ours)
-    x = inputs()
-    expected = _out(ours, x)
-    ours.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
-    assert (expected - _out(theirs, x)).abs().max() <= 1e-5
+    _, expected, theirs = peftkit_file_in_peft(make, HRAConfig(**kw), tmp_path, inputs)
+    assert (expected - theirs).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("case", list(INTEROP))
 def test_peft_file_loads_in_peftkit(case, tmp_path):
     make, kw, inputs = INTEROP[case]
-    base = make()
-    twin = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(base, peft.HRAConfig(**kw))
-        perturb(theirs)
-        theirs.save_pretrained(tmp_path)
-    x = inputs()
-    expected = _out(theirs, x)
-    ours = PeftModel.from_pretrained(twin, tmp_path)
-    assert (expected - _out(ours, x)).abs().max() <= 1e-5
-    merged = ours.merge_and_unload()
-    assert (expected - _out(merged, x)).abs().max() <= 1e-5
+    expected, ours, x = peft_file_in_peftkit(make, peft.HRAConfig(**kw), tmp_path, inputs)
+    assert (expected - output(ours, x)).abs().max() <= 1e-5
+    assert (expected - output(ours.merge_and_unload(), x)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -257,7 +233,7 @@ def test_a_peft_file_with_an_odd_r_loads(tmp_path):
     x = ids()
     ours = PeftModel.from_pretrained(twin, tmp_path)
     assert ours.peft_config["default"].init_weights is False and ours.peft_config["default"].r == 3
-    assert (_out(theirs, dict(input_ids=x)) - _out(ours, dict(input_ids=x))).abs().max() <= 1e-5
+    assert (output(theirs, x) - output(ours, x)).abs().max() <= 1e-5
     with pytest.raises(ConfigError, match="r=3 is odd"):
         HRAConfig(r=3, target_modules=["value"])
 

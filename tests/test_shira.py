@@ -27,6 +27,7 @@ from peftkit.config import get_method
 from peftkit.formats.hf_peft import AdapterLoadError
 from peftkit.methods.shira import random_indices
 from tests.conftest import ids, perturb, tiny_bert_classifier, tiny_llama
+from tests.interop_util import output, peft_file_in_peftkit, peftkit_file_in_peft
 from tests.zoo import Zoo, assert_fifty_cycles, assert_merge_exact, train_tiny_bert, zoo_inputs
 
 
@@ -256,39 +257,19 @@ INTEROP = {
 @pytest.mark.parametrize("case", list(INTEROP))
 def test_peftkit_file_loads_in_peft(case, tmp_path):
     make, kw = INTEROP[case]
-    base = make()
-    twin = copy.deepcopy(base)
-    x = ids()
-    bare = _logits(base, x)
-    ours = get_peft_model(base, ShiraConfig(**kw))
-    perturb(ours)
-    expected = _logits(ours, x)
-    ours.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
-    assert (expected - _logits(theirs, x)).abs().max() <= 1e-5
+    bare, expected, theirs = peftkit_file_in_peft(make, ShiraConfig(**kw), tmp_path)
+    assert (expected - theirs).abs().max() <= 1e-5
     assert (expected - bare).abs().max() > 1e-3  # (the adapter changes the output)
 
 
 @pytest.mark.parametrize("case", list(INTEROP))
 def test_peft_file_loads_in_peftkit(case, tmp_path):
     make, kw = INTEROP[case]
-    base = make()
-    twin = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(base, peft.ShiraConfig(**kw))
-        perturb(theirs)
-        theirs.save_pretrained(tmp_path)
-    x = ids()
-    expected = _logits(theirs, x)
-    ours = PeftModel.from_pretrained(twin, tmp_path)
-    assert (expected - _logits(ours, x)).abs().max() <= 1e-5
+    expected, ours, x = peft_file_in_peftkit(make, peft.ShiraConfig(**kw), tmp_path)
+    assert (expected - output(ours, x)).abs().max() <= 1e-5
     with ours.disable_adapter():
-        assert (expected - _logits(ours, x)).abs().max() > 1e-3
-    merged = ours.merge_and_unload()
-    assert (expected - _logits(merged, x)).abs().max() <= 1e-5
+        assert (expected - output(ours, x)).abs().max() > 1e-3
+    assert (expected - output(ours.merge_and_unload(), x)).abs().max() <= 1e-5
 
 
 MIXED = {"lora": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)),
